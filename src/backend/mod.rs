@@ -1,0 +1,122 @@
+//! Backends: where the ops of a model run. Model code is written once against [`Backend`].
+//!
+//! Only `cpu` exists so far; `cuda` and `emu` (an emulated CUDA device running the same kernel
+//! sources on the host) come with the GPU path and implement this same trait.
+
+pub mod cpu;
+
+use crate::error::Result;
+use crate::tensor::TensorView;
+
+pub use cpu::{CpuBackend, CpuConfig};
+
+/// Activation fused into the epilogue of [`Backend::linear`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Activation {
+    None,
+    /// The exact GELU, `0.5 x (1 + erf(x / sqrt 2))`, as BERT uses it.
+    GeluErf,
+    Tanh,
+}
+
+/// How per-token states become one vector per input.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// Mean over the real (unpadded) tokens.
+    Mean,
+    /// The first token (`[CLS]`).
+    Cls,
+}
+
+/// Geometry of a padded batch of sequences: `lengths.len()` inputs, each padded on the right to
+/// `seq` positions. Token-level tensors are `[batch * seq, width]`, row `b * seq + p`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchShape {
+    pub seq: usize,
+    pub lengths: Vec<usize>,
+}
+
+impl BatchShape {
+    pub fn batch(&self) -> usize {
+        self.lengths.len()
+    }
+    pub fn rows(&self) -> usize {
+        self.batch() * self.seq
+    }
+}
+
+/// The ops a backend provides, each with its fusion boundary fixed here so every backend fuses
+/// the same way (and the parity harness compares like with like).
+pub trait Backend: Send + Sync {
+    /// A tensor resident on this backend: row-major, f32 semantics.
+    type Tensor: Send + Sync;
+
+    fn name(&self) -> &'static str;
+
+    /// Copies host values into a new tensor of `shape`.
+    fn upload(&self, values: &[f32], shape: &[usize]) -> Result<Self::Tensor>;
+
+    /// Loads a weight from its file storage. The CPU upcasts f16/bf16 to f32 here, once.
+    fn load_weight(&self, view: &TensorView<'_>) -> Result<Self::Tensor> {
+        self.upload(&view.to_f32(), view.shape)
+    }
+
+    /// Copies a tensor back to the host.
+    fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+
+    fn shape<'t>(&self, t: &'t Self::Tensor) -> &'t [usize];
+
+    /// `act(x W^T + b)`: `x` [m, k], `w` [n, k] (PyTorch `Linear` layout), `b` [n] -> [m, n].
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+        act: Activation,
+    ) -> Result<Self::Tensor>;
+
+    /// `LayerNorm(x + residual) * gamma + beta`, row-wise over the last dimension.
+    fn add_layernorm(
+        &self,
+        x: &Self::Tensor,
+        residual: &Self::Tensor,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
+
+    /// Multi-head self-attention core: from fused `qkv` [rows, 3 * width] (Q | K | V, heads
+    /// contiguous within each) to the context [rows, width]: `softmax(Q K^T / sqrt(d)) V` with
+    /// keys beyond each input's length masked out. Rows of padding positions come out zero.
+    fn attention(
+        &self,
+        qkv: &Self::Tensor,
+        shape: &BatchShape,
+        heads: usize,
+    ) -> Result<Self::Tensor>;
+
+    /// `LayerNorm(word[id] + position[p] + token_type[type])` for every row of the batch.
+    #[allow(clippy::too_many_arguments)]
+    fn embed(
+        &self,
+        ids: &[u32],
+        type_ids: &[u32],
+        shape: &BatchShape,
+        word: &Self::Tensor,
+        position: &Self::Tensor,
+        token_type: &Self::Tensor,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
+
+    /// Token states [rows, width] -> one vector per input [batch, width].
+    fn pool(&self, x: &Self::Tensor, shape: &BatchShape, kind: Pooling) -> Result<Self::Tensor>;
+
+    /// Row-wise `x / max(||x||, 1e-12)`.
+    fn l2_normalize(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// Row-wise softmax.
+    fn softmax(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+}

@@ -1,0 +1,3 @@
+//! Converters from other checkpoint formats into ours.
+
+pub mod hf_bert;

