@@ -130,13 +130,13 @@ fn bert_config(
 ) -> Result<BertConfig> {
     let path = dir.join("config.json");
     let cfg = read_json(&path)?;
-    if let Some(t) = cfg.get("model_type").and_then(Value::as_str) {
-        if t != "bert" {
-            return Err(Error::format(
-                &path,
-                format!("model_type `{t}` is not bert"),
-            ));
-        }
+    if let Some(t) = cfg.get("model_type").and_then(Value::as_str)
+        && t != "bert"
+    {
+        return Err(Error::format(
+            &path,
+            format!("model_type `{t}` is not bert"),
+        ));
     }
     let act = cfg
         .get("hidden_act")
@@ -148,13 +148,13 @@ fn bert_config(
             format!("hidden_act `{act}` is not supported (only the exact erf GELU, `gelu`)"),
         ));
     }
-    if let Some(p) = cfg.get("position_embedding_type").and_then(Value::as_str) {
-        if p != "absolute" {
-            return Err(Error::format(
-                &path,
-                format!("position_embedding_type `{p}` is not supported (only `absolute`)"),
-            ));
-        }
+    if let Some(p) = cfg.get("position_embedding_type").and_then(Value::as_str)
+        && p != "absolute"
+    {
+        return Err(Error::format(
+            &path,
+            format!("position_embedding_type `{p}` is not supported (only `absolute`)"),
+        ));
     }
     let c = BertConfig {
         vocab_size: usize_field(&cfg, "vocab_size", &path)?,

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 use safetensors::{SafeTensorError, SafeTensors};
 
+use super::meta::FileKind;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, TensorView};
 
@@ -110,14 +111,42 @@ impl Container {
         })
     }
 
-    /// Parses the JSON metadata entry `key` into `T`.
-    pub fn json_entry<T: serde::de::DeserializeOwned>(&self, key: &str, what: &str) -> Result<T> {
+    /// Parses the JSON metadata entry `key` into `T`, after checking that the file's `kind`
+    /// is `want` (so a ramps file handed over as a model is named as such).
+    pub fn json_entry<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+        want: FileKind,
+    ) -> Result<T> {
+        let what = match want {
+            FileKind::Model => "model file",
+            FileKind::Ramps => "ramps file",
+        };
         let raw = self.metadata.get(key).ok_or_else(|| {
             Error::format(
                 &self.path,
                 format!("no `{key}` metadata entry: not an Apparate {what} (make one with `apparate convert`)"),
             )
         })?;
+        let kind = serde_json::from_str::<serde_json::Value>(raw)
+            .ok()
+            .and_then(|v| v.get("kind").cloned())
+            .and_then(|k| serde_json::from_value::<FileKind>(k).ok());
+        match kind {
+            Some(FileKind::Ramps) if want == FileKind::Model => {
+                return Err(Error::format(
+                    &self.path,
+                    "this is a ramps file, not a model file",
+                ));
+            }
+            Some(FileKind::Model) if want == FileKind::Ramps => {
+                return Err(Error::format(
+                    &self.path,
+                    "this is a model file, not a ramps file",
+                ));
+            }
+            _ => {}
+        }
         serde_json::from_str(raw)
             .map_err(|e| Error::format(&self.path, format!("{what} metadata is invalid: {e}")))
     }

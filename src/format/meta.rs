@@ -123,10 +123,10 @@ impl ModelMeta {
             }
             _ => {}
         }
-        if let Some(h) = &self.head {
-            if h.labels.is_empty() {
-                return Err("head has no labels".into());
-            }
+        if let Some(h) = &self.head
+            && h.labels.is_empty()
+        {
+            return Err("head has no labels".into());
         }
         for p in &self.provenance {
             if p.sha256.len() != 64 || !p.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use super::container::{Container, TensorInfo, sha256_hex};
-use super::meta::{META_KEY, ModelMeta, Preprocessing};
+use super::meta::{FileKind, META_KEY, ModelMeta, Preprocessing};
 use super::writer::{OwnedTensor, write_container};
 use crate::error::{Error, Result};
 use crate::tensor::TensorView;
@@ -26,7 +26,7 @@ impl ModelFile {
     pub fn open(path: impl AsRef<Path>) -> Result<ModelFile> {
         let path = path.as_ref();
         let c = Container::open(path)?;
-        let meta: ModelMeta = c.json_entry(META_KEY, "model file")?;
+        let meta: ModelMeta = c.json_entry(META_KEY, FileKind::Model)?;
         meta.validate().map_err(|r| Error::format(path, r))?;
         let Preprocessing::Text {
             tokenizer_entry, ..

@@ -121,15 +121,15 @@ impl RampsMeta {
                     r.head.width()
                 ));
             }
-            if let Some(h) = &meta.head {
-                if r.head.classes() != h.labels.len() {
-                    return Err(format!(
-                        "ramp at `{}` predicts {} classes, the model's head {}",
-                        r.point,
-                        r.head.classes(),
-                        h.labels.len()
-                    ));
-                }
+            if let Some(h) = &meta.head
+                && r.head.classes() != h.labels.len()
+            {
+                return Err(format!(
+                    "ramp at `{}` predicts {} classes, the model's head {}",
+                    r.point,
+                    r.head.classes(),
+                    h.labels.len()
+                ));
             }
         }
         Ok(())
@@ -147,7 +147,7 @@ impl RampsFile {
     pub fn open(path: impl AsRef<Path>, backbone: &ModelFile) -> Result<RampsFile> {
         let path = path.as_ref();
         let c = Container::open(path)?;
-        let meta: RampsMeta = c.json_entry(META_KEY, "ramps file")?;
+        let meta: RampsMeta = c.json_entry(META_KEY, FileKind::Ramps)?;
         if meta.kind == FileKind::Ramps && meta.backbone_sha256 != backbone.sha256() {
             return Err(Error::BackboneMismatch {
                 path: path.to_path_buf(),

@@ -3,6 +3,7 @@
 use rayon::prelude::*;
 
 use super::norm::layernorm_row;
+use super::simd::multiversion;
 use super::{CpuTensor, err};
 use crate::backend::BatchShape;
 use crate::error::Result;
@@ -62,10 +63,25 @@ pub(crate) fn embed(
         let w = &word[ids[r] as usize * width..][..width];
         let pe = &position[p * width..][..width];
         let t = &token_type[type_ids[r] as usize * width..][..width];
-        for c in 0..width {
-            o[c] = w[c] + pe[c] + t[c];
-        }
-        layernorm_row(o, gamma, beta, eps);
+        embed_row(o, w, pe, t, gamma, beta, eps);
     });
     out
 }
+
+#[inline(always)]
+fn embed_row_body(
+    o: &mut [f32],
+    w: &[f32],
+    pe: &[f32],
+    t: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+) {
+    for (((o, w), p), t) in o.iter_mut().zip(w).zip(pe).zip(t) {
+        *o = w + p + t;
+    }
+    layernorm_row(o, gamma, beta, eps);
+}
+
+multiversion!(fn embed_row(o: &mut [f32], w: &[f32], pe: &[f32], t: &[f32], gamma: &[f32], beta: &[f32], eps: f32) => embed_row_body);

@@ -3,13 +3,32 @@
 
 use rayon::prelude::*;
 
+use super::simd::{self, multiversion};
 use crate::backend::Activation;
 
-/// Exact GELU (erf form), as in BERT.
-#[inline]
+/// GELU in its erf form, as BERT defines it (erf within 4e-7, see [`simd::erf`]).
+#[inline(always)]
 pub(crate) fn gelu_erf(x: f32) -> f32 {
-    0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+    0.5 * x * (1.0 + simd::erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
+
+#[inline(always)]
+fn bias_act_body(rows: &mut [f32], n: usize, b: Option<&[f32]>, act: Activation) {
+    for row in rows.chunks_mut(n) {
+        if let Some(b) = b {
+            for (v, bias) in row.iter_mut().zip(b) {
+                *v += bias;
+            }
+        }
+        match act {
+            Activation::None => {}
+            Activation::GeluErf => row.iter_mut().for_each(|v| *v = gelu_erf(*v)),
+            Activation::Tanh => row.iter_mut().for_each(|v| *v = v.tanh()),
+        }
+    }
+}
+
+multiversion!(fn bias_act(rows: &mut [f32], n: usize, b: Option<&[f32]>, act: Activation) => bias_act_body);
 
 /// Rows of output handled per parallel epilogue task; big enough to amortise scheduling.
 const EPILOGUE_ROWS: usize = 16;
@@ -56,20 +75,8 @@ pub(crate) fn linear(
         );
     }
     if b.is_some() || act != Activation::None {
-        out.par_chunks_mut(n * EPILOGUE_ROWS).for_each(|rows| {
-            for row in rows.chunks_mut(n) {
-                if let Some(b) = b {
-                    for (v, bias) in row.iter_mut().zip(b) {
-                        *v += bias;
-                    }
-                }
-                match act {
-                    Activation::None => {}
-                    Activation::GeluErf => row.iter_mut().for_each(|v| *v = gelu_erf(*v)),
-                    Activation::Tanh => row.iter_mut().for_each(|v| *v = v.tanh()),
-                }
-            }
-        });
+        out.par_chunks_mut(n * EPILOGUE_ROWS)
+            .for_each(|rows| bias_act(rows, n, b, act));
     }
     out
 }

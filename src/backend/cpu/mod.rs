@@ -7,6 +7,7 @@ mod embedding;
 mod linear;
 mod norm;
 mod pool;
+mod simd;
 
 use std::sync::Arc;
 
@@ -147,13 +148,13 @@ impl Backend for CpuBackend {
         }
         let (n, k) = (w.shape[0], w.shape[1]);
         check_cols("linear input", x, k)?;
-        if let Some(b) = b {
-            if b.shape != [n] {
-                return Err(err(format!(
-                    "linear: bias shape {:?}, expected [{n}]",
-                    b.shape
-                )));
-            }
+        if let Some(b) = b
+            && b.shape != [n]
+        {
+            return Err(err(format!(
+                "linear: bias shape {:?}, expected [{n}]",
+                b.shape
+            )));
         }
         let (m, _) = x.rows_cols();
         let par = self.par();
@@ -199,7 +200,11 @@ impl Backend for CpuBackend {
 
     fn attention(&self, qkv: &CpuTensor, shape: &BatchShape, heads: usize) -> Result<CpuTensor> {
         let (rows, cols3) = qkv.rows_cols();
-        if rows != shape.rows() || cols3 % 3 != 0 || heads == 0 || (cols3 / 3) % heads != 0 {
+        if rows != shape.rows()
+            || !cols3.is_multiple_of(3)
+            || heads == 0
+            || !(cols3 / 3).is_multiple_of(heads)
+        {
             return Err(err(format!(
                 "attention: qkv shape {:?} does not fit {} inputs x {} positions x {heads} heads",
                 qkv.shape,

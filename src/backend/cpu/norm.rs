@@ -2,18 +2,49 @@
 
 use rayon::prelude::*;
 
+use super::simd::{self, multiversion};
+
 /// Normalises `row` in place: `(row - mean) / sqrt(var + eps) * gamma + beta`.
-#[inline]
+#[inline(always)]
 pub(crate) fn layernorm_row(row: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
     let n = row.len() as f32;
-    let mean = row.iter().sum::<f32>() / n;
+    let mean = simd::sum(row) / n;
     // Two passes (mean, then centred squares) avoid the cancellation of E[x^2] - E[x]^2.
-    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mut acc = [0.0f32; 8];
+    let chunks = row.chunks_exact(8);
+    let tail: f32 = chunks
+        .remainder()
+        .iter()
+        .map(|v| (v - mean) * (v - mean))
+        .sum();
+    for c in chunks {
+        for k in 0..8 {
+            acc[k] += (c[k] - mean) * (c[k] - mean);
+        }
+    }
+    let var = (acc.iter().sum::<f32>() + tail) / n;
     let inv = 1.0 / (var + eps).sqrt();
     for ((v, g), b) in row.iter_mut().zip(gamma).zip(beta) {
         *v = (*v - mean) * inv * g + b;
     }
 }
+
+#[inline(always)]
+fn add_layernorm_row_body(
+    o: &mut [f32],
+    a: &[f32],
+    r: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+) {
+    for ((o, a), r) in o.iter_mut().zip(a).zip(r) {
+        *o = a + r;
+    }
+    layernorm_row(o, gamma, beta, eps);
+}
+
+multiversion!(fn add_layernorm_row(o: &mut [f32], a: &[f32], r: &[f32], gamma: &[f32], beta: &[f32], eps: f32) => add_layernorm_row_body);
 
 pub(crate) fn add_layernorm(
     x: &[f32],
@@ -26,12 +57,7 @@ pub(crate) fn add_layernorm(
     let mut out = vec![0.0f32; x.len()];
     out.par_chunks_mut(cols)
         .zip(x.par_chunks(cols).zip(residual.par_chunks(cols)))
-        .for_each(|(o, (a, r))| {
-            for ((o, a), r) in o.iter_mut().zip(a).zip(r) {
-                *o = a + r;
-            }
-            layernorm_row(o, gamma, beta, eps);
-        });
+        .for_each(|(o, (a, r))| add_layernorm_row(o, a, r, gamma, beta, eps));
     out
 }
 

@@ -1,17 +1,26 @@
 //! Pooling, L2 normalisation and softmax: small row-wise ops.
 
+use super::simd;
 use crate::backend::{BatchShape, Pooling};
 
 /// Numerically stable softmax of one row, in place.
-#[inline]
+#[inline(always)]
 pub(crate) fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
+    let mut m = [f32::NEG_INFINITY; 8];
+    let chunks = row.chunks_exact(8);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .cloned()
+        .fold(f32::NEG_INFINITY, f32::max);
+    for c in chunks {
+        for k in 0..8 {
+            m[k] = if c[k] > m[k] { c[k] } else { m[k] };
+        }
     }
-    let inv = 1.0 / sum;
+    let max = m.iter().cloned().fold(tail, f32::max);
+    row.iter_mut().for_each(|v| *v = simd::exp(*v - max));
+    let inv = 1.0 / simd::sum(row);
     row.iter_mut().for_each(|v| *v *= inv);
 }
 

@@ -61,7 +61,7 @@ impl BertConfig {
                 self.num_layers
             ));
         }
-        if self.hidden_size % self.num_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_heads) {
             return Err(format!(
                 "bert config: hidden_size {} is not divisible by num_heads {}",
                 self.hidden_size, self.num_heads

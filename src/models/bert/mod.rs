@@ -3,6 +3,7 @@
 //! so the runtime can run ramps between encoder layers.
 
 mod config;
+pub mod synthetic;
 
 pub use config::{BertConfig, HiddenAct};
 

@@ -1,0 +1,363 @@
+//! Bad model and ramps files: every malformation gives an error that names what is wrong, and
+//! nothing panics or allocates by a declared size.
+
+mod common;
+
+use std::collections::HashMap;
+
+use apparate::Error;
+use apparate::format::{ModelFile, OwnedTensor, RampHead, RampMeta, RampsFile, write_ramps};
+use apparate::models::bert::Bert;
+use apparate::models::bert::synthetic::{tiny_config, write_random_bert};
+use apparate::tensor::DType;
+use common::*;
+use proptest::prelude::*;
+use safetensors::Dtype;
+
+/// A valid tiny model file's bytes (with a 3-class head).
+fn valid_bytes(dir: &TempDir) -> Vec<u8> {
+    let p = dir.path("valid.apparate");
+    write_random_bert(&p, &tiny_config(), Some(3), DType::F32, 7).unwrap();
+    std::fs::read(p).unwrap()
+}
+
+/// Raw tensors + metadata of a file, to rebuild variants of it.
+struct Parts {
+    meta: HashMap<String, String>,
+    tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
+}
+
+fn parts(bytes: &[u8]) -> Parts {
+    let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
+    let (_, m) = safetensors::SafeTensors::read_metadata(bytes).unwrap();
+    let mut tensors: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    Parts {
+        meta: m.metadata().clone().unwrap(),
+        tensors,
+    }
+}
+
+fn build(p: &Parts) -> Vec<u8> {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = p
+        .tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize(views, Some(p.meta.clone())).unwrap()
+}
+
+fn open_bytes(dir: &TempDir, name: &str, bytes: &[u8]) -> apparate::Result<ModelFile> {
+    let p = dir.path(name);
+    std::fs::write(&p, bytes).unwrap();
+    ModelFile::open(&p)
+}
+
+fn err_text(r: apparate::Result<ModelFile>) -> String {
+    match r {
+        Ok(_) => panic!("malformed file was accepted"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn valid_file_opens_and_loads() {
+    let dir = TempDir::new("valid");
+    let bytes = valid_bytes(&dir);
+    let f = open_bytes(&dir, "m.apparate", &bytes).unwrap();
+    Bert::load(cpu(), &f).unwrap();
+}
+
+#[test]
+fn empty_and_tiny_files() {
+    let dir = TempDir::new("tiny");
+    let e = err_text(open_bytes(&dir, "empty.apparate", b""));
+    assert!(
+        e.contains("empty.apparate") && e.contains("too short"),
+        "{e}"
+    );
+    let e = err_text(open_bytes(&dir, "seven.apparate", b"1234567"));
+    assert!(e.contains("too short"), "{e}");
+    let e = err_text(ModelFile::open(dir.path("does-not-exist.apparate")));
+    assert!(e.contains("does-not-exist.apparate"), "{e}");
+}
+
+#[test]
+fn absurd_declared_header_sizes() {
+    let dir = TempDir::new("absurd");
+    for n in [u64::MAX, 1 << 40, 100_000_001, 1_000_000] {
+        let mut b = n.to_le_bytes().to_vec();
+        b.extend_from_slice(b"{}");
+        let e = err_text(open_bytes(&dir, "big.apparate", &b));
+        assert!(e.contains("header size"), "{n}: {e}");
+    }
+}
+
+#[test]
+fn absurd_declared_tensor_shape() {
+    let dir = TempDir::new("shape");
+    let header = r#"{"t":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,4]}}"#;
+    let mut b = (header.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(header.as_bytes());
+    b.extend_from_slice(&[0; 4]);
+    let e = err_text(open_bytes(&dir, "shape.apparate", &b));
+    assert!(e.contains("shape.apparate"), "{e}");
+}
+
+#[test]
+fn absurd_config_is_refused_before_any_allocation() {
+    let dir = TempDir::new("cfg");
+    let mut p = parts(&valid_bytes(&dir));
+    let meta = p.meta.get_mut("apparate").unwrap();
+    *meta = meta.replace("\"vocab_size\": 16", "\"vocab_size\": 1000000000000");
+    assert!(meta.contains("1000000000000"));
+    let e = err_text(open_bytes(&dir, "cfg.apparate", &build(&p)));
+    assert!(e.contains("vocab_size"), "{e}");
+}
+
+#[test]
+fn truncated_file_at_every_region() {
+    let dir = TempDir::new("trunc");
+    let bytes = valid_bytes(&dir);
+    let mut cut = vec![8, 9, 100, bytes.len() / 2, bytes.len() - 1];
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    cut.push(8 + header_len);
+    cut.push(8 + header_len - 1);
+    for c in cut {
+        let e = err_text(open_bytes(&dir, "t.apparate", &bytes[..c]));
+        assert!(e.contains("t.apparate"), "cut at {c}: {e}");
+    }
+}
+
+#[test]
+fn wrong_dtype_is_named() {
+    let dir = TempDir::new("dtype");
+    let mut p = parts(&valid_bytes(&dir));
+    let t = p.tensors.iter_mut().find(|t| t.0 == "head.bias").unwrap();
+    t.1 = Dtype::I32;
+    let e = err_text(open_bytes(&dir, "d.apparate", &build(&p)));
+    assert!(e.contains("head.bias") && e.contains("I32"), "{e}");
+}
+
+#[test]
+fn wrong_shape_is_named() {
+    let dir = TempDir::new("wshape");
+    let mut p = parts(&valid_bytes(&dir));
+    let t = p
+        .tensors
+        .iter_mut()
+        .find(|t| t.0 == "layers.1.ffn.up.weight")
+        .unwrap();
+    t.2 = vec![t.2[1], t.2[0]];
+    let e = err_text(open_bytes(&dir, "s.apparate", &build(&p)));
+    assert!(
+        e.contains("layers.1.ffn.up.weight") && e.contains("expected [24, 16]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_and_extra_tensors_are_named() {
+    let dir = TempDir::new("set");
+    let valid = parts(&valid_bytes(&dir));
+    let mut p = parts(&valid_bytes(&dir));
+    p.tensors.retain(|t| t.0 != "embeddings.position");
+    let e = err_text(open_bytes(&dir, "m.apparate", &build(&p)));
+    assert!(
+        e.contains("embeddings.position") && e.contains("missing"),
+        "{e}"
+    );
+
+    let mut p = valid;
+    p.tensors
+        .push(("layers.9.stray".into(), Dtype::F32, vec![2], vec![0; 8]));
+    let e = err_text(open_bytes(&dir, "x.apparate", &build(&p)));
+    assert!(
+        e.contains("layers.9.stray") && e.contains("unexpected"),
+        "{e}"
+    );
+}
+
+#[test]
+fn metadata_problems_are_named() {
+    let dir = TempDir::new("meta");
+    let valid = parts(&valid_bytes(&dir));
+
+    let mut p = Parts {
+        meta: HashMap::new(),
+        tensors: valid.tensors.clone(),
+    };
+    p.meta.insert("format".into(), "pt".into());
+    let e = err_text(open_bytes(&dir, "plain.apparate", &build(&p)));
+    assert!(e.contains("not an Apparate model file"), "{e}");
+
+    let mut p = Parts {
+        meta: valid.meta.clone(),
+        tensors: valid.tensors.clone(),
+    };
+    let m = p.meta.get_mut("apparate").unwrap();
+    *m = m.replace("\"format_version\": 1", "\"format_version\": 99");
+    let e = err_text(open_bytes(&dir, "v.apparate", &build(&p)));
+    assert!(e.contains("format version 99"), "{e}");
+
+    let mut p = Parts {
+        meta: valid.meta.clone(),
+        tensors: valid.tensors.clone(),
+    };
+    p.meta.insert("apparate".into(), "{not json".into());
+    let e = err_text(open_bytes(&dir, "j.apparate", &build(&p)));
+    assert!(e.contains("metadata is invalid"), "{e}");
+
+    let mut p = Parts {
+        meta: valid.meta.clone(),
+        tensors: valid.tensors.clone(),
+    };
+    p.meta.remove("tokenizer.json");
+    let e = err_text(open_bytes(&dir, "tok.apparate", &build(&p)));
+    assert!(e.contains("tokenizer"), "{e}");
+}
+
+#[test]
+fn non_finite_weights_are_refused_at_load() {
+    let dir = TempDir::new("nan");
+    let mut p = parts(&valid_bytes(&dir));
+    let t = p
+        .tensors
+        .iter_mut()
+        .find(|t| t.0 == "layers.0.attention.out.bias")
+        .unwrap();
+    t.3[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
+    let f = open_bytes(&dir, "nan.apparate", &build(&p)).unwrap();
+    let e = Bert::load(cpu(), &f)
+        .err()
+        .expect("NaN weight accepted")
+        .to_string();
+    assert!(
+        e.contains("layers.0.attention.out.bias") && e.contains("element 1"),
+        "{e}"
+    );
+}
+
+#[test]
+fn ramps_bind_to_their_backbone() {
+    let dir = TempDir::new("ramps");
+    let a = dir.path("a.apparate");
+    let b = dir.path("b.apparate");
+    write_random_bert(&a, &tiny_config(), Some(3), DType::F32, 1).unwrap();
+    write_random_bert(&b, &tiny_config(), Some(3), DType::F32, 2).unwrap();
+    let (ma, mb) = (ModelFile::open(&a).unwrap(), ModelFile::open(&b).unwrap());
+    let head = RampHead::Linear {
+        width: 16,
+        classes: 3,
+    };
+    let tensors = vec![
+        (
+            "ramps.layer.0.weight".to_string(),
+            OwnedTensor::from_f32(&[0.1; 48], vec![3, 16], DType::F32),
+        ),
+        (
+            "ramps.layer.0.bias".to_string(),
+            OwnedTensor::from_f32(&[0.0; 3], vec![3], DType::F32),
+        ),
+    ];
+    let rp = dir.path("a.ramps");
+    let ramps = vec![RampMeta {
+        point: "layer.0".into(),
+        head: head.clone(),
+    }];
+    write_ramps(&rp, &ma, ramps, tensors.clone()).unwrap();
+    let r = RampsFile::open(&rp, &ma).unwrap();
+    assert_eq!(r.meta().ramps.len(), 1);
+    assert_eq!(r.tensor("layer.0", "bias").unwrap().shape, &[3]);
+    match RampsFile::open(&rp, &mb) {
+        Err(Error::BackboneMismatch {
+            expected, actual, ..
+        }) => {
+            assert_eq!(expected, ma.sha256());
+            assert_eq!(actual, mb.sha256());
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("ramps for another backbone accepted"),
+    }
+    // A ramp at a point that is not ramp-eligible (the final stage) is refused.
+    let bad = vec![RampMeta {
+        point: "head".into(),
+        head,
+    }];
+    let e = write_ramps(dir.path("bad.ramps"), &ma, bad, tensors)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a ramp-eligible point"), "{e}");
+    // A ramps file is not a model.
+    let e = err_text(ModelFile::open(&rp));
+    assert!(e.contains("ramps file, not a model"), "{e}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        let dir = TempDir::new("rand");
+        prop_assert!(open_bytes(&dir, "r.apparate", &bytes).is_err());
+    }
+
+    #[test]
+    fn random_json_header_never_panics(
+        header in "\\{(\"[a-z._]{1,12}\":\\{\"dtype\":\"(F32|F16|BF16|I64|U8)\",\"shape\":\\[[0-9]{1,6}(,[0-9]{1,6}){0,2}\\],\"data_offsets\":\\[[0-9]{1,5},[0-9]{1,5}\\]\\},?){0,3}\\}",
+        tail in 0usize..256,
+    ) {
+        let dir = TempDir::new("json");
+        let mut b = (header.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(header.as_bytes());
+        b.extend(std::iter::repeat_n(0u8, tail));
+        // No metadata entry: always an error, never a panic.
+        prop_assert!(open_bytes(&dir, "j.apparate", &b).is_err());
+    }
+
+    #[test]
+    fn mutated_valid_file_never_panics(flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)) {
+        let dir = TempDir::new("mut");
+        let mut bytes = valid_bytes(&dir);
+        let header_end = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        // Aim most flips at the header, where the structure is.
+        for (i, v) in flips {
+            let at = i.index(header_end.min(bytes.len()));
+            bytes[at] = v;
+        }
+        if let Ok(f) = open_bytes(&dir, "m.apparate", &bytes) {
+            // Whatever survives validation must load (or fail) cleanly.
+            let _ = Bert::load(cpu(), &f);
+        }
+    }
+
+    #[test]
+    fn truncation_anywhere_is_an_error(frac in 0.0f64..1.0) {
+        let dir = TempDir::new("cut");
+        let bytes = valid_bytes(&dir);
+        let cut = ((bytes.len() as f64) * frac) as usize;
+        prop_assert!(open_bytes(&dir, "c.apparate", &bytes[..cut]).is_err());
+    }
+}
+
+#[test]
+fn a_model_is_not_a_ramps_file() {
+    let dir = TempDir::new("kind");
+    let a = dir.path("a.apparate");
+    write_random_bert(&a, &tiny_config(), None, DType::F32, 1).unwrap();
+    let m = ModelFile::open(&a).unwrap();
+    let e = RampsFile::open(&a, &m)
+        .err()
+        .expect("model accepted as ramps")
+        .to_string();
+    assert!(e.contains("model file, not a ramps file"), "{e}");
+}

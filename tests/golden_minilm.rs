@@ -1,0 +1,92 @@
+//! The real all-MiniLM-L6-v2 (+ the real 157-intent head) on the CPU backend against outputs
+//! of sentence-transformers and scikit-learn (tests/fixtures/minilm_golden.json, made by
+//! tools/make_golden_minilm.py). Needs `weights/fetch.sh` to have run.
+
+mod common;
+
+use apparate::pipeline::TextModel;
+use common::*;
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Case {
+    text: String,
+    tokens: usize,
+    embedding: Vec<f32>,
+    intent_row: usize,
+    intent: String,
+}
+
+#[derive(Deserialize)]
+struct Golden {
+    cases: Vec<Case>,
+}
+
+fn golden() -> Golden {
+    let raw = include_str!("fixtures/minilm_golden.json");
+    serde_json::from_str(raw).expect("fixture parses")
+}
+
+#[test]
+fn minilm_matches_sentence_transformers_in_one_mixed_batch() {
+    let g = golden();
+    assert!(g.cases.len() >= 20);
+    let model = TextModel::load(cpu(), weights_file("minilm-l6-intent.apparate")).unwrap();
+    let texts: Vec<&str> = g.cases.iter().map(|c| c.text.as_str()).collect();
+    let input = model.tokenizer.encode(&texts).unwrap();
+    // The batch really mixes lengths, and our tokenizer agrees with the reference on them.
+    let lens: Vec<usize> = g.cases.iter().map(|c| c.tokens).collect();
+    assert_eq!(input.shape.lengths, lens);
+    assert!(lens.iter().min() < Some(&5) && lens.iter().max() > Some(&100));
+    let out = model.encoder.forward(&input).unwrap();
+    let labels = model.encoder.labels();
+    let (mut worst_cos, mut worst_err) = (1.0f64, 0.0f32);
+    for (i, case) in g.cases.iter().enumerate() {
+        let e = out.embedding(i);
+        let cos = cosine(e, &case.embedding);
+        let err = max_abs_diff(e, &case.embedding);
+        assert!(
+            cos >= 0.9999 && err <= 1e-4,
+            "sentence {i} {:?}: cosine {cos}, max abs error {err}",
+            case.text
+        );
+        worst_cos = worst_cos.min(cos);
+        worst_err = worst_err.max(err);
+        let (row, _) = out.top1(i).unwrap();
+        assert_eq!(
+            (row, labels[row].as_str()),
+            (case.intent_row, case.intent.as_str()),
+            "intent of sentence {i} {:?}",
+            case.text
+        );
+    }
+    eprintln!(
+        "{} sentences: worst cosine {worst_cos:.7}, worst max abs error {worst_err:.2e}",
+        g.cases.len()
+    );
+}
+
+#[test]
+fn padding_does_not_change_results() {
+    let g = golden();
+    let model = TextModel::load(cpu(), weights_file("minilm-l6.apparate")).unwrap();
+    let texts: Vec<&str> = g.cases.iter().map(|c| c.text.as_str()).collect();
+    let (batched, _) = model.run(&texts).unwrap();
+    for (i, t) in texts.iter().enumerate() {
+        let (alone, _) = model.run(&[t]).unwrap();
+        let err = max_abs_diff(alone.embedding(0), batched.embedding(i));
+        assert!(
+            err <= 1e-5,
+            "sentence {i}: alone vs in batch differ by {err}"
+        );
+    }
+}
+
+#[test]
+fn fixed_padding_of_the_tokenizer_file_is_switched_off() {
+    let model = TextModel::load(cpu(), weights_file("minilm-l6.apparate")).unwrap();
+    // MiniLM's tokenizer.json pads every input to 128; we pad only to the longest in a batch.
+    let input = model.tokenizer.encode(&["hello world", "hi"]).unwrap();
+    assert_eq!(input.shape.seq, 4);
+    assert_eq!(input.shape.lengths, vec![4, 3]);
+}
