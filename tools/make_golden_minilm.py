@@ -53,6 +53,12 @@ SENTENCES = [
 ]
 
 
+def label_name(label_map, c):
+    """Class string -> name, as weights/prepare.py (and the package's own resolver) does."""
+    name = str(label_map.get(str(c), c))
+    return str(c) if name.isdigit() else name
+
+
 def main():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore")
@@ -87,7 +93,7 @@ def main():
                 "tokens": n,
                 "embedding": [float(f"{v:.8g}") for v in e.astype(np.float64)],
                 "intent_row": r,
-                "intent": str(label_map[str(p)]),
+                "intent": label_name(label_map, p),
             }
             for s, n, e, r, p in zip(SENTENCES, tok_lens, emb, rows, pred)
         ],

@@ -69,7 +69,15 @@ def export_head(out):
         label_map = joblib.load(os.path.join(root, "label_map.joblib"))
     # Multinomial logistic regression: predict = argmax(coef_ x + intercept_), proba = softmax.
     # Row i of coef_ is class classes_[i] (ids as strings, sorted as strings).
-    labels = [str(label_map[str(c)]) for c in clf.classes_]
+    # label_map maps class ids ('0'..'200') to names; five classes are named directly
+    # ('connect_to_human', ...) and map to numeric ids instead. Like the package's own
+    # _resolve_label_name, use the class string itself for those.
+    labels = []
+    for c in clf.classes_:
+        name = str(label_map.get(str(c), c))
+        labels.append(str(c) if name.isdigit() else name)
+    if len(set(labels)) != len(labels):
+        raise SystemExit("error: label map gives duplicate class names")
     weight = np.ascontiguousarray(clf.coef_, dtype=np.float32)
     bias = np.ascontiguousarray(clf.intercept_, dtype=np.float32)
     save_file(
