@@ -90,3 +90,47 @@ fn fixed_padding_of_the_tokenizer_file_is_switched_off() {
     assert_eq!(input.shape.seq, 4);
     assert_eq!(input.shape.lengths, vec![4, 3]);
 }
+
+#[test]
+fn half_precision_storage_stays_close() {
+    // The real model re-stored as f16 / bf16 (upcast at load by the CPU backend).
+    let g = golden();
+    let src = apparate::format::ModelFile::open(weights_file("minilm-l6-intent.apparate")).unwrap();
+    let texts: Vec<&str> = g.cases.iter().map(|c| c.text.as_str()).collect();
+    let dir = TempDir::new("half-real");
+    for (dtype, min_cos) in [
+        (apparate::tensor::DType::F16, 0.9999),
+        (apparate::tensor::DType::BF16, 0.999),
+    ] {
+        let tensors = src
+            .meta()
+            .expected_tensors()
+            .into_iter()
+            .map(|(n, shape)| {
+                let v = src.tensor(&n).unwrap().to_f32();
+                (n, apparate::format::OwnedTensor::from_f32(&v, shape, dtype))
+            })
+            .collect();
+        let path = dir.path(&format!("minilm-{dtype}.apparate"));
+        apparate::format::write_model(
+            &path,
+            src.meta(),
+            &[("tokenizer.json".into(), src.tokenizer_json().to_string())],
+            tensors,
+        )
+        .unwrap();
+        let model = TextModel::load(cpu(), &path).unwrap();
+        let (out, _) = model.run(&texts).unwrap();
+        let mut worst = 1.0f64;
+        let mut agree = 0;
+        for (i, case) in g.cases.iter().enumerate() {
+            worst = worst.min(cosine(out.embedding(i), &case.embedding));
+            agree += usize::from(out.top1(i).unwrap().0 == case.intent_row);
+        }
+        eprintln!(
+            "{dtype}: worst cosine {worst:.6}, intent agreement {agree}/{}",
+            g.cases.len()
+        );
+        assert!(worst >= min_cos, "{dtype}: worst cosine {worst}");
+    }
+}
