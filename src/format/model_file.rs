@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use super::container::{Container, TensorInfo, sha256_hex};
 use super::meta::{FileKind, META_KEY, ModelMeta, Preprocessing};
-use super::writer::{OwnedTensor, write_container};
+use super::writer::{OwnedTensor, check_owned_tensor_set, write_container};
 use crate::error::{Error, Result};
 use crate::tensor::TensorView;
 
@@ -112,36 +112,7 @@ pub fn write_model(
     let path = path.as_ref();
     meta.validate()
         .map_err(|r| Error::format(path, format!("refusing to write: {r}")))?;
-    let expected = meta.expected_tensors();
-    let have: HashMap<&str, &OwnedTensor> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    for (name, shape) in &expected {
-        match have.get(name.as_str()) {
-            None => return Err(Error::tensor(path, name, "refusing to write: missing")),
-            Some(t) if &t.shape != shape => {
-                return Err(Error::tensor(
-                    path,
-                    name,
-                    format!(
-                        "refusing to write: shape {:?}, expected {:?}",
-                        t.shape, shape
-                    ),
-                ));
-            }
-            _ => {}
-        }
-    }
-    if tensors.len() != expected.len() {
-        let extra = tensors
-            .iter()
-            .find(|(n, _)| !expected.iter().any(|(e, _)| e == n))
-            .map(|(n, _)| n.clone())
-            .unwrap_or_default();
-        return Err(Error::tensor(
-            path,
-            extra,
-            "refusing to write: unexpected tensor",
-        ));
-    }
+    check_owned_tensor_set(path, &meta.expected_tensors(), &tensors)?;
     let mut metadata = HashMap::new();
     metadata.insert(
         META_KEY.to_string(),

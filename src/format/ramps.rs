@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::container::Container;
 use super::meta::{FORMAT_VERSION, Family, FileKind, META_KEY};
 use super::model_file::ModelFile;
-use super::writer::{OwnedTensor, write_container};
+use super::writer::{OwnedTensor, check_owned_tensor_set, write_container};
 use crate::error::{Error, Result};
 use crate::tensor::TensorView;
 
@@ -190,26 +190,7 @@ pub fn write_ramps(
     };
     meta.validate_against(backbone)
         .map_err(|r| Error::format(path, format!("refusing to write: {r}")))?;
-    let expected = meta.expected_tensors();
-    for (name, shape) in &expected {
-        match tensors.iter().find(|(n, _)| n == name) {
-            None => return Err(Error::tensor(path, name, "refusing to write: missing")),
-            Some((_, t)) if &t.shape != shape => {
-                return Err(Error::tensor(
-                    path,
-                    name,
-                    format!(
-                        "refusing to write: shape {:?}, expected {:?}",
-                        t.shape, shape
-                    ),
-                ));
-            }
-            _ => {}
-        }
-    }
-    if tensors.len() != expected.len() {
-        return Err(Error::format(path, "refusing to write: unexpected tensors"));
-    }
+    check_owned_tensor_set(path, &meta.expected_tensors(), &tensors)?;
     let mut metadata = HashMap::new();
     metadata.insert(
         META_KEY.to_string(),

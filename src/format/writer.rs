@@ -58,3 +58,38 @@ pub(crate) fn write_container(
     })?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
+
+/// Refuses to write a file whose tensors are not exactly `expected` (names and shapes).
+pub(crate) fn check_owned_tensor_set(
+    path: &Path,
+    expected: &[(String, Vec<usize>)],
+    tensors: &[(String, OwnedTensor)],
+) -> Result<()> {
+    for (name, shape) in expected {
+        match tensors.iter().find(|(n, _)| n == name) {
+            None => return Err(Error::tensor(path, name, "refusing to write: missing")),
+            Some((_, t)) if &t.shape != shape => {
+                return Err(Error::tensor(
+                    path,
+                    name,
+                    format!(
+                        "refusing to write: shape {:?}, expected {:?}",
+                        t.shape, shape
+                    ),
+                ));
+            }
+            _ => {}
+        }
+    }
+    if let Some((extra, _)) = tensors
+        .iter()
+        .find(|(n, _)| !expected.iter().any(|(e, _)| e == n))
+    {
+        return Err(Error::tensor(
+            path,
+            extra,
+            "refusing to write: unexpected tensor",
+        ));
+    }
+    Ok(())
+}
