@@ -159,7 +159,9 @@ fn run(o: &Opts) -> Result<(), Box<dyn std::error::Error>> {
             let ids: Vec<Vec<u32>> = (0..batch)
                 .map(|_| {
                     let mut v = vec![101u32];
-                    v.extend((0..seq - 2).map(|_| 1000 + rng.below(vocab - 1000) as u32));
+                    // Ordinary word pieces: MiniLM's ids below 1000 are special and unused.
+                    let lo = 1000.min(vocab / 2);
+                    v.extend((0..seq - 2).map(|_| (lo + rng.below(vocab - lo)) as u32));
                     v.push(102);
                     v
                 })

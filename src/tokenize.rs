@@ -5,7 +5,9 @@
 //! to 128). We turn padding off and pad each batch only to its longest input: padding is masked
 //! out anyway, and padding to 128 would make short inputs pay for 128 positions.
 
-use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::{
+    PostProcessor, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
+};
 
 use crate::error::{Error, Result};
 use crate::format::{ModelFile, Preprocessing};
@@ -21,8 +23,22 @@ impl TextTokenizer {
     /// The tokenizer stored in a model file, with the file's truncation length.
     pub fn from_model(file: &ModelFile) -> Result<TextTokenizer> {
         let Preprocessing::Text { max_length, .. } = &file.meta().preprocessing;
-        Self::from_json(file.tokenizer_json(), *max_length)
-            .map_err(|e| Error::format(file.path(), format!("embedded {e}")))
+        let t = Self::from_json(file.tokenizer_json(), *max_length)
+            .map_err(|e| Error::format(file.path(), format!("embedded {e}")))?;
+        // Every id the tokenizer can produce must index the embedding table.
+        let crate::format::Family::Bert(c) = &file.meta().family;
+        if t.vocab_size() > c.vocab_size || t.pad_id as usize >= c.vocab_size {
+            return Err(Error::format(
+                file.path(),
+                format!(
+                    "embedded tokenizer has {} tokens (pad id {}) but the model's vocabulary is {}",
+                    t.vocab_size(),
+                    t.pad_id,
+                    c.vocab_size
+                ),
+            ));
+        }
+        Ok(t)
     }
 
     /// Parses a `tokenizer.json`; inputs are truncated to `max_length` tokens (special tokens
@@ -33,6 +49,15 @@ impl TextTokenizer {
             .map_err(|e| Error::Tokenizer(format!("cannot parse tokenizer.json: {e}")))?;
         let pad_id = inner.get_padding().map_or(0, |p| p.pad_id);
         inner.with_padding(None);
+        // The tokenizers crate subtracts the special tokens from the truncation length.
+        let specials = inner
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(false));
+        if max_length <= specials {
+            return Err(Error::Tokenizer(format!(
+                "truncation length {max_length} leaves no room next to {specials} special tokens"
+            )));
+        }
         inner
             .with_truncation(Some(TruncationParams {
                 max_length,
@@ -46,6 +71,15 @@ impl TextTokenizer {
             max_length,
             pad_id,
         })
+    }
+
+    /// Largest token id this tokenizer can produce, plus one (special tokens included).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
     }
 
     pub fn max_length(&self) -> usize {

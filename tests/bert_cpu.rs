@@ -108,6 +108,23 @@ fn tokenizer_fixed_padding_is_turned_off() {
 }
 
 #[test]
+fn tokenizer_larger_than_the_vocabulary_is_refused() {
+    let dir = TempDir::new("vocab");
+    let mut c = tiny_config();
+    c.vocab_size = 10; // the synthetic tokenizer has 16 tokens
+    let p = dir.path("small-vocab.apparate");
+    write_random_bert(&p, &c, None, DType::F32, 3).unwrap();
+    let e = TextModel::load(cpu(), &p)
+        .err()
+        .expect("accepted")
+        .to_string();
+    assert!(
+        e.contains("small-vocab.apparate") && e.contains("16 tokens"),
+        "{e}"
+    );
+}
+
+#[test]
 fn classify_returns_labels_best_first() {
     let dir = TempDir::new("cls");
     let model = tiny_model(&dir, DType::F32);

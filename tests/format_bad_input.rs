@@ -118,7 +118,10 @@ fn absurd_declared_tensor_shape() {
     b.extend_from_slice(header.as_bytes());
     b.extend_from_slice(&[0; 4]);
     let e = err_text(open_bytes(&dir, "shape.apparate", &b));
-    assert!(e.contains("shape.apparate"), "{e}");
+    assert!(
+        e.contains("shape.apparate") && e.contains("overflows"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -343,8 +346,10 @@ proptest! {
             bytes[at] = v;
         }
         if let Ok(f) = open_bytes(&dir, "m.apparate", &bytes) {
-            // Whatever survives validation must load (or fail) cleanly.
-            let _ = Bert::load(cpu(), &f);
+            // Whatever survives validation must load and run (or fail) cleanly.
+            if let Ok(m) = apparate::pipeline::TextModel::from_file(cpu(), &f) {
+                let _ = m.run(&["the cat sat on the mat", "a dog"]);
+            }
         }
     }
 

@@ -132,5 +132,6 @@ fn half_precision_storage_stays_close() {
             g.cases.len()
         );
         assert!(worst >= min_cos, "{dtype}: worst cosine {worst}");
+        assert_eq!(agree, g.cases.len(), "{dtype}: intent argmax changed");
     }
 }

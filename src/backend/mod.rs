@@ -1,9 +1,12 @@
 //! Backends: where the ops of a model run. Model code is written once against [`Backend`].
 //!
-//! Only `cpu` exists so far; `cuda` and `emu` (an emulated CUDA device running the same kernel
-//! sources on the host) come with the GPU path and implement this same trait.
+//! `cpu` is pure Rust; the GPU path is one backend (`gpu::GpuBackend`) over a [`device::Device`]:
+//! `emu` (the kernel sources compiled for the host) or `cuda` (the same sources through NVRTC).
 
 pub mod cpu;
+pub mod device;
+pub mod emu;
+pub mod kernel_sources;
 
 use crate::error::Result;
 use crate::tensor::TensorView;

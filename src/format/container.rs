@@ -128,10 +128,26 @@ impl Container {
                 format!("no `{key}` metadata entry: not an Apparate {what} (make one with `apparate convert`)"),
             )
         })?;
-        let kind = serde_json::from_str::<serde_json::Value>(raw)
-            .ok()
-            .and_then(|v| v.get("kind").cloned())
-            .and_then(|k| serde_json::from_value::<FileKind>(k).ok());
+        // Read only `kind` and `format_version` first (other fields are skipped, not built), so
+        // that a ramps file handed over as a model, or a newer version, is named as such.
+        #[derive(serde::Deserialize)]
+        struct Peek {
+            kind: Option<FileKind>,
+            format_version: Option<u32>,
+        }
+        let peek: Option<Peek> = serde_json::from_str(raw).ok();
+        let (kind, version) = peek.map_or((None, None), |p| (p.kind, p.format_version));
+        if let Some(v) = version
+            && v != super::meta::FORMAT_VERSION
+        {
+            return Err(Error::format(
+                &self.path,
+                format!(
+                    "format version {v} is not supported (this build reads version {})",
+                    super::meta::FORMAT_VERSION
+                ),
+            ));
+        }
         match kind {
             Some(FileKind::Ramps) if want == FileKind::Model => {
                 return Err(Error::format(

@@ -103,7 +103,8 @@ impl ModelMeta {
         match &self.family {
             Family::Bert(c) => c.validate()?,
         }
-        self.graph.validate()?;
+        // Compare with the graph the configuration implies first: cheap, and it bounds the
+        // size of what `validate` walks.
         let expected = match &self.family {
             Family::Bert(c) => c.stage_graph(),
         };
@@ -113,6 +114,7 @@ impl ModelMeta {
                 self.family.name()
             ));
         }
+        self.graph.validate()?;
         let Preprocessing::Text { max_length, .. } = &self.preprocessing;
         match &self.family {
             Family::Bert(c) if *max_length > c.max_position_embeddings || *max_length < 3 => {

@@ -96,6 +96,29 @@ struct RunArgs {
     threads: Option<usize>,
 }
 
+/// `writeln!` into a String (cannot fail).
+macro_rules! outln {
+    ($s:expr, $($t:tt)*) => {{
+        use std::fmt::Write as _;
+        let _ = writeln!($s, $($t)*);
+    }};
+}
+
+/// Writes to standard output. A closed pipe (`apparate ... | head`) ends the program quietly
+/// instead of panicking like `println!` would.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => Err(Error::Io {
+            path: "<stdout>".into(),
+            source: e,
+        }),
+    }
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
@@ -159,7 +182,7 @@ fn run_batches(
     model: &TextModel<CpuBackend>,
     texts: &[String],
     batch_size: usize,
-    mut each: impl FnMut(&[String], &apparate::models::bert::EncoderOutput),
+    mut each: impl FnMut(&[String], &apparate::models::bert::EncoderOutput) -> String,
 ) -> Result<()> {
     let (mut tok, mut fwd) = (Duration::ZERO, Duration::ZERO);
     let t0 = Instant::now();
@@ -168,7 +191,7 @@ fn run_batches(
         let (out, t) = model.run(&refs)?;
         tok += t.tokenize;
         fwd += t.forward;
-        each(chunk, &out);
+        emit(&each(chunk, &out))?;
     }
     let total = t0.elapsed();
     eprintln!(
@@ -205,7 +228,9 @@ fn real_main(cli: Cli) -> Result<()> {
             eprintln!("converting {} ...", dir.display());
             let r = convert(&dir, &output, &opts)?;
             let Family::Bert(c) = &r.meta.family;
-            println!(
+            let mut out = String::new();
+            outln!(
+                out,
                 "wrote {} ({:.1} MB, {} tensors, {:.1} M parameters, {dtype}) in {}",
                 output.display(),
                 r.bytes as f64 / 1e6,
@@ -213,7 +238,8 @@ fn real_main(cli: Cli) -> Result<()> {
                 r.parameters as f64 / 1e6,
                 ms(t0.elapsed())
             );
-            println!(
+            outln!(
+                out,
                 "  bert: {} layers, hidden {}, {} heads, pooling {:?}{}{}",
                 c.num_layers,
                 c.hidden_size,
@@ -226,23 +252,25 @@ fn real_main(cli: Cli) -> Result<()> {
                     .map(|h| format!(", head with {} classes", h.labels.len()))
                     .unwrap_or_default()
             );
-            Ok(())
+            emit(&out)
         }
         Command::Inspect { file, tensors } => inspect(&file, tensors),
         Command::Embed { run, json } => {
             let texts = gather_texts(&run)?;
             let model = load(&run)?;
             run_batches(&model, &texts, run.batch_size, |chunk, out| {
+                let mut s = String::new();
                 for (i, text) in chunk.iter().enumerate() {
                     let e = out.embedding(i);
                     if json {
-                        println!("{}", serde_json::json!({ "text": text, "embedding": e }));
+                        outln!(s, "{}", serde_json::json!({ "text": text, "embedding": e }));
                     } else {
                         let head: Vec<String> =
                             e.iter().take(8).map(|v| format!("{v:+.4}")).collect();
-                        println!("[{} ...] ({} dims)  {text}", head.join(" "), e.len());
+                        outln!(s, "[{} ...] ({} dims)  {text}", head.join(" "), e.len());
                     }
                 }
+                s
             })
         }
         Command::Classify { run, top } => {
@@ -256,14 +284,16 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             let labels = model.encoder.labels().to_vec();
             run_batches(&model, &texts, run.batch_size, |chunk, out| {
+                let mut s = String::new();
                 for (i, text) in chunk.iter().enumerate() {
                     let preds: Vec<String> = out
                         .top_k(i, top.max(1))
                         .into_iter()
                         .map(|(c, p)| format!("{} {:.3}", labels[c], p))
                         .collect();
-                    println!("{:<28} {text}", preds.join(", "));
+                    outln!(s, "{:<28} {text}", preds.join(", "));
                 }
+                s
             })
         }
     }
@@ -271,16 +301,19 @@ fn real_main(cli: Cli) -> Result<()> {
 
 fn inspect(path: &PathBuf, all: bool) -> Result<()> {
     let f = ModelFile::open(path)?;
+    let mut out = String::new();
     let m = f.meta();
-    println!("{}", path.display());
-    println!(
+    outln!(out, "{}", path.display());
+    outln!(
+        out,
         "  format version {}, {:.1} MB, sha256 {}",
         m.format_version,
         f.file_size() as f64 / 1e6,
         f.sha256()
     );
     let Family::Bert(c) = &m.family;
-    println!(
+    outln!(
+        out,
         "  family bert: {} layers, hidden {}, {} heads (dim {}), ffn {}, vocab {}, positions {}, eps {:e}",
         c.num_layers,
         c.hidden_size,
@@ -291,7 +324,8 @@ fn inspect(path: &PathBuf, all: bool) -> Result<()> {
         c.max_position_embeddings,
         c.layer_norm_eps
     );
-    println!(
+    outln!(
+        out,
         "  output: {:?} pooling{}{}",
         c.pooling,
         if c.normalize { ", L2 normalized" } else { "" },
@@ -305,12 +339,14 @@ fn inspect(path: &PathBuf, all: bool) -> Result<()> {
         tokenizer_entry,
         max_length,
     } = &m.preprocessing;
-    println!(
+    outln!(
+        out,
         "  preprocessing: tokenizer `{tokenizer_entry}` ({:.0} KB), truncation at {max_length} tokens",
         f.tokenizer_json().len() as f64 / 1e3
     );
     match &m.head {
-        Some(h) => println!(
+        Some(h) => outln!(
+            out,
             "  head: {} classes ({}{})",
             h.labels.len(),
             h.labels
@@ -321,13 +357,17 @@ fn inspect(path: &PathBuf, all: bool) -> Result<()> {
                 .join(", "),
             if h.labels.len() > 5 { ", ..." } else { "" }
         ),
-        None => println!("  head: none (embeddings only)"),
+        None => outln!(out, "  head: none (embeddings only)"),
     }
     let stages: Vec<&str> = m.graph.stages.iter().map(|s| s.name.as_str()).collect();
-    println!("  stages: {}", stages.join(" -> "));
-    println!("  ramp-eligible points: {}", m.graph.ramp_points.join(", "));
+    outln!(out, "  stages: {}", stages.join(" -> "));
+    outln!(
+        out,
+        "  ramp-eligible points: {}",
+        m.graph.ramp_points.join(", ")
+    );
     for p in &m.provenance {
-        println!("  source: {} (sha256 {})", p.source, p.sha256);
+        outln!(out, "  source: {} (sha256 {})", p.source, p.sha256);
     }
     let mut by_dtype = std::collections::BTreeMap::<&str, (usize, usize)>::new();
     for (_, t) in f.tensors() {
@@ -339,7 +379,8 @@ fn inspect(path: &PathBuf, all: bool) -> Result<()> {
         .tensors()
         .map(|(_, t)| t.shape.iter().product::<usize>())
         .sum();
-    println!(
+    outln!(
+        out,
         "  tensors: {} ({:.2} M parameters; {})",
         f.tensors().count(),
         params as f64 / 1e6,
@@ -351,7 +392,8 @@ fn inspect(path: &PathBuf, all: bool) -> Result<()> {
     );
     if all {
         for (name, t) in f.tensors() {
-            println!(
+            outln!(
+                out,
                 "    {name:<40} {:<5} {:<14} {:>10} bytes",
                 t.dtype.name(),
                 format!("{:?}", t.shape),
@@ -359,7 +401,7 @@ fn inspect(path: &PathBuf, all: bool) -> Result<()> {
             );
         }
     }
-    Ok(())
+    emit(&out)
 }
 
 fn main() -> ExitCode {

@@ -22,17 +22,28 @@ pub struct CpuConfig {
     pub threads: Option<usize>,
 }
 
-/// A tensor in host memory.
+/// A tensor in host memory. Its shape always matches its data (made only through
+/// [`Backend::upload`] and the ops), which the ops' unsafe GEMM calls rely on.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CpuTensor {
-    pub shape: Vec<usize>,
-    pub data: Vec<f32>,
+    shape: Vec<usize>,
+    data: Vec<f32>,
 }
 
 impl CpuTensor {
     fn new(shape: Vec<usize>, data: Vec<f32>) -> CpuTensor {
-        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "shape/data mismatch"
+        );
         CpuTensor { shape, data }
+    }
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    pub fn data(&self) -> &[f32] {
+        &self.data
     }
     /// Leading dimensions flattened: (rows, last dimension).
     fn rows_cols(&self) -> (usize, usize) {
@@ -62,18 +73,21 @@ pub(crate) fn err(reason: impl Into<String>) -> Error {
 
 impl CpuBackend {
     pub fn new(config: CpuConfig) -> Result<CpuBackend> {
-        let from_env = std::env::var("APPARATE_THREADS")
-            .ok()
-            .map(|v| {
-                v.parse::<usize>()
-                    .map_err(|_| err(format!("APPARATE_THREADS=`{v}` is not a number")))
-            })
-            .transpose()?;
-        let threads = config
-            .threads
-            .or(from_env)
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-            .max(1);
+        let from_env = || {
+            std::env::var("APPARATE_THREADS")
+                .ok()
+                .map(|v| {
+                    v.parse::<usize>()
+                        .map_err(|_| err(format!("APPARATE_THREADS=`{v}` is not a number")))
+                })
+                .transpose()
+        };
+        let threads = match config.threads {
+            Some(t) => Some(t),
+            None => from_env()?,
+        }
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("apparate-cpu-{i}"))
@@ -190,6 +204,9 @@ impl Backend for CpuBackend {
             )));
         }
         let (_, cols) = x.rows_cols();
+        if cols == 0 {
+            return Err(err("add_layernorm: rows of width 0"));
+        }
         check_cols("add_layernorm gamma", gamma, cols)?;
         check_cols("add_layernorm beta", beta, cols)?;
         let data = self.pool.install(|| {
@@ -238,7 +255,17 @@ impl Backend for CpuBackend {
         eps: f32,
     ) -> Result<CpuTensor> {
         let width = word.shape.last().copied().unwrap_or(0);
-        for (what, t) in [("position", position), ("token type", token_type)] {
+        for (what, t) in [
+            ("word", word),
+            ("position", position),
+            ("token type", token_type),
+        ] {
+            if t.shape.len() != 2 || t.shape[0] == 0 || width == 0 {
+                return Err(err(format!(
+                    "embed {what} table: shape {:?} is not [rows, width]",
+                    t.shape
+                )));
+            }
             check_cols(&format!("embed {what} table"), t, width)?;
         }
         check_cols("embed gamma", gamma, width)?;
@@ -269,6 +296,9 @@ impl Backend for CpuBackend {
                 shape.batch(),
                 shape.seq
             )));
+        }
+        if let Some(&bad) = shape.lengths.iter().find(|&&l| l == 0 || l > shape.seq) {
+            return Err(err(format!("pool: length {bad} outside 1..={}", shape.seq)));
         }
         let data = pool::pool(&x.data, shape, cols, kind);
         Ok(CpuTensor::new(vec![shape.batch(), cols], data))

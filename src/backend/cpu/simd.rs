@@ -60,7 +60,7 @@ pub(crate) fn sum(a: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// `e^x` to within a few ulp for the whole f32 range (results below `e^-87` flush to zero).
+/// `e^x` to within a few ulp for `x` in [-87, 88]; inputs outside are clamped to that range.
 /// Range reduction `x = n ln2 + r`, `|r| <= ln2 / 2`, then a degree-7 Taylor polynomial
 /// (truncation error `r^8 / 8! < 6e-9`) scaled by `2^n` built from the exponent bits.
 #[inline(always)]

@@ -292,6 +292,7 @@ pub struct EncoderOutput {
 }
 
 impl EncoderOutput {
+    /// Sentence vector of input `i`. Panics if `i >= batch`, like slice indexing.
     pub fn embedding(&self, i: usize) -> &[f32] {
         &self.embeddings[i * self.width..(i + 1) * self.width]
     }
@@ -301,7 +302,7 @@ impl EncoderOutput {
         self.top_k(i, 1).into_iter().next()
     }
 
-    /// The `k` most likely classes of input `i`, best first.
+    /// The `k` most likely classes of input `i`, best first. Panics if `i >= batch`.
     pub fn top_k(&self, i: usize, k: usize) -> Vec<(usize, f32)> {
         let Some(p) = &self.probs else {
             return Vec::new();

@@ -1,0 +1,147 @@
+//! Builds the emulated CUDA device: every `kernels/*.cu` compiled by the host C++ compiler
+//! (`APPARATE_EMU`) together with the fiber runtime in `kernels/emu/`, plus a generated
+//! registry that maps kernel names to launch trampolines. The CUDA backend compiles the same
+//! sources with NVRTC at run time; nothing here needs CUDA.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// `extern "C" __global__ void NAME(` entry points of one kernel source.
+fn entry_points(src: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let pat = "extern \"C\" __global__ void ";
+    let mut rest = src;
+    while let Some(i) = rest.find(pat) {
+        rest = &rest[i + pat.len()..];
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if !name.is_empty() {
+            names.push(name);
+        }
+    }
+    names
+}
+
+fn main() {
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+    let kernels = root.join("kernels");
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    println!("cargo:rerun-if-changed=kernels");
+    println!("cargo:rerun-if-changed=build.rs");
+
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(&kernels)
+        .expect("kernels/ exists")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .collect();
+    sources.sort();
+
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .opt_level(2)
+        .define("APPARATE_EMU", None)
+        .include(&kernels)
+        .flag_if_supported("-fno-strict-aliasing")
+        .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-unused-function")
+        .warnings(false)
+        .file(kernels.join("emu/emu.cpp"));
+
+    let mut tables = Vec::new();
+    let mut all_names = Vec::new();
+    for src in &sources {
+        let text = std::fs::read_to_string(src).expect("read kernel source");
+        let stem = src.file_stem().unwrap().to_string_lossy().replace('-', "_");
+        let names = entry_points(&text);
+        let mut unit = String::new();
+        writeln!(unit, "#include \"{}\"", src.display()).unwrap();
+        writeln!(unit, "#include \"emu/trampoline.h\"").unwrap();
+        writeln!(
+            unit,
+            "extern const ApparateEmuKernel apparate_emu_table_{stem}[] = {{"
+        )
+        .unwrap();
+        for n in &names {
+            writeln!(unit, "    APPARATE_EMU_ENTRY({n}),").unwrap();
+        }
+        writeln!(unit, "    ApparateEmuKernel{{nullptr, nullptr}}}};").unwrap();
+        let path = out.join(format!("emu_{stem}.cpp"));
+        write_if_changed(&path, &unit);
+        build.file(&path);
+        tables.push(stem);
+        all_names.extend(names);
+    }
+
+    let mut reg = String::from("#include \"emu/trampoline.h\"\n#include <cstring>\n");
+    for t in &tables {
+        writeln!(
+            reg,
+            "extern const ApparateEmuKernel apparate_emu_table_{t}[];"
+        )
+        .unwrap();
+    }
+    reg.push_str("static const ApparateEmuKernel* const tables[] = {");
+    for t in &tables {
+        write!(reg, "apparate_emu_table_{t}, ").unwrap();
+    }
+    reg.push_str("nullptr};\n");
+    reg.push_str(
+        "void (*apparate_emu_find(const char* name))(void**) {\n\
+         for (int t = 0; tables[t]; t++)\n\
+           for (const ApparateEmuKernel* k = tables[t]; k->name; k++)\n\
+             if (std::strcmp(k->name, name) == 0) return k->entry;\n\
+         return nullptr;\n}\n",
+    );
+    let reg_path = out.join("emu_registry.cpp");
+    write_if_changed(&reg_path, &reg);
+    build.file(&reg_path);
+    build.compile("apparate_emu");
+
+    // The kernel sources, embedded for NVRTC (name, text); headers by include name.
+    let mut embed = String::from(
+        "/// Kernel sources: (file name, text).\npub const SOURCES: &[(&str, &str)] = &[\n",
+    );
+    for src in &sources {
+        let name = src.file_name().unwrap().to_string_lossy();
+        writeln!(
+            embed,
+            "    ({name:?}, include_str!({:?})),",
+            src.display().to_string()
+        )
+        .unwrap();
+    }
+    embed.push_str(
+        "];\n/// Shared headers: (include name, text).\npub const HEADERS: &[(&str, &str)] = &[\n",
+    );
+    let mut headers: Vec<PathBuf> = std::fs::read_dir(kernels.join("common"))
+        .expect("kernels/common exists")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "cuh"))
+        .collect();
+    headers.sort();
+    for h in &headers {
+        let name = format!("common/{}", h.file_name().unwrap().to_string_lossy());
+        writeln!(
+            embed,
+            "    ({name:?}, include_str!({:?})),",
+            h.display().to_string()
+        )
+        .unwrap();
+    }
+    embed.push_str("];\n/// Every entry point, for checks.\npub const KERNELS: &[&str] = &[\n");
+    for n in &all_names {
+        writeln!(embed, "    {n:?},").unwrap();
+    }
+    embed.push_str("];\n");
+    write_if_changed(&out.join("kernel_sources.rs"), &embed);
+}
+
+fn write_if_changed(path: &Path, text: &str) {
+    if std::fs::read_to_string(path).ok().as_deref() != Some(text) {
+        std::fs::write(path, text).expect("write generated file");
+    }
+}

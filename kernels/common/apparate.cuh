@@ -1,0 +1,138 @@
+// The portable kernel API. Kernel bodies use only portable CUDA C++ plus what this header and
+// mma.cuh provide; every inline-PTX piece lives here behind a function with an emulated twin
+// (APPARATE_EMU: the kernel is compiled by the host C++ compiler and runs on the emulated
+// device, see kernels/emu/).
+#pragma once
+
+#ifdef APPARATE_EMU
+#include "../emu/emu.h"
+#define APPARATE_DEVICE inline
+#define DYN_SHARED(T, name) T* name = reinterpret_cast<T*>(apparate_emu_block->dyn_shared)
+#else
+// NVRTC: no standard headers.
+typedef unsigned int uint32_t;
+typedef int int32_t;
+typedef unsigned short uint16_t;
+typedef unsigned long long uint64_t;
+#define APPARATE_DEVICE __device__ __forceinline__
+#define DYN_SHARED(T, name)                                      \
+    extern __shared__ __align__(16) unsigned char apparate_dyn_smem_[]; \
+    T* name = reinterpret_cast<T*>(apparate_dyn_smem_)
+#endif
+
+// ---- storage types: f32 compute, f32/f16/bf16 storage ---------------------------------------
+
+struct f16 {
+    uint16_t bits;
+};
+struct bf16 {
+    uint16_t bits;
+};
+
+APPARATE_DEVICE float to_f32(float x) { return x; }
+APPARATE_DEVICE float to_f32(bf16 x) { return __uint_as_float((uint32_t)x.bits << 16); }
+APPARATE_DEVICE float to_f32(f16 x) {
+#ifdef APPARATE_EMU
+    uint32_t h = x.bits, sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    if (exp == 0x1f) return __uint_as_float(sign | 0x7f800000u | (man << 13));
+    if (exp == 0) {  // zero or subnormal: man * 2^-24
+        float v = (float)man * 5.9604644775390625e-8f;
+        return sign ? -v : v;
+    }
+    return __uint_as_float(sign | ((exp + 112) << 23) | (man << 13));
+#else
+    float r;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(x.bits));
+    return r;
+#endif
+}
+
+template <typename T>
+APPARATE_DEVICE T from_f32(float x);
+
+template <>
+APPARATE_DEVICE float from_f32<float>(float x) {
+    return x;
+}
+template <>
+APPARATE_DEVICE bf16 from_f32<bf16>(float x) {
+    bf16 r;
+#ifdef APPARATE_EMU
+    uint32_t u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        r.bits = (uint16_t)((u >> 16) | 0x40);  // quiet NaN
+    } else {
+        r.bits = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  // round to nearest even
+    }
+#else
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));
+#endif
+    return r;
+}
+template <>
+APPARATE_DEVICE f16 from_f32<f16>(float x) {
+    f16 r;
+#ifdef APPARATE_EMU
+    uint32_t u = __float_as_uint(x), sign = (u >> 16) & 0x8000u;
+    uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) {
+        r.bits = (uint16_t)(sign | 0x7e00u);
+    } else if (a >= 0x477ff000u) {  // rounds to >= 65520: infinity
+        r.bits = (uint16_t)(sign | 0x7c00u);
+    } else if (a < 0x38800000u) {  // below 2^-14: subnormal half, round to nearest even
+        float v = __uint_as_float(a) * 16777216.0f;  // in units of 2^-24
+        uint32_t m = (uint32_t)v;
+        float frac = v - (float)m;
+        if (frac > 0.5f || (frac == 0.5f && (m & 1u))) m++;
+        r.bits = (uint16_t)(sign | m);
+    } else {
+        uint32_t m = a + 0xfffu + ((a >> 13) & 1u);  // round mantissa to 10 bits, nearest even
+        r.bits = (uint16_t)(sign | ((m - 0x38000000u) >> 13));
+    }
+#else
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));
+#endif
+    return r;
+}
+
+// ---- reductions ----------------------------------------------------------------------------
+
+APPARATE_DEVICE float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+APPARATE_DEVICE float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the block; every thread gets the result. `scratch` holds >= 32 floats of shared
+// memory; the block size must be a multiple of 32. Safe to call repeatedly with the same scratch.
+APPARATE_DEVICE float block_sum(float v, float* scratch) {
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+    v = warp_sum(v);
+    __syncthreads();  // scratch may still be read by a previous call
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float r = lane < nwarps ? scratch[lane] : 0.0f;
+    return warp_sum(r);
+}
+APPARATE_DEVICE float block_max(float v, float* scratch) {
+    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float r = lane < nwarps ? scratch[lane] : -3.402823466e38f;
+    return warp_max(r);
+}
+
+// Activations fused into epilogues. Codes match the Rust side (backend::gpu::ops).
+#define ACT_NONE 0
+#define ACT_GELU_ERF 1
+#define ACT_TANH 2
+APPARATE_DEVICE float activate(float x, int act) {
+    if (act == ACT_GELU_ERF) return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    if (act == ACT_TANH) return tanhf(x);
+    return x;
+}

@@ -1,0 +1,259 @@
+// Scheduler of the emulated CUDA device: runs the blocks [begin, end) of one launch on the calling
+// OS thread, each block's threads as fibers that switch only at barriers (cooperative), so a
+// kernel's barrier structure is honoured exactly and a missing barrier shows up as wrong results
+// (more so with the seeded shuffle of fiber order between barriers). Threads waiting at barriers
+// that can never release (e.g. part of a block at __syncthreads, the rest exited inside a warp
+// operation) are reported as a deadlock with the kernel's name instead of hanging.
+#include "emu.h"
+
+#include <sys/mman.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "trampoline.h"
+
+thread_local ApparateEmuThread* apparate_emu_thread = nullptr;
+thread_local ApparateEmuBlock* apparate_emu_block = nullptr;
+
+namespace {
+
+// Each fiber's stack. Kernels keep small frames (register-sized locals), so 64 KiB is ample; a
+// guard page below each stack turns an overflow into a crash instead of silent corruption.
+constexpr size_t kStack = 64 * 1024;
+constexpr size_t kPage = 4096;
+constexpr int kMaxThreads = 1024;
+
+enum State { Ready, WaitBlock, WaitWarp, Done };
+
+struct Fiber {
+    void* sp = nullptr;
+    State state = Ready;
+    ApparateEmuThread t{};
+};
+
+#if defined(__x86_64__)
+// Saves callee-saved registers and the SSE/x87 control words on the current stack, stores the
+// stack pointer into *from, switches to `to` and restores the same from there.
+extern "C" void apparate_emu_switch(void** from, void* to);
+asm(R"(
+.text
+.globl apparate_emu_switch
+.type apparate_emu_switch,@function
+apparate_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+.size apparate_emu_switch, .-apparate_emu_switch
+.section .note.GNU-stack,"",@progbits
+.text
+)");
+#else
+#error "the emulated device needs an x86-64 host (fiber switch is x86-64 assembly)"
+#endif
+
+struct Worker {
+    unsigned char* stacks = nullptr;  // kMaxThreads stacks with guard pages
+    Fiber fibers[kMaxThreads];
+    void* sched_sp = nullptr;
+    int current = -1;
+    int nthreads = 0;
+    void (*entry)(void**) = nullptr;
+    void** args = nullptr;
+    uint32_t scratch[kMaxThreads / 32][32 * 16];
+    std::vector<unsigned char> dyn_shared;
+    ApparateEmuBlock block{};
+
+    bool init() {
+        if (stacks) return true;
+        size_t slot = kStack + kPage;
+        void* m = mmap(nullptr, slot * kMaxThreads, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED) return false;
+        stacks = static_cast<unsigned char*>(m);
+        for (int i = 0; i < kMaxThreads; i++) mprotect(stacks + i * slot, kPage, PROT_NONE);
+        return true;
+    }
+    unsigned char* stack_top(int i) { return stacks + (size_t)(i + 1) * (kStack + kPage); }
+};
+
+thread_local Worker* worker = nullptr;
+
+[[noreturn]] void fiber_main() {
+    Worker* w = worker;
+    w->entry(w->args);
+    Fiber& f = w->fibers[w->current];
+    f.state = Done;
+    apparate_emu_switch(&f.sp, w->sched_sp);
+    std::abort();  // a finished fiber is never resumed
+}
+
+void prepare(Worker* w, int i) {
+    // Stack image that apparate_emu_switch "returns" into fiber_main with an ABI-aligned stack.
+    uintptr_t top = reinterpret_cast<uintptr_t>(w->stack_top(i)) & ~uintptr_t(15);
+    uint64_t* sp = reinterpret_cast<uint64_t*>(top);
+    *--sp = 0;                                             // fake return address of fiber_main
+    *--sp = reinterpret_cast<uint64_t>(&fiber_main);       // where `ret` goes
+    for (int r = 0; r < 6; r++) *--sp = 0;                 // rbp rbx r12 r13 r14 r15
+    uint32_t ctl[2];
+    asm volatile("stmxcsr %0" : "=m"(ctl[0]));
+    asm volatile("fnstcw %0" : "=m"(ctl[1]));
+    *--sp = (uint64_t)ctl[0] | ((uint64_t)(ctl[1] & 0xffff) << 32);
+    w->fibers[i].sp = sp;
+    w->fibers[i].state = Ready;
+}
+
+void yield_to_scheduler(State s) {
+    Worker* w = worker;
+    Fiber& f = w->fibers[w->current];
+    f.state = s;
+    apparate_emu_switch(&f.sp, w->sched_sp);
+    apparate_emu_thread = &f.t;  // back on this fiber
+}
+
+uint64_t splitmix(uint64_t& s) {
+    s += 0x9E3779B97F4A7C15ull;
+    uint64_t z = s;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// Runs one block to completion. Returns false on deadlock (message in err).
+bool run_block(Worker* w, uint64_t* seed, const char* name, char* err, size_t errlen) {
+    int n = w->nthreads;
+    for (int i = 0; i < n; i++) prepare(w, i);
+    std::vector<int> order(n);
+    for (int i = 0; i < n; i++) order[i] = i;
+    int nwarps = (n + 31) / 32;
+    for (;;) {
+        if (seed) {
+            for (int i = n - 1; i > 0; i--) std::swap(order[i], order[splitmix(*seed) % (uint64_t)(i + 1)]);
+        }
+        for (int k = 0; k < n; k++) {
+            int i = order[k];
+            if (w->fibers[i].state != Ready) continue;
+            w->current = i;
+            apparate_emu_thread = &w->fibers[i].t;
+            apparate_emu_switch(&w->sched_sp, w->fibers[i].sp);
+        }
+        // Every fiber is now Done or waiting. Release whatever barrier is complete.
+        int done = 0, at_block = 0, at_warp = 0;
+        for (int i = 0; i < n; i++) {
+            State s = w->fibers[i].state;
+            done += s == Done;
+            at_block += s == WaitBlock;
+            at_warp += s == WaitWarp;
+        }
+        if (done == n) return true;
+        bool released = false;
+        for (int wp = 0; wp < nwarps; wp++) {
+            int lo = wp * 32, hi = lo + 32 < n ? lo + 32 : n;
+            int waiting = 0, live = 0;
+            for (int i = lo; i < hi; i++) {
+                live += w->fibers[i].state != Done;
+                waiting += w->fibers[i].state == WaitWarp;
+            }
+            if (waiting > 0 && waiting == live) {
+                for (int i = lo; i < hi; i++)
+                    if (w->fibers[i].state == WaitWarp) w->fibers[i].state = Ready;
+                released = true;
+            }
+        }
+        if (!released && at_warp == 0 && at_block > 0) {
+            // Threads that exited count as arrived (as on the hardware).
+            for (int i = 0; i < n; i++)
+                if (w->fibers[i].state == WaitBlock) w->fibers[i].state = Ready;
+            released = true;
+        }
+        if (!released) {
+            std::snprintf(err, errlen,
+                          "kernel `%s` deadlocked in block (%u,%u,%u): %d threads at __syncthreads, "
+                          "%d at a warp operation, %d exited",
+                          name, w->block.block_idx.x, w->block.block_idx.y, w->block.block_idx.z,
+                          at_block, at_warp, done);
+            return false;
+        }
+    }
+}
+
+}  // namespace
+
+void apparate_emu_syncthreads() { yield_to_scheduler(WaitBlock); }
+void apparate_emu_warp_barrier() { yield_to_scheduler(WaitWarp); }
+uint32_t* apparate_emu_warp_scratch() { return worker->scratch[apparate_emu_thread->warp]; }
+
+extern "C" int apparate_emu_has_kernel(const char* name) { return apparate_emu_find(name) != nullptr; }
+
+// Runs blocks [begin, end) (linear block index, x fastest) of a launch. Returns 0 on success,
+// non-zero with a message in `err` otherwise. `seed` = 0: fibers run in thread order; otherwise
+// their order is shuffled (seeded) between barriers.
+extern "C" int apparate_emu_run(const char* name, const uint32_t grid[3], const uint32_t block[3],
+                                uint32_t dyn_shared, void** args, uint64_t begin, uint64_t end,
+                                uint64_t seed, char* err, size_t errlen) {
+    void (*entry)(void**) = apparate_emu_find(name);
+    if (!entry) {
+        std::snprintf(err, errlen, "no kernel named `%s` in the emulated device", name);
+        return 1;
+    }
+    uint64_t nthreads = (uint64_t)block[0] * block[1] * block[2];
+    if (nthreads == 0 || nthreads > (uint64_t)kMaxThreads) {
+        std::snprintf(err, errlen, "kernel `%s`: block of %llu threads (must be 1..=%d)", name,
+                      (unsigned long long)nthreads, kMaxThreads);
+        return 1;
+    }
+    if (!worker) worker = new Worker();
+    Worker* w = worker;
+    if (!w->init()) {
+        std::snprintf(err, errlen, "cannot map fiber stacks");
+        return 1;
+    }
+    w->entry = entry;
+    w->args = args;
+    w->nthreads = (int)nthreads;
+    w->dyn_shared.assign(dyn_shared, 0);
+    for (uint32_t z = 0, i = 0; z < block[2]; z++)
+        for (uint32_t y = 0; y < block[1]; y++)
+            for (uint32_t x = 0; x < block[0]; x++, i++) {
+                w->fibers[i].t.thread_idx = {x, y, z};
+                w->fibers[i].t.lane = i % 32;
+                w->fibers[i].t.warp = i / 32;
+            }
+    w->block.block_dim = {block[0], block[1], block[2]};
+    w->block.grid_dim = {grid[0], grid[1], grid[2]};
+    w->block.dyn_shared = w->dyn_shared.data();
+    uint64_t s = seed;
+    ApparateEmuBlock* saved_block = apparate_emu_block;
+    apparate_emu_block = &w->block;
+    int rc = 0;
+    for (uint64_t b = begin; b < end; b++) {
+        w->block.block_idx = {(uint32_t)(b % grid[0]), (uint32_t)((b / grid[0]) % grid[1]),
+                              (uint32_t)(b / ((uint64_t)grid[0] * grid[1]))};
+        if (!run_block(w, seed ? &s : nullptr, name, err, errlen)) {
+            rc = 2;
+            break;
+        }
+    }
+    apparate_emu_block = saved_block;
+    apparate_emu_thread = nullptr;
+    return rc;
+}

@@ -1,0 +1,176 @@
+// The emulated CUDA device: what kernel sources see when they are compiled by the host C++
+// compiler (APPARATE_EMU). A launch runs each block's threads as cooperative fibers on one OS
+// thread: __syncthreads is a real block barrier, warp operations (shuffles, votes, the
+// matrix-multiply wrappers) meet at warp barriers, `__shared__` storage is per block.
+// See emu.cpp for the scheduler; kernels/common/apparate.cuh for the portable kernel API.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+struct uint3 {
+    unsigned int x, y, z;
+};
+typedef uint3 dim3;
+
+// Per-fiber and per-block state visible to kernel code.
+struct ApparateEmuThread {
+    uint3 thread_idx;
+    unsigned int lane;  // linear thread index % 32
+    unsigned int warp;  // linear thread index / 32
+};
+struct ApparateEmuBlock {
+    uint3 block_idx;
+    uint3 block_dim;
+    uint3 grid_dim;
+    unsigned char* dyn_shared;
+};
+
+extern thread_local ApparateEmuThread* apparate_emu_thread;
+extern thread_local ApparateEmuBlock* apparate_emu_block;
+
+#define threadIdx (apparate_emu_thread->thread_idx)
+#define blockIdx (apparate_emu_block->block_idx)
+#define blockDim (apparate_emu_block->block_dim)
+#define gridDim (apparate_emu_block->grid_dim)
+#define warpSize 32
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline __attribute__((always_inline))
+#define __restrict__ __restrict
+// One OS thread runs one block at a time and every fiber of the block on itself, so storage that
+// is static per OS thread is exactly per-block shared memory.
+#define __shared__ static thread_local
+#define __align__(n) alignas(n)
+
+// Scheduler entry points (emu.cpp).
+void apparate_emu_syncthreads();
+void apparate_emu_warp_barrier();
+// 32 lanes x 16 words of scratch for the current warp (exchanges across lanes).
+uint32_t* apparate_emu_warp_scratch();
+
+inline void __syncthreads() { apparate_emu_syncthreads(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { apparate_emu_warp_barrier(); }
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline void __threadfence_block() {}
+
+// ---- warp exchange -------------------------------------------------------------------------
+
+template <typename T>
+inline T apparate_emu_shfl(T v, int src_of_lane(int, int, int), int arg, int width) {
+    static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
+    uint32_t* s = apparate_emu_warp_scratch();
+    int lane = (int)apparate_emu_thread->lane;
+    std::memcpy(&s[lane * 2], &v, sizeof(T));
+    apparate_emu_warp_barrier();
+    int src = src_of_lane(lane, arg, width);
+    T r;
+    std::memcpy(&r, &s[src * 2], sizeof(T));
+    apparate_emu_warp_barrier();
+    return r;
+}
+inline int apparate_emu_src_xor(int lane, int m, int width) {
+    int src = lane ^ m;
+    return (src / width == lane / width) ? src : lane;
+}
+inline int apparate_emu_src_down(int lane, int d, int width) {
+    int src = lane + d;
+    return (src / width == lane / width) ? src : lane;
+}
+inline int apparate_emu_src_up(int lane, int d, int width) {
+    int src = lane - d;
+    return (src >= (lane / width) * width) ? src : lane;
+}
+inline int apparate_emu_src_idx(int lane, int s, int width) { return (lane / width) * width + (s % width); }
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int m, int width = 32) {
+    return apparate_emu_shfl(v, apparate_emu_src_xor, m, width);
+}
+template <typename T>
+inline T __shfl_down_sync(unsigned, T v, unsigned d, int width = 32) {
+    return apparate_emu_shfl(v, apparate_emu_src_down, (int)d, width);
+}
+template <typename T>
+inline T __shfl_up_sync(unsigned, T v, unsigned d, int width = 32) {
+    return apparate_emu_shfl(v, apparate_emu_src_up, (int)d, width);
+}
+template <typename T>
+inline T __shfl_sync(unsigned, T v, int s, int width = 32) {
+    return apparate_emu_shfl(v, apparate_emu_src_idx, s, width);
+}
+
+inline unsigned __ballot_sync(unsigned, int pred) {
+    uint32_t* s = apparate_emu_warp_scratch();
+    int lane = (int)apparate_emu_thread->lane;
+    s[lane * 2] = pred ? 1u : 0u;
+    apparate_emu_warp_barrier();
+    unsigned r = 0;
+    for (int i = 0; i < 32; i++) r |= (s[i * 2] & 1u) << i;
+    apparate_emu_warp_barrier();
+    return r;
+}
+inline int __any_sync(unsigned m, int pred) { return __ballot_sync(m, pred) != 0; }
+inline int __all_sync(unsigned m, int pred) { return __ballot_sync(m, pred) == 0xffffffffu; }
+
+// ---- atomics (blocks of one launch run in parallel on several OS threads) --------------------
+
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
+inline float atomicAdd(float* p, float v) {
+    uint32_t* u = reinterpret_cast<uint32_t*>(p);
+    uint32_t old = __atomic_load_n(u, __ATOMIC_RELAXED);
+    for (;;) {
+        float f;
+        std::memcpy(&f, &old, 4);
+        f += v;
+        uint32_t next;
+        std::memcpy(&next, &f, 4);
+        if (__atomic_compare_exchange_n(u, &old, next, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+            std::memcpy(&f, &old, 4);
+            return f;
+        }
+    }
+}
+inline int atomicMax(int* p, int v) {
+    int old = __atomic_load_n(p, __ATOMIC_RELAXED);
+    while (old < v && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
+    return old;
+}
+inline int atomicCAS(int* p, int cmp, int v) {
+    __atomic_compare_exchange_n(p, &cmp, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+    return cmp;
+}
+
+// ---- math and bit casts --------------------------------------------------------------------
+
+inline float __expf(float x) { return expf(x); }
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __int_as_float(int x) {
+    float f;
+    std::memcpy(&f, &x, 4);
+    return f;
+}
+inline float __uint_as_float(unsigned x) {
+    float f;
+    std::memcpy(&f, &x, 4);
+    return f;
+}
+inline unsigned __float_as_uint(float f) {
+    unsigned x;
+    std::memcpy(&x, &f, 4);
+    return x;
+}
+inline int __float_as_int(float f) {
+    int x;
+    std::memcpy(&x, &f, 4);
+    return x;
+}

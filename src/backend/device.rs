@@ -1,0 +1,100 @@
+//! The device trait: the small surface that GPU op launchers are written against. Two devices
+//! implement it: `emu` (the kernel sources compiled for the host, run as fibers) and `cuda`
+//! (the same sources through NVRTC on a real GPU).
+
+use crate::error::Result;
+
+/// Grid, block and dynamic shared memory of one launch.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct LaunchConfig {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub shared_bytes: u32,
+}
+
+impl LaunchConfig {
+    /// A 1-D launch.
+    pub fn linear(blocks: u32, threads: u32, shared_bytes: u32) -> LaunchConfig {
+        LaunchConfig {
+            grid: [blocks, 1, 1],
+            block: [threads, 1, 1],
+            shared_bytes,
+        }
+    }
+    pub fn threads_per_block(&self) -> u64 {
+        self.block.iter().map(|&b| b as u64).product()
+    }
+    pub fn blocks(&self) -> u64 {
+        self.grid.iter().map(|&b| b as u64).product()
+    }
+}
+
+/// One kernel argument. The launch passes each as a pointer to its value (`void**`).
+#[derive(Copy, Clone, Debug, PartialEq)]
+pub enum KernelArg {
+    /// A device address (from [`Device::address`]) or 0 for "none".
+    Ptr(u64),
+    U32(u32),
+    I32(i32),
+    F32(f32),
+}
+
+/// Largest block (threads) and dynamic shared memory a launch may ask for; both devices refuse
+/// more before launching (an H100/H200 allows 1024 threads and 227 KiB of shared memory).
+pub const MAX_THREADS_PER_BLOCK: u64 = 1024;
+pub const MAX_SHARED_BYTES: u32 = 227 * 1024;
+
+pub trait Device: Send + Sync {
+    /// Device memory. Dropping it frees it.
+    type Buf: Send + Sync;
+
+    fn name(&self) -> &'static str;
+
+    /// Uninitialised device memory of `bytes` bytes.
+    fn alloc(&self, bytes: usize) -> Result<Self::Buf>;
+
+    /// New device memory holding `bytes`.
+    fn upload(&self, bytes: &[u8]) -> Result<Self::Buf>;
+
+    /// Copies the whole buffer to the host (`out.len()` bytes).
+    fn download(&self, buf: &Self::Buf, out: &mut [u8]) -> Result<()>;
+
+    /// Sets every byte (used to poison outputs in tests).
+    fn fill(&self, buf: &Self::Buf, byte: u8) -> Result<()>;
+
+    /// The address a kernel sees for `buf`.
+    fn address(&self, buf: &Self::Buf) -> u64;
+
+    /// Size of `buf` in bytes.
+    fn len(&self, buf: &Self::Buf) -> usize;
+
+    /// Launches `kernel` (an `extern "C"` entry of `kernels/*.cu`) on the device's stream.
+    fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[KernelArg]) -> Result<()>;
+
+    /// Waits until everything launched so far has finished.
+    fn synchronize(&self) -> Result<()>;
+}
+
+/// Checks that a launch is within the limits every device shares.
+pub(crate) fn check_launch(device: &'static str, kernel: &str, cfg: &LaunchConfig) -> Result<()> {
+    let bad = |reason: String| crate::Error::Backend {
+        backend: device,
+        reason: format!("launch of `{kernel}`: {reason}"),
+    };
+    let t = cfg.threads_per_block();
+    if t == 0 || t > MAX_THREADS_PER_BLOCK {
+        return Err(bad(format!(
+            "{t} threads per block (1..={MAX_THREADS_PER_BLOCK})"
+        )));
+    }
+    if cfg.blocks() == 0 || cfg.grid[1] > 65535 || cfg.grid[2] > 65535 {
+        return Err(bad(format!("grid {:?} is empty or too tall", cfg.grid)));
+    }
+    if cfg.shared_bytes > MAX_SHARED_BYTES {
+        return Err(bad(format!(
+            "{} bytes of dynamic shared memory (at most {MAX_SHARED_BYTES})",
+            cfg.shared_bytes
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,265 @@
+//! `emu`: an emulated CUDA device on the CPU. The very same `kernels/*.cu` sources are compiled
+//! by the host C++ compiler (see `build.rs` and `kernels/emu/`); a launch runs its blocks in
+//! parallel on the backend's thread pool, each block's threads as cooperative fibers with real
+//! block and warp barriers. It exists so every kernel and GPU code path is tested on machines
+//! with no GPU.
+
+use std::alloc::Layout;
+use std::ffi::{CString, c_char, c_void};
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use super::device::{Device, KernelArg, LaunchConfig, check_launch};
+use crate::error::{Error, Result};
+
+unsafe extern "C" {
+    fn apparate_emu_has_kernel(name: *const c_char) -> i32;
+    fn apparate_emu_run(
+        name: *const c_char,
+        grid: *const u32,
+        block: *const u32,
+        dyn_shared: u32,
+        args: *mut *mut c_void,
+        begin: u64,
+        end: u64,
+        seed: u64,
+        err: *mut c_char,
+        errlen: usize,
+    ) -> i32;
+}
+
+/// Settings of the emulated device.
+#[derive(Clone, Debug, Default)]
+pub struct EmuConfig {
+    /// OS threads that run blocks in parallel (default: all cores, or `APPARATE_THREADS`).
+    pub threads: Option<usize>,
+    /// 0 (default): each block's threads run in order between barriers, deterministically.
+    /// Otherwise the order is shuffled between barriers with this seed, to expose missing
+    /// barriers. `APPARATE_EMU_SEED` sets it from the environment.
+    pub shuffle_seed: u64,
+}
+
+/// Device memory of the emulated device: a 256-byte aligned host allocation.
+pub struct EmuBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the allocation is owned by the buffer; kernels write through raw pointers only while
+// a launch that was handed the address runs, and launches are synchronous.
+unsafe impl Send for EmuBuf {}
+unsafe impl Sync for EmuBuf {}
+
+const ALIGN: usize = 256;
+
+impl EmuBuf {
+    fn new(len: usize) -> Result<EmuBuf> {
+        let layout = Layout::from_size_align(len.max(1), ALIGN).map_err(|e| Error::Backend {
+            backend: "emu",
+            reason: format!("allocation of {len} bytes: {e}"),
+        })?;
+        // SAFETY: non-zero size.
+        let ptr = unsafe { std::alloc::alloc(layout) };
+        if ptr.is_null() {
+            return Err(Error::Backend {
+                backend: "emu",
+                reason: format!("out of memory allocating {len} bytes"),
+            });
+        }
+        Ok(EmuBuf { ptr, len })
+    }
+}
+
+impl Drop for EmuBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe {
+            std::alloc::dealloc(
+                self.ptr,
+                Layout::from_size_align_unchecked(self.len.max(1), ALIGN),
+            )
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct EmuDevice {
+    pool: Arc<rayon::ThreadPool>,
+    seed: u64,
+}
+
+impl std::fmt::Debug for EmuDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "EmuDevice {{ threads: {}, seed: {} }}",
+            self.pool.current_num_threads(),
+            self.seed
+        )
+    }
+}
+
+fn err(reason: impl Into<String>) -> Error {
+    Error::Backend {
+        backend: "emu",
+        reason: reason.into(),
+    }
+}
+
+impl EmuDevice {
+    pub fn new(config: EmuConfig) -> Result<EmuDevice> {
+        let env_threads = std::env::var("APPARATE_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        let threads = config
+            .threads
+            .or(env_threads)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1);
+        let seed = match config.shuffle_seed {
+            0 => std::env::var("APPARATE_EMU_SEED")
+                .ok()
+                .map(|v| {
+                    v.parse()
+                        .map_err(|_| err(format!("APPARATE_EMU_SEED=`{v}` is not a number")))
+                })
+                .transpose()?
+                .unwrap_or(0),
+            s => s,
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("apparate-emu-{i}"))
+            .build()
+            .map_err(|e| err(format!("cannot start {threads} threads: {e}")))?;
+        Ok(EmuDevice {
+            pool: Arc::new(pool),
+            seed,
+        })
+    }
+
+    /// True when the emulated device has a kernel of this name.
+    pub fn has_kernel(&self, name: &str) -> bool {
+        CString::new(name).is_ok_and(|c| unsafe { apparate_emu_has_kernel(c.as_ptr()) } != 0)
+    }
+}
+
+impl Device for EmuDevice {
+    type Buf = EmuBuf;
+
+    fn name(&self) -> &'static str {
+        "emu"
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<EmuBuf> {
+        EmuBuf::new(bytes)
+    }
+
+    fn upload(&self, bytes: &[u8]) -> Result<EmuBuf> {
+        let b = EmuBuf::new(bytes.len())?;
+        // SAFETY: b holds at least bytes.len() bytes.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), b.ptr, bytes.len()) };
+        Ok(b)
+    }
+
+    fn download(&self, buf: &EmuBuf, out: &mut [u8]) -> Result<()> {
+        if out.len() != buf.len {
+            return Err(err(format!(
+                "download of a {}-byte buffer into {} bytes",
+                buf.len,
+                out.len()
+            )));
+        }
+        // SAFETY: same length, distinct allocations.
+        unsafe { std::ptr::copy_nonoverlapping(buf.ptr, out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+
+    fn fill(&self, buf: &EmuBuf, byte: u8) -> Result<()> {
+        // SAFETY: within the allocation.
+        unsafe { std::ptr::write_bytes(buf.ptr, byte, buf.len) };
+        Ok(())
+    }
+
+    fn address(&self, buf: &EmuBuf) -> u64 {
+        buf.ptr as u64
+    }
+
+    fn len(&self, buf: &EmuBuf) -> usize {
+        buf.len
+    }
+
+    fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[KernelArg]) -> Result<()> {
+        check_launch("emu", kernel, &cfg)?;
+        let cname = CString::new(kernel).map_err(|_| err(format!("bad kernel name `{kernel}`")))?;
+        if !self.has_kernel(kernel) {
+            return Err(err(format!("no kernel named `{kernel}`")));
+        }
+        let blocks = cfg.blocks();
+        let workers = self.pool.current_num_threads() as u64;
+        // A few chunks per worker balance uneven blocks without much scheduling overhead.
+        let chunk = blocks.div_ceil(workers * 4).max(1);
+        let chunks: Vec<(u64, u64)> = (0..blocks)
+            .step_by(chunk as usize)
+            .map(|b| (b, (b + chunk).min(blocks)))
+            .collect();
+        let seed = self.seed;
+        let result: Result<()> = self.pool.install(|| {
+            chunks.par_iter().try_for_each(|&(begin, end)| {
+                // Each chunk gets its own copy of the argument values: a kernel receives
+                // `void**` pointing at them, as with cuLaunchKernel.
+                let mut values: Vec<u64> = args
+                    .iter()
+                    .map(|a| match *a {
+                        KernelArg::Ptr(p) => p,
+                        KernelArg::U32(v) => v as u64,
+                        KernelArg::I32(v) => v as u32 as u64,
+                        KernelArg::F32(v) => v.to_bits() as u64,
+                    })
+                    .collect();
+                let mut ptrs: Vec<*mut c_void> = values
+                    .iter_mut()
+                    .map(|v| v as *mut u64 as *mut c_void)
+                    .collect();
+                let mut msg = vec![0 as c_char; 512];
+                let chunk_seed = if seed == 0 {
+                    0
+                } else {
+                    seed ^ begin.wrapping_mul(0x9E37_79B9) | 1
+                };
+                // SAFETY: names and arrays outlive the call; every argument is an 8-byte slot
+                // whose low bytes hold the value (little-endian), as the kernel's parameter
+                // types read them.
+                let rc = unsafe {
+                    apparate_emu_run(
+                        cname.as_ptr(),
+                        cfg.grid.as_ptr(),
+                        cfg.block.as_ptr(),
+                        cfg.shared_bytes,
+                        ptrs.as_mut_ptr(),
+                        begin,
+                        end,
+                        chunk_seed,
+                        msg.as_mut_ptr(),
+                        msg.len(),
+                    )
+                };
+                if rc != 0 {
+                    let text: Vec<u8> = msg
+                        .iter()
+                        .take_while(|&&c| c != 0)
+                        .map(|&c| c as u8)
+                        .collect();
+                    return Err(err(String::from_utf8_lossy(&text).into_owned()));
+                }
+                Ok(())
+            })
+        });
+        result
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+}
