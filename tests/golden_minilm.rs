@@ -135,3 +135,44 @@ fn half_precision_storage_stays_close() {
         assert_eq!(agree, g.cases.len(), "{dtype}: intent argmax changed");
     }
 }
+
+#[test]
+fn minilm_on_the_emulated_gpu_matches_the_golden_fixture() {
+    use apparate::backend::emu::{EmuConfig, EmuDevice};
+    use apparate::backend::gpu::GpuBackend;
+    use apparate::tensor::DType;
+    let g = golden();
+    // A mixed batch with the longest sentence (127 tokens), so every kernel sees padding.
+    let picks = [0usize, 2, 6, 10, 11, 13, 19, 22];
+    let texts: Vec<&str> = picks.iter().map(|&i| g.cases[i].text.as_str()).collect();
+    assert!(picks.iter().any(|&i| g.cases[i].tokens > 120));
+    for (dt, min_cos, max_err) in [
+        (DType::F32, 0.9999, 1e-4f32),
+        (DType::F16, 0.999, f32::INFINITY),
+        (DType::BF16, 0.99, f32::INFINITY),
+    ] {
+        let dev = EmuDevice::new(EmuConfig::default()).unwrap();
+        let be = GpuBackend::new(dev, dt).with_poisoned_outputs();
+        let model = TextModel::load(be, weights_file("minilm-l6-intent.apparate")).unwrap();
+        let (out, t) = model.run(&texts).unwrap();
+        let (mut worst_cos, mut worst_err, mut agree) = (1.0f64, 0.0f32, 0);
+        for (k, &i) in picks.iter().enumerate() {
+            let case = &g.cases[i];
+            worst_cos = worst_cos.min(cosine(out.embedding(k), &case.embedding));
+            worst_err = worst_err.max(max_abs_diff(out.embedding(k), &case.embedding));
+            agree += usize::from(out.top1(k).unwrap().0 == case.intent_row);
+        }
+        eprintln!(
+            "emu/{dt}: worst cosine {worst_cos:.7}, worst max abs error {worst_err:.2e}, intent {agree}/{}, forward {:.1} s",
+            picks.len(),
+            t.forward.as_secs_f64()
+        );
+        assert!(
+            worst_cos >= min_cos && worst_err <= max_err,
+            "emu/{dt}: cosine {worst_cos}, error {worst_err}"
+        );
+        if dt != DType::BF16 {
+            assert_eq!(agree, picks.len(), "emu/{dt}: intent argmax changed");
+        }
+    }
+}

@@ -31,15 +31,29 @@ struct bf16 {
 
 APPARATE_DEVICE float to_f32(float x) { return x; }
 APPARATE_DEVICE float to_f32(bf16 x) { return __uint_as_float((uint32_t)x.bits << 16); }
-APPARATE_DEVICE float to_f32(f16 x) {
 #ifdef APPARATE_EMU
-    uint32_t h = x.bits, sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+inline float apparate_emu_f16_decode(uint32_t h) {
+    uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
     if (exp == 0x1f) return __uint_as_float(sign | 0x7f800000u | (man << 13));
     if (exp == 0) {  // zero or subnormal: man * 2^-24
         float v = (float)man * 5.9604644775390625e-8f;
         return sign ? -v : v;
     }
     return __uint_as_float(sign | ((exp + 112) << 23) | (man << 13));
+}
+// All 65536 halves decoded once: the emulated tensor-core multiply decodes every operand.
+inline const float* apparate_emu_f16_table() {
+    static const float* table = [] {
+        float* t = new float[65536];
+        for (uint32_t h = 0; h < 65536; h++) t[h] = apparate_emu_f16_decode(h);
+        return t;
+    }();
+    return table;
+}
+#endif
+APPARATE_DEVICE float to_f32(f16 x) {
+#ifdef APPARATE_EMU
+    return apparate_emu_f16_table()[x.bits];
 #else
     float r;
     asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(x.bits));

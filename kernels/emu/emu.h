@@ -47,7 +47,7 @@ extern thread_local ApparateEmuBlock* apparate_emu_block;
 // One OS thread runs one block at a time and every fiber of the block on itself, so storage that
 // is static per OS thread is exactly per-block shared memory.
 #define __shared__ static thread_local
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
 
 // Scheduler entry points (emu.cpp).
 void apparate_emu_syncthreads();

@@ -4,8 +4,10 @@
 //! `emu` (the kernel sources compiled for the host) or `cuda` (the same sources through NVRTC).
 
 pub mod cpu;
+pub mod cuda;
 pub mod device;
 pub mod emu;
+pub mod gpu;
 pub mod kernel_sources;
 
 use crate::error::Result;
@@ -47,6 +49,44 @@ impl BatchShape {
     pub fn rows(&self) -> usize {
         self.batch() * self.seq
     }
+}
+
+/// Bad token ids are user input: every backend rejects them with a message before any table is
+/// indexed.
+pub(crate) fn check_token_ids(
+    ids: &[u32],
+    type_ids: &[u32],
+    shape: &BatchShape,
+    vocab: usize,
+    types: usize,
+    positions: usize,
+) -> std::result::Result<(), String> {
+    let rows = shape.rows();
+    if ids.len() != rows || type_ids.len() != rows {
+        return Err(format!(
+            "embed: {} ids and {} type ids for {rows} positions",
+            ids.len(),
+            type_ids.len()
+        ));
+    }
+    if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+        return Err(format!(
+            "token id {bad} is outside the vocabulary of {vocab}"
+        ));
+    }
+    if let Some(bad) = type_ids.iter().find(|&&i| i as usize >= types) {
+        return Err(format!("token type id {bad} is outside 0..{types}"));
+    }
+    if shape.seq > positions {
+        return Err(format!(
+            "sequence of {} positions is longer than the model's {positions}",
+            shape.seq
+        ));
+    }
+    if let Some(&bad) = shape.lengths.iter().find(|&&l| l == 0 || l > shape.seq) {
+        return Err(format!("length {bad} outside 1..={}", shape.seq));
+    }
+    Ok(())
 }
 
 /// The ops a backend provides, each with its fusion boundary fixed here so every backend fuses

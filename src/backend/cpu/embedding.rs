@@ -4,45 +4,7 @@ use rayon::prelude::*;
 
 use super::norm::layernorm_row;
 use super::simd::multiversion;
-use super::{CpuTensor, err};
 use crate::backend::BatchShape;
-use crate::error::Result;
-
-/// Bad token ids are user input: reject them with a message instead of indexing out of bounds.
-pub(crate) fn check_ids(
-    ids: &[u32],
-    type_ids: &[u32],
-    shape: &BatchShape,
-    word: &CpuTensor,
-    position: &CpuTensor,
-    token_type: &CpuTensor,
-) -> Result<()> {
-    let rows = shape.rows();
-    if ids.len() != rows || type_ids.len() != rows {
-        return Err(err(format!(
-            "embed: {} ids and {} type ids for {rows} positions",
-            ids.len(),
-            type_ids.len()
-        )));
-    }
-    let vocab = word.shape[0];
-    if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-        return Err(err(format!(
-            "token id {bad} is outside the vocabulary of {vocab}"
-        )));
-    }
-    let types = token_type.shape[0];
-    if let Some(bad) = type_ids.iter().find(|&&i| i as usize >= types) {
-        return Err(err(format!("token type id {bad} is outside 0..{types}")));
-    }
-    if shape.seq > position.shape[0] {
-        return Err(err(format!(
-            "sequence of {} positions is longer than the model's {}",
-            shape.seq, position.shape[0]
-        )));
-    }
-    Ok(())
-}
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn embed(

@@ -270,7 +270,15 @@ impl Backend for CpuBackend {
         }
         check_cols("embed gamma", gamma, width)?;
         check_cols("embed beta", beta, width)?;
-        embedding::check_ids(ids, type_ids, shape, word, position, token_type)?;
+        super::check_token_ids(
+            ids,
+            type_ids,
+            shape,
+            word.shape[0],
+            token_type.shape[0],
+            position.shape[0],
+        )
+        .map_err(err)?;
         let data = self.pool.install(|| {
             embedding::embed(
                 ids,

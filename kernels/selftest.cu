@@ -1,0 +1,76 @@
+// Kernels that check the device itself (emulated or real): block barrier, warp shuffles and
+// votes, the tensor-core wrapper, and (emulated device only) deadlock reporting. The kernel
+// parity suite runs them on every device it has.
+#include "common/mma.cuh"
+
+// Reverses x within each block through shared memory: wrong without the barrier.
+extern "C" __global__ void selftest_block_reverse(const float* x, float* y, uint32_t n) {
+    __shared__ float tile[1024];
+    uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
+    tile[threadIdx.x] = i < n ? x[i] : 0.0f;
+    __syncthreads();
+    uint32_t j = blockIdx.x * blockDim.x + (blockDim.x - 1 - threadIdx.x);
+    if (i < n && j < n) y[i] = tile[blockDim.x - 1 - threadIdx.x];
+}
+
+// Per warp: out[warp] = sum, max through xor shuffles; lanes also exchange with shfl_down/up/idx
+// and vote. One output row of 8 values per warp.
+extern "C" __global__ void selftest_warp(const float* x, float* out) {
+    uint32_t lane = threadIdx.x % 32, warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    float v = x[blockIdx.x * blockDim.x + threadIdx.x];
+    float s = warp_sum(v);
+    float m = warp_max(v);
+    float down = __shfl_down_sync(0xffffffffu, v, 1);
+    float up = __shfl_up_sync(0xffffffffu, v, 1);
+    float from7 = __shfl_sync(0xffffffffu, v, 7);
+    unsigned ballot = __ballot_sync(0xffffffffu, v > 0.0f);
+    int any = __any_sync(0xffffffffu, v > 100.0f);
+    int all = __all_sync(0xffffffffu, v > -100.0f);
+    if (lane == 0) {
+        float* o = out + warp * 8;
+        o[0] = s;
+        o[1] = m;
+        o[2] = down;  // lane 1's value
+        o[3] = up;    // own value (no lane below 0)
+        o[4] = from7;
+        o[5] = (float)ballot;
+        o[6] = (float)any;
+        o[7] = (float)all;
+    }
+}
+
+// One warp: D (16x8, f32) = A (16x16 row-major) * B (16x8, given as B^T 8x16 row-major).
+template <typename T>
+__device__ void mma_one(const T* a, const T* bt, float* d) {
+    uint32_t lane = threadIdx.x, g = lane / 4, t = lane % 4;
+    auto pack = [](T lo, T hi) { return (uint32_t)lo.bits | ((uint32_t)hi.bits << 16); };
+    uint32_t af[4], bf[2];
+    af[0] = pack(a[g * 16 + 2 * t], a[g * 16 + 2 * t + 1]);
+    af[1] = pack(a[(g + 8) * 16 + 2 * t], a[(g + 8) * 16 + 2 * t + 1]);
+    af[2] = pack(a[g * 16 + 2 * t + 8], a[g * 16 + 2 * t + 9]);
+    af[3] = pack(a[(g + 8) * 16 + 2 * t + 8], a[(g + 8) * 16 + 2 * t + 9]);
+    bf[0] = pack(bt[g * 16 + 2 * t], bt[g * 16 + 2 * t + 1]);
+    bf[1] = pack(bt[g * 16 + 2 * t + 8], bt[g * 16 + 2 * t + 9]);
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    mma_16816<T>(acc, af, bf);
+    d[g * 8 + 2 * t] = acc[0];
+    d[g * 8 + 2 * t + 1] = acc[1];
+    d[(g + 8) * 8 + 2 * t] = acc[2];
+    d[(g + 8) * 8 + 2 * t + 1] = acc[3];
+}
+extern "C" __global__ void selftest_mma_f16(const f16* a, const f16* bt, float* d) { mma_one(a, bt, d); }
+extern "C" __global__ void selftest_mma_bf16(const bf16* a, const bf16* bt, float* d) { mma_one(a, bt, d); }
+
+#ifdef APPARATE_EMU
+// Lanes 0-15 of the first warp wait in a shuffle while everyone else waits at __syncthreads:
+// a deadlock on any device; the emulated one must report it instead of hanging.
+extern "C" __global__ void selftest_deadlock(float* out) {
+    float v = 1.0f;
+    if (threadIdx.x < 16) {
+        v = __shfl_xor_sync(0xffffffffu, v, 1);
+    } else {
+        __syncthreads();
+    }
+    out[threadIdx.x] = v;
+}
+#endif

@@ -1,0 +1,462 @@
+//! The GPU backend: the [`Backend`] ops as launches of `kernels/*.cu` on any [`Device`] (`emu`
+//! or `cuda`). Launchers (grid sizes, argument packing, checks) are written once, here.
+//!
+//! Tensors live on the device in the backend's storage dtype (f32, f16 or bf16); kernels compute
+//! in f32. Host values cross in f32 and are converted on the way.
+
+use std::sync::Arc;
+
+use super::device::{Device, KernelArg, LaunchConfig, MAX_SHARED_BYTES};
+use super::{Activation, Backend, BatchShape, Pooling};
+use crate::error::{Error, Result};
+use crate::tensor::{DType, TensorView};
+
+/// A tensor in device memory.
+pub struct GpuTensor<B> {
+    buf: B,
+    shape: Vec<usize>,
+    dtype: DType,
+}
+
+impl<B> GpuTensor<B> {
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn rows_cols(&self) -> (usize, usize) {
+        let cols = self.shape.last().copied().unwrap_or(1).max(1);
+        (self.shape.iter().product::<usize>() / cols, cols)
+    }
+}
+
+/// Threads per block of the row kernels (norm, embedding, pooling, softmax).
+const ROW_THREADS: u32 = 128;
+/// Query rows (warps) per block of the attention kernel; matches `ATTN_WARPS` in attention.cu.
+const ATTN_WARPS: u32 = 4;
+/// Output tile of the GEMM kernels; matches `GEMM_BM`/`GEMM_BN` in gemm.cu.
+const GEMM_TILE: usize = 64;
+
+/// The GPU backend over device `D`, storing tensors as `dtype`.
+pub struct GpuBackend<D: Device> {
+    dev: Arc<D>,
+    dtype: DType,
+    poison: bool,
+}
+
+impl<D: Device> Clone for GpuBackend<D> {
+    fn clone(&self) -> Self {
+        GpuBackend {
+            dev: self.dev.clone(),
+            dtype: self.dtype,
+            poison: self.poison,
+        }
+    }
+}
+
+impl<D: Device> GpuBackend<D> {
+    pub fn new(dev: D, dtype: DType) -> GpuBackend<D> {
+        GpuBackend {
+            dev: Arc::new(dev),
+            dtype,
+            poison: false,
+        }
+    }
+
+    /// Fill every op output with NaN before its kernel runs, so an element a kernel forgets to
+    /// write shows up in the results (the parity tests use this).
+    pub fn with_poisoned_outputs(mut self) -> GpuBackend<D> {
+        self.poison = true;
+        self
+    }
+
+    pub fn device(&self) -> &D {
+        &self.dev
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn err(&self, reason: impl Into<String>) -> Error {
+        Error::Backend {
+            backend: self.dev.name(),
+            reason: reason.into(),
+        }
+    }
+
+    fn kernel(&self, op: &str) -> String {
+        format!("{op}_{}", self.dtype.name())
+    }
+
+    fn alloc(&self, shape: Vec<usize>) -> Result<GpuTensor<D::Buf>> {
+        let n: usize = shape.iter().product();
+        let buf = self.dev.alloc(n * self.dtype.size())?;
+        if self.poison {
+            self.dev.fill(&buf, 0xff)?;
+        }
+        Ok(GpuTensor {
+            buf,
+            shape,
+            dtype: self.dtype,
+        })
+    }
+
+    fn ptr(&self, t: &GpuTensor<D::Buf>) -> KernelArg {
+        KernelArg::Ptr(self.dev.address(&t.buf))
+    }
+
+    fn ints(&self, values: impl Iterator<Item = usize>) -> Result<D::Buf> {
+        let v: Vec<i32> = values.map(|x| x as i32).collect();
+        self.dev.upload(bytemuck::cast_slice(&v))
+    }
+
+    fn check_cols(&self, what: &str, t: &GpuTensor<D::Buf>, cols: usize) -> Result<()> {
+        if t.shape.last() != Some(&cols) {
+            return Err(self.err(format!(
+                "{what}: shape {:?}, last dimension must be {cols}",
+                t.shape
+            )));
+        }
+        Ok(())
+    }
+
+    /// Dynamic shared memory of a row kernel that keeps one f32 row plus 32 floats of scratch.
+    fn row_shared(&self, cols: usize) -> Result<u32> {
+        let bytes = (cols + 32) * 4;
+        if bytes > MAX_SHARED_BYTES as usize {
+            return Err(self.err(format!("rows of {cols} values do not fit in shared memory")));
+        }
+        Ok(bytes as u32)
+    }
+
+    fn u32(&self, what: &str, v: usize) -> Result<KernelArg> {
+        u32::try_from(v).map(KernelArg::U32).map_err(|_| {
+            self.err(format!(
+                "{what} = {v} does not fit the kernels' 32-bit sizes"
+            ))
+        })
+    }
+}
+
+impl<D: Device> Backend for GpuBackend<D> {
+    type Tensor = GpuTensor<D::Buf>;
+
+    fn name(&self) -> &'static str {
+        self.dev.name()
+    }
+
+    fn upload(&self, values: &[f32], shape: &[usize]) -> Result<Self::Tensor> {
+        if values.len() != shape.iter().product::<usize>() {
+            return Err(self.err(format!(
+                "upload: {} values do not fill shape {shape:?}",
+                values.len()
+            )));
+        }
+        Ok(GpuTensor {
+            buf: self.dev.upload(&self.dtype.encode(values))?,
+            shape: shape.to_vec(),
+            dtype: self.dtype,
+        })
+    }
+
+    fn load_weight(&self, view: &TensorView<'_>) -> Result<Self::Tensor> {
+        let buf = if view.dtype == self.dtype {
+            self.dev.upload(view.bytes)?
+        } else {
+            self.dev.upload(&self.dtype.encode(&view.to_f32()))?
+        };
+        Ok(GpuTensor {
+            buf,
+            shape: view.shape.to_vec(),
+            dtype: self.dtype,
+        })
+    }
+
+    fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>> {
+        self.dev.synchronize()?;
+        let mut bytes = vec![0u8; self.dev.len(&t.buf)];
+        self.dev.download(&t.buf, &mut bytes)?;
+        let view = TensorView {
+            name: "",
+            dtype: t.dtype,
+            shape: &t.shape,
+            bytes: &bytes,
+        };
+        Ok(view.to_f32().into_owned())
+    }
+
+    fn shape<'t>(&self, t: &'t Self::Tensor) -> &'t [usize] {
+        &t.shape
+    }
+
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+        act: Activation,
+    ) -> Result<Self::Tensor> {
+        if w.shape.len() != 2 {
+            return Err(self.err(format!("linear: weight shape {:?} is not 2-D", w.shape)));
+        }
+        let (n, k) = (w.shape[0], w.shape[1]);
+        self.check_cols("linear input", x, k)?;
+        if let Some(b) = b
+            && b.shape != [n]
+        {
+            return Err(self.err(format!("linear: bias shape {:?}, expected [{n}]", b.shape)));
+        }
+        let (m, _) = x.rows_cols();
+        let mut shape = x.shape.clone();
+        *shape.last_mut().expect("checked") = n;
+        let y = self.alloc(shape)?;
+        if m == 0 || n == 0 {
+            return Ok(y);
+        }
+        let threads = if self.dtype == DType::F32 { 256 } else { 128 };
+        let cfg = LaunchConfig {
+            grid: [
+                n.div_ceil(GEMM_TILE) as u32,
+                m.div_ceil(GEMM_TILE) as u32,
+                1,
+            ],
+            block: [threads, 1, 1],
+            shared_bytes: 0,
+        };
+        let act = match act {
+            Activation::None => 0,
+            Activation::GeluErf => 1,
+            Activation::Tanh => 2,
+        };
+        self.dev.launch(
+            &self.kernel("gemm"),
+            cfg,
+            &[
+                self.ptr(x),
+                self.ptr(w),
+                b.map_or(KernelArg::Ptr(0), |b| self.ptr(b)),
+                self.ptr(&y),
+                self.u32("M", m)?,
+                self.u32("N", n)?,
+                self.u32("K", k)?,
+                KernelArg::I32(act),
+            ],
+        )?;
+        Ok(y)
+    }
+
+    fn add_layernorm(
+        &self,
+        x: &Self::Tensor,
+        residual: &Self::Tensor,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor> {
+        if x.shape != residual.shape {
+            return Err(self.err(format!(
+                "add_layernorm: shapes {:?} and {:?} differ",
+                x.shape, residual.shape
+            )));
+        }
+        let (rows, cols) = x.rows_cols();
+        self.check_cols("add_layernorm gamma", gamma, cols)?;
+        self.check_cols("add_layernorm beta", beta, cols)?;
+        let out = self.alloc(x.shape.clone())?;
+        if rows == 0 {
+            return Ok(out);
+        }
+        let cfg = LaunchConfig::linear(rows as u32, ROW_THREADS, self.row_shared(cols)?);
+        self.dev.launch(
+            &self.kernel("add_layernorm"),
+            cfg,
+            &[
+                self.ptr(x),
+                self.ptr(residual),
+                self.ptr(gamma),
+                self.ptr(beta),
+                self.ptr(&out),
+                self.u32("cols", cols)?,
+                KernelArg::F32(eps),
+            ],
+        )?;
+        Ok(out)
+    }
+
+    fn attention(
+        &self,
+        qkv: &Self::Tensor,
+        shape: &BatchShape,
+        heads: usize,
+    ) -> Result<Self::Tensor> {
+        let (rows, cols3) = qkv.rows_cols();
+        if rows != shape.rows()
+            || !cols3.is_multiple_of(3)
+            || heads == 0
+            || !(cols3 / 3).is_multiple_of(heads)
+        {
+            return Err(self.err(format!(
+                "attention: qkv shape {:?} does not fit {} inputs x {} positions x {heads} heads",
+                qkv.shape,
+                shape.batch(),
+                shape.seq
+            )));
+        }
+        if let Some(&bad) = shape.lengths.iter().find(|&&l| l == 0 || l > shape.seq) {
+            return Err(self.err(format!("attention: length {bad} outside 1..={}", shape.seq)));
+        }
+        let width = cols3 / 3;
+        let out = self.alloc(vec![rows, width])?;
+        let lengths = self.ints(shape.lengths.iter().copied())?;
+        let smem = ATTN_WARPS as usize * shape.seq * 4;
+        if smem > MAX_SHARED_BYTES as usize {
+            return Err(self.err(format!(
+                "attention over {} positions does not fit in shared memory",
+                shape.seq
+            )));
+        }
+        let cfg = LaunchConfig {
+            grid: [
+                (shape.batch() * heads) as u32,
+                shape.seq.div_ceil(ATTN_WARPS as usize) as u32,
+                1,
+            ],
+            block: [ATTN_WARPS * 32, 1, 1],
+            shared_bytes: smem as u32,
+        };
+        self.dev.launch(
+            &self.kernel("attention"),
+            cfg,
+            &[
+                self.ptr(qkv),
+                KernelArg::Ptr(self.dev.address(&lengths)),
+                self.ptr(&out),
+                self.u32("seq", shape.seq)?,
+                self.u32("width", width)?,
+                self.u32("heads", heads)?,
+                KernelArg::F32(1.0 / ((width / heads) as f32).sqrt()),
+            ],
+        )?;
+        self.dev.synchronize()?; // `lengths` is freed when this returns
+        Ok(out)
+    }
+
+    fn embed(
+        &self,
+        ids: &[u32],
+        type_ids: &[u32],
+        shape: &BatchShape,
+        word: &Self::Tensor,
+        position: &Self::Tensor,
+        token_type: &Self::Tensor,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor> {
+        let width = word.shape.last().copied().unwrap_or(0);
+        for (what, t) in [
+            ("word", word),
+            ("position", position),
+            ("token type", token_type),
+        ] {
+            if t.shape.len() != 2 || t.shape[0] == 0 || t.shape[1] != width || width == 0 {
+                return Err(self.err(format!(
+                    "embed {what} table: shape {:?} is not [rows, {width}]",
+                    t.shape
+                )));
+            }
+        }
+        self.check_cols("embed gamma", gamma, width)?;
+        self.check_cols("embed beta", beta, width)?;
+        super::check_token_ids(
+            ids,
+            type_ids,
+            shape,
+            word.shape[0],
+            token_type.shape[0],
+            position.shape[0],
+        )
+        .map_err(|e| self.err(e))?;
+        let out = self.alloc(vec![shape.rows(), width])?;
+        let ids_buf = self.ints(ids.iter().map(|&i| i as usize))?;
+        let types_buf = self.ints(type_ids.iter().map(|&i| i as usize))?;
+        let cfg = LaunchConfig::linear(shape.rows() as u32, ROW_THREADS, self.row_shared(width)?);
+        self.dev.launch(
+            &self.kernel("embed"),
+            cfg,
+            &[
+                KernelArg::Ptr(self.dev.address(&ids_buf)),
+                KernelArg::Ptr(self.dev.address(&types_buf)),
+                self.ptr(word),
+                self.ptr(position),
+                self.ptr(token_type),
+                self.ptr(gamma),
+                self.ptr(beta),
+                self.ptr(&out),
+                self.u32("seq", shape.seq)?,
+                self.u32("width", width)?,
+                KernelArg::F32(eps),
+            ],
+        )?;
+        self.dev.synchronize()?; // the id buffers are freed when this returns
+        Ok(out)
+    }
+
+    fn pool(&self, x: &Self::Tensor, shape: &BatchShape, kind: Pooling) -> Result<Self::Tensor> {
+        let (rows, cols) = x.rows_cols();
+        if rows != shape.rows() {
+            return Err(self.err(format!(
+                "pool: {rows} rows, batch has {} x {}",
+                shape.batch(),
+                shape.seq
+            )));
+        }
+        if let Some(&bad) = shape.lengths.iter().find(|&&l| l == 0 || l > shape.seq) {
+            return Err(self.err(format!("pool: length {bad} outside 1..={}", shape.seq)));
+        }
+        let out = self.alloc(vec![shape.batch(), cols])?;
+        let lengths = self.ints(shape.lengths.iter().copied())?;
+        let mode = match kind {
+            Pooling::Mean => 0,
+            Pooling::Cls => 1,
+        };
+        self.dev.launch(
+            &self.kernel("pool"),
+            LaunchConfig::linear(shape.batch() as u32, ROW_THREADS, 0),
+            &[
+                self.ptr(x),
+                KernelArg::Ptr(self.dev.address(&lengths)),
+                self.ptr(&out),
+                self.u32("seq", shape.seq)?,
+                self.u32("width", cols)?,
+                KernelArg::I32(mode),
+            ],
+        )?;
+        self.dev.synchronize()?;
+        Ok(out)
+    }
+
+    fn l2_normalize(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
+        self.row_op("l2_normalize", x)
+    }
+
+    fn softmax(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
+        self.row_op("softmax", x)
+    }
+}
+
+impl<D: Device> GpuBackend<D> {
+    /// A kernel with arguments (x, out, cols) and one block per row.
+    fn row_op(&self, op: &str, x: &GpuTensor<D::Buf>) -> Result<GpuTensor<D::Buf>> {
+        let (rows, cols) = x.rows_cols();
+        let out = self.alloc(x.shape.clone())?;
+        if rows == 0 {
+            return Ok(out);
+        }
+        self.dev.launch(
+            &self.kernel(op),
+            LaunchConfig::linear(rows as u32, ROW_THREADS, 0),
+            &[self.ptr(x), self.ptr(&out), self.u32("cols", cols)?],
+        )?;
+        Ok(out)
+    }
+}
