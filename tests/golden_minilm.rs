@@ -136,9 +136,8 @@ fn half_precision_storage_stays_close() {
     }
 }
 
-#[test]
-fn minilm_on_the_emulated_gpu_matches_the_golden_fixture() {
-    use apparate::backend::emu::{EmuConfig, EmuDevice};
+/// MiniLM on a GPU backend (emulated or real) against the golden fixture, in every dtype.
+fn minilm_on_gpu<D: apparate::backend::device::Device>(device: &str, dev: std::sync::Arc<D>) {
     use apparate::backend::gpu::GpuBackend;
     use apparate::tensor::DType;
     let g = golden();
@@ -151,8 +150,7 @@ fn minilm_on_the_emulated_gpu_matches_the_golden_fixture() {
         (DType::F16, 0.999, f32::INFINITY),
         (DType::BF16, 0.99, f32::INFINITY),
     ] {
-        let dev = EmuDevice::new(EmuConfig::default()).unwrap();
-        let be = GpuBackend::new(dev, dt).with_poisoned_outputs();
+        let be = GpuBackend::shared(dev.clone(), dt).with_poisoned_outputs();
         let model = TextModel::load(be, weights_file("minilm-l6-intent.apparate")).unwrap();
         let (out, t) = model.run(&texts).unwrap();
         let (mut worst_cos, mut worst_err, mut agree) = (1.0f64, 0.0f32, 0);
@@ -163,16 +161,34 @@ fn minilm_on_the_emulated_gpu_matches_the_golden_fixture() {
             agree += usize::from(out.top1(k).unwrap().0 == case.intent_row);
         }
         eprintln!(
-            "emu/{dt}: worst cosine {worst_cos:.7}, worst max abs error {worst_err:.2e}, intent {agree}/{}, forward {:.1} s",
+            "{device}/{dt}: worst cosine {worst_cos:.7}, worst max abs error {worst_err:.2e}, intent {agree}/{}, forward {:.2} s",
             picks.len(),
             t.forward.as_secs_f64()
         );
         assert!(
             worst_cos >= min_cos && worst_err <= max_err,
-            "emu/{dt}: cosine {worst_cos}, error {worst_err}"
+            "{device}/{dt}: cosine {worst_cos}, error {worst_err}"
         );
         if dt != DType::BF16 {
-            assert_eq!(agree, picks.len(), "emu/{dt}: intent argmax changed");
+            assert_eq!(agree, picks.len(), "{device}/{dt}: intent argmax changed");
         }
+    }
+}
+
+#[test]
+fn minilm_on_the_emulated_gpu_matches_the_golden_fixture() {
+    use apparate::backend::emu::{EmuConfig, EmuDevice};
+    minilm_on_gpu(
+        "emu",
+        std::sync::Arc::new(EmuDevice::new(EmuConfig::default()).unwrap()),
+    );
+}
+
+#[test]
+fn minilm_on_a_real_gpu_matches_the_golden_fixture() {
+    use apparate::backend::cuda::{CudaConfig, CudaDevice};
+    match CudaDevice::new(CudaConfig::default()) {
+        Ok(dev) => minilm_on_gpu("cuda", std::sync::Arc::new(dev)),
+        Err(e) => eprintln!("cuda: skipped, no GPU here ({e})"),
     }
 }

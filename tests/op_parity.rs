@@ -5,6 +5,10 @@
 
 mod common;
 
+use std::sync::Arc;
+
+use apparate::backend::cuda::{CudaConfig, CudaDevice};
+use apparate::backend::device::Device;
 use apparate::backend::emu::{EmuConfig, EmuDevice};
 use apparate::backend::gpu::GpuBackend;
 use apparate::backend::{Activation, Backend, BatchShape, CpuBackend, Pooling};
@@ -48,17 +52,29 @@ fn rand(rng: &mut SplitMix, n: usize, scale: f32, dt: DType) -> Vec<f32> {
     .into_owned()
 }
 
-/// Every device this machine has, each with every storage dtype.
-fn devices() -> Vec<(String, GpuBackend<EmuDevice>)> {
-    let mut out = Vec::new();
-    for dt in [DType::F32, DType::F16, DType::BF16] {
-        let emu = EmuDevice::new(EmuConfig::default()).unwrap();
-        out.push((
-            format!("emu/{dt}"),
-            GpuBackend::new(emu, dt).with_poisoned_outputs(),
-        ));
-    }
-    out
+const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+/// Runs `$body(name, &backend, &cpu)` on every device this machine has, in every storage dtype:
+/// the emulated GPU always, a real GPU when one is present (otherwise says why it is skipped).
+macro_rules! on_every_device {
+    ($body:ident) => {{
+        let c = cpu();
+        let emu = Arc::new(EmuDevice::new(EmuConfig::default()).unwrap());
+        for dt in DTYPES {
+            let be = GpuBackend::shared(emu.clone(), dt).with_poisoned_outputs();
+            $body(&format!("emu/{dt}"), &be, &c);
+        }
+        match CudaDevice::new(CudaConfig::default()) {
+            Ok(dev) => {
+                let dev = Arc::new(dev);
+                for dt in DTYPES {
+                    let be = GpuBackend::shared(dev.clone(), dt).with_poisoned_outputs();
+                    $body(&format!("cuda/{dt}"), &be, &c);
+                }
+            }
+            Err(e) => eprintln!("cuda: skipped, no GPU here ({e})"),
+        }
+    }};
 }
 
 fn check(name: &str, case: &str, dt: DType, got: Vec<f32>, want: Vec<f32>) {
@@ -89,227 +105,212 @@ impl<B: Backend> Case<'_, B> {
     }
 }
 
+fn linear<D: Device>(name: &str, be: &GpuBackend<D>, c: &CpuBackend) {
+    let dt = be.dtype();
+    let case = Case { be, cpu: c, dt };
+    let mut rng = SplitMix::new(11);
+    for &(m, n, k) in &[
+        (1, 1, 1),
+        (3, 5, 7),
+        (17, 33, 65),
+        (64, 64, 64),
+        (130, 96, 200),
+        (200, 384, 384),
+    ] {
+        for (act, bias) in [
+            (Activation::None, false),
+            (Activation::GeluErf, true),
+            (Activation::Tanh, true),
+        ] {
+            let x = rand(&mut rng, m * k, 1.0, case.dt);
+            let w = rand(&mut rng, n * k, 0.5, case.dt);
+            let b = rand(&mut rng, n, 0.5, case.dt);
+            let (xg, xc) = case.up(&x, &[m, k]);
+            let (wg, wc) = case.up(&w, &[n, k]);
+            let (bg, bc) = case.up(&b, &[n]);
+            let got = be.linear(&xg, &wg, bias.then_some(&bg), act).unwrap();
+            let want = c.linear(&xc, &wc, bias.then_some(&bc), act).unwrap();
+            check(
+                name,
+                &format!("linear {m}x{n}x{k} {act:?} bias={bias}"),
+                dt,
+                be.download(&got).unwrap(),
+                c.download(&want).unwrap(),
+            );
+        }
+    }
+}
+
 #[test]
 fn linear_all_dtypes_and_shapes() {
-    let c = cpu();
-    for (name, be) in devices() {
-        let dt = be.dtype();
-        let case = Case {
-            be: &be,
-            cpu: &c,
+    on_every_device!(linear);
+}
+
+fn layernorm<D: Device>(name: &str, be: &GpuBackend<D>, c: &CpuBackend) {
+    let dt = be.dtype();
+    let case = Case { be, cpu: c, dt };
+    let mut rng = SplitMix::new(12);
+    for &(rows, cols) in &[(1, 1), (3, 7), (5, 384), (64, 1000)] {
+        let x = rand(&mut rng, rows * cols, 2.0, dt);
+        let r = rand(&mut rng, rows * cols, 2.0, dt);
+        let g = rand(&mut rng, cols, 1.0, dt);
+        let b = rand(&mut rng, cols, 1.0, dt);
+        let (xg, xc) = case.up(&x, &[rows, cols]);
+        let (rg, rc) = case.up(&r, &[rows, cols]);
+        let (gg, gc) = case.up(&g, &[cols]);
+        let (bg, bc) = case.up(&b, &[cols]);
+        let got = be.add_layernorm(&xg, &rg, &gg, &bg, 1e-5).unwrap();
+        let want = c.add_layernorm(&xc, &rc, &gc, &bc, 1e-5).unwrap();
+        // A 1-wide row normalises to exactly beta on both sides.
+        check(
+            name,
+            &format!("add_layernorm {rows}x{cols}"),
             dt,
-        };
-        let mut rng = SplitMix::new(11);
-        for &(m, n, k) in &[
-            (1, 1, 1),
-            (3, 5, 7),
-            (17, 33, 65),
-            (64, 64, 64),
-            (130, 96, 200),
-            (200, 384, 384),
-        ] {
-            for (act, bias) in [
-                (Activation::None, false),
-                (Activation::GeluErf, true),
-                (Activation::Tanh, true),
-            ] {
-                let x = rand(&mut rng, m * k, 1.0, case.dt);
-                let w = rand(&mut rng, n * k, 0.5, case.dt);
-                let b = rand(&mut rng, n, 0.5, case.dt);
-                let (xg, xc) = case.up(&x, &[m, k]);
-                let (wg, wc) = case.up(&w, &[n, k]);
-                let (bg, bc) = case.up(&b, &[n]);
-                let got = be.linear(&xg, &wg, bias.then_some(&bg), act).unwrap();
-                let want = c.linear(&xc, &wc, bias.then_some(&bc), act).unwrap();
-                check(
-                    &name,
-                    &format!("linear {m}x{n}x{k} {act:?} bias={bias}"),
-                    dt,
-                    be.download(&got).unwrap(),
-                    c.download(&want).unwrap(),
-                );
-            }
-        }
+            be.download(&got).unwrap(),
+            c.download(&want).unwrap(),
+        );
     }
 }
 
 #[test]
 fn layernorm_all_dtypes_and_shapes() {
-    let c = cpu();
-    for (name, be) in devices() {
-        let dt = be.dtype();
-        let case = Case {
-            be: &be,
-            cpu: &c,
-            dt,
+    on_every_device!(layernorm);
+}
+
+fn attention<D: Device>(name: &str, be: &GpuBackend<D>, c: &CpuBackend) {
+    let dt = be.dtype();
+    let case = Case { be, cpu: c, dt };
+    let mut rng = SplitMix::new(13);
+    for (seq, heads, d, lengths) in [
+        (1, 1, 1, vec![1]),
+        (7, 3, 4, vec![7, 3]),
+        (33, 2, 32, vec![33, 1, 17]),
+        (128, 12, 32, vec![128, 77]),
+    ] {
+        let shape = BatchShape {
+            seq,
+            lengths: lengths.clone(),
         };
-        let mut rng = SplitMix::new(12);
-        for &(rows, cols) in &[(1, 1), (3, 7), (5, 384), (64, 1000)] {
-            let x = rand(&mut rng, rows * cols, 2.0, dt);
-            let r = rand(&mut rng, rows * cols, 2.0, dt);
-            let g = rand(&mut rng, cols, 1.0, dt);
-            let b = rand(&mut rng, cols, 1.0, dt);
-            let (xg, xc) = case.up(&x, &[rows, cols]);
-            let (rg, rc) = case.up(&r, &[rows, cols]);
-            let (gg, gc) = case.up(&g, &[cols]);
-            let (bg, bc) = case.up(&b, &[cols]);
-            let got = be.add_layernorm(&xg, &rg, &gg, &bg, 1e-5).unwrap();
-            let want = c.add_layernorm(&xc, &rc, &gc, &bc, 1e-5).unwrap();
-            // A 1-wide row normalises to exactly beta on both sides.
-            check(
-                &name,
-                &format!("add_layernorm {rows}x{cols}"),
-                dt,
-                be.download(&got).unwrap(),
-                c.download(&want).unwrap(),
-            );
-        }
+        let width = heads * d;
+        let qkv = rand(&mut rng, shape.rows() * 3 * width, 1.5, dt);
+        let (qg, qc) = case.up(&qkv, &[shape.rows(), 3 * width]);
+        let got = be.attention(&qg, &shape, heads).unwrap();
+        let want = c.attention(&qc, &shape, heads).unwrap();
+        check(
+            name,
+            &format!("attention seq {seq} heads {heads} d {d} lengths {lengths:?}"),
+            dt,
+            be.download(&got).unwrap(),
+            c.download(&want).unwrap(),
+        );
     }
 }
 
 #[test]
 fn attention_all_dtypes_and_shapes() {
-    let c = cpu();
-    for (name, be) in devices() {
-        let dt = be.dtype();
-        let case = Case {
-            be: &be,
-            cpu: &c,
-            dt,
+    on_every_device!(attention);
+}
+
+fn embedding<D: Device>(name: &str, be: &GpuBackend<D>, c: &CpuBackend) {
+    let dt = be.dtype();
+    let case = Case { be, cpu: c, dt };
+    let mut rng = SplitMix::new(14);
+    for &(batch, seq, width) in &[(1, 1, 1), (2, 5, 16), (3, 33, 384)] {
+        let (vocab, types, positions) = (50, 2, 40);
+        let shape = BatchShape {
+            seq,
+            lengths: (0..batch).map(|i| seq - i.min(seq - 1)).collect(),
         };
-        let mut rng = SplitMix::new(13);
-        for (seq, heads, d, lengths) in [
-            (1, 1, 1, vec![1]),
-            (7, 3, 4, vec![7, 3]),
-            (33, 2, 32, vec![33, 1, 17]),
-            (128, 12, 32, vec![128, 77]),
-        ] {
-            let shape = BatchShape {
-                seq,
-                lengths: lengths.clone(),
-            };
-            let width = heads * d;
-            let qkv = rand(&mut rng, shape.rows() * 3 * width, 1.5, dt);
-            let (qg, qc) = case.up(&qkv, &[shape.rows(), 3 * width]);
-            let got = be.attention(&qg, &shape, heads).unwrap();
-            let want = c.attention(&qc, &shape, heads).unwrap();
-            check(
-                &name,
-                &format!("attention seq {seq} heads {heads} d {d} lengths {lengths:?}"),
-                dt,
-                be.download(&got).unwrap(),
-                c.download(&want).unwrap(),
-            );
-        }
+        let ids: Vec<u32> = (0..shape.rows()).map(|_| rng.below(vocab) as u32).collect();
+        let tys: Vec<u32> = (0..shape.rows()).map(|_| rng.below(types) as u32).collect();
+        let tables = [(vocab, 1.0), (positions, 0.5), (types, 0.5)]
+            .map(|(r, s)| rand(&mut rng, r * width, s, dt));
+        let (wg, wc) = case.up(&tables[0], &[vocab, width]);
+        let (pg, pc) = case.up(&tables[1], &[positions, width]);
+        let (tg, tc) = case.up(&tables[2], &[types, width]);
+        let g = rand(&mut rng, width, 1.0, dt);
+        let b = rand(&mut rng, width, 1.0, dt);
+        let (gg, gc) = case.up(&g, &[width]);
+        let (bg, bc) = case.up(&b, &[width]);
+        let got = be
+            .embed(&ids, &tys, &shape, &wg, &pg, &tg, &gg, &bg, 1e-12)
+            .unwrap();
+        let want = c
+            .embed(&ids, &tys, &shape, &wc, &pc, &tc, &gc, &bc, 1e-12)
+            .unwrap();
+        check(
+            name,
+            &format!("embed {batch}x{seq}x{width}"),
+            dt,
+            be.download(&got).unwrap(),
+            c.download(&want).unwrap(),
+        );
+        // Bad ids are refused before any launch.
+        let mut bad = ids.clone();
+        bad[0] = vocab as u32;
+        let e = be
+            .embed(&bad, &tys, &shape, &wg, &pg, &tg, &gg, &bg, 1e-12)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("outside the vocabulary"), "{e}");
     }
 }
 
 #[test]
 fn embedding_all_dtypes_and_shapes() {
-    let c = cpu();
-    for (name, be) in devices() {
-        let dt = be.dtype();
-        let case = Case {
-            be: &be,
-            cpu: &c,
-            dt,
-        };
-        let mut rng = SplitMix::new(14);
-        for &(batch, seq, width) in &[(1, 1, 1), (2, 5, 16), (3, 33, 384)] {
-            let (vocab, types, positions) = (50, 2, 40);
-            let shape = BatchShape {
-                seq,
-                lengths: (0..batch).map(|i| seq - i.min(seq - 1)).collect(),
-            };
-            let ids: Vec<u32> = (0..shape.rows()).map(|_| rng.below(vocab) as u32).collect();
-            let tys: Vec<u32> = (0..shape.rows()).map(|_| rng.below(types) as u32).collect();
-            let tables = [(vocab, 1.0), (positions, 0.5), (types, 0.5)]
-                .map(|(r, s)| rand(&mut rng, r * width, s, dt));
-            let (wg, wc) = case.up(&tables[0], &[vocab, width]);
-            let (pg, pc) = case.up(&tables[1], &[positions, width]);
-            let (tg, tc) = case.up(&tables[2], &[types, width]);
-            let g = rand(&mut rng, width, 1.0, dt);
-            let b = rand(&mut rng, width, 1.0, dt);
-            let (gg, gc) = case.up(&g, &[width]);
-            let (bg, bc) = case.up(&b, &[width]);
-            let got = be
-                .embed(&ids, &tys, &shape, &wg, &pg, &tg, &gg, &bg, 1e-12)
-                .unwrap();
-            let want = c
-                .embed(&ids, &tys, &shape, &wc, &pc, &tc, &gc, &bc, 1e-12)
-                .unwrap();
+    on_every_device!(embedding);
+}
+
+fn pooling_normalize_softmax<D: Device>(name: &str, be: &GpuBackend<D>, c: &CpuBackend) {
+    let dt = be.dtype();
+    let case = Case { be, cpu: c, dt };
+    let mut rng = SplitMix::new(15);
+    for (seq, width, lengths) in [
+        (1, 1, vec![1]),
+        (9, 17, vec![9, 2, 5]),
+        (128, 384, vec![128, 3]),
+    ] {
+        let shape = BatchShape { seq, lengths };
+        let x = rand(&mut rng, shape.rows() * width, 1.0, dt);
+        let (xg, xc) = case.up(&x, &[shape.rows(), width]);
+        for kind in [Pooling::Mean, Pooling::Cls] {
+            let got = be.pool(&xg, &shape, kind).unwrap();
+            let want = c.pool(&xc, &shape, kind).unwrap();
             check(
-                &name,
-                &format!("embed {batch}x{seq}x{width}"),
+                name,
+                &format!("pool {kind:?} {seq}x{width}"),
                 dt,
                 be.download(&got).unwrap(),
                 c.download(&want).unwrap(),
             );
-            // Bad ids are refused before any launch.
-            let mut bad = ids.clone();
-            bad[0] = vocab as u32;
-            let e = be
-                .embed(&bad, &tys, &shape, &wg, &pg, &tg, &gg, &bg, 1e-12)
-                .err()
-                .unwrap()
-                .to_string();
-            assert!(e.contains("outside the vocabulary"), "{e}");
         }
+    }
+    for &(rows, cols) in &[(1, 1), (3, 157), (7, 1000)] {
+        let x = rand(&mut rng, rows * cols, 4.0, dt);
+        let (xg, xc) = case.up(&x, &[rows, cols]);
+        let got = be.l2_normalize(&xg).unwrap();
+        let want = c.l2_normalize(&xc).unwrap();
+        check(
+            name,
+            &format!("l2_normalize {rows}x{cols}"),
+            dt,
+            be.download(&got).unwrap(),
+            c.download(&want).unwrap(),
+        );
+        let got = be.softmax(&xg).unwrap();
+        let want = c.softmax(&xc).unwrap();
+        check(
+            name,
+            &format!("softmax {rows}x{cols}"),
+            dt,
+            be.download(&got).unwrap(),
+            c.download(&want).unwrap(),
+        );
     }
 }
 
 #[test]
 fn pooling_normalize_softmax_all_dtypes_and_shapes() {
-    let c = cpu();
-    for (name, be) in devices() {
-        let dt = be.dtype();
-        let case = Case {
-            be: &be,
-            cpu: &c,
-            dt,
-        };
-        let mut rng = SplitMix::new(15);
-        for (seq, width, lengths) in [
-            (1, 1, vec![1]),
-            (9, 17, vec![9, 2, 5]),
-            (128, 384, vec![128, 3]),
-        ] {
-            let shape = BatchShape { seq, lengths };
-            let x = rand(&mut rng, shape.rows() * width, 1.0, dt);
-            let (xg, xc) = case.up(&x, &[shape.rows(), width]);
-            for kind in [Pooling::Mean, Pooling::Cls] {
-                let got = be.pool(&xg, &shape, kind).unwrap();
-                let want = c.pool(&xc, &shape, kind).unwrap();
-                check(
-                    &name,
-                    &format!("pool {kind:?} {seq}x{width}"),
-                    dt,
-                    be.download(&got).unwrap(),
-                    c.download(&want).unwrap(),
-                );
-            }
-        }
-        for &(rows, cols) in &[(1, 1), (3, 157), (7, 1000)] {
-            let x = rand(&mut rng, rows * cols, 4.0, dt);
-            let (xg, xc) = case.up(&x, &[rows, cols]);
-            let got = be.l2_normalize(&xg).unwrap();
-            let want = c.l2_normalize(&xc).unwrap();
-            check(
-                &name,
-                &format!("l2_normalize {rows}x{cols}"),
-                dt,
-                be.download(&got).unwrap(),
-                c.download(&want).unwrap(),
-            );
-            let got = be.softmax(&xg).unwrap();
-            let want = c.softmax(&xc).unwrap();
-            check(
-                &name,
-                &format!("softmax {rows}x{cols}"),
-                dt,
-                be.download(&got).unwrap(),
-                c.download(&want).unwrap(),
-            );
-        }
-    }
+    on_every_device!(pooling_normalize_softmax);
 }

@@ -54,8 +54,13 @@ impl<D: Device> Clone for GpuBackend<D> {
 
 impl<D: Device> GpuBackend<D> {
     pub fn new(dev: D, dtype: DType) -> GpuBackend<D> {
+        Self::shared(Arc::new(dev), dtype)
+    }
+
+    /// A backend on a device that other backends (e.g. other dtypes) share.
+    pub fn shared(dev: Arc<D>, dtype: DType) -> GpuBackend<D> {
         GpuBackend {
-            dev: Arc::new(dev),
+            dev,
             dtype,
             poison: false,
         }

@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use apparate::backend::{CpuBackend, CpuConfig, Pooling};
+use apparate::backend::cuda::{CudaConfig, CudaDevice};
+use apparate::backend::emu::{EmuConfig, EmuDevice};
+use apparate::backend::gpu::GpuBackend;
+use apparate::backend::{Backend, CpuBackend, CpuConfig, Pooling};
 use apparate::convert::hf_bert::{ConvertOptions, convert};
 use apparate::format::{Family, ModelFile, Preprocessing};
 use apparate::pipeline::TextModel;
@@ -54,6 +57,8 @@ enum Command {
         #[arg(long)]
         tensors: bool,
     },
+    /// Show which backends can run here (cpu, the emulated GPU, a real GPU) and why not.
+    Devices,
     /// Print sentence embeddings of texts.
     Embed {
         #[command(flatten)]
@@ -78,6 +83,16 @@ enum PoolingArg {
     Cls,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendArg {
+    /// Pure-Rust CPU backend (f32 compute).
+    Cpu,
+    /// The CUDA kernels on the emulated GPU (runs anywhere; slow; for testing).
+    Emu,
+    /// The CUDA kernels on a real NVIDIA GPU (needs the driver and NVRTC libraries).
+    Cuda,
+}
+
 #[derive(Args)]
 struct RunArgs {
     /// Model file.
@@ -91,9 +106,15 @@ struct RunArgs {
     /// Texts per forward pass.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
-    /// CPU worker threads (default: all cores, or APPARATE_THREADS).
+    /// CPU worker threads of the cpu and emu backends (default: all cores, or APPARATE_THREADS).
     #[arg(long)]
     threads: Option<usize>,
+    /// Where the model runs.
+    #[arg(long, default_value = "cpu")]
+    backend: BackendArg,
+    /// Storage dtype of weights and activations on emu/cuda (compute is f32 everywhere).
+    #[arg(long, default_value = "f32")]
+    dtype: DType,
 }
 
 /// `writeln!` into a String (cannot fail).
@@ -163,23 +184,49 @@ fn gather_texts(run: &RunArgs) -> Result<Vec<String>> {
     Ok(texts)
 }
 
-fn load(run: &RunArgs) -> Result<TextModel<CpuBackend>> {
-    let backend = CpuBackend::new(CpuConfig {
-        threads: run.threads,
-    })?;
-    let model = TextModel::load(backend.clone(), &run.model)?;
-    eprintln!(
-        "loaded {} in {} (cpu backend, {} threads)",
-        run.model.display(),
-        ms(model.load_time),
-        backend.threads()
-    );
-    Ok(model)
+/// Runs `job` with the model loaded on the backend `run` asks for.
+fn with_model<R>(run: &RunArgs, job: impl Job<R>) -> Result<R> {
+    fn go<B: Backend, R>(run: &RunArgs, be: B, what: String, job: impl Job<R>) -> Result<R> {
+        let model = TextModel::load(be, &run.model)?;
+        eprintln!(
+            "loaded {} in {} ({what})",
+            run.model.display(),
+            ms(model.load_time)
+        );
+        job.run(&model)
+    }
+    match run.backend {
+        BackendArg::Cpu => {
+            let be = CpuBackend::new(CpuConfig {
+                threads: run.threads,
+            })?;
+            let what = format!("cpu backend, {} threads", be.threads());
+            go(run, be, what, job)
+        }
+        BackendArg::Emu => {
+            let dev = EmuDevice::new(EmuConfig {
+                threads: run.threads,
+                ..EmuConfig::default()
+            })?;
+            let what = format!("emulated GPU, {}", run.dtype);
+            go(run, GpuBackend::new(dev, run.dtype), what, job)
+        }
+        BackendArg::Cuda => {
+            let dev = CudaDevice::new(CudaConfig::default())?;
+            let what = format!("cuda: {}, {}", dev.info().device_name, run.dtype);
+            go(run, GpuBackend::new(dev, run.dtype), what, job)
+        }
+    }
+}
+
+/// Work to do with a loaded model, whatever its backend.
+trait Job<R> {
+    fn run<B: Backend>(self, model: &TextModel<B>) -> Result<R>;
 }
 
 /// Runs `texts` in batches, calling `each(model, batch_texts, output)`; prints timings.
-fn run_batches(
-    model: &TextModel<CpuBackend>,
+fn run_batches<B: Backend>(
+    model: &TextModel<B>,
     texts: &[String],
     batch_size: usize,
     mut each: impl FnMut(&[String], &apparate::models::bert::EncoderOutput) -> String,
@@ -255,48 +302,116 @@ fn real_main(cli: Cli) -> Result<()> {
             emit(&out)
         }
         Command::Inspect { file, tensors } => inspect(&file, tensors),
+        Command::Devices => devices(),
         Command::Embed { run, json } => {
             let texts = gather_texts(&run)?;
-            let model = load(&run)?;
-            run_batches(&model, &texts, run.batch_size, |chunk, out| {
-                let mut s = String::new();
-                for (i, text) in chunk.iter().enumerate() {
-                    let e = out.embedding(i);
-                    if json {
-                        outln!(s, "{}", serde_json::json!({ "text": text, "embedding": e }));
-                    } else {
-                        let head: Vec<String> =
-                            e.iter().take(8).map(|v| format!("{v:+.4}")).collect();
-                        outln!(s, "[{} ...] ({} dims)  {text}", head.join(" "), e.len());
-                    }
-                }
-                s
-            })
+            with_model(
+                &run,
+                EmbedJob {
+                    texts,
+                    batch_size: run.batch_size,
+                    json,
+                },
+            )
         }
         Command::Classify { run, top } => {
             let texts = gather_texts(&run)?;
-            let model = load(&run)?;
-            if !model.encoder.has_head() {
-                return Err(Error::Input(format!(
-                    "{} has no classifier head (convert it with --head, or use `embed`)",
-                    run.model.display()
-                )));
-            }
-            let labels = model.encoder.labels().to_vec();
-            run_batches(&model, &texts, run.batch_size, |chunk, out| {
-                let mut s = String::new();
-                for (i, text) in chunk.iter().enumerate() {
-                    let preds: Vec<String> = out
-                        .top_k(i, top.max(1))
-                        .into_iter()
-                        .map(|(c, p)| format!("{} {:.3}", labels[c], p))
-                        .collect();
-                    outln!(s, "{:<28} {text}", preds.join(", "));
-                }
-                s
-            })
+            let job = ClassifyJob {
+                texts,
+                batch_size: run.batch_size,
+                top,
+                model: run.model.clone(),
+            };
+            with_model(&run, job)
         }
     }
+}
+
+struct EmbedJob {
+    texts: Vec<String>,
+    batch_size: usize,
+    json: bool,
+}
+
+impl Job<()> for EmbedJob {
+    fn run<B: Backend>(self, model: &TextModel<B>) -> Result<()> {
+        let json = self.json;
+        run_batches(model, &self.texts, self.batch_size, |chunk, out| {
+            let mut s = String::new();
+            for (i, text) in chunk.iter().enumerate() {
+                let e = out.embedding(i);
+                if json {
+                    outln!(s, "{}", serde_json::json!({ "text": text, "embedding": e }));
+                } else {
+                    let head: Vec<String> = e.iter().take(8).map(|v| format!("{v:+.4}")).collect();
+                    outln!(s, "[{} ...] ({} dims)  {text}", head.join(" "), e.len());
+                }
+            }
+            s
+        })
+    }
+}
+
+struct ClassifyJob {
+    texts: Vec<String>,
+    batch_size: usize,
+    top: usize,
+    model: PathBuf,
+}
+
+impl Job<()> for ClassifyJob {
+    fn run<B: Backend>(self, model: &TextModel<B>) -> Result<()> {
+        if !model.encoder.has_head() {
+            return Err(Error::Input(format!(
+                "{} has no classifier head (convert it with --head, or use `embed`)",
+                self.model.display()
+            )));
+        }
+        let labels = model.encoder.labels().to_vec();
+        let top = self.top.max(1);
+        run_batches(model, &self.texts, self.batch_size, |chunk, out| {
+            let mut s = String::new();
+            for (i, text) in chunk.iter().enumerate() {
+                let preds: Vec<String> = out
+                    .top_k(i, top)
+                    .into_iter()
+                    .map(|(c, p)| format!("{} {:.3}", labels[c], p))
+                    .collect();
+                outln!(s, "{:<28} {text}", preds.join(", "));
+            }
+            s
+        })
+    }
+}
+
+fn devices() -> Result<()> {
+    let mut out = String::new();
+    let cpu = CpuBackend::new(CpuConfig::default())?;
+    outln!(out, "cpu   available: {} threads", cpu.threads());
+    let emu = EmuDevice::new(EmuConfig::default())?;
+    outln!(
+        out,
+        "emu   available: {} kernels compiled for the host (slow; for testing)",
+        apparate::backend::kernel_sources::KERNELS
+            .iter()
+            .filter(|k| emu.has_kernel(k))
+            .count()
+    );
+    match apparate::backend::cuda::probe() {
+        Ok(p) => outln!(
+            out,
+            "cuda  available: {} (sm_{}{}), driver {}.{}, NVRTC {}.{}",
+            p.device_name,
+            p.compute_capability.0,
+            p.compute_capability.1,
+            p.driver_version / 1000,
+            (p.driver_version % 1000) / 10,
+            p.nvrtc_version.0,
+            p.nvrtc_version.1
+        ),
+        Err(e) => outln!(out, "cuda  unavailable: {e}"),
+    }
+    emit(&out)
 }
 
 fn inspect(path: &PathBuf, all: bool) -> Result<()> {

@@ -1,0 +1,462 @@
+//! `kernels-check`: the NVRTC compile check (spec section 7, layer 4), no GPU needed.
+//!
+//! For each architecture (default sm_80 and sm_90) every kernel source embedded in the library
+//! is compiled by NVRTC to PTX (and to a cubin, the path the CUDA backend takes at run time),
+//! the PTX is written to a folder and assembled by `ptxas -v`, and the registers, static shared
+//! memory, stack and spills of every kernel entry are read from ptxas' report and printed as a
+//! table (`--markdown FILE` also writes it as markdown). Exits non-zero if any source fails to
+//! compile or assemble.
+//!
+//! NVRTC is loaded at run time (put `libnvrtc.so.13` on `LD_LIBRARY_PATH`); ptxas comes from
+//! `--ptxas`, `$PTXAS` or `PATH`. `tools/fetch-cuda-tools.sh` installs both from PyPI and
+//! `tools/nvrtc-check.sh` runs this tool with them.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use apparate::backend::cuda::{self, Arch, DEFAULT_OPTIONS, Target};
+use apparate::backend::kernel_sources::SOURCES;
+use clap::Parser;
+use rayon::prelude::*;
+
+#[derive(Parser)]
+#[command(
+    name = "kernels-check",
+    about = "Compile every kernel with NVRTC, assemble with ptxas, report resources"
+)]
+struct Cli {
+    /// Architectures to check (sm_XY), repeatable.
+    #[arg(long = "arch", default_values = ["sm_80", "sm_90"])]
+    archs: Vec<String>,
+    /// The ptxas binary (default: $PTXAS, else `ptxas` on PATH).
+    #[arg(long)]
+    ptxas: Option<PathBuf>,
+    /// Folder for the PTX and cubin files, one subfolder per architecture.
+    #[arg(long, default_value = "target/kernels-check")]
+    out: PathBuf,
+    /// Also write the table as markdown to this file.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// Extra NVRTC option (after the library's defaults), repeatable.
+    #[arg(long = "nvrtc-option", allow_hyphen_values = true)]
+    nvrtc_options: Vec<String>,
+}
+
+/// ptxas' report for one kernel entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Usage {
+    kernel: String,
+    registers: u32,
+    shared: u64,
+    stack: u64,
+    spill_stores: u64,
+    spill_loads: u64,
+}
+
+/// Result of one (arch, source).
+struct Checked {
+    arch: String,
+    file: String,
+    usage: Vec<Usage>,
+    /// NVRTC and ptxas warnings.
+    warnings: Vec<String>,
+    /// Why it failed, if it did.
+    error: Option<String>,
+}
+
+/// The number in front of `word` in a ptxas phrase list such as
+/// `Used 32 registers, used 1 barriers, 4096 bytes smem, 380 bytes cmem[0]`.
+fn number_before(line: &str, word: &str) -> Option<u64> {
+    line.split(',').find_map(|part| {
+        let words: Vec<&str> = part.split_whitespace().collect();
+        let i = words.iter().position(|w| *w == word)?;
+        // `N registers`, or `N bytes smem`.
+        let n = if i >= 2 && words[i - 1] == "bytes" {
+            words[i - 2]
+        } else {
+            words.get(i.checked_sub(1)?)?
+        };
+        n.parse().ok()
+    })
+}
+
+/// Parses `ptxas -v` output: one [`Usage`] per `Compiling entry function` in order.
+fn parse_ptxas(report: &str) -> Vec<Usage> {
+    let mut entries: Vec<Usage> = Vec::new();
+    // Which function the next `bytes stack frame` line belongs to (entries and device functions
+    // that were not inlined both get a "Function properties" block).
+    let mut properties_of: Option<String> = None;
+    let quoted = |line: &str| line.split('\'').nth(1).map(str::to_string);
+    for line in report.lines() {
+        if line.contains("Compiling entry function") {
+            if let Some(name) = quoted(line) {
+                entries.push(Usage {
+                    kernel: name,
+                    ..Usage::default()
+                });
+            }
+        } else if let Some(rest) = line.split("Function properties for ").nth(1) {
+            properties_of = Some(rest.trim().to_string());
+        } else if line.contains("bytes stack frame") {
+            if let Some(name) = properties_of.take()
+                && let Some(u) = entries.iter_mut().find(|u| u.kernel == name)
+            {
+                u.stack = number_before(line, "stack").unwrap_or(0);
+                // `N bytes spill stores, M bytes spill loads`: one phrase at a time.
+                for part in line.split(',') {
+                    if part.contains("spill stores") {
+                        u.spill_stores = number_before(part, "spill").unwrap_or(0);
+                    } else if part.contains("spill loads") {
+                        u.spill_loads = number_before(part, "spill").unwrap_or(0);
+                    }
+                }
+            }
+        } else if line.contains("Used ") && line.contains(" registers") {
+            // Belongs to the entry being compiled (the last one announced).
+            if let Some(u) = entries.last_mut() {
+                u.registers = number_before(line, "registers").unwrap_or(0) as u32;
+                u.shared = number_before(line, "smem").unwrap_or(0);
+            }
+        }
+    }
+    entries
+}
+
+fn check_one(cli: &Cli, ptxas: &Path, arch: &Arch, file: &str, text: &str) -> Checked {
+    let mut out = Checked {
+        arch: arch.sm(),
+        file: file.to_string(),
+        usage: Vec::new(),
+        warnings: Vec::new(),
+        error: None,
+    };
+    let stem = file.strip_suffix(".cu").unwrap_or(file);
+    let dir = cli.out.join(arch.sm());
+    let result = (|| -> Result<(), String> {
+        let ptx = cuda::compile_source(file, text, &arch.sm(), Target::Ptx, &cli.nvrtc_options)
+            .map_err(|e| e.to_string())?;
+        if !ptx.log.is_empty() {
+            out.warnings.push(format!("NVRTC: {}", ptx.log));
+        }
+        // The run-time path: NVRTC straight to a cubin for the real architecture.
+        cuda::compile_source(file, text, &arch.sm(), Target::Cubin, &cli.nvrtc_options)
+            .map_err(|e| format!("to a cubin: {e}"))?;
+
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let ptx_path = dir.join(format!("{stem}.ptx"));
+        std::fs::write(&ptx_path, &ptx.code).map_err(|e| format!("{}: {e}", ptx_path.display()))?;
+        let cubin_path = dir.join(format!("{stem}.cubin"));
+        let run = Command::new(ptxas)
+            .arg(format!("-arch={}", arch.sm()))
+            .arg("-v")
+            .arg("-o")
+            .arg(&cubin_path)
+            .arg(&ptx_path)
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", ptxas.display()))?;
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&run.stdout),
+            String::from_utf8_lossy(&run.stderr)
+        );
+        if !run.status.success() {
+            return Err(format!(
+                "ptxas -arch={} failed ({}) on {}:\n{}",
+                arch.sm(),
+                run.status,
+                ptx_path.display(),
+                report.trim_end()
+            ));
+        }
+        out.warnings.extend(
+            report
+                .lines()
+                .filter(|l| l.contains("warning"))
+                .map(|l| format!("ptxas: {}", l.trim())),
+        );
+        out.usage = parse_ptxas(&report);
+        Ok(())
+    })();
+    out.error = result.err();
+    out
+}
+
+fn ptxas_version(ptxas: &Path) -> Result<String, String> {
+    let run = Command::new(ptxas)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("cannot run ptxas ({}): {e}", ptxas.display()))?;
+    let text = String::from_utf8_lossy(&run.stdout);
+    Ok(text
+        .lines()
+        .find(|l| l.contains("release"))
+        .unwrap_or("unknown version")
+        .trim()
+        .to_string())
+}
+
+const HEAD: [&str; 8] = [
+    "arch",
+    "source",
+    "kernel",
+    "registers",
+    "shared B",
+    "stack B",
+    "spill st B",
+    "spill ld B",
+];
+
+fn rows(results: &[Checked]) -> Vec<[String; 8]> {
+    results
+        .iter()
+        .flat_map(|c| {
+            c.usage.iter().map(move |u| {
+                [
+                    c.arch.clone(),
+                    c.file.clone(),
+                    u.kernel.clone(),
+                    u.registers.to_string(),
+                    u.shared.to_string(),
+                    u.stack.to_string(),
+                    u.spill_stores.to_string(),
+                    u.spill_loads.to_string(),
+                ]
+            })
+        })
+        .collect()
+}
+
+fn text_table(rows: &[[String; 8]]) -> String {
+    let mut width = HEAD.map(str::len);
+    for r in rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let mut s = String::new();
+    let line = |cells: &[&str], s: &mut String| {
+        for (i, (c, w)) in cells.iter().zip(width).enumerate() {
+            // Text columns left-aligned, numbers right-aligned.
+            if i < 3 {
+                write!(s, "{c:<w$}  ").unwrap();
+            } else {
+                write!(s, "{c:>w$}  ").unwrap();
+            }
+        }
+        s.truncate(s.trim_end().len());
+        s.push('\n');
+    };
+    line(&HEAD, &mut s);
+    let rule: Vec<String> = width.iter().map(|&w| "-".repeat(w)).collect();
+    line(&rule.iter().map(String::as_str).collect::<Vec<_>>(), &mut s);
+    for r in rows {
+        line(&r.iter().map(String::as_str).collect::<Vec<_>>(), &mut s);
+    }
+    s
+}
+
+fn markdown(
+    archs: &[Arch],
+    rows: &[[String; 8]],
+    nvrtc: (i32, i32),
+    ptxas: &str,
+    options: &[String],
+) -> String {
+    let mut s = String::from("# Kernel resources\n\n");
+    writeln!(
+        s,
+        "Generated by `tools/nvrtc-check.sh` (the `kernels-check` binary); do not edit by hand.\n\
+         Every `kernels/*.cu` is compiled by NVRTC {}.{} to PTX (`{}`) and assembled by ptxas \
+         ({ptxas}) with `-v`; NVRTC also compiles each source straight to a cubin, which is what \
+         the CUDA backend loads at run time.\n",
+        nvrtc.0,
+        nvrtc.1,
+        options.join(" ")
+    )
+    .unwrap();
+    s.push_str(
+        "Registers are per thread. Shared memory is the static `__shared__` memory of the \
+         kernel; dynamic shared memory is chosen per launch and not included. Stack and spills \
+         are bytes per thread; a kernel that spills is worth a look.\n",
+    );
+    for arch in archs {
+        let sm = arch.sm();
+        writeln!(s, "\n## {sm}\n").unwrap();
+        s.push_str("| source | kernel | registers | shared (B) | stack (B) | spill stores (B) | spill loads (B) |\n");
+        s.push_str("|---|---|---:|---:|---:|---:|---:|\n");
+        for r in rows.iter().filter(|r| r[0] == sm) {
+            writeln!(
+                s,
+                "| {} | `{}` | {} | {} | {} | {} | {} |",
+                r[1], r[2], r[3], r[4], r[5], r[6], r[7]
+            )
+            .unwrap();
+        }
+    }
+    s
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let archs: Vec<Arch> = match cli.archs.iter().map(|a| Arch::parse(a)).collect() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let nvrtc = match cuda::nvrtc_version() {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let ptxas = cli
+        .ptxas
+        .clone()
+        .or_else(|| std::env::var_os("PTXAS").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("ptxas"));
+    let ptxas_version = match ptxas_version(&ptxas) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: {e} (pass --ptxas PATH or set PTXAS; tools/fetch-cuda-tools.sh)");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "NVRTC {}.{}, ptxas {} ({}), {} sources, archs {}",
+        nvrtc.0,
+        nvrtc.1,
+        ptxas.display(),
+        ptxas_version,
+        SOURCES.len(),
+        archs.iter().map(Arch::sm).collect::<Vec<_>>().join(", ")
+    );
+
+    let jobs: Vec<(&Arch, &str, &str)> = archs
+        .iter()
+        .flat_map(|a| SOURCES.iter().map(move |&(f, t)| (a, f, t)))
+        .collect();
+    let results: Vec<Checked> = jobs
+        .par_iter()
+        .map(|&(arch, file, text)| check_one(&cli, &ptxas, arch, file, text))
+        .collect();
+
+    let mut failed = 0;
+    for c in &results {
+        for w in &c.warnings {
+            println!("warning: {} kernels/{}: {w}", c.arch, c.file);
+        }
+        if let Some(e) = &c.error {
+            failed += 1;
+            println!("FAILED: {} kernels/{}: {e}", c.arch, c.file);
+        } else if c.usage.is_empty() && !cuda::entry_points(source_text(&c.file)).is_empty() {
+            println!(
+                "note: {} kernels/{}: ptxas reported no entry functions",
+                c.arch, c.file
+            );
+        }
+    }
+    let rows = rows(&results);
+    print!("\n{}", text_table(&rows));
+
+    if let Some(path) = &cli.markdown {
+        let options: Vec<String> = DEFAULT_OPTIONS
+            .iter()
+            .map(|s| s.to_string())
+            .chain(cli.nvrtc_options.iter().cloned())
+            .collect();
+        let md = markdown(&archs, &rows, nvrtc, &ptxas_version, &options);
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
+            && let Err(e) = std::fs::create_dir_all(parent)
+        {
+            eprintln!("error: {}: {e}", parent.display());
+            return ExitCode::FAILURE;
+        }
+        if let Err(e) = std::fs::write(path, md) {
+            eprintln!("error: {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+        println!("\nwrote {}", path.display());
+    }
+
+    println!(
+        "\n{} of {} (arch, source) pairs compiled and assembled; PTX and cubins in {}",
+        results.len() - failed,
+        results.len(),
+        cli.out.display()
+    );
+    if failed > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn source_text(file: &str) -> &'static str {
+    SOURCES
+        .iter()
+        .find(|(f, _)| *f == file)
+        .map_or("", |(_, t)| t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REPORT: &str = "\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'layernorm_f16' for 'sm_90'
+ptxas info    : Function properties for layernorm_f16
+    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 40 registers, used 1 barriers, 4096 bytes smem, 380 bytes cmem[0]
+ptxas info    : Compiling entry function 'cast_f32_f16' for 'sm_90'
+ptxas info    : Function properties for helper
+    16 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Function properties for cast_f32_f16
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 10 registers, used 0 barriers, 368 bytes cmem[0]
+";
+
+    #[test]
+    fn parses_ptxas_reports() {
+        let u = parse_ptxas(REPORT);
+        assert_eq!(
+            u,
+            vec![
+                Usage {
+                    kernel: "layernorm_f16".into(),
+                    registers: 40,
+                    shared: 4096,
+                    stack: 8,
+                    spill_stores: 4,
+                    spill_loads: 12,
+                },
+                Usage {
+                    kernel: "cast_f32_f16".into(),
+                    registers: 10,
+                    ..Usage::default()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn tables_have_one_row_per_kernel() {
+        let results = vec![Checked {
+            arch: "sm_90".into(),
+            file: "norm.cu".into(),
+            usage: parse_ptxas(REPORT),
+            warnings: vec![],
+            error: None,
+        }];
+        let r = rows(&results);
+        assert_eq!(r.len(), 2);
+        let t = text_table(&r);
+        assert_eq!(t.lines().count(), 4);
+        let md = markdown(&[Arch::new(9, 0)], &r, (13, 5), "release 13.5", &[]);
+        assert!(md.contains("| norm.cu | `layernorm_f16` | 40 | 4096 | 8 | 4 | 12 |"));
+    }
+}
