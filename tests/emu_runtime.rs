@@ -209,3 +209,23 @@ fn deadlock_is_reported_with_the_kernel_name() {
         "{e}"
     );
 }
+
+#[test]
+fn events_time_launches() {
+    let d = dev();
+    let a = d.record_event().unwrap();
+    let out = d.alloc(64 * 4).unwrap();
+    d.launch(
+        "selftest_block_reverse",
+        LaunchConfig::linear(1, 64, 0),
+        &[
+            KernelArg::Ptr(d.address(&out)),
+            KernelArg::Ptr(d.address(&out)),
+            KernelArg::U32(0),
+        ],
+    )
+    .unwrap();
+    let b = d.record_event().unwrap();
+    d.wait_event(&b).unwrap();
+    assert!(d.elapsed_ms(&a, &b).unwrap() >= 0.0);
+}

@@ -73,6 +73,18 @@ pub trait Device: Send + Sync {
 
     /// Waits until everything launched so far has finished.
     fn synchronize(&self) -> Result<()>;
+
+    /// A marker of the device's stream, for timing and (later) early release.
+    type Event: Send + Sync;
+
+    /// Records an event at the current point of the device's stream (never blocks).
+    fn record_event(&self) -> Result<Self::Event>;
+
+    /// Blocks until the work recorded before `event` has finished.
+    fn wait_event(&self, event: &Self::Event) -> Result<()>;
+
+    /// Milliseconds between two recorded events (waits for both).
+    fn elapsed_ms(&self, start: &Self::Event, end: &Self::Event) -> Result<f64>;
 }
 
 /// Checks that a launch is within the limits every device shares.

@@ -262,4 +262,19 @@ impl Device for EmuDevice {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+
+    /// Launches are synchronous, so an event is just the time it was recorded.
+    type Event = std::time::Instant;
+
+    fn record_event(&self) -> Result<std::time::Instant> {
+        Ok(std::time::Instant::now())
+    }
+
+    fn wait_event(&self, _: &std::time::Instant) -> Result<()> {
+        Ok(())
+    }
+
+    fn elapsed_ms(&self, start: &std::time::Instant, end: &std::time::Instant) -> Result<f64> {
+        Ok(end.saturating_duration_since(*start).as_secs_f64() * 1e3)
+    }
 }

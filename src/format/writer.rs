@@ -56,6 +56,14 @@ pub(crate) fn write_container(
         safetensors::SafeTensorError::IoError(io) => Error::io(&tmp, io),
         other => Error::format(path, format!("cannot serialize: {other}")),
     })?;
+    // The container library creates files readable by the owner only; a model file is data
+    // other users and services read.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(&tmp, e))?;
+    }
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
