@@ -1,5 +1,5 @@
-// Small per-row ops: pooling of token states into one vector per input, L2 normalisation and
-// row softmax (the classifier head's probabilities). f32 arithmetic, any storage dtype.
+// Pooling of token states into one vector per input, and L2 normalisation of rows. f32
+// arithmetic, any storage dtype.
 #include "common/apparate.cuh"
 
 #define POOL_MEAN 0
@@ -33,27 +33,9 @@ __device__ void l2_normalize(const T* __restrict__ x, T* __restrict__ out, uint3
         out[(uint64_t)blockIdx.x * cols + c] = from_f32<T>(to_f32(r[c]) * inv);
 }
 
-// One block per row: numerically stable softmax.
-template <typename T>
-__device__ void softmax(const T* __restrict__ x, T* __restrict__ out, uint32_t cols) {
-    __shared__ float scratch[32];
-    const T* r = x + (uint64_t)blockIdx.x * cols;
-    float mx = -3.402823466e38f;
-    for (uint32_t c = threadIdx.x; c < cols; c += blockDim.x) mx = fmaxf(mx, to_f32(r[c]));
-    mx = block_max(mx, scratch);
-    float sum = 0.0f;
-    for (uint32_t c = threadIdx.x; c < cols; c += blockDim.x) sum += expf(to_f32(r[c]) - mx);
-    float inv = 1.0f / block_sum(sum, scratch);
-    for (uint32_t c = threadIdx.x; c < cols; c += blockDim.x)
-        out[(uint64_t)blockIdx.x * cols + c] = from_f32<T>(expf(to_f32(r[c]) - mx) * inv);
-}
-
 extern "C" __global__ void pool_f32(const float* x, const int32_t* lengths, float* out, uint32_t seq, uint32_t width, int mode) { pool(x, lengths, out, seq, width, mode); }
 extern "C" __global__ void pool_f16(const f16* x, const int32_t* lengths, f16* out, uint32_t seq, uint32_t width, int mode) { pool(x, lengths, out, seq, width, mode); }
 extern "C" __global__ void pool_bf16(const bf16* x, const int32_t* lengths, bf16* out, uint32_t seq, uint32_t width, int mode) { pool(x, lengths, out, seq, width, mode); }
 extern "C" __global__ void l2_normalize_f32(const float* x, float* out, uint32_t cols) { l2_normalize(x, out, cols); }
 extern "C" __global__ void l2_normalize_f16(const f16* x, f16* out, uint32_t cols) { l2_normalize(x, out, cols); }
 extern "C" __global__ void l2_normalize_bf16(const bf16* x, bf16* out, uint32_t cols) { l2_normalize(x, out, cols); }
-extern "C" __global__ void softmax_f32(const float* x, float* out, uint32_t cols) { softmax(x, out, cols); }
-extern "C" __global__ void softmax_f16(const f16* x, f16* out, uint32_t cols) { softmax(x, out, cols); }
-extern "C" __global__ void softmax_bf16(const bf16* x, bf16* out, uint32_t cols) { softmax(x, out, cols); }
