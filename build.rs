@@ -30,6 +30,14 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo::rustc-check-cfg=cfg(apparate_emu)");
+    // The emulated device switches fibers with x86-64 assembly: elsewhere the crate builds
+    // without it (and `EmuDevice::new` says so), so the CUDA backend still builds on, say,
+    // aarch64 GPU hosts.
+    let emu = std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86_64");
+    if emu {
+        println!("cargo:rustc-cfg=apparate_emu");
+    }
 
     let mut sources: Vec<PathBuf> = std::fs::read_dir(&kernels)
         .expect("kernels/ exists")
@@ -99,7 +107,9 @@ fn main() {
     let reg_path = out.join("emu_registry.cpp");
     write_if_changed(&reg_path, &reg);
     build.file(&reg_path);
-    build.compile("apparate_emu");
+    if emu {
+        build.compile("apparate_emu");
+    }
 
     // The kernel sources, embedded for NVRTC (name, text); headers by include name.
     let mut embed = String::from(

@@ -180,15 +180,18 @@ fn bench_device<D: Yardstick>(
         let src = dev.alloc(words * 4)?;
         let dst = dev.alloc(words * 4)?;
         let copy_ms = time(&*dev, repeats, || {
-            dev.launch(
-                "copy_u32",
-                LaunchConfig::linear(((words as u32).div_ceil(256)).min(65535), 256, 0),
-                &[
-                    KernelArg::Ptr(dev.address(&src)),
-                    KernelArg::Ptr(dev.address(&dst)),
-                    KernelArg::U32(words as u32),
-                ],
-            )?;
+            // SAFETY: copy_u32(src, dst, n) with two buffers of `words` u32 each.
+            unsafe {
+                dev.launch(
+                    "copy_u32",
+                    LaunchConfig::linear(((words as u32).div_ceil(256)).min(65535), 256, 0),
+                    &[
+                        KernelArg::Ptr(dev.address(&src)),
+                        KernelArg::Ptr(dev.address(&dst)),
+                        KernelArg::U32(words as u32),
+                    ],
+                )
+            }?;
             Ok(())
         })?;
         let tensor_bytes = (r * c * dt.size()) as f64;

@@ -34,7 +34,7 @@ __device__ void gemm_tc(const T* __restrict__ x, const T* __restrict__ w, const 
     __shared__ __align__(16) T bs[GEMM_BN][TC_LD];
     uint32_t tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     uint32_t wm = warp / 2, wn = warp % 2, g = lane / 4, t = lane % 4;
-    uint32_t m0 = blockIdx.y * GEMM_BM, n0 = blockIdx.x * GEMM_BN;
+    uint32_t m0 = blockIdx.x * GEMM_BM, n0 = blockIdx.y * GEMM_BN;  // rows on x: up to 2^31 tiles
     float acc[2][4][4];
     for (int i = 0; i < 2; i++)
         for (int j = 0; j < 4; j++)
@@ -87,7 +87,7 @@ __device__ void gemm_simt(const float* __restrict__ x, const float* __restrict__
     __shared__ float as[F32_BK][GEMM_BM + 4];
     __shared__ float bs[F32_BK][GEMM_BN + 4];
     uint32_t tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-    uint32_t m0 = blockIdx.y * GEMM_BM, n0 = blockIdx.x * GEMM_BN;
+    uint32_t m0 = blockIdx.x * GEMM_BM, n0 = blockIdx.y * GEMM_BN;  // rows on x: up to 2^31 tiles
     float acc[4][4];
     for (int i = 0; i < 4; i++)
         for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;

@@ -73,4 +73,11 @@ extern "C" __global__ void selftest_deadlock(float* out) {
     }
     out[threadIdx.x] = v;
 }
+
+// Half of a warp exits, the other half shuffles with a full mask: undefined on a GPU; the
+// emulated device must refuse it.
+extern "C" __global__ void selftest_exited_lanes(float* out) {
+    if (threadIdx.x < 16) return;
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+}
 #endif

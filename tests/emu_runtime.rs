@@ -3,6 +3,18 @@
 use apparate::backend::device::{Device, KernelArg, LaunchConfig};
 use apparate::backend::emu::{EmuConfig, EmuDevice};
 
+/// Every launch in this file passes buffers it allocated with sizes that fit them, in the
+/// order and types of the kernel's parameters (the contract of `Device::launch`).
+fn launch(
+    d: &EmuDevice,
+    kernel: &str,
+    cfg: LaunchConfig,
+    args: &[KernelArg],
+) -> apparate::Result<()> {
+    // SAFETY: see above.
+    unsafe { d.launch(kernel, cfg, args) }
+}
+
 fn dev() -> EmuDevice {
     EmuDevice::new(EmuConfig::default()).unwrap()
 }
@@ -21,7 +33,8 @@ fn cast_roundtrip_f32_bf16_f16() {
         let y = d.alloc(n as usize * 4).unwrap();
         d.fill(&y, 0xff).unwrap();
         let cfg = LaunchConfig::linear(3, 128, 0);
-        d.launch(
+        launch(
+            &d,
             to,
             cfg,
             &[
@@ -31,7 +44,8 @@ fn cast_roundtrip_f32_bf16_f16() {
             ],
         )
         .unwrap();
-        d.launch(
+        launch(
+            &d,
             back,
             cfg,
             &[
@@ -53,20 +67,22 @@ fn cast_roundtrip_f32_bf16_f16() {
 #[test]
 fn bad_launches_are_errors() {
     let d = dev();
-    let e = d
-        .launch("no_such_kernel", LaunchConfig::linear(1, 32, 0), &[])
+    let e = launch(&d, "no_such_kernel", LaunchConfig::linear(1, 32, 0), &[])
         .unwrap_err()
         .to_string();
     assert!(e.contains("no_such_kernel"), "{e}");
-    let e = d
-        .launch("cast_f32_f16", LaunchConfig::linear(1, 2048, 0), &[])
+    let e = launch(&d, "cast_f32_f16", LaunchConfig::linear(1, 2048, 0), &[])
         .unwrap_err()
         .to_string();
     assert!(e.contains("2048 threads"), "{e}");
-    let e = d
-        .launch("cast_f32_f16", LaunchConfig::linear(1, 32, 1 << 20), &[])
-        .unwrap_err()
-        .to_string();
+    let e = launch(
+        &d,
+        "cast_f32_f16",
+        LaunchConfig::linear(1, 32, 1 << 20),
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("shared memory"), "{e}");
 }
 
@@ -85,7 +101,7 @@ fn run_f32(
     d.fill(&out, 0xff).unwrap();
     let mut args: Vec<KernelArg> = bufs.iter().map(|b| KernelArg::Ptr(d.address(b))).collect();
     args.push(KernelArg::Ptr(d.address(&out)));
-    d.launch(kernel, cfg, &args).unwrap();
+    launch(d, kernel, cfg, &args).unwrap();
     let mut bytes = vec![0u8; out_len * 4];
     d.download(&out, &mut bytes).unwrap();
     bytemuck::cast_slice(&bytes).to_vec()
@@ -105,7 +121,8 @@ fn block_barrier_is_real_in_every_schedule() {
             d.upload(bytemuck::cast_slice(&x)).unwrap(),
             d.alloc(n * 4).unwrap(),
         ];
-        d.launch(
+        launch(
+            &d,
             "selftest_block_reverse",
             LaunchConfig::linear(3, 256, 0),
             &[
@@ -170,7 +187,8 @@ fn tensor_core_wrapper_matches_a_plain_product() {
         let bb = d.upload(&dt.encode(&bt)).unwrap();
         let out = d.alloc(128 * 4).unwrap();
         d.fill(&out, 0xff).unwrap();
-        d.launch(
+        launch(
+            &d,
             kernel,
             LaunchConfig::linear(1, 32, 0),
             &[
@@ -196,14 +214,14 @@ fn tensor_core_wrapper_matches_a_plain_product() {
 fn deadlock_is_reported_with_the_kernel_name() {
     let d = dev();
     let out = d.alloc(64 * 4).unwrap();
-    let e = d
-        .launch(
-            "selftest_deadlock",
-            LaunchConfig::linear(2, 64, 0),
-            &[KernelArg::Ptr(d.address(&out))],
-        )
-        .unwrap_err()
-        .to_string();
+    let e = launch(
+        &d,
+        "selftest_deadlock",
+        LaunchConfig::linear(2, 64, 0),
+        &[KernelArg::Ptr(d.address(&out))],
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         e.contains("selftest_deadlock") && e.contains("deadlocked"),
         "{e}"
@@ -215,7 +233,8 @@ fn events_time_launches() {
     let d = dev();
     let a = d.record_event().unwrap();
     let out = d.alloc(64 * 4).unwrap();
-    d.launch(
+    launch(
+        &d,
         "selftest_block_reverse",
         LaunchConfig::linear(1, 64, 0),
         &[
@@ -228,4 +247,35 @@ fn events_time_launches() {
     let b = d.record_event().unwrap();
     d.wait_event(&b).unwrap();
     assert!(d.elapsed_ms(&a, &b).unwrap() >= 0.0);
+}
+
+#[test]
+fn warp_operation_after_lanes_exited_is_refused() {
+    let d = dev();
+    let out = d.alloc(32 * 4).unwrap();
+    let e = launch(
+        &d,
+        "selftest_exited_lanes",
+        LaunchConfig::linear(1, 32, 0),
+        &[KernelArg::Ptr(d.address(&out))],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("selftest_exited_lanes") && e.contains("16 of its lanes exited"),
+        "{e}"
+    );
+}
+
+#[test]
+fn tensors_of_another_dtype_are_refused() {
+    use apparate::backend::Backend;
+    use apparate::backend::gpu::GpuBackend;
+    use apparate::tensor::DType;
+    let dev = std::sync::Arc::new(dev());
+    let half = GpuBackend::shared(dev.clone(), DType::F16);
+    let full = GpuBackend::shared(dev, DType::F32);
+    let x = half.upload(&[1.0; 8], &[2, 4]).unwrap();
+    let e = full.softmax(&x).err().expect("accepted").to_string();
+    assert!(e.contains("f16 tensor handed to the f32 backend"), "{e}");
 }

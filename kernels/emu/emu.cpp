@@ -10,6 +10,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <vector>
 
 #include "trampoline.h"
@@ -94,8 +95,13 @@ struct Worker {
         return true;
     }
     unsigned char* stack_top(int i) { return stacks + (size_t)(i + 1) * (kStack + kPage); }
+    ~Worker() {
+        if (stacks) munmap(stacks, (kStack + kPage) * kMaxThreads);
+    }
 };
 
+// One per OS thread that runs blocks, freed with the thread.
+thread_local std::unique_ptr<Worker> worker_owner;
 thread_local Worker* worker = nullptr;
 
 [[noreturn]] void fiber_main() {
@@ -142,6 +148,8 @@ uint64_t splitmix(uint64_t& s) {
 bool run_block(Worker* w, uint64_t* seed, const char* name, char* err, size_t errlen) {
     int n = w->nthreads;
     for (int i = 0; i < n; i++) prepare(w, i);
+    // Dynamic shared memory starts as NaN bytes in every block, so a read before a write shows.
+    if (!w->dyn_shared.empty()) std::memset(w->dyn_shared.data(), 0xff, w->dyn_shared.size());
     std::vector<int> order(n);
     for (int i = 0; i < n; i++) order[i] = i;
     int nwarps = (n + 31) / 32;
@@ -172,6 +180,15 @@ bool run_block(Worker* w, uint64_t* seed, const char* name, char* err, size_t er
             for (int i = lo; i < hi; i++) {
                 live += w->fibers[i].state != Done;
                 waiting += w->fibers[i].state == WaitWarp;
+            }
+            if (waiting > 0 && waiting == live && live < hi - lo) {
+                // A full-warp operation with lanes that already exited: undefined on a GPU.
+                std::snprintf(err, errlen,
+                              "kernel `%s`: warp %d of block (%u,%u,%u) runs a warp operation after "
+                              "%d of its lanes exited",
+                              name, wp, w->block.block_idx.x, w->block.block_idx.y,
+                              w->block.block_idx.z, (hi - lo) - live);
+                return false;
             }
             if (waiting > 0 && waiting == live) {
                 for (int i = lo; i < hi; i++)
@@ -221,7 +238,10 @@ extern "C" int apparate_emu_run(const char* name, const uint32_t grid[3], const 
                       (unsigned long long)nthreads, kMaxThreads);
         return 1;
     }
-    if (!worker) worker = new Worker();
+    if (!worker) {
+        worker_owner.reset(new Worker());
+        worker = worker_owner.get();
+    }
     Worker* w = worker;
     if (!w->init()) {
         std::snprintf(err, errlen, "cannot map fiber stacks");
@@ -241,13 +261,14 @@ extern "C" int apparate_emu_run(const char* name, const uint32_t grid[3], const 
     w->block.block_dim = {block[0], block[1], block[2]};
     w->block.grid_dim = {grid[0], grid[1], grid[2]};
     w->block.dyn_shared = w->dyn_shared.data();
-    uint64_t s = seed;
     ApparateEmuBlock* saved_block = apparate_emu_block;
     apparate_emu_block = &w->block;
     int rc = 0;
     for (uint64_t b = begin; b < end; b++) {
         w->block.block_idx = {(uint32_t)(b % grid[0]), (uint32_t)((b / grid[0]) % grid[1]),
                               (uint32_t)(b / ((uint64_t)grid[0] * grid[1]))};
+        // Seeded per block, so the schedule does not depend on how blocks are split over threads.
+        uint64_t s = seed ^ ((b + 1) * 0xD1B54A32D192ED03ull);
         if (!run_block(w, seed ? &s : nullptr, name, err, errlen)) {
             rc = 2;
             break;

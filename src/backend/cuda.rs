@@ -318,6 +318,14 @@ pub fn probe_device(ordinal: usize) -> Result<ProbeInfo> {
             compute_capability: (cc_major as u32, cc_minor as u32),
             total_memory,
         };
+        // The tensor-core GEMM (mma.m16n8k16 with bf16) and the bf16 conversions need sm_80.
+        if info.compute_capability.0 < 8 {
+            return Err(err(format!(
+                "{} is {}: the kernels need compute capability 8.0 (Ampere) or newer",
+                info.device_name,
+                info.arch()
+            )));
+        }
         let archs = nvrtc_supported_archs()?;
         if !archs.contains(&info.arch().number()) {
             return Err(err(format!(
@@ -824,6 +832,7 @@ pub struct CudaDevice {
     cached: usize,
     /// cuBLAS, created on first use (benchmarks only: the engine uses its own GEMM).
     blas: std::sync::OnceLock<std::result::Result<cudarc::cublas::CudaBlas, String>>,
+    raise_lock: std::sync::Mutex<()>,
 }
 
 impl fmt::Debug for CudaDevice {
@@ -943,6 +952,7 @@ impl CudaDevice {
             max_shared_optin,
             cached,
             blas: std::sync::OnceLock::new(),
+            raise_lock: std::sync::Mutex::new(()),
         })
     }
 
@@ -1155,13 +1165,16 @@ impl Device for CudaDevice {
         buf.len
     }
 
-    fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[KernelArg]) -> Result<()> {
+    unsafe fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[KernelArg]) -> Result<()> {
         check_launch(BACKEND, kernel, &cfg)?;
         let k = self
             .kernels
             .get(kernel)
             .ok_or_else(|| err(format!("no kernel named `{kernel}`")))?;
         guard(&format!("launch of `{kernel}`"), || {
+            // Check and raise under one lock: two threads raising the same kernel's limit must
+            // not leave it lower than what the atomic records.
+            let _raise = self.raise_lock.lock().unwrap_or_else(|p| p.into_inner());
             if cfg.shared_bytes > k.max_dynamic_shared.load(Ordering::Relaxed) {
                 if cfg.shared_bytes > self.max_shared_optin {
                     return Err(err(format!(
@@ -1306,13 +1319,16 @@ mod tests {
         let n = KernelArg::U32(x.len() as u32);
         let cfg = LaunchConfig::linear(4, 128, 0);
         let (xa, ha, ya) = (dev.address(&xb), dev.address(&h), dev.address(&y));
-        dev.launch(
+        // SAFETY (every launch below): cast kernels (src, dst, n) on buffers of n elements;
+        // the failing launches are refused before reaching the GPU.
+        let launch = |k: &str, cfg: LaunchConfig, a: &[KernelArg]| unsafe { dev.launch(k, cfg, a) };
+        launch(
             "cast_f32_f16",
             cfg,
             &[KernelArg::Ptr(xa), KernelArg::Ptr(ha), n],
         )
         .unwrap();
-        dev.launch(
+        launch(
             "cast_f16_f32",
             cfg,
             &[KernelArg::Ptr(ha), KernelArg::Ptr(ya), n],
@@ -1326,9 +1342,9 @@ mod tests {
             assert_eq!(half::f16::from_f32(*a).to_f32(), *b);
         }
         // Errors, not panics.
-        assert!(dev.launch("no_such_kernel", cfg, &[]).is_err());
+        assert!(launch("no_such_kernel", cfg, &[]).is_err());
         let huge = LaunchConfig::linear(1, 32, dev.max_shared_optin + 1);
-        assert!(dev.launch("cast_f32_f16", huge, &[]).is_err());
+        assert!(launch("cast_f32_f16", huge, &[]).is_err());
         assert!(dev.download(&y, &mut [0u8; 3]).is_err());
         assert!(dev.alloc(1 << 50).is_err());
         assert_eq!(dev.len(&dev.alloc(0).unwrap()), 0);

@@ -45,7 +45,8 @@ pub const MAX_THREADS_PER_BLOCK: u64 = 1024;
 pub const MAX_SHARED_BYTES: u32 = 227 * 1024;
 
 pub trait Device: Send + Sync {
-    /// Device memory. Dropping it frees it.
+    /// Device memory. Dropping it frees it, ordered after the work already launched (so a
+    /// buffer may be dropped while a launch that reads it is still queued).
     type Buf: Send + Sync;
 
     fn name(&self) -> &'static str;
@@ -69,7 +70,13 @@ pub trait Device: Send + Sync {
     fn len(&self, buf: &Self::Buf) -> usize;
 
     /// Launches `kernel` (an `extern "C"` entry of `kernels/*.cu`) on the device's stream.
-    fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[KernelArg]) -> Result<()>;
+    ///
+    /// # Safety
+    /// `args` must match the kernel's parameters in number and type, every `Ptr` must be the
+    /// address of a live buffer of this device (or 0 where the kernel accepts null), and the
+    /// sizes passed must keep the kernel's accesses inside those buffers: a kernel trusts its
+    /// arguments (on the emulated device it reads and writes host memory through them).
+    unsafe fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[KernelArg]) -> Result<()>;
 
     /// Waits until everything launched so far has finished.
     fn synchronize(&self) -> Result<()>;
@@ -99,7 +106,11 @@ pub(crate) fn check_launch(device: &'static str, kernel: &str, cfg: &LaunchConfi
             "{t} threads per block (1..={MAX_THREADS_PER_BLOCK})"
         )));
     }
-    if cfg.blocks() == 0 || cfg.grid[1] > 65535 || cfg.grid[2] > 65535 {
+    if cfg.blocks() == 0
+        || cfg.grid[0] > i32::MAX as u32
+        || cfg.grid[1] > 65535
+        || cfg.grid[2] > 65535
+    {
         return Err(bad(format!("grid {:?} is empty or too tall", cfg.grid)));
     }
     if cfg.shared_bytes > MAX_SHARED_BYTES {

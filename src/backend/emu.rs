@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use super::device::{Device, KernelArg, LaunchConfig, check_launch};
 use crate::error::{Error, Result};
 
+#[cfg(apparate_emu)]
 unsafe extern "C" {
     fn apparate_emu_has_kernel(name: *const c_char) -> i32;
     fn apparate_emu_run(
@@ -27,6 +28,29 @@ unsafe extern "C" {
         err: *mut c_char,
         errlen: usize,
     ) -> i32;
+}
+
+// Hosts that are not x86-64 build without the emulated device; these stand-ins are never
+// reached because `EmuDevice::new` refuses to make one there.
+#[cfg(not(apparate_emu))]
+unsafe fn apparate_emu_has_kernel(_: *const c_char) -> i32 {
+    0
+}
+#[cfg(not(apparate_emu))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn apparate_emu_run(
+    _: *const c_char,
+    _: *const u32,
+    _: *const u32,
+    _: u32,
+    _: *mut *mut c_void,
+    _: u64,
+    _: u64,
+    _: u64,
+    _: *mut c_char,
+    _: usize,
+) -> i32 {
+    1
 }
 
 /// Settings of the emulated device.
@@ -87,6 +111,9 @@ impl Drop for EmuBuf {
 pub struct EmuDevice {
     pool: Arc<rayon::ThreadPool>,
     seed: u64,
+    /// Every operation on device memory holds this, like one in-order stream: a launch and a
+    /// fill or copy from another thread never touch the same bytes at once.
+    stream: Arc<std::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for EmuDevice {
@@ -109,6 +136,9 @@ fn err(reason: impl Into<String>) -> Error {
 
 impl EmuDevice {
     pub fn new(config: EmuConfig) -> Result<EmuDevice> {
+        if cfg!(not(apparate_emu)) {
+            return Err(err("the emulated device needs an x86-64 host"));
+        }
         let env_threads = std::env::var("APPARATE_THREADS")
             .ok()
             .and_then(|v| v.parse().ok());
@@ -136,7 +166,12 @@ impl EmuDevice {
         Ok(EmuDevice {
             pool: Arc::new(pool),
             seed,
+            stream: Arc::new(std::sync::Mutex::new(())),
         })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.stream.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// True when the emulated device has a kernel of this name.
@@ -164,6 +199,7 @@ impl Device for EmuDevice {
     }
 
     fn download(&self, buf: &EmuBuf, out: &mut [u8]) -> Result<()> {
+        let _stream = self.lock();
         if out.len() != buf.len {
             return Err(err(format!(
                 "download of a {}-byte buffer into {} bytes",
@@ -177,6 +213,7 @@ impl Device for EmuDevice {
     }
 
     fn fill(&self, buf: &EmuBuf, byte: u8) -> Result<()> {
+        let _stream = self.lock();
         // SAFETY: within the allocation.
         unsafe { std::ptr::write_bytes(buf.ptr, byte, buf.len) };
         Ok(())
@@ -190,8 +227,9 @@ impl Device for EmuDevice {
         buf.len
     }
 
-    fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[KernelArg]) -> Result<()> {
+    unsafe fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[KernelArg]) -> Result<()> {
         check_launch("emu", kernel, &cfg)?;
+        let _stream = self.lock();
         let cname = CString::new(kernel).map_err(|_| err(format!("bad kernel name `{kernel}`")))?;
         if !self.has_kernel(kernel) {
             return Err(err(format!("no kernel named `{kernel}`")));
@@ -223,11 +261,6 @@ impl Device for EmuDevice {
                     .map(|v| v as *mut u64 as *mut c_void)
                     .collect();
                 let mut msg = vec![0 as c_char; 512];
-                let chunk_seed = if seed == 0 {
-                    0
-                } else {
-                    seed ^ begin.wrapping_mul(0x9E37_79B9) | 1
-                };
                 // SAFETY: names and arrays outlive the call; every argument is an 8-byte slot
                 // whose low bytes hold the value (little-endian), as the kernel's parameter
                 // types read them.
@@ -240,7 +273,7 @@ impl Device for EmuDevice {
                         ptrs.as_mut_ptr(),
                         begin,
                         end,
-                        chunk_seed,
+                        seed,
                         msg.as_mut_ptr(),
                         msg.len(),
                     )

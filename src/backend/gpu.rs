@@ -2,7 +2,8 @@
 //! or `cuda`). Launchers (grid sizes, argument packing, checks) are written once, here.
 //!
 //! Tensors live on the device in the backend's storage dtype (f32, f16 or bf16); kernels compute
-//! in f32. Host values cross in f32 and are converted on the way.
+//! in f32. Host values cross in f32 and are converted on the way. Temporary buffers (token ids,
+//! lengths) are dropped right after their launch: devices free memory in stream order.
 
 use std::sync::Arc;
 
@@ -105,8 +106,25 @@ impl<D: Device> GpuBackend<D> {
         })
     }
 
-    fn ptr(&self, t: &GpuTensor<D::Buf>) -> KernelArg {
-        KernelArg::Ptr(self.dev.address(&t.buf))
+    /// A tensor as a kernel argument; refuses one of another dtype (backends that share a
+    /// device share the tensor type, and a kernel would read the wrong number of bytes).
+    fn ptr(&self, t: &GpuTensor<D::Buf>) -> Result<KernelArg> {
+        if t.dtype != self.dtype {
+            return Err(self.err(format!(
+                "a {} tensor handed to the {} backend",
+                t.dtype, self.dtype
+            )));
+        }
+        Ok(KernelArg::Ptr(self.dev.address(&t.buf)))
+    }
+
+    /// Every launch of this backend goes through here.
+    fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[KernelArg]) -> Result<()> {
+        // SAFETY: the launchers in this file pass arguments in the order and types of the
+        // kernel signatures in kernels/*.cu, addresses of live buffers they allocated or were
+        // given (of this backend's dtype, checked by `ptr`), and sizes taken from the shapes
+        // of those same buffers after checking that the shapes agree.
+        unsafe { self.dev.launch(kernel, cfg, args) }
     }
 
     fn ints(&self, values: impl Iterator<Item = usize>) -> Result<D::Buf> {
@@ -131,6 +149,15 @@ impl<D: Device> GpuBackend<D> {
             return Err(self.err(format!("rows of {cols} values do not fit in shared memory")));
         }
         Ok(bytes as u32)
+    }
+
+    /// A grid dimension; `launch` rejects those over the device limits.
+    fn grid(&self, what: &str, v: usize) -> Result<u32> {
+        u32::try_from(v).map_err(|_| {
+            self.err(format!(
+                "{what} = {v} is more blocks than a launch can have"
+            ))
+        })
     }
 
     fn u32(&self, what: &str, v: usize) -> Result<KernelArg> {
@@ -220,8 +247,8 @@ impl<D: Device> Backend for GpuBackend<D> {
         let threads = if self.dtype == DType::F32 { 256 } else { 128 };
         let cfg = LaunchConfig {
             grid: [
-                n.div_ceil(GEMM_TILE) as u32,
-                m.div_ceil(GEMM_TILE) as u32,
+                self.grid("GEMM row tiles", m.div_ceil(GEMM_TILE))?,
+                self.grid("GEMM column tiles", n.div_ceil(GEMM_TILE))?,
                 1,
             ],
             block: [threads, 1, 1],
@@ -232,14 +259,17 @@ impl<D: Device> Backend for GpuBackend<D> {
             Activation::GeluErf => 1,
             Activation::Tanh => 2,
         };
-        self.dev.launch(
+        self.launch(
             &self.kernel("gemm"),
             cfg,
             &[
-                self.ptr(x),
-                self.ptr(w),
-                b.map_or(KernelArg::Ptr(0), |b| self.ptr(b)),
-                self.ptr(&y),
+                self.ptr(x)?,
+                self.ptr(w)?,
+                match b {
+                    Some(b) => self.ptr(b)?,
+                    None => KernelArg::Ptr(0),
+                },
+                self.ptr(&y)?,
                 self.u32("M", m)?,
                 self.u32("N", n)?,
                 self.u32("K", k)?,
@@ -270,16 +300,20 @@ impl<D: Device> Backend for GpuBackend<D> {
         if rows == 0 {
             return Ok(out);
         }
-        let cfg = LaunchConfig::linear(rows as u32, ROW_THREADS, self.row_shared(cols)?);
-        self.dev.launch(
+        let cfg = LaunchConfig::linear(
+            self.grid("rows", rows)?,
+            ROW_THREADS,
+            self.row_shared(cols)?,
+        );
+        self.launch(
             &self.kernel("add_layernorm"),
             cfg,
             &[
-                self.ptr(x),
-                self.ptr(residual),
-                self.ptr(gamma),
-                self.ptr(beta),
-                self.ptr(&out),
+                self.ptr(x)?,
+                self.ptr(residual)?,
+                self.ptr(gamma)?,
+                self.ptr(beta)?,
+                self.ptr(&out)?,
                 self.u32("cols", cols)?,
                 KernelArg::F32(eps),
             ],
@@ -311,6 +345,9 @@ impl<D: Device> Backend for GpuBackend<D> {
         }
         let width = cols3 / 3;
         let out = self.alloc(vec![rows, width])?;
+        if rows == 0 {
+            return Ok(out);
+        }
         let lengths = self.ints(shape.lengths.iter().copied())?;
         let smem = ATTN_WARPS as usize * shape.seq * 4;
         if smem > MAX_SHARED_BYTES as usize {
@@ -321,27 +358,26 @@ impl<D: Device> Backend for GpuBackend<D> {
         }
         let cfg = LaunchConfig {
             grid: [
-                (shape.batch() * heads) as u32,
-                shape.seq.div_ceil(ATTN_WARPS as usize) as u32,
+                self.grid("inputs x heads", shape.batch() * heads)?,
+                self.grid("query blocks", shape.seq.div_ceil(ATTN_WARPS as usize))?,
                 1,
             ],
             block: [ATTN_WARPS * 32, 1, 1],
             shared_bytes: smem as u32,
         };
-        self.dev.launch(
+        self.launch(
             &self.kernel("attention"),
             cfg,
             &[
-                self.ptr(qkv),
+                self.ptr(qkv)?,
                 KernelArg::Ptr(self.dev.address(&lengths)),
-                self.ptr(&out),
+                self.ptr(&out)?,
                 self.u32("seq", shape.seq)?,
                 self.u32("width", width)?,
                 self.u32("heads", heads)?,
                 KernelArg::F32(1.0 / ((width / heads) as f32).sqrt()),
             ],
         )?;
-        self.dev.synchronize()?; // `lengths` is freed when this returns
         Ok(out)
     }
 
@@ -382,27 +418,33 @@ impl<D: Device> Backend for GpuBackend<D> {
         )
         .map_err(|e| self.err(e))?;
         let out = self.alloc(vec![shape.rows(), width])?;
+        if shape.rows() == 0 {
+            return Ok(out);
+        }
         let ids_buf = self.ints(ids.iter().map(|&i| i as usize))?;
         let types_buf = self.ints(type_ids.iter().map(|&i| i as usize))?;
-        let cfg = LaunchConfig::linear(shape.rows() as u32, ROW_THREADS, self.row_shared(width)?);
-        self.dev.launch(
+        let cfg = LaunchConfig::linear(
+            self.grid("tokens", shape.rows())?,
+            ROW_THREADS,
+            self.row_shared(width)?,
+        );
+        self.launch(
             &self.kernel("embed"),
             cfg,
             &[
                 KernelArg::Ptr(self.dev.address(&ids_buf)),
                 KernelArg::Ptr(self.dev.address(&types_buf)),
-                self.ptr(word),
-                self.ptr(position),
-                self.ptr(token_type),
-                self.ptr(gamma),
-                self.ptr(beta),
-                self.ptr(&out),
+                self.ptr(word)?,
+                self.ptr(position)?,
+                self.ptr(token_type)?,
+                self.ptr(gamma)?,
+                self.ptr(beta)?,
+                self.ptr(&out)?,
                 self.u32("seq", shape.seq)?,
                 self.u32("width", width)?,
                 KernelArg::F32(eps),
             ],
         )?;
-        self.dev.synchronize()?; // the id buffers are freed when this returns
         Ok(out)
     }
 
@@ -419,24 +461,26 @@ impl<D: Device> Backend for GpuBackend<D> {
             return Err(self.err(format!("pool: length {bad} outside 1..={}", shape.seq)));
         }
         let out = self.alloc(vec![shape.batch(), cols])?;
+        if shape.batch() == 0 {
+            return Ok(out);
+        }
         let lengths = self.ints(shape.lengths.iter().copied())?;
         let mode = match kind {
             Pooling::Mean => 0,
             Pooling::Cls => 1,
         };
-        self.dev.launch(
+        self.launch(
             &self.kernel("pool"),
-            LaunchConfig::linear(shape.batch() as u32, ROW_THREADS, 0),
+            LaunchConfig::linear(self.grid("inputs", shape.batch())?, ROW_THREADS, 0),
             &[
-                self.ptr(x),
+                self.ptr(x)?,
                 KernelArg::Ptr(self.dev.address(&lengths)),
-                self.ptr(&out),
+                self.ptr(&out)?,
                 self.u32("seq", shape.seq)?,
                 self.u32("width", cols)?,
                 KernelArg::I32(mode),
             ],
         )?;
-        self.dev.synchronize()?;
         Ok(out)
     }
 
@@ -457,10 +501,10 @@ impl<D: Device> GpuBackend<D> {
         if rows == 0 {
             return Ok(out);
         }
-        self.dev.launch(
+        self.launch(
             &self.kernel(op),
-            LaunchConfig::linear(rows as u32, ROW_THREADS, 0),
-            &[self.ptr(x), self.ptr(&out), self.u32("cols", cols)?],
+            LaunchConfig::linear(self.grid("rows", rows)?, ROW_THREADS, 0),
+            &[self.ptr(x)?, self.ptr(&out)?, self.u32("cols", cols)?],
         )?;
         Ok(out)
     }
