@@ -6,23 +6,9 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-/// `extern "C" __global__ void NAME(` entry points of one kernel source.
-fn entry_points(src: &str) -> Vec<String> {
-    let mut names = Vec::new();
-    let pat = "extern \"C\" __global__ void ";
-    let mut rest = src;
-    while let Some(i) = rest.find(pat) {
-        rest = &rest[i + pat.len()..];
-        let name: String = rest
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .collect();
-        if !name.is_empty() {
-            names.push(name);
-        }
-    }
-    names
-}
+#[path = "src/backend/entry_points.rs"]
+mod entry_points;
+use entry_points::entry_points;
 
 fn main() {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());

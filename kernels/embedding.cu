@@ -20,16 +20,7 @@ __device__ void embed(const int32_t* __restrict__ ids, const int32_t* __restrict
         row[c] = v;
         local += v;
     }
-    float mean = block_sum(local, scratch) / (float)width;
-    float sq = 0.0f;
-    for (uint32_t c = threadIdx.x; c < width; c += blockDim.x) {
-        float d = row[c] - mean;
-        sq += d * d;
-    }
-    float inv = rsqrtf(block_sum(sq, scratch) / (float)width + eps);
-    T* o = out + (uint64_t)r * width;
-    for (uint32_t c = threadIdx.x; c < width; c += blockDim.x)
-        o[c] = from_f32<T>((row[c] - mean) * inv * to_f32(gamma[c]) + to_f32(beta[c]));
+    layernorm_shared_row(row, local, width, gamma, beta, eps, out + (uint64_t)r * width, scratch);
 }
 
 extern "C" __global__ void embed_f32(const int32_t* ids, const int32_t* types, const float* word,

@@ -15,15 +15,7 @@ __device__ void add_layernorm(const T* __restrict__ x, const T* __restrict__ res
         row[c] = v;
         local += v;
     }
-    float mean = block_sum(local, scratch) / (float)cols;
-    float sq = 0.0f;
-    for (uint32_t c = threadIdx.x; c < cols; c += blockDim.x) {
-        float d = row[c] - mean;
-        sq += d * d;
-    }
-    float inv = rsqrtf(block_sum(sq, scratch) / (float)cols + eps);
-    for (uint32_t c = threadIdx.x; c < cols; c += blockDim.x)
-        out[base + c] = from_f32<T>((row[c] - mean) * inv * to_f32(gamma[c]) + to_f32(beta[c]));
+    layernorm_shared_row(row, local, cols, gamma, beta, eps, out + base, scratch);
 }
 
 extern "C" __global__ void add_layernorm_f32(const float* x, const float* res, const float* gamma,

@@ -141,6 +141,24 @@ APPARATE_DEVICE float block_max(float v, float* scratch) {
     return warp_max(r);
 }
 
+// LayerNorm of one row of `cols` f32 values that this block's threads hold in shared memory
+// `row` (each thread wrote the entries c = threadIdx.x + k * blockDim.x and passes their sum as
+// `local`), written to `out` as T. `scratch`: 32 floats of shared memory.
+template <typename T, typename G>
+APPARATE_DEVICE void layernorm_shared_row(const float* row, float local, uint32_t cols,
+                                          const G* gamma, const G* beta, float eps, T* out,
+                                          float* scratch) {
+    float mean = block_sum(local, scratch) / (float)cols;
+    float sq = 0.0f;
+    for (uint32_t c = threadIdx.x; c < cols; c += blockDim.x) {
+        float d = row[c] - mean;
+        sq += d * d;
+    }
+    float inv = rsqrtf(block_sum(sq, scratch) / (float)cols + eps);
+    for (uint32_t c = threadIdx.x; c < cols; c += blockDim.x)
+        out[c] = from_f32<T>((row[c] - mean) * inv * to_f32(gamma[c]) + to_f32(beta[c]));
+}
+
 // Activations fused into epilogues. Codes match the Rust side (backend::gpu::ops).
 #define ACT_NONE 0
 #define ACT_GELU_ERF 1

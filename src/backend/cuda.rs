@@ -645,24 +645,7 @@ pub fn compile_cubin<O: AsRef<str>>(arch: &str, options: &[O]) -> Result<Vec<(St
         .collect()
 }
 
-/// `extern "C" __global__ void NAME(` entry points of a kernel source (as `build.rs` finds
-/// them for the emulated device).
-pub fn entry_points(src: &str) -> Vec<String> {
-    let pat = "extern \"C\" __global__ void ";
-    let mut names = Vec::new();
-    let mut rest = src;
-    while let Some(i) = rest.find(pat) {
-        rest = &rest[i + pat.len()..];
-        let name: String = rest
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .collect();
-        if !name.is_empty() {
-            names.push(name);
-        }
-    }
-    names
-}
+pub use super::entry_points::entry_points;
 
 // ---- on-disk cache ------------------------------------------------------------------------
 
@@ -1195,17 +1178,8 @@ impl Device for CudaDevice {
                 k.max_dynamic_shared
                     .fetch_max(cfg.shared_bytes, Ordering::Relaxed);
             }
-            // Each argument is an 8-byte slot whose low bytes hold the value (little-endian),
-            // as the kernel's parameter types read them; the launch gets a pointer to each.
-            let values: Vec<u64> = args
-                .iter()
-                .map(|a| match *a {
-                    KernelArg::Ptr(p) => p,
-                    KernelArg::U32(v) => v as u64,
-                    KernelArg::I32(v) => v as u32 as u64,
-                    KernelArg::F32(v) => v.to_bits() as u64,
-                })
-                .collect();
+            // The launch gets a pointer to each argument's 8-byte slot.
+            let values: Vec<u64> = args.iter().map(|a| a.slot()).collect();
             let mut builder = self.stream.launch_builder(&k.func);
             for v in &values {
                 builder.arg(v);

@@ -39,6 +39,19 @@ pub enum KernelArg {
     F32(f32),
 }
 
+impl KernelArg {
+    /// The argument as the 8-byte slot a launch points at: the value in the low bytes
+    /// (little-endian), which is how the kernel's parameter type reads it.
+    pub fn slot(self) -> u64 {
+        match self {
+            KernelArg::Ptr(p) => p,
+            KernelArg::U32(v) => v as u64,
+            KernelArg::I32(v) => v as u32 as u64,
+            KernelArg::F32(v) => v.to_bits() as u64,
+        }
+    }
+}
+
 /// Largest block (threads) and dynamic shared memory a launch may ask for; both devices refuse
 /// more before launching (an H100/H200 allows 1024 threads and 227 KiB of shared memory).
 pub const MAX_THREADS_PER_BLOCK: u64 = 1024;

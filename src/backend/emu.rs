@@ -247,15 +247,7 @@ impl Device for EmuDevice {
             chunks.par_iter().try_for_each(|&(begin, end)| {
                 // Each chunk gets its own copy of the argument values: a kernel receives
                 // `void**` pointing at them, as with cuLaunchKernel.
-                let mut values: Vec<u64> = args
-                    .iter()
-                    .map(|a| match *a {
-                        KernelArg::Ptr(p) => p,
-                        KernelArg::U32(v) => v as u64,
-                        KernelArg::I32(v) => v as u32 as u64,
-                        KernelArg::F32(v) => v.to_bits() as u64,
-                    })
-                    .collect();
+                let mut values: Vec<u64> = args.iter().map(|a| a.slot()).collect();
                 let mut ptrs: Vec<*mut c_void> = values
                     .iter_mut()
                     .map(|v| v as *mut u64 as *mut c_void)

@@ -393,28 +393,15 @@ impl<D: Device> Backend for GpuBackend<D> {
         beta: &Self::Tensor,
         eps: f32,
     ) -> Result<Self::Tensor> {
-        let width = word.shape.last().copied().unwrap_or(0);
-        for (what, t) in [
-            ("word", word),
-            ("position", position),
-            ("token type", token_type),
-        ] {
-            if t.shape.len() != 2 || t.shape[0] == 0 || t.shape[1] != width || width == 0 {
-                return Err(self.err(format!(
-                    "embed {what} table: shape {:?} is not [rows, {width}]",
-                    t.shape
-                )));
-            }
-        }
-        self.check_cols("embed gamma", gamma, width)?;
-        self.check_cols("embed beta", beta, width)?;
-        super::check_token_ids(
+        let width = super::check_embedding(
             ids,
             type_ids,
             shape,
-            word.shape[0],
-            token_type.shape[0],
-            position.shape[0],
+            &word.shape,
+            &position.shape,
+            &token_type.shape,
+            &gamma.shape,
+            &beta.shape,
         )
         .map_err(|e| self.err(e))?;
         let out = self.alloc(vec![shape.rows(), width])?;

@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod device;
 pub mod emu;
+mod entry_points;
 pub mod gpu;
 pub mod kernel_sources;
 
@@ -51,16 +52,37 @@ impl BatchShape {
     }
 }
 
-/// Bad token ids are user input: every backend rejects them with a message before any table is
-/// indexed.
-pub(crate) fn check_token_ids(
+/// Checks an embedding call before any table is indexed: the tables' shapes agree, and the token
+/// ids (user input) are inside them. Returns the width. Shared by every backend.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_embedding(
     ids: &[u32],
     type_ids: &[u32],
     shape: &BatchShape,
-    vocab: usize,
-    types: usize,
-    positions: usize,
-) -> std::result::Result<(), String> {
+    word: &[usize],
+    position: &[usize],
+    token_type: &[usize],
+    gamma: &[usize],
+    beta: &[usize],
+) -> std::result::Result<usize, String> {
+    let width = word.last().copied().unwrap_or(0);
+    for (what, t) in [
+        ("word", word),
+        ("position", position),
+        ("token type", token_type),
+    ] {
+        if t.len() != 2 || t[0] == 0 || t[1] != width || width == 0 {
+            return Err(format!(
+                "embed {what} table: shape {t:?} is not [rows, {width}]"
+            ));
+        }
+    }
+    for (what, t) in [("gamma", gamma), ("beta", beta)] {
+        if t != [width] {
+            return Err(format!("embed {what}: shape {t:?}, expected [{width}]"));
+        }
+    }
+    let (vocab, types, positions) = (word[0], token_type[0], position[0]);
     let rows = shape.rows();
     if ids.len() != rows || type_ids.len() != rows {
         return Err(format!(
@@ -86,7 +108,7 @@ pub(crate) fn check_token_ids(
     if let Some(&bad) = shape.lengths.iter().find(|&&l| l == 0 || l > shape.seq) {
         return Err(format!("length {bad} outside 1..={}", shape.seq));
     }
-    Ok(())
+    Ok(width)
 }
 
 /// The ops a backend provides, each with its fusion boundary fixed here so every backend fuses

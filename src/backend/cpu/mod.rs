@@ -254,29 +254,15 @@ impl Backend for CpuBackend {
         beta: &CpuTensor,
         eps: f32,
     ) -> Result<CpuTensor> {
-        let width = word.shape.last().copied().unwrap_or(0);
-        for (what, t) in [
-            ("word", word),
-            ("position", position),
-            ("token type", token_type),
-        ] {
-            if t.shape.len() != 2 || t.shape[0] == 0 || width == 0 {
-                return Err(err(format!(
-                    "embed {what} table: shape {:?} is not [rows, width]",
-                    t.shape
-                )));
-            }
-            check_cols(&format!("embed {what} table"), t, width)?;
-        }
-        check_cols("embed gamma", gamma, width)?;
-        check_cols("embed beta", beta, width)?;
-        super::check_token_ids(
+        let width = super::check_embedding(
             ids,
             type_ids,
             shape,
-            word.shape[0],
-            token_type.shape[0],
-            position.shape[0],
+            &word.shape,
+            &position.shape,
+            &token_type.shape,
+            &gamma.shape,
+            &beta.shape,
         )
         .map_err(err)?;
         let data = self.pool.install(|| {
