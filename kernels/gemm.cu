@@ -1,4 +1,4 @@
-// Y = act(X W^T + bias): X [M, K] row-major, W [N, K] row-major (PyTorch Linear layout), Y [M, N].
+// Y = act(X W^T + bias + residual): X [M, K] row-major, W [N, K] row-major (PyTorch Linear layout), Y [M, N].
 //
 // f16 / bf16: tensor-core GEMM. A block computes a 64x64 tile of Y with 4 warps (2 x 2), each
 // warp a 32x32 sub-tile as 2 x 4 mma.m16n8k16 tiles; K advances 32 at a time through shared
@@ -15,10 +15,12 @@
 
 template <typename T>
 __device__ void store_out(T* y, uint32_t M, uint32_t N, uint32_t r, uint32_t c, float v,
-                          const T* bias, int act) {
+                          const T* bias, const T* res, int act) {
     if (r < M && c < N) {
+        uint64_t at = (uint64_t)r * N + c;
         if (bias) v += to_f32(bias[c]);
-        y[(uint64_t)r * N + c] = from_f32<T>(activate(v, act));
+        if (res) v += to_f32(res[at]);
+        y[at] = from_f32<T>(activate(v, act));
     }
 }
 
@@ -29,7 +31,8 @@ __device__ void store_out(T* y, uint32_t M, uint32_t N, uint32_t r, uint32_t c, 
 
 template <typename T>
 __device__ void gemm_tc(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
-                        T* __restrict__ y, uint32_t M, uint32_t N, uint32_t K, int act) {
+                        const T* __restrict__ res, T* __restrict__ y, uint32_t M, uint32_t N,
+                        uint32_t K, int act) {
     __shared__ __align__(16) T as[GEMM_BM][TC_LD];
     __shared__ __align__(16) T bs[GEMM_BN][TC_LD];
     uint32_t tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -70,10 +73,10 @@ __device__ void gemm_tc(const T* __restrict__ x, const T* __restrict__ w, const 
     for (int i = 0; i < 2; i++)
         for (int j = 0; j < 4; j++) {
             uint32_t r = m0 + wm * 32 + i * 16 + g, c = n0 + wn * 32 + j * 8 + 2 * t;
-            store_out(y, M, N, r, c, acc[i][j][0], bias, act);
-            store_out(y, M, N, r, c + 1, acc[i][j][1], bias, act);
-            store_out(y, M, N, r + 8, c, acc[i][j][2], bias, act);
-            store_out(y, M, N, r + 8, c + 1, acc[i][j][3], bias, act);
+            store_out(y, M, N, r, c, acc[i][j][0], bias, res, act);
+            store_out(y, M, N, r, c + 1, acc[i][j][1], bias, res, act);
+            store_out(y, M, N, r + 8, c, acc[i][j][2], bias, res, act);
+            store_out(y, M, N, r + 8, c + 1, acc[i][j][3], bias, res, act);
         }
 }
 
@@ -82,8 +85,8 @@ __device__ void gemm_tc(const T* __restrict__ x, const T* __restrict__ w, const 
 #define F32_BK 16
 
 __device__ void gemm_simt(const float* __restrict__ x, const float* __restrict__ w,
-                          const float* __restrict__ bias, float* __restrict__ y, uint32_t M,
-                          uint32_t N, uint32_t K, int act) {
+                          const float* __restrict__ bias, const float* __restrict__ res,
+                          float* __restrict__ y, uint32_t M, uint32_t N, uint32_t K, int act) {
     __shared__ float as[F32_BK][GEMM_BM + 4];
     __shared__ float bs[F32_BK][GEMM_BN + 4];
     uint32_t tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
@@ -109,18 +112,20 @@ __device__ void gemm_simt(const float* __restrict__ x, const float* __restrict__
     }
     for (int i = 0; i < 4; i++)
         for (int j = 0; j < 4; j++)
-            store_out(y, M, N, m0 + ty * 4 + i, n0 + tx * 4 + j, acc[i][j], bias, act);
+            store_out(y, M, N, m0 + ty * 4 + i, n0 + tx * 4 + j, acc[i][j], bias, res, act);
 }
 
-extern "C" __global__ void gemm_f32(const float* x, const float* w, const float* bias, float* y,
-                                    uint32_t M, uint32_t N, uint32_t K, int act) {
-    gemm_simt(x, w, bias, y, M, N, K, act);
+extern "C" __global__ void gemm_f32(const float* x, const float* w, const float* bias,
+                                    const float* res, float* y, uint32_t M, uint32_t N,
+                                    uint32_t K, int act) {
+    gemm_simt(x, w, bias, res, y, M, N, K, act);
 }
-extern "C" __global__ void gemm_f16(const f16* x, const f16* w, const f16* bias, f16* y,
-                                    uint32_t M, uint32_t N, uint32_t K, int act) {
-    gemm_tc(x, w, bias, y, M, N, K, act);
+extern "C" __global__ void gemm_f16(const f16* x, const f16* w, const f16* bias, const f16* res,
+                                    f16* y, uint32_t M, uint32_t N, uint32_t K, int act) {
+    gemm_tc(x, w, bias, res, y, M, N, K, act);
 }
-extern "C" __global__ void gemm_bf16(const bf16* x, const bf16* w, const bf16* bias, bf16* y,
-                                     uint32_t M, uint32_t N, uint32_t K, int act) {
-    gemm_tc(x, w, bias, y, M, N, K, act);
+extern "C" __global__ void gemm_bf16(const bf16* x, const bf16* w, const bf16* bias,
+                                     const bf16* res, bf16* y, uint32_t M, uint32_t N, uint32_t K,
+                                     int act) {
+    gemm_tc(x, w, bias, res, y, M, N, K, act);
 }

@@ -1,5 +1,5 @@
-// Pooling of token states into one vector per input, and L2 normalisation of rows. f32
-// arithmetic, any storage dtype.
+// Pooling: token states into one vector per input, 2-D max/average windows and global average
+// pooling over NHWC images; and L2 normalisation of rows. f32 arithmetic, any storage dtype.
 #include "common/apparate.cuh"
 
 #define POOL_MEAN 0
@@ -39,3 +39,55 @@ extern "C" __global__ void pool_bf16(const bf16* x, const int32_t* lengths, bf16
 extern "C" __global__ void l2_normalize_f32(const float* x, float* out, uint32_t cols) { l2_normalize(x, out, cols); }
 extern "C" __global__ void l2_normalize_f16(const f16* x, f16* out, uint32_t cols) { l2_normalize(x, out, cols); }
 extern "C" __global__ void l2_normalize_bf16(const bf16* x, bf16* out, uint32_t cols) { l2_normalize(x, out, cols); }
+
+// Max / average pooling over NHWC windows, one thread per output element; averages count only
+// the pixels inside the input (padding excluded).
+template <typename T>
+__device__ void pool2d(const T* __restrict__ x, T* __restrict__ out, uint32_t n, uint32_t h,
+                       uint32_t w, uint32_t c, uint32_t oh, uint32_t ow, uint32_t kh,
+                       uint32_t kw, uint32_t sh, uint32_t sw, uint32_t ph, uint32_t pw,
+                       int is_max) {
+    uint64_t total = (uint64_t)n * oh * ow * c, stride = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t e = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+        uint32_t ch = (uint32_t)(e % c);
+        uint64_t r = e / c;
+        uint32_t xo = (uint32_t)(r % ow), y = (uint32_t)((r / ow) % oh), b = (uint32_t)(r / ((uint64_t)oh * ow));
+        float acc = is_max ? -3.402823466e38f : 0.0f;
+        uint32_t count = 0;
+        for (uint32_t i = 0; i < kh; i++) {
+            int iy = (int)(y * sh + i) - (int)ph;
+            if (iy < 0 || iy >= (int)h) continue;
+            for (uint32_t j = 0; j < kw; j++) {
+                int ix = (int)(xo * sw + j) - (int)pw;
+                if (ix < 0 || ix >= (int)w) continue;
+                float v = to_f32(x[(((uint64_t)b * h + iy) * w + ix) * c + ch]);
+                acc = is_max ? fmaxf(acc, v) : acc + v;
+                count++;
+            }
+        }
+        out[e] = from_f32<T>(is_max ? acc : acc / (float)(count ? count : 1));
+    }
+}
+
+// [n, hw, c] -> [n, c]: one thread per output element.
+template <typename T>
+__device__ void global_avg_pool(const T* __restrict__ x, T* __restrict__ out, uint32_t n,
+                                uint32_t hw, uint32_t c) {
+    uint64_t total = (uint64_t)n * c, stride = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t e = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+        uint64_t b = e / c, ch = e % c;
+        float acc = 0.0f;
+        for (uint32_t p = 0; p < hw; p++) acc += to_f32(x[(b * hw + p) * c + ch]);
+        out[e] = from_f32<T>(acc / (float)hw);
+    }
+}
+
+#define POOL2D_ARGS uint32_t n, uint32_t h, uint32_t w, uint32_t c, uint32_t oh, uint32_t ow, \
+    uint32_t kh, uint32_t kw, uint32_t sh, uint32_t sw, uint32_t ph, uint32_t pw, int is_max
+#define POOL2D_PASS n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, is_max
+extern "C" __global__ void pool2d_f32(const float* x, float* out, POOL2D_ARGS) { pool2d(x, out, POOL2D_PASS); }
+extern "C" __global__ void pool2d_f16(const f16* x, f16* out, POOL2D_ARGS) { pool2d(x, out, POOL2D_PASS); }
+extern "C" __global__ void pool2d_bf16(const bf16* x, bf16* out, POOL2D_ARGS) { pool2d(x, out, POOL2D_PASS); }
+extern "C" __global__ void global_avg_pool_f32(const float* x, float* out, uint32_t n, uint32_t hw, uint32_t c) { global_avg_pool(x, out, n, hw, c); }
+extern "C" __global__ void global_avg_pool_f16(const f16* x, f16* out, uint32_t n, uint32_t hw, uint32_t c) { global_avg_pool(x, out, n, hw, c); }
+extern "C" __global__ void global_avg_pool_bf16(const bf16* x, bf16* out, uint32_t n, uint32_t hw, uint32_t c) { global_avg_pool(x, out, n, hw, c); }

@@ -314,3 +314,120 @@ fn pooling_normalize_softmax<D: Device>(name: &str, be: &GpuBackend<D>, c: &CpuB
 fn pooling_normalize_softmax_all_dtypes_and_shapes() {
     on_every_device!(pooling_normalize_softmax);
 }
+
+fn conv_and_pool<D: Device>(name: &str, be: &GpuBackend<D>, c: &CpuBackend) {
+    use apparate::backend::{Conv2d, Pool2d};
+    let dt = be.dtype();
+    let case = Case { be, cpu: c, dt };
+    let mut rng = SplitMix::new(16);
+    // (n, h, w, cin, cout, k, stride, pad, groups, residual, act)
+    let convs = [
+        (1, 1, 1, 1, 1, 1, 1, 0, 1, false, Activation::None),
+        (2, 7, 5, 3, 8, 3, 1, 1, 1, true, Activation::Relu),
+        (1, 9, 9, 16, 16, 3, 2, 1, 16, false, Activation::Relu6),
+        (2, 8, 8, 8, 12, 3, 1, 1, 4, true, Activation::None),
+        (1, 6, 6, 16, 24, 1, 1, 0, 1, true, Activation::Relu),
+        (1, 28, 28, 3, 16, 7, 2, 3, 1, false, Activation::Relu),
+        (1, 14, 14, 32, 65, 3, 1, 1, 1, false, Activation::None),
+    ];
+    for (n, h, w, cin, cout, k, s, p, g, with_res, act) in convs {
+        let geo = Conv2d {
+            stride: [s, s],
+            padding: [p, p],
+            groups: g,
+        };
+        let (oh, ow) = geo.output_size(h, w, k, k).unwrap();
+        let x = rand(&mut rng, n * h * w * cin, 1.0, dt);
+        let wt = rand(&mut rng, cout * k * k * (cin / g), 0.5, dt);
+        let b = rand(&mut rng, cout, 0.5, dt);
+        let r = rand(&mut rng, n * oh * ow * cout, 1.0, dt);
+        let (xg, xc) = case.up(&x, &[n, h, w, cin]);
+        let (wg, wc) = case.up(&wt, &[cout, k, k, cin / g]);
+        let (bg, bc) = case.up(&b, &[cout]);
+        let (rg, rc) = case.up(&r, &[n, oh, ow, cout]);
+        let got = be
+            .conv2d(&xg, &wg, Some(&bg), &geo, with_res.then_some(&rg), act)
+            .unwrap();
+        let want = c
+            .conv2d(&xc, &wc, Some(&bc), &geo, with_res.then_some(&rc), act)
+            .unwrap();
+        check(
+            name,
+            &format!("conv2d {n}x{h}x{w}x{cin}->{cout} k{k} s{s} p{p} g{g} res={with_res} {act:?}"),
+            dt,
+            be.download(&got).unwrap(),
+            c.download(&want).unwrap(),
+        );
+    }
+    for (shape, pool) in [
+        (
+            [2, 9, 9, 5],
+            Pool2d {
+                max: true,
+                kernel: [3, 3],
+                stride: [2, 2],
+                padding: [1, 1],
+            },
+        ),
+        (
+            [1, 8, 8, 3],
+            Pool2d {
+                max: false,
+                kernel: [2, 2],
+                stride: [2, 2],
+                padding: [0, 0],
+            },
+        ),
+        (
+            [1, 7, 7, 4],
+            Pool2d {
+                max: false,
+                kernel: [3, 3],
+                stride: [1, 1],
+                padding: [1, 1],
+            },
+        ),
+    ] {
+        let x = rand(&mut rng, shape.iter().product(), 1.0, dt);
+        let (xg, xc) = case.up(&x, &shape);
+        let got = be.pool2d(&xg, &pool).unwrap();
+        let want = c.pool2d(&xc, &pool).unwrap();
+        check(
+            name,
+            &format!("pool2d {shape:?} {pool:?}"),
+            dt,
+            be.download(&got).unwrap(),
+            c.download(&want).unwrap(),
+        );
+    }
+    let x = rand(&mut rng, 2 * 7 * 7 * 16, 1.0, dt);
+    let (xg, xc) = case.up(&x, &[2, 7, 7, 16]);
+    let got = be.global_avg_pool(&xg).unwrap();
+    let want = c.global_avg_pool(&xc).unwrap();
+    check(
+        name,
+        "global_avg_pool 2x7x7x16",
+        dt,
+        be.download(&got).unwrap(),
+        c.download(&want).unwrap(),
+    );
+    // Bad geometry is an error, not a launch.
+    let bad = Conv2d {
+        stride: [1, 1],
+        padding: [0, 0],
+        groups: 3,
+    };
+    let (xg, _) = case.up(&x, &[2, 7, 7, 16]);
+    let (wg, _) = case.up(&vec![0.0; 8 * 9 * 16], &[8, 3, 3, 16]);
+    let e = be
+        .conv2d(&xg, &wg, None, &bad, None, Activation::None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("groups"), "{e}");
+}
+
+#[test]
+fn conv_and_pooling_all_dtypes_and_shapes() {
+    on_every_device!(conv_and_pool);
+}

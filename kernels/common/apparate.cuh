@@ -163,8 +163,12 @@ APPARATE_DEVICE void layernorm_shared_row(const float* row, float local, uint32_
 #define ACT_NONE 0
 #define ACT_GELU_ERF 1
 #define ACT_TANH 2
+#define ACT_RELU 3
+#define ACT_RELU6 4
 APPARATE_DEVICE float activate(float x, int act) {
     if (act == ACT_GELU_ERF) return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
     if (act == ACT_TANH) return tanhf(x);
+    if (act == ACT_RELU) return fmaxf(x, 0.0f);
+    if (act == ACT_RELU6) return fminf(fmaxf(x, 0.0f), 6.0f);
     return x;
 }

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use super::device::{Device, KernelArg, LaunchConfig, MAX_SHARED_BYTES};
-use super::{Activation, Backend, BatchShape, Pooling};
+use super::{Activation, Backend, BatchShape, Conv2d, Pool2d, Pooling};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, TensorView};
 
@@ -116,6 +116,58 @@ impl<D: Device> GpuBackend<D> {
             )));
         }
         Ok(KernelArg::Ptr(self.dev.address(&t.buf)))
+    }
+
+    /// `y = act(x W^T + b + residual)` through the GEMM kernels; `x` is an address (a tensor
+    /// or an im2col buffer) of [m, k] values of this backend's dtype.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        x: KernelArg,
+        w: &GpuTensor<D::Buf>,
+        b: Option<&GpuTensor<D::Buf>>,
+        residual: Option<&GpuTensor<D::Buf>>,
+        y: &GpuTensor<D::Buf>,
+        [m, n, k]: [usize; 3],
+        act: Activation,
+    ) -> Result<()> {
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let threads = if self.dtype == DType::F32 { 256 } else { 128 };
+        let cfg = LaunchConfig {
+            grid: [
+                self.grid("GEMM row tiles", m.div_ceil(GEMM_TILE))?,
+                self.grid("GEMM column tiles", n.div_ceil(GEMM_TILE))?,
+                1,
+            ],
+            block: [threads, 1, 1],
+            shared_bytes: 0,
+        };
+        let opt = |t: Option<&GpuTensor<D::Buf>>| -> Result<KernelArg> {
+            t.map_or(Ok(KernelArg::Ptr(0)), |t| self.ptr(t))
+        };
+        self.launch(
+            &self.kernel("gemm"),
+            cfg,
+            &[
+                x,
+                self.ptr(w)?,
+                opt(b)?,
+                opt(residual)?,
+                self.ptr(y)?,
+                self.u32("M", m)?,
+                self.u32("N", n)?,
+                self.u32("K", k)?,
+                KernelArg::I32(act.code()),
+            ],
+        )
+    }
+
+    /// A launch with one thread per element of `total`, grid-stride (kernels loop over the
+    /// rest), capped at a grid every device accepts.
+    fn elementwise_cfg(&self, total: usize) -> LaunchConfig {
+        LaunchConfig::linear(total.div_ceil(256).clamp(1, 1 << 20) as u32, 256, 0)
     }
 
     /// Every launch of this backend goes through here.
@@ -241,41 +293,7 @@ impl<D: Device> Backend for GpuBackend<D> {
         let mut shape = x.shape.clone();
         *shape.last_mut().expect("checked") = n;
         let y = self.alloc(shape)?;
-        if m == 0 || n == 0 {
-            return Ok(y);
-        }
-        let threads = if self.dtype == DType::F32 { 256 } else { 128 };
-        let cfg = LaunchConfig {
-            grid: [
-                self.grid("GEMM row tiles", m.div_ceil(GEMM_TILE))?,
-                self.grid("GEMM column tiles", n.div_ceil(GEMM_TILE))?,
-                1,
-            ],
-            block: [threads, 1, 1],
-            shared_bytes: 0,
-        };
-        let act = match act {
-            Activation::None => 0,
-            Activation::GeluErf => 1,
-            Activation::Tanh => 2,
-        };
-        self.launch(
-            &self.kernel("gemm"),
-            cfg,
-            &[
-                self.ptr(x)?,
-                self.ptr(w)?,
-                match b {
-                    Some(b) => self.ptr(b)?,
-                    None => KernelArg::Ptr(0),
-                },
-                self.ptr(&y)?,
-                self.u32("M", m)?,
-                self.u32("N", n)?,
-                self.u32("K", k)?,
-                KernelArg::I32(act),
-            ],
-        )?;
+        self.gemm(self.ptr(x)?, w, b, None, &y, [m, n, k], act)?;
         Ok(y)
     }
 
@@ -477,6 +495,139 @@ impl<D: Device> Backend for GpuBackend<D> {
 
     fn softmax(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
         self.row_op("softmax", x)
+    }
+
+    fn conv2d(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+        p: &Conv2d,
+        residual: Option<&Self::Tensor>,
+        act: Activation,
+    ) -> Result<Self::Tensor> {
+        let dims = super::check_conv(
+            &x.shape,
+            &w.shape,
+            b.map(|b| b.shape.as_slice()),
+            p,
+            residual.map(|r| r.shape.as_slice()),
+        )
+        .map_err(|e| self.err(e))?;
+        let [n, h, wd, cin, cout, kh, kw, oh, ow] = dims;
+        let y = self.alloc(vec![n, oh, ow, cout])?;
+        let m = n * oh * ow;
+        if m == 0 || cout == 0 {
+            return Ok(y);
+        }
+        let geometry = [
+            self.u32("n", n)?,
+            self.u32("h", h)?,
+            self.u32("w", wd)?,
+            self.u32("cin", cin)?,
+        ];
+        let window = [
+            self.u32("kh", kh)?,
+            self.u32("kw", kw)?,
+            self.u32("oh", oh)?,
+            self.u32("ow", ow)?,
+            self.u32("stride", p.stride[0])?,
+            self.u32("stride", p.stride[1])?,
+            self.u32("padding", p.padding[0])?,
+            self.u32("padding", p.padding[1])?,
+        ];
+        if p.groups == 1 {
+            let k = kh * kw * cin;
+            if kh == 1 && kw == 1 && p.stride == [1, 1] && p.padding == [0, 0] {
+                self.gemm(self.ptr(x)?, w, b, residual, &y, [m, cout, k], act)?;
+            } else {
+                let cols = self.dev.alloc(m * k * self.dtype.size())?;
+                let mut args = vec![self.ptr(x)?, KernelArg::Ptr(self.dev.address(&cols))];
+                args.extend(geometry);
+                args.extend(window);
+                self.launch(&self.kernel("im2col"), self.elementwise_cfg(m * k), &args)?;
+                let cols_arg = KernelArg::Ptr(self.dev.address(&cols));
+                self.gemm(cols_arg, w, b, residual, &y, [m, cout, k], act)?;
+            }
+            return Ok(y);
+        }
+        let opt = |t: Option<&GpuTensor<D::Buf>>| -> Result<KernelArg> {
+            t.map_or(Ok(KernelArg::Ptr(0)), |t| self.ptr(t))
+        };
+        let mut args = vec![
+            self.ptr(x)?,
+            self.ptr(w)?,
+            opt(b)?,
+            opt(residual)?,
+            self.ptr(&y)?,
+        ];
+        args.extend(geometry);
+        args.insert(9, self.u32("cout", cout)?);
+        args.extend(window);
+        args.push(self.u32("groups", p.groups)?);
+        args.push(KernelArg::I32(act.code()));
+        self.launch(
+            &self.kernel("conv_grouped"),
+            self.elementwise_cfg(m * cout),
+            &args,
+        )?;
+        Ok(y)
+    }
+
+    fn pool2d(&self, x: &Self::Tensor, p: &Pool2d) -> Result<Self::Tensor> {
+        let [n, h, w, c, oh, ow] = super::check_pool(&x.shape, p).map_err(|e| self.err(e))?;
+        let y = self.alloc(vec![n, oh, ow, c])?;
+        let total = n * oh * ow * c;
+        if total == 0 {
+            return Ok(y);
+        }
+        let dims = [
+            n,
+            h,
+            w,
+            c,
+            oh,
+            ow,
+            p.kernel[0],
+            p.kernel[1],
+            p.stride[0],
+            p.stride[1],
+            p.padding[0],
+            p.padding[1],
+        ];
+        let mut args = vec![self.ptr(x)?, self.ptr(&y)?];
+        for v in dims {
+            args.push(self.u32("pool2d size", v)?);
+        }
+        args.push(KernelArg::I32(i32::from(p.max)));
+        self.launch(&self.kernel("pool2d"), self.elementwise_cfg(total), &args)?;
+        Ok(y)
+    }
+
+    fn global_avg_pool(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
+        if x.shape.len() != 4 {
+            return Err(self.err(format!(
+                "global_avg_pool: input {:?} must be 4-D (NHWC)",
+                x.shape
+            )));
+        }
+        let (n, hw, c) = (x.shape[0], x.shape[1] * x.shape[2], x.shape[3]);
+        let y = self.alloc(vec![n, c])?;
+        if n * c == 0 || hw == 0 {
+            return Ok(y);
+        }
+        self.launch(
+            &self.kernel("global_avg_pool"),
+            self.elementwise_cfg(n * c),
+            &[
+                self.ptr(x)?,
+                self.ptr(&y)?,
+                self.u32("n", n)?,
+                self.u32("hw", hw)?,
+                self.u32("c", c)?,
+            ],
+        )?;
+        Ok(y)
     }
 }
 

@@ -23,6 +23,55 @@ pub enum Activation {
     /// The exact GELU, `0.5 x (1 + erf(x / sqrt 2))`, as BERT uses it.
     GeluErf,
     Tanh,
+    Relu,
+    /// `min(max(x, 0), 6)`, as MobileNet/EfficientNet-Lite use it.
+    Relu6,
+}
+
+impl Activation {
+    /// The code the kernels use (`ACT_*` in kernels/common/apparate.cuh).
+    pub fn code(self) -> i32 {
+        match self {
+            Activation::None => 0,
+            Activation::GeluErf => 1,
+            Activation::Tanh => 2,
+            Activation::Relu => 3,
+            Activation::Relu6 => 4,
+        }
+    }
+}
+
+/// Geometry of a 2-D convolution over NHWC tensors. The kernel size comes from the weight,
+/// laid out `[out_channels, kernel_h, kernel_w, in_channels / groups]`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Conv2d {
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
+    pub groups: usize,
+}
+
+impl Conv2d {
+    /// Output height and width for an input of `h x w` and a `kh x kw` kernel, or None when the
+    /// kernel does not fit.
+    pub fn output_size(&self, h: usize, w: usize, kh: usize, kw: usize) -> Option<(usize, usize)> {
+        let span = |n: usize, k: usize, s: usize, p: usize| {
+            (n + 2 * p).checked_sub(k).map(|d| d / s.max(1) + 1)
+        };
+        Some((
+            span(h, kh, self.stride[0], self.padding[0])?,
+            span(w, kw, self.stride[1], self.padding[1])?,
+        ))
+    }
+}
+
+/// Max or average pooling over NHWC windows. Average pooling counts only the input pixels inside
+/// the window (padding excluded), as `count_include_pad = False` in PyTorch.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Pool2d {
+    pub max: bool,
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
 }
 
 /// How per-token states become one vector per input.
@@ -184,4 +233,107 @@ pub trait Backend: Send + Sync {
 
     /// Row-wise softmax.
     fn softmax(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// `act(conv2d(x, w) + b + residual)` over NHWC: `x` [n, h, w, cin], `w` [cout, kh, kw,
+    /// cin / groups], `b` [cout], `residual` (if any) shaped like the output [n, oh, ow, cout].
+    fn conv2d(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+        p: &Conv2d,
+        residual: Option<&Self::Tensor>,
+        act: Activation,
+    ) -> Result<Self::Tensor>;
+
+    /// Max or average pooling over NHWC windows.
+    fn pool2d(&self, x: &Self::Tensor, p: &Pool2d) -> Result<Self::Tensor>;
+
+    /// [n, h, w, c] -> [n, c], the mean over every pixel.
+    fn global_avg_pool(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+}
+
+/// Checks a convolution's shapes (shared by every backend); returns (n, h, w, cin, cout, kh, kw,
+/// oh, ow).
+pub(crate) fn check_conv(
+    x: &[usize],
+    w: &[usize],
+    b: Option<&[usize]>,
+    p: &Conv2d,
+    residual: Option<&[usize]>,
+) -> std::result::Result<[usize; 9], String> {
+    if x.len() != 4 || w.len() != 4 {
+        return Err(format!(
+            "conv2d: input {x:?} and weight {w:?} must be 4-D (NHWC, [cout, kh, kw, cin/groups])"
+        ));
+    }
+    let (n, h, wd, cin) = (x[0], x[1], x[2], x[3]);
+    let (cout, kh, kw, cg) = (w[0], w[1], w[2], w[3]);
+    if p.groups == 0
+        || !cin.is_multiple_of(p.groups)
+        || !cout.is_multiple_of(p.groups)
+        || cg * p.groups != cin
+    {
+        return Err(format!(
+            "conv2d: {cin} input channels, weight {w:?} and {} groups do not agree",
+            p.groups
+        ));
+    }
+    if p.stride.contains(&0) || kh == 0 || kw == 0 {
+        return Err(format!(
+            "conv2d: zero stride {:?} or kernel {kh}x{kw}",
+            p.stride
+        ));
+    }
+    let (oh, ow) = p.output_size(h, wd, kh, kw).ok_or_else(|| {
+        format!(
+            "conv2d: a {kh}x{kw} kernel does not fit a {h}x{wd} input padded by {:?}",
+            p.padding
+        )
+    })?;
+    if let Some(b) = b
+        && b != [cout]
+    {
+        return Err(format!("conv2d: bias shape {b:?}, expected [{cout}]"));
+    }
+    if let Some(r) = residual
+        && r != [n, oh, ow, cout]
+    {
+        return Err(format!(
+            "conv2d: residual shape {r:?}, expected {:?}",
+            [n, oh, ow, cout]
+        ));
+    }
+    Ok([n, h, wd, cin, cout, kh, kw, oh, ow])
+}
+
+/// Checks a pooling's shapes; returns (n, h, w, c, oh, ow).
+pub(crate) fn check_pool(x: &[usize], p: &Pool2d) -> std::result::Result<[usize; 6], String> {
+    if x.len() != 4 {
+        return Err(format!("pool2d: input {x:?} must be 4-D (NHWC)"));
+    }
+    if p.stride.contains(&0)
+        || p.kernel.contains(&0)
+        || p.padding[0] * 2 > p.kernel[0]
+        || p.padding[1] * 2 > p.kernel[1]
+    {
+        return Err(format!(
+            "pool2d: kernel {:?}, stride {:?}, padding {:?} are not a valid window",
+            p.kernel, p.stride, p.padding
+        ));
+    }
+    let c = Conv2d {
+        stride: p.stride,
+        padding: p.padding,
+        groups: 1,
+    };
+    let (oh, ow) = c
+        .output_size(x[1], x[2], p.kernel[0], p.kernel[1])
+        .ok_or_else(|| {
+            format!(
+                "pool2d: a {:?} window does not fit a {}x{} input",
+                p.kernel, x[1], x[2]
+            )
+        })?;
+    Ok([x[0], x[1], x[2], x[3], oh, ow])
 }

@@ -13,32 +13,47 @@ pub(crate) fn gelu_erf(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn bias_act_body(rows: &mut [f32], n: usize, b: Option<&[f32]>, act: Activation) {
-    for row in rows.chunks_mut(n) {
+fn bias_act_body(
+    rows: &mut [f32],
+    n: usize,
+    b: Option<&[f32]>,
+    res: Option<&[f32]>,
+    act: Activation,
+) {
+    for (i, row) in rows.chunks_mut(n).enumerate() {
         if let Some(b) = b {
             for (v, bias) in row.iter_mut().zip(b) {
                 *v += bias;
+            }
+        }
+        if let Some(r) = res {
+            for (v, r) in row.iter_mut().zip(&r[i * n..(i + 1) * n]) {
+                *v += r;
             }
         }
         match act {
             Activation::None => {}
             Activation::GeluErf => row.iter_mut().for_each(|v| *v = gelu_erf(*v)),
             Activation::Tanh => row.iter_mut().for_each(|v| *v = v.tanh()),
+            Activation::Relu => row.iter_mut().for_each(|v| *v = v.max(0.0)),
+            Activation::Relu6 => row.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0)),
         }
     }
 }
 
-multiversion!(fn bias_act(rows: &mut [f32], n: usize, b: Option<&[f32]>, act: Activation) => bias_act_body);
+multiversion!(fn bias_act(rows: &mut [f32], n: usize, b: Option<&[f32]>, res: Option<&[f32]>, act: Activation) => bias_act_body);
 
 /// Rows of output handled per parallel epilogue task; big enough to amortise scheduling.
 const EPILOGUE_ROWS: usize = 16;
 
-/// `x` [m, k] row-major, `w` [n, k] row-major -> [m, n].
+/// `act(x W^T + b + residual)`: `x` [m, k] row-major, `w` [n, k] row-major, `residual` [m, n]
+/// -> [m, n].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear(
     x: &[f32],
     w: &[f32],
     b: Option<&[f32]>,
+    residual: Option<&[f32]>,
     m: usize,
     n: usize,
     k: usize,
@@ -74,9 +89,13 @@ pub(crate) fn linear(
             par,
         );
     }
-    if b.is_some() || act != Activation::None {
+    if b.is_some() || residual.is_some() || act != Activation::None {
         out.par_chunks_mut(n * EPILOGUE_ROWS)
-            .for_each(|rows| bias_act(rows, n, b, act));
+            .enumerate()
+            .for_each(|(i, rows)| {
+                let res = residual.map(|r| &r[i * n * EPILOGUE_ROWS..][..rows.len()]);
+                bias_act(rows, n, b, res, act)
+            });
     }
     out
 }
@@ -110,7 +129,7 @@ mod tests {
                 .collect();
             let b: Vec<f32> = (0..n).map(|i| i as f32 / 10.0).collect();
             for par in [gemm::Parallelism::None, gemm::Parallelism::Rayon(2)] {
-                let got = linear(&x, &w, Some(&b), m, n, k, Activation::None, par);
+                let got = linear(&x, &w, Some(&b), None, m, n, k, Activation::None, par);
                 let want = naive(&x, &w, &b, m, n, k);
                 for (g, e) in got.iter().zip(&want) {
                     assert!(

@@ -3,6 +3,7 @@
 //! It is also the reference every other backend is tested against.
 
 mod attention;
+mod conv;
 mod embedding;
 mod linear;
 mod norm;
@@ -11,7 +12,7 @@ mod simd;
 
 use std::sync::Arc;
 
-use super::{Activation, Backend, BatchShape, Pooling};
+use super::{Activation, Backend, BatchShape, Conv2d, Pool2d, Pooling};
 use crate::error::{Error, Result};
 
 /// Settings of the CPU backend.
@@ -177,6 +178,7 @@ impl Backend for CpuBackend {
                 &x.data,
                 &w.data,
                 b.map(|b| b.data.as_slice()),
+                None,
                 m,
                 n,
                 k,
@@ -313,5 +315,64 @@ impl Backend for CpuBackend {
             pool::softmax_in_place(row);
         }
         Ok(CpuTensor::new(x.shape.clone(), data))
+    }
+
+    fn conv2d(
+        &self,
+        x: &CpuTensor,
+        w: &CpuTensor,
+        b: Option<&CpuTensor>,
+        p: &Conv2d,
+        residual: Option<&CpuTensor>,
+        act: Activation,
+    ) -> Result<CpuTensor> {
+        let dims = super::check_conv(
+            &x.shape,
+            &w.shape,
+            b.map(|b| b.shape.as_slice()),
+            p,
+            residual.map(|r| r.shape.as_slice()),
+        )
+        .map_err(err)?;
+        let par = self.par();
+        let data = self.pool.install(|| {
+            conv::conv2d(
+                &x.data,
+                &w.data,
+                b.map(|b| b.data.as_slice()),
+                residual.map(|r| r.data.as_slice()),
+                dims,
+                p,
+                act,
+                par,
+            )
+        });
+        Ok(CpuTensor::new(
+            vec![dims[0], dims[7], dims[8], dims[4]],
+            data,
+        ))
+    }
+
+    fn pool2d(&self, x: &CpuTensor, p: &Pool2d) -> Result<CpuTensor> {
+        let dims = super::check_pool(&x.shape, p).map_err(err)?;
+        let data = self.pool.install(|| conv::pool2d(&x.data, dims, p));
+        Ok(CpuTensor::new(
+            vec![dims[0], dims[4], dims[5], dims[3]],
+            data,
+        ))
+    }
+
+    fn global_avg_pool(&self, x: &CpuTensor) -> Result<CpuTensor> {
+        if x.shape.len() != 4 {
+            return Err(err(format!(
+                "global_avg_pool: input {:?} must be 4-D (NHWC)",
+                x.shape
+            )));
+        }
+        let (n, hw, c) = (x.shape[0], x.shape[1] * x.shape[2], x.shape[3]);
+        let data = self
+            .pool
+            .install(|| conv::global_avg_pool(&x.data, n, hw, c));
+        Ok(CpuTensor::new(vec![n, c], data))
     }
 }

@@ -1,0 +1,257 @@
+//! 2-D convolution and pooling over NHWC tensors on the CPU.
+//!
+//! NHWC keeps a pixel's channels contiguous, so an im2col row (kernel rows x kernel columns x
+//! input channels) is a few contiguous copies and the convolution becomes one GEMM with the
+//! weight `[cout, kh * kw * cin]` as is; a 1x1 stride-1 convolution needs no im2col at all.
+//! Grouped and depthwise convolutions run as direct loops over output pixels, vectorised over
+//! the channels of a group.
+
+use rayon::prelude::*;
+
+use super::linear;
+use crate::backend::{Activation, Conv2d, Pool2d};
+
+/// Gathers the receptive field of every output pixel: [n * oh * ow, kh * kw * cin].
+#[allow(clippy::too_many_arguments)]
+fn im2col(x: &[f32], dims: [usize; 9], p: &Conv2d) -> Vec<f32> {
+    let [n, h, w, cin, _, kh, kw, oh, ow] = dims;
+    let k = kh * kw * cin;
+    let mut cols = vec![0.0f32; n * oh * ow * k];
+    cols.par_chunks_mut(k).enumerate().for_each(|(r, row)| {
+        let (b, y, xo) = (r / (oh * ow), (r / ow) % oh, r % ow);
+        for i in 0..kh {
+            let iy = (y * p.stride[0] + i) as isize - p.padding[0] as isize;
+            if iy < 0 || iy >= h as isize {
+                continue;
+            }
+            for j in 0..kw {
+                let ix = (xo * p.stride[1] + j) as isize - p.padding[1] as isize;
+                if ix < 0 || ix >= w as isize {
+                    continue;
+                }
+                let src = ((b * h + iy as usize) * w + ix as usize) * cin;
+                row[(i * kw + j) * cin..][..cin].copy_from_slice(&x[src..src + cin]);
+            }
+        }
+    });
+    cols
+}
+
+/// `act(conv(x, w) + b + residual)`; `dims` from `check_conv`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv2d(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    dims: [usize; 9],
+    p: &Conv2d,
+    act: Activation,
+    par: gemm::Parallelism,
+) -> Vec<f32> {
+    let [n, _, _, cin, cout, kh, kw, oh, ow] = dims;
+    let m = n * oh * ow;
+    if p.groups == 1 {
+        let k = kh * kw * cin;
+        let pointwise = kh == 1 && kw == 1 && p.stride == [1, 1] && p.padding == [0, 0];
+        if pointwise {
+            return linear::linear(x, w, b, residual, m, cout, k, act, par);
+        }
+        let cols = im2col(x, dims, p);
+        return linear::linear(&cols, w, b, residual, m, cout, k, act, par);
+    }
+    grouped(x, w, b, residual, dims, p, act)
+}
+
+/// Direct grouped convolution (depthwise when groups == channels).
+#[allow(clippy::too_many_arguments)]
+fn grouped(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    dims: [usize; 9],
+    p: &Conv2d,
+    act: Activation,
+) -> Vec<f32> {
+    let [_, h, wd, cin, cout, kh, kw, oh, ow] = dims;
+    let (cg, og) = (cin / p.groups, cout / p.groups);
+    let mut out = vec![0.0f32; dims[0] * oh * ow * cout];
+    out.par_chunks_mut(cout).enumerate().for_each(|(r, o)| {
+        let (bn, y, xo) = (r / (oh * ow), (r / ow) % oh, r % ow);
+        for (co, v) in o.iter_mut().enumerate() {
+            let g = co / og;
+            let mut acc = b.map_or(0.0, |b| b[co]);
+            for i in 0..kh {
+                let iy = (y * p.stride[0] + i) as isize - p.padding[0] as isize;
+                if iy < 0 || iy >= h as isize {
+                    continue;
+                }
+                for j in 0..kw {
+                    let ix = (xo * p.stride[1] + j) as isize - p.padding[1] as isize;
+                    if ix < 0 || ix >= wd as isize {
+                        continue;
+                    }
+                    let xs = &x[((bn * h + iy as usize) * wd + ix as usize) * cin + g * cg..][..cg];
+                    let ws = &w[((co * kh + i) * kw + j) * cg..][..cg];
+                    acc += xs.iter().zip(ws).map(|(a, b)| a * b).sum::<f32>();
+                }
+            }
+            if let Some(res) = residual {
+                acc += res[r * cout + co];
+            }
+            *v = apply(acc, act);
+        }
+    });
+    out
+}
+
+fn apply(v: f32, act: Activation) -> f32 {
+    match act {
+        Activation::None => v,
+        Activation::GeluErf => linear::gelu_erf(v),
+        Activation::Tanh => v.tanh(),
+        Activation::Relu => v.max(0.0),
+        Activation::Relu6 => v.clamp(0.0, 6.0),
+    }
+}
+
+/// Max / average pooling; `dims` = (n, h, w, c, oh, ow) from `check_pool`.
+pub(crate) fn pool2d(x: &[f32], dims: [usize; 6], p: &Pool2d) -> Vec<f32> {
+    let [_, h, w, c, oh, ow] = dims;
+    let mut out = vec![0.0f32; dims[0] * oh * ow * c];
+    out.par_chunks_mut(c).enumerate().for_each(|(r, o)| {
+        let (bn, y, xo) = (r / (oh * ow), (r / ow) % oh, r % ow);
+        let init = if p.max { f32::NEG_INFINITY } else { 0.0 };
+        o.iter_mut().for_each(|v| *v = init);
+        let mut count = 0usize;
+        for i in 0..p.kernel[0] {
+            let iy = (y * p.stride[0] + i) as isize - p.padding[0] as isize;
+            if iy < 0 || iy >= h as isize {
+                continue;
+            }
+            for j in 0..p.kernel[1] {
+                let ix = (xo * p.stride[1] + j) as isize - p.padding[1] as isize;
+                if ix < 0 || ix >= w as isize {
+                    continue;
+                }
+                count += 1;
+                let xs = &x[((bn * h + iy as usize) * w + ix as usize) * c..][..c];
+                for (v, a) in o.iter_mut().zip(xs) {
+                    *v = if p.max { v.max(*a) } else { *v + a };
+                }
+            }
+        }
+        if !p.max {
+            let inv = 1.0 / count.max(1) as f32;
+            o.iter_mut().for_each(|v| *v *= inv);
+        }
+    });
+    out
+}
+
+/// [n, h, w, c] -> [n, c].
+pub(crate) fn global_avg_pool(x: &[f32], n: usize, hw: usize, c: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; n * c];
+    out.par_chunks_mut(c.max(1)).enumerate().for_each(|(b, o)| {
+        for px in 0..hw {
+            for (v, a) in o.iter_mut().zip(&x[(b * hw + px) * c..][..c]) {
+                *v += a;
+            }
+        }
+        let inv = 1.0 / hw.max(1) as f32;
+        o.iter_mut().for_each(|v| *v *= inv);
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::check_conv;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 97) as f32 / 48.0 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn im2col_gemm_matches_the_direct_loop() {
+        // Two different algorithms for a dense convolution must agree.
+        for (h, w, cin, cout, k, s, p) in [
+            (7, 5, 3, 8, 3, 1, 1),
+            (9, 9, 4, 6, 5, 2, 2),
+            (4, 4, 2, 3, 1, 1, 0),
+        ] {
+            let geo = Conv2d {
+                stride: [s, s],
+                padding: [p, p],
+                groups: 1,
+            };
+            let x = data(2 * h * w * cin, 1);
+            let wt = data(cout * k * k * cin, 2);
+            let b = data(cout, 3);
+            let dims = check_conv(
+                &[2, h, w, cin],
+                &[cout, k, k, cin],
+                Some(&[cout]),
+                &geo,
+                None,
+            )
+            .unwrap();
+            let fast = conv2d(
+                &x,
+                &wt,
+                Some(&b),
+                None,
+                dims,
+                &geo,
+                Activation::Relu,
+                gemm::Parallelism::None,
+            );
+            let direct = grouped(&x, &wt, Some(&b), None, dims, &geo, Activation::Relu);
+            for (a, d) in fast.iter().zip(&direct) {
+                assert!((a - d).abs() < 1e-4, "{a} vs {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn depthwise_by_hand_and_pooling() {
+        // One 3x3 image, 2 channels, 3x3 depthwise kernel of ones for channel 0, center only for 1.
+        let x: Vec<f32> = (0..18).map(|i| i as f32).collect(); // pixel p: channels (2p, 2p+1)
+        let mut wt = vec![1.0f32; 9];
+        wt.extend((0..9).map(|i| if i == 4 { 1.0 } else { 0.0 }));
+        let geo = Conv2d {
+            stride: [1, 1],
+            padding: [0, 0],
+            groups: 2,
+        };
+        let dims = check_conv(&[1, 3, 3, 2], &[2, 3, 3, 1], None, &geo, None).unwrap();
+        let out = conv2d(
+            &x,
+            &wt,
+            None,
+            None,
+            dims,
+            &geo,
+            Activation::None,
+            gemm::Parallelism::None,
+        );
+        let ch0: f32 = (0..9).map(|p| (2 * p) as f32).sum();
+        assert_eq!(out, vec![ch0, 9.0]);
+        let mx = pool2d(
+            &x,
+            [1, 3, 3, 2, 2, 2],
+            &Pool2d {
+                max: true,
+                kernel: [2, 2],
+                stride: [1, 1],
+                padding: [0, 0],
+            },
+        );
+        assert_eq!(&mx[..2], &[8.0, 9.0]); // window of pixels 0,1,3,4
+        assert_eq!(global_avg_pool(&x, 1, 9, 2), vec![8.0, 9.0]);
+    }
+}
