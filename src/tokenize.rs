@@ -22,11 +22,17 @@ pub struct TextTokenizer {
 impl TextTokenizer {
     /// The tokenizer stored in a model file, with the file's truncation length.
     pub fn from_model(file: &ModelFile) -> Result<TextTokenizer> {
-        let Preprocessing::Text { max_length, .. } = &file.meta().preprocessing;
+        let (Preprocessing::Text { max_length, .. }, crate::format::Family::Bert(c)) =
+            (&file.meta().preprocessing, &file.meta().family)
+        else {
+            return Err(Error::format(
+                file.path(),
+                "not a text model (no tokenizer)",
+            ));
+        };
         let t = Self::from_json(file.tokenizer_json(), *max_length)
             .map_err(|e| Error::format(file.path(), format!("embedded {e}")))?;
         // Every id the tokenizer can produce must index the embedding table.
-        let crate::format::Family::Bert(c) = &file.meta().family;
         if t.vocab_size() > c.vocab_size || t.pad_id as usize >= c.vocab_size {
             return Err(Error::format(
                 file.path(),

@@ -574,6 +574,16 @@ impl<D: Device> Backend for GpuBackend<D> {
         Ok(y)
     }
 
+    fn reshape(&self, t: Self::Tensor, shape: &[usize]) -> Result<Self::Tensor> {
+        if shape.iter().product::<usize>() != t.shape.iter().product::<usize>() {
+            return Err(self.err(format!("reshape of {:?} to {shape:?}", t.shape)));
+        }
+        Ok(GpuTensor {
+            shape: shape.to_vec(),
+            ..t
+        })
+    }
+
     fn pool2d(&self, x: &Self::Tensor, p: &Pool2d) -> Result<Self::Tensor> {
         let [n, h, w, c, oh, ow] = super::check_pool(&x.shape, p).map_err(|e| self.err(e))?;
         let y = self.alloc(vec![n, oh, ow, c])?;

@@ -17,7 +17,8 @@ use crate::tensor::TensorView;
 pub use cpu::{CpuBackend, CpuConfig};
 
 /// Activation fused into the epilogue of [`Backend::linear`].
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Activation {
     None,
     /// The exact GELU, `0.5 x (1 + erf(x / sqrt 2))`, as BERT uses it.
@@ -245,6 +246,9 @@ pub trait Backend: Send + Sync {
         residual: Option<&Self::Tensor>,
         act: Activation,
     ) -> Result<Self::Tensor>;
+
+    /// The same elements under another shape (no copy).
+    fn reshape(&self, t: Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
 
     /// Max or average pooling over NHWC windows.
     fn pool2d(&self, x: &Self::Tensor, p: &Pool2d) -> Result<Self::Tensor>;

@@ -2,11 +2,11 @@
 //! model) -> our model file. Q, K and V are fused into one matrix here, once, so the encoder runs
 //! one projection GEMM per layer instead of three.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use super::checkpoint::{Checkpoint, read};
 use crate::backend::Pooling;
 use crate::error::{Error, Result};
 use crate::format::{
@@ -53,65 +53,9 @@ pub struct ConvertReport {
     pub bytes: u64,
 }
 
-fn read(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| Error::io(path, e))
-}
-
 fn read_json(path: &Path) -> Result<Value> {
     let bytes = read(path)?;
     serde_json::from_slice(&bytes).map_err(|e| Error::format(path, format!("invalid JSON: {e}")))
-}
-
-/// Float tensors of a safetensors checkpoint, decoded to f32, by name.
-struct Checkpoint {
-    path: PathBuf,
-    tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-    metadata: std::collections::HashMap<String, String>,
-}
-
-impl Checkpoint {
-    fn open(path: &Path) -> Result<Checkpoint> {
-        let bytes = read(path)?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| Error::format(path, format!("not a safetensors file: {e}")))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| Error::format(path, format!("not a safetensors file: {e}")))?;
-        let mut tensors = BTreeMap::new();
-        for (name, view) in st.tensors() {
-            // Integer buffers (e.g. `position_ids`) are not weights.
-            let Some(dtype) = DType::from_safetensors(view.dtype()) else {
-                continue;
-            };
-            let tv = crate::tensor::TensorView {
-                name: &name,
-                dtype,
-                shape: view.shape(),
-                bytes: view.data(),
-            };
-            let values = tv.to_f32().into_owned();
-            tensors.insert(name.clone(), (view.shape().to_vec(), values));
-        }
-        Ok(Checkpoint {
-            path: path.to_path_buf(),
-            tensors,
-            metadata: meta.metadata().clone().unwrap_or_default(),
-        })
-    }
-
-    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let (s, v) = self
-            .tensors
-            .remove(name)
-            .ok_or_else(|| Error::tensor(&self.path, name, "missing from the checkpoint"))?;
-        if s != shape {
-            return Err(Error::tensor(
-                &self.path,
-                name,
-                format!("shape {s:?}, expected {shape:?} from config.json"),
-            ));
-        }
-        Ok(v)
-    }
 }
 
 fn usize_field(cfg: &Value, key: &str, path: &Path) -> Result<usize> {

@@ -1,3 +1,5 @@
 //! Converters from other checkpoint formats into ours.
 
+mod checkpoint;
 pub mod hf_bert;
+pub mod torchvision;

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::graph::StageGraph;
 use crate::models::bert::BertConfig;
+use crate::models::cnn::CnnConfig;
 
 /// Version written by this build. Readers accept exactly the versions they know.
 pub const FORMAT_VERSION: u32 = 1;
@@ -25,12 +26,14 @@ pub enum FileKind {
 #[serde(tag = "name", content = "config", rename_all = "lowercase")]
 pub enum Family {
     Bert(BertConfig),
+    Cnn(CnnConfig),
 }
 
 impl Family {
     pub fn name(&self) -> &'static str {
         match self {
             Family::Bert(_) => "bert",
+            Family::Cnn(_) => "cnn",
         }
     }
 }
@@ -46,6 +49,8 @@ pub enum Preprocessing {
         tokenizer_entry: String,
         max_length: usize,
     },
+    /// An image, resized / cropped / normalised as the CNN configuration's `input` says.
+    Image {},
 }
 
 /// A classifier head on top of the pooled output: `softmax(W x + b)`.
@@ -86,6 +91,7 @@ impl ModelMeta {
     pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
         match &self.family {
             Family::Bert(c) => c.expected_tensors(self.head.as_ref().map(|h| h.labels.len())),
+            Family::Cnn(c) => c.expected_tensors(),
         }
     }
 
@@ -102,11 +108,13 @@ impl ModelMeta {
         }
         match &self.family {
             Family::Bert(c) => c.validate()?,
+            Family::Cnn(c) => c.validate()?,
         }
         // Compare with the graph the configuration implies first: cheap, and it bounds the
         // size of what `validate` walks.
         let expected = match &self.family {
             Family::Bert(c) => c.stage_graph(),
+            Family::Cnn(c) => c.stage_graph(),
         };
         if expected.stages != self.graph.stages {
             return Err(format!(
@@ -115,15 +123,28 @@ impl ModelMeta {
             ));
         }
         self.graph.validate()?;
-        let Preprocessing::Text { max_length, .. } = &self.preprocessing;
-        match &self.family {
-            Family::Bert(c) if *max_length > c.max_position_embeddings || *max_length < 3 => {
-                return Err(format!(
-                    "tokenizer max_length {max_length} must be between 3 and max_position_embeddings {}",
-                    c.max_position_embeddings
-                ));
+        match (&self.family, &self.preprocessing) {
+            (Family::Bert(c), Preprocessing::Text { max_length, .. }) => {
+                if *max_length > c.max_position_embeddings || *max_length < 3 {
+                    return Err(format!(
+                        "tokenizer max_length {max_length} must be between 3 and max_position_embeddings {}",
+                        c.max_position_embeddings
+                    ));
+                }
             }
-            _ => {}
+            (Family::Cnn(_), Preprocessing::Image {}) => {}
+            (f, _) => {
+                return Err(format!("preprocessing does not suit a {} model", f.name()));
+            }
+        }
+        if let (Family::Cnn(c), Some(h)) = (&self.family, &self.head)
+            && h.labels.len() != c.classes()
+        {
+            return Err(format!(
+                "{} labels for a network with {} outputs",
+                h.labels.len(),
+                c.classes()
+            ));
         }
         if let Some(h) = &self.head
             && h.labels.is_empty()

@@ -28,10 +28,11 @@ impl ModelFile {
         let c = Container::open(path)?;
         let meta: ModelMeta = c.json_entry(META_KEY, FileKind::Model)?;
         meta.validate().map_err(|r| Error::format(path, r))?;
-        let Preprocessing::Text {
+        if let Preprocessing::Text {
             tokenizer_entry, ..
-        } = &meta.preprocessing;
-        if !c.metadata.contains_key(tokenizer_entry) {
+        } = &meta.preprocessing
+            && !c.metadata.contains_key(tokenizer_entry)
+        {
             return Err(Error::format(
                 path,
                 format!("metadata entry `{tokenizer_entry}` (the tokenizer) is missing"),
@@ -88,12 +89,14 @@ impl ModelFile {
         self.c.metadata.get(key).map(String::as_str)
     }
 
-    /// The embedded `tokenizer.json` text.
+    /// The embedded `tokenizer.json` text (empty for models that take no text).
     pub fn tokenizer_json(&self) -> &str {
-        let Preprocessing::Text {
-            tokenizer_entry, ..
-        } = &self.meta.preprocessing;
-        self.entry(tokenizer_entry).unwrap_or_default()
+        match &self.meta.preprocessing {
+            Preprocessing::Text {
+                tokenizer_entry, ..
+            } => self.entry(tokenizer_entry).unwrap_or_default(),
+            Preprocessing::Image {} => "",
+        }
     }
 
     /// sha256 of the whole file (computed once, on first use): the identity ramps files bind to.

@@ -113,6 +113,7 @@ impl RampsMeta {
             }
             let width = match &meta.family {
                 Family::Bert(c) => c.hidden_size,
+                Family::Cnn(c) => c.width_at(&r.point).unwrap_or(0),
             };
             if r.head.width() != width {
                 return Err(format!(

@@ -1,3 +1,4 @@
 //! Model families, written once against [`crate::backend::Backend`].
 
 pub mod bert;
+pub mod cnn;

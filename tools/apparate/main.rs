@@ -274,7 +274,6 @@ fn real_main(cli: Cli) -> Result<()> {
             };
             eprintln!("converting {} ...", dir.display());
             let r = convert(&dir, &output, &opts)?;
-            let Family::Bert(c) = &r.meta.family;
             let mut out = String::new();
             outln!(
                 out,
@@ -285,20 +284,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 r.parameters as f64 / 1e6,
                 ms(t0.elapsed())
             );
-            outln!(
-                out,
-                "  bert: {} layers, hidden {}, {} heads, pooling {:?}{}{}",
-                c.num_layers,
-                c.hidden_size,
-                c.num_heads,
-                c.pooling,
-                if c.normalize { " + L2 normalize" } else { "" },
-                r.meta
-                    .head
-                    .as_ref()
-                    .map(|h| format!(", head with {} classes", h.labels.len()))
-                    .unwrap_or_default()
-            );
+            outln!(out, "  {}", describe_family(&r.meta));
             emit(&out)
         }
         Command::Inspect { file, tensors } => inspect(&file, tensors),
@@ -414,6 +400,43 @@ fn devices() -> Result<()> {
     emit(&out)
 }
 
+/// One line on a model's family and shape.
+fn describe_family(m: &apparate::format::ModelMeta) -> String {
+    match &m.family {
+        Family::Bert(c) => format!(
+            "family bert: {} layers, hidden {}, {} heads (dim {}), ffn {}, vocab {}, positions {}, eps {:e}; {:?} pooling{}{}{}",
+            c.num_layers,
+            c.hidden_size,
+            c.num_heads,
+            c.head_dim(),
+            c.intermediate_size,
+            c.vocab_size,
+            c.max_position_embeddings,
+            c.layer_norm_eps,
+            c.pooling,
+            if c.normalize { ", L2 normalized" } else { "" },
+            if c.has_pooler {
+                ", has BERT pooler"
+            } else {
+                ""
+            },
+            m.head
+                .as_ref()
+                .map(|h| format!(", head with {} classes", h.labels.len()))
+                .unwrap_or_default()
+        ),
+        Family::Cnn(c) => format!(
+            "family cnn ({}): {} blocks, {} classes, input {}x{}x{}",
+            c.arch,
+            c.blocks.len(),
+            c.classes(),
+            c.input.height,
+            c.input.width,
+            c.input.channels
+        ),
+    }
+}
+
 fn inspect(path: &PathBuf, all: bool) -> Result<()> {
     let f = ModelFile::open(path)?;
     let mut out = String::new();
@@ -426,39 +449,34 @@ fn inspect(path: &PathBuf, all: bool) -> Result<()> {
         f.file_size() as f64 / 1e6,
         f.sha256()
     );
-    let Family::Bert(c) = &m.family;
-    outln!(
-        out,
-        "  family bert: {} layers, hidden {}, {} heads (dim {}), ffn {}, vocab {}, positions {}, eps {:e}",
-        c.num_layers,
-        c.hidden_size,
-        c.num_heads,
-        c.head_dim(),
-        c.intermediate_size,
-        c.vocab_size,
-        c.max_position_embeddings,
-        c.layer_norm_eps
-    );
-    outln!(
-        out,
-        "  output: {:?} pooling{}{}",
-        c.pooling,
-        if c.normalize { ", L2 normalized" } else { "" },
-        if c.has_pooler {
-            ", has BERT pooler"
-        } else {
-            ""
+    outln!(out, "  {}", describe_family(m));
+    match &m.preprocessing {
+        Preprocessing::Text {
+            tokenizer_entry,
+            max_length,
+        } => outln!(
+            out,
+            "  preprocessing: tokenizer `{tokenizer_entry}` ({:.0} KB), truncation at {max_length} tokens",
+            f.tokenizer_json().len() as f64 / 1e3
+        ),
+        Preprocessing::Image {} => {
+            if let Family::Cnn(c) = &m.family {
+                let i = &c.input;
+                outln!(
+                    out,
+                    "  preprocessing: image {}x{}x{}{}, mean {:?}, std {:?}",
+                    i.height,
+                    i.width,
+                    i.channels,
+                    i.resize_shorter
+                        .map(|r| format!(" (shorter side resized to {r}, center crop)"))
+                        .unwrap_or_default(),
+                    i.mean,
+                    i.std
+                );
+            }
         }
-    );
-    let Preprocessing::Text {
-        tokenizer_entry,
-        max_length,
-    } = &m.preprocessing;
-    outln!(
-        out,
-        "  preprocessing: tokenizer `{tokenizer_entry}` ({:.0} KB), truncation at {max_length} tokens",
-        f.tokenizer_json().len() as f64 / 1e3
-    );
+    }
     match &m.head {
         Some(h) => outln!(
             out,

@@ -353,6 +353,13 @@ impl Backend for CpuBackend {
         ))
     }
 
+    fn reshape(&self, t: CpuTensor, shape: &[usize]) -> Result<CpuTensor> {
+        if shape.iter().product::<usize>() != t.data.len() {
+            return Err(err(format!("reshape of {:?} to {shape:?}", t.shape)));
+        }
+        Ok(CpuTensor::new(shape.to_vec(), t.data))
+    }
+
     fn pool2d(&self, x: &CpuTensor, p: &Pool2d) -> Result<CpuTensor> {
         let dims = super::check_pool(&x.shape, p).map_err(err)?;
         let data = self.pool.install(|| conv::pool2d(&x.data, dims, p));

@@ -116,7 +116,12 @@ impl<B: Backend> Bert<B> {
     /// Loads every weight of `file` onto `backend` (f16/bf16 upcast where the backend computes
     /// in f32), refusing non-finite values.
     pub fn load(backend: B, file: &ModelFile) -> Result<Bert<B>> {
-        let Family::Bert(config) = &file.meta().family;
+        let Family::Bert(config) = &file.meta().family else {
+            return Err(Error::format(
+                file.path(),
+                format!("a {} model, not a BERT encoder", file.meta().family.name()),
+            ));
+        };
         let config = config.clone();
         let w = |name: &str| backend.load_weight(&file.finite_tensor(name)?);
         let lin = |p: &str| -> Result<Linear<B::Tensor>> {

@@ -1,0 +1,534 @@
+//! torchvision ResNet (18/34/50) and VGG (11/13/16) checkpoints (safetensors with torchvision's
+//! tensor names) -> our format. BatchNorm is folded into the preceding convolution here, once:
+//! `w' = w * gamma / sqrt(var + eps)`, `b' = beta - mean * gamma / sqrt(var + eps)`; weights are
+//! permuted from PyTorch's NCHW `[cout, cin, kh, kw]` to our NHWC `[cout, kh, kw, cin]`.
+
+use std::path::Path;
+
+use super::checkpoint::{Checkpoint, read};
+use super::hf_bert::ConvertReport;
+use crate::backend::{Activation, Pool2d};
+use crate::error::{Error, Result};
+use crate::format::{
+    FORMAT_VERSION, Family, FileKind, HeadMeta, ModelMeta, OwnedTensor, Preprocessing, Provenance,
+    sha256_hex, write_model,
+};
+use crate::models::cnn::{Block, CnnConfig, ImageInput, Op, Residual};
+use crate::tensor::DType;
+
+/// torchvision's BatchNorm epsilon.
+const BN_EPS: f32 = 1e-5;
+
+/// What to convert and how the model will be fed.
+#[derive(Clone, Debug)]
+pub struct TorchvisionOptions {
+    /// `resnet18`, `resnet34`, `resnet50`, `vgg11`, `vgg13` or `vgg16`.
+    pub arch: String,
+    /// Square input size the model will run at (224 for ImageNet weights).
+    pub input_size: usize,
+    /// Input channels (3 for RGB).
+    pub channels: usize,
+    /// Per-channel normalisation; default ImageNet's.
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+    /// Shorter side before the center crop (ImageNet: 256); `None`: resize to the input size.
+    pub resize_shorter: Option<usize>,
+    /// Class names, in output order; `None`: `class0`, `class1`, ...
+    pub labels: Option<Vec<String>>,
+    pub dtype: DType,
+    pub source_label: Option<String>,
+}
+
+impl TorchvisionOptions {
+    pub fn new(arch: &str, input_size: usize) -> TorchvisionOptions {
+        TorchvisionOptions {
+            arch: arch.to_string(),
+            input_size,
+            channels: 3,
+            mean: vec![0.485, 0.456, 0.406],
+            std: vec![0.229, 0.224, 0.225],
+            resize_shorter: None,
+            labels: None,
+            dtype: DType::F32,
+            source_label: None,
+        }
+    }
+}
+
+/// Converted tensors in our names and layouts.
+struct Out {
+    tensors: Vec<(String, OwnedTensor)>,
+    dtype: DType,
+}
+
+impl Out {
+    fn put(&mut self, name: String, shape: Vec<usize>, v: &[f32]) {
+        self.tensors
+            .push((name, OwnedTensor::from_f32(v, shape, self.dtype)));
+    }
+}
+
+/// [cout, cin, kh, kw] -> [cout, kh, kw, cin].
+fn nchw_to_nhwc(w: &[f32], s: &[usize]) -> Vec<f32> {
+    let (co, ci, kh, kw) = (s[0], s[1], s[2], s[3]);
+    let mut out = vec![0.0; w.len()];
+    for o in 0..co {
+        for c in 0..ci {
+            for i in 0..kh {
+                for j in 0..kw {
+                    out[((o * kh + i) * kw + j) * ci + c] = w[((o * ci + c) * kh + i) * kw + j];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Takes conv `src` (+ BatchNorm `bn`, + conv bias) from the checkpoint and writes the folded
+/// convolution as `dst`; returns its op.
+#[allow(clippy::too_many_arguments)]
+fn conv(
+    ck: &mut Checkpoint,
+    out: &mut Out,
+    src: &str,
+    bn: Option<&str>,
+    dst: &str,
+    stride: usize,
+    padding: usize,
+    act: Activation,
+) -> Result<Op> {
+    let wname = format!("{src}.weight");
+    let shape = ck
+        .tensors
+        .get(&wname)
+        .map(|(s, _)| s.clone())
+        .ok_or_else(|| Error::tensor(&ck.path, &wname, "missing from the checkpoint"))?;
+    if shape.len() != 4 {
+        return Err(Error::tensor(
+            &ck.path,
+            &wname,
+            format!("shape {shape:?} is not a 2-D convolution"),
+        ));
+    }
+    let (cout, cin, k) = (shape[0], shape[1], shape[2]);
+    if shape[3] != k {
+        return Err(Error::tensor(
+            &ck.path,
+            &wname,
+            "only square kernels are supported",
+        ));
+    }
+    let mut w = ck.take(&wname, &shape)?;
+    let mut b = match ck.tensors.contains_key(&format!("{src}.bias")) {
+        true => ck.take(&format!("{src}.bias"), &[cout])?,
+        false => vec![0.0; cout],
+    };
+    if let Some(bn) = bn {
+        let g = ck.take(&format!("{bn}.weight"), &[cout])?;
+        let beta = ck.take(&format!("{bn}.bias"), &[cout])?;
+        let mean = ck.take(&format!("{bn}.running_mean"), &[cout])?;
+        let var = ck.take(&format!("{bn}.running_var"), &[cout])?;
+        ck.tensors.remove(&format!("{bn}.num_batches_tracked"));
+        let per = w.len() / cout;
+        for o in 0..cout {
+            let scale = g[o] / (var[o] + BN_EPS).sqrt();
+            w[o * per..(o + 1) * per]
+                .iter_mut()
+                .for_each(|v| *v *= scale);
+            b[o] = beta[o] + (b[o] - mean[o]) * scale;
+        }
+    }
+    out.put(
+        format!("{dst}.weight"),
+        vec![cout, k, k, cin],
+        &nchw_to_nhwc(&w, &shape),
+    );
+    out.put(format!("{dst}.bias"), vec![cout], &b);
+    Ok(Op::Conv {
+        name: dst.to_string(),
+        cin,
+        cout,
+        kernel: k,
+        stride,
+        padding,
+        groups: 1,
+        act,
+    })
+}
+
+fn linear(ck: &mut Checkpoint, out: &mut Out, src: &str, dst: &str, act: Activation) -> Result<Op> {
+    let wname = format!("{src}.weight");
+    let shape = ck
+        .tensors
+        .get(&wname)
+        .map(|(s, _)| s.clone())
+        .ok_or_else(|| Error::tensor(&ck.path, &wname, "missing from the checkpoint"))?;
+    if shape.len() != 2 {
+        return Err(Error::tensor(
+            &ck.path,
+            &wname,
+            format!("shape {shape:?} is not a linear layer"),
+        ));
+    }
+    let w = ck.take(&wname, &shape)?;
+    let b = ck.take(&format!("{src}.bias"), &[shape[0]])?;
+    out.put(format!("{dst}.weight"), shape.clone(), &w);
+    out.put(format!("{dst}.bias"), vec![shape[0]], &b);
+    Ok(Op::Linear {
+        name: dst.to_string(),
+        inputs: shape[1],
+        outputs: shape[0],
+        act,
+    })
+}
+
+fn resnet(ck: &mut Checkpoint, out: &mut Out, depth: usize) -> Result<Vec<Block>> {
+    let (layers, bottleneck): ([usize; 4], bool) = match depth {
+        18 => ([2, 2, 2, 2], false),
+        34 => ([3, 4, 6, 3], false),
+        50 => ([3, 4, 6, 3], true),
+        d => {
+            return Err(Error::Input(format!(
+                "resnet{d} is not supported (18, 34 or 50)"
+            )));
+        }
+    };
+    let mut blocks = vec![Block {
+        name: "stem".into(),
+        ops: vec![
+            conv(
+                ck,
+                out,
+                "conv1",
+                Some("bn1"),
+                "stem.conv",
+                2,
+                3,
+                Activation::Relu,
+            )?,
+            Op::Pool(Pool2d {
+                max: true,
+                kernel: [3, 3],
+                stride: [2, 2],
+                padding: [1, 1],
+            }),
+        ],
+        residual: None,
+    }];
+    for (l, &n) in layers.iter().enumerate() {
+        for i in 0..n {
+            let p = format!("layer{}.{i}", l + 1);
+            let stride = if i == 0 && l > 0 { 2 } else { 1 };
+            let mut ops = Vec::new();
+            if bottleneck {
+                ops.push(conv(
+                    ck,
+                    out,
+                    &format!("{p}.conv1"),
+                    Some(&format!("{p}.bn1")),
+                    &format!("{p}.conv1"),
+                    1,
+                    0,
+                    Activation::Relu,
+                )?);
+                ops.push(conv(
+                    ck,
+                    out,
+                    &format!("{p}.conv2"),
+                    Some(&format!("{p}.bn2")),
+                    &format!("{p}.conv2"),
+                    stride,
+                    1,
+                    Activation::Relu,
+                )?);
+                ops.push(conv(
+                    ck,
+                    out,
+                    &format!("{p}.conv3"),
+                    Some(&format!("{p}.bn3")),
+                    &format!("{p}.conv3"),
+                    1,
+                    0,
+                    Activation::None,
+                )?);
+            } else {
+                ops.push(conv(
+                    ck,
+                    out,
+                    &format!("{p}.conv1"),
+                    Some(&format!("{p}.bn1")),
+                    &format!("{p}.conv1"),
+                    stride,
+                    1,
+                    Activation::Relu,
+                )?);
+                ops.push(conv(
+                    ck,
+                    out,
+                    &format!("{p}.conv2"),
+                    Some(&format!("{p}.bn2")),
+                    &format!("{p}.conv2"),
+                    1,
+                    1,
+                    Activation::None,
+                )?);
+            }
+            let shortcut = if ck.tensors.contains_key(&format!("{p}.downsample.0.weight")) {
+                Some(conv(
+                    ck,
+                    out,
+                    &format!("{p}.downsample.0"),
+                    Some(&format!("{p}.downsample.1")),
+                    &format!("{p}.downsample"),
+                    stride,
+                    0,
+                    Activation::None,
+                )?)
+            } else {
+                None
+            };
+            blocks.push(Block {
+                name: p,
+                ops,
+                residual: Some(Residual {
+                    shortcut,
+                    act: Activation::Relu,
+                }),
+            });
+        }
+    }
+    blocks.push(Block {
+        name: "head".into(),
+        ops: vec![
+            Op::GlobalAvgPool,
+            linear(ck, out, "fc", "head.fc", Activation::None)?,
+        ],
+        residual: None,
+    });
+    Ok(blocks)
+}
+
+fn vgg(ck: &mut Checkpoint, out: &mut Out, depth: usize, input: usize) -> Result<Vec<Block>> {
+    const M: usize = 0;
+    let plan: &[usize] = match depth {
+        11 => &[64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512, M],
+        13 => &[
+            64, 64, M, 128, 128, M, 256, 256, M, 512, 512, M, 512, 512, M,
+        ],
+        16 => &[
+            64, 64, M, 128, 128, M, 256, 256, 256, M, 512, 512, 512, M, 512, 512, 512, M,
+        ],
+        d => {
+            return Err(Error::Input(format!(
+                "vgg{d} is not supported (11, 13 or 16)"
+            )));
+        }
+    };
+    // torchvision's `features` is a Sequential of conv, ReLU and max-pool modules; one block per
+    // pooling stage.
+    let (mut blocks, mut ops, mut idx, mut stage) = (Vec::new(), Vec::new(), 0usize, 1);
+    for &c in plan {
+        if c == M {
+            ops.push(Op::Pool(Pool2d {
+                max: true,
+                kernel: [2, 2],
+                stride: [2, 2],
+                padding: [0, 0],
+            }));
+            blocks.push(Block {
+                name: format!("stage{stage}"),
+                ops: std::mem::take(&mut ops),
+                residual: None,
+            });
+            stage += 1;
+            idx += 1;
+        } else {
+            let src = format!("features.{idx}");
+            ops.push(conv(
+                ck,
+                out,
+                &src,
+                None,
+                &format!("stage{stage}.conv{}", ops.len()),
+                1,
+                1,
+                Activation::Relu,
+            )?);
+            idx += 2;
+        }
+    }
+    // Classifier: AdaptiveAvgPool2d(7) -> flatten (c, h, w) -> Linear(512*49, 4096) -> ...
+    let side = input / 32;
+    let fc0 = "classifier.0.weight";
+    let shape = ck
+        .tensors
+        .get(fc0)
+        .map(|(s, _)| s.clone())
+        .ok_or_else(|| Error::tensor(&ck.path, fc0, "missing from the checkpoint"))?;
+    if shape.len() != 2 || shape[1] != 512 * 49 {
+        return Err(Error::tensor(
+            &ck.path,
+            fc0,
+            format!("shape {shape:?}, expected [_, 25088]"),
+        ));
+    }
+    let w = ck.take(fc0, &shape)?;
+    let hidden = shape[0];
+    let (first, w0): (Vec<Op>, Vec<f32>) = match side {
+        // 7x7 features: the adaptive pool is the identity; reorder (c, h, w) -> (h, w, c).
+        7 => {
+            let mut p = vec![0.0; w.len()];
+            for o in 0..hidden {
+                for c in 0..512 {
+                    for s in 0..49 {
+                        p[o * 25088 + s * 512 + c] = w[o * 25088 + c * 49 + s];
+                    }
+                }
+            }
+            (vec![Op::Flatten], p)
+        }
+        // 1x1 features: the adaptive pool copies the pixel 49 times, so the layer sees each
+        // channel 49 times: sum those weights (exact).
+        1 => {
+            let mut p = vec![0.0; hidden * 512];
+            for o in 0..hidden {
+                for c in 0..512 {
+                    p[o * 512 + c] = (0..49).map(|s| w[o * 25088 + c * 49 + s]).sum();
+                }
+            }
+            (vec![Op::GlobalAvgPool], p)
+        }
+        s => {
+            return Err(Error::Input(format!(
+                "vgg at input {input} leaves {s}x{s} features; supported inputs give 7x7 (224) or 1x1 (32)"
+            )));
+        }
+    };
+    let inputs = w0.len() / hidden;
+    out.put("head.fc0.weight".into(), vec![hidden, inputs], &w0);
+    out.put(
+        "head.fc0.bias".into(),
+        vec![hidden],
+        &ck.take("classifier.0.bias", &[hidden])?,
+    );
+    let mut head = first;
+    head.push(Op::Linear {
+        name: "head.fc0".into(),
+        inputs,
+        outputs: hidden,
+        act: Activation::Relu,
+    });
+    head.push(linear(
+        ck,
+        out,
+        "classifier.3",
+        "head.fc1",
+        Activation::Relu,
+    )?);
+    head.push(linear(
+        ck,
+        out,
+        "classifier.6",
+        "head.fc2",
+        Activation::None,
+    )?);
+    blocks.push(Block {
+        name: "head".into(),
+        ops: head,
+        residual: None,
+    });
+    Ok(blocks)
+}
+
+/// Converts a torchvision checkpoint at `src` into our format at `out_path`.
+pub fn convert(src: &Path, out_path: &Path, opts: &TorchvisionOptions) -> Result<ConvertReport> {
+    let mut ck = Checkpoint::open(src)?;
+    let mut out = Out {
+        tensors: Vec::new(),
+        dtype: opts.dtype,
+    };
+    let arch = opts.arch.to_ascii_lowercase();
+    let blocks = if let Some(d) = arch.strip_prefix("resnet") {
+        resnet(
+            &mut ck,
+            &mut out,
+            d.parse()
+                .map_err(|_| Error::Input(format!("unknown architecture `{arch}`")))?,
+        )?
+    } else if let Some(d) = arch.strip_prefix("vgg") {
+        vgg(
+            &mut ck,
+            &mut out,
+            d.parse()
+                .map_err(|_| Error::Input(format!("unknown architecture `{arch}`")))?,
+            opts.input_size,
+        )?
+    } else {
+        return Err(Error::Input(format!(
+            "unknown architecture `{arch}` (resnet18/34/50, vgg11/13/16)"
+        )));
+    };
+    if let Some(extra) = ck.tensors.keys().next() {
+        return Err(Error::tensor(
+            &ck.path,
+            extra,
+            format!("not used by {arch} (wrong architecture?)"),
+        ));
+    }
+    let config = CnnConfig {
+        arch: arch.clone(),
+        input: ImageInput {
+            height: opts.input_size,
+            width: opts.input_size,
+            channels: opts.channels,
+            resize_shorter: opts.resize_shorter,
+            mean: opts.mean.clone(),
+            std: opts.std.clone(),
+        },
+        blocks,
+    };
+    config.validate().map_err(|r| Error::format(src, r))?;
+    let classes = config.classes();
+    let labels = match &opts.labels {
+        Some(l) if l.len() == classes => l.clone(),
+        Some(l) => {
+            return Err(Error::Input(format!(
+                "{} labels for a network with {classes} outputs",
+                l.len()
+            )));
+        }
+        None => (0..classes).map(|i| format!("class{i}")).collect(),
+    };
+    let source = opts
+        .source_label
+        .clone()
+        .unwrap_or_else(|| src.display().to_string());
+    let meta = ModelMeta {
+        format_version: FORMAT_VERSION,
+        kind: FileKind::Model,
+        graph: config.stage_graph(),
+        family: Family::Cnn(config),
+        preprocessing: Preprocessing::Image {},
+        head: Some(HeadMeta { labels }),
+        provenance: vec![Provenance {
+            source,
+            sha256: sha256_hex(&read(src)?),
+        }],
+    };
+    let parameters = out
+        .tensors
+        .iter()
+        .map(|(_, t)| t.shape.iter().product::<usize>())
+        .sum();
+    let count = out.tensors.len();
+    write_model(out_path, &meta, &[], out.tensors)?;
+    let bytes = std::fs::metadata(out_path)
+        .map_err(|e| Error::io(out_path, e))?
+        .len();
+    Ok(ConvertReport {
+        meta,
+        tensors: count,
+        parameters,
+        bytes,
+    })
+}

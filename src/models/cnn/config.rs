@@ -1,0 +1,291 @@
+//! CNN hyper-parameters as stored in the model file: the input image and an explicit list of
+//! blocks (one stage each), which is what ResNet, VGG and EfficientNet-Lite all reduce to once
+//! BatchNorm is folded into the convolutions at conversion.
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Activation, Conv2d, Pool2d};
+use crate::graph::StageGraph;
+
+/// One operation inside a block. Tensors are `<name>.weight` / `<name>.bias`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Op {
+    /// NHWC convolution, weight `[cout, k, k, cin / groups]`, bias `[cout]` (BatchNorm folded).
+    Conv {
+        name: String,
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        groups: usize,
+        act: Activation,
+    },
+    Pool(Pool2d),
+    /// [n, h, w, c] -> [n, c].
+    GlobalAvgPool,
+    /// [n, h, w, c] -> [n, h * w * c] (NHWC order; the converter permutes weights to match).
+    Flatten,
+    /// Weight `[outputs, inputs]`, bias `[outputs]`.
+    Linear {
+        name: String,
+        inputs: usize,
+        outputs: usize,
+        act: Activation,
+    },
+}
+
+/// A skip connection around a block: `act(last_conv(..) + shortcut(input))`, the addition fused
+/// into the block's last convolution (which must have no activation of its own).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Residual {
+    /// A projection of the input (ResNet's 1x1 "downsample"); `None`: the input itself.
+    pub shortcut: Option<Op>,
+    pub act: Activation,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Block {
+    pub name: String,
+    pub ops: Vec<Op>,
+    #[serde(default)]
+    pub residual: Option<Residual>,
+}
+
+/// The image a model takes: size after preprocessing, and the per-channel normalisation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageInput {
+    pub height: usize,
+    pub width: usize,
+    pub channels: usize,
+    /// Resize the shorter side to this many pixels before the center crop (ImageNet: 256 for
+    /// 224); `None`: resize straight to height x width.
+    #[serde(default)]
+    pub resize_shorter: Option<usize>,
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CnnConfig {
+    /// What it is, for people (`resnet18`, `vgg11`, `efficientnet-lite0`, ...).
+    pub arch: String,
+    pub input: ImageInput,
+    pub blocks: Vec<Block>,
+}
+
+const MAX_BLOCKS: usize = 4096;
+const MAX_DIM: usize = 1 << 20;
+
+impl CnnConfig {
+    /// Shape flowing between ops: `Image(h, w, c)` or `Flat(features)`.
+    fn walk(&self) -> Result<Vec<Shape>, String> {
+        let i = &self.input;
+        if i.height == 0 || i.width == 0 || i.channels == 0 || i.height > 16384 || i.width > 16384 {
+            return Err(format!(
+                "cnn config: input {}x{}x{} is not a sensible image",
+                i.height, i.width, i.channels
+            ));
+        }
+        if i.mean.len() != i.channels
+            || i.std.len() != i.channels
+            || i.std.iter().any(|s| *s <= 0.0)
+        {
+            return Err("cnn config: mean/std must have one positive entry per channel".into());
+        }
+        if self.blocks.is_empty() || self.blocks.len() > MAX_BLOCKS {
+            return Err(format!(
+                "cnn config: {} blocks (1..={MAX_BLOCKS})",
+                self.blocks.len()
+            ));
+        }
+        let mut shape = Shape::Image(i.height, i.width, i.channels);
+        let mut after_block = Vec::new();
+        for b in &self.blocks {
+            let input = shape;
+            for op in &b.ops {
+                shape = step(op, shape).map_err(|e| format!("block `{}`: {e}", b.name))?;
+            }
+            if let Some(r) = &b.residual {
+                let last_plain = matches!(
+                    b.ops.last(),
+                    Some(Op::Conv {
+                        act: Activation::None,
+                        ..
+                    })
+                );
+                if !last_plain {
+                    return Err(format!(
+                        "block `{}`: a residual needs a last convolution without activation",
+                        b.name
+                    ));
+                }
+                let s = match &r.shortcut {
+                    None => input,
+                    Some(op @ Op::Conv { .. }) => {
+                        step(op, input).map_err(|e| format!("block `{}` shortcut: {e}", b.name))?
+                    }
+                    Some(_) => {
+                        return Err(format!(
+                            "block `{}`: a shortcut must be a convolution",
+                            b.name
+                        ));
+                    }
+                };
+                if s != shape {
+                    return Err(format!(
+                        "block `{}`: shortcut gives {s:?}, the block {shape:?}",
+                        b.name
+                    ));
+                }
+            }
+            after_block.push(shape);
+        }
+        if !matches!(shape, Shape::Flat(_)) {
+            return Err("cnn config: the last block must end in class scores (Linear)".into());
+        }
+        Ok(after_block)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        self.walk().map(|_| ())
+    }
+
+    /// Number of classes of the final layer.
+    pub fn classes(&self) -> usize {
+        match self.walk().ok().and_then(|s| s.last().copied()) {
+            Some(Shape::Flat(n)) => n,
+            _ => 0,
+        }
+    }
+
+    /// Channels at the output of stage `name` (what a ramp there reads after pooling).
+    pub fn width_at(&self, name: &str) -> Option<usize> {
+        let shapes = self.walk().ok()?;
+        let i = self.blocks.iter().position(|b| b.name == name)?;
+        Some(match shapes[i] {
+            Shape::Image(_, _, c) => c,
+            Shape::Flat(n) => n,
+        })
+    }
+
+    pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let mut t = Vec::new();
+        let mut push = |op: &Op| match op {
+            Op::Conv {
+                name,
+                cin,
+                cout,
+                kernel,
+                groups,
+                ..
+            } => {
+                t.push((
+                    format!("{name}.weight"),
+                    vec![*cout, *kernel, *kernel, cin / groups.max(&1)],
+                ));
+                t.push((format!("{name}.bias"), vec![*cout]));
+            }
+            Op::Linear {
+                name,
+                inputs,
+                outputs,
+                ..
+            } => {
+                t.push((format!("{name}.weight"), vec![*outputs, *inputs]));
+                t.push((format!("{name}.bias"), vec![*outputs]));
+            }
+            _ => {}
+        };
+        for b in &self.blocks {
+            b.ops.iter().for_each(&mut push);
+            if let Some(Residual {
+                shortcut: Some(s), ..
+            }) = &b.residual
+            {
+                push(s);
+            }
+        }
+        t
+    }
+
+    /// One stage per block; every block output but the first (the stem) and the last (the
+    /// classifier) is ramp-eligible, since skip connections live inside blocks.
+    pub fn stage_graph(&self) -> StageGraph {
+        StageGraph::chain(self.blocks.iter().map(|b| b.name.clone()))
+    }
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Shape {
+    Image(usize, usize, usize),
+    Flat(usize),
+}
+
+fn step(op: &Op, s: Shape) -> Result<Shape, String> {
+    match (op, s) {
+        (
+            Op::Conv {
+                name,
+                cin,
+                cout,
+                kernel,
+                stride,
+                padding,
+                groups,
+                ..
+            },
+            Shape::Image(h, w, c),
+        ) => {
+            if *cin != c
+                || *groups == 0
+                || cin % groups != 0
+                || cout % groups != 0
+                || *cout == 0
+                || *cout > MAX_DIM
+                || *kernel == 0
+                || *stride == 0
+            {
+                return Err(format!(
+                    "conv `{name}`: {cin}->{cout} channels, {groups} groups, on {c} channels"
+                ));
+            }
+            let g = Conv2d {
+                stride: [*stride; 2],
+                padding: [*padding; 2],
+                groups: *groups,
+            };
+            let (oh, ow) = g.output_size(h, w, *kernel, *kernel).ok_or(format!(
+                "conv `{name}`: kernel {kernel} does not fit {h}x{w}"
+            ))?;
+            Ok(Shape::Image(oh, ow, *cout))
+        }
+        (Op::Pool(p), Shape::Image(h, w, c)) => {
+            let (_, _, _, _, oh, ow) = crate::backend::check_pool(&[1, h, w, c], p)
+                .map(|d| (d[0], d[1], d[2], d[3], d[4], d[5]))?;
+            Ok(Shape::Image(oh, ow, c))
+        }
+        (Op::GlobalAvgPool, Shape::Image(_, _, c)) => Ok(Shape::Flat(c)),
+        (Op::Flatten, Shape::Image(h, w, c)) => Ok(Shape::Flat(h * w * c)),
+        (
+            Op::Linear {
+                name,
+                inputs,
+                outputs,
+                ..
+            },
+            Shape::Flat(n),
+        ) => {
+            if *inputs != n || *outputs == 0 || *outputs > MAX_DIM {
+                return Err(format!("linear `{name}`: {inputs} inputs on {n} features"));
+            }
+            Ok(Shape::Flat(*outputs))
+        }
+        (op, s) => Err(format!("{op:?} cannot follow a tensor of shape {s:?}")),
+    }
+}

@@ -1,0 +1,205 @@
+//! The CNN family (ResNet, VGG, EfficientNet-Lite): NHWC images -> class scores, block by block
+//! (each block is a stage; the runtime can put ramps between blocks). Written once against
+//! [`Backend`].
+
+mod config;
+
+use std::collections::HashMap;
+
+pub use config::{Block, CnnConfig, ImageInput, Op, Residual};
+
+use crate::backend::{Activation, Backend, Conv2d};
+use crate::error::{Error, Result};
+use crate::format::{Family, ModelFile};
+
+/// A loaded CNN on backend `B`.
+pub struct Cnn<B: Backend> {
+    backend: B,
+    config: CnnConfig,
+    /// `(weight, bias)` of every convolution and linear layer, by name.
+    params: HashMap<String, (B::Tensor, B::Tensor)>,
+    labels: Vec<String>,
+}
+
+/// Host-side results of [`Cnn::forward`].
+#[derive(Clone, Debug)]
+pub struct CnnOutput {
+    pub batch: usize,
+    pub classes: usize,
+    /// `[batch, classes]` scores (logits) of the last layer.
+    pub logits: Vec<f32>,
+}
+
+impl CnnOutput {
+    /// The `k` highest-scoring classes of image `i`, best first, with softmax probabilities.
+    /// Panics if `i >= batch`.
+    pub fn top_k(&self, i: usize, k: usize) -> Vec<(usize, f32)> {
+        let row = &self.logits[i * self.classes..(i + 1) * self.classes];
+        let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let z: f32 = row.iter().map(|v| (v - max).exp()).sum();
+        let mut idx: Vec<usize> = (0..row.len()).collect();
+        idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+        idx.into_iter()
+            .take(k)
+            .map(|c| (c, (row[c] - max).exp() / z))
+            .collect()
+    }
+}
+
+impl<B: Backend> Cnn<B> {
+    pub fn load(backend: B, file: &ModelFile) -> Result<Cnn<B>> {
+        let Family::Cnn(config) = &file.meta().family else {
+            return Err(Error::format(
+                file.path(),
+                format!("a {} model, not a CNN", file.meta().family.name()),
+            ));
+        };
+        let mut params = HashMap::new();
+        let mut load = |name: &str| -> Result<()> {
+            let w = backend.load_weight(&file.finite_tensor(&format!("{name}.weight"))?)?;
+            let b = backend.load_weight(&file.finite_tensor(&format!("{name}.bias"))?)?;
+            params.insert(name.to_string(), (w, b));
+            Ok(())
+        };
+        for block in &config.blocks {
+            let shortcut = block.residual.as_ref().and_then(|r| r.shortcut.as_ref());
+            for op in block.ops.iter().chain(shortcut) {
+                if let Op::Conv { name, .. } | Op::Linear { name, .. } = op {
+                    load(name)?;
+                }
+            }
+        }
+        Ok(Cnn {
+            labels: file
+                .meta()
+                .head
+                .as_ref()
+                .map(|h| h.labels.clone())
+                .unwrap_or_default(),
+            backend,
+            config: config.clone(),
+            params,
+        })
+    }
+
+    pub fn config(&self) -> &CnnConfig {
+        &self.config
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Class names, in output order (empty when the file has none).
+    pub fn labels(&self) -> &[String] {
+        &self.labels
+    }
+
+    fn param(&self, name: &str) -> Result<&(B::Tensor, B::Tensor)> {
+        self.params
+            .get(name)
+            .ok_or_else(|| Error::Input(format!("no parameters named `{name}`")))
+    }
+
+    fn apply(
+        &self,
+        op: &Op,
+        x: &B::Tensor,
+        residual: Option<&B::Tensor>,
+        act_override: Option<Activation>,
+    ) -> Result<B::Tensor> {
+        let be = &self.backend;
+        match op {
+            Op::Conv {
+                name,
+                stride,
+                padding,
+                groups,
+                act,
+                ..
+            } => {
+                let (w, b) = self.param(name)?;
+                let geo = Conv2d {
+                    stride: [*stride; 2],
+                    padding: [*padding; 2],
+                    groups: *groups,
+                };
+                be.conv2d(x, w, Some(b), &geo, residual, act_override.unwrap_or(*act))
+            }
+            Op::Pool(p) => be.pool2d(x, p),
+            Op::GlobalAvgPool => be.global_avg_pool(x),
+            Op::Flatten => {
+                let s = be.shape(x).to_vec();
+                let copy = be.upload(&be.download(x)?, &s)?;
+                be.reshape(copy, &[s[0], s[1..].iter().product()])
+            }
+            Op::Linear { name, act, .. } => {
+                let (w, b) = self.param(name)?;
+                be.linear(x, w, Some(b), *act)
+            }
+        }
+    }
+
+    /// Stage `i` (block `i`) on `x`.
+    pub fn block(&self, i: usize, x: &B::Tensor) -> Result<B::Tensor> {
+        let block = self.config.blocks.get(i).ok_or_else(|| {
+            Error::Input(format!(
+                "block {i} does not exist ({} blocks)",
+                self.config.blocks.len()
+            ))
+        })?;
+        let n = block.ops.len();
+        let mut cur: Option<B::Tensor> = None;
+        for (j, op) in block.ops.iter().enumerate() {
+            // Flattening a tensor this block made is a reshape of it, no copy.
+            if matches!(op, Op::Flatten)
+                && let Some(t) = cur.take()
+            {
+                let s = self.backend.shape(&t).to_vec();
+                cur = Some(self.backend.reshape(t, &[s[0], s[1..].iter().product()])?);
+                continue;
+            }
+            let input = cur.as_ref().unwrap_or(x);
+            let out = match (&block.residual, j + 1 == n) {
+                (Some(r), true) => {
+                    let shortcut = match &r.shortcut {
+                        Some(s) => Some(self.apply(s, x, None, None)?),
+                        None => None,
+                    };
+                    let res = shortcut.as_ref().unwrap_or(x);
+                    self.apply(op, input, Some(res), Some(r.act))?
+                }
+                _ => self.apply(op, input, None, None)?,
+            };
+            cur = Some(out);
+        }
+        cur.ok_or_else(|| Error::Input(format!("block `{}` has no operations", block.name)))
+    }
+
+    /// All blocks on a batch of preprocessed images, NHWC `[batch, height, width, channels]`.
+    pub fn forward(&self, images: &[f32], batch: usize) -> Result<CnnOutput> {
+        let i = &self.config.input;
+        let want = batch * i.height * i.width * i.channels;
+        if batch == 0 || images.len() != want {
+            return Err(Error::Input(format!(
+                "{} values for {batch} images of {}x{}x{} (expected {want})",
+                images.len(),
+                i.height,
+                i.width,
+                i.channels
+            )));
+        }
+        let mut x = self
+            .backend
+            .upload(images, &[batch, i.height, i.width, i.channels])?;
+        for b in 0..self.config.blocks.len() {
+            x = self.block(b, &x)?;
+        }
+        let logits = self.backend.download(&x)?;
+        Ok(CnnOutput {
+            batch,
+            classes: logits.len() / batch,
+            logits,
+        })
+    }
+}

@@ -1,0 +1,228 @@
+//! torchvision ResNet-18 and VGG-11 through our converter (BatchNorm folding, NCHW -> NHWC) and
+//! our CNN on `cpu` and `emu`, against torchvision's logits (tests/fixtures/cnn_golden.json, made
+//! by tools/make_golden_cnn.py). The weights are generated bit for bit on both sides from each
+//! tensor's name, so no checkpoint needs to be committed.
+
+mod common;
+
+use std::sync::Arc;
+
+use apparate::backend::Backend;
+use apparate::backend::emu::{EmuConfig, EmuDevice};
+use apparate::backend::gpu::GpuBackend;
+use apparate::convert::torchvision::{TorchvisionOptions, convert};
+use apparate::format::ModelFile;
+use apparate::models::cnn::Cnn;
+use apparate::tensor::DType;
+use common::*;
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Case {
+    arch: String,
+    input_size: usize,
+    batch: usize,
+    classes: usize,
+    tensors: Vec<(String, Vec<usize>)>,
+    logits: Vec<f64>,
+}
+
+#[derive(Deserialize)]
+struct Golden {
+    cases: Vec<Case>,
+}
+
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+fn fnv1a64(s: &str) -> u64 {
+    s.bytes().fold(0xCBF2_9CE4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01B3)
+    })
+}
+
+/// The generator of tools/make_golden_cnn.py: values in [-0.5, 0.5), exact in f32.
+fn unit(name: &str, n: usize) -> Vec<f64> {
+    let base = fnv1a64(name);
+    (0..n as u64)
+        .map(|i| {
+            let mut z = (base ^ i.wrapping_mul(GOLDEN)).wrapping_add(GOLDEN);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (z >> 48) as f64 / 65536.0 - 0.5
+        })
+        .collect()
+}
+
+fn values(name: &str, shape: &[usize]) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    let v = unit(name, n);
+    let f = |g: &dyn Fn(f64) -> f64| v.iter().map(|&x| g(x) as f32).collect::<Vec<f32>>();
+    if name.ends_with("running_var") {
+        f(&|x| 1.0 + x)
+    } else if name.ends_with("running_mean") {
+        f(&|x| x * 0.5)
+    } else if shape.len() == 1 && name.ends_with(".weight") {
+        f(&|x| 1.0 + x * 0.5)
+    } else if shape.len() == 1 {
+        f(&|x| x * 0.25)
+    } else {
+        let fan_in = (n / shape[0]) as f64;
+        let scale = 2f64.powi((24.0 / fan_in).sqrt().log2().round() as i32);
+        f(&|x| x * scale)
+    }
+}
+
+/// Writes the torchvision checkpoint of `case` and converts it; returns our model file.
+fn model(case: &Case, dir: &TempDir) -> std::path::PathBuf {
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = case
+        .tensors
+        .iter()
+        .map(|(n, s)| {
+            (
+                n.clone(),
+                s.clone(),
+                bytemuck::cast_slice(&values(n, s)).to_vec(),
+            )
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let src = dir.path(&format!("{}.safetensors", case.arch));
+    safetensors::serialize_to_file(views, None, &src).unwrap();
+    let out = dir.path(&format!("{}.apparate", case.arch));
+    let r = convert(
+        &src,
+        &out,
+        &TorchvisionOptions::new(&case.arch, case.input_size),
+    )
+    .unwrap();
+    assert_eq!(r.meta.head.as_ref().unwrap().labels.len(), case.classes);
+    out
+}
+
+/// The fixture's input batch, NCHW as torch has it, turned into our NHWC.
+fn input(case: &Case) -> Vec<f32> {
+    let (b, s) = (case.batch, case.input_size);
+    let nchw: Vec<f32> = unit("input", b * 3 * s * s)
+        .iter()
+        .map(|v| (v * 2.0) as f32)
+        .collect();
+    let mut nhwc = vec![0.0; nchw.len()];
+    for n in 0..b {
+        for c in 0..3 {
+            for p in 0..s * s {
+                nhwc[(n * s * s + p) * 3 + c] = nchw[(n * 3 + c) * s * s + p];
+            }
+        }
+    }
+    nhwc
+}
+
+fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (*a as f64 - b).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|b| b * b).sum();
+    (num / den).sqrt()
+}
+
+fn run<B: Backend>(name: &str, be: B, path: &std::path::Path, case: &Case) -> f64 {
+    let file = ModelFile::open(path).unwrap();
+    let cnn = Cnn::load(be, &file).unwrap();
+    let out = cnn.forward(&input(case), case.batch).unwrap();
+    let e = rel_l2(&out.logits, &case.logits);
+    eprintln!("{name} {}: relative L2 error {e:.2e}", case.arch);
+    for i in 0..case.batch {
+        let want = (0..case.classes)
+            .max_by(|&a, &b| {
+                case.logits[i * case.classes + a].total_cmp(&case.logits[i * case.classes + b])
+            })
+            .unwrap();
+        assert_eq!(
+            out.top_k(i, 1)[0].0,
+            want,
+            "{name} {}: top-1 of image {i}",
+            case.arch
+        );
+    }
+    e
+}
+
+#[test]
+fn resnet18_and_vgg11_match_torchvision_on_cpu_and_emu() {
+    let g: Golden = serde_json::from_str(include_str!("fixtures/cnn_golden.json")).unwrap();
+    let dir = TempDir::new("cnn");
+    for case in &g.cases {
+        let path = model(case, &dir);
+        let e = run("cpu", cpu(), &path, case);
+        assert!(e <= 1e-5, "cpu {}: relative L2 error {e}", case.arch);
+        let emu = Arc::new(EmuDevice::new(EmuConfig::default()).unwrap());
+        let e = run(
+            "emu/f32",
+            GpuBackend::shared(emu.clone(), DType::F32).with_poisoned_outputs(),
+            &path,
+            case,
+        );
+        assert!(e <= 1e-5, "emu/f32 {}: relative L2 error {e}", case.arch);
+    }
+}
+
+#[test]
+fn stage_graph_has_the_block_outputs_as_ramp_points() {
+    let g: Golden = serde_json::from_str(include_str!("fixtures/cnn_golden.json")).unwrap();
+    let dir = TempDir::new("cnn-graph");
+    let resnet = g.cases.iter().find(|c| c.arch == "resnet18").unwrap();
+    let file = ModelFile::open(model(resnet, &dir)).unwrap();
+    // ResNet-18: its 8 residual blocks; the skip connections live inside them.
+    assert_eq!(
+        file.meta().graph.ramp_points,
+        [
+            "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0",
+            "layer4.1"
+        ]
+    );
+}
+
+#[test]
+fn converter_errors_name_the_problem() {
+    let g: Golden = serde_json::from_str(include_str!("fixtures/cnn_golden.json")).unwrap();
+    let dir = TempDir::new("cnn-bad");
+    let vgg = g.cases.iter().find(|c| c.arch == "vgg11").unwrap();
+    model(vgg, &dir);
+    let src = dir.path("vgg11.safetensors");
+    let e = convert(
+        &src,
+        &dir.path("x.apparate"),
+        &TorchvisionOptions::new("resnet18", 64),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("conv1.weight") && e.contains("missing"), "{e}");
+    let e = convert(
+        &src,
+        &dir.path("x.apparate"),
+        &TorchvisionOptions::new("vgg11", 100),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("3x3 features"), "{e}");
+    let e = convert(
+        &src,
+        &dir.path("x.apparate"),
+        &TorchvisionOptions::new("alexnet", 32),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("unknown architecture"), "{e}");
+}
