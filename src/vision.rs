@@ -26,6 +26,8 @@ pub fn preprocess(
 ) -> std::result::Result<Vec<f32>, String> {
     let (h, w) = (input.height as u32, input.width as u32);
     let resized = match input.resize_shorter {
+        // Already the model's size (e.g. pre-cropped): the pixels are used as they are.
+        None if img.width() == w && img.height() == h => img.clone(),
         Some(s) => {
             // Shorter side to `s`, then the center h x w.
             let (iw, ih) = (img.width().max(1), img.height().max(1));

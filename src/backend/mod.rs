@@ -47,20 +47,37 @@ impl Activation {
 #[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Conv2d {
     pub stride: [usize; 2],
+    /// Zero padding before the first row and column.
     pub padding: [usize; 2],
     pub groups: usize,
+    /// Extra zero padding after the last row and column, beyond `padding` (TensorFlow's "SAME"
+    /// padding puts the odd pixel there).
+    #[serde(default)]
+    pub padding_extra: [usize; 2],
 }
 
 impl Conv2d {
     /// Output height and width for an input of `h x w` and a `kh x kw` kernel, or None when the
     /// kernel does not fit.
     pub fn output_size(&self, h: usize, w: usize, kh: usize, kw: usize) -> Option<(usize, usize)> {
-        let span = |n: usize, k: usize, s: usize, p: usize| {
-            (n + 2 * p).checked_sub(k).map(|d| d / s.max(1) + 1)
+        let span = |n: usize, k: usize, s: usize, p: usize, e: usize| {
+            (n + 2 * p + e).checked_sub(k).map(|d| d / s.max(1) + 1)
         };
         Some((
-            span(h, kh, self.stride[0], self.padding[0])?,
-            span(w, kw, self.stride[1], self.padding[1])?,
+            span(
+                h,
+                kh,
+                self.stride[0],
+                self.padding[0],
+                self.padding_extra[0],
+            )?,
+            span(
+                w,
+                kw,
+                self.stride[1],
+                self.padding[1],
+                self.padding_extra[1],
+            )?,
         ))
     }
 }
@@ -330,6 +347,7 @@ pub(crate) fn check_pool(x: &[usize], p: &Pool2d) -> std::result::Result<[usize;
         stride: p.stride,
         padding: p.padding,
         groups: 1,
+        padding_extra: [0, 0],
     };
     let (oh, ow) = c
         .output_size(x[1], x[2], p.kernel[0], p.kernel[1])

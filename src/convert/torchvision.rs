@@ -1,5 +1,5 @@
 //! torchvision ResNet (18/34/50) and VGG (11/13/16) checkpoints (safetensors with torchvision's
-//! tensor names) -> our format. BatchNorm is folded into the preceding convolution here, once:
+//! tensor names), and EfficientNet-Lite0 (the `efficientnet_lite_pytorch` names) -> our format. BatchNorm is folded into the preceding convolution here, once:
 //! `w' = w * gamma / sqrt(var + eps)`, `b' = beta - mean * gamma / sqrt(var + eps)`; weights are
 //! permuted from PyTorch's NCHW `[cout, cin, kh, kw]` to our NHWC `[cout, kh, kw, cin]`.
 
@@ -97,6 +97,22 @@ fn conv(
     padding: usize,
     act: Activation,
 ) -> Result<Op> {
+    conv_bn(ck, out, src, bn, BN_EPS, dst, [stride, padding, 0], act)
+}
+
+/// [`conv`] with the BatchNorm epsilon and [stride, padding, extra padding after] given, for
+/// grouped (depthwise) weights too: the group count is `cin / weight's input channels`.
+#[allow(clippy::too_many_arguments)]
+fn conv_bn(
+    ck: &mut Checkpoint,
+    out: &mut Out,
+    src: &str,
+    bn: Option<&str>,
+    eps: f32,
+    dst: &str,
+    [stride, padding, padding_extra]: [usize; 3],
+    act: Activation,
+) -> Result<Op> {
     let wname = format!("{src}.weight");
     let shape = ck
         .tensors
@@ -110,7 +126,7 @@ fn conv(
             format!("shape {shape:?} is not a 2-D convolution"),
         ));
     }
-    let (cout, cin, k) = (shape[0], shape[1], shape[2]);
+    let (cout, cg, k) = (shape[0], shape[1], shape[2]);
     if shape[3] != k {
         return Err(Error::tensor(
             &ck.path,
@@ -131,7 +147,7 @@ fn conv(
         ck.tensors.remove(&format!("{bn}.num_batches_tracked"));
         let per = w.len() / cout;
         for o in 0..cout {
-            let scale = g[o] / (var[o] + BN_EPS).sqrt();
+            let scale = g[o] / (var[o] + eps).sqrt();
             w[o * per..(o + 1) * per]
                 .iter_mut()
                 .for_each(|v| *v *= scale);
@@ -140,20 +156,155 @@ fn conv(
     }
     out.put(
         format!("{dst}.weight"),
-        vec![cout, k, k, cin],
+        vec![cout, k, k, cg],
         &nchw_to_nhwc(&w, &shape),
     );
     out.put(format!("{dst}.bias"), vec![cout], &b);
+    // A weight with one input channel per output channel is depthwise.
+    let groups = if cg == 1 && cout > 1 && depthwise_hint(src) {
+        cout
+    } else {
+        1
+    };
     Ok(Op::Conv {
         name: dst.to_string(),
-        cin,
+        cin: cg * groups,
         cout,
         kernel: k,
         stride,
         padding,
-        groups: 1,
+        groups,
+        padding_extra,
         act,
     })
+}
+
+/// Depthwise convolutions are named so in the checkpoints we read (EfficientNet's
+/// `_depthwise_conv`); a 1-input-channel weight elsewhere is a plain convolution on a gray image.
+fn depthwise_hint(src: &str) -> bool {
+    src.contains("depthwise")
+}
+
+/// TensorFlow "SAME" padding of a `k`-wide, `s`-strided convolution over `n` pixels:
+/// (before, extra after), with the odd pixel after.
+fn same_padding(n: usize, k: usize, s: usize) -> [usize; 2] {
+    let out = n.div_ceil(s);
+    let total = ((out - 1) * s + k).saturating_sub(n);
+    [total / 2, total - 2 * (total / 2)]
+}
+
+/// EfficientNet-Lite0 (the `efficientnet_lite_pytorch` layout): MBConv blocks with depthwise
+/// convolutions and ReLU6, no squeeze-excitation, TensorFlow "SAME" padding, BatchNorm eps 1e-3.
+fn efficientnet_lite0(ck: &mut Checkpoint, out: &mut Out, input: usize) -> Result<Vec<Block>> {
+    const EPS: f32 = 1e-3;
+    // (repeats, stride of the first block) of the 7 stages; kernels, channels and expansion
+    // come from the weights themselves.
+    const STAGES: [(usize, usize); 7] = [(1, 1), (2, 2), (2, 2), (3, 2), (3, 1), (4, 2), (1, 1)];
+    let relu6 = Activation::Relu6;
+    let mut side = input;
+    let sp = |side: usize, k: usize, s: usize| {
+        let [p, e] = same_padding(side, k, s);
+        [s, p, e]
+    };
+    let stem = conv_bn(
+        ck,
+        out,
+        "_conv_stem",
+        Some("_bn0"),
+        EPS,
+        "stem.conv",
+        sp(side, 3, 2),
+        relu6,
+    )?;
+    side = side.div_ceil(2);
+    let mut blocks = vec![Block {
+        name: "stem".into(),
+        ops: vec![stem],
+        residual: None,
+    }];
+    let mut i = 0;
+    for (repeats, first_stride) in STAGES {
+        for r in 0..repeats {
+            let stride = if r == 0 { first_stride } else { 1 };
+            let p = format!("_blocks.{i}");
+            let name = format!("blocks.{i}");
+            let mut ops = Vec::new();
+            if ck.tensors.contains_key(&format!("{p}._expand_conv.weight")) {
+                ops.push(conv_bn(
+                    ck,
+                    out,
+                    &format!("{p}._expand_conv"),
+                    Some(&format!("{p}._bn0")),
+                    EPS,
+                    &format!("{name}.expand"),
+                    [1, 0, 0],
+                    relu6,
+                )?);
+            }
+            let dw = format!("{p}._depthwise_conv.weight");
+            let k = ck
+                .tensors
+                .get(&dw)
+                .map(|(s, _)| s[2])
+                .ok_or_else(|| Error::tensor(&ck.path, &dw, "missing from the checkpoint"))?;
+            ops.push(conv_bn(
+                ck,
+                out,
+                &format!("{p}._depthwise_conv"),
+                Some(&format!("{p}._bn1")),
+                EPS,
+                &format!("{name}.depthwise"),
+                sp(side, k, stride),
+                relu6,
+            )?);
+            side = side.div_ceil(stride);
+            ops.push(conv_bn(
+                ck,
+                out,
+                &format!("{p}._project_conv"),
+                Some(&format!("{p}._bn2")),
+                EPS,
+                &format!("{name}.project"),
+                [1, 0, 0],
+                Activation::None,
+            )?);
+            let (cin, cout) = match (ops.first(), ops.last()) {
+                (Some(Op::Conv { cin, .. }), Some(Op::Conv { cout, .. })) => (*cin, *cout),
+                _ => unreachable!("ops are convolutions"),
+            };
+            // Inference: the skip connection (drop-connect is training only) when shapes allow.
+            let residual = (stride == 1 && cin == cout).then_some(Residual {
+                shortcut: None,
+                act: Activation::None,
+            });
+            blocks.push(Block {
+                name,
+                ops,
+                residual,
+            });
+            i += 1;
+        }
+    }
+    let head = conv_bn(
+        ck,
+        out,
+        "_conv_head",
+        Some("_bn1"),
+        EPS,
+        "head.conv",
+        [1, 0, 0],
+        relu6,
+    )?;
+    blocks.push(Block {
+        name: "head".into(),
+        ops: vec![
+            head,
+            Op::GlobalAvgPool,
+            linear(ck, out, "_fc", "head.fc", Activation::None)?,
+        ],
+        residual: None,
+    });
+    Ok(blocks)
 }
 
 fn linear(ck: &mut Checkpoint, out: &mut Out, src: &str, dst: &str, act: Activation) -> Result<Op> {
@@ -455,6 +606,8 @@ pub fn convert(src: &Path, out_path: &Path, opts: &TorchvisionOptions) -> Result
             d.parse()
                 .map_err(|_| Error::Input(format!("unknown architecture `{arch}`")))?,
         )?
+    } else if arch == "efficientnet-lite0" {
+        efficientnet_lite0(&mut ck, &mut out, opts.input_size)?
     } else if let Some(d) = arch.strip_prefix("vgg") {
         vgg(
             &mut ck,
@@ -465,7 +618,7 @@ pub fn convert(src: &Path, out_path: &Path, opts: &TorchvisionOptions) -> Result
         )?
     } else {
         return Err(Error::Input(format!(
-            "unknown architecture `{arch}` (resnet18/34/50, vgg11/13/16)"
+            "unknown architecture `{arch}` (resnet18/34/50, vgg11/13/16, efficientnet-lite0)"
         )));
     };
     if let Some(extra) = ck.tensors.keys().next() {
@@ -503,6 +656,17 @@ pub fn convert(src: &Path, out_path: &Path, opts: &TorchvisionOptions) -> Result
         .source_label
         .clone()
         .unwrap_or_else(|| src.display().to_string());
+    let mut provenance = vec![Provenance {
+        source,
+        sha256: sha256_hex(&read(src)?),
+    }];
+    // An exported checkpoint names what it was exported from (weights/prepare.py does).
+    if let (Some(source), Some(sha256)) = (ck.metadata.get("source"), ck.metadata.get("sha256")) {
+        provenance.push(Provenance {
+            source: source.clone(),
+            sha256: sha256.clone(),
+        });
+    }
     let meta = ModelMeta {
         format_version: FORMAT_VERSION,
         kind: FileKind::Model,
@@ -510,10 +674,7 @@ pub fn convert(src: &Path, out_path: &Path, opts: &TorchvisionOptions) -> Result
         family: Family::Cnn(config),
         preprocessing: Preprocessing::Image {},
         head: Some(HeadMeta { labels }),
-        provenance: vec![Provenance {
-            source,
-            sha256: sha256_hex(&read(src)?),
-        }],
+        provenance,
     };
     let parameters = out
         .tensors

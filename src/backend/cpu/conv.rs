@@ -188,6 +188,7 @@ mod tests {
                 stride: [s, s],
                 padding: [p, p],
                 groups: 1,
+                padding_extra: [0, 0],
             };
             let x = data(2 * h * w * cin, 1);
             let wt = data(cout * k * k * cin, 2);
@@ -227,6 +228,7 @@ mod tests {
             stride: [1, 1],
             padding: [0, 0],
             groups: 2,
+            padding_extra: [0, 0],
         };
         let dims = check_conv(&[1, 3, 3, 2], &[2, 3, 3, 1], None, &geo, None).unwrap();
         let out = conv2d(

@@ -21,6 +21,9 @@ pub enum Op {
         padding: usize,
         groups: usize,
         act: Activation,
+        /// Extra padding after the last row/column ("SAME" padding's odd pixel).
+        #[serde(default)]
+        padding_extra: usize,
     },
     Pool(Pool2d),
     /// [n, h, w, c] -> [n, c].
@@ -238,6 +241,7 @@ fn step(op: &Op, s: Shape) -> Result<Shape, String> {
                 stride,
                 padding,
                 groups,
+                padding_extra,
                 ..
             },
             Shape::Image(h, w, c),
@@ -259,6 +263,7 @@ fn step(op: &Op, s: Shape) -> Result<Shape, String> {
                 stride: [*stride; 2],
                 padding: [*padding; 2],
                 groups: *groups,
+                padding_extra: [*padding_extra; 2],
             };
             let (oh, ow) = g.output_size(h, w, *kernel, *kernel).ok_or(format!(
                 "conv `{name}`: kernel {kernel} does not fit {h}x{w}"

@@ -116,6 +116,7 @@ impl<B: Backend> Cnn<B> {
                 padding,
                 groups,
                 act,
+                padding_extra,
                 ..
             } => {
                 let (w, b) = self.param(name)?;
@@ -123,6 +124,7 @@ impl<B: Backend> Cnn<B> {
                     stride: [*stride; 2],
                     padding: [*padding; 2],
                     groups: *groups,
+                    padding_extra: [*padding_extra; 2],
                 };
                 be.conv2d(x, w, Some(b), &geo, residual, act_override.unwrap_or(*act))
             }
