@@ -226,3 +226,60 @@ fn converter_errors_name_the_problem() {
     .to_string();
     assert!(e.contains("unknown architecture"), "{e}");
 }
+
+#[derive(Deserialize)]
+struct Digits {
+    mean: f32,
+    std: f32,
+    pixels: Vec<Vec<u8>>,
+    labels: Vec<usize>,
+    logits: Vec<Vec<f32>>,
+}
+
+#[test]
+fn trained_mnist_resnet_matches_pytorch_on_cpu_and_emu() {
+    // The vision workload's model (committed, trained by tools/train_mnist_resnet.py) on 16
+    // held-out digits against PyTorch's logits.
+    let d: Digits = serde_json::from_str(include_str!("fixtures/mnist_golden.json")).unwrap();
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/mnist-resnet.apparate");
+    let file = ModelFile::open(&path).unwrap();
+    let images: Vec<f32> = d
+        .pixels
+        .iter()
+        .flatten()
+        .map(|&p| (p as f32 / 255.0 - d.mean) / d.std)
+        .collect();
+    let want: Vec<f32> = d.logits.iter().flatten().copied().collect();
+    let emu = Arc::new(EmuDevice::new(EmuConfig::default()).unwrap());
+    let outs = [
+        (
+            "cpu",
+            Cnn::load(cpu(), &file)
+                .unwrap()
+                .forward(&images, 16)
+                .unwrap(),
+        ),
+        (
+            "emu/f32",
+            Cnn::load(GpuBackend::shared(emu, DType::F32), &file)
+                .unwrap()
+                .forward(&images, 16)
+                .unwrap(),
+        ),
+    ];
+    for (name, out) in outs {
+        let err = max_abs_diff(&out.logits, &want);
+        let correct = (0..16)
+            .filter(|&i| out.top_k(i, 1)[0].0 == d.labels[i])
+            .count();
+        eprintln!("{name}: max abs logit error {err:.2e}, {correct}/16 digits right");
+        assert!(err <= 1e-4, "{name}: max abs logit error {err}");
+        for i in 0..16 {
+            let torch_top = (0..10)
+                .max_by(|&a, &b| d.logits[i][a].total_cmp(&d.logits[i][b]))
+                .unwrap();
+            assert_eq!(out.top_k(i, 1)[0].0, torch_top, "{name}: digit {i}");
+        }
+    }
+}

@@ -333,20 +333,50 @@ fn linear(ck: &mut Checkpoint, out: &mut Out, src: &str, dst: &str, act: Activat
     })
 }
 
-fn resnet(ck: &mut Checkpoint, out: &mut Out, depth: usize) -> Result<Vec<Block>> {
-    let (layers, bottleneck): ([usize; 4], bool) = match depth {
-        18 => ([2, 2, 2, 2], false),
-        34 => ([3, 4, 6, 3], false),
-        50 => ([3, 4, 6, 3], true),
-        d => {
+/// `depth`: 18, 34 or 50 (torchvision's layouts), or `None` for any ResNet with torchvision's
+/// names: the layers and blocks present in the checkpoint, bottleneck blocks when they have a
+/// `conv3`, widths from the weights; a 3x3 `conv1` is the small-image stem (stride 1, no
+/// max-pool), a 7x7 one ImageNet's (stride 2 + max-pool).
+fn resnet(ck: &mut Checkpoint, out: &mut Out, depth: Option<usize>) -> Result<Vec<Block>> {
+    let (layers, bottleneck): (Vec<usize>, bool) = match depth {
+        Some(18) => (vec![2, 2, 2, 2], false),
+        Some(34) => (vec![3, 4, 6, 3], false),
+        Some(50) => (vec![3, 4, 6, 3], true),
+        Some(d) => {
             return Err(Error::Input(format!(
-                "resnet{d} is not supported (18, 34 or 50)"
+                "resnet{d} is not supported (18, 34, 50, or `resnet` for any depth)"
             )));
         }
+        None => {
+            let count = |l: usize| {
+                (0..)
+                    .take_while(|i| {
+                        ck.tensors
+                            .contains_key(&format!("layer{l}.{i}.conv1.weight"))
+                    })
+                    .count()
+            };
+            let layers: Vec<usize> = (1..=4).map(count).take_while(|&n| n > 0).collect();
+            (layers, ck.tensors.contains_key("layer1.0.conv3.weight"))
+        }
     };
-    let mut blocks = vec![Block {
-        name: "stem".into(),
-        ops: vec![
+    let stem_k = ck
+        .tensors
+        .get("conv1.weight")
+        .map_or(7, |(s, _)| s.get(2).copied().unwrap_or(7));
+    let stem = if stem_k == 3 {
+        vec![conv(
+            ck,
+            out,
+            "conv1",
+            Some("bn1"),
+            "stem.conv",
+            1,
+            1,
+            Activation::Relu,
+        )?]
+    } else {
+        vec![
             conv(
                 ck,
                 out,
@@ -363,7 +393,11 @@ fn resnet(ck: &mut Checkpoint, out: &mut Out, depth: usize) -> Result<Vec<Block>
                 stride: [2, 2],
                 padding: [1, 1],
             }),
-        ],
+        ]
+    };
+    let mut blocks = vec![Block {
+        name: "stem".into(),
+        ops: stem,
         residual: None,
     }];
     for (l, &n) in layers.iter().enumerate() {
@@ -599,12 +633,16 @@ pub fn convert(src: &Path, out_path: &Path, opts: &TorchvisionOptions) -> Result
         dtype: opts.dtype,
     };
     let arch = opts.arch.to_ascii_lowercase();
-    let blocks = if let Some(d) = arch.strip_prefix("resnet") {
+    let blocks = if arch == "resnet" {
+        resnet(&mut ck, &mut out, None)?
+    } else if let Some(d) = arch.strip_prefix("resnet") {
         resnet(
             &mut ck,
             &mut out,
-            d.parse()
-                .map_err(|_| Error::Input(format!("unknown architecture `{arch}`")))?,
+            Some(
+                d.parse()
+                    .map_err(|_| Error::Input(format!("unknown architecture `{arch}`")))?,
+            ),
         )?
     } else if arch == "efficientnet-lite0" {
         efficientnet_lite0(&mut ck, &mut out, opts.input_size)?

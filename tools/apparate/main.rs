@@ -64,6 +64,13 @@ enum Command {
         /// CNN class names, one per line, in output order.
         #[arg(long)]
         labels: Option<PathBuf>,
+        /// CNN per-channel input mean, comma-separated (default ImageNet's; one value = gray
+        /// images).
+        #[arg(long, value_delimiter = ',')]
+        mean: Option<Vec<f32>>,
+        /// CNN per-channel input standard deviation, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        std: Option<Vec<f32>>,
     },
     /// Show a model file's metadata, stages, ramp points and tensors.
     Inspect {
@@ -299,6 +306,8 @@ fn real_main(cli: Cli) -> Result<()> {
             input_size,
             resize_shorter,
             labels,
+            mean,
+            std,
         } => {
             let t0 = Instant::now();
             if let Some(arch) = arch {
@@ -306,6 +315,13 @@ fn real_main(cli: Cli) -> Result<()> {
                     apparate::convert::torchvision::TorchvisionOptions::new(&arch, input_size);
                 o.dtype = dtype;
                 o.resize_shorter = resize_shorter;
+                if let Some(m) = mean {
+                    o.channels = m.len();
+                    o.mean = m;
+                }
+                if let Some(s) = std {
+                    o.std = s;
+                }
                 o.source_label = source;
                 if let Some(l) = labels {
                     let text = std::fs::read_to_string(&l).map_err(|e| Error::Io {
