@@ -60,8 +60,71 @@ pub(crate) fn conv2d(
         let cols = im2col(x, dims, p);
         return linear::linear(&cols, w, b, residual, m, cout, k, act, par);
     }
+    if cin == p.groups && cout == p.groups {
+        return depthwise(x, w, b, residual, dims, p, act);
+    }
     grouped(x, w, b, residual, dims, p, act)
 }
+
+/// Depthwise convolution (one input and one output channel per group): for each output pixel,
+/// `kh * kw` multiply-adds vectorised over the channels, with the weight transposed once to
+/// `[kh * kw, channels]` so that each tap's weights are contiguous.
+fn depthwise(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    dims: [usize; 9],
+    p: &Conv2d,
+    act: Activation,
+) -> Vec<f32> {
+    let [_, h, wd, c, _, kh, kw, oh, ow] = dims;
+    let mut taps = vec![0.0f32; kh * kw * c];
+    for ch in 0..c {
+        for t in 0..kh * kw {
+            taps[t * c + ch] = w[ch * kh * kw + t];
+        }
+    }
+    let mut out = vec![0.0f32; dims[0] * oh * ow * c];
+    out.par_chunks_mut(c).enumerate().for_each(|(r, o)| {
+        let (bn, y, xo) = (r / (oh * ow), (r / ow) % oh, r % ow);
+        match b {
+            Some(b) => o.copy_from_slice(b),
+            None => o.fill(0.0),
+        }
+        for i in 0..kh {
+            let iy = (y * p.stride[0] + i) as isize - p.padding[0] as isize;
+            if iy < 0 || iy >= h as isize {
+                continue;
+            }
+            for j in 0..kw {
+                let ix = (xo * p.stride[1] + j) as isize - p.padding[1] as isize;
+                if ix < 0 || ix >= wd as isize {
+                    continue;
+                }
+                let xs = &x[((bn * h + iy as usize) * wd + ix as usize) * c..][..c];
+                let ws = &taps[(i * kw + j) * c..][..c];
+                fma_row(o, xs, ws);
+            }
+        }
+        if let Some(res) = residual {
+            for (v, r) in o.iter_mut().zip(&res[r * c..(r + 1) * c]) {
+                *v += r;
+            }
+        }
+        o.iter_mut().for_each(|v| *v = apply(*v, act));
+    });
+    out
+}
+
+#[inline(always)]
+fn fma_row_body(o: &mut [f32], x: &[f32], w: &[f32]) {
+    for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
+        *o += x * w;
+    }
+}
+
+super::simd::multiversion!(fn fma_row(o: &mut [f32], x: &[f32], w: &[f32]) => fma_row_body);
 
 /// Direct grouped convolution (depthwise when groups == channels).
 #[allow(clippy::too_many_arguments)]
