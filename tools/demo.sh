@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The main job, for now: fetch and convert the real MiniLM + intent head (first run only takes
-# a minute or two), then classify a few sentences and embed one, with timings.
+# The main job, for now: fetch and convert the real models (first run only takes a minute or
+# two), then classify a few sentences, embed one and classify three photos, with timings.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -f weights/minilm-l6-intent.apparate ] || [ ! -f weights/minilm-l6.apparate ]; then
+if [ ! -f weights/minilm-l6-intent.apparate ] || [ ! -f weights/minilm-l6.apparate ] ||
+   [ ! -f weights/efficientnet-lite0.apparate ]; then
   bash weights/fetch.sh
 else
   cargo build --release --quiet --bin apparate
@@ -23,3 +24,6 @@ echo "== apparate classify (157 intents, cpu backend)"
 echo
 echo "== apparate embed"
 "$CLI" embed -m weights/minilm-l6.apparate "Apparate releases early answers while the batch runs on."
+echo
+echo "== apparate classify (EfficientNet-Lite0, ImageNet; three scikit-image photos, 224x224 crops)"
+"$CLI" classify -m weights/efficientnet-lite0.apparate --top 3 tests/fixtures/efficientnet/*.png
