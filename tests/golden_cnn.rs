@@ -1,4 +1,4 @@
-//! torchvision ResNet-18 and VGG-11 through our converter (BatchNorm folding, NCHW -> NHWC) and
+//! torchvision ResNet-18, ResNet-50 (bottleneck blocks) and VGG-11 through our converter (BatchNorm folding, NCHW -> NHWC) and
 //! our CNN on `cpu` and `emu`, against torchvision's logits (tests/fixtures/cnn_golden.json, made
 //! by tools/make_golden_cnn.py). The weights are generated bit for bit on both sides from each
 //! tensor's name, so no checkpoint needs to be committed.
@@ -160,7 +160,7 @@ fn run<B: Backend>(name: &str, be: B, path: &std::path::Path, case: &Case) -> f6
 }
 
 #[test]
-fn resnet18_and_vgg11_match_torchvision_on_cpu_and_emu() {
+fn resnets_and_vgg_match_torchvision_on_cpu_and_emu() {
     let g: Golden = serde_json::from_str(include_str!("fixtures/cnn_golden.json")).unwrap();
     let dir = TempDir::new("cnn");
     for case in &g.cases {
