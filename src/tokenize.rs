@@ -13,6 +13,18 @@ use crate::error::{Error, Result};
 use crate::format::{ModelFile, Preprocessing};
 use crate::models::bert::EncoderInput;
 
+/// Runs `f`, turning a panic inside the tokenizers crate into an error.
+fn no_panic<T>(f: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        Error::Tokenizer(format!("the tokenizer failed: {msg}"))
+    })
+}
+
 pub struct TextTokenizer {
     inner: Tokenizer,
     max_length: usize,
@@ -50,8 +62,9 @@ impl TextTokenizer {
     /// Parses a `tokenizer.json`; inputs are truncated to `max_length` tokens (special tokens
     /// included).
     pub fn from_json(json: &str, max_length: usize) -> Result<TextTokenizer> {
-        let mut inner: Tokenizer = json
-            .parse()
+        // Parsing can panic inside the tokenizers crate on malformed parts (its decoder
+        // deserializer `expect`s); turn that into an error like any other parse failure.
+        let mut inner: Tokenizer = no_panic(|| json.parse::<Tokenizer>())?
             .map_err(|e| Error::Tokenizer(format!("cannot parse tokenizer.json: {e}")))?;
         let pad_id = inner.get_padding().map_or(0, |p| p.pad_id);
         inner.with_padding(None);
@@ -72,11 +85,16 @@ impl TextTokenizer {
                 direction: TruncationDirection::Right,
             }))
             .map_err(|e| Error::Tokenizer(format!("cannot set truncation: {e}")))?;
-        Ok(TextTokenizer {
+        let t = TextTokenizer {
             inner,
             max_length,
             pad_id,
-        })
+        };
+        // A tokenizer.json can parse and still be unusable (say, a template naming a special
+        // token it does not define, on which the tokenizers crate panics): find out now.
+        t.encode(&["a"])
+            .map_err(|e| Error::Tokenizer(format!("tokenizer.json does not work: {e}")))?;
+        Ok(t)
     }
 
     /// Largest token id this tokenizer can produce, plus one (special tokens included).
@@ -102,9 +120,9 @@ impl TextTokenizer {
         if texts.is_empty() {
             return Err(Error::Input("no texts given".into()));
         }
-        let encodings = self
-            .inner
-            .encode_batch(texts.to_vec(), true)
+        // The tokenizers crate panics on some malformed files instead of returning an error;
+        // never let that reach the caller.
+        let encodings = no_panic(|| self.inner.encode_batch(texts.to_vec(), true))?
             .map_err(|e| Error::Tokenizer(format!("cannot encode: {e}")))?;
         let ids: Vec<Vec<u32>> = encodings.iter().map(|e| e.get_ids().to_vec()).collect();
         let masks: Vec<Vec<u32>> = encodings

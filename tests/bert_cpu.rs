@@ -310,3 +310,20 @@ fn converter_round_trip_and_errors() {
     .to_string();
     assert!(e.contains("nope") && e.contains("not a directory"), "{e}");
 }
+
+#[test]
+fn broken_tokenizer_template_is_an_error_not_a_panic() {
+    // A template that names a special token the tokenizer does not define parses, but makes the
+    // tokenizers crate panic on encode.
+    let json = tiny_tokenizer_json().replacen(
+        "\"[CLS]\":{\"id\":\"[CLS]\",\"ids\"",
+        "\"[XLS]\":{\"id\":\"[XLS]\",\"ids\"",
+        1,
+    );
+    assert!(json.contains("[XLS]"));
+    let e = apparate::tokenize::TextTokenizer::from_json(&json, 16)
+        .err()
+        .expect("accepted")
+        .to_string();
+    assert!(e.contains("tokenizer.json does not work"), "{e}");
+}
