@@ -46,6 +46,14 @@ impl Checkpoint {
         })
     }
 
+    /// The shape of a tensor the checkpoint must have.
+    pub fn shape_of(&self, name: &str) -> Result<Vec<usize>> {
+        self.tensors
+            .get(name)
+            .map(|(s, _)| s.clone())
+            .ok_or_else(|| Error::tensor(&self.path, name, "missing from the checkpoint"))
+    }
+
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let (s, v) = self
             .tensors

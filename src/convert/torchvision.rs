@@ -114,11 +114,7 @@ fn conv_bn(
     act: Activation,
 ) -> Result<Op> {
     let wname = format!("{src}.weight");
-    let shape = ck
-        .tensors
-        .get(&wname)
-        .map(|(s, _)| s.clone())
-        .ok_or_else(|| Error::tensor(&ck.path, &wname, "missing from the checkpoint"))?;
+    let shape = ck.shape_of(&wname)?;
     if shape.len() != 4 {
         return Err(Error::tensor(
             &ck.path,
@@ -242,11 +238,7 @@ fn efficientnet_lite0(ck: &mut Checkpoint, out: &mut Out, input: usize) -> Resul
                 )?);
             }
             let dw = format!("{p}._depthwise_conv.weight");
-            let k = ck
-                .tensors
-                .get(&dw)
-                .map(|(s, _)| s[2])
-                .ok_or_else(|| Error::tensor(&ck.path, &dw, "missing from the checkpoint"))?;
+            let k = ck.shape_of(&dw)?.get(2).copied().unwrap_or(0);
             ops.push(conv_bn(
                 ck,
                 out,
@@ -309,11 +301,7 @@ fn efficientnet_lite0(ck: &mut Checkpoint, out: &mut Out, input: usize) -> Resul
 
 fn linear(ck: &mut Checkpoint, out: &mut Out, src: &str, dst: &str, act: Activation) -> Result<Op> {
     let wname = format!("{src}.weight");
-    let shape = ck
-        .tensors
-        .get(&wname)
-        .map(|(s, _)| s.clone())
-        .ok_or_else(|| Error::tensor(&ck.path, &wname, "missing from the checkpoint"))?;
+    let shape = ck.shape_of(&wname)?;
     if shape.len() != 2 {
         return Err(Error::tensor(
             &ck.path,
@@ -545,11 +533,7 @@ fn vgg(ck: &mut Checkpoint, out: &mut Out, depth: usize, input: usize) -> Result
     // Classifier: AdaptiveAvgPool2d(7) -> flatten (c, h, w) -> Linear(512*49, 4096) -> ...
     let side = input / 32;
     let fc0 = "classifier.0.weight";
-    let shape = ck
-        .tensors
-        .get(fc0)
-        .map(|(s, _)| s.clone())
-        .ok_or_else(|| Error::tensor(&ck.path, fc0, "missing from the checkpoint"))?;
+    let shape = ck.shape_of(fc0)?;
     if shape.len() != 2 || shape[1] != 512 * 49 {
         return Err(Error::tensor(
             &ck.path,

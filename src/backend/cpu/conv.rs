@@ -11,6 +11,36 @@ use rayon::prelude::*;
 use super::linear;
 use crate::backend::{Activation, Conv2d, Pool2d};
 
+/// Calls `f(tap, pixel)` for every kernel tap (`i * kw + j`) of output pixel `[y, x]`'s window
+/// that falls inside the `h x w` input, `pixel` being the input pixel's index in its image.
+#[inline(always)]
+fn for_each_tap(
+    [y, x]: [usize; 2],
+    [kh, kw]: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 2],
+    [h, w]: [usize; 2],
+    mut f: impl FnMut(usize, usize),
+) {
+    for i in 0..kh {
+        let Some(iy) = (y * stride[0] + i)
+            .checked_sub(padding[0])
+            .filter(|&v| v < h)
+        else {
+            continue;
+        };
+        for j in 0..kw {
+            let Some(ix) = (x * stride[1] + j)
+                .checked_sub(padding[1])
+                .filter(|&v| v < w)
+            else {
+                continue;
+            };
+            f(i * kw + j, iy * w + ix);
+        }
+    }
+}
+
 /// Gathers the receptive field of every output pixel: [n * oh * ow, kh * kw * cin].
 #[allow(clippy::too_many_arguments)]
 fn im2col(x: &[f32], dims: [usize; 9], p: &Conv2d) -> Vec<f32> {
@@ -19,20 +49,17 @@ fn im2col(x: &[f32], dims: [usize; 9], p: &Conv2d) -> Vec<f32> {
     let mut cols = vec![0.0f32; n * oh * ow * k];
     cols.par_chunks_mut(k).enumerate().for_each(|(r, row)| {
         let (b, y, xo) = (r / (oh * ow), (r / ow) % oh, r % ow);
-        for i in 0..kh {
-            let iy = (y * p.stride[0] + i) as isize - p.padding[0] as isize;
-            if iy < 0 || iy >= h as isize {
-                continue;
-            }
-            for j in 0..kw {
-                let ix = (xo * p.stride[1] + j) as isize - p.padding[1] as isize;
-                if ix < 0 || ix >= w as isize {
-                    continue;
-                }
-                let src = ((b * h + iy as usize) * w + ix as usize) * cin;
-                row[(i * kw + j) * cin..][..cin].copy_from_slice(&x[src..src + cin]);
-            }
-        }
+        for_each_tap(
+            [y, xo],
+            [kh, kw],
+            p.stride,
+            p.padding,
+            [h, w],
+            |tap, pixel| {
+                let src = (b * h * w + pixel) * cin;
+                row[tap * cin..][..cin].copy_from_slice(&x[src..src + cin]);
+            },
+        );
     });
     cols
 }
@@ -92,21 +119,18 @@ fn depthwise(
             Some(b) => o.copy_from_slice(b),
             None => o.fill(0.0),
         }
-        for i in 0..kh {
-            let iy = (y * p.stride[0] + i) as isize - p.padding[0] as isize;
-            if iy < 0 || iy >= h as isize {
-                continue;
-            }
-            for j in 0..kw {
-                let ix = (xo * p.stride[1] + j) as isize - p.padding[1] as isize;
-                if ix < 0 || ix >= wd as isize {
-                    continue;
-                }
-                let xs = &x[((bn * h + iy as usize) * wd + ix as usize) * c..][..c];
-                let ws = &taps[(i * kw + j) * c..][..c];
+        for_each_tap(
+            [y, xo],
+            [kh, kw],
+            p.stride,
+            p.padding,
+            [h, wd],
+            |tap, pixel| {
+                let xs = &x[(bn * h * wd + pixel) * c..][..c];
+                let ws = &taps[tap * c..][..c];
                 fma_row(o, xs, ws);
-            }
-        }
+            },
+        );
         if let Some(res) = residual {
             for (v, r) in o.iter_mut().zip(&res[r * c..(r + 1) * c]) {
                 *v += r;
@@ -145,21 +169,18 @@ fn grouped(
         for (co, v) in o.iter_mut().enumerate() {
             let g = co / og;
             let mut acc = b.map_or(0.0, |b| b[co]);
-            for i in 0..kh {
-                let iy = (y * p.stride[0] + i) as isize - p.padding[0] as isize;
-                if iy < 0 || iy >= h as isize {
-                    continue;
-                }
-                for j in 0..kw {
-                    let ix = (xo * p.stride[1] + j) as isize - p.padding[1] as isize;
-                    if ix < 0 || ix >= wd as isize {
-                        continue;
-                    }
-                    let xs = &x[((bn * h + iy as usize) * wd + ix as usize) * cin + g * cg..][..cg];
-                    let ws = &w[((co * kh + i) * kw + j) * cg..][..cg];
+            for_each_tap(
+                [y, xo],
+                [kh, kw],
+                p.stride,
+                p.padding,
+                [h, wd],
+                |tap, pixel| {
+                    let xs = &x[(bn * h * wd + pixel) * cin + g * cg..][..cg];
+                    let ws = &w[(co * kh * kw + tap) * cg..][..cg];
                     acc += xs.iter().zip(ws).map(|(a, b)| a * b).sum::<f32>();
-                }
-            }
+                },
+            );
             if let Some(res) = residual {
                 acc += res[r * cout + co];
             }
@@ -188,23 +209,20 @@ pub(crate) fn pool2d(x: &[f32], dims: [usize; 6], p: &Pool2d) -> Vec<f32> {
         let init = if p.max { f32::NEG_INFINITY } else { 0.0 };
         o.iter_mut().for_each(|v| *v = init);
         let mut count = 0usize;
-        for i in 0..p.kernel[0] {
-            let iy = (y * p.stride[0] + i) as isize - p.padding[0] as isize;
-            if iy < 0 || iy >= h as isize {
-                continue;
-            }
-            for j in 0..p.kernel[1] {
-                let ix = (xo * p.stride[1] + j) as isize - p.padding[1] as isize;
-                if ix < 0 || ix >= w as isize {
-                    continue;
-                }
+        for_each_tap(
+            [y, xo],
+            [p.kernel[0], p.kernel[1]],
+            p.stride,
+            p.padding,
+            [h, w],
+            |_, pixel| {
                 count += 1;
-                let xs = &x[((bn * h + iy as usize) * w + ix as usize) * c..][..c];
+                let xs = &x[(bn * h * w + pixel) * c..][..c];
                 for (v, a) in o.iter_mut().zip(xs) {
                     *v = if p.max { v.max(*a) } else { *v + a };
                 }
-            }
-        }
+            },
+        );
         if !p.max {
             let inv = 1.0 / count.max(1) as f32;
             o.iter_mut().for_each(|v| *v *= inv);
