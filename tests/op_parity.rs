@@ -460,3 +460,91 @@ fn conv_and_pool<D: Device>(name: &str, be: &GpuBackend<D>, c: &CpuBackend) {
 fn conv_and_pooling_all_dtypes_and_shapes() {
     on_every_device!(conv_and_pool);
 }
+
+fn ramp<D: Device>(name: &str, be: &GpuBackend<D>, c: &CpuBackend) {
+    use apparate::backend::RampWeights;
+    let dt = be.dtype();
+    let case = Case { be, cpu: c, dt };
+    let mut rng = SplitMix::new(17);
+    // (positions, width, classes, lengths, pooling, dense)
+    let cases = [
+        (7, 16, 5, vec![7, 1, 4], Pooling::Mean, false),
+        (49, 64, 10, vec![49, 49], Pooling::Mean, true),
+        (33, 384, 157, vec![33, 2, 17, 9], Pooling::Cls, true),
+        (1, 1, 1, vec![1], Pooling::Mean, false),
+    ];
+    for (positions, width, classes, lengths, pooling, dense) in cases {
+        let batch = lengths.len();
+        let x = rand(&mut rng, batch * positions * width, 2.0, dt);
+        let dw = rand(&mut rng, width * width, 0.5, dt);
+        let db = rand(&mut rng, width, 0.5, dt);
+        let ow = rand(&mut rng, classes * width, 1.0, dt);
+        let ob = rand(&mut rng, classes, 0.5, dt);
+        let (xg, xc) = case.up(&x, &[batch * positions, width]);
+        let (dwg, dwc) = case.up(&dw, &[width, width]);
+        let (dbg, dbc) = case.up(&db, &[width]);
+        let (owg, owc) = case.up(&ow, &[classes, width]);
+        let (obg, obc) = case.up(&ob, &[classes]);
+        let head_c = RampWeights {
+            dense: dense.then_some((&dwc, &dbc)),
+            out: (&owc, &obc),
+        };
+        let head_g = RampWeights {
+            dense: dense.then_some((&dwg, &dbg)),
+            out: (&owg, &obg),
+        };
+        // A threshold between two of the CPU's uncertainties, so some inputs exit and some don't.
+        let (_, t1) = case.up(&[2.0], &[1]);
+        let probe = c
+            .ramp_exit(&xc, positions, &lengths, pooling, &head_c, &t1)
+            .unwrap();
+        let mut us: Vec<f32> = probe.iter().map(|d| d.uncertainty).collect();
+        us.sort_by(f32::total_cmp);
+        let t = if us.len() > 1 {
+            (us[0] + us[1]) / 2.0
+        } else {
+            us[0] + 0.25
+        };
+        let t = rand_exact(t, dt);
+        let (tg, tc) = case.up(&[t], &[1]);
+        let want = c
+            .ramp_exit(&xc, positions, &lengths, pooling, &head_c, &tc)
+            .unwrap();
+        let got = be
+            .ramp_exit(&xg, positions, &lengths, pooling, &head_g, &tg)
+            .unwrap();
+        let what = format!("ramp_exit {positions}x{width}->{classes} {pooling:?} dense={dense}");
+        assert_eq!(got.len(), want.len(), "{name} {what}");
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g.class, w.class, "{name} {what}: class");
+            assert!(
+                (g.uncertainty - w.uncertainty).abs() <= 1e-4,
+                "{name} {what}: uncertainty {} vs {}",
+                g.uncertainty,
+                w.uncertainty
+            );
+            assert_eq!(
+                g.exit, w.exit,
+                "{name} {what}: exit (u {} vs threshold {t})",
+                w.uncertainty
+            );
+        }
+    }
+}
+
+/// `v` rounded to what `dt` stores.
+fn rand_exact(v: f32, dt: DType) -> f32 {
+    let b = dt.encode(&[v]);
+    TensorView {
+        name: "",
+        dtype: dt,
+        shape: &[1],
+        bytes: &b,
+    }
+    .to_f32()[0]
+}
+
+#[test]
+fn fused_ramp_exit_all_dtypes_and_shapes() {
+    on_every_device!(ramp);
+}

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use super::device::{Device, KernelArg, LaunchConfig, MAX_SHARED_BYTES};
-use super::{Activation, Backend, BatchShape, Conv2d, Pool2d, Pooling};
+use super::{Activation, Backend, BatchShape, Conv2d, Pool2d, Pooling, RampDecision, RampWeights};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, TensorView};
 
@@ -638,6 +638,80 @@ impl<D: Device> Backend for GpuBackend<D> {
             ],
         )?;
         Ok(y)
+    }
+
+    fn ramp_exit(
+        &self,
+        x: &Self::Tensor,
+        positions: usize,
+        lengths: &[usize],
+        pooling: Pooling,
+        head: &RampWeights<'_, Self::Tensor>,
+        threshold: &Self::Tensor,
+    ) -> Result<Vec<RampDecision>> {
+        let (batch, width, classes) = super::check_ramp(
+            &x.shape,
+            positions,
+            lengths,
+            head.dense
+                .map(|(w, b)| (w.shape.as_slice(), b.shape.as_slice())),
+            (&head.out.0.shape, &head.out.1.shape),
+            &threshold.shape,
+        )
+        .map_err(|e| self.err(e))?;
+        if batch == 0 {
+            return Ok(Vec::new());
+        }
+        let smem = (2 * width + classes + 32) * 4;
+        if smem > MAX_SHARED_BYTES as usize {
+            return Err(self.err(format!(
+                "a ramp of width {width} and {classes} classes does not fit in shared memory"
+            )));
+        }
+        let lens = self.ints(lengths.iter().copied())?;
+        let cls = self.dev.alloc(batch * 4)?;
+        let unc = self.dev.alloc(batch * 4)?;
+        let exits = self.dev.alloc(batch * 4)?;
+        let (dw, db) = match head.dense {
+            Some((w, b)) => (self.ptr(w)?, self.ptr(b)?),
+            None => (KernelArg::Ptr(0), KernelArg::Ptr(0)),
+        };
+        let addr = |b: &D::Buf| KernelArg::Ptr(self.dev.address(b));
+        self.launch(
+            &self.kernel("ramp_exit"),
+            LaunchConfig::linear(self.grid("inputs", batch)?, 256, smem as u32),
+            &[
+                self.ptr(x)?,
+                addr(&lens),
+                dw,
+                db,
+                self.ptr(head.out.0)?,
+                self.ptr(head.out.1)?,
+                self.ptr(threshold)?,
+                addr(&cls),
+                addr(&unc),
+                addr(&exits),
+                self.u32("positions", positions)?,
+                self.u32("width", width)?,
+                self.u32("classes", classes)?,
+                KernelArg::I32(if pooling == Pooling::Cls { 1 } else { 0 }),
+            ],
+        )?;
+        self.dev.synchronize()?;
+        let read = |b: &D::Buf| -> Result<Vec<u8>> {
+            let mut v = vec![0u8; batch * 4];
+            self.dev.download(b, &mut v)?;
+            Ok(v)
+        };
+        let (c, u, e) = (read(&cls)?, read(&unc)?, read(&exits)?);
+        let word = |v: &[u8], i: usize| [v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]];
+        Ok((0..batch)
+            .map(|i| RampDecision {
+                class: u32::from_le_bytes(word(&c, i)),
+                uncertainty: f32::from_le_bytes(word(&u, i)),
+                exit: i32::from_le_bytes(word(&e, i)) != 0,
+            })
+            .collect())
     }
 }
 

@@ -272,6 +272,78 @@ pub trait Backend: Send + Sync {
 
     /// [n, h, w, c] -> [n, c], the mean over every pixel.
     fn global_avg_pool(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// The fused ramp + exit check on a stage output `x` viewed as [batch, positions, width]
+    /// (token states: positions = sequence; NHWC images: positions = h * w), pooled over each
+    /// input's first `lengths[b]` positions (`Mean`) or its first position (`Cls`), through the
+    /// ramp head, softmax, and the exit test against `threshold` (a [1] tensor in device memory).
+    fn ramp_exit(
+        &self,
+        x: &Self::Tensor,
+        positions: usize,
+        lengths: &[usize],
+        pooling: Pooling,
+        head: &RampWeights<'_, Self::Tensor>,
+        threshold: &Self::Tensor,
+    ) -> Result<Vec<RampDecision>>;
+}
+
+/// What the fused ramp + exit check decided for one input.
+#[derive(Copy, Clone, Debug, PartialEq)]
+pub struct RampDecision {
+    /// The ramp's predicted class.
+    pub class: u32,
+    /// `1 - max p` of the ramp's softmax.
+    pub uncertainty: f32,
+    /// `uncertainty < threshold`: the input may leave at this ramp.
+    pub exit: bool,
+}
+
+/// The weights of a ramp head on a backend: an optional `dense + tanh` layer, then the
+/// classifier (`[classes, width]`, `[classes]`).
+pub struct RampWeights<'a, T> {
+    pub dense: Option<(&'a T, &'a T)>,
+    pub out: (&'a T, &'a T),
+}
+
+/// Checks a ramp call's shapes; returns (batch, width, classes).
+pub(crate) fn check_ramp(
+    x: &[usize],
+    positions: usize,
+    lengths: &[usize],
+    dense: Option<(&[usize], &[usize])>,
+    out: (&[usize], &[usize]),
+    threshold: &[usize],
+) -> std::result::Result<(usize, usize, usize), String> {
+    let width = x.last().copied().unwrap_or(0);
+    let rows = x.iter().product::<usize>() / width.max(1);
+    let batch = lengths.len();
+    if width == 0 || positions == 0 || rows != batch * positions {
+        return Err(format!(
+            "ramp: input {x:?} is not {batch} inputs x {positions} positions x width"
+        ));
+    }
+    if let Some(&bad) = lengths.iter().find(|&&l| l == 0 || l > positions) {
+        return Err(format!("ramp: length {bad} outside 1..={positions}"));
+    }
+    if let Some((w, b)) = dense
+        && (w != [width, width] || b != [width])
+    {
+        return Err(format!(
+            "ramp: dense layer {w:?} / {b:?}, expected [{width}, {width}] / [{width}]"
+        ));
+    }
+    let classes = out.0.first().copied().unwrap_or(0);
+    if classes == 0 || out.0 != [classes, width] || out.1 != [classes] {
+        return Err(format!(
+            "ramp: classifier {:?} / {:?} does not read width {width}",
+            out.0, out.1
+        ));
+    }
+    if threshold != [1] {
+        return Err(format!("ramp: threshold shape {threshold:?}, expected [1]"));
+    }
+    Ok((batch, width, classes))
 }
 
 /// Checks a convolution's shapes (shared by every backend); returns (n, h, w, cin, cout, kh, kw,

@@ -8,11 +8,12 @@ mod embedding;
 mod linear;
 mod norm;
 mod pool;
+mod ramp;
 mod simd;
 
 use std::sync::Arc;
 
-use super::{Activation, Backend, BatchShape, Conv2d, Pool2d, Pooling};
+use super::{Activation, Backend, BatchShape, Conv2d, Pool2d, Pooling, RampDecision, RampWeights};
 use crate::error::{Error, Result};
 
 /// Settings of the CPU backend.
@@ -381,5 +382,40 @@ impl Backend for CpuBackend {
             .pool
             .install(|| conv::global_avg_pool(&x.data, n, hw, c));
         Ok(CpuTensor::new(vec![n, c], data))
+    }
+
+    fn ramp_exit(
+        &self,
+        x: &CpuTensor,
+        positions: usize,
+        lengths: &[usize],
+        pooling: Pooling,
+        head: &RampWeights<'_, CpuTensor>,
+        threshold: &CpuTensor,
+    ) -> Result<Vec<RampDecision>> {
+        let (_, width, classes) = super::check_ramp(
+            &x.shape,
+            positions,
+            lengths,
+            head.dense
+                .map(|(w, b)| (w.shape.as_slice(), b.shape.as_slice())),
+            (&head.out.0.shape, &head.out.1.shape),
+            &threshold.shape,
+        )
+        .map_err(err)?;
+        Ok(self.pool.install(|| {
+            ramp::ramp_exit(
+                &x.data,
+                positions,
+                lengths,
+                pooling,
+                head.dense
+                    .map(|(w, b)| (w.data.as_slice(), b.data.as_slice())),
+                (&head.out.0.data, &head.out.1.data),
+                width,
+                classes,
+                threshold.data[0],
+            )
+        }))
     }
 }
