@@ -142,7 +142,10 @@ fn run<B: Backend>(name: &str, be: B, path: &std::path::Path, case: &Case) -> f6
     let cnn = Cnn::load(be, &file).unwrap();
     let out = cnn.forward(&input(case), case.batch).unwrap();
     let e = rel_l2(&out.logits, &case.logits);
-    eprintln!("{name} {}: relative L2 error {e:.2e}", case.arch);
+    eprintln!(
+        "{name} {} at {}: relative L2 error {e:.2e}",
+        case.arch, case.input_size
+    );
     for i in 0..case.batch {
         let want = (0..case.classes)
             .max_by(|&a, &b| {

@@ -1,4 +1,5 @@
-"""Makes tests/fixtures/cnn_golden.json: torchvision ResNet-18, ResNet-50 and VGG-11 outputs with weights
+"""Makes tests/fixtures/cnn_golden.json: torchvision ResNet-18, ResNet-50 and VGG-11 (at 32x32
+and 224x224) outputs with weights
 that both sides can generate exactly, so no weight file needs to be committed.
 
 Every float tensor of the torchvision state dict (and the input batch) is filled from its name
@@ -89,7 +90,7 @@ def main():
         "generator": "tools/make_golden_cnn.py",
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
-        "cases": [model_case("resnet18", 64), model_case("resnet50", 64), model_case("vgg11", 32)],
+        "cases": [model_case("resnet18", 64), model_case("resnet50", 64), model_case("vgg11", 32), model_case("vgg11", 224, batch=1)],
     }
     path = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "cnn_golden.json")
     with open(path, "w") as f:

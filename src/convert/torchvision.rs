@@ -348,41 +348,27 @@ fn resnet(ck: &mut Checkpoint, out: &mut Out, depth: Option<usize>) -> Result<Ve
             (layers, ck.tensors.contains_key("layer1.0.conv3.weight"))
         }
     };
-    let stem_k = ck
-        .tensors
-        .get("conv1.weight")
-        .map_or(7, |(s, _)| s.get(2).copied().unwrap_or(7));
-    let stem = if stem_k == 3 {
-        vec![conv(
-            ck,
-            out,
-            "conv1",
-            Some("bn1"),
-            "stem.conv",
-            1,
-            1,
-            Activation::Relu,
-        )?]
-    } else {
-        vec![
-            conv(
-                ck,
-                out,
-                "conv1",
-                Some("bn1"),
-                "stem.conv",
-                2,
-                3,
-                Activation::Relu,
-            )?,
-            Op::Pool(Pool2d {
-                max: true,
-                kernel: [3, 3],
-                stride: [2, 2],
-                padding: [1, 1],
-            }),
-        ]
-    };
+    let stem_k = ck.shape_of("conv1.weight")?.get(2).copied().unwrap_or(7);
+    // A 3x3 conv1 is the small-image stem (stride 1, no max-pool), 7x7 ImageNet's.
+    let (stride, pad) = if stem_k == 3 { (1, 1) } else { (2, 3) };
+    let mut stem = vec![conv(
+        ck,
+        out,
+        "conv1",
+        Some("bn1"),
+        "stem.conv",
+        stride,
+        pad,
+        Activation::Relu,
+    )?];
+    if stem_k != 3 {
+        stem.push(Op::Pool(Pool2d {
+            max: true,
+            kernel: [3, 3],
+            stride: [2, 2],
+            padding: [1, 1],
+        }));
+    }
     let mut blocks = vec![Block {
         name: "stem".into(),
         ops: stem,

@@ -130,11 +130,11 @@ impl<B: Backend> Cnn<B> {
             }
             Op::Pool(p) => be.pool2d(x, p),
             Op::GlobalAvgPool => be.global_avg_pool(x),
-            Op::Flatten => {
-                let s = be.shape(x).to_vec();
-                let copy = be.upload(&be.download(x)?, &s)?;
-                be.reshape(copy, &[s[0], s[1..].iter().product()])
-            }
+            // `block` reshapes in place; reaching here would mean a flatten as a shortcut,
+            // which the configuration refuses.
+            Op::Flatten => Err(Error::Input(
+                "a flatten can only be a block operation".into(),
+            )),
             Op::Linear { name, act, .. } => {
                 let (w, b) = self.param(name)?;
                 be.linear(x, w, Some(b), *act)
@@ -143,7 +143,7 @@ impl<B: Backend> Cnn<B> {
     }
 
     /// Stage `i` (block `i`) on `x`.
-    pub fn block(&self, i: usize, x: &B::Tensor) -> Result<B::Tensor> {
+    pub fn block(&self, i: usize, x: B::Tensor) -> Result<B::Tensor> {
         let block = self.config.blocks.get(i).ok_or_else(|| {
             Error::Input(format!(
                 "block {i} does not exist ({} blocks)",
@@ -151,27 +151,36 @@ impl<B: Backend> Cnn<B> {
             ))
         })?;
         let n = block.ops.len();
+        // The block's input stays alive while a residual may still need it; `cur` is the
+        // running value.
+        let mut input = Some(x);
         let mut cur: Option<B::Tensor> = None;
+        let consumed = || Error::Input(format!("block `{}`: its input was flattened", block.name));
         for (j, op) in block.ops.iter().enumerate() {
-            // Flattening a tensor this block made is a reshape of it, no copy.
-            if matches!(op, Op::Flatten)
-                && let Some(t) = cur.take()
-            {
+            if matches!(op, Op::Flatten) {
+                // A reshape of the running value (or of the input: a flattened block has no
+                // residual, the configuration checks it), never a copy.
+                let t = match cur.take() {
+                    Some(t) => t,
+                    None => input.take().ok_or_else(consumed)?,
+                };
                 let s = self.backend.shape(&t).to_vec();
                 cur = Some(self.backend.reshape(t, &[s[0], s[1..].iter().product()])?);
                 continue;
             }
-            let input = cur.as_ref().unwrap_or(x);
+            let x = input.as_ref();
+            let running = cur.as_ref().or(x).ok_or_else(consumed)?;
             let out = match (&block.residual, j + 1 == n) {
                 (Some(r), true) => {
+                    let x = x.ok_or_else(consumed)?;
                     let shortcut = match &r.shortcut {
                         Some(s) => Some(self.apply(s, x, None, None)?),
                         None => None,
                     };
                     let res = shortcut.as_ref().unwrap_or(x);
-                    self.apply(op, input, Some(res), Some(r.act))?
+                    self.apply(op, running, Some(res), Some(r.act))?
                 }
-                _ => self.apply(op, input, None, None)?,
+                _ => self.apply(op, running, None, None)?,
             };
             cur = Some(out);
         }
@@ -195,7 +204,7 @@ impl<B: Backend> Cnn<B> {
             .backend
             .upload(images, &[batch, i.height, i.width, i.channels])?;
         for b in 0..self.config.blocks.len() {
-            x = self.block(b, &x)?;
+            x = self.block(b, x)?;
         }
         let logits = self.backend.download(&x)?;
         Ok(CnnOutput {
