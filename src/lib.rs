@@ -3,15 +3,21 @@
 //! Layers, bottom up: [`tensor`] (dtypes, views), [`format`] (our model and ramps files on the
 //! safetensors container), [`graph`] (stages and ramp-eligible points), [`backend`] (where ops
 //! run), [`models`] (families written against the backend trait), [`tokenize`] and
-//! [`pipeline`] (text in, answer out), [`convert`] (real checkpoints into our format).
+//! [`pipeline`] (text in, answer out), [`convert`] (real checkpoints into our format),
+//! [`backbone`] (any model as a chain of stages), [`ramps`] (exit heads: loading, bootstrap
+//! training), [`dataset`] (input streams from disk), [`profile`] (measured stage and ramp costs).
 
+pub mod backbone;
 pub mod backend;
 pub mod convert;
+pub mod dataset;
 pub mod error;
 pub mod format;
 pub mod graph;
 pub mod models;
 pub mod pipeline;
+pub mod profile;
+pub mod ramps;
 pub mod tensor;
 pub mod tokenize;
 pub mod vision;

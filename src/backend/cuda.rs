@@ -1052,6 +1052,14 @@ impl Device for CudaDevice {
         BACKEND
     }
 
+    fn describe(&self) -> String {
+        let i = self.info();
+        format!(
+            "cuda: {} (sm_{}{})",
+            i.device_name, i.compute_capability.0, i.compute_capability.1
+        )
+    }
+
     fn alloc(&self, bytes: usize) -> Result<CudaBuf> {
         guard("cuMemAlloc", || {
             // A zero-byte request still gets a real (1-byte) allocation, as with the emulator.

@@ -64,6 +64,9 @@ pub trait Device: Send + Sync {
 
     fn name(&self) -> &'static str;
 
+    /// The device itself, e.g. `cuda: NVIDIA H200 (sm_90)` (see [`super::Backend::device_id`]).
+    fn describe(&self) -> String;
+
     /// Uninitialised device memory of `bytes` bytes.
     fn alloc(&self, bytes: usize) -> Result<Self::Buf>;
 

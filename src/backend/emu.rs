@@ -187,6 +187,14 @@ impl Device for EmuDevice {
         "emu"
     }
 
+    fn describe(&self) -> String {
+        format!(
+            "emu: {}, {} threads",
+            crate::backend::cpu::host_cpu_name(),
+            self.pool.current_num_threads()
+        )
+    }
+
     fn alloc(&self, bytes: usize) -> Result<EmuBuf> {
         EmuBuf::new(bytes)
     }

@@ -228,6 +228,14 @@ impl<D: Device> Backend for GpuBackend<D> {
         self.dev.name()
     }
 
+    fn device_id(&self) -> String {
+        format!("{}, {}", self.dev.describe(), self.dtype.name())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.dev.synchronize()
+    }
+
     fn upload(&self, values: &[f32], shape: &[usize]) -> Result<Self::Tensor> {
         if values.len() != shape.iter().product::<usize>() {
             return Err(self.err(format!(

@@ -186,6 +186,17 @@ pub trait Backend: Send + Sync {
 
     fn name(&self) -> &'static str;
 
+    /// What this backend runs on, precisely enough that timings taken on one are not mistaken
+    /// for another's (profiles record it and refuse to load elsewhere): processor, threads,
+    /// storage dtype.
+    fn device_id(&self) -> String;
+
+    /// Waits until every op issued so far has finished (a no-op where ops are synchronous);
+    /// timing a stage needs it.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Copies host values into a new tensor of `shape`.
     fn upload(&self, values: &[f32], shape: &[usize]) -> Result<Self::Tensor>;
 

@@ -65,3 +65,18 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// A prepared workload stream (`workloads/`, made by `weights/fetch.sh`); panics with the
+/// command to run when it is missing.
+pub fn workload_file(name: &str) -> PathBuf {
+    let p = std::env::var_os("APPARATE_WORKLOADS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("workloads"))
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `weights/fetch.sh` first (it prepares the workload streams)",
+        p.display()
+    );
+    p
+}

@@ -97,6 +97,78 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         top: usize,
     },
+    /// Train a ramp (exit head) at every ramp-eligible point on the first part of a stream,
+    /// with the model's own answers as labels; write the ramps file and report each ramp's
+    /// held-out agreement with the model and its exit curve.
+    TrainRamps {
+        /// Model file (with a classifier head).
+        #[arg(short, long)]
+        model: PathBuf,
+        /// The stream: a text file with one input per line (text models), a folder of images or
+        /// a .safetensors file with `images` U8 [n, h, w, c] (image models).
+        #[arg(long)]
+        data: PathBuf,
+        /// Output ramps file (default: the model's path with the extension `.ramps`).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Write the report (agreements, exit curves, timings) as JSON here too.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// The bootstrap set is this first fraction of the stream.
+        #[arg(long, default_value_t = 0.1)]
+        bootstrap_fraction: f64,
+        /// Fraction of the bootstrap set held out (its end) to measure agreement on.
+        #[arg(long, default_value_t = 0.1)]
+        holdout_fraction: f64,
+        /// Only these points (comma-separated; default: every ramp-eligible point).
+        #[arg(long, value_delimiter = ',')]
+        points: Option<Vec<String>>,
+        /// Passes over the training features per head.
+        #[arg(long, default_value_t = 60)]
+        epochs: usize,
+        /// Adam learning rate.
+        #[arg(long, default_value_t = 3e-3)]
+        learning_rate: f32,
+        /// Seed of shuffling and initialisation.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Inputs per backbone batch while caching features.
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Measure the time of every stage and every ramp per batch size (1, 2, 4, ..., max) on
+    /// this device, and write the profile the runtime loads.
+    Profile {
+        /// Model file.
+        #[arg(short, long)]
+        model: PathBuf,
+        /// Ramps file whose ramps to time too.
+        #[arg(long)]
+        ramps: Option<PathBuf>,
+        /// Inputs to time with (as for train-ramps); default: texts of --seq tokens or blank
+        /// images.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Tokens per text when no --data is given.
+        #[arg(long, default_value_t = 32)]
+        seq: usize,
+        /// Output profile (JSON).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Largest batch size.
+        #[arg(long, default_value_t = 16)]
+        max_batch: usize,
+        /// Untimed runs per batch size.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Timed runs per batch size (the median is kept).
+        #[arg(long, default_value_t = 10)]
+        repeats: usize,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -128,6 +200,13 @@ struct RunArgs {
     /// Texts per forward pass.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+/// Where a command runs.
+#[derive(Args)]
+struct DeviceArgs {
     /// CPU worker threads of the cpu and emu backends (default: all cores, or APPARATE_THREADS).
     #[arg(long)]
     threads: Option<usize>,
@@ -161,6 +240,9 @@ fn emit(text: &str) -> Result<()> {
         }),
     }
 }
+
+mod progress;
+mod ramps_cmd;
 
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
@@ -208,18 +290,18 @@ fn gather_texts(run: &RunArgs) -> Result<Vec<String>> {
 
 /// Runs `job` with the model loaded on the backend `run` asks for.
 fn with_model<R>(run: &RunArgs, job: impl Job<R>) -> Result<R> {
-    with_backend(run, TextJob(job))
+    with_backend(&run.device, TextJob(job, run.model.clone()))
 }
 
 /// Loads the text model on the backend, then runs the job on it.
-struct TextJob<J>(J);
+struct TextJob<J>(J, PathBuf);
 
 impl<R, J: Job<R>> BackendJob<R> for TextJob<J> {
-    fn run<B: Backend>(self, run: &RunArgs, be: B, what: String) -> Result<R> {
-        let model = TextModel::load(be, &run.model)?;
+    fn run<B: Backend>(self, be: B, what: String) -> Result<R> {
+        let model = TextModel::load(be, &self.1)?;
         eprintln!(
             "loaded {} in {} ({what})",
-            run.model.display(),
+            self.1.display(),
             ms(model.load_time)
         );
         self.0.run(&model)
@@ -228,13 +310,13 @@ impl<R, J: Job<R>> BackendJob<R> for TextJob<J> {
 
 /// Work to do with a backend, whatever it is.
 trait BackendJob<R> {
-    fn run<B: Backend>(self, run: &RunArgs, be: B, what: String) -> Result<R>;
+    fn run<B: Backend>(self, be: B, what: String) -> Result<R>;
 }
 
 /// Runs `job` on the backend `run` asks for.
-fn with_backend<R>(run: &RunArgs, job: impl BackendJob<R>) -> Result<R> {
-    fn go<B: Backend, R>(run: &RunArgs, be: B, what: String, job: impl BackendJob<R>) -> Result<R> {
-        job.run(run, be, what)
+fn with_backend<R>(run: &DeviceArgs, job: impl BackendJob<R>) -> Result<R> {
+    fn go<B: Backend, R>(be: B, what: String, job: impl BackendJob<R>) -> Result<R> {
+        job.run(be, what)
     }
     match run.backend {
         BackendArg::Cpu => {
@@ -242,7 +324,7 @@ fn with_backend<R>(run: &RunArgs, job: impl BackendJob<R>) -> Result<R> {
                 threads: run.threads,
             })?;
             let what = format!("cpu backend, {} threads", be.threads());
-            go(run, be, what, job)
+            go(be, what, job)
         }
         BackendArg::Emu => {
             let dev = EmuDevice::new(EmuConfig {
@@ -250,12 +332,12 @@ fn with_backend<R>(run: &RunArgs, job: impl BackendJob<R>) -> Result<R> {
                 ..EmuConfig::default()
             })?;
             let what = format!("emulated GPU, {}", run.dtype);
-            go(run, GpuBackend::new(dev, run.dtype), what, job)
+            go(GpuBackend::new(dev, run.dtype), what, job)
         }
         BackendArg::Cuda => {
             let dev = CudaDevice::new(CudaConfig::default())?;
             let what = format!("cuda: {}, {}", dev.info().device_name, run.dtype);
-            go(run, GpuBackend::new(dev, run.dtype), what, job)
+            go(GpuBackend::new(dev, run.dtype), what, job)
         }
     }
 }
@@ -353,6 +435,69 @@ fn real_main(cli: Cli) -> Result<()> {
             emit(&conversion_report(&output, &r, dtype, t0))
         }
         Command::Inspect { file, tensors } => inspect(&file, tensors),
+        Command::TrainRamps {
+            model,
+            data,
+            output,
+            report,
+            bootstrap_fraction,
+            holdout_fraction,
+            points,
+            epochs,
+            learning_rate,
+            seed,
+            batch_size,
+            device,
+        } => {
+            let output = output.unwrap_or_else(|| model.with_extension("ramps"));
+            let cfg = apparate::ramps::bootstrap::BootstrapConfig {
+                holdout_fraction,
+                batch_size,
+                points,
+                train: apparate::ramps::train::TrainConfig {
+                    epochs,
+                    learning_rate,
+                    seed,
+                    ..Default::default()
+                },
+            };
+            with_backend(
+                &device,
+                ramps_cmd::TrainRampsJob {
+                    model,
+                    data,
+                    output,
+                    report,
+                    bootstrap_fraction,
+                    cfg,
+                },
+            )
+        }
+        Command::Profile {
+            model,
+            ramps,
+            data,
+            seq,
+            output,
+            max_batch,
+            warmup,
+            repeats,
+            device,
+        } => with_backend(
+            &device,
+            ramps_cmd::ProfileJob {
+                model,
+                ramps,
+                data,
+                seq,
+                output,
+                cfg: apparate::profile::ProfileConfig {
+                    max_batch,
+                    warmup,
+                    repeats,
+                },
+            },
+        ),
         Command::Devices => devices(),
         Command::Embed { run, json } => {
             let texts = gather_texts(&run)?;
@@ -370,8 +515,9 @@ fn real_main(cli: Cli) -> Result<()> {
             let file = ModelFile::open(&run.model)?;
             if let Family::Cnn(_) = &file.meta().family {
                 return with_backend(
-                    &run,
+                    &run.device,
                     ImageJob {
+                        model: run.model.clone(),
                         images: texts,
                         batch_size: run.batch_size,
                         top,
@@ -392,6 +538,7 @@ fn real_main(cli: Cli) -> Result<()> {
 
 /// Classifies image files with a CNN model.
 struct ImageJob {
+    model: PathBuf,
     images: Vec<String>,
     batch_size: usize,
     top: usize,
@@ -399,12 +546,12 @@ struct ImageJob {
 }
 
 impl BackendJob<()> for ImageJob {
-    fn run<B: Backend>(self, run: &RunArgs, be: B, what: String) -> Result<()> {
+    fn run<B: Backend>(self, be: B, what: String) -> Result<()> {
         let t0 = Instant::now();
         let cnn = apparate::models::cnn::Cnn::load(be, &self.file)?;
         eprintln!(
             "loaded {} in {} ({what})",
-            run.model.display(),
+            self.model.display(),
             ms(t0.elapsed())
         );
         let input = cnn.config().input.clone();

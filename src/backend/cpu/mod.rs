@@ -124,11 +124,28 @@ fn check_cols(what: &str, t: &CpuTensor, cols: usize) -> Result<()> {
     Ok(())
 }
 
+/// The host processor's model name (Linux: /proc/cpuinfo), for device ids.
+pub(crate) fn host_cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
 
     fn name(&self) -> &'static str {
         "cpu"
+    }
+
+    fn device_id(&self) -> String {
+        format!("cpu: {}, {} threads, f32", host_cpu_name(), self.threads)
     }
 
     fn upload(&self, values: &[f32], shape: &[usize]) -> Result<CpuTensor> {

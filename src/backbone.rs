@@ -1,0 +1,263 @@
+//! Any model family as a chain of stages that can be run one at a time: what ramp training, the
+//! profiler and the serving runtime need (they look at, time and branch off every stage output).
+//!
+//! Stage `i` is the `i`-th stage of the model file's stage graph: for BERT `embeddings`,
+//! `layer.0` .. `layer.{n-1}`, `head` (pooling, normalisation, classifier, softmax); for a CNN its
+//! blocks. The last stage's output is the model's answer.
+
+use crate::backend::{Backend, BatchShape, Pooling};
+use crate::error::{Error, Result};
+use crate::format::{Family, ModelFile};
+use crate::graph::StageGraph;
+use crate::models::bert::{Bert, EncoderInput};
+use crate::models::cnn::{Cnn, ImageInput};
+use crate::tokenize::TextTokenizer;
+
+/// A loaded model, any family.
+pub enum Backbone<B: Backend> {
+    Text {
+        tokenizer: Box<TextTokenizer>,
+        encoder: Bert<B>,
+    },
+    Image(Cnn<B>),
+}
+
+/// One batch, prepared on the host (tokenized / decoded and normalised).
+pub enum BatchInput {
+    Text(EncoderInput),
+    /// NHWC `[batch, h, w, c]` normalised pixels.
+    Image {
+        pixels: Vec<f32>,
+        batch: usize,
+    },
+}
+
+impl BatchInput {
+    pub fn batch(&self) -> usize {
+        match self {
+            BatchInput::Text(e) => e.shape.batch(),
+            BatchInput::Image { batch, .. } => *batch,
+        }
+    }
+}
+
+/// A stage output on the backend with the geometry a ramp needs to pool it: viewed as
+/// `[batch, positions, width]`, input `b` owns its first `lengths[b]` positions.
+pub struct StageOutput<T> {
+    pub x: T,
+    pub positions: usize,
+    pub lengths: Vec<usize>,
+}
+
+impl<B: Backend> Backbone<B> {
+    /// Loads the model in `file` onto `backend`, whatever its family.
+    pub fn load(backend: B, file: &ModelFile) -> Result<Backbone<B>> {
+        Ok(match &file.meta().family {
+            Family::Bert(_) => Backbone::Text {
+                tokenizer: Box::new(TextTokenizer::from_model(file)?),
+                encoder: Bert::load(backend, file)?,
+            },
+            Family::Cnn(_) => Backbone::Image(Cnn::load(backend, file)?),
+        })
+    }
+
+    pub fn backend(&self) -> &B {
+        match self {
+            Backbone::Text { encoder, .. } => encoder.backend(),
+            Backbone::Image(c) => c.backend(),
+        }
+    }
+
+    /// Class names of the model's head (empty without one).
+    pub fn labels(&self) -> &[String] {
+        match self {
+            Backbone::Text { encoder, .. } => encoder.labels(),
+            Backbone::Image(c) => c.labels(),
+        }
+    }
+
+    /// Whether the final stage ends in a classifier (ramps need one to imitate).
+    pub fn has_classifier(&self) -> bool {
+        !self.labels().is_empty()
+    }
+
+    /// How a ramp pools a stage output: as the model pools (BERT), or the global average (CNN).
+    pub fn ramp_pooling(&self) -> Pooling {
+        match self {
+            Backbone::Text { encoder, .. } => encoder.config().pooling,
+            Backbone::Image(_) => Pooling::Mean,
+        }
+    }
+
+    /// The stage graph (stage names in execution order, ramp-eligible points).
+    pub fn graph(&self) -> StageGraph {
+        match self {
+            Backbone::Text { encoder, .. } => encoder.config().stage_graph(),
+            Backbone::Image(c) => c.config().stage_graph(),
+        }
+    }
+
+    pub fn num_stages(&self) -> usize {
+        match self {
+            Backbone::Text { encoder, .. } => encoder.config().num_layers + 2,
+            Backbone::Image(c) => c.config().blocks.len(),
+        }
+    }
+
+    /// The image geometry and normalisation of a CNN; `None` for text models.
+    pub fn image_input(&self) -> Option<&ImageInput> {
+        match self {
+            Backbone::Text { .. } => None,
+            Backbone::Image(c) => Some(&c.config().input),
+        }
+    }
+
+    /// Tokenizes texts into a batch (text models only).
+    pub fn prepare_texts(&self, texts: &[&str]) -> Result<BatchInput> {
+        match self {
+            Backbone::Text { tokenizer, encoder } => {
+                let input = tokenizer.encode(texts)?;
+                let max = encoder.config().max_position_embeddings;
+                if input.shape.seq > max {
+                    return Err(Error::Input(format!(
+                        "sequence of {} tokens is longer than the model's {max} positions",
+                        input.shape.seq
+                    )));
+                }
+                Ok(BatchInput::Text(input))
+            }
+            Backbone::Image(_) => Err(Error::Input(
+                "this is an image model: it takes images, not texts".into(),
+            )),
+        }
+    }
+
+    /// Wraps normalised NHWC pixels of `batch` images (image models only).
+    pub fn prepare_images(&self, pixels: Vec<f32>, batch: usize) -> Result<BatchInput> {
+        let Some(i) = self.image_input() else {
+            return Err(Error::Input(
+                "this is a text model: it takes texts, not images".into(),
+            ));
+        };
+        let want = batch * i.height * i.width * i.channels;
+        if batch == 0 || pixels.len() != want {
+            return Err(Error::Input(format!(
+                "{} values for {batch} images of {}x{}x{} (expected {want})",
+                pixels.len(),
+                i.height,
+                i.width,
+                i.channels
+            )));
+        }
+        Ok(BatchInput::Image { pixels, batch })
+    }
+
+    /// Runs stage `i` on the previous stage's output (`None` for stage 0, which reads `input`).
+    pub fn run_stage(
+        &self,
+        i: usize,
+        input: &BatchInput,
+        prev: Option<StageOutput<B::Tensor>>,
+    ) -> Result<StageOutput<B::Tensor>> {
+        let n = self.num_stages();
+        if i >= n {
+            return Err(Error::Input(format!(
+                "stage {i} does not exist ({n} stages)"
+            )));
+        }
+        let need_prev = || Error::Input(format!("stage {i} needs the output of stage {}", i - 1));
+        match (self, input) {
+            (Backbone::Text { encoder, .. }, BatchInput::Text(inp)) => {
+                let shape: &BatchShape = &inp.shape;
+                let x = if i == 0 {
+                    encoder.embed(inp)?
+                } else if i + 1 < n {
+                    encoder.layer(i - 1, &prev.ok_or_else(need_prev)?.x, shape)?
+                } else {
+                    let pooled = encoder.pool(&prev.ok_or_else(need_prev)?.x, shape)?;
+                    let probs = encoder.classify(&pooled)?;
+                    let out = probs.unwrap_or(pooled);
+                    return Ok(StageOutput {
+                        x: out,
+                        positions: 1,
+                        lengths: vec![1; shape.batch()],
+                    });
+                };
+                Ok(StageOutput {
+                    x,
+                    positions: shape.seq,
+                    lengths: shape.lengths.clone(),
+                })
+            }
+            (Backbone::Image(cnn), BatchInput::Image { pixels, batch }) => {
+                let x = match prev {
+                    Some(p) if i > 0 => p.x,
+                    None if i == 0 => {
+                        let c = &cnn.config().input;
+                        cnn.backend()
+                            .upload(pixels, &[*batch, c.height, c.width, c.channels])?
+                    }
+                    _ => return Err(need_prev()),
+                };
+                let x = cnn.block(i, x)?;
+                let shape = cnn.backend().shape(&x);
+                // NHWC images pool over h * w; a flat [n, features] tensor is one position.
+                let positions = if shape.len() == 4 {
+                    shape[1] * shape[2]
+                } else {
+                    1
+                };
+                Ok(StageOutput {
+                    x,
+                    positions,
+                    lengths: vec![positions; *batch],
+                })
+            }
+            _ => Err(Error::Input(
+                "the batch is of the wrong kind for this model (texts vs images)".into(),
+            )),
+        }
+    }
+
+    /// Runs every stage; returns the final output.
+    pub fn forward(&self, input: &BatchInput) -> Result<StageOutput<B::Tensor>> {
+        let mut out = None;
+        for i in 0..self.num_stages() {
+            out = Some(self.run_stage(i, input, out)?);
+        }
+        out.ok_or_else(|| Error::Input("the model has no stages".into()))
+    }
+
+    /// The pooled stage output `[batch, width]` on the host, as a ramp reads it before its head
+    /// (the features ramp heads are trained on).
+    pub fn pooled_features(&self, out: &StageOutput<B::Tensor>) -> Result<Vec<f32>> {
+        let be = self.backend();
+        let pooled = match self {
+            Backbone::Text { .. } => {
+                let shape = BatchShape {
+                    seq: out.positions,
+                    lengths: out.lengths.clone(),
+                };
+                be.pool(&out.x, &shape, self.ramp_pooling())?
+            }
+            Backbone::Image(_) if be.shape(&out.x).len() == 4 => be.global_avg_pool(&out.x)?,
+            Backbone::Image(_) => return be.download(&out.x),
+        };
+        be.download(&pooled)
+    }
+
+    /// The class each input of the final stage's output is given (argmax; first on ties).
+    pub fn predictions(&self, last: &StageOutput<B::Tensor>) -> Result<Vec<u32>> {
+        let v = self.backend().download(&last.x)?;
+        let batch = last.lengths.len();
+        let classes = v.len() / batch.max(1);
+        Ok(v.chunks(classes.max(1))
+            .map(|row| {
+                row.iter()
+                    .enumerate()
+                    .fold(0usize, |best, (k, p)| if *p > row[best] { k } else { best })
+                    as u32
+            })
+            .collect())
+    }
+}

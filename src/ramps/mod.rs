@@ -1,0 +1,114 @@
+//! Ramps at run time: the heads of a ramps file loaded onto a backend, placed at their stages, and
+//! checked with the fused ramp + exit kernel ([`Backend::ramp_exit`]). Training them is
+//! [`train`]; the bootstrap driver (features, heads, report) is [`bootstrap`].
+
+pub mod bootstrap;
+pub mod train;
+
+use crate::backbone::{Backbone, StageOutput};
+use crate::backend::{Backend, Pooling, RampDecision, RampWeights};
+use crate::error::{Error, Result};
+use crate::format::{RampHead, RampsFile};
+
+/// One ramp on a backend.
+pub struct Ramp<T> {
+    /// The stage (point) name whose output it reads.
+    pub point: String,
+    /// Index of that stage in the backbone.
+    pub stage: usize,
+    pub head: RampHead,
+    dense: Option<(T, T)>,
+    out: (T, T),
+}
+
+/// Every ramp of a ramps file, loaded for one backbone, in stage order.
+pub struct Ramps<T> {
+    ramps: Vec<Ramp<T>>,
+    pooling: Pooling,
+}
+
+impl<T> Ramps<T> {
+    /// Loads the heads of `file` (opened for this backbone's model file) onto its backend.
+    pub fn load<B: Backend<Tensor = T>>(backbone: &Backbone<B>, file: &RampsFile) -> Result<Self> {
+        let be = backbone.backend();
+        let graph = backbone.graph();
+        let mut ramps = Vec::new();
+        for r in &file.meta().ramps {
+            let stage = graph.position(&r.point).ok_or_else(|| {
+                Error::Input(format!(
+                    "ramp point `{}` is not a stage of the model",
+                    r.point
+                ))
+            })?;
+            let w = |suffix: &str| -> Result<T> {
+                let view = file.tensor(&r.point, suffix)?;
+                if let Some(bad) = view.to_f32().iter().find(|v| !v.is_finite()) {
+                    return Err(Error::Input(format!(
+                        "ramp `{}`: tensor `{suffix}` holds a non-finite value ({bad})",
+                        r.point
+                    )));
+                }
+                be.load_weight(&view)
+            };
+            let (dense, out) = match r.head {
+                RampHead::Linear { .. } => (None, (w("weight")?, w("bias")?)),
+                RampHead::DenseTanhLinear { .. } => (
+                    Some((w("dense.weight")?, w("dense.bias")?)),
+                    (w("out.weight")?, w("out.bias")?),
+                ),
+            };
+            ramps.push(Ramp {
+                point: r.point.clone(),
+                stage,
+                head: r.head.clone(),
+                dense,
+                out,
+            });
+        }
+        ramps.sort_by_key(|r| r.stage);
+        Ok(Ramps {
+            ramps,
+            pooling: backbone.ramp_pooling(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.ramps.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ramps.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Ramp<T>> {
+        self.ramps.iter()
+    }
+
+    /// The ramp (index) reading stage `stage`, if any.
+    pub fn at_stage(&self, stage: usize) -> Option<usize> {
+        self.ramps.iter().position(|r| r.stage == stage)
+    }
+
+    /// Runs ramp `i` on its stage's output: one fused kernel per batch.
+    pub fn check<B: Backend<Tensor = T>>(
+        &self,
+        be: &B,
+        i: usize,
+        out: &StageOutput<T>,
+        threshold: &T,
+    ) -> Result<Vec<RampDecision>> {
+        let r = &self.ramps[i];
+        let head = RampWeights {
+            dense: r.dense.as_ref().map(|(w, b)| (w, b)),
+            out: (&r.out.0, &r.out.1),
+        };
+        be.ramp_exit(
+            &out.x,
+            out.positions,
+            &out.lengths,
+            self.pooling,
+            &head,
+            threshold,
+        )
+    }
+}
