@@ -69,25 +69,42 @@ impl Inputs {
     }
 }
 
-/// How many of `total` inputs the first `fraction` of a stream holds (at least one when the
-/// stream is not empty).
-pub fn prefix_len(total: usize, fraction: f64) -> usize {
-    ((total as f64 * fraction).ceil() as usize).clamp(total.min(1), total)
+/// Which first part of a stream to read.
+#[derive(Copy, Clone, Debug, PartialEq)]
+pub enum Prefix {
+    /// This fraction (0 < f <= 1) of it, rounded up (the bootstrap set: 0.1).
+    Fraction(f64),
+    /// At most this many inputs.
+    Count(usize),
 }
 
-/// Reads the first `fraction` (0 < fraction <= 1) of the stream at `path` as inputs for a model
-/// taking `image` input (`None`: a text model). `progress(done, total)` is called while images
-/// decode.
+impl Prefix {
+    /// How many of `total` inputs the prefix holds (at least one when the stream is not empty).
+    pub fn len(self, total: usize) -> usize {
+        let n = match self {
+            Prefix::Fraction(f) => (total as f64 * f).ceil() as usize,
+            Prefix::Count(n) => n,
+        };
+        n.clamp(total.min(1), total)
+    }
+}
+
+/// Reads the `prefix` of the stream at `path` as inputs for a model taking `image` input
+/// (`None`: a text model). `progress(done, total)` is called while images decode.
 pub fn load_stream(
     path: &Path,
     image: Option<&ImageInput>,
-    fraction: f64,
+    prefix: Prefix,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Inputs> {
-    if !(fraction > 0.0 && fraction <= 1.0) {
-        return Err(Error::Input(format!(
-            "the fraction of the stream to read must be in (0, 1], not {fraction}"
-        )));
+    match prefix {
+        Prefix::Fraction(f) if !(f > 0.0 && f <= 1.0) => {
+            return Err(Error::Input(format!(
+                "the fraction of the stream to read must be in (0, 1], not {f}"
+            )));
+        }
+        Prefix::Count(0) => return Err(Error::Input("asked for 0 inputs of the stream".into())),
+        _ => {}
     }
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     let inputs = match image {
@@ -117,11 +134,11 @@ pub fn load_stream(
                 .filter(|l| !l.is_empty())
                 .map(String::from)
                 .collect();
-            let n = prefix_len(lines.len(), fraction);
+            let n = prefix.len(lines.len());
             Inputs::Texts(lines.into_iter().take(n).collect())
         }
-        Some(input) if meta.is_dir() => load_image_folder(path, input, fraction, progress)?,
-        Some(input) => load_image_array(path, input, fraction)?,
+        Some(input) if meta.is_dir() => load_image_folder(path, input, prefix, progress)?,
+        Some(input) => load_image_array(path, input, prefix)?,
     };
     if inputs.is_empty() {
         return Err(Error::Input(format!("{} holds no inputs", path.display())));
@@ -132,7 +149,7 @@ pub fn load_stream(
 fn load_image_folder(
     dir: &Path,
     input: &ImageInput,
-    fraction: f64,
+    prefix: Prefix,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Inputs> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
@@ -152,7 +169,7 @@ fn load_image_folder(
     }
     // Stream order = file name order.
     files.sort();
-    let n = prefix_len(files.len(), fraction);
+    let n = prefix.len(files.len());
     let per_image = input.height * input.width * input.channels;
     let mut pixels = Vec::with_capacity(n * per_image);
     for (i, f) in files.iter().take(n).enumerate() {
@@ -166,7 +183,7 @@ fn load_image_folder(
     })
 }
 
-fn load_image_array(path: &Path, input: &ImageInput, fraction: f64) -> Result<Inputs> {
+fn load_image_array(path: &Path, input: &ImageInput, prefix: Prefix) -> Result<Inputs> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
         Error::format(
@@ -198,7 +215,7 @@ fn load_image_array(path: &Path, input: &ImageInput, fraction: f64) -> Result<In
         ));
     }
     let total = t.shape()[0];
-    let n = prefix_len(total, fraction);
+    let n = prefix.len(total);
     let per_image = want.iter().product::<usize>();
     let c = input.channels;
     let pixels = t.data()[..n * per_image]
@@ -219,10 +236,13 @@ mod tests {
 
     #[test]
     fn prefix_is_at_least_one_and_at_most_all() {
-        assert_eq!(prefix_len(0, 0.1), 0);
-        assert_eq!(prefix_len(5, 0.1), 1);
-        assert_eq!(prefix_len(100, 0.1), 10);
-        assert_eq!(prefix_len(101, 0.1), 11);
-        assert_eq!(prefix_len(7, 1.0), 7);
+        let f = Prefix::Fraction;
+        assert_eq!(f(0.1).len(0), 0);
+        assert_eq!(f(0.1).len(5), 1);
+        assert_eq!(f(0.1).len(100), 10);
+        assert_eq!(f(0.1).len(101), 11);
+        assert_eq!(f(1.0).len(7), 7);
+        assert_eq!(Prefix::Count(16).len(7), 7);
+        assert_eq!(Prefix::Count(16).len(70), 16);
     }
 }

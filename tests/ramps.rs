@@ -7,7 +7,7 @@ use apparate::backbone::Backbone;
 use apparate::backend::Backend;
 use apparate::backend::emu::{EmuConfig, EmuDevice};
 use apparate::backend::gpu::GpuBackend;
-use apparate::dataset::{Inputs, load_stream};
+use apparate::dataset::{Inputs, Prefix, load_stream};
 use apparate::format::{ModelFile, RampsFile};
 use apparate::models::bert::synthetic::{SplitMix, TINY_WORDS, tiny_config, write_random_bert};
 use apparate::profile::{Profile, ProfileConfig, measure};
@@ -132,7 +132,13 @@ fn vision_workload_ramps_agree_with_the_model() {
     let file = ModelFile::open(weights_file("mnist-resnet.apparate")).unwrap();
     let backbone = Backbone::load(cpu(), &file).unwrap();
     let stream = workload_file("mnist-stream.safetensors");
-    let inputs = load_stream(&stream, backbone.image_input(), 0.1, &mut |_, _| {}).unwrap();
+    let inputs = load_stream(
+        &stream,
+        backbone.image_input(),
+        Prefix::Fraction(0.1),
+        &mut |_, _| {},
+    )
+    .unwrap();
     assert_eq!(inputs.len(), 2000);
     let dir = TempDir::new("ramps-mnist");
     let report = train_ramps(
@@ -164,18 +170,20 @@ fn bad_bootstrap_data_is_a_clear_error() {
     // An empty stream, a folder, a binary file: for a text model.
     let blank = dir.path("blank.txt");
     std::fs::write(&blank, "\n  \n\n").unwrap();
-    assert!(err(load_stream(&blank, None, 0.1, &mut p)).contains("holds no inputs"));
-    assert!(err(load_stream(&dir.0, None, 0.1, &mut p)).contains("is a folder"));
+    assert!(
+        err(load_stream(&blank, None, Prefix::Fraction(0.1), &mut p)).contains("holds no inputs")
+    );
+    assert!(err(load_stream(&dir.0, None, Prefix::Fraction(0.1), &mut p)).contains("is a folder"));
     let bin = dir.path("bin.txt");
     std::fs::write(&bin, [0u8, 159, 146, 150]).unwrap();
-    assert!(err(load_stream(&bin, None, 0.1, &mut p)).contains("not UTF-8"));
-    assert!(err(load_stream(&blank, None, 0.0, &mut p)).contains("fraction"));
+    assert!(err(load_stream(&bin, None, Prefix::Fraction(0.1), &mut p)).contains("not UTF-8"));
+    assert!(err(load_stream(&blank, None, Prefix::Fraction(0.0), &mut p)).contains("fraction"));
 
     // Image data of the wrong kind or shape for an image model.
     let mnist = ModelFile::open(weights_file("mnist-resnet.apparate")).unwrap();
     let cnn = Backbone::load(cpu(), &mnist).unwrap();
     let img = cnn.image_input();
-    let e = err(load_stream(&blank, img, 1.0, &mut p));
+    let e = err(load_stream(&blank, img, Prefix::Fraction(1.0), &mut p));
     assert!(e.contains("folder of images or a .safetensors"), "{e}");
     let wrong = dir.path("wrong.safetensors");
     let data = vec![0u8; 2 * 32 * 32 * 3];
@@ -183,14 +191,14 @@ fn bad_bootstrap_data_is_a_clear_error() {
         safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![2, 32, 32, 3], &data)
             .unwrap();
     safetensors::serialize_to_file([("images", view)], None, &wrong).unwrap();
-    let e = err(load_stream(&wrong, img, 1.0, &mut p));
+    let e = err(load_stream(&wrong, img, Prefix::Fraction(1.0), &mut p));
     assert!(
         e.contains("[2, 32, 32, 3]") && e.contains("[n, 28, 28, 1]"),
         "{e}"
     );
     let empty_dir = dir.path("no-images");
     std::fs::create_dir_all(&empty_dir).unwrap();
-    assert!(err(load_stream(&empty_dir, img, 1.0, &mut p)).contains("no .png"));
+    assert!(err(load_stream(&empty_dir, img, Prefix::Fraction(1.0), &mut p)).contains("no .png"));
     // A text model given images (and the reverse) at batch time.
     let images = Inputs::Images {
         pixels: vec![0.0; 784],

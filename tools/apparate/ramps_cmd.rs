@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use apparate::backbone::Backbone;
 use apparate::backend::Backend;
-use apparate::dataset::{Inputs, load_stream};
+use apparate::dataset::{Inputs, Prefix, load_stream};
 use apparate::format::{ModelFile, RampsFile, sha256_hex};
 use apparate::profile::{ProfileConfig, measure};
 use apparate::ramps::Ramps;
@@ -39,7 +39,7 @@ impl BackendJob<()> for TrainRampsJob {
         let inputs = load_stream(
             &self.data,
             backbone.image_input(),
-            self.bootstrap_fraction,
+            Prefix::Fraction(self.bootstrap_fraction),
             &mut |d, t| bar.update("decoding", d, t),
         )?;
         eprintln!(
@@ -199,13 +199,14 @@ impl BackendJob<()> for ProfileJob {
         );
         let inputs = match &self.data {
             Some(path) => {
-                // A short prefix is plenty: the batch is filled from it.
+                // The largest batch is filled from the stream's first inputs.
                 let mut bar = ProgressBar::new();
-                let fraction = 1.0;
-                let all = load_stream(path, backbone.image_input(), fraction, &mut |d, t| {
-                    bar.update("decoding", d, t)
-                })?;
-                all.slice(0..all.len().min(self.cfg.max_batch))
+                load_stream(
+                    path,
+                    backbone.image_input(),
+                    Prefix::Count(self.cfg.max_batch),
+                    &mut |d, t| bar.update("decoding", d, t),
+                )?
             }
             None => synthetic_inputs(&backbone, self.seq),
         };
