@@ -129,6 +129,10 @@ enum Command {
         /// Adam learning rate.
         #[arg(long, default_value_t = 3e-3)]
         learning_rate: f32,
+        /// L2 penalty on the heads' weight matrices (default: 1e-4 for linear heads, 1e-2 for
+        /// the 2-layer heads of text models).
+        #[arg(long)]
+        weight_decay: Option<f32>,
         /// Seed of shuffling and initialisation.
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -445,6 +449,7 @@ fn real_main(cli: Cli) -> Result<()> {
             points,
             epochs,
             learning_rate,
+            weight_decay,
             seed,
             batch_size,
             device,
@@ -457,6 +462,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 train: apparate::ramps::train::TrainConfig {
                     epochs,
                     learning_rate,
+                    weight_decay,
                     seed,
                     ..Default::default()
                 },
