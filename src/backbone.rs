@@ -246,6 +246,33 @@ impl<B: Backend> Backbone<B> {
         be.download(&pooled)
     }
 
+    /// `(class, probability)` of each input from the final stage's output (softmax of CNN
+    /// logits; a BERT head's output is already probabilities).
+    pub fn predictions_with_confidence(
+        &self,
+        last: &StageOutput<B::Tensor>,
+    ) -> Result<Vec<(u32, f32)>> {
+        let v = self.backend().download(&last.x)?;
+        let batch = last.lengths.len();
+        let classes = (v.len() / batch.max(1)).max(1);
+        let probs = matches!(self, Backbone::Text { .. });
+        Ok(v.chunks(classes)
+            .map(|row| {
+                let best = row
+                    .iter()
+                    .enumerate()
+                    .fold(0usize, |b, (k, p)| if *p > row[b] { k } else { b });
+                let p = if probs {
+                    row[best]
+                } else {
+                    let z: f32 = row.iter().map(|x| (x - row[best]).exp()).sum();
+                    1.0 / z
+                };
+                (best as u32, p)
+            })
+            .collect())
+    }
+
     /// The class each input of the final stage's output is given (argmax; first on ties).
     pub fn predictions(&self, last: &StageOutput<B::Tensor>) -> Result<Vec<u32>> {
         let v = self.backend().download(&last.x)?;

@@ -7,6 +7,7 @@
 //! [`backbone`] (any model as a chain of stages), [`ramps`] (exit heads: loading, bootstrap
 //! training), [`dataset`] (input streams from disk), [`profile`] (measured stage and ramp costs).
 
+pub mod adapt;
 pub mod backbone;
 pub mod backend;
 pub mod convert;
@@ -14,10 +15,12 @@ pub mod dataset;
 pub mod error;
 pub mod format;
 pub mod graph;
+pub mod metrics;
 pub mod models;
 pub mod pipeline;
 pub mod profile;
 pub mod ramps;
+pub mod serve;
 pub mod tensor;
 pub mod tokenize;
 pub mod vision;

@@ -7,6 +7,7 @@ pub mod train;
 
 use crate::backbone::{Backbone, StageOutput};
 use crate::backend::{Backend, Pooling, RampDecision, RampWeights};
+use crate::dataset::Inputs;
 use crate::error::{Error, Result};
 use crate::format::{RampHead, RampsFile};
 
@@ -111,4 +112,43 @@ impl<T> Ramps<T> {
             threshold,
         )
     }
+}
+
+/// Per input of `inputs`, every ramp's `(u, its class == the model's answer)`, ramps in stage
+/// order (thresholds 0: nothing exits). The bootstrap data of the initial ramp placement, and
+/// recorded ramp outputs for replaying the adaptation loops.
+pub fn record_outputs<B: Backend>(
+    backbone: &Backbone<B>,
+    ramps: &Ramps<B::Tensor>,
+    inputs: &Inputs,
+    batch_size: usize,
+) -> Result<Vec<Vec<(f32, bool)>>> {
+    let never = backbone.backend().upload(&[0.0], &[1])?;
+    let mut rows: Vec<Vec<(f32, bool)>> = Vec::with_capacity(inputs.len());
+    let mut done = 0;
+    while done < inputs.len() {
+        let end = (done + batch_size.max(1)).min(inputs.len());
+        let batch = inputs.batch(backbone, done..end)?;
+        let mut outs: Vec<Vec<(u32, f32)>> = vec![Vec::new(); end - done];
+        let mut x = None;
+        for s in 0..backbone.num_stages() {
+            let o = backbone.run_stage(s, &batch, x)?;
+            if let Some(r) = ramps.at_stage(s) {
+                for (i, d) in ramps
+                    .check(backbone.backend(), r, &o, &never)?
+                    .iter()
+                    .enumerate()
+                {
+                    outs[i].push((d.class, d.uncertainty));
+                }
+            }
+            x = Some(o);
+        }
+        let last = x.ok_or_else(|| Error::Input("the model has no stages".into()))?;
+        for (o, label) in outs.iter().zip(backbone.predictions(&last)?) {
+            rows.push(o.iter().map(|(c, u)| (*u, *c == label)).collect());
+        }
+        done = end;
+    }
+    Ok(rows)
 }

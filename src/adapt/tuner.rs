@@ -1,0 +1,298 @@
+//! Threshold tuning (Apparate section 4.1): on a window of recorded ramp outputs, find the
+//! per-ramp thresholds that save the most latency while the window's agreement with the model
+//! stays within the accuracy budget. Greedy hill climbing with per-ramp adaptive steps.
+
+use super::latency::LatencyModel;
+
+/// The ramp outputs of a window, for `ramps` active ramps in stage order.
+///
+/// Stored ramp-major (`u[r * n + i]`) so that evaluating a candidate is a tight loop.
+#[derive(Clone, Debug, Default)]
+pub struct Samples {
+    pub ramps: usize,
+    /// Uncertainty `1 - max p` of ramp `r` on input `i`, at `r * len + i`.
+    pub u: Vec<f32>,
+    /// Whether ramp `r`'s class equals the model's final answer on input `i`.
+    pub correct: Vec<bool>,
+    len: usize,
+}
+
+impl Samples {
+    pub fn new(ramps: usize) -> Samples {
+        Samples {
+            ramps,
+            ..Samples::default()
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Builds the ramp-major layout from per-input rows: `rows[i][r] = (u, correct)`.
+    pub fn from_rows(ramps: usize, rows: &[Vec<(f32, bool)>]) -> Samples {
+        let n = rows.len();
+        let mut s = Samples {
+            ramps,
+            u: vec![0.0; ramps * n],
+            correct: vec![false; ramps * n],
+            len: n,
+        };
+        for (i, row) in rows.iter().enumerate() {
+            for (r, &(u, c)) in row.iter().enumerate().take(ramps) {
+                s.u[r * n + i] = u;
+                s.correct[r * n + i] = c;
+            }
+        }
+        s
+    }
+
+    /// Keeps only the ramps listed (by index into this set), in that order.
+    pub fn select(&self, keep: &[usize]) -> Samples {
+        let n = self.len;
+        let mut s = Samples {
+            ramps: keep.len(),
+            u: Vec::with_capacity(keep.len() * n),
+            correct: Vec::with_capacity(keep.len() * n),
+            len: n,
+        };
+        for &r in keep {
+            s.u.extend_from_slice(&self.u[r * n..(r + 1) * n]);
+            s.correct
+                .extend_from_slice(&self.correct[r * n..(r + 1) * n]);
+        }
+        s
+    }
+}
+
+/// Outcome of one configuration on a window.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Evaluation {
+    /// Fraction of inputs whose released answer equals the model's.
+    pub accuracy: f64,
+    /// `(V - sum_i E_i L_i) / V`.
+    pub saving: f64,
+    /// Fraction exiting at each ramp, then the fraction that did not exit (`k + 1` entries).
+    pub exit_fractions: Vec<f64>,
+}
+
+/// Releases each input at the first ramp with `u < tau` and scores the result.
+pub fn evaluate(s: &Samples, tau: &[f32], lat: &LatencyModel) -> Evaluation {
+    let n = s.len;
+    let k = s.ramps;
+    let mut exits = vec![0usize; k + 1];
+    let mut wrong = 0usize;
+    for i in 0..n {
+        let mut at = k;
+        for (r, &t) in tau.iter().enumerate().take(k) {
+            if s.u[r * n + i] < t {
+                at = r;
+                break;
+            }
+        }
+        exits[at] += 1;
+        if at < k && !s.correct[at * n + i] {
+            wrong += 1;
+        }
+    }
+    let nf = n.max(1) as f64;
+    let fractions: Vec<f64> = exits.iter().map(|&e| e as f64 / nf).collect();
+    Evaluation {
+        accuracy: if n == 0 { 1.0 } else { 1.0 - wrong as f64 / nf },
+        saving: lat.saving(&fractions),
+        exit_fractions: fractions,
+    }
+}
+
+/// Settings of [`tune`] (defaults from the Apparate paper).
+#[derive(Clone, Debug)]
+pub struct TunerConfig {
+    /// Largest tolerated disagreement with the model on the window. Default 0.01 (1%).
+    pub accuracy_budget: f64,
+    /// Initial step sizes tried (the best result is kept). Default 0.01, 0.0125, 0.025, 0.05.
+    pub initial_steps: Vec<f32>,
+    /// The search ends when every step is below this. Default 0.001.
+    pub min_step: f32,
+}
+
+impl Default for TunerConfig {
+    fn default() -> Self {
+        TunerConfig {
+            accuracy_budget: 0.01,
+            initial_steps: vec![0.01, 0.0125, 0.025, 0.05],
+            min_step: 0.001,
+        }
+    }
+}
+
+/// The tuned thresholds and how they score on the window.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tuned {
+    pub thresholds: Vec<f32>,
+    pub eval: Evaluation,
+}
+
+/// Greedy hill climbing from all-zero thresholds (always feasible: nothing exits). Each round
+/// tries raising each ramp's threshold by its step; among the moves that keep the window within
+/// the budget and gain saving, it takes the one that spends the least accuracy per unit of
+/// saving, doubles that ramp's step (and those of free moves: no accuracy lost); when no move
+/// helps, every step halves; the search ends when all steps are below the minimum.
+/// Deterministic: ties go to the lower ramp index.
+pub fn tune(s: &Samples, lat: &LatencyModel, cfg: &TunerConfig) -> Tuned {
+    let k = s.ramps;
+    let zero = vec![0.0f32; k];
+    let mut best = Tuned {
+        eval: evaluate(s, &zero, lat),
+        thresholds: zero,
+    };
+    if k == 0 || s.is_empty() {
+        return best;
+    }
+    let floor = 1.0 - cfg.accuracy_budget;
+    for &init in &cfg.initial_steps {
+        let mut tau = vec![0.0f32; k];
+        let mut cur = evaluate(s, &tau, lat);
+        let mut steps = vec![init.max(cfg.min_step); k];
+        // Each round either raises a threshold or halves every step, so this ends; the cap is a
+        // guard against float corner cases.
+        for _ in 0..10_000 {
+            if steps.iter().all(|&st| st < cfg.min_step) {
+                break;
+            }
+            let mut choice: Option<(usize, f64, f64, Evaluation)> = None;
+            let mut free = Vec::new();
+            for r in 0..k {
+                if steps[r] < cfg.min_step || tau[r] >= 1.0 {
+                    continue;
+                }
+                let mut cand = tau.clone();
+                cand[r] = (tau[r] + steps[r]).min(1.0);
+                let e = evaluate(s, &cand, lat);
+                let gain = e.saving - cur.saving;
+                if e.accuracy + 1e-12 < floor || gain <= 1e-12 {
+                    continue;
+                }
+                let cost = (cur.accuracy - e.accuracy).max(0.0);
+                if cost == 0.0 {
+                    free.push(r);
+                }
+                let ratio = cost / gain;
+                let better = match &choice {
+                    None => true,
+                    Some((_, br, bg, _)) => ratio < *br || (ratio == *br && gain > *bg),
+                };
+                if better {
+                    choice = Some((r, ratio, gain, e));
+                }
+            }
+            match choice {
+                Some((r, _, _, e)) => {
+                    tau[r] = (tau[r] + steps[r]).min(1.0);
+                    cur = e;
+                    steps[r] *= 2.0;
+                    for f in free {
+                        if f != r {
+                            steps[f] *= 2.0;
+                        }
+                    }
+                }
+                None => steps.iter_mut().for_each(|st| *st /= 2.0),
+            }
+        }
+        if cur.saving > best.eval.saving + 1e-12 {
+            best = Tuned {
+                thresholds: tau,
+                eval: cur,
+            };
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::bert::synthetic::SplitMix;
+
+    fn lat(k: usize) -> LatencyModel {
+        // Ramps after 25%, 50%, 75% of a 100 ms model, 1 ms each.
+        LatencyModel {
+            vanilla_ms: 100.0,
+            until_ms: (1..=k).map(|i| 100.0 * i as f64 / (k + 1) as f64).collect(),
+            ramp_ms: vec![1.0; k],
+        }
+    }
+
+    /// Inputs whose ramps are right when confident: u uniform, correct with probability 1 - u.
+    fn window(n: usize, k: usize, seed: u64) -> Samples {
+        let mut rng = SplitMix::new(seed);
+        let rows: Vec<Vec<(f32, bool)>> = (0..n)
+            .map(|_| {
+                (0..k)
+                    .map(|r| {
+                        let u = (rng.uniform() + 1.0) / 2.0 * (0.8 - 0.2 * r as f32);
+                        let correct = (rng.uniform() + 1.0) / 2.0 > u * 0.5;
+                        (u, correct)
+                    })
+                    .collect()
+            })
+            .collect();
+        Samples::from_rows(k, &rows)
+    }
+
+    #[test]
+    fn tuned_thresholds_meet_the_budget_and_are_deterministic() {
+        let s = window(1000, 3, 1);
+        let l = lat(3);
+        let cfg = TunerConfig::default();
+        let t = tune(&s, &l, &cfg);
+        assert!(t.eval.accuracy >= 0.99, "{t:?}");
+        assert!(t.eval.saving > 0.0, "{t:?}");
+        assert_eq!(evaluate(&s, &t.thresholds, &l), t.eval);
+        assert_eq!(tune(&s, &l, &cfg), t);
+    }
+
+    #[test]
+    fn all_zero_is_the_fallback_when_nothing_is_safe() {
+        // Every ramp is always wrong: any exit breaks a 0% budget.
+        let rows = vec![vec![(0.0f32, false); 2]; 50];
+        let s = Samples::from_rows(2, &rows);
+        let cfg = TunerConfig {
+            accuracy_budget: 0.0,
+            ..TunerConfig::default()
+        };
+        let t = tune(&s, &lat(2), &cfg);
+        assert_eq!(t.thresholds, vec![0.0, 0.0]);
+        assert_eq!(t.eval.accuracy, 1.0);
+    }
+
+    #[test]
+    fn a_move_on_ramp_zero_is_chosen_when_it_is_the_good_one() {
+        // Ramp 0 is always right and certain; ramp 1 is always wrong.
+        let rows = vec![vec![(0.001f32, true), (0.001, false)]; 100];
+        let s = Samples::from_rows(2, &rows);
+        let t = tune(&s, &lat(2), &TunerConfig::default());
+        assert!(t.thresholds[0] > 0.0, "{t:?}");
+        assert_eq!(t.eval.exit_fractions[0], 1.0);
+        assert_eq!(t.eval.accuracy, 1.0);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_window_gets_feasible_thresholds(seed in 0u64..500, n in 1usize..300, k in 1usize..4,
+                                               budget in 0.0f64..0.05) {
+            let s = window(n, k, seed);
+            let cfg = TunerConfig { accuracy_budget: budget, ..TunerConfig::default() };
+            let t = tune(&s, &lat(k), &cfg);
+            proptest::prop_assert!(t.eval.accuracy + 1e-9 >= 1.0 - budget);
+            proptest::prop_assert!(t.thresholds.iter().all(|&x| (0.0..=1.0).contains(&x)));
+            // Never worse than exiting nothing (which pays the ramps and saves nothing).
+            let zero = evaluate(&s, &vec![0.0; k], &lat(k));
+            proptest::prop_assert!(t.eval.saving >= zero.saving);
+        }
+    }
+}
