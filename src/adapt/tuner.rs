@@ -78,6 +78,8 @@ pub struct Evaluation {
     pub saving: f64,
     /// Fraction exiting at each ramp, then the fraction that did not exit (`k + 1` entries).
     pub exit_fractions: Vec<f64>,
+    /// Exits that disagree with the model, per ramp.
+    pub wrong: Vec<usize>,
 }
 
 /// Releases each input at the first ramp with `u < tau` and scores the result.
@@ -85,7 +87,7 @@ pub fn evaluate(s: &Samples, tau: &[f32], lat: &LatencyModel) -> Evaluation {
     let n = s.len;
     let k = s.ramps;
     let mut exits = vec![0usize; k + 1];
-    let mut wrong = 0usize;
+    let mut wrong_at = vec![0usize; k];
     for i in 0..n {
         let mut at = k;
         for (r, &t) in tau.iter().enumerate().take(k) {
@@ -96,15 +98,17 @@ pub fn evaluate(s: &Samples, tau: &[f32], lat: &LatencyModel) -> Evaluation {
         }
         exits[at] += 1;
         if at < k && !s.correct[at * n + i] {
-            wrong += 1;
+            wrong_at[at] += 1;
         }
     }
+    let wrong: usize = wrong_at.iter().sum();
     let nf = n.max(1) as f64;
     let fractions: Vec<f64> = exits.iter().map(|&e| e as f64 / nf).collect();
     Evaluation {
         accuracy: if n == 0 { 1.0 } else { 1.0 - wrong as f64 / nf },
         saving: lat.saving(&fractions),
         exit_fractions: fractions,
+        wrong: wrong_at,
     }
 }
 

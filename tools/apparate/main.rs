@@ -142,6 +142,67 @@ enum Command {
         #[command(flatten)]
         device: DeviceArgs,
     },
+    /// Feed a stored stream through the serving engine in real time (open-loop arrivals) and show
+    /// what it does: throughput, latency percentiles, exits, agreement, ramp changes.
+    ServeReplay {
+        /// Model file.
+        #[arg(short, long)]
+        model: PathBuf,
+        /// Ramps file (without: the plain model).
+        #[arg(long)]
+        ramps: Option<PathBuf>,
+        /// The stream (as for train-ramps); its first --bootstrap-fraction places the first
+        /// ramps and the rest is replayed.
+        #[arg(long)]
+        data: PathBuf,
+        /// Profile from `apparate profile` on this device (default: measured at start-up).
+        #[arg(long)]
+        profile: Option<PathBuf>,
+        /// Requests per second.
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// Arrival process.
+        #[arg(long, default_value = "poisson")]
+        arrivals: replay::Arrivals,
+        /// Replay at most this many inputs.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long, default_value_t = 0.1)]
+        bootstrap_fraction: f64,
+        /// Most requests per batch.
+        #[arg(long, default_value_t = 16)]
+        max_batch: usize,
+        /// Longest wait of an under-full batch, milliseconds.
+        #[arg(long, default_value_t = 5.0)]
+        max_delay_ms: f64,
+        /// Most queued requests (more are rejected).
+        #[arg(long, default_value_t = 1024)]
+        queue: usize,
+        /// Tolerated disagreement with the model per window.
+        #[arg(long, default_value_t = 0.01)]
+        accuracy_budget: f64,
+        /// Share of the budget the tuner leaves unused (it tunes for budget x (1 - headroom)).
+        #[arg(long)]
+        tuning_headroom: Option<f64>,
+        /// Batches between ramp adjustments (default: 30 vision, 100 language).
+        #[arg(long)]
+        adjust_every: Option<usize>,
+        /// Serve these ramps with fixed thresholds, no adaptation (a static early-exit
+        /// baseline): `point=threshold,...`.
+        #[arg(long, value_delimiter = ',')]
+        fixed: Option<Vec<String>>,
+        /// Seed of the arrival process.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Write the summary (and every adaptation event) as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// No live status lines (events and the summary are still printed).
+        #[arg(long)]
+        quiet: bool,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
     /// Measure the time of every stage and every ramp per batch size (1, 2, 4, ..., max) on
     /// this device, and write the profile the runtime loads.
     Profile {
@@ -247,6 +308,7 @@ fn emit(text: &str) -> Result<()> {
 
 mod progress;
 mod ramps_cmd;
+mod replay;
 
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
@@ -309,6 +371,19 @@ impl<R, J: Job<R>> BackendJob<R> for TextJob<J> {
             ms(model.load_time)
         );
         self.0.run(&model)
+    }
+}
+
+/// The serving engine's backend for these arguments.
+fn backend_choice(d: &DeviceArgs) -> apparate::serve::BackendChoice {
+    use apparate::serve::BackendChoice;
+    match d.backend {
+        BackendArg::Cpu => BackendChoice::Cpu { threads: d.threads },
+        BackendArg::Emu => BackendChoice::Emu {
+            threads: d.threads,
+            dtype: d.dtype,
+        },
+        BackendArg::Cuda => BackendChoice::Cuda { dtype: d.dtype },
     }
 }
 
@@ -478,6 +553,74 @@ fn real_main(cli: Cli) -> Result<()> {
                     cfg,
                 },
             )
+        }
+        Command::ServeReplay {
+            model,
+            ramps,
+            data,
+            profile,
+            rate,
+            arrivals,
+            limit,
+            bootstrap_fraction,
+            max_batch,
+            max_delay_ms,
+            queue,
+            accuracy_budget,
+            tuning_headroom,
+            adjust_every,
+            fixed,
+            seed,
+            json,
+            quiet,
+            device,
+        } => {
+            let family = ModelFile::open(&model)?.meta().family.clone();
+            let mut a = apparate::adapt::ApparateConfig::for_family(&family);
+            a.accuracy_budget = accuracy_budget;
+            if let Some(h) = tuning_headroom {
+                a.tuning_headroom = h;
+            }
+            if let Some(n) = adjust_every {
+                a.adjust_every_batches = n.max(1);
+            }
+            if let Some(f) = fixed {
+                let mut pairs = Vec::new();
+                for item in f {
+                    let (p, t) = item.split_once('=').ok_or_else(|| {
+                        Error::Input(format!("--fixed wants point=threshold, got `{item}`"))
+                    })?;
+                    let t: f32 = t
+                        .parse()
+                        .map_err(|_| Error::Input(format!("--fixed: `{t}` is not a threshold")))?;
+                    pairs.push((p.to_string(), t));
+                }
+                a.fixed = Some(pairs);
+            }
+            if !(max_delay_ms >= 0.0 && max_delay_ms.is_finite()) {
+                return Err(Error::Input("--max-delay-ms must be >= 0".into()));
+            }
+            replay::ReplayJob {
+                model,
+                ramps,
+                data,
+                profile,
+                rate,
+                arrivals,
+                limit,
+                bootstrap_fraction,
+                batching: apparate::serve::BatchingConfig {
+                    max_batch_size: max_batch,
+                    max_queue_delay: Duration::from_secs_f64(max_delay_ms / 1e3),
+                    queue_capacity: queue,
+                },
+                apparate: Some(a),
+                backend: backend_choice(&device),
+                seed,
+                json,
+                quiet,
+            }
+            .run()
         }
         Command::Profile {
             model,

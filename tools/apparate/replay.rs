@@ -1,0 +1,349 @@
+//! `apparate serve-replay`: a stored stream fed through the engine in real time by an open-loop
+//! arrival process, with a live view of what the runtime does.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use apparate::adapt::ApparateConfig;
+use apparate::dataset::{Inputs, Prefix, load_stream};
+use apparate::format::ModelFile;
+use apparate::metrics::{Metrics, Summary};
+use apparate::models::bert::synthetic::SplitMix;
+use apparate::serve::{BackendChoice, BatchingConfig, Engine, Input, ResponseFuture};
+use apparate::{Error, Result};
+
+use super::emit;
+
+/// How requests arrive.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Arrivals {
+    /// Exponential gaps (a Poisson process): bursty, like independent users.
+    Poisson,
+    /// Evenly spaced.
+    Uniform,
+}
+
+pub struct ReplayJob {
+    pub model: PathBuf,
+    pub ramps: Option<PathBuf>,
+    pub data: PathBuf,
+    pub profile: Option<PathBuf>,
+    pub rate: f64,
+    pub arrivals: Arrivals,
+    pub limit: Option<usize>,
+    pub bootstrap_fraction: f64,
+    pub batching: BatchingConfig,
+    pub apparate: Option<ApparateConfig>,
+    pub backend: BackendChoice,
+    pub seed: u64,
+    pub json: Option<PathBuf>,
+    pub quiet: bool,
+}
+
+/// What a replay measured (also written as JSON with `--json`).
+#[derive(serde::Serialize)]
+pub struct ReplaySummary {
+    pub model: String,
+    pub device: String,
+    pub ramps: bool,
+    pub rate: f64,
+    pub requests: u64,
+    pub answered: u64,
+    pub rejected: u64,
+    pub failed: u64,
+    pub seconds: f64,
+    pub throughput: f64,
+    pub end_to_end: Summary,
+    pub queue: Summary,
+    pub compute: Summary,
+    /// Agreement of the released answers with the model's own.
+    pub accuracy: f64,
+    pub exits: Vec<(String, u64)>,
+    pub events: Vec<apparate::adapt::AdaptEvent>,
+}
+
+fn line_of(m: &Metrics, t: f64, sent: usize, total: usize, last: (u64, f64)) -> String {
+    let e2e = Summary::of(&m.end_to_end.snapshot());
+    let answered = m.answered();
+    let rate = (answered - last.0) as f64 / (t - last.1).max(1e-9);
+    let n = answered.max(1) as f64;
+    let exits: Vec<String> = m
+        .exits()
+        .iter()
+        .filter(|(p, c)| p != "final" && *c > 0)
+        .map(|(p, c)| format!("{p} {:.0}%", *c as f64 / n * 100.0))
+        .collect();
+    let active: Vec<String> = m
+        .active()
+        .iter()
+        .map(|(p, th)| format!("{p}@{th:.3}"))
+        .collect();
+    format!(
+        "{t:>6.1} s  sent {sent}/{total}  done {answered}  {rate:>6.1}/s  p50 {:.2} ms  p99 {:.2} ms  \
+         exits [{}]  agreement {:.2}%  window {:.2}%  ramps [{}]",
+        e2e.p50_ms,
+        e2e.p99_ms,
+        exits.join(", "),
+        m.accuracy() * 100.0,
+        m.window_accuracy() * 100.0,
+        active.join(", ")
+    )
+}
+
+impl ReplayJob {
+    pub fn run(self) -> Result<()> {
+        if !(self.rate > 0.0 && self.rate.is_finite()) {
+            return Err(Error::Input(format!(
+                "--rate must be a positive number of requests per second, not {}",
+                self.rate
+            )));
+        }
+        let file = ModelFile::open(&self.model)?;
+        let image = match &file.meta().family {
+            apparate::format::Family::Cnn(c) => Some(c.input.clone()),
+            _ => None,
+        };
+        let all = load_stream(
+            &self.data,
+            image.as_ref(),
+            Prefix::Fraction(1.0),
+            &mut |_, _| {},
+        )?;
+        let boot_n = Prefix::Fraction(self.bootstrap_fraction).len(all.len());
+        let bootstrap = all.slice(0..boot_n);
+        let end = self
+            .limit
+            .map_or(all.len(), |l| (boot_n + l).min(all.len()));
+        if end <= boot_n {
+            return Err(Error::Input(format!(
+                "{} has {} inputs: none left after the {boot_n} of the bootstrap set",
+                self.data.display(),
+                all.len()
+            )));
+        }
+        let stream = all.slice(boot_n..end);
+        drop(all);
+        eprintln!(
+            "replaying {} inputs of {} (after the {boot_n}-input bootstrap set) at {} req/s ({:?})",
+            stream.len(),
+            self.data.display(),
+            self.rate,
+            self.arrivals
+        );
+        let mut builder = Engine::builder(&self.model)
+            .backend(self.backend.clone())
+            .batching(self.batching.clone())
+            .bootstrap(bootstrap)
+            .log(|s| eprintln!("{s}"));
+        if let Some(r) = &self.ramps {
+            builder = builder.ramps(r);
+        }
+        if let Some(p) = &self.profile {
+            builder = builder.profile(p);
+        }
+        if let Some(a) = self.apparate.clone() {
+            builder = builder.apparate(a);
+        }
+        let t0 = Instant::now();
+        let engine = Arc::new(builder.build()?);
+        eprintln!(
+            "engine ready in {:.1} s on {}",
+            t0.elapsed().as_secs_f64(),
+            engine.device()
+        );
+        for e in engine.drain_events() {
+            eprintln!(
+                "[adapt] {} {}: {:?} {:?}",
+                e.kind, e.why, e.ramps, e.thresholds
+            );
+        }
+
+        // Open loop: the sender keeps the schedule whatever the engine does.
+        let total = stream.len();
+        let (tx, rx) = std::sync::mpsc::channel::<ResponseFuture>();
+        let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let done = Arc::new(AtomicBool::new(false));
+        let (eng, sent2, rate, arrivals, seed) = (
+            engine.clone(),
+            sent.clone(),
+            self.rate,
+            self.arrivals,
+            self.seed,
+        );
+        let start = Instant::now();
+        let sender = std::thread::spawn(move || {
+            let mut rng = SplitMix::new(seed);
+            let mut at = 0.0f64;
+            for i in 0..total {
+                let gap = match arrivals {
+                    Arrivals::Uniform => 1.0 / rate,
+                    Arrivals::Poisson => {
+                        let u = ((rng.uniform() + 1.0) / 2.0).clamp(1e-9, 1.0) as f64;
+                        -u.ln() / rate
+                    }
+                };
+                at += gap;
+                let due = start + Duration::from_secs_f64(at);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                let input = match &stream {
+                    Inputs::Texts(t) => Input::Text(t[i].clone()),
+                    Inputs::Images {
+                        pixels, per_image, ..
+                    } => Input::Normalized(pixels[i * per_image..(i + 1) * per_image].to_vec()),
+                };
+                let f = eng.infer(input);
+                sent2.fetch_add(1, Ordering::Relaxed);
+                if tx.send(f).is_err() {
+                    break;
+                }
+            }
+        });
+        let collector = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let (mut ok, mut err) = (0usize, 0usize);
+                for f in rx {
+                    match f.wait() {
+                        Ok(_) => ok += 1,
+                        Err(_) => err += 1,
+                    }
+                }
+                done.store(true, Ordering::Relaxed);
+                (ok, err)
+            })
+        };
+        let tty = std::io::stderr().is_terminal();
+        let mut last = (0u64, 0.0f64);
+        let mut events = Vec::new();
+        while !done.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(200));
+            let t = start.elapsed().as_secs_f64();
+            for e in engine.drain_events() {
+                if tty && !self.quiet {
+                    eprintln!();
+                }
+                eprintln!(
+                    "[adapt {:>6.1} s, batch {}] {}: {} -> ramps {:?} thresholds {:?} (predicted saving {:.1}%, window agreement {:.2}%)",
+                    t,
+                    e.batch,
+                    e.kind,
+                    e.why,
+                    e.ramps,
+                    e.thresholds
+                        .iter()
+                        .map(|x| (x * 1000.0).round() / 1000.0)
+                        .collect::<Vec<_>>(),
+                    e.predicted_saving * 100.0,
+                    e.window_accuracy * 100.0
+                );
+                events.push(e);
+            }
+            if self.quiet || t - last.1 < 1.0 {
+                continue;
+            }
+            let line = line_of(
+                engine.metrics(),
+                t,
+                sent.load(Ordering::Relaxed),
+                total,
+                last,
+            );
+            if tty {
+                eprint!("\r{line}\x1b[K");
+            } else {
+                eprintln!("{line}");
+            }
+            last = (engine.metrics().answered(), t);
+        }
+        if tty && !self.quiet {
+            eprintln!();
+        }
+        let _ = sender.join();
+        let (_ok, _err) = collector.join().unwrap_or((0, 0));
+        let seconds = start.elapsed().as_secs_f64();
+        let engine = Arc::try_unwrap(engine)
+            .map_err(|_| Error::Input("the engine is still shared".into()))?;
+        let device = engine.device().to_string();
+        let m = engine.shared_metrics();
+        events.extend(engine.drain_events());
+        engine.shutdown();
+        let summary = ReplaySummary {
+            model: self.model.display().to_string(),
+            device,
+            ramps: self.ramps.is_some(),
+            rate: self.rate,
+            requests: m.requests(),
+            answered: m.answered(),
+            rejected: m.rejected(),
+            failed: m.failed(),
+            seconds,
+            throughput: m.answered() as f64 / seconds,
+            end_to_end: Summary::of(&m.end_to_end.snapshot()),
+            queue: Summary::of(&m.queue.snapshot()),
+            compute: Summary::of(&m.compute.snapshot()),
+            accuracy: m.accuracy(),
+            exits: m.exits(),
+            events,
+        };
+        if let Some(p) = &self.json {
+            let text = serde_json::to_string_pretty(&summary).expect("a summary serializes");
+            std::fs::write(p, text + "\n").map_err(|e| Error::Io {
+                path: p.clone(),
+                source: e,
+            })?;
+        }
+        let mut s = String::new();
+        let n = summary.answered.max(1) as f64;
+        outln!(
+            s,
+            "{} requests in {:.1} s: {} answered ({:.1}/s), {} rejected, {} failed",
+            summary.requests,
+            seconds,
+            summary.answered,
+            summary.throughput,
+            summary.rejected,
+            summary.failed
+        );
+        for (name, x) in [
+            ("end to end", &summary.end_to_end),
+            ("queue", &summary.queue),
+            ("batch compute", &summary.compute),
+        ] {
+            outln!(
+                s,
+                "  {name:<14} p50 {:>8.2} ms  p90 {:>8.2} ms  p99 {:>8.2} ms  max {:>8.2} ms",
+                x.p50_ms,
+                x.p90_ms,
+                x.p99_ms,
+                x.max_ms
+            );
+        }
+        let exits: Vec<String> = summary
+            .exits
+            .iter()
+            .map(|(p, c)| format!("{p} {:.1}%", *c as f64 / n * 100.0))
+            .collect();
+        outln!(s, "  released at: {}", exits.join(", "));
+        outln!(
+            s,
+            "  agreement with the model: {:.2}%; ramp changes: {}, threshold updates: {}",
+            summary.accuracy * 100.0,
+            summary
+                .events
+                .iter()
+                .filter(|e| matches!(e.kind, "remove" | "add" | "probe" | "place"))
+                .count(),
+            summary
+                .events
+                .iter()
+                .filter(|e| matches!(e.kind, "tune" | "retune" | "violation" | "disable"))
+                .count()
+        );
+        emit(&s)
+    }
+}
