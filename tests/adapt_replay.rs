@@ -1,0 +1,166 @@
+//! The adaptation loops on recorded ramp outputs of the real vision workload: the MNIST ResNet's
+//! ramps over its augmented digit stream, then a drift to harder inputs. The controller must
+//! bring the agreement of the released answers back within the constraint within a bounded
+//! number of batches, and keep the stream within it overall.
+
+mod common;
+
+use std::collections::VecDeque;
+
+use apparate::adapt::tuner::Samples;
+use apparate::adapt::{ActiveConfig, ApparateConfig, BatchRecord, Controller};
+use apparate::backbone::Backbone;
+use apparate::dataset::{Prefix, load_stream};
+use apparate::format::{ModelFile, RampsFile};
+use apparate::profile::{ProfileConfig, measure};
+use apparate::ramps::bootstrap::{BootstrapConfig, train_ramps};
+use apparate::ramps::{Ramps, record_outputs};
+use common::{TempDir, cpu, weights_file, workload_file};
+
+/// What the executor would record for `rows` (all candidate ramps) under `cfg`.
+fn record(cfg: &ActiveConfig, rows: &[Vec<(f32, bool)>]) -> BatchRecord {
+    let mut rec = BatchRecord {
+        config_id: cfg.id,
+        rows: Vec::new(),
+        exited: Vec::new(),
+        agreed: Vec::new(),
+        stage_ms: None,
+    };
+    for row in rows {
+        let active: Vec<(f32, bool)> = cfg.ramps.iter().map(|&r| row[r]).collect();
+        let exit = active
+            .iter()
+            .zip(&cfg.thresholds)
+            .position(|((u, _), t)| u < t);
+        rec.agreed.push(exit.is_none_or(|a| active[a].1));
+        rec.exited.push(exit);
+        rec.rows.push(active);
+    }
+    rec
+}
+
+#[test]
+fn after_a_drift_to_harder_inputs_agreement_recovers_within_bounded_batches() {
+    let file = ModelFile::open(weights_file("mnist-resnet.apparate")).unwrap();
+    let backbone = Backbone::load(cpu(), &file).unwrap();
+    let stream = load_stream(
+        &workload_file("mnist-stream.safetensors"),
+        backbone.image_input(),
+        Prefix::Count(8000),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let dir = TempDir::new("adapt-replay");
+    let ramps_path = dir.path("m.ramps");
+    let boot = stream.slice(0..2000);
+    train_ramps(
+        &backbone,
+        &file,
+        &boot,
+        &ramps_path,
+        &BootstrapConfig::default(),
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let rf = RampsFile::open(&ramps_path, &file).unwrap();
+    let ramps = Ramps::load(&backbone, &rf).unwrap();
+    // A measured profile's layout with fixed costs, so that the test is deterministic: every
+    // block 1 ms, every ramp 0.02 ms (the measured ratios on the CPU are of that order).
+    let mut profile = measure(
+        &backbone,
+        file.sha256(),
+        Some((&ramps, String::new())),
+        &boot.slice(0..1),
+        &ProfileConfig {
+            max_batch: 1,
+            warmup: 0,
+            repeats: 1,
+        },
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    for b in &mut profile.batches {
+        b.stages.iter_mut().for_each(|t| t.median_ms = 1.0);
+        b.ramps.iter_mut().for_each(|t| t.median_ms = 0.02);
+        b.vanilla.median_ms = b.stages.len() as f64;
+    }
+    let points: Vec<String> = ramps.iter().map(|r| r.point.clone()).collect();
+    let boot_rows = record_outputs(&backbone, &ramps, &boot, 64).unwrap();
+    let live = record_outputs(&backbone, &ramps, &stream.slice(2000..8000), 64).unwrap();
+
+    // Easy phase: the stream as it comes. Hard phase: the inputs on which the middle ramp
+    // (layer2.0) is unsure or wrong, i.e. those whose answer is settled late.
+    let mid = points.iter().position(|p| p == "layer2.0").unwrap();
+    let (easy, hard): (Vec<_>, Vec<_>) = live
+        .iter()
+        .cloned()
+        .partition(|r| r[mid].0 < 0.2 && r[mid].1);
+    assert!(hard.len() > 600, "{} hard inputs", hard.len());
+
+    let cfg = ApparateConfig::vision();
+    let samples = Samples::from_rows(points.len(), &boot_rows);
+    let mut c = Controller::new(cfg.clone(), points, profile, Some(&samples));
+    let batch = 8;
+    let mut recent: VecDeque<bool> = VecDeque::new();
+    let mut agreement_after = Vec::new();
+    let mut total_agree = 0usize;
+    let mut total = 0usize;
+    let phases = [(&easy[..2400], "easy"), (&hard[..], "hard")];
+    let mut drift_batch = 0;
+    let mut batches = 0;
+    for (rows, name) in phases {
+        if name == "hard" {
+            drift_batch = batches;
+        }
+        for chunk in rows.chunks(batch) {
+            let rec = record(c.active(), chunk);
+            for &a in &rec.agreed {
+                recent.push_back(a);
+                total_agree += usize::from(a);
+                total += 1;
+                if recent.len() > 256 {
+                    recent.pop_front();
+                }
+            }
+            c.on_batch(rec);
+            batches += 1;
+            if name == "hard" {
+                let acc = recent.iter().filter(|a| **a).count() as f64 / recent.len() as f64;
+                agreement_after.push(acc);
+            }
+        }
+    }
+    let events = c.drain_events();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind).collect();
+    // The drift is seen and acted on.
+    assert!(
+        events.iter().any(|e| e.batch > drift_batch as u64
+            && matches!(e.kind, "violation" | "disable" | "retune")),
+        "{kinds:?}"
+    );
+    // Within 80 batches (640 inputs) of the drift the last 256 released answers are back within
+    // the 1% budget, and stay within 2.5% from then on (ramp moves cost a little on the way).
+    // Recovery: from the drift to the first batch after the dip with the last 256 answers
+    // back within the budget.
+    let dip = (0..agreement_after.len())
+        .min_by(|&a, &b| agreement_after[a].total_cmp(&agreement_after[b]))
+        .unwrap();
+    let back = (dip..agreement_after.len())
+        .find(|&i| agreement_after[i] >= 0.99)
+        .expect("agreement never recovered");
+    assert!(
+        back <= 80,
+        "recovered only after {back} batches: {agreement_after:?}"
+    );
+    let worst_after = agreement_after[back..].iter().cloned().fold(1.0, f64::min);
+    assert!(
+        worst_after >= 0.975,
+        "dropped to {worst_after} after recovering: {agreement_after:?} {kinds:?}"
+    );
+    let overall = total_agree as f64 / total as f64;
+    assert!(overall >= 0.99, "overall agreement {overall} ({kinds:?})");
+    eprintln!(
+        "drift at batch {drift_batch}: back within budget after {back} batches; worst after {worst_after:.4}; overall {overall:.4}; {} events",
+        events.len()
+    );
+}
