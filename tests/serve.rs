@@ -380,3 +380,72 @@ fn works_under_an_async_executor() {
     let _ = Prefix::Count(1);
     let _ = workload_file;
 }
+
+#[test]
+fn a_backend_failure_fails_its_batch_and_the_next_batch_is_served() {
+    use apparate::backend::faulty::{FaultPlan, Faulty};
+    let dir = TempDir::new("serve-fault");
+    let (model, ramps) = tiny_model(&dir);
+    // Armed after start-up (the start-up profile runs on the same backend).
+    let plan = FaultPlan::new();
+    let engine = Engine::builder(&model)
+        .ramps(&ramps)
+        .apparate(ApparateConfig {
+            fixed: Some(vec![("layer.1".into(), 0.0)]),
+            ..ApparateConfig::language()
+        })
+        .batching(BatchingConfig {
+            max_batch_size: 4,
+            max_queue_delay: Duration::from_millis(1),
+            queue_capacity: 64,
+        })
+        .build_on(Faulty::new(cpu(), plan.clone()))
+        .unwrap();
+    plan.fail_every(37);
+    let (mut ok, mut failed) = (0, 0);
+    for round in 0..30 {
+        let futures: Vec<_> = tiny_texts(4, round)
+            .into_iter()
+            .map(|t| engine.infer(Input::Text(t)))
+            .collect();
+        let answers: Vec<_> = futures.into_iter().map(|f| f.wait()).collect();
+        // A batch fails as a whole or not at all (no ramp exits here: threshold 0).
+        let bad = answers.iter().filter(|a| a.is_err()).count();
+        for a in &answers {
+            if let Err(e) = a {
+                assert!(
+                    matches!(e, ServeError::Backend(m) if m.contains("injected")),
+                    "{e}"
+                );
+            }
+        }
+        assert!(
+            bad == 0 || bad == answers.len(),
+            "round {round}: {answers:?}"
+        );
+        failed += bad;
+        ok += answers.len() - bad;
+    }
+    assert!(failed > 0 && ok > 0, "ok {ok}, failed {failed}");
+    let m = engine.shared_metrics();
+    engine.shutdown();
+    assert_eq!(m.failed() as usize, failed);
+}
+
+#[test]
+fn a_text_longer_than_the_model_is_truncated_not_refused() {
+    let dir = TempDir::new("serve-long");
+    let (model, ramps) = tiny_model(&dir);
+    let engine = Engine::builder(&model)
+        .ramps(&ramps)
+        .backend(threads1())
+        .build()
+        .unwrap();
+    // 40 words: longer than the tiny model's 32 positions; the tokenizer truncates, as the
+    // model file's preprocessing says.
+    let long = vec!["cat"; 40].join(" ");
+    let short = vec!["cat"; 30].join(" ");
+    let a = engine.infer_blocking(Input::Text(long)).unwrap();
+    let b = engine.infer_blocking(Input::Text(short)).unwrap();
+    assert_eq!(a.class, b.class);
+}

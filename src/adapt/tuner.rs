@@ -305,7 +305,7 @@ mod tests {
         Samples::from_rows(k, &rows)
     }
 
-/// Greedy hill climbing from all-zero thresholds (always feasible: nothing exits). Each round
+    /// Greedy hill climbing from all-zero thresholds (always feasible: nothing exits). Each round
     /// tries raising each ramp's threshold by its step; among the moves that keep the window within
     /// the budget and gain saving, it takes the one that spends the least accuracy per unit of
     /// saving, doubles that ramp's step (and those of free moves: no accuracy lost); when no move

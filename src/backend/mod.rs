@@ -8,6 +8,7 @@ pub mod cuda;
 pub mod device;
 pub mod emu;
 mod entry_points;
+pub mod faulty;
 pub mod gpu;
 pub mod kernel_sources;
 

@@ -100,7 +100,32 @@ impl<B: Backend> Executor<B> {
         }
     }
 
+    /// Answers `BadInput` to the requests that cannot be prepared alone (e.g. a text longer
+    /// than the model's positions), so that one bad input does not fail its batch-mates.
+    fn isolate_bad_inputs(&self, batch: Vec<Pending>) -> Vec<Pending> {
+        batch
+            .into_iter()
+            .filter(|p| match self.prepare(std::slice::from_ref(p)) {
+                Ok(_) => true,
+                Err(e) => {
+                    if p.slot.complete(Err(ServeError::BadInput(e.to_string()))) {
+                        self.metrics.count_failed();
+                    }
+                    false
+                }
+            })
+            .collect()
+    }
+
     fn run_batch(&self, batch: Vec<Pending>, cfg: &ActiveConfig, thresholds: &[B::Tensor]) {
+        let batch = if self.prepare(&batch).is_err() {
+            self.isolate_bad_inputs(batch)
+        } else {
+            batch
+        };
+        if batch.is_empty() {
+            return;
+        }
         let start = Instant::now();
         self.metrics.count_batch();
         let n = batch.len();

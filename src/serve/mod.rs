@@ -215,6 +215,12 @@ impl EngineBuilder {
         self
     }
 
+    /// Like [`EngineBuilder::build`] on a backend you made (a shared device, a custom or
+    /// instrumented backend); the `backend` choice is ignored.
+    pub fn build_on<B: Backend + 'static>(self, backend: B) -> Result<Engine> {
+        start(backend, self)
+    }
+
     /// Loads everything, places the first ramps and starts the threads.
     pub fn build(self) -> Result<Engine> {
         match self.backend.clone() {
