@@ -47,7 +47,7 @@ impl<B: Backend> Faulty<B> {
             return Ok(());
         }
         let n = self.plan.calls.fetch_add(1, Ordering::Relaxed) + 1;
-        if n % every == 0 {
+        if n.is_multiple_of(every) {
             return Err(Error::Backend {
                 backend: "faulty",
                 reason: format!("injected failure of `{op}` (call {n})"),
