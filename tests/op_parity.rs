@@ -514,6 +514,13 @@ fn ramp<D: Device>(name: &str, be: &GpuBackend<D>, c: &CpuBackend) {
             .ramp_exit(&xg, positions, &lengths, pooling, &head_g, &tg)
             .unwrap();
         let what = format!("ramp_exit {positions}x{width}->{classes} {pooling:?} dense={dense}");
+        // The asynchronous path (pinned copy + event on cuda) brings back the same bytes.
+        let later = be
+            .ramp_exit_async(&xg, positions, &lengths, pooling, &head_g, &tg)
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert_eq!(later, got, "{name} {what}: async vs sync");
         assert_eq!(got.len(), want.len(), "{name} {what}");
         for (g, w) in got.iter().zip(&want) {
             assert_eq!(g.class, w.class, "{name} {what}: class");

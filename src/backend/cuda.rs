@@ -1045,8 +1045,53 @@ impl CudaDevice {
     }
 }
 
+/// Page-locked host memory (cudarc's pinned slice, which carries the event of the last copy
+/// into it).
+pub struct CudaPinned {
+    slice: cudarc::driver::PinnedHostSlice<u8>,
+}
+
 impl Device for CudaDevice {
     type Buf = CudaBuf;
+    type Pinned = CudaPinned;
+
+    fn alloc_pinned(&self, bytes: usize) -> Result<CudaPinned> {
+        guard("cuMemHostAlloc", || {
+            // Plain page-locked memory (flags 0): the host reads it, so not write-combined.
+            // SAFETY: the bytes are only read after a copy into them has completed
+            // (`read_pinned` waits for it); a zero-byte request gets one byte.
+            let slice = unsafe { self.ctx.alloc_pinned_with_flags::<u8>(bytes.max(1), 0) }
+                .map_err(drv(format!("pinned host allocation of {bytes} bytes")))?;
+            Ok(CudaPinned { slice })
+        })
+    }
+
+    fn download_async(&self, buf: &CudaBuf, dst: &mut CudaPinned) -> Result<()> {
+        if dst.slice.len() < buf.slice.len() {
+            return Err(err(format!(
+                "async download of a {}-byte buffer into {} pinned bytes",
+                buf.slice.len(),
+                dst.slice.len()
+            )));
+        }
+        guard("cuMemcpyDtoHAsync", || {
+            // cudarc queues the copy on our stream and records the pinned slice's event after
+            // it; nothing here waits.
+            self.stream
+                .memcpy_dtoh(&buf.slice, &mut dst.slice)
+                .map_err(drv(format!("async download of {} bytes", buf.len)))
+        })
+    }
+
+    fn read_pinned(&self, p: &CudaPinned) -> Result<Vec<u8>> {
+        guard("cuEventSynchronize", || {
+            // Waits for the event recorded after the last copy into it.
+            p.slice
+                .as_slice()
+                .map(|s| s.to_vec())
+                .map_err(drv("reading pinned memory"))
+        })
+    }
 
     fn name(&self) -> &'static str {
         BACKEND

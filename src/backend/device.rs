@@ -57,7 +57,7 @@ impl KernelArg {
 pub const MAX_THREADS_PER_BLOCK: u64 = 1024;
 pub const MAX_SHARED_BYTES: u32 = 227 * 1024;
 
-pub trait Device: Send + Sync {
+pub trait Device: Send + Sync + 'static {
     /// Device memory. Dropping it frees it, ordered after the work already launched (so a
     /// buffer may be dropped while a launch that reads it is still queued).
     type Buf: Send + Sync;
@@ -96,6 +96,19 @@ pub trait Device: Send + Sync {
 
     /// Waits until everything launched so far has finished.
     fn synchronize(&self) -> Result<()>;
+
+    /// Host memory the device copies into without the host waiting (page-locked on CUDA).
+    type Pinned: Send + Sync + 'static;
+
+    /// Host memory for [`Device::download_async`] of `bytes` bytes.
+    fn alloc_pinned(&self, bytes: usize) -> Result<Self::Pinned>;
+
+    /// Queues a copy of the whole of `buf` into `dst` on the device's stream and returns at
+    /// once: the stream never waits for the host. [`Device::read_pinned`] waits for the copy.
+    fn download_async(&self, buf: &Self::Buf, dst: &mut Self::Pinned) -> Result<()>;
+
+    /// The bytes of `p` once every copy queued into it has landed (blocks until then).
+    fn read_pinned(&self, p: &Self::Pinned) -> Result<Vec<u8>>;
 
     /// A marker of the device's stream, for timing and (later) early release.
     type Event: Send + Sync;

@@ -296,6 +296,29 @@ impl Device for EmuDevice {
         Ok(())
     }
 
+    /// Launches and copies are synchronous here, so pinned memory is plain memory.
+    type Pinned = Vec<u8>;
+
+    fn alloc_pinned(&self, bytes: usize) -> Result<Vec<u8>> {
+        Ok(vec![0; bytes])
+    }
+
+    fn download_async(&self, buf: &EmuBuf, dst: &mut Vec<u8>) -> Result<()> {
+        if dst.len() < buf.len {
+            return Err(err(format!(
+                "async download of a {}-byte buffer into {} bytes",
+                buf.len,
+                dst.len()
+            )));
+        }
+        let n = buf.len;
+        self.download(buf, &mut dst[..n])
+    }
+
+    fn read_pinned(&self, p: &Vec<u8>) -> Result<Vec<u8>> {
+        Ok(p.clone())
+    }
+
     /// Launches are synchronous, so an event is just the time it was recorded.
     type Event = std::time::Instant;
 

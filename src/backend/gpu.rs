@@ -8,7 +8,10 @@
 use std::sync::Arc;
 
 use super::device::{Device, KernelArg, LaunchConfig, MAX_SHARED_BYTES};
-use super::{Activation, Backend, BatchShape, Conv2d, Pool2d, Pooling, RampDecision, RampWeights};
+use super::{
+    Activation, Backend, BatchShape, Conv2d, PendingDecisions, Pool2d, Pooling, RampDecision,
+    RampWeights,
+};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, TensorView};
 
@@ -657,6 +660,69 @@ impl<D: Device> Backend for GpuBackend<D> {
         head: &RampWeights<'_, Self::Tensor>,
         threshold: &Self::Tensor,
     ) -> Result<Vec<RampDecision>> {
+        let Some((out, batch)) =
+            self.launch_ramp(x, positions, lengths, pooling, head, threshold)?
+        else {
+            return Ok(Vec::new());
+        };
+        let mut bytes = vec![0u8; self.dev.len(&out)];
+        self.dev.download(&out, &mut bytes)?;
+        Ok(super::decode_decisions(&bytes, batch))
+    }
+
+    fn ramp_exit_async(
+        &self,
+        x: &Self::Tensor,
+        positions: usize,
+        lengths: &[usize],
+        pooling: Pooling,
+        head: &RampWeights<'_, Self::Tensor>,
+        threshold: &Self::Tensor,
+    ) -> Result<Box<dyn PendingDecisions>> {
+        let Some((out, batch)) =
+            self.launch_ramp(x, positions, lengths, pooling, head, threshold)?
+        else {
+            return Ok(Box::new(super::ReadyDecisions(Vec::new())));
+        };
+        let mut pinned = self.dev.alloc_pinned(self.dev.len(&out))?;
+        self.dev.download_async(&out, &mut pinned)?;
+        // `out` may be dropped now: device memory is freed after the work queued on it.
+        Ok(Box::new(GpuPending {
+            dev: self.dev.clone(),
+            pinned,
+            batch,
+        }))
+    }
+}
+
+/// A ramp's decisions being copied into pinned host memory.
+struct GpuPending<D: Device> {
+    dev: Arc<D>,
+    pinned: D::Pinned,
+    batch: usize,
+}
+
+impl<D: Device> PendingDecisions for GpuPending<D> {
+    fn wait(self: Box<Self>) -> Result<Vec<RampDecision>> {
+        let bytes = self.dev.read_pinned(&self.pinned)?;
+        Ok(super::decode_decisions(&bytes, self.batch))
+    }
+}
+
+impl<D: Device> GpuBackend<D> {
+    /// Launches the fused ramp kernel; its output buffer holds the class ids, uncertainties and
+    /// exit flags of the `batch` inputs one after the other (see `decode_decisions`). `None`
+    /// for an empty batch.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_ramp(
+        &self,
+        x: &GpuTensor<D::Buf>,
+        positions: usize,
+        lengths: &[usize],
+        pooling: Pooling,
+        head: &RampWeights<'_, GpuTensor<D::Buf>>,
+        threshold: &GpuTensor<D::Buf>,
+    ) -> Result<Option<(D::Buf, usize)>> {
         let (batch, width, classes) = super::check_ramp(
             &x.shape,
             positions,
@@ -668,7 +734,7 @@ impl<D: Device> Backend for GpuBackend<D> {
         )
         .map_err(|e| self.err(e))?;
         if batch == 0 {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let smem = (2 * width + classes + 32) * 4;
         if smem > MAX_SHARED_BYTES as usize {
@@ -677,49 +743,34 @@ impl<D: Device> Backend for GpuBackend<D> {
             )));
         }
         let lens = self.ints(lengths.iter().copied())?;
-        let cls = self.dev.alloc(batch * 4)?;
-        let unc = self.dev.alloc(batch * 4)?;
-        let exits = self.dev.alloc(batch * 4)?;
+        // One buffer for the three outputs, so one copy brings them back.
+        let out = self.dev.alloc(3 * batch * 4)?;
+        let base = self.dev.address(&out);
         let (dw, db) = match head.dense {
             Some((w, b)) => (self.ptr(w)?, self.ptr(b)?),
             None => (KernelArg::Ptr(0), KernelArg::Ptr(0)),
         };
-        let addr = |b: &D::Buf| KernelArg::Ptr(self.dev.address(b));
         self.launch(
             &self.kernel("ramp_exit"),
             LaunchConfig::linear(self.grid("inputs", batch)?, 256, smem as u32),
             &[
                 self.ptr(x)?,
-                addr(&lens),
+                KernelArg::Ptr(self.dev.address(&lens)),
                 dw,
                 db,
                 self.ptr(head.out.0)?,
                 self.ptr(head.out.1)?,
                 self.ptr(threshold)?,
-                addr(&cls),
-                addr(&unc),
-                addr(&exits),
+                KernelArg::Ptr(base),
+                KernelArg::Ptr(base + 4 * batch as u64),
+                KernelArg::Ptr(base + 8 * batch as u64),
                 self.u32("positions", positions)?,
                 self.u32("width", width)?,
                 self.u32("classes", classes)?,
                 KernelArg::I32(if pooling == Pooling::Cls { 1 } else { 0 }),
             ],
         )?;
-        self.dev.synchronize()?;
-        let read = |b: &D::Buf| -> Result<Vec<u8>> {
-            let mut v = vec![0u8; batch * 4];
-            self.dev.download(b, &mut v)?;
-            Ok(v)
-        };
-        let (c, u, e) = (read(&cls)?, read(&unc)?, read(&exits)?);
-        let word = |v: &[u8], i: usize| [v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]];
-        Ok((0..batch)
-            .map(|i| RampDecision {
-                class: u32::from_le_bytes(word(&c, i)),
-                uncertainty: f32::from_le_bytes(word(&u, i)),
-                exit: i32::from_le_bytes(word(&e, i)) != 0,
-            })
-            .collect())
+        Ok(Some((out, batch)))
     }
 }
 

@@ -298,6 +298,55 @@ pub trait Backend: Send + Sync {
         head: &RampWeights<'_, Self::Tensor>,
         threshold: &Self::Tensor,
     ) -> Result<Vec<RampDecision>>;
+
+    /// [`Backend::ramp_exit`] without waiting: the decisions travel to the host while the
+    /// backend goes on with later work; [`PendingDecisions::wait`] blocks until they are there
+    /// (engine.md section 5: on a GPU, an async copy into pinned memory and an event; on a
+    /// synchronous backend they are ready at once).
+    #[allow(clippy::too_many_arguments)]
+    fn ramp_exit_async(
+        &self,
+        x: &Self::Tensor,
+        positions: usize,
+        lengths: &[usize],
+        pooling: Pooling,
+        head: &RampWeights<'_, Self::Tensor>,
+        threshold: &Self::Tensor,
+    ) -> Result<Box<dyn PendingDecisions>> {
+        let d = self.ramp_exit(x, positions, lengths, pooling, head, threshold)?;
+        Ok(Box::new(ReadyDecisions(d)))
+    }
+}
+
+/// A ramp's decisions on their way to the host.
+pub trait PendingDecisions: Send {
+    /// Blocks until the decisions are on the host.
+    fn wait(self: Box<Self>) -> Result<Vec<RampDecision>>;
+}
+
+/// Decisions that are already on the host.
+pub struct ReadyDecisions(pub Vec<RampDecision>);
+
+impl PendingDecisions for ReadyDecisions {
+    fn wait(self: Box<Self>) -> Result<Vec<RampDecision>> {
+        Ok(self.0)
+    }
+}
+
+/// Decodes the fused ramp kernel's output: `batch` class ids (u32), then `batch`
+/// uncertainties (f32), then `batch` exit flags (i32), little-endian.
+pub(crate) fn decode_decisions(bytes: &[u8], batch: usize) -> Vec<RampDecision> {
+    let word = |k: usize| {
+        let o = 4 * k;
+        [bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]
+    };
+    (0..batch)
+        .map(|i| RampDecision {
+            class: u32::from_le_bytes(word(i)),
+            uncertainty: f32::from_le_bytes(word(batch + i)),
+            exit: i32::from_le_bytes(word(2 * batch + i)) != 0,
+        })
+        .collect()
 }
 
 /// What the fused ramp + exit check decided for one input.

@@ -6,7 +6,7 @@ pub mod bootstrap;
 pub mod train;
 
 use crate::backbone::{Backbone, StageOutput};
-use crate::backend::{Backend, Pooling, RampDecision, RampWeights};
+use crate::backend::{Backend, PendingDecisions, Pooling, RampDecision, RampWeights};
 use crate::dataset::Inputs;
 use crate::error::{Error, Result};
 use crate::format::{RampHead, RampsFile};
@@ -88,6 +88,29 @@ impl<T> Ramps<T> {
     /// The ramp (index) reading stage `stage`, if any.
     pub fn at_stage(&self, stage: usize) -> Option<usize> {
         self.ramps.iter().position(|r| r.stage == stage)
+    }
+
+    /// [`Ramps::check`] without waiting for the decisions (see [`Backend::ramp_exit_async`]).
+    pub fn check_async<B: Backend<Tensor = T>>(
+        &self,
+        be: &B,
+        i: usize,
+        out: &StageOutput<T>,
+        threshold: &T,
+    ) -> Result<Box<dyn PendingDecisions>> {
+        let r = &self.ramps[i];
+        let head = RampWeights {
+            dense: r.dense.as_ref().map(|(w, b)| (w, b)),
+            out: (&r.out.0, &r.out.1),
+        };
+        be.ramp_exit_async(
+            &out.x,
+            out.positions,
+            &out.lengths,
+            self.pooling,
+            &head,
+            threshold,
+        )
     }
 
     /// Runs ramp `i` on its stage's output: one fused kernel per batch.

@@ -1,15 +1,19 @@
-//! The executor: forms batches from the queue and runs each stage by stage; after a stage with an
-//! active ramp it runs the fused ramp + exit check and completes the requests that exit there at
-//! once; the whole batch goes on to the last stage, whose answers complete the rest and are the
-//! labels every ramp decision is judged by.
+//! The executor and the releaser.
 //!
-//! Release here is synchronous with the ramp: the ramp's decisions (class, `u`, exit per input)
-//! are read back right after its kernel (`Backend::ramp_exit`), and the exited requests are
-//! completed before the next stage is issued. On the CPU that is exact. On `cuda` the read-back
-//! waits for the stream up to the ramp; the asynchronous variant of engine.md section 5 (copy to
-//! pinned memory + event + release thread) is not built yet.
+//! The executor thread forms batches from the queue and runs each stage by stage. After a stage
+//! with an active ramp it issues the fused ramp + exit check without waiting for its result
+//! ([`Backend::ramp_exit_async`]) and hands the pending decisions to the releaser; the whole
+//! batch goes on to the last stage, whose answers complete the rest and are the labels every
+//! ramp decision is judged by.
+//!
+//! The releaser thread takes the executor's messages in order, waits for each ramp's decisions
+//! (on `cuda`: an async copy into pinned memory and its event, engine.md section 5, so the
+//! stream never waits for the host) and completes the requests that exit at once, while the
+//! executor keeps the device busy with the next stages. At the end of a batch it completes the
+//! remaining requests and sends the batch's record to the adapter. On synchronous backends
+//! (CPU, the emulated device) the decisions are ready when issued and the same path runs.
 
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -17,10 +21,33 @@ use super::queue::{Pending, Queue};
 use super::{Exit, Input, Response, ServeError, Timings};
 use crate::adapt::{ActiveConfig, BatchRecord};
 use crate::backbone::{Backbone, BatchInput};
-use crate::backend::Backend;
+use crate::backend::{Backend, PendingDecisions};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::ramps::Ramps;
+
+/// What the executor tells the releaser, in order.
+pub(crate) enum Release {
+    /// A batch starts: its requests move to the releaser.
+    Begin {
+        batch: Vec<Pending>,
+        start: Instant,
+        cfg: Arc<ActiveConfig>,
+    },
+    /// Active ramp `active` (ramp `ramp` of the file) was issued.
+    Ramp {
+        active: usize,
+        ramp: usize,
+        pending: Box<dyn PendingDecisions>,
+    },
+    /// The last stage's answers.
+    End {
+        finals: Vec<(u32, f32)>,
+        stage_ms: Option<Vec<f64>>,
+    },
+    /// The batch failed; unreleased requests get the error.
+    Failed(String),
+}
 
 pub(crate) struct Executor<B: Backend> {
     pub backbone: Backbone<B>,
@@ -28,7 +55,7 @@ pub(crate) struct Executor<B: Backend> {
     pub active: Arc<Mutex<Arc<ActiveConfig>>>,
     pub queue: Arc<Queue>,
     pub metrics: Arc<Metrics>,
-    pub records: Sender<BatchRecord>,
+    pub release: Sender<Release>,
     /// Stage wall times are real (the backend computes synchronously) and feed the profile.
     pub timed_stages: bool,
 }
@@ -58,21 +85,17 @@ impl<B: Backend> Executor<B> {
                 match values {
                     Ok(values) => thresholds = Some(Thresholds { id: cfg.id, values }),
                     Err(e) => {
-                        self.fail_all(&batch, &e);
+                        for p in &batch {
+                            if p.slot.complete(Err(ServeError::Backend(e.to_string()))) {
+                                self.metrics.count_failed();
+                            }
+                        }
                         continue;
                     }
                 }
             }
             let t = thresholds.as_ref().expect("set above");
-            self.run_batch(batch, &cfg, &t.values);
-        }
-    }
-
-    fn fail_all(&self, batch: &[Pending], e: &Error) {
-        for p in batch {
-            if p.slot.complete(Err(ServeError::Backend(e.to_string()))) {
-                self.metrics.count_failed();
-            }
+            self.run_batch(batch, cfg, &t.values);
         }
     }
 
@@ -100,8 +123,8 @@ impl<B: Backend> Executor<B> {
         }
     }
 
-    /// Answers `BadInput` to the requests that cannot be prepared alone (e.g. a text longer
-    /// than the model's positions), so that one bad input does not fail its batch-mates.
+    /// Answers `BadInput` to the requests that cannot be prepared alone, so that one bad input
+    /// does not fail its batch-mates.
     fn isolate_bad_inputs(&self, batch: Vec<Pending>) -> Vec<Pending> {
         batch
             .into_iter()
@@ -117,7 +140,7 @@ impl<B: Backend> Executor<B> {
             .collect()
     }
 
-    fn run_batch(&self, batch: Vec<Pending>, cfg: &ActiveConfig, thresholds: &[B::Tensor]) {
+    fn run_batch(&self, batch: Vec<Pending>, cfg: Arc<ActiveConfig>, thresholds: &[B::Tensor]) {
         let batch = if self.prepare(&batch).is_err() {
             self.isolate_bad_inputs(batch)
         } else {
@@ -126,19 +149,30 @@ impl<B: Backend> Executor<B> {
         if batch.is_empty() {
             return;
         }
+        let input = match self.prepare(&batch) {
+            Ok(i) => i,
+            Err(e) => {
+                for p in &batch {
+                    if p.slot.complete(Err(ServeError::BadInput(e.to_string()))) {
+                        self.metrics.count_failed();
+                    }
+                }
+                return;
+            }
+        };
         let start = Instant::now();
         self.metrics.count_batch();
-        let n = batch.len();
-        for p in &batch {
-            self.metrics.queue.record(start - p.submitted);
-        }
-        // Per input: (active ramp index, class, u) of its release, and every active ramp's
-        // (class, u).
-        let mut released: Vec<Option<(usize, u32, f32, Instant)>> = vec![None; n];
-        let mut outputs: Vec<Vec<(u32, f32)>> = vec![Vec::new(); n];
+        let send = |m: Release| {
+            // The releaser lives as long as the executor; a send can only fail at teardown.
+            let _ = self.release.send(m);
+        };
+        send(Release::Begin {
+            batch,
+            start,
+            cfg: cfg.clone(),
+        });
         let mut stage_ms = Vec::new();
         let result = (|| -> Result<Vec<(u32, f32)>> {
-            let input = self.prepare(&batch)?;
             let mut x = None;
             for s in 0..self.backbone.num_stages() {
                 let t0 = Instant::now();
@@ -148,93 +182,185 @@ impl<B: Backend> Executor<B> {
                     && let Some(r) = ramps.at_stage(s)
                     && let Some(a) = cfg.ramps.iter().position(|&x| x == r)
                 {
-                    let decisions =
-                        ramps.check(self.backbone.backend(), r, &out, &thresholds[a])?;
-                    let now = Instant::now();
-                    for (i, d) in decisions.iter().enumerate() {
-                        outputs[i].push((d.class, d.uncertainty));
-                        if d.exit && released[i].is_none() {
-                            released[i] = Some((a, d.class, d.uncertainty, now));
-                            self.release(
-                                &batch[i],
-                                start,
-                                now,
-                                d.class as usize,
-                                1.0 - d.uncertainty,
-                                Exit::Ramp {
-                                    index: r,
-                                    point: ramps
-                                        .iter()
-                                        .nth(r)
-                                        .map(|x| x.point.clone())
-                                        .unwrap_or_default(),
-                                },
-                            );
-                        }
-                    }
+                    let pending =
+                        ramps.check_async(self.backbone.backend(), r, &out, &thresholds[a])?;
+                    send(Release::Ramp {
+                        active: a,
+                        ramp: r,
+                        pending,
+                    });
                 }
                 x = Some(out);
             }
             let last = x.ok_or_else(|| Error::Input("the model has no stages".into()))?;
             self.backbone.predictions_with_confidence(&last)
         })();
-        let end = Instant::now();
-        self.metrics.compute.record(end - start);
-        let finals = match result {
-            Ok(f) => f,
-            Err(e) => {
-                // Requests released at a ramp keep their answers; the rest get the error.
-                for (p, r) in batch.iter().zip(&released) {
-                    if r.is_none() && p.slot.complete(Err(ServeError::Backend(e.to_string()))) {
-                        self.metrics.count_failed();
+        match result {
+            Ok(finals) => send(Release::End {
+                finals,
+                stage_ms: self.timed_stages.then_some(stage_ms),
+            }),
+            Err(e) => send(Release::Failed(e.to_string())),
+        }
+    }
+}
+
+/// The releaser's state for the batch in flight.
+struct InFlight {
+    batch: Vec<Pending>,
+    start: Instant,
+    cfg: Arc<ActiveConfig>,
+    /// Per input: `(active ramp, class)` where it was released.
+    released: Vec<Option<(usize, u32)>>,
+    /// Per input, per active ramp so far: `(class, u)`.
+    outputs: Vec<Vec<(u32, f32)>>,
+    failed: bool,
+}
+
+pub(crate) struct Releaser {
+    pub metrics: Arc<Metrics>,
+    pub records: Sender<BatchRecord>,
+    pub labels: Vec<String>,
+    /// Point of each ramp of the file.
+    pub points: Vec<String>,
+}
+
+impl Releaser {
+    pub fn run(self, rx: Receiver<Release>) {
+        let mut cur: Option<InFlight> = None;
+        for msg in rx {
+            match msg {
+                Release::Begin { batch, start, cfg } => {
+                    if let Some(old) = cur.take() {
+                        // A batch without an end: only at teardown.
+                        self.fail(old, "the batch was abandoned");
+                    }
+                    for p in &batch {
+                        self.metrics.queue.record(start - p.submitted);
+                    }
+                    let n = batch.len();
+                    cur = Some(InFlight {
+                        batch,
+                        start,
+                        cfg,
+                        released: vec![None; n],
+                        outputs: vec![Vec::new(); n],
+                        failed: false,
+                    });
+                }
+                Release::Ramp {
+                    active,
+                    ramp,
+                    pending,
+                } => {
+                    let Some(b) = cur.as_mut().filter(|b| !b.failed) else {
+                        continue;
+                    };
+                    match pending.wait() {
+                        Ok(decisions) => {
+                            let now = Instant::now();
+                            for (i, d) in decisions.iter().enumerate().take(b.batch.len()) {
+                                b.outputs[i].push((d.class, d.uncertainty));
+                                if d.exit && b.released[i].is_none() {
+                                    b.released[i] = Some((active, d.class));
+                                    self.complete(
+                                        &b.batch[i],
+                                        b.start,
+                                        now,
+                                        d.class as usize,
+                                        1.0 - d.uncertainty,
+                                        Exit::Ramp {
+                                            index: ramp,
+                                            point: self
+                                                .points
+                                                .get(ramp)
+                                                .cloned()
+                                                .unwrap_or_default(),
+                                        },
+                                    );
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            if let Some(b) = cur.take() {
+                                self.fail(b, &e.to_string());
+                            }
+                        }
                     }
                 }
-                return;
+                Release::End { finals, stage_ms } => {
+                    if let Some(b) = cur.take() {
+                        self.finish(b, finals, stage_ms);
+                    }
+                }
+                Release::Failed(e) => {
+                    if let Some(b) = cur.take() {
+                        self.fail(b, &e);
+                    }
+                }
             }
-        };
+        }
+        if let Some(b) = cur.take() {
+            self.fail(b, "the engine stopped during the batch");
+        }
+    }
+
+    fn fail(&self, mut b: InFlight, e: &str) {
+        b.failed = true;
+        self.metrics.compute.record(b.start.elapsed());
+        for (p, r) in b.batch.iter().zip(&b.released) {
+            if r.is_none() && p.slot.complete(Err(ServeError::Backend(e.to_string()))) {
+                self.metrics.count_failed();
+            }
+        }
+    }
+
+    fn finish(&self, b: InFlight, finals: Vec<(u32, f32)>, stage_ms: Option<Vec<f64>>) {
+        let end = Instant::now();
+        self.metrics.compute.record(end - b.start);
+        let n = b.batch.len();
         let mut agreed = Vec::with_capacity(n);
         let mut exited = Vec::with_capacity(n);
-        for (i, p) in batch.iter().enumerate() {
-            let (class, conf) = finals[i];
-            match released[i] {
-                Some((a, c, _, _)) => {
+        for (i, p) in b.batch.iter().enumerate() {
+            let (class, conf) = finals.get(i).copied().unwrap_or((0, 0.0));
+            match b.released[i] {
+                Some((a, c)) => {
                     let ok = c == class;
                     agreed.push(ok);
                     exited.push(Some(a));
-                    let point = self.point(cfg.ramps[a]);
+                    let point = b
+                        .cfg
+                        .ramps
+                        .get(a)
+                        .and_then(|&r| self.points.get(r))
+                        .cloned()
+                        .unwrap_or_default();
                     self.metrics.count_answer(&point, ok);
                 }
                 None => {
                     agreed.push(true);
                     exited.push(None);
                     self.metrics.count_answer("final", true);
-                    self.release(p, start, end, class as usize, conf, Exit::Final);
+                    self.complete(p, b.start, end, class as usize, conf, Exit::Final);
                 }
             }
         }
-        let rows = outputs
+        let rows = b
+            .outputs
             .iter()
             .zip(&finals)
             .map(|(o, (label, _))| o.iter().map(|(c, u)| (*u, c == label)).collect())
             .collect();
         let _ = self.records.send(BatchRecord {
-            config_id: cfg.id,
+            config_id: b.cfg.id,
             rows,
             exited,
             agreed,
-            stage_ms: self.timed_stages.then_some(stage_ms),
+            stage_ms,
         });
     }
 
-    fn point(&self, ramp: usize) -> String {
-        self.ramps
-            .as_ref()
-            .and_then(|r| r.iter().nth(ramp))
-            .map(|r| r.point.clone())
-            .unwrap_or_default()
-    }
-
-    fn release(
+    fn complete(
         &self,
         p: &Pending,
         start: Instant,
@@ -248,12 +374,7 @@ impl<B: Backend> Executor<B> {
             computed: now - start,
             total: now - p.submitted,
         };
-        let label = self
-            .backbone
-            .labels()
-            .get(class)
-            .cloned()
-            .unwrap_or_default();
+        let label = self.labels.get(class).cloned().unwrap_or_default();
         if p.slot.complete(Ok(Response {
             class,
             label,

@@ -375,14 +375,21 @@ fn start<B: Backend + 'static>(be: B, b: EngineBuilder) -> Result<Engine> {
     };
     let labels = backbone.labels().to_vec();
     let (tx, rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel();
     let synchronous = backbone.backend().name() == "cpu";
+    let releaser = executor::Releaser {
+        metrics: metrics.clone(),
+        records: tx,
+        labels: labels.clone(),
+        points: points.clone(),
+    };
     let exec = executor::Executor {
         backbone,
         ramps: ramps.map(|(r, _)| r),
         active: active.clone(),
         queue: queue.clone(),
         metrics: metrics.clone(),
-        records: tx,
+        release: release_tx,
         timed_stages: synchronous,
     };
     let mut threads = Vec::new();
@@ -391,6 +398,12 @@ fn start<B: Backend + 'static>(be: B, b: EngineBuilder) -> Result<Engine> {
             .name("apparate-executor".into())
             .spawn(move || exec.run())
             .map_err(|e| Error::Input(format!("cannot start the executor thread: {e}")))?,
+    );
+    threads.push(
+        std::thread::Builder::new()
+            .name("apparate-releaser".into())
+            .spawn(move || releaser.run(release_rx))
+            .map_err(|e| Error::Input(format!("cannot start the releaser thread: {e}")))?,
     );
     let (m2, e2, p2) = (metrics.clone(), events.clone(), points.clone());
     threads.push(
