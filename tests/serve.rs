@@ -236,59 +236,77 @@ fn overload_deadlines_cancellation_and_shutdown_answer_every_request_once() {
     assert!(m.cancelled() > 0);
 }
 
-#[test]
-fn every_request_is_accounted_for_exactly_once() {
-    // A proptest-style sweep over seeds (each case starts an engine; kept small).
-    let dir = TempDir::new("serve-once");
-    let (model, ramps) = tiny_model(&dir);
-    for seed in 0..6u64 {
-        let engine = Arc::new(
-            Engine::builder(&model)
-                .ramps(&ramps)
-                .backend(threads1())
-                .batching(BatchingConfig {
-                    max_batch_size: 1 + seed as usize % 4,
-                    max_queue_delay: Duration::from_micros(500 * (seed + 1)),
-                    queue_capacity: 3 + seed as usize,
-                })
-                .build()
-                .unwrap(),
-        );
+/// One tiny model + ramps shared by the property test's cases.
+fn shared_tiny_model() -> &'static (std::path::PathBuf, std::path::PathBuf) {
+    static MODEL: std::sync::OnceLock<(TempDir, (std::path::PathBuf, std::path::PathBuf))> =
+        std::sync::OnceLock::new();
+    &MODEL
+        .get_or_init(|| {
+            let dir = TempDir::new("serve-prop");
+            let m = tiny_model(&dir);
+            (dir, m)
+        })
+        .1
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(12))]
+    /// Random batching knobs, arrivals, deadlines, cancellations and a small queue (overload):
+    /// every request is answered or accounted for exactly once, and nothing hangs.
+    #[test]
+    fn every_request_is_accounted_for_exactly_once(
+        seed in 0u64..1000,
+        max_batch in 1usize..6,
+        delay_us in 0u64..3000,
+        capacity in 1usize..12,
+        n in 1usize..80,
+    ) {
+        let (model, ramps) = shared_tiny_model();
+        let engine = Engine::builder(model)
+            .ramps(ramps)
+            .backend(threads1())
+            .batching(BatchingConfig {
+                max_batch_size: max_batch,
+                max_queue_delay: Duration::from_micros(delay_us),
+                queue_capacity: capacity,
+            })
+            .build()
+            .unwrap();
         let mut rng = SplitMix::new(seed);
-        let texts = tiny_texts(60, seed);
         let mut waits = Vec::new();
-        for t in texts {
-            let d = rng.below(3);
-            let deadline =
-                (d == 0).then(|| Instant::now() + Duration::from_micros(rng.below(2000) as u64));
+        for t in tiny_texts(n, seed) {
+            let deadline = (rng.below(3) == 0)
+                .then(|| Instant::now() + Duration::from_micros(rng.below(2000) as u64));
             let f = engine.infer_with(Input::Text(t), RequestOptions { deadline });
             if rng.below(4) == 0 {
                 drop(f);
             } else {
                 waits.push(f);
             }
+            if rng.below(8) == 0 {
+                std::thread::sleep(Duration::from_micros(rng.below(500) as u64));
+            }
         }
-        let n_waits = waits.len();
-        // Every kept future resolves (no hang): wait on another thread with a timeout.
+        // Every kept future resolves: wait on another thread with a timeout.
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            for f in waits {
-                let _ = f.wait();
-            }
-            let _ = tx.send(());
+            let answers: Vec<_> = waits.into_iter().map(|f| f.wait()).collect();
+            let _ = tx.send(answers);
         });
-        rx.recv_timeout(Duration::from_secs(30))
-            .expect("every request is answered");
-        let engine = Arc::try_unwrap(engine).ok().expect("sole owner");
+        let answers = rx.recv_timeout(Duration::from_secs(60)).expect("every request is answered");
+        for a in &answers {
+            proptest::prop_assert!(matches!(
+                a,
+                Ok(_) | Err(ServeError::Overloaded(_)) | Err(ServeError::DeadlineExceeded)
+            ), "{a:?}");
+        }
         let m = engine.shared_metrics();
-        let _ = n_waits;
-        // Draining counts the cancelled-but-queued requests too.
+        // Draining also answers the cancelled requests still queued.
         engine.shutdown();
-        assert_eq!(m.requests(), 60);
-        assert_eq!(
+        proptest::prop_assert_eq!(m.requests(), n as u64);
+        proptest::prop_assert_eq!(
             m.answered() + m.rejected() + m.expired() + m.cancelled() + m.failed(),
-            60,
-            "seed {seed}"
+            n as u64
         );
     }
 }
@@ -348,6 +366,42 @@ fn emulated_gpu_gives_the_same_answers_and_exits_as_the_cpu() {
         cpu.iter().any(|(_, e)| *e != Exit::Final),
         "some inputs exit early: {cpu:?}"
     );
+}
+
+#[test]
+fn works_under_tokio() {
+    let dir = TempDir::new("serve-tokio");
+    let (model, ramps) = tiny_model(&dir);
+    let engine = Arc::new(
+        Engine::builder(&model)
+            .ramps(&ramps)
+            .backend(threads1())
+            .build()
+            .unwrap(),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let answers = rt.block_on(async {
+        let tasks: Vec<_> = tiny_texts(20, 9)
+            .into_iter()
+            .map(|t| {
+                let e = engine.clone();
+                tokio::spawn(async move { e.infer(Input::Text(t)).await })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        // A future dropped by a timeout before the engine runs it is cancelled.
+        let slow = engine.infer(Input::Text("the cat".into()));
+        let _ = tokio::time::timeout(Duration::from_nanos(1), slow).await;
+        out
+    });
+    assert_eq!(answers.len(), 20);
+    assert!(answers.iter().all(|a| a.is_ok()), "{answers:?}");
 }
 
 #[test]

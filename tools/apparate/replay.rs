@@ -82,8 +82,9 @@ fn line_of(m: &Metrics, t: f64, sent: usize, total: usize, last: (u64, f64)) -> 
         .map(|(p, th)| format!("{p}@{th:.3}"))
         .collect();
     format!(
-        "{t:>6.1} s  sent {sent}/{total}  done {answered}  {rate:>6.1}/s  p50 {:.2} ms  p99 {:.2} ms  \
+        "{t:>6.1} s  [{:>3.0}%] sent {sent}/{total}  done {answered}  {rate:>6.1}/s  p50 {:.2} ms  p99 {:.2} ms  \
          exits [{}]  agreement {:.2}%  window {:.2}%  ramps [{}]",
+        answered as f64 / total.max(1) as f64 * 100.0,
         e2e.p50_ms,
         e2e.p99_ms,
         exits.join(", "),
