@@ -15,6 +15,7 @@ pub mod dataset;
 pub mod error;
 pub mod format;
 pub mod graph;
+pub mod loadgen;
 pub mod metrics;
 pub mod models;
 pub mod pipeline;

@@ -41,6 +41,14 @@ pub struct ApparateConfig {
     /// Violating batches between ramp checks before the offending ramps are switched off until
     /// the next tuning. Default 2.
     pub violations_before_disable: usize,
+    /// Drift alarm: when the last `drift_samples` released answers hold `drift_errors` or more
+    /// disagreements (improbable within budget: at the tuner's 0.25% target, 3 or more in 64
+    /// happen with probability 0.05%), the ramps with wrong exits among them are switched off
+    /// at once, the window restarts from those samples, and the ramp set retunes when its
+    /// window is full again. The window check alone needs hundreds of samples to see a drift
+    /// (at 30 frames/s and batches of one: seconds of wrong answers). Defaults 64 and 3.
+    pub drift_samples: usize,
+    pub drift_errors: usize,
     /// Batches between ramp adjustments. Default 30 (vision), 100 (language).
     pub adjust_every_batches: usize,
     /// Batches whose exit fractions the ramp utilities use. Default 20.
@@ -61,6 +69,12 @@ pub struct ApparateConfig {
     /// early-exit baseline (one threshold set tuned once, BranchyNet/DeeBERT style), or a fixed
     /// configuration for tests. Default `None`.
     pub fixed: Option<Vec<(String, f32)>>,
+    /// The oracle of the benchmarks: each input is answered at the first active ramp whose
+    /// answer equals the model's final one. That is only known at the end of the batch, so the
+    /// answer is completed then and *back-dated* (its `released_at` and timings) to that ramp:
+    /// an upper bound on what early exits can give, not a serving mode. Use with `fixed` ramps
+    /// at threshold 0. Default `false`.
+    pub oracle: bool,
     /// Search settings of the threshold tuner (its `accuracy_budget` is set from this config's
     /// budget and headroom).
     pub tuner: TunerConfig,
@@ -75,6 +89,8 @@ impl ApparateConfig {
             window_batches: 4,
             window_min_samples: 256,
             violations_before_disable: 2,
+            drift_samples: 64,
+            drift_errors: 3,
             adjust_every_batches: 30,
             utility_batches: 20,
             retune_margin: 0.02,
@@ -83,6 +99,7 @@ impl ApparateConfig {
             history: 4,
             profile_update_weight: 0.1,
             fixed: None,
+            oracle: false,
             tuner: TunerConfig::default(),
         }
     }
@@ -182,6 +199,8 @@ pub struct Controller {
     since_adjust: usize,
     violations: usize,
     history: VecDeque<Vec<usize>>,
+    /// Realised releases since the last drift action: `(active ramp or None, agreed)`.
+    recent: VecDeque<(Option<usize>, bool)>,
     events: Vec<AdaptEvent>,
 }
 
@@ -230,6 +249,7 @@ impl Controller {
             since_adjust: 0,
             violations: 0,
             history: VecDeque::new(),
+            recent: VecDeque::new(),
             events: Vec::new(),
         };
         if let Some(fixed) = c.cfg.fixed.clone() {
@@ -472,7 +492,50 @@ impl Controller {
         while self.recent_sizes.len() > self.cfg.utility_batches.max(1) {
             self.recent_sizes.pop_front();
         }
+        for (e, a) in rec.exited.iter().zip(&rec.agreed) {
+            self.recent.push_back((*e, *a));
+        }
+        while self.recent.len() > self.cfg.drift_samples.max(1) {
+            self.recent.pop_front();
+        }
         self.window.push_back(rec);
+        let wrong_recent = self.recent.iter().filter(|(_, a)| !a).count();
+        if k > 0 && self.cfg.drift_errors > 0 && wrong_recent >= self.cfg.drift_errors {
+            let mut off: Vec<usize> = self
+                .recent
+                .iter()
+                .filter(|(_, a)| !a)
+                .filter_map(|(e, _)| *e)
+                .collect();
+            off.sort_unstable();
+            off.dedup();
+            for &r in &off {
+                self.active.thresholds[r] = 0.0;
+            }
+            self.active.id += 1;
+            // Only the newest samples describe the inputs now.
+            let latest = self.window.pop_back().expect("just pushed");
+            self.window.clear();
+            self.window.push_back(latest);
+            self.recent.clear();
+            self.tuned = false;
+            self.violations = 0;
+            let names: Vec<&str> = off
+                .iter()
+                .map(|&r| self.points[self.active.ramps[r]].as_str())
+                .collect();
+            self.log(
+                "drift",
+                format!(
+                    "{wrong_recent} of the last {} answers disagreed: {} off, retuning on new samples",
+                    self.cfg.drift_samples,
+                    names.join(", ")
+                ),
+                0.0,
+                1.0 - wrong_recent as f64 / self.cfg.drift_samples.max(1) as f64,
+            );
+            return Some(self.active.clone());
+        }
         let mut total: usize = self.window.iter().map(BatchRecord::len).sum();
         while self.window.len() > self.cfg.window_batches.max(1)
             && total - self.window[0].len() >= self.cfg.window_min_samples
@@ -829,10 +892,44 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn violations_retune_then_switch_the_offending_ramp_off() {
+    fn a_drift_switches_the_offending_ramp_off_and_retunes() {
         let (p, points) = profile(6, 0.2);
         let only_tuning = ApparateConfig {
             adjust_every_batches: 1000,
+            ..cfg()
+        };
+        let mut c = Controller::new(only_tuning, points, p, None);
+        c.set_ramps(vec![1], "place", "test".into());
+        let mut w = World {
+            spread: vec![0.1; 4],
+            right_below: vec![1.0; 4],
+            rng: SplitMix::new(6),
+        };
+        // 20 batches of 16 fill the 256-sample window.
+        run(&mut c, &mut w, 20);
+        assert!(c.active().thresholds[0] > 0.0, "{:?}", c.active());
+        // Drift: the ramp becomes wrong on a third of what it is confident about.
+        w.right_below = vec![0.066; 4];
+        run(&mut c, &mut w, 20);
+        let kinds: Vec<&str> = c.drain_events().iter().map(|e| e.kind).collect();
+        // The drift alarm (3 of the last 64 answers wrong) acts first.
+        assert!(kinds.contains(&"drift"), "{kinds:?}");
+        // The configuration now keeps a fresh drifted batch within the budget.
+        let fresh = w.batch(c.active(), 2000);
+        assert!(
+            fresh.accuracy() >= 0.99,
+            "{} with {:?} ({kinds:?})",
+            fresh.accuracy(),
+            c.active()
+        );
+    }
+
+    #[test]
+    fn without_the_drift_alarm_window_violations_retune_and_switch_ramps_off() {
+        let (p, points) = profile(6, 0.2);
+        let only_tuning = ApparateConfig {
+            adjust_every_batches: 1000,
+            drift_errors: 0,
             ..cfg()
         };
         let mut c = Controller::new(only_tuning, points, p, None);

@@ -214,6 +214,8 @@ struct InFlight {
     released: Vec<Option<(usize, u32)>>,
     /// Per input, per active ramp so far: `(class, u)`.
     outputs: Vec<Vec<(u32, f32)>>,
+    /// When each active ramp's decisions arrived: `(active index, ramp of the file, instant)`.
+    ramp_times: Vec<(usize, usize, Instant)>,
     failed: bool,
 }
 
@@ -223,6 +225,8 @@ pub(crate) struct Releaser {
     pub labels: Vec<String>,
     /// Point of each ramp of the file.
     pub points: Vec<String>,
+    /// Back-date each answer to the first ramp that agrees with the final one (benchmarks).
+    pub oracle: bool,
 }
 
 impl Releaser {
@@ -245,6 +249,7 @@ impl Releaser {
                         cfg,
                         released: vec![None; n],
                         outputs: vec![Vec::new(); n],
+                        ramp_times: Vec::new(),
                         failed: false,
                     });
                 }
@@ -259,9 +264,10 @@ impl Releaser {
                     match pending.wait() {
                         Ok(decisions) => {
                             let now = Instant::now();
+                            b.ramp_times.push((active, ramp, now));
                             for (i, d) in decisions.iter().enumerate().take(b.batch.len()) {
                                 b.outputs[i].push((d.class, d.uncertainty));
-                                if d.exit && b.released[i].is_none() {
+                                if d.exit && !self.oracle && b.released[i].is_none() {
                                     b.released[i] = Some((active, d.class));
                                     self.complete(
                                         &b.batch[i],
@@ -323,6 +329,25 @@ impl Releaser {
         let mut exited = Vec::with_capacity(n);
         for (i, p) in b.batch.iter().enumerate() {
             let (class, conf) = finals.get(i).copied().unwrap_or((0, 0.0));
+            if self.oracle
+                && let Some(k) = b.outputs[i].iter().position(|(c, _)| *c == class)
+                && let Some(&(a, ramp, at)) = b.ramp_times.get(k)
+            {
+                agreed.push(true);
+                exited.push(Some(a));
+                let point = self.points.get(ramp).cloned().unwrap_or_default();
+                self.metrics.count_answer(&point, true);
+                let u = b.outputs[i][k].1;
+                self.complete(
+                    p,
+                    b.start,
+                    at,
+                    class as usize,
+                    1.0 - u,
+                    Exit::Ramp { index: ramp, point },
+                );
+                continue;
+            }
             match b.released[i] {
                 Some((a, c)) => {
                     let ok = c == class;
@@ -381,6 +406,7 @@ impl Releaser {
             confidence,
             exit,
             timings,
+            released_at: now,
         })) {
             self.metrics.release.record(timings.computed);
             self.metrics.end_to_end.record(timings.total);

@@ -115,6 +115,8 @@ pub struct Response {
     pub confidence: f32,
     pub exit: Exit,
     pub timings: Timings,
+    /// When the answer was released (for latency from a scheduled send time).
+    pub released_at: Instant,
 }
 
 /// Why a request got no answer.
@@ -382,6 +384,7 @@ fn start<B: Backend + 'static>(be: B, b: EngineBuilder) -> Result<Engine> {
         records: tx,
         labels: labels.clone(),
         points: points.clone(),
+        oracle: cfg.oracle,
     };
     let exec = executor::Executor {
         backbone,

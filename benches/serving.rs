@@ -1,0 +1,542 @@
+//! Tail latency of the serving engine on the real workloads, side by side in one process on the
+//! same schedule and batching knobs: the plain model (vanilla), Apparate (adaptive), two static
+//! early-exit baselines (ramps at every eligible point, thresholds tuned once on the bootstrap
+//! data: one shared threshold, or per-ramp thresholds) and the oracle (each input answered at
+//! the first ramp that agrees with the final answer).
+//!
+//! ```sh
+//! cargo bench --bench serving -- --workload vision            # MNIST ResNet, 30 frames/s, drift
+//! cargo bench --bench serving -- --workload language          # MiniLM sentiment, bursty trace
+//! ```
+//! Needs `weights/fetch.sh` (models and workload streams); ramps and profiles are made if missing.
+//! Prints a table last; writes JSON under `target/bench-results/`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use apparate::adapt::latency::LatencyModel;
+use apparate::adapt::tuner::{Samples, evaluate, tune};
+use apparate::adapt::{AdaptEvent, ApparateConfig};
+use apparate::backbone::Backbone;
+use apparate::backend::{Backend, CpuBackend, CpuConfig};
+use apparate::dataset::{Inputs, Prefix, load_stream};
+use apparate::format::{ModelFile, RampsFile};
+use apparate::loadgen::{Arrivals, Outcome, Percentiles, percentiles, read_trace, run};
+use apparate::models::bert::synthetic::SplitMix;
+use apparate::profile::{Profile, ProfileConfig, build_commit, measure};
+use apparate::ramps::bootstrap::{BootstrapConfig, train_ramps};
+use apparate::ramps::{Ramps, record_outputs};
+use apparate::serve::{BackendChoice, BatchingConfig, Engine, Input};
+use clap::Parser;
+use serde::Serialize;
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// `vision` (MNIST ResNet at 30 frames/s with a drift phase) or `language` (MiniLM
+    /// sentiment over tweets with bursty arrivals).
+    #[arg(long, default_value = "vision")]
+    workload: String,
+    /// Length of the replay, seconds.
+    #[arg(long, default_value_t = 60.0)]
+    seconds: f64,
+    /// Systems to run (comma-separated): vanilla, apparate, static-shared, static-per-ramp,
+    /// oracle.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "vanilla,apparate,static-shared,static-per-ramp,oracle"
+    )]
+    systems: Vec<String>,
+    /// Requests per second: the frame rate (vision) or the trace's mean rate (language).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Most requests per batch.
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Longest wait of an under-full batch, ms (default: 0 for vision, which arrives one frame
+    /// at a time, 5 for language).
+    #[arg(long)]
+    max_delay_ms: Option<f64>,
+    /// Latency objective for goodput, ms (default: 10 vision, 100 language).
+    #[arg(long)]
+    slo_ms: Option<f64>,
+    /// Vision: the fraction of the replay after which frames drift (noise, lower contrast).
+    #[arg(long, default_value_t = 0.5)]
+    drift_at: f64,
+    /// Window (requests) for the worst-window agreement.
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    /// CPU threads.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Where the JSON goes.
+    #[arg(long, default_value = "target/bench-results")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    // `cargo bench` passes `--bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+#[derive(Serialize)]
+struct SystemResult {
+    system: String,
+    latency: Percentiles,
+    requests: usize,
+    errors: usize,
+    achieved_rate: f64,
+    goodput: f64,
+    agreement: f64,
+    worst_window_agreement: f64,
+    exits: Vec<(String, f64)>,
+    average_batch: f64,
+    events: Vec<AdaptEvent>,
+    thresholds: Vec<(String, f32)>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    workload: String,
+    commit: String,
+    device: String,
+    model: String,
+    arrivals: String,
+    offered_rate: f64,
+    seconds: f64,
+    batching: String,
+    slo_ms: f64,
+    drift: Option<String>,
+    seed: u64,
+    systems: Vec<SystemResult>,
+}
+
+fn main() -> apparate::Result<()> {
+    let args = Args::parse();
+    let vision = match args.workload.as_str() {
+        "vision" => true,
+        "language" => false,
+        w => return Err(apparate::Error::Input(format!("unknown workload `{w}`"))),
+    };
+    let (model, stream) = if vision {
+        ("mnist-resnet", "workloads/mnist-stream.safetensors")
+    } else {
+        ("minilm-l6-sentiment", "workloads/tweets.txt")
+    };
+    let model_path = PathBuf::from(format!("weights/{model}.apparate"));
+    let ramps_path = PathBuf::from(format!("weights/{model}.ramps"));
+    let profile_path = PathBuf::from(format!("weights/{model}.profile.json"));
+    for p in [&model_path, &PathBuf::from(stream)] {
+        if !p.exists() {
+            return Err(apparate::Error::Input(format!(
+                "{} is missing: run weights/fetch.sh first",
+                p.display()
+            )));
+        }
+    }
+    let file = ModelFile::open(&model_path)?;
+    let backbone = Backbone::load(
+        CpuBackend::new(CpuConfig {
+            threads: args.threads,
+        })?,
+        &file,
+    )?;
+    let device = backbone.backend().device_id();
+    eprintln!("{model} on {device}");
+
+    // The stream: bootstrap (first 10%), then the replay.
+    let all = load_stream(
+        Path::new(stream),
+        backbone.image_input(),
+        Prefix::Fraction(1.0),
+        &mut |_, _| {},
+    )?;
+    let boot_n = Prefix::Fraction(0.1).len(all.len());
+    let boot = all.slice(0..boot_n);
+
+    // Ramps and profile: reuse tools/train-ramps.sh's, or make them here.
+    if RampsFile::open(&ramps_path, &file).is_err() {
+        eprintln!(
+            "training ramps on the bootstrap set ({boot_n} inputs) -> {}",
+            ramps_path.display()
+        );
+        train_ramps(
+            &backbone,
+            &file,
+            &boot,
+            &ramps_path,
+            &BootstrapConfig::default(),
+            &mut |_, _, _| {},
+        )?;
+    }
+    let rf = RampsFile::open(&ramps_path, &file)?;
+    let ramps = Ramps::load(&backbone, &rf)?;
+    let points: Vec<String> = ramps.iter().map(|r| r.point.clone()).collect();
+    let profile = match Profile::load(&profile_path, &device, file.sha256()) {
+        Ok(p) if p.batches.iter().all(|b| b.ramps.len() == ramps.len()) => p,
+        _ => {
+            eprintln!("measuring a profile -> {}", profile_path.display());
+            let p = measure(
+                &backbone,
+                file.sha256(),
+                Some((&ramps, String::new())),
+                &boot,
+                &ProfileConfig {
+                    max_batch: args.max_batch,
+                    warmup: 2,
+                    repeats: 5,
+                },
+                &mut |_, _, _| {},
+            )?;
+            p.save(&profile_path)?;
+            p
+        }
+    };
+
+    // The schedule and the inputs, the same for every system.
+    // Vision: 30 frames/s (video). Language: a mean of 30/s, so the trace's bursts (up to 3.1x
+    // the mean) stay within what MiniLM serves on 2 CPU cores (about 140/s at batch 16).
+    let rate = args.rate.unwrap_or(30.0);
+    let (arrivals, label) = if vision {
+        (Arrivals::Fixed { rate }, format!("fixed {rate}/s"))
+    } else {
+        let trace = read_trace(Path::new("benches/traces/bursty.csv"))?;
+        let mean = trace.iter().map(|&c| c as f64).sum::<f64>() / trace.len() as f64;
+        // Each trace minute lasts 10 s here; counts scaled to the asked mean rate.
+        let minute = Duration::from_secs(10);
+        let scale = rate * minute.as_secs_f64() / mean;
+        (
+            Arrivals::Trace {
+                per_minute: trace,
+                minute,
+                scale,
+                seed: args.seed,
+            },
+            format!(
+                "bursty trace (benches/traces/bursty.csv, 10 s per trace minute), mean {rate}/s"
+            ),
+        )
+    };
+    let n_wanted = (args.seconds * rate).ceil() as usize;
+    let offsets: Vec<Duration> = arrivals
+        .schedule(n_wanted * 4)
+        .into_iter()
+        .take_while(|d| d.as_secs_f64() <= args.seconds)
+        .collect();
+    let n = offsets.len().min(all.len() - boot_n);
+    let offsets = &offsets[..n];
+    let replay = all.slice(boot_n..boot_n + n);
+    let drift_from = (n as f64 * args.drift_at) as usize;
+    let inputs = to_inputs(
+        &replay,
+        vision.then_some((drift_from, backbone.image_input().cloned())),
+        args.seed,
+    );
+    let drift = vision.then(|| format!(
+        "from request {drift_from} of {n}: contrast x0.6 and Gaussian noise (sd 0.15 of full scale) on the raw pixels"
+    ));
+    eprintln!(
+        "{n} requests over {:.0} s ({label})",
+        offsets.last().map_or(0.0, |d| d.as_secs_f64())
+    );
+
+    // Static baselines: every eligible ramp, thresholds tuned once on the bootstrap outputs.
+    let boot_rows = record_outputs(&backbone, &ramps, &boot, 64)?;
+    let samples = Samples::from_rows(points.len(), &boot_rows);
+    let typical = profile.for_batch(1).expect("profile has batches");
+    let lat = LatencyModel::from_profile(
+        typical,
+        &points.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .expect("profile covers the ramps");
+    let base_cfg = ApparateConfig::for_family(&file.meta().family);
+    let target = base_cfg.accuracy_budget * (1.0 - base_cfg.tuning_headroom);
+    // One shared threshold: grid search in steps of 0.01.
+    let mut shared = (0.0f32, f64::MIN);
+    for step in 0..=100 {
+        let t = step as f32 / 100.0;
+        let e = evaluate(&samples, &vec![t; points.len()], &lat);
+        if e.accuracy >= 1.0 - target && e.saving > shared.1 {
+            shared = (t, e.saving);
+        }
+    }
+    let per_ramp = tune(
+        &samples,
+        &lat,
+        &apparate::adapt::tuner::TunerConfig {
+            accuracy_budget: target,
+            ..Default::default()
+        },
+    );
+    drop(backbone);
+
+    let max_delay = args.max_delay_ms.unwrap_or(if vision { 0.0 } else { 5.0 });
+    let batching = BatchingConfig {
+        max_batch_size: args.max_batch,
+        max_queue_delay: Duration::from_secs_f64(max_delay / 1e3),
+        queue_capacity: 4096,
+    };
+    let slo = args.slo_ms.unwrap_or(if vision { 10.0 } else { 100.0 });
+    let mut results: Vec<SystemResult> = Vec::new();
+    let mut vanilla_classes: Option<Vec<Option<usize>>> = None;
+    let mut systems = args.systems.clone();
+    // Agreement is judged against the plain model's answers, so it always runs (first).
+    systems.retain(|s| s != "vanilla");
+    systems.insert(0, "vanilla".into());
+    for system in &systems {
+        let mut cfg = base_cfg.clone();
+        let mut builder = Engine::builder(&model_path)
+            .backend(BackendChoice::Cpu {
+                threads: args.threads,
+            })
+            .batching(batching.clone())
+            .profile(&profile_path);
+        match system.as_str() {
+            "vanilla" => {}
+            "apparate" => builder = builder.ramps(&ramps_path).bootstrap(boot.clone()),
+            "static-shared" => {
+                cfg.fixed = Some(points.iter().map(|p| (p.clone(), shared.0)).collect());
+                builder = builder.ramps(&ramps_path);
+            }
+            "static-per-ramp" => {
+                cfg.fixed = Some(
+                    points
+                        .iter()
+                        .cloned()
+                        .zip(per_ramp.thresholds.iter().copied())
+                        .collect(),
+                );
+                builder = builder.ramps(&ramps_path);
+            }
+            "oracle" => {
+                cfg.fixed = Some(points.iter().map(|p| (p.clone(), 0.0)).collect());
+                cfg.oracle = true;
+                builder = builder.ramps(&ramps_path);
+            }
+            s => return Err(apparate::Error::Input(format!("unknown system `{s}`"))),
+        }
+        let engine = builder.apparate(cfg).build()?;
+        let thresholds = engine.metrics().active();
+        eprintln!("running {system} ...");
+        let t0 = Instant::now();
+        let outcomes = run(&engine, &inputs, offsets);
+        let wall = t0.elapsed().as_secs_f64();
+        let m = engine.shared_metrics();
+        let mut events = engine.drain_events();
+        engine.shutdown();
+        events.extend(Vec::<AdaptEvent>::new());
+        let classes: Vec<Option<usize>> = outcomes.iter().map(|o| o.class).collect();
+        let reference = vanilla_classes.get_or_insert_with(|| classes.clone());
+        results.push(summarise(
+            system,
+            &outcomes,
+            reference,
+            wall,
+            slo,
+            args.window,
+            &m,
+            events,
+            thresholds,
+        ));
+    }
+
+    let report = Report {
+        workload: args.workload.clone(),
+        commit: build_commit(),
+        device,
+        model: model_path.display().to_string(),
+        arrivals: label,
+        offered_rate: n as f64 / offsets.last().map_or(1.0, |d| d.as_secs_f64()),
+        seconds: args.seconds,
+        batching: format!("max batch {}, max delay {max_delay} ms", args.max_batch),
+        slo_ms: slo,
+        drift,
+        seed: args.seed,
+        systems: results,
+    };
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| apparate::Error::Input(format!("{}: {e}", args.out.display())))?;
+    let json_path = args.out.join(format!("serving-{}.json", args.workload));
+    std::fs::write(
+        &json_path,
+        serde_json::to_string_pretty(&report).expect("serializes") + "\n",
+    )
+    .map_err(|e| apparate::Error::Input(format!("{}: {e}", json_path.display())))?;
+    print_table(&report, &json_path);
+    Ok(())
+}
+
+/// Requests from stream inputs; vision frames from `drift.0` on get lower contrast and noise.
+fn to_inputs(
+    replay: &Inputs,
+    drift: Option<(usize, Option<apparate::models::cnn::ImageInput>)>,
+    seed: u64,
+) -> Vec<Input> {
+    match replay {
+        Inputs::Texts(t) => t.iter().cloned().map(Input::Text).collect(),
+        Inputs::Images {
+            pixels,
+            count,
+            per_image,
+        } => {
+            let mut rng = SplitMix::new(seed ^ 0xd1f7);
+            (0..*count)
+                .map(|i| {
+                    let mut v = pixels[i * per_image..(i + 1) * per_image].to_vec();
+                    if let Some((from, Some(inp))) = &drift
+                        && i >= *from
+                    {
+                        let c = inp.mean.len();
+                        for (k, x) in v.iter_mut().enumerate() {
+                            let (mean, std) = (inp.mean[k % c], inp.std[k % c]);
+                            let raw = *x * std + mean;
+                            let noise: f32 =
+                                (0..4).map(|_| rng.uniform()).sum::<f32>() * 0.5 * 0.15;
+                            let raw = (raw * 0.6 + noise).clamp(0.0, 1.0);
+                            *x = (raw - mean) / std;
+                        }
+                    }
+                    Input::Normalized(v)
+                })
+                .collect()
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn summarise(
+    system: &str,
+    outcomes: &[Outcome],
+    reference: &[Option<usize>],
+    wall: f64,
+    slo_ms: f64,
+    window: usize,
+    m: &apparate::metrics::Metrics,
+    events: Vec<AdaptEvent>,
+    thresholds: Vec<(String, f32)>,
+) -> SystemResult {
+    let n = outcomes.len();
+    let agree: Vec<bool> = outcomes
+        .iter()
+        .zip(reference)
+        .map(|(o, r)| o.class.is_some() && o.class == *r)
+        .collect();
+    let agreement = agree.iter().filter(|a| **a).count() as f64 / n.max(1) as f64;
+    // Worst window after the first (tuning needs one).
+    let worst = agree
+        .chunks(window.max(1))
+        .skip(1)
+        .filter(|c| c.len() == window)
+        .map(|c| c.iter().filter(|a| **a).count() as f64 / c.len() as f64)
+        .fold(1.0, f64::min);
+    let span = outcomes
+        .last()
+        .map_or(1.0, |o| o.scheduled.as_secs_f64())
+        .max(1e-9);
+    let good = outcomes
+        .iter()
+        .filter(|o| o.latency.is_some_and(|l| l.as_secs_f64() * 1e3 <= slo_ms))
+        .count();
+    let mut exits: Vec<(String, f64)> = Vec::new();
+    for o in outcomes {
+        match exits.iter_mut().find(|(p, _)| *p == o.exit) {
+            Some((_, c)) => *c += 1.0,
+            None => exits.push((o.exit.clone(), 1.0)),
+        }
+    }
+    exits.iter_mut().for_each(|(_, c)| *c /= n.max(1) as f64);
+    exits.sort_by(|a, b| a.0.cmp(&b.0));
+    let _ = wall;
+    SystemResult {
+        system: system.to_string(),
+        latency: percentiles(outcomes),
+        requests: n,
+        errors: outcomes.iter().filter(|o| o.latency.is_none()).count(),
+        achieved_rate: outcomes.iter().filter(|o| o.latency.is_some()).count() as f64 / span,
+        goodput: good as f64 / span,
+        agreement,
+        worst_window_agreement: worst,
+        exits,
+        average_batch: m.answered() as f64 / m.batches().max(1) as f64,
+        events,
+        thresholds,
+    }
+}
+
+fn print_table(r: &Report, json: &Path) {
+    println!();
+    println!(
+        "{} workload: {} requests, {} ({:.1}/s offered), {}; SLO {} ms; commit {}; {}",
+        r.workload,
+        r.systems.first().map_or(0, |s| s.requests),
+        r.arrivals,
+        r.offered_rate,
+        r.batching,
+        r.slo_ms,
+        r.commit,
+        r.device
+    );
+    if let Some(d) = &r.drift {
+        println!("drift: {d}");
+    }
+    println!(
+        "{:<16} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} {:>7} {:>6} {:>6}",
+        "system",
+        "p50",
+        "p90",
+        "p95",
+        "p99",
+        "p99.9",
+        "max",
+        "rate/s",
+        "goodput",
+        "agree",
+        "worst",
+        "early",
+        "batch"
+    );
+    let base = r
+        .systems
+        .first()
+        .map(|s| s.latency.clone())
+        .unwrap_or_default();
+    for s in &r.systems {
+        let l = &s.latency;
+        let early: f64 = s
+            .exits
+            .iter()
+            .filter(|(p, _)| p != "final" && !p.starts_with("error"))
+            .map(|(_, f)| f)
+            .sum();
+        println!(
+            "{:<16} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.1} {:>8.1} {:>6.2}% {:>6.2}% {:>5.1}% {:>6.2}",
+            s.system,
+            l.p50_ms,
+            l.p90_ms,
+            l.p95_ms,
+            l.p99_ms,
+            l.p999_ms,
+            l.max_ms,
+            s.achieved_rate,
+            s.goodput,
+            s.agreement * 100.0,
+            s.worst_window_agreement * 100.0,
+            early * 100.0,
+            s.average_batch
+        );
+    }
+    for s in r.systems.iter().skip(1) {
+        let l = &s.latency;
+        println!(
+            "{:<16} vs vanilla: p50 {:+.1}%  p95 {:+.1}%  p99 {:+.1}%",
+            s.system,
+            (l.p50_ms / base.p50_ms - 1.0) * 100.0,
+            (l.p95_ms / base.p95_ms - 1.0) * 100.0,
+            (l.p99_ms / base.p99_ms - 1.0) * 100.0
+        );
+    }
+    println!(
+        "(latency in ms from the scheduled send time; full results: {})",
+        json.display()
+    );
+}

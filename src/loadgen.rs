@@ -1,0 +1,224 @@
+//! Open-loop load generation for the benchmarks: requests are sent on a schedule that never
+//! waits for answers, and latency is measured from each request's *scheduled* send time (a
+//! sender that falls behind does not hide the delay: no coordinated omission).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::metrics::Summary;
+use crate::models::bert::synthetic::SplitMix;
+use crate::serve::{Engine, Exit, Input, ResponseFuture};
+
+/// An arrival process.
+#[derive(Clone, Debug, Serialize)]
+pub enum Arrivals {
+    /// Exponential gaps at `rate` per second (seeded).
+    Poisson { rate: f64, seed: u64 },
+    /// Evenly spaced at `rate` per second (video: 30 frames/s).
+    Fixed { rate: f64 },
+    /// Per-minute request counts (a trace), each minute compressed to `minute` of wall time,
+    /// requests spread uniformly at random inside their minute (seeded), counts scaled by
+    /// `scale`.
+    Trace {
+        per_minute: Vec<u32>,
+        minute: Duration,
+        scale: f64,
+        seed: u64,
+    },
+}
+
+impl Arrivals {
+    /// Send offsets from the start for up to `n` requests, in order.
+    pub fn schedule(&self, n: usize) -> Vec<Duration> {
+        match self {
+            Arrivals::Poisson { rate, seed } => {
+                let mut rng = SplitMix::new(*seed);
+                let mut t = 0.0f64;
+                (0..n)
+                    .map(|_| {
+                        let u = ((rng.uniform() as f64 + 1.0) / 2.0).clamp(1e-12, 1.0);
+                        t += -u.ln() / rate;
+                        Duration::from_secs_f64(t)
+                    })
+                    .collect()
+            }
+            Arrivals::Fixed { rate } => (1..=n)
+                .map(|i| Duration::from_secs_f64(i as f64 / rate))
+                .collect(),
+            Arrivals::Trace {
+                per_minute,
+                minute,
+                scale,
+                seed,
+            } => {
+                let mut rng = SplitMix::new(*seed);
+                let mut out = Vec::new();
+                for (m, &c) in per_minute.iter().enumerate() {
+                    let k = (c as f64 * scale).round() as usize;
+                    let mut inside: Vec<f64> =
+                        (0..k).map(|_| (rng.uniform() as f64 + 1.0) / 2.0).collect();
+                    inside.sort_by(f64::total_cmp);
+                    out.extend(inside.into_iter().map(|f| minute.mul_f64(m as f64 + f)));
+                    if out.len() >= n {
+                        break;
+                    }
+                }
+                out.truncate(n);
+                out
+            }
+        }
+    }
+}
+
+/// Reads a per-minute trace: a CSV with a header and the count in the last column.
+pub fn read_trace(path: &Path) -> Result<Vec<u32>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
+    let mut counts = Vec::new();
+    for (i, line) in text.lines().enumerate().skip(1) {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let last = line.rsplit(',').next().unwrap_or("");
+        let c: u32 = last.trim().parse().map_err(|_| {
+            Error::Input(format!(
+                "{} line {}: `{last}` is not a count",
+                path.display(),
+                i + 1
+            ))
+        })?;
+        counts.push(c);
+    }
+    if counts.is_empty() {
+        return Err(Error::Input(format!("{} holds no counts", path.display())));
+    }
+    Ok(counts)
+}
+
+/// One request's outcome.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// Offset of its scheduled send time from the start.
+    pub scheduled: Duration,
+    /// Scheduled send time to release; `None` when it got an error.
+    pub latency: Option<Duration>,
+    pub class: Option<usize>,
+    /// Exit point (`final` for the last stage), or the error.
+    pub exit: String,
+}
+
+/// Sends `inputs[i]` at `offsets[i]` from now (open loop) and collects every outcome.
+pub fn run(engine: &Engine, inputs: &[Input], offsets: &[Duration]) -> Vec<Outcome> {
+    let n = inputs.len().min(offsets.len());
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::channel::<(Duration, ResponseFuture)>();
+        let collector = scope.spawn(move || {
+            let mut out = Vec::with_capacity(n);
+            for (at, f) in rx {
+                let scheduled = start + at;
+                out.push(match f.wait() {
+                    Ok(r) => Outcome {
+                        scheduled: at,
+                        latency: Some(r.released_at.saturating_duration_since(scheduled)),
+                        class: Some(r.class),
+                        exit: match r.exit {
+                            Exit::Ramp { point, .. } => point,
+                            Exit::Final => "final".into(),
+                        },
+                    },
+                    Err(e) => Outcome {
+                        scheduled: at,
+                        latency: None,
+                        class: None,
+                        exit: format!("error: {e}"),
+                    },
+                });
+            }
+            out
+        });
+        for i in 0..n {
+            let due = start + offsets[i];
+            if let Some(w) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(w);
+            }
+            let f = engine.infer(inputs[i].clone());
+            if tx.send((offsets[i], f)).is_err() {
+                break;
+            }
+        }
+        drop(tx);
+        collector.join().unwrap_or_default()
+    })
+}
+
+/// Latency percentiles of outcomes (errors excluded), in milliseconds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub mean_ms: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+pub fn percentiles(outcomes: &[Outcome]) -> Percentiles {
+    let mut h = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("bounds");
+    for o in outcomes {
+        if let Some(l) = o.latency {
+            let _ = h.record((l.as_micros() as u64).max(1));
+        }
+    }
+    if h.is_empty() {
+        return Percentiles::default();
+    }
+    let q = |x: f64| h.value_at_quantile(x) as f64 / 1e3;
+    let s = Summary::of(&h);
+    Percentiles {
+        count: h.len(),
+        mean_ms: s.mean_ms,
+        p50_ms: q(0.5),
+        p90_ms: q(0.9),
+        p95_ms: q(0.95),
+        p99_ms: q(0.99),
+        p999_ms: q(0.999),
+        max_ms: h.max() as f64 / 1e3,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_have_the_asked_rates() {
+        let p = Arrivals::Poisson {
+            rate: 100.0,
+            seed: 1,
+        }
+        .schedule(10_000);
+        let rate = 10_000.0 / p.last().unwrap().as_secs_f64();
+        assert!((rate - 100.0).abs() < 5.0, "{rate}");
+        assert!(p.windows(2).all(|w| w[0] <= w[1]));
+        let f = Arrivals::Fixed { rate: 30.0 }.schedule(30);
+        assert!((f[29].as_secs_f64() - 1.0).abs() < 1e-9);
+        let t = Arrivals::Trace {
+            per_minute: vec![10, 0, 30],
+            minute: Duration::from_secs(1),
+            scale: 1.0,
+            seed: 3,
+        }
+        .schedule(100);
+        assert_eq!(t.len(), 40);
+        assert!(t[..10].iter().all(|d| d.as_secs_f64() < 1.0));
+        assert!(t[10..].iter().all(|d| d.as_secs_f64() >= 2.0));
+    }
+}
