@@ -74,6 +74,9 @@ struct Args {
     out: PathBuf,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Apparate's tuning window: at least this many samples (default: the config's).
+    #[arg(long)]
+    window_min_samples: Option<usize>,
     // `cargo bench` passes `--bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -88,6 +91,9 @@ struct SystemResult {
     achieved_rate: f64,
     goodput: f64,
     agreement: f64,
+    /// Agreement before and after the drift starts (vision).
+    agreement_before_drift: f64,
+    agreement_after_drift: f64,
     worst_window_agreement: f64,
     exits: Vec<(String, f64)>,
     average_batch: f64,
@@ -249,7 +255,10 @@ fn main() -> apparate::Result<()> {
         &points.iter().map(String::as_str).collect::<Vec<_>>(),
     )
     .expect("profile covers the ramps");
-    let base_cfg = ApparateConfig::for_family(&file.meta().family);
+    let mut base_cfg = ApparateConfig::for_family(&file.meta().family);
+    if let Some(w) = args.window_min_samples {
+        base_cfg.window_min_samples = w;
+    }
     let target = base_cfg.accuracy_budget * (1.0 - base_cfg.tuning_headroom);
     // One shared threshold: grid search in steps of 0.01.
     let mut shared = (0.0f32, f64::MIN);
@@ -322,9 +331,8 @@ fn main() -> apparate::Result<()> {
         let outcomes = run(&engine, &inputs, offsets);
         let wall = t0.elapsed().as_secs_f64();
         let m = engine.shared_metrics();
-        let mut events = engine.drain_events();
+        let events = engine.drain_events();
         engine.shutdown();
-        events.extend(Vec::<AdaptEvent>::new());
         let classes: Vec<Option<usize>> = outcomes.iter().map(|o| o.class).collect();
         let reference = vanilla_classes.get_or_insert_with(|| classes.clone());
         results.push(summarise(
@@ -337,6 +345,7 @@ fn main() -> apparate::Result<()> {
             &m,
             events,
             thresholds,
+            if vision { drift_from } else { n },
         ));
     }
 
@@ -414,6 +423,7 @@ fn summarise(
     m: &apparate::metrics::Metrics,
     events: Vec<AdaptEvent>,
     thresholds: Vec<(String, f32)>,
+    drift_from: usize,
 ) -> SystemResult {
     let n = outcomes.len();
     let agree: Vec<bool> = outcomes
@@ -421,7 +431,9 @@ fn summarise(
         .zip(reference)
         .map(|(o, r)| o.class.is_some() && o.class == *r)
         .collect();
-    let agreement = agree.iter().filter(|a| **a).count() as f64 / n.max(1) as f64;
+    let frac = |v: &[bool]| v.iter().filter(|a| **a).count() as f64 / v.len().max(1) as f64;
+    let agreement = frac(&agree);
+    let split = drift_from.min(agree.len());
     // Worst window after the first (tuning needs one).
     let worst = agree
         .chunks(window.max(1))
@@ -455,6 +467,8 @@ fn summarise(
         achieved_rate: outcomes.iter().filter(|o| o.latency.is_some()).count() as f64 / span,
         goodput: good as f64 / span,
         agreement,
+        agreement_before_drift: frac(&agree[..split]),
+        agreement_after_drift: frac(&agree[split..]),
         worst_window_agreement: worst,
         exits,
         average_batch: m.answered() as f64 / m.batches().max(1) as f64,
@@ -524,6 +538,16 @@ fn print_table(r: &Report, json: &Path) {
             early * 100.0,
             s.average_batch
         );
+    }
+    if r.drift.is_some() {
+        for s in &r.systems {
+            println!(
+                "{:<16} agreement before the drift {:.2}%, after {:.2}%",
+                s.system,
+                s.agreement_before_drift * 100.0,
+                s.agreement_after_drift * 100.0
+            );
+        }
     }
     for s in r.systems.iter().skip(1) {
         let l = &s.latency;

@@ -158,7 +158,7 @@ fn drift(case: Case) {
     // The drift is seen and acted on.
     assert!(
         events.iter().any(|e| e.batch > drift_batch as u64
-            && matches!(e.kind, "violation" | "disable" | "retune")),
+            && matches!(e.kind, "drift" | "violation" | "disable" | "retune")),
         "{kinds:?}"
     );
     // Within 80 batches (640 inputs) of the drift the last 256 released answers are back within
