@@ -182,6 +182,9 @@ pub struct AdaptEvent {
     pub window_accuracy: f64,
 }
 
+/// Most rows kept as the tuner's evidence after a drift alarm.
+const POST_DRIFT_ROWS: usize = 2048;
+
 /// The state of both loops.
 pub struct Controller {
     cfg: ApparateConfig,
@@ -204,6 +207,9 @@ pub struct Controller {
     /// Every candidate ramp's outputs on the bootstrap inputs (per input), used as a prior by
     /// the tuner until a drift alarm says the inputs have changed.
     prior: Option<Vec<Vec<(f32, bool)>>>,
+    /// After a drift alarm: every row of the active ramps since the alarm (or since the last
+    /// ramp change), up to `POST_DRIFT_ROWS`, so the tuner's evidence grows back past the window.
+    post: VecDeque<Vec<(f32, bool)>>,
     events: Vec<AdaptEvent>,
 }
 
@@ -263,6 +269,7 @@ impl Controller {
                     })
                     .collect()
             }),
+            post: VecDeque::new(),
             events: Vec::new(),
         };
         if let Some(fixed) = c.cfg.fixed.clone() {
@@ -434,11 +441,26 @@ impl Controller {
             thresholds: vec![0.0; set.len()],
             ramps: set.clone(),
         };
-        self.remember(set);
+        self.remember(set.clone());
         self.window.clear();
+        self.post.clear();
         self.recent_exits.clear();
         self.tuned = false;
         self.violations = 0;
+        // With the bootstrap outputs (no drift seen), the new set starts tuned on them instead
+        // of running without exits until its window fills.
+        if let Some(prior) = &self.prior {
+            let rows: Vec<Vec<(f32, bool)>> = prior
+                .iter()
+                .map(|row| set.iter().map(|&r| row[r]).collect())
+                .collect();
+            let lat = self.latency(&set);
+            let t = tune(&Samples::from_rows(set.len(), &rows), &lat, &self.cfg.tuner);
+            self.active.thresholds = t.thresholds;
+            self.tuned = true;
+            self.log(kind, why, t.eval.saving, t.eval.accuracy);
+            return;
+        }
         self.log(kind, why, 0.0, 1.0);
     }
 
@@ -449,6 +471,11 @@ impl Controller {
     /// 2,000 bootstrap outputs 99.6%); the prior keeps thresholds honest and the window keeps
     /// them current.
     fn tuning_samples(&self) -> Samples {
+        if self.prior.is_none() && self.post.len() > self.window.iter().map(BatchRecord::len).sum()
+        {
+            let rows: Vec<Vec<(f32, bool)>> = self.post.iter().cloned().collect();
+            return Samples::from_rows(self.active.ramps.len(), &rows);
+        }
         let mut rows: Vec<Vec<(f32, bool)>> = self
             .window
             .iter()
@@ -475,7 +502,16 @@ impl Controller {
 
     fn retune(&mut self, kind: &'static str, why: String) {
         let s = self.tuning_samples();
-        let t = tune(&s, &self.latency(&self.active.ramps), &self.cfg.tuner);
+        let lat = self.latency(&self.active.ramps);
+        let mut t = tune(&s, &lat, &self.cfg.tuner);
+        // The prior must not outvote the recent inputs: if the result breaks the budget on the
+        // window itself, tune on the window alone.
+        let window = self.window_samples();
+        if !window.is_empty()
+            && evaluate(&window, &t.thresholds, &lat).accuracy < 1.0 - self.cfg.accuracy_budget
+        {
+            t = tune(&window, &lat, &self.cfg.tuner);
+        }
         self.active.thresholds = t.thresholds;
         self.active.id += 1;
         self.tuned = true;
@@ -530,6 +566,12 @@ impl Controller {
         for (e, a) in rec.exited.iter().zip(&rec.agreed) {
             self.recent.push_back((*e, *a));
         }
+        if self.prior.is_none() {
+            self.post.extend(rec.rows.iter().cloned());
+            while self.post.len() > POST_DRIFT_ROWS {
+                self.post.pop_front();
+            }
+        }
         while self.recent.len() > self.cfg.drift_samples.max(1) {
             self.recent.pop_front();
         }
@@ -555,8 +597,9 @@ impl Controller {
             self.recent.clear();
             self.tuned = false;
             self.violations = 0;
-            // The bootstrap inputs no longer describe the stream.
+            // The bootstrap inputs no longer describe the stream, nor do the rows before now.
             self.prior = None;
+            self.post.clear();
             let names: Vec<&str> = off
                 .iter()
                 .map(|&r| self.points[self.active.ramps[r]].as_str())
@@ -598,6 +641,9 @@ impl Controller {
                     "tune",
                     format!("new ramp set, tuned on its first {total} samples"),
                 );
+                // Exits so far ran at threshold 0: utilities start from the tuned thresholds.
+                self.recent_exits.clear();
+                self.since_adjust = 0;
             } else if now.accuracy < floor {
                 self.violations += 1;
                 if self.violations >= self.cfg.violations_before_disable {
@@ -638,7 +684,13 @@ impl Controller {
             }
         }
         self.since_adjust += 1;
-        if self.since_adjust >= self.cfg.adjust_every_batches {
+        // A ramp check also needs a full window of evidence about the current set: with
+        // batches of one (30 frames/s), 30 batches are 30 inputs, on which utilities and a
+        // retune are noise (measured: the set then churned every second on the vision bench).
+        if self.since_adjust >= self.cfg.adjust_every_batches
+            && (self.tuned || k == 0)
+            && total >= self.cfg.window_min_samples
+        {
             self.since_adjust = 0;
             self.violations = 0;
             self.adjust();
@@ -863,7 +915,7 @@ pub(crate) mod tests {
             rng: SplitMix::new(3),
         };
         w.spread[0] = 1.0;
-        run(&mut c, &mut w, 10);
+        run(&mut c, &mut w, 20);
         let events = c.drain_events();
         let removal = events
             .iter()
@@ -886,7 +938,7 @@ pub(crate) mod tests {
             right_below: vec![1.0; 6],
             rng: SplitMix::new(4),
         };
-        run(&mut c, &mut w, 10);
+        run(&mut c, &mut w, 20);
         let events = c.drain_events();
         assert!(events.iter().any(|e| e.kind == "probe"), "{events:#?}");
         assert!(c.active().ramps.iter().any(|&r| r < 4), "{:?}", c.active());
