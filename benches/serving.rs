@@ -521,7 +521,7 @@ fn print_table(r: &Report, json: &Path) {
             .iter()
             .filter(|(p, _)| p != "final" && !p.starts_with("error"))
             .map(|(_, f)| f)
-            .sum();
+            .fold(0.0, |a, b| a + b);
         println!(
             "{:<16} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.1} {:>8.1} {:>6.2}% {:>6.2}% {:>5.1}% {:>6.2}",
             s.system,

@@ -1,29 +1,20 @@
 #!/usr/bin/env bash
-# The main job, for now: fetch and convert the real models (first run only takes a minute or
-# two), then classify a few sentences, embed one and classify three photos, with timings.
+# The demo: on a fresh machine, fetch the real models and workload streams (first run: a few
+# minutes), train the ramps and measure a profile if they are missing, then replay the vision
+# workload (the MNIST ResNet at 30 frames/s, with a drift halfway) through the plain model and
+# through Apparate, 30 s each, and print them side by side.
+#   tools/demo.sh            the vision workload
+#   tools/demo.sh language   MiniLM tweet sentiment with bursty arrivals
+# Full comparisons (static early exits, oracle): cargo bench --bench serving -- --workload ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -f weights/minilm-l6-intent.apparate ] || [ ! -f weights/minilm-l6.apparate ] ||
-   [ ! -f weights/efficientnet-lite0.apparate ]; then
+WORKLOAD=${1:-vision}
+case "$WORKLOAD" in vision | language) ;; *) echo "usage: tools/demo.sh [vision|language]" >&2; exit 2 ;; esac
+if [ ! -f weights/mnist-resnet.apparate ] || [ ! -f weights/minilm-l6-sentiment.apparate ] ||
+   [ ! -f workloads/mnist-stream.safetensors ] || [ ! -f workloads/tweets.txt ]; then
   bash weights/fetch.sh
-else
-  cargo build --release --quiet --bin apparate
 fi
-CLI=target/release/apparate
-echo "== apparate inspect weights/minilm-l6-intent.apparate"
-"$CLI" inspect weights/minilm-l6-intent.apparate
-echo
-echo "== apparate classify (157 intents, cpu backend)"
-"$CLI" classify -m weights/minilm-l6-intent.apparate \
-  "what's the weather going to be like in paris tomorrow" \
-  "set a timer for ten minutes" \
-  "please transfer 200 dollars from checking to savings" \
-  "translate good morning into spanish" \
-  "my card was stolen, freeze it right now" \
-  "how many calories are in an avocado"
-echo
-echo "== apparate embed"
-"$CLI" embed -m weights/minilm-l6.apparate "Apparate releases early answers while the batch runs on."
-echo
-echo "== apparate classify (EfficientNet-Lite0, ImageNet; three scikit-image photos, 224x224 crops)"
-"$CLI" classify -m weights/efficientnet-lite0.apparate --top 3 tests/fixtures/efficientnet/*.png
+echo "== building the benchmark (release)"
+cargo bench --bench serving --no-run --quiet 2>/dev/null || cargo bench --bench serving --no-run
+echo "== replaying the $WORKLOAD workload: vanilla, then Apparate (30 s each)"
+cargo bench --quiet --bench serving -- --workload "$WORKLOAD" --seconds 30 --systems vanilla,apparate
