@@ -10,7 +10,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::train::{
-    CurvePoint, HeadInit, REPORT_THRESHOLDS, TrainConfig, agreement, exit_curve, train_head,
+    CurvePoint, HeadInit, REPORT_THRESHOLDS, TrainConfig, agreement, exit_curve, judged, train_head,
 };
 use super::{Ramps, train::TrainedHead};
 use crate::backbone::Backbone;
@@ -206,7 +206,7 @@ pub fn train_ramps<B: Backend>(
     let train_agreements: Vec<f32> = heads
         .iter()
         .zip(&features)
-        .map(|(h, f)| agreement(&h.predict(f), &labels))
+        .map(|(h, f)| agreement(&judged(&h.predict(f), &labels)))
         .collect();
     drop(features);
 
@@ -233,35 +233,20 @@ pub fn train_ramps<B: Backend>(
     let ramps = Ramps::load(backbone, &ramps_file)?;
 
     // 4. Held-out inputs through backbone + fused ramp kernel (threshold 0: nothing exits, every
-    // ramp reports its class and uncertainty).
+    // ramp reports its class and uncertainty), exactly as the runtime records them.
     let t0 = Instant::now();
     let be = backbone.backend();
-    let never = be.upload(&[0.0], &[1])?;
-    let mut decisions: Vec<Vec<(u32, f32)>> = vec![Vec::new(); ramps.len()];
-    let mut held_labels = Vec::with_capacity(heldout);
-    let mut done = train_n;
     progress("held-out", 0, heldout);
-    while done < n {
-        let end = (done + cfg.batch_size).min(n);
-        let batch = inputs.batch(backbone, done..end)?;
-        let mut x = None;
-        for s in 0..backbone.num_stages() {
-            let o = backbone.run_stage(s, &batch, x)?;
-            if let Some(r) = ramps.at_stage(s) {
-                decisions[r].extend(
-                    ramps
-                        .check(be, r, &o, &never)?
-                        .into_iter()
-                        .map(|d| (d.class, d.uncertainty)),
-                );
-            }
-            x = Some(o);
-        }
-        let last = x.ok_or_else(|| Error::Input("the model has no stages".into()))?;
-        held_labels.extend(backbone.predictions(&last)?);
-        done = end;
-        progress("held-out", done - train_n, heldout);
-    }
+    let (rows, held_labels) = super::record_outputs_and_answers(
+        backbone,
+        &ramps,
+        &inputs.slice(train_n..n),
+        cfg.batch_size,
+        &mut |d, t| progress("held-out", d, t),
+    )?;
+    let outputs: Vec<Vec<(f32, bool)>> = (0..ramps.len())
+        .map(|r| rows.iter().map(|row| row[r]).collect())
+        .collect();
     let heldout_seconds = t0.elapsed().as_secs_f64();
 
     let mut label_counts = vec![0usize; classes];
@@ -270,7 +255,7 @@ pub fn train_ramps<B: Backend>(
     }
     let reports = ramps
         .iter()
-        .zip(&decisions)
+        .zip(&outputs)
         .map(|(r, d)| {
             let k = points.iter().position(|p| *p == r.point).expect("trained");
             RampReport {
@@ -283,8 +268,8 @@ pub fn train_ramps<B: Backend>(
                 classes: r.head.classes(),
                 final_loss: heads[k].final_loss,
                 train_agreement: train_agreements[k],
-                heldout_agreement: agreement(d, &held_labels),
-                curve: exit_curve(d, &held_labels, &REPORT_THRESHOLDS),
+                heldout_agreement: agreement(d),
+                curve: exit_curve(d, &REPORT_THRESHOLDS),
             }
         })
         .collect();

@@ -137,6 +137,9 @@ impl<T> Ramps<T> {
     }
 }
 
+/// Per input, every ramp's `(u, its class == the model's answer)`.
+pub type RampRows = Vec<Vec<(f32, bool)>>;
+
 /// Per input of `inputs`, every ramp's `(u, its class == the model's answer)`, ramps in stage
 /// order (thresholds 0: nothing exits). The bootstrap data of the initial ramp placement, and
 /// recorded ramp outputs for replaying the adaptation loops.
@@ -146,8 +149,21 @@ pub fn record_outputs<B: Backend>(
     inputs: &Inputs,
     batch_size: usize,
 ) -> Result<Vec<Vec<(f32, bool)>>> {
+    record_outputs_and_answers(backbone, ramps, inputs, batch_size, &mut |_, _| {}).map(|r| r.0)
+}
+
+/// [`record_outputs`], also returning the model's answer on each input; `progress(done,
+/// total)` after each batch.
+pub fn record_outputs_and_answers<B: Backend>(
+    backbone: &Backbone<B>,
+    ramps: &Ramps<B::Tensor>,
+    inputs: &Inputs,
+    batch_size: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(RampRows, Vec<u32>)> {
     let never = backbone.backend().upload(&[0.0], &[1])?;
     let mut rows: Vec<Vec<(f32, bool)>> = Vec::with_capacity(inputs.len());
+    let mut answers = Vec::with_capacity(inputs.len());
     let mut done = 0;
     while done < inputs.len() {
         let end = (done + batch_size.max(1)).min(inputs.len());
@@ -170,8 +186,10 @@ pub fn record_outputs<B: Backend>(
         let last = x.ok_or_else(|| Error::Input("the model has no stages".into()))?;
         for (o, label) in outs.iter().zip(backbone.predictions(&last)?) {
             rows.push(o.iter().map(|(c, u)| (*u, *c == label)).collect());
+            answers.push(label);
         }
         done = end;
+        progress(done, inputs.len());
     }
-    Ok(rows)
+    Ok((rows, answers))
 }

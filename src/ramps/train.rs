@@ -473,17 +473,17 @@ pub struct CurvePoint {
 /// Thresholds the training report shows curves at.
 pub const REPORT_THRESHOLDS: [f32; 10] = [0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6];
 
-/// The exit curve of `(class, uncertainty)` decisions against `labels`.
-pub fn exit_curve(decisions: &[(u32, f32)], labels: &[u32], thresholds: &[f32]) -> Vec<CurvePoint> {
-    let n = decisions.len().max(1) as f32;
+/// The exit curve of one ramp's `(u, agrees with the model)` outputs.
+pub fn exit_curve(outputs: &[(f32, bool)], thresholds: &[f32]) -> Vec<CurvePoint> {
+    let n = outputs.len().max(1) as f32;
     thresholds
         .iter()
         .map(|&t| {
             let (mut exits, mut wrong) = (0usize, 0usize);
-            for ((c, u), l) in decisions.iter().zip(labels) {
-                if *u < t {
+            for &(u, right) in outputs {
+                if u < t {
                     exits += 1;
-                    wrong += usize::from(c != l);
+                    wrong += usize::from(!right);
                 }
             }
             CurvePoint {
@@ -500,14 +500,18 @@ pub fn exit_curve(decisions: &[(u32, f32)], labels: &[u32], thresholds: &[f32]) 
         .collect()
 }
 
-/// Fraction of decisions whose class equals the label.
-pub fn agreement(decisions: &[(u32, f32)], labels: &[u32]) -> f32 {
-    let same = decisions
+/// Fraction of outputs that agree with the model.
+pub fn agreement(outputs: &[(f32, bool)]) -> f32 {
+    outputs.iter().filter(|(_, right)| *right).count() as f32 / outputs.len().max(1) as f32
+}
+
+/// `(u, class == label)` of decisions against labels.
+pub fn judged(decisions: &[(u32, f32)], labels: &[u32]) -> Vec<(f32, bool)> {
+    decisions
         .iter()
         .zip(labels)
-        .filter(|((c, _), l)| c == *l)
-        .count();
-    same as f32 / decisions.len().max(1) as f32
+        .map(|((c, u), l)| (*u, c == l))
+        .collect()
 }
 
 #[cfg(test)]
@@ -565,7 +569,7 @@ mod tests {
         for init in [HeadInit::Linear, HeadInit::DenseTanh(None)] {
             let kind = matches!(init, HeadInit::Linear);
             let a = train_head(&x, &y, 12, 4, init, &cfg, |_, _| {}).unwrap();
-            let acc = agreement(&a.predict(&x), &y);
+            let acc = agreement(&judged(&a.predict(&x), &y));
             assert!(acc > 0.95, "linear={kind}: training agreement {acc}");
             let init = if kind {
                 HeadInit::Linear
@@ -616,15 +620,14 @@ mod tests {
 
     #[test]
     fn exit_curve_counts_exits_and_mistakes() {
-        let d = [(0, 0.05), (1, 0.05), (1, 0.5), (2, 0.01)];
-        let labels = [0, 0, 1, 2];
-        let c = exit_curve(&d, &labels, &[0.02, 0.1, 0.9]);
+        let d = judged(&[(0, 0.05), (1, 0.05), (1, 0.5), (2, 0.01)], &[0, 0, 1, 2]);
+        let c = exit_curve(&d, &[0.02, 0.1, 0.9]);
         assert_eq!(c[0].exit_rate, 0.25);
         assert_eq!(c[0].exited_agreement, 1.0);
         assert_eq!(c[1].exit_rate, 0.75);
         assert!((c[1].exited_agreement - 2.0 / 3.0).abs() < 1e-6);
         assert_eq!(c[1].overall_agreement, 0.75);
         assert_eq!(c[2].exit_rate, 1.0);
-        assert_eq!(agreement(&d, &labels), 0.75);
+        assert_eq!(agreement(&d), 0.75);
     }
 }
