@@ -12,7 +12,7 @@
 //! Prints a table last; writes JSON under `target/bench-results/`.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use apparate::adapt::latency::LatencyModel;
 use apparate::adapt::tuner::{Samples, evaluate, tune};
@@ -327,9 +327,7 @@ fn main() -> apparate::Result<()> {
         let engine = builder.apparate(cfg).build()?;
         let thresholds = engine.metrics().active();
         eprintln!("running {system} ...");
-        let t0 = Instant::now();
         let outcomes = run(&engine, &inputs, offsets);
-        let wall = t0.elapsed().as_secs_f64();
         let m = engine.shared_metrics();
         let events = engine.drain_events();
         engine.shutdown();
@@ -339,7 +337,6 @@ fn main() -> apparate::Result<()> {
             system,
             &outcomes,
             reference,
-            wall,
             slo,
             args.window,
             &m,
@@ -417,7 +414,6 @@ fn summarise(
     system: &str,
     outcomes: &[Outcome],
     reference: &[Option<usize>],
-    wall: f64,
     slo_ms: f64,
     window: usize,
     m: &apparate::metrics::Metrics,
@@ -458,7 +454,6 @@ fn summarise(
     }
     exits.iter_mut().for_each(|(_, c)| *c /= n.max(1) as f64);
     exits.sort_by(|a, b| a.0.cmp(&b.0));
-    let _ = wall;
     SystemResult {
         system: system.to_string(),
         latency: percentiles(outcomes),

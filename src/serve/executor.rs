@@ -141,15 +141,19 @@ impl<B: Backend> Executor<B> {
     }
 
     fn run_batch(&self, batch: Vec<Pending>, cfg: Arc<ActiveConfig>, thresholds: &[B::Tensor]) {
-        let batch = if self.prepare(&batch).is_err() {
-            self.isolate_bad_inputs(batch)
-        } else {
-            batch
+        // Tokenized (or stacked) once; only a failing batch is retried without its bad inputs.
+        let (batch, input) = match self.prepare(&batch) {
+            Ok(input) => (batch, Ok(input)),
+            Err(_) => {
+                let batch = self.isolate_bad_inputs(batch);
+                if batch.is_empty() {
+                    return;
+                }
+                let input = self.prepare(&batch);
+                (batch, input)
+            }
         };
-        if batch.is_empty() {
-            return;
-        }
-        let input = match self.prepare(&batch) {
+        let input = match input {
             Ok(i) => i,
             Err(e) => {
                 for p in &batch {

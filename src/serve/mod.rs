@@ -309,7 +309,7 @@ fn start<B: Backend + 'static>(be: B, b: EngineBuilder) -> Result<Engine> {
             let inputs = b
                 .bootstrap
                 .clone()
-                .unwrap_or_else(|| synthetic_inputs(&backbone));
+                .unwrap_or_else(|| backbone.synthetic_inputs(32));
             let pc = ProfileConfig {
                 max_batch: b.batching.max_batch_size,
                 warmup: 1,
@@ -451,17 +451,6 @@ fn publish(m: &Metrics, points: &[String], c: &ActiveConfig) {
             .map(|(&r, &t)| (points[r].clone(), t))
             .collect(),
     );
-}
-
-fn synthetic_inputs<B: Backend>(backbone: &Backbone<B>) -> Inputs {
-    match backbone.image_input() {
-        Some(i) => Inputs::Images {
-            pixels: vec![0.0; i.height * i.width * i.channels],
-            count: 1,
-            per_image: i.height * i.width * i.channels,
-        },
-        None => Inputs::Texts(vec![vec!["a"; 30].join(" ")]),
-    }
 }
 
 impl Engine {

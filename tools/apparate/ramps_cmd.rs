@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use apparate::backbone::Backbone;
 use apparate::backend::Backend;
-use apparate::dataset::{Inputs, Prefix, load_stream};
+use apparate::dataset::{Prefix, load_stream};
 use apparate::format::{ModelFile, RampsFile, sha256_hex};
 use apparate::profile::{ProfileConfig, measure};
 use apparate::ramps::Ramps;
@@ -208,7 +208,7 @@ impl BackendJob<()> for ProfileJob {
                     &mut |d, t| bar.update("decoding", d, t),
                 )?
             }
-            None => synthetic_inputs(&backbone, self.seq),
+            None => backbone.synthetic_inputs(self.seq),
         };
         let mut bar = ProgressBar::new();
         let profile = measure(
@@ -243,8 +243,8 @@ impl BackendJob<()> for ProfileJob {
             "ramps ms"
         );
         for b in &profile.batches {
-            let sum: f64 = b.stages.iter().map(|t| t.median_ms).sum();
-            let ramps: f64 = b.ramps.iter().map(|t| t.median_ms).sum();
+            let sum: f64 = b.stages.iter().map(|t| t.median_ms).fold(0.0, |a, x| a + x);
+            let ramps: f64 = b.ramps.iter().map(|t| t.median_ms).fold(0.0, |a, x| a + x);
             let mut by_cost: Vec<_> = b.stages.iter().collect();
             by_cost.sort_by(|a, b| b.median_ms.total_cmp(&a.median_ms));
             let top: Vec<String> = by_cost
@@ -264,18 +264,5 @@ impl BackendJob<()> for ProfileJob {
             );
         }
         emit(&s)
-    }
-}
-
-/// Inputs for timing when no data is given: texts of exactly `seq` tokens, or blank images.
-fn synthetic_inputs<B: Backend>(backbone: &Backbone<B>, seq: usize) -> Inputs {
-    match backbone.image_input() {
-        Some(i) => Inputs::Images {
-            pixels: vec![0.0; i.height * i.width * i.channels],
-            count: 1,
-            per_image: i.height * i.width * i.channels,
-        },
-        // `[CLS] a a ... [SEP]`: one token per word in any uncased WordPiece vocabulary.
-        None => Inputs::Texts(vec![vec!["a"; seq.saturating_sub(2).max(1)].join(" ")]),
     }
 }

@@ -207,15 +207,11 @@ impl ReplayJob {
         let collector = {
             let done = done.clone();
             std::thread::spawn(move || {
-                let (mut ok, mut err) = (0usize, 0usize);
+                // Outcomes are counted by the engine's metrics; this only waits for all of them.
                 for f in rx {
-                    match f.wait() {
-                        Ok(_) => ok += 1,
-                        Err(_) => err += 1,
-                    }
+                    let _ = f.wait();
                 }
                 done.store(true, Ordering::Relaxed);
-                (ok, err)
             })
         };
         let tty = std::io::stderr().is_terminal();
@@ -265,7 +261,7 @@ impl ReplayJob {
             eprintln!();
         }
         let _ = sender.join();
-        let (_ok, _err) = collector.join().unwrap_or((0, 0));
+        let _ = collector.join();
         let seconds = start.elapsed().as_secs_f64();
         let engine = Arc::try_unwrap(engine)
             .map_err(|_| Error::Input("the engine is still shared".into()))?;
