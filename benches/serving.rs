@@ -21,7 +21,9 @@ use apparate::backbone::Backbone;
 use apparate::backend::{Backend, CpuBackend, CpuConfig};
 use apparate::dataset::{Inputs, Prefix, load_stream};
 use apparate::format::{ModelFile, RampsFile};
-use apparate::loadgen::{Arrivals, Outcome, Percentiles, percentiles, read_trace, run};
+use apparate::loadgen::{
+    Arrivals, Breakdown, Outcome, Percentiles, breakdown, percentiles, read_trace, run,
+};
 use apparate::models::bert::synthetic::SplitMix;
 use apparate::profile::{Profile, ProfileConfig, build_commit, measure};
 use apparate::ramps::bootstrap::{BootstrapConfig, train_ramps};
@@ -29,6 +31,9 @@ use apparate::ramps::{Ramps, record_outputs};
 use apparate::serve::{BackendChoice, BatchingConfig, Engine, Input};
 use clap::Parser;
 use serde::Serialize;
+
+#[path = "serving/plots.rs"]
+mod plots;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -66,9 +71,28 @@ struct Args {
     /// Window (requests) for the worst-window agreement.
     #[arg(long, default_value_t = 256)]
     window: usize,
-    /// CPU threads.
+    /// CPU threads (default: 1 for vision, every core for language).
     #[arg(long)]
     threads: Option<usize>,
+    /// Instead of the side-by-side run: find each system's highest rate whose p99 stays under
+    /// `--p99-bound-ms` (Poisson arrivals for vision, the bursty trace scaled for language).
+    #[arg(long)]
+    sweep: bool,
+    /// Systems the sweep compares.
+    #[arg(long, value_delimiter = ',', default_value = "vanilla,apparate")]
+    sweep_systems: Vec<String>,
+    /// Length of each sweep step, seconds.
+    #[arg(long, default_value_t = 8.0)]
+    sweep_seconds: f64,
+    /// The sweep stops when the bracket is this narrow (fraction of its low end).
+    #[arg(long, default_value_t = 0.03)]
+    sweep_precision: f64,
+    /// First rate of the sweep, per second (default: 200 vision, 20 language).
+    #[arg(long)]
+    sweep_start: Option<f64>,
+    /// The sweep's p99 bound, ms (default: 10 vision, 200 language).
+    #[arg(long)]
+    p99_bound_ms: Option<f64>,
     /// Where the JSON goes.
     #[arg(long, default_value = "target/bench-results")]
     out: PathBuf,
@@ -86,6 +110,8 @@ struct Args {
 struct SystemResult {
     system: String,
     latency: Percentiles,
+    /// Sender lateness, queueing, and batch start to release.
+    breakdown: Breakdown,
     requests: usize,
     errors: usize,
     achieved_rate: f64,
@@ -95,10 +121,18 @@ struct SystemResult {
     agreement_before_drift: f64,
     agreement_after_drift: f64,
     worst_window_agreement: f64,
+    /// Median latency before and after the drift starts (vision).
+    p50_before_drift_ms: f64,
+    p50_after_drift_ms: f64,
     exits: Vec<(String, f64)>,
     average_batch: f64,
     events: Vec<AdaptEvent>,
     thresholds: Vec<(String, f32)>,
+    /// Per request, for the plots.
+    #[serde(skip)]
+    agree: Vec<bool>,
+    #[serde(skip)]
+    latency_ms: Vec<f64>,
 }
 
 #[derive(Serialize)]
@@ -113,6 +147,10 @@ struct Report {
     batching: String,
     slo_ms: f64,
     drift: Option<String>,
+    /// First drifted request (vision).
+    drift_from: Option<usize>,
+    /// Requests per agreement window.
+    window: usize,
     seed: u64,
     systems: Vec<SystemResult>,
 }
@@ -140,13 +178,12 @@ fn main() -> apparate::Result<()> {
             )));
         }
     }
+    // Vision runs one frame at a time through a 28x28 model: a second compute thread costs
+    // more in hand-offs than it saves (p50 1.24 ms with one thread, 1.64 ms with two, measured
+    // on the 2-core machine of docs/results.md) and leaves no core for the releaser.
+    let threads = args.threads.or(vision.then_some(1));
     let file = ModelFile::open(&model_path)?;
-    let backbone = Backbone::load(
-        CpuBackend::new(CpuConfig {
-            threads: args.threads,
-        })?,
-        &file,
-    )?;
+    let backbone = Backbone::load(CpuBackend::new(CpuConfig { threads })?, &file)?;
     let device = backbone.backend().device_id();
     eprintln!("{model} on {device}");
 
@@ -280,11 +317,70 @@ fn main() -> apparate::Result<()> {
     drop(backbone);
 
     let max_delay = args.max_delay_ms.unwrap_or(if vision { 0.0 } else { 5.0 });
-    let batching = BatchingConfig {
-        max_batch_size: args.max_batch,
-        max_queue_delay: Duration::from_secs_f64(max_delay / 1e3),
-        queue_capacity: 4096,
+    let systems_ctx = Systems {
+        model: model_path.clone(),
+        ramps: ramps_path.clone(),
+        profile: profile_path.clone(),
+        threads,
+        batching: BatchingConfig {
+            max_batch_size: args.max_batch,
+            max_queue_delay: Duration::from_secs_f64(max_delay / 1e3),
+            queue_capacity: 4096,
+        },
+        base: base_cfg,
+        points: points.clone(),
+        shared: shared.0,
+        per_ramp: per_ramp.thresholds.clone(),
+        boot: boot.clone(),
     };
+    let batching = format!("max batch {}, max delay {max_delay} ms", args.max_batch);
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| apparate::Error::Input(format!("{}: {e}", args.out.display())))?;
+
+    if args.sweep {
+        let bound = args
+            .p99_bound_ms
+            .unwrap_or(if vision { 10.0 } else { 200.0 });
+        let start = args
+            .sweep_start
+            .unwrap_or(if vision { 200.0 } else { 20.0 });
+        let mut results = Vec::new();
+        for system in &args.sweep_systems {
+            eprintln!("sweeping {system} (p99 bound {bound} ms) ...");
+            results.push(sweep(
+                &systems_ctx,
+                system,
+                &all.slice(boot_n..all.len()),
+                vision,
+                bound,
+                start,
+                &args,
+            )?);
+        }
+        let report = SweepReport {
+            workload: args.workload.clone(),
+            commit: build_commit(),
+            device: device.clone(),
+            model: model_path.display().to_string(),
+            arrivals: if vision {
+                "Poisson (seeded)".into()
+            } else {
+                "the bursty trace, scaled to each mean rate".into()
+            },
+            p99_bound_ms: bound,
+            step_seconds: args.sweep_seconds,
+            precision: args.sweep_precision,
+            batching,
+            systems: results,
+        };
+        let json_path = args
+            .out
+            .join(format!("serving-{}-sweep.json", args.workload));
+        write_json(&json_path, &report)?;
+        print_sweep(&report, &json_path);
+        return Ok(());
+    }
+
     let slo = args.slo_ms.unwrap_or(if vision { 10.0 } else { 100.0 });
     let mut results: Vec<SystemResult> = Vec::new();
     let mut vanilla_classes: Option<Vec<Option<usize>>> = None;
@@ -293,38 +389,7 @@ fn main() -> apparate::Result<()> {
     systems.retain(|s| s != "vanilla");
     systems.insert(0, "vanilla".into());
     for system in &systems {
-        let mut cfg = base_cfg.clone();
-        let mut builder = Engine::builder(&model_path)
-            .backend(BackendChoice::Cpu {
-                threads: args.threads,
-            })
-            .batching(batching.clone())
-            .profile(&profile_path);
-        match system.as_str() {
-            "vanilla" => {}
-            "apparate" => builder = builder.ramps(&ramps_path).bootstrap(boot.clone()),
-            "static-shared" => {
-                cfg.fixed = Some(points.iter().map(|p| (p.clone(), shared.0)).collect());
-                builder = builder.ramps(&ramps_path);
-            }
-            "static-per-ramp" => {
-                cfg.fixed = Some(
-                    points
-                        .iter()
-                        .cloned()
-                        .zip(per_ramp.thresholds.iter().copied())
-                        .collect(),
-                );
-                builder = builder.ramps(&ramps_path);
-            }
-            "oracle" => {
-                cfg.fixed = Some(points.iter().map(|p| (p.clone(), 0.0)).collect());
-                cfg.oracle = true;
-                builder = builder.ramps(&ramps_path);
-            }
-            s => return Err(apparate::Error::Input(format!("unknown system `{s}`"))),
-        }
-        let engine = builder.apparate(cfg).build()?;
+        let engine = systems_ctx.engine(system)?;
         let thresholds = engine.metrics().active();
         eprintln!("running {system} ...");
         let outcomes = run(&engine, &inputs, offsets);
@@ -354,22 +419,256 @@ fn main() -> apparate::Result<()> {
         arrivals: label,
         offered_rate: n as f64 / offsets.last().map_or(1.0, |d| d.as_secs_f64()),
         seconds: args.seconds,
-        batching: format!("max batch {}, max delay {max_delay} ms", args.max_batch),
+        batching,
         slo_ms: slo,
         drift,
+        drift_from: vision.then_some(drift_from),
+        window: args.window,
         seed: args.seed,
         systems: results,
     };
-    std::fs::create_dir_all(&args.out)
-        .map_err(|e| apparate::Error::Input(format!("{}: {e}", args.out.display())))?;
     let json_path = args.out.join(format!("serving-{}.json", args.workload));
-    std::fs::write(
-        &json_path,
-        serde_json::to_string_pretty(&report).expect("serializes") + "\n",
-    )
-    .map_err(|e| apparate::Error::Input(format!("{}: {e}", json_path.display())))?;
+    write_json(&json_path, &report)?;
+    let cdf = args.out.join(format!("serving-{}-cdf.svg", args.workload));
+    let timeline = args
+        .out
+        .join(format!("serving-{}-timeline.svg", args.workload));
+    plots::latency_cdf(&report, &cdf)?;
+    plots::timeline(&report, &timeline)?;
     print_table(&report, &json_path);
+    println!("plots: {} and {}", cdf.display(), timeline.display());
     Ok(())
+}
+
+fn write_json<T: Serialize>(path: &Path, v: &T) -> apparate::Result<()> {
+    std::fs::write(
+        path,
+        serde_json::to_string_pretty(v).expect("serializes") + "\n",
+    )
+    .map_err(|e| apparate::Error::Input(format!("{}: {e}", path.display())))
+}
+
+/// What every system is built from: the same model, profile, batching and bootstrap data.
+struct Systems {
+    model: PathBuf,
+    ramps: PathBuf,
+    profile: PathBuf,
+    threads: Option<usize>,
+    batching: BatchingConfig,
+    base: ApparateConfig,
+    points: Vec<String>,
+    /// The static baselines' thresholds, tuned once on the bootstrap outputs.
+    shared: f32,
+    per_ramp: Vec<f32>,
+    boot: Inputs,
+}
+
+impl Systems {
+    fn engine(&self, system: &str) -> apparate::Result<Engine> {
+        let mut cfg = self.base.clone();
+        let mut builder = Engine::builder(&self.model)
+            .backend(BackendChoice::Cpu {
+                threads: self.threads,
+            })
+            .batching(self.batching.clone())
+            .profile(&self.profile);
+        match system {
+            "vanilla" => {}
+            "apparate" => builder = builder.ramps(&self.ramps).bootstrap(self.boot.clone()),
+            "static-shared" => {
+                cfg.fixed = Some(
+                    self.points
+                        .iter()
+                        .map(|p| (p.clone(), self.shared))
+                        .collect(),
+                );
+                builder = builder.ramps(&self.ramps);
+            }
+            "static-per-ramp" => {
+                cfg.fixed = Some(
+                    self.points
+                        .iter()
+                        .cloned()
+                        .zip(self.per_ramp.iter().copied())
+                        .collect(),
+                );
+                builder = builder.ramps(&self.ramps);
+            }
+            "oracle" => {
+                cfg.fixed = Some(self.points.iter().map(|p| (p.clone(), 0.0)).collect());
+                cfg.oracle = true;
+                builder = builder.ramps(&self.ramps);
+            }
+            s => return Err(apparate::Error::Input(format!("unknown system `{s}`"))),
+        }
+        builder.apparate(cfg).build()
+    }
+}
+
+#[derive(Serialize)]
+struct SweepStep {
+    rate: f64,
+    requests: usize,
+    errors: usize,
+    achieved_rate: f64,
+    latency: Percentiles,
+    passed: bool,
+}
+
+#[derive(Serialize)]
+struct SweepResult {
+    system: String,
+    /// The highest rate tried whose p99 stayed under the bound with no errors.
+    highest_rate: f64,
+    steps: Vec<SweepStep>,
+}
+
+#[derive(Serialize)]
+struct SweepReport {
+    workload: String,
+    commit: String,
+    device: String,
+    model: String,
+    arrivals: String,
+    p99_bound_ms: f64,
+    step_seconds: f64,
+    precision: f64,
+    batching: String,
+    systems: Vec<SweepResult>,
+}
+
+/// Finds the highest rate whose p99 stays under `bound` (and nothing fails): doubles from
+/// `start` until a rate misses (or halves until one passes), then bisects the bracket down to
+/// `--sweep-precision`. Every step is a fresh engine on the same seeded schedule shape.
+fn sweep(
+    ctx: &Systems,
+    system: &str,
+    stream: &Inputs,
+    vision: bool,
+    bound: f64,
+    start: f64,
+    args: &Args,
+) -> apparate::Result<SweepResult> {
+    let pool = to_inputs(stream, None, args.seed);
+    let trace = if vision {
+        None
+    } else {
+        Some(read_trace(Path::new("benches/traces/bursty.csv"))?)
+    };
+    let mut steps: Vec<SweepStep> = Vec::new();
+    let mut step = |rate: f64| -> apparate::Result<bool> {
+        let arrivals = match &trace {
+            None => Arrivals::Poisson {
+                rate,
+                seed: args.seed,
+            },
+            Some(t) => {
+                let mean = t.iter().map(|&c| c as f64).sum::<f64>() / t.len() as f64;
+                let minute = Duration::from_secs(10);
+                Arrivals::Trace {
+                    per_minute: t.clone(),
+                    minute,
+                    scale: rate * minute.as_secs_f64() / mean,
+                    seed: args.seed,
+                }
+            }
+        };
+        let want = (args.sweep_seconds * rate * 4.0).ceil() as usize + 16;
+        let offsets: Vec<Duration> = arrivals
+            .schedule(want)
+            .into_iter()
+            .take_while(|d| d.as_secs_f64() <= args.sweep_seconds)
+            .collect();
+        let inputs: Vec<Input> = (0..offsets.len())
+            .map(|i| pool[i % pool.len()].clone())
+            .collect();
+        let engine = ctx.engine(system)?;
+        let outcomes = run(&engine, &inputs, &offsets);
+        engine.shutdown();
+        let latency = percentiles(&outcomes);
+        let errors = outcomes.iter().filter(|o| o.latency.is_none()).count();
+        let span = offsets.last().map_or(1.0, |d| d.as_secs_f64()).max(1e-9);
+        let passed = errors == 0 && latency.p99_ms <= bound;
+        eprintln!(
+            "  {system} at {rate:.1}/s: p99 {:.2} ms, {errors} errors -> {}",
+            latency.p99_ms,
+            if passed { "under" } else { "over" }
+        );
+        steps.push(SweepStep {
+            rate,
+            requests: outcomes.len(),
+            errors,
+            achieved_rate: (outcomes.len() - errors) as f64 / span,
+            latency,
+            passed,
+        });
+        Ok(passed)
+    };
+    let (mut lo, mut hi) = (0.0f64, f64::INFINITY);
+    let mut r = start;
+    for _ in 0..12 {
+        if step(r)? {
+            lo = r;
+            if hi.is_finite() {
+                break;
+            }
+            r *= 2.0;
+        } else {
+            hi = r;
+            if lo > 0.0 {
+                break;
+            }
+            r /= 2.0;
+        }
+    }
+    while lo > 0.0 && hi.is_finite() && (hi - lo) / lo > args.sweep_precision {
+        let mid = (lo + hi) / 2.0;
+        if step(mid)? {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(SweepResult {
+        system: system.to_string(),
+        highest_rate: lo,
+        steps,
+    })
+}
+
+fn print_sweep(r: &SweepReport, json: &Path) {
+    println!();
+    println!(
+        "{} rate sweep: {}, {}; p99 bound {} ms; {} s per step; commit {}; {}",
+        r.workload, r.arrivals, r.batching, r.p99_bound_ms, r.step_seconds, r.commit, r.device
+    );
+    println!(
+        "{:<10} {:>10} {:>22} {:>10}",
+        "system", "highest/s", "p99 there (ms)", "steps"
+    );
+    for s in &r.systems {
+        let at = s
+            .steps
+            .iter()
+            .find(|x| x.rate == s.highest_rate)
+            .map_or(f64::NAN, |x| x.latency.p99_ms);
+        println!(
+            "{:<10} {:>10.1} {:>22.2} {:>10}",
+            s.system,
+            s.highest_rate,
+            at,
+            s.steps.len()
+        );
+    }
+    if let (Some(v), Some(a)) = (r.systems.first(), r.systems.get(1)) {
+        println!(
+            "{} vs {}: highest rate {:+.1}%",
+            a.system,
+            v.system,
+            (a.highest_rate / v.highest_rate - 1.0) * 100.0
+        );
+    }
+    println!("(full results: {})", json.display());
 }
 
 /// Requests from stream inputs; vision frames from `drift.0` on get lower contrast and noise.
@@ -457,6 +756,7 @@ fn summarise(
     SystemResult {
         system: system.to_string(),
         latency: percentiles(outcomes),
+        breakdown: breakdown(outcomes),
         requests: n,
         errors: outcomes.iter().filter(|o| o.latency.is_none()).count(),
         achieved_rate: outcomes.iter().filter(|o| o.latency.is_some()).count() as f64 / span,
@@ -465,10 +765,18 @@ fn summarise(
         agreement_before_drift: frac(&agree[..split]),
         agreement_after_drift: frac(&agree[split..]),
         worst_window_agreement: worst,
+        p50_before_drift_ms: percentiles(&outcomes[..split]).p50_ms,
+        p50_after_drift_ms: percentiles(&outcomes[split..]).p50_ms,
         exits,
         average_batch: m.answered() as f64 / m.batches().max(1) as f64,
         events,
         thresholds,
+        latency_ms: outcomes
+            .iter()
+            .filter_map(|o| o.latency)
+            .map(|l| l.as_secs_f64() * 1e3)
+            .collect(),
+        agree,
     }
 }
 
@@ -537,10 +845,12 @@ fn print_table(r: &Report, json: &Path) {
     if r.drift.is_some() {
         for s in &r.systems {
             println!(
-                "{:<16} agreement before the drift {:.2}%, after {:.2}%",
+                "{:<16} before the drift: agreement {:.2}%, p50 {:.2} ms; after: {:.2}%, p50 {:.2} ms",
                 s.system,
                 s.agreement_before_drift * 100.0,
-                s.agreement_after_drift * 100.0
+                s.p50_before_drift_ms,
+                s.agreement_after_drift * 100.0,
+                s.p50_after_drift_ms
             );
         }
     }
@@ -552,6 +862,19 @@ fn print_table(r: &Report, json: &Path) {
             (l.p50_ms / base.p50_ms - 1.0) * 100.0,
             (l.p95_ms / base.p95_ms - 1.0) * 100.0,
             (l.p99_ms / base.p99_ms - 1.0) * 100.0
+        );
+    }
+    for s in &r.systems {
+        let b = &s.breakdown;
+        println!(
+            "{:<16} p50 / p99 of: sender late {:.3} / {:.3}, queued {:.3} / {:.3}, batch start to release {:.3} / {:.3}",
+            s.system,
+            b.sent_late.p50_ms,
+            b.sent_late.p99_ms,
+            b.queued.p50_ms,
+            b.queued.p99_ms,
+            b.computed.p50_ms,
+            b.computed.p99_ms
         );
     }
     println!(

@@ -110,6 +110,11 @@ pub struct Outcome {
     pub class: Option<usize>,
     /// Exit point (`final` for the last stage), or the error.
     pub exit: String,
+    /// How late the sender was against the schedule (the load generator's own error).
+    pub sent_late: Duration,
+    /// Submission to the start of its batch, and batch start to release (zero on errors).
+    pub queued: Duration,
+    pub computed: Duration,
 }
 
 /// Sends `inputs[i]` at `offsets[i]` from now (open loop) and collects every outcome.
@@ -117,10 +122,10 @@ pub fn run(engine: &Engine, inputs: &[Input], offsets: &[Duration]) -> Vec<Outco
     let n = inputs.len().min(offsets.len());
     let start = Instant::now();
     std::thread::scope(|scope| {
-        let (tx, rx) = std::sync::mpsc::channel::<(Duration, ResponseFuture)>();
+        let (tx, rx) = std::sync::mpsc::channel::<(Duration, Duration, ResponseFuture)>();
         let collector = scope.spawn(move || {
             let mut out = Vec::with_capacity(n);
-            for (at, f) in rx {
+            for (at, sent_late, f) in rx {
                 let scheduled = start + at;
                 out.push(match f.wait() {
                     Ok(r) => Outcome {
@@ -131,12 +136,18 @@ pub fn run(engine: &Engine, inputs: &[Input], offsets: &[Duration]) -> Vec<Outco
                             Exit::Ramp { point, .. } => point,
                             Exit::Final => "final".into(),
                         },
+                        sent_late,
+                        queued: r.timings.queued,
+                        computed: r.timings.computed,
                     },
                     Err(e) => Outcome {
                         scheduled: at,
                         latency: None,
                         class: None,
                         exit: format!("error: {e}"),
+                        sent_late,
+                        queued: Duration::ZERO,
+                        computed: Duration::ZERO,
                     },
                 });
             }
@@ -144,17 +155,31 @@ pub fn run(engine: &Engine, inputs: &[Input], offsets: &[Duration]) -> Vec<Outco
         });
         for i in 0..n {
             let due = start + offsets[i];
-            if let Some(w) = due.checked_duration_since(Instant::now()) {
-                std::thread::sleep(w);
-            }
+            wait_until(due);
+            let sent_late = Instant::now().saturating_duration_since(due);
             let f = engine.infer(inputs[i].clone());
-            if tx.send((offsets[i], f)).is_err() {
+            if tx.send((offsets[i], sent_late, f)).is_err() {
                 break;
             }
         }
         drop(tx);
         collector.join().unwrap_or_default()
     })
+}
+
+/// Sleeps until shortly before `due`, then yields until it: a plain sleep wakes up to the
+/// kernel's timer slack (50 us by default) plus a scheduling delay late, and that error would
+/// be charged to every request's latency alike, blurring the differences being measured.
+fn wait_until(due: Instant) {
+    const SPIN: Duration = Duration::from_micros(300);
+    if let Some(w) = due.checked_duration_since(Instant::now())
+        && w > SPIN
+    {
+        std::thread::sleep(w - SPIN);
+    }
+    while Instant::now() < due {
+        std::thread::yield_now();
+    }
 }
 
 /// Latency percentiles of outcomes (errors excluded), in milliseconds.
@@ -171,11 +196,32 @@ pub struct Percentiles {
 }
 
 pub fn percentiles(outcomes: &[Outcome]) -> Percentiles {
+    percentiles_of(outcomes.iter().filter_map(|o| o.latency))
+}
+
+/// Where the time went, over the answered requests: the sender's lateness, the wait for a
+/// batch to start, and the batch's start to the release.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Breakdown {
+    pub sent_late: Percentiles,
+    pub queued: Percentiles,
+    pub computed: Percentiles,
+}
+
+pub fn breakdown(outcomes: &[Outcome]) -> Breakdown {
+    let ok = || outcomes.iter().filter(|o| o.latency.is_some());
+    Breakdown {
+        sent_late: percentiles_of(ok().map(|o| o.sent_late)),
+        queued: percentiles_of(ok().map(|o| o.queued)),
+        computed: percentiles_of(ok().map(|o| o.computed)),
+    }
+}
+
+/// Percentiles of durations (microsecond resolution), in milliseconds.
+pub fn percentiles_of(durations: impl Iterator<Item = Duration>) -> Percentiles {
     let mut h = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("bounds");
-    for o in outcomes {
-        if let Some(l) = o.latency {
-            let _ = h.record((l.as_micros() as u64).max(1));
-        }
+    for l in durations {
+        let _ = h.record((l.as_micros() as u64).max(1));
     }
     if h.is_empty() {
         return Percentiles::default();

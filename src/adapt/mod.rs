@@ -171,6 +171,8 @@ impl BatchRecord {
 pub struct AdaptEvent {
     /// Batches seen when it happened.
     pub batch: u64,
+    /// Inputs seen when it happened (the answered requests, in completion order).
+    pub inputs: u64,
     /// `place`, `tune`, `violation`, `disable`, `retune`, `remove`, `add`, `probe`, `keep`.
     pub kind: &'static str,
     pub why: String,
@@ -199,6 +201,7 @@ pub struct Controller {
     recent_exits: VecDeque<Vec<f64>>,
     recent_sizes: VecDeque<usize>,
     batches: u64,
+    inputs: u64,
     since_adjust: usize,
     violations: usize,
     history: VecDeque<Vec<usize>>,
@@ -256,6 +259,7 @@ impl Controller {
             recent_exits: VecDeque::new(),
             recent_sizes: VecDeque::new(),
             batches: 0,
+            inputs: 0,
             since_adjust: 0,
             violations: 0,
             history: VecDeque::new(),
@@ -341,6 +345,7 @@ impl Controller {
     fn log(&mut self, kind: &'static str, why: String, saving: f64, accuracy: f64) {
         self.events.push(AdaptEvent {
             batch: self.batches,
+            inputs: self.inputs,
             kind,
             why,
             ramps: self
@@ -538,6 +543,7 @@ impl Controller {
     /// Feeds one batch; returns the configuration to run from now on when it changed.
     pub fn on_batch(&mut self, rec: BatchRecord) -> Option<ActiveConfig> {
         self.batches += 1;
+        self.inputs += rec.len() as u64;
         if rec.is_empty() {
             return None;
         }
