@@ -679,6 +679,16 @@ impl Controller {
                         after.accuracy,
                     );
                 } else {
+                    // A violation says the bootstrap prior does not describe the live inputs
+                    // (ramps are more confident on the inputs they were trained on): from now
+                    // on the evidence is live rows only, growing from this window.
+                    if self.prior.take().is_some() {
+                        self.post = self
+                            .window
+                            .iter()
+                            .flat_map(|b| b.rows.iter().cloned())
+                            .collect();
+                    }
                     self.retune(
                         "violation",
                         format!(
