@@ -54,10 +54,10 @@ pub fn latency_cdf(r: &Report, path: &Path) -> apparate::Result<()> {
     let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(e)?;
     let title = format!(
-        "{} workload: latency CDF ({} requests, {})",
+        "{} workload: latency CDF, {} requests at {:.1}/s",
         r.workload,
         r.systems.first().map_or(0, |s| s.requests),
-        r.arrivals
+        r.offered_rate
     );
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 18))
@@ -68,6 +68,7 @@ pub fn latency_cdf(r: &Report, path: &Path) -> apparate::Result<()> {
         .map_err(e)?;
     chart
         .configure_mesh()
+        .x_labels(12)
         .x_label_formatter(&|x| format!("{x:.2}"))
         .x_desc("latency from the scheduled send time (ms, log scale)")
         .y_desc("fraction of requests")
@@ -247,7 +248,11 @@ pub fn timeline(r: &Report, path: &Path) -> apparate::Result<()> {
             ))
             .map_err(e)?;
     }
-    for s in r.systems.iter().filter(|s| s.system != "vanilla") {
+    for s in r
+        .systems
+        .iter()
+        .filter(|s| !s.system.starts_with("vanilla"))
+    {
         let pts = windows(&s.agree);
         let c = colour(&s.system);
         chart
