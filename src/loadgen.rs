@@ -245,6 +245,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_breakdown_covers_answered_requests_only() {
+        let ms = Duration::from_millis;
+        let ok = |late, queued, computed| Outcome {
+            scheduled: Duration::ZERO,
+            latency: Some(ms(late + queued + computed)),
+            class: Some(0),
+            exit: "final".into(),
+            sent_late: ms(late),
+            queued: ms(queued),
+            computed: ms(computed),
+        };
+        let failed = Outcome {
+            latency: None,
+            class: None,
+            exit: "error: overloaded".into(),
+            sent_late: ms(500),
+            ..ok(0, 0, 0)
+        };
+        let b = breakdown(&[ok(1, 2, 3), ok(1, 4, 5), failed]);
+        // HDR histograms keep 3 significant digits.
+        let close = |a: f64, b: f64| (a - b).abs() <= b * 1e-3;
+        assert_eq!(b.sent_late.count, 2);
+        assert!(close(b.sent_late.max_ms, 1.0), "{b:?}");
+        assert!(close(b.queued.max_ms, 4.0), "{b:?}");
+        assert!(close(b.computed.p50_ms, 3.0), "{b:?}");
+        assert_eq!(percentiles(&[]).count, 0);
+    }
+
+    #[test]
     fn schedules_have_the_asked_rates() {
         let p = Arrivals::Poisson {
             rate: 100.0,

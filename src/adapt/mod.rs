@@ -980,6 +980,45 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_window_violation_drops_the_bootstrap_prior() {
+        let (p, points) = profile(8, 0.5);
+        // The bootstrap says every ramp is right on every input, however unsure...
+        let rows: Vec<Vec<(f32, bool)>> = (0..2000)
+            .map(|i| vec![((i % 100) as f32 / 100.0, true); points.len()])
+            .collect();
+        let boot = Samples::from_rows(points.len(), &rows);
+        let quiet = ApparateConfig {
+            // Only the window check may react here, not the drift alarm.
+            drift_errors: usize::MAX,
+            ..cfg()
+        };
+        let mut c = Controller::new(quiet, points, p, Some(&boot));
+        assert!(c.prior.is_some());
+        assert!(
+            c.active().thresholds.iter().any(|&t| t > 0.5),
+            "{:?}",
+            c.active()
+        );
+        // ... but live, the ramps are wrong on their less confident half.
+        let mut w = World {
+            spread: vec![1.0; 6],
+            right_below: vec![0.5; 6],
+            rng: SplitMix::new(8),
+        };
+        run(&mut c, &mut w, 8);
+        let events = c.drain_events();
+        assert!(events.iter().any(|e| e.kind == "violation"), "{events:#?}");
+        // From then on the tuner's evidence is live rows only, starting with that window.
+        assert!(c.prior.is_none());
+        assert!(!c.post.is_empty());
+        assert!(
+            c.active().thresholds.iter().all(|&t| t <= 0.5),
+            "{:?}",
+            c.active()
+        );
+    }
+
+    #[test]
     fn does_not_oscillate_on_a_stationary_stream() {
         let (p, points) = profile(10, 0.3);
         let mut c = Controller::new(cfg(), points, p, None);
