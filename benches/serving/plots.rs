@@ -30,6 +30,11 @@ const RAMP_COLOURS: [RGBColor; 8] = [
     RGBColor(23, 190, 207),
 ];
 
+/// A plain line of `colour` for a series' legend entry.
+fn legend_line(c: RGBColor, width: u32) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
+    move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(width))
+}
+
 fn err(path: &Path, e: impl std::fmt::Debug) -> apparate::Error {
     apparate::Error::Input(format!("plotting {}: {e:?}", path.display()))
 }
@@ -90,7 +95,7 @@ pub fn latency_cdf(r: &Report, path: &Path) -> apparate::Result<()> {
             .draw_series(LineSeries::new(pts, c.stroke_width(2)))
             .map_err(e)?
             .label(format!("{} (p50 {:.2} ms)", s.system, s.latency.p50_ms))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+            .legend(legend_line(c, 2));
     }
     chart
         .configure_series_labels()
@@ -161,9 +166,7 @@ pub fn timeline(r: &Report, path: &Path) -> apparate::Result<()> {
                     .draw_series(LineSeries::new(seg, c.stroke_width(3)))
                     .map_err(e)?;
                 if first {
-                    s.label(point.clone()).legend(move |(x, y)| {
-                        PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
-                    });
+                    s.label(point.clone()).legend(legend_line(c, 3));
                     first = false;
                 }
             }
@@ -179,7 +182,7 @@ pub fn timeline(r: &Report, path: &Path) -> apparate::Result<()> {
             ))
             .map_err(e)?
             .label("drift starts")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+            .legend(legend_line(BLACK, 1));
     }
     chart
         .configure_series_labels()
@@ -237,7 +240,7 @@ pub fn timeline(r: &Report, path: &Path) -> apparate::Result<()> {
         ))
         .map_err(e)?
         .label("99% floor")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RGBColor(120, 120, 120)));
+        .legend(legend_line(RGBColor(120, 120, 120), 1));
     if let Some(d) = drift {
         chart
             .draw_series(DashedLineSeries::new(
@@ -259,7 +262,7 @@ pub fn timeline(r: &Report, path: &Path) -> apparate::Result<()> {
             .draw_series(LineSeries::new(pts, c.stroke_width(2)))
             .map_err(e)?
             .label(s.system.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+            .legend(legend_line(c, 2));
     }
     chart
         .configure_series_labels()

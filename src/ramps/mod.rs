@@ -90,6 +90,15 @@ impl<T> Ramps<T> {
         self.ramps.iter().position(|r| r.stage == stage)
     }
 
+    /// Ramp `i`'s weights as the backend's fused kernel takes them.
+    fn head(&self, i: usize) -> RampWeights<'_, T> {
+        let r = &self.ramps[i];
+        RampWeights {
+            dense: r.dense.as_ref().map(|(w, b)| (w, b)),
+            out: (&r.out.0, &r.out.1),
+        }
+    }
+
     /// [`Ramps::check`] without waiting for the decisions (see [`Backend::ramp_exit_async`]).
     pub fn check_async<B: Backend<Tensor = T>>(
         &self,
@@ -98,11 +107,7 @@ impl<T> Ramps<T> {
         out: &StageOutput<T>,
         threshold: &T,
     ) -> Result<Box<dyn PendingDecisions>> {
-        let r = &self.ramps[i];
-        let head = RampWeights {
-            dense: r.dense.as_ref().map(|(w, b)| (w, b)),
-            out: (&r.out.0, &r.out.1),
-        };
+        let head = self.head(i);
         be.ramp_exit_async(
             &out.x,
             out.positions,
@@ -121,11 +126,7 @@ impl<T> Ramps<T> {
         out: &StageOutput<T>,
         threshold: &T,
     ) -> Result<Vec<RampDecision>> {
-        let r = &self.ramps[i];
-        let head = RampWeights {
-            dense: r.dense.as_ref().map(|(w, b)| (w, b)),
-            out: (&r.out.0, &r.out.1),
-        };
+        let head = self.head(i);
         be.ramp_exit(
             &out.x,
             out.positions,
