@@ -47,11 +47,50 @@ pub enum Error {
     #[error("invalid input: {0}")]
     Input(String),
 
-    /// A backend could not be created or failed to run an op.
+    /// A backend could not be created or failed to run an op. Kept for faults that fit none of
+    /// the structured variants below (an injected failure, a thread pool that will not start).
     #[error("backend `{backend}`: {reason}")]
     Backend {
         backend: &'static str,
         reason: String,
+    },
+
+    /// An op was handed arguments that do not fit together (shapes, lengths, geometry, ids),
+    /// found by `backend::op_check` before any backend runs it, so every backend reports the
+    /// same thing the same way.
+    #[error("{op}: {what}: expected {expected}, got {got}")]
+    Shape {
+        op: &'static str,
+        what: String,
+        expected: String,
+        got: String,
+    },
+
+    /// A device (emulated or real) refused or failed a call: memory, copies, synchronisation,
+    /// the driver or NVRTC not loading.
+    #[error("backend `{backend}`: {what}: {reason}")]
+    Device {
+        backend: &'static str,
+        what: String,
+        reason: String,
+    },
+
+    /// One kernel could not be launched or failed while it ran (bad launch geometry, a kernel
+    /// that is not there, a deadlock the emulated device detected, a compile error).
+    #[error("backend `{backend}`: kernel `{kernel}`: {reason}")]
+    Kernel {
+        backend: &'static str,
+        kernel: String,
+        reason: String,
+    },
+
+    /// A setting outside the range that makes sense; the library API checks the same ranges
+    /// the command line does.
+    #[error("{knob} = {value} is outside {range}")]
+    Config {
+        knob: String,
+        value: String,
+        range: String,
     },
 }
 
@@ -79,6 +118,57 @@ impl Error {
             path: path.into(),
             tensor: tensor.into(),
             reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn shape(
+        op: &'static str,
+        what: impl Into<String>,
+        expected: impl std::fmt::Display,
+        got: impl std::fmt::Display,
+    ) -> Self {
+        Error::Shape {
+            op,
+            what: what.into(),
+            expected: expected.to_string(),
+            got: got.to_string(),
+        }
+    }
+
+    pub(crate) fn device(
+        backend: &'static str,
+        what: impl Into<String>,
+        reason: impl std::fmt::Display,
+    ) -> Self {
+        Error::Device {
+            backend,
+            what: what.into(),
+            reason: reason.to_string(),
+        }
+    }
+
+    pub(crate) fn kernel(
+        backend: &'static str,
+        kernel: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
+        Error::Kernel {
+            backend,
+            kernel: kernel.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// A knob outside its range: `range` says what is accepted (`1..=1024`).
+    pub fn config(
+        knob: impl Into<String>,
+        value: impl std::fmt::Display,
+        range: impl Into<String>,
+    ) -> Self {
+        Error::Config {
+            knob: knob.into(),
+            value: value.to_string(),
+            range: range.into(),
         }
     }
 }
