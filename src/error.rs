@@ -47,10 +47,6 @@ pub enum Error {
     #[error("invalid input: {0}")]
     Input(String),
 
-    /// A setting (of a config struct or a command-line flag) is outside its allowed range.
-    #[error("`{knob}`: {reason}")]
-    Config { knob: String, reason: String },
-
     /// A backend could not be created or failed to run an op. Kept for faults that fit none of
     /// the structured variants below (an injected failure, a thread pool that will not start).
     #[error("backend `{backend}`: {reason}")]
