@@ -6,7 +6,9 @@ pub mod bootstrap;
 pub mod train;
 
 use crate::backbone::{Backbone, StageOutput};
-use crate::backend::{Backend, PendingDecisions, Pooling, RampDecision, RampWeights};
+use crate::backend::{
+    Backend, PendingDecisions, Pooling, RampDecision, RampInput, RampWeights,
+};
 use crate::dataset::Inputs;
 use crate::error::{Error, Result};
 use crate::format::{RampHead, RampsFile};
@@ -99,6 +101,16 @@ impl<T> Ramps<T> {
         }
     }
 
+    /// A stage output as the fused ramp kernel reads it.
+    fn input<'a>(&self, out: &'a StageOutput<T>) -> RampInput<'a, T> {
+        RampInput {
+            x: &out.x,
+            positions: out.positions,
+            lengths: &out.lengths,
+            pooling: self.pooling,
+        }
+    }
+
     /// [`Ramps::check`] without waiting for the decisions (see [`Backend::ramp_exit_async`]).
     pub fn check_async<B: Backend<Tensor = T>>(
         &self,
@@ -108,14 +120,7 @@ impl<T> Ramps<T> {
         threshold: &T,
     ) -> Result<Box<dyn PendingDecisions>> {
         let head = self.head(i);
-        be.ramp_exit_async(
-            &out.x,
-            out.positions,
-            &out.lengths,
-            self.pooling,
-            &head,
-            threshold,
-        )
+        be.ramp_exit_async(&self.input(out), &head, threshold)
     }
 
     /// Runs ramp `i` on its stage's output: one fused kernel per batch.
@@ -127,14 +132,7 @@ impl<T> Ramps<T> {
         threshold: &T,
     ) -> Result<Vec<RampDecision>> {
         let head = self.head(i);
-        be.ramp_exit(
-            &out.x,
-            out.positions,
-            &out.lengths,
-            self.pooling,
-            &head,
-            threshold,
-        )
+        be.ramp_exit(&self.input(out), &head, threshold)
     }
 }
 

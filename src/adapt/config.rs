@@ -1,0 +1,297 @@
+//! Settings of the adaptation loops and their validation: every knob has a range that makes
+//! sense, checked in one place ([`ApparateConfig::validate`]) that the engine builder and the
+//! command line both call, so the library API refuses what the CLI refuses.
+
+use std::ops::Bound;
+
+use super::tuner::TunerConfig;
+use crate::error::{Error, Result};
+use crate::format::Family;
+
+/// Settings of the adaptation loops. Defaults follow the Apparate paper (section 4); the
+/// family-specific ones come from [`ApparateConfig::vision`] / [`ApparateConfig::language`].
+#[derive(Clone, Debug)]
+pub struct ApparateConfig {
+    /// `false` serves the plain model: no ramps run, nothing adapts. Default `true`.
+    pub enabled: bool,
+    /// Largest tolerated disagreement with the model, per window. Default 0.01.
+    pub accuracy_budget: f64,
+    /// Share of the budget the tuner keeps unused: it tunes for a disagreement of at most
+    /// `accuracy_budget * (1 - tuning_headroom)` on the window, and a violation is declared only
+    /// past the full budget. Thresholds pushed by the search right up to the limit on a window
+    /// miss it on the inputs that follow (the search stops just before the next disagreement):
+    /// on the MNIST replay (12,000 inputs at 800/s) the released answers agreed with the model
+    /// on 98.77% with a headroom of 0.5 and 99.15% with 0.75. The gap is also the loops'
+    /// hysteresis. Default 0.75.
+    pub tuning_headroom: f64,
+    /// Window of the threshold tuner: the last this many batches... Default 4.
+    pub window_batches: usize,
+    /// ... but at least this many samples. Default 256.
+    pub window_min_samples: usize,
+    /// Violating batches between ramp checks before the offending ramps are switched off until
+    /// the next tuning. Default 2.
+    pub violations_before_disable: usize,
+    /// Drift alarm: when the last `drift_samples` released answers hold `drift_errors` or more
+    /// disagreements (improbable within budget: at the tuner's 0.25% target, 3 or more in 64
+    /// happen with probability 0.05%), the ramps with wrong exits among them are switched off
+    /// at once, the window restarts from those samples, and the ramp set retunes when its
+    /// window is full again. The window check alone needs hundreds of samples to see a drift
+    /// (at 30 frames/s and batches of one: seconds of wrong answers). Defaults 64 and 3.
+    pub drift_samples: usize,
+    pub drift_errors: usize,
+    /// Batches between ramp adjustments. Default 30 (vision), 100 (language).
+    pub adjust_every_batches: usize,
+    /// Batches whose exit fractions the ramp utilities use. Default 20.
+    pub utility_batches: usize,
+    /// A retune is kept instead of changing ramps when it raises the predicted saving by this
+    /// much (fraction of V). Default 0.02 (vision), 0.05 (language).
+    pub retune_margin: f64,
+    /// At most this many active ramps. Default 3 (vision), 2 (language).
+    pub max_ramps: usize,
+    /// Total active ramp cost at most this fraction of the model's latency. Default 0.05.
+    pub max_ramp_cost: f64,
+    /// Ramp sets remembered to damp oscillation: the adjuster never returns to one of the last
+    /// this many sets. Default 4.
+    pub history: usize,
+    /// Weight of a live stage timing in the running profile (exponential average). Default 0.1.
+    pub profile_update_weight: f64,
+    /// Serve exactly these ramps (points) with these thresholds and never adapt: a static
+    /// early-exit baseline (one threshold set tuned once, BranchyNet/DeeBERT style), or a fixed
+    /// configuration for tests. Default `None`.
+    pub fixed: Option<Vec<(String, f32)>>,
+    /// The oracle of the benchmarks: each input is answered at the first active ramp whose
+    /// answer equals the model's final one. That is only known at the end of the batch, so the
+    /// answer is completed then and *back-dated* (its `released_at` and timings) to that ramp:
+    /// an upper bound on what early exits can give, not a serving mode. Use with `fixed` ramps
+    /// at threshold 0. Default `false`.
+    pub oracle: bool,
+    /// Search settings of the threshold tuner (its `accuracy_budget` is set from this config's
+    /// budget and headroom).
+    pub tuner: TunerConfig,
+}
+
+impl ApparateConfig {
+    pub fn vision() -> ApparateConfig {
+        ApparateConfig {
+            enabled: true,
+            accuracy_budget: 0.01,
+            tuning_headroom: 0.75,
+            window_batches: 4,
+            window_min_samples: 256,
+            violations_before_disable: 2,
+            drift_samples: 64,
+            drift_errors: 3,
+            adjust_every_batches: 30,
+            utility_batches: 20,
+            retune_margin: 0.02,
+            max_ramps: 3,
+            max_ramp_cost: 0.05,
+            history: 4,
+            profile_update_weight: 0.1,
+            fixed: None,
+            oracle: false,
+            tuner: TunerConfig::default(),
+        }
+    }
+
+    pub fn language() -> ApparateConfig {
+        ApparateConfig {
+            adjust_every_batches: 100,
+            retune_margin: 0.05,
+            max_ramps: 2,
+            ..ApparateConfig::vision()
+        }
+    }
+
+    /// [`Self::language`] for text models, [`Self::vision`] for CNNs.
+    pub fn for_family(family: &Family) -> ApparateConfig {
+        match family {
+            Family::Bert(_) => ApparateConfig::language(),
+            Family::Cnn(_) => ApparateConfig::vision(),
+        }
+    }
+}
+
+impl Default for ApparateConfig {
+    fn default() -> Self {
+        ApparateConfig::vision()
+    }
+}
+
+/// Largest count knob accepted where no tighter bound applies: far above any useful setting,
+/// low enough that a typo (`1e8`) is refused instead of allocating or looping for it.
+pub const MAX_COUNT: usize = 1_000_000;
+
+impl ApparateConfig {
+    /// Checks every knob against its range; the error names the knob and the range. Whether
+    /// `fixed` points exist is checked when the ramps file is known (engine start).
+    pub fn validate(&self) -> Result<()> {
+        use Bound::{Excluded, Included};
+        check_real(
+            "accuracy_budget",
+            self.accuracy_budget,
+            Excluded(0.0),
+            Excluded(1.0),
+        )?;
+        check_real(
+            "tuning_headroom",
+            self.tuning_headroom,
+            Included(0.0),
+            Excluded(1.0),
+        )?;
+        check_count("window_batches", self.window_batches, 1, MAX_COUNT)?;
+        check_count("window_min_samples", self.window_min_samples, 0, MAX_COUNT)?;
+        check_count(
+            "violations_before_disable",
+            self.violations_before_disable,
+            1,
+            MAX_COUNT,
+        )?;
+        check_count("drift_samples", self.drift_samples, 1, MAX_COUNT)?;
+        // `drift_errors`: 0, or more than `drift_samples`, switches the alarm off; any count is
+        // meaningful.
+        check_count(
+            "adjust_every_batches",
+            self.adjust_every_batches,
+            1,
+            MAX_COUNT,
+        )?;
+        check_count("utility_batches", self.utility_batches, 1, MAX_COUNT)?;
+        check_real(
+            "retune_margin",
+            self.retune_margin,
+            Included(0.0),
+            Included(1.0),
+        )?;
+        check_count("max_ramps", self.max_ramps, 0, 1024)?;
+        check_real(
+            "max_ramp_cost",
+            self.max_ramp_cost,
+            Included(0.0),
+            Included(1.0),
+        )?;
+        check_count("history", self.history, 1, 10_000)?;
+        check_real(
+            "profile_update_weight",
+            self.profile_update_weight,
+            Included(0.0),
+            Included(1.0),
+        )?;
+        if let Some(fixed) = &self.fixed {
+            for (i, (p, t)) in fixed.iter().enumerate() {
+                if p.trim().is_empty() {
+                    return Err(Error::config(
+                        "fixed",
+                        format!("an empty point name (entry {i})"),
+                        "ramp points of the ramps file",
+                    ));
+                }
+                if fixed[..i].iter().any(|(q, _)| q == p) {
+                    return Err(Error::config(
+                        "fixed",
+                        format!("`{p}` given twice"),
+                        "a list of distinct ramp points",
+                    ));
+                }
+                check_real(
+                    &format!("fixed threshold of `{p}`"),
+                    *t as f64,
+                    Included(0.0),
+                    Included(1.0),
+                )?;
+            }
+        }
+        if self.tuner.initial_steps.is_empty() {
+            return Err(Error::config(
+                "tuner.initial_steps",
+                "an empty list",
+                "one or more steps",
+            ));
+        }
+        for &s in &self.tuner.initial_steps {
+            check_real(
+                "tuner.initial_steps",
+                s as f64,
+                Excluded(0.0),
+                Included(1.0),
+            )?;
+        }
+        // A step of 0 (or NaN) would never fall below the minimum: the search would not end.
+        check_real(
+            "tuner.min_step",
+            self.tuner.min_step as f64,
+            Excluded(0.0),
+            Included(1.0),
+        )?;
+        Ok(())
+    }
+}
+
+/// `v` is finite and within `lo`..`hi`, or an [`Error::Config`] naming `knob` and the range.
+pub fn check_real(knob: &str, v: f64, lo: Bound<f64>, hi: Bound<f64>) -> Result<()> {
+    let above = match lo {
+        Bound::Included(l) => v >= l,
+        Bound::Excluded(l) => v > l,
+        Bound::Unbounded => true,
+    };
+    let below = match hi {
+        Bound::Included(h) => v <= h,
+        Bound::Excluded(h) => v < h,
+        Bound::Unbounded => true,
+    };
+    if v.is_finite() && above && below {
+        return Ok(());
+    }
+    let (open, l) = match lo {
+        Bound::Included(l) => ("[", l.to_string()),
+        Bound::Excluded(l) => ("(", l.to_string()),
+        Bound::Unbounded => ("(", "-inf".into()),
+    };
+    let (close, h) = match hi {
+        Bound::Included(h) => ("]", h.to_string()),
+        Bound::Excluded(h) => (")", h.to_string()),
+        Bound::Unbounded => (")", "inf".into()),
+    };
+    Err(Error::config(knob, v, format!("{open}{l}, {h}{close}")))
+}
+
+/// `lo <= v <= hi`, or an [`Error::Config`] naming `knob` and the range.
+pub fn check_count(knob: &str, v: usize, lo: usize, hi: usize) -> Result<()> {
+    if (lo..=hi).contains(&v) {
+        Ok(())
+    } else {
+        Err(Error::config(knob, v, format!("{lo}..={hi}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_nonsense_is_refused_by_name() {
+        ApparateConfig::vision().validate().unwrap();
+        ApparateConfig::language().validate().unwrap();
+        let bad = |f: fn(&mut ApparateConfig), knob: &str| {
+            let mut c = ApparateConfig::vision();
+            f(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(knob), "{e}");
+        };
+        bad(|c| c.accuracy_budget = 2.0, "accuracy_budget");
+        bad(|c| c.accuracy_budget = -0.5, "accuracy_budget");
+        bad(|c| c.accuracy_budget = f64::NAN, "accuracy_budget");
+        bad(|c| c.tuning_headroom = 5.0, "tuning_headroom");
+        bad(|c| c.adjust_every_batches = 0, "adjust_every_batches");
+        bad(|c| c.window_batches = 0, "window_batches");
+        bad(|c| c.tuner.min_step = 0.0, "tuner.min_step");
+        bad(|c| c.tuner.initial_steps.clear(), "tuner.initial_steps");
+        bad(
+            |c| c.fixed = Some(vec![("a".into(), 0.1), ("a".into(), 0.2)]),
+            "twice",
+        );
+        bad(|c| c.fixed = Some(vec![("a".into(), 1.5)]), "fixed threshold");
+        let e = check_real("x", 2.0, Bound::Excluded(0.0), Bound::Excluded(1.0)).unwrap_err();
+        assert_eq!(e.to_string(), "x = 2 is outside (0, 1)");
+    }
+}

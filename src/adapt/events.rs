@@ -1,0 +1,61 @@
+//! What flows in and out of the [`super::Controller`]: the configuration the executor runs
+//! ([`ActiveConfig`]), the record of one finished batch ([`BatchRecord`]) and the log of every
+//! decision ([`AdaptEvent`]).
+
+use serde::Serialize;
+
+/// What the executor runs: which ramps (indices into the candidate list, stage order) with which
+/// thresholds. Swapped as a whole between batches.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ActiveConfig {
+    /// Increases with every change.
+    pub id: u64,
+    pub ramps: Vec<usize>,
+    pub thresholds: Vec<f32>,
+}
+
+/// What one batch did, as the executor records it.
+#[derive(Clone, Debug)]
+pub struct BatchRecord {
+    /// The [`ActiveConfig::id`] it ran under.
+    pub config_id: u64,
+    /// Per input, per active ramp: `(u, ramp class == final class)`.
+    pub rows: Vec<Vec<(f32, bool)>>,
+    /// Per input: the active ramp it was released at (index into the active list), or `None`.
+    pub exited: Vec<Option<usize>>,
+    /// Per input: whether the released answer equals the final one.
+    pub agreed: Vec<bool>,
+    /// Wall time of each stage, when the backend runs synchronously (else `None`).
+    pub stage_ms: Option<Vec<f64>>,
+}
+
+impl BatchRecord {
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+    pub fn accuracy(&self) -> f64 {
+        let n = self.agreed.len().max(1) as f64;
+        self.agreed.iter().filter(|a| **a).count() as f64 / n
+    }
+}
+
+/// One decision of the loops, for logs and the live display.
+#[derive(Clone, Debug, Serialize)]
+pub struct AdaptEvent {
+    /// Batches seen when it happened.
+    pub batch: u64,
+    /// Inputs seen when it happened (the answered requests, in completion order).
+    pub inputs: u64,
+    /// `place`, `tune`, `violation`, `disable`, `retune`, `remove`, `add`, `probe`, `keep`.
+    pub kind: &'static str,
+    pub why: String,
+    /// Active ramp points and thresholds after the decision.
+    pub ramps: Vec<String>,
+    pub thresholds: Vec<f32>,
+    /// Predicted latency saving (fraction of V) and window agreement of the new configuration.
+    pub predicted_saving: f64,
+    pub window_accuracy: f64,
+}

@@ -1,0 +1,260 @@
+//! The loops on synthetic streams: removal, probing, budgets, the prior, stability, drift.
+
+use super::tuner::Samples;
+use super::*;
+use crate::models::bert::synthetic::SplitMix;
+use crate::profile::{BatchProfile, PROFILE_VERSION, Timing};
+
+/// A model of `stages` equal stages (10 ms each) with a ramp after each inner one costing
+/// `ramp_ms`.
+pub(crate) fn profile(stages: usize, ramp_ms: f64) -> (Profile, Vec<String>) {
+    let names: Vec<String> = (0..stages).map(|i| format!("s{i}")).collect();
+    let points: Vec<String> = names[1..stages - 1].to_vec();
+    let t = |n: &str, v: f64| Timing {
+        name: n.into(),
+        median_ms: v,
+        min_ms: v,
+        max_ms: v,
+    };
+    let b = BatchProfile {
+        batch: 16,
+        seq: None,
+        stages: names.iter().map(|n| t(n, 10.0)).collect(),
+        ramps: points.iter().map(|p| t(p, ramp_ms)).collect(),
+        vanilla: t("model", 10.0 * stages as f64),
+    };
+    (
+        Profile {
+            profile_version: PROFILE_VERSION,
+            device: "test".into(),
+            apparate_version: "0".into(),
+            commit: "0".into(),
+            model_sha256: "0".into(),
+            ramps_sha256: None,
+            warmup: 0,
+            repeats: 1,
+            measure_seconds: 0.0,
+            batches: vec![b],
+        },
+        points,
+    )
+}
+
+/// Inputs of a stream: at candidate ramp `r`, `u` uniform in `[0, spread[r])` and the ramp
+/// right when `u < right_below[r]`.
+pub(crate) struct World {
+    pub spread: Vec<f32>,
+    pub right_below: Vec<f32>,
+    pub rng: SplitMix,
+}
+
+impl World {
+    /// One batch of `n` inputs under `cfg`, as the executor would record it.
+    pub(crate) fn batch(&mut self, cfg: &ActiveConfig, n: usize) -> BatchRecord {
+        let mut rec = BatchRecord {
+            config_id: cfg.id,
+            rows: Vec::new(),
+            exited: Vec::new(),
+            agreed: Vec::new(),
+            stage_ms: None,
+        };
+        for _ in 0..n {
+            let mut row = Vec::new();
+            let mut exit = None;
+            let mut agreed = true;
+            for (a, &r) in cfg.ramps.iter().enumerate() {
+                let u = (self.rng.uniform() + 1.0) / 2.0 * self.spread[r];
+                let right = u < self.right_below[r];
+                row.push((u, right));
+                if exit.is_none() && u < cfg.thresholds[a] {
+                    exit = Some(a);
+                    agreed = right;
+                }
+            }
+            rec.rows.push(row);
+            rec.exited.push(exit);
+            rec.agreed.push(agreed);
+        }
+        rec
+    }
+}
+
+fn run(c: &mut Controller, w: &mut World, batches: usize) -> Vec<Vec<usize>> {
+    let mut sets = Vec::new();
+    for _ in 0..batches {
+        let cfg = c.active().clone();
+        let rec = w.batch(&cfg, 16);
+        c.on_batch(rec);
+        if sets.last() != Some(&c.active().ramps) {
+            sets.push(c.active().ramps.clone());
+        }
+    }
+    sets
+}
+
+fn cfg() -> ApparateConfig {
+    ApparateConfig {
+        adjust_every_batches: 10,
+        window_min_samples: 64,
+        ..ApparateConfig::vision()
+    }
+}
+
+#[test]
+fn removes_a_ramp_that_never_pays_and_moves_deeper() {
+    let (p, points) = profile(8, 0.5);
+    let mut c = Controller::new(cfg(), points, p, None);
+    // Start from ramps at s1 and s4; s1 is useless (never confident), s4 good.
+    c.set_ramps(vec![0, 3], "place", "test".into());
+    let mut w = World {
+        spread: vec![1.0, 1.0, 1.0, 0.2, 0.2, 0.2],
+        right_below: vec![0.0, 0.0, 0.0, 0.2, 0.2, 0.2],
+        rng: SplitMix::new(3),
+    };
+    w.spread[0] = 1.0;
+    run(&mut c, &mut w, 20);
+    let events = c.drain_events();
+    let removal = events
+        .iter()
+        .find(|e| e.kind == "remove")
+        .expect("a removal");
+    assert!(removal.why.contains("s1"), "{removal:?}");
+    assert!(!c.active().ramps.contains(&0), "{:?}", c.active());
+    // Moved deeper: the new ramp is after the removed one.
+    assert!(c.active().ramps.iter().all(|&r| r > 0));
+}
+
+#[test]
+fn probes_earlier_when_every_ramp_pays_and_respects_the_budget() {
+    let (p, points) = profile(8, 0.5);
+    let mut c = Controller::new(cfg(), points, p, None);
+    c.set_ramps(vec![4], "place", "test".into());
+    // Every ramp is confident and right.
+    let mut w = World {
+        spread: vec![0.05; 6],
+        right_below: vec![1.0; 6],
+        rng: SplitMix::new(4),
+    };
+    run(&mut c, &mut w, 20);
+    let events = c.drain_events();
+    assert!(events.iter().any(|e| e.kind == "probe"), "{events:#?}");
+    assert!(c.active().ramps.iter().any(|&r| r < 4), "{:?}", c.active());
+    // Budget of one ramp: never more than one active.
+    let mut one = Controller::new(
+        ApparateConfig {
+            max_ramps: 1,
+            ..cfg()
+        },
+        profile(8, 0.5).1,
+        profile(8, 0.5).0,
+        None,
+    );
+    for set in run(&mut one, &mut w, 200) {
+        assert!(set.len() <= 1, "{set:?}");
+    }
+    // Budget of cost: ramps of 3 ms on an 80 ms model, at most 5%: one ramp fits.
+    let (p, points) = profile(8, 3.0);
+    let mut costly = Controller::new(cfg(), points, p, None);
+    for set in run(&mut costly, &mut w, 200) {
+        assert!(set.len() <= 1, "{set:?}");
+    }
+}
+
+#[test]
+fn a_window_violation_drops_the_bootstrap_prior() {
+    let (p, points) = profile(8, 0.5);
+    // The bootstrap says every ramp is right on every input, however unsure...
+    let rows: Vec<Vec<(f32, bool)>> = (0..2000)
+        .map(|i| vec![((i % 100) as f32 / 100.0, true); points.len()])
+        .collect();
+    let boot = Samples::from_rows(points.len(), &rows);
+    let quiet = ApparateConfig {
+        // Only the window check may react here, not the drift alarm.
+        drift_errors: usize::MAX,
+        ..cfg()
+    };
+    let mut c = Controller::new(quiet, points, p, Some(&boot));
+    assert!(c.prior.is_some());
+    assert!(
+        c.active().thresholds.iter().any(|&t| t > 0.5),
+        "{:?}",
+        c.active()
+    );
+    // ... but live, the ramps are wrong on their less confident half.
+    let mut w = World {
+        spread: vec![1.0; 6],
+        right_below: vec![0.5; 6],
+        rng: SplitMix::new(8),
+    };
+    run(&mut c, &mut w, 8);
+    let events = c.drain_events();
+    assert!(events.iter().any(|e| e.kind == "violation"), "{events:#?}");
+    // From then on the tuner's evidence is live rows only, starting with that window.
+    assert!(c.prior.is_none());
+    assert!(!c.post.is_empty());
+    assert!(
+        c.active().thresholds.iter().all(|&t| t <= 0.5),
+        "{:?}",
+        c.active()
+    );
+}
+
+#[test]
+fn does_not_oscillate_on_a_stationary_stream() {
+    let (p, points) = profile(10, 0.3);
+    let mut c = Controller::new(cfg(), points, p, None);
+    let mut w = World {
+        spread: vec![1.0, 0.9, 0.6, 0.4, 0.3, 0.2, 0.2, 0.1],
+        right_below: vec![0.1, 0.2, 0.3, 0.3, 0.3, 0.2, 0.2, 0.1],
+        rng: SplitMix::new(5),
+    };
+    let sets = run(&mut c, &mut w, 600);
+    // No A -> B -> A flip-flop, and it settles: few changes in 60 adjustment rounds.
+    for win in sets.windows(3) {
+        assert_ne!(win[0], win[2], "flip-flop in {sets:?}");
+    }
+    assert!(sets.len() <= 12, "{} ramp sets: {sets:?}", sets.len());
+}
+
+/// A ramp that turns wrong on a third of its confident inputs: the reaction `kind` shows up
+/// and the configuration then keeps a fresh drifted batch within the budget.
+fn drift_is_handled(drift_errors: usize, kind: &str) {
+    let (p, points) = profile(6, 0.2);
+    let only_tuning = ApparateConfig {
+        adjust_every_batches: 1000,
+        drift_errors,
+        ..cfg()
+    };
+    let mut c = Controller::new(only_tuning, points, p, None);
+    c.set_ramps(vec![1], "place", "test".into());
+    let mut w = World {
+        spread: vec![0.1; 4],
+        right_below: vec![1.0; 4],
+        rng: SplitMix::new(6),
+    };
+    // 20 batches of 16 fill the 256-sample window.
+    run(&mut c, &mut w, 20);
+    assert!(c.active().thresholds[0] > 0.0, "{:?}", c.active());
+    w.right_below = vec![0.066; 4];
+    run(&mut c, &mut w, 20);
+    let kinds: Vec<&str> = c.drain_events().iter().map(|e| e.kind).collect();
+    assert!(kinds.contains(&kind), "{kinds:?}");
+    let fresh = w.batch(c.active(), 2000);
+    assert!(
+        fresh.accuracy() >= 0.99,
+        "{} with {:?} ({kinds:?})",
+        fresh.accuracy(),
+        c.active()
+    );
+}
+
+#[test]
+fn a_drift_switches_the_offending_ramp_off_and_retunes() {
+    // The drift alarm (3 of the last 64 answers wrong) acts first.
+    drift_is_handled(3, "drift");
+}
+
+#[test]
+fn without_the_drift_alarm_window_violations_retune_and_switch_ramps_off() {
+    drift_is_handled(0, "violation");
+}
