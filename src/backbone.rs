@@ -5,18 +5,21 @@
 //! `layer.0` .. `layer.{n-1}`, `head` (pooling, normalisation, classifier, softmax); for a CNN its
 //! blocks. The last stage's output is the model's answer.
 
+use std::sync::Arc;
+
 use crate::backend::{Backend, BatchShape, Pooling};
 use crate::error::{Error, Result};
 use crate::format::{Family, ModelFile};
 use crate::graph::StageGraph;
 use crate::models::bert::{Bert, EncoderInput};
 use crate::models::cnn::{Cnn, ImageInput};
-use crate::tokenize::TextTokenizer;
+use crate::tokenize::{TextTokenizer, Tokens};
 
 /// A loaded model, any family.
 pub enum Backbone<B: Backend> {
     Text {
-        tokenizer: Box<TextTokenizer>,
+        /// Shared: the serving runtime tokenizes on the submitting threads.
+        tokenizer: Arc<TextTokenizer>,
         encoder: Bert<B>,
     },
     Image(Cnn<B>),
@@ -54,7 +57,7 @@ impl<B: Backend> Backbone<B> {
     pub fn load(backend: B, file: &ModelFile) -> Result<Backbone<B>> {
         Ok(match &file.meta().family {
             Family::Bert(_) => Backbone::Text {
-                tokenizer: Box::new(TextTokenizer::from_model(file)?),
+                tokenizer: Arc::new(TextTokenizer::from_model(file)?),
                 encoder: Bert::load(backend, file)?,
             },
             Family::Cnn(_) => Backbone::Image(Cnn::load(backend, file)?),
@@ -127,24 +130,51 @@ impl<B: Backend> Backbone<B> {
         }
     }
 
+    /// The tokenizer of a text model (`None` for image models).
+    pub fn tokenizer(&self) -> Option<&Arc<TextTokenizer>> {
+        match self {
+            Backbone::Text { tokenizer, .. } => Some(tokenizer),
+            Backbone::Image(_) => None,
+        }
+    }
+
+    /// Most tokens the model reads per input (`None` for image models).
+    pub fn max_positions(&self) -> Option<usize> {
+        match self {
+            Backbone::Text { encoder, .. } => Some(encoder.config().max_position_embeddings),
+            Backbone::Image(_) => None,
+        }
+    }
+
     /// Tokenizes texts into a batch (text models only).
     pub fn prepare_texts(&self, texts: &[&str]) -> Result<BatchInput> {
         match self {
-            Backbone::Text { tokenizer, encoder } => {
-                let input = tokenizer.encode(texts)?;
-                let max = encoder.config().max_position_embeddings;
-                if input.shape.seq > max {
-                    return Err(Error::Input(format!(
-                        "sequence of {} tokens is longer than the model's {max} positions",
-                        input.shape.seq
-                    )));
-                }
-                Ok(BatchInput::Text(input))
-            }
+            Backbone::Text { tokenizer, .. } => self.checked_text(tokenizer.encode(texts)?),
             Backbone::Image(_) => Err(Error::Input(
                 "this is an image model: it takes images, not texts".into(),
             )),
         }
+    }
+
+    /// Pads texts tokenized by [`TextTokenizer::tokenize`] into a batch (text models only).
+    pub fn prepare_tokens(&self, texts: &[&Tokens]) -> Result<BatchInput> {
+        match self {
+            Backbone::Text { tokenizer, .. } => self.checked_text(tokenizer.batch(texts)?),
+            Backbone::Image(_) => Err(Error::Input(
+                "this is an image model: it takes images, not texts".into(),
+            )),
+        }
+    }
+
+    fn checked_text(&self, input: EncoderInput) -> Result<BatchInput> {
+        let max = self.max_positions().unwrap_or(0);
+        if input.shape.seq > max {
+            return Err(Error::Input(format!(
+                "sequence of {} tokens is longer than the model's {max} positions",
+                input.shape.seq
+            )));
+        }
+        Ok(BatchInput::Text(input))
     }
 
     /// Wraps normalised NHWC pixels of `batch` images (image models only).
@@ -234,13 +264,26 @@ impl<B: Backend> Backbone<B> {
         }
     }
 
-    /// Runs every stage; returns the final output.
-    pub fn forward(&self, input: &BatchInput) -> Result<StageOutput<B::Tensor>> {
+    /// Runs every stage in order, calling `after(stage, output)` after each (ramps branch off,
+    /// features are pooled, stages are timed there); returns the final output. The one
+    /// stage-by-stage loop of the crate: training, recording, profiling and serving all use it.
+    pub fn run_stages(
+        &self,
+        input: &BatchInput,
+        mut after: impl FnMut(usize, &StageOutput<B::Tensor>) -> Result<()>,
+    ) -> Result<StageOutput<B::Tensor>> {
         let mut out = None;
         for i in 0..self.num_stages() {
-            out = Some(self.run_stage(i, input, out)?);
+            let o = self.run_stage(i, input, out)?;
+            after(i, &o)?;
+            out = Some(o);
         }
         out.ok_or_else(|| Error::Input("the model has no stages".into()))
+    }
+
+    /// Runs every stage; returns the final output.
+    pub fn forward(&self, input: &BatchInput) -> Result<StageOutput<B::Tensor>> {
+        self.run_stages(input, |_, _| Ok(()))
     }
 
     /// The pooled stage output `[batch, width]` on the host, as a ramp reads it before its head

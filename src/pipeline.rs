@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::backend::Backend;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::format::ModelFile;
 use crate::models::bert::{Bert, EncoderOutput};
 use crate::tokenize::TextTokenizer;
@@ -51,8 +51,15 @@ impl<B: Backend> TextModel<B> {
         })
     }
 
-    /// Tokenizes and encodes a batch of texts.
+    /// Tokenizes and encodes a batch of texts. An empty (or whitespace-only) text is refused:
+    /// the model would answer it with the special tokens alone.
     pub fn run(&self, texts: &[&str]) -> Result<(EncoderOutput, Timings)> {
+        if let Some(i) = texts.iter().position(|t| t.trim().is_empty()) {
+            return Err(Error::Input(format!(
+                "text {} of the batch is empty (or only whitespace): there is nothing to read",
+                i + 1
+            )));
+        }
         let t0 = Instant::now();
         let input = self.tokenizer.encode(texts)?;
         let t1 = Instant::now();

@@ -4,6 +4,10 @@
 //! Hugging Face tokenizer files may switch on fixed-length padding (MiniLM's pads every input
 //! to 128). We turn padding off and pad each batch only to its longest input: padding is masked
 //! out anyway, and padding to 128 would make short inputs pay for 128 positions.
+//!
+//! Texts are cut to [`MAX_CHARS_PER_TOKEN`] characters per token of the truncation length
+//! before tokenizing: the tokenizer truncates only after encoding the whole text, so a 1 MB body
+//! cost seconds and hundreds of MB to keep 128 tokens of it.
 
 use tokenizers::{
     PostProcessor, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
@@ -12,6 +16,37 @@ use tokenizers::{
 use crate::error::{Error, Result};
 use crate::format::{ModelFile, Preprocessing};
 use crate::models::bert::EncoderInput;
+
+/// Characters kept per token of the truncation length. A WordPiece token covers at most 100
+/// characters of a word (longer words become one `[UNK]`), so the cut changes the tokens only of
+/// texts whose first tokens span more than that on average (long runs of spaces or of words
+/// over 100 characters); ordinary text averages under 10.
+pub const MAX_CHARS_PER_TOKEN: usize = 100;
+
+/// The first `max_chars` characters of `text` (cut at a character boundary).
+pub fn cut_chars(text: &str, max_chars: usize) -> &str {
+    match text.char_indices().nth(max_chars) {
+        Some((byte, _)) => &text[..byte],
+        None => text,
+    }
+}
+
+/// One text's tokens, as [`TextTokenizer::tokenize`] makes them (special tokens included,
+/// truncated, not padded): the unit a serving request carries from submission to its batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tokens {
+    pub ids: Vec<u32>,
+    pub type_ids: Vec<u32>,
+}
+
+impl Tokens {
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
 
 /// Runs `f`, turning a panic inside the tokenizers crate into an error.
 fn no_panic<T>(f: impl FnOnce() -> T) -> Result<T> {
@@ -115,14 +150,52 @@ impl TextTokenizer {
         Ok(self.encode(&[text])?.shape.lengths[0])
     }
 
+    /// Most characters of a text that are tokenized (see [`MAX_CHARS_PER_TOKEN`]).
+    pub fn max_chars(&self) -> usize {
+        self.max_length.saturating_mul(MAX_CHARS_PER_TOKEN)
+    }
+
+    /// Tokenizes one text (cut to [`Self::max_chars`] first, truncated to the truncation
+    /// length), without padding.
+    pub fn tokenize(&self, text: &str) -> Result<Tokens> {
+        let text = cut_chars(text, self.max_chars());
+        let e = no_panic(|| self.inner.encode(text, true))?
+            .map_err(|e| Error::Tokenizer(format!("cannot encode: {e}")))?;
+        let len = e
+            .get_attention_mask()
+            .iter()
+            .take_while(|&&m| m != 0)
+            .count();
+        Ok(Tokens {
+            ids: e.get_ids()[..len].to_vec(),
+            type_ids: e.get_type_ids().iter().take(len).copied().collect(),
+        })
+    }
+
+    /// A batch of tokenized texts, padded on the right to the longest.
+    pub fn batch(&self, texts: &[&Tokens]) -> Result<EncoderInput> {
+        let ids: Vec<Vec<u32>> = texts.iter().map(|t| t.ids.clone()).collect();
+        let masks: Vec<Vec<u32>> = texts.iter().map(|t| vec![1; t.ids.len()]).collect();
+        let mut input = EncoderInput::from_ids_and_masks(&ids, &masks, self.pad_id)?;
+        let seq = input.shape.seq;
+        for (b, t) in texts.iter().enumerate() {
+            for (p, &ty) in t.type_ids.iter().enumerate().take(seq) {
+                input.type_ids[b * seq + p] = ty;
+            }
+        }
+        Ok(input)
+    }
+
     /// Tokenizes a batch, padded on the right to its longest input.
     pub fn encode(&self, texts: &[&str]) -> Result<EncoderInput> {
         if texts.is_empty() {
             return Err(Error::Input("no texts given".into()));
         }
+        let max_chars = self.max_chars();
+        let texts: Vec<&str> = texts.iter().map(|t| cut_chars(t, max_chars)).collect();
         // The tokenizers crate panics on some malformed files instead of returning an error;
         // never let that reach the caller.
-        let encodings = no_panic(|| self.inner.encode_batch(texts.to_vec(), true))?
+        let encodings = no_panic(|| self.inner.encode_batch(texts, true))?
             .map_err(|e| Error::Tokenizer(format!("cannot encode: {e}")))?;
         let ids: Vec<Vec<u32>> = encodings.iter().map(|e| e.get_ids().to_vec()).collect();
         let masks: Vec<Vec<u32>> = encodings
@@ -138,5 +211,19 @@ impl TextTokenizer {
             }
         }
         Ok(input)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuts_at_character_boundaries() {
+        assert_eq!(cut_chars("héllo", 2), "hé");
+        assert_eq!(cut_chars("héllo", 10), "héllo");
+        assert_eq!(cut_chars("日本語", 1), "日");
+        assert_eq!(cut_chars("", 3), "");
+        assert_eq!(cut_chars("abc", 0), "");
     }
 }

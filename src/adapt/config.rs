@@ -290,7 +290,10 @@ mod tests {
             |c| c.fixed = Some(vec![("a".into(), 0.1), ("a".into(), 0.2)]),
             "twice",
         );
-        bad(|c| c.fixed = Some(vec![("a".into(), 1.5)]), "fixed threshold");
+        bad(
+            |c| c.fixed = Some(vec![("a".into(), 1.5)]),
+            "fixed threshold",
+        );
         let e = check_real("x", 2.0, Bound::Excluded(0.0), Bound::Excluded(1.0)).unwrap_err();
         assert_eq!(e.to_string(), "x = 2 is outside (0, 1)");
     }

@@ -273,7 +273,6 @@ impl Controller {
         }
     }
 
-
     /// Feeds one batch; returns the configuration to run from now on when it changed.
     pub fn on_batch(&mut self, rec: BatchRecord) -> Option<ActiveConfig> {
         self.batches += 1;

@@ -3,7 +3,7 @@
 use super::tuner::Samples;
 use super::*;
 use crate::models::bert::synthetic::SplitMix;
-use crate::profile::{BatchProfile, PROFILE_VERSION, Timing};
+use crate::profile::{BatchProfile, PROFILE_VERSION, Profile, Timing};
 
 /// A model of `stages` equal stages (10 ms each) with a ramp after each inner one costing
 /// `ramp_ms`.

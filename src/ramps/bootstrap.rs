@@ -155,15 +155,12 @@ pub fn train_ramps<B: Backend>(
     while done < train_n {
         let end = (done + cfg.batch_size).min(train_n);
         let batch = inputs.batch(backbone, done..end)?;
-        let mut x = None;
-        for s in 0..backbone.num_stages() {
-            let o = backbone.run_stage(s, &batch, x)?;
+        let last = backbone.run_stages(&batch, |s, o| {
             if let Some(k) = stages.iter().position(|&p| p == s) {
-                features[k].extend(backbone.pooled_features(&o)?);
+                features[k].extend(backbone.pooled_features(o)?);
             }
-            x = Some(o);
-        }
-        let last = x.ok_or_else(|| Error::Input("the model has no stages".into()))?;
+            Ok(())
+        })?;
         labels.extend(backbone.predictions(&last)?);
         done = end;
         progress("features", done, train_n);

@@ -6,9 +6,7 @@ pub mod bootstrap;
 pub mod train;
 
 use crate::backbone::{Backbone, StageOutput};
-use crate::backend::{
-    Backend, PendingDecisions, Pooling, RampDecision, RampInput, RampWeights,
-};
+use crate::backend::{Backend, PendingDecisions, Pooling, RampDecision, RampInput, RampWeights};
 use crate::dataset::Inputs;
 use crate::error::{Error, Result};
 use crate::format::{RampHead, RampsFile};
@@ -168,21 +166,18 @@ pub fn record_outputs_and_answers<B: Backend>(
         let end = (done + batch_size.max(1)).min(inputs.len());
         let batch = inputs.batch(backbone, done..end)?;
         let mut outs: Vec<Vec<(u32, f32)>> = vec![Vec::new(); end - done];
-        let mut x = None;
-        for s in 0..backbone.num_stages() {
-            let o = backbone.run_stage(s, &batch, x)?;
+        let last = backbone.run_stages(&batch, |s, o| {
             if let Some(r) = ramps.at_stage(s) {
                 for (i, d) in ramps
-                    .check(backbone.backend(), r, &o, &never)?
+                    .check(backbone.backend(), r, o, &never)?
                     .iter()
                     .enumerate()
                 {
                     outs[i].push((d.class, d.uncertainty));
                 }
             }
-            x = Some(o);
-        }
-        let last = x.ok_or_else(|| Error::Input("the model has no stages".into()))?;
+            Ok(())
+        })?;
         for (o, label) in outs.iter().zip(backbone.predictions(&last)?) {
             rows.push(o.iter().map(|(c, u)| (*u, *c == label)).collect());
             answers.push(label);

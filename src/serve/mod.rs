@@ -2,14 +2,24 @@
 //! the answers of inputs that exit at a ramp while the batch runs on, and adapts thresholds and
 //! ramps on a separate thread (Apparate sections 2-5).
 //!
-//! Threads: the caller's (submits, awaits); the *executor* (forms batches from the queue, runs
-//! them, completes requests); the *adapter* (feeds [`crate::adapt::Controller`] the records of
-//! finished batches and publishes new configurations, which the executor picks up between
-//! batches). Nothing on the request path waits for the adapter.
+//! Threads: the caller's (validates and prepares its input, submits, awaits); the *executor*
+//! ([`executor`]: forms batches from the [`queue`], runs them); the *releaser* ([`releaser`]:
+//! waits for ramp decisions and completes requests); the *adapter* ([`adapter`]: feeds
+//! [`crate::adapt::Controller`] the records of finished batches and publishes new
+//! configurations, which the executor picks up between batches). Nothing on the request path
+//! waits for the adapter. A panic on any of them fails the engine instead of hanging it
+//! ([`health`]). Loading (model, ramps, profile, bootstrap) is [`loader`]; inputs are prepared at
+//! submission ([`input`]); settings are [`config`].
 
+mod adapter;
 mod completion;
+pub mod config;
 mod executor;
+mod health;
+mod input;
+mod loader;
 mod queue;
+mod releaser;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -17,43 +27,21 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use completion::ResponseFuture;
+pub use config::{BatchingConfig, duration_from_millis};
+pub use input::Input;
 
-use crate::adapt::{ActiveConfig, AdaptEvent, ApparateConfig, Controller};
-use crate::backbone::Backbone;
+use crate::adapt::{AdaptEvent, ApparateConfig, Controller};
 use crate::backend::cuda::{CudaConfig, CudaDevice};
 use crate::backend::emu::{EmuConfig, EmuDevice};
 use crate::backend::gpu::GpuBackend;
 use crate::backend::{Backend, CpuBackend, CpuConfig};
 use crate::dataset::Inputs;
-use crate::error::{Error, Result};
-use crate::format::{ModelFile, RampsFile};
+use crate::error::Result;
 use crate::metrics::Metrics;
-use crate::profile::{Profile, ProfileConfig};
-use crate::ramps::Ramps;
 use crate::tensor::DType;
+use health::Health;
+use input::InputKind;
 use queue::{Pending, Queue};
-
-/// Batching settings.
-#[derive(Clone, Debug)]
-pub struct BatchingConfig {
-    /// Most requests per batch. Default 16.
-    pub max_batch_size: usize,
-    /// Longest an under-full batch waits for more requests, from its oldest request's arrival.
-    /// Default 5 ms.
-    pub max_queue_delay: Duration,
-    /// Most requests waiting; more are rejected with [`ServeError::Overloaded`]. Default 1024.
-    pub queue_capacity: usize,
-}
-
-impl Default for BatchingConfig {
-    fn default() -> Self {
-        BatchingConfig {
-            max_batch_size: 16,
-            max_queue_delay: Duration::from_millis(5),
-            queue_capacity: 1024,
-        }
-    }
-}
 
 /// Where the model runs.
 #[derive(Clone, Debug)]
@@ -73,17 +61,6 @@ impl Default for BackendChoice {
     fn default() -> Self {
         BackendChoice::Cpu { threads: None }
     }
-}
-
-/// One request's input.
-#[derive(Clone, Debug)]
-pub enum Input {
-    /// A text (text models).
-    Text(String),
-    /// Raw 8-bit pixels, HWC at the model's input size (image models); normalised by the engine.
-    Pixels(Vec<u8>),
-    /// Already normalised HWC values (image models), as [`crate::dataset`] reads them.
-    Normalized(Vec<f32>),
 }
 
 /// Where an answer came from.
@@ -134,6 +111,10 @@ pub enum ServeError {
     Backend(String),
     #[error("shut down: {0}")]
     ShutDown(String),
+    /// A thread of the engine panicked: this request and every later one get this answer,
+    /// and [`Engine::health`] says why.
+    #[error("the engine failed: {0}")]
+    Failed(String),
 }
 
 /// Options of one request.
@@ -143,22 +124,12 @@ pub struct RequestOptions {
     pub deadline: Option<Instant>,
 }
 
-/// What kind of input the model takes.
-#[derive(Clone, Debug)]
-enum InputKind {
-    Text,
-    Image {
-        values: usize,
-        mean: Vec<f32>,
-        std: Vec<f32>,
-    },
-}
-
 /// A running engine. Cloneable handles are not needed: share it behind an `Arc`.
 pub struct Engine {
     queue: Arc<Queue>,
     metrics: Arc<Metrics>,
     events: Arc<Mutex<Vec<AdaptEvent>>>,
+    health: Arc<Health>,
     kind: InputKind,
     labels: Vec<String>,
     points: Vec<String>,
@@ -191,11 +162,13 @@ impl EngineBuilder {
         self.backend = b;
         self
     }
+    /// Batching settings (checked by [`BatchingConfig::validate`] when the engine is built).
     pub fn batching(mut self, c: BatchingConfig) -> Self {
         self.batching = c;
         self
     }
-    /// Adaptation settings (default: [`ApparateConfig::for_family`]).
+    /// Adaptation settings (default: [`ApparateConfig::for_family`]; checked by
+    /// [`ApparateConfig::validate`] when the engine is built).
     pub fn apparate(mut self, c: ApparateConfig) -> Self {
         self.apparate = Some(c);
         self
@@ -245,212 +218,78 @@ impl EngineBuilder {
     }
 }
 
+/// Loads everything ([`loader`]), then wires and starts the threads.
 fn start<B: Backend + 'static>(be: B, b: EngineBuilder) -> Result<Engine> {
-    let log = |s: &str| {
-        if let Some(f) = &b.log {
-            f(s)
-        }
-    };
-    if b.batching.max_batch_size == 0 || b.batching.queue_capacity == 0 {
-        return Err(Error::Input(
-            "max_batch_size and queue_capacity must be at least 1".into(),
-        ));
-    }
-    let file = ModelFile::open(&b.model)?;
-    let backbone = Backbone::load(be, &file)?;
-    let mut cfg = b
-        .apparate
-        .clone()
-        .unwrap_or_else(|| ApparateConfig::for_family(&file.meta().family));
-    let ramps = match &b.ramps {
-        Some(p) => {
-            if !backbone.has_classifier() {
-                return Err(Error::Input(format!(
-                    "{} has no classifier head: ramps need one",
-                    b.model.display()
-                )));
-            }
-            let rf = RampsFile::open(p, &file)?;
-            let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
-            Some((
-                Ramps::load(&backbone, &rf)?,
-                crate::format::sha256_hex(&bytes),
-            ))
-        }
-        None => {
-            cfg.enabled = false;
-            None
-        }
-    };
-    let points: Vec<String> = ramps
-        .as_ref()
-        .map(|(r, _)| r.iter().map(|x| x.point.clone()).collect())
-        .unwrap_or_default();
-    if let Some(fixed) = &cfg.fixed {
-        for (p, t) in fixed {
-            if !points.contains(p) {
-                return Err(Error::Input(format!(
-                    "fixed ramp `{p}` is not in the ramps file (it has: {})",
-                    points.join(", ")
-                )));
-            }
-            if !(0.0..=1.0).contains(t) {
-                return Err(Error::Input(format!(
-                    "fixed threshold {t} of `{p}` is outside [0, 1]"
-                )));
-            }
-        }
-    }
-    let device = backbone.backend().device_id();
-    let profile = match &b.profile {
-        Some(p) => Profile::load(p, &device, file.sha256())?,
-        None => {
-            let t0 = Instant::now();
-            let inputs = b
-                .bootstrap
-                .clone()
-                .unwrap_or_else(|| backbone.synthetic_inputs(32));
-            let pc = ProfileConfig {
-                max_batch: b.batching.max_batch_size,
-                warmup: 1,
-                repeats: 3,
-            };
-            let p = crate::profile::measure(
-                &backbone,
-                file.sha256(),
-                ramps.as_ref().map(|(r, sha)| (r, sha.clone())),
-                &inputs,
-                &pc,
-                &mut |_, _, _| {},
-            )?;
-            log(&format!(
-                "measured a start-up profile (batch 1..{}) in {:.1} s",
-                pc.max_batch,
-                t0.elapsed().as_secs_f64()
-            ));
-            p
-        }
-    };
-    if let Some((r, _)) = &ramps
-        && profile.batches.iter().any(|bp| bp.ramps.len() != r.len())
-    {
-        return Err(Error::Input(
-            "the profile has no timings for these ramps: run `apparate profile --ramps` with \
-             the same ramps file"
-                .into(),
-        ));
-    }
-    let bootstrap_samples = match (&ramps, &b.bootstrap, cfg.enabled) {
-        (Some((r, _)), Some(inputs), true) => {
-            let t0 = Instant::now();
-            let rows =
-                crate::ramps::record_outputs(&backbone, r, inputs, b.batching.max_batch_size)?;
-            let s = crate::adapt::tuner::Samples::from_rows(r.len(), &rows);
-            log(&format!(
-                "ran {} bootstrap inputs through all {} ramps in {:.1} s",
-                inputs.len(),
-                r.len(),
-                t0.elapsed().as_secs_f64()
-            ));
-            Some(s)
-        }
-        _ => None,
-    };
-    let mut controller = Controller::new(
-        cfg.clone(),
-        points.clone(),
-        profile,
-        bootstrap_samples.as_ref(),
+    let l = loader::load(be, &b)?;
+    let kind = InputKind::of(&l.backbone)?;
+    let controller = Controller::new(
+        l.cfg.clone(),
+        l.points.clone(),
+        l.profile,
+        l.bootstrap.as_ref(),
     );
     let metrics = Arc::new(Metrics::new());
-    let events = Arc::new(Mutex::new(controller.drain_events()));
     let active = Arc::new(Mutex::new(Arc::new(controller.active().clone())));
-    publish(&metrics, &points, controller.active());
+    adapter::publish(&metrics, &l.points, controller.active());
     let queue = Arc::new(Queue::new(b.batching.clone(), metrics.clone()));
-    let kind = match backbone.image_input() {
-        None => InputKind::Text,
-        Some(i) => InputKind::Image {
-            values: i.height * i.width * i.channels,
-            mean: i.mean.clone(),
-            std: i.std.clone(),
-        },
-    };
-    let labels = backbone.labels().to_vec();
-    let (tx, rx) = std::sync::mpsc::channel();
+    let health = Arc::new(Health::default());
+    let labels = l.backbone.labels().to_vec();
+    let device = l.backbone.backend().device_id();
+    let (records_tx, records_rx) = std::sync::mpsc::channel();
     let (release_tx, release_rx) = std::sync::mpsc::channel();
-    let synchronous = backbone.backend().name() == "cpu";
-    let releaser = executor::Releaser {
+    let mut adapter = adapter::Adapter {
+        controller,
         metrics: metrics.clone(),
-        records: tx,
+        events: Arc::new(Mutex::new(Vec::new())),
+        active: active.clone(),
+        points: l.points.clone(),
+    };
+    *adapter.events.lock().unwrap_or_else(|p| p.into_inner()) = adapter.controller.drain_events();
+    let events = adapter.events.clone();
+    let releaser = releaser::Releaser {
+        metrics: metrics.clone(),
+        records: records_tx,
         labels: labels.clone(),
-        points: points.clone(),
-        oracle: cfg.oracle,
+        points: l.points.clone(),
+        oracle: l.cfg.oracle,
     };
     let exec = executor::Executor {
-        backbone,
-        ramps: ramps.map(|(r, _)| r),
-        active: active.clone(),
+        timed_stages: l.backbone.backend().name() == "cpu",
+        backbone: l.backbone,
+        ramps: l.ramps,
+        active,
         queue: queue.clone(),
         metrics: metrics.clone(),
         release: release_tx,
-        timed_stages: synchronous,
     };
-    let mut threads = Vec::new();
-    threads.push(
-        std::thread::Builder::new()
-            .name("apparate-executor".into())
-            .spawn(move || exec.run())
-            .map_err(|e| Error::Input(format!("cannot start the executor thread: {e}")))?,
-    );
-    threads.push(
-        std::thread::Builder::new()
-            .name("apparate-releaser".into())
-            .spawn(move || releaser.run(release_rx))
-            .map_err(|e| Error::Input(format!("cannot start the releaser thread: {e}")))?,
-    );
-    let (m2, e2, p2) = (metrics.clone(), events.clone(), points.clone());
-    threads.push(
-        std::thread::Builder::new()
-            .name("apparate-adapter".into())
-            .spawn(move || {
-                // Ends when the executor drops its sender.
-                for rec in rx {
-                    let changed = controller.on_batch(rec);
-                    let evs = controller.drain_events();
-                    if let Some(a) = evs.last() {
-                        m2.set_window_accuracy(a.window_accuracy);
-                    }
-                    if let Some(c) = changed {
-                        publish(&m2, &p2, &c);
-                        *active.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(c);
-                    }
-                    if !evs.is_empty() {
-                        e2.lock().unwrap_or_else(|p| p.into_inner()).extend(evs);
-                    }
-                }
-            })
-            .map_err(|e| Error::Input(format!("cannot start the adapter thread: {e}")))?,
-    );
-    Ok(Engine {
-        queue,
+    let mut engine = Engine {
+        queue: queue.clone(),
         metrics,
         events,
+        health: health.clone(),
         kind,
         labels,
-        points,
+        points: l.points,
         device,
-        threads,
-    })
-}
-
-fn publish(m: &Metrics, points: &[String], c: &ActiveConfig) {
-    m.set_active(
-        c.ramps
-            .iter()
-            .zip(&c.thresholds)
-            .map(|(&r, &t)| (points[r].clone(), t))
-            .collect(),
-    );
+        threads: Vec::new(),
+    };
+    // Pushed one by one: if a later thread cannot start, dropping the engine stops the earlier.
+    let (h, q) = (health.clone(), queue.clone());
+    engine
+        .threads
+        .push(health::spawn("executor", h, q, move || exec.run())?);
+    let (h, q) = (health.clone(), queue.clone());
+    engine
+        .threads
+        .push(health::spawn("releaser", h, q, move || {
+            releaser.run(release_rx)
+        })?);
+    engine
+        .threads
+        .push(health::spawn("adapter", health, queue, move || {
+            adapter.run(records_rx)
+        })?);
+    Ok(engine)
 }
 
 impl Engine {
@@ -474,10 +313,15 @@ impl Engine {
         self.infer_with(input, RequestOptions::default())
     }
 
-    /// [`Engine::infer`] with a deadline.
+    /// [`Engine::infer`] with a deadline. The input is validated and prepared (tokenized,
+    /// normalised) here, on the calling thread: a bad input is answered at once.
     pub fn infer_with(&self, input: Input, opts: RequestOptions) -> ResponseFuture {
         self.metrics.count_request();
-        let input = match self.check(input) {
+        if let Some(why) = self.health.failure() {
+            self.metrics.count_failed();
+            return ResponseFuture::ready(Err(ServeError::Failed(why)));
+        }
+        let input = match self.kind.prepare(input) {
             Ok(i) => i,
             Err(e) => {
                 self.metrics.count_failed();
@@ -490,17 +334,14 @@ impl Engine {
             slot: slot.clone(),
             submitted: Instant::now(),
             deadline: opts.deadline,
+            metrics: self.metrics.clone(),
         };
         match self.queue.push(p) {
-            Ok(()) => ResponseFuture::new(slot),
-            Err((_, e)) => {
-                match &e {
-                    ServeError::Overloaded(_) => self.metrics.count_rejected(),
-                    _ => self.metrics.count_failed(),
-                }
-                ResponseFuture::ready(Err(e))
-            }
+            Ok(()) => {}
+            Err(ServeError::Overloaded(_)) => self.metrics.count_rejected(),
+            Err(_) => self.metrics.count_failed(),
         }
+        ResponseFuture::new(slot)
     }
 
     /// Blocking twin of [`Engine::infer`].
@@ -508,44 +349,18 @@ impl Engine {
         self.infer(input).wait()
     }
 
-    /// Validates an input against the model and normalises pixels.
-    fn check(&self, input: Input) -> Result<Input, ServeError> {
-        match (&self.kind, input) {
-            (InputKind::Text, Input::Text(t)) => Ok(Input::Text(t)),
-            (InputKind::Text, _) => Err(ServeError::BadInput(
-                "this is a text model: send Input::Text".into(),
-            )),
-            (InputKind::Image { .. }, Input::Text(_)) => Err(ServeError::BadInput(
-                "this is an image model: send Input::Pixels or Input::Normalized".into(),
-            )),
-            (InputKind::Image { values, mean, std }, Input::Pixels(p)) => {
-                if p.len() != *values {
-                    return Err(ServeError::BadInput(format!(
-                        "{} pixel values, the model takes {values}",
-                        p.len()
-                    )));
-                }
-                let c = mean.len();
-                Ok(Input::Normalized(
-                    p.iter()
-                        .enumerate()
-                        .map(|(i, &v)| (v as f32 / 255.0 - mean[i % c]) / std[i % c])
-                        .collect(),
-                ))
-            }
-            (InputKind::Image { values, .. }, Input::Normalized(v)) => {
-                if v.len() != *values {
-                    return Err(ServeError::BadInput(format!(
-                        "{} values, the model takes {values}",
-                        v.len()
-                    )));
-                }
-                if v.iter().any(|x| !x.is_finite()) {
-                    return Err(ServeError::BadInput("non-finite input values".into()));
-                }
-                Ok(Input::Normalized(v))
-            }
+    /// `Ok` while the engine serves; the [`ServeError::Failed`] every request now gets once a
+    /// thread of the engine has panicked (a server's readiness probe).
+    pub fn health(&self) -> Result<(), ServeError> {
+        match self.health.failure() {
+            Some(why) => Err(ServeError::Failed(why)),
+            None => Ok(()),
         }
+    }
+
+    /// Whether the engine serves ([`Engine::health`] is `Ok`).
+    pub fn is_ready(&self) -> bool {
+        self.health().is_ok()
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -589,6 +404,7 @@ impl Engine {
 
     fn stop(&mut self, drain: bool) {
         self.queue.close(drain);
+        // A thread that panicked has already failed its requests (see `health`).
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

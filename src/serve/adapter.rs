@@ -1,0 +1,51 @@
+//! The adapter thread: feeds the [`Controller`] the record of every finished batch and publishes
+//! the configurations it answers with (the executor picks them up between batches) and its
+//! events. Nothing on the request path waits for it; it ends when the releaser drops its sender.
+
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+
+use crate::adapt::{ActiveConfig, AdaptEvent, BatchRecord, Controller};
+use crate::metrics::Metrics;
+
+pub(crate) struct Adapter {
+    pub controller: Controller,
+    pub metrics: Arc<Metrics>,
+    pub events: Arc<Mutex<Vec<AdaptEvent>>>,
+    pub active: Arc<Mutex<Arc<ActiveConfig>>>,
+    /// Point of each ramp of the file.
+    pub points: Vec<String>,
+}
+
+impl Adapter {
+    pub fn run(mut self, records: Receiver<BatchRecord>) {
+        for rec in records {
+            let changed = self.controller.on_batch(rec);
+            let evs = self.controller.drain_events();
+            if let Some(a) = evs.last() {
+                self.metrics.set_window_accuracy(a.window_accuracy);
+            }
+            if let Some(c) = changed {
+                publish(&self.metrics, &self.points, &c);
+                *self.active.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(c);
+            }
+            if !evs.is_empty() {
+                self.events
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(evs);
+            }
+        }
+    }
+}
+
+/// Shows the active ramps and thresholds in the metrics.
+pub(crate) fn publish(m: &Metrics, points: &[String], c: &ActiveConfig) {
+    m.set_active(
+        c.ramps
+            .iter()
+            .zip(&c.thresholds)
+            .map(|(&r, &t)| (points[r].clone(), t))
+            .collect(),
+    );
+}
