@@ -1,11 +1,9 @@
 // Self-attention core, fused: QK^T, scale, key-length mask, softmax and PV in one kernel.
-// Grid: (batch * heads, ceil(seq / WARPS)); each warp owns one query row of one (input, head):
+// Grid: (batch * heads, ceil(seq / ATTN_WARPS)); each warp owns one query row of one (input, head):
 // its lanes split the keys for the scores (kept in shared memory), reduce max and sum with
 // shuffles, then split the head dimension for the weighted sum of values. Padding keys are
 // never read; padding query rows are written as zeros (as the CPU backend does).
 #include "common/apparate.cuh"
-
-#define ATTN_WARPS 4
 
 template <typename T>
 __device__ void attention(const T* __restrict__ qkv, const int32_t* __restrict__ lengths,

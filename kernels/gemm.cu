@@ -10,9 +10,6 @@
 // zero-filled).
 #include "common/mma.cuh"
 
-#define GEMM_BM 64
-#define GEMM_BN 64
-
 template <typename T>
 __device__ void store_out(T* y, uint32_t M, uint32_t N, uint32_t r, uint32_t c, float v,
                           const T* bias, const T* res, int act) {
@@ -24,7 +21,7 @@ __device__ void store_out(T* y, uint32_t M, uint32_t N, uint32_t r, uint32_t c, 
     }
 }
 
-// ---- tensor cores (f16, bf16): 128 threads ---------------------------------------------------
+// ---- tensor cores (f16, bf16): GEMM_TC_THREADS (128) threads --------------------------------
 
 #define TC_BK 32
 #define TC_LD (TC_BK + 8)
@@ -45,7 +42,7 @@ __device__ void gemm_tc(const T* __restrict__ x, const T* __restrict__ w, const 
     T zero = from_f32<T>(0.0f);
     for (uint32_t k0 = 0; k0 < K; k0 += TC_BK) {
         // 64 x 32 elements of each operand, 16 per thread, k fastest.
-        for (uint32_t l = tid; l < GEMM_BM * TC_BK; l += 128) {
+        for (uint32_t l = tid; l < GEMM_BM * TC_BK; l += GEMM_TC_THREADS) {
             uint32_t r = l / TC_BK, c = l % TC_BK, k = k0 + c;
             as[r][c] = (m0 + r < M && k < K) ? x[(uint64_t)(m0 + r) * K + k] : zero;
             bs[r][c] = (n0 + r < N && k < K) ? w[(uint64_t)(n0 + r) * K + k] : zero;
@@ -80,7 +77,7 @@ __device__ void gemm_tc(const T* __restrict__ x, const T* __restrict__ w, const 
         }
 }
 
-// ---- SIMT (f32): 256 threads -----------------------------------------------------------------
+// ---- SIMT (f32): GEMM_SIMT_THREADS (256) threads ----------------------------------------------
 
 #define F32_BK 16
 
@@ -95,7 +92,7 @@ __device__ void gemm_simt(const float* __restrict__ x, const float* __restrict__
     for (int i = 0; i < 4; i++)
         for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
     for (uint32_t k0 = 0; k0 < K; k0 += F32_BK) {
-        for (uint32_t l = tid; l < GEMM_BM * F32_BK; l += 256) {
+        for (uint32_t l = tid; l < GEMM_BM * F32_BK; l += GEMM_SIMT_THREADS) {
             uint32_t r = l / F32_BK, c = l % F32_BK, k = k0 + c;
             as[c][r] = (m0 + r < M && k < K) ? x[(uint64_t)(m0 + r) * K + k] : 0.0f;
             bs[c][r] = (n0 + r < N && k < K) ? w[(uint64_t)(n0 + r) * K + k] : 0.0f;

@@ -5,9 +5,6 @@
 // batches without recompiling or re-capturing anything).
 #include "common/apparate.cuh"
 
-#define RAMP_MEAN 0
-#define RAMP_FIRST 1
-
 template <typename T>
 __device__ void ramp_exit(const T* __restrict__ x, const int32_t* __restrict__ lengths,
                           const T* __restrict__ dense_w, const T* __restrict__ dense_b,
@@ -15,13 +12,13 @@ __device__ void ramp_exit(const T* __restrict__ x, const int32_t* __restrict__ l
                           const T* __restrict__ threshold, int32_t* __restrict__ cls,
                           float* __restrict__ uncertainty, int32_t* __restrict__ exits,
                           uint32_t positions, uint32_t width, uint32_t classes, int mode) {
-    DYN_SHARED(float, smem);  // pooled[width], hidden[width], logits[classes], scratch[32]
+    DYN_SHARED(float, smem);  // pooled[width], hidden[width], logits[classes], scratch[ROW_SCRATCH]
     float* pooled = smem;
     float* hidden = smem + width;
     float* logits = hidden + width;
     float* scratch = logits + classes;
     uint32_t b = blockIdx.x;
-    uint32_t len = mode == RAMP_FIRST ? 1u : (uint32_t)lengths[b];
+    uint32_t len = mode == POOL_CLS ? 1u : (uint32_t)lengths[b];
     const T* rows = x + (uint64_t)b * positions * width;
     for (uint32_t c = threadIdx.x; c < width; c += blockDim.x) {
         float acc = 0.0f;

@@ -5,7 +5,7 @@
 // One block per row: numerically stable softmax.
 template <typename T>
 __device__ void softmax(const T* __restrict__ x, T* __restrict__ out, uint32_t cols) {
-    __shared__ float scratch[32];
+    __shared__ float scratch[ROW_SCRATCH];
     const T* r = x + (uint64_t)blockIdx.x * cols;
     float mx = -3.402823466e38f;
     for (uint32_t c = threadIdx.x; c < cols; c += blockDim.x) mx = fmaxf(mx, to_f32(r[c]));

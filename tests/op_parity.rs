@@ -1,5 +1,5 @@
-//! The all-backends op test: every op x dtype x shape on each GPU device we have (the emulated
-//! device always; a real GPU when present) against the `cpu` backend, by relative L2 error
+//! The all-backends op test: every op x dtype x shape on each GPU device (the emulated device
+//! always; a real GPU in an ignored test that tools/gpu-check.sh runs) against the `cpu` backend, by relative L2 error
 //! (f32 <= 1e-5, f16/bf16 <= 1e-2), with fresh random inputs and outputs poisoned (NaN) before
 //! every launch. Inputs are rounded to the storage dtype first, so both sides see the same values.
 
@@ -54,8 +54,8 @@ fn rand(rng: &mut SplitMix, n: usize, scale: f32, dt: DType) -> Vec<f32> {
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
-/// Runs `$body(name, &backend, &cpu)` on every device this machine has, in every storage dtype:
-/// the emulated GPU always, a real GPU when one is present (otherwise says why it is skipped).
+/// Runs `$body(name, &backend, &cpu)` on the emulated GPU in every storage dtype (the real GPU
+/// runs every op in `every_op_on_a_real_gpu`, ignored where there is none).
 macro_rules! on_every_device {
     ($body:ident) => {{
         let c = cpu();
@@ -64,17 +64,28 @@ macro_rules! on_every_device {
             let be = GpuBackend::shared(emu.clone(), dt).with_poisoned_outputs();
             $body(&format!("emu/{dt}"), &be, &c);
         }
-        match CudaDevice::new(CudaConfig::default()) {
-            Ok(dev) => {
-                let dev = Arc::new(dev);
-                for dt in DTYPES {
-                    let be = GpuBackend::shared(dev.clone(), dt).with_poisoned_outputs();
-                    $body(&format!("cuda/{dt}"), &be, &c);
-                }
-            }
-            Err(e) => eprintln!("cuda: skipped, no GPU here ({e})"),
-        }
     }};
+}
+
+/// Every op of this file on a real GPU, in every storage dtype, against the CPU backend.
+#[test]
+#[ignore = "needs a CUDA GPU: run by tools/gpu-check.sh"]
+fn every_op_on_a_real_gpu() {
+    let c = cpu();
+    let dev = CudaDevice::new(CudaConfig::default())
+        .unwrap_or_else(|e| panic!("needs a CUDA GPU (tools/gpu-check.sh runs this): {e}"));
+    let dev = Arc::new(dev);
+    for dt in DTYPES {
+        let be = GpuBackend::shared(dev.clone(), dt).with_poisoned_outputs();
+        let name = format!("cuda/{dt}");
+        linear(&name, &be, &c);
+        layernorm(&name, &be, &c);
+        attention(&name, &be, &c);
+        embedding(&name, &be, &c);
+        pooling_normalize_softmax(&name, &be, &c);
+        conv_and_pool(&name, &be, &c);
+        ramp(&name, &be, &c);
+    }
 }
 
 fn check(name: &str, case: &str, dt: DType, got: Vec<f32>, want: Vec<f32>) {
@@ -462,7 +473,7 @@ fn conv_and_pooling_all_dtypes_and_shapes() {
 }
 
 fn ramp<D: Device>(name: &str, be: &GpuBackend<D>, c: &CpuBackend) {
-    use apparate::backend::RampWeights;
+    use apparate::backend::{RampInput, RampWeights};
     let dt = be.dtype();
     let case = Case { be, cpu: c, dt };
     let mut rng = SplitMix::new(17);
@@ -495,9 +506,19 @@ fn ramp<D: Device>(name: &str, be: &GpuBackend<D>, c: &CpuBackend) {
         };
         // A threshold between two of the CPU's uncertainties, so some inputs exit and some don't.
         let (_, t1) = case.up(&[2.0], &[1]);
-        let probe = c
-            .ramp_exit(&xc, positions, &lengths, pooling, &head_c, &t1)
-            .unwrap();
+        let input_c = RampInput {
+            x: &xc,
+            positions,
+            lengths: &lengths,
+            pooling,
+        };
+        let input_g = RampInput {
+            x: &xg,
+            positions,
+            lengths: &lengths,
+            pooling,
+        };
+        let probe = c.ramp_exit(&input_c, &head_c, &t1).unwrap();
         let mut us: Vec<f32> = probe.iter().map(|d| d.uncertainty).collect();
         us.sort_by(f32::total_cmp);
         let t = if us.len() > 1 {
@@ -507,16 +528,12 @@ fn ramp<D: Device>(name: &str, be: &GpuBackend<D>, c: &CpuBackend) {
         };
         let t = rand_exact(t, dt);
         let (tg, tc) = case.up(&[t], &[1]);
-        let want = c
-            .ramp_exit(&xc, positions, &lengths, pooling, &head_c, &tc)
-            .unwrap();
-        let got = be
-            .ramp_exit(&xg, positions, &lengths, pooling, &head_g, &tg)
-            .unwrap();
+        let want = c.ramp_exit(&input_c, &head_c, &tc).unwrap();
+        let got = be.ramp_exit(&input_g, &head_g, &tg).unwrap();
         let what = format!("ramp_exit {positions}x{width}->{classes} {pooling:?} dense={dense}");
         // The asynchronous path (pinned copy + event on cuda) brings back the same bytes.
         let later = be
-            .ramp_exit_async(&xg, positions, &lengths, pooling, &head_g, &tg)
+            .ramp_exit_async(&input_g, &head_g, &tg)
             .unwrap()
             .wait()
             .unwrap();

@@ -4,6 +4,8 @@
 // device, see kernels/emu/).
 #pragma once
 
+#include "params.cuh"
+
 #ifdef APPARATE_EMU
 #include "../emu/emu.h"
 #define APPARATE_DEVICE inline
@@ -159,12 +161,7 @@ APPARATE_DEVICE void layernorm_shared_row(const float* row, float local, uint32_
         out[c] = from_f32<T>((row[c] - mean) * inv * to_f32(gamma[c]) + to_f32(beta[c]));
 }
 
-// Activations fused into epilogues. Codes match the Rust side (backend::gpu::ops).
-#define ACT_NONE 0
-#define ACT_GELU_ERF 1
-#define ACT_TANH 2
-#define ACT_RELU 3
-#define ACT_RELU6 4
+// Activations fused into epilogues; the ACT_* codes are in params.cuh.
 APPARATE_DEVICE float activate(float x, int act) {
     if (act == ACT_GELU_ERF) return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
     if (act == ACT_TANH) return tanhf(x);

@@ -5,7 +5,11 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{Activation, Backend, BatchShape, Conv2d, Pool2d, Pooling, RampDecision, RampWeights};
+use super::op_check::{
+    AttentionCall, ConvCall, EmbedCall, GlobalPoolCall, LayerNormCall, LinearCall, Pool2dCall,
+    PoolCall, RampCall, RowsCall,
+};
+use super::{Backend, PendingDecisions, RampDecision};
 use crate::error::{Error, Result};
 use crate::tensor::TensorView;
 
@@ -48,15 +52,18 @@ impl<B: Backend> Faulty<B> {
         }
         let n = self.plan.calls.fetch_add(1, Ordering::Relaxed) + 1;
         if n.is_multiple_of(every) {
-            return Err(Error::Backend {
-                backend: "faulty",
-                reason: format!("injected failure of `{op}` (call {n})"),
-            });
+            return Err(Error::device(
+                "faulty",
+                format!("`{op}`"),
+                format!("injected failure (call {n})"),
+            ));
         }
         Ok(())
     }
 }
 
+/// Forwards every op to the wrapped backend after [`Faulty::tick`]; the arguments were checked
+/// once already, by the op method that built the call.
 impl<B: Backend> Backend for Faulty<B> {
     type Tensor = B::Tensor;
 
@@ -69,8 +76,8 @@ impl<B: Backend> Backend for Faulty<B> {
     fn synchronize(&self) -> Result<()> {
         self.inner.synchronize()
     }
-    fn upload(&self, values: &[f32], shape: &[usize]) -> Result<Self::Tensor> {
-        self.inner.upload(values, shape)
+    fn run_upload(&self, values: &[f32], shape: &[usize]) -> Result<Self::Tensor> {
+        self.inner.run_upload(values, shape)
     }
     fn load_weight(&self, view: &TensorView<'_>) -> Result<Self::Tensor> {
         self.inner.load_weight(view)
@@ -81,99 +88,58 @@ impl<B: Backend> Backend for Faulty<B> {
     fn shape<'t>(&self, t: &'t Self::Tensor) -> &'t [usize] {
         self.inner.shape(t)
     }
-    fn linear(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Tensor,
-        b: Option<&Self::Tensor>,
-        act: Activation,
-    ) -> Result<Self::Tensor> {
+    fn run_reshape(&self, t: Self::Tensor, shape: &[usize]) -> Result<Self::Tensor> {
+        self.inner.run_reshape(t, shape)
+    }
+    fn run_linear(&self, c: LinearCall<'_, Self::Tensor>) -> Result<Self::Tensor> {
         self.tick("linear")?;
-        self.inner.linear(x, w, b, act)
+        self.inner.run_linear(c)
     }
-    fn add_layernorm(
-        &self,
-        x: &Self::Tensor,
-        residual: &Self::Tensor,
-        gamma: &Self::Tensor,
-        beta: &Self::Tensor,
-        eps: f32,
-    ) -> Result<Self::Tensor> {
+    fn run_add_layernorm(&self, c: LayerNormCall<'_, Self::Tensor>) -> Result<Self::Tensor> {
         self.tick("add_layernorm")?;
-        self.inner.add_layernorm(x, residual, gamma, beta, eps)
+        self.inner.run_add_layernorm(c)
     }
-    fn attention(
-        &self,
-        qkv: &Self::Tensor,
-        shape: &BatchShape,
-        heads: usize,
-    ) -> Result<Self::Tensor> {
+    fn run_attention(&self, c: AttentionCall<'_, Self::Tensor>) -> Result<Self::Tensor> {
         self.tick("attention")?;
-        self.inner.attention(qkv, shape, heads)
+        self.inner.run_attention(c)
     }
-    fn embed(
-        &self,
-        ids: &[u32],
-        type_ids: &[u32],
-        shape: &BatchShape,
-        word: &Self::Tensor,
-        position: &Self::Tensor,
-        token_type: &Self::Tensor,
-        gamma: &Self::Tensor,
-        beta: &Self::Tensor,
-        eps: f32,
-    ) -> Result<Self::Tensor> {
+    fn run_embed(&self, c: EmbedCall<'_, Self::Tensor>) -> Result<Self::Tensor> {
         self.tick("embed")?;
-        self.inner.embed(
-            ids, type_ids, shape, word, position, token_type, gamma, beta, eps,
-        )
+        self.inner.run_embed(c)
     }
-    fn pool(&self, x: &Self::Tensor, shape: &BatchShape, kind: Pooling) -> Result<Self::Tensor> {
+    fn run_pool(&self, c: PoolCall<'_, Self::Tensor>) -> Result<Self::Tensor> {
         self.tick("pool")?;
-        self.inner.pool(x, shape, kind)
+        self.inner.run_pool(c)
     }
-    fn l2_normalize(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
+    fn run_l2_normalize(&self, c: RowsCall<'_, Self::Tensor>) -> Result<Self::Tensor> {
         self.tick("l2_normalize")?;
-        self.inner.l2_normalize(x)
+        self.inner.run_l2_normalize(c)
     }
-    fn softmax(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
+    fn run_softmax(&self, c: RowsCall<'_, Self::Tensor>) -> Result<Self::Tensor> {
         self.tick("softmax")?;
-        self.inner.softmax(x)
+        self.inner.run_softmax(c)
     }
-    fn conv2d(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Tensor,
-        b: Option<&Self::Tensor>,
-        p: &Conv2d,
-        residual: Option<&Self::Tensor>,
-        act: Activation,
-    ) -> Result<Self::Tensor> {
+    fn run_conv2d(&self, c: ConvCall<'_, Self::Tensor>) -> Result<Self::Tensor> {
         self.tick("conv2d")?;
-        self.inner.conv2d(x, w, b, p, residual, act)
+        self.inner.run_conv2d(c)
     }
-    fn reshape(&self, t: Self::Tensor, shape: &[usize]) -> Result<Self::Tensor> {
-        self.inner.reshape(t, shape)
-    }
-    fn pool2d(&self, x: &Self::Tensor, p: &Pool2d) -> Result<Self::Tensor> {
+    fn run_pool2d(&self, c: Pool2dCall<'_, Self::Tensor>) -> Result<Self::Tensor> {
         self.tick("pool2d")?;
-        self.inner.pool2d(x, p)
+        self.inner.run_pool2d(c)
     }
-    fn global_avg_pool(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
+    fn run_global_avg_pool(&self, c: GlobalPoolCall<'_, Self::Tensor>) -> Result<Self::Tensor> {
         self.tick("global_avg_pool")?;
-        self.inner.global_avg_pool(x)
+        self.inner.run_global_avg_pool(c)
     }
-    fn ramp_exit(
-        &self,
-        x: &Self::Tensor,
-        positions: usize,
-        lengths: &[usize],
-        pooling: Pooling,
-        head: &RampWeights<'_, Self::Tensor>,
-        threshold: &Self::Tensor,
-    ) -> Result<Vec<RampDecision>> {
+    fn run_ramp_exit(&self, c: RampCall<'_, Self::Tensor>) -> Result<Vec<RampDecision>> {
         self.tick("ramp_exit")?;
-        self.inner
-            .ramp_exit(x, positions, lengths, pooling, head, threshold)
+        self.inner.run_ramp_exit(c)
+    }
+    fn run_ramp_exit_async(
+        &self,
+        c: RampCall<'_, Self::Tensor>,
+    ) -> Result<Box<dyn PendingDecisions>> {
+        self.tick("ramp_exit")?;
+        self.inner.run_ramp_exit_async(c)
     }
 }

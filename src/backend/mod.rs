@@ -11,11 +11,16 @@ mod entry_points;
 pub mod faulty;
 pub mod gpu;
 pub mod kernel_sources;
+pub mod op_check;
 
 use crate::error::Result;
 use crate::tensor::TensorView;
 
 pub use cpu::{CpuBackend, CpuConfig};
+pub use op_check::{
+    AttentionCall, ConvCall, EmbedCall, EmbeddingTables, GlobalPoolCall, LayerNormCall, LinearCall,
+    Pool2dCall, PoolCall, RampCall, RampInput, RowsCall,
+};
 
 /// Activation fused into the epilogue of [`Backend::linear`].
 #[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -31,15 +36,17 @@ pub enum Activation {
 }
 
 impl Activation {
-    /// The code the kernels use (`ACT_*` in kernels/common/apparate.cuh).
+    /// The code the kernels use (`ACT_*` in kernels/common/params.cuh).
     pub fn code(self) -> i32 {
-        match self {
-            Activation::None => 0,
-            Activation::GeluErf => 1,
-            Activation::Tanh => 2,
-            Activation::Relu => 3,
-            Activation::Relu6 => 4,
-        }
+        use gpu::params;
+        let code = match self {
+            Activation::None => params::ACT_NONE,
+            Activation::GeluErf => params::ACT_GELU_ERF,
+            Activation::Tanh => params::ACT_TANH,
+            Activation::Relu => params::ACT_RELU,
+            Activation::Relu6 => params::ACT_RELU6,
+        };
+        code as i32
     }
 }
 
@@ -120,67 +127,13 @@ impl BatchShape {
     }
 }
 
-/// Checks an embedding call before any table is indexed: the tables' shapes agree, and the token
-/// ids (user input) are inside them. Returns the width. Shared by every backend.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn check_embedding(
-    ids: &[u32],
-    type_ids: &[u32],
-    shape: &BatchShape,
-    word: &[usize],
-    position: &[usize],
-    token_type: &[usize],
-    gamma: &[usize],
-    beta: &[usize],
-) -> std::result::Result<usize, String> {
-    let width = word.last().copied().unwrap_or(0);
-    for (what, t) in [
-        ("word", word),
-        ("position", position),
-        ("token type", token_type),
-    ] {
-        if t.len() != 2 || t[0] == 0 || t[1] != width || width == 0 {
-            return Err(format!(
-                "embed {what} table: shape {t:?} is not [rows, {width}]"
-            ));
-        }
-    }
-    for (what, t) in [("gamma", gamma), ("beta", beta)] {
-        if t != [width] {
-            return Err(format!("embed {what}: shape {t:?}, expected [{width}]"));
-        }
-    }
-    let (vocab, types, positions) = (word[0], token_type[0], position[0]);
-    let rows = shape.rows();
-    if ids.len() != rows || type_ids.len() != rows {
-        return Err(format!(
-            "embed: {} ids and {} type ids for {rows} positions",
-            ids.len(),
-            type_ids.len()
-        ));
-    }
-    if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-        return Err(format!(
-            "token id {bad} is outside the vocabulary of {vocab}"
-        ));
-    }
-    if let Some(bad) = type_ids.iter().find(|&&i| i as usize >= types) {
-        return Err(format!("token type id {bad} is outside 0..{types}"));
-    }
-    if shape.seq > positions {
-        return Err(format!(
-            "sequence of {} positions is longer than the model's {positions}",
-            shape.seq
-        ));
-    }
-    if let Some(&bad) = shape.lengths.iter().find(|&&l| l == 0 || l > shape.seq) {
-        return Err(format!("length {bad} outside 1..={}", shape.seq));
-    }
-    Ok(width)
-}
-
 /// The ops a backend provides, each with its fusion boundary fixed here so every backend fuses
 /// the same way (and the parity harness compares like with like).
+///
+/// Callers use the op methods (`linear`, `conv2d`, ...). Each checks its arguments in
+/// [`op_check`] and passes the checked call to the backend's `run_*` method; a backend implements
+/// only those, and must not override the op methods (the checks would then differ between
+/// backends again).
 pub trait Backend: Send + Sync {
     /// A tensor resident on this backend: row-major, f32 semantics.
     type Tensor: Send + Sync;
@@ -198,9 +151,6 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
-    /// Copies host values into a new tensor of `shape`.
-    fn upload(&self, values: &[f32], shape: &[usize]) -> Result<Self::Tensor>;
-
     /// Loads a weight from its file storage. The CPU upcasts f16/bf16 to f32 here, once.
     fn load_weight(&self, view: &TensorView<'_>) -> Result<Self::Tensor> {
         self.upload(&view.to_f32(), view.shape)
@@ -211,6 +161,45 @@ pub trait Backend: Send + Sync {
 
     fn shape<'t>(&self, t: &'t Self::Tensor) -> &'t [usize];
 
+    // ---- what a backend implements: the ops on checked arguments ----------------------------
+
+    /// [`Backend::upload`] with `values.len()` equal to the shape's element count.
+    fn run_upload(&self, values: &[f32], shape: &[usize]) -> Result<Self::Tensor>;
+    /// [`Backend::reshape`] to a shape of the same element count.
+    fn run_reshape(&self, t: Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
+    fn run_linear(&self, c: LinearCall<'_, Self::Tensor>) -> Result<Self::Tensor>;
+    fn run_add_layernorm(&self, c: LayerNormCall<'_, Self::Tensor>) -> Result<Self::Tensor>;
+    fn run_attention(&self, c: AttentionCall<'_, Self::Tensor>) -> Result<Self::Tensor>;
+    fn run_embed(&self, c: EmbedCall<'_, Self::Tensor>) -> Result<Self::Tensor>;
+    fn run_pool(&self, c: PoolCall<'_, Self::Tensor>) -> Result<Self::Tensor>;
+    fn run_l2_normalize(&self, c: RowsCall<'_, Self::Tensor>) -> Result<Self::Tensor>;
+    fn run_softmax(&self, c: RowsCall<'_, Self::Tensor>) -> Result<Self::Tensor>;
+    fn run_conv2d(&self, c: ConvCall<'_, Self::Tensor>) -> Result<Self::Tensor>;
+    fn run_pool2d(&self, c: Pool2dCall<'_, Self::Tensor>) -> Result<Self::Tensor>;
+    fn run_global_avg_pool(&self, c: GlobalPoolCall<'_, Self::Tensor>) -> Result<Self::Tensor>;
+    fn run_ramp_exit(&self, c: RampCall<'_, Self::Tensor>) -> Result<Vec<RampDecision>>;
+    /// Synchronous backends need not implement it: their decisions are ready at once.
+    fn run_ramp_exit_async(
+        &self,
+        c: RampCall<'_, Self::Tensor>,
+    ) -> Result<Box<dyn PendingDecisions>> {
+        Ok(Box::new(ReadyDecisions(self.run_ramp_exit(c)?)))
+    }
+
+    // ---- what callers use: checked once, here, for every backend ----------------------------
+
+    /// Copies host values into a new tensor of `shape`.
+    fn upload(&self, values: &[f32], shape: &[usize]) -> Result<Self::Tensor> {
+        op_check::upload(values.len(), shape)?;
+        self.run_upload(values, shape)
+    }
+
+    /// The same elements under another shape (no copy).
+    fn reshape(&self, t: Self::Tensor, shape: &[usize]) -> Result<Self::Tensor> {
+        op_check::reshape(self.shape(&t), shape)?;
+        self.run_reshape(t, shape)
+    }
+
     /// `act(x W^T + b)`: `x` [m, k], `w` [n, k] (PyTorch `Linear` layout), `b` [n] -> [m, n].
     fn linear(
         &self,
@@ -218,7 +207,9 @@ pub trait Backend: Send + Sync {
         w: &Self::Tensor,
         b: Option<&Self::Tensor>,
         act: Activation,
-    ) -> Result<Self::Tensor>;
+    ) -> Result<Self::Tensor> {
+        self.run_linear(op_check::linear(self, x, w, b, act)?)
+    }
 
     /// `LayerNorm(x + residual) * gamma + beta`, row-wise over the last dimension.
     fn add_layernorm(
@@ -228,7 +219,11 @@ pub trait Backend: Send + Sync {
         gamma: &Self::Tensor,
         beta: &Self::Tensor,
         eps: f32,
-    ) -> Result<Self::Tensor>;
+    ) -> Result<Self::Tensor> {
+        self.run_add_layernorm(op_check::add_layernorm(
+            self, x, residual, gamma, beta, eps,
+        )?)
+    }
 
     /// Multi-head self-attention core: from fused `qkv` [rows, 3 * width] (Q | K | V, heads
     /// contiguous within each) to the context [rows, width]: `softmax(Q K^T / sqrt(d)) V` with
@@ -238,7 +233,9 @@ pub trait Backend: Send + Sync {
         qkv: &Self::Tensor,
         shape: &BatchShape,
         heads: usize,
-    ) -> Result<Self::Tensor>;
+    ) -> Result<Self::Tensor> {
+        self.run_attention(op_check::attention(self, qkv, shape, heads)?)
+    }
 
     /// `LayerNorm(word[id] + position[p] + token_type[type])` for every row of the batch.
     #[allow(clippy::too_many_arguments)]
@@ -253,16 +250,31 @@ pub trait Backend: Send + Sync {
         gamma: &Self::Tensor,
         beta: &Self::Tensor,
         eps: f32,
-    ) -> Result<Self::Tensor>;
+    ) -> Result<Self::Tensor> {
+        let tables = EmbeddingTables {
+            word,
+            position,
+            token_type,
+            gamma,
+            beta,
+        };
+        self.run_embed(op_check::embed(self, ids, type_ids, shape, tables, eps)?)
+    }
 
     /// Token states [rows, width] -> one vector per input [batch, width].
-    fn pool(&self, x: &Self::Tensor, shape: &BatchShape, kind: Pooling) -> Result<Self::Tensor>;
+    fn pool(&self, x: &Self::Tensor, shape: &BatchShape, kind: Pooling) -> Result<Self::Tensor> {
+        self.run_pool(op_check::pool(self, x, shape, kind)?)
+    }
 
     /// Row-wise `x / max(||x||, 1e-12)`.
-    fn l2_normalize(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    fn l2_normalize(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
+        self.run_l2_normalize(op_check::rows(self, "l2_normalize", x)?)
+    }
 
     /// Row-wise softmax.
-    fn softmax(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    fn softmax(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
+        self.run_softmax(op_check::rows(self, "softmax", x)?)
+    }
 
     /// `act(conv2d(x, w) + b + residual)` over NHWC: `x` [n, h, w, cin], `w` [cout, kh, kw,
     /// cin / groups], `b` [cout], `residual` (if any) shaped like the output [n, oh, ow, cout].
@@ -274,47 +286,42 @@ pub trait Backend: Send + Sync {
         p: &Conv2d,
         residual: Option<&Self::Tensor>,
         act: Activation,
-    ) -> Result<Self::Tensor>;
-
-    /// The same elements under another shape (no copy).
-    fn reshape(&self, t: Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
+    ) -> Result<Self::Tensor> {
+        self.run_conv2d(op_check::conv2d(self, x, w, b, p, residual, act)?)
+    }
 
     /// Max or average pooling over NHWC windows.
-    fn pool2d(&self, x: &Self::Tensor, p: &Pool2d) -> Result<Self::Tensor>;
+    fn pool2d(&self, x: &Self::Tensor, p: &Pool2d) -> Result<Self::Tensor> {
+        self.run_pool2d(op_check::pool2d(self, x, p)?)
+    }
 
     /// [n, h, w, c] -> [n, c], the mean over every pixel.
-    fn global_avg_pool(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    fn global_avg_pool(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
+        self.run_global_avg_pool(op_check::global_avg_pool(self, x)?)
+    }
 
-    /// The fused ramp + exit check on a stage output `x` viewed as [batch, positions, width]
-    /// (token states: positions = sequence; NHWC images: positions = h * w), pooled over each
-    /// input's first `lengths[b]` positions (`Mean`) or its first position (`Cls`), through the
-    /// ramp head, softmax, and the exit test against `threshold` (a [1] tensor in device memory).
+    /// The fused ramp + exit check on a stage output (see [`RampInput`]), through the ramp
+    /// head, softmax, and the exit test against `threshold` (a [1] tensor in device memory).
     fn ramp_exit(
         &self,
-        x: &Self::Tensor,
-        positions: usize,
-        lengths: &[usize],
-        pooling: Pooling,
+        input: &RampInput<'_, Self::Tensor>,
         head: &RampWeights<'_, Self::Tensor>,
         threshold: &Self::Tensor,
-    ) -> Result<Vec<RampDecision>>;
+    ) -> Result<Vec<RampDecision>> {
+        self.run_ramp_exit(op_check::ramp(self, input, head, threshold)?)
+    }
 
     /// [`Backend::ramp_exit`] without waiting: the decisions travel to the host while the
     /// backend goes on with later work; [`PendingDecisions::wait`] blocks until they are there
-    /// (engine.md section 5: on a GPU, an async copy into pinned memory and an event; on a
-    /// synchronous backend they are ready at once).
-    #[allow(clippy::too_many_arguments)]
+    /// (on a GPU, an asynchronous copy into pinned memory and an event; on a synchronous
+    /// backend they are ready at once).
     fn ramp_exit_async(
         &self,
-        x: &Self::Tensor,
-        positions: usize,
-        lengths: &[usize],
-        pooling: Pooling,
+        input: &RampInput<'_, Self::Tensor>,
         head: &RampWeights<'_, Self::Tensor>,
         threshold: &Self::Tensor,
     ) -> Result<Box<dyn PendingDecisions>> {
-        let d = self.ramp_exit(x, positions, lengths, pooling, head, threshold)?;
-        Ok(Box::new(ReadyDecisions(d)))
+        self.run_ramp_exit_async(op_check::ramp(self, input, head, threshold)?)
     }
 }
 
@@ -367,128 +374,9 @@ pub struct RampWeights<'a, T> {
     pub out: (&'a T, &'a T),
 }
 
-/// Checks a ramp call's shapes; returns (batch, width, classes).
-pub(crate) fn check_ramp(
-    x: &[usize],
-    positions: usize,
-    lengths: &[usize],
-    dense: Option<(&[usize], &[usize])>,
-    out: (&[usize], &[usize]),
-    threshold: &[usize],
-) -> std::result::Result<(usize, usize, usize), String> {
-    let width = x.last().copied().unwrap_or(0);
-    let rows = x.iter().product::<usize>() / width.max(1);
-    let batch = lengths.len();
-    if width == 0 || positions == 0 || rows != batch * positions {
-        return Err(format!(
-            "ramp: input {x:?} is not {batch} inputs x {positions} positions x width"
-        ));
-    }
-    if let Some(&bad) = lengths.iter().find(|&&l| l == 0 || l > positions) {
-        return Err(format!("ramp: length {bad} outside 1..={positions}"));
-    }
-    if let Some((w, b)) = dense
-        && (w != [width, width] || b != [width])
-    {
-        return Err(format!(
-            "ramp: dense layer {w:?} / {b:?}, expected [{width}, {width}] / [{width}]"
-        ));
-    }
-    let classes = out.0.first().copied().unwrap_or(0);
-    if classes == 0 || out.0 != [classes, width] || out.1 != [classes] {
-        return Err(format!(
-            "ramp: classifier {:?} / {:?} does not read width {width}",
-            out.0, out.1
-        ));
-    }
-    if threshold != [1] {
-        return Err(format!("ramp: threshold shape {threshold:?}, expected [1]"));
-    }
-    Ok((batch, width, classes))
-}
-
-/// Checks a convolution's shapes (shared by every backend); returns (n, h, w, cin, cout, kh, kw,
-/// oh, ow).
-pub(crate) fn check_conv(
-    x: &[usize],
-    w: &[usize],
-    b: Option<&[usize]>,
-    p: &Conv2d,
-    residual: Option<&[usize]>,
-) -> std::result::Result<[usize; 9], String> {
-    if x.len() != 4 || w.len() != 4 {
-        return Err(format!(
-            "conv2d: input {x:?} and weight {w:?} must be 4-D (NHWC, [cout, kh, kw, cin/groups])"
-        ));
-    }
-    let (n, h, wd, cin) = (x[0], x[1], x[2], x[3]);
-    let (cout, kh, kw, cg) = (w[0], w[1], w[2], w[3]);
-    if p.groups == 0
-        || !cin.is_multiple_of(p.groups)
-        || !cout.is_multiple_of(p.groups)
-        || cg * p.groups != cin
-    {
-        return Err(format!(
-            "conv2d: {cin} input channels, weight {w:?} and {} groups do not agree",
-            p.groups
-        ));
-    }
-    if p.stride.contains(&0) || kh == 0 || kw == 0 {
-        return Err(format!(
-            "conv2d: zero stride {:?} or kernel {kh}x{kw}",
-            p.stride
-        ));
-    }
-    let (oh, ow) = p.output_size(h, wd, kh, kw).ok_or_else(|| {
-        format!(
-            "conv2d: a {kh}x{kw} kernel does not fit a {h}x{wd} input padded by {:?}",
-            p.padding
-        )
-    })?;
-    if let Some(b) = b
-        && b != [cout]
-    {
-        return Err(format!("conv2d: bias shape {b:?}, expected [{cout}]"));
-    }
-    if let Some(r) = residual
-        && r != [n, oh, ow, cout]
-    {
-        return Err(format!(
-            "conv2d: residual shape {r:?}, expected {:?}",
-            [n, oh, ow, cout]
-        ));
-    }
-    Ok([n, h, wd, cin, cout, kh, kw, oh, ow])
-}
-
-/// Checks a pooling's shapes; returns (n, h, w, c, oh, ow).
+/// A pooling window's output geometry for the CNN config check: (n, h, w, c, oh, ow) or what is
+/// wrong, as text (that check reports strings).
 pub(crate) fn check_pool(x: &[usize], p: &Pool2d) -> std::result::Result<[usize; 6], String> {
-    if x.len() != 4 {
-        return Err(format!("pool2d: input {x:?} must be 4-D (NHWC)"));
-    }
-    if p.stride.contains(&0)
-        || p.kernel.contains(&0)
-        || p.padding[0] * 2 > p.kernel[0]
-        || p.padding[1] * 2 > p.kernel[1]
-    {
-        return Err(format!(
-            "pool2d: kernel {:?}, stride {:?}, padding {:?} are not a valid window",
-            p.kernel, p.stride, p.padding
-        ));
-    }
-    let c = Conv2d {
-        stride: p.stride,
-        padding: p.padding,
-        groups: 1,
-        padding_extra: [0, 0],
-    };
-    let (oh, ow) = c
-        .output_size(x[1], x[2], p.kernel[0], p.kernel[1])
-        .ok_or_else(|| {
-            format!(
-                "pool2d: a {:?} window does not fit a {}x{} input",
-                p.kernel, x[1], x[2]
-            )
-        })?;
-    Ok([x[0], x[1], x[2], x[3], oh, ow])
+    let d = op_check::pool2d_dims(x, p).map_err(|e| e.to_string())?;
+    Ok([d.n, d.h, d.w, d.c, d.oh, d.ow])
 }

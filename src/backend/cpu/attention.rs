@@ -4,8 +4,8 @@
 
 use rayon::prelude::*;
 
-use super::pool::softmax_in_place;
 use super::simd::multiversion;
+use super::softmax::softmax_in_place;
 use crate::backend::BatchShape;
 
 /// Lets parallel tasks write disjoint parts of one output buffer.

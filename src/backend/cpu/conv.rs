@@ -64,7 +64,7 @@ fn im2col(x: &[f32], dims: [usize; 9], p: &Conv2d) -> Vec<f32> {
     cols
 }
 
-/// `act(conv(x, w) + b + residual)`; `dims` from `check_conv`.
+/// `act(conv(x, w) + b + residual)`; `dims` from `op_check::conv_dims`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn conv2d(
     x: &[f32],
@@ -200,7 +200,7 @@ fn apply(v: f32, act: Activation) -> f32 {
     }
 }
 
-/// Max / average pooling; `dims` = (n, h, w, c, oh, ow) from `check_pool`.
+/// Max / average pooling; `dims` = (n, h, w, c, oh, ow) from `op_check::pool2d_dims`.
 pub(crate) fn pool2d(x: &[f32], dims: [usize; 6], p: &Pool2d) -> Vec<f32> {
     let [_, h, w, c, oh, ow] = dims;
     let mut out = vec![0.0f32; dims[0] * oh * ow * c];
@@ -249,7 +249,7 @@ pub(crate) fn global_avg_pool(x: &[f32], n: usize, hw: usize, c: usize) -> Vec<f
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::check_conv;
+    use crate::backend::op_check::conv_dims;
 
     fn data(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
@@ -274,14 +274,15 @@ mod tests {
             let x = data(2 * h * w * cin, 1);
             let wt = data(cout * k * k * cin, 2);
             let b = data(cout, 3);
-            let dims = check_conv(
+            let dims = conv_dims(
                 &[2, h, w, cin],
                 &[cout, k, k, cin],
                 Some(&[cout]),
                 &geo,
                 None,
             )
-            .unwrap();
+            .unwrap()
+            .to_array();
             let fast = conv2d(
                 &x,
                 &wt,
@@ -311,7 +312,9 @@ mod tests {
             groups: 2,
             padding_extra: [0, 0],
         };
-        let dims = check_conv(&[1, 3, 3, 2], &[2, 3, 3, 1], None, &geo, None).unwrap();
+        let dims = conv_dims(&[1, 3, 3, 2], &[2, 3, 3, 1], None, &geo, None)
+            .unwrap()
+            .to_array();
         let out = conv2d(
             &x,
             &wt,

@@ -10,18 +10,69 @@ mod norm;
 mod pool;
 mod ramp;
 mod simd;
+mod softmax;
 
 use std::sync::Arc;
 
-use super::{Activation, Backend, BatchShape, Conv2d, Pool2d, Pooling, RampDecision, RampWeights};
+use super::op_check::{
+    AttentionCall, ConvCall, EmbedCall, GlobalPoolCall, LayerNormCall, LinearCall, Pool2dCall,
+    PoolCall, RampCall, RowsCall,
+};
+use super::{Backend, RampDecision};
 use crate::error::{Error, Result};
 
 /// Settings of the CPU backend.
 #[derive(Clone, Debug, Default)]
 pub struct CpuConfig {
-    /// Worker threads. Default (`None`): the number of logical cores, or `APPARATE_THREADS`
-    /// when that environment variable is set.
+    /// Worker threads: 1 ..= [`CpuConfig::max_threads`]. Default (`None`): the number of
+    /// logical cores, or `APPARATE_THREADS` when that environment variable is set.
     pub threads: Option<usize>,
+}
+
+/// Never more worker threads than this, whatever the machine.
+const MAX_THREADS: usize = 1024;
+/// Nor more than this many per logical core: beyond it threads only cost memory and switches.
+const MAX_THREADS_PER_CORE: usize = 64;
+
+impl CpuConfig {
+    /// The most worker threads this machine accepts: 64 per logical core, at most 1024.
+    pub fn max_threads() -> usize {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        cores.saturating_mul(MAX_THREADS_PER_CORE).min(MAX_THREADS)
+    }
+
+    /// The thread count this configuration asks for, checked: `threads` (or
+    /// `APPARATE_THREADS`) within 1 ..= [`CpuConfig::max_threads`], else the core count.
+    pub fn resolve_threads(&self) -> Result<usize> {
+        let (knob, threads) = match self.threads {
+            Some(t) => ("threads", Some(t)),
+            None => match std::env::var("APPARATE_THREADS") {
+                Ok(v) => {
+                    let t = v.trim().parse::<usize>().map_err(|_| {
+                        Error::config(
+                            "APPARATE_THREADS",
+                            format!("`{v}`"),
+                            "the whole numbers (a thread count)",
+                        )
+                    })?;
+                    ("APPARATE_THREADS", Some(t))
+                }
+                Err(_) => ("threads", None),
+            },
+        };
+        let Some(t) = threads else {
+            return Ok(std::thread::available_parallelism().map_or(1, |n| n.get()));
+        };
+        let max = Self::max_threads();
+        if t == 0 || t > max {
+            return Err(Error::config(
+                knob,
+                t,
+                format!("1..={max} (64 per logical core, at most {MAX_THREADS})"),
+            ));
+        }
+        Ok(t)
+    }
 }
 
 /// A tensor in host memory. Its shape always matches its data (made only through
@@ -47,11 +98,6 @@ impl CpuTensor {
     pub fn data(&self) -> &[f32] {
         &self.data
     }
-    /// Leading dimensions flattened: (rows, last dimension).
-    fn rows_cols(&self) -> (usize, usize) {
-        let cols = self.shape.last().copied().unwrap_or(1);
-        (self.data.len() / cols.max(1), cols)
-    }
 }
 
 #[derive(Clone)]
@@ -66,35 +112,14 @@ impl std::fmt::Debug for CpuBackend {
     }
 }
 
-pub(crate) fn err(reason: impl Into<String>) -> Error {
-    Error::Backend {
-        backend: "cpu",
-        reason: reason.into(),
-    }
-}
-
 impl CpuBackend {
     pub fn new(config: CpuConfig) -> Result<CpuBackend> {
-        let from_env = || {
-            std::env::var("APPARATE_THREADS")
-                .ok()
-                .map(|v| {
-                    v.parse::<usize>()
-                        .map_err(|_| err(format!("APPARATE_THREADS=`{v}` is not a number")))
-                })
-                .transpose()
-        };
-        let threads = match config.threads {
-            Some(t) => Some(t),
-            None => from_env()?,
-        }
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .max(1);
+        let threads = config.resolve_threads()?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("apparate-cpu-{i}"))
             .build()
-            .map_err(|e| err(format!("cannot start {threads} worker threads: {e}")))?;
+            .map_err(|e| Error::device("cpu", format!("starting {threads} worker threads"), e))?;
         Ok(CpuBackend {
             pool: Arc::new(pool),
             threads,
@@ -112,16 +137,6 @@ impl CpuBackend {
             gemm::Parallelism::None
         }
     }
-}
-
-fn check_cols(what: &str, t: &CpuTensor, cols: usize) -> Result<()> {
-    if t.shape.last() != Some(&cols) {
-        return Err(err(format!(
-            "{what}: shape {:?}, last dimension must be {cols}",
-            t.shape
-        )));
-    }
-    Ok(())
 }
 
 /// The host processor's model name (Linux: /proc/cpuinfo), for device ids.
@@ -148,13 +163,7 @@ impl Backend for CpuBackend {
         format!("cpu: {}, {} threads, f32", host_cpu_name(), self.threads)
     }
 
-    fn upload(&self, values: &[f32], shape: &[usize]) -> Result<CpuTensor> {
-        if values.len() != shape.iter().product::<usize>() {
-            return Err(err(format!(
-                "upload: {} values do not fill shape {shape:?}",
-                values.len()
-            )));
-        }
+    fn run_upload(&self, values: &[f32], shape: &[usize]) -> Result<CpuTensor> {
         Ok(CpuTensor::new(shape.to_vec(), values.to_vec()))
     }
 
@@ -166,273 +175,153 @@ impl Backend for CpuBackend {
         &t.shape
     }
 
-    fn linear(
-        &self,
-        x: &CpuTensor,
-        w: &CpuTensor,
-        b: Option<&CpuTensor>,
-        act: Activation,
-    ) -> Result<CpuTensor> {
-        if w.shape.len() != 2 {
-            return Err(err(format!(
-                "linear: weight shape {:?} is not 2-D",
-                w.shape
-            )));
-        }
-        let (n, k) = (w.shape[0], w.shape[1]);
-        check_cols("linear input", x, k)?;
-        if let Some(b) = b
-            && b.shape != [n]
-        {
-            return Err(err(format!(
-                "linear: bias shape {:?}, expected [{n}]",
-                b.shape
-            )));
-        }
-        let (m, _) = x.rows_cols();
-        let par = self.par();
-        let data = self.pool.install(|| {
-            linear::linear(
-                &x.data,
-                &w.data,
-                b.map(|b| b.data.as_slice()),
-                None,
-                m,
-                n,
-                k,
-                act,
-                par,
-            )
-        });
-        let mut shape = x.shape.clone();
-        *shape.last_mut().expect("checked non-empty") = n;
-        Ok(CpuTensor::new(shape, data))
-    }
-
-    fn add_layernorm(
-        &self,
-        x: &CpuTensor,
-        residual: &CpuTensor,
-        gamma: &CpuTensor,
-        beta: &CpuTensor,
-        eps: f32,
-    ) -> Result<CpuTensor> {
-        if x.shape != residual.shape {
-            return Err(err(format!(
-                "add_layernorm: shapes {:?} and {:?} differ",
-                x.shape, residual.shape
-            )));
-        }
-        let (_, cols) = x.rows_cols();
-        if cols == 0 {
-            return Err(err("add_layernorm: rows of width 0"));
-        }
-        check_cols("add_layernorm gamma", gamma, cols)?;
-        check_cols("add_layernorm beta", beta, cols)?;
-        let data = self.pool.install(|| {
-            norm::add_layernorm(&x.data, &residual.data, &gamma.data, &beta.data, cols, eps)
-        });
-        Ok(CpuTensor::new(x.shape.clone(), data))
-    }
-
-    fn attention(&self, qkv: &CpuTensor, shape: &BatchShape, heads: usize) -> Result<CpuTensor> {
-        let (rows, cols3) = qkv.rows_cols();
-        if rows != shape.rows()
-            || !cols3.is_multiple_of(3)
-            || heads == 0
-            || !(cols3 / 3).is_multiple_of(heads)
-        {
-            return Err(err(format!(
-                "attention: qkv shape {:?} does not fit {} inputs x {} positions x {heads} heads",
-                qkv.shape,
-                shape.batch(),
-                shape.seq
-            )));
-        }
-        if let Some(&bad) = shape.lengths.iter().find(|&&l| l == 0 || l > shape.seq) {
-            return Err(err(format!(
-                "attention: length {bad} outside 1..={}",
-                shape.seq
-            )));
-        }
-        let width = cols3 / 3;
-        let data = self
-            .pool
-            .install(|| attention::attention(&qkv.data, shape, width, heads));
-        Ok(CpuTensor::new(vec![rows, width], data))
-    }
-
-    fn embed(
-        &self,
-        ids: &[u32],
-        type_ids: &[u32],
-        shape: &BatchShape,
-        word: &CpuTensor,
-        position: &CpuTensor,
-        token_type: &CpuTensor,
-        gamma: &CpuTensor,
-        beta: &CpuTensor,
-        eps: f32,
-    ) -> Result<CpuTensor> {
-        let width = super::check_embedding(
-            ids,
-            type_ids,
-            shape,
-            &word.shape,
-            &position.shape,
-            &token_type.shape,
-            &gamma.shape,
-            &beta.shape,
-        )
-        .map_err(err)?;
-        let data = self.pool.install(|| {
-            embedding::embed(
-                ids,
-                type_ids,
-                shape,
-                &word.data,
-                &position.data,
-                &token_type.data,
-                &gamma.data,
-                &beta.data,
-                width,
-                eps,
-            )
-        });
-        Ok(CpuTensor::new(vec![shape.rows(), width], data))
-    }
-
-    fn pool(&self, x: &CpuTensor, shape: &BatchShape, kind: Pooling) -> Result<CpuTensor> {
-        let (rows, cols) = x.rows_cols();
-        if rows != shape.rows() {
-            return Err(err(format!(
-                "pool: {rows} rows, batch has {} x {}",
-                shape.batch(),
-                shape.seq
-            )));
-        }
-        if let Some(&bad) = shape.lengths.iter().find(|&&l| l == 0 || l > shape.seq) {
-            return Err(err(format!("pool: length {bad} outside 1..={}", shape.seq)));
-        }
-        let data = pool::pool(&x.data, shape, cols, kind);
-        Ok(CpuTensor::new(vec![shape.batch(), cols], data))
-    }
-
-    fn l2_normalize(&self, x: &CpuTensor) -> Result<CpuTensor> {
-        let (_, cols) = x.rows_cols();
-        Ok(CpuTensor::new(
-            x.shape.clone(),
-            pool::l2_normalize(&x.data, cols),
-        ))
-    }
-
-    fn softmax(&self, x: &CpuTensor) -> Result<CpuTensor> {
-        let (_, cols) = x.rows_cols();
-        let mut data = x.data.clone();
-        for row in data.chunks_mut(cols.max(1)) {
-            pool::softmax_in_place(row);
-        }
-        Ok(CpuTensor::new(x.shape.clone(), data))
-    }
-
-    fn conv2d(
-        &self,
-        x: &CpuTensor,
-        w: &CpuTensor,
-        b: Option<&CpuTensor>,
-        p: &Conv2d,
-        residual: Option<&CpuTensor>,
-        act: Activation,
-    ) -> Result<CpuTensor> {
-        let dims = super::check_conv(
-            &x.shape,
-            &w.shape,
-            b.map(|b| b.shape.as_slice()),
-            p,
-            residual.map(|r| r.shape.as_slice()),
-        )
-        .map_err(err)?;
-        let par = self.par();
-        let data = self.pool.install(|| {
-            conv::conv2d(
-                &x.data,
-                &w.data,
-                b.map(|b| b.data.as_slice()),
-                residual.map(|r| r.data.as_slice()),
-                dims,
-                p,
-                act,
-                par,
-            )
-        });
-        Ok(CpuTensor::new(
-            vec![dims[0], dims[7], dims[8], dims[4]],
-            data,
-        ))
-    }
-
-    fn reshape(&self, t: CpuTensor, shape: &[usize]) -> Result<CpuTensor> {
-        if shape.iter().product::<usize>() != t.data.len() {
-            return Err(err(format!("reshape of {:?} to {shape:?}", t.shape)));
-        }
+    fn run_reshape(&self, t: CpuTensor, shape: &[usize]) -> Result<CpuTensor> {
         Ok(CpuTensor::new(shape.to_vec(), t.data))
     }
 
-    fn pool2d(&self, x: &CpuTensor, p: &Pool2d) -> Result<CpuTensor> {
-        let dims = super::check_pool(&x.shape, p).map_err(err)?;
-        let data = self.pool.install(|| conv::pool2d(&x.data, dims, p));
-        Ok(CpuTensor::new(
-            vec![dims[0], dims[4], dims[5], dims[3]],
-            data,
-        ))
+    fn run_linear(&self, c: LinearCall<'_, CpuTensor>) -> Result<CpuTensor> {
+        let par = self.par();
+        let data = self.pool.install(|| {
+            linear::linear(
+                &c.x.data,
+                &c.w.data,
+                c.b.map(|b| b.data.as_slice()),
+                None,
+                c.m,
+                c.n,
+                c.k,
+                c.act,
+                par,
+            )
+        });
+        Ok(CpuTensor::new(c.out_shape, data))
     }
 
-    fn global_avg_pool(&self, x: &CpuTensor) -> Result<CpuTensor> {
-        if x.shape.len() != 4 {
-            return Err(err(format!(
-                "global_avg_pool: input {:?} must be 4-D (NHWC)",
-                x.shape
-            )));
-        }
-        let (n, hw, c) = (x.shape[0], x.shape[1] * x.shape[2], x.shape[3]);
+    fn run_add_layernorm(&self, c: LayerNormCall<'_, CpuTensor>) -> Result<CpuTensor> {
+        let data = self.pool.install(|| {
+            norm::add_layernorm(
+                &c.x.data,
+                &c.residual.data,
+                &c.gamma.data,
+                &c.beta.data,
+                c.cols,
+                c.eps,
+            )
+        });
+        Ok(CpuTensor::new(c.x.shape.clone(), data))
+    }
+
+    fn run_attention(&self, c: AttentionCall<'_, CpuTensor>) -> Result<CpuTensor> {
         let data = self
             .pool
-            .install(|| conv::global_avg_pool(&x.data, n, hw, c));
-        Ok(CpuTensor::new(vec![n, c], data))
+            .install(|| attention::attention(&c.qkv.data, c.shape, c.width, c.heads));
+        Ok(CpuTensor::new(vec![c.rows, c.width], data))
     }
 
-    fn ramp_exit(
-        &self,
-        x: &CpuTensor,
-        positions: usize,
-        lengths: &[usize],
-        pooling: Pooling,
-        head: &RampWeights<'_, CpuTensor>,
-        threshold: &CpuTensor,
-    ) -> Result<Vec<RampDecision>> {
-        let (_, width, classes) = super::check_ramp(
-            &x.shape,
-            positions,
-            lengths,
-            head.dense
-                .map(|(w, b)| (w.shape.as_slice(), b.shape.as_slice())),
-            (&head.out.0.shape, &head.out.1.shape),
-            &threshold.shape,
-        )
-        .map_err(err)?;
+    fn run_embed(&self, c: EmbedCall<'_, CpuTensor>) -> Result<CpuTensor> {
+        let t = &c.tables;
+        let data = self.pool.install(|| {
+            embedding::embed(
+                c.ids,
+                c.type_ids,
+                c.shape,
+                &t.word.data,
+                &t.position.data,
+                &t.token_type.data,
+                &t.gamma.data,
+                &t.beta.data,
+                c.width,
+                c.eps,
+            )
+        });
+        Ok(CpuTensor::new(vec![c.shape.rows(), c.width], data))
+    }
+
+    fn run_pool(&self, c: PoolCall<'_, CpuTensor>) -> Result<CpuTensor> {
+        let data = pool::pool(&c.x.data, c.shape, c.cols, c.kind);
+        Ok(CpuTensor::new(vec![c.shape.batch(), c.cols], data))
+    }
+
+    fn run_l2_normalize(&self, c: RowsCall<'_, CpuTensor>) -> Result<CpuTensor> {
+        let data = norm::l2_normalize(&c.x.data, c.cols);
+        Ok(CpuTensor::new(c.x.shape.clone(), data))
+    }
+
+    fn run_softmax(&self, c: RowsCall<'_, CpuTensor>) -> Result<CpuTensor> {
+        let data = softmax::softmax_rows(&c.x.data, c.cols);
+        Ok(CpuTensor::new(c.x.shape.clone(), data))
+    }
+
+    fn run_conv2d(&self, c: ConvCall<'_, CpuTensor>) -> Result<CpuTensor> {
+        let par = self.par();
+        let d = c.dims;
+        let data = self.pool.install(|| {
+            conv::conv2d(
+                &c.x.data,
+                &c.w.data,
+                c.b.map(|b| b.data.as_slice()),
+                c.residual.map(|r| r.data.as_slice()),
+                d.to_array(),
+                &c.p,
+                c.act,
+                par,
+            )
+        });
+        Ok(CpuTensor::new(vec![d.n, d.oh, d.ow, d.cout], data))
+    }
+
+    fn run_pool2d(&self, c: Pool2dCall<'_, CpuTensor>) -> Result<CpuTensor> {
+        let d = c.dims;
+        let data = self
+            .pool
+            .install(|| conv::pool2d(&c.x.data, d.to_array(), &c.p));
+        Ok(CpuTensor::new(vec![d.n, d.oh, d.ow, d.c], data))
+    }
+
+    fn run_global_avg_pool(&self, c: GlobalPoolCall<'_, CpuTensor>) -> Result<CpuTensor> {
+        let data = self
+            .pool
+            .install(|| conv::global_avg_pool(&c.x.data, c.n, c.hw, c.c));
+        Ok(CpuTensor::new(vec![c.n, c.c], data))
+    }
+
+    fn run_ramp_exit(&self, c: RampCall<'_, CpuTensor>) -> Result<Vec<RampDecision>> {
+        let (input, head) = (c.input, c.head);
         Ok(self.pool.install(|| {
             ramp::ramp_exit(
-                &x.data,
-                positions,
-                lengths,
-                pooling,
+                &input.x.data,
+                input.positions,
+                input.lengths,
+                input.pooling,
                 head.dense
                     .map(|(w, b)| (w.data.as_slice(), b.data.as_slice())),
                 (&head.out.0.data, &head.out.1.data),
-                width,
-                classes,
-                threshold.data[0],
+                c.width,
+                c.classes,
+                c.threshold.data[0],
             )
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_counts_out_of_range_are_refused_by_name() {
+        for bad in [0, CpuConfig::max_threads() + 1, 10_000] {
+            let e = CpuBackend::new(CpuConfig { threads: Some(bad) })
+                .err()
+                .unwrap_or_else(|| panic!("{bad} threads accepted"))
+                .to_string();
+            assert!(e.contains("threads") && e.contains("1..="), "{e}");
+        }
+        assert_eq!(
+            CpuBackend::new(CpuConfig { threads: Some(2) })
+                .unwrap()
+                .threads(),
+            2
+        );
     }
 }

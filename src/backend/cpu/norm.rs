@@ -1,4 +1,5 @@
-//! Residual add + LayerNorm, fused: one read of each input row, one write of the output.
+//! Row normalisations: residual add + LayerNorm, fused (one read of each input row, one write
+//! of the output), and L2 normalisation.
 
 use rayon::prelude::*;
 
@@ -61,6 +62,16 @@ pub(crate) fn add_layernorm(
     out
 }
 
+/// `x / max(||x||_2, 1e-12)` per row, like `torch.nn.functional.normalize`.
+pub(crate) fn l2_normalize(x: &[f32], cols: usize) -> Vec<f32> {
+    let mut out = x.to_vec();
+    for row in out.chunks_mut(cols.max(1)) {
+        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+        row.iter_mut().for_each(|v| *v /= norm);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,5 +96,11 @@ mod tests {
                 .zip(&out[..4])
                 .all(|(a, b)| (a - b).abs() < 1e-5)
         );
+    }
+
+    #[test]
+    fn l2_normalize_gives_unit_rows() {
+        let n = super::l2_normalize(&[3.0, 4.0, 0.0, 0.0], 2);
+        assert_eq!(n, vec![0.6, 0.8, 0.0, 0.0]);
     }
 }

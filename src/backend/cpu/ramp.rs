@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::pool::softmax_in_place;
+use super::softmax::softmax_in_place;
 use crate::backend::{Pooling, RampDecision};
 
 #[allow(clippy::too_many_arguments)]

@@ -1,0 +1,42 @@
+// Constants a kernel and its Rust launcher (src/backend/gpu/<op>.rs) must agree on: block and
+// tile sizes, warps per block, mode codes. This file is their one definition: build.rs turns
+// every `#define NAME value` line below into `pub const NAME: u32 = value;` in the generated
+// module `backend::gpu::params`, so the launchers cannot drift from the kernels. Keep to plain
+// integer defines (one per line) here; anything else is not read by build.rs.
+#pragma once
+
+// Threads per block of the row kernels (LayerNorm, embedding, token pooling, L2 normalisation,
+// softmax): one block per row, a multiple of 32 (block_sum/block_max reduce warp by warp).
+#define ROW_THREADS 128
+// Floats of reduction scratch after a row kept in dynamic shared memory (one per warp, <= 32).
+#define ROW_SCRATCH 32
+
+// Grid-stride kernels (im2col, grouped convolution, 2-D pooling, casts, copies).
+#define ELEMENTWISE_THREADS 256
+// Their grid is capped at this many blocks; the kernels loop over the rest.
+#define ELEMENTWISE_MAX_BLOCKS 1048576
+
+// GEMM output tile (rows x columns of Y per block) and block sizes: the tensor-core kernel
+// (f16/bf16) runs 4 warps as 2 x 2 sub-tiles of 32 x 32, the SIMT one (f32) 16 x 16 threads of
+// 4 x 4 outputs.
+#define GEMM_BM 64
+#define GEMM_BN 64
+#define GEMM_TC_THREADS 128
+#define GEMM_SIMT_THREADS 256
+
+// Query rows (one per warp) per block of the attention kernel.
+#define ATTN_WARPS 4
+
+// Threads per block of the fused ramp kernel (one block per input).
+#define RAMP_THREADS 256
+
+// Activations fused into epilogues (Rust: `Activation::code`).
+#define ACT_NONE 0
+#define ACT_GELU_ERF 1
+#define ACT_TANH 2
+#define ACT_RELU 3
+#define ACT_RELU6 4
+
+// How token states become one vector per input (token pooling and the ramp kernel).
+#define POOL_MEAN 0
+#define POOL_CLS 1

@@ -1,0 +1,80 @@
+//! Launchers of `kernels/elementwise.cu`: casts between storage dtypes and the plain copy that
+//! the kernel benchmarks use as their memory-bandwidth yardstick. Device-level (no tensors):
+//! they work on raw buffers of any device.
+
+use super::params;
+use crate::backend::device::{Device, KernelArg, LaunchConfig};
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+
+/// A grid-stride launch over `n` elements, capped like the backend's.
+fn cfg(n: usize) -> LaunchConfig {
+    let blocks = n
+        .div_ceil(params::ELEMENTWISE_THREADS as usize)
+        .clamp(1, params::ELEMENTWISE_MAX_BLOCKS as usize);
+    LaunchConfig::linear(blocks as u32, params::ELEMENTWISE_THREADS, 0)
+}
+
+fn count<D: Device>(dev: &D, what: &str, n: usize) -> Result<u32> {
+    u32::try_from(n).map_err(|_| {
+        Error::device(
+            dev.name(),
+            format!("{what} = {n}"),
+            "does not fit the kernels' 32-bit sizes",
+        )
+    })
+}
+
+fn fits<D: Device>(dev: &D, buf: &D::Buf, bytes: usize, what: &str) -> Result<()> {
+    if dev.len(buf) < bytes {
+        return Err(Error::device(
+            dev.name(),
+            what,
+            format!("a buffer of {} bytes, {bytes} needed", dev.len(buf)),
+        ));
+    }
+    Ok(())
+}
+
+/// Copies the first `words` u32 of `src` into `dst` (`copy_u32`).
+pub fn copy_words<D: Device>(dev: &D, src: &D::Buf, dst: &D::Buf, words: usize) -> Result<()> {
+    fits(dev, src, words * 4, "copy source")?;
+    fits(dev, dst, words * 4, "copy destination")?;
+    let args = [
+        KernelArg::Ptr(dev.address(src)),
+        KernelArg::Ptr(dev.address(dst)),
+        KernelArg::U32(count(dev, "words", words)?),
+    ];
+    // SAFETY: copy_u32(const uint32_t*, uint32_t*, uint32_t n) on two live buffers of this
+    // device holding at least `words` u32 each (checked above).
+    unsafe { dev.launch("copy_u32", cfg(words), &args) }
+}
+
+/// Converts `n` values of `from` in `src` to `to` in `dst` (`cast_<from>_<to>`; one side f32).
+pub fn cast<D: Device>(
+    dev: &D,
+    src: &D::Buf,
+    from: DType,
+    dst: &D::Buf,
+    to: DType,
+    n: usize,
+) -> Result<()> {
+    if (from == DType::F32) == (to == DType::F32) {
+        return Err(Error::device(
+            dev.name(),
+            format!("cast from {from} to {to}"),
+            "one side must be f32 (there are no other cast kernels)",
+        ));
+    }
+    fits(dev, src, n * from.size(), "cast source")?;
+    fits(dev, dst, n * to.size(), "cast destination")?;
+    let kernel = format!("cast_{}_{}", from.name(), to.name());
+    let args = [
+        KernelArg::Ptr(dev.address(src)),
+        KernelArg::Ptr(dev.address(dst)),
+        KernelArg::U32(count(dev, "values", n)?),
+    ];
+    // SAFETY: cast_X_Y(const X*, Y*, uint32_t n) on two live buffers holding at least `n`
+    // values of their dtypes (checked above).
+    unsafe { dev.launch(&kernel, cfg(n), &args) }
+}

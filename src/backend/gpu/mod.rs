@@ -1,0 +1,359 @@
+//! The GPU backend: the [`Backend`] ops as launches of `kernels/*.cu` on any [`Device`] (`emu`
+//! or `cuda`). Each kernel source has its launcher beside it here, one file per source
+//! (`gemm.rs` for `kernels/gemm.cu`, ...); the sizes both sides must agree on come from
+//! [`params`], generated from `kernels/common/params.cuh`. This file holds the backend itself and
+//! what every launcher shares.
+//!
+//! Tensors live on the device in the backend's storage dtype (f32, f16 or bf16); kernels compute
+//! in f32. Host values cross in f32 and are converted on the way. Temporary buffers (token ids,
+//! lengths) are dropped right after their launch: devices free memory in stream order.
+
+mod attention;
+mod conv;
+pub mod elementwise;
+mod embedding;
+mod gemm;
+mod norm;
+pub mod params;
+mod pool;
+mod ramp;
+pub mod selftest;
+mod softmax;
+
+use std::sync::Arc;
+
+use super::device::{Device, KernelArg, LaunchConfig, MAX_SHARED_BYTES};
+use super::op_check::{
+    AttentionCall, ConvCall, EmbedCall, GlobalPoolCall, LayerNormCall, LinearCall, Pool2dCall,
+    PoolCall, RampCall, RowsCall,
+};
+use super::{Backend, PendingDecisions, RampDecision};
+use crate::error::{Error, Result};
+use crate::tensor::{DType, TensorView};
+
+/// A tensor in device memory.
+pub struct GpuTensor<B> {
+    buf: B,
+    shape: Vec<usize>,
+    dtype: DType,
+}
+
+impl<B> GpuTensor<B> {
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+}
+
+/// The GPU backend over device `D`, storing tensors as `dtype`.
+pub struct GpuBackend<D: Device> {
+    dev: Arc<D>,
+    dtype: DType,
+    poison: bool,
+}
+
+impl<D: Device> Clone for GpuBackend<D> {
+    fn clone(&self) -> Self {
+        GpuBackend {
+            dev: self.dev.clone(),
+            dtype: self.dtype,
+            poison: self.poison,
+        }
+    }
+}
+
+impl<D: Device> GpuBackend<D> {
+    pub fn new(dev: D, dtype: DType) -> GpuBackend<D> {
+        Self::shared(Arc::new(dev), dtype)
+    }
+
+    /// A backend on a device that other backends (e.g. other dtypes) share.
+    pub fn shared(dev: Arc<D>, dtype: DType) -> GpuBackend<D> {
+        GpuBackend {
+            dev,
+            dtype,
+            poison: false,
+        }
+    }
+
+    /// Fill every op output with NaN before its kernel runs, so an element a kernel forgets to
+    /// write shows up in the results (the parity tests use this).
+    pub fn with_poisoned_outputs(mut self) -> GpuBackend<D> {
+        self.poison = true;
+        self
+    }
+
+    pub fn device(&self) -> &D {
+        &self.dev
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// A new uninitialised (or poisoned) tensor of this backend's dtype, e.g. the output that
+    /// the `*_into` launchers write, allocated once outside a timed loop.
+    pub fn alloc(&self, shape: Vec<usize>) -> Result<GpuTensor<D::Buf>> {
+        let n: usize = shape.iter().product();
+        let buf = self.dev.alloc(n * self.dtype.size())?;
+        if self.poison {
+            self.dev.fill(&buf, 0xff)?;
+        }
+        Ok(GpuTensor {
+            buf,
+            shape,
+            dtype: self.dtype,
+        })
+    }
+
+    /// The name of `op`'s kernel in this backend's dtype (`gemm_bf16`, ...).
+    fn kernel(&self, op: &str) -> String {
+        format!("{op}_{}", self.dtype.name())
+    }
+
+    /// A tensor as a kernel argument; refuses one of another dtype (backends that share a
+    /// device share the tensor type, and a kernel would read the wrong number of bytes).
+    fn ptr(&self, t: &GpuTensor<D::Buf>) -> Result<KernelArg> {
+        if t.dtype != self.dtype {
+            return Err(Error::device(
+                self.dev.name(),
+                "tensor dtype",
+                format!("a {} tensor handed to the {} backend", t.dtype, self.dtype),
+            ));
+        }
+        Ok(KernelArg::Ptr(self.dev.address(&t.buf)))
+    }
+
+    /// An optional tensor as a kernel argument: null when absent.
+    fn opt_ptr(&self, t: Option<&GpuTensor<D::Buf>>) -> Result<KernelArg> {
+        t.map_or(Ok(KernelArg::Ptr(0)), |t| self.ptr(t))
+    }
+
+    /// An output tensor handed in by a caller (`*_into`): of this dtype and the shape the op
+    /// writes, so the kernel stays inside it.
+    fn check_out(&self, op: &'static str, y: &GpuTensor<D::Buf>, shape: &[usize]) -> Result<()> {
+        if y.shape != shape {
+            return Err(Error::shape(
+                op,
+                "output shape",
+                format!("{shape:?}"),
+                format!("{:?}", y.shape),
+            ));
+        }
+        self.ptr(y).map(|_| ())
+    }
+
+    /// Every launch of this backend goes through here.
+    fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[KernelArg]) -> Result<()> {
+        // SAFETY: the launchers beside this file pass arguments in the order and types of the
+        // kernel signatures in kernels/*.cu, addresses of live buffers they allocated or were
+        // given (of this backend's dtype, checked by `ptr`), and sizes taken from calls that
+        // `op_check` built from those same buffers' shapes.
+        unsafe { self.dev.launch(kernel, cfg, args) }
+    }
+
+    /// A launch with one thread per element of `total`, grid-stride (kernels loop over the
+    /// rest), capped at a grid every device accepts.
+    fn elementwise_cfg(&self, total: usize) -> LaunchConfig {
+        let blocks = total
+            .div_ceil(params::ELEMENTWISE_THREADS as usize)
+            .clamp(1, params::ELEMENTWISE_MAX_BLOCKS as usize);
+        LaunchConfig::linear(blocks as u32, params::ELEMENTWISE_THREADS, 0)
+    }
+
+    /// A one-block-per-row launch of a row kernel.
+    fn rows_cfg(&self, what: &str, rows: usize, shared_bytes: u32) -> Result<LaunchConfig> {
+        Ok(LaunchConfig::linear(
+            self.grid(what, rows)?,
+            params::ROW_THREADS,
+            shared_bytes,
+        ))
+    }
+
+    /// Row kernel `op` with arguments (x, out, cols), one block per row (softmax, L2).
+    fn launch_row_op(
+        &self,
+        op: &str,
+        c: &RowsCall<'_, GpuTensor<D::Buf>>,
+        y: &GpuTensor<D::Buf>,
+    ) -> Result<()> {
+        if c.rows == 0 {
+            return Ok(());
+        }
+        self.launch(
+            &self.kernel(op),
+            self.rows_cfg("rows", c.rows, 0)?,
+            &[self.ptr(c.x)?, self.ptr(y)?, self.u32("cols", c.cols)?],
+        )
+    }
+
+    /// Host sizes as a device buffer of i32 (lengths, token ids): checked to fit.
+    fn ints(&self, what: &str, values: impl Iterator<Item = usize>) -> Result<D::Buf> {
+        let v = values
+            .map(|x| {
+                i32::try_from(x).map_err(|_| {
+                    self.size_error(what, x, "does not fit the kernels' 32-bit integers")
+                })
+            })
+            .collect::<Result<Vec<i32>>>()?;
+        self.dev.upload(bytemuck::cast_slice(&v))
+    }
+
+    /// Dynamic shared memory of a row kernel that keeps one f32 row plus its scratch.
+    fn row_shared(&self, op: &str, cols: usize) -> Result<u32> {
+        self.shared_bytes(op, cols + params::ROW_SCRATCH as usize, "one row")
+    }
+
+    /// `floats` f32 values of dynamic shared memory, refused over the device limit.
+    fn shared_bytes(&self, op: &str, floats: usize, what: &str) -> Result<u32> {
+        let bytes = floats.saturating_mul(4);
+        if bytes > MAX_SHARED_BYTES as usize {
+            return Err(Error::kernel(
+                self.dev.name(),
+                self.kernel(op),
+                format!(
+                    "{what} needs {bytes} bytes of shared memory, more than the {MAX_SHARED_BYTES} a block may have"
+                ),
+            ));
+        }
+        Ok(bytes as u32)
+    }
+
+    fn size_error(&self, what: &str, v: usize, why: &str) -> Error {
+        Error::device(self.dev.name(), format!("{what} = {v}"), why)
+    }
+
+    /// A grid dimension; `launch` rejects those over the device limits.
+    fn grid(&self, what: &str, v: usize) -> Result<u32> {
+        u32::try_from(v)
+            .map_err(|_| self.size_error(what, v, "is more blocks than a launch can have"))
+    }
+
+    fn u32(&self, what: &str, v: usize) -> Result<KernelArg> {
+        u32::try_from(v)
+            .map(KernelArg::U32)
+            .map_err(|_| self.size_error(what, v, "does not fit the kernels' 32-bit sizes"))
+    }
+}
+
+impl<D: Device> Backend for GpuBackend<D> {
+    type Tensor = GpuTensor<D::Buf>;
+
+    fn name(&self) -> &'static str {
+        self.dev.name()
+    }
+
+    fn device_id(&self) -> String {
+        format!("{}, {}", self.dev.describe(), self.dtype.name())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.dev.synchronize()
+    }
+
+    fn run_upload(&self, values: &[f32], shape: &[usize]) -> Result<Self::Tensor> {
+        Ok(GpuTensor {
+            buf: self.dev.upload(&self.dtype.encode(values))?,
+            shape: shape.to_vec(),
+            dtype: self.dtype,
+        })
+    }
+
+    fn load_weight(&self, view: &TensorView<'_>) -> Result<Self::Tensor> {
+        let buf = if view.dtype == self.dtype {
+            self.dev.upload(view.bytes)?
+        } else {
+            self.dev.upload(&self.dtype.encode(&view.to_f32()))?
+        };
+        Ok(GpuTensor {
+            buf,
+            shape: view.shape.to_vec(),
+            dtype: self.dtype,
+        })
+    }
+
+    fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>> {
+        self.dev.synchronize()?;
+        let mut bytes = vec![0u8; self.dev.len(&t.buf)];
+        self.dev.download(&t.buf, &mut bytes)?;
+        let view = TensorView {
+            name: "",
+            dtype: t.dtype,
+            shape: &t.shape,
+            bytes: &bytes,
+        };
+        Ok(view.to_f32().into_owned())
+    }
+
+    fn shape<'t>(&self, t: &'t Self::Tensor) -> &'t [usize] {
+        &t.shape
+    }
+
+    fn run_reshape(&self, t: Self::Tensor, shape: &[usize]) -> Result<Self::Tensor> {
+        Ok(GpuTensor {
+            shape: shape.to_vec(),
+            ..t
+        })
+    }
+
+    fn run_linear(&self, c: LinearCall<'_, Self::Tensor>) -> Result<Self::Tensor> {
+        let y = self.alloc(c.out_shape.clone())?;
+        self.launch_linear(&c, &y)?;
+        Ok(y)
+    }
+
+    fn run_add_layernorm(&self, c: LayerNormCall<'_, Self::Tensor>) -> Result<Self::Tensor> {
+        let y = self.alloc(self.shape(c.x).to_vec())?;
+        self.launch_add_layernorm(&c, &y)?;
+        Ok(y)
+    }
+
+    fn run_attention(&self, c: AttentionCall<'_, Self::Tensor>) -> Result<Self::Tensor> {
+        self.launch_attention(c)
+    }
+
+    fn run_embed(&self, c: EmbedCall<'_, Self::Tensor>) -> Result<Self::Tensor> {
+        self.launch_embed(c)
+    }
+
+    fn run_pool(&self, c: PoolCall<'_, Self::Tensor>) -> Result<Self::Tensor> {
+        self.launch_pool(c)
+    }
+
+    fn run_l2_normalize(&self, c: RowsCall<'_, Self::Tensor>) -> Result<Self::Tensor> {
+        let y = self.alloc(self.shape(c.x).to_vec())?;
+        self.launch_row_op("l2_normalize", &c, &y)?;
+        Ok(y)
+    }
+
+    fn run_softmax(&self, c: RowsCall<'_, Self::Tensor>) -> Result<Self::Tensor> {
+        let y = self.alloc(self.shape(c.x).to_vec())?;
+        self.launch_row_op("softmax", &c, &y)?;
+        Ok(y)
+    }
+
+    fn run_conv2d(&self, c: ConvCall<'_, Self::Tensor>) -> Result<Self::Tensor> {
+        self.launch_conv2d(c)
+    }
+
+    fn run_pool2d(&self, c: Pool2dCall<'_, Self::Tensor>) -> Result<Self::Tensor> {
+        self.launch_pool2d(c)
+    }
+
+    fn run_global_avg_pool(&self, c: GlobalPoolCall<'_, Self::Tensor>) -> Result<Self::Tensor> {
+        self.launch_global_avg_pool(c)
+    }
+
+    fn run_ramp_exit(&self, c: RampCall<'_, Self::Tensor>) -> Result<Vec<RampDecision>> {
+        self.launch_ramp_exit(c)
+    }
+
+    fn run_ramp_exit_async(
+        &self,
+        c: RampCall<'_, Self::Tensor>,
+    ) -> Result<Box<dyn PendingDecisions>> {
+        self.launch_ramp_exit_async(c)
+    }
+}

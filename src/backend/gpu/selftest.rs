@@ -1,0 +1,173 @@
+//! Launchers of `kernels/selftest.cu` and their checks: the device itself (emulated or real)
+//! against what CUDA promises. A block barrier, warp shuffles and votes, the tensor-core
+//! fragment layout, and the casts of `kernels/elementwise.cu`. Each returns `Ok` or an
+//! [`Error::Kernel`] naming the first value that is wrong, so the emulated device's tests and a
+//! real GPU's check run the same code.
+
+use super::elementwise;
+use crate::backend::device::{Device, KernelArg, LaunchConfig};
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+
+fn wrong<D: Device>(dev: &D, kernel: &str, what: String) -> Error {
+    Error::kernel(dev.name(), kernel, format!("wrong result: {what}"))
+}
+
+fn download_f32<D: Device>(dev: &D, buf: &D::Buf) -> Result<Vec<f32>> {
+    dev.synchronize()?;
+    let mut bytes = vec![0u8; dev.len(buf)];
+    dev.download(buf, &mut bytes)?;
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+fn upload_f32<D: Device>(dev: &D, v: &[f32]) -> Result<D::Buf> {
+    dev.upload(bytemuck::cast_slice(v))
+}
+
+/// `selftest_block_reverse` over `blocks` blocks of `threads` (<= 1024): each block reverses
+/// its slice through shared memory, which is wrong without a real barrier.
+pub fn block_reverse<D: Device>(dev: &D, blocks: u32, threads: u32) -> Result<()> {
+    const K: &str = "selftest_block_reverse";
+    let n = (blocks * threads) as usize;
+    let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let xb = upload_f32(dev, &x)?;
+    let y = dev.alloc(n * 4)?;
+    dev.fill(&y, 0xff)?;
+    let args = [
+        KernelArg::Ptr(dev.address(&xb)),
+        KernelArg::Ptr(dev.address(&y)),
+        KernelArg::U32(n as u32),
+    ];
+    // SAFETY: (const float* x, float* y, uint32_t n) with two buffers of n floats; the kernel's
+    // shared tile holds 1024 values, the most threads a block may have.
+    unsafe { dev.launch(K, LaunchConfig::linear(blocks, threads, 0), &args) }?;
+    let got = download_f32(dev, &y)?;
+    let t = threads as usize;
+    for (i, &g) in got.iter().enumerate() {
+        let want = (i / t * t + t - 1 - i % t) as f32;
+        if g != want {
+            return Err(wrong(dev, K, format!("y[{i}] = {g}, expected {want}")));
+        }
+    }
+    Ok(())
+}
+
+/// `selftest_warp` on 2 blocks of 64 threads: per warp the xor-shuffle sum and max, shfl_down,
+/// shfl_up, shfl from lane 7, ballot, any and all.
+pub fn warp<D: Device>(dev: &D) -> Result<()> {
+    const K: &str = "selftest_warp";
+    let x: Vec<f32> = (0..128).map(|i| ((i * 37) % 29) as f32 - 10.0).collect();
+    let xb = upload_f32(dev, &x)?;
+    let out = dev.alloc(4 * 8 * 4)?;
+    dev.fill(&out, 0xff)?;
+    let args = [
+        KernelArg::Ptr(dev.address(&xb)),
+        KernelArg::Ptr(dev.address(&out)),
+    ];
+    // SAFETY: (const float* x, float* out): 128 inputs for 128 threads, 8 outputs per warp.
+    unsafe { dev.launch(K, LaunchConfig::linear(2, 64, 0), &args) }?;
+    let got = download_f32(dev, &out)?;
+    for w in 0..4 {
+        let v = &x[w * 32..(w + 1) * 32];
+        let ballot: u32 = (0..32).filter(|&i| v[i] > 0.0).map(|i| 1u32 << i).sum();
+        let want = [
+            v.iter().sum::<f32>(),
+            v.iter().cloned().fold(f32::MIN, f32::max),
+            v[1],
+            v[0],
+            v[7],
+            ballot as f32,
+            0.0,
+            1.0,
+        ];
+        let names = ["sum", "max", "down", "up", "from 7", "ballot", "any", "all"];
+        for (k, name) in names.iter().enumerate() {
+            if got[w * 8 + k] != want[k] {
+                return Err(wrong(
+                    dev,
+                    K,
+                    format!("warp {w} {name} = {}, expected {}", got[w * 8 + k], want[k]),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `selftest_mma_f16` / `_bf16`: one m16n8k16 tensor-core product through the fragment layout
+/// the GEMM uses, on values exact in both half formats (so the f32 result is exact).
+pub fn mma<D: Device>(dev: &D, dtype: DType) -> Result<()> {
+    let kernel = format!("selftest_mma_{}", dtype.name());
+    if dtype == DType::F32 {
+        return Err(Error::kernel(dev.name(), kernel, "no f32 tensor-core path"));
+    }
+    let a: Vec<f32> = (0..256)
+        .map(|i| ((i * 13) % 17) as f32 / 8.0 - 1.0)
+        .collect();
+    let bt: Vec<f32> = (0..128)
+        .map(|i| ((i * 7) % 11) as f32 / 4.0 - 1.25)
+        .collect();
+    let ab = dev.upload(&dtype.encode(&a))?;
+    let bb = dev.upload(&dtype.encode(&bt))?;
+    let out = dev.alloc(128 * 4)?;
+    dev.fill(&out, 0xff)?;
+    let args = [
+        KernelArg::Ptr(dev.address(&ab)),
+        KernelArg::Ptr(dev.address(&bb)),
+        KernelArg::Ptr(dev.address(&out)),
+    ];
+    // SAFETY: (const T* a, const T* bt, float* d): 16x16 and 8x16 halves, 16x8 floats out, one
+    // warp.
+    unsafe { dev.launch(&kernel, LaunchConfig::linear(1, 32, 0), &args) }?;
+    let got = download_f32(dev, &out)?;
+    for m in 0..16 {
+        for n in 0..8 {
+            let want: f32 = (0..16).map(|k| a[m * 16 + k] * bt[n * 16 + k]).sum();
+            if got[m * 8 + n] != want {
+                return Err(wrong(
+                    dev,
+                    &kernel,
+                    format!("D[{m}][{n}] = {}, expected {want}", got[m * 8 + n]),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// f32 -> half -> f32 through the cast kernels, within each format's rounding.
+pub fn cast_roundtrip<D: Device>(dev: &D) -> Result<()> {
+    let n = 1000;
+    let x: Vec<f32> = (0..n).map(|i| (i as f32 - 500.0) * 0.37).collect();
+    let xb = upload_f32(dev, &x)?;
+    for (half, tol) in [(DType::F16, 1e-3f32), (DType::BF16, 8e-3)] {
+        let h = dev.alloc(n * 2)?;
+        let y = dev.alloc(n * 4)?;
+        dev.fill(&y, 0xff)?;
+        elementwise::cast(dev, &xb, DType::F32, &h, half, n)?;
+        elementwise::cast(dev, &h, half, &y, DType::F32, n)?;
+        let got = download_f32(dev, &y)?;
+        for (a, b) in x.iter().zip(&got) {
+            if (a - b).abs() > tol * a.abs().max(1.0) {
+                return Err(wrong(
+                    dev,
+                    &format!("cast_f32_{half}"),
+                    format!("{a} came back as {b}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every check above that any device can run, in order; the first failure is the error.
+pub fn run_all<D: Device>(dev: &D) -> Result<()> {
+    block_reverse(dev, 3, 256)?;
+    warp(dev)?;
+    mma(dev, DType::F16)?;
+    mma(dev, DType::BF16)?;
+    cast_roundtrip(dev)
+}
