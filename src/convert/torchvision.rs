@@ -28,7 +28,8 @@ pub struct TorchvisionOptions {
     pub input_size: usize,
     /// Input channels (3 for RGB).
     pub channels: usize,
-    /// Per-channel normalisation; default ImageNet's.
+    /// Per-channel normalisation of 0..1 pixels, `(p - mean) / std`; default: what the
+    /// architecture was trained with (see [`TorchvisionOptions::new`]).
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
     /// Shorter side before the center crop (ImageNet: 256); `None`: resize to the input size.
@@ -39,14 +40,30 @@ pub struct TorchvisionOptions {
     pub source_label: Option<String>,
 }
 
+/// ImageNet's per-channel mean and standard deviation (0..1 pixels): torchvision's ResNet/VGG.
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+/// The "edge" normalisation EfficientNet-Lite was trained with, `(x - 127) / 128` on 0..255
+/// pixels, written for 0..1 pixels: mean 127/255, std 128/255.
+pub const EDGE_MEAN: f32 = 127.0 / 255.0;
+pub const EDGE_STD: f32 = 128.0 / 255.0;
+
 impl TorchvisionOptions {
+    /// Options for `arch` at `input_size`, normalised as that architecture was trained: the
+    /// edge normalisation for `efficientnet-lite*` (feeding it ImageNet's changes the top-1
+    /// answer on ordinary photos), ImageNet's for the rest.
     pub fn new(arch: &str, input_size: usize) -> TorchvisionOptions {
+        let (mean, std) = if arch.to_ascii_lowercase().starts_with("efficientnet-lite") {
+            (vec![EDGE_MEAN; 3], vec![EDGE_STD; 3])
+        } else {
+            (IMAGENET_MEAN.to_vec(), IMAGENET_STD.to_vec())
+        };
         TorchvisionOptions {
             arch: arch.to_string(),
             input_size,
             channels: 3,
-            mean: vec![0.485, 0.456, 0.406],
-            std: vec![0.229, 0.224, 0.225],
+            mean,
+            std,
             resize_shorter: None,
             labels: None,
             dtype: DType::F32,
@@ -700,4 +717,24 @@ pub fn convert(src: &Path, out_path: &Path, opts: &TorchvisionOptions) -> Result
         parameters,
         bytes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_architecture_is_normalised_as_it_was_trained() {
+        let lite = TorchvisionOptions::new("efficientnet-lite0", 224);
+        assert_eq!(lite.mean, vec![127.0 / 255.0; 3]);
+        assert_eq!(lite.std, vec![128.0 / 255.0; 3]);
+        // (p - mean) / std on 0..1 pixels is (x - 127) / 128 on 0..255 ones.
+        for x in [0.0f32, 127.0, 255.0] {
+            let v = (x / 255.0 - lite.mean[0]) / lite.std[0];
+            assert!((v - (x - 127.0) / 128.0).abs() < 1e-6, "{x}: {v}");
+        }
+        let resnet = TorchvisionOptions::new("resnet18", 224);
+        assert_eq!(resnet.mean, IMAGENET_MEAN.to_vec());
+        assert_eq!(resnet.std, IMAGENET_STD.to_vec());
+    }
 }
