@@ -21,6 +21,7 @@ pub mod models;
 pub mod pipeline;
 pub mod profile;
 pub mod ramps;
+pub mod select;
 pub mod serve;
 pub mod tensor;
 pub mod tokenize;

@@ -26,42 +26,20 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// Where the model runs (built by [`crate::select::with_backend`]).
+pub use crate::select::BackendChoice;
 pub use completion::ResponseFuture;
 pub use config::{BatchingConfig, duration_from_millis};
 pub use input::Input;
 
 use crate::adapt::{AdaptEvent, ApparateConfig, Controller};
-use crate::backend::cuda::{CudaConfig, CudaDevice};
-use crate::backend::emu::{EmuConfig, EmuDevice};
-use crate::backend::gpu::GpuBackend;
-use crate::backend::{Backend, CpuBackend, CpuConfig};
+use crate::backend::Backend;
 use crate::dataset::Inputs;
 use crate::error::Result;
 use crate::metrics::Metrics;
-use crate::tensor::DType;
 use health::Health;
 use input::InputKind;
 use queue::{Pending, Queue};
-
-/// Where the model runs.
-#[derive(Clone, Debug)]
-pub enum BackendChoice {
-    /// The CPU backend with this many threads (`None`: all cores or `APPARATE_THREADS`).
-    Cpu { threads: Option<usize> },
-    /// The CUDA kernels on the emulated device (slow; for testing).
-    Emu {
-        threads: Option<usize>,
-        dtype: DType,
-    },
-    /// A real NVIDIA GPU.
-    Cuda { dtype: DType },
-}
-
-impl Default for BackendChoice {
-    fn default() -> Self {
-        BackendChoice::Cpu { threads: None }
-    }
-}
 
 /// Where an answer came from.
 #[derive(Clone, Debug, PartialEq)]
@@ -198,23 +176,15 @@ impl EngineBuilder {
 
     /// Loads everything, places the first ramps and starts the threads.
     pub fn build(self) -> Result<Engine> {
-        match self.backend.clone() {
-            BackendChoice::Cpu { threads } => {
-                let be = CpuBackend::new(CpuConfig { threads })?;
-                start(be, self)
-            }
-            BackendChoice::Emu { threads, dtype } => {
-                let dev = EmuDevice::new(EmuConfig {
-                    threads,
-                    ..EmuConfig::default()
-                })?;
-                start(GpuBackend::new(dev, dtype), self)
-            }
-            BackendChoice::Cuda { dtype } => {
-                let dev = CudaDevice::new(CudaConfig::default())?;
-                start(GpuBackend::new(dev, dtype), self)
+        struct Start(EngineBuilder);
+        impl crate::select::BackendJob for Start {
+            type Output = Engine;
+            fn run<B: Backend + 'static>(self, be: B, _: String) -> Result<Engine> {
+                start(be, self.0)
             }
         }
+        let choice = self.backend.clone();
+        crate::select::with_backend(&choice, Start(self))
     }
 }
 
