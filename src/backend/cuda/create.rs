@@ -1,0 +1,181 @@
+//! Making a [`CudaDevice`]: the context and its one stream, the memory pool's release
+//! threshold, the pinned ring, and every kernel source compiled (or read from the cache) for
+//! the device's architecture and loaded.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::CudaContext;
+use cudarc::driver::sys as dsys;
+
+use super::super::kernel_sources::SOURCES;
+use super::cache::cached_compile;
+use super::nvrtc::{Target, nvrtc_options};
+use super::pinned::{PinnedBlock, RING_BLOCK_BYTES, RING_BLOCKS, Ring};
+use super::probe::{ProbeInfo, probe_device};
+use super::{
+    CudaConfig, CudaDevice, Deferred, Kernel, Owner, default_cache_dir, describe, drv,
+    entry_points, err, guard, version_string,
+};
+use crate::error::Result;
+
+impl CudaDevice {
+    /// Probes the machine, compiles (or takes from the cache) every kernel source for the
+    /// device's architecture, and loads the modules.
+    pub fn new(config: CudaConfig) -> Result<CudaDevice> {
+        let info = probe_device(config.ordinal)?;
+        guard("creating the CUDA device", || Self::create(config, info))
+    }
+
+    fn create(config: CudaConfig, info: ProbeInfo) -> Result<CudaDevice> {
+        let arch = info.arch();
+        if config.target == Target::Ptx {
+            let (maj, min) = info.nvrtc_version;
+            if info.driver_version < maj * 1000 + min * 10 {
+                return Err(err(format!(
+                    "driver too old for PTX from NVRTC {maj}.{min}: the driver supports CUDA {}; \
+                     use a cubin (the default) or an older NVRTC",
+                    version_string(info.driver_version)
+                )));
+            }
+        }
+        let ctx = CudaContext::new(config.ordinal).map_err(drv("creating the context"))?;
+        // One stream, so ordering is the stream's; cudarc's per-buffer events are not needed.
+        // What turning them off changes in cudarc is listed in this module's parent's docs.
+        // SAFETY: every buffer and launch of this device uses `stream` only.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(drv("creating a stream"))?;
+        let async_alloc = ctx.has_async_alloc();
+        if async_alloc {
+            keep_freed_memory(&ctx)?;
+        }
+        let max_shared_optin = ctx
+            .attribute(
+                dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(drv("reading the shared memory limit"))? as u32;
+        let deferred = Arc::new(Deferred::default());
+        let ring = Ring::new(RING_BLOCKS, RING_BLOCK_BYTES, |size| {
+            PinnedBlock::new(&ctx, &deferred, size)
+        })?;
+
+        let options = nvrtc_options(&arch, config.target, &config.extra_options);
+        let cache_dir = if config.use_cache {
+            config.cache_dir.clone().or_else(default_cache_dir)
+        } else {
+            None
+        };
+        // Compile (or read) every source, in parallel: NVRTC is thread-safe.
+        use rayon::prelude::*;
+        let compile = |file: &str, text: &str, refresh: bool| {
+            cached_compile(
+                file,
+                text,
+                &arch,
+                config.target,
+                &options,
+                info.nvrtc_version,
+                cache_dir.as_deref(),
+                refresh,
+            )
+        };
+        let modules: Vec<(&str, &str, Vec<u8>, bool)> = SOURCES
+            .par_iter()
+            .map(|&(file, text)| {
+                compile(file, text, false).map(|(code, hit)| (file, text, code, hit))
+            })
+            .collect::<Result<_>>()?;
+
+        let mut kernels = HashMap::new();
+        let mut cached = 0;
+        for (file, text, code, hit) in modules {
+            let loading = |e: String| err(format!("loading kernels/{file} for {arch}: {e}"));
+            let module = match load_module(&ctx, config.target, code) {
+                Ok(m) => {
+                    cached += hit as usize;
+                    m
+                }
+                // A damaged cache entry: compile afresh (which replaces it) and load that.
+                Err(_) if hit => {
+                    let (code, _) = compile(file, text, true)?;
+                    load_module(&ctx, config.target, code).map_err(loading)?
+                }
+                Err(e) => return Err(loading(e)),
+            };
+            // Entry points found in the text; a few exist only under `APPARATE_EMU` (emulator
+            // self-tests) and are simply absent from the module.
+            for name in entry_points(text) {
+                let func = match module.load_function(&name) {
+                    Ok(f) => f,
+                    Err(e) if e.0 == dsys::CUresult::CUDA_ERROR_NOT_FOUND => continue,
+                    Err(e) => return Err(drv(format!("kernel `{name}` of kernels/{file}"))(e)),
+                };
+                let dynamic = func
+                    .get_attribute(
+                        dsys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    )
+                    .map_err(drv(format!("kernel `{name}`")))?;
+                kernels.insert(
+                    name,
+                    Kernel {
+                        func,
+                        max_dynamic_shared: AtomicU32::new(dynamic.max(0) as u32),
+                    },
+                );
+            }
+        }
+        Ok(CudaDevice {
+            owner: Arc::new(Owner {
+                ctx,
+                stream,
+                async_alloc,
+                deferred,
+            }),
+            info,
+            target: config.target,
+            kernels,
+            max_shared_optin,
+            cached,
+            ring: Arc::new(ring),
+            blas: std::sync::OnceLock::new(),
+            raise_lock: Mutex::new(()),
+        })
+    }
+}
+
+/// Raises the release threshold of the pool that stream-ordered allocations come from (the
+/// device's current pool, its default one unless someone changed it) to "never": by default
+/// the pool hands freed memory back to the driver at every synchronisation, so each batch
+/// would pay for fresh `cuMemAllocAsync` mappings. The memory stays with the process until it
+/// exits (or trims the pool), which is what an inference server wants.
+fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
+    let what = "raising the memory pool's release threshold";
+    // SAFETY: the context's own device.
+    let pool = unsafe { cudarc::driver::result::device::get_mem_pool(ctx.cu_device()) }
+        .map_err(drv(what))?;
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: the attribute takes a cuuint64_t.
+    unsafe {
+        cudarc::driver::result::mem_pool::set_attribute(
+            pool,
+            dsys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+    }
+    .map_err(drv(what))
+}
+
+fn load_module(
+    ctx: &Arc<CudaContext>,
+    target: Target,
+    code: Vec<u8>,
+) -> std::result::Result<Arc<cudarc::driver::CudaModule>, String> {
+    let image = match target {
+        Target::Cubin => cudarc::nvrtc::Ptx::from_binary(code),
+        Target::Ptx => {
+            cudarc::nvrtc::Ptx::from_src(String::from_utf8(code).map_err(|_| "PTX is not UTF-8")?)
+        }
+    };
+    ctx.load_module(image).map_err(describe)
+}

@@ -1,0 +1,269 @@
+//! Tests that need a CUDA GPU, `#[ignore]`d so that a machine without one reports them as
+//! ignored rather than passing; `tools/gpu-check.sh` runs them with `--ignored` on the lent GPU
+//! machine. Until a run is recorded in docs/gpu-runs.md they are compiled, not run on a GPU.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::backend::kernel_sources::SOURCES;
+use crate::tensor::DType;
+
+const NEEDS_GPU: &str = "needs a CUDA GPU: run by tools/gpu-check.sh";
+
+fn device() -> CudaDevice {
+    CudaDevice::new(CudaConfig::default()).unwrap_or_else(|e| panic!("{NEEDS_GPU}: {e}"))
+}
+
+/// Uploads `inputs`, poisons an output of `out_len` f32 (NaN), launches `kernel` with the
+/// inputs then the output as arguments (and `extra` after them), and returns the output.
+fn run_f32(
+    dev: &CudaDevice,
+    kernel: &str,
+    cfg: LaunchConfig,
+    inputs: &[&[u8]],
+    extra: &[KernelArg],
+    out_len: usize,
+) -> Vec<f32> {
+    let bufs: Vec<_> = inputs.iter().map(|x| dev.upload(x).unwrap()).collect();
+    let out = dev.alloc(out_len * 4).unwrap();
+    dev.fill(&out, 0xff).unwrap();
+    let mut args: Vec<KernelArg> = bufs
+        .iter()
+        .map(|b| KernelArg::Ptr(dev.address(b)))
+        .collect();
+    args.push(KernelArg::Ptr(dev.address(&out)));
+    args.extend_from_slice(extra);
+    // SAFETY: every self-test kernel takes its inputs, then its output, then sizes; the
+    // buffers hold what the launch geometry makes the kernel touch.
+    unsafe { dev.launch(kernel, cfg, &args) }.unwrap();
+    let mut bytes = vec![0u8; out_len * 4];
+    dev.download(&out, &mut bytes).unwrap();
+    bytemuck::cast_slice(&bytes).to_vec()
+}
+
+/// `selftest_block_reverse`: without a working `__syncthreads` threads read tile slots that
+/// are not written yet.
+#[test]
+#[ignore = "needs a CUDA GPU: run by tools/gpu-check.sh"]
+fn gpu_selftest_block_barrier() {
+    let dev = device();
+    let n = 4 * 1024;
+    let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let y = run_f32(
+        &dev,
+        "selftest_block_reverse",
+        LaunchConfig::linear(4, 1024, 0),
+        &[bytemuck::cast_slice(&x)],
+        &[KernelArg::U32(n as u32)],
+        n,
+    );
+    for b in 0..4 {
+        for t in 0..1024 {
+            assert_eq!(
+                y[b * 1024 + t],
+                (b * 1024 + 1023 - t) as f32,
+                "block {b} thread {t}"
+            );
+        }
+    }
+}
+
+/// `selftest_warp`: xor-shuffle sum and max, shfl down/up/idx, ballot, any, all.
+#[test]
+#[ignore = "needs a CUDA GPU: run by tools/gpu-check.sh"]
+fn gpu_selftest_warp_shuffles_and_votes() {
+    let dev = device();
+    // Small integers: every order of summation gives the same f32.
+    let x: Vec<f32> = (0..256).map(|i| ((i * 37) % 29) as f32 - 10.0).collect();
+    let out = run_f32(
+        &dev,
+        "selftest_warp",
+        LaunchConfig::linear(2, 128, 0),
+        &[bytemuck::cast_slice(&x)],
+        &[],
+        8 * 8,
+    );
+    for w in 0..8 {
+        let v = &x[w * 32..(w + 1) * 32];
+        let o = &out[w * 8..(w + 1) * 8];
+        let ballot: u32 = (0..32).filter(|&i| v[i] > 0.0).map(|i| 1u32 << i).sum();
+        let want = [
+            v.iter().sum::<f32>(),
+            v.iter().cloned().fold(f32::MIN, f32::max),
+            v[1],
+            v[0],
+            v[7],
+            ballot as f32,
+            0.0,
+            1.0,
+        ];
+        assert_eq!(
+            o, want,
+            "warp {w}: sum, max, down, up, idx 7, ballot, any, all"
+        );
+    }
+}
+
+/// `selftest_mma_*`: one `mma.sync.m16n8k16` through the fragment layout the GEMM uses,
+/// against a plain product (exact: the inputs are exact in both half formats).
+#[test]
+#[ignore = "needs a CUDA GPU: run by tools/gpu-check.sh"]
+fn gpu_selftest_tensor_core_fragments() {
+    let dev = device();
+    let a: Vec<f32> = (0..256)
+        .map(|i| ((i * 13) % 17) as f32 / 8.0 - 1.0)
+        .collect();
+    let bt: Vec<f32> = (0..128)
+        .map(|i| ((i * 7) % 11) as f32 / 4.0 - 1.25)
+        .collect();
+    for (dt, kernel) in [
+        (DType::F16, "selftest_mma_f16"),
+        (DType::BF16, "selftest_mma_bf16"),
+    ] {
+        let got = run_f32(
+            &dev,
+            kernel,
+            LaunchConfig::linear(1, 32, 0),
+            &[&dt.encode(&a), &dt.encode(&bt)],
+            &[],
+            128,
+        );
+        for m in 0..16 {
+            for n in 0..8 {
+                let want: f32 = (0..16).map(|k| a[m * 16 + k] * bt[n * 16 + k]).sum();
+                assert_eq!(got[m * 8 + n], want, "{kernel} D[{m}][{n}]");
+            }
+        }
+    }
+}
+
+/// Events bracket work on the stream and time it.
+#[test]
+#[ignore = "needs a CUDA GPU: run by tools/gpu-check.sh"]
+fn gpu_events_time_launches() {
+    let dev = device();
+    let n = 1 << 22;
+    let x = dev.alloc(n * 4).unwrap();
+    let h = dev.alloc(n * 2).unwrap();
+    let start = dev.record_event().unwrap();
+    for _ in 0..10 {
+        // SAFETY: a cast over n elements of buffers that hold them.
+        unsafe {
+            dev.launch(
+                "cast_f32_f16",
+                LaunchConfig::linear((n / 256) as u32, 256, 0),
+                &[
+                    KernelArg::Ptr(dev.address(&x)),
+                    KernelArg::Ptr(dev.address(&h)),
+                    KernelArg::U32(n as u32),
+                ],
+            )
+        }
+        .unwrap();
+    }
+    let end = dev.record_event().unwrap();
+    dev.wait_event(&end).unwrap();
+    let ms = dev.elapsed_ms(&start, &end).unwrap();
+    assert!(ms > 0.0 && ms < 10_000.0, "{ms} ms");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: run by tools/gpu-check.sh"]
+fn gpu_kernels_run_and_errors_are_errors() {
+    let dir = std::env::temp_dir().join(format!("apparate-gpu-{}", std::process::id()));
+    let config = CudaConfig {
+        cache_dir: Some(dir.clone()),
+        ..CudaConfig::default()
+    };
+    let dev = CudaDevice::new(config.clone()).unwrap_or_else(|e| panic!("{NEEDS_GPU}: {e}"));
+    println!("{dev:?}");
+    assert_eq!(dev.cached_sources(), 0);
+    let x: Vec<f32> = (0..1000).map(|i| i as f32 * 0.37 - 100.0).collect();
+    let xb = dev.upload(bytemuck::cast_slice(&x)).unwrap();
+    let h = dev.alloc(x.len() * 2).unwrap();
+    let y = dev.alloc(x.len() * 4).unwrap();
+    dev.fill(&y, 0xff).unwrap();
+    let n = KernelArg::U32(x.len() as u32);
+    let cfg = LaunchConfig::linear(4, 128, 0);
+    let (xa, ha, ya) = (dev.address(&xb), dev.address(&h), dev.address(&y));
+    // SAFETY (every launch below): cast kernels (src, dst, n) on buffers of n elements;
+    // the failing launches are refused before reaching the GPU.
+    let launch = |k: &str, cfg: LaunchConfig, a: &[KernelArg]| unsafe { dev.launch(k, cfg, a) };
+    launch(
+        "cast_f32_f16",
+        cfg,
+        &[KernelArg::Ptr(xa), KernelArg::Ptr(ha), n],
+    )
+    .unwrap();
+    launch(
+        "cast_f16_f32",
+        cfg,
+        &[KernelArg::Ptr(ha), KernelArg::Ptr(ya), n],
+    )
+    .unwrap();
+    dev.synchronize().unwrap();
+    let mut out = vec![0u8; x.len() * 4];
+    dev.download(&y, &mut out).unwrap();
+    let out: &[f32] = bytemuck::cast_slice(&out);
+    for (a, b) in x.iter().zip(out) {
+        assert_eq!(half::f16::from_f32(*a).to_f32(), *b);
+    }
+    // Errors, not panics.
+    assert!(launch("no_such_kernel", cfg, &[]).is_err());
+    let huge = LaunchConfig::linear(1, 32, dev.max_shared_optin + 1);
+    assert!(launch("cast_f32_f16", huge, &[]).is_err());
+    assert!(dev.download(&y, &mut [0u8; 3]).is_err());
+    assert!(dev.alloc(1 << 50).is_err());
+    assert_eq!(dev.len(&dev.alloc(0).unwrap()), 0);
+    drop(dev);
+    // A second device finds every module in the cache.
+    let dev = CudaDevice::new(config).unwrap();
+    assert_eq!(dev.cached_sources(), SOURCES.len());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Defect 1 on the hardware: the bytes read back are the ones the copy brought, even when
+/// the copy is queued behind a long kernel, and the ring's blocks are reused.
+#[test]
+#[ignore = "needs a CUDA GPU: run by tools/gpu-check.sh"]
+fn gpu_async_download_waits_for_its_own_copy() {
+    let dev = Arc::new(device());
+    let n = 1 << 24; // 64 MiB of f32: the cast kernels below take a while
+    let x: Vec<f32> = (0..n).map(|i| (i % 1000) as f32).collect();
+    let xb = dev.upload(bytemuck::cast_slice(&x)).unwrap();
+    let h = dev.alloc(n * 2).unwrap();
+    let small = dev.alloc(4096).unwrap();
+    let (before, total) = dev.ring.counts();
+    for round in 0..4u8 {
+        dev.fill(&small, 0).unwrap();
+        let nn = KernelArg::U32(n as u32);
+        // SAFETY: cast kernels over n elements of buffers that hold them.
+        unsafe {
+            dev.launch(
+                "cast_f32_f16",
+                LaunchConfig::linear((n / 256) as u32, 256, 0),
+                &[
+                    KernelArg::Ptr(dev.address(&xb)),
+                    KernelArg::Ptr(dev.address(&h)),
+                    nn,
+                ],
+            )
+        }
+        .unwrap();
+        dev.fill(&small, round + 1).unwrap();
+        let mut p = dev.alloc_pinned(4096).unwrap();
+        dev.download_async(&small, &mut p).unwrap();
+        // Read on another thread, as the releaser does.
+        let d2 = dev.clone();
+        let bytes = std::thread::spawn(move || d2.read_pinned(&p).unwrap())
+            .join()
+            .unwrap();
+        assert!(bytes.iter().all(|&b| b == round + 1), "round {round}");
+    }
+    assert_eq!(
+        dev.ring.counts(),
+        (before, total),
+        "blocks went back, none added"
+    );
+    dev.synchronize().unwrap();
+}

@@ -1,0 +1,528 @@
+//! `cuda`: a real GPU through cudarc (run-time loading), kernels compiled by NVRTC.
+//!
+//! Nothing here needs CUDA at build time: cudarc loads `libcuda` and `libnvrtc` when they are
+//! first used, and panics if they are missing. So every entry point first asks the
+//! non-panicking `is_culib_present()` probes and returns an error saying what is missing, and
+//! every cudarc call runs under [`std::panic::catch_unwind`] so that a cudarc panic (a missing
+//! symbol in an old library, say) comes back as an error too.
+//!
+//! - [`probe`](mod@probe): whether this machine can run the backend and what it has.
+//! - [`nvrtc`]: the kernel sources compiled to PTX or cubins; architectures and options.
+//! - [`cache`]: compiled modules on disk, keyed by the sha256 of what made them.
+//! - `create`: a [`CudaDevice`] made (context, stream, memory pool, modules loaded).
+//! - [`pinned`]: page-locked memory with its own events, for the early release.
+//! - `cublas`: the cuBLAS GEMM, the kernel benchmarks' yardstick.
+//!
+//! This file holds the device and its [`Device`] implementation: kernels launched by name on
+//! one stream of the primary context.
+//!
+//! # cudarc 0.19 and event tracking (issue 12, defect 1)
+//! The device turns cudarc's event tracking off (one stream orders everything; tracking would
+//! create two events per allocation). With tracking off, cudarc 0.19 behaves differently in
+//! these places, each handled here:
+//! - `PinnedHostSlice`: its event is recorded after a copy only when the context manages
+//!   multi-stream synchronisation, so `as_slice` waited on an unrecorded event and returned at
+//!   once (stale bytes), and its drop freed the memory without waiting for a queued copy.
+//!   [`pinned`] owns its blocks and events instead: record after the copy, wait before reading
+//!   and before freeing.
+//! - `CudaSlice` drop frees with `cuMemFreeAsync` without binding the context to the dropping
+//!   thread (with tracking on, its event waits bind it as a side effect). [`CudaBuf`] owns its
+//!   allocation and binds the context before freeing, on whatever thread drops it.
+//! - Errors in drops go to one slot in the context (`record_err`), which the next
+//!   `bind_to_thread` on *any* thread takes and returns as its own failure (so a free that
+//!   failed on the releaser thread surfaced as a failed launch on the executor). Drops here
+//!   keep their failures in [`Deferred`], and every device call first reports a failure kept
+//!   there or in cudarc's slot as what it is: an earlier operation, named, that failed.
+//! - `new_stream` synchronises the context only with tracking on (harmless: nothing is queued
+//!   when the device makes its stream).
+//!
+//! The ordering of copies and events is compiled and emulated, not run on a GPU.
+
+mod cache;
+mod create;
+mod cublas;
+mod errors;
+#[cfg(test)]
+mod gpu_tests;
+pub mod nvrtc;
+pub mod pinned;
+pub mod probe;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::sys as dsys;
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, PushKernelArg};
+
+use super::device::{Device, KernelArg, LaunchConfig, check_launch};
+use crate::error::{Error, Result};
+
+pub use super::entry_points::entry_points;
+pub use cache::{cache_key, default_cache_dir};
+use errors::{Deferred, bind, check, describe, drv, err, guard, version_string};
+pub use nvrtc::{
+    Arch, Compiled, Target, compile_cubin, compile_ptx, compile_source, nvrtc_options,
+    nvrtc_supported_archs, nvrtc_version,
+};
+pub use pinned::CudaPinned;
+pub use probe::{ProbeInfo, probe, probe_device};
+
+const BACKEND: &str = "cuda";
+
+/// Oldest driver API version the backend accepts (CUDA 12.0, as `cuDriverGetVersion` writes it).
+pub const MIN_DRIVER_VERSION: i32 = 12000;
+
+/// NVRTC options every compilation gets (after `--gpu-architecture`).
+pub const DEFAULT_OPTIONS: &[&str] = &["-std=c++17", "--device-as-default-execution-space"];
+
+/// Settings of [`CudaDevice`].
+#[derive(Clone, Debug)]
+pub struct CudaConfig {
+    /// Device ordinal.
+    pub ordinal: usize,
+    /// What NVRTC produces for the device's architecture (default: a cubin).
+    pub target: Target,
+    /// NVRTC options after [`DEFAULT_OPTIONS`].
+    pub extra_options: Vec<String>,
+    /// Module cache directory; `None`: [`default_cache_dir`].
+    pub cache_dir: Option<std::path::PathBuf>,
+    /// Whether to use the on-disk cache at all.
+    pub use_cache: bool,
+}
+
+impl Default for CudaConfig {
+    fn default() -> Self {
+        CudaConfig {
+            ordinal: 0,
+            target: Target::Cubin,
+            extra_options: Vec::new(),
+            cache_dir: None,
+            use_cache: true,
+        }
+    }
+}
+
+/// What every buffer of a device shares with it: the context, the stream its memory is
+/// ordered on, and where failures in drops go.
+struct Owner {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    /// Stream-ordered allocation (`cuMemAllocAsync`) is available.
+    async_alloc: bool,
+    deferred: Arc<Deferred>,
+}
+
+/// Device memory, freed when dropped: stream-ordered (after the work already queued on the
+/// device's stream), from whichever thread drops it.
+pub struct CudaBuf {
+    ptr: u64,
+    len: usize,
+    owner: Arc<Owner>,
+}
+
+impl fmt::Debug for CudaBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CudaBuf {{ ptr: {:#x}, len: {} }}", self.ptr, self.len)
+    }
+}
+
+impl Drop for CudaBuf {
+    fn drop(&mut self) {
+        let o = &self.owner;
+        let what = |step: &str| format!("{step} a {}-byte buffer (on drop)", self.len);
+        // The dropping thread may never have used the device (the releaser, a tokio worker).
+        if let Err(e) = bind(&o.ctx) {
+            o.deferred.record(what("binding the context to free"), e);
+            return;
+        }
+        // SAFETY: allocated by `CudaDevice::alloc` on this stream, freed once. Stream order
+        // puts the free after every launch already queued that uses the buffer.
+        let freed = unsafe {
+            if o.async_alloc {
+                cudarc::driver::result::free_async(self.ptr, o.stream.cu_stream())
+            } else {
+                cudarc::driver::result::stream::synchronize(o.stream.cu_stream())
+                    .and_then(|_| cudarc::driver::result::free_sync(self.ptr))
+            }
+        };
+        if let Err(e) = freed {
+            o.deferred.record(what("freeing"), e);
+        }
+    }
+}
+
+struct Kernel {
+    func: CudaFunction,
+    /// Dynamic shared memory the function may use now (48 KiB minus its static shared memory
+    /// until raised with `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`).
+    max_dynamic_shared: AtomicU32,
+}
+
+/// A real GPU. Kernels run in order on one stream of the device's primary context.
+pub struct CudaDevice {
+    owner: Arc<Owner>,
+    info: ProbeInfo,
+    target: Target,
+    kernels: HashMap<String, Kernel>,
+    /// `CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`.
+    max_shared_optin: u32,
+    /// Sources that came from the on-disk cache.
+    cached: usize,
+    /// Page-locked blocks for [`Device::download_async`].
+    ring: Arc<pinned::Ring<pinned::PinnedBlock>>,
+    /// cuBLAS, created on first use (benchmarks only: the engine uses its own GEMM).
+    blas: std::sync::OnceLock<std::result::Result<cudarc::cublas::CudaBlas, String>>,
+    raise_lock: Mutex<()>,
+}
+
+impl fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (free, pooled) = self.ring.counts();
+        write!(
+            f,
+            "CudaDevice {{ {}, {:?}, {} kernels, pinned blocks {free} free of {pooled} }}",
+            self.info,
+            self.target,
+            self.kernels.len()
+        )
+    }
+}
+
+impl CudaDevice {
+    /// What the probe found for this device.
+    pub fn info(&self) -> &ProbeInfo {
+        &self.info
+    }
+
+    /// What the modules were compiled to.
+    pub fn target(&self) -> Target {
+        self.target
+    }
+
+    /// How many kernel sources came from the on-disk cache.
+    pub fn cached_sources(&self) -> usize {
+        self.cached
+    }
+
+    /// True when the device has a kernel of this name.
+    pub fn has_kernel(&self, name: &str) -> bool {
+        self.kernels.contains_key(name)
+    }
+
+    /// Makes the device's context current on the calling thread. Every call of the device does
+    /// this itself; a thread that hands raw handles to other CUDA libraries may want it.
+    pub fn bind_to_thread(&self) -> Result<()> {
+        bind(&self.owner.ctx).map_err(drv("binding the context"))
+    }
+
+    /// Start of every device call: reports a failure that a drop could only keep (ours or
+    /// cudarc's) as an earlier operation's, then binds the context to this thread.
+    fn enter(&self, what: &str) -> Result<()> {
+        let earlier = |e: String| {
+            Error::device(
+                BACKEND,
+                what,
+                format!("an earlier operation failed where it could not report it: {e}"),
+            )
+        };
+        if let Some(e) = self.owner.deferred.take() {
+            return Err(earlier(e));
+        }
+        if let Err(e) = self.owner.ctx.check_err() {
+            return Err(earlier(format!(
+                "a CUDA call in a cudarc drop: {}",
+                describe(e)
+            )));
+        }
+        bind(&self.owner.ctx).map_err(drv(format!("{what}: binding the context")))
+    }
+
+    fn stream(&self) -> &Arc<CudaStream> {
+        &self.owner.stream
+    }
+}
+
+impl Device for CudaDevice {
+    type Buf = CudaBuf;
+    type Pinned = CudaPinned;
+
+    fn alloc_pinned(&self, bytes: usize) -> Result<CudaPinned> {
+        guard("pinned host memory", || {
+            self.enter("pinned host memory")?;
+            let (ctx, deferred) = (&self.owner.ctx, &self.owner.deferred);
+            let lease = self
+                .ring
+                .take(bytes, |size| pinned::PinnedBlock::new(ctx, deferred, size))?;
+            Ok(CudaPinned::new(lease, self.ring.clone(), bytes))
+        })
+    }
+
+    fn download_async(&self, buf: &CudaBuf, dst: &mut CudaPinned) -> Result<()> {
+        if dst.len() < buf.len {
+            return Err(Error::device(
+                BACKEND,
+                "async download",
+                format!("a {}-byte buffer into {} pinned bytes", buf.len, dst.len()),
+            ));
+        }
+        guard("cuMemcpyDtoHAsync", || {
+            self.enter("async download")?;
+            // SAFETY: `buf` is an allocation of this device of `buf.len` bytes and the block
+            // holds at least `dst.len() >= buf.len`. Nothing here waits.
+            unsafe { dst.block().copy_from(buf.ptr, buf.len, self.stream()) }?;
+            dst.mark_queued();
+            Ok(())
+        })
+    }
+
+    fn read_pinned(&self, p: &CudaPinned) -> Result<Vec<u8>> {
+        if !p.queued() {
+            return Err(Error::device(
+                BACKEND,
+                "reading pinned memory",
+                "no copy was queued into it (download_async first)",
+            ));
+        }
+        guard("cuEventSynchronize", || {
+            self.enter("reading pinned memory")?;
+            p.block().read(p.len())
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn describe(&self) -> String {
+        let i = self.info();
+        format!(
+            "cuda: {} (sm_{}{})",
+            i.device_name, i.compute_capability.0, i.compute_capability.1
+        )
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<CudaBuf> {
+        guard("cuMemAlloc", || {
+            self.enter("allocating device memory")?;
+            // A zero-byte request still gets a real (1-byte) allocation, as with the emulator.
+            let size = bytes.max(1);
+            // SAFETY: uninitialised device memory is what `alloc` promises; the context is
+            // current.
+            let ptr = unsafe {
+                if self.owner.async_alloc {
+                    cudarc::driver::result::malloc_async(self.stream().cu_stream(), size)
+                } else {
+                    cudarc::driver::result::malloc_sync(size)
+                }
+            }
+            .map_err(|e| {
+                let why = if e.0 == dsys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                    "out of memory".to_string()
+                } else {
+                    describe(e)
+                };
+                Error::device(BACKEND, format!("allocating {bytes} bytes"), why)
+            })?;
+            Ok(CudaBuf {
+                ptr,
+                len: bytes,
+                owner: self.owner.clone(),
+            })
+        })
+    }
+
+    fn upload(&self, bytes: &[u8]) -> Result<CudaBuf> {
+        let buf = self.alloc(bytes.len())?;
+        if !bytes.is_empty() {
+            guard("cuMemcpyHtoD", || {
+                self.enter("upload")?;
+                // SAFETY: the buffer holds bytes.len() bytes; a copy from pageable memory has
+                // read `bytes` by the time it returns.
+                unsafe {
+                    cudarc::driver::result::memcpy_htod_async(
+                        buf.ptr,
+                        bytes,
+                        self.stream().cu_stream(),
+                    )
+                }
+                .map_err(drv(format!("upload of {} bytes", bytes.len())))
+            })?;
+        }
+        Ok(buf)
+    }
+
+    fn download(&self, buf: &CudaBuf, out: &mut [u8]) -> Result<()> {
+        if out.len() != buf.len {
+            return Err(Error::device(
+                BACKEND,
+                "download",
+                format!("a {}-byte buffer into {} bytes", buf.len, out.len()),
+            ));
+        }
+        if out.is_empty() {
+            return Ok(());
+        }
+        guard("cuMemcpyDtoH", || {
+            self.enter("download")?;
+            let what = || format!("download of {} bytes", buf.len);
+            // SAFETY: same length; the stream synchronisation below completes the copy
+            // before `out` is used.
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(out, buf.ptr, self.stream().cu_stream())
+            }
+            .map_err(drv(what()))?;
+            // SAFETY: the device's stream.
+            unsafe { cudarc::driver::result::stream::synchronize(self.stream().cu_stream()) }
+                .map_err(drv(what()))
+        })
+    }
+
+    fn fill(&self, buf: &CudaBuf, byte: u8) -> Result<()> {
+        guard("cuMemsetD8", || {
+            self.enter("fill")?;
+            // SAFETY: within the allocation, on the stream that owns it.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(
+                    buf.ptr,
+                    byte,
+                    buf.len,
+                    self.stream().cu_stream(),
+                )
+            }
+            .map_err(drv(format!("fill of {} bytes", buf.len)))
+        })
+    }
+
+    fn address(&self, buf: &CudaBuf) -> u64 {
+        buf.ptr
+    }
+
+    fn len(&self, buf: &CudaBuf) -> usize {
+        buf.len
+    }
+
+    unsafe fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[KernelArg]) -> Result<()> {
+        check_launch(BACKEND, kernel, &cfg)?;
+        let k = self
+            .kernels
+            .get(kernel)
+            .ok_or_else(|| Error::kernel(BACKEND, kernel, "no kernel of this name"))?;
+        guard(&format!("launch of `{kernel}`"), || {
+            self.enter(&format!("launch of `{kernel}`"))?;
+            // Check and raise under one lock: two threads raising the same kernel's limit must
+            // not leave it lower than what the atomic records.
+            let _raise = self.raise_lock.lock().unwrap_or_else(|p| p.into_inner());
+            if cfg.shared_bytes > k.max_dynamic_shared.load(Ordering::Relaxed) {
+                if cfg.shared_bytes > self.max_shared_optin {
+                    return Err(Error::kernel(
+                        BACKEND,
+                        kernel,
+                        format!(
+                            "{} bytes of dynamic shared memory, this device allows at most {}",
+                            cfg.shared_bytes, self.max_shared_optin
+                        ),
+                    ));
+                }
+                k.func
+                    .set_attribute(
+                        dsys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        cfg.shared_bytes as i32,
+                    )
+                    .map_err(|e| {
+                        Error::kernel(
+                            BACKEND,
+                            kernel,
+                            format!(
+                                "raising its dynamic shared memory to {} bytes: {}",
+                                cfg.shared_bytes,
+                                describe(e)
+                            ),
+                        )
+                    })?;
+                k.max_dynamic_shared
+                    .fetch_max(cfg.shared_bytes, Ordering::Relaxed);
+            }
+            // The launch gets a pointer to each argument's 8-byte slot.
+            let values: Vec<u64> = args.iter().map(|a| a.slot()).collect();
+            let mut builder = self.stream().launch_builder(&k.func);
+            for v in &values {
+                builder.arg(v);
+            }
+            let lc = cudarc::driver::LaunchConfig {
+                grid_dim: (cfg.grid[0], cfg.grid[1], cfg.grid[2]),
+                block_dim: (cfg.block[0], cfg.block[1], cfg.block[2]),
+                shared_mem_bytes: cfg.shared_bytes,
+            };
+            // SAFETY: the argument count and types are the launcher's contract with the
+            // kernel (as on the emulated device); the values outlive the call.
+            unsafe { builder.launch(lc) }.map_err(|e| {
+                Error::kernel(BACKEND, kernel, format!("launch {cfg:?}: {}", describe(e)))
+            })?;
+            Ok(())
+        })
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        guard("cuStreamSynchronize", || {
+            self.enter("waiting for the stream")?;
+            // SAFETY: the device's stream.
+            unsafe { cudarc::driver::result::stream::synchronize(self.stream().cu_stream()) }
+                .map_err(drv("waiting for the stream"))?;
+            // A drop that failed while the stream ran.
+            self.enter("waiting for the stream")
+        })
+    }
+
+    type Event = cudarc::driver::CudaEvent;
+
+    fn record_event(&self) -> Result<Self::Event> {
+        guard("cuEventRecord", || {
+            self.enter("recording an event")?;
+            self.stream()
+                .record_event(Some(dsys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(drv("recording an event"))
+        })
+    }
+
+    fn wait_event(&self, event: &Self::Event) -> Result<()> {
+        guard("cuEventSynchronize", || {
+            self.enter("waiting for an event")?;
+            event.synchronize().map_err(drv("waiting for an event"))
+        })
+    }
+
+    fn elapsed_ms(&self, start: &Self::Event, end: &Self::Event) -> Result<f64> {
+        guard("cuEventElapsedTime", || {
+            self.enter("timing two events")?;
+            start
+                .elapsed_ms(end)
+                .map(f64::from)
+                .map_err(drv("timing two events"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn driver_present() -> bool {
+        // SAFETY: only tries to open the library.
+        unsafe { dsys::is_culib_present() }
+    }
+
+    /// Without a usable GPU, creating the device is an error that says what is missing (on a
+    /// machine with one, the `gpu_` tests check the device itself).
+    #[test]
+    fn device_creation_says_what_is_missing() {
+        if let Err(e) = CudaDevice::new(CudaConfig::default()) {
+            let msg = e.to_string();
+            assert!(msg.starts_with("backend `cuda`: "), "{msg}");
+            if !driver_present() {
+                assert!(msg.contains("no CUDA driver library"), "{msg}");
+            }
+        }
+    }
+}
