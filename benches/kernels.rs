@@ -4,18 +4,28 @@
 //! only smoke-test the code paths with tiny shapes, and say so.
 //!
 //!     cargo bench --bench kernels -- [--device auto|cuda|emu] [--dtype f32|f16|bf16]...
-//!                                     [--repeats N] [--model FILE] [--out DIR]
+//!                                     [--repeats N] [--model FILE] [--out DIR] [--table]
 //!
-//! Timing: device events around each launch after warm-up, median of the repeats.
+//! Timing: inputs and outputs are allocated before the clock starts (the `*_into` launchers
+//! write into a preallocated output), then `launches` back-to-back launches run between two
+//! device events; a row reports the median over `repeats` such batches of the time per launch.
+//! On a GPU the working sets are far above L2 (the copy yardstick moves 1 GiB).
+//!
+//! `--table` instead times every case of the op table (`tests/op_cases`, the cases the parity
+//! test checks) on `cpu` and on the GPU device, per dtype: the perf mode of that table. Those
+//! cases go through the public ops, which allocate their outputs as the engine's calls do.
+
+#[path = "../tests/op_cases/mod.rs"]
+mod op_cases;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use apparate::backend::cuda::{CudaConfig, CudaDevice};
-use apparate::backend::device::{Device, KernelArg, LaunchConfig};
+use apparate::backend::device::Device;
 use apparate::backend::emu::{EmuConfig, EmuDevice};
-use apparate::backend::gpu::GpuBackend;
-use apparate::backend::{Activation, Backend};
+use apparate::backend::gpu::{GpuBackend, elementwise};
+use apparate::backend::{Activation, Backend, CpuBackend, CpuConfig};
 use apparate::format::ModelFile;
 use apparate::models::bert::synthetic::SplitMix;
 use apparate::models::bert::{Bert, EncoderInput};
@@ -29,6 +39,7 @@ struct Opts {
     repeats: usize,
     model: PathBuf,
     out: PathBuf,
+    table: bool,
 }
 
 fn parse() -> Res<Opts> {
@@ -36,9 +47,10 @@ fn parse() -> Res<Opts> {
     let mut o = Opts {
         device: "auto".into(),
         dtypes: vec![],
-        repeats: 20,
+        repeats: 5,
         model: root.join("weights/minilm-l6.apparate"),
         out: root.join("target/bench-results"),
+        table: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -49,6 +61,7 @@ fn parse() -> Res<Opts> {
             "--repeats" => o.repeats = val()?.parse()?,
             "--model" => o.model = val()?.into(),
             "--out" => o.out = val()?.into(),
+            "--table" => o.table = true,
             "--bench" => {}
             other => return Err(format!("unknown argument `{other}`").into()),
         }
@@ -56,21 +69,33 @@ fn parse() -> Res<Opts> {
     if o.dtypes.is_empty() {
         o.dtypes = vec![DType::F32, DType::F16, DType::BF16];
     }
+    if o.repeats == 0 {
+        return Err("--repeats must be at least 1".into());
+    }
     Ok(o)
 }
 
-/// Median milliseconds of `repeats` runs of `f`, timed with device events, after 2 warm-ups.
-fn time<D: Device>(dev: &D, repeats: usize, mut f: impl FnMut() -> Res<()>) -> Res<f64> {
-    for _ in 0..2 {
-        f()?;
-    }
+/// How many launches one timed batch holds, and how many batches a row takes the median of.
+#[derive(Copy, Clone)]
+struct Plan {
+    launches: usize,
+    repeats: usize,
+}
+
+/// Milliseconds per call of `f`: after a warm-up call, `repeats` batches of `launches`
+/// back-to-back calls, each batch between two device events; the median batch over its
+/// launch count. `f` must not allocate (or the allocator is what is timed).
+fn time<D: Device + ?Sized>(dev: &D, plan: Plan, mut f: impl FnMut() -> Res<()>) -> Res<f64> {
+    f()?;
     dev.synchronize()?;
-    let mut ms = Vec::with_capacity(repeats);
-    for _ in 0..repeats.max(1) {
+    let mut ms = Vec::with_capacity(plan.repeats);
+    for _ in 0..plan.repeats {
         let a = dev.record_event()?;
-        f()?;
+        for _ in 0..plan.launches {
+            f()?;
+        }
         let b = dev.record_event()?;
-        ms.push(dev.elapsed_ms(&a, &b)?);
+        ms.push(dev.elapsed_ms(&a, &b)? / plan.launches as f64);
     }
     ms.sort_by(f64::total_cmp);
     Ok(ms[ms.len() / 2])
@@ -110,6 +135,19 @@ impl Yardstick for CudaDevice {
     }
 }
 
+/// The copy yardstick: `bytes` read and `bytes` written by `copy_u32`; GB/s.
+fn copy_bandwidth<D: Device>(dev: &D, plan: Plan, bytes: usize) -> Res<f64> {
+    let words = bytes / 4;
+    let src = dev.alloc(words * 4)?;
+    let dst = dev.alloc(words * 4)?;
+    dev.fill(&src, 0x3c)?;
+    let ms = time(dev, plan, || {
+        elementwise::copy_words(dev, &src, &dst, words)?;
+        Ok(())
+    })?;
+    Ok(2.0 * (words * 4) as f64 / ms / 1e6)
+}
+
 fn bench_device<D: Yardstick>(
     name: &str,
     dev: Arc<D>,
@@ -117,7 +155,26 @@ fn bench_device<D: Yardstick>(
     o: &Opts,
     rows: &mut Vec<Row>,
 ) -> Res<()> {
-    let repeats = if real { o.repeats } else { 1 };
+    let plan = if real {
+        Plan {
+            launches: 20,
+            repeats: o.repeats,
+        }
+    } else {
+        Plan {
+            launches: 2,
+            repeats: 1,
+        }
+    };
+    // 1 GiB moved each way on a GPU: far above any L2, so this is DRAM bandwidth.
+    let copy_bytes = if real { 1 << 30 } else { 1 << 20 };
+    let copy_bw = copy_bandwidth(&*dev, plan, copy_bytes)?;
+    rows.push(Row {
+        what: format!("{name} copy {} MiB", copy_bytes >> 20),
+        ours_ms: 2.0 * copy_bytes as f64 / copy_bw / 1e6,
+        metric: format!("{copy_bw:.0} GB/s"),
+        reference: "-".into(),
+    });
     let mut rng = SplitMix::new(7);
     for &dt in &o.dtypes {
         let be = GpuBackend::shared(dev.clone(), dt);
@@ -138,8 +195,9 @@ fn bench_device<D: Yardstick>(
             let w: Vec<f32> = (0..n * k).map(|_| rng.uniform() * 0.1).collect();
             let xt = be.upload(&x, &[m, k])?;
             let wt = be.upload(&w, &[n, k])?;
-            let ours = time(&*dev, repeats, || {
-                be.linear(&xt, &wt, None, Activation::None)?;
+            let yt = be.alloc(vec![m, n])?;
+            let ours = time(&*dev, plan, || {
+                be.linear_into(&xt, &wt, None, Activation::None, &yt)?;
                 Ok(())
             })?;
             let flops = 2.0 * (m * n * k) as f64;
@@ -150,7 +208,7 @@ fn bench_device<D: Yardstick>(
                 None => "-".to_string(),
                 Some(Err(e)) => format!("cuBLAS failed: {e}"),
                 Some(Ok(())) => {
-                    let t = time(&*dev, repeats, || {
+                    let t = time(&*dev, plan, || {
                         dev.reference_gemm(dt, m, n, k, [&xb, &wb, &yb])
                             .expect("cuda")?;
                         Ok(())
@@ -170,34 +228,16 @@ fn bench_device<D: Yardstick>(
                 reference,
             });
         }
-        // Memory-bound kernels against a plain copy of the same bytes.
-        let (r, c) = if real { (8192, 1024) } else { (64, 384) };
+        // Memory-bound kernels against the copy: 64k rows of 1024 (128-256 MiB per tensor).
+        let (r, c) = if real { (65536, 1024) } else { (64, 384) };
         let a = be.upload(&vec![0.5; r * c], &[r, c])?;
         let b = be.upload(&vec![0.25; r * c], &[r, c])?;
         let g = be.upload(&vec![1.0; c], &[c])?;
         let z = be.upload(&vec![0.0; c], &[c])?;
-        let words = (r * c * dt.size()).div_ceil(4);
-        let src = dev.alloc(words * 4)?;
-        let dst = dev.alloc(words * 4)?;
-        let copy_ms = time(&*dev, repeats, || {
-            // SAFETY: copy_u32(src, dst, n) with two buffers of `words` u32 each.
-            unsafe {
-                dev.launch(
-                    "copy_u32",
-                    LaunchConfig::linear(((words as u32).div_ceil(256)).min(65535), 256, 0),
-                    &[
-                        KernelArg::Ptr(dev.address(&src)),
-                        KernelArg::Ptr(dev.address(&dst)),
-                        KernelArg::U32(words as u32),
-                    ],
-                )
-            }?;
-            Ok(())
-        })?;
+        let y = be.alloc(vec![r, c])?;
         let tensor_bytes = (r * c * dt.size()) as f64;
-        let copy_bw = 2.0 * tensor_bytes / copy_ms / 1e6;
-        let ln = time(&*dev, repeats, || {
-            be.add_layernorm(&a, &b, &g, &z, 1e-12)?;
+        let ln = time(&*dev, plan, || {
+            be.add_layernorm_into(&a, &b, &g, &z, 1e-12, &y)?;
             Ok(())
         })?;
         let ln_bw = 3.0 * tensor_bytes / ln / 1e6;
@@ -210,8 +250,8 @@ fn bench_device<D: Yardstick>(
                 100.0 * ln_bw / copy_bw
             ),
         });
-        let sm = time(&*dev, repeats, || {
-            be.softmax(&a)?;
+        let sm = time(&*dev, plan, || {
+            be.softmax_into(&a, &y)?;
             Ok(())
         })?;
         let sm_bw = 2.0 * tensor_bytes / sm / 1e6;
@@ -224,47 +264,118 @@ fn bench_device<D: Yardstick>(
                 100.0 * sm_bw / copy_bw
             ),
         });
-        // The MiniLM forward.
         if o.model.exists() {
-            let file = ModelFile::open(&o.model)?;
-            let model = Bert::load(be.clone(), &file)?;
-            let shapes: &[(usize, usize)] = if real {
-                &[(1, 128), (8, 128), (32, 128)]
-            } else {
-                &[(1, 16)]
-            };
-            for &(batch, seq) in shapes {
-                let ids: Vec<Vec<u32>> = (0..batch)
-                    .map(|_| {
-                        (0..seq)
-                            .map(|p| {
-                                if p == 0 {
-                                    101
-                                } else if p == seq - 1 {
-                                    102
-                                } else {
-                                    2000 + rng.below(20000) as u32
-                                }
-                            })
-                            .collect()
-                    })
-                    .collect();
-                let masks: Vec<Vec<u32>> = ids.iter().map(|s| vec![1; s.len()]).collect();
-                let input = EncoderInput::from_ids_and_masks(&ids, &masks, 0)?;
-                let t = time(&*dev, repeats, || {
-                    model.forward(&input)?;
-                    Ok(())
-                })?;
-                rows.push(Row {
-                    what: format!("{name} {dt} MiniLM forward batch {batch} seq {seq}"),
-                    ours_ms: t,
-                    metric: format!("{:.0} seq/s", batch as f64 / t * 1e3),
-                    reference: "-".into(),
-                });
-            }
+            minilm(name, &be, real, plan, &o.model, &mut rng, rows)?;
         }
     }
     Ok(())
+}
+
+/// The MiniLM forward (whole model: its ops allocate their outputs as in serving).
+fn minilm<D: Device>(
+    name: &str,
+    be: &GpuBackend<D>,
+    real: bool,
+    plan: Plan,
+    path: &std::path::Path,
+    rng: &mut SplitMix,
+    rows: &mut Vec<Row>,
+) -> Res<()> {
+    let file = ModelFile::open(path)?;
+    let model = Bert::load(be.clone(), &file)?;
+    let shapes: &[(usize, usize)] = if real {
+        &[(1, 128), (8, 128), (32, 128)]
+    } else {
+        &[(1, 16)]
+    };
+    for &(batch, seq) in shapes {
+        let ids: Vec<Vec<u32>> = (0..batch)
+            .map(|_| {
+                (0..seq)
+                    .map(|p| match p {
+                        0 => 101,
+                        p if p == seq - 1 => 102,
+                        _ => 2000 + rng.below(20000) as u32,
+                    })
+                    .collect()
+            })
+            .collect();
+        let masks: Vec<Vec<u32>> = ids.iter().map(|s| vec![1; s.len()]).collect();
+        let input = EncoderInput::from_ids_and_masks(&ids, &masks, 0)?;
+        let t = time(be.device(), plan, || {
+            model.forward(&input)?;
+            Ok(())
+        })?;
+        rows.push(Row {
+            what: format!(
+                "{name} {} MiniLM forward batch {batch} seq {seq}",
+                be.dtype()
+            ),
+            ours_ms: t,
+            metric: format!("{:.0} seq/s", batch as f64 / t * 1e3),
+            reference: "-".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Times `f` (milliseconds per call): device events on a GPU, the wall clock on the CPU.
+type Timer<'a> = &'a dyn Fn(&mut dyn FnMut() -> Res<()>) -> Res<f64>;
+
+/// The op table's perf mode: every case that computes, on `be`, in `dtype` (the CPU stores f32
+/// only).
+fn bench_table<B: Backend>(
+    name: &str,
+    be: &B,
+    dtype: DType,
+    timer: Timer<'_>,
+    rows: &mut Vec<Row>,
+) -> Res<()> {
+    use op_cases::{Expect, Op};
+    for case in op_cases::cases() {
+        if case.dtype != dtype || case.expect != Expect::Values {
+            continue;
+        }
+        let mut p = op_cases::prepare(be, op_cases::host_inputs(&case))?;
+        if let Op::RampExit { .. } = case.op {
+            p.set_threshold(be, 0.5)?;
+        }
+        let ms = timer(&mut || {
+            op_cases::run(be, &case, &p, false)?;
+            Ok(())
+        })?;
+        rows.push(Row {
+            what: format!("{name} {}", case.name),
+            ours_ms: ms,
+            metric: "-".into(),
+            reference: "-".into(),
+        });
+    }
+    Ok(())
+}
+
+fn table_mode<D: Device>(name: &str, dev: Arc<D>, real: bool, o: &Opts) -> Res<Vec<Row>> {
+    let plan = Plan {
+        launches: if real { 50 } else { 2 },
+        repeats: if real { o.repeats } else { 1 },
+    };
+    let mut rows = Vec::new();
+    let cpu = CpuBackend::new(CpuConfig::default())?;
+    let wall = |f: &mut dyn FnMut() -> Res<()>| -> Res<f64> {
+        f()?;
+        let start = std::time::Instant::now();
+        for _ in 0..plan.launches {
+            f()?;
+        }
+        Ok(start.elapsed().as_secs_f64() * 1e3 / plan.launches as f64)
+    };
+    bench_table("cpu", &cpu, DType::F32, &wall, &mut rows)?;
+    let events = |f: &mut dyn FnMut() -> Res<()>| time(&*dev, plan, f);
+    for &dt in &o.dtypes {
+        let be = GpuBackend::shared(dev.clone(), dt);
+        bench_table(name, &be, dt, &events, &mut rows)?;
+    }
+    Ok(rows)
 }
 
 fn main() {
@@ -276,7 +387,6 @@ fn main() {
 
 fn run() -> Res<()> {
     let o = parse()?;
-    let mut rows = Vec::new();
     let cuda = match o.device.as_str() {
         "emu" => None,
         _ => match CudaDevice::new(CudaConfig::default()) {
@@ -290,6 +400,7 @@ fn run() -> Res<()> {
             Err(e) => return Err(e.into()),
         },
     };
+    let mut rows = Vec::new();
     let device_desc = match cuda {
         Some(d) => {
             let desc = format!(
@@ -298,33 +409,42 @@ fn run() -> Res<()> {
                 d.info().compute_capability.0,
                 d.info().compute_capability.1
             );
-            bench_device("cuda", Arc::new(d), true, &o, &mut rows)?;
+            let d = Arc::new(d);
+            if o.table {
+                rows = table_mode("cuda", d, true, &o)?;
+            } else {
+                bench_device("cuda", d, true, &o, &mut rows)?;
+            }
             desc
         }
         None => {
-            bench_device(
-                "emu",
-                Arc::new(EmuDevice::new(EmuConfig::default())?),
-                false,
-                &o,
-                &mut rows,
-            )?;
+            let d = Arc::new(EmuDevice::new(EmuConfig::default())?);
+            if o.table {
+                rows = table_mode("emu", d, false, &o)?;
+            } else {
+                bench_device("emu", d, false, &o, &mut rows)?;
+            }
             "emulated device (smoke test only)".to_string()
         }
     };
     println!("\nkernel benchmarks on {device_desc}");
-    println!("| what | ours median ms | rate | reference |");
+    println!("| what | ours ms per launch | rate | reference |");
     println!("|---|---:|---:|---|");
     let mut json = Vec::new();
     for r in &rows {
         println!(
-            "| {} | {:.3} | {} | {} |",
+            "| {} | {:.4} | {} | {} |",
             r.what, r.ours_ms, r.metric, r.reference
         );
         json.push(serde_json::json!({"what": r.what, "ours_ms": r.ours_ms, "rate": r.metric, "reference": r.reference}));
     }
     std::fs::create_dir_all(&o.out)?;
-    let path = o.out.join("kernels.json");
+    let file = if o.table {
+        "kernels-table.json"
+    } else {
+        "kernels.json"
+    };
+    let path = o.out.join(file);
     std::fs::write(
         &path,
         serde_json::to_string_pretty(&serde_json::json!({"device": device_desc, "rows": json}))?,

@@ -125,10 +125,7 @@ pub trait Device: Send + Sync + 'static {
 
 /// Checks that a launch is within the limits every device shares.
 pub(crate) fn check_launch(device: &'static str, kernel: &str, cfg: &LaunchConfig) -> Result<()> {
-    let bad = |reason: String| crate::Error::Backend {
-        backend: device,
-        reason: format!("launch of `{kernel}`: {reason}"),
-    };
+    let bad = |reason: String| crate::Error::kernel(device, kernel, format!("launch: {reason}"));
     let t = cfg.threads_per_block();
     if t == 0 || t > MAX_THREADS_PER_BLOCK {
         return Err(bad(format!(

@@ -79,17 +79,16 @@ const ALIGN: usize = 256;
 
 impl EmuBuf {
     fn new(len: usize) -> Result<EmuBuf> {
-        let layout = Layout::from_size_align(len.max(1), ALIGN).map_err(|e| Error::Backend {
-            backend: "emu",
-            reason: format!("allocation of {len} bytes: {e}"),
-        })?;
+        let layout = Layout::from_size_align(len.max(1), ALIGN)
+            .map_err(|e| Error::device("emu", format!("allocation of {len} bytes"), e))?;
         // SAFETY: non-zero size.
         let ptr = unsafe { std::alloc::alloc(layout) };
         if ptr.is_null() {
-            return Err(Error::Backend {
-                backend: "emu",
-                reason: format!("out of memory allocating {len} bytes"),
-            });
+            return Err(Error::device(
+                "emu",
+                format!("allocation of {len} bytes"),
+                "out of host memory",
+            ));
         }
         Ok(EmuBuf { ptr, len })
     }
@@ -127,32 +126,27 @@ impl std::fmt::Debug for EmuDevice {
     }
 }
 
-fn err(reason: impl Into<String>) -> Error {
-    Error::Backend {
-        backend: "emu",
-        reason: reason.into(),
-    }
+fn err(what: impl Into<String>, reason: impl std::fmt::Display) -> Error {
+    Error::device("emu", what, reason)
 }
 
 impl EmuDevice {
     pub fn new(config: EmuConfig) -> Result<EmuDevice> {
         if cfg!(not(apparate_emu)) {
-            return Err(err("the emulated device needs an x86-64 host"));
+            return Err(err("start", "the emulated device needs an x86-64 host"));
         }
-        let env_threads = std::env::var("APPARATE_THREADS")
-            .ok()
-            .and_then(|v| v.parse().ok());
-        let threads = config
-            .threads
-            .or(env_threads)
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-            .max(1);
+        // The same range and environment variable as the CPU backend's threads.
+        let threads = crate::backend::CpuConfig {
+            threads: config.threads,
+        }
+        .resolve_threads()?;
         let seed = match config.shuffle_seed {
             0 => std::env::var("APPARATE_EMU_SEED")
                 .ok()
                 .map(|v| {
-                    v.parse()
-                        .map_err(|_| err(format!("APPARATE_EMU_SEED=`{v}` is not a number")))
+                    v.parse().map_err(|_| {
+                        Error::config("APPARATE_EMU_SEED", format!("`{v}`"), "the u64 numbers")
+                    })
                 })
                 .transpose()?
                 .unwrap_or(0),
@@ -162,7 +156,7 @@ impl EmuDevice {
             .num_threads(threads)
             .thread_name(|i| format!("apparate-emu-{i}"))
             .build()
-            .map_err(|e| err(format!("cannot start {threads} threads: {e}")))?;
+            .map_err(|e| err(format!("starting {threads} threads"), e))?;
         Ok(EmuDevice {
             pool: Arc::new(pool),
             seed,
@@ -209,11 +203,10 @@ impl Device for EmuDevice {
     fn download(&self, buf: &EmuBuf, out: &mut [u8]) -> Result<()> {
         let _stream = self.lock();
         if out.len() != buf.len {
-            return Err(err(format!(
-                "download of a {}-byte buffer into {} bytes",
-                buf.len,
-                out.len()
-            )));
+            return Err(err(
+                "download",
+                format!("a {}-byte buffer into {} bytes", buf.len, out.len()),
+            ));
         }
         // SAFETY: same length, distinct allocations.
         unsafe { std::ptr::copy_nonoverlapping(buf.ptr, out.as_mut_ptr(), out.len()) };
@@ -238,9 +231,10 @@ impl Device for EmuDevice {
     unsafe fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[KernelArg]) -> Result<()> {
         check_launch("emu", kernel, &cfg)?;
         let _stream = self.lock();
-        let cname = CString::new(kernel).map_err(|_| err(format!("bad kernel name `{kernel}`")))?;
+        let cname = CString::new(kernel)
+            .map_err(|_| Error::kernel("emu", kernel, "a kernel name cannot hold a NUL byte"))?;
         if !self.has_kernel(kernel) {
-            return Err(err(format!("no kernel named `{kernel}`")));
+            return Err(Error::kernel("emu", kernel, "no kernel of this name"));
         }
         let blocks = cfg.blocks();
         let workers = self.pool.current_num_threads() as u64;
@@ -284,7 +278,11 @@ impl Device for EmuDevice {
                         .take_while(|&&c| c != 0)
                         .map(|&c| c as u8)
                         .collect();
-                    return Err(err(String::from_utf8_lossy(&text).into_owned()));
+                    return Err(Error::kernel(
+                        "emu",
+                        kernel,
+                        String::from_utf8_lossy(&text).into_owned(),
+                    ));
                 }
                 Ok(())
             })
@@ -305,11 +303,10 @@ impl Device for EmuDevice {
 
     fn download_async(&self, buf: &EmuBuf, dst: &mut Vec<u8>) -> Result<()> {
         if dst.len() < buf.len {
-            return Err(err(format!(
-                "async download of a {}-byte buffer into {} bytes",
-                buf.len,
-                dst.len()
-            )));
+            return Err(err(
+                "async download",
+                format!("a {}-byte buffer into {} bytes", buf.len, dst.len()),
+            ));
         }
         let n = buf.len;
         self.download(buf, &mut dst[..n])

@@ -1,4 +1,4 @@
-//! `kernels-check`: the NVRTC compile check (spec section 7, layer 4), no GPU needed.
+//! `kernels-check`: the NVRTC compile check of every kernel source, no GPU needed.
 //!
 //! For each architecture (default sm_80 and sm_90) every kernel source embedded in the library
 //! is compiled by NVRTC to PTX (and to a cubin, the path the CUDA backend takes at run time),
