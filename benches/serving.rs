@@ -322,7 +322,7 @@ fn main() -> apparate::Result<()> {
         threads,
         batching: BatchingConfig {
             max_batch_size: args.max_batch,
-            max_queue_delay: Duration::from_secs_f64(max_delay / 1e3),
+            max_queue_delay: apparate::serve::duration_from_millis("--max-delay-ms", max_delay)?,
             queue_capacity: 4096,
         },
         base: base_cfg,

@@ -1,8 +1,13 @@
 //! The serving runtime on the CPU backend: answers, early release, exactly one response per
-//! request under cancellation / deadlines / overload, shutdown, bad input, cpu = emu.
+//! request under cancellation / deadlines / overload, shutdown, bad input, cpu = emu; faults
+//! that used to hang or stall it ([`faults`]); properties under random knobs ([`props`]).
 
+#[path = "../common/mod.rs"]
 mod common;
+mod faults;
+mod props;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,7 +37,7 @@ fn tiny_texts(n: usize, seed: u64) -> Vec<String> {
 }
 
 /// A tiny BERT with 3 classes and ramps trained on its own answers.
-fn tiny_model(dir: &TempDir) -> (std::path::PathBuf, std::path::PathBuf) {
+fn tiny_model(dir: &TempDir) -> (PathBuf, PathBuf) {
     let model = dir.path("m.apparate");
     write_random_bert(&model, &tiny_config(), Some(3), DType::F32, 21).unwrap();
     let file = ModelFile::open(&model).unwrap();
@@ -236,79 +241,45 @@ fn overload_deadlines_cancellation_and_shutdown_answer_every_request_once() {
     assert!(m.cancelled() > 0);
 }
 
-/// One tiny model + ramps shared by the property test's cases.
-fn shared_tiny_model() -> &'static (std::path::PathBuf, std::path::PathBuf) {
-    static MODEL: std::sync::OnceLock<(TempDir, (std::path::PathBuf, std::path::PathBuf))> =
+/// One tiny model, its ramps and a profile of both, shared by the property tests' cases (a
+/// given profile spares each engine the start-up measurement).
+fn shared_tiny_model() -> &'static (PathBuf, PathBuf, PathBuf) {
+    static MODEL: std::sync::OnceLock<(TempDir, (PathBuf, PathBuf, PathBuf))> =
         std::sync::OnceLock::new();
     &MODEL
         .get_or_init(|| {
             let dir = TempDir::new("serve-prop");
-            let m = tiny_model(&dir);
-            (dir, m)
+            let (model, ramps) = tiny_model(&dir);
+            let file = ModelFile::open(&model).unwrap();
+            // The engines run one thread: the profile must name the same device.
+            let one = apparate::backend::CpuBackend::new(apparate::backend::CpuConfig {
+                threads: Some(1),
+            })
+            .unwrap();
+            let backbone = Backbone::load(one, &file).unwrap();
+            let loaded = apparate::ramps::Ramps::load(
+                &backbone,
+                &apparate::format::RampsFile::open(&ramps, &file).unwrap(),
+            )
+            .unwrap();
+            let profile = apparate::profile::measure(
+                &backbone,
+                file.sha256(),
+                Some((&loaded, String::new())),
+                &Inputs::Texts(tiny_texts(4, 1)),
+                &apparate::profile::ProfileConfig {
+                    max_batch: 8,
+                    warmup: 0,
+                    repeats: 1,
+                },
+                &mut |_, _, _| {},
+            )
+            .unwrap();
+            let path = dir.path("profile.json");
+            profile.save(&path).unwrap();
+            (dir, (model, ramps, path))
         })
         .1
-}
-
-proptest::proptest! {
-    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(12))]
-    /// Random batching knobs, arrivals, deadlines, cancellations and a small queue (overload):
-    /// every request is answered or accounted for exactly once, and nothing hangs.
-    #[test]
-    fn every_request_is_accounted_for_exactly_once(
-        seed in 0u64..1000,
-        max_batch in 1usize..6,
-        delay_us in 0u64..3000,
-        capacity in 1usize..12,
-        n in 1usize..80,
-    ) {
-        let (model, ramps) = shared_tiny_model();
-        let engine = Engine::builder(model)
-            .ramps(ramps)
-            .backend(threads1())
-            .batching(BatchingConfig {
-                max_batch_size: max_batch,
-                max_queue_delay: Duration::from_micros(delay_us),
-                queue_capacity: capacity,
-            })
-            .build()
-            .unwrap();
-        let mut rng = SplitMix::new(seed);
-        let mut waits = Vec::new();
-        for t in tiny_texts(n, seed) {
-            let deadline = (rng.below(3) == 0)
-                .then(|| Instant::now() + Duration::from_micros(rng.below(2000) as u64));
-            let f = engine.infer_with(Input::Text(t), RequestOptions { deadline });
-            if rng.below(4) == 0 {
-                drop(f);
-            } else {
-                waits.push(f);
-            }
-            if rng.below(8) == 0 {
-                std::thread::sleep(Duration::from_micros(rng.below(500) as u64));
-            }
-        }
-        // Every kept future resolves: wait on another thread with a timeout.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let answers: Vec<_> = waits.into_iter().map(|f| f.wait()).collect();
-            let _ = tx.send(answers);
-        });
-        let answers = rx.recv_timeout(Duration::from_secs(60)).expect("every request is answered");
-        for a in &answers {
-            proptest::prop_assert!(matches!(
-                a,
-                Ok(_) | Err(ServeError::Overloaded(_)) | Err(ServeError::DeadlineExceeded)
-            ), "{a:?}");
-        }
-        let m = engine.shared_metrics();
-        // Draining also answers the cancelled requests still queued.
-        engine.shutdown();
-        proptest::prop_assert_eq!(m.requests(), n as u64);
-        proptest::prop_assert_eq!(
-            m.answered() + m.rejected() + m.expired() + m.cancelled() + m.failed(),
-            n as u64
-        );
-    }
 }
 
 #[test]
