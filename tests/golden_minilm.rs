@@ -210,10 +210,10 @@ fn minilm_on_the_emulated_gpu_matches_the_golden_fixture() {
 }
 
 #[test]
+#[ignore = "needs a CUDA GPU: run by tools/gpu-check.sh"]
 fn minilm_on_a_real_gpu_matches_the_golden_fixture() {
     use apparate::backend::cuda::{CudaConfig, CudaDevice};
-    match CudaDevice::new(CudaConfig::default()) {
-        Ok(dev) => minilm_on_gpu("cuda", std::sync::Arc::new(dev)),
-        Err(e) => eprintln!("cuda: skipped, no GPU here ({e})"),
-    }
+    let dev = CudaDevice::new(CudaConfig::default())
+        .unwrap_or_else(|e| panic!("needs a CUDA GPU (tools/gpu-check.sh runs this): {e}"));
+    minilm_on_gpu("cuda", std::sync::Arc::new(dev));
 }

