@@ -246,14 +246,13 @@ fn step(op: &Op, s: Shape) -> Result<Shape, String> {
             },
             Shape::Image(h, w, c),
         ) => {
-            if *cin != c
-                || *groups == 0
-                || cin % groups != 0
-                || cout % groups != 0
-                || *cout == 0
-                || *cout > MAX_DIM
-                || *kernel == 0
-                || *stride == 0
+            // Geometry first: a zero here is not a channel mismatch and must not read as one.
+            for (knob, v) in [("kernel", kernel), ("stride", stride), ("groups", groups)] {
+                if *v == 0 {
+                    return Err(format!("conv `{name}`: {knob} is 0; it must be at least 1"));
+                }
+            }
+            if *cin != c || cin % groups != 0 || cout % groups != 0 || *cout == 0 || *cout > MAX_DIM
             {
                 return Err(format!(
                     "conv `{name}`: {cin}->{cout} channels, {groups} groups, on {c} channels"
@@ -292,5 +291,67 @@ fn step(op: &Op, s: Shape) -> Result<Shape, String> {
             Ok(Shape::Flat(*outputs))
         }
         (op, s) => Err(format!("{op:?} cannot follow a tensor of shape {s:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one_conv(kernel: usize, stride: usize, groups: usize) -> CnnConfig {
+        CnnConfig {
+            arch: "test".into(),
+            input: ImageInput {
+                height: 8,
+                width: 8,
+                channels: 3,
+                resize_shorter: None,
+                mean: vec![0.5; 3],
+                std: vec![0.5; 3],
+            },
+            blocks: vec![
+                Block {
+                    name: "stem".into(),
+                    ops: vec![Op::Conv {
+                        name: "stem.conv".into(),
+                        cin: 3,
+                        cout: 4,
+                        kernel,
+                        stride,
+                        padding: 0,
+                        groups,
+                        act: Activation::Relu,
+                        padding_extra: 0,
+                    }],
+                    residual: None,
+                },
+                Block {
+                    name: "head".into(),
+                    ops: vec![
+                        Op::GlobalAvgPool,
+                        Op::Linear {
+                            name: "fc".into(),
+                            inputs: 4,
+                            outputs: 2,
+                            act: Activation::None,
+                        },
+                    ],
+                    residual: None,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn zero_kernel_stride_or_groups_is_named_not_called_a_channel_mismatch() {
+        one_conv(3, 1, 1).validate().unwrap();
+        for (cfg, knob) in [
+            (one_conv(0, 1, 1), "kernel is 0"),
+            (one_conv(3, 0, 1), "stride is 0"),
+            (one_conv(3, 1, 0), "groups is 0"),
+        ] {
+            let e = cfg.validate().unwrap_err();
+            assert!(e.contains(knob) && !e.contains("channels"), "{e}");
+        }
     }
 }
