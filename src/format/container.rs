@@ -54,9 +54,25 @@ fn describe(e: SafeTensorError) -> String {
 }
 
 impl Container {
-    pub fn open(path: &Path) -> Result<Container> {
+    /// Maps the file at `path`, which should hold a `kind` file (named in errors).
+    pub fn open(path: &Path, kind: FileKind) -> Result<Container> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+        // Mapping a folder or a device fails with the OS's "No such device", which says nothing
+        // about what was wrong.
+        if meta.is_dir() {
+            return Err(Error::format(
+                path,
+                format!("is a directory, expected a {}", kind.file_name()),
+            ));
+        }
+        if !meta.is_file() {
+            return Err(Error::format(
+                path,
+                format!("is not a regular file, expected a {}", kind.file_name()),
+            ));
+        }
+        let len = meta.len();
         if len < 8 {
             return Err(Error::format(
                 path,

@@ -21,6 +21,16 @@ pub enum FileKind {
     Ramps,
 }
 
+impl FileKind {
+    /// What people call such a file, for messages.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            FileKind::Model => "model file",
+            FileKind::Ramps => "ramps file",
+        }
+    }
+}
+
 /// Model family and its hyper-parameters.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "name", content = "config", rename_all = "lowercase")]

@@ -25,7 +25,7 @@ pub struct ModelFile {
 impl ModelFile {
     pub fn open(path: impl AsRef<Path>) -> Result<ModelFile> {
         let path = path.as_ref();
-        let c = Container::open(path)?;
+        let c = Container::open(path, FileKind::Model)?;
         let meta: ModelMeta = c.json_entry(META_KEY, FileKind::Model)?;
         meta.validate().map_err(|r| Error::format(path, r))?;
         if let Preprocessing::Text {

@@ -147,7 +147,7 @@ impl RampsFile {
     /// Opens a ramps file for `backbone`; refuses one trained for another model file.
     pub fn open(path: impl AsRef<Path>, backbone: &ModelFile) -> Result<RampsFile> {
         let path = path.as_ref();
-        let c = Container::open(path)?;
+        let c = Container::open(path, FileKind::Ramps)?;
         let meta: RampsMeta = c.json_entry(META_KEY, FileKind::Ramps)?;
         if meta.kind == FileKind::Ramps && meta.backbone_sha256 != backbone.sha256() {
             return Err(Error::BackboneMismatch {
