@@ -12,10 +12,13 @@ use apparate::dataset::{Inputs, Prefix, load_stream};
 use apparate::format::ModelFile;
 use apparate::metrics::{Metrics, Summary};
 use apparate::models::bert::synthetic::SplitMix;
-use apparate::serve::{BackendChoice, BatchingConfig, Engine, Input, ResponseFuture};
+use apparate::serve::{
+    BackendChoice, BatchingConfig, Engine, Input, ResponseFuture, duration_from_millis,
+};
 use apparate::{Error, Result};
+use clap::Args;
 
-use super::emit;
+use super::{DeviceArgs, check_fraction, create_output, emit, write_output};
 
 /// How requests arrive.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -24,6 +27,134 @@ pub enum Arrivals {
     Poisson,
     /// Evenly spaced.
     Uniform,
+}
+
+#[derive(Args)]
+pub struct ServeReplayArgs {
+    /// Model file.
+    #[arg(short, long)]
+    model: PathBuf,
+    /// Ramps file (without: the plain model).
+    #[arg(long)]
+    ramps: Option<PathBuf>,
+    /// The stream (as for train-ramps); its first --bootstrap-fraction places the first
+    /// ramps and the rest is replayed.
+    #[arg(long)]
+    data: PathBuf,
+    /// Profile from `apparate profile` on this device (default: measured at start-up).
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// Requests per second.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Arrival process.
+    #[arg(long, default_value = "poisson")]
+    arrivals: Arrivals,
+    /// Replay at most this many inputs.
+    #[arg(long)]
+    limit: Option<usize>,
+    #[arg(long, default_value_t = 0.1)]
+    bootstrap_fraction: f64,
+    /// Most requests per batch.
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Longest wait of an under-full batch, milliseconds.
+    #[arg(long, default_value_t = 5.0)]
+    max_delay_ms: f64,
+    /// Most queued requests (more are rejected).
+    #[arg(long, default_value_t = 1024)]
+    queue: usize,
+    /// Tolerated disagreement with the model per window.
+    #[arg(long, default_value_t = 0.01)]
+    accuracy_budget: f64,
+    /// Share of the budget the tuner leaves unused (it tunes for budget x (1 - headroom)).
+    #[arg(long)]
+    tuning_headroom: Option<f64>,
+    /// Batches between ramp adjustments (default: 30 vision, 100 language).
+    #[arg(long)]
+    adjust_every: Option<usize>,
+    /// Serve these ramps with fixed thresholds, no adaptation (a static early-exit
+    /// baseline): `point=threshold,...`.
+    #[arg(long, value_delimiter = ',')]
+    fixed: Option<Vec<String>>,
+    /// Seed of the arrival process.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Write the summary (and every adaptation event) as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// No live status lines (events and the summary are still printed).
+    #[arg(long)]
+    quiet: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+/// Checks every flag (the configs' own `validate`, the rest here) and opens the `--json` file,
+/// all before anything is loaded, so a bad flag fails at once and names itself.
+pub fn serve_replay_cmd(a: ServeReplayArgs) -> Result<()> {
+    check_fraction("--bootstrap-fraction", a.bootstrap_fraction)?;
+    if a.limit == Some(0) {
+        return Err(Error::config(
+            "--limit",
+            0,
+            "1 or more inputs to replay (leave it out to replay the whole stream)",
+        ));
+    }
+    if !(a.rate > 0.0 && a.rate.is_finite()) {
+        return Err(Error::config(
+            "--rate",
+            a.rate,
+            "(0, inf) requests per second",
+        ));
+    }
+    let batching = BatchingConfig {
+        max_batch_size: a.max_batch,
+        max_queue_delay: duration_from_millis("--max-delay-ms", a.max_delay_ms)?,
+        queue_capacity: a.queue,
+    };
+    batching.validate()?;
+    let family = ModelFile::open(&a.model)?.meta().family.clone();
+    let mut c = ApparateConfig::for_family(&family);
+    c.accuracy_budget = a.accuracy_budget;
+    if let Some(h) = a.tuning_headroom {
+        c.tuning_headroom = h;
+    }
+    if let Some(n) = a.adjust_every {
+        c.adjust_every_batches = n;
+    }
+    if let Some(f) = a.fixed {
+        let mut pairs = Vec::new();
+        for item in f {
+            let (p, t) = item.split_once('=').ok_or_else(|| {
+                Error::Input(format!("--fixed wants point=threshold, got `{item}`"))
+            })?;
+            let t: f32 = t
+                .parse()
+                .map_err(|_| Error::Input(format!("--fixed: `{t}` is not a threshold")))?;
+            pairs.push((p.to_string(), t));
+        }
+        c.fixed = Some(pairs);
+    }
+    c.validate()?;
+    let json = a.json.as_deref().map(create_output).transpose()?;
+    ReplayJob {
+        model: a.model,
+        ramps: a.ramps,
+        data: a.data,
+        profile: a.profile,
+        rate: a.rate,
+        arrivals: a.arrivals,
+        limit: a.limit,
+        bootstrap_fraction: a.bootstrap_fraction,
+        batching,
+        apparate: Some(c),
+        backend: a.device.choice(),
+        seed: a.seed,
+        json,
+        quiet: a.quiet,
+    }
+    .run()
 }
 
 pub struct ReplayJob {
@@ -39,7 +170,8 @@ pub struct ReplayJob {
     pub apparate: Option<ApparateConfig>,
     pub backend: BackendChoice,
     pub seed: u64,
-    pub json: Option<PathBuf>,
+    /// Opened before the run, so an unwritable path fails at once.
+    pub json: Option<(PathBuf, std::fs::File)>,
     pub quiet: bool,
 }
 
@@ -287,12 +419,9 @@ impl ReplayJob {
             exits: m.exits(),
             events,
         };
-        if let Some(p) = &self.json {
+        if let Some((path, file)) = self.json {
             let text = serde_json::to_string_pretty(&summary).expect("a summary serializes");
-            std::fs::write(p, text + "\n").map_err(|e| Error::Io {
-                path: p.clone(),
-                source: e,
-            })?;
+            write_output(&path, file, &(text + "\n"))?;
         }
         let mut s = String::new();
         let n = summary.answered.max(1) as f64;

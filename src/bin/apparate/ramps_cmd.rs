@@ -10,23 +10,118 @@ use apparate::format::{ModelFile, RampsFile, sha256_hex};
 use apparate::profile::{ProfileConfig, measure};
 use apparate::ramps::Ramps;
 use apparate::ramps::bootstrap::{BootstrapConfig, BootstrapReport, train_ramps};
+use apparate::select::{BackendJob, with_backend};
 use apparate::{Error, Result};
+use clap::Args;
 
 use super::progress::ProgressBar;
-use super::{BackendJob, emit, ms};
+use super::{DeviceArgs, MAX_BATCH, check_count, check_fraction, create_output, emit, ms};
+
+#[derive(Args)]
+pub struct TrainRampsArgs {
+    /// Model file (with a classifier head).
+    #[arg(short, long)]
+    model: PathBuf,
+    /// The stream: a text file with one input per line (text models), a folder of images or
+    /// a .safetensors file with `images` U8 [n, h, w, c] (image models).
+    #[arg(long)]
+    data: PathBuf,
+    /// Output ramps file (default: the model's path with the extension `.ramps`).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Write the report (agreements, exit curves, timings) as JSON here too.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// The bootstrap set is this first fraction of the stream.
+    #[arg(long, default_value_t = 0.1)]
+    bootstrap_fraction: f64,
+    /// Fraction of the bootstrap set held out (its end) to measure agreement on.
+    #[arg(long, default_value_t = 0.1)]
+    holdout_fraction: f64,
+    /// Only these points (comma-separated; default: every ramp-eligible point).
+    #[arg(long, value_delimiter = ',')]
+    points: Option<Vec<String>>,
+    /// Passes over the training features per head.
+    #[arg(long, default_value_t = 60)]
+    epochs: usize,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = 3e-3)]
+    learning_rate: f32,
+    /// L2 penalty on the heads' weight matrices (default: 1e-4 for linear heads, 1e-2 for
+    /// the 2-layer heads of text models).
+    #[arg(long)]
+    weight_decay: Option<f32>,
+    /// Seed of shuffling and initialisation.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Inputs per backbone batch while caching features.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+pub fn train_ramps_cmd(a: TrainRampsArgs) -> Result<()> {
+    check_fraction("--bootstrap-fraction", a.bootstrap_fraction)?;
+    check_fraction("--holdout-fraction", a.holdout_fraction)?;
+    check_count("--epochs", a.epochs, 1, 100_000)?;
+    check_count("--batch-size", a.batch_size, 1, MAX_BATCH)?;
+    apparate::adapt::config::check_real(
+        "--learning-rate",
+        a.learning_rate as f64,
+        std::ops::Bound::Excluded(0.0),
+        std::ops::Bound::Included(1.0),
+    )?;
+    if let Some(w) = a.weight_decay {
+        apparate::adapt::config::check_real(
+            "--weight-decay",
+            w as f64,
+            std::ops::Bound::Included(0.0),
+            std::ops::Bound::Included(1.0),
+        )?;
+    }
+    let output = a.output.unwrap_or_else(|| a.model.with_extension("ramps"));
+    // Refused now rather than after the training.
+    let report = a.report.as_deref().map(create_output).transpose()?;
+    let cfg = BootstrapConfig {
+        holdout_fraction: a.holdout_fraction,
+        batch_size: a.batch_size,
+        points: a.points,
+        train: apparate::ramps::train::TrainConfig {
+            epochs: a.epochs,
+            learning_rate: a.learning_rate,
+            weight_decay: a.weight_decay,
+            seed: a.seed,
+            ..Default::default()
+        },
+    };
+    with_backend(
+        &a.device.choice(),
+        TrainRampsJob {
+            model: a.model,
+            data: a.data,
+            output,
+            report,
+            bootstrap_fraction: a.bootstrap_fraction,
+            cfg,
+        },
+    )
+}
 
 /// Trains ramps on the bootstrap prefix of a stream.
-pub struct TrainRampsJob {
+struct TrainRampsJob {
     pub model: PathBuf,
     pub data: PathBuf,
     pub output: PathBuf,
-    pub report: Option<PathBuf>,
+    /// Opened before the run, so an unwritable path fails at once.
+    pub report: Option<(PathBuf, std::fs::File)>,
     pub bootstrap_fraction: f64,
     pub cfg: BootstrapConfig,
 }
 
-impl BackendJob<()> for TrainRampsJob {
-    fn run<B: Backend>(self, be: B, what: String) -> Result<()> {
+impl BackendJob for TrainRampsJob {
+    type Output = ();
+    fn run<B: Backend + 'static>(self, be: B, what: String) -> Result<()> {
         let t0 = Instant::now();
         let file = ModelFile::open(&self.model)?;
         let backbone = Backbone::load(be, &file)?;
@@ -60,12 +155,9 @@ impl BackendJob<()> for TrainRampsJob {
             &self.cfg,
             &mut |phase, d, t| bar.update(phase, d, t),
         )?;
-        if let Some(path) = &self.report {
+        if let Some((path, file)) = self.report {
             let text = serde_json::to_string_pretty(&report).expect("a report serializes");
-            std::fs::write(path, text + "\n").map_err(|e| Error::Io {
-                path: path.clone(),
-                source: e,
-            })?;
+            super::write_output(&path, file, &(text + "\n"))?;
         }
         emit(&render_report(&report, &self.output, backbone.labels()))
     }
@@ -162,7 +254,60 @@ fn render_report(r: &BootstrapReport, out: &Path, labels: &[String]) -> String {
 }
 
 /// Measures stage and ramp costs.
-pub struct ProfileJob {
+#[derive(Args)]
+pub struct ProfileArgs {
+    /// Model file.
+    #[arg(short, long)]
+    model: PathBuf,
+    /// Ramps file whose ramps to time too.
+    #[arg(long)]
+    ramps: Option<PathBuf>,
+    /// Inputs to time with (as for train-ramps); default: texts of --seq tokens or blank
+    /// images.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Tokens per text when no --data is given.
+    #[arg(long, default_value_t = 32)]
+    seq: usize,
+    /// Output profile (JSON).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Largest batch size.
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Untimed runs per batch size.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Timed runs per batch size (the median is kept).
+    #[arg(long, default_value_t = 10)]
+    repeats: usize,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+pub fn profile_cmd(a: ProfileArgs) -> Result<()> {
+    check_count("--max-batch", a.max_batch, 1, MAX_BATCH)?;
+    check_count("--repeats", a.repeats, 1, 100_000)?;
+    check_count("--warmup", a.warmup, 0, 100_000)?;
+    check_count("--seq", a.seq, 1, 100_000)?;
+    with_backend(
+        &a.device.choice(),
+        ProfileJob {
+            model: a.model,
+            ramps: a.ramps,
+            data: a.data,
+            seq: a.seq,
+            output: a.output,
+            cfg: ProfileConfig {
+                max_batch: a.max_batch,
+                warmup: a.warmup,
+                repeats: a.repeats,
+            },
+        },
+    )
+}
+
+struct ProfileJob {
     pub model: PathBuf,
     pub ramps: Option<PathBuf>,
     pub data: Option<PathBuf>,
@@ -171,8 +316,9 @@ pub struct ProfileJob {
     pub cfg: ProfileConfig,
 }
 
-impl BackendJob<()> for ProfileJob {
-    fn run<B: Backend>(self, be: B, what: String) -> Result<()> {
+impl BackendJob for ProfileJob {
+    type Output = ();
+    fn run<B: Backend + 'static>(self, be: B, what: String) -> Result<()> {
         let t0 = Instant::now();
         let file = ModelFile::open(&self.model)?;
         let backbone = Backbone::load(be, &file)?;

@@ -1,0 +1,175 @@
+//! The `apparate` binary refuses nonsense flags at once, with a message naming the flag and what
+//! it accepts, and a non-zero exit (issue 12, defect 9): nothing is loaded, nothing panics,
+//! nothing hangs. Uses only committed files (weights/mnist-resnet.apparate).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/weights/mnist-resnet.apparate");
+
+/// Runs the CLI; returns (exit code, stderr).
+fn apparate(args: &[&str]) -> (Option<i32>, String) {
+    let t = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_apparate"))
+        .args(args)
+        .env_remove("APPARATE_THREADS")
+        .output()
+        .expect("the apparate binary runs");
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "{args:?} took {:?}",
+        t.elapsed()
+    );
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `args` fail with our error (exit 1: not a panic's 101, not a hang) naming every `needle`.
+fn refused(args: &[&str], needles: &[&str]) {
+    let (code, err) = apparate(args);
+    assert_eq!(code, Some(1), "{args:?}: exit {code:?}, stderr: {err}");
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: `{n}` not in: {err}");
+    }
+}
+
+/// `serve-replay` on the committed model with `extra` flags. The stream does not exist: every
+/// flag tested must be refused before it is read.
+fn replay<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "serve-replay",
+        "-m",
+        MODEL,
+        "--data",
+        "no-such-stream.safetensors",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+#[test]
+fn thread_counts_outside_the_machine_are_refused() {
+    for t in ["0", "10000"] {
+        refused(
+            &["profile", "-m", MODEL, "-o", "unused.json", "--threads", t],
+            &["threads", t, "outside"],
+        );
+        refused(
+            &[
+                "profile",
+                "-m",
+                MODEL,
+                "-o",
+                "unused.json",
+                "--backend",
+                "emu",
+                "--threads",
+                t,
+            ],
+            &["threads", t],
+        );
+    }
+}
+
+#[test]
+fn adaptation_knobs_are_refused_by_name_and_range() {
+    refused(
+        &replay(&["--accuracy-budget", "2"]),
+        &["accuracy_budget", "(0, 1)"],
+    );
+    refused(&replay(&["--accuracy-budget=-0.5"]), &["accuracy_budget"]);
+    refused(
+        &replay(&["--accuracy-budget", "NaN"]),
+        &["accuracy_budget", "NaN"],
+    );
+    refused(&replay(&["--tuning-headroom", "5"]), &["tuning_headroom"]);
+    refused(
+        &replay(&["--adjust-every", "0"]),
+        &["adjust_every_batches", "1..="],
+    );
+    refused(
+        &replay(&["--fixed", "stage1=0.5,stage1=0.6"]),
+        &["fixed", "`stage1` given twice"],
+    );
+    refused(
+        &replay(&["--bootstrap-fraction=-1"]),
+        &["--bootstrap-fraction", "(0, 1]"],
+    );
+}
+
+#[test]
+fn batching_knobs_and_durations_are_refused_without_panicking() {
+    refused(
+        &replay(&["--max-batch", "100000000"]),
+        &["max_batch_size", "1..="],
+    );
+    // 1e300 ms overflowed `Duration::from_secs_f64` (a panic) before.
+    refused(
+        &replay(&["--max-delay-ms", "1e300"]),
+        &["--max-delay-ms", "ms"],
+    );
+    refused(&replay(&["--max-delay-ms=-1"]), &["--max-delay-ms"]);
+    refused(&replay(&["--queue", "0"]), &["queue_capacity"]);
+    refused(&replay(&["--rate", "0"]), &["--rate"]);
+    // Not an integer at all: clap's own usage error (exit 2) names the flag.
+    let (code, err) = apparate(&replay(&["--max-batch", "1e8"]));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--max-batch"), "{err}");
+}
+
+#[test]
+fn limit_zero_says_what_it_is() {
+    refused(
+        &replay(&["--limit", "0"]),
+        &["--limit", "1 or more inputs to replay"],
+    );
+}
+
+#[test]
+fn an_unwritable_json_path_fails_before_the_run() {
+    // Before: the run went ahead (here it would have failed on the missing stream instead).
+    refused(
+        &replay(&["--json", "/no-such-dir/summary.json"]),
+        &["/no-such-dir/summary.json"],
+    );
+}
+
+#[test]
+fn top_zero_is_refused() {
+    refused(
+        &["classify", "-m", MODEL, "--top", "0", "x.png"],
+        &["--top", "1 or more"],
+    );
+}
+
+#[test]
+fn a_directory_given_as_a_model_is_named_as_such() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/weights");
+    refused(
+        &["inspect", dir],
+        &["is a directory, expected a model file"],
+    );
+    let (_, err) = apparate(&["inspect", dir]);
+    assert!(!err.contains("No such device"), "{err}");
+}
+
+#[test]
+fn train_ramps_fractions_and_counts_are_checked() {
+    let base = ["train-ramps", "-m", MODEL, "--data", "no-such-stream"];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        base.iter().chain(extra).copied().collect()
+    };
+    refused(
+        &with(&["--bootstrap-fraction", "0"]),
+        &["--bootstrap-fraction"],
+    );
+    refused(&with(&["--holdout-fraction", "2"]), &["--holdout-fraction"]);
+    refused(&with(&["--epochs", "0"]), &["--epochs"]);
+    refused(
+        &with(&["--report", "/no-such-dir/r.json"]),
+        &["/no-such-dir/r.json"],
+    );
+}
