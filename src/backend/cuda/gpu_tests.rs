@@ -1,10 +1,13 @@
 //! Tests that need a CUDA GPU, `#[ignore]`d so that a machine without one reports them as
 //! ignored rather than passing; `tools/gpu-check.sh` runs them with `--ignored` on the lent GPU
 //! machine. Until a run is recorded in docs/gpu-runs.md they are compiled, not run on a GPU.
+//! The self-test kernels' checks are `backend::gpu::selftest`'s, the code the emulated device's
+//! tests run.
 
 use std::sync::Arc;
 
 use super::*;
+use crate::backend::gpu::selftest;
 use crate::backend::kernel_sources::SOURCES;
 use crate::tensor::DType;
 
@@ -14,127 +17,36 @@ fn device() -> CudaDevice {
     CudaDevice::new(CudaConfig::default()).unwrap_or_else(|e| panic!("{NEEDS_GPU}: {e}"))
 }
 
-/// Uploads `inputs`, poisons an output of `out_len` f32 (NaN), launches `kernel` with the
-/// inputs then the output as arguments (and `extra` after them), and returns the output.
-fn run_f32(
-    dev: &CudaDevice,
-    kernel: &str,
-    cfg: LaunchConfig,
-    inputs: &[&[u8]],
-    extra: &[KernelArg],
-    out_len: usize,
-) -> Vec<f32> {
-    let bufs: Vec<_> = inputs.iter().map(|x| dev.upload(x).unwrap()).collect();
-    let out = dev.alloc(out_len * 4).unwrap();
-    dev.fill(&out, 0xff).unwrap();
-    let mut args: Vec<KernelArg> = bufs
-        .iter()
-        .map(|b| KernelArg::Ptr(dev.address(b)))
-        .collect();
-    args.push(KernelArg::Ptr(dev.address(&out)));
-    args.extend_from_slice(extra);
-    // SAFETY: every self-test kernel takes its inputs, then its output, then sizes; the
-    // buffers hold what the launch geometry makes the kernel touch.
-    unsafe { dev.launch(kernel, cfg, &args) }.unwrap();
-    let mut bytes = vec![0u8; out_len * 4];
-    dev.download(&out, &mut bytes).unwrap();
-    bytemuck::cast_slice(&bytes).to_vec()
-}
-
-/// `selftest_block_reverse`: without a working `__syncthreads` threads read tile slots that
-/// are not written yet.
+/// `selftest_block_reverse` with full 1024-thread blocks: wrong without a real barrier.
 #[test]
 #[ignore = "needs a CUDA GPU: run by tools/gpu-check.sh"]
 fn gpu_selftest_block_barrier() {
-    let dev = device();
-    let n = 4 * 1024;
-    let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
-    let y = run_f32(
-        &dev,
-        "selftest_block_reverse",
-        LaunchConfig::linear(4, 1024, 0),
-        &[bytemuck::cast_slice(&x)],
-        &[KernelArg::U32(n as u32)],
-        n,
-    );
-    for b in 0..4 {
-        for t in 0..1024 {
-            assert_eq!(
-                y[b * 1024 + t],
-                (b * 1024 + 1023 - t) as f32,
-                "block {b} thread {t}"
-            );
-        }
-    }
+    selftest::block_reverse(&device(), 8, 1024).unwrap();
 }
 
 /// `selftest_warp`: xor-shuffle sum and max, shfl down/up/idx, ballot, any, all.
 #[test]
 #[ignore = "needs a CUDA GPU: run by tools/gpu-check.sh"]
 fn gpu_selftest_warp_shuffles_and_votes() {
-    let dev = device();
-    // Small integers: every order of summation gives the same f32.
-    let x: Vec<f32> = (0..256).map(|i| ((i * 37) % 29) as f32 - 10.0).collect();
-    let out = run_f32(
-        &dev,
-        "selftest_warp",
-        LaunchConfig::linear(2, 128, 0),
-        &[bytemuck::cast_slice(&x)],
-        &[],
-        8 * 8,
-    );
-    for w in 0..8 {
-        let v = &x[w * 32..(w + 1) * 32];
-        let o = &out[w * 8..(w + 1) * 8];
-        let ballot: u32 = (0..32).filter(|&i| v[i] > 0.0).map(|i| 1u32 << i).sum();
-        let want = [
-            v.iter().sum::<f32>(),
-            v.iter().cloned().fold(f32::MIN, f32::max),
-            v[1],
-            v[0],
-            v[7],
-            ballot as f32,
-            0.0,
-            1.0,
-        ];
-        assert_eq!(
-            o, want,
-            "warp {w}: sum, max, down, up, idx 7, ballot, any, all"
-        );
-    }
+    selftest::warp(&device()).unwrap();
 }
 
 /// `selftest_mma_*`: one `mma.sync.m16n8k16` through the fragment layout the GEMM uses,
-/// against a plain product (exact: the inputs are exact in both half formats).
+/// against a plain product, in f16 and bf16.
 #[test]
 #[ignore = "needs a CUDA GPU: run by tools/gpu-check.sh"]
 fn gpu_selftest_tensor_core_fragments() {
     let dev = device();
-    let a: Vec<f32> = (0..256)
-        .map(|i| ((i * 13) % 17) as f32 / 8.0 - 1.0)
-        .collect();
-    let bt: Vec<f32> = (0..128)
-        .map(|i| ((i * 7) % 11) as f32 / 4.0 - 1.25)
-        .collect();
-    for (dt, kernel) in [
-        (DType::F16, "selftest_mma_f16"),
-        (DType::BF16, "selftest_mma_bf16"),
-    ] {
-        let got = run_f32(
-            &dev,
-            kernel,
-            LaunchConfig::linear(1, 32, 0),
-            &[&dt.encode(&a), &dt.encode(&bt)],
-            &[],
-            128,
-        );
-        for m in 0..16 {
-            for n in 0..8 {
-                let want: f32 = (0..16).map(|k| a[m * 16 + k] * bt[n * 16 + k]).sum();
-                assert_eq!(got[m * 8 + n], want, "{kernel} D[{m}][{n}]");
-            }
-        }
+    for dt in [DType::F16, DType::BF16] {
+        selftest::mma(&dev, dt).unwrap_or_else(|e| panic!("{dt}: {e}"));
     }
+}
+
+/// The f32 <-> f16/bf16 casts (`cvt` inline PTX on a GPU).
+#[test]
+#[ignore = "needs a CUDA GPU: run by tools/gpu-check.sh"]
+fn gpu_selftest_casts() {
+    selftest::cast_roundtrip(&device()).unwrap();
 }
 
 /// Events bracket work on the stream and time it.
