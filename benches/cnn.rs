@@ -14,8 +14,8 @@ use apparate::backend::cuda::{CudaConfig, CudaDevice};
 use apparate::backend::gpu::GpuBackend;
 use apparate::backend::{Backend, CpuBackend, CpuConfig};
 use apparate::format::{Family, ModelFile};
-use apparate::models::bert::synthetic::SplitMix;
 use apparate::models::cnn::Cnn;
+use apparate::rng::SplitMix;
 use apparate::tensor::DType;
 
 type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;

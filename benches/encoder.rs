@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use apparate::backend::{BatchShape, CpuBackend, CpuConfig};
 use apparate::format::ModelFile;
-use apparate::models::bert::synthetic::SplitMix;
 use apparate::models::bert::{Bert, EncoderInput};
+use apparate::rng::SplitMix;
 
 const BATCHES: [usize; 3] = [1, 8, 32];
 const SEQS: [usize; 2] = [32, 128];

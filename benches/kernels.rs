@@ -27,8 +27,8 @@ use apparate::backend::emu::{EmuConfig, EmuDevice};
 use apparate::backend::gpu::{GpuBackend, elementwise};
 use apparate::backend::{Activation, Backend, CpuBackend, CpuConfig};
 use apparate::format::ModelFile;
-use apparate::models::bert::synthetic::SplitMix;
 use apparate::models::bert::{Bert, EncoderInput};
+use apparate::rng::SplitMix;
 use apparate::tensor::DType;
 
 type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;

@@ -27,10 +27,10 @@ use apparate::format::{ModelFile, RampsFile};
 use apparate::loadgen::{
     Arrivals, Breakdown, Outcome, Percentiles, breakdown, percentiles, read_trace, run,
 };
-use apparate::models::bert::synthetic::SplitMix;
 use apparate::profile::{Profile, ProfileConfig, build_commit, measure};
 use apparate::ramps::bootstrap::{BootstrapConfig, train_ramps};
 use apparate::ramps::{Ramps, record_outputs};
+use apparate::rng::SplitMix;
 use apparate::serve::{BackendChoice, BatchingConfig, Engine, Input};
 use clap::Parser;
 use serde::Serialize;

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use apparate::adapt::latency::LatencyModel;
 use apparate::adapt::tuner::{Samples, TunerConfig, tune};
-use apparate::models::bert::synthetic::SplitMix;
+use apparate::rng::SplitMix;
 
 fn window(n: usize, k: usize, seed: u64) -> Samples {
     let mut rng = SplitMix::new(seed);

@@ -21,6 +21,7 @@ pub mod models;
 pub mod pipeline;
 pub mod profile;
 pub mod ramps;
+pub mod rng;
 pub mod select;
 pub mod serve;
 pub mod tensor;

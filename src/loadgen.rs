@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::metrics::Summary;
-use crate::models::bert::synthetic::SplitMix;
+use crate::rng::SplitMix;
 use crate::serve::{Engine, Exit, Input, ResponseFuture};
 
 /// An arrival process.

@@ -7,10 +7,9 @@ use apparate::backend::BatchShape;
 use apparate::convert::hf_bert::{ConvertOptions, convert};
 use apparate::format::ModelFile;
 use apparate::models::bert::EncoderInput;
-use apparate::models::bert::synthetic::{
-    SplitMix, tiny_config, tiny_tokenizer_json, write_random_bert,
-};
+use apparate::models::bert::synthetic::{tiny_config, tiny_tokenizer_json, write_random_bert};
 use apparate::pipeline::TextModel;
+use apparate::rng::SplitMix;
 use apparate::tensor::DType;
 use common::*;
 use proptest::prelude::*;

@@ -9,11 +9,12 @@ use apparate::backend::emu::{EmuConfig, EmuDevice};
 use apparate::backend::gpu::GpuBackend;
 use apparate::dataset::{Inputs, Prefix, load_stream};
 use apparate::format::{ModelFile, RampsFile};
-use apparate::models::bert::synthetic::{SplitMix, TINY_WORDS, tiny_config, write_random_bert};
+use apparate::models::bert::synthetic::{TINY_WORDS, tiny_config, write_random_bert};
 use apparate::profile::{Profile, ProfileConfig, measure};
 use apparate::ramps::Ramps;
 use apparate::ramps::bootstrap::{BootstrapConfig, train_ramps};
 use apparate::ramps::train::TrainConfig;
+use apparate::rng::SplitMix;
 use apparate::tensor::DType;
 use common::{TempDir, cpu, weights_file, workload_file};
 

@@ -2,8 +2,8 @@
 
 use super::tuner::Samples;
 use super::*;
-use crate::models::bert::synthetic::SplitMix;
 use crate::profile::{BatchProfile, PROFILE_VERSION, Profile, Timing};
+use crate::rng::SplitMix;
 
 /// A model of `stages` equal stages (10 ms each) with a ramp after each inner one costing
 /// `ramp_ms`.

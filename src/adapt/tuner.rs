@@ -277,7 +277,7 @@ pub fn tune(s: &Samples, lat: &LatencyModel, cfg: &TunerConfig) -> Tuned {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::bert::synthetic::SplitMix;
+    use crate::rng::SplitMix;
 
     fn lat(k: usize) -> LatencyModel {
         // Ramps after 25%, 50%, 75% of a 100 ms model, 1 ms each.

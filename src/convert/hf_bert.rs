@@ -11,13 +11,10 @@ use crate::backend::Pooling;
 use crate::error::{Error, Result};
 use crate::format::{
     FORMAT_VERSION, Family, FileKind, HeadMeta, ModelMeta, OwnedTensor, Preprocessing, Provenance,
-    sha256_hex, write_model,
+    TOKENIZER_ENTRY, sha256_hex, write_model,
 };
 use crate::models::bert::{BertConfig, HiddenAct};
 use crate::tensor::DType;
-
-/// Metadata entry that holds the tokenizer inside our files.
-pub const TOKENIZER_ENTRY: &str = "tokenizer.json";
 
 /// What `convert` does beyond the defaults read from the folder.
 #[derive(Clone, Debug)]

@@ -12,6 +12,10 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Key of the JSON metadata entry inside the safetensors `__metadata__` map.
 pub const META_KEY: &str = "apparate";
 
+/// Default metadata entry that holds a text model's `tokenizer.json` (the file names its entry
+/// in [`Preprocessing::Text`]).
+pub const TOKENIZER_ENTRY: &str = "tokenizer.json";
+
 /// What a file holds; lets a reader say "this is a ramps file, not a model" instead of a
 /// confusing missing-tensor error.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

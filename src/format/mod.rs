@@ -7,7 +7,10 @@ pub mod ramps;
 mod writer;
 
 pub use container::{TensorInfo, sha256_hex};
-pub use meta::{FORMAT_VERSION, Family, FileKind, HeadMeta, ModelMeta, Preprocessing, Provenance};
+pub use meta::{
+    FORMAT_VERSION, Family, FileKind, HeadMeta, META_KEY, ModelMeta, Preprocessing, Provenance,
+    TOKENIZER_ENTRY,
+};
 pub use model_file::{ModelFile, write_model};
 pub use ramps::{RampHead, RampMeta, RampsFile, RampsMeta, write_ramps};
 pub use writer::OwnedTensor;

@@ -3,7 +3,7 @@
 //! are the original model's own predictions, so "accuracy" here is agreement with the model.
 
 use crate::format::{OwnedTensor, RampHead};
-use crate::models::bert::synthetic::SplitMix;
+use crate::rng::SplitMix;
 use crate::tensor::DType;
 
 /// Settings of [`train_head`]. Defaults suit a few hundred to a few thousand examples with

@@ -3,7 +3,7 @@
 
 use super::{Op, OpCase};
 use apparate::backend::{Backend, BatchShape, RampDecision, RampInput, RampWeights};
-use apparate::models::bert::synthetic::SplitMix;
+use apparate::rng::SplitMix;
 use apparate::tensor::{DType, TensorView};
 
 /// Random values rounded to `dt`, so the CPU reference sees exactly what the device stores.

@@ -15,9 +15,10 @@ use apparate::adapt::ApparateConfig;
 use apparate::backbone::Backbone;
 use apparate::dataset::Inputs;
 use apparate::format::ModelFile;
-use apparate::models::bert::synthetic::{SplitMix, TINY_WORDS, tiny_config, write_random_bert};
+use apparate::models::bert::synthetic::{TINY_WORDS, tiny_config, write_random_bert};
 use apparate::ramps::bootstrap::{BootstrapConfig, train_ramps};
 use apparate::ramps::train::TrainConfig;
+use apparate::rng::SplitMix;
 use apparate::serve::{
     BackendChoice, BatchingConfig, Engine, Exit, Input, RequestOptions, ServeError,
 };

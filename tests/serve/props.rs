@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use apparate::adapt::ApparateConfig;
-use apparate::models::bert::synthetic::SplitMix;
+use apparate::rng::SplitMix;
 use apparate::serve::config::MAX_DELAY;
 use apparate::serve::{BatchingConfig, Engine, Input, RequestOptions, ServeError};
 use proptest::prelude::*;

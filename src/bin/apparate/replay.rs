@@ -11,7 +11,7 @@ use apparate::adapt::ApparateConfig;
 use apparate::dataset::{Inputs, Prefix, load_stream};
 use apparate::format::ModelFile;
 use apparate::metrics::{Metrics, Summary};
-use apparate::models::bert::synthetic::SplitMix;
+use apparate::rng::SplitMix;
 use apparate::serve::{
     BackendChoice, BatchingConfig, Engine, Input, ResponseFuture, duration_from_millis,
 };
