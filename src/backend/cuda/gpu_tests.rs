@@ -149,19 +149,23 @@ fn gpu_async_download_waits_for_its_own_copy() {
     for round in 0..4u8 {
         dev.fill(&small, 0).unwrap();
         let nn = KernelArg::U32(n as u32);
-        // SAFETY: cast kernels over n elements of buffers that hold them.
-        unsafe {
-            dev.launch(
-                "cast_f32_f16",
-                LaunchConfig::linear((n / 256) as u32, 256, 0),
-                &[
-                    KernelArg::Ptr(dev.address(&xb)),
-                    KernelArg::Ptr(dev.address(&h)),
-                    nn,
-                ],
-            )
+        // A few milliseconds of queued work ahead of the copy, so a read that does not wait
+        // for its own event sees the previous round's bytes.
+        for _ in 0..100 {
+            // SAFETY: cast kernels over n elements of buffers that hold them.
+            unsafe {
+                dev.launch(
+                    "cast_f32_f16",
+                    LaunchConfig::linear((n / 256) as u32, 256, 0),
+                    &[
+                        KernelArg::Ptr(dev.address(&xb)),
+                        KernelArg::Ptr(dev.address(&h)),
+                        nn,
+                    ],
+                )
+            }
+            .unwrap();
         }
-        .unwrap();
         dev.fill(&small, round + 1).unwrap();
         let mut p = dev.alloc_pinned(4096).unwrap();
         dev.download_async(&small, &mut p).unwrap();
