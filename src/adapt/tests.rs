@@ -258,3 +258,49 @@ fn a_drift_switches_the_offending_ramp_off_and_retunes() {
 fn without_the_drift_alarm_window_violations_retune_and_switch_ramps_off() {
     drift_is_handled(0, "violation");
 }
+
+#[test]
+fn a_drift_alarm_after_a_ramp_set_change_names_only_active_ramps() {
+    // Wrong answers released at the third active ramp of a set of three, then a set of one:
+    // the alarm used to keep active indices, and index 2 of the new set panicked (the adapter
+    // thread died; fails before: "index out of bounds: the len is 1 but the index is 2").
+    let (p, points) = profile(8, 0.2);
+    let mut c = Controller::new(
+        ApparateConfig {
+            adjust_every_batches: 1000,
+            drift_errors: 3,
+            ..cfg()
+        },
+        points,
+        p,
+        None,
+    );
+    c.set_ramps(vec![0, 1, 2], "place", "test".into());
+    c.active.thresholds = vec![0.0, 0.0, 0.5];
+    c.active.id += 1;
+    let wrong_at_third = BatchRecord {
+        config_id: c.active().id,
+        rows: vec![vec![(0.9, true), (0.9, true), (0.1, false)]; 2],
+        exited: vec![Some(2); 2],
+        agreed: vec![false; 2],
+        stage_ms: None,
+    };
+    assert!(
+        c.on_batch(wrong_at_third).is_none(),
+        "{:?}",
+        c.drain_events()
+    );
+    c.set_ramps(vec![4], "place", "test".into());
+    let wrong_at_new = BatchRecord {
+        config_id: c.active().id,
+        rows: vec![vec![(0.9, false)]],
+        exited: vec![None],
+        agreed: vec![false],
+        stage_ms: None,
+    };
+    let changed = c.on_batch(wrong_at_new).expect("the alarm fires");
+    // Ramp 2 of the file is not active any more: nothing of the new set is named or touched.
+    assert_eq!(changed.ramps, vec![4]);
+    let drift = c.drain_events().into_iter().find(|e| e.kind == "drift");
+    assert!(drift.is_some_and(|e| !e.why.contains("s3")));
+}
