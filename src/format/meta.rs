@@ -3,8 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::graph::StageGraph;
-use crate::models::bert::BertConfig;
-use crate::models::cnn::CnnConfig;
+use super::bert_config::BertConfig;
+use super::cnn_config::CnnConfig;
 
 /// Version written by this build. Readers accept exactly the versions they know.
 pub const FORMAT_VERSION: u32 = 1;

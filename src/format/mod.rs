@@ -1,5 +1,9 @@
 //! Our model format: a safetensors container with one JSON metadata entry. See `docs/format.md`.
+//! The model families' configurations ([`bert_config`], [`cnn_config`]) are defined here, with
+//! the metadata that stores them, so the format depends on no model and `models` re-exports them.
 
+pub mod bert_config;
+pub mod cnn_config;
 mod container;
 pub mod meta;
 mod model_file;

@@ -2,10 +2,10 @@
 //! vector -> optional classifier head. Written once against [`Backend`]; exposed stage by stage
 //! so the runtime can run ramps between encoder layers.
 
-mod config;
 pub mod synthetic;
 
-pub use config::{BertConfig, HiddenAct};
+/// The configuration lives with the file format that stores it (`format` depends on no model).
+pub use crate::format::bert_config::{BertConfig, HiddenAct};
 
 use crate::backend::{Activation, Backend, BatchShape};
 use crate::error::{Error, Result};

@@ -2,11 +2,11 @@
 //! (each block is a stage; the runtime can put ramps between blocks). Written once against
 //! [`Backend`].
 
-mod config;
 
 use std::collections::HashMap;
 
-pub use config::{Block, CnnConfig, ImageInput, Op, Residual};
+/// The configuration lives with the file format that stores it (`format` depends on no model).
+pub use crate::format::cnn_config::{Block, CnnConfig, ImageInput, Op, Residual};
 
 use crate::backend::{Activation, Backend, Conv2d};
 use crate::error::{Error, Result};
