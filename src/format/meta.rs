@@ -2,9 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::graph::StageGraph;
 use super::bert_config::BertConfig;
 use super::cnn_config::CnnConfig;
+use crate::graph::StageGraph;
 
 /// Version written by this build. Readers accept exactly the versions they know.
 pub const FORMAT_VERSION: u32 = 1;

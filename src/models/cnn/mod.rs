@@ -2,7 +2,6 @@
 //! (each block is a stage; the runtime can put ramps between blocks). Written once against
 //! [`Backend`].
 
-
 use std::collections::HashMap;
 
 /// The configuration lives with the file format that stores it (`format` depends on no model).
