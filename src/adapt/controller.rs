@@ -163,8 +163,6 @@ impl Controller {
         });
     }
 
-    /// Initial placement: greedily add the candidate that most raises the tuned saving on the
-
     pub(super) fn remember(&mut self, set: Vec<usize>) {
         self.history.push_back(set);
         while self.history.len() > self.cfg.history.max(1) {
