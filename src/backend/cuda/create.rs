@@ -15,10 +15,10 @@ use super::nvrtc::{Target, nvrtc_options};
 use super::pinned::{PinnedBlock, RING_BLOCK_BYTES, RING_BLOCKS, Ring};
 use super::probe::{ProbeInfo, probe_device};
 use super::{
-    CudaConfig, CudaDevice, Deferred, Kernel, Owner, default_cache_dir, describe, drv,
-    entry_points, err, guard, version_string,
+    BACKEND, CudaConfig, CudaDevice, Deferred, Kernel, Owner, default_cache_dir, describe, drv,
+    entry_points, guard, version_string,
 };
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 impl CudaDevice {
     /// Probes the machine, compiles (or takes from the cache) every kernel source for the
@@ -33,11 +33,15 @@ impl CudaDevice {
         if config.target == Target::Ptx {
             let (maj, min) = info.nvrtc_version;
             if info.driver_version < maj * 1000 + min * 10 {
-                return Err(err(format!(
-                    "driver too old for PTX from NVRTC {maj}.{min}: the driver supports CUDA {}; \
-                     use a cubin (the default) or an older NVRTC",
-                    version_string(info.driver_version)
-                )));
+                return Err(Error::device(
+                    BACKEND,
+                    "creating the device",
+                    format!(
+                        "driver too old for PTX from NVRTC {maj}.{min}: the driver supports CUDA \
+                         {}; use a cubin (the default) or an older NVRTC",
+                        version_string(info.driver_version)
+                    ),
+                ));
             }
         }
         let ctx = CudaContext::new(config.ordinal).map_err(drv("creating the context"))?;
@@ -90,7 +94,13 @@ impl CudaDevice {
         let mut kernels = HashMap::new();
         let mut cached = 0;
         for (file, text, code, hit) in modules {
-            let loading = |e: String| err(format!("loading kernels/{file} for {arch}: {e}"));
+            let loading = |e: String| {
+                Error::kernel(
+                    BACKEND,
+                    format!("kernels/{file}"),
+                    format!("loading for {arch}: {e}"),
+                )
+            };
             let module = match load_module(&ctx, config.target, code) {
                 Ok(m) => {
                     cached += hit as usize;

@@ -2,8 +2,8 @@
 
 use std::ffi::c_int;
 
-use super::{CudaBuf, CudaDevice, err, guard};
-use crate::error::Result;
+use super::{BACKEND, CudaBuf, CudaDevice, guard};
+use crate::error::{Error, Result};
 
 impl CudaDevice {
     /// `Y = X W^T` with cuBLAS (`cublasGemmEx`, f32 accumulation) on the device's stream, with
@@ -22,13 +22,12 @@ impl CudaDevice {
     ) -> Result<()> {
         use cudarc::cublas::sys as bsys;
         let size = dtype.size();
-        if x.len < m * k * size || w.len < n * k * size || y.len < m * n * size {
-            return Err(err(format!(
-                "cublas_gemm: buffers too small for {m}x{n}x{k} {dtype}"
-            )));
+        let bytes = |a: usize, b: usize| a.saturating_mul(b).saturating_mul(size);
+        let fail = |reason: String| Error::device(BACKEND, "cublas_gemm", reason);
+        if x.len < bytes(m, k) || w.len < bytes(n, k) || y.len < bytes(m, n) {
+            return Err(fail(format!("buffers too small for {m}x{n}x{k} {dtype}")));
         }
-        let dim =
-            |v: usize| c_int::try_from(v).map_err(|_| err(format!("cublas_gemm: {v} too large")));
+        let dim = |v: usize| c_int::try_from(v).map_err(|_| fail(format!("{v} too large")));
         let (mi, ni, ki) = (dim(m)?, dim(n)?, dim(k)?);
         guard("cublasGemmEx", || {
             let blas = self.blas.get_or_init(|| {
@@ -38,7 +37,7 @@ impl CudaDevice {
                 }
                 cudarc::cublas::CudaBlas::new(self.stream().clone()).map_err(|e| format!("{e:?}"))
             });
-            let blas = blas.as_ref().map_err(|e| err(e.clone()))?;
+            let blas = blas.as_ref().map_err(|e| fail(e.clone()))?;
             let ty = match dtype {
                 crate::tensor::DType::F32 => bsys::cudaDataType::CUDA_R_32F,
                 crate::tensor::DType::F16 => bsys::cudaDataType::CUDA_R_16F,
@@ -71,7 +70,7 @@ impl CudaDevice {
                     bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                 )
             }
-            .map_err(|e| err(format!("cublasGemmEx: {e:?}")))
+            .map_err(|e| fail(format!("cublasGemmEx: {e:?}")))
         })
     }
 }

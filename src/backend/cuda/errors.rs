@@ -12,14 +12,6 @@ use cudarc::driver::sys as dsys;
 use super::BACKEND;
 use crate::error::{Error, Result};
 
-/// An error of this backend with no finer kind (a missing library, a refused request).
-pub(super) fn err(reason: impl Into<String>) -> Error {
-    Error::Backend {
-        backend: BACKEND,
-        reason: reason.into(),
-    }
-}
-
 /// Runs `f`, turning a panic inside it (cudarc panics on missing libraries and symbols) into an
 /// error that says what was being done.
 pub(super) fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {

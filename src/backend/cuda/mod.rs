@@ -61,7 +61,7 @@ use crate::error::{Error, Result};
 
 pub use super::entry_points::entry_points;
 pub use cache::{cache_key, default_cache_dir};
-use errors::{Deferred, bind, check, describe, drv, err, guard, version_string};
+use errors::{Deferred, bind, check, describe, drv, guard, version_string};
 pub use nvrtc::{
     Arch, Compiled, Target, compile_cubin, compile_ptx, compile_source, nvrtc_options,
     nvrtc_supported_archs, nvrtc_version,

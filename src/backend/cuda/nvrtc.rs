@@ -7,8 +7,8 @@ use std::fmt;
 use cudarc::nvrtc::sys as nsys;
 
 use super::super::kernel_sources::{HEADERS, SOURCES};
-use super::{DEFAULT_OPTIONS, err, guard};
-use crate::error::Result;
+use super::{BACKEND, DEFAULT_OPTIONS, guard};
+use crate::error::{Error, Result};
 
 /// A GPU architecture: compute capability plus an optional feature suffix (`a`, `f`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -30,9 +30,11 @@ impl Arch {
     /// Accepts `sm_90`, `sm_90a`, `compute_90`, `90` and `9.0`.
     pub fn parse(s: &str) -> Result<Arch> {
         let bad = || {
-            err(format!(
-                "`{s}` is not a GPU architecture (expected sm_XY, compute_XY, XY or X.Y)"
-            ))
+            Error::config(
+                "GPU architecture",
+                format!("`{s}`"),
+                "sm_XY, compute_XY, XY or X.Y (optionally with an a or f suffix)",
+            )
         };
         let t = s.trim();
         if let Some((maj, min)) = t.split_once('.') {
@@ -85,7 +87,9 @@ fn require_nvrtc() -> Result<()> {
     if unsafe { nsys::is_culib_present() } {
         Ok(())
     } else {
-        Err(err(
+        Err(Error::device(
+            BACKEND,
+            "NVRTC",
             "no NVRTC library (libnvrtc.so.13 or libnvrtc.so.12) found on the library path; \
              tools/fetch-cuda-tools.sh installs one and prints the LD_LIBRARY_PATH entry",
         ))
@@ -108,7 +112,7 @@ fn nvrtc_check(what: &str, rc: nsys::nvrtcResult) -> Result<()> {
     if rc == nsys::nvrtcResult::NVRTC_SUCCESS {
         Ok(())
     } else {
-        Err(err(format!("{what}: {}", nvrtc_error_text(rc))))
+        Err(Error::device(BACKEND, what, nvrtc_error_text(rc)))
     }
 }
 
@@ -195,7 +199,8 @@ impl Drop for Program {
 }
 
 fn cstring(what: &str, s: &str) -> Result<CString> {
-    CString::new(s).map_err(|_| err(format!("{what} contains a NUL byte")))
+    CString::new(s)
+        .map_err(|_| Error::device(BACKEND, "NVRTC", format!("{what} contains a NUL byte")))
 }
 
 /// Compiles one kernel source (`file` is its name in `kernels/`, used in messages) with the
@@ -210,9 +215,11 @@ pub fn compile_source<O: AsRef<str>>(
     options: &[O],
 ) -> Result<Compiled> {
     if target == Target::Cubin && arch.trim().starts_with("compute_") {
-        return Err(err(format!(
-            "a cubin needs a real architecture (sm_XY), not `{arch}`"
-        )));
+        return Err(Error::config(
+            "GPU architecture of a cubin",
+            format!("`{arch}`"),
+            "real architectures (sm_XY)",
+        ));
     }
     let arch = Arch::parse(arch)?;
     let options = nvrtc_options(&arch, target, options);
@@ -267,11 +274,15 @@ pub(super) fn compile_with(
         };
         let log = program_log(&prog)?;
         if rc != nsys::nvrtcResult::NVRTC_SUCCESS {
-            return Err(err(format!(
-                "NVRTC could not compile kernels/{file} ({}): {}\n{log}",
-                options.join(" "),
-                nvrtc_error_text(rc)
-            )));
+            return Err(Error::kernel(
+                BACKEND,
+                format!("kernels/{file}"),
+                format!(
+                    "NVRTC could not compile it ({}): {}\n{log}",
+                    options.join(" "),
+                    nvrtc_error_text(rc)
+                ),
+            ));
         }
         let code = match target {
             Target::Ptx => {
@@ -296,11 +307,15 @@ pub(super) fn compile_with(
                     nsys::nvrtcGetCUBINSize(prog.0, &mut size)
                 })?;
                 if size == 0 {
-                    return Err(err(format!(
-                        "NVRTC produced no cubin for kernels/{file} ({}); a cubin needs a real \
-                         architecture (sm_XY)",
-                        options.join(" ")
-                    )));
+                    return Err(Error::kernel(
+                        BACKEND,
+                        format!("kernels/{file}"),
+                        format!(
+                            "NVRTC produced no cubin ({}); a cubin needs a real architecture \
+                             (sm_XY)",
+                            options.join(" ")
+                        ),
+                    ));
                 }
                 let mut buf = vec![0u8; size];
                 nvrtc_check("nvrtcGetCUBIN", unsafe {
@@ -350,8 +365,13 @@ pub fn compile_ptx<O: AsRef<str>>(arch: &str, options: &[O]) -> Result<Vec<(Stri
         .iter()
         .map(|(file, text)| {
             let c = compile_source(file, text, arch, Target::Ptx, options)?;
-            let ptx = String::from_utf8(c.code)
-                .map_err(|_| err(format!("NVRTC returned non-UTF-8 PTX for kernels/{file}")))?;
+            let ptx = String::from_utf8(c.code).map_err(|_| {
+                Error::kernel(
+                    BACKEND,
+                    format!("kernels/{file}"),
+                    "NVRTC returned non-UTF-8 PTX",
+                )
+            })?;
             Ok((file.to_string(), ptx))
         })
         .collect()

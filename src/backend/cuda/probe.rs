@@ -8,7 +8,7 @@ use std::fmt;
 use cudarc::driver::sys as dsys;
 
 use super::nvrtc::{Arch, nvrtc_supported_archs, nvrtc_version};
-use super::{MIN_DRIVER_VERSION, check, err, guard, version_string};
+use super::{BACKEND, MIN_DRIVER_VERSION, check, guard, version_string};
 use crate::error::{Error, Result};
 
 /// What [`probe`] found.
@@ -64,14 +64,14 @@ pub fn probe_device(ordinal: usize) -> Result<ProbeInfo> {
     guard("probing the CUDA driver", || {
         // SAFETY: only tries to open the library.
         if !unsafe { dsys::is_culib_present() } {
-            return Err(err(
+            return Err(unusable(
                 "no CUDA driver library (libcuda.so) found: this machine has no NVIDIA driver \
                  (or no GPU)",
             ));
         }
         let driver_version = driver_version()?;
         if driver_version < MIN_DRIVER_VERSION {
-            return Err(err(format!(
+            return Err(unusable(format!(
                 "driver too old: it supports CUDA {}, at least CUDA {} is needed",
                 version_string(driver_version),
                 version_string(MIN_DRIVER_VERSION)
@@ -81,13 +81,13 @@ pub fn probe_device(ordinal: usize) -> Result<ProbeInfo> {
         match unsafe { dsys::cuInit(0) } {
             dsys::CUresult::CUDA_SUCCESS => {}
             dsys::CUresult::CUDA_ERROR_NO_DEVICE => {
-                return Err(err(
+                return Err(unusable(
                     "no CUDA device: the driver is installed but sees no GPU",
                 ));
             }
             dsys::CUresult::CUDA_ERROR_STUB_LIBRARY => return Err(stub_library()),
             dsys::CUresult::CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE => {
-                return Err(err(format!(
+                return Err(unusable(format!(
                     "driver too old: the CUDA {} forward-compatibility driver does not support \
                      this GPU",
                     version_string(driver_version)
@@ -101,10 +101,10 @@ pub fn probe_device(ordinal: usize) -> Result<ProbeInfo> {
             dsys::cuDeviceGetCount(&mut count)
         })?;
         if count <= 0 {
-            return Err(err("no CUDA device: the driver sees no GPU"));
+            return Err(unusable("no CUDA device: the driver sees no GPU"));
         }
         if ordinal >= count as usize {
-            return Err(err(format!(
+            return Err(unusable(format!(
                 "no CUDA device {ordinal}: the driver sees {count} device(s)"
             )));
         }
@@ -144,7 +144,7 @@ pub fn probe_device(ordinal: usize) -> Result<ProbeInfo> {
 
         let nvrtc_version = nvrtc_version()?;
         if driver_version / 1000 < nvrtc_version.0 {
-            return Err(err(format!(
+            return Err(unusable(format!(
                 "driver too old for this NVRTC: the driver supports CUDA {}, NVRTC is {}.{} (its \
                  code needs a CUDA {} driver); put an NVRTC of CUDA {} on LD_LIBRARY_PATH or \
                  update the driver",
@@ -166,7 +166,7 @@ pub fn probe_device(ordinal: usize) -> Result<ProbeInfo> {
         };
         // The tensor-core GEMM (mma.m16n8k16 with bf16) and the bf16 conversions need sm_80.
         if info.compute_capability.0 < 8 {
-            return Err(err(format!(
+            return Err(unusable(format!(
                 "{} is {}: the kernels need compute capability 8.0 (Ampere) or newer",
                 info.device_name,
                 info.arch()
@@ -174,7 +174,7 @@ pub fn probe_device(ordinal: usize) -> Result<ProbeInfo> {
         }
         let archs = nvrtc_supported_archs()?;
         if !archs.contains(&info.arch().number()) {
-            return Err(err(format!(
+            return Err(unusable(format!(
                 "NVRTC {}.{} cannot compile for this device ({}, {}); it supports {}",
                 nvrtc_version.0,
                 nvrtc_version.1,
@@ -191,6 +191,11 @@ pub fn probe_device(ordinal: usize) -> Result<ProbeInfo> {
     })
 }
 
+/// What is missing or too old for the backend to run here.
+fn unusable(reason: impl std::fmt::Display) -> Error {
+    Error::device(BACKEND, "probing this machine", reason)
+}
+
 /// `cuDriverGetVersion` (needs the driver library; does not need `cuInit`).
 fn driver_version() -> Result<i32> {
     let mut v: c_int = 0;
@@ -202,7 +207,9 @@ fn driver_version() -> Result<i32> {
 }
 
 fn stub_library() -> Error {
-    err("no CUDA driver: the libcuda.so found is the CUDA toolkit's stub library, not a driver")
+    unusable(
+        "no CUDA driver: the libcuda.so found is the CUDA toolkit's stub library, not a driver",
+    )
 }
 
 #[cfg(test)]
