@@ -1,0 +1,228 @@
+//! What the serving benchmark reports per system (latency percentiles, agreement, exits,
+//! adaptation events) and the table it prints.
+
+use super::*;
+
+#[derive(Serialize)]
+pub(crate) struct SystemResult {
+    pub(crate) system: String,
+    pub(crate) latency: Percentiles,
+    /// Sender lateness, queueing, and batch start to release.
+    pub(crate) breakdown: Breakdown,
+    pub(crate) requests: usize,
+    pub(crate) errors: usize,
+    pub(crate) achieved_rate: f64,
+    pub(crate) goodput: f64,
+    pub(crate) agreement: f64,
+    /// Agreement before and after the drift starts (vision).
+    pub(crate) agreement_before_drift: f64,
+    pub(crate) agreement_after_drift: f64,
+    pub(crate) worst_window_agreement: f64,
+    /// Median latency before and after the drift starts (vision).
+    pub(crate) p50_before_drift_ms: f64,
+    pub(crate) p50_after_drift_ms: f64,
+    pub(crate) exits: Vec<(String, f64)>,
+    pub(crate) average_batch: f64,
+    pub(crate) events: Vec<AdaptEvent>,
+    pub(crate) thresholds: Vec<(String, f32)>,
+    /// Per request, for the plots.
+    #[serde(skip)]
+    pub(crate) agree: Vec<bool>,
+    #[serde(skip)]
+    pub(crate) latency_ms: Vec<f64>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct Report {
+    pub(crate) workload: String,
+    pub(crate) commit: String,
+    pub(crate) device: String,
+    pub(crate) model: String,
+    pub(crate) arrivals: String,
+    pub(crate) offered_rate: f64,
+    pub(crate) seconds: f64,
+    pub(crate) batching: String,
+    pub(crate) slo_ms: f64,
+    pub(crate) drift: Option<String>,
+    /// First drifted request (vision).
+    pub(crate) drift_from: Option<usize>,
+    /// Requests per agreement window.
+    pub(crate) window: usize,
+    pub(crate) seed: u64,
+    pub(crate) systems: Vec<SystemResult>,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn summarise(
+    system: &str,
+    outcomes: &[Outcome],
+    reference: &[Option<usize>],
+    slo_ms: f64,
+    window: usize,
+    m: &apparate::metrics::Metrics,
+    events: Vec<AdaptEvent>,
+    thresholds: Vec<(String, f32)>,
+    drift_from: usize,
+) -> SystemResult {
+    let n = outcomes.len();
+    let agree: Vec<bool> = outcomes
+        .iter()
+        .zip(reference)
+        .map(|(o, r)| o.class.is_some() && o.class == *r)
+        .collect();
+    let frac = |v: &[bool]| v.iter().filter(|a| **a).count() as f64 / v.len().max(1) as f64;
+    let agreement = frac(&agree);
+    let split = drift_from.min(agree.len());
+    // Worst window after the first (tuning needs one).
+    let worst = agree
+        .chunks(window.max(1))
+        .skip(1)
+        .filter(|c| c.len() == window)
+        .map(|c| c.iter().filter(|a| **a).count() as f64 / c.len() as f64)
+        .fold(1.0, f64::min);
+    let span = outcomes
+        .last()
+        .map_or(1.0, |o| o.scheduled.as_secs_f64())
+        .max(1e-9);
+    let good = outcomes
+        .iter()
+        .filter(|o| o.latency.is_some_and(|l| l.as_secs_f64() * 1e3 <= slo_ms))
+        .count();
+    let mut exits: Vec<(String, f64)> = Vec::new();
+    for o in outcomes {
+        match exits.iter_mut().find(|(p, _)| *p == o.exit) {
+            Some((_, c)) => *c += 1.0,
+            None => exits.push((o.exit.clone(), 1.0)),
+        }
+    }
+    exits.iter_mut().for_each(|(_, c)| *c /= n.max(1) as f64);
+    exits.sort_by(|a, b| a.0.cmp(&b.0));
+    SystemResult {
+        system: system.to_string(),
+        latency: percentiles(outcomes),
+        breakdown: breakdown(outcomes),
+        requests: n,
+        errors: outcomes.iter().filter(|o| o.latency.is_none()).count(),
+        achieved_rate: outcomes.iter().filter(|o| o.latency.is_some()).count() as f64 / span,
+        goodput: good as f64 / span,
+        agreement,
+        agreement_before_drift: frac(&agree[..split]),
+        agreement_after_drift: frac(&agree[split..]),
+        worst_window_agreement: worst,
+        p50_before_drift_ms: percentiles(&outcomes[..split]).p50_ms,
+        p50_after_drift_ms: percentiles(&outcomes[split..]).p50_ms,
+        exits,
+        average_batch: m.answered() as f64 / m.batches().max(1) as f64,
+        events,
+        thresholds,
+        latency_ms: outcomes
+            .iter()
+            .filter_map(|o| o.latency)
+            .map(|l| l.as_secs_f64() * 1e3)
+            .collect(),
+        agree,
+    }
+}
+
+pub(crate) fn print_table(r: &Report, json: &Path) {
+    println!();
+    println!(
+        "{} workload: {} requests, {} ({:.1}/s offered), {}; SLO {} ms; commit {}; {}",
+        r.workload,
+        r.systems.first().map_or(0, |s| s.requests),
+        r.arrivals,
+        r.offered_rate,
+        r.batching,
+        r.slo_ms,
+        r.commit,
+        r.device
+    );
+    if let Some(d) = &r.drift {
+        println!("drift: {d}");
+    }
+    println!(
+        "{:<16} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} {:>7} {:>6} {:>6}",
+        "system",
+        "p50",
+        "p90",
+        "p95",
+        "p99",
+        "p99.9",
+        "max",
+        "rate/s",
+        "goodput",
+        "agree",
+        "worst",
+        "early",
+        "batch"
+    );
+    let base = r
+        .systems
+        .first()
+        .map(|s| s.latency.clone())
+        .unwrap_or_default();
+    for s in &r.systems {
+        let l = &s.latency;
+        let early: f64 = s
+            .exits
+            .iter()
+            .filter(|(p, _)| p != "final" && !p.starts_with("error"))
+            .map(|(_, f)| f)
+            .fold(0.0, |a, b| a + b);
+        println!(
+            "{:<16} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.1} {:>8.1} {:>6.2}% {:>6.2}% {:>5.1}% {:>6.2}",
+            s.system,
+            l.p50_ms,
+            l.p90_ms,
+            l.p95_ms,
+            l.p99_ms,
+            l.p999_ms,
+            l.max_ms,
+            s.achieved_rate,
+            s.goodput,
+            s.agreement * 100.0,
+            s.worst_window_agreement * 100.0,
+            early * 100.0,
+            s.average_batch
+        );
+    }
+    if r.drift.is_some() {
+        for s in &r.systems {
+            println!(
+                "{:<16} before the drift: agreement {:.2}%, p50 {:.2} ms; after: {:.2}%, p50 {:.2} ms",
+                s.system,
+                s.agreement_before_drift * 100.0,
+                s.p50_before_drift_ms,
+                s.agreement_after_drift * 100.0,
+                s.p50_after_drift_ms
+            );
+        }
+    }
+    for s in r.systems.iter().skip(1) {
+        let l = &s.latency;
+        println!(
+            "{:<16} vs vanilla: p50 {:+.1}%  p95 {:+.1}%  p99 {:+.1}%",
+            s.system,
+            (l.p50_ms / base.p50_ms - 1.0) * 100.0,
+            (l.p95_ms / base.p95_ms - 1.0) * 100.0,
+            (l.p99_ms / base.p99_ms - 1.0) * 100.0
+        );
+    }
+    for s in &r.systems {
+        let b = &s.breakdown;
+        println!(
+            "{:<16} p50 / p99 of: sender late {:.3} / {:.3}, queued {:.3} / {:.3}, batch start to release {:.3} / {:.3}",
+            s.system,
+            b.sent_late.p50_ms,
+            b.sent_late.p99_ms,
+            b.queued.p50_ms,
+            b.queued.p99_ms,
+            b.computed.p50_ms,
+            b.computed.p99_ms
+        );
+    }
+    println!(
+        "(latency in ms from the scheduled send time; full results: {})",
+        json.display()
+    );
+}
