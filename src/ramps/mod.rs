@@ -3,6 +3,7 @@
 //! [`train`]; the bootstrap driver (features, heads, report) is [`bootstrap`].
 
 pub mod bootstrap;
+pub mod curve;
 pub mod train;
 
 use crate::backbone::{Backbone, StageOutput};
