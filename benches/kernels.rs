@@ -236,34 +236,30 @@ fn bench_device<D: Yardstick>(
         let z = be.upload(&vec![0.0; c], &[c])?;
         let y = be.alloc(vec![r, c])?;
         let tensor_bytes = (r * c * dt.size()) as f64;
-        let ln = time(&*dev, plan, || {
-            be.add_layernorm_into(&a, &b, &g, &z, 1e-12, &y)?;
-            Ok(())
-        })?;
-        let ln_bw = 3.0 * tensor_bytes / ln / 1e6;
-        rows.push(Row {
-            what: format!("{name} {dt} add_layernorm {r}x{c}"),
-            ours_ms: ln,
-            metric: format!("{ln_bw:.0} GB/s"),
-            reference: format!(
-                "copy {copy_bw:.0} GB/s; ours {:.0}%",
-                100.0 * ln_bw / copy_bw
+        // (op, tensors of r x c moved: read and written, time per launch)
+        let memory_bound = [
+            (
+                "add_layernorm",
+                3.0,
+                time(&*dev, plan, || {
+                    Ok(be.add_layernorm_into(&a, &b, &g, &z, 1e-12, &y)?)
+                })?,
             ),
-        });
-        let sm = time(&*dev, plan, || {
-            be.softmax_into(&a, &y)?;
-            Ok(())
-        })?;
-        let sm_bw = 2.0 * tensor_bytes / sm / 1e6;
-        rows.push(Row {
-            what: format!("{name} {dt} softmax {r}x{c}"),
-            ours_ms: sm,
-            metric: format!("{sm_bw:.0} GB/s"),
-            reference: format!(
-                "copy {copy_bw:.0} GB/s; ours {:.0}%",
-                100.0 * sm_bw / copy_bw
+            (
+                "softmax",
+                2.0,
+                time(&*dev, plan, || Ok(be.softmax_into(&a, &y)?))?,
             ),
-        });
+        ];
+        for (op, tensors, ms) in memory_bound {
+            let bw = tensors * tensor_bytes / ms / 1e6;
+            rows.push(Row {
+                what: format!("{name} {dt} {op} {r}x{c}"),
+                ours_ms: ms,
+                metric: format!("{bw:.0} GB/s"),
+                reference: format!("copy {copy_bw:.0} GB/s; ours {:.0}%", 100.0 * bw / copy_bw),
+            });
+        }
         if o.model.exists() {
             minilm(name, &be, real, plan, &o.model, &mut rng, rows)?;
         }

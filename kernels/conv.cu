@@ -41,17 +41,12 @@ __device__ void conv_grouped(const T* __restrict__ x, const T* __restrict__ wt,
         uint32_t xo = (uint32_t)(r % ow), y = (uint32_t)((r / ow) % oh), b = (uint32_t)(r / ((uint64_t)oh * ow));
         uint32_t g = co / og;
         float acc = bias ? to_f32(bias[co]) : 0.0f;
-        for (uint32_t i = 0; i < kh; i++) {
-            int iy = (int)(y * sh + i) - (int)ph;
-            if (iy < 0 || iy >= (int)h) continue;
-            for (uint32_t j = 0; j < kw; j++) {
-                int ix = (int)(xo * sw + j) - (int)pw;
-                if (ix < 0 || ix >= (int)w) continue;
-                const T* xs = x + (((uint64_t)b * h + iy) * w + ix) * cin + (uint64_t)g * cg;
-                const T* ws = wt + (((uint64_t)co * kh + i) * kw + j) * cg;
-                for (uint32_t c = 0; c < cg; c++) acc += to_f32(xs[c]) * to_f32(ws[c]);
-            }
-        }
+        for_each_tap(y, xo, h, w, kh, kw, sh, sw, ph, pw,
+                     [&](uint32_t i, uint32_t j, uint32_t iy, uint32_t ix) {
+                         const T* xs = x + (((uint64_t)b * h + iy) * w + ix) * cin + (uint64_t)g * cg;
+                         const T* ws = wt + (((uint64_t)co * kh + i) * kw + j) * cg;
+                         for (uint32_t c = 0; c < cg; c++) acc += to_f32(xs[c]) * to_f32(ws[c]);
+                     });
         if (res) acc += to_f32(res[e]);
         out[e] = from_f32<T>(activate(acc, act));
     }

@@ -33,17 +33,12 @@ __device__ void pool2d(const T* __restrict__ x, T* __restrict__ out, uint32_t n,
         uint32_t xo = (uint32_t)(r % ow), y = (uint32_t)((r / ow) % oh), b = (uint32_t)(r / ((uint64_t)oh * ow));
         float acc = is_max ? -3.402823466e38f : 0.0f;
         uint32_t count = 0;
-        for (uint32_t i = 0; i < kh; i++) {
-            int iy = (int)(y * sh + i) - (int)ph;
-            if (iy < 0 || iy >= (int)h) continue;
-            for (uint32_t j = 0; j < kw; j++) {
-                int ix = (int)(xo * sw + j) - (int)pw;
-                if (ix < 0 || ix >= (int)w) continue;
-                float v = to_f32(x[(((uint64_t)b * h + iy) * w + ix) * c + ch]);
-                acc = is_max ? fmaxf(acc, v) : acc + v;
-                count++;
-            }
-        }
+        for_each_tap(y, xo, h, w, kh, kw, sh, sw, ph, pw,
+                     [&](uint32_t, uint32_t, uint32_t iy, uint32_t ix) {
+                         float v = to_f32(x[(((uint64_t)b * h + iy) * w + ix) * c + ch]);
+                         acc = is_max ? fmaxf(acc, v) : acc + v;
+                         count++;
+                     });
         out[e] = from_f32<T>(is_max ? acc : acc / (float)(count ? count : 1));
     }
 }

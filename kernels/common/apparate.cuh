@@ -161,6 +161,26 @@ APPARATE_DEVICE void layernorm_shared_row(const float* row, float local, uint32_
         out[c] = from_f32<T>((row[c] - mean) * inv * to_f32(gamma[c]) + to_f32(beta[c]));
 }
 
+// ---- windows over NHWC images --------------------------------------------------------------
+
+// The taps of a kh x kw window at output pixel (y, x), stride (sh, sw), zero padding (ph, pw),
+// that land inside an h x w image: f(i, j, iy, ix) for each, row by row. Taps in the padding
+// are skipped (they contribute zero to a convolution and nothing to a pooling window).
+template <typename F>
+APPARATE_DEVICE void for_each_tap(uint32_t y, uint32_t x, uint32_t h, uint32_t w, uint32_t kh,
+                                  uint32_t kw, uint32_t sh, uint32_t sw, uint32_t ph,
+                                  uint32_t pw, F&& f) {
+    for (uint32_t i = 0; i < kh; i++) {
+        int iy = (int)(y * sh + i) - (int)ph;
+        if (iy < 0 || iy >= (int)h) continue;
+        for (uint32_t j = 0; j < kw; j++) {
+            int ix = (int)(x * sw + j) - (int)pw;
+            if (ix < 0 || ix >= (int)w) continue;
+            f(i, j, (uint32_t)iy, (uint32_t)ix);
+        }
+    }
+}
+
 // Activations fused into epilogues; the ACT_* codes are in params.cuh.
 APPARATE_DEVICE float activate(float x, int act) {
     if (act == ACT_GELU_ERF) return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));

@@ -64,18 +64,22 @@ fn im2col(x: &[f32], dims: [usize; 9], p: &Conv2d) -> Vec<f32> {
     cols
 }
 
-/// `act(conv(x, w) + b + residual)`; `dims` from `op_check::conv_dims`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn conv2d(
-    x: &[f32],
-    w: &[f32],
-    b: Option<&[f32]>,
-    residual: Option<&[f32]>,
-    dims: [usize; 9],
-    p: &Conv2d,
-    act: Activation,
-    par: gemm::Parallelism,
-) -> Vec<f32> {
+/// A convolution's operands as the loops below read them; `dims` = (n, h, w, cin, cout, kh,
+/// kw, oh, ow) from `op_check::conv_dims`.
+#[derive(Copy, Clone)]
+pub(crate) struct Conv<'a> {
+    pub x: &'a [f32],
+    pub w: &'a [f32],
+    pub b: Option<&'a [f32]>,
+    pub residual: Option<&'a [f32]>,
+    pub dims: [usize; 9],
+    pub p: &'a Conv2d,
+    pub act: Activation,
+}
+
+/// `act(conv(x, w) + b + residual)`.
+pub(crate) fn conv2d(c: Conv<'_>, par: gemm::Parallelism) -> Vec<f32> {
+    let (x, w, b, residual, dims, p, act) = (c.x, c.w, c.b, c.residual, c.dims, c.p, c.act);
     let [n, _, _, cin, cout, kh, kw, oh, ow] = dims;
     let m = n * oh * ow;
     if p.groups == 1 {
@@ -88,23 +92,16 @@ pub(crate) fn conv2d(
         return linear::linear(&cols, w, b, residual, m, cout, k, act, par);
     }
     if cin == p.groups && cout == p.groups {
-        return depthwise(x, w, b, residual, dims, p, act);
+        return depthwise(c);
     }
-    grouped(x, w, b, residual, dims, p, act)
+    grouped(c)
 }
 
 /// Depthwise convolution (one input and one output channel per group): for each output pixel,
 /// `kh * kw` multiply-adds vectorised over the channels, with the weight transposed once to
 /// `[kh * kw, channels]` so that each tap's weights are contiguous.
-fn depthwise(
-    x: &[f32],
-    w: &[f32],
-    b: Option<&[f32]>,
-    residual: Option<&[f32]>,
-    dims: [usize; 9],
-    p: &Conv2d,
-    act: Activation,
-) -> Vec<f32> {
+fn depthwise(c: Conv<'_>) -> Vec<f32> {
+    let (x, w, b, residual, dims, p, act) = (c.x, c.w, c.b, c.residual, c.dims, c.p, c.act);
     let [_, h, wd, c, _, kh, kw, oh, ow] = dims;
     let mut taps = vec![0.0f32; kh * kw * c];
     for ch in 0..c {
@@ -151,16 +148,8 @@ fn fma_row_body(o: &mut [f32], x: &[f32], w: &[f32]) {
 super::simd::multiversion!(fn fma_row(o: &mut [f32], x: &[f32], w: &[f32]) => fma_row_body);
 
 /// Direct grouped convolution (depthwise when groups == channels).
-#[allow(clippy::too_many_arguments)]
-fn grouped(
-    x: &[f32],
-    w: &[f32],
-    b: Option<&[f32]>,
-    residual: Option<&[f32]>,
-    dims: [usize; 9],
-    p: &Conv2d,
-    act: Activation,
-) -> Vec<f32> {
+fn grouped(c: Conv<'_>) -> Vec<f32> {
+    let (x, w, b, residual, dims, p, act) = (c.x, c.w, c.b, c.residual, c.dims, c.p, c.act);
     let [_, h, wd, cin, cout, kh, kw, oh, ow] = dims;
     let (cg, og) = (cin / p.groups, cout / p.groups);
     let mut out = vec![0.0f32; dims[0] * oh * ow * cout];
@@ -283,17 +272,17 @@ mod tests {
             )
             .unwrap()
             .to_array();
-            let fast = conv2d(
-                &x,
-                &wt,
-                Some(&b),
-                None,
+            let c = Conv {
+                x: &x,
+                w: &wt,
+                b: Some(&b),
+                residual: None,
                 dims,
-                &geo,
-                Activation::Relu,
-                gemm::Parallelism::None,
-            );
-            let direct = grouped(&x, &wt, Some(&b), None, dims, &geo, Activation::Relu);
+                p: &geo,
+                act: Activation::Relu,
+            };
+            let fast = conv2d(c, gemm::Parallelism::None);
+            let direct = grouped(c);
             for (a, d) in fast.iter().zip(&direct) {
                 assert!((a - d).abs() < 1e-4, "{a} vs {d}");
             }
@@ -315,16 +304,16 @@ mod tests {
         let dims = conv_dims(&[1, 3, 3, 2], &[2, 3, 3, 1], None, &geo, None)
             .unwrap()
             .to_array();
-        let out = conv2d(
-            &x,
-            &wt,
-            None,
-            None,
+        let c = Conv {
+            x: &x,
+            w: &wt,
+            b: None,
+            residual: None,
             dims,
-            &geo,
-            Activation::None,
-            gemm::Parallelism::None,
-        );
+            p: &geo,
+            act: Activation::None,
+        };
+        let out = conv2d(c, gemm::Parallelism::None);
         let ch0: f32 = (0..9).map(|p| (2 * p) as f32).sum();
         assert_eq!(out, vec![ch0, 9.0]);
         let mx = pool2d(

@@ -256,16 +256,16 @@ impl Backend for CpuBackend {
         let par = self.par();
         let d = c.dims;
         let data = self.pool.install(|| {
-            conv::conv2d(
-                &c.x.data,
-                &c.w.data,
-                c.b.map(|b| b.data.as_slice()),
-                c.residual.map(|r| r.data.as_slice()),
-                d.to_array(),
-                &c.p,
-                c.act,
-                par,
-            )
+            let operands = conv::Conv {
+                x: &c.x.data,
+                w: &c.w.data,
+                b: c.b.map(|b| b.data.as_slice()),
+                residual: c.residual.map(|r| r.data.as_slice()),
+                dims: d.to_array(),
+                p: &c.p,
+                act: c.act,
+            };
+            conv::conv2d(operands, par)
         });
         Ok(CpuTensor::new(vec![d.n, d.oh, d.ow, d.cout], data))
     }
