@@ -304,3 +304,60 @@ fn a_drift_alarm_after_a_ramp_set_change_names_only_active_ramps() {
     let drift = c.drain_events().into_iter().find(|e| e.kind == "drift");
     assert!(drift.is_some_and(|e| !e.why.contains("s3")));
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+    /// Under any valid configuration and any stream the executor could record, the controller
+    /// never panics (it runs on the adapter thread) and its active configuration stays
+    /// well-formed: candidate ramps in stage order, one threshold in [0, 1] each.
+    #[test]
+    fn the_controller_never_panics_and_stays_well_formed(
+        seed in 0u64..10_000,
+        stages in 3usize..10,
+        ramp_ms in 0.0f64..5.0,
+        max_ramps in 0usize..4,
+        adjust in 1usize..12,
+        window_min in 0usize..80,
+        drift_errors in 0usize..5,
+        drift_samples in 1usize..70,
+        batches in 1usize..120,
+        batch in 1usize..20,
+    ) {
+        let (p, points) = profile(stages, ramp_ms);
+        let k = points.len();
+        let cfg = ApparateConfig {
+            max_ramps,
+            adjust_every_batches: adjust,
+            window_min_samples: window_min,
+            drift_errors,
+            drift_samples,
+            ..ApparateConfig::vision()
+        };
+        cfg.validate().unwrap();
+        let mut rng = SplitMix::new(seed);
+        let mut w = World {
+            spread: (0..k).map(|_| (rng.uniform() + 1.0) / 2.0).collect(),
+            right_below: (0..k).map(|_| (rng.uniform() + 1.0) / 2.0).collect(),
+            rng: SplitMix::new(seed ^ 1),
+        };
+        let mut c = Controller::new(cfg, points, p, None);
+        for i in 0..batches {
+            if i == batches / 2 {
+                // A drift: every ramp gets less right.
+                w.right_below.iter_mut().for_each(|r| *r *= 0.3);
+            }
+            let a = c.active().clone();
+            let rec = w.batch(&a, 1 + (i * 7 + batch) % batch);
+            c.on_batch(rec);
+            let a = c.active();
+            proptest::prop_assert_eq!(a.ramps.len(), a.thresholds.len());
+            proptest::prop_assert!(a.ramps.windows(2).all(|p| p[0] < p[1]), "{:?}", a);
+            proptest::prop_assert!(a.ramps.iter().all(|&r| r < k), "{:?}", a);
+            proptest::prop_assert!(
+                a.thresholds.iter().all(|t| (0.0..=1.0).contains(t)),
+                "{:?}",
+                a
+            );
+        }
+    }
+}

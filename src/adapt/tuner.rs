@@ -436,6 +436,8 @@ mod tests {
     }
 
     proptest::proptest! {
+        // A case takes microseconds: 4,096 cases cost about a second.
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4096))]
         #[test]
         fn any_window_gets_feasible_thresholds(seed in 0u64..500, n in 1usize..300, k in 1usize..4,
                                                budget in 0.0f64..0.05) {
