@@ -115,21 +115,6 @@ impl<B: Backend> Backbone<B> {
         }
     }
 
-    /// One input for timing runs when no data is given: a text of about `seq` tokens
-    /// (`[CLS] a a ... [SEP]`, one token per word in an uncased WordPiece vocabulary), or a
-    /// blank image.
-    pub fn synthetic_inputs(&self, seq: usize) -> crate::dataset::Inputs {
-        use crate::dataset::Inputs;
-        match self.image_input() {
-            Some(i) => Inputs::Images {
-                pixels: vec![0.0; i.height * i.width * i.channels],
-                count: 1,
-                per_image: i.height * i.width * i.channels,
-            },
-            None => Inputs::Texts(vec![vec!["a"; seq.saturating_sub(2).max(1)].join(" ")]),
-        }
-    }
-
     /// The tokenizer of a text model (`None` for image models).
     pub fn tokenizer(&self) -> Option<&Arc<TextTokenizer>> {
         match self {

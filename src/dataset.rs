@@ -23,6 +23,20 @@ pub enum Inputs {
 }
 
 impl Inputs {
+    /// One input for timing runs when no data is given: a text of about `seq` tokens
+    /// (`[CLS] a a ... [SEP]`, one token per word in an uncased WordPiece vocabulary), or a
+    /// blank image.
+    pub fn synthetic<B: Backend>(backbone: &Backbone<B>, seq: usize) -> Inputs {
+        match backbone.image_input() {
+            Some(i) => Inputs::Images {
+                pixels: vec![0.0; i.height * i.width * i.channels],
+                count: 1,
+                per_image: i.height * i.width * i.channels,
+            },
+            None => Inputs::Texts(vec![vec!["a"; seq.saturating_sub(2).max(1)].join(" ")]),
+        }
+    }
+
     pub fn len(&self) -> usize {
         match self {
             Inputs::Texts(t) => t.len(),

@@ -9,6 +9,7 @@ use crate::adapt::ApparateConfig;
 use crate::adapt::tuner::Samples;
 use crate::backbone::Backbone;
 use crate::backend::Backend;
+use crate::dataset::Inputs;
 use crate::error::{Error, Result};
 use crate::format::{ModelFile, RampsFile};
 use crate::profile::{Profile, ProfileConfig};
@@ -56,7 +57,7 @@ pub(crate) fn load<B: Backend>(be: B, b: &EngineBuilder) -> Result<Loaded<B>> {
             let inputs = b
                 .bootstrap
                 .clone()
-                .unwrap_or_else(|| backbone.synthetic_inputs(32));
+                .unwrap_or_else(|| Inputs::synthetic(&backbone, 32));
             let pc = ProfileConfig {
                 max_batch: b.batching.max_batch_size,
                 warmup: 1,

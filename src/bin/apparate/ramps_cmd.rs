@@ -354,7 +354,7 @@ impl BackendJob for ProfileJob {
                     &mut |d, t| bar.update("decoding", d, t),
                 )?
             }
-            None => backbone.synthetic_inputs(self.seq),
+            None => apparate::dataset::Inputs::synthetic(&backbone, self.seq),
         };
         let mut bar = ProgressBar::new();
         let profile = measure(
