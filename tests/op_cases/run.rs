@@ -178,7 +178,8 @@ impl<B: Backend> Prepared<B> {
 /// What an op returned.
 #[derive(Debug, PartialEq)]
 pub enum Output {
-    Values(Vec<f32>),
+    /// A tensor's shape and (when downloaded) its values.
+    Values(Vec<usize>, Vec<f32>),
     Decisions(Vec<RampDecision>),
 }
 
@@ -192,11 +193,12 @@ pub fn run<B: Backend>(
 ) -> apparate::Result<Output> {
     let t = &p.tensors;
     let values = |y: B::Tensor| -> apparate::Result<Output> {
-        Ok(Output::Values(if download {
+        let v = if download {
             be.download(&y)?
         } else {
             Vec::new()
-        }))
+        };
+        Ok(Output::Values(be.shape(&y).to_vec(), v))
     };
     match &case.op {
         Op::Linear { act, bias, .. } => {
