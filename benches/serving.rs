@@ -216,6 +216,7 @@ fn main() -> apparate::Result<()> {
             ),
         )
     };
+    arrivals.validate()?;
     let n_wanted = (args.seconds * rate).ceil() as usize;
     let offsets: Vec<Duration> = arrivals
         .schedule(n_wanted * 4)

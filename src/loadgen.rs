@@ -31,9 +31,53 @@ pub enum Arrivals {
     },
 }
 
+/// Longest schedule accepted: a day of sending is far beyond any benchmark, and keeps
+/// `Instant` arithmetic far from overflow.
+pub const MAX_SCHEDULE: Duration = Duration::from_secs(86_400);
+
 impl Arrivals {
-    /// Send offsets from the start for up to `n` requests, in order.
+    /// Checks the rates and scales (finite and positive; a rate of 0 would schedule requests at
+    /// an infinite offset).
+    pub fn validate(&self) -> Result<()> {
+        let positive = |knob: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(Error::config(knob, v, "(0, inf) per second"))
+            }
+        };
+        match self {
+            Arrivals::Poisson { rate, .. } | Arrivals::Fixed { rate } => positive("rate", *rate),
+            Arrivals::Trace { minute, scale, .. } => {
+                if minute.is_zero() || *minute > MAX_SCHEDULE {
+                    return Err(Error::config(
+                        "minute",
+                        format!("{minute:?}"),
+                        format!("(0, {MAX_SCHEDULE:?}]"),
+                    ));
+                }
+                if scale.is_finite() && *scale >= 0.0 {
+                    Ok(())
+                } else {
+                    Err(Error::config("scale", scale, "[0, inf)"))
+                }
+            }
+        }
+    }
+
+    /// Send offsets from the start for up to `n` requests, in order. Offsets beyond
+    /// [`MAX_SCHEDULE`] (absurd rates: see [`Arrivals::validate`]) are cut off there instead of
+    /// panicking.
     pub fn schedule(&self, n: usize) -> Vec<Duration> {
+        let secs = |t: f64| {
+            if t.is_nan() || t <= 0.0 {
+                Duration::ZERO
+            } else {
+                Duration::try_from_secs_f64(t)
+                    .unwrap_or(MAX_SCHEDULE)
+                    .min(MAX_SCHEDULE)
+            }
+        };
         match self {
             Arrivals::Poisson { rate, seed } => {
                 let mut rng = SplitMix::new(*seed);
@@ -42,13 +86,11 @@ impl Arrivals {
                     .map(|_| {
                         let u = ((rng.uniform() as f64 + 1.0) / 2.0).clamp(1e-12, 1.0);
                         t += -u.ln() / rate;
-                        Duration::from_secs_f64(t)
+                        secs(t)
                     })
                     .collect()
             }
-            Arrivals::Fixed { rate } => (1..=n)
-                .map(|i| Duration::from_secs_f64(i as f64 / rate))
-                .collect(),
+            Arrivals::Fixed { rate } => (1..=n).map(|i| secs(i as f64 / rate)).collect(),
             Arrivals::Trace {
                 per_minute,
                 minute,
@@ -58,11 +100,16 @@ impl Arrivals {
                 let mut rng = SplitMix::new(*seed);
                 let mut out = Vec::new();
                 for (m, &c) in per_minute.iter().enumerate() {
-                    let k = (c as f64 * scale).round() as usize;
+                    // More than `n` in one minute would only be cut off below.
+                    let k = ((c as f64 * scale).round() as usize).min(n);
                     let mut inside: Vec<f64> =
                         (0..k).map(|_| (rng.uniform() as f64 + 1.0) / 2.0).collect();
                     inside.sort_by(f64::total_cmp);
-                    out.extend(inside.into_iter().map(|f| minute.mul_f64(m as f64 + f)));
+                    out.extend(
+                        inside
+                            .into_iter()
+                            .map(|f| secs(minute.as_secs_f64() * (m as f64 + f))),
+                    );
                     if out.len() >= n {
                         break;
                     }
@@ -271,6 +318,30 @@ mod tests {
         assert!(close(b.queued.max_ms, 4.0), "{b:?}");
         assert!(close(b.computed.p50_ms, 3.0), "{b:?}");
         assert_eq!(percentiles(&[]).count, 0);
+    }
+
+    #[test]
+    fn absurd_rates_are_refused_and_never_panic() {
+        for rate in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let a = Arrivals::Poisson { rate, seed: 1 };
+            assert!(a.validate().is_err(), "{rate}");
+            assert!(a.schedule(5).iter().all(|d| *d <= MAX_SCHEDULE));
+            let a = Arrivals::Fixed { rate };
+            assert!(a.validate().is_err(), "{rate}");
+            assert_eq!(a.schedule(3).len(), 3);
+        }
+        let t = Arrivals::Trace {
+            per_minute: vec![10, 10],
+            minute: Duration::from_secs(1),
+            scale: f64::INFINITY,
+            seed: 2,
+        };
+        assert!(t.validate().is_err());
+        assert_eq!(t.schedule(7).len(), 7);
+        assert!(
+            Arrivals::Fixed { rate: 30.0 }.validate().is_ok()
+                && Arrivals::Poisson { rate: 1e6, seed: 0 }.validate().is_ok()
+        );
     }
 
     #[test]

@@ -67,6 +67,7 @@ pub(crate) fn sweep(
                 bursty(t, minutes, minute, rate, args.seed)
             }
         };
+        arrivals.validate()?;
         let want = (args.sweep_seconds * rate * 4.0).ceil() as usize + 16;
         let offsets: Vec<Duration> = arrivals
             .schedule(want)
