@@ -313,13 +313,44 @@ fn ramps_bind_to_their_backbone() {
     assert!(e.contains("ramps file, not a model"), "{e}");
 }
 
+/// Cases per parser property: `APPARATE_PROPTEST_CASES`, else 20,000 (1-3 s each in release on
+/// one core). docs/testing.md records a long run of a million cases per property.
+fn cases() -> u32 {
+    std::env::var("APPARATE_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000)
+}
+
+/// Where the properties write their inputs: one file per property, rewritten every case (a
+/// fresh directory per case made the file system the bottleneck of a long run).
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("format_bad_input-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn open_at(path: &std::path::Path, bytes: &[u8]) -> apparate::Result<ModelFile> {
+    // A new file each case: truncating and rewriting one makes ext4 flush it (auto_da_alloc),
+    // which made a case ~2 ms of waiting on the disk.
+    let _ = std::fs::remove_file(path);
+    std::fs::write(path, bytes).unwrap();
+    ModelFile::open(path)
+}
+
+/// The valid tiny model's bytes, made once per test binary.
+fn valid_cached() -> &'static [u8] {
+    static BYTES: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BYTES.get_or_init(|| valid_bytes(&TempDir::new("valid")))
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
-        let dir = TempDir::new("rand");
-        prop_assert!(open_bytes(&dir, "r.apparate", &bytes).is_err());
+        prop_assert!(open_at(&scratch("rand.apparate"), &bytes).is_err());
     }
 
     #[test]
@@ -327,25 +358,23 @@ proptest! {
         header in "\\{(\"[a-z._]{1,12}\":\\{\"dtype\":\"(F32|F16|BF16|I64|U8)\",\"shape\":\\[[0-9]{1,6}(,[0-9]{1,6}){0,2}\\],\"data_offsets\":\\[[0-9]{1,5},[0-9]{1,5}\\]\\},?){0,3}\\}",
         tail in 0usize..256,
     ) {
-        let dir = TempDir::new("json");
         let mut b = (header.len() as u64).to_le_bytes().to_vec();
         b.extend_from_slice(header.as_bytes());
         b.extend(std::iter::repeat_n(0u8, tail));
         // No metadata entry: always an error, never a panic.
-        prop_assert!(open_bytes(&dir, "j.apparate", &b).is_err());
+        prop_assert!(open_at(&scratch("json.apparate"), &b).is_err());
     }
 
     #[test]
     fn mutated_valid_file_never_panics(flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)) {
-        let dir = TempDir::new("mut");
-        let mut bytes = valid_bytes(&dir);
+        let mut bytes = valid_cached().to_vec();
         let header_end = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
         // Aim most flips at the header, where the structure is.
         for (i, v) in flips {
             let at = i.index(header_end.min(bytes.len()));
             bytes[at] = v;
         }
-        if let Ok(f) = open_bytes(&dir, "m.apparate", &bytes) {
+        if let Ok(f) = open_at(&scratch("mut.apparate"), &bytes) {
             // Whatever survives validation must load and run (or fail) cleanly.
             if let Ok(m) = apparate::pipeline::TextModel::from_file(cpu(), &f) {
                 let _ = m.run(&["the cat sat on the mat", "a dog"]);
@@ -355,10 +384,9 @@ proptest! {
 
     #[test]
     fn truncation_anywhere_is_an_error(frac in 0.0f64..1.0) {
-        let dir = TempDir::new("cut");
-        let bytes = valid_bytes(&dir);
+        let bytes = valid_cached();
         let cut = ((bytes.len() as f64) * frac) as usize;
-        prop_assert!(open_bytes(&dir, "c.apparate", &bytes[..cut]).is_err());
+        prop_assert!(open_at(&scratch("cut.apparate"), &bytes[..cut]).is_err());
     }
 }
 
@@ -373,4 +401,20 @@ fn a_model_is_not_a_ramps_file() {
         .expect("model accepted as ramps")
         .to_string();
     assert!(e.contains("model file, not a ramps file"), "{e}");
+}
+
+#[test]
+fn a_directory_is_named_as_such() {
+    let dir = TempDir::new("folder");
+    let e = err_text(ModelFile::open(&dir.0));
+    assert!(e.contains("is a directory, expected a model file"), "{e}");
+    assert!(!e.contains("No such device"), "{e}");
+    let a = dir.path("a.apparate");
+    write_random_bert(&a, &tiny_config(), None, DType::F32, 1).unwrap();
+    let m = ModelFile::open(&a).unwrap();
+    let e = RampsFile::open(&dir.0, &m)
+        .err()
+        .expect("a folder accepted as ramps")
+        .to_string();
+    assert!(e.contains("is a directory, expected a ramps file"), "{e}");
 }
