@@ -20,7 +20,19 @@ fi
 
 echo "==> building release test and benchmark binaries"
 cargo build --release --quiet --benches --bins
-json=$(cargo test --release --no-run --message-format=json 2>/dev/null)
+if ! json=$(cargo test --release --no-run --message-format=json 2>/dev/null); then
+  # With JSON output the compiler's errors are on stdout, inside the JSON: show them.
+  echo "$json" | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try: m = json.loads(line)
+    except ValueError: continue
+    if m.get("reason") == "compiler-message" and m["message"]["level"] == "error":
+        print(m["message"]["rendered"], file=sys.stderr)
+' || true
+  echo "error: building the test binaries failed" >&2
+  exit 1
+fi
 pick() { # $1 = target name, $2 = kind
   echo "$json" | python3 -c '
 import json, sys
