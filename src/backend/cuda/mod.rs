@@ -8,10 +8,12 @@
 //!
 //! - [`probe`](mod@probe): whether this machine can run the backend and what it has.
 //! - [`nvrtc`]: the kernel sources compiled to PTX or cubins; architectures and options.
-//! - [`cache`]: compiled modules on disk, keyed by the sha256 of what made them.
+//! - `cache`: compiled modules on disk, keyed by the sha256 of what made them.
 //! - `create`: a [`CudaDevice`] made (context, stream, memory pool, modules loaded).
-//! - [`pinned`]: page-locked memory with its own events, for the early release.
+//! - `pinned`: page-locked memory with its own events, for the early release.
+//! - `errors`: driver, NVRTC and panic failures as crate errors; failures kept from drops.
 //! - `cublas`: the cuBLAS GEMM, the kernel benchmarks' yardstick.
+//! - `gpu_tests`: the tests that need a GPU (ignored without one).
 //!
 //! This file holds the device and its [`Device`] implementation: kernels launched by name on
 //! one stream of the primary context.
@@ -23,7 +25,7 @@
 //! - `PinnedHostSlice`: its event is recorded after a copy only when the context manages
 //!   multi-stream synchronisation, so `as_slice` waited on an unrecorded event and returned at
 //!   once (stale bytes), and its drop freed the memory without waiting for a queued copy.
-//!   [`pinned`] owns its blocks and events instead: record after the copy, wait before reading
+//!   `pinned` owns its blocks and events instead: record after the copy, wait before reading
 //!   and before freeing.
 //! - `CudaSlice` drop frees with `cuMemFreeAsync` without binding the context to the dropping
 //!   thread (with tracking on, its event waits bind it as a side effect). [`CudaBuf`] owns its
@@ -31,7 +33,7 @@
 //! - Errors in drops go to one slot in the context (`record_err`), which the next
 //!   `bind_to_thread` on *any* thread takes and returns as its own failure (so a free that
 //!   failed on the releaser thread surfaced as a failed launch on the executor). Drops here
-//!   keep their failures in [`Deferred`], and every device call first reports a failure kept
+//!   keep their failures in `Deferred`, and every device call first reports a failure kept
 //!   there or in cudarc's slot as what it is: an earlier operation, named, that failed.
 //! - `new_stream` synchronises the context only with tracking on (harmless: nothing is queued
 //!   when the device makes its stream).
@@ -45,7 +47,7 @@ mod errors;
 #[cfg(test)]
 mod gpu_tests;
 pub mod nvrtc;
-pub mod pinned;
+mod pinned;
 pub mod probe;
 
 use std::collections::HashMap;
