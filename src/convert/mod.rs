@@ -1,5 +1,7 @@
 //! Converters from other checkpoint formats into ours.
 
 mod checkpoint;
+mod efficientnet;
 pub mod hf_bert;
 pub mod torchvision;
+mod vgg;

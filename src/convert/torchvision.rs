@@ -1,7 +1,9 @@
-//! torchvision ResNet (18/34/50) and VGG (11/13/16) checkpoints (safetensors with torchvision's
-//! tensor names), and EfficientNet-Lite0 (the `efficientnet_lite_pytorch` names) -> our format. BatchNorm is folded into the preceding convolution here, once:
-//! `w' = w * gamma / sqrt(var + eps)`, `b' = beta - mean * gamma / sqrt(var + eps)`; weights are
-//! permuted from PyTorch's NCHW `[cout, cin, kh, kw]` to our NHWC `[cout, kh, kw, cin]`.
+//! torchvision ResNet (18/34/50) and VGG (11/13/16, in [`super::vgg`]) checkpoints (safetensors
+//! with torchvision's tensor names), and EfficientNet-Lite0 (the `efficientnet_lite_pytorch`
+//! names, in [`super::efficientnet`]) -> our format. BatchNorm is folded into the preceding
+//! convolution here, once: `w' = w * gamma / sqrt(var + eps)`,
+//! `b' = beta - mean * gamma / sqrt(var + eps)`; weights are permuted from PyTorch's NCHW
+//! `[cout, cin, kh, kw]` to our NHWC `[cout, kh, kw, cin]`.
 
 use std::path::Path;
 
@@ -73,20 +75,20 @@ impl TorchvisionOptions {
 }
 
 /// Converted tensors in our names and layouts.
-struct Out {
+pub(super) struct Out {
     tensors: Vec<(String, OwnedTensor)>,
     dtype: DType,
 }
 
 impl Out {
-    fn put(&mut self, name: String, shape: Vec<usize>, v: &[f32]) {
+    pub(super) fn put(&mut self, name: String, shape: Vec<usize>, v: &[f32]) {
         self.tensors
             .push((name, OwnedTensor::from_f32(v, shape, self.dtype)));
     }
 }
 
 /// [cout, cin, kh, kw] -> [cout, kh, kw, cin].
-fn nchw_to_nhwc(w: &[f32], s: &[usize]) -> Vec<f32> {
+pub(super) fn nchw_to_nhwc(w: &[f32], s: &[usize]) -> Vec<f32> {
     let (co, ci, kh, kw) = (s[0], s[1], s[2], s[3]);
     let mut out = vec![0.0; w.len()];
     for o in 0..co {
@@ -104,7 +106,7 @@ fn nchw_to_nhwc(w: &[f32], s: &[usize]) -> Vec<f32> {
 /// Takes conv `src` (+ BatchNorm `bn`, + conv bias) from the checkpoint and writes the folded
 /// convolution as `dst`; returns its op.
 #[allow(clippy::too_many_arguments)]
-fn conv(
+pub(super) fn conv(
     ck: &mut Checkpoint,
     out: &mut Out,
     src: &str,
@@ -120,7 +122,7 @@ fn conv(
 /// [`conv`] with the BatchNorm epsilon and [stride, padding, extra padding after] given, for
 /// grouped (depthwise) weights too: the group count is `cin / weight's input channels`.
 #[allow(clippy::too_many_arguments)]
-fn conv_bn(
+pub(super) fn conv_bn(
     ck: &mut Checkpoint,
     out: &mut Out,
     src: &str,
@@ -198,125 +200,13 @@ fn depthwise_hint(src: &str) -> bool {
     src.contains("depthwise")
 }
 
-/// TensorFlow "SAME" padding of a `k`-wide, `s`-strided convolution over `n` pixels:
-/// (before, extra after), with the odd pixel after.
-fn same_padding(n: usize, k: usize, s: usize) -> [usize; 2] {
-    let out = n.div_ceil(s);
-    let total = ((out - 1) * s + k).saturating_sub(n);
-    [total / 2, total - 2 * (total / 2)]
-}
-
-/// EfficientNet-Lite0 (the `efficientnet_lite_pytorch` layout): MBConv blocks with depthwise
-/// convolutions and ReLU6, no squeeze-excitation, TensorFlow "SAME" padding, BatchNorm eps 1e-3.
-fn efficientnet_lite0(ck: &mut Checkpoint, out: &mut Out, input: usize) -> Result<Vec<Block>> {
-    const EPS: f32 = 1e-3;
-    // (repeats, stride of the first block) of the 7 stages; kernels, channels and expansion
-    // come from the weights themselves.
-    const STAGES: [(usize, usize); 7] = [(1, 1), (2, 2), (2, 2), (3, 2), (3, 1), (4, 2), (1, 1)];
-    let relu6 = Activation::Relu6;
-    let mut side = input;
-    let sp = |side: usize, k: usize, s: usize| {
-        let [p, e] = same_padding(side, k, s);
-        [s, p, e]
-    };
-    let stem = conv_bn(
-        ck,
-        out,
-        "_conv_stem",
-        Some("_bn0"),
-        EPS,
-        "stem.conv",
-        sp(side, 3, 2),
-        relu6,
-    )?;
-    side = side.div_ceil(2);
-    let mut blocks = vec![Block {
-        name: "stem".into(),
-        ops: vec![stem],
-        residual: None,
-    }];
-    let mut i = 0;
-    for (repeats, first_stride) in STAGES {
-        for r in 0..repeats {
-            let stride = if r == 0 { first_stride } else { 1 };
-            let p = format!("_blocks.{i}");
-            let name = format!("blocks.{i}");
-            let mut ops = Vec::new();
-            if ck.tensors.contains_key(&format!("{p}._expand_conv.weight")) {
-                ops.push(conv_bn(
-                    ck,
-                    out,
-                    &format!("{p}._expand_conv"),
-                    Some(&format!("{p}._bn0")),
-                    EPS,
-                    &format!("{name}.expand"),
-                    [1, 0, 0],
-                    relu6,
-                )?);
-            }
-            let dw = format!("{p}._depthwise_conv.weight");
-            let k = ck.shape_of(&dw)?.get(2).copied().unwrap_or(0);
-            ops.push(conv_bn(
-                ck,
-                out,
-                &format!("{p}._depthwise_conv"),
-                Some(&format!("{p}._bn1")),
-                EPS,
-                &format!("{name}.depthwise"),
-                sp(side, k, stride),
-                relu6,
-            )?);
-            side = side.div_ceil(stride);
-            ops.push(conv_bn(
-                ck,
-                out,
-                &format!("{p}._project_conv"),
-                Some(&format!("{p}._bn2")),
-                EPS,
-                &format!("{name}.project"),
-                [1, 0, 0],
-                Activation::None,
-            )?);
-            let (cin, cout) = match (ops.first(), ops.last()) {
-                (Some(Op::Conv { cin, .. }), Some(Op::Conv { cout, .. })) => (*cin, *cout),
-                _ => unreachable!("ops are convolutions"),
-            };
-            // Inference: the skip connection (drop-connect is training only) when shapes allow.
-            let residual = (stride == 1 && cin == cout).then_some(Residual {
-                shortcut: None,
-                act: Activation::None,
-            });
-            blocks.push(Block {
-                name,
-                ops,
-                residual,
-            });
-            i += 1;
-        }
-    }
-    let head = conv_bn(
-        ck,
-        out,
-        "_conv_head",
-        Some("_bn1"),
-        EPS,
-        "head.conv",
-        [1, 0, 0],
-        relu6,
-    )?;
-    blocks.push(Block {
-        name: "head".into(),
-        ops: vec![
-            head,
-            Op::GlobalAvgPool,
-            linear(ck, out, "_fc", "head.fc", Activation::None)?,
-        ],
-        residual: None,
-    });
-    Ok(blocks)
-}
-
-fn linear(ck: &mut Checkpoint, out: &mut Out, src: &str, dst: &str, act: Activation) -> Result<Op> {
+pub(super) fn linear(
+    ck: &mut Checkpoint,
+    out: &mut Out,
+    src: &str,
+    dst: &str,
+    act: Activation,
+) -> Result<Op> {
     let wname = format!("{src}.weight");
     let shape = ck.shape_of(&wname)?;
     if shape.len() != 2 {
@@ -484,134 +374,6 @@ fn resnet(ck: &mut Checkpoint, out: &mut Out, depth: Option<usize>) -> Result<Ve
     Ok(blocks)
 }
 
-fn vgg(ck: &mut Checkpoint, out: &mut Out, depth: usize, input: usize) -> Result<Vec<Block>> {
-    const M: usize = 0;
-    let plan: &[usize] = match depth {
-        11 => &[64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512, M],
-        13 => &[
-            64, 64, M, 128, 128, M, 256, 256, M, 512, 512, M, 512, 512, M,
-        ],
-        16 => &[
-            64, 64, M, 128, 128, M, 256, 256, 256, M, 512, 512, 512, M, 512, 512, 512, M,
-        ],
-        d => {
-            return Err(Error::Input(format!(
-                "vgg{d} is not supported (11, 13 or 16)"
-            )));
-        }
-    };
-    // torchvision's `features` is a Sequential of conv, ReLU and max-pool modules; one block per
-    // pooling stage.
-    let (mut blocks, mut ops, mut idx, mut stage) = (Vec::new(), Vec::new(), 0usize, 1);
-    for &c in plan {
-        if c == M {
-            ops.push(Op::Pool(Pool2d {
-                max: true,
-                kernel: [2, 2],
-                stride: [2, 2],
-                padding: [0, 0],
-            }));
-            blocks.push(Block {
-                name: format!("stage{stage}"),
-                ops: std::mem::take(&mut ops),
-                residual: None,
-            });
-            stage += 1;
-            idx += 1;
-        } else {
-            let src = format!("features.{idx}");
-            ops.push(conv(
-                ck,
-                out,
-                &src,
-                None,
-                &format!("stage{stage}.conv{}", ops.len()),
-                1,
-                1,
-                Activation::Relu,
-            )?);
-            idx += 2;
-        }
-    }
-    // Classifier: AdaptiveAvgPool2d(7) -> flatten (c, h, w) -> Linear(512*49, 4096) -> ...
-    let side = input / 32;
-    let fc0 = "classifier.0.weight";
-    let shape = ck.shape_of(fc0)?;
-    if shape.len() != 2 || shape[1] != 512 * 49 {
-        return Err(Error::tensor(
-            &ck.path,
-            fc0,
-            format!("shape {shape:?}, expected [_, 25088]"),
-        ));
-    }
-    let w = ck.take(fc0, &shape)?;
-    let hidden = shape[0];
-    let (first, w0): (Vec<Op>, Vec<f32>) = match side {
-        // 7x7 features: the adaptive pool is the identity; reorder (c, h, w) -> (h, w, c).
-        7 => {
-            let mut p = vec![0.0; w.len()];
-            for o in 0..hidden {
-                for c in 0..512 {
-                    for s in 0..49 {
-                        p[o * 25088 + s * 512 + c] = w[o * 25088 + c * 49 + s];
-                    }
-                }
-            }
-            (vec![Op::Flatten], p)
-        }
-        // 1x1 features: the adaptive pool copies the pixel 49 times, so the layer sees each
-        // channel 49 times: sum those weights (exact).
-        1 => {
-            let mut p = vec![0.0; hidden * 512];
-            for o in 0..hidden {
-                for c in 0..512 {
-                    p[o * 512 + c] = (0..49).map(|s| w[o * 25088 + c * 49 + s]).sum();
-                }
-            }
-            (vec![Op::GlobalAvgPool], p)
-        }
-        s => {
-            return Err(Error::Input(format!(
-                "vgg at input {input} leaves {s}x{s} features; supported inputs give 7x7 (224) or 1x1 (32)"
-            )));
-        }
-    };
-    let inputs = w0.len() / hidden;
-    out.put("head.fc0.weight".into(), vec![hidden, inputs], &w0);
-    out.put(
-        "head.fc0.bias".into(),
-        vec![hidden],
-        &ck.take("classifier.0.bias", &[hidden])?,
-    );
-    let mut head = first;
-    head.push(Op::Linear {
-        name: "head.fc0".into(),
-        inputs,
-        outputs: hidden,
-        act: Activation::Relu,
-    });
-    head.push(linear(
-        ck,
-        out,
-        "classifier.3",
-        "head.fc1",
-        Activation::Relu,
-    )?);
-    head.push(linear(
-        ck,
-        out,
-        "classifier.6",
-        "head.fc2",
-        Activation::None,
-    )?);
-    blocks.push(Block {
-        name: "head".into(),
-        ops: head,
-        residual: None,
-    });
-    Ok(blocks)
-}
-
 /// Converts a torchvision checkpoint at `src` into our format at `out_path`.
 pub fn convert(src: &Path, out_path: &Path, opts: &TorchvisionOptions) -> Result<ConvertReport> {
     let mut ck = Checkpoint::open(src)?;
@@ -632,9 +394,9 @@ pub fn convert(src: &Path, out_path: &Path, opts: &TorchvisionOptions) -> Result
             ),
         )?
     } else if arch == "efficientnet-lite0" {
-        efficientnet_lite0(&mut ck, &mut out, opts.input_size)?
+        super::efficientnet::efficientnet_lite0(&mut ck, &mut out, opts.input_size)?
     } else if let Some(d) = arch.strip_prefix("vgg") {
-        vgg(
+        super::vgg::vgg(
             &mut ck,
             &mut out,
             d.parse()
