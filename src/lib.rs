@@ -1,11 +1,15 @@
 //! Apparate: an inference engine with early exits for low tail latency.
 //!
-//! Layers, bottom up: [`tensor`] (dtypes, views), [`format`] (our model and ramps files on the
-//! safetensors container), [`graph`] (stages and ramp-eligible points), [`backend`] (where ops
-//! run), [`models`] (families written against the backend trait), [`tokenize`] and
-//! [`pipeline`] (text in, answer out), [`convert`] (real checkpoints into our format),
-//! [`backbone`] (any model as a chain of stages), [`ramps`] (exit heads: loading, bootstrap
-//! training), [`dataset`] (input streams from disk), [`profile`] (measured stage and ramp costs).
+//! Layers, bottom up: [`tensor`] (dtypes, views), [`rng`] (the seeded generator), [`graph`]
+//! (stages and ramp-eligible points), [`backend`] (where ops run) and [`select`] (building the
+//! backend a run asks for), [`format`] (our model and ramps files on the safetensors container,
+//! with the model families' configurations), [`models`] (families written against the backend
+//! trait), [`vision`] (image files to model input), [`tokenize`] and [`pipeline`] (text in,
+//! answer out), [`convert`] (real checkpoints into our format), [`backbone`] (any model as a
+//! chain of stages), [`ramps`] (exit heads: loading, bootstrap training), [`dataset`] (input
+//! streams from disk), [`profile`] (measured stage and ramp costs), [`adapt`] (thresholds and
+//! ramp placement at run time), [`serve`] (the engine), [`metrics`] and [`loadgen`] (measuring
+//! it). The command-line front end is `src/bin/apparate/`.
 
 pub mod adapt;
 pub mod backbone;
