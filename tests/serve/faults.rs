@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
-use apparate::adapt::ApparateConfig;
 use apparate::backend::{
     AttentionCall, Backend, ConvCall, EmbedCall, GlobalPoolCall, LayerNormCall, LinearCall,
     PendingDecisions, Pool2dCall, PoolCall, RampCall, RampDecision, RowsCall,
@@ -16,7 +15,7 @@ use apparate::tensor::TensorView;
 use apparate::tokenize::TextTokenizer;
 
 use super::common::{TempDir, cpu};
-use super::{threads1, tiny_model, tiny_texts};
+use super::{engine_checking_ramp, threads1, tiny_engine, tiny_model, tiny_texts};
 
 const OFF: u8 = 0;
 /// Panic in a compute op: on the executor thread.
@@ -144,23 +143,12 @@ fn a_panic_on_an_engine_thread_fails_every_request_and_the_engine_without_hangin
     let (model, ramps) = tiny_model(&dir);
     for (mode, thread) in [(IN_EXECUTOR, "executor"), (IN_RELEASER, "releaser")] {
         let switch = Arc::new(AtomicU8::new(OFF));
-        let engine = Engine::builder(&model)
-            .ramps(&ramps)
-            // An active ramp on every batch, so the releaser waits for decisions.
-            .apparate(ApparateConfig {
-                fixed: Some(vec![("layer.0".into(), 0.0)]),
-                ..ApparateConfig::language()
-            })
-            .batching(BatchingConfig {
-                max_batch_size: 4,
-                max_queue_delay: Duration::from_millis(1),
-                queue_capacity: 64,
-            })
-            .build_on(Panicky {
-                inner: cpu(),
-                mode: switch.clone(),
-            })
-            .unwrap();
+        // An active ramp on every batch, so the releaser waits for decisions.
+        let backend = Panicky {
+            inner: cpu(),
+            mode: switch.clone(),
+        };
+        let engine = engine_checking_ramp(&model, &ramps, "layer.0", backend);
         assert!(engine.is_ready());
         assert!(engine.infer_blocking(Input::Text("the cat".into())).is_ok());
         switch.store(mode, Ordering::Relaxed);
@@ -237,11 +225,7 @@ fn megabyte_texts_are_cut_before_tokenizing_and_do_not_stall_others() {
     let whole = tokenizer.encode(&[&megabyte[..4 * 40]]).unwrap();
     assert_eq!(whole.ids, tokens.ids);
 
-    let engine = Engine::builder(&model)
-        .ramps(&ramps)
-        .backend(threads1())
-        .build()
-        .unwrap();
+    let engine = tiny_engine(&model, &ramps);
     let big: Vec<_> = (0..5)
         .map(|_| engine.infer(Input::Text(megabyte.clone())))
         .collect();
@@ -267,11 +251,7 @@ fn megabyte_texts_are_cut_before_tokenizing_and_do_not_stall_others() {
 fn empty_texts_are_refused_at_submission() {
     let dir = TempDir::new("serve-empty");
     let (model, ramps) = tiny_model(&dir);
-    let engine = Engine::builder(&model)
-        .ramps(&ramps)
-        .backend(threads1())
-        .build()
-        .unwrap();
+    let engine = tiny_engine(&model, &ramps);
     for t in ["", "   ", "\n\t"] {
         let e = engine.infer_blocking(Input::Text(t.into())).unwrap_err();
         assert!(

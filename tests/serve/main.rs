@@ -7,12 +7,13 @@ mod common;
 mod faults;
 mod props;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use apparate::adapt::ApparateConfig;
 use apparate::backbone::Backbone;
+use apparate::backend::Backend;
 use apparate::dataset::Inputs;
 use apparate::format::ModelFile;
 use apparate::models::bert::synthetic::{TINY_WORDS, tiny_config, write_random_bert};
@@ -58,6 +59,38 @@ fn tiny_model(dir: &TempDir) -> (PathBuf, PathBuf) {
 
 fn threads1() -> BackendChoice {
     BackendChoice::Cpu { threads: Some(1) }
+}
+
+/// An engine of the tiny model and its ramps on one CPU thread, default settings.
+fn tiny_engine(model: &Path, ramps: &Path) -> Engine {
+    Engine::builder(model)
+        .ramps(ramps)
+        .backend(threads1())
+        .build()
+        .unwrap()
+}
+
+/// An engine on `backend` that checks the ramp at `point` on every batch and never releases
+/// there (threshold 0), in batches of up to 4.
+fn engine_checking_ramp<B: Backend + 'static>(
+    model: &Path,
+    ramps: &Path,
+    point: &str,
+    backend: B,
+) -> Engine {
+    Engine::builder(model)
+        .ramps(ramps)
+        .apparate(ApparateConfig {
+            fixed: Some(vec![(point.into(), 0.0)]),
+            ..ApparateConfig::language()
+        })
+        .batching(BatchingConfig {
+            max_batch_size: 4,
+            max_queue_delay: Duration::from_millis(1),
+            queue_capacity: 64,
+        })
+        .build_on(backend)
+        .unwrap()
 }
 
 #[test]
@@ -106,11 +139,7 @@ fn answers_every_request_with_its_exit_and_timings() {
 fn bad_input_and_mismatched_files_are_clear_errors() {
     let dir = TempDir::new("serve-bad");
     let (model, ramps) = tiny_model(&dir);
-    let engine = Engine::builder(&model)
-        .ramps(&ramps)
-        .backend(threads1())
-        .build()
-        .unwrap();
+    let engine = tiny_engine(&model, &ramps);
     let e = engine
         .infer_blocking(Input::Pixels(vec![0; 10]))
         .unwrap_err();
@@ -387,11 +416,7 @@ fn works_under_tokio() {
 fn works_under_an_async_executor() {
     let dir = TempDir::new("serve-async");
     let (model, ramps) = tiny_model(&dir);
-    let engine = Engine::builder(&model)
-        .ramps(&ramps)
-        .backend(threads1())
-        .build()
-        .unwrap();
+    let engine = tiny_engine(&model, &ramps);
     // A minimal executor: poll with a waker that unparks this thread.
     struct Unpark(std::thread::Thread);
     impl std::task::Wake for Unpark {
@@ -418,19 +443,7 @@ fn a_backend_failure_fails_its_batch_and_the_next_batch_is_served() {
     let (model, ramps) = tiny_model(&dir);
     // Armed after start-up (the start-up profile runs on the same backend).
     let plan = FaultPlan::new();
-    let engine = Engine::builder(&model)
-        .ramps(&ramps)
-        .apparate(ApparateConfig {
-            fixed: Some(vec![("layer.1".into(), 0.0)]),
-            ..ApparateConfig::language()
-        })
-        .batching(BatchingConfig {
-            max_batch_size: 4,
-            max_queue_delay: Duration::from_millis(1),
-            queue_capacity: 64,
-        })
-        .build_on(Faulty::new(cpu(), plan.clone()))
-        .unwrap();
+    let engine = engine_checking_ramp(&model, &ramps, "layer.1", Faulty::new(cpu(), plan.clone()));
     plan.fail_every(37);
     let (mut ok, mut failed) = (0, 0);
     for round in 0..30 {
@@ -466,11 +479,7 @@ fn a_backend_failure_fails_its_batch_and_the_next_batch_is_served() {
 fn a_text_longer_than_the_model_is_truncated_not_refused() {
     let dir = TempDir::new("serve-long");
     let (model, ramps) = tiny_model(&dir);
-    let engine = Engine::builder(&model)
-        .ramps(&ramps)
-        .backend(threads1())
-        .build()
-        .unwrap();
+    let engine = tiny_engine(&model, &ramps);
     // 40 words: longer than the tiny model's 32 positions; the tokenizer truncates, as the
     // model file's preprocessing says.
     let long = vec!["cat"; 40].join(" ");
