@@ -6,22 +6,6 @@ use std::time::Instant;
 
 use apparate::adapt::latency::LatencyModel;
 use apparate::adapt::tuner::{Samples, TunerConfig, tune};
-use apparate::rng::SplitMix;
-
-fn window(n: usize, k: usize, seed: u64) -> Samples {
-    let mut rng = SplitMix::new(seed);
-    let rows: Vec<Vec<(f32, bool)>> = (0..n)
-        .map(|_| {
-            (0..k)
-                .map(|r| {
-                    let u = (rng.uniform() + 1.0) / 2.0 * (0.8 - 0.2 * r as f32);
-                    (u, (rng.uniform() + 1.0) / 2.0 > u * 0.5)
-                })
-                .collect()
-        })
-        .collect();
-    Samples::from_rows(k, &rows)
-}
 
 fn main() {
     let lat = LatencyModel {
@@ -42,7 +26,7 @@ fn main() {
         let mut times = Vec::new();
         let mut saving = 0.0;
         for seed in 0..200 {
-            let s = window(n, k, seed);
+            let s = Samples::synthetic(n, k, seed);
             let t0 = Instant::now();
             let t = tune(&s, &lat, &cfg);
             times.push(t0.elapsed().as_secs_f64() * 1e3);

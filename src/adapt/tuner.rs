@@ -18,6 +18,25 @@ pub struct Samples {
 }
 
 impl Samples {
+    /// A seeded synthetic window of `n` inputs at `k` ramps whose ramps are right when
+    /// confident (`u` uniform, later ramps surer; right with probability `1 - u / 2`): what the
+    /// tuner's tests and its benchmark tune on.
+    pub fn synthetic(n: usize, k: usize, seed: u64) -> Samples {
+        let mut rng = crate::rng::SplitMix::new(seed);
+        let rows: Vec<Vec<(f32, bool)>> = (0..n)
+            .map(|_| {
+                (0..k)
+                    .map(|r| {
+                        let u = (rng.uniform() + 1.0) / 2.0 * (0.8 - 0.2 * r as f32);
+                        let correct = (rng.uniform() + 1.0) / 2.0 > u * 0.5;
+                        (u, correct)
+                    })
+                    .collect()
+            })
+            .collect();
+        Samples::from_rows(k, &rows)
+    }
+
     pub fn new(ramps: usize) -> Samples {
         Samples {
             ramps,
@@ -277,7 +296,6 @@ pub fn tune(s: &Samples, lat: &LatencyModel, cfg: &TunerConfig) -> Tuned {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::SplitMix;
 
     fn lat(k: usize) -> LatencyModel {
         // Ramps after 25%, 50%, 75% of a 100 ms model, 1 ms each.
@@ -288,21 +306,8 @@ mod tests {
         }
     }
 
-    /// Inputs whose ramps are right when confident: u uniform, correct with probability 1 - u.
     fn window(n: usize, k: usize, seed: u64) -> Samples {
-        let mut rng = SplitMix::new(seed);
-        let rows: Vec<Vec<(f32, bool)>> = (0..n)
-            .map(|_| {
-                (0..k)
-                    .map(|r| {
-                        let u = (rng.uniform() + 1.0) / 2.0 * (0.8 - 0.2 * r as f32);
-                        let correct = (rng.uniform() + 1.0) / 2.0 > u * 0.5;
-                        (u, correct)
-                    })
-                    .collect()
-            })
-            .collect();
-        Samples::from_rows(k, &rows)
+        Samples::synthetic(n, k, seed)
     }
 
     /// Greedy hill climbing from all-zero thresholds (always feasible: nothing exits). Each round
