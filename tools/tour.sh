@@ -25,5 +25,8 @@ echo
 echo "== apparate embed"
 "$CLI" embed -m weights/minilm-l6.apparate "Apparate releases early answers while the batch runs on."
 echo
-echo "== apparate classify (EfficientNet-Lite0, ImageNet; three scikit-image photos, 224x224 crops)"
-"$CLI" classify -m weights/efficientnet-lite0.apparate --top 3 tests/fixtures/efficientnet/*.png
+# Whole photos: the model's own preprocessing resizes (shorter side 256) and crops (224) them.
+# (The 224x224 crops beside them would be resized to 256 and cropped again.)
+echo "== apparate classify (EfficientNet-Lite0, ImageNet; three scikit-image photos)"
+"$CLI" classify -m weights/efficientnet-lite0.apparate --top 3 \
+  tests/fixtures/efficientnet/photos/{chelsea,coffee,astronaut}.png
