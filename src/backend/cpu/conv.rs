@@ -77,6 +77,14 @@ pub(crate) struct Conv<'a> {
     pub act: Activation,
 }
 
+impl Conv<'_> {
+    /// The window taps of output pixel `[y, x]` inside the input (see [`for_each_tap`]).
+    fn taps(&self, yx: [usize; 2], f: impl FnMut(usize, usize)) {
+        let [_, h, w, _, _, kh, kw, _, _] = self.dims;
+        for_each_tap(yx, [kh, kw], self.p.stride, self.p.padding, [h, w], f);
+    }
+}
+
 /// `act(conv(x, w) + b + residual)`.
 pub(crate) fn conv2d(c: Conv<'_>, par: gemm::Parallelism) -> Vec<f32> {
     let (x, w, b, residual, dims, p, act) = (c.x, c.w, c.b, c.residual, c.dims, c.p, c.act);
@@ -100,8 +108,9 @@ pub(crate) fn conv2d(c: Conv<'_>, par: gemm::Parallelism) -> Vec<f32> {
 /// Depthwise convolution (one input and one output channel per group): for each output pixel,
 /// `kh * kw` multiply-adds vectorised over the channels, with the weight transposed once to
 /// `[kh * kw, channels]` so that each tap's weights are contiguous.
-fn depthwise(c: Conv<'_>) -> Vec<f32> {
-    let (x, w, b, residual, dims, p, act) = (c.x, c.w, c.b, c.residual, c.dims, c.p, c.act);
+fn depthwise(conv: Conv<'_>) -> Vec<f32> {
+    let (x, w, b, residual, dims, act) =
+        (conv.x, conv.w, conv.b, conv.residual, conv.dims, conv.act);
     let [_, h, wd, c, _, kh, kw, oh, ow] = dims;
     let mut taps = vec![0.0f32; kh * kw * c];
     for ch in 0..c {
@@ -116,18 +125,11 @@ fn depthwise(c: Conv<'_>) -> Vec<f32> {
             Some(b) => o.copy_from_slice(b),
             None => o.fill(0.0),
         }
-        for_each_tap(
-            [y, xo],
-            [kh, kw],
-            p.stride,
-            p.padding,
-            [h, wd],
-            |tap, pixel| {
-                let xs = &x[(bn * h * wd + pixel) * c..][..c];
-                let ws = &taps[tap * c..][..c];
-                fma_row(o, xs, ws);
-            },
-        );
+        conv.taps([y, xo], |tap, pixel| {
+            let xs = &x[(bn * h * wd + pixel) * c..][..c];
+            let ws = &taps[tap * c..][..c];
+            fma_row(o, xs, ws);
+        });
         if let Some(res) = residual {
             for (v, r) in o.iter_mut().zip(&res[r * c..(r + 1) * c]) {
                 *v += r;
@@ -158,18 +160,11 @@ fn grouped(c: Conv<'_>) -> Vec<f32> {
         for (co, v) in o.iter_mut().enumerate() {
             let g = co / og;
             let mut acc = b.map_or(0.0, |b| b[co]);
-            for_each_tap(
-                [y, xo],
-                [kh, kw],
-                p.stride,
-                p.padding,
-                [h, wd],
-                |tap, pixel| {
-                    let xs = &x[(bn * h * wd + pixel) * cin + g * cg..][..cg];
-                    let ws = &w[(co * kh * kw + tap) * cg..][..cg];
-                    acc += xs.iter().zip(ws).map(|(a, b)| a * b).sum::<f32>();
-                },
-            );
+            c.taps([y, xo], |tap, pixel| {
+                let xs = &x[(bn * h * wd + pixel) * cin + g * cg..][..cg];
+                let ws = &w[(co * kh * kw + tap) * cg..][..cg];
+                acc += xs.iter().zip(ws).map(|(a, b)| a * b).sum::<f32>();
+            });
             if let Some(res) = residual {
                 acc += res[r * cout + co];
             }
