@@ -140,7 +140,7 @@ impl CpuBackend {
 }
 
 /// The host processor's model name (Linux: /proc/cpuinfo), for device ids.
-pub(crate) fn host_cpu_name() -> String {
+pub fn host_cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
