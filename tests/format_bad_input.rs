@@ -339,6 +339,40 @@ fn open_at(path: &std::path::Path, bytes: &[u8]) -> apparate::Result<ModelFile> 
     ModelFile::open(path)
 }
 
+/// A 2x2 RGB PNG whose header says it is `w` x `h` (the header's checksum fixed to match).
+fn png_declaring(w: u32, h: u32) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    image::RgbImage::from_pixel(2, 2, image::Rgb([10, 200, 30]))
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .unwrap();
+    // Signature (8), IHDR length (4), "IHDR" (4), width, height, 5 more bytes, then the CRC
+    // of "IHDR" + its 13 data bytes.
+    bytes[16..20].copy_from_slice(&w.to_be_bytes());
+    bytes[20..24].copy_from_slice(&h.to_be_bytes());
+    let crc = crc32(&bytes[12..29]);
+    bytes[29..33].copy_from_slice(&crc.to_be_bytes());
+    bytes
+}
+
+/// PNG's CRC-32 (ISO 3309, reflected, polynomial 0xEDB88320), bit by bit: 17 bytes per case.
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in data {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0xEDB8_8320
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
 /// The valid tiny model's bytes, made once per test binary.
 fn valid_cached() -> &'static [u8] {
     static BYTES: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
@@ -388,6 +422,32 @@ proptest! {
         let cut = ((bytes.len() as f64) * frac) as usize;
         prop_assert!(open_at(&scratch("cut.apparate"), &bytes[..cut]).is_err());
     }
+
+    /// Image files are parsed too: a PNG whose header declares any size (up to 2^31 - 1 a
+    /// side) over a 2x2 image's data is refused or decoded, quickly, without panicking and
+    /// without allocating for the declared size (defect 7 of issue 12 was a 200000x1 header).
+    #[test]
+    fn png_of_any_declared_size_is_refused_or_decoded(w in 1u32..(1 << 31), h in 1u32..(1 << 31), wide in any::<bool>()) {
+        // Half the cases near the shapes that matter: thin strips and just over the limits.
+        let (w, h) = if wide { (w, 1 + h % 4) } else { (w, h) };
+        let input = apparate::models::cnn::ImageInput {
+            height: 224,
+            width: 224,
+            channels: 3,
+            resize_shorter: Some(256),
+            mean: vec![0.5; 3],
+            std: vec![0.5; 3],
+        };
+        let path = scratch("declared.png");
+        let _ = std::fs::remove_file(&path);
+        std::fs::write(&path, png_declaring(w, h)).unwrap();
+        let t = std::time::Instant::now();
+        let r = apparate::vision::load_image(&path, &input);
+        prop_assert!(t.elapsed() < std::time::Duration::from_secs(2), "{w}x{h}: {:?}", t.elapsed());
+        if (w, h) != (2, 2) {
+            prop_assert!(r.is_err(), "{w}x{h} accepted");
+        }
+    }
 }
 
 #[test]
@@ -417,4 +477,25 @@ fn a_directory_is_named_as_such() {
         .expect("a folder accepted as ramps")
         .to_string();
     assert!(e.contains("is a directory, expected a ramps file"), "{e}");
+}
+
+#[test]
+fn the_declared_png_helper_makes_real_pngs() {
+    let input = apparate::models::cnn::ImageInput {
+        height: 2,
+        width: 2,
+        channels: 3,
+        resize_shorter: None,
+        mean: vec![0.0; 3],
+        std: vec![1.0; 3],
+    };
+    let path = scratch("helper.png");
+    std::fs::write(&path, png_declaring(2, 2)).unwrap();
+    let px = apparate::vision::load_image(&path, &input).unwrap();
+    assert!((px[1] - 200.0 / 255.0).abs() < 1e-6, "{px:?}");
+    std::fs::write(&path, png_declaring(200_000, 1)).unwrap();
+    let e = apparate::vision::load_image(&path, &input)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("200000x1") && e.contains("aspect ratio"), "{e}");
 }
