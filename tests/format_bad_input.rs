@@ -373,6 +373,37 @@ fn crc32(data: &[u8]) -> u32 {
     !c
 }
 
+/// A backbone (kept open) and a valid ramps file's bytes for it, made once per test binary.
+fn ramps_cached() -> &'static (ModelFile, Vec<u8>) {
+    static RAMPS: std::sync::OnceLock<(ModelFile, Vec<u8>)> = std::sync::OnceLock::new();
+    RAMPS.get_or_init(|| {
+        let a = scratch("ramps-backbone.apparate");
+        write_random_bert(&a, &tiny_config(), Some(3), DType::F32, 1).unwrap();
+        let model = ModelFile::open(&a).unwrap();
+        let tensors = vec![
+            (
+                "ramps.layer.0.weight".to_string(),
+                OwnedTensor::from_f32(&[0.1; 48], vec![3, 16], DType::F32),
+            ),
+            (
+                "ramps.layer.0.bias".to_string(),
+                OwnedTensor::from_f32(&[0.0; 3], vec![3], DType::F32),
+            ),
+        ];
+        let ramps = vec![RampMeta {
+            point: "layer.0".into(),
+            head: RampHead::Linear {
+                width: 16,
+                classes: 3,
+            },
+        }];
+        let rp = scratch("valid.ramps");
+        write_ramps(&rp, &model, ramps, tensors).unwrap();
+        let bytes = std::fs::read(&rp).unwrap();
+        (model, bytes)
+    })
+}
+
 /// The valid tiny model's bytes, made once per test binary.
 fn valid_cached() -> &'static [u8] {
     static BYTES: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
@@ -421,6 +452,28 @@ proptest! {
         let bytes = valid_cached();
         let cut = ((bytes.len() as f64) * frac) as usize;
         prop_assert!(open_at(&scratch("cut.apparate"), &bytes[..cut]).is_err());
+    }
+
+    /// The ramps file parser: a valid ramps file with header bytes flipped is refused or opens,
+    /// never panics (and whatever opens still names its tensors consistently).
+    #[test]
+    fn mutated_ramps_file_never_panics(flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8)) {
+        let (model, valid) = ramps_cached();
+        let mut bytes = valid.clone();
+        let header_end = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        for (i, v) in flips {
+            let at = i.index(header_end.min(bytes.len()));
+            bytes[at] = v;
+        }
+        let path = scratch("mut.ramps");
+        let _ = std::fs::remove_file(&path);
+        std::fs::write(&path, &bytes).unwrap();
+        if let Ok(r) = RampsFile::open(&path, model) {
+            for ramp in &r.meta().ramps {
+                let _ = r.tensor(&ramp.point, "weight");
+                let _ = r.tensor(&ramp.point, "bias");
+            }
+        }
     }
 
     /// Image files are parsed too: a PNG whose header declares any size (up to 2^31 - 1 a
