@@ -19,24 +19,11 @@ use common::{TempDir, cpu, weights_file, workload_file};
 
 /// What the executor would record for `rows` (all candidate ramps) under `cfg`.
 fn record(cfg: &ActiveConfig, rows: &[Vec<(f32, bool)>]) -> BatchRecord {
-    let mut rec = BatchRecord {
-        config_id: cfg.id,
-        rows: Vec::new(),
-        exited: Vec::new(),
-        agreed: Vec::new(),
-        stage_ms: None,
-    };
-    for row in rows {
-        let active: Vec<(f32, bool)> = cfg.ramps.iter().map(|&r| row[r]).collect();
-        let exit = active
-            .iter()
-            .zip(&cfg.thresholds)
-            .position(|((u, _), t)| u < t);
-        rec.agreed.push(exit.is_none_or(|a| active[a].1));
-        rec.exited.push(exit);
-        rec.rows.push(active);
-    }
-    rec
+    let active = rows
+        .iter()
+        .map(|row| cfg.ramps.iter().map(|&r| row[r]).collect())
+        .collect();
+    BatchRecord::replay(cfg, active)
 }
 
 /// The drift scenario on one workload: ramps trained on the first `boot` inputs, then `easy`

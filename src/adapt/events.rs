@@ -30,6 +30,30 @@ pub struct BatchRecord {
 }
 
 impl BatchRecord {
+    /// What the executor records for inputs whose active ramps output `rows` (per input, per
+    /// active ramp: `(u, ramp class == final class)`) under `cfg`: each input is released at
+    /// the first ramp with `u` below its threshold. Replays recorded ramp outputs through the
+    /// controller.
+    pub fn replay(cfg: &ActiveConfig, rows: Vec<Vec<(f32, bool)>>) -> BatchRecord {
+        let mut exited = Vec::with_capacity(rows.len());
+        let mut agreed = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let exit = row
+                .iter()
+                .zip(&cfg.thresholds)
+                .position(|((u, _), t)| u < t);
+            agreed.push(exit.is_none_or(|a| row[a].1));
+            exited.push(exit);
+        }
+        BatchRecord {
+            config_id: cfg.id,
+            rows,
+            exited,
+            agreed,
+            stage_ms: None,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.rows.len()
     }

@@ -51,31 +51,18 @@ pub(crate) struct World {
 impl World {
     /// One batch of `n` inputs under `cfg`, as the executor would record it.
     pub(crate) fn batch(&mut self, cfg: &ActiveConfig, n: usize) -> BatchRecord {
-        let mut rec = BatchRecord {
-            config_id: cfg.id,
-            rows: Vec::new(),
-            exited: Vec::new(),
-            agreed: Vec::new(),
-            stage_ms: None,
-        };
-        for _ in 0..n {
-            let mut row = Vec::new();
-            let mut exit = None;
-            let mut agreed = true;
-            for (a, &r) in cfg.ramps.iter().enumerate() {
-                let u = (self.rng.uniform() + 1.0) / 2.0 * self.spread[r];
-                let right = u < self.right_below[r];
-                row.push((u, right));
-                if exit.is_none() && u < cfg.thresholds[a] {
-                    exit = Some(a);
-                    agreed = right;
-                }
-            }
-            rec.rows.push(row);
-            rec.exited.push(exit);
-            rec.agreed.push(agreed);
-        }
-        rec
+        let rows = (0..n)
+            .map(|_| {
+                cfg.ramps
+                    .iter()
+                    .map(|&r| {
+                        let u = (self.rng.uniform() + 1.0) / 2.0 * self.spread[r];
+                        (u, u < self.right_below[r])
+                    })
+                    .collect()
+            })
+            .collect();
+        BatchRecord::replay(cfg, rows)
     }
 }
 
