@@ -75,6 +75,24 @@ fn thread_counts_outside_the_machine_are_refused() {
 }
 
 #[test]
+fn threads_with_the_cuda_backend_are_refused_not_ignored() {
+    refused(
+        &[
+            "profile",
+            "-m",
+            MODEL,
+            "-o",
+            "unused.json",
+            "--backend",
+            "cuda",
+            "--threads",
+            "4",
+        ],
+        &["--threads", "cpu and emu"],
+    );
+}
+
+#[test]
 fn adaptation_knobs_are_refused_by_name_and_range() {
     refused(
         &replay(&["--accuracy-budget", "2"]),

@@ -93,9 +93,17 @@ struct DeviceArgs {
 
 impl DeviceArgs {
     /// The backend these flags ask for (built, and its thread count checked, by
-    /// [`apparate::select::with_backend`]).
-    fn choice(&self) -> BackendChoice {
-        match self.backend {
+    /// [`apparate::select::with_backend`]). `--threads` with `--backend cuda` is refused: the
+    /// GPU backend has no CPU worker threads, and a flag that silently does nothing misleads.
+    fn choice(&self) -> Result<BackendChoice> {
+        if let (BackendArg::Cuda, Some(t)) = (self.backend, self.threads) {
+            return Err(Error::Config {
+                knob: "--threads".into(),
+                value: t.to_string(),
+                range: "the cpu and emu backends (cuda has no worker threads)".into(),
+            });
+        }
+        Ok(match self.backend {
             BackendArg::Cpu => BackendChoice::Cpu {
                 threads: self.threads,
             },
@@ -104,7 +112,7 @@ impl DeviceArgs {
                 dtype: self.dtype,
             },
             BackendArg::Cuda => BackendChoice::Cuda { dtype: self.dtype },
-        }
+        })
     }
 }
 

@@ -96,7 +96,7 @@ pub fn train_ramps_cmd(a: TrainRampsArgs) -> Result<()> {
         },
     };
     with_backend(
-        &a.device.choice(),
+        &a.device.choice()?,
         TrainRampsJob {
             model: a.model,
             data: a.data,
@@ -291,7 +291,7 @@ pub fn profile_cmd(a: ProfileArgs) -> Result<()> {
     check_count("--warmup", a.warmup, 0, 100_000)?;
     check_count("--seq", a.seq, 1, 100_000)?;
     with_backend(
-        &a.device.choice(),
+        &a.device.choice()?,
         ProfileJob {
             model: a.model,
             ramps: a.ramps,

@@ -149,7 +149,7 @@ pub fn serve_replay_cmd(a: ServeReplayArgs) -> Result<()> {
         bootstrap_fraction: a.bootstrap_fraction,
         batching,
         apparate: Some(c),
-        backend: a.device.choice(),
+        backend: a.device.choice()?,
         seed: a.seed,
         json,
         quiet: a.quiet,

@@ -70,7 +70,7 @@ pub fn classify(a: ClassifyArgs) -> Result<()> {
     let file = ModelFile::open(&run.model)?;
     if let Family::Cnn(_) = &file.meta().family {
         return with_backend(
-            &run.device.choice(),
+            &run.device.choice()?,
             ImageJob {
                 model: run.model.clone(),
                 images: texts,
@@ -129,7 +129,7 @@ fn gather_texts(run: &RunArgs) -> Result<Vec<String>> {
 
 /// Runs `job` with the model loaded on the backend `run` asks for.
 fn with_model<J: Job>(run: &RunArgs, job: J) -> Result<()> {
-    with_backend(&run.device.choice(), TextJob(job, run.model.clone()))
+    with_backend(&run.device.choice()?, TextJob(job, run.model.clone()))
 }
 
 /// Loads the text model on the backend, then runs the job on it.
