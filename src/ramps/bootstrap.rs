@@ -98,14 +98,16 @@ pub fn train_ramps<B: Backend>(
             file.path().display()
         )));
     }
+    // Settings, not inputs: named as knobs with their range, like every other config check.
     if cfg.batch_size == 0 {
-        return Err(Error::Input("the batch size must be at least 1".into()));
+        return Err(Error::config("batch_size", 0, "1.."));
     }
     if !(0.0..1.0).contains(&cfg.holdout_fraction) || cfg.holdout_fraction <= 0.0 {
-        return Err(Error::Input(format!(
-            "the held-out fraction must be in (0, 1), not {}",
-            cfg.holdout_fraction
-        )));
+        return Err(Error::config(
+            "holdout_fraction",
+            cfg.holdout_fraction,
+            "(0, 1)",
+        ));
     }
     let n = inputs.len();
     let heldout = ((n as f64 * cfg.holdout_fraction).round() as usize).max(1);
