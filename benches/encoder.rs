@@ -91,18 +91,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
-
 fn git_commit() -> String {
     std::process::Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
@@ -145,7 +133,7 @@ fn run(o: &Opts) -> Result<(), Box<dyn std::error::Error>> {
         )?),
         None => None,
     };
-    let cpu = cpu_model();
+    let cpu = apparate::backend::cpu::host_cpu_name();
     eprintln!(
         "encoder benchmark: {} on cpu backend, {} threads, {cpu}",
         o.model.display(),
