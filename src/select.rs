@@ -1,5 +1,5 @@
 //! Choosing a backend by name (what a command line, a config file or a test asks for) and
-//! building it, in one place: the serving engine, the CLI and the tests all go through
+//! building it, in one place: the serving engine and the CLI go through
 //! [`with_backend`].
 //!
 //! Backends are generic parameters, not trait objects (every op call is monomorphised), so a

@@ -64,7 +64,8 @@ impl ImageLimits {
             ));
         }
         let aspect = width.max(height) as f64 / width.min(height) as f64;
-        if aspect > self.max_aspect_ratio {
+        // A NaN limit refuses rather than accepts everything.
+        if self.max_aspect_ratio.is_nan() || aspect > self.max_aspect_ratio {
             return Err(format!(
                 "the image is {width}x{height} pixels: an aspect ratio of {aspect:.0}:1 is more than the {}:1 accepted",
                 self.max_aspect_ratio
@@ -130,9 +131,9 @@ pub fn resize_size(w: u32, h: u32, input: &ImageInput) -> (u32, u32) {
             let (w64, h64) = (w.max(1) as u64, h.max(1) as u64);
             // Integer division is Python's `int(s * long / short)` without the float rounding.
             let (nw, nh) = if w64 <= h64 {
-                (s, s * h64 / w64)
+                (s, s.saturating_mul(h64) / w64)
             } else {
-                (s * w64 / h64, s)
+                (s.saturating_mul(w64) / h64, s)
             };
             let clamp = |v: u64| v.min(u32::MAX as u64) as u32;
             (clamp(nw).max(cw), clamp(nh).max(ch))
@@ -152,7 +153,7 @@ fn crop_offset(excess: u32) -> u32 {
 
 /// Resizes, crops and normalises a decoded image (bilinear filtering, antialiased when
 /// shrinking). Channels are converted first, as `PIL.Image.convert("RGB")` before the transforms.
-pub fn preprocess(img: &DynamicImage, input: &ImageInput) -> std::result::Result<Vec<f32>, String> {
+fn preprocess(img: &DynamicImage, input: &ImageInput) -> std::result::Result<Vec<f32>, String> {
     let (w, h) = (input.width as u32, input.height as u32);
     let img = match input.channels {
         1 => DynamicImage::ImageLuma8(img.to_luma8()),

@@ -93,6 +93,38 @@ fn threads_with_the_cuda_backend_are_refused_not_ignored() {
 }
 
 #[test]
+fn convert_flags_of_the_other_family_are_refused_not_dropped() {
+    // clap refuses these itself (exit 2, usage error), before anything is read.
+    for (args, needle) in [
+        (
+            vec![
+                "convert",
+                "x.safetensors",
+                "-o",
+                "y",
+                "--arch",
+                "resnet18",
+                "--head",
+                "h",
+            ],
+            "--head",
+        ),
+        (
+            vec!["convert", "folder", "-o", "y", "--resize-shorter", "256"],
+            "--arch",
+        ),
+        (
+            vec!["convert", "folder", "-o", "y", "--mean", "0.5"],
+            "--arch",
+        ),
+    ] {
+        let (code, err) = apparate(&args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: `{needle}` not in: {err}");
+    }
+}
+
+#[test]
 fn adaptation_knobs_are_refused_by_name_and_range() {
     refused(
         &replay(&["--accuracy-budget", "2"]),

@@ -95,11 +95,29 @@ impl CnnConfig {
                 i.height, i.width, i.channels
             ));
         }
+        // NaN fails both tests (`!(s > 0.0)`), so a NaN or infinite constant cannot slip through
+        // and turn every input into NaN.
         if i.mean.len() != i.channels
             || i.std.len() != i.channels
-            || i.std.iter().any(|s| *s <= 0.0)
+            || i.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
+            || i.mean.iter().any(|m| !m.is_finite())
         {
-            return Err("cnn config: mean/std must have one positive entry per channel".into());
+            return Err(format!(
+                "cnn config: mean {:?} / std {:?} must have one finite entry per channel (std > 0)",
+                i.mean, i.std
+            ));
+        }
+        // The shorter-side resize comes before the centre crop: smaller than the crop would
+        // stretch the picture, larger than the input cap would ask for absurd images.
+        if let Some(s) = i.resize_shorter
+            && (s < i.height.max(i.width) || s > 16384)
+        {
+            return Err(format!(
+                "cnn config: resize_shorter {s} is outside {}..=16384 (at least the {}x{} crop)",
+                i.height.max(i.width),
+                i.height,
+                i.width
+            ));
         }
         if self.blocks.is_empty() || self.blocks.len() > MAX_BLOCKS {
             return Err(format!(
@@ -352,6 +370,30 @@ mod tests {
         ] {
             let e = cfg.validate().unwrap_err();
             assert!(e.contains(knob) && !e.contains("channels"), "{e}");
+        }
+    }
+
+    #[test]
+    fn absurd_preprocessing_constants_are_refused() {
+        let with = |f: &dyn Fn(&mut ImageInput)| {
+            let mut c = one_conv(3, 1, 1);
+            f(&mut c.input);
+            c.validate()
+        };
+        with(&|i| i.resize_shorter = Some(8)).unwrap();
+        for (bad, needle) in [
+            (with(&|i| i.std[1] = f32::NAN), "std"),
+            (with(&|i| i.std[0] = -1.0), "std"),
+            (with(&|i| i.mean[2] = f32::INFINITY), "mean"),
+            (with(&|i| i.resize_shorter = Some(0)), "resize_shorter 0"),
+            (with(&|i| i.resize_shorter = Some(7)), "resize_shorter 7"),
+            (
+                with(&|i| i.resize_shorter = Some(usize::MAX)),
+                "resize_shorter",
+            ),
+        ] {
+            let e = bad.unwrap_err();
+            assert!(e.contains(needle), "{e}");
         }
     }
 }

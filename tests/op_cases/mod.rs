@@ -224,6 +224,10 @@ pub fn ops() -> Vec<(Op, Expect)> {
         ([1, 6, 6, 16], 24, 1, geo(1, 0, 1, 0), true, Relu),
         ([1, 28, 28, 3], 16, 7, geo(2, 3, 1, 0), false, Relu),
         ([1, 14, 14, 32], 65, 3, geo(1, 1, 1, 0), false, Plain),
+        // A 1x1 kernel with an extra padding pixel: more output pixels than input ones, so not a
+        // plain GEMM over the input (the fast path read past the input when it looked at the
+        // kernel and padding only).
+        ([1, 10, 10, 4], 8, 1, geo(1, 0, 1, 1), false, Relu6),
     ];
     for (x, cout, k, geo, residual, act) in convs {
         v.push((

@@ -9,6 +9,7 @@
 use rayon::prelude::*;
 
 use super::linear;
+use crate::backend::op_check::ConvDims;
 use crate::backend::{Activation, Conv2d, Pool2d};
 
 /// Calls `f(tap, pixel)` for every kernel tap (`i * kw + j`) of output pixel `[y, x]`'s window
@@ -72,7 +73,7 @@ pub(crate) struct Conv<'a> {
     pub w: &'a [f32],
     pub b: Option<&'a [f32]>,
     pub residual: Option<&'a [f32]>,
-    pub dims: [usize; 9],
+    pub dims: ConvDims,
     pub p: &'a Conv2d,
     pub act: Activation,
 }
@@ -80,7 +81,7 @@ pub(crate) struct Conv<'a> {
 impl Conv<'_> {
     /// The window taps of output pixel `[y, x]` inside the input (see [`for_each_tap`]).
     fn taps(&self, yx: [usize; 2], f: impl FnMut(usize, usize)) {
-        let [_, h, w, _, _, kh, kw, _, _] = self.dims;
+        let [_, h, w, _, _, kh, kw, _, _] = self.dims.to_array();
         for_each_tap(yx, [kh, kw], self.p.stride, self.p.padding, [h, w], f);
     }
 }
@@ -88,15 +89,14 @@ impl Conv<'_> {
 /// `act(conv(x, w) + b + residual)`.
 pub(crate) fn conv2d(c: Conv<'_>, par: gemm::Parallelism) -> Vec<f32> {
     let (x, w, b, residual, dims, p, act) = (c.x, c.w, c.b, c.residual, c.dims, c.p, c.act);
-    let [n, _, _, cin, cout, kh, kw, oh, ow] = dims;
+    let [n, _, _, cin, cout, kh, kw, oh, ow] = dims.to_array();
     let m = n * oh * ow;
     if p.groups == 1 {
         let k = kh * kw * cin;
-        let pointwise = kh == 1 && kw == 1 && p.stride == [1, 1] && p.padding == [0, 0];
-        if pointwise {
+        if dims.is_pointwise(p) {
             return linear::linear(x, w, b, residual, m, cout, k, act, par);
         }
-        let cols = im2col(x, dims, p);
+        let cols = im2col(x, dims.to_array(), p);
         return linear::linear(&cols, w, b, residual, m, cout, k, act, par);
     }
     if cin == p.groups && cout == p.groups {
@@ -111,14 +111,14 @@ pub(crate) fn conv2d(c: Conv<'_>, par: gemm::Parallelism) -> Vec<f32> {
 fn depthwise(conv: Conv<'_>) -> Vec<f32> {
     let (x, w, b, residual, dims, act) =
         (conv.x, conv.w, conv.b, conv.residual, conv.dims, conv.act);
-    let [_, h, wd, c, _, kh, kw, oh, ow] = dims;
+    let [n, h, wd, c, _, kh, kw, oh, ow] = dims.to_array();
     let mut taps = vec![0.0f32; kh * kw * c];
     for ch in 0..c {
         for t in 0..kh * kw {
             taps[t * c + ch] = w[ch * kh * kw + t];
         }
     }
-    let mut out = vec![0.0f32; dims[0] * oh * ow * c];
+    let mut out = vec![0.0f32; n * oh * ow * c];
     out.par_chunks_mut(c).enumerate().for_each(|(r, o)| {
         let (bn, y, xo) = (r / (oh * ow), (r / ow) % oh, r % ow);
         match b {
@@ -152,9 +152,9 @@ super::simd::multiversion!(fn fma_row(o: &mut [f32], x: &[f32], w: &[f32]) => fm
 /// Direct grouped convolution (depthwise when groups == channels).
 fn grouped(c: Conv<'_>) -> Vec<f32> {
     let (x, w, b, residual, dims, p, act) = (c.x, c.w, c.b, c.residual, c.dims, c.p, c.act);
-    let [_, h, wd, cin, cout, kh, kw, oh, ow] = dims;
+    let [n, h, wd, cin, cout, kh, kw, oh, ow] = dims.to_array();
     let (cg, og) = (cin / p.groups, cout / p.groups);
-    let mut out = vec![0.0f32; dims[0] * oh * ow * cout];
+    let mut out = vec![0.0f32; n * oh * ow * cout];
     out.par_chunks_mut(cout).enumerate().for_each(|(r, o)| {
         let (bn, y, xo) = (r / (oh * ow), (r / ow) % oh, r % ow);
         for (co, v) in o.iter_mut().enumerate() {
@@ -265,8 +265,7 @@ mod tests {
                 &geo,
                 None,
             )
-            .unwrap()
-            .to_array();
+            .unwrap();
             let c = Conv {
                 x: &x,
                 w: &wt,
@@ -296,9 +295,7 @@ mod tests {
             groups: 2,
             padding_extra: [0, 0],
         };
-        let dims = conv_dims(&[1, 3, 3, 2], &[2, 3, 3, 1], None, &geo, None)
-            .unwrap()
-            .to_array();
+        let dims = conv_dims(&[1, 3, 3, 2], &[2, 3, 3, 1], None, &geo, None).unwrap();
         let c = Conv {
             x: &x,
             w: &wt,

@@ -261,7 +261,7 @@ impl Backend for CpuBackend {
                 w: &c.w.data,
                 b: c.b.map(|b| b.data.as_slice()),
                 residual: c.residual.map(|r| r.data.as_slice()),
-                dims: d.to_array(),
+                dims: d,
                 p: &c.p,
                 act: c.act,
             };

@@ -171,7 +171,7 @@ mod tests {
         let arch = Arch::new(9, 0);
         let options = nvrtc_options::<&str>(&arch, Target::Cubin, &[]);
         let nvrtc = nvrtc_version().unwrap();
-        let run = |refresh| {
+        let compile = |dir: Option<&Path>, refresh| {
             cached_compile(
                 file,
                 text,
@@ -179,11 +179,12 @@ mod tests {
                 Target::Cubin,
                 &options,
                 nvrtc,
-                Some(&dir),
+                dir,
                 refresh,
             )
             .unwrap()
         };
+        let run = |refresh| compile(Some(&dir), refresh);
         let (fresh, hit) = run(false);
         assert!(!hit);
         let (again, hit) = run(false);
@@ -197,17 +198,7 @@ mod tests {
         assert_eq!(run(true), (fresh.clone(), false));
         assert_eq!(std::fs::read(&path).unwrap(), fresh);
         // No cache directory: compiled every time.
-        let (code, hit) = cached_compile(
-            file,
-            text,
-            &arch,
-            Target::Cubin,
-            &options,
-            nvrtc,
-            None,
-            false,
-        )
-        .unwrap();
+        let (code, hit) = compile(None, false);
         assert!(!hit && code == fresh);
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -46,7 +46,7 @@ impl<D: Device> GpuBackend<D> {
                 mnk: [m, d.cout, k],
                 act: c.act,
             };
-            if d.kh == 1 && d.kw == 1 && p.stride == [1, 1] && p.padding == [0, 0] {
+            if d.is_pointwise(&p) {
                 self.launch_gemm(self.ptr(c.x)?, &gemm, &y)?;
             } else {
                 let cols = self.dev.alloc(m * k * self.dtype.size())?;

