@@ -121,6 +121,7 @@ struct Args {
 
 fn main() -> apparate::Result<()> {
     let args = Args::parse();
+    check_args(&args)?;
     let vision = match args.workload.as_str() {
         "vision" => true,
         "language" => false,
@@ -516,4 +517,25 @@ fn to_inputs(
                 .collect()
         }
     }
+}
+
+/// Refuses lengths and precisions that would make a run empty (every step "passes" with no
+/// requests) or a sweep that never ends (a precision of 0).
+fn check_args(a: &Args) -> apparate::Result<()> {
+    use apparate::adapt::config::check_real;
+    use std::ops::Bound::{Excluded, Included};
+    let day = apparate::loadgen::MAX_SCHEDULE.as_secs_f64();
+    check_real("--seconds", a.seconds, Excluded(0.0), Included(day))?;
+    check_real(
+        "--sweep-seconds",
+        a.sweep_seconds,
+        Excluded(0.0),
+        Included(day),
+    )?;
+    check_real(
+        "--sweep-precision",
+        a.sweep_precision,
+        Excluded(0.0),
+        Excluded(1.0),
+    )
 }

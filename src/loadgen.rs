@@ -48,7 +48,12 @@ impl Arrivals {
         };
         match self {
             Arrivals::Poisson { rate, .. } | Arrivals::Fixed { rate } => positive("rate", *rate),
-            Arrivals::Trace { minute, scale, .. } => {
+            Arrivals::Trace {
+                per_minute,
+                minute,
+                scale,
+                ..
+            } => {
                 if minute.is_zero() || *minute > MAX_SCHEDULE {
                     return Err(Error::config(
                         "minute",
@@ -56,11 +61,18 @@ impl Arrivals {
                         format!("(0, {MAX_SCHEDULE:?}]"),
                     ));
                 }
-                if scale.is_finite() && *scale >= 0.0 {
-                    Ok(())
-                } else {
-                    Err(Error::config("scale", scale, "[0, inf)"))
+                // A zero scale or a trace of empty minutes would send nothing, silently.
+                if !(scale.is_finite() && *scale > 0.0) {
+                    return Err(Error::config("scale", scale, "(0, inf)"));
                 }
+                if per_minute.iter().all(|&c| c == 0) {
+                    return Err(Error::config(
+                        "trace",
+                        "no requests",
+                        "at least one minute with requests",
+                    ));
+                }
+                Ok(())
             }
         }
     }
@@ -338,6 +350,15 @@ mod tests {
         };
         assert!(t.validate().is_err());
         assert_eq!(t.schedule(7).len(), 7);
+        let silent = |per_minute: Vec<u32>, scale: f64| Arrivals::Trace {
+            per_minute,
+            minute: Duration::from_secs(1),
+            scale,
+            seed: 2,
+        };
+        assert!(silent(vec![10, 10], 0.0).validate().is_err());
+        assert!(silent(vec![0, 0], 1.0).validate().is_err());
+        assert!(silent(vec![0, 3], 1.0).validate().is_ok());
         assert!(
             Arrivals::Fixed { rate: 30.0 }.validate().is_ok()
                 && Arrivals::Poisson { rate: 1e6, seed: 0 }.validate().is_ok()

@@ -50,6 +50,11 @@ impl Slot {
         true
     }
 
+    /// Whether an answer was delivered.
+    pub(crate) fn is_done(&self) -> bool {
+        self.lock().done
+    }
+
     /// Whether the caller gave up before an answer.
     pub(crate) fn is_cancelled(&self) -> bool {
         let s = self.lock();

@@ -7,7 +7,7 @@
 
 use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
 use super::ServeError;
@@ -17,23 +17,18 @@ use crate::error::{Error, Result};
 /// Whether the engine still works, and if not why.
 #[derive(Default)]
 pub(crate) struct Health {
-    failure: Mutex<Option<String>>,
+    /// Read on every submission: lock-free once set.
+    failure: OnceLock<String>,
 }
 
 impl Health {
     /// Records the first failure (later ones are consequences of it).
     pub fn fail(&self, why: String) {
-        self.failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_or_insert(why);
+        let _ = self.failure.set(why);
     }
 
     pub fn failure(&self) -> Option<String> {
-        self.failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.failure.get().cloned()
     }
 }
 

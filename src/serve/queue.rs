@@ -41,6 +41,10 @@ impl Drop for Pending {
     /// by a thread that panicked (unwinding drops them) or by a channel whose receiver is gone
     /// get their answer.
     fn drop(&mut self) {
+        // Every answered request is dropped too: no error built for those.
+        if self.slot.is_done() {
+            return;
+        }
         let why = if std::thread::panicking() {
             "a thread of the engine panicked while holding this request (see Engine::health)"
         } else {
@@ -138,19 +142,20 @@ impl Queue {
 
     /// Answers and removes cancelled and expired requests.
     fn prune(&self, s: &mut State, now: Instant) {
-        let mut kept = VecDeque::with_capacity(s.items.len());
-        for p in s.items.drain(..) {
+        // In place: this runs at every wake-up of the executor.
+        s.items.retain(|p| {
             if p.slot.is_cancelled() {
                 p.slot.complete(Err(ServeError::Cancelled));
                 self.metrics.count_cancelled();
+                false
             } else if p.deadline.is_some_and(|d| d <= now) {
                 p.slot.complete(Err(ServeError::DeadlineExceeded));
                 self.metrics.count_expired();
+                false
             } else {
-                kept.push_back(p);
+                true
             }
-        }
-        s.items = kept;
+        });
     }
 
     /// The next batch; `None` once closed and empty.

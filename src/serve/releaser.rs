@@ -49,7 +49,6 @@ struct InFlight {
     outputs: Vec<Vec<(u32, f32)>>,
     /// When each active ramp's decisions arrived: `(active index, ramp of the file, instant)`.
     ramp_times: Vec<(usize, usize, Instant)>,
-    failed: bool,
 }
 
 pub(crate) struct Releaser {
@@ -88,7 +87,6 @@ impl Releaser {
                         released: vec![None; n],
                         outputs: vec![Vec::new(); n],
                         ramp_times: Vec::new(),
-                        failed: false,
                     });
                 }
                 Release::Ramp {
@@ -96,7 +94,7 @@ impl Releaser {
                     ramp,
                     pending,
                 } => {
-                    let Some(b) = cur.as_mut().filter(|b| !b.failed) else {
+                    let Some(b) = cur.as_mut() else {
                         continue;
                     };
                     match pending.wait() {
@@ -134,7 +132,17 @@ impl Releaser {
                 }
                 Release::End { finals, stage_ms } => {
                     if let Some(b) = cur.take() {
-                        self.finish(b, finals, stage_ms);
+                        if finals.len() == b.batch.len() {
+                            self.finish(b, finals, stage_ms);
+                        } else {
+                            // Never answer "class 0" for an input the model gave no answer for.
+                            let e = format!(
+                                "the model answered {} of the batch's {} inputs",
+                                finals.len(),
+                                b.batch.len()
+                            );
+                            self.fail(b, &e);
+                        }
                     }
                 }
                 Release::Failed(e) => {
@@ -158,8 +166,7 @@ impl Releaser {
     }
 
     /// Answers every request of the batch not released yet with `e`.
-    fn fail_with(&self, mut b: InFlight, e: ServeError) {
-        b.failed = true;
+    fn fail_with(&self, b: InFlight, e: ServeError) {
         self.metrics.compute.record(b.start.elapsed());
         for (p, r) in b.batch.iter().zip(&b.released) {
             if r.is_none() {
