@@ -47,14 +47,6 @@ pub enum Error {
     #[error("invalid input: {0}")]
     Input(String),
 
-    /// A backend could not be created or failed to run an op. Kept for faults that fit none of
-    /// the structured variants below (an injected failure, a thread pool that will not start).
-    #[error("backend `{backend}`: {reason}")]
-    Backend {
-        backend: &'static str,
-        reason: String,
-    },
-
     /// An op was handed arguments that do not fit together (shapes, lengths, geometry, ids),
     /// found by `backend::op_check` before any backend runs it, so every backend reports the
     /// same thing the same way.

@@ -102,6 +102,14 @@ fn compare(what: &str, case: &OpCase, got: Output, want: Output) {
         }
         (Output::Decisions(got), Output::Decisions(want)) => {
             assert_eq!(got.len(), want.len(), "{what}");
+            // The threshold sits between the two lowest uncertainties: a batch of several has
+            // inputs on both sides, so the exit test is compared both ways.
+            if want.len() > 1 {
+                assert!(
+                    want.iter().any(|d| d.exit) && want.iter().any(|d| !d.exit),
+                    "{what}: the threshold did not split the batch"
+                );
+            }
             for (g, w) in got.iter().zip(&want) {
                 assert_eq!(g.class, w.class, "{what}: class");
                 assert!(

@@ -256,17 +256,23 @@ pub fn run<B: Backend>(
     }
 }
 
-/// A threshold between the two smallest of `probe`'s uncertainties (so some inputs exit and
-/// some do not), as `dt` stores it.
+/// A threshold that splits `probe`'s uncertainties (some inputs exit, some do not), as `dt`
+/// stores it: the midpoint of the widest gap between neighbouring uncertainties whose midpoint
+/// survives rounding to `dt` strictly inside the gap (a 16-bit threshold cannot land in every
+/// gap), so a backend's uncertainty that differs by rounding does not flip an exit. One input:
+/// a threshold above it.
 pub fn threshold_between(probe: &[RampDecision], dt: DType) -> f32 {
     let mut us: Vec<f32> = probe.iter().map(|d| d.uncertainty).collect();
     us.sort_by(f32::total_cmp);
-    let t = if us.len() > 1 {
-        (us[0] + us[1]) / 2.0
-    } else {
-        us[0] + 0.25
-    };
-    round_to(&[t], dt)[0]
+    let inside = us
+        .windows(2)
+        .map(|p| (p[0], p[1], round_to(&[(p[0] + p[1]) / 2.0], dt)[0]))
+        .filter(|&(a, b, t)| a < t && t < b)
+        .max_by(|x, y| (x.1 - x.0).total_cmp(&(y.1 - y.0)));
+    match inside {
+        Some((_, _, t)) => t,
+        None => round_to(&[us.last().copied().unwrap_or(0.0) + 0.25], dt)[0],
+    }
 }
 
 /// Relative L2 error of `got` against `want` (absolute when `want` is all zeros).

@@ -7,8 +7,9 @@ use crate::backend::device::{Device, KernelArg, LaunchConfig};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
-/// A grid-stride launch over `n` elements, capped like the backend's.
-fn cfg(n: usize) -> LaunchConfig {
+/// A grid-stride launch over `n` elements (every grid-stride kernel's: im2col, grouped
+/// convolution, pooling, casts, copies), its grid capped at `ELEMENTWISE_MAX_BLOCKS`.
+pub(super) fn cfg(n: usize) -> LaunchConfig {
     let blocks = n
         .div_ceil(params::ELEMENTWISE_THREADS as usize)
         .clamp(1, params::ELEMENTWISE_MAX_BLOCKS as usize);

@@ -157,10 +157,7 @@ impl<D: Device> GpuBackend<D> {
     /// A launch with one thread per element of `total`, grid-stride (kernels loop over the
     /// rest), capped at a grid every device accepts.
     fn elementwise_cfg(&self, total: usize) -> LaunchConfig {
-        let blocks = total
-            .div_ceil(params::ELEMENTWISE_THREADS as usize)
-            .clamp(1, params::ELEMENTWISE_MAX_BLOCKS as usize);
-        LaunchConfig::linear(blocks as u32, params::ELEMENTWISE_THREADS, 0)
+        elementwise::cfg(total)
     }
 
     /// A one-block-per-row launch of a row kernel.

@@ -162,12 +162,3 @@ pub fn cast_roundtrip<D: Device>(dev: &D) -> Result<()> {
     }
     Ok(())
 }
-
-/// Every check above that any device can run, in order; the first failure is the error.
-pub fn run_all<D: Device>(dev: &D) -> Result<()> {
-    block_reverse(dev, 3, 256)?;
-    warp(dev)?;
-    mma(dev, DType::F16)?;
-    mma(dev, DType::BF16)?;
-    cast_roundtrip(dev)
-}

@@ -62,8 +62,17 @@ fn lengths_in(op: &'static str, lengths: &[usize], seq: usize) -> Result<()> {
     Ok(())
 }
 
+/// Elements of `shape`; a shape whose count overflows is refused (a wrapped product could match
+/// a small buffer).
+fn elements(op: &'static str, shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| Error::shape(op, "element count", "at most usize::MAX", fmt_shape(shape)))
+}
+
 pub(crate) fn upload(values: usize, shape: &[usize]) -> Result<()> {
-    let n: usize = shape.iter().product();
+    let n = elements("upload", shape)?;
     if values != n {
         return Err(Error::shape(
             "upload",
@@ -76,15 +85,25 @@ pub(crate) fn upload(values: usize, shape: &[usize]) -> Result<()> {
 }
 
 pub(crate) fn reshape(from: &[usize], to: &[usize]) -> Result<()> {
-    if from.iter().product::<usize>() != to.iter().product::<usize>() {
+    let (n_from, n_to) = (elements("reshape", from)?, elements("reshape", to)?);
+    if n_from != n_to {
         return Err(Error::shape(
             "reshape",
             format!("element count of {to:?}"),
-            format!("{} (as {from:?})", from.iter().product::<usize>()),
-            to.iter().product::<usize>(),
+            format!("{n_from} (as {from:?})"),
+            n_to,
         ));
     }
     Ok(())
+}
+
+/// A LayerNorm epsilon: finite and not negative (NaN would make every output NaN).
+pub(crate) fn epsilon(op: &'static str, eps: f32) -> Result<()> {
+    if eps.is_finite() && eps >= 0.0 {
+        Ok(())
+    } else {
+        Err(Error::shape(op, "epsilon", "finite, >= 0", eps))
+    }
 }
 
 pub(crate) fn linear<'a, B: Backend + ?Sized>(
@@ -151,6 +170,7 @@ pub(crate) fn add_layernorm<'a, B: Backend + ?Sized>(
         ));
     }
     let (rows, cols) = nonzero_width(OP, xs)?;
+    epsilon(OP, eps)?;
     last_dim(OP, "gamma", be.shape(gamma), cols)?;
     last_dim(OP, "beta", be.shape(beta), cols)?;
     Ok(LayerNormCall {
@@ -177,4 +197,27 @@ pub(crate) fn rows<'a, B: Backend + ?Sized>(
         cols,
         _checked: Checked,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::backend::{Backend, CpuBackend, CpuConfig};
+
+    #[test]
+    fn absurd_epsilons_and_overflowing_shapes_are_refused() {
+        let be = CpuBackend::new(CpuConfig { threads: Some(1) }).unwrap();
+        let x = be.upload(&[1.0, 2.0], &[1, 2]).unwrap();
+        let g = be.upload(&[1.0, 1.0], &[2]).unwrap();
+        let b = be.upload(&[0.0, 0.0], &[2]).unwrap();
+        be.add_layernorm(&x, &x, &g, &b, 1e-5).unwrap();
+        for eps in [f32::NAN, -1.0, f32::INFINITY] {
+            let e = be.add_layernorm(&x, &x, &g, &b, eps).unwrap_err();
+            assert!(e.to_string().contains("epsilon"), "{eps}: {e}");
+        }
+        // 2^32 x 2^32 wraps to 0 in a plain product, which would match an empty buffer.
+        let e = be.upload(&[], &[1 << 32, 1 << 32]).unwrap_err();
+        assert!(e.to_string().contains("element count"), "{e}");
+        let e = be.reshape(x, &[1 << 32, 1 << 32, 0, 2]).unwrap_err();
+        assert!(e.to_string().contains("element count"), "{e}");
+    }
 }

@@ -53,6 +53,7 @@ pub(crate) fn embed<'a, B: Backend + ?Sized>(
     eps: f32,
 ) -> Result<EmbedCall<'a, B::Tensor>> {
     const OP: &str = "embed";
+    super::epsilon(OP, eps)?;
     let word = be.shape(tables.word);
     let width = word.last().copied().unwrap_or(0);
     for (what, t) in [
