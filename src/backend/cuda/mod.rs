@@ -411,12 +411,15 @@ impl Device for CudaDevice {
             .kernels
             .get(kernel)
             .ok_or_else(|| Error::kernel(BACKEND, kernel, "no kernel of this name"))?;
-        guard(&format!("launch of `{kernel}`"), || {
-            self.enter(&format!("launch of `{kernel}`"))?;
-            // Check and raise under one lock: two threads raising the same kernel's limit must
-            // not leave it lower than what the atomic records.
-            let _raise = self.raise_lock.lock().unwrap_or_else(|p| p.into_inner());
-            if cfg.shared_bytes > k.max_dynamic_shared.load(Ordering::Relaxed) {
+        let what = format!("launch of `{kernel}`");
+        guard(&what, || {
+            self.enter(&what)?;
+            // Raising is rare (once per kernel and size): only then take the lock, and check
+            // again under it, so two threads raising the same kernel's limit cannot leave it
+            // lower than what the atomic records.
+            let raise = (cfg.shared_bytes > k.max_dynamic_shared.load(Ordering::Relaxed))
+                .then(|| self.raise_lock.lock().unwrap_or_else(|p| p.into_inner()));
+            if raise.is_some() && cfg.shared_bytes > k.max_dynamic_shared.load(Ordering::Relaxed) {
                 if cfg.shared_bytes > self.max_shared_optin {
                     return Err(Error::kernel(
                         BACKEND,

@@ -17,11 +17,9 @@ impl<D: Device> GpuBackend<D> {
         }
         let warps = params::ATTN_WARPS as usize;
         let seq = c.shape.seq;
-        let smem = self.shared_bytes(
-            "attention",
-            warps.saturating_mul(seq),
-            &format!("attention over {seq} positions"),
-        )?;
+        let smem = self.shared_bytes("attention", warps.saturating_mul(seq), || {
+            format!("attention over {seq} positions")
+        })?;
         let lengths = self.ints("length", c.shape.lengths.iter().copied())?;
         let cfg = LaunchConfig {
             grid: [

@@ -200,18 +200,20 @@ impl<D: Device> GpuBackend<D> {
 
     /// Dynamic shared memory of a row kernel that keeps one f32 row plus its scratch.
     fn row_shared(&self, op: &str, cols: usize) -> Result<u32> {
-        self.shared_bytes(op, cols + params::ROW_SCRATCH as usize, "one row")
+        self.shared_bytes(op, cols + params::ROW_SCRATCH as usize, || "one row".into())
     }
 
     /// `floats` f32 values of dynamic shared memory, refused over the device limit.
-    fn shared_bytes(&self, op: &str, floats: usize, what: &str) -> Result<u32> {
+    /// `what` is only formatted for the error: this runs on every launch.
+    fn shared_bytes(&self, op: &str, floats: usize, what: impl FnOnce() -> String) -> Result<u32> {
         let bytes = floats.saturating_mul(4);
         if bytes > MAX_SHARED_BYTES as usize {
             return Err(Error::kernel(
                 self.dev.name(),
                 self.kernel(op),
                 format!(
-                    "{what} needs {bytes} bytes of shared memory, more than the {MAX_SHARED_BYTES} a block may have"
+                    "{} needs {bytes} bytes of shared memory, more than the {MAX_SHARED_BYTES} a block may have",
+                    what()
                 ),
             ));
         }

@@ -52,7 +52,7 @@ impl<D: Device> GpuBackend<D> {
         let smem = self.shared_bytes(
             "ramp_exit",
             2 * c.width + c.classes + params::ROW_SCRATCH as usize,
-            &format!("a ramp of width {} and {} classes", c.width, c.classes),
+            || format!("a ramp of width {} and {} classes", c.width, c.classes),
         )?;
         let lens = self.ints("length", c.input.lengths.iter().copied())?;
         let out = self.dev.alloc(3 * batch * 4)?;
