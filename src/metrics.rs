@@ -92,6 +92,30 @@ pub struct Metrics {
     /// Active ramps and their thresholds.
     active: Mutex<Vec<(String, f32)>>,
     window_accuracy: AtomicU64,
+    /// Overhead of the live loops (see [`Overhead`]).
+    shadow_batches: AtomicU64,
+    shadow_us: AtomicU64,
+    learn_runs: AtomicU64,
+    learn_us: AtomicU64,
+    heads_swapped: AtomicU64,
+}
+
+/// What the live adaptation loops cost, counted since the engine started: shadow evaluation on
+/// the request path (pooling every candidate ramp point on sampled batches) and head retraining
+/// off it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Overhead {
+    /// Batches run (all of them).
+    pub batches: u64,
+    /// Batches that also pooled features at every candidate ramp point.
+    pub shadow_batches: u64,
+    /// Wall time those batches spent on it, ms in all.
+    pub shadow_ms: f64,
+    /// Head retraining runs, and their wall time (on the adapter's learner thread), ms in all.
+    pub learn_runs: u64,
+    pub learn_ms: f64,
+    /// Retrained heads that beat the serving head on held-out live samples and replaced it.
+    pub heads_swapped: u64,
 }
 
 impl Default for Metrics {
@@ -118,6 +142,11 @@ impl Metrics {
             exits: Mutex::new(vec![("final".into(), 0)]),
             active: Mutex::new(Vec::new()),
             window_accuracy: AtomicU64::new(1f64.to_bits()),
+            shadow_batches: AtomicU64::new(0),
+            shadow_us: AtomicU64::new(0),
+            learn_runs: AtomicU64::new(0),
+            learn_us: AtomicU64::new(0),
+            heads_swapped: AtomicU64::new(0),
         }
     }
 
@@ -150,6 +179,32 @@ impl Metrics {
         match e.iter_mut().find(|(n, _)| n == exit) {
             Some((_, c)) => *c += 1,
             None => e.push((exit.to_string(), 1)),
+        }
+    }
+
+    pub(crate) fn count_shadow(&self, d: std::time::Duration) {
+        self.shadow_batches.fetch_add(1, Ordering::Relaxed);
+        self.shadow_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_learn(&self, d: std::time::Duration, swapped: usize) {
+        self.learn_runs.fetch_add(1, Ordering::Relaxed);
+        self.learn_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.heads_swapped
+            .fetch_add(swapped as u64, Ordering::Relaxed);
+    }
+
+    /// The live loops' overhead so far.
+    pub fn overhead(&self) -> Overhead {
+        Overhead {
+            batches: self.batches(),
+            shadow_batches: self.shadow_batches.load(Ordering::Relaxed),
+            shadow_ms: self.shadow_us.load(Ordering::Relaxed) as f64 / 1e3,
+            learn_runs: self.learn_runs.load(Ordering::Relaxed),
+            learn_ms: self.learn_us.load(Ordering::Relaxed) as f64 / 1e3,
+            heads_swapped: self.heads_swapped.load(Ordering::Relaxed),
         }
     }
 

@@ -8,12 +8,101 @@ use super::tuner::TunerConfig;
 use crate::error::{Error, Result};
 use crate::format::Family;
 
-/// Settings of the adaptation loops. Defaults follow the Apparate paper (section 4); the
-/// family-specific ones come from [`ApparateConfig::vision`] / [`ApparateConfig::language`].
+/// Which control loops adapt ramps and thresholds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// The evidence-driven loops (docs/adaptation.md): shadow evidence for every candidate ramp,
+    /// confidence-bounded thresholds, ramps that keep learning, a sequential drift test. Each
+    /// part can be switched off in [`LiveConfig`] for ablations. The default.
+    #[default]
+    Live,
+    /// The Apparate paper's loops as published (section 4): thresholds tuned on a window with a
+    /// fixed headroom, ramp adjustment by utilities, ramps trained once.
+    Paper,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Mode> {
+        match s {
+            "live" => Ok(Mode::Live),
+            "paper" => Ok(Mode::Paper),
+            _ => Err(Error::config("mode", format!("`{s}`"), "live or paper")),
+        }
+    }
+}
+
+/// Settings of the live loops ([`Mode::Live`]). Each `bool` switches one part of the design on
+/// or off, so an ablation can show what it buys.
+#[derive(Clone, Debug)]
+pub struct LiveConfig {
+    /// Part 1: on sampled batches, pool the features of every candidate ramp point and score
+    /// every ramp's head on them off the request path, so ramp sets are chosen on live evidence
+    /// and start tuned. Off: candidates are judged on the bootstrap outputs only. Default `true`.
+    pub shadow: bool,
+    /// Largest fraction of batches that run shadow evaluation. The fraction used is lowered
+    /// further so that its measured cost plus the active ramps' stays within `max_ramp_cost`.
+    /// Default 1.0 (the cost budget decides).
+    pub shadow_fraction: f64,
+    /// Part 2: thresholds whose disagreement, as an exact (Clopper-Pearson) upper confidence
+    /// bound on held-back evidence, stays within the budget. Off: tuned to `accuracy_budget *
+    /// (1 - tuning_headroom)` on the evidence, as the paper mode. Default `true`.
+    pub bound: bool,
+    /// Confidence of that bound. Default 0.95.
+    pub confidence: f64,
+    /// Part 3: retrain the ramp heads on the model's own answers to live inputs (shadow
+    /// samples), and swap a head in when it beats the serving one on held-out live samples.
+    /// Needs `shadow`. Default `true`.
+    pub learning: bool,
+    /// New live samples between retraining runs. Default 256.
+    pub retrain_every: usize,
+    /// Live samples needed before the first retraining (and after a drift). Default 192.
+    pub retrain_min: usize,
+    /// Retrain on a background thread (serving) or inline (tests: deterministic). Default `true`.
+    pub learn_in_background: bool,
+    /// Part 4: a sequential (CUSUM) test on the released answers' disagreement tells a regime
+    /// change from noise and shrinks the evidence to the samples after the estimated change
+    /// point. Off: the paper's fixed-count drift alarm. Default `true`.
+    pub drift_test: bool,
+    /// CUSUM decision threshold (log-likelihood ratio units). Higher: fewer false alarms,
+    /// slower detection. Default 5.0.
+    pub drift_threshold: f64,
+    /// Most recent samples kept as evidence (and as retraining data). Default 2048.
+    pub evidence_capacity: usize,
+    /// Batches between re-evaluations of the ramp set on the evidence. Default 32.
+    pub replan_every_batches: usize,
+}
+
+impl Default for LiveConfig {
+    fn default() -> Self {
+        LiveConfig {
+            shadow: true,
+            shadow_fraction: 1.0,
+            bound: true,
+            confidence: 0.95,
+            learning: true,
+            retrain_every: 256,
+            retrain_min: 192,
+            learn_in_background: true,
+            drift_test: true,
+            drift_threshold: 5.0,
+            evidence_capacity: 2048,
+            replan_every_batches: 32,
+        }
+    }
+}
+
+/// Settings of the adaptation loops. Defaults follow the Apparate paper (section 4) where the
+/// paper sets them; the family-specific ones come from [`ApparateConfig::vision`] /
+/// [`ApparateConfig::language`].
 #[derive(Clone, Debug)]
 pub struct ApparateConfig {
     /// `false` serves the plain model: no ramps run, nothing adapts. Default `true`.
     pub enabled: bool,
+    /// The loops: [`Mode::Live`] (default) or [`Mode::Paper`].
+    pub mode: Mode,
+    /// Settings of the live loops.
+    pub live: LiveConfig,
     /// Largest tolerated disagreement with the model, per window. Default 0.01.
     pub accuracy_budget: f64,
     /// Share of the budget the tuner keeps unused: it tunes for a disagreement of at most
@@ -74,6 +163,8 @@ impl ApparateConfig {
     pub fn vision() -> ApparateConfig {
         ApparateConfig {
             enabled: true,
+            mode: Mode::Live,
+            live: LiveConfig::default(),
             accuracy_budget: 0.01,
             tuning_headroom: 0.75,
             window_batches: 4,
@@ -201,6 +292,34 @@ impl ApparateConfig {
                 )?;
             }
         }
+        let l = &self.live;
+        check_real(
+            "live.shadow_fraction",
+            l.shadow_fraction,
+            Included(0.0),
+            Included(1.0),
+        )?;
+        check_real(
+            "live.confidence",
+            l.confidence,
+            Excluded(0.5),
+            Excluded(1.0),
+        )?;
+        check_count("live.retrain_every", l.retrain_every, 1, MAX_COUNT)?;
+        check_count("live.retrain_min", l.retrain_min, 8, MAX_COUNT)?;
+        check_real(
+            "live.drift_threshold",
+            l.drift_threshold,
+            Excluded(0.0),
+            Included(1e6),
+        )?;
+        check_count("live.evidence_capacity", l.evidence_capacity, 64, MAX_COUNT)?;
+        check_count(
+            "live.replan_every_batches",
+            l.replan_every_batches,
+            1,
+            MAX_COUNT,
+        )?;
         if self.tuner.initial_steps.is_empty() {
             return Err(Error::config(
                 "tuner.initial_steps",

@@ -20,7 +20,7 @@ pub mod latency;
 mod placement;
 pub mod tuner;
 
-pub use config::ApparateConfig;
+pub use config::{ApparateConfig, LiveConfig, Mode};
 pub use controller::Controller;
 pub use events::{ActiveConfig, AdaptEvent, BatchRecord};
 
