@@ -7,9 +7,10 @@
 //! trait), [`vision`] (image files to model input), [`tokenize`] and [`pipeline`] (text in,
 //! answer out), [`convert`] (real checkpoints into our format), [`backbone`] (any model as a
 //! chain of stages), [`ramps`] (exit heads: loading, bootstrap training), [`dataset`] (input
-//! streams from disk), [`profile`] (measured stage and ramp costs), [`adapt`] (thresholds and
-//! ramp placement at run time), [`serve`] (the engine), [`metrics`] and [`loadgen`] (measuring
-//! it). The command-line front end is `src/bin/apparate/`.
+//! streams from disk), [`head_train`] (a classifier head trained on a frozen backbone),
+//! [`profile`] (measured stage and ramp costs), [`adapt`] (thresholds and ramp placement at run
+//! time), [`serve`] (the engine), [`metrics`] and [`loadgen`] (measuring it). The command-line
+//! front end is `src/bin/apparate/`.
 
 pub mod adapt;
 pub mod backbone;
@@ -19,6 +20,7 @@ pub mod dataset;
 pub mod error;
 pub mod format;
 pub mod graph;
+pub mod head_train;
 pub mod loadgen;
 pub mod metrics;
 pub mod models;

@@ -5,12 +5,14 @@
 pub mod bert_config;
 pub mod cnn_config;
 mod container;
+pub mod head;
 pub mod meta;
 mod model_file;
 pub mod ramps;
 mod writer;
 
 pub use container::{TensorInfo, sha256_hex};
+pub use head::{ClassifierHead, head_input_width, write_with_head};
 pub use meta::{
     FORMAT_VERSION, Family, FileKind, HeadMeta, META_KEY, ModelMeta, Preprocessing, Provenance,
     TOKENIZER_ENTRY,

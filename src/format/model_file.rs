@@ -89,6 +89,15 @@ impl ModelFile {
         self.c.metadata.get(key).map(String::as_str)
     }
 
+    /// Every metadata entry, the main JSON included, as `(key, text)` (to copy a file's entries
+    /// into a derived file, e.g. one with a new head).
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.c
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
     /// The embedded `tokenizer.json` text (empty for models that take no text).
     pub fn tokenizer_json(&self) -> &str {
         match &self.meta.preprocessing {

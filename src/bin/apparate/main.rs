@@ -1,6 +1,6 @@
 //! `apparate`: the command-line front end. One module per subcommand: [`convert_cmd`],
 //! [`inspect`], [`devices`], [`text`] (embed, classify), [`ramps_cmd`] (train-ramps, profile),
-//! [`replay`] (serve-replay). Every flag is checked before anything is loaded; ranges of the
+//! [`train_head`], [`replay`] (serve-replay). Every flag is checked before anything is loaded; ranges of the
 //! serving and adaptation knobs are the config structs' own `validate`, so the library API and
 //! the command line refuse the same values.
 
@@ -28,6 +28,7 @@ mod progress;
 mod ramps_cmd;
 mod replay;
 mod text;
+mod train_head;
 
 #[derive(Parser)]
 #[command(
@@ -58,6 +59,11 @@ enum Command {
     /// with the model's own answers as labels; write the ramps file and report each ramp's
     /// held-out agreement with the model and its exit curve.
     TrainRamps(ramps_cmd::TrainRampsArgs),
+    /// Train a classifier head on a frozen backbone from labelled data (texts + labels, or
+    /// image folders): run the backbone once over the inputs, fit softmax regression on the
+    /// features its classifier reads, and write the model with that head plus a held-out
+    /// accuracy report.
+    TrainHead(train_head::TrainHeadArgs),
     /// Feed a stored stream through the serving engine in real time (open-loop arrivals) and show
     /// what it does: throughput, latency percentiles, exits, agreement, ramp changes.
     ServeReplay(replay::ServeReplayArgs),
@@ -175,6 +181,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Embed(a) => text::embed(a),
         Command::Classify(a) => text::classify(a),
         Command::TrainRamps(a) => ramps_cmd::train_ramps_cmd(a),
+        Command::TrainHead(a) => train_head::train_head_cmd(a),
         Command::ServeReplay(a) => replay::serve_replay_cmd(a),
         Command::Profile(a) => ramps_cmd::profile_cmd(a),
     }
