@@ -67,11 +67,7 @@ impl Controller {
             points,
             allowed,
             profile,
-            active: ActiveConfig {
-                id: 0,
-                ramps: Vec::new(),
-                thresholds: Vec::new(),
-            },
+            active: ActiveConfig::empty(0),
             tuned: false,
             window: VecDeque::new(),
             recent_exits: VecDeque::new(),
@@ -176,6 +172,7 @@ impl Controller {
             id: self.active.id + 1,
             thresholds: vec![0.0; set.len()],
             ramps: set.clone(),
+            shadow_fraction: 0.0,
         };
         self.remember(set.clone());
         self.window.clear();
@@ -254,23 +251,6 @@ impl Controller {
         self.log(kind, why, t.eval.saving, t.eval.accuracy);
     }
 
-    /// Refreshes the running profile with a batch's live stage timings.
-    fn refresh_profile(&mut self, batch: usize, stage_ms: &[f64]) {
-        let w = self.cfg.profile_update_weight;
-        if let Some(p) = self.profile.batches.iter_mut().find(|p| p.batch == batch)
-            && p.stages.len() == stage_ms.len()
-        {
-            let old_sum: f64 = p.stages.iter().map(|s| s.median_ms).sum();
-            for (s, &t) in p.stages.iter_mut().zip(stage_ms) {
-                s.median_ms = (1.0 - w) * s.median_ms + w * t;
-            }
-            let new_sum: f64 = p.stages.iter().map(|s| s.median_ms).sum();
-            if old_sum > 0.0 {
-                p.vanilla.median_ms *= new_sum / old_sum;
-            }
-        }
-    }
-
     /// Feeds one batch; returns the configuration to run from now on when it changed.
     pub fn on_batch(&mut self, rec: BatchRecord) -> Option<ActiveConfig> {
         self.batches += 1;
@@ -279,7 +259,12 @@ impl Controller {
             return None;
         }
         if let Some(ms) = &rec.stage_ms {
-            self.refresh_profile(rec.len(), ms);
+            refresh_profile(
+                &mut self.profile,
+                self.cfg.profile_update_weight,
+                rec.len(),
+                ms,
+            );
         }
         if !self.cfg.enabled || self.cfg.fixed.is_some() || rec.config_id != self.active.id {
             // Ran under an older configuration: its rows do not match the active ramps.
@@ -433,5 +418,22 @@ impl Controller {
                 now.accuracy
             ),
         );
+    }
+}
+
+/// Refreshes a running profile with a batch's live stage timings (exponential average of weight
+/// `w`; the straight-through time scales with the stages' sum).
+pub(super) fn refresh_profile(profile: &mut Profile, w: f64, batch: usize, stage_ms: &[f64]) {
+    if let Some(p) = profile.batches.iter_mut().find(|p| p.batch == batch)
+        && p.stages.len() == stage_ms.len()
+    {
+        let old_sum: f64 = p.stages.iter().map(|s| s.median_ms).sum();
+        for (s, &t) in p.stages.iter_mut().zip(stage_ms) {
+            s.median_ms = (1.0 - w) * s.median_ms + w * t;
+        }
+        let new_sum: f64 = p.stages.iter().map(|s| s.median_ms).sum();
+        if old_sum > 0.0 {
+            p.vanilla.median_ms *= new_sum / old_sum;
+        }
     }
 }

@@ -12,6 +12,37 @@ pub struct ActiveConfig {
     pub id: u64,
     pub ramps: Vec<usize>,
     pub thresholds: Vec<f32>,
+    /// Share of batches that pool every candidate ramp point's features for the live loops'
+    /// evidence (shadow evaluation). Changes without a new `id`: the active ramps' outputs stay
+    /// valid.
+    pub shadow_fraction: f32,
+}
+
+impl ActiveConfig {
+    /// No ramps, no shadow evaluation.
+    pub fn empty(id: u64) -> ActiveConfig {
+        ActiveConfig {
+            id,
+            ramps: Vec::new(),
+            thresholds: Vec::new(),
+            shadow_fraction: 0.0,
+        }
+    }
+}
+
+/// A shadow batch's extra record: per ramp of the file, the pooled features it reads
+/// (`[inputs, width]`), and what pooling them cost.
+#[derive(Clone, Debug)]
+pub struct ShadowRecord {
+    pub features: Vec<Vec<f32>>,
+    pub ms: f64,
+}
+
+/// A retrained head for ramp `ramp` of the file, for the executor to upload between batches.
+#[derive(Clone, Debug)]
+pub struct HeadUpdate {
+    pub ramp: usize,
+    pub head: std::sync::Arc<crate::ramps::train::TrainedHead>,
 }
 
 /// What one batch did, as the executor records it.
@@ -27,6 +58,10 @@ pub struct BatchRecord {
     pub agreed: Vec<bool>,
     /// Wall time of each stage, when the backend runs synchronously (else `None`).
     pub stage_ms: Option<Vec<f64>>,
+    /// Per input: the model's answer (the final stage's class).
+    pub answers: Vec<u32>,
+    /// On shadow batches: every candidate point's pooled features.
+    pub shadow: Option<ShadowRecord>,
 }
 
 impl BatchRecord {
@@ -51,6 +86,8 @@ impl BatchRecord {
             exited,
             agreed,
             stage_ms: None,
+            answers: Vec::new(),
+            shadow: None,
         }
     }
 
@@ -73,7 +110,8 @@ pub struct AdaptEvent {
     pub batch: u64,
     /// Inputs seen when it happened (the answered requests, in completion order).
     pub inputs: u64,
-    /// `place`, `tune`, `violation`, `disable`, `retune`, `remove`, `add`, `probe`, `keep`.
+    /// `place`, `tune`, `violation`, `disable`, `retune`, `remove`, `add`, `probe`, `keep`
+    /// (paper mode); `place`, `tune`, `replan`, `drift`, `violation`, `learn` (live mode).
     pub kind: &'static str,
     pub why: String,
     /// Active ramp points and thresholds after the decision.

@@ -35,6 +35,7 @@ impl Controller {
             id: 1,
             ramps: pairs.iter().map(|p| p.0).collect(),
             thresholds: pairs.iter().map(|p| p.1).collect(),
+            shadow_fraction: 0.0,
         };
         self.log(
             "place",
@@ -104,6 +105,7 @@ impl Controller {
             } else {
                 vec![0.0; set.len()]
             },
+            shadow_fraction: 0.0,
         };
         self.remember(set.clone());
         let eval = evaluate(

@@ -271,6 +271,8 @@ fn a_drift_alarm_after_a_ramp_set_change_names_only_active_ramps() {
         exited: vec![Some(2); 2],
         agreed: vec![false; 2],
         stage_ms: None,
+        answers: Vec::new(),
+        shadow: None,
     };
     assert!(
         c.on_batch(wrong_at_third).is_none(),
@@ -284,6 +286,8 @@ fn a_drift_alarm_after_a_ramp_set_change_names_only_active_ramps() {
         exited: vec![None],
         agreed: vec![false],
         stage_ms: None,
+        answers: Vec::new(),
+        shadow: None,
     };
     let changed = c.on_batch(wrong_at_new).expect("the alarm fires");
     // Ramp 2 of the file is not active any more: nothing of the new set is named or touched.

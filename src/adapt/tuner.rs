@@ -70,6 +70,30 @@ impl Samples {
         s
     }
 
+    /// Splits the inputs in two interleaved parts: every `m`-th input (from the first) into the
+    /// first part, the rest into the second. Interleaving keeps both parts from the same stretch
+    /// of the stream (a split in time would put a drift between them).
+    pub fn split(&self, m: usize) -> (Samples, Samples) {
+        let m = m.max(2);
+        let n = self.len;
+        let pick = |first: bool| {
+            let idx: Vec<usize> = (0..n).filter(|i| (i % m == 0) == first).collect();
+            let mut s = Samples {
+                ramps: self.ramps,
+                u: Vec::with_capacity(self.ramps * idx.len()),
+                correct: Vec::with_capacity(self.ramps * idx.len()),
+                len: idx.len(),
+            };
+            for r in 0..self.ramps {
+                s.u.extend(idx.iter().map(|&i| self.u[r * n + i]));
+                s.correct
+                    .extend(idx.iter().map(|&i| self.correct[r * n + i]));
+            }
+            s
+        };
+        (pick(true), pick(false))
+    }
+
     /// Keeps only the ramps listed (by index into this set), in that order.
     pub fn select(&self, keep: &[usize]) -> Samples {
         let n = self.len;
@@ -171,6 +195,22 @@ pub struct Tuned {
 /// by `u`, a candidate costs a binary search and a walk over those few inputs, not a pass over
 /// the window (3 ramps x 1,000 samples: 0.18 ms instead of 0.79 ms, `cargo bench --bench tuner`).
 pub fn tune(s: &Samples, lat: &LatencyModel, cfg: &TunerConfig) -> Tuned {
+    best_climb(s, lat, cfg, false).0
+}
+
+/// [`tune`], also returning the thresholds after every accepted move of the winning search,
+/// in order (the last entry is the result; empty when nothing moved). The path is what
+/// [`super::bound::tune_bounded`] tests on held-back samples.
+pub fn tune_path(s: &Samples, lat: &LatencyModel, cfg: &TunerConfig) -> (Tuned, Vec<Vec<f32>>) {
+    best_climb(s, lat, cfg, true)
+}
+
+fn best_climb(
+    s: &Samples,
+    lat: &LatencyModel,
+    cfg: &TunerConfig,
+    record: bool,
+) -> (Tuned, Vec<Vec<f32>>) {
     let k = s.ramps;
     let n = s.len;
     let zero = vec![0.0f32; k];
@@ -178,54 +218,97 @@ pub fn tune(s: &Samples, lat: &LatencyModel, cfg: &TunerConfig) -> Tuned {
         eval: evaluate(s, &zero, lat),
         thresholds: zero,
     };
+    let mut best_path = Vec::new();
     if k == 0 || n == 0 {
-        return best;
+        return (best, best_path);
     }
-    let floor = 1.0 - cfg.accuracy_budget;
-    // Per ramp: input indices sorted by u.
-    let order: Vec<Vec<u32>> = (0..k)
-        .map(|r| {
-            let u = &s.u[r * n..(r + 1) * n];
-            let mut idx: Vec<u32> = (0..n as u32).collect();
-            idx.sort_by(|&a, &b| u[a as usize].total_cmp(&u[b as usize]).then(a.cmp(&b)));
-            idx
-        })
-        .collect();
-    let release = lat.release_ms();
-    let v = lat.vanilla_ms;
-    let saving_of = |counts: &[usize]| -> f64 {
-        if v <= 0.0 {
+    let search = Search::new(s, lat, cfg);
+    for &init in &cfg.initial_steps {
+        let (tau, saving, path) = search.climb(init, record);
+        if saving > best.eval.saving + 1e-12 {
+            best = Tuned {
+                eval: evaluate(s, &tau, lat),
+                thresholds: tau,
+            };
+            best_path = path;
+        }
+    }
+    (best, best_path)
+}
+
+/// What every climb of one search shares: the inputs sorted by `u` per ramp, release latencies.
+struct Search<'a> {
+    s: &'a Samples,
+    cfg: &'a TunerConfig,
+    order: Vec<Vec<u32>>,
+    release: Vec<f64>,
+    vanilla: f64,
+}
+
+impl<'a> Search<'a> {
+    fn new(s: &'a Samples, lat: &LatencyModel, cfg: &'a TunerConfig) -> Search<'a> {
+        let (k, n) = (s.ramps, s.len);
+        // Per ramp: input indices sorted by u.
+        let order: Vec<Vec<u32>> = (0..k)
+            .map(|r| {
+                let u = &s.u[r * n..(r + 1) * n];
+                let mut idx: Vec<u32> = (0..n as u32).collect();
+                idx.sort_by(|&a, &b| u[a as usize].total_cmp(&u[b as usize]).then(a.cmp(&b)));
+                idx
+            })
+            .collect();
+        Search {
+            s,
+            cfg,
+            order,
+            release: lat.release_ms(),
+            vanilla: lat.vanilla_ms,
+        }
+    }
+
+    fn saving_of(&self, counts: &[usize]) -> f64 {
+        if self.vanilla <= 0.0 {
             return 0.0;
         }
+        let n = self.s.len as f64;
         let expected: f64 = counts
             .iter()
-            .zip(&release)
-            .map(|(&c, l)| c as f64 / n as f64 * l)
+            .zip(&self.release)
+            .map(|(&c, l)| c as f64 / n * l)
             .sum();
-        (v - expected) / v
-    };
-    let wrong_at = |r: usize, i: usize| r < k && !s.correct[r * n + i];
-    for &init in &cfg.initial_steps {
+        (self.vanilla - expected) / self.vanilla
+    }
+
+    /// The inputs a move of ramp r from `from` to `to` would change.
+    fn affected(&self, r: usize, from: f32, to: f32, exit: &[u16]) -> Vec<u32> {
+        let n = self.s.len;
+        let u = &self.s.u[r * n..(r + 1) * n];
+        let o = &self.order[r];
+        let lo = o.partition_point(|&i| u[i as usize] < from);
+        let hi = o.partition_point(|&i| u[i as usize] < to);
+        o[lo..hi]
+            .iter()
+            .copied()
+            .filter(|&i| exit[i as usize] as usize > r)
+            .collect()
+    }
+
+    /// One climb from all-zero thresholds with initial step `init`: the thresholds, their
+    /// saving, and (if `record`) the thresholds after each accepted move.
+    fn climb(&self, init: f32, record: bool) -> (Vec<f32>, f64, Vec<Vec<f32>>) {
+        let (s, cfg) = (self.s, self.cfg);
+        let (k, n) = (s.ramps, s.len);
+        let floor = 1.0 - cfg.accuracy_budget;
+        let wrong_at = |r: usize, i: usize| r < k && !s.correct[r * n + i];
+        let mut path = Vec::new();
         let mut tau = vec![0.0f32; k];
         // Where each input leaves now (k: at the end), counts per exit, wrong exits.
         let mut exit = vec![k as u16; n];
         let mut counts = vec![0usize; k + 1];
         counts[k] = n;
         let mut wrong = 0usize;
-        let mut saving = saving_of(&counts);
+        let mut saving = self.saving_of(&counts);
         let mut steps = vec![init.max(cfg.min_step); k];
-        // The inputs a move of ramp r to `to` would change.
-        let affected = |r: usize, from: f32, to: f32, exit: &[u16]| -> Vec<u32> {
-            let u = &s.u[r * n..(r + 1) * n];
-            let o = &order[r];
-            let lo = o.partition_point(|&i| u[i as usize] < from);
-            let hi = o.partition_point(|&i| u[i as usize] < to);
-            o[lo..hi]
-                .iter()
-                .copied()
-                .filter(|&i| exit[i as usize] as usize > r)
-                .collect()
-        };
         for _ in 0..10_000 {
             if steps.iter().all(|&st| st < cfg.min_step) {
                 break;
@@ -240,14 +323,14 @@ pub fn tune(s: &Samples, lat: &LatencyModel, cfg: &TunerConfig) -> Tuned {
                 let to = (tau[r] + steps[r]).min(1.0);
                 let mut c = counts.clone();
                 let mut w = wrong;
-                for i in affected(r, tau[r], to, &exit) {
+                for i in self.affected(r, tau[r], to, &exit) {
                     let (i, e) = (i as usize, exit[i as usize] as usize);
                     c[e] -= 1;
                     c[r] += 1;
                     w = w - usize::from(wrong_at(e, i)) + usize::from(wrong_at(r, i));
                 }
                 let acc = 1.0 - w as f64 / n as f64;
-                let gain = saving_of(&c) - saving;
+                let gain = self.saving_of(&c) - saving;
                 if acc + 1e-12 < floor || gain <= 1e-12 {
                     continue;
                 }
@@ -266,31 +349,28 @@ pub fn tune(s: &Samples, lat: &LatencyModel, cfg: &TunerConfig) -> Tuned {
             }
             match choice {
                 Some((r, _, _, to, w, c)) => {
-                    for i in affected(r, tau[r], to, &exit) {
+                    for i in self.affected(r, tau[r], to, &exit) {
                         exit[i as usize] = r as u16;
                     }
                     tau[r] = to;
                     counts = c;
                     wrong = w;
-                    saving = saving_of(&counts);
+                    saving = self.saving_of(&counts);
                     steps[r] *= 2.0;
                     for f in free {
                         if f != r {
                             steps[f] *= 2.0;
                         }
                     }
+                    if record {
+                        path.push(tau.clone());
+                    }
                 }
                 None => steps.iter_mut().for_each(|st| *st /= 2.0),
             }
         }
-        if saving > best.eval.saving + 1e-12 {
-            best = Tuned {
-                eval: evaluate(s, &tau, lat),
-                thresholds: tau,
-            };
-        }
+        (tau, saving, path)
     }
-    best
 }
 
 #[cfg(test)]

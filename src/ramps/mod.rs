@@ -11,6 +11,7 @@ use crate::backend::{Backend, PendingDecisions, Pooling, RampDecision, RampInput
 use crate::dataset::Inputs;
 use crate::error::{Error, Result};
 use crate::format::{RampHead, RampsFile};
+use train::TrainedHead;
 
 /// One ramp on a backend.
 pub struct Ramp<T> {
@@ -91,6 +92,44 @@ impl<T> Ramps<T> {
         self.ramps.iter().position(|r| r.stage == stage)
     }
 
+    /// Replaces ramp `i`'s head with `head` (same shape), uploaded the way a ramps file's
+    /// tensors are: the live loops' retrained heads.
+    pub fn replace_head<B: Backend<Tensor = T>>(
+        &mut self,
+        be: &B,
+        i: usize,
+        head: &TrainedHead,
+    ) -> Result<()> {
+        let r = self
+            .ramps
+            .get_mut(i)
+            .ok_or_else(|| Error::Input(format!("no ramp {i} to replace")))?;
+        if head.head != r.head {
+            return Err(Error::Input(format!(
+                "a retrained head for `{}` has another shape than the serving one",
+                r.point
+            )));
+        }
+        let tensors = head.tensors();
+        let up = |k: usize| -> Result<T> {
+            let (name, t) = &tensors[k];
+            be.load_weight(&crate::tensor::TensorView {
+                name,
+                dtype: t.dtype,
+                shape: &t.shape,
+                bytes: &t.bytes,
+            })
+        };
+        match r.head {
+            RampHead::Linear { .. } => r.out = (up(0)?, up(1)?),
+            RampHead::DenseTanhLinear { .. } => {
+                r.dense = Some((up(0)?, up(1)?));
+                r.out = (up(2)?, up(3)?);
+            }
+        }
+        Ok(())
+    }
+
     /// Ramp `i`'s weights as the backend's fused kernel takes them.
     fn head(&self, i: usize) -> RampWeights<'_, T> {
         let r = &self.ramps[i];
@@ -133,6 +172,80 @@ impl<T> Ramps<T> {
         let head = self.head(i);
         be.ramp_exit(&self.input(out), &head, threshold)
     }
+}
+
+/// Host copies of every head of `file`, in stage order as [`Ramps::load`] orders them for
+/// `backbone`: what the live loops score shadow samples with and retrain.
+pub fn host_heads<B: Backend>(
+    backbone: &Backbone<B>,
+    file: &RampsFile,
+) -> Result<Vec<TrainedHead>> {
+    let graph = backbone.graph();
+    let mut heads: Vec<(usize, TrainedHead)> = Vec::new();
+    for r in &file.meta().ramps {
+        let stage = graph.position(&r.point).unwrap_or(usize::MAX);
+        let values = r
+            .head
+            .tensors()
+            .iter()
+            .map(|(suffix, _)| Ok(file.tensor(&r.point, suffix)?.to_f32().into_owned()))
+            .collect::<Result<Vec<_>>>()?;
+        let h = TrainedHead::from_tensors(r.head.clone(), values)
+            .map_err(|e| Error::Input(format!("ramp `{}`: {e}", r.point)))?;
+        heads.push((stage, h));
+    }
+    heads.sort_by_key(|h| h.0);
+    Ok(heads.into_iter().map(|h| h.1).collect())
+}
+
+/// What the ramps of a file say about a set of inputs: every ramp's `(u, agrees)` rows, the
+/// model's answers, and the pooled features each ramp read (per ramp, `[n, width]`).
+pub struct Evidence {
+    pub rows: RampRows,
+    pub answers: Vec<u32>,
+    pub features: Vec<Vec<f32>>,
+}
+
+/// [`record_outputs`] that also keeps the model's answers and each ramp's pooled features:
+/// the live loops' first evidence (the bootstrap inputs).
+pub fn record_evidence<B: Backend>(
+    backbone: &Backbone<B>,
+    ramps: &Ramps<B::Tensor>,
+    inputs: &Inputs,
+    batch_size: usize,
+) -> Result<Evidence> {
+    let never = backbone.backend().upload(&[0.0], &[1])?;
+    let mut ev = Evidence {
+        rows: Vec::with_capacity(inputs.len()),
+        answers: Vec::with_capacity(inputs.len()),
+        features: vec![Vec::new(); ramps.len()],
+    };
+    let mut done = 0;
+    while done < inputs.len() {
+        let end = (done + batch_size.max(1)).min(inputs.len());
+        let batch = inputs.batch(backbone, done..end)?;
+        let mut outs: Vec<Vec<(u32, f32)>> = vec![Vec::new(); end - done];
+        let last = backbone.run_stages(&batch, |s, o| {
+            if let Some(r) = ramps.at_stage(s) {
+                ev.features[r].extend(backbone.pooled_features(o)?);
+                for (i, d) in ramps
+                    .check(backbone.backend(), r, o, &never)?
+                    .iter()
+                    .enumerate()
+                {
+                    outs[i].push((d.class, d.uncertainty));
+                }
+            }
+            Ok(())
+        })?;
+        for (o, label) in outs.iter().zip(backbone.predictions(&last)?) {
+            ev.rows
+                .push(o.iter().map(|(c, u)| (*u, *c == label)).collect());
+            ev.answers.push(label);
+        }
+        done = end;
+    }
+    Ok(ev)
 }
 
 /// Per input, every ramp's `(u, its class == the model's answer)`.

@@ -96,6 +96,142 @@ impl TrainedHead {
     }
 }
 
+impl TrainedHead {
+    /// A head from stored tensors (a ramps file's `(suffix, values)` in [`RampHead::tensors`]
+    /// order): the host copy the live loops score shadow samples with.
+    pub fn from_tensors(head: RampHead, values: Vec<Vec<f32>>) -> Result<TrainedHead, String> {
+        let shapes = head.tensors();
+        if values.len() != shapes.len() {
+            return Err(format!(
+                "{} tensors for a head of {}",
+                values.len(),
+                shapes.len()
+            ));
+        }
+        for ((name, shape), v) in shapes.iter().zip(&values) {
+            if v.len() != shape.iter().product::<usize>() {
+                return Err(format!(
+                    "tensor `{name}` has {} values, not {shape:?}",
+                    v.len()
+                ));
+            }
+        }
+        let mut it = values.into_iter();
+        let dense = match head {
+            RampHead::Linear { .. } => None,
+            RampHead::DenseTanhLinear { .. } => {
+                Some((it.next().unwrap_or_default(), it.next().unwrap_or_default()))
+            }
+        };
+        let (out_w, out_b) = (it.next().unwrap_or_default(), it.next().unwrap_or_default());
+        Ok(TrainedHead {
+            head,
+            params: Params {
+                dense,
+                out_w,
+                out_b,
+            },
+            final_loss: f32::NAN,
+        })
+    }
+
+    /// What the output layer reads for `features` [n, width]: the features themselves, or
+    /// `tanh(dense)` of them for a 2-layer head.
+    pub fn hidden(&self, features: &[f32]) -> Vec<f32> {
+        let width = self.head.width();
+        match &self.params.dense {
+            None => features.to_vec(),
+            Some((w, b)) => {
+                let n = features.len() / width;
+                let mut h = matmul(features, w, n, width, width, false, true);
+                for row in h.chunks_mut(width) {
+                    row.iter_mut()
+                        .zip(b)
+                        .for_each(|(v, b)| *v = (*v + b).tanh());
+                }
+                h
+            }
+        }
+    }
+
+    /// Retrains the output layer on `hidden` (from [`TrainedHead::hidden`]) with `labels` (the
+    /// model's answers), keeping a 2-layer head's dense layer: a few milliseconds where a full
+    /// retraining of MiniLM-sized heads takes seconds. Only the classes seen in `labels` are
+    /// trained (an ImageNet model's answers on a stream use a few dozen of its 1,000 classes,
+    /// and the cost grows with the classes); the others get zero weights and a bias far below
+    /// every trained one, so the head never answers them. At least two classes are needed.
+    pub fn retrain_output(
+        &self,
+        hidden: &[f32],
+        labels: &[u32],
+        cfg: &TrainConfig,
+    ) -> Result<TrainedHead, String> {
+        let width = self.head.width();
+        let classes = self.head.classes();
+        let mut seen: Vec<u32> = labels.to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        if seen.len() < 2 {
+            return Err(format!(
+                "{} distinct answers: nothing to separate",
+                seen.len()
+            ));
+        }
+        if let Some(&bad) = seen.iter().find(|&&c| c as usize >= classes) {
+            return Err(format!("answer {bad} outside the head's {classes} classes"));
+        }
+        let compact: Vec<u32> = labels
+            .iter()
+            .map(|l| seen.binary_search(l).expect("seen") as u32)
+            .collect();
+        let t = train_head(
+            hidden,
+            &compact,
+            width,
+            seen.len(),
+            HeadInit::Linear,
+            cfg,
+            |_, _| {},
+        )?;
+        let floor = t.params.out_b.iter().cloned().fold(f32::INFINITY, f32::min) - 30.0;
+        let mut out_w = vec![0.0; classes * width];
+        let mut out_b = vec![floor; classes];
+        for (k, &c) in seen.iter().enumerate() {
+            out_w[c as usize * width..(c as usize + 1) * width]
+                .copy_from_slice(&t.params.out_w[k * width..(k + 1) * width]);
+            out_b[c as usize] = t.params.out_b[k];
+        }
+        Ok(TrainedHead {
+            head: self.head.clone(),
+            params: Params {
+                dense: self.params.dense.clone(),
+                out_w,
+                out_b,
+            },
+            final_loss: t.final_loss,
+        })
+    }
+
+    /// `(class, 1 - max p)` for each row of `hidden` (from [`TrainedHead::hidden`]).
+    pub fn predict_hidden(&self, hidden: &[f32]) -> Vec<(u32, f32)> {
+        let width = self.head.width();
+        let classes = self.head.classes();
+        let n = hidden.len() / width;
+        let mut logits = matmul(hidden, &self.params.out_w, n, width, classes, false, true);
+        logits
+            .chunks_mut(classes)
+            .map(|row| {
+                row.iter_mut()
+                    .zip(&self.params.out_b)
+                    .for_each(|(v, b)| *v += b);
+                let class = argmax(row);
+                softmax(row);
+                (class as u32, 1.0 - row[class])
+            })
+            .collect()
+    }
+}
+
 /// What a head starts from.
 pub enum HeadInit<'a> {
     /// Softmax regression from zero weights.

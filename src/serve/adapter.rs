@@ -1,15 +1,17 @@
-//! The adapter thread: feeds the [`Controller`] the record of every finished batch and publishes
+//! The adapter thread: feeds the adaptation loops ([`Loops`]) the record of every finished batch and publishes
 //! the configurations it answers with (the executor picks them up between batches) and its
 //! events. Nothing on the request path waits for it; it ends when the releaser drops its sender.
 
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 
-use crate::adapt::{ActiveConfig, AdaptEvent, BatchRecord, Controller};
+use crate::adapt::{ActiveConfig, AdaptEvent, BatchRecord, HeadUpdate, Loops};
 use crate::metrics::Metrics;
 
 pub(crate) struct Adapter {
-    pub controller: Controller,
+    pub controller: Loops,
+    /// Retrained heads for the executor; pushed before the configuration that expects them.
+    pub head_updates: Arc<Mutex<Vec<HeadUpdate>>>,
     pub metrics: Arc<Metrics>,
     pub events: Arc<Mutex<Vec<AdaptEvent>>>,
     pub active: Arc<Mutex<Arc<ActiveConfig>>>,
@@ -21,6 +23,16 @@ impl Adapter {
     pub fn run(mut self, records: Receiver<BatchRecord>) {
         for rec in records {
             let changed = self.controller.on_batch(rec);
+            for (t, swapped) in self.controller.take_learn_stats() {
+                self.metrics.count_learn(t, swapped);
+            }
+            let heads = self.controller.take_head_updates();
+            if !heads.is_empty() {
+                self.head_updates
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(heads);
+            }
             let evs = self.controller.drain_events();
             if let Some(a) = evs.last() {
                 self.metrics.set_window_accuracy(a.window_accuracy);

@@ -13,7 +13,7 @@ use super::ServeError;
 use super::input::assemble;
 use super::queue::{Pending, Queue};
 use super::releaser::Release;
-use crate::adapt::ActiveConfig;
+use crate::adapt::{ActiveConfig, HeadUpdate, ShadowRecord};
 use crate::backbone::Backbone;
 use crate::backend::Backend;
 use crate::error::Result;
@@ -29,6 +29,8 @@ pub(crate) struct Executor<B: Backend> {
     pub release: Sender<Release>,
     /// Stage wall times are real (the backend computes synchronously) and feed the profile.
     pub timed_stages: bool,
+    /// Retrained heads from the live loops, uploaded between batches.
+    pub head_updates: Arc<Mutex<Vec<HeadUpdate>>>,
 }
 
 /// Per-ramp threshold tensors of one configuration.
@@ -38,9 +40,13 @@ struct Thresholds<T> {
 }
 
 impl<B: Backend> Executor<B> {
-    pub fn run(self) {
+    pub fn run(mut self) {
         let mut thresholds: Option<Thresholds<B::Tensor>> = None;
+        // Shadow batches are spread evenly at the configured share: a credit grows by the share
+        // per batch and each whole unit buys one (deterministic, no random draws).
+        let mut shadow_credit = 0.0f32;
         while let Some(batch) = self.queue.next_batch() {
+            self.apply_head_updates();
             let cfg = self
                 .active
                 .lock()
@@ -59,8 +65,26 @@ impl<B: Backend> Executor<B> {
                     }
                 },
             };
-            self.run_batch(batch, cfg, &t.values);
+            shadow_credit = (shadow_credit + cfg.shadow_fraction.clamp(0.0, 1.0)).min(2.0);
+            let shadow = shadow_credit >= 1.0;
+            if shadow {
+                shadow_credit -= 1.0;
+            }
+            self.run_batch(batch, cfg, &t.values, shadow);
             thresholds = Some(t);
+        }
+    }
+
+    /// Uploads the heads the live loops retrained. A head that fails to upload keeps the old
+    /// one serving (the loops' scores then describe a head that does not serve, which only
+    /// costs exits: the kernel's own outputs are what releases are judged by).
+    fn apply_head_updates(&mut self) {
+        let updates =
+            std::mem::take(&mut *self.head_updates.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Some(ramps) = self.ramps.as_mut() {
+            for u in updates {
+                let _ = ramps.replace_head(self.backbone.backend(), u.ramp, &u.head);
+            }
         }
     }
 
@@ -73,7 +97,13 @@ impl<B: Backend> Executor<B> {
         Ok(Thresholds { id: cfg.id, values })
     }
 
-    fn run_batch(&self, batch: Vec<Pending>, cfg: Arc<ActiveConfig>, thresholds: &[B::Tensor]) {
+    fn run_batch(
+        &self,
+        batch: Vec<Pending>,
+        cfg: Arc<ActiveConfig>,
+        thresholds: &[B::Tensor],
+        shadow: bool,
+    ) {
         let input = match assemble(&self.backbone, &batch) {
             Ok(i) => i,
             Err(e) => {
@@ -96,6 +126,9 @@ impl<B: Backend> Executor<B> {
             cfg: cfg.clone(),
         });
         let mut stage_ms = Vec::new();
+        let candidates = self.ramps.as_ref().map_or(0, |r| r.len());
+        let mut features: Vec<Vec<f32>> = vec![Vec::new(); if shadow { candidates } else { 0 }];
+        let mut shadow_time = std::time::Duration::ZERO;
         let mut t0 = Instant::now();
         let result = self
             .backbone
@@ -113,14 +146,30 @@ impl<B: Backend> Executor<B> {
                         pending,
                     });
                 }
+                if shadow
+                    && let Some(ramps) = &self.ramps
+                    && let Some(r) = ramps.at_stage(s)
+                {
+                    // After the active ramp is issued: its exits do not wait for this.
+                    let ts = Instant::now();
+                    features[r] = self.backbone.pooled_features(out)?;
+                    shadow_time += ts.elapsed();
+                }
                 t0 = Instant::now();
                 Ok(())
             })
             .and_then(|last| self.backbone.predictions_with_confidence(&last));
+        if shadow {
+            self.metrics.count_shadow(shadow_time);
+        }
         match result {
             Ok(finals) => send(Release::End {
                 finals,
                 stage_ms: self.timed_stages.then_some(stage_ms),
+                shadow: shadow.then(|| ShadowRecord {
+                    features,
+                    ms: shadow_time.as_secs_f64() * 1e3,
+                }),
             }),
             Err(e) => send(Release::Failed(e.to_string())),
         }

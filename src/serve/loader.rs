@@ -5,8 +5,7 @@
 use std::time::Instant;
 
 use super::EngineBuilder;
-use crate::adapt::ApparateConfig;
-use crate::adapt::tuner::Samples;
+use crate::adapt::{ApparateConfig, BootEvidence, Mode};
 use crate::backbone::Backbone;
 use crate::backend::Backend;
 use crate::dataset::Inputs;
@@ -14,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::format::{ModelFile, RampsFile};
 use crate::profile::{Profile, ProfileConfig};
 use crate::ramps::Ramps;
+use crate::ramps::train::TrainedHead;
 
 /// What [`load`] gives the engine.
 pub(crate) struct Loaded<B: Backend> {
@@ -24,7 +24,9 @@ pub(crate) struct Loaded<B: Backend> {
     /// Point of each ramp of the file, stage order.
     pub points: Vec<String>,
     pub profile: Profile,
-    pub bootstrap: Option<Samples>,
+    pub bootstrap: Option<BootEvidence>,
+    /// Host copies of the ramps file's heads (stage order), for the live loops.
+    pub heads: Vec<TrainedHead>,
 }
 
 pub(crate) fn load<B: Backend>(be: B, b: &EngineBuilder) -> Result<Loaded<B>> {
@@ -91,17 +93,32 @@ pub(crate) fn load<B: Backend>(be: B, b: &EngineBuilder) -> Result<Loaded<B>> {
     let bootstrap = match (&ramps, &b.bootstrap, cfg.enabled) {
         (Some((r, _)), Some(inputs), true) => {
             let t0 = Instant::now();
-            let rows =
-                crate::ramps::record_outputs(&backbone, r, inputs, b.batching.max_batch_size)?;
+            let ev =
+                crate::ramps::record_evidence(&backbone, r, inputs, b.batching.max_batch_size)?;
             log(&format!(
                 "ran {} bootstrap inputs through all {} ramps in {:.1} s",
                 inputs.len(),
                 r.len(),
                 t0.elapsed().as_secs_f64()
             ));
-            Some(Samples::from_rows(r.len(), &rows))
+            Some(BootEvidence {
+                rows: ev.rows,
+                answers: ev.answers,
+                // The paper's loops only use the outputs.
+                features: if cfg.mode == Mode::Live {
+                    ev.features
+                } else {
+                    Vec::new()
+                },
+            })
         }
         _ => None,
+    };
+    let heads = match (&b.ramps, cfg.mode) {
+        (Some(p), Mode::Live) if ramps.is_some() => {
+            crate::ramps::host_heads(&backbone, &RampsFile::open(p, &file)?)?
+        }
+        _ => Vec::new(),
     };
     Ok(Loaded {
         backbone,
@@ -110,6 +127,7 @@ pub(crate) fn load<B: Backend>(be: B, b: &EngineBuilder) -> Result<Loaded<B>> {
         points,
         profile,
         bootstrap,
+        heads,
     })
 }
 

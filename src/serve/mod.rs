@@ -5,7 +5,7 @@
 //! Threads: the caller's (validates and prepares its input, submits, awaits); the *executor*
 //! ([`executor`]: forms batches from the [`queue`], runs them); the *releaser* ([`releaser`]:
 //! waits for ramp decisions and completes requests); the *adapter* ([`adapter`]: feeds
-//! [`crate::adapt::Controller`] the records of finished batches and publishes new
+//! adaptation loops ([`crate::adapt::Loops`]) the records of finished batches and publishes new
 //! configurations, which the executor picks up between batches). Nothing on the request path
 //! waits for the adapter. A panic on any of them fails the engine instead of hanging it
 //! ([`health`]). Loading (model, ramps, profile, bootstrap) is [`loader`]; inputs are prepared at
@@ -32,7 +32,7 @@ pub use completion::ResponseFuture;
 pub use config::{BatchingConfig, duration_from_millis};
 pub use input::Input;
 
-use crate::adapt::{AdaptEvent, ApparateConfig, Controller};
+use crate::adapt::{AdaptEvent, ApparateConfig, Loops};
 use crate::backend::Backend;
 use crate::dataset::Inputs;
 use crate::error::Result;
@@ -192,12 +192,14 @@ impl EngineBuilder {
 fn start<B: Backend + 'static>(be: B, b: EngineBuilder) -> Result<Engine> {
     let l = loader::load(be, &b)?;
     let kind = InputKind::of(&l.backbone)?;
-    let controller = Controller::new(
+    let controller = Loops::new(
         l.cfg.clone(),
         l.points.clone(),
         l.profile,
         l.bootstrap.as_ref(),
+        l.heads,
     );
+    let head_updates = Arc::new(Mutex::new(Vec::new()));
     let metrics = Arc::new(Metrics::new());
     let active = Arc::new(Mutex::new(Arc::new(controller.active().clone())));
     adapter::publish(&metrics, &l.points, controller.active());
@@ -213,6 +215,7 @@ fn start<B: Backend + 'static>(be: B, b: EngineBuilder) -> Result<Engine> {
         events: Arc::new(Mutex::new(Vec::new())),
         active: active.clone(),
         points: l.points.clone(),
+        head_updates: head_updates.clone(),
     };
     *adapter.events.lock().unwrap_or_else(|p| p.into_inner()) = adapter.controller.drain_events();
     let events = adapter.events.clone();
@@ -231,6 +234,7 @@ fn start<B: Backend + 'static>(be: B, b: EngineBuilder) -> Result<Engine> {
         queue: queue.clone(),
         metrics: metrics.clone(),
         release: release_tx,
+        head_updates,
     };
     let mut engine = Engine {
         queue: queue.clone(),

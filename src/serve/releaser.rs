@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use super::queue::Pending;
 use super::{Exit, Response, ServeError, Timings};
-use crate::adapt::{ActiveConfig, BatchRecord};
+use crate::adapt::{ActiveConfig, BatchRecord, ShadowRecord};
 use crate::backend::PendingDecisions;
 use crate::metrics::Metrics;
 
@@ -33,6 +33,8 @@ pub(crate) enum Release {
     End {
         finals: Vec<(u32, f32)>,
         stage_ms: Option<Vec<f64>>,
+        /// Shadow batches: every candidate point's pooled features.
+        shadow: Option<ShadowRecord>,
     },
     /// The batch failed; unreleased requests get the error.
     Failed(String),
@@ -130,10 +132,14 @@ impl Releaser {
                         }
                     }
                 }
-                Release::End { finals, stage_ms } => {
+                Release::End {
+                    finals,
+                    stage_ms,
+                    shadow,
+                } => {
                     if let Some(b) = cur.take() {
                         if finals.len() == b.batch.len() {
-                            self.finish(b, finals, stage_ms);
+                            self.finish(b, finals, stage_ms, shadow);
                         } else {
                             // Never answer "class 0" for an input the model gave no answer for.
                             let e = format!(
@@ -175,7 +181,13 @@ impl Releaser {
         }
     }
 
-    fn finish(&self, b: InFlight, finals: Vec<(u32, f32)>, stage_ms: Option<Vec<f64>>) {
+    fn finish(
+        &self,
+        b: InFlight,
+        finals: Vec<(u32, f32)>,
+        stage_ms: Option<Vec<f64>>,
+        shadow: Option<ShadowRecord>,
+    ) {
         let end = Instant::now();
         self.metrics.compute.record(end - b.start);
         let n = b.batch.len();
@@ -236,6 +248,8 @@ impl Releaser {
             exited,
             agreed,
             stage_ms,
+            answers: finals.iter().map(|f| f.0).collect(),
+            shadow,
         });
     }
 

@@ -1,0 +1,153 @@
+//! Ramps that keep learning (live loops, part 3). Every input reaches the final layer, so each
+//! answer is a free label: the shadow samples' pooled features and the model's answers retrain
+//! every ramp's head (its output layer, see [`TrainedHead::retrain_output`]) on the older three
+//! quarters of the evidence, and a new head replaces the serving one only when it releases more
+//! of the newest quarter (held out, the regime that matters now) within the budget.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::ramps::train::{TrainConfig, TrainedHead};
+
+/// Share of the samples (the newest) held out to judge a new head.
+const HELD_OUT: f64 = 0.25;
+
+/// A retraining run's input: a snapshot of the evidence with features.
+pub(crate) struct LearnJob {
+    /// Ramps (of the file) to retrain.
+    pub ramps: Vec<usize>,
+    pub heads: Vec<Arc<TrainedHead>>,
+    /// `(seq, per-ramp features, model answer)`, oldest first.
+    pub samples: Vec<(u64, Arc<Vec<Vec<f32>>>, u32)>,
+    pub budget: f64,
+    pub train: TrainConfig,
+}
+
+/// A head that beat the serving one, and its scores on every sample of the job.
+pub(crate) struct NewHead {
+    pub ramp: usize,
+    pub head: Arc<TrainedHead>,
+    /// `(seq, (u, agrees))`, ascending seq.
+    pub scores: Vec<(u64, (f32, bool))>,
+    /// Held-out inputs released within the budget by the old and the new head.
+    pub old_exits: usize,
+    pub new_exits: usize,
+    pub held_out: usize,
+}
+
+pub(crate) struct LearnOutcome {
+    pub heads: Vec<NewHead>,
+    pub tried: usize,
+    pub elapsed: Duration,
+}
+
+/// How many of `scores` (`(u, agrees)`) a single threshold can release while at most
+/// `budget` of all of them are released wrong: the exit capability a head is judged by.
+pub(crate) fn exits_within_budget(scores: &[(f32, bool)], budget: f64) -> usize {
+    let mut sorted: Vec<(f32, bool)> = scores.to_vec();
+    sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let allowed = (budget * scores.len() as f64).floor() as usize;
+    let (mut wrong, mut best) = (0, 0);
+    let mut i = 0;
+    while i < sorted.len() {
+        // Inputs with equal u leave together.
+        let mut j = i;
+        while j < sorted.len() && sorted[j].0 == sorted[i].0 {
+            wrong += usize::from(!sorted[j].1);
+            j += 1;
+        }
+        if wrong > allowed {
+            break;
+        }
+        best = j;
+        i = j;
+    }
+    best
+}
+
+/// Runs a job (on the learner thread, or inline in tests).
+pub(crate) fn learn(job: LearnJob) -> LearnOutcome {
+    let t0 = Instant::now();
+    let n = job.samples.len();
+    let held = ((n as f64 * HELD_OUT).round() as usize).clamp(1, n.saturating_sub(1).max(1));
+    let train_n = n - held;
+    let answers: Vec<u32> = job.samples.iter().map(|s| s.2).collect();
+    let mut heads = Vec::new();
+    for &r in &job.ramps {
+        let old = &job.heads[r];
+        let feats: Vec<f32> = job
+            .samples
+            .iter()
+            .flat_map(|s| s.1[r].iter().copied())
+            .collect();
+        let width = old.head.width();
+        if train_n < 2 || feats.len() != n * width {
+            continue;
+        }
+        let hidden = old.hidden(&feats);
+        let Ok(new) =
+            old.retrain_output(&hidden[..train_n * width], &answers[..train_n], &job.train)
+        else {
+            continue;
+        };
+        let judge = |h: &TrainedHead, from: usize| -> Vec<(f32, bool)> {
+            h.predict_hidden(&hidden[from * width..])
+                .iter()
+                .zip(&answers[from..])
+                .map(|((c, u), a)| (*u, c == a))
+                .collect()
+        };
+        let old_held = judge(old, train_n);
+        let new_held = judge(&new, train_n);
+        let old_exits = exits_within_budget(&old_held, job.budget);
+        let new_exits = exits_within_budget(&new_held, job.budget);
+        let agreement = |s: &[(f32, bool)]| s.iter().filter(|x| x.1).count();
+        let better = new_exits > old_exits
+            || (new_exits == old_exits && agreement(&new_held) > agreement(&old_held) + held / 50);
+        if !better {
+            continue;
+        }
+        let scores = job
+            .samples
+            .iter()
+            .zip(judge(&new, 0))
+            .map(|(s, x)| (s.0, x))
+            .collect();
+        heads.push(NewHead {
+            ramp: r,
+            head: Arc::new(new),
+            scores,
+            old_exits,
+            new_exits,
+            held_out: held,
+        });
+    }
+    LearnOutcome {
+        heads,
+        tried: job.ramps.len(),
+        elapsed: t0.elapsed(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_capability_counts_the_confident_prefix_within_budget() {
+        // Sorted by u: right, right, wrong, right, wrong.
+        let s = [
+            (0.1, true),
+            (0.2, true),
+            (0.3, false),
+            (0.4, true),
+            (0.5, false),
+        ];
+        assert_eq!(exits_within_budget(&s, 0.0), 2);
+        assert_eq!(exits_within_budget(&s, 0.2), 4);
+        assert_eq!(exits_within_budget(&s, 0.4), 5);
+        // Ties leave together: a wrong one among equal u stops them all.
+        let t = [(0.1, true), (0.1, false), (0.2, true)];
+        assert_eq!(exits_within_budget(&t, 0.0), 0);
+    }
+}

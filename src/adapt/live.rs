@@ -1,0 +1,671 @@
+//! The live loops ([`super::Mode::Live`]): the [`LiveController`], fed one [`BatchRecord`] at a
+//! time like the paper's [`super::Controller`], built on four parts that can each be switched
+//! off ([`super::LiveConfig`]):
+//!
+//! 1. **Evidence for every candidate ramp** ([`super::evidence`]): shadow batches pool every
+//!    candidate point's features; the host copies of the heads score them, so ramp sets are
+//!    chosen on live evidence and a new set starts with thresholds tuned on it.
+//! 2. **Confidence-bounded thresholds** ([`super::bound`]).
+//! 3. **Ramps that keep learning** ([`super::learner`]), on a background thread.
+//! 4. **A sequential drift test** ([`super::cusum`]) that shrinks the evidence to the new regime.
+//!
+//! Each batch: score and store its samples, feed the drift test and the window guard, start or
+//! collect a retraining run, and every `replan_every_batches` batches choose the ramp set and
+//! thresholds on the evidence.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::bound::tune_bounded;
+use super::config::ApparateConfig;
+use super::cusum::Cusum;
+use super::drift::DriftAlarm;
+use super::events::{ActiveConfig, AdaptEvent, BatchRecord, HeadUpdate};
+use super::evidence::{Evidence, Sample};
+use super::latency::LatencyModel;
+use super::learner::{LearnJob, LearnOutcome, learn};
+use super::tuner::{Samples, Tuned, TunerConfig, evaluate, tune};
+use crate::profile::Profile;
+use crate::ramps::train::{TrainConfig, TrainedHead};
+
+/// Fewest samples with every candidate scored before ramp sets are compared on them.
+const MIN_PLAN_SAMPLES: usize = 64;
+/// Weight of a new shadow-cost measurement in its running average.
+const SHADOW_COST_WEIGHT: f64 = 0.1;
+/// Epochs of a retraining run (a few thousand samples; the output layer only).
+const RETRAIN_EPOCHS: usize = 30;
+
+/// The bootstrap inputs as the live loops start from them.
+pub struct BootEvidence {
+    /// Per input, every ramp's `(u, agrees)` (from the fused kernel).
+    pub rows: Vec<Vec<(f32, bool)>>,
+    /// The model's answers.
+    pub answers: Vec<u32>,
+    /// Per ramp, the pooled features `[inputs, width]` (empty: none kept).
+    pub features: Vec<Vec<f32>>,
+}
+
+/// The state of the live loops.
+pub struct LiveController {
+    cfg: ApparateConfig,
+    points: Vec<String>,
+    allowed: Vec<bool>,
+    profile: Profile,
+    active: ActiveConfig,
+    events: Vec<AdaptEvent>,
+    /// Host copies of the serving heads (empty: unknown, so no shadow scoring or learning).
+    heads: Vec<Arc<TrainedHead>>,
+    evidence: Evidence,
+    /// Next sequence number.
+    seq: u64,
+    batches: u64,
+    inputs: u64,
+    cusum: Cusum,
+    /// The paper's fixed-count alarm, used when the drift test is switched off.
+    alarm: DriftAlarm,
+    /// Agreement of the last `window_min_samples` answers, for the window guard.
+    window: VecDeque<bool>,
+    since_plan: usize,
+    plan_due: bool,
+    recent_sizes: VecDeque<usize>,
+    /// Shadow samples since the last retraining run started.
+    new_featured: usize,
+    learner: Option<JoinHandle<LearnOutcome>>,
+    head_updates: Vec<HeadUpdate>,
+    learn_stats: Vec<(Duration, usize)>,
+    /// Running average of a shadow batch's pooling time, ms.
+    shadow_ms: Option<f64>,
+}
+
+impl LiveController {
+    /// Starts from the bootstrap inputs when given (the first set is planned on them),
+    /// otherwise with the first `max_ramps` allowed candidates spread evenly and no exits until
+    /// live evidence arrives. `heads` are the host copies of the ramps file's heads (stage
+    /// order), or empty.
+    pub fn new(
+        cfg: ApparateConfig,
+        points: Vec<String>,
+        profile: Profile,
+        boot: Option<&BootEvidence>,
+        heads: Vec<TrainedHead>,
+    ) -> LiveController {
+        let allowed = super::placement::allowed_candidates(&profile, &points);
+        let k = points.len();
+        let heads: Vec<Arc<TrainedHead>> = if heads.len() == k {
+            heads.into_iter().map(Arc::new).collect()
+        } else {
+            Vec::new()
+        };
+        let mut c = LiveController {
+            evidence: Evidence::new(cfg.live.evidence_capacity),
+            cusum: Cusum::new(cfg.accuracy_budget, cfg.live.drift_threshold),
+            alarm: DriftAlarm::new(cfg.drift_samples, cfg.drift_errors),
+            cfg,
+            points,
+            allowed,
+            profile,
+            active: ActiveConfig::empty(0),
+            events: Vec::new(),
+            heads,
+            seq: 0,
+            batches: 0,
+            inputs: 0,
+            window: VecDeque::new(),
+            since_plan: 0,
+            plan_due: false,
+            recent_sizes: VecDeque::new(),
+            new_featured: 0,
+            learner: None,
+            head_updates: Vec::new(),
+            learn_stats: Vec::new(),
+            shadow_ms: None,
+        };
+        if let Some(fixed) = c.cfg.fixed.clone() {
+            let mut pairs: Vec<(usize, f32)> = fixed
+                .iter()
+                .filter_map(|(p, t)| c.points.iter().position(|x| x == p).map(|i| (i, *t)))
+                .collect();
+            pairs.sort_by_key(|p| p.0);
+            c.active = ActiveConfig {
+                id: 1,
+                ramps: pairs.iter().map(|p| p.0).collect(),
+                thresholds: pairs.iter().map(|p| p.1).collect(),
+                shadow_fraction: 0.0,
+            };
+            c.log(
+                "place",
+                "fixed configuration: no adaptation".into(),
+                0.0,
+                1.0,
+            );
+            return c;
+        }
+        if !c.cfg.enabled {
+            return c;
+        }
+        if let Some(b) = boot.filter(|b| b.rows.iter().all(|r| r.len() == k)) {
+            for (i, (row, &answer)) in b.rows.iter().zip(&b.answers).enumerate() {
+                let features = (b.features.len() == k && b.features.iter().all(|f| !f.is_empty()))
+                    .then(|| {
+                        Arc::new(
+                            b.features
+                                .iter()
+                                .map(|f| {
+                                    let w = f.len() / b.rows.len().max(1);
+                                    f[i * w..(i + 1) * w].to_vec()
+                                })
+                                .collect(),
+                        )
+                    });
+                c.evidence.push(Sample {
+                    seq: i as u64,
+                    scores: row.iter().map(|x| Some(*x)).collect(),
+                    features,
+                    answer,
+                });
+            }
+            c.seq = b.rows.len() as u64;
+            c.new_featured = 0;
+            c.plan("place", "planned on the bootstrap inputs");
+        } else {
+            let cands: Vec<usize> = (0..k).filter(|&r| c.allowed[r]).collect();
+            let m = c.cfg.max_ramps.min(cands.len());
+            let set: Vec<usize> = (0..m)
+                .map(|i| cands[(2 * i + 1) * cands.len() / (2 * m)])
+                .collect();
+            c.active = ActiveConfig {
+                id: 1,
+                thresholds: vec![0.0; set.len()],
+                ramps: set,
+                shadow_fraction: 0.0,
+            };
+            c.log(
+                "place",
+                "no bootstrap inputs: ramps spread evenly, no exits until live evidence".into(),
+                0.0,
+                1.0,
+            );
+        }
+        c.active.shadow_fraction = c.shadow_fraction();
+        c
+    }
+
+    pub fn active(&self) -> &ActiveConfig {
+        &self.active
+    }
+
+    pub fn points(&self) -> &[String] {
+        &self.points
+    }
+
+    pub fn profile(&self) -> &Profile {
+        &self.profile
+    }
+
+    pub fn drain_events(&mut self) -> Vec<AdaptEvent> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Retrained heads to upload before the next batch.
+    pub fn take_head_updates(&mut self) -> Vec<HeadUpdate> {
+        std::mem::take(&mut self.head_updates)
+    }
+
+    /// `(wall time, heads swapped)` of each finished retraining run since the last call.
+    pub fn take_learn_stats(&mut self) -> Vec<(Duration, usize)> {
+        std::mem::take(&mut self.learn_stats)
+    }
+
+    /// Samples in the evidence (for tests and logs).
+    pub fn evidence_len(&self) -> usize {
+        self.evidence.len()
+    }
+
+    fn typical_batch(&self) -> usize {
+        let n = self.recent_sizes.len();
+        if n == 0 {
+            return 1;
+        }
+        ((self.recent_sizes.iter().sum::<usize>() as f64 / n as f64).round() as usize).max(1)
+    }
+
+    fn latency(&self, ramps: &[usize]) -> LatencyModel {
+        let names: Vec<&str> = ramps.iter().map(|&r| self.points[r].as_str()).collect();
+        self.profile
+            .for_batch(self.typical_batch())
+            .and_then(|b| LatencyModel::from_profile(b, &names))
+            .unwrap_or(LatencyModel {
+                vanilla_ms: 0.0,
+                until_ms: vec![0.0; ramps.len()],
+                ramp_ms: vec![0.0; ramps.len()],
+            })
+    }
+
+    fn within_budget(&self, ramps: &[usize]) -> bool {
+        ramps.len() <= self.cfg.max_ramps
+            && self.latency(ramps).ramp_cost_fraction() <= self.cfg.max_ramp_cost + 1e-12
+    }
+
+    fn log(&mut self, kind: &'static str, why: String, saving: f64, accuracy: f64) {
+        self.events.push(AdaptEvent {
+            batch: self.batches,
+            inputs: self.inputs,
+            kind,
+            why,
+            ramps: self
+                .active
+                .ramps
+                .iter()
+                .map(|&r| self.points[r].clone())
+                .collect(),
+            thresholds: self.active.thresholds.clone(),
+            predicted_saving: saving,
+            window_accuracy: accuracy,
+        });
+    }
+
+    /// Thresholds for `set` on `s`: bounded (part 2) or at the paper's headroom.
+    fn tune_set(&self, s: &Samples, set: &[usize]) -> Tuned {
+        let lat = self.latency(set);
+        let budget = self.cfg.accuracy_budget;
+        if self.cfg.live.bound {
+            tune_bounded(s, &lat, &self.cfg.tuner, budget, self.cfg.live.confidence)
+        } else if s.len() < self.cfg.window_min_samples {
+            // Without the bound, too few samples are not trusted at all (the paper's rule).
+            Tuned {
+                eval: evaluate(s, &vec![0.0; set.len()], &lat),
+                thresholds: vec![0.0; set.len()],
+            }
+        } else {
+            let cfg = TunerConfig {
+                accuracy_budget: budget * (1.0 - self.cfg.tuning_headroom.clamp(0.0, 1.0)),
+                ..self.cfg.tuner.clone()
+            };
+            tune(s, &lat, &cfg)
+        }
+    }
+
+    /// Chooses the ramp set and thresholds on the evidence: greedily the candidates that most
+    /// raise the tuned saving on samples where every candidate is scored (shadow and bootstrap
+    /// samples), against the active set on the same samples; a different set must win by
+    /// `retune_margin`. Then the chosen set is tuned on every sample that scores it.
+    fn plan(&mut self, kind: &'static str, why: &str) {
+        self.since_plan = 0;
+        self.plan_due = false;
+        let cands: Vec<usize> = (0..self.points.len())
+            .filter(|&r| self.allowed[r])
+            .collect();
+        let mut set = self.active.ramps.clone();
+        let mut reason = why.to_string();
+        let full = self.evidence.samples_for(&cands);
+        if full.len() >= MIN_PLAN_SAMPLES && !cands.is_empty() {
+            let pos = |r: usize| cands.iter().position(|&c| c == r);
+            let score = |this: &Self, s: &[usize]| -> f64 {
+                let idx: Vec<usize> = s.iter().filter_map(|&r| pos(r)).collect();
+                this.tune_set(&full.select(&idx), s).eval.saving
+            };
+            let current = if set.iter().all(|&r| pos(r).is_some()) && !set.is_empty() {
+                score(self, &set)
+            } else {
+                f64::NEG_INFINITY
+            };
+            let mut best: Vec<usize> = Vec::new();
+            let mut best_saving = 0.0;
+            loop {
+                let mut round: Option<(Vec<usize>, f64)> = None;
+                for &c in &cands {
+                    if best.contains(&c) {
+                        continue;
+                    }
+                    let mut cand = best.clone();
+                    cand.push(c);
+                    cand.sort_unstable();
+                    if !self.within_budget(&cand) {
+                        continue;
+                    }
+                    let s = score(self, &cand);
+                    if round.as_ref().is_none_or(|r| s > r.1 + 1e-12) {
+                        round = Some((cand, s));
+                    }
+                }
+                match round {
+                    Some((cand, s)) if s > best_saving + 1e-9 => {
+                        best = cand;
+                        best_saving = s;
+                    }
+                    _ => break,
+                }
+            }
+            let margin = if set.is_empty() || kind == "place" {
+                0.0
+            } else {
+                self.cfg.retune_margin
+            };
+            if best != set && best_saving > current.max(0.0) + margin {
+                reason = format!(
+                    "{why}: predicted saving {best_saving:.3} on {} samples of every candidate, \
+                     the active set's {:.3}",
+                    full.len(),
+                    current.max(0.0)
+                );
+                set = best;
+            }
+        }
+        let s = self.evidence.samples_for(&set);
+        let t = self.tune_set(&s, &set);
+        let changed_set = set != self.active.ramps;
+        let changed = changed_set
+            || t.thresholds.len() != self.active.thresholds.len()
+            || t.thresholds
+                .iter()
+                .zip(&self.active.thresholds)
+                .any(|(a, b)| (a - b).abs() > 1e-6);
+        if changed || kind == "place" {
+            self.active.id += 1;
+            self.active.ramps = set;
+            self.active.thresholds = t.thresholds;
+            let kind = if changed_set && kind != "place" {
+                "replan"
+            } else {
+                kind
+            };
+            let msg = format!("{reason} ({} samples)", s.len());
+            self.log(kind, msg, t.eval.saving, t.eval.accuracy);
+        }
+    }
+
+    /// Share of batches to shadow: what the ramp budget leaves after the active ramps, at the
+    /// measured cost of a shadow batch, at most `live.shadow_fraction`.
+    fn shadow_fraction(&self) -> f32 {
+        let l = &self.cfg.live;
+        if !l.shadow || self.heads.is_empty() || !self.cfg.enabled || self.cfg.fixed.is_some() {
+            return 0.0;
+        }
+        let lat = self.latency(&self.active.ramps);
+        let left = self.cfg.max_ramp_cost * lat.vanilla_ms - lat.ramp_ms.iter().sum::<f64>();
+        let f = match self.shadow_ms {
+            // Not measured yet: measure at the configured share.
+            None => l.shadow_fraction,
+            Some(ms) if ms > 0.0 => (left.max(0.0) / ms).min(l.shadow_fraction),
+            Some(_) => l.shadow_fraction,
+        };
+        f as f32
+    }
+
+    /// Feeds one batch; returns the configuration to run from now on when it changed.
+    pub fn on_batch(&mut self, rec: BatchRecord) -> Option<ActiveConfig> {
+        self.batches += 1;
+        self.inputs += rec.len() as u64;
+        if rec.is_empty() {
+            return None;
+        }
+        if let Some(ms) = &rec.stage_ms {
+            super::controller::refresh_profile(
+                &mut self.profile,
+                self.cfg.profile_update_weight,
+                rec.len(),
+                ms,
+            );
+        }
+        if !self.cfg.enabled || self.cfg.fixed.is_some() {
+            return None;
+        }
+        let before = self.active.clone();
+        self.recent_sizes.push_back(rec.len());
+        while self.recent_sizes.len() > self.cfg.utility_batches.max(1) {
+            self.recent_sizes.pop_front();
+        }
+        self.collect_learner(false);
+        let current = rec.config_id == self.active.id;
+        let seq0 = self.seq;
+        self.seq += rec.len() as u64;
+        self.store(&rec, seq0, current);
+        if current && self.watch(&rec, seq0) {
+            // A drift: replanned already.
+        } else {
+            self.since_plan += 1;
+            if self.plan_due || self.since_plan >= self.cfg.live.replan_every_batches {
+                self.plan("tune", "periodic: evidence grew");
+            }
+        }
+        self.maybe_learn();
+        self.active.shadow_fraction = self.shadow_fraction();
+        (self.active != before).then(|| self.active.clone())
+    }
+
+    /// Adds the batch's inputs to the evidence: shadow inputs scored at every ramp by the host
+    /// heads, the others with the active ramps' own outputs (when they ran under the active
+    /// configuration).
+    fn store(&mut self, rec: &BatchRecord, seq0: u64, current: bool) {
+        let k = self.points.len();
+        let n = rec.len();
+        let shadow = rec
+            .shadow
+            .as_ref()
+            .filter(|s| s.features.len() == k && rec.answers.len() == n && !self.heads.is_empty());
+        if let Some(sh) = shadow {
+            let w = SHADOW_COST_WEIGHT;
+            self.shadow_ms = Some(match self.shadow_ms {
+                None => sh.ms,
+                Some(old) => (1.0 - w) * old + w * sh.ms,
+            });
+            let mut scores: Vec<Vec<Option<(f32, bool)>>> = vec![vec![None; k]; n];
+            let mut feats: Vec<Vec<Vec<f32>>> = vec![Vec::with_capacity(k); n];
+            for r in 0..k {
+                let f = &sh.features[r];
+                let width = self.heads[r].head.width();
+                if f.len() != n * width {
+                    return;
+                }
+                let preds = self.heads[r].predict_hidden(&self.heads[r].hidden(f));
+                for i in 0..n {
+                    scores[i][r] = Some((preds[i].1, preds[i].0 == rec.answers[i]));
+                    feats[i].push(f[i * width..(i + 1) * width].to_vec());
+                }
+            }
+            for (i, (s, f)) in scores.into_iter().zip(feats).enumerate() {
+                self.evidence.push(Sample {
+                    seq: seq0 + i as u64,
+                    scores: s,
+                    features: Some(Arc::new(f)),
+                    answer: rec.answers[i],
+                });
+            }
+            self.new_featured += n;
+        } else if current {
+            for (i, row) in rec.rows.iter().enumerate() {
+                let mut scores = vec![None; k];
+                for (a, &r) in self.active.ramps.iter().enumerate() {
+                    scores[r] = row.get(a).copied();
+                }
+                self.evidence.push(Sample {
+                    seq: seq0 + i as u64,
+                    scores,
+                    features: None,
+                    answer: rec.answers.get(i).copied().unwrap_or(0),
+                });
+            }
+        }
+    }
+
+    /// The drift test and the window guard on the batch's released answers; `true` when they
+    /// changed the configuration.
+    fn watch(&mut self, rec: &BatchRecord, seq0: u64) -> bool {
+        let cap = self.cfg.window_min_samples.max(1);
+        for (i, (e, a)) in rec.exited.iter().zip(&rec.agreed).enumerate() {
+            self.window.push_back(*a);
+            if self.window.len() > cap {
+                self.window.pop_front();
+            }
+            if self.cfg.live.drift_test
+                && let Some(cp) = self.cusum.observe(seq0 + i as u64, e.is_some() && !a)
+            {
+                self.react_to_drift(cp, "the sequential test on released answers fired");
+                return true;
+            }
+        }
+        if !self.cfg.live.drift_test {
+            self.alarm.observe(rec, &self.active.ramps);
+            if let Some(alarm) = self.alarm.check() {
+                self.alarm.reset();
+                // Without the test there is no change point: keep the newest samples only.
+                let from = self.seq.saturating_sub(self.cfg.drift_samples as u64);
+                let why = format!(
+                    "{} of the last {} answers disagreed",
+                    alarm.wrong, self.cfg.drift_samples
+                );
+                self.react_to_drift(from, &why);
+                return true;
+            }
+        }
+        let wrong = self.window.iter().filter(|a| !**a).count();
+        if self.window.len() >= cap && wrong as f64 > self.cfg.accuracy_budget * cap as f64 {
+            // Over budget on the window without a regime change: retune on the newest half
+            // of the evidence, then give the new thresholds a fresh window.
+            self.window.clear();
+            let keep = (self.evidence.len() / 2).max(MIN_PLAN_SAMPLES);
+            self.evidence.keep_newest(keep);
+            self.plan(
+                "violation",
+                &format!(
+                    "{wrong} of the last {cap} answers disagreed: retuned on the newest evidence"
+                ),
+            );
+            return true;
+        }
+        false
+    }
+
+    /// A regime change from sequence number `from` on: only the evidence since then counts, the
+    /// thresholds are retuned on it (with the bound: no exits until enough is known), and the
+    /// heads retrain as soon as enough post-change samples arrive.
+    fn react_to_drift(&mut self, from: u64, why: &str) {
+        let before = self.evidence.len();
+        self.evidence.keep_from(from);
+        self.cusum.reset();
+        self.window.clear();
+        // A run started on pre-change samples would judge heads on the old regime.
+        self.collect_learner(true);
+        self.new_featured = self.evidence.featured().len();
+        let msg = format!(
+            "{why}: evidence shrunk from {before} to {} samples (from input {from})",
+            self.evidence.len()
+        );
+        self.plan("drift", &msg);
+        if self.events.last().is_none_or(|e| e.kind != "drift") {
+            self.log("drift", msg, 0.0, 1.0);
+        }
+    }
+
+    /// Starts a retraining run when enough new shadow samples arrived.
+    fn maybe_learn(&mut self) {
+        let l = &self.cfg.live;
+        if !l.learning || !l.shadow || self.heads.is_empty() || self.learner.is_some() {
+            return;
+        }
+        let featured = self.evidence.featured();
+        if featured.len() < l.retrain_min || self.new_featured < l.retrain_every.min(featured.len())
+        {
+            return;
+        }
+        self.new_featured = 0;
+        let ramps: Vec<usize> = (0..self.points.len())
+            .filter(|&r| self.allowed[r])
+            .collect();
+        let job = LearnJob {
+            ramps,
+            heads: self.heads.clone(),
+            samples: featured,
+            budget: self.cfg.accuracy_budget,
+            train: TrainConfig {
+                epochs: RETRAIN_EPOCHS,
+                ..TrainConfig::default()
+            },
+        };
+        if self.cfg.live.learn_in_background {
+            match std::thread::Builder::new()
+                .name("apparate-learner".into())
+                .spawn(move || learn(job))
+            {
+                Ok(h) => self.learner = Some(h),
+                Err(e) => self.log(
+                    "learn",
+                    format!("could not start the learner thread ({e}): heads kept"),
+                    0.0,
+                    1.0,
+                ),
+            }
+        } else {
+            let out = learn(job);
+            self.apply(out);
+        }
+    }
+
+    /// Collects a finished run (or waits for it with `wait`, discarding it with `discard`).
+    fn collect_learner(&mut self, discard: bool) {
+        let done = self.learner.as_ref().is_some_and(|h| h.is_finished());
+        if !(done || discard) {
+            return;
+        }
+        let Some(h) = self.learner.take() else {
+            return;
+        };
+        match h.join() {
+            Ok(out) if !discard => self.apply(out),
+            Ok(out) => self.learn_stats.push((out.elapsed, 0)),
+            Err(_) => self.log(
+                "learn",
+                "the retraining run panicked: heads kept".into(),
+                0.0,
+                1.0,
+            ),
+        }
+    }
+
+    /// Swaps in the heads that won, rescoring their evidence.
+    fn apply(&mut self, out: LearnOutcome) {
+        self.learn_stats.push((out.elapsed, out.heads.len()));
+        if out.heads.is_empty() {
+            let msg = format!(
+                "retrained {} heads in {:.0} ms: none beat the serving ones",
+                out.tried,
+                out.elapsed.as_secs_f64() * 1e3
+            );
+            self.log("learn", msg, 0.0, 1.0);
+            return;
+        }
+        let mut names = Vec::new();
+        for nh in out.heads {
+            let head = nh.head.clone();
+            self.evidence.rescore(nh.ramp, &nh.scores, |f, answer| {
+                let p = head.predict_hidden(&head.hidden(f));
+                (p[0].1, p[0].0 == answer)
+            });
+            names.push(format!(
+                "{} ({} -> {} of {} held-out exits)",
+                self.points[nh.ramp], nh.old_exits, nh.new_exits, nh.held_out
+            ));
+            self.heads[nh.ramp] = nh.head.clone();
+            self.head_updates.push(HeadUpdate {
+                ramp: nh.ramp,
+                head: nh.head,
+            });
+        }
+        // Outputs recorded under the old heads no longer describe the serving ones.
+        self.active.id += 1;
+        self.log(
+            "learn",
+            format!(
+                "retrained {} heads in {:.0} ms, swapped in: {}",
+                out.tried,
+                out.elapsed.as_secs_f64() * 1e3,
+                names.join(", ")
+            ),
+            0.0,
+            1.0,
+        );
+        self.plan("tune", "heads retrained");
+    }
+}
