@@ -1,25 +1,40 @@
 //! Tail latency of the serving engine on the real workloads, side by side in one process on the
-//! same schedule and batching knobs: the plain model (vanilla), Apparate (adaptive), two static
-//! early-exit baselines (ramps at every eligible point, thresholds tuned once on the bootstrap
-//! data: one shared threshold, or per-ramp thresholds), the oracle (each input answered at the
-//! first ramp that agrees with the final answer), and the plain model once more at the end
+//! same schedule and batching knobs: the plain model (vanilla), Apparate (the live loops, the
+//! default) and Apparate with the paper's loops (`apparate-paper`), two static early-exit
+//! baselines (ramps at every eligible point, thresholds tuned once on the bootstrap data: one
+//! shared threshold, or per-ramp thresholds), the oracle (each input answered at the first ramp
+//! that agrees with the final answer), and the plain model once more at the end
 //! (`vanilla-again`: what the machine's run-to-run noise alone does to the numbers).
+//! `--ablation` runs Apparate with each part of its live loops switched off in turn instead.
+//!
+//! The offered load is a share of the machine's capacity: before the systems run, the plain
+//! model's throughput is measured closed loop (`--max-batch` requests in flight for
+//! `--capacity-seconds`), and the text workloads are offered `--load` times it as their mean
+//! rate (default 0.4, so that the bursty trace's busiest minute stays below the
+//! capacity); the frame workloads keep 30 frames/s unless that is above the share (then
+//! the rate is lowered and the benchmark says so). `--rate` overrides both.
 //!
 //! ```sh
-//! cargo bench --bench serving -- --workload vision            # MNIST ResNet, 30 frames/s, drift
-//! cargo bench --bench serving -- --workload language          # MiniLM sentiment, bursty trace
-//! cargo bench --bench serving -- --workload vision --sweep    # highest rate with p99 <= bound
+//! cargo bench --bench serving -- --workload mnist-drift        # MNIST ResNet, 30 frames/s, drift
+//! cargo bench --bench serving -- --workload video              # EfficientNet-Lite0, video clips
+//! cargo bench --bench serving -- --workload tweets             # MiniLM sentiment, bursty trace
+//! cargo bench --bench serving -- --workload movies             # MiniLM movie reviews, bursty
+//! cargo bench --bench serving -- --workload news               # MiniLM news topics, bursty
+//! cargo bench --bench serving -- --workload tweets --ablation  # each live part switched off
+//! cargo bench --bench serving -- --workload mnist-drift --sweep  # highest rate, p99 <= bound
 //! ```
-//! Needs `weights/fetch.sh` (models and workload streams); ramps and profiles are made if missing.
+//! (`vision` and `language` are the old names of `mnist-drift` and `tweets`.) Needs
+//! `weights/fetch.sh` (models and workload streams); ramps and profiles are made if missing.
 //! Prints a table last; writes JSON and SVG plots (latency CDFs, adaptation timeline) under
-//! `target/bench-results/`.
+//! `target/bench-results/`, named `serving-<workload>[-ablation][-seed<N>]`. `tools/bench-all.sh`
+//! runs every workload.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use apparate::adapt::latency::LatencyModel;
 use apparate::adapt::tuner::{Samples, evaluate, tune};
-use apparate::adapt::{AdaptEvent, ApparateConfig};
+use apparate::adapt::{AdaptEvent, ApparateConfig, Mode};
 use apparate::backbone::Backbone;
 use apparate::backend::{Backend, CpuBackend, CpuConfig};
 use apparate::dataset::{Inputs, Prefix, load_stream};
@@ -35,38 +50,63 @@ use apparate::serve::{BackendChoice, BatchingConfig, Engine, Input};
 use clap::Parser;
 use serde::Serialize;
 
+#[path = "serving/capacity.rs"]
+mod capacity;
 #[path = "serving/plots.rs"]
 mod plots;
 #[path = "serving/report.rs"]
 mod report;
 #[path = "serving/sweep.rs"]
 mod sweep;
+#[path = "serving/workloads.rs"]
+mod workloads;
 
-use report::{Report, SystemResult, print_table, summarise};
+use capacity::{Capacity, measure_capacity};
+use report::{Report, SystemResult, print_table, set_reductions, summarise};
 use sweep::{SweepReport, print_sweep, sweep};
+use workloads::{ArrivalKind, Drift, Workload, clip_of, read_clips};
+
+/// The systems of a plain run, in order.
+const DEFAULT_SYSTEMS: &str =
+    "vanilla,apparate,apparate-paper,static-shared,static-per-ramp,oracle,vanilla-again";
+/// The systems of `--ablation`: Apparate whole and with one part of its live loops off.
+const ABLATION_SYSTEMS: &str = "vanilla,apparate,apparate-no-shadow,apparate-no-bound,apparate-no-learning,apparate-no-drift,vanilla-again";
 
 #[derive(Parser, Debug)]
 struct Args {
-    /// `vision` (MNIST ResNet at 30 frames/s with a drift phase) or `language` (MiniLM
-    /// sentiment over tweets with bursty arrivals).
-    #[arg(long, default_value = "vision")]
+    /// `mnist-drift` (MNIST ResNet at 30 frames/s with an injected drift; old name `vision`),
+    /// `video` (EfficientNet-Lite0 on video clips played one after another, 30 frames/s),
+    /// `tweets` (MiniLM sentiment, bursty arrivals; old name `language`), `movies` (MiniLM
+    /// movie-review sentiment, bursty) or `news` (MiniLM news topics on whole articles, bursty).
+    #[arg(long, default_value = "mnist-drift")]
     workload: String,
     /// Length of the replay, seconds.
     #[arg(long, default_value_t = 60.0)]
     seconds: f64,
-    /// Systems to run (comma-separated): vanilla, apparate, static-shared, static-per-ramp,
-    /// oracle; `vanilla-again` runs the plain model once more where it is listed, to show the
-    /// run-to-run noise.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "vanilla,apparate,static-shared,static-per-ramp,oracle,vanilla-again"
-    )]
-    systems: Vec<String>,
-    /// Requests per second: the frame rate (vision, default 30) or the mean rate over the
-    /// replayed trace minutes (language, default 40).
+    /// Systems to run (comma-separated): vanilla, apparate, apparate-paper, static-shared,
+    /// static-per-ramp, oracle, apparate-no-shadow, apparate-no-bound, apparate-no-learning,
+    /// apparate-no-drift; `vanilla-again` runs the plain model once more where it is listed, to
+    /// show the run-to-run noise. Default: vanilla, apparate, apparate-paper, the two static
+    /// baselines, oracle, vanilla-again.
+    #[arg(long, value_delimiter = ',', conflicts_with = "ablation")]
+    systems: Option<Vec<String>>,
+    /// Run the ablation instead: vanilla, apparate, and apparate with shadow evaluation, the
+    /// confidence bound, learning, or the drift test switched off, then vanilla-again.
+    #[arg(long)]
+    ablation: bool,
+    /// Requests per second, overriding the capacity-based rate: the frame rate (frame
+    /// workloads) or the mean rate over the replayed trace minutes (text workloads).
     #[arg(long)]
     rate: Option<f64>,
+    /// Share of the plain model's measured capacity offered as the mean rate (text workloads),
+    /// and the most the frame workloads' 30 frames/s may take. In (0, 1]. The default 0.4
+    /// keeps the bursty trace's busiest minute (2.15x the mean over the first six minutes, the
+    /// ones a 60 s run replays) at 0.86 of the capacity: a share of 0.5 would put it above.
+    #[arg(long, default_value_t = 0.4)]
+    load: f64,
+    /// How long the capacity is measured (after a 1 s warm-up), seconds.
+    #[arg(long, default_value_t = 3.0)]
+    capacity_seconds: f64,
     /// Most requests per batch.
     #[arg(long, default_value_t = 16)]
     max_batch: usize,
@@ -75,20 +115,23 @@ struct Args {
     /// to 19.7 ms, since few requests arrive within 5 ms at these rates).
     #[arg(long)]
     max_delay_ms: Option<f64>,
-    /// Latency objective for goodput, ms (default: 10 vision, 100 language).
+    /// Latency objective for goodput, ms (default per workload: 10 mnist-drift, 100 video,
+    /// tweets and movies, 400 news).
     #[arg(long)]
     slo_ms: Option<f64>,
-    /// Vision: the fraction of the replay after which frames drift (noise, lower contrast).
+    /// mnist-drift: the fraction of the replay after which frames drift (noise, lower
+    /// contrast).
     #[arg(long, default_value_t = 0.5)]
     drift_at: f64,
     /// Window (requests) for the worst-window agreement.
     #[arg(long, default_value_t = 256)]
     window: usize,
-    /// CPU threads (default: 1 for vision, every core for language).
+    /// CPU threads (default: 1 for mnist-drift, every core for the others).
     #[arg(long)]
     threads: Option<usize>,
     /// Instead of the side-by-side run: find each system's highest rate whose p99 stays under
-    /// `--p99-bound-ms` (Poisson arrivals for vision, the bursty trace scaled for language).
+    /// `--p99-bound-ms` (Poisson arrivals for frame workloads, the bursty trace scaled for
+    /// text).
     #[arg(long)]
     sweep: bool,
     /// Systems the sweep compares.
@@ -100,15 +143,17 @@ struct Args {
     /// The sweep stops when the bracket is this narrow (fraction of its low end).
     #[arg(long, default_value_t = 0.03)]
     sweep_precision: f64,
-    /// First rate of the sweep, per second (default: 200 vision, 20 language).
+    /// First rate of the sweep, per second (default: `--load` x the measured capacity).
     #[arg(long)]
     sweep_start: Option<f64>,
-    /// The sweep's p99 bound, ms (default: 10 vision, 200 language).
+    /// The sweep's p99 bound, ms (default per workload: 10 mnist-drift, 100 video, 200 tweets
+    /// and movies, 800 news).
     #[arg(long)]
     p99_bound_ms: Option<f64>,
     /// Where the JSON goes.
     #[arg(long, default_value = "target/bench-results")]
     out: PathBuf,
+    /// Seed of the arrivals and the injected drift; a nonzero seed is part of the file names.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Apparate's tuning window: at least this many samples (default: the config's).
@@ -119,48 +164,77 @@ struct Args {
     bench: bool,
 }
 
+fn missing(p: &Path) -> apparate::Error {
+    apparate::Error::Input(format!(
+        "{} is missing: run weights/fetch.sh first",
+        p.display()
+    ))
+}
+
 fn main() -> apparate::Result<()> {
     let args = Args::parse();
     check_args(&args)?;
-    let vision = match args.workload.as_str() {
-        "vision" => true,
-        "language" => false,
-        w => return Err(apparate::Error::Input(format!("unknown workload `{w}`"))),
-    };
-    let (model, stream) = if vision {
-        ("mnist-resnet", "workloads/mnist-stream.safetensors")
-    } else {
-        ("minilm-l6-sentiment", "workloads/tweets.txt")
-    };
-    let model_path = PathBuf::from(format!("weights/{model}.apparate"));
-    let ramps_path = PathBuf::from(format!("weights/{model}.ramps"));
-    let profile_path = PathBuf::from(format!("weights/{model}.profile.json"));
-    for p in [&model_path, &PathBuf::from(stream)] {
+    let wl: &Workload = workloads::find(&args.workload)?;
+    let model_path = PathBuf::from(format!("weights/{}.apparate", wl.model));
+    let ramps_path = PathBuf::from(format!("weights/{}.ramps", wl.model));
+    let profile_path = PathBuf::from(format!("weights/{}.profile.json", wl.model));
+    let stream = Path::new(wl.stream);
+    for p in [model_path.as_path(), stream] {
         if !p.exists() {
-            return Err(apparate::Error::Input(format!(
-                "{} is missing: run weights/fetch.sh first",
-                p.display()
-            )));
+            return Err(missing(p));
         }
     }
-    // Vision runs one frame at a time through a 28x28 model: a second compute thread costs
-    // more in hand-offs than it saves (p50 1.24 ms with one thread, 1.64 ms with two, measured
-    // on the 2-core machine of docs/results.md) and leaves no core for the releaser.
-    let threads = args.threads.or(vision.then_some(1));
+    if let Drift::Clips { index } = wl.drift
+        && !Path::new(index).exists()
+    {
+        return Err(missing(Path::new(index)));
+    }
+    let systems = match (&args.systems, args.ablation) {
+        (Some(s), _) => s.clone(),
+        (None, true) => ABLATION_SYSTEMS.split(',').map(String::from).collect(),
+        (None, false) => DEFAULT_SYSTEMS.split(',').map(String::from).collect(),
+    };
+    for s in systems.iter().chain(
+        args.sweep
+            .then_some(&args.sweep_systems)
+            .into_iter()
+            .flatten(),
+    ) {
+        check_system(s)?;
+    }
+    let threads = args.threads.or(wl.threads);
     let file = ModelFile::open(&model_path)?;
     let backbone = Backbone::load(CpuBackend::new(CpuConfig { threads })?, &file)?;
     let device = backbone.backend().device_id();
-    eprintln!("{model} on {device}");
+    let image_input = backbone.image_input().cloned();
+    eprintln!("{} on {device}", wl.model);
 
-    // The stream: bootstrap (first 10%), then the replay.
+    // The stream: bootstrap (first 10%, in order: see `workloads::WORKLOADS`), then the replay.
+    let mut shown = 0;
     let all = load_stream(
-        Path::new(stream),
+        stream,
         backbone.image_input(),
         Prefix::Fraction(1.0),
-        &mut |_, _| {},
+        &mut |done, total| {
+            if done == total || done >= shown + 100 {
+                eprintln!("  decoded {done} of {total} frames");
+                shown = done;
+            }
+        },
     )?;
     let boot_n = Prefix::Fraction(0.1).len(all.len());
+    if boot_n >= all.len() {
+        return Err(apparate::Error::Input(format!(
+            "{} holds {} inputs: too few for a bootstrap set and a replay",
+            stream.display(),
+            all.len()
+        )));
+    }
     let boot = all.slice(0..boot_n);
+    let clips = match wl.drift {
+        Drift::Clips { index } => read_clips(Path::new(index), all.len())?,
+        _ => Vec::new(),
+    };
 
     // Ramps and profile: reuse tools/train-ramps.sh's, or make them here.
     if RampsFile::open(&ramps_path, &file).is_err() {
@@ -200,46 +274,6 @@ fn main() -> apparate::Result<()> {
             p
         }
     };
-
-    // The schedule and the inputs, the same for every system.
-    // Vision: 30 frames/s (video). Language: a mean of 40/s over the replayed minutes, so the
-    // trace's bursts (2.15x the mean: 86/s) stay within what MiniLM serves on 2 CPU cores.
-    let rate = args.rate.unwrap_or(if vision { 30.0 } else { 40.0 });
-    let (arrivals, label) = if vision {
-        (Arrivals::Fixed { rate }, format!("fixed {rate}/s"))
-    } else {
-        let trace = read_trace(Path::new("benches/traces/bursty.csv"))?;
-        let minutes = trace_minutes(&trace, args.seconds);
-        (
-            bursty(&trace, minutes, Duration::from_secs(10), rate, args.seed),
-            format!(
-                "bursty trace (first {minutes} minutes of benches/traces/bursty.csv, 10 s per trace minute, scaled to a mean of {rate}/s)"
-            ),
-        )
-    };
-    arrivals.validate()?;
-    let n_wanted = (args.seconds * rate).ceil() as usize;
-    let offsets: Vec<Duration> = arrivals
-        .schedule(n_wanted * 4)
-        .into_iter()
-        .take_while(|d| d.as_secs_f64() <= args.seconds)
-        .collect();
-    let n = offsets.len().min(all.len() - boot_n);
-    let offsets = &offsets[..n];
-    let replay = all.slice(boot_n..boot_n + n);
-    let drift_from = (n as f64 * args.drift_at) as usize;
-    let inputs = to_inputs(
-        &replay,
-        vision.then_some((drift_from, backbone.image_input().cloned())),
-        args.seed,
-    );
-    let drift = vision.then(|| format!(
-        "from request {drift_from} of {n}: contrast x0.6 and Gaussian noise (sd 0.15 of full scale) on the raw pixels"
-    ));
-    eprintln!(
-        "{n} requests over {:.0} s ({label})",
-        offsets.last().map_or(0.0, |d| d.as_secs_f64())
-    );
 
     // Static baselines: every eligible ramp, thresholds tuned once on the bootstrap outputs.
     let boot_rows = record_outputs(&backbone, &ramps, &boot, 64)?;
@@ -294,63 +328,181 @@ fn main() -> apparate::Result<()> {
     let batching = format!("max batch {}, max delay {max_delay} ms", args.max_batch);
     std::fs::create_dir_all(&args.out)
         .map_err(|e| apparate::Error::Input(format!("{}: {e}", args.out.display())))?;
+    // The replay's inputs (the stream after the bootstrap set), looped when a run needs more.
+    let pool = to_inputs(&all.slice(boot_n..all.len()));
+
+    // The plain model's capacity, unless every rate is given.
+    let capacity = if args.rate.is_none() || (args.sweep && args.sweep_start.is_none()) {
+        eprintln!(
+            "measuring the plain model's capacity (closed loop, {} requests in flight, {} s after 1 s warm-up) ...",
+            args.max_batch, args.capacity_seconds
+        );
+        Some(measure_capacity(
+            &systems_ctx,
+            &pool,
+            args.max_batch,
+            Duration::from_secs(1),
+            Duration::from_secs_f64(args.capacity_seconds),
+        )?)
+    } else {
+        None
+    };
+    let stem = format!(
+        "serving-{}{}{}",
+        wl.name,
+        if args.sweep {
+            "-sweep"
+        } else if args.ablation {
+            "-ablation"
+        } else {
+            ""
+        },
+        if args.seed != 0 {
+            format!("-seed{}", args.seed)
+        } else {
+            String::new()
+        }
+    );
 
     if args.sweep {
-        let bound = args
-            .p99_bound_ms
-            .unwrap_or(if vision { 10.0 } else { 200.0 });
-        let start = args
-            .sweep_start
-            .unwrap_or(if vision { 200.0 } else { 20.0 });
+        let bound = args.p99_bound_ms.unwrap_or(wl.p99_bound_ms);
+        let start = match (args.sweep_start, &capacity) {
+            (Some(s), _) => s,
+            (None, Some(c)) => args.load * c.per_second,
+            (None, None) => unreachable!("the capacity is measured when no start is given"),
+        };
         let mut results = Vec::new();
         for system in &args.sweep_systems {
-            eprintln!("sweeping {system} (p99 bound {bound} ms) ...");
+            eprintln!("sweeping {system} from {start:.1}/s (p99 bound {bound} ms) ...");
             results.push(sweep(
                 &systems_ctx,
                 system,
-                &all.slice(boot_n..all.len()),
-                vision,
+                &pool,
+                wl.arrivals,
                 bound,
                 start,
                 &args,
             )?);
         }
         let report = SweepReport {
-            workload: args.workload.clone(),
+            workload: wl.name.to_string(),
             commit: build_commit(),
             device: device.clone(),
             model: model_path.display().to_string(),
-            arrivals: if vision {
-                "Poisson (seeded)".into()
-            } else {
-                "the main run's minutes of the bursty trace, compressed into each step and scaled to each mean rate".into()
+            arrivals: match wl.arrivals {
+                ArrivalKind::Frames { .. } => "Poisson (seeded)".into(),
+                ArrivalKind::Bursty => "the main run's minutes of the bursty trace, compressed into each step and scaled to each mean rate".into(),
             },
+            capacity,
             p99_bound_ms: bound,
             step_seconds: args.sweep_seconds,
             precision: args.sweep_precision,
             batching,
             systems: results,
         };
-        let json_path = args
-            .out
-            .join(format!("serving-{}-sweep.json", args.workload));
+        let json_path = args.out.join(format!("{stem}.json"));
         write_json(&json_path, &report)?;
         print_sweep(&report, &json_path);
         return Ok(());
     }
 
-    let slo = args.slo_ms.unwrap_or(if vision { 10.0 } else { 100.0 });
+    // The schedule and the inputs, the same for every system.
+    // The bursty trace's minutes of this run, and its busiest minute over their mean.
+    let trace = match wl.arrivals {
+        ArrivalKind::Frames { .. } => None,
+        ArrivalKind::Bursty => {
+            let t = read_trace(Path::new("benches/traces/bursty.csv"))?;
+            let minutes = trace_minutes(&t, args.seconds);
+            Some((t, minutes))
+        }
+    };
+    let peak_factor = trace.as_ref().map_or(1.0, |(t, m)| peak_to_mean(&t[..*m]));
+    let (rate, offer) = offered_rate(wl, &args, capacity.as_ref(), peak_factor);
+    eprintln!("{offer}");
+    let (arrivals, label) = match &trace {
+        None => (Arrivals::Fixed { rate }, format!("fixed {rate:.1}/s")),
+        Some((trace, minutes)) => {
+            let minutes = *minutes;
+            let peak = peak_factor * rate;
+            (
+                bursty(trace, minutes, Duration::from_secs(10), rate, args.seed),
+                format!(
+                    "bursty trace (first {minutes} minutes of benches/traces/bursty.csv, 10 s per trace minute, scaled to a mean of {rate:.1}/s; busiest minute {peak:.1}/s)"
+                ),
+            )
+        }
+    };
+    arrivals.validate()?;
+    let n_wanted = (args.seconds * rate).ceil() as usize;
+    let offsets: Vec<Duration> = arrivals
+        .schedule(n_wanted * 4)
+        .into_iter()
+        .take_while(|d| d.as_secs_f64() <= args.seconds)
+        .collect();
+    let n = offsets.len();
+    if n == 0 {
+        return Err(apparate::Error::Input(format!(
+            "no request falls within {} s at {rate}/s: a longer --seconds or a higher --rate",
+            args.seconds
+        )));
+    }
+    if n > pool.len() {
+        eprintln!(
+            "the replay loops: {n} requests over a stream of {} inputs after the bootstrap set",
+            pool.len()
+        );
+    }
+    let mut inputs: Vec<Input> = (0..n).map(|i| pool[i % pool.len()].clone()).collect();
+    let (drift, marks) = match wl.drift {
+        Drift::None => (None, Vec::new()),
+        Drift::Injected => {
+            let from = ((n as f64 * args.drift_at) as usize).min(n);
+            if let Some(inp) = &image_input {
+                inject_drift(&mut inputs[from..], inp, args.seed);
+            }
+            (
+                Some(format!(
+                    "from request {from} of {n}: contrast x0.6 and Gaussian noise (sd 0.15 of full scale) on the raw pixels"
+                )),
+                vec![from],
+            )
+        }
+        Drift::Clips { .. } => {
+            let clip = |i: usize| clip_of(&clips, boot_n + i % pool.len());
+            let marks: Vec<usize> = (1..n).filter(|&i| clip(i) != clip(i - 1)).collect();
+            let order: Vec<String> = clips
+                .iter()
+                .map(|c| format!("{} (from frame {})", c.name, c.start))
+                .collect();
+            (
+                Some(format!(
+                    "natural: clips played one after another ({}); the replay starts at frame {boot_n} in `{}` and changes clip at requests {:?}",
+                    order.join(", "),
+                    clips[clip(0)].name,
+                    marks
+                )),
+                marks,
+            )
+        }
+    };
+    eprintln!(
+        "{n} requests over {:.0} s ({label})",
+        offsets.last().map_or(0.0, |d| d.as_secs_f64())
+    );
+
+    let slo = args.slo_ms.unwrap_or(wl.slo_ms);
     let mut results: Vec<SystemResult> = Vec::new();
     let mut vanilla_classes: Option<Vec<Option<usize>>> = None;
-    let mut systems = args.systems.clone();
+    let mut systems = systems;
     // Agreement is judged against the plain model's answers, so it always runs (first).
     systems.retain(|s| s != "vanilla");
     systems.insert(0, "vanilla".into());
+    let split = marks.first().copied().unwrap_or(n);
     for system in &systems {
         let engine = systems_ctx.engine(system)?;
         let thresholds = engine.metrics().active();
         eprintln!("running {system} ...");
-        let outcomes = run(&engine, &inputs, offsets);
+        let outcomes = run(&engine, &inputs, &offsets);
         let m = engine.shared_metrics();
         let events = engine.drain_events();
         engine.shutdown();
@@ -365,37 +517,100 @@ fn main() -> apparate::Result<()> {
             &m,
             events,
             thresholds,
-            if vision { drift_from } else { n },
+            split,
         ));
     }
+    set_reductions(&mut results);
 
     let report = Report {
-        workload: args.workload.clone(),
+        workload: wl.name.to_string(),
         commit: build_commit(),
         device,
         model: model_path.display().to_string(),
         arrivals: label,
+        capacity,
+        offer,
         offered_rate: n as f64 / offsets.last().map_or(1.0, |d| d.as_secs_f64()),
         seconds: args.seconds,
         batching,
         slo_ms: slo,
         drift,
-        drift_from: vision.then_some(drift_from),
+        drift_from: marks.first().copied(),
+        drift_marks: marks,
+        clips,
         window: args.window,
         seed: args.seed,
         systems: results,
     };
-    let json_path = args.out.join(format!("serving-{}.json", args.workload));
+    let json_path = args.out.join(format!("{stem}.json"));
     write_json(&json_path, &report)?;
-    let cdf = args.out.join(format!("serving-{}-cdf.svg", args.workload));
-    let timeline = args
-        .out
-        .join(format!("serving-{}-timeline.svg", args.workload));
+    let cdf = args.out.join(format!("{stem}-cdf.svg"));
+    let timeline = args.out.join(format!("{stem}-timeline.svg"));
     plots::latency_cdf(&report, &cdf)?;
     plots::timeline(&report, &timeline)?;
     print_table(&report, &json_path);
     println!("plots: {} and {}", cdf.display(), timeline.display());
     Ok(())
+}
+
+/// The mean rate to offer, and the line that says where it comes from: `--rate`, or `--load` x
+/// the measured capacity (text), or the workload's frame rate when it is within that share.
+/// `peak_factor` is the busiest trace minute over the mean (1 for frames): the line gives the
+/// busiest minute's share too, and says when it is above the capacity.
+fn offered_rate(
+    wl: &Workload,
+    args: &Args,
+    cap: Option<&Capacity>,
+    peak_factor: f64,
+) -> (f64, String) {
+    let (Some(c), None) = (cap, args.rate) else {
+        let r = args
+            .rate
+            .expect("the capacity is measured when no rate is given");
+        return (
+            r,
+            format!("offering {r:.1}/s (--rate; capacity not measured)"),
+        );
+    };
+    let share_rate = args.load * c.per_second;
+    match wl.arrivals {
+        ArrivalKind::Frames { fps } if fps <= share_rate => (
+            fps,
+            format!(
+                "capacity {:.1}/s measured, offering {fps:.1}/s (share {:.2}; the workload's frame rate, within --load {})",
+                c.per_second,
+                fps / c.per_second,
+                args.load
+            ),
+        ),
+        ArrivalKind::Frames { fps } => (
+            share_rate,
+            format!(
+                "capacity {:.1}/s measured: {fps:.1} frames/s would be a share of {:.2}, above --load {}; offering {share_rate:.1}/s (share {}) instead",
+                c.per_second,
+                fps / c.per_second,
+                args.load,
+                args.load
+            ),
+        ),
+        ArrivalKind::Bursty => {
+            let peak_share = args.load * peak_factor;
+            (
+                share_rate,
+                format!(
+                    "capacity {:.1}/s measured, offering {share_rate:.1}/s (share {}) as the trace's mean rate; its busiest minute offers {:.1}/s (share {peak_share:.2}){}",
+                    c.per_second,
+                    args.load,
+                    share_rate * peak_factor,
+                    if peak_share > 1.0 {
+                        ": above the capacity, queues build up during that minute"
+                    } else {
+                        ""
+                    }
+                ),
+            )
+        }
+    }
 }
 
 /// Trace minutes replayed in `seconds` at 10 s per minute.
@@ -414,6 +629,12 @@ fn bursty(trace: &[u32], minutes: usize, minute: Duration, rate: f64, seed: u64)
         scale: rate * minute.as_secs_f64() / mean.max(1e-9),
         seed,
     }
+}
+
+/// The busiest minute of a trace over its mean minute.
+fn peak_to_mean(trace: &[u32]) -> f64 {
+    let mean = trace.iter().map(|&c| c as f64).sum::<f64>() / trace.len().max(1) as f64;
+    trace.iter().copied().max().unwrap_or(0) as f64 / mean.max(1e-9)
 }
 
 fn write_json<T: Serialize>(path: &Path, v: &T) -> apparate::Result<()> {
@@ -439,6 +660,33 @@ struct Systems {
     boot: Inputs,
 }
 
+/// Every system the benchmark knows.
+const SYSTEMS: &[&str] = &[
+    "vanilla",
+    "vanilla-again",
+    "apparate",
+    "apparate-paper",
+    "apparate-no-shadow",
+    "apparate-no-bound",
+    "apparate-no-learning",
+    "apparate-no-drift",
+    "static-shared",
+    "static-per-ramp",
+    "oracle",
+];
+
+/// Refuses an unknown system name before anything is loaded or measured.
+fn check_system(s: &str) -> apparate::Result<()> {
+    if SYSTEMS.contains(&s) {
+        Ok(())
+    } else {
+        Err(apparate::Error::Input(format!(
+            "unknown system `{s}`: one of {}",
+            SYSTEMS.join(", ")
+        )))
+    }
+}
+
 impl Systems {
     fn engine(&self, system: &str) -> apparate::Result<Engine> {
         let mut cfg = self.base.clone();
@@ -451,7 +699,24 @@ impl Systems {
         match system {
             // `vanilla-again`: the plain model once more, after the others (run-order noise).
             "vanilla" | "vanilla-again" => {}
-            "apparate" => builder = builder.ramps(&self.ramps).bootstrap(self.boot.clone()),
+            "apparate"
+            | "apparate-paper"
+            | "apparate-no-shadow"
+            | "apparate-no-bound"
+            | "apparate-no-learning"
+            | "apparate-no-drift" => {
+                match system {
+                    "apparate-paper" => cfg.mode = Mode::Paper,
+                    // Learning trains on shadow samples, so without shadow it has no data
+                    // either: this ablation shows what live evidence buys as a whole.
+                    "apparate-no-shadow" => cfg.live.shadow = false,
+                    "apparate-no-bound" => cfg.live.bound = false,
+                    "apparate-no-learning" => cfg.live.learning = false,
+                    "apparate-no-drift" => cfg.live.drift_test = false,
+                    _ => {}
+                }
+                builder = builder.ramps(&self.ramps).bootstrap(self.boot.clone());
+            }
             "static-shared" => {
                 cfg.fixed = Some(
                     self.points
@@ -476,51 +741,47 @@ impl Systems {
                 cfg.oracle = true;
                 builder = builder.ramps(&self.ramps);
             }
-            s => return Err(apparate::Error::Input(format!("unknown system `{s}`"))),
+            s => return Err(check_system(s).unwrap_err()),
         }
         builder.apparate(cfg).build()
     }
 }
 
-/// Requests from stream inputs; vision frames from `drift.0` on get lower contrast and noise.
-fn to_inputs(
-    replay: &Inputs,
-    drift: Option<(usize, Option<apparate::models::cnn::ImageInput>)>,
-    seed: u64,
-) -> Vec<Input> {
-    match replay {
+/// Requests from stream inputs (image streams are already normalised).
+fn to_inputs(stream: &Inputs) -> Vec<Input> {
+    match stream {
         Inputs::Texts(t) => t.iter().cloned().map(Input::Text).collect(),
         Inputs::Images {
             pixels,
             count,
             per_image,
-        } => {
-            let mut rng = SplitMix::new(seed ^ 0xd1f7);
-            (0..*count)
-                .map(|i| {
-                    let mut v = pixels[i * per_image..(i + 1) * per_image].to_vec();
-                    if let Some((from, Some(inp))) = &drift
-                        && i >= *from
-                    {
-                        let c = inp.mean.len();
-                        for (k, x) in v.iter_mut().enumerate() {
-                            let (mean, std) = (inp.mean[k % c], inp.std[k % c]);
-                            let raw = *x * std + mean;
-                            let noise: f32 =
-                                (0..4).map(|_| rng.uniform()).sum::<f32>() * 0.5 * 0.15;
-                            let raw = (raw * 0.6 + noise).clamp(0.0, 1.0);
-                            *x = (raw - mean) / std;
-                        }
-                    }
-                    Input::Normalized(v)
-                })
-                .collect()
+        } => (0..*count)
+            .map(|i| Input::Normalized(pixels[i * per_image..(i + 1) * per_image].to_vec()))
+            .collect(),
+    }
+}
+
+/// The injected drift of `mnist-drift`: lower contrast and noise on the raw pixels of every
+/// (normalised) frame of `frames`.
+fn inject_drift(frames: &mut [Input], inp: &apparate::models::cnn::ImageInput, seed: u64) {
+    let mut rng = SplitMix::new(seed ^ 0xd1f7);
+    let c = inp.mean.len();
+    for f in frames {
+        if let Input::Normalized(v) = f {
+            for (k, x) in v.iter_mut().enumerate() {
+                let (mean, std) = (inp.mean[k % c], inp.std[k % c]);
+                let raw = *x * std + mean;
+                let noise: f32 = (0..4).map(|_| rng.uniform()).sum::<f32>() * 0.5 * 0.15;
+                let raw = (raw * 0.6 + noise).clamp(0.0, 1.0);
+                *x = (raw - mean) / std;
+            }
         }
     }
 }
 
-/// Refuses lengths and precisions that would make a run empty (every step "passes" with no
-/// requests) or a sweep that never ends (a precision of 0).
+/// Refuses lengths, shares and precisions that would make a run empty (every step "passes"
+/// with no requests), overload the machine by construction, or a sweep that never ends (a
+/// precision of 0).
 fn check_args(a: &Args) -> apparate::Result<()> {
     use apparate::adapt::config::check_real;
     use std::ops::Bound::{Excluded, Included};
@@ -537,5 +798,17 @@ fn check_args(a: &Args) -> apparate::Result<()> {
         a.sweep_precision,
         Excluded(0.0),
         Excluded(1.0),
-    )
+    )?;
+    check_real("--load", a.load, Excluded(0.0), Included(1.0))?;
+    check_real(
+        "--capacity-seconds",
+        a.capacity_seconds,
+        Excluded(0.0),
+        Included(600.0),
+    )?;
+    check_real("--drift-at", a.drift_at, Included(0.0), Included(1.0))?;
+    if let Some(r) = a.rate {
+        check_real("--rate", r, Excluded(0.0), Included(1e6))?;
+    }
+    Ok(())
 }

@@ -14,6 +14,11 @@ fn colour(system: &str) -> RGBColor {
         "static-shared" => RGBColor(31, 119, 180),
         "static-per-ramp" => RGBColor(44, 160, 44),
         "oracle" => RGBColor(148, 103, 189),
+        "apparate-paper" => RGBColor(255, 127, 14),
+        "apparate-no-shadow" => RGBColor(140, 86, 75),
+        "apparate-no-bound" => RGBColor(227, 119, 194),
+        "apparate-no-learning" => RGBColor(23, 190, 207),
+        "apparate-no-drift" => RGBColor(188, 189, 34),
         _ => RGBColor(127, 127, 127),
     }
 }
@@ -110,14 +115,20 @@ pub fn latency_cdf(r: &Report, path: &Path) -> apparate::Result<()> {
 
 /// Top: Apparate's active ramps and their thresholds over the requests (a line per ramp point,
 /// drawn while the ramp is active). Bottom: every system's agreement with the plain model in
-/// consecutive windows, against the 99% floor. The drift start is the dashed line.
+/// consecutive windows, against the 99% floor. Where the stream changes (the injected drift, or
+/// each clip change of a clip stream) is a dashed line.
 pub fn timeline(r: &Report, path: &Path) -> apparate::Result<()> {
     let e = |x| err(path, x);
     let n = r.systems.first().map_or(0, |s| s.requests).max(1) as f64;
     let root = SVGBackend::new(path, (900, 700)).into_drawing_area();
     root.fill(&WHITE).map_err(e)?;
     let (top, bottom) = root.split_vertically(340);
-    let drift = r.drift_from.map(|d| d as f64);
+    let marks: Vec<f64> = r.drift_marks.iter().map(|&d| d as f64).collect();
+    let mark_label = if r.clips.is_empty() {
+        "drift starts"
+    } else {
+        "clip changes"
+    };
 
     let mut chart = ChartBuilder::on(&top)
         .caption(
@@ -172,17 +183,18 @@ pub fn timeline(r: &Report, path: &Path) -> apparate::Result<()> {
             }
         }
     }
-    if let Some(d) = drift {
-        chart
+    for (k, &d) in marks.iter().enumerate() {
+        let s = chart
             .draw_series(DashedLineSeries::new(
                 vec![(d, 0.0), (d, 1.0)],
                 6,
                 4,
                 BLACK.stroke_width(1),
             ))
-            .map_err(e)?
-            .label("drift starts")
-            .legend(legend_line(BLACK, 1));
+            .map_err(e)?;
+        if k == 0 {
+            s.label(mark_label).legend(legend_line(BLACK, 1));
+        }
     }
     chart
         .configure_series_labels()
@@ -241,7 +253,7 @@ pub fn timeline(r: &Report, path: &Path) -> apparate::Result<()> {
         .map_err(e)?
         .label("99% floor")
         .legend(legend_line(RGBColor(120, 120, 120), 1));
-    if let Some(d) = drift {
+    for &d in &marks {
         chart
             .draw_series(DashedLineSeries::new(
                 vec![(d, ymin.max(0.0)), (d, 1.005)],

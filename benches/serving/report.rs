@@ -1,5 +1,6 @@
 //! What the serving benchmark reports per system (latency percentiles, agreement, exits,
-//! adaptation events) and the table it prints.
+//! adaptation events, the live loops' overhead, the share of the oracle's reduction) and the
+//! tables it prints.
 
 use super::*;
 
@@ -25,6 +26,12 @@ pub(crate) struct SystemResult {
     pub(crate) average_batch: f64,
     pub(crate) events: Vec<AdaptEvent>,
     pub(crate) thresholds: Vec<(String, f32)>,
+    /// What the live loops cost (zero for systems without them).
+    pub(crate) overhead: OverheadReport,
+    /// (vanilla p50 - this p50) / (vanilla p50 - oracle p50): the share of the oracle's median
+    /// reduction this system captures (`None` without an oracle run, or when the oracle is not
+    /// faster than the plain model).
+    pub(crate) reduction_vs_oracle: Option<f64>,
     /// Per request, for the plots.
     #[serde(skip)]
     pub(crate) agree: Vec<bool>,
@@ -39,17 +46,76 @@ pub(crate) struct Report {
     pub(crate) device: String,
     pub(crate) model: String,
     pub(crate) arrivals: String,
+    /// The plain model's measured capacity (absent when `--rate` was given).
+    pub(crate) capacity: Option<Capacity>,
+    /// Where the offered rate comes from (capacity and share, or `--rate`).
+    pub(crate) offer: String,
     pub(crate) offered_rate: f64,
     pub(crate) seconds: f64,
     pub(crate) batching: String,
     pub(crate) slo_ms: f64,
     pub(crate) drift: Option<String>,
-    /// First drifted request (vision).
+    /// First drifted request (mnist-drift: the injected drift; video: the first clip change).
     pub(crate) drift_from: Option<usize>,
+    /// Every request where the stream changes (the injected drift, or each clip change).
+    pub(crate) drift_marks: Vec<usize>,
+    /// The clips of a clip stream, in stream order.
+    pub(crate) clips: Vec<workloads::Clip>,
     /// Requests per agreement window.
     pub(crate) window: usize,
     pub(crate) seed: u64,
     pub(crate) systems: Vec<SystemResult>,
+}
+
+/// The live loops' overhead counters with the ratios the tables show.
+#[derive(Serialize, Default)]
+pub(crate) struct OverheadReport {
+    #[serde(flatten)]
+    pub(crate) counters: apparate::metrics::Overhead,
+    /// Batch compute time (batch start to its last answers), ms in all batches.
+    pub(crate) compute_ms: f64,
+    /// Shadow batches as a share of all batches, %.
+    pub(crate) shadow_batches_pct: f64,
+    /// Shadow evaluation time per shadow batch, ms.
+    pub(crate) shadow_ms_per_shadow_batch: f64,
+    /// Shadow evaluation time as a share of the batch compute time, %.
+    pub(crate) shadow_pct_of_compute: f64,
+}
+
+impl OverheadReport {
+    fn of(m: &apparate::metrics::Metrics) -> OverheadReport {
+        let o = m.overhead();
+        let h = m.compute.snapshot();
+        let compute_ms = h.mean() * h.len() as f64 / 1e3;
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+        OverheadReport {
+            counters: o,
+            compute_ms,
+            shadow_batches_pct: 100.0 * ratio(o.shadow_batches as f64, o.batches as f64),
+            shadow_ms_per_shadow_batch: ratio(o.shadow_ms, o.shadow_batches as f64),
+            shadow_pct_of_compute: 100.0 * ratio(o.shadow_ms, compute_ms),
+        }
+    }
+}
+
+/// Fills every system's `reduction_vs_oracle` from the first system (the plain model) and the
+/// `oracle` run, when there is one that is faster than the plain model.
+pub(crate) fn set_reductions(systems: &mut [SystemResult]) {
+    let (Some(base), Some(oracle)) = (
+        systems.first().map(|s| s.latency.p50_ms),
+        systems
+            .iter()
+            .find(|s| s.system == "oracle")
+            .map(|s| s.latency.p50_ms),
+    ) else {
+        return;
+    };
+    if base - oracle <= 0.0 {
+        return;
+    }
+    for s in systems.iter_mut() {
+        s.reduction_vs_oracle = Some((base - s.latency.p50_ms) / (base - oracle));
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -115,6 +181,8 @@ pub(crate) fn summarise(
         average_batch: m.answered() as f64 / m.batches().max(1) as f64,
         events,
         thresholds,
+        overhead: OverheadReport::of(m),
+        reduction_vs_oracle: None,
         latency_ms: outcomes
             .iter()
             .filter_map(|o| o.latency)
@@ -137,11 +205,12 @@ pub(crate) fn print_table(r: &Report, json: &Path) {
         r.commit,
         r.device
     );
+    println!("load: {}", r.offer);
     if let Some(d) = &r.drift {
         println!("drift: {d}");
     }
     println!(
-        "{:<16} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} {:>7} {:>6} {:>6}",
+        "{:<20} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7} {:>7} {:>6} {:>6}",
         "system",
         "p50",
         "p90",
@@ -170,7 +239,7 @@ pub(crate) fn print_table(r: &Report, json: &Path) {
             .map(|(_, f)| f)
             .fold(0.0, |a, b| a + b);
         println!(
-            "{:<16} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.1} {:>8.1} {:>6.2}% {:>6.2}% {:>5.1}% {:>6.2}",
+            "{:<20} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.1} {:>8.1} {:>6.2}% {:>6.2}% {:>5.1}% {:>6.2}",
             s.system,
             l.p50_ms,
             l.p90_ms,
@@ -189,7 +258,7 @@ pub(crate) fn print_table(r: &Report, json: &Path) {
     if r.drift.is_some() {
         for s in &r.systems {
             println!(
-                "{:<16} before the drift: agreement {:.2}%, p50 {:.2} ms; after: {:.2}%, p50 {:.2} ms",
+                "{:<20} before the drift: agreement {:.2}%, p50 {:.2} ms; after: {:.2}%, p50 {:.2} ms",
                 s.system,
                 s.agreement_before_drift * 100.0,
                 s.p50_before_drift_ms,
@@ -201,17 +270,53 @@ pub(crate) fn print_table(r: &Report, json: &Path) {
     for s in r.systems.iter().skip(1) {
         let l = &s.latency;
         println!(
-            "{:<16} vs vanilla: p50 {:+.1}%  p95 {:+.1}%  p99 {:+.1}%",
+            "{:<20} vs vanilla: p50 {:+.1}%  p95 {:+.1}%  p99 {:+.1}%",
             s.system,
             (l.p50_ms / base.p50_ms - 1.0) * 100.0,
             (l.p95_ms / base.p95_ms - 1.0) * 100.0,
             (l.p99_ms / base.p99_ms - 1.0) * 100.0
         );
     }
+    if r.systems.iter().any(|s| s.reduction_vs_oracle.is_some()) {
+        for s in r.systems.iter().skip(1).filter(|s| s.system != "oracle") {
+            if let Some(x) = s.reduction_vs_oracle {
+                println!(
+                    "{:<20} reduction vs oracle: {:+.1}% of the oracle's median reduction",
+                    s.system,
+                    x * 100.0
+                );
+            }
+        }
+    }
+    // The live loops' cost, for the systems that ran any.
+    let live: Vec<&SystemResult> = r
+        .systems
+        .iter()
+        .filter(|s| s.overhead.counters.shadow_batches > 0 || s.overhead.counters.learn_runs > 0)
+        .collect();
+    if !live.is_empty() {
+        println!(
+            "{:<20} {:>8} {:>9} {:>10} {:>8} {:>10} {:>8}",
+            "overhead", "shadow%", "ms/shadow", "%compute", "learns", "learn ms", "swapped"
+        );
+        for s in live {
+            let o = &s.overhead;
+            println!(
+                "{:<20} {:>7.1}% {:>9.3} {:>9.2}% {:>8} {:>10.1} {:>8}",
+                s.system,
+                o.shadow_batches_pct,
+                o.shadow_ms_per_shadow_batch,
+                o.shadow_pct_of_compute,
+                o.counters.learn_runs,
+                o.counters.learn_ms,
+                o.counters.heads_swapped
+            );
+        }
+    }
     for s in &r.systems {
         let b = &s.breakdown;
         println!(
-            "{:<16} p50 / p99 of: sender late {:.3} / {:.3}, queued {:.3} / {:.3}, batch start to release {:.3} / {:.3}",
+            "{:<20} p50 / p99 of: sender late {:.3} / {:.3}, queued {:.3} / {:.3}, batch start to release {:.3} / {:.3}",
             s.system,
             b.sent_late.p50_ms,
             b.sent_late.p99_ms,

@@ -28,6 +28,8 @@ pub(crate) struct SweepReport {
     pub(crate) device: String,
     pub(crate) model: String,
     pub(crate) arrivals: String,
+    /// The plain model's measured capacity (absent when `--sweep-start` was given).
+    pub(crate) capacity: Option<Capacity>,
     pub(crate) p99_bound_ms: f64,
     pub(crate) step_seconds: f64,
     pub(crate) precision: f64,
@@ -41,17 +43,15 @@ pub(crate) struct SweepReport {
 pub(crate) fn sweep(
     ctx: &Systems,
     system: &str,
-    stream: &Inputs,
-    vision: bool,
+    pool: &[Input],
+    kind: ArrivalKind,
     bound: f64,
     start: f64,
     args: &Args,
 ) -> apparate::Result<SweepResult> {
-    let pool = to_inputs(stream, None, args.seed);
-    let trace = if vision {
-        None
-    } else {
-        Some(read_trace(Path::new("benches/traces/bursty.csv"))?)
+    let trace = match kind {
+        ArrivalKind::Frames { .. } => None,
+        ArrivalKind::Bursty => Some(read_trace(Path::new("benches/traces/bursty.csv"))?),
     };
     let mut steps: Vec<SweepStep> = Vec::new();
     let mut step = |rate: f64| -> apparate::Result<bool> {
@@ -137,8 +137,14 @@ pub(crate) fn print_sweep(r: &SweepReport, json: &Path) {
         "{} rate sweep: {}, {}; p99 bound {} ms; {} s per step; commit {}; {}",
         r.workload, r.arrivals, r.batching, r.p99_bound_ms, r.step_seconds, r.commit, r.device
     );
+    if let Some(c) = &r.capacity {
+        println!(
+            "capacity of the plain model: {:.1}/s (closed loop, {} in flight)",
+            c.per_second, c.in_flight
+        );
+    }
     println!(
-        "{:<10} {:>10} {:>22} {:>10}",
+        "{:<20} {:>10} {:>22} {:>10}",
         "system", "highest/s", "p99 there (ms)", "steps"
     );
     for s in &r.systems {
@@ -148,7 +154,7 @@ pub(crate) fn print_sweep(r: &SweepReport, json: &Path) {
             .find(|x| x.rate == s.highest_rate)
             .map_or(f64::NAN, |x| x.latency.p99_ms);
         println!(
-            "{:<10} {:>10.1} {:>22.2} {:>10}",
+            "{:<20} {:>10.1} {:>22.2} {:>10}",
             s.system,
             s.highest_rate,
             at,
