@@ -64,7 +64,7 @@ mod workloads;
 use capacity::{Capacity, measure_capacity};
 use report::{Report, SystemResult, print_table, set_reductions, summarise};
 use sweep::{SweepReport, print_sweep, sweep};
-use workloads::{ArrivalKind, Drift, Workload, clip_of, read_clips};
+use workloads::{ArrivalKind, Clip, Drift, Workload, clip_marks, clip_of, read_clips};
 
 /// The systems of a plain run, in order.
 const DEFAULT_SYSTEMS: &str =
@@ -159,6 +159,10 @@ struct Args {
     /// Apparate's tuning window: at least this many samples (default: the config's).
     #[arg(long)]
     window_min_samples: Option<usize>,
+    /// Load the workload (model, stream, clip index) and print how its replay would play at
+    /// the workload's own rate (or `--rate`), then stop: no ramps trained, nothing measured.
+    #[arg(long)]
+    dry_run: bool,
     // `cargo bench` passes `--bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -235,6 +239,37 @@ fn main() -> apparate::Result<()> {
         Drift::Clips { index } => read_clips(Path::new(index), all.len())?,
         _ => Vec::new(),
     };
+
+    if args.dry_run {
+        let rate = match (args.rate, wl.arrivals) {
+            (Some(r), _) => r,
+            (None, ArrivalKind::Frames { fps }) => fps,
+            (None, ArrivalKind::Bursty) => {
+                println!(
+                    "{}: {} inputs, bootstrap {boot_n}, replay {}; bursty arrivals at a share of the capacity (measured in a real run)",
+                    wl.name,
+                    all.len(),
+                    all.len() - boot_n
+                );
+                return Ok(());
+            }
+        };
+        let n = (args.seconds * rate).floor() as usize;
+        let pool = all.len() - boot_n;
+        println!(
+            "{}: {} inputs, bootstrap {boot_n} (the first 10%), replay {pool}; {n} requests at {rate}/s{}",
+            wl.name,
+            all.len(),
+            if n > pool { " (the replay loops)" } else { "" }
+        );
+        if !clips.is_empty() {
+            println!(
+                "drift: {}",
+                describe_clips(&clips, boot_n, &clip_marks(&clips, boot_n, pool, n))
+            );
+        }
+        return Ok(());
+    }
 
     // Ramps and profile: reuse tools/train-ramps.sh's, or make them here.
     if RampsFile::open(&ramps_path, &file).is_err() {
@@ -468,21 +503,8 @@ fn main() -> apparate::Result<()> {
             )
         }
         Drift::Clips { .. } => {
-            let clip = |i: usize| clip_of(&clips, boot_n + i % pool.len());
-            let marks: Vec<usize> = (1..n).filter(|&i| clip(i) != clip(i - 1)).collect();
-            let order: Vec<String> = clips
-                .iter()
-                .map(|c| format!("{} (from frame {})", c.name, c.start))
-                .collect();
-            (
-                Some(format!(
-                    "natural: clips played one after another ({}); the replay starts at frame {boot_n} in `{}` and changes clip at requests {:?}",
-                    order.join(", "),
-                    clips[clip(0)].name,
-                    marks
-                )),
-                marks,
-            )
+            let marks = clip_marks(&clips, boot_n, pool.len(), n);
+            (Some(describe_clips(&clips, boot_n, &marks)), marks)
         }
     };
     eprintln!(
@@ -499,9 +521,15 @@ fn main() -> apparate::Result<()> {
     systems.insert(0, "vanilla".into());
     let split = marks.first().copied().unwrap_or(n);
     for system in &systems {
+        let started = std::time::Instant::now();
         let engine = systems_ctx.engine(system)?;
         let thresholds = engine.metrics().active();
-        eprintln!("running {system} ...");
+        // Start-up (loading, the bootstrap pass of the adaptive systems) is not part of the
+        // replay but is most of a short run's wall time: shown so run times can be planned.
+        eprintln!(
+            "running {system} (engine started in {:.1} s) ...",
+            started.elapsed().as_secs_f64()
+        );
         let outcomes = run(&engine, &inputs, &offsets);
         let m = engine.shared_metrics();
         let events = engine.drain_events();
@@ -629,6 +657,20 @@ fn bursty(trace: &[u32], minutes: usize, minute: Duration, rate: f64, seed: u64)
         scale: rate * minute.as_secs_f64() / mean.max(1e-9),
         seed,
     }
+}
+
+/// The drift line of a clip stream: the clips in order, where the replay starts, and the
+/// requests where the clip changes.
+fn describe_clips(clips: &[Clip], boot_n: usize, marks: &[usize]) -> String {
+    let order: Vec<String> = clips
+        .iter()
+        .map(|c| format!("{} (from frame {})", c.name, c.start))
+        .collect();
+    format!(
+        "natural: clips played one after another ({}); the replay starts at frame {boot_n} in `{}` and changes clip at requests {marks:?}",
+        order.join(", "),
+        clips[clip_of(clips, boot_n)].name,
+    )
 }
 
 /// The busiest minute of a trace over its mean minute.

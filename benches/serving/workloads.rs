@@ -224,3 +224,10 @@ pub(crate) fn clip_of(clips: &[Clip], frame: usize) -> usize {
         .partition_point(|c| c.start <= frame)
         .saturating_sub(1)
 }
+
+/// The requests (of `n`, replaying stream frames `boot_n..boot_n + pool` in a loop) where the
+/// clip changes: the natural drift points of a clip stream.
+pub(crate) fn clip_marks(clips: &[Clip], boot_n: usize, pool: usize, n: usize) -> Vec<usize> {
+    let clip = |i: usize| clip_of(clips, boot_n + i % pool.max(1));
+    (1..n).filter(|&i| clip(i) != clip(i - 1)).collect()
+}
