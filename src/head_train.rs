@@ -95,12 +95,12 @@ fn read_utf8(path: &Path, what: &str) -> Result<String> {
     })
 }
 
-/// The non-empty lines of a file, refusing empty ones in the middle (they would shift every
-/// later line against its label). A final newline is not an empty line.
+/// The lines of a file, each trimmed, refusing empty ones (they would shift every later line
+/// against its label). Blank lines at the very end are ignored: nothing follows them to shift.
 fn strict_lines(path: &Path, what: &str) -> Result<Vec<String>> {
     let text = read_utf8(path, what)?;
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    for (i, line) in text.trim_end().lines().enumerate() {
         let line = line.trim();
         if line.is_empty() {
             return Err(Error::format(
