@@ -4,13 +4,15 @@
 # per workload (apparate with each live part switched off). The JSON, plots and one log per run
 # land in target/bench-results/ (serving-<workload>[-ablation]-seed<N>.json, logs/).
 #
-# Run time: each run measures the plain model's capacity (4 s), prepares the static baselines
-# (a pass over the bootstrap set: about 3.5 min for tweets on a busy 2-core machine, less for
-# the others) and replays RUN_SECONDS per system: 7 systems (ablation: 6). With the default 60 s
-# that is roughly 10 minutes per run, 20 runs in all: plan for about 3 hours on 2 cores (an
-# estimate from those parts, not a timed full run). Missing ramps and profiles are made on the
-# first run of a workload (minutes more).
-#
+# Run time: each run loads the stream and passes the bootstrap set through the model for the
+# static baselines, measures the plain model's capacity (4 s), then per system starts an engine
+# (the adaptive ones pass the bootstrap set through the model again) and replays RUN_SECONDS.
+# Timed on tweets (the largest bootstrap set, 2,923 texts) on a busy 2-core machine: about 80 s
+# of set-up and about 70 s of engine start per adaptive system, so with the default 60 s a run
+# of 7 systems takes about 11 minutes and the ablation (5 adaptive systems) about 13. The other
+# workloads have smaller bootstrap sets. 20 runs in all: plan for 3 to 4 hours (extrapolated
+# from those parts, not a timed full run). Missing ramps and profiles are made on the first run
+# of a workload (minutes more).
 # Environment: WORKLOADS (default: all five), SEEDS (default "1 2 3"), RUN_SECONDS (default 60),
 # ABLATION_SEED (default 1; empty skips the ablation), LOAD (default: the benchmark's --load).
 # Needs weights/fetch.sh. Exits nonzero if any run failed (the others still run).
