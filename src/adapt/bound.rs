@@ -55,9 +55,23 @@ pub fn tune_bounded(
     budget: f64,
     confidence: f64,
 ) -> Tuned {
+    let mask: Vec<bool> = (0..s.len()).map(|i| i % PATH_EVERY == 0).collect();
+    tune_bounded_split(s, &mask, lat, cfg, budget, confidence)
+}
+
+/// [`tune_bounded`] with the inputs that propose the path given (`path[i]`), e.g. by their
+/// position in the stream so that each keeps its role as the evidence slides.
+pub fn tune_bounded_split(
+    s: &Samples,
+    path_mask: &[bool],
+    lat: &LatencyModel,
+    cfg: &TunerConfig,
+    budget: f64,
+    confidence: f64,
+) -> Tuned {
     let k = s.ramps;
     let zero = vec![0.0f32; k];
-    let (propose, test) = s.split(PATH_EVERY);
+    let (propose, test) = s.split_by(path_mask);
     let none = Tuned {
         eval: evaluate(s, &zero, lat),
         thresholds: zero,

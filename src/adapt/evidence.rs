@@ -63,12 +63,22 @@ impl Evidence {
     /// The samples every ramp of `set` (ramps of the file) has scored, as tuner input (ramps
     /// in `set` order).
     pub fn samples_for(&self, set: &[usize]) -> Samples {
-        let rows: Vec<Vec<(f32, bool)>> = self
+        self.samples_and_seqs(set).0
+    }
+
+    /// [`Evidence::samples_for`] and each row's sequence number.
+    pub fn samples_and_seqs(&self, set: &[usize]) -> (Samples, Vec<u64>) {
+        let (rows, seqs): (Vec<Vec<(f32, bool)>>, Vec<u64>) = self
             .samples
             .iter()
-            .filter_map(|s| set.iter().map(|&r| s.scores[r]).collect::<Option<Vec<_>>>())
-            .collect();
-        Samples::from_rows(set.len(), &rows)
+            .filter_map(|s| {
+                set.iter()
+                    .map(|&r| s.scores[r])
+                    .collect::<Option<Vec<_>>>()
+                    .map(|row| (row, s.seq))
+            })
+            .unzip();
+        (Samples::from_rows(set.len(), &rows), seqs)
     }
 
     /// The samples with features: `(seq, features, answer)`, oldest first.

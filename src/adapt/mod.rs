@@ -100,4 +100,6 @@ impl Loops {
 }
 
 #[cfg(test)]
+mod live_tests;
+#[cfg(test)]
 pub(crate) mod tests;

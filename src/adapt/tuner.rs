@@ -75,9 +75,19 @@ impl Samples {
     /// of the stream (a split in time would put a drift between them).
     pub fn split(&self, m: usize) -> (Samples, Samples) {
         let m = m.max(2);
+        let mask: Vec<bool> = (0..self.len).map(|i| i % m == 0).collect();
+        self.split_by(&mask)
+    }
+
+    /// Splits the inputs by `mask` (true: first part). A mask fixed per input (e.g. by its
+    /// position in the stream) keeps each input on its side as the evidence slides, so
+    /// successive tunings on overlapping evidence agree.
+    pub fn split_by(&self, mask: &[bool]) -> (Samples, Samples) {
         let n = self.len;
         let pick = |first: bool| {
-            let idx: Vec<usize> = (0..n).filter(|i| (i % m == 0) == first).collect();
+            let idx: Vec<usize> = (0..n)
+                .filter(|&i| mask.get(i).copied().unwrap_or(false) == first)
+                .collect();
             let mut s = Samples {
                 ramps: self.ramps,
                 u: Vec::with_capacity(self.ramps * idx.len()),
@@ -164,6 +174,12 @@ pub struct TunerConfig {
     pub initial_steps: Vec<f32>,
     /// The search ends when every step is below this. Default 0.001.
     pub min_step: f32,
+    /// A move that would release nobody new jumps to just past the next input's `u` instead of
+    /// failing: with heads whose uncertainties start far from 0 (a freshly retrained head is
+    /// less sharp than a long-trained one: every `u` above 0.3 on a 2-class stream), fixed steps
+    /// from 0 gain nothing, so the search halves its steps and stops at 0. Default `false` (the
+    /// paper's search); the live loops set it.
+    pub skip_gaps: bool,
 }
 
 impl Default for TunerConfig {
@@ -172,6 +188,7 @@ impl Default for TunerConfig {
             accuracy_budget: 0.01,
             initial_steps: vec![0.01, 0.0125, 0.025, 0.05],
             min_step: 0.001,
+            skip_gaps: false,
         }
     }
 }
@@ -293,6 +310,18 @@ impl<'a> Search<'a> {
             .collect()
     }
 
+    /// The smallest `u` at ramp `r`, at or above `from`, of an input that leaves after `r`.
+    fn next_u(&self, r: usize, from: f32, exit: &[u16]) -> Option<f32> {
+        let n = self.s.len;
+        let u = &self.s.u[r * n..(r + 1) * n];
+        let o = &self.order[r];
+        let lo = o.partition_point(|&i| u[i as usize] < from);
+        o[lo..]
+            .iter()
+            .find(|&&i| exit[i as usize] as usize > r)
+            .map(|&i| u[i as usize])
+    }
+
     /// One climb from all-zero thresholds with initial step `init`: the thresholds, their
     /// saving, and (if `record`) the thresholds after each accepted move.
     fn climb(&self, init: f32, record: bool) -> (Vec<f32>, f64, Vec<Vec<f32>>) {
@@ -320,7 +349,13 @@ impl<'a> Search<'a> {
                 if steps[r] < cfg.min_step || tau[r] >= 1.0 {
                     continue;
                 }
-                let to = (tau[r] + steps[r]).min(1.0);
+                let mut to = (tau[r] + steps[r]).min(1.0);
+                if cfg.skip_gaps
+                    && let Some(next) = self.next_u(r, tau[r], &exit)
+                    && next >= to
+                {
+                    to = (next + (next * 1e-6).max(1e-7)).min(1.0);
+                }
                 let mut c = counts.clone();
                 let mut w = wrong;
                 for i in self.affected(r, tau[r], to, &exit) {
@@ -535,5 +570,32 @@ mod tests {
             let zero = evaluate(&s, &vec![0.0; k], &lat(k));
             proptest::prop_assert!(t.eval.saving >= zero.saving);
         }
+    }
+}
+
+#[cfg(test)]
+mod gap_tests {
+    use super::*;
+
+    #[test]
+    fn skipping_gaps_reaches_uncertainties_far_from_zero() {
+        // Every u in [0.3, 0.5), all right: fixed steps from 0 gain nothing.
+        let rows: Vec<Vec<(f32, bool)>> = (0..500)
+            .map(|i| vec![(0.3 + 0.2 * i as f32 / 500.0, true)])
+            .collect();
+        let s = Samples::from_rows(1, &rows);
+        let lat = LatencyModel {
+            vanilla_ms: 100.0,
+            until_ms: vec![25.0],
+            ramp_ms: vec![1.0],
+        };
+        let plain = tune(&s, &lat, &TunerConfig::default());
+        assert_eq!(plain.thresholds, vec![0.0]);
+        let cfg = TunerConfig {
+            skip_gaps: true,
+            ..TunerConfig::default()
+        };
+        let t = tune(&s, &lat, &cfg);
+        assert!(t.eval.exit_fractions[0] > 0.99, "{t:?}");
     }
 }
