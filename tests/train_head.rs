@@ -411,3 +411,70 @@ fn bad_input_is_refused_with_a_message_naming_it() {
     );
     assert!(!out.exists(), "a refused run wrote {}", out.display());
 }
+
+/// `n` 64x48 colour images per class: warm (red-orange) or cold (blue-green) blobs over noise.
+fn colour_folders(dir: &Path, per_class: usize) -> Vec<(PathBuf, &'static str)> {
+    let mut rng = SplitMix::new(5);
+    let mut all = Vec::new();
+    for (label, warm) in [("cold", false), ("warm", true)] {
+        let sub = dir.join(label);
+        std::fs::create_dir_all(&sub).unwrap();
+        for i in 0..per_class {
+            let (cx, cy) = (16 + rng.below(32), 12 + rng.below(24));
+            let img = image::RgbImage::from_fn(64, 48, |x, y| {
+                let inside =
+                    (x as usize).abs_diff(cx).pow(2) + (y as usize).abs_diff(cy).pow(2) < 150;
+                let n = rng.below(30) as u8;
+                match (inside, warm) {
+                    (true, true) => image::Rgb([220, 90 + n, n]),
+                    (true, false) => image::Rgb([n, 120 + n, 210]),
+                    _ => image::Rgb([60 + n, 60 + n, 60 + n]),
+                }
+            });
+            let p = sub.join(format!("{i:03}.png"));
+            img.save(&p).expect("png written");
+            all.push((p, label));
+        }
+    }
+    all
+}
+
+/// The real EfficientNet-Lite0, whose last block runs a convolution and the global pooling
+/// before its classifier: the features come from running that block up to the classifier here,
+/// and the written model runs the whole block with the new classifier. Equal accuracies on the
+/// held-out images mean both read the same features.
+#[test]
+fn image_head_on_efficientnet_reads_the_features_its_classifier_read() {
+    let model = common::weights_file("efficientnet-lite0.apparate");
+    let dir = TempDir::new("train-head-effnet");
+    let data = dir.path("colours");
+    let all = colour_folders(&data, 10);
+    let out = dir.path("colours.apparate");
+    let (code, _, err) = apparate(&[
+        "train-head",
+        "-m",
+        s(&model),
+        "--data",
+        s(&data),
+        "-o",
+        s(&out),
+        "--batch-size",
+        "8",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let r = report(&dir.path("colours.json"));
+    assert_eq!(r["features"], 1280);
+    let held = held_out(&r);
+    let files: Vec<PathBuf> = held.iter().map(|&i| all[i].0.clone()).collect();
+    let answers = cnn_answers(&out, &files);
+    let right = answers
+        .iter()
+        .zip(&held)
+        .filter(|(a, i)| a.as_str() == all[**i].1)
+        .count();
+    assert_eq!(
+        right as f64 / held.len() as f64,
+        r["held_out_accuracy"].as_f64().unwrap()
+    );
+    assert!(r["held_out_accuracy"].as_f64().unwrap() >= 0.75, "{r}");
+}
