@@ -410,6 +410,8 @@ fn bad_input_is_refused_with_a_message_naming_it() {
         &["t.txt"],
     );
     assert!(!out.exists(), "a refused run wrote {}", out.display());
+    let report = dir.path("o.json");
+    assert!(!report.exists(), "a refused run left {}", report.display());
 }
 
 /// `n` 64x48 colour images per class: warm (red-orange) or cold (blue-green) blobs over noise.

@@ -135,7 +135,7 @@ pub fn train_head_cmd(a: TrainHeadArgs) -> Result<()> {
         },
         ..Default::default()
     };
-    with_backend(
+    let result = with_backend(
         &choice,
         TrainHeadJob {
             model: a.model,
@@ -144,7 +144,13 @@ pub fn train_head_cmd(a: TrainHeadArgs) -> Result<()> {
             report,
             cfg,
         },
-    )
+    );
+    if result.is_err() {
+        // The report was created empty up front; a failed run leaves no empty report behind
+        // (the model file is written atomically, so none is left either).
+        let _ = std::fs::remove_file(&report_path);
+    }
+    result
 }
 
 /// Whether two paths name the same file (the same path, or both exist and resolve alike).
