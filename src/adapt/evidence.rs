@@ -9,6 +9,9 @@ use std::sync::Arc;
 
 use super::tuner::Samples;
 
+/// A sample with features: `(seq, per-ramp features, the model's answer)`.
+pub(crate) type Featured = (u64, Arc<Vec<Vec<f32>>>, u32);
+
 /// One input.
 #[derive(Clone, Debug)]
 pub(crate) struct Sample {
@@ -53,20 +56,8 @@ impl Evidence {
         self.samples.retain(|s| s.seq >= seq);
     }
 
-    /// Keeps the newest `n` samples.
-    pub fn keep_newest(&mut self, n: usize) {
-        while self.samples.len() > n {
-            self.samples.pop_front();
-        }
-    }
-
     /// The samples every ramp of `set` (ramps of the file) has scored, as tuner input (ramps
-    /// in `set` order).
-    pub fn samples_for(&self, set: &[usize]) -> Samples {
-        self.samples_and_seqs(set).0
-    }
-
-    /// [`Evidence::samples_for`] and each row's sequence number.
+    /// in `set` order), and each row's sequence number.
     pub fn samples_and_seqs(&self, set: &[usize]) -> (Samples, Vec<u64>) {
         let (rows, seqs): (Vec<Vec<(f32, bool)>>, Vec<u64>) = self
             .samples
@@ -82,7 +73,7 @@ impl Evidence {
     }
 
     /// The samples with features: `(seq, features, answer)`, oldest first.
-    pub fn featured(&self) -> Vec<(u64, Arc<Vec<Vec<f32>>>, u32)> {
+    pub fn featured(&self) -> Vec<Featured> {
         self.samples
             .iter()
             .filter_map(|s| s.features.clone().map(|f| (s.seq, f, s.answer)))

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::evidence::Featured;
 use crate::ramps::train::{TrainConfig, TrainedHead};
 
 /// Share of the samples (the newest) held out to judge a new head.
@@ -18,7 +19,7 @@ pub(crate) struct LearnJob {
     pub ramps: Vec<usize>,
     pub heads: Vec<Arc<TrainedHead>>,
     /// `(seq, per-ramp features, model answer)`, oldest first.
-    pub samples: Vec<(u64, Arc<Vec<Vec<f32>>>, u32)>,
+    pub samples: Vec<Featured>,
     pub budget: f64,
     pub train: TrainConfig,
 }

@@ -483,16 +483,15 @@ impl LiveController {
             });
             let mut scores: Vec<Vec<Option<(f32, bool)>>> = vec![vec![None; k]; n];
             let mut feats: Vec<Vec<Vec<f32>>> = vec![Vec::with_capacity(k); n];
-            for r in 0..k {
-                let f = &sh.features[r];
-                let width = self.heads[r].head.width();
+            for (r, (f, head)) in sh.features.iter().zip(&self.heads).enumerate() {
+                let width = head.head.width();
                 if f.len() != n * width {
                     return;
                 }
-                let preds = self.heads[r].predict_hidden(&self.heads[r].hidden(f));
-                for i in 0..n {
-                    scores[i][r] = Some((preds[i].1, preds[i].0 == rec.answers[i]));
-                    feats[i].push(f[i * width..(i + 1) * width].to_vec());
+                let preds = head.predict_hidden(&head.hidden(f));
+                for (i, ((s, x), p)) in scores.iter_mut().zip(&mut feats).zip(&preds).enumerate() {
+                    s[r] = Some((p.1, p.0 == rec.answers[i]));
+                    x.push(f[i * width..(i + 1) * width].to_vec());
                 }
             }
             for (i, (s, f)) in scores.into_iter().zip(feats).enumerate() {

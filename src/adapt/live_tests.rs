@@ -61,10 +61,10 @@ impl FeatureWorld {
         let mut answers = Vec::new();
         for _ in 0..n {
             let y = u32::from(self.rng.uniform() > 0.0);
-            for r in 0..k {
+            for (r, f) in feats.iter_mut().enumerate() {
                 let x = self.sign[r] * self.strength[r] * (2.0 * y as f32 - 1.0)
                     + self.noise[r] * self.gauss();
-                feats[r].extend([x, 1.0]);
+                f.extend([x, 1.0]);
             }
             answers.push(y);
         }
@@ -81,7 +81,7 @@ impl FeatureWorld {
             .collect();
         let mut rec = BatchRecord::replay(cfg, rows);
         rec.answers = answers;
-        rec.shadow = shadow.then(|| ShadowRecord {
+        rec.shadow = shadow.then_some(ShadowRecord {
             features: feats,
             ms: 0.05,
         });
@@ -99,7 +99,7 @@ fn config() -> ApparateConfig {
 fn run(
     c: &mut LiveController,
     w: &mut FeatureWorld,
-    heads: &mut Vec<TrainedHead>,
+    heads: &mut [TrainedHead],
     batches: usize,
     n: usize,
 ) -> Vec<(bool, bool)> {

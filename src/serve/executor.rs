@@ -166,7 +166,7 @@ impl<B: Backend> Executor<B> {
             Ok(finals) => send(Release::End {
                 finals,
                 stage_ms: self.timed_stages.then_some(stage_ms),
-                shadow: shadow.then(|| ShadowRecord {
+                shadow: shadow.then_some(ShadowRecord {
                     features,
                     ms: shadow_time.as_secs_f64() * 1e3,
                 }),
