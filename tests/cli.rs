@@ -223,3 +223,22 @@ fn train_ramps_fractions_and_counts_are_checked() {
         &["/no-such-dir/r.json"],
     );
 }
+
+#[test]
+fn live_loop_flags_outside_their_range_are_refused_by_name() {
+    refused(
+        &replay(&["--without", "warp"]),
+        &["--without", "warp", "drift-test"],
+    );
+    refused(
+        &replay(&["--confidence", "1.5"]),
+        &["live.confidence", "1.5"],
+    );
+    // The mode is parsed by clap (a usage error, exit 2) and named.
+    let (code, err) = apparate(&replay(&["--mode", "fast"]));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--mode") && err.contains("live or paper"),
+        "{err}"
+    );
+}

@@ -73,6 +73,17 @@ pub struct ServeReplayArgs {
     /// Batches between ramp adjustments (default: 30 vision, 100 language).
     #[arg(long)]
     adjust_every: Option<usize>,
+    /// The adaptation loops: `live` (shadow evidence, confidence-bounded thresholds, heads that
+    /// keep learning, a sequential drift test; docs/adaptation.md) or `paper` (the Apparate
+    /// paper's loops).
+    #[arg(long, default_value = "live")]
+    mode: apparate::adapt::Mode,
+    /// Confidence of the live loops' bound on disagreement, in (0.5, 1).
+    #[arg(long, default_value_t = 0.95)]
+    confidence: f64,
+    /// Live loops: switch one part off (ablation): `shadow`, `bound`, `learning`, `drift-test`.
+    #[arg(long = "without", value_delimiter = ',')]
+    without: Vec<String>,
     /// Serve these ramps with fixed thresholds, no adaptation (a static early-exit
     /// baseline): `point=threshold,...`.
     #[arg(long, value_delimiter = ',')]
@@ -122,6 +133,23 @@ pub fn serve_replay_cmd(a: ServeReplayArgs) -> Result<()> {
     }
     if let Some(n) = a.adjust_every {
         c.adjust_every_batches = n;
+    }
+    c.mode = a.mode;
+    c.live.confidence = a.confidence;
+    for part in &a.without {
+        match part.as_str() {
+            "shadow" => c.live.shadow = false,
+            "bound" => c.live.bound = false,
+            "learning" => c.live.learning = false,
+            "drift-test" => c.live.drift_test = false,
+            p => {
+                return Err(Error::config(
+                    "--without",
+                    format!("`{p}`"),
+                    "shadow, bound, learning, drift-test",
+                ));
+            }
+        }
     }
     if let Some(f) = a.fixed {
         let mut pairs = Vec::new();
