@@ -9,7 +9,7 @@
 //! 3. **Ramps that keep learning** ([`super::learner`]), on a background thread.
 //! 4. **A sequential drift test** ([`super::cusum`]) that shrinks the evidence to the new regime.
 //!
-//! Each batch: score and store its samples, feed the drift test and the window guard, start or
+//! Each batch: score and store its samples, feed the drift test, start or
 //! collect a retraining run, and every `replan_every_batches` batches choose the ramp set and
 //! thresholds on the evidence.
 
@@ -43,10 +43,6 @@ const SET_DWELL: u64 = 4;
 /// A new set's predicted saving must beat the active set's by this share of it, plus
 /// `retune_margin`.
 const SET_MARGIN_RELATIVE: f64 = 0.1;
-/// The window guard fires past this multiple of the budget: chance alone puts more than the
-/// budget (3 of 256 at 1%) into a window now and then at a true rate of half the budget, and
-/// reacting to that would throw good evidence away; 4 or more of 256 is rare by chance.
-const GUARD_MULTIPLE: f64 = 1.5;
 
 /// The bootstrap inputs as the live loops start from them.
 pub struct BootEvidence {
@@ -76,8 +72,6 @@ pub struct LiveController {
     cusum: Cusum,
     /// The paper's fixed-count alarm, used when the drift test is switched off.
     alarm: DriftAlarm,
-    /// `(seq, agreed)` of the last `window_min_samples` answers, for the window guard.
-    window: VecDeque<(u64, bool)>,
     since_plan: usize,
     plan_due: bool,
     recent_sizes: VecDeque<usize>,
@@ -125,7 +119,6 @@ impl LiveController {
             seq: 0,
             batches: 0,
             inputs: 0,
-            window: VecDeque::new(),
             since_plan: 0,
             plan_due: false,
             recent_sizes: VecDeque::new(),
@@ -519,15 +512,10 @@ impl LiveController {
         }
     }
 
-    /// The drift test and the window guard on the batch's released answers; `true` when they
-    /// changed the configuration.
+    /// The drift test on the batch's released answers; `true` when it changed the
+    /// configuration.
     fn watch(&mut self, rec: &BatchRecord, seq0: u64) -> bool {
-        let cap = self.cfg.window_min_samples.max(1);
         for (i, (e, a)) in rec.exited.iter().zip(&rec.agreed).enumerate() {
-            self.window.push_back((seq0 + i as u64, *a));
-            if self.window.len() > cap {
-                self.window.pop_front();
-            }
             if self.cfg.live.drift_test
                 && let Some(cp) = self.cusum.observe(seq0 + i as u64, e.is_some() && !a)
             {
@@ -549,19 +537,6 @@ impl LiveController {
                 return true;
             }
         }
-        let wrong = self.window.iter().filter(|a| !a.1).count();
-        if self.window.len() >= cap
-            && wrong as f64 > GUARD_MULTIPLE * self.cfg.accuracy_budget * cap as f64
-        {
-            // Far over budget on the window, and the sequential test has not fired (few exits
-            // since the change, or a change too small for it): treat it as a regime change
-            // that began with the window's first disagreement (an earlier start would keep
-            // old-regime samples, which retrained heads then score confidently wrong).
-            let from = self.window.iter().find(|a| !a.1).map_or(self.seq, |a| a.0);
-            let why = format!("{wrong} of the last {cap} answers disagreed");
-            self.react_to_drift(from, &why);
-            return true;
-        }
         false
     }
 
@@ -572,7 +547,6 @@ impl LiveController {
         let before = self.evidence.len();
         self.evidence.keep_from(from);
         self.cusum.reset();
-        self.window.clear();
         // A run started on pre-change samples would judge heads on the old regime.
         self.collect_learner(true);
         self.new_featured = self.evidence.featured().len();

@@ -166,8 +166,8 @@ fn a_new_ramp_set_starts_tuned_no_window_goes_without_exits() {
     for win in all[first..].windows(256) {
         assert!(win.iter().any(|e| e.0), "a 256-input stretch without exits");
     }
-    // The budget: at most 1% wrong releases overall, and no 256-input window past 1.5% (chance
-    // alone spreads a rate of half the budget over windows: see `GUARD_MULTIPLE`).
+    // The budget: at most 1% wrong releases overall, and no 256-input window past 1.5% (the
+    // issue's worst-window line: chance alone spreads a rate near the budget over windows).
     let wrong = all.iter().filter(|e| !e.1).count() as f64 / all.len() as f64;
     assert!(wrong <= 0.01, "{wrong} wrong overall");
     let worst = worst_window(&all[first..], 256);
