@@ -414,7 +414,10 @@ impl LiveController {
             Some(ms) if ms > 0.0 => (left.max(0.0) / ms).min(l.shadow_fraction),
             Some(_) => l.shadow_fraction,
         };
-        f as f32
+        // In 1/32 steps: the running cost moves a little every batch, and each change is a new
+        // configuration to publish.
+        let q = (f * 32.0).floor() / 32.0;
+        (if q > 0.0 { q } else { f }) as f32
     }
 
     /// Feeds one batch; returns the configuration to run from now on when it changed.
