@@ -214,11 +214,25 @@ pub fn record_evidence<B: Backend>(
     inputs: &Inputs,
     batch_size: usize,
 ) -> Result<Evidence> {
+    run_ramps(backbone, ramps, inputs, batch_size, true, &mut |_, _| {})
+}
+
+/// Every ramp at threshold 0 over `inputs`, batch by batch: rows, answers and (with
+/// `keep_features`) each ramp's pooled features. The one loop behind [`record_outputs`],
+/// [`record_outputs_and_answers`] and [`record_evidence`].
+fn run_ramps<B: Backend>(
+    backbone: &Backbone<B>,
+    ramps: &Ramps<B::Tensor>,
+    inputs: &Inputs,
+    batch_size: usize,
+    keep_features: bool,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Evidence> {
     let never = backbone.backend().upload(&[0.0], &[1])?;
     let mut ev = Evidence {
         rows: Vec::with_capacity(inputs.len()),
         answers: Vec::with_capacity(inputs.len()),
-        features: vec![Vec::new(); ramps.len()],
+        features: vec![Vec::new(); if keep_features { ramps.len() } else { 0 }],
     };
     let mut done = 0;
     while done < inputs.len() {
@@ -227,7 +241,9 @@ pub fn record_evidence<B: Backend>(
         let mut outs: Vec<Vec<(u32, f32)>> = vec![Vec::new(); end - done];
         let last = backbone.run_stages(&batch, |s, o| {
             if let Some(r) = ramps.at_stage(s) {
-                ev.features[r].extend(backbone.pooled_features(o)?);
+                if keep_features {
+                    ev.features[r].extend(backbone.pooled_features(o)?);
+                }
                 for (i, d) in ramps
                     .check(backbone.backend(), r, o, &never)?
                     .iter()
@@ -244,6 +260,7 @@ pub fn record_evidence<B: Backend>(
             ev.answers.push(label);
         }
         done = end;
+        progress(done, inputs.len());
     }
     Ok(ev)
 }
@@ -272,32 +289,6 @@ pub fn record_outputs_and_answers<B: Backend>(
     batch_size: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(RampRows, Vec<u32>)> {
-    let never = backbone.backend().upload(&[0.0], &[1])?;
-    let mut rows: Vec<Vec<(f32, bool)>> = Vec::with_capacity(inputs.len());
-    let mut answers = Vec::with_capacity(inputs.len());
-    let mut done = 0;
-    while done < inputs.len() {
-        let end = (done + batch_size.max(1)).min(inputs.len());
-        let batch = inputs.batch(backbone, done..end)?;
-        let mut outs: Vec<Vec<(u32, f32)>> = vec![Vec::new(); end - done];
-        let last = backbone.run_stages(&batch, |s, o| {
-            if let Some(r) = ramps.at_stage(s) {
-                for (i, d) in ramps
-                    .check(backbone.backend(), r, o, &never)?
-                    .iter()
-                    .enumerate()
-                {
-                    outs[i].push((d.class, d.uncertainty));
-                }
-            }
-            Ok(())
-        })?;
-        for (o, label) in outs.iter().zip(backbone.predictions(&last)?) {
-            rows.push(o.iter().map(|(c, u)| (*u, *c == label)).collect());
-            answers.push(label);
-        }
-        done = end;
-        progress(done, inputs.len());
-    }
-    Ok((rows, answers))
+    let ev = run_ramps(backbone, ramps, inputs, batch_size, false, progress)?;
+    Ok((ev.rows, ev.answers))
 }
