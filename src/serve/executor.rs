@@ -5,11 +5,12 @@
 //! rest and are the labels every ramp decision is judged by. Inputs arrive prepared (tokenized,
 //! normalised) from submission: the executor only pads or stacks them.
 
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{SendError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::ServeError;
+use super::health::{Health, PEER_FAILURE_WAIT};
 use super::input::assemble;
 use super::queue::{Pending, Queue};
 use super::releaser::Release;
@@ -31,6 +32,8 @@ pub(crate) struct Executor<B: Backend> {
     pub timed_stages: bool,
     /// Retrained heads from the live loops, uploaded between batches.
     pub head_updates: Arc<Mutex<Vec<HeadUpdate>>>,
+    /// Why the engine failed, if the releaser dies.
+    pub health: Arc<Health>,
 }
 
 /// Per-ramp threshold tensors of one configuration.
@@ -117,8 +120,16 @@ impl<B: Backend> Executor<B> {
         self.metrics.count_batch();
         let send = |m: Release| {
             // The releaser lives as long as the executor unless it panicked; then the requests
-            // in an unsent message are failed as it drops.
-            let _ = self.release.send(m);
+            // of an unsent batch are answered with why, once its handler has recorded it.
+            if let Err(SendError(Release::Begin { batch, .. })) = self.release.send(m) {
+                let why = self
+                    .health
+                    .wait_failure(PEER_FAILURE_WAIT)
+                    .unwrap_or_else(|| "the engine's releaser thread stopped".into());
+                for p in &batch {
+                    p.fail(ServeError::Failed(why.clone()));
+                }
+            }
         };
         send(Release::Begin {
             batch,

@@ -225,6 +225,7 @@ fn start<B: Backend + 'static>(be: B, b: EngineBuilder) -> Result<Engine> {
         labels: labels.clone(),
         points: l.points.clone(),
         oracle: l.cfg.oracle,
+        health: health.clone(),
     };
     let exec = executor::Executor {
         timed_stages: l.backbone.backend().name() == "cpu",
@@ -235,6 +236,7 @@ fn start<B: Backend + 'static>(be: B, b: EngineBuilder) -> Result<Engine> {
         metrics: metrics.clone(),
         release: release_tx,
         head_updates,
+        health: health.clone(),
     };
     let mut engine = Engine {
         queue: queue.clone(),

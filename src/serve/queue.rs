@@ -46,6 +46,10 @@ impl Drop for Pending {
             return;
         }
         let why = if std::thread::panicking() {
+            // On an engine thread it is answered once the engine is marked failed.
+            if super::health::adopt_orphan(&self.slot, &self.metrics) {
+                return;
+            }
             "a thread of the engine panicked while holding this request (see Engine::health)"
         } else {
             "the engine dropped this request without an answer"

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender};
 use std::time::Instant;
 
+use super::health::{Health, PEER_FAILURE_WAIT};
 use super::queue::Pending;
 use super::{Exit, Response, ServeError, Timings};
 use crate::adapt::{ActiveConfig, BatchRecord, ShadowRecord};
@@ -61,6 +62,8 @@ pub(crate) struct Releaser {
     pub points: Vec<String>,
     /// Back-date each answer to the first ramp that agrees with the final one (benchmarks).
     pub oracle: bool,
+    /// Why the engine failed, if the executor dies mid-batch.
+    pub health: Arc<Health>,
 }
 
 impl Releaser {
@@ -158,12 +161,15 @@ impl Releaser {
                 }
             }
         }
-        // The executor ends only between batches, unless it panicked.
+        // The executor ends only between batches, unless it panicked: then its handler marks
+        // the engine failed within moments, and the answer says why (a caller who gets it and
+        // asks `health()` next must not be told the engine is fine).
         if let Some(b) = cur.take() {
-            self.fail_with(
-                b,
-                ServeError::Failed("the executor stopped during this request's batch".into()),
-            );
+            let why = self
+                .health
+                .wait_failure(PEER_FAILURE_WAIT)
+                .unwrap_or_else(|| "the executor stopped during this request's batch".into());
+            self.fail_with(b, ServeError::Failed(why));
         }
     }
 

@@ -443,7 +443,22 @@ fn a_backend_failure_fails_its_batch_and_the_next_batch_is_served() {
     let (model, ramps) = tiny_model(&dir);
     // Armed after start-up (the start-up profile runs on the same backend).
     let plan = FaultPlan::new();
-    let engine = engine_checking_ramp(&model, &ramps, "layer.1", Faulty::new(cpu(), plan.clone()));
+    // Each round's 4 requests are one batch whatever the machine's load: a full batch leaves at
+    // once, and the long delay never splits one (with 1 ms, a busy CI machine tokenized the
+    // round's requests across two batches, one failed and one not).
+    let engine = Engine::builder(&model)
+        .ramps(&ramps)
+        .apparate(ApparateConfig {
+            fixed: Some(vec![("layer.1".into(), 0.0)]),
+            ..ApparateConfig::language()
+        })
+        .batching(BatchingConfig {
+            max_batch_size: 4,
+            max_queue_delay: Duration::from_secs(30),
+            queue_capacity: 64,
+        })
+        .build_on(Faulty::new(cpu(), plan.clone()))
+        .unwrap();
     plan.fail_every(37);
     let (mut ok, mut failed) = (0, 0);
     for round in 0..30 {
