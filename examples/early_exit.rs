@@ -27,7 +27,7 @@ fn main() -> apparate::Result<()> {
         let out = model.run_stage(stage, &batch, x)?;
         if let Some(r) = ramps.at_stage(stage) {
             let point = &ramps.iter().nth(r).expect("ramp index").point;
-            let decisions = ramps.check(model.backend(), r, &out, &threshold)?;
+            let decisions = ramps.check(&model, r, &out, &threshold)?;
             for (text, d) in texts.iter().zip(&decisions) {
                 if d.exit {
                     let label = &model.labels()[d.class as usize];

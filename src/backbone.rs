@@ -271,9 +271,9 @@ impl<B: Backend> Backbone<B> {
         self.run_stages(input, |_, _| Ok(()))
     }
 
-    /// The pooled stage output `[batch, width]` on the host, as a ramp reads it before its head
-    /// (the features ramp heads are trained on).
-    pub fn pooled_features(&self, out: &StageOutput<B::Tensor>) -> Result<Vec<f32>> {
+    /// The pooled stage output `[batch, width]` on the host, as a ramp with grid `grid` reads it
+    /// before its head (the features ramp heads are trained on); see [`crate::ramps::grid`].
+    pub fn pooled_features(&self, out: &StageOutput<B::Tensor>, grid: usize) -> Result<Vec<f32>> {
         let be = self.backend();
         let pooled = match self {
             Backbone::Text { .. } => {
@@ -283,10 +283,29 @@ impl<B: Backend> Backbone<B> {
                 };
                 be.pool(&out.x, &shape, self.ramp_pooling())?
             }
+            Backbone::Image(_) if grid > 1 => return be.download(&self.grid_cells(&out.x, grid)?),
             Backbone::Image(_) if be.shape(&out.x).len() == 4 => be.global_avg_pool(&out.x)?,
             Backbone::Image(_) => return be.download(&out.x),
         };
         be.download(&pooled)
+    }
+
+    /// An `[n, h, w, c]` stage output averaged over `grid x grid` cells: `[n, grid * grid * c]`
+    /// (cells row-major, channels innermost), as a grid ramp reads it.
+    pub fn grid_cells(&self, x: &B::Tensor, grid: usize) -> Result<B::Tensor> {
+        let be = self.backend();
+        let (n, h, w) = match *be.shape(x) {
+            [n, h, w, _] if crate::ramps::grid::fits(grid, h, w) => (n, h, w),
+            ref s => {
+                return Err(Error::Input(format!(
+                    "a ramp with grid {grid} needs an image output of at least {grid}x{grid} \
+                     pixels, not {s:?}"
+                )));
+            }
+        };
+        let cells = be.pool2d(x, &crate::ramps::grid::cell_pool(grid, h, w))?;
+        let width = be.shape(&cells).iter().skip(1).product::<usize>();
+        be.reshape(cells, &[n, width])
     }
 
     /// `(class, probability)` of each input from the final stage's output (softmax of CNN

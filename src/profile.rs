@@ -283,7 +283,7 @@ pub fn measure<B: Backend>(
                     && let Some(i) = r.at_stage(s)
                 {
                     let t = Instant::now();
-                    r.check(be, i, o, &never)?;
+                    r.check(backbone, i, o, &never)?;
                     if timed {
                         ramp_samples[i].push(t.elapsed().as_secs_f64() * 1e3);
                     }

@@ -284,6 +284,7 @@ fn ramps_bind_to_their_backbone() {
     let ramps = vec![RampMeta {
         point: "layer.0".into(),
         head: head.clone(),
+        grid: 1,
     }];
     write_ramps(&rp, &ma, ramps, tensors.clone()).unwrap();
     let r = RampsFile::open(&rp, &ma).unwrap();
@@ -299,10 +300,21 @@ fn ramps_bind_to_their_backbone() {
         Err(e) => panic!("wrong error: {e}"),
         Ok(_) => panic!("ramps for another backbone accepted"),
     }
+    // A grid on a transformer's ramp is refused (grids are for CNN images).
+    let grid = vec![RampMeta {
+        point: "layer.0".into(),
+        head: head.clone(),
+        grid: 2,
+    }];
+    let e = write_ramps(dir.path("grid.ramps"), &ma, grid, tensors.clone())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("grid 2") && e.contains("CNN"), "{e}");
     // A ramp at a point that is not ramp-eligible (the final stage) is refused.
     let bad = vec![RampMeta {
         point: "head".into(),
-        head,
+        head: head.clone(),
+        grid: 1,
     }];
     let e = write_ramps(dir.path("bad.ramps"), &ma, bad, tensors)
         .unwrap_err()
@@ -396,6 +408,7 @@ fn ramps_cached() -> &'static (ModelFile, Vec<u8>) {
                 width: 16,
                 classes: 3,
             },
+            grid: 1,
         }];
         let rp = scratch("valid.ramps");
         write_ramps(&rp, &model, ramps, tensors).unwrap();

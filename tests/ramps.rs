@@ -105,7 +105,7 @@ fn tiny_bert_ramps_train_load_and_match_across_backends() {
         let x0 = backbone.run_stage(0, &batch_cpu, None).unwrap();
         let x1 = backbone.run_stage(1, &batch_cpu, Some(x0)).unwrap();
         cpu_ramps
-            .check(backbone.backend(), 0, &x1, &t)
+            .check(&backbone, 0, &x1, &t)
             .unwrap()
             .iter()
             .map(|d| (d.class, d.uncertainty))
@@ -116,7 +116,7 @@ fn tiny_bert_ramps_train_load_and_match_across_backends() {
         let x0 = gpu_backbone.run_stage(0, &batch_gpu, None).unwrap();
         let x1 = gpu_backbone.run_stage(1, &batch_gpu, Some(x0)).unwrap();
         gpu_ramps
-            .check(gpu_backbone.backend(), 0, &x1, &t)
+            .check(&gpu_backbone, 0, &x1, &t)
             .unwrap()
             .iter()
             .map(|d| (d.class, d.uncertainty))
@@ -309,4 +309,152 @@ fn profiles_time_every_stage_and_ramp_and_stay_on_their_device() {
             .to_string()
             .contains("not a profile")
     );
+}
+
+/// Grid ramps (`ramps::grid`): on the MNIST ResNet the first block's 16 channels, averaged over
+/// the whole image, tell little about the digit; averaged over a 4x4 grid they tell much more.
+/// And the three paths that read a grid ramp agree: the host features the heads are trained and
+/// scored on, the fused kernel on the CPU and on the emulated GPU, and the serving engine.
+#[test]
+fn grid_ramps_see_more_than_the_global_average_and_every_path_agrees() {
+    use apparate::adapt::ApparateConfig;
+    use apparate::ramps::host_heads;
+    use apparate::serve::{Engine, Exit, Input};
+
+    let model = weights_file("mnist-resnet.apparate");
+    let file = ModelFile::open(&model).unwrap();
+    let backbone = Backbone::load(cpu(), &file).unwrap();
+    let stream = workload_file("mnist-stream.safetensors");
+    let inputs = load_stream(
+        &stream,
+        backbone.image_input(),
+        Prefix::Fraction(0.1),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let dir = TempDir::new("ramps-grid");
+    let train = |grid: Option<usize>, name: &str| {
+        let cfg = BootstrapConfig {
+            points: Some(vec!["layer1.0".into(), "layer2.0".into()]),
+            grid,
+            ..BootstrapConfig::default()
+        };
+        let path = dir.path(name);
+        let r = train_ramps(&backbone, &file, &inputs, &path, &cfg, &mut no_progress()).unwrap();
+        (r, path)
+    };
+    let (global, _) = train(Some(1), "global.ramps");
+    let (auto, path) = train(None, "grid.ramps");
+    let grids: Vec<(usize, usize)> = auto.ramps.iter().map(|r| (r.grid, r.width)).collect();
+    // 28x28x16 and 14x14x32: the finest grid under 1,024 values is 4x4 at both.
+    assert_eq!(grids, [(4, 256), (4, 512)]);
+    let (g0, a0) = (
+        global.ramps[0].heldout_agreement,
+        auto.ramps[0].heldout_agreement,
+    );
+    assert!(a0 >= g0 + 0.15, "layer1.0 held out: global {g0}, grid {a0}");
+    // A grid that does not fit the image is refused by name.
+    let cfg = BootstrapConfig {
+        grid: Some(29),
+        ..BootstrapConfig::default()
+    };
+    let e = train_ramps(
+        &backbone,
+        &file,
+        &inputs,
+        &dir.path("x.ramps"),
+        &cfg,
+        &mut no_progress(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("grid 29") && e.contains("28x28"), "{e}");
+
+    // Host features + host head == fused kernel (CPU) == fused kernel (emulated GPU).
+    let ramps_file = RampsFile::open(&path, &file).unwrap();
+    let heads = host_heads(&backbone, &ramps_file).unwrap();
+    let emu = GpuBackend::new(EmuDevice::new(EmuConfig::default()).unwrap(), DType::F32);
+    let gpu_backbone = Backbone::load(emu, &file).unwrap();
+    let sample = inputs.slice(1800..1809);
+    let decisions = [
+        grid_decisions(&backbone, &ramps_file, &heads, &sample),
+        grid_decisions(&gpu_backbone, &ramps_file, &heads, &sample),
+    ];
+    for (c, g) in decisions[0]
+        .iter()
+        .flatten()
+        .zip(decisions[1].iter().flatten())
+    {
+        assert_eq!(c.class, g.class);
+        assert!((c.uncertainty - g.uncertainty).abs() < 1e-3);
+    }
+
+    // The engine releases at the grid ramp what the host head predicts there.
+    let engine = Engine::builder(&model)
+        .ramps(&path)
+        .apparate(ApparateConfig {
+            fixed: Some(vec![("layer1.0".into(), 0.5)]),
+            ..ApparateConfig::vision()
+        })
+        .build_on(cpu())
+        .unwrap();
+    let mut exited = 0;
+    for (i, d) in decisions[0][0].iter().enumerate() {
+        let Inputs::Images {
+            pixels, per_image, ..
+        } = &sample
+        else {
+            unreachable!("an image stream")
+        };
+        let x = pixels[i * per_image..][..*per_image].to_vec();
+        let r = engine.infer_blocking(Input::Normalized(x)).unwrap();
+        if let Exit::Ramp { point, .. } = &r.exit {
+            assert_eq!(point, "layer1.0");
+            assert_eq!(r.class, d.class as usize);
+            exited += 1;
+        }
+        // The same rule as the kernel's decision at threshold 0.5.
+        assert_eq!(
+            matches!(r.exit, Exit::Ramp { .. }),
+            d.uncertainty < 0.5,
+            "{i}"
+        );
+    }
+    assert!(exited > 0, "nothing exited at layer1.0 with threshold 0.5");
+}
+
+/// The fused kernel's decisions at every ramp of `file` on `inputs` (threshold 0), checked
+/// against the host heads on the host features of the same outputs.
+fn grid_decisions<B: Backend>(
+    b: &Backbone<B>,
+    file: &RampsFile,
+    heads: &[apparate::ramps::train::TrainedHead],
+    inputs: &Inputs,
+) -> Vec<Vec<apparate::backend::RampDecision>> {
+    let ramps = Ramps::load(b, file).unwrap();
+    let never = b.backend().upload(&[0.0], &[1]).unwrap();
+    let batch = inputs.batch(b, 0..inputs.len()).unwrap();
+    let mut host = Vec::new();
+    let mut kernel = Vec::new();
+    b.run_stages(&batch, |s, o| {
+        if let Some(r) = ramps.at_stage(s) {
+            host.push(heads[r].predict(&b.pooled_features(o, ramps.grid(r))?));
+            kernel.push(ramps.check(b, r, o, &never)?);
+        }
+        Ok(())
+    })
+    .unwrap();
+    for (h, k) in host.iter().zip(&kernel) {
+        // `predict` gives (class, u = 1 - max p), as the kernel does.
+        for ((hc, hu), d) in h.iter().zip(k) {
+            assert_eq!(*hc, d.class, "{}", b.backend().name());
+            assert!(
+                (hu - d.uncertainty).abs() < 1e-4,
+                "host u {hu} vs kernel u {}",
+                d.uncertainty
+            );
+        }
+    }
+    kernel
 }

@@ -136,7 +136,7 @@ impl BatchShape {
 /// backends again).
 pub trait Backend: Send + Sync {
     /// A tensor resident on this backend: row-major, f32 semantics.
-    type Tensor: Send + Sync;
+    type Tensor: Send + Sync + 'static;
 
     fn name(&self) -> &'static str;
 

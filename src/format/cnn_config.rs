@@ -195,6 +195,16 @@ impl CnnConfig {
         })
     }
 
+    /// `(height, width, channels)` at the output of stage `name`, if it is an image.
+    pub fn image_at(&self, name: &str) -> Option<(usize, usize, usize)> {
+        let shapes = self.walk().ok()?;
+        let i = self.blocks.iter().position(|b| b.name == name)?;
+        match shapes[i] {
+            Shape::Image(h, w, c) => Some((h, w, c)),
+            Shape::Flat(_) => None,
+        }
+    }
+
     pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
         let mut t = Vec::new();
         let mut push = |op: &Op| match op {

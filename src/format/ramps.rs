@@ -62,6 +62,19 @@ pub struct RampMeta {
     /// The ramp-eligible point (stage name) whose output the ramp reads.
     pub point: String,
     pub head: RampHead,
+    /// CNN ramps: the output is averaged over `grid x grid` cells and the head reads their
+    /// `grid * grid * channels` means (see `ramps::grid`). 1 (the default, left out of the file)
+    /// is the global average, and the only value for transformer ramps.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub grid: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(g: &usize) -> bool {
+    *g == 1
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -111,13 +124,44 @@ impl RampsMeta {
                     meta.graph.ramp_points.join(", ")
                 ));
             }
+            let g = r.grid;
             let width = match &meta.family {
-                Family::Bert(c) => c.hidden_size,
-                Family::Cnn(c) => c.width_at(&r.point).unwrap_or(0),
+                Family::Bert(c) if g == 1 => c.hidden_size,
+                Family::Bert(_) => {
+                    return Err(format!(
+                        "ramp at `{}` has grid {g}: grids are for CNN ramps (a transformer's \
+                         ramp pools tokens)",
+                        r.point
+                    ));
+                }
+                Family::Cnn(c) => match c.image_at(&r.point) {
+                    Some((h, w, ch)) if crate::ramps::grid::fits(g, h, w) => ch * g * g,
+                    Some((h, w, _)) => {
+                        return Err(format!(
+                            "ramp at `{}` has grid {g}, which does not fit the {h}x{w} output \
+                             there (1..={})",
+                            r.point,
+                            h.min(w)
+                        ));
+                    }
+                    None if g == 1 => c.width_at(&r.point).unwrap_or(0),
+                    None => {
+                        return Err(format!(
+                            "ramp at `{}` has grid {g}, but the output there is not an image",
+                            r.point
+                        ));
+                    }
+                },
             };
             if r.head.width() != width {
+                let grid = if g == 1 {
+                    String::new()
+                } else {
+                    format!(" ({g}x{g} cells)")
+                };
                 return Err(format!(
-                    "ramp at `{}` reads width {}, but the model's output there has width {width}",
+                    "ramp at `{}` reads width {}, but the model's output there{grid} has width \
+                     {width}",
                     r.point,
                     r.head.width()
                 ));

@@ -29,6 +29,10 @@ pub struct BootstrapConfig {
     pub batch_size: usize,
     /// Ramp points to train (default `None`: every ramp-eligible point).
     pub points: Option<Vec<String>>,
+    /// Cells per side a CNN ramp averages its stage output over (see [`super::grid`]); `None`
+    /// (the default) picks per point with [`super::grid::auto_grid`]; transformer ramps always
+    /// use 1.
+    pub grid: Option<usize>,
     pub train: TrainConfig,
 }
 
@@ -38,6 +42,7 @@ impl Default for BootstrapConfig {
             holdout_fraction: 0.1,
             batch_size: 32,
             points: None,
+            grid: None,
             train: TrainConfig::default(),
         }
     }
@@ -49,6 +54,9 @@ pub struct RampReport {
     pub point: String,
     /// `linear` or `dense_tanh_linear`.
     pub head: String,
+    /// Cells per side the ramp averages its stage output over (1: the global average).
+    #[serde(default = "one")]
+    pub grid: usize,
     pub width: usize,
     pub classes: usize,
     /// Mean cross-entropy on the training features after the last epoch.
@@ -147,6 +155,7 @@ pub fn train_ramps<B: Backend>(
         .map(|p| graph.position(p).expect("eligible points are stages"))
         .collect();
     let classes = backbone.labels().len();
+    let grids = grids(file, &points, cfg.grid)?;
 
     // 1. Features at every point + the model's answers, over the training inputs.
     let t0 = Instant::now();
@@ -159,7 +168,7 @@ pub fn train_ramps<B: Backend>(
         let batch = inputs.batch(backbone, done..end)?;
         let last = backbone.run_stages(&batch, |s, o| {
             if let Some(k) = stages.iter().position(|&p| p == s) {
-                features[k].extend(backbone.pooled_features(o)?);
+                features[k].extend(backbone.pooled_features(o, grids[k])?);
             }
             Ok(())
         })?;
@@ -213,9 +222,11 @@ pub fn train_ramps<B: Backend>(
     let metas: Vec<RampMeta> = points
         .iter()
         .zip(&heads)
-        .map(|(p, h)| RampMeta {
+        .zip(&grids)
+        .map(|((p, h), &grid)| RampMeta {
             point: p.clone(),
             head: h.head.clone(),
+            grid,
         })
         .collect();
     let tensors: Vec<(String, OwnedTensor)> = points
@@ -263,6 +274,7 @@ pub fn train_ramps<B: Backend>(
                     crate::format::RampHead::Linear { .. } => "linear".into(),
                     crate::format::RampHead::DenseTanhLinear { .. } => "dense_tanh_linear".into(),
                 },
+                grid: r.grid,
                 width: r.head.width(),
                 classes: r.head.classes(),
                 final_loss: heads[k].final_loss,
@@ -285,4 +297,41 @@ pub fn train_ramps<B: Backend>(
         heldout_seconds,
         ramps: reports,
     })
+}
+
+fn one() -> usize {
+    1
+}
+
+/// The grid of each point: `asked` where given (checked against each point's output), else the
+/// finest that fits ([`super::grid::auto_grid`]); always 1 for a transformer.
+fn grids(file: &ModelFile, points: &[String], asked: Option<usize>) -> Result<Vec<usize>> {
+    let cnn = match &file.meta().family {
+        Family::Cnn(c) => c,
+        Family::Bert(_) => {
+            return match asked {
+                None | Some(1) => Ok(vec![1; points.len()]),
+                Some(g) => Err(Error::config(
+                    "grid",
+                    g,
+                    "1 for a transformer (its ramps pool tokens)",
+                )),
+            };
+        }
+    };
+    points
+        .iter()
+        .map(|p| match (cnn.image_at(p), asked) {
+            (None, None | Some(1)) => Ok(1),
+            (None, Some(g)) => Err(Error::Input(format!(
+                "grid {g} asked, but the output at `{p}` is not an image (use grid 1)"
+            ))),
+            (Some((h, w, c)), None) => Ok(super::grid::auto_grid(h, w, c)),
+            (Some((h, w, _)), Some(g)) if super::grid::fits(g, h, w) => Ok(g),
+            (Some((h, w, _)), Some(g)) => Err(Error::Input(format!(
+                "grid {g} does not fit the {h}x{w} output at `{p}` (1..={})",
+                h.min(w)
+            ))),
+        })
+        .collect()
 }

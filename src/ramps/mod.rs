@@ -4,6 +4,7 @@
 
 pub mod bootstrap;
 pub mod curve;
+pub mod grid;
 pub mod train;
 
 use crate::backbone::{Backbone, StageOutput};
@@ -20,6 +21,8 @@ pub struct Ramp<T> {
     /// Index of that stage in the backbone.
     pub stage: usize,
     pub head: RampHead,
+    /// Cells per side the stage output is averaged over (1: the global average; see [`grid`]).
+    pub grid: usize,
     dense: Option<(T, T)>,
     out: (T, T),
 }
@@ -64,6 +67,7 @@ impl<T> Ramps<T> {
                 point: r.point.clone(),
                 stage,
                 head: r.head.clone(),
+                grid: r.grid,
                 dense,
                 out,
             });
@@ -139,7 +143,8 @@ impl<T> Ramps<T> {
         }
     }
 
-    /// A stage output as the fused ramp kernel reads it.
+    /// A stage output as the fused ramp kernel reads it for a global-average ramp (pooled
+    /// inside the kernel).
     fn input<'a>(&self, out: &'a StageOutput<T>) -> RampInput<'a, T> {
         RampInput {
             x: &out.x,
@@ -152,25 +157,73 @@ impl<T> Ramps<T> {
     /// [`Ramps::check`] without waiting for the decisions (see [`Backend::ramp_exit_async`]).
     pub fn check_async<B: Backend<Tensor = T>>(
         &self,
-        be: &B,
+        backbone: &Backbone<B>,
         i: usize,
         out: &StageOutput<T>,
         threshold: &T,
-    ) -> Result<Box<dyn PendingDecisions>> {
-        let head = self.head(i);
-        be.ramp_exit_async(&self.input(out), &head, threshold)
+    ) -> Result<Box<dyn PendingDecisions>>
+    where
+        T: Send + 'static,
+    {
+        let (be, head) = (backbone.backend(), self.head(i));
+        let g = self.ramps[i].grid;
+        if g <= 1 {
+            return be.ramp_exit_async(&self.input(out), &head, threshold);
+        }
+        let cells = backbone.grid_cells(&out.x, g)?;
+        let lengths = vec![1; out.lengths.len()];
+        let pending = be.ramp_exit_async(&cells_input(&cells, &lengths), &head, threshold)?;
+        // The kernel may still read the cells: they live until its decisions are in.
+        Ok(Box::new(KeepAlive {
+            pending,
+            _cells: cells,
+        }))
     }
 
-    /// Runs ramp `i` on its stage's output: one fused kernel per batch.
+    /// Runs ramp `i` on its stage's output: one fused kernel per batch (after one average pool
+    /// for a grid ramp).
     pub fn check<B: Backend<Tensor = T>>(
         &self,
-        be: &B,
+        backbone: &Backbone<B>,
         i: usize,
         out: &StageOutput<T>,
         threshold: &T,
     ) -> Result<Vec<RampDecision>> {
-        let head = self.head(i);
-        be.ramp_exit(&self.input(out), &head, threshold)
+        let (be, head) = (backbone.backend(), self.head(i));
+        let g = self.ramps[i].grid;
+        if g <= 1 {
+            return be.ramp_exit(&self.input(out), &head, threshold);
+        }
+        let cells = backbone.grid_cells(&out.x, g)?;
+        let lengths = vec![1; out.lengths.len()];
+        be.ramp_exit(&cells_input(&cells, &lengths), &head, threshold)
+    }
+
+    /// Cells per side of ramp `i` (see [`grid`]).
+    pub fn grid(&self, i: usize) -> usize {
+        self.ramps[i].grid
+    }
+}
+
+/// A grid ramp's cell means `[n, g * g * c]` as the fused kernel's input: one position each.
+fn cells_input<'a, T>(cells: &'a T, lengths: &'a [usize]) -> RampInput<'a, T> {
+    RampInput {
+        x: cells,
+        positions: 1,
+        lengths,
+        pooling: Pooling::Mean,
+    }
+}
+
+/// Pending decisions that hold the tensor their kernel reads.
+struct KeepAlive<T> {
+    pending: Box<dyn PendingDecisions>,
+    _cells: T,
+}
+
+impl<T: Send> PendingDecisions for KeepAlive<T> {
+    fn wait(self: Box<Self>) -> Result<Vec<RampDecision>> {
+        self.pending.wait()
     }
 }
 
@@ -242,13 +295,9 @@ fn run_ramps<B: Backend>(
         let last = backbone.run_stages(&batch, |s, o| {
             if let Some(r) = ramps.at_stage(s) {
                 if keep_features {
-                    ev.features[r].extend(backbone.pooled_features(o)?);
+                    ev.features[r].extend(backbone.pooled_features(o, ramps.grid(r))?);
                 }
-                for (i, d) in ramps
-                    .check(backbone.backend(), r, o, &never)?
-                    .iter()
-                    .enumerate()
-                {
+                for (i, d) in ramps.check(backbone, r, o, &never)?.iter().enumerate() {
                     outs[i].push((d.class, d.uncertainty));
                 }
             }

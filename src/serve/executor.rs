@@ -149,8 +149,7 @@ impl<B: Backend> Executor<B> {
                     && let Some(r) = ramps.at_stage(s)
                     && let Some(a) = cfg.ramps.iter().position(|&x| x == r)
                 {
-                    let pending =
-                        ramps.check_async(self.backbone.backend(), r, out, &thresholds[a])?;
+                    let pending = ramps.check_async(&self.backbone, r, out, &thresholds[a])?;
                     send(Release::Ramp {
                         active: a,
                         ramp: r,
@@ -163,7 +162,7 @@ impl<B: Backend> Executor<B> {
                 {
                     // After the active ramp is issued: its exits do not wait for this.
                     let ts = Instant::now();
-                    features[r] = self.backbone.pooled_features(out)?;
+                    features[r] = self.backbone.pooled_features(out, ramps.grid(r))?;
                     shadow_time += ts.elapsed();
                 }
                 t0 = Instant::now();

@@ -41,6 +41,11 @@ pub struct TrainRampsArgs {
     /// Only these points (comma-separated; default: every ramp-eligible point).
     #[arg(long, value_delimiter = ',')]
     points: Option<Vec<String>>,
+    /// CNN ramps: average each stage output over a GRID x GRID grid of cells instead of the whole
+    /// image (the head reads GRID * GRID * channels cell means). Default: per point, the finest
+    /// of 4, 2, 1 that fits the output with at most 1,024 values. 1 is the global average.
+    #[arg(long)]
+    grid: Option<usize>,
     /// Passes over the training features per head.
     #[arg(long, default_value_t = 60)]
     epochs: usize,
@@ -66,6 +71,9 @@ pub fn train_ramps_cmd(a: TrainRampsArgs) -> Result<()> {
     check_fraction("--holdout-fraction", a.holdout_fraction)?;
     check_count("--epochs", a.epochs, 1, 100_000)?;
     check_count("--batch-size", a.batch_size, 1, MAX_BATCH)?;
+    if let Some(g) = a.grid {
+        check_count("--grid", g, 1, 64)?;
+    }
     apparate::adapt::config::check_real(
         "--learning-rate",
         a.learning_rate as f64,
@@ -87,6 +95,7 @@ pub fn train_ramps_cmd(a: TrainRampsArgs) -> Result<()> {
         holdout_fraction: a.holdout_fraction,
         batch_size: a.batch_size,
         points: a.points,
+        grid: a.grid,
         train: apparate::ramps::train::TrainConfig {
             epochs: a.epochs,
             learning_rate: a.learning_rate,
@@ -206,9 +215,10 @@ fn render_report(r: &BootstrapReport, out: &Path, labels: &[String]) -> String {
     outln!(s, "");
     outln!(
         s,
-        "{:<12} {:<18} {:>6} {:>10} {:>9}",
+        "{:<12} {:<18} {:>4} {:>6} {:>10} {:>9}",
         "ramp",
         "head",
+        "grid",
         "width",
         "train agr",
         "held agr"
@@ -216,9 +226,10 @@ fn render_report(r: &BootstrapReport, out: &Path, labels: &[String]) -> String {
     for x in &r.ramps {
         outln!(
             s,
-            "{:<12} {:<18} {:>6} {:>9.1}% {:>8.1}%",
+            "{:<12} {:<18} {:>4} {:>6} {:>9.1}% {:>8.1}%",
             x.point,
             x.head,
+            format!("{0}x{0}", x.grid),
             x.width,
             x.train_agreement * 100.0,
             x.heldout_agreement * 100.0
