@@ -19,6 +19,9 @@ pub(crate) struct SystemResult {
     pub(crate) agreement_before_drift: f64,
     pub(crate) agreement_after_drift: f64,
     pub(crate) worst_window_agreement: f64,
+    /// Agreement of every `--window` consecutive requests (the first included), in order: where
+    /// the worst window lies (the start, a drift).
+    pub(crate) window_agreements: Vec<f64>,
     /// Median latency before and after the drift starts (vision).
     pub(crate) p50_before_drift_ms: f64,
     pub(crate) p50_after_drift_ms: f64,
@@ -139,13 +142,13 @@ pub(crate) fn summarise(
     let frac = |v: &[bool]| v.iter().filter(|a| **a).count() as f64 / v.len().max(1) as f64;
     let agreement = frac(&agree);
     let split = drift_from.min(agree.len());
-    // Worst window after the first (tuning needs one).
-    let worst = agree
+    let windows: Vec<f64> = agree
         .chunks(window.max(1))
-        .skip(1)
         .filter(|c| c.len() == window)
         .map(|c| c.iter().filter(|a| **a).count() as f64 / c.len() as f64)
-        .fold(1.0, f64::min);
+        .collect();
+    // Worst window after the first (tuning needs one).
+    let worst = windows.iter().skip(1).copied().fold(1.0, f64::min);
     let span = outcomes
         .last()
         .map_or(1.0, |o| o.scheduled.as_secs_f64())
@@ -175,6 +178,7 @@ pub(crate) fn summarise(
         agreement_before_drift: frac(&agree[..split]),
         agreement_after_drift: frac(&agree[split..]),
         worst_window_agreement: worst,
+        window_agreements: windows,
         p50_before_drift_ms: percentiles(&outcomes[..split]).p50_ms,
         p50_after_drift_ms: percentiles(&outcomes[split..]).p50_ms,
         exits,

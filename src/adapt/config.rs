@@ -44,6 +44,11 @@ pub struct LiveConfig {
     /// further so that its measured cost plus the active ramps' stays within `max_ramp_cost`.
     /// Default 1.0 (the cost budget decides).
     pub shadow_fraction: f64,
+    /// Smallest fraction of batches that run shadow evaluation, even when the active ramps use
+    /// the whole ramp budget: it keeps evidence for every candidate (and the measured cost of a
+    /// shadow batch) current, so a cost estimate that came out high once cannot stop shadow
+    /// evaluation for good. Its cost is measured and reported with the rest. Default 1/32.
+    pub min_shadow_fraction: f64,
     /// Part 2: thresholds whose disagreement, as an exact (Clopper-Pearson) upper confidence
     /// bound on held-back evidence, stays within the budget. Off: tuned to `accuracy_budget *
     /// (1 - tuning_headroom)` on the evidence, as the paper mode. Default `true`.
@@ -78,6 +83,7 @@ impl Default for LiveConfig {
         LiveConfig {
             shadow: true,
             shadow_fraction: 1.0,
+            min_shadow_fraction: 1.0 / 32.0,
             bound: true,
             confidence: 0.95,
             learning: true,
@@ -298,6 +304,12 @@ impl ApparateConfig {
             l.shadow_fraction,
             Included(0.0),
             Included(1.0),
+        )?;
+        check_real(
+            "live.min_shadow_fraction",
+            l.min_shadow_fraction,
+            Included(0.0),
+            Included(l.shadow_fraction),
         )?;
         check_real(
             "live.confidence",

@@ -111,7 +111,8 @@ pub struct AdaptEvent {
     /// Inputs seen when it happened (the answered requests, in completion order).
     pub inputs: u64,
     /// `place`, `tune`, `violation`, `disable`, `retune`, `remove`, `add`, `probe`, `keep`
-    /// (paper mode); `place`, `tune`, `replan`, `drift`, `violation`, `learn` (live mode).
+    /// (paper mode); `place`, `tune`, `replan`, `off` (ramps switched off while nothing may
+    /// exit), `drift`, `violation`, `learn` (live mode).
     pub kind: &'static str,
     pub why: String,
     /// Active ramp points and thresholds after the decision.
