@@ -30,6 +30,14 @@ use super::tuner::{Samples, Tuned, TunerConfig, evaluate, tune};
 use crate::profile::Profile;
 use crate::ramps::train::{TrainConfig, TrainedHead};
 
+/// How heads are retrained (the output layer, on a few thousand samples at most).
+fn retrain_config() -> TrainConfig {
+    TrainConfig {
+        epochs: RETRAIN_EPOCHS,
+        ..TrainConfig::default()
+    }
+}
+
 /// Fewest samples with every candidate scored before ramp sets are compared on them.
 const MIN_PLAN_SAMPLES: usize = 64;
 /// Most inputs before a detected drift that the evidence keeps. The CUSUM's own estimate (the
@@ -162,6 +170,14 @@ impl LiveController {
             return c;
         }
         if let Some(b) = boot.filter(|b| b.rows.iter().all(|r| r.len() == k)) {
+            let fitted = if c.cfg.live.cross_fit_bootstrap
+                && !c.heads.is_empty()
+                && b.features.len() == k
+            {
+                super::learner::cross_fitted(&c.heads, &b.features, &b.answers, &retrain_config())
+            } else {
+                vec![None; k]
+            };
             for (i, (row, &answer)) in b.rows.iter().zip(&b.answers).enumerate() {
                 let features = (b.features.len() == k && b.features.iter().all(|f| !f.is_empty()))
                     .then(|| {
@@ -177,7 +193,11 @@ impl LiveController {
                     });
                 c.evidence.push(Sample {
                     seq: i as u64,
-                    scores: row.iter().map(|x| Some(*x)).collect(),
+                    scores: row
+                        .iter()
+                        .zip(&fitted)
+                        .map(|(x, f)| Some(f.as_ref().map_or(*x, |f| f[i])))
+                        .collect(),
                     features,
                     answer,
                 });
@@ -620,10 +640,7 @@ impl LiveController {
             heads: self.heads.clone(),
             samples: featured,
             budget: self.cfg.accuracy_budget,
-            train: TrainConfig {
-                epochs: RETRAIN_EPOCHS,
-                ..TrainConfig::default()
-            },
+            train: retrain_config(),
         };
         if self.cfg.live.learn_in_background {
             match std::thread::Builder::new()

@@ -81,7 +81,8 @@ pub struct ServeReplayArgs {
     /// Confidence of the live loops' bound on disagreement, in (0.5, 1).
     #[arg(long, default_value_t = 0.95)]
     confidence: f64,
-    /// Live loops: switch one part off (ablation): `shadow`, `bound`, `learning`, `drift-test`.
+    /// Live loops: switch parts off (ablation): `shadow`, `bound`, `learning`, `drift-test`,
+    /// `cross-fit` (plan the first set on the heads' own bootstrap scores).
     #[arg(long = "without", value_delimiter = ',')]
     without: Vec<String>,
     /// Serve these ramps with fixed thresholds, no adaptation (a static early-exit
@@ -142,11 +143,12 @@ pub fn serve_replay_cmd(a: ServeReplayArgs) -> Result<()> {
             "bound" => c.live.bound = false,
             "learning" => c.live.learning = false,
             "drift-test" => c.live.drift_test = false,
+            "cross-fit" => c.live.cross_fit_bootstrap = false,
             p => {
                 return Err(Error::config(
                     "--without",
                     format!("`{p}`"),
-                    "shadow, bound, learning, drift-test",
+                    "shadow, bound, learning, drift-test, cross-fit",
                 ));
             }
         }
