@@ -350,9 +350,34 @@ impl LiveController {
                 >= self.last_set_change + SET_DWELL * self.cfg.live.replan_every_batches as u64;
         if may_change && full.len() >= MIN_PLAN_SAMPLES && !cands.is_empty() {
             let pos = |r: usize| cands.iter().position(|&c| c == r);
+            // With the bound, sets are compared on the proposal part only. The test part must
+            // judge one configuration per plan, the chosen set's path: ranking dozens of sets by
+            // their bounded savings picks the one whose test passed most generously, which
+            // spends the bound's confidence on the selection (a movies run released 1.7% wrong
+            // at a 1% budget that way).
+            let ranked = if self.cfg.live.bound {
+                let mask: Vec<bool> = full_seqs
+                    .iter()
+                    .map(|q| q % PATH_EVERY as u64 == 0)
+                    .collect();
+                full.split_by(&mask).0
+            } else {
+                full.clone()
+            };
             let score = |this: &Self, s: &[usize]| -> f64 {
                 let idx: Vec<usize> = s.iter().filter_map(|&r| pos(r)).collect();
-                this.tune_set(&full.select(&idx), &full_seqs, s).eval.saving
+                if this.cfg.live.bound {
+                    let cfg = TunerConfig {
+                        accuracy_budget: this.cfg.accuracy_budget,
+                        skip_gaps: true,
+                        ..this.cfg.tuner.clone()
+                    };
+                    tune(&ranked.select(&idx), &this.latency(s), &cfg)
+                        .eval
+                        .saving
+                } else {
+                    this.tune_set(&full.select(&idx), &full_seqs, s).eval.saving
+                }
             };
             let current = if set.iter().all(|&r| pos(r).is_some()) && !set.is_empty() {
                 score(self, &set)
