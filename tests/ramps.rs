@@ -130,16 +130,7 @@ fn tiny_bert_ramps_train_load_and_match_across_backends() {
 
 #[test]
 fn vision_workload_ramps_agree_with_the_model() {
-    let file = ModelFile::open(weights_file("mnist-resnet.apparate")).unwrap();
-    let backbone = Backbone::load(cpu(), &file).unwrap();
-    let stream = workload_file("mnist-stream.safetensors");
-    let inputs = load_stream(
-        &stream,
-        backbone.image_input(),
-        Prefix::Fraction(0.1),
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let (file, backbone, inputs) = mnist_bootstrap();
     assert_eq!(inputs.len(), 2000);
     let dir = TempDir::new("ramps-mnist");
     let report = train_ramps(
@@ -322,16 +313,7 @@ fn grid_ramps_see_more_than_the_global_average_and_every_path_agrees() {
     use apparate::serve::{Engine, Exit, Input};
 
     let model = weights_file("mnist-resnet.apparate");
-    let file = ModelFile::open(&model).unwrap();
-    let backbone = Backbone::load(cpu(), &file).unwrap();
-    let stream = workload_file("mnist-stream.safetensors");
-    let inputs = load_stream(
-        &stream,
-        backbone.image_input(),
-        Prefix::Fraction(0.1),
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let (file, backbone, inputs) = mnist_bootstrap();
     let dir = TempDir::new("ramps-grid");
     let train = |grid: Option<usize>, name: &str| {
         let cfg = BootstrapConfig {
@@ -457,4 +439,22 @@ fn grid_decisions<B: Backend>(
         }
     }
     kernel
+}
+
+/// The MNIST ResNet on the CPU and its workload's bootstrap set (the first 10% of the stream).
+fn mnist_bootstrap() -> (
+    ModelFile,
+    Backbone<apparate::backend::cpu::CpuBackend>,
+    Inputs,
+) {
+    let file = ModelFile::open(weights_file("mnist-resnet.apparate")).unwrap();
+    let backbone = Backbone::load(cpu(), &file).unwrap();
+    let inputs = load_stream(
+        &workload_file("mnist-stream.safetensors"),
+        backbone.image_input(),
+        Prefix::Fraction(0.1),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    (file, backbone, inputs)
 }

@@ -544,9 +544,9 @@ impl LiveController {
             .as_ref()
             .filter(|s| s.features.len() == k && rec.answers.len() == n && !self.heads.is_empty());
         if let Some(sh) = shadow {
-            // The first shadow batch pays for first-touch allocations and cold caches (0.38 ms
-            // against about 0.1 ms afterwards on the MNIST ResNet), and an estimate that high
-            // once had cut the share to almost nothing for the rest of the run.
+            // The first shadow batch is a warm-up (first-touch allocations, cold caches): on the
+            // MNIST ResNet the first two averaged 0.38 ms against about 0.1 ms later, and an
+            // estimate that high had cut the share to almost nothing for the rest of the run.
             self.shadow_batches += 1;
             if self.shadow_batches > 1 {
                 let w = SHADOW_COST_WEIGHT;

@@ -166,12 +166,9 @@ impl<T> Ramps<T> {
         T: Send + 'static,
     {
         let (be, head) = (backbone.backend(), self.head(i));
-        let g = self.ramps[i].grid;
-        if g <= 1 {
+        let Some((cells, lengths)) = self.cells(backbone, i, out)? else {
             return be.ramp_exit_async(&self.input(out), &head, threshold);
-        }
-        let cells = backbone.grid_cells(&out.x, g)?;
-        let lengths = vec![1; out.lengths.len()];
+        };
         let pending = be.ramp_exit_async(&cells_input(&cells, &lengths), &head, threshold)?;
         // The kernel may still read the cells: they live until its decisions are in.
         Ok(Box::new(KeepAlive {
@@ -190,13 +187,27 @@ impl<T> Ramps<T> {
         threshold: &T,
     ) -> Result<Vec<RampDecision>> {
         let (be, head) = (backbone.backend(), self.head(i));
-        let g = self.ramps[i].grid;
-        if g <= 1 {
+        let Some((cells, lengths)) = self.cells(backbone, i, out)? else {
             return be.ramp_exit(&self.input(out), &head, threshold);
-        }
-        let cells = backbone.grid_cells(&out.x, g)?;
-        let lengths = vec![1; out.lengths.len()];
+        };
         be.ramp_exit(&cells_input(&cells, &lengths), &head, threshold)
+    }
+
+    /// For a grid ramp, its cell means and one position per input; `None` for a
+    /// global-average ramp (pooled inside the kernel).
+    fn cells<B: Backend<Tensor = T>>(
+        &self,
+        backbone: &Backbone<B>,
+        i: usize,
+        out: &StageOutput<T>,
+    ) -> Result<Option<(T, Vec<usize>)>> {
+        match self.ramps[i].grid {
+            g if g <= 1 => Ok(None),
+            g => Ok(Some((
+                backbone.grid_cells(&out.x, g)?,
+                vec![1; out.lengths.len()],
+            ))),
+        }
     }
 
     /// Cells per side of ramp `i` (see [`grid`]).
