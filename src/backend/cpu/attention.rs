@@ -2,8 +2,9 @@
 //! scores against the input's real keys only, a softmax, then the weighted sum of values written
 //! straight into the context row. Padding keys are never read, so padding cannot change any real token's result.
 
-use rayon::prelude::*;
+use gemm::Parallelism;
 
+use super::par::for_indices;
 use super::simd::multiversion;
 use super::softmax::softmax_in_place;
 use crate::backend::BatchShape;
@@ -73,12 +74,18 @@ multiversion!(
     fn head(qkv: &[f32], base: usize, len: usize, h: usize, d: usize, width: usize, scale: f32, out: &mut [f32]) => head_body
 );
 
-pub(crate) fn attention(qkv: &[f32], shape: &BatchShape, width: usize, heads: usize) -> Vec<f32> {
+pub(crate) fn attention(
+    qkv: &[f32],
+    shape: &BatchShape,
+    width: usize,
+    heads: usize,
+    par: Parallelism,
+) -> Vec<f32> {
     let d = width / heads;
     let mut ctx = vec![0.0f32; shape.rows() * width];
     let out = OutPtr(ctx.as_mut_ptr());
     let scale = 1.0 / (d as f32).sqrt();
-    (0..shape.batch() * heads).into_par_iter().for_each(|task| {
+    for_indices(shape.batch() * heads, par, |task| {
         let (b, h) = (task / heads, task % heads);
         let len = shape.lengths[b];
         let base = b * shape.seq;
@@ -143,7 +150,12 @@ mod tests {
         };
         let n = shape.rows() * 3 * width;
         let mut qkv: Vec<f32> = (0..n).map(|i| ((i * 31 % 17) as f32 - 8.0) / 6.0).collect();
-        let got = attention(&qkv, &shape, width, heads);
+        let got = attention(&qkv, &shape, width, heads, Parallelism::None);
+        // Inline and on a pool: the same loops, so the same values.
+        assert_eq!(
+            attention(&qkv, &shape, width, heads, Parallelism::Rayon(2)),
+            got
+        );
         for (b, &len) in lengths.iter().enumerate() {
             let part = &qkv[b * seq * 3 * width..(b + 1) * seq * 3 * width];
             let want = naive(part, seq, len, width, heads);
@@ -160,6 +172,9 @@ mod tests {
                 }
             }
         }
-        assert_eq!(attention(&qkv, &shape, width, heads), got);
+        assert_eq!(
+            attention(&qkv, &shape, width, heads, Parallelism::None),
+            got
+        );
     }
 }

@@ -6,9 +6,10 @@
 //! Grouped and depthwise convolutions run as direct loops over output pixels, vectorised over
 //! the channels of a group.
 
-use rayon::prelude::*;
+use gemm::Parallelism;
 
 use super::linear;
+use super::par::for_chunks;
 use crate::backend::op_check::ConvDims;
 use crate::backend::{Activation, Conv2d, Pool2d};
 
@@ -44,11 +45,11 @@ fn for_each_tap(
 
 /// Gathers the receptive field of every output pixel: [n * oh * ow, kh * kw * cin].
 #[allow(clippy::too_many_arguments)]
-fn im2col(x: &[f32], dims: [usize; 9], p: &Conv2d) -> Vec<f32> {
+fn im2col(x: &[f32], dims: [usize; 9], p: &Conv2d, par: Parallelism) -> Vec<f32> {
     let [n, h, w, cin, _, kh, kw, oh, ow] = dims;
     let k = kh * kw * cin;
     let mut cols = vec![0.0f32; n * oh * ow * k];
-    cols.par_chunks_mut(k).enumerate().for_each(|(r, row)| {
+    for_chunks(&mut cols, k, par, |r, row| {
         let (b, y, xo) = (r / (oh * ow), (r / ow) % oh, r % ow);
         for_each_tap(
             [y, xo],
@@ -87,7 +88,7 @@ impl Conv<'_> {
 }
 
 /// `act(conv(x, w) + b + residual)`.
-pub(crate) fn conv2d(c: Conv<'_>, par: gemm::Parallelism) -> Vec<f32> {
+pub(crate) fn conv2d(c: Conv<'_>, par: Parallelism) -> Vec<f32> {
     let (x, w, b, residual, dims, p, act) = (c.x, c.w, c.b, c.residual, c.dims, c.p, c.act);
     let [n, _, _, cin, cout, kh, kw, oh, ow] = dims.to_array();
     let m = n * oh * ow;
@@ -96,19 +97,19 @@ pub(crate) fn conv2d(c: Conv<'_>, par: gemm::Parallelism) -> Vec<f32> {
         if dims.is_pointwise(p) {
             return linear::linear(x, w, b, residual, m, cout, k, act, par);
         }
-        let cols = im2col(x, dims.to_array(), p);
+        let cols = im2col(x, dims.to_array(), p, par);
         return linear::linear(&cols, w, b, residual, m, cout, k, act, par);
     }
     if cin == p.groups && cout == p.groups {
-        return depthwise(c);
+        return depthwise(c, par);
     }
-    grouped(c)
+    grouped(c, par)
 }
 
 /// Depthwise convolution (one input and one output channel per group): for each output pixel,
 /// `kh * kw` multiply-adds vectorised over the channels, with the weight transposed once to
 /// `[kh * kw, channels]` so that each tap's weights are contiguous.
-fn depthwise(conv: Conv<'_>) -> Vec<f32> {
+fn depthwise(conv: Conv<'_>, par: Parallelism) -> Vec<f32> {
     let (x, w, b, residual, dims, act) =
         (conv.x, conv.w, conv.b, conv.residual, conv.dims, conv.act);
     let [n, h, wd, c, _, kh, kw, oh, ow] = dims.to_array();
@@ -119,7 +120,7 @@ fn depthwise(conv: Conv<'_>) -> Vec<f32> {
         }
     }
     let mut out = vec![0.0f32; n * oh * ow * c];
-    out.par_chunks_mut(c).enumerate().for_each(|(r, o)| {
+    for_chunks(&mut out, c, par, |r, o| {
         let (bn, y, xo) = (r / (oh * ow), (r / ow) % oh, r % ow);
         match b {
             Some(b) => o.copy_from_slice(b),
@@ -150,12 +151,12 @@ fn fma_row_body(o: &mut [f32], x: &[f32], w: &[f32]) {
 super::simd::multiversion!(fn fma_row(o: &mut [f32], x: &[f32], w: &[f32]) => fma_row_body);
 
 /// Direct grouped convolution (depthwise when groups == channels).
-fn grouped(c: Conv<'_>) -> Vec<f32> {
+fn grouped(c: Conv<'_>, par: Parallelism) -> Vec<f32> {
     let (x, w, b, residual, dims, p, act) = (c.x, c.w, c.b, c.residual, c.dims, c.p, c.act);
     let [n, h, wd, cin, cout, kh, kw, oh, ow] = dims.to_array();
     let (cg, og) = (cin / p.groups, cout / p.groups);
     let mut out = vec![0.0f32; n * oh * ow * cout];
-    out.par_chunks_mut(cout).enumerate().for_each(|(r, o)| {
+    for_chunks(&mut out, cout, par, |r, o| {
         let (bn, y, xo) = (r / (oh * ow), (r / ow) % oh, r % ow);
         for (co, v) in o.iter_mut().enumerate() {
             let g = co / og;
@@ -185,10 +186,10 @@ fn apply(v: f32, act: Activation) -> f32 {
 }
 
 /// Max / average pooling; `dims` = (n, h, w, c, oh, ow) from `op_check::pool2d_dims`.
-pub(crate) fn pool2d(x: &[f32], dims: [usize; 6], p: &Pool2d) -> Vec<f32> {
+pub(crate) fn pool2d(x: &[f32], dims: [usize; 6], p: &Pool2d, par: Parallelism) -> Vec<f32> {
     let [_, h, w, c, oh, ow] = dims;
     let mut out = vec![0.0f32; dims[0] * oh * ow * c];
-    out.par_chunks_mut(c).enumerate().for_each(|(r, o)| {
+    for_chunks(&mut out, c, par, |r, o| {
         let (bn, y, xo) = (r / (oh * ow), (r / ow) % oh, r % ow);
         let init = if p.max { f32::NEG_INFINITY } else { 0.0 };
         o.iter_mut().for_each(|v| *v = init);
@@ -216,9 +217,15 @@ pub(crate) fn pool2d(x: &[f32], dims: [usize; 6], p: &Pool2d) -> Vec<f32> {
 }
 
 /// [n, h, w, c] -> [n, c].
-pub(crate) fn global_avg_pool(x: &[f32], n: usize, hw: usize, c: usize) -> Vec<f32> {
+pub(crate) fn global_avg_pool(
+    x: &[f32],
+    n: usize,
+    hw: usize,
+    c: usize,
+    par: Parallelism,
+) -> Vec<f32> {
     let mut out = vec![0.0f32; n * c];
-    out.par_chunks_mut(c.max(1)).enumerate().for_each(|(b, o)| {
+    for_chunks(&mut out, c, par, |b, o| {
         for px in 0..hw {
             for (v, a) in o.iter_mut().zip(&x[(b * hw + px) * c..][..c]) {
                 *v += a;
@@ -275,8 +282,9 @@ mod tests {
                 p: &geo,
                 act: Activation::Relu,
             };
-            let fast = conv2d(c, gemm::Parallelism::None);
-            let direct = grouped(c);
+            let fast = conv2d(c, Parallelism::None);
+            let direct = grouped(c, Parallelism::None);
+            assert_eq!(grouped(c, Parallelism::Rayon(2)), direct);
             for (a, d) in fast.iter().zip(&direct) {
                 assert!((a - d).abs() < 1e-4, "{a} vs {d}");
             }
@@ -305,7 +313,7 @@ mod tests {
             p: &geo,
             act: Activation::None,
         };
-        let out = conv2d(c, gemm::Parallelism::None);
+        let out = conv2d(c, Parallelism::None);
         let ch0: f32 = (0..9).map(|p| (2 * p) as f32).sum();
         assert_eq!(out, vec![ch0, 9.0]);
         let mx = pool2d(
@@ -317,8 +325,11 @@ mod tests {
                 stride: [1, 1],
                 padding: [0, 0],
             },
+            Parallelism::None,
         );
         assert_eq!(&mx[..2], &[8.0, 9.0]); // window of pixels 0,1,3,4
-        assert_eq!(global_avg_pool(&x, 1, 9, 2), vec![8.0, 9.0]);
+        for par in [Parallelism::None, Parallelism::Rayon(2)] {
+            assert_eq!(global_avg_pool(&x, 1, 9, 2, par), vec![8.0, 9.0]);
+        }
     }
 }

@@ -1,8 +1,9 @@
 //! Embedding gather + sum + LayerNorm, fused per token row.
 
-use rayon::prelude::*;
+use gemm::Parallelism;
 
 use super::norm::layernorm_row;
+use super::par::for_chunks;
 use super::simd::multiversion;
 use crate::backend::BatchShape;
 
@@ -18,9 +19,10 @@ pub(crate) fn embed(
     beta: &[f32],
     width: usize,
     eps: f32,
+    par: Parallelism,
 ) -> Vec<f32> {
     let mut out = vec![0.0f32; shape.rows() * width];
-    out.par_chunks_mut(width).enumerate().for_each(|(r, o)| {
+    for_chunks(&mut out, width, par, |r, o| {
         let p = r % shape.seq;
         let w = &word[ids[r] as usize * width..][..width];
         let pe = &position[p * width..][..width];

@@ -1,8 +1,7 @@
 //! `act(x W^T + b)` on the CPU: one GEMM from the `gemm` crate, then bias and activation fused
 //! into a single pass over the output while it is still hot in cache.
 
-use rayon::prelude::*;
-
+use super::par::for_chunks;
 use super::simd::{self, multiversion};
 use crate::backend::Activation;
 
@@ -90,12 +89,10 @@ pub(crate) fn linear(
         );
     }
     if b.is_some() || residual.is_some() || act != Activation::None {
-        out.par_chunks_mut(n * EPILOGUE_ROWS)
-            .enumerate()
-            .for_each(|(i, rows)| {
-                let res = residual.map(|r| &r[i * n * EPILOGUE_ROWS..][..rows.len()]);
-                bias_act(rows, n, b, res, act)
-            });
+        for_chunks(&mut out, n * EPILOGUE_ROWS, par, |i, rows| {
+            let res = residual.map(|r| &r[i * n * EPILOGUE_ROWS..][..rows.len()]);
+            bias_act(rows, n, b, res, act)
+        });
     }
     out
 }

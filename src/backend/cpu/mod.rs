@@ -7,6 +7,7 @@ mod conv;
 mod embedding;
 mod linear;
 mod norm;
+mod par;
 mod pool;
 mod ramp;
 mod simd;
@@ -130,14 +131,23 @@ impl CpuBackend {
         self.threads
     }
 
-    fn par(&self) -> gemm::Parallelism {
-        if self.threads > 1 {
-            gemm::Parallelism::Rayon(self.threads)
+    /// Runs an op of about `work` multiply-adds: on the worker pool when there is more than
+    /// one worker and enough work to pay for the hand-off, else inline on the calling thread
+    /// (see [`par`]). `f` gets the parallelism its loops and GEMMs may use.
+    fn run<R: Send>(&self, work: usize, f: impl FnOnce(gemm::Parallelism) -> R + Send) -> R {
+        if self.threads > 1 && work >= INLINE_WORK {
+            self.pool
+                .install(|| f(gemm::Parallelism::Rayon(self.threads)))
         } else {
-            gemm::Parallelism::None
+            f(gemm::Parallelism::None)
         }
     }
 }
+
+/// Ops of fewer multiply-adds (roughly) than this run inline: at a few GFLOP/s such an op takes
+/// tens of microseconds on one core, about what handing it to the pool costs (19 us measured
+/// with 2 workers), so splitting it across cores would not pay.
+const INLINE_WORK: usize = 1 << 17;
 
 /// The host processor's model name (Linux: /proc/cpuinfo), for device ids.
 pub fn host_cpu_name() -> String {
@@ -180,8 +190,7 @@ impl Backend for CpuBackend {
     }
 
     fn run_linear(&self, c: LinearCall<'_, CpuTensor>) -> Result<CpuTensor> {
-        let par = self.par();
-        let data = self.pool.install(|| {
+        let data = self.run(c.m * c.n * c.k, |par| {
             linear::linear(
                 &c.x.data,
                 &c.w.data,
@@ -198,7 +207,8 @@ impl Backend for CpuBackend {
     }
 
     fn run_add_layernorm(&self, c: LayerNormCall<'_, CpuTensor>) -> Result<CpuTensor> {
-        let data = self.pool.install(|| {
+        // About ten operations per value (sum, variance, scale, shift).
+        let data = self.run(c.rows * c.cols * 10, |par| {
             norm::add_layernorm(
                 &c.x.data,
                 &c.residual.data,
@@ -206,21 +216,24 @@ impl Backend for CpuBackend {
                 &c.beta.data,
                 c.cols,
                 c.eps,
+                par,
             )
         });
         Ok(CpuTensor::new(c.x.shape.clone(), data))
     }
 
     fn run_attention(&self, c: AttentionCall<'_, CpuTensor>) -> Result<CpuTensor> {
-        let data = self
-            .pool
-            .install(|| attention::attention(&c.qkv.data, c.shape, c.width, c.heads));
+        // Scores and weighted sum: 2 * seq * width per row.
+        let work = 2 * c.rows * c.shape.seq * c.width;
+        let data = self.run(work, |par| {
+            attention::attention(&c.qkv.data, c.shape, c.width, c.heads, par)
+        });
         Ok(CpuTensor::new(vec![c.rows, c.width], data))
     }
 
     fn run_embed(&self, c: EmbedCall<'_, CpuTensor>) -> Result<CpuTensor> {
         let t = &c.tables;
-        let data = self.pool.install(|| {
+        let data = self.run(c.shape.rows() * c.width * 10, |par| {
             embedding::embed(
                 c.ids,
                 c.type_ids,
@@ -232,6 +245,7 @@ impl Backend for CpuBackend {
                 &t.beta.data,
                 c.width,
                 c.eps,
+                par,
             )
         });
         Ok(CpuTensor::new(vec![c.shape.rows(), c.width], data))
@@ -253,9 +267,9 @@ impl Backend for CpuBackend {
     }
 
     fn run_conv2d(&self, c: ConvCall<'_, CpuTensor>) -> Result<CpuTensor> {
-        let par = self.par();
         let d = c.dims;
-        let data = self.pool.install(|| {
+        let work = d.n * d.oh * d.ow * d.cout * d.kh * d.kw * (d.cin / c.p.groups.max(1));
+        let data = self.run(work, |par| {
             let operands = conv::Conv {
                 x: &c.x.data,
                 w: &c.w.data,
@@ -272,22 +286,24 @@ impl Backend for CpuBackend {
 
     fn run_pool2d(&self, c: Pool2dCall<'_, CpuTensor>) -> Result<CpuTensor> {
         let d = c.dims;
-        let data = self
-            .pool
-            .install(|| conv::pool2d(&c.x.data, d.to_array(), &c.p));
+        let work = d.n * d.oh * d.ow * d.c * c.p.kernel[0] * c.p.kernel[1];
+        let data = self.run(work, |par| conv::pool2d(&c.x.data, d.to_array(), &c.p, par));
         Ok(CpuTensor::new(vec![d.n, d.oh, d.ow, d.c], data))
     }
 
     fn run_global_avg_pool(&self, c: GlobalPoolCall<'_, CpuTensor>) -> Result<CpuTensor> {
-        let data = self
-            .pool
-            .install(|| conv::global_avg_pool(&c.x.data, c.n, c.hw, c.c));
+        let data = self.run(c.n * c.hw * c.c, |par| {
+            conv::global_avg_pool(&c.x.data, c.n, c.hw, c.c, par)
+        });
         Ok(CpuTensor::new(vec![c.n, c.c], data))
     }
 
     fn run_ramp_exit(&self, c: RampCall<'_, CpuTensor>) -> Result<Vec<RampDecision>> {
         let (input, head) = (c.input, c.head);
-        Ok(self.pool.install(|| {
+        // Pooling over every position, the optional dense layer, the output layer.
+        let dense = if head.dense.is_some() { c.width } else { 0 };
+        let work = c.batch * c.width * (input.positions + dense + c.classes);
+        Ok(self.run(work, |par| {
             ramp::ramp_exit(
                 &input.x.data,
                 input.positions,
@@ -299,6 +315,7 @@ impl Backend for CpuBackend {
                 c.width,
                 c.classes,
                 c.threshold.data[0],
+                par,
             )
         }))
     }

@@ -1,8 +1,9 @@
 //! Row normalisations: residual add + LayerNorm, fused (one read of each input row, one write
 //! of the output), and L2 normalisation.
 
-use rayon::prelude::*;
+use gemm::Parallelism;
 
+use super::par::for_chunks;
 use super::simd::{self, multiversion};
 
 /// Normalises `row` in place: `(row - mean) / sqrt(var + eps) * gamma + beta`.
@@ -54,11 +55,13 @@ pub(crate) fn add_layernorm(
     beta: &[f32],
     cols: usize,
     eps: f32,
+    par: Parallelism,
 ) -> Vec<f32> {
     let mut out = vec![0.0f32; x.len()];
-    out.par_chunks_mut(cols)
-        .zip(x.par_chunks(cols).zip(residual.par_chunks(cols)))
-        .for_each(|(o, (a, r))| add_layernorm_row(o, a, r, gamma, beta, eps));
+    for_chunks(&mut out, cols, par, |i, o| {
+        let (a, r) = (&x[i * cols..][..cols], &residual[i * cols..][..cols]);
+        add_layernorm_row(o, a, r, gamma, beta, eps)
+    });
     out
 }
 
@@ -82,7 +85,11 @@ mod tests {
         let r = [0.0; 8];
         let g = [1.0, 1.0, 2.0, 1.0];
         let b = [0.0, 0.0, 0.0, 0.5];
-        let out = add_layernorm(&x, &r, &g, &b, 4, 1e-12);
+        let out = add_layernorm(&x, &r, &g, &b, 4, 1e-12, Parallelism::None);
+        assert_eq!(
+            add_layernorm(&x, &r, &g, &b, 4, 1e-12, Parallelism::Rayon(2)),
+            out
+        );
         // Row [1,2,3,4]: mean 2.5, var 1.25.
         let s = 1.25f32.sqrt();
         let want = [-1.5 / s, -0.5 / s, 2.0 * 0.5 / s, 1.5 / s + 0.5];
