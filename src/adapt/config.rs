@@ -66,7 +66,8 @@ pub struct LiveConfig {
     /// samples), and swap a head in when it beats the serving one on held-out live samples.
     /// Needs `shadow`. Default `true`.
     pub learning: bool,
-    /// New live samples between retraining runs. Default 256.
+    /// New live samples between retraining runs, or half the samples with features when that
+    /// is fewer (after a drift: runs at 192, 288, 432, ... samples). Default 256.
     pub retrain_every: usize,
     /// Live samples needed before the first retraining (and after a drift). Default 192.
     pub retrain_min: usize,

@@ -45,6 +45,11 @@ impl Cusum {
         None
     }
 
+    /// The statistic now (0 in control; the test fires above its threshold).
+    pub fn statistic(&self) -> f64 {
+        self.s
+    }
+
     pub fn reset(&mut self) {
         self.s = 0.0;
     }

@@ -203,9 +203,17 @@ fn after_a_drift_exits_recover_within_a_bounded_number_of_inputs() {
         .iter()
         .filter(|e| !e.1)
         .count();
+    // A few wrong releases in quick succession pause the exits while the test decides on
+    // what the held thresholds would release: three wrong releases pause them at the
+    // defaults, and a batch in flight may add one.
+    let paused = events
+        .iter()
+        .position(|e| e.kind == "pause")
+        .unwrap_or_else(|| panic!("no pause before the detection: {events:#?}"));
+    assert!(events[paused].inputs <= drift.inputs, "{events:#?}");
     assert!(
-        wrong_before <= 10,
-        "{wrong_before} wrong releases before detection"
+        wrong_before <= 5,
+        "{wrong_before} wrong releases before detection: {events:#?}"
     );
     // Recovery: within 2,000 inputs of the drift the exit rate is back to 80% of before ...
     let recovered = exit_rate(&after[2000..]);
