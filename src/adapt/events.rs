@@ -112,7 +112,8 @@ pub struct AdaptEvent {
     pub inputs: u64,
     /// `place`, `tune`, `violation`, `disable`, `retune`, `remove`, `add`, `probe`, `keep`
     /// (paper mode); `place`, `tune`, `replan`, `off` (ramps switched off while nothing may
-    /// exit), `drift`, `violation`, `learn` (live mode).
+    /// exit), `pause` / `resume` (releases held while a drift is suspected), `drift`,
+    /// `violation`, `learn` (live mode).
     pub kind: &'static str,
     pub why: String,
     /// Active ramp points and thresholds after the decision.

@@ -16,7 +16,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::bound::{PATH_EVERY, certifiable_rate, tune_bounded_split};
 use super::config::ApparateConfig;
@@ -112,6 +112,8 @@ pub struct LiveController {
     /// While releases are paused (a drift is suspected): the thresholds they resume at. The
     /// published thresholds are 0 meanwhile.
     held: Option<Vec<f32>>,
+    /// No retraining run starts before this (`live.learn_share`).
+    learn_not_before: Option<Instant>,
 }
 
 impl LiveController {
@@ -158,6 +160,7 @@ impl LiveController {
             shadow_batches: 0,
             last_set_change: 0,
             held: None,
+            learn_not_before: None,
         };
         if let Some(fixed) = c.cfg.fixed.clone() {
             let mut pairs: Vec<(usize, f32)> = fixed
@@ -561,8 +564,9 @@ impl LiveController {
             // A drift: replanned already.
         } else {
             self.since_plan += 1;
-            let due = self.plan_due || self.since_plan >= self.cfg.live.replan_every_batches;
-            if due && self.held.is_none() {
+            // While paused too: a plan then retunes the held thresholds on the evidence, which
+            // now holds the wrong releases that caused the pause, and the test judges those.
+            if self.plan_due || self.since_plan >= self.cfg.live.replan_every_batches {
                 self.plan("tune", "periodic: evidence grew");
             }
         }
@@ -721,6 +725,7 @@ impl LiveController {
         self.cusum.reset();
         // A run started on pre-change samples would judge heads on the old regime.
         self.collect_learner(true);
+        self.learn_not_before = None;
         self.new_featured = self.evidence.featured().len();
         let msg = format!(
             "{why}: evidence shrunk from {before} to {} samples (from input {from})",
@@ -736,6 +741,9 @@ impl LiveController {
     fn maybe_learn(&mut self) {
         let l = &self.cfg.live;
         if !l.learning || !l.shadow || self.heads.is_empty() || self.learner.is_some() {
+            return;
+        }
+        if l.learn_in_background && self.learn_not_before.is_some_and(|t| Instant::now() < t) {
             return;
         }
         let featured = self.evidence.featured();
@@ -786,7 +794,13 @@ impl LiveController {
         let Some(h) = self.learner.take() else {
             return;
         };
-        match h.join() {
+        let joined = h.join();
+        if let Ok(out) = &joined {
+            // The run began `elapsed` ago; the next may begin `elapsed / share` after it.
+            let wait = out.elapsed.mul_f64(1.0 / self.cfg.live.learn_share - 1.0);
+            self.learn_not_before = Some(Instant::now() + wait);
+        }
+        match joined {
             Ok(out) if !discard => self.apply(out),
             Ok(out) => self.learn_stats.push((out.elapsed, 0)),
             Err(_) => self.log(
