@@ -55,6 +55,16 @@ const PAUSE_AT: f64 = 0.5;
 /// noise after all). In control the statistic falls by about 0.025 per right input, so a
 /// pause on noise lasts a hundred inputs or so.
 const RESUME_AT: f64 = 0.25;
+/// While paused, a drop of the first active ramp's agreement with the model on the inputs
+/// since the pause, this many standard errors below its rate in the evidence, is a drift: the
+/// test on (counterfactual) wrong releases alone is slow there, because on drifted inputs the
+/// ramps are rarely sure enough to release. On an MNIST-drift run a pause 98 requests after the
+/// drift held 293 requests before that test fired, with no exits and no retraining meanwhile.
+/// Under a pause on noise the agreement does not move (4 standard errors: about 3 in 100,000
+/// checks by chance).
+const AGREEMENT_DROP_Z: f64 = 4.0;
+/// Inputs since the pause before the agreement is compared.
+const AGREEMENT_MIN_INPUTS: u64 = 32;
 /// Weight of a new shadow-cost measurement in its running average.
 const SHADOW_COST_WEIGHT: f64 = 0.1;
 /// Epochs of a retraining run (a few thousand samples; the output layer only).
@@ -114,6 +124,9 @@ pub struct LiveController {
     held: Option<Vec<f32>>,
     /// No retraining run starts before this (`live.learn_share`).
     learn_not_before: Option<Instant>,
+    /// While paused: the first sequence number paused, the first active ramp's agreement
+    /// rate in the evidence then, and `(inputs, agreeing)` of that ramp since.
+    pause_watch: Option<(u64, f64, u64, u64)>,
 }
 
 impl LiveController {
@@ -161,6 +174,7 @@ impl LiveController {
             last_set_change: 0,
             held: None,
             learn_not_before: None,
+            pause_watch: None,
         };
         if let Some(fixed) = c.cfg.fixed.clone() {
             let mut pairs: Vec<(usize, f32)> = fixed
@@ -476,6 +490,7 @@ impl LiveController {
         // a drift ends the pause (the plan starts over on the new regime's evidence).
         let paused = if kind == "drift" {
             self.held = None;
+            self.pause_watch = None;
             false
         } else {
             self.held.is_some()
@@ -485,9 +500,14 @@ impl LiveController {
             t.thresholds = vec![0.0; t.thresholds.len()];
             if set_off {
                 self.held = None;
+                self.pause_watch = None;
             }
         }
         let changed_set = set != self.active.ramps;
+        if paused && changed_set {
+            // The agreement watched since the pause was another ramp's.
+            self.pause_watch = None;
+        }
         let changed = changed_set
             || t.thresholds.len() != self.active.thresholds.len()
             || t.thresholds
@@ -660,6 +680,12 @@ impl LiveController {
                 );
                 return true;
             }
+            if self.held.is_some()
+                && let Some((from, why)) = self.agreement_dropped(rec, i)
+            {
+                self.react_to_drift(from, &why);
+                return true;
+            }
         }
         if self.cfg.live.drift_test {
             self.pause_or_resume();
@@ -681,6 +707,33 @@ impl LiveController {
         false
     }
 
+    /// While paused: counts input `i` of `rec` at the first active ramp and returns the change
+    /// point and reason when that ramp's agreement fell [`AGREEMENT_DROP_Z`] standard errors
+    /// below its rate in the evidence at the pause.
+    fn agreement_dropped(&mut self, rec: &BatchRecord, i: usize) -> Option<(u64, String)> {
+        let (from, p, n, k) = self.pause_watch.as_mut()?;
+        let agrees = rec.rows.get(i)?.first()?.1;
+        *n += 1;
+        *k += u64::from(agrees);
+        let (p, n, k, from) = (*p, *n, *k, *from);
+        if n < AGREEMENT_MIN_INPUTS || !(p > 0.0 && p < 1.0) {
+            return None;
+        }
+        let rate = k as f64 / n as f64;
+        let z = (p - rate) / (p * (1.0 - p) / n as f64).sqrt();
+        (z > AGREEMENT_DROP_Z).then(|| {
+            (
+                from.saturating_sub(DRIFT_LOOKBACK),
+                format!(
+                    "while paused, the first ramp agreed with the model on {:.0}% of {n} inputs \
+                     against {:.0}% in the evidence",
+                    rate * 100.0,
+                    p * 100.0
+                ),
+            )
+        })
+    }
+
     /// Pauses releases when the drift test's statistic passes [`PAUSE_AT`] of its threshold,
     /// and resumes them when it falls back below [`RESUME_AT`].
     fn pause_or_resume(&mut self) {
@@ -691,6 +744,10 @@ impl LiveController {
         {
             let zero = vec![0.0; self.active.thresholds.len()];
             self.held = Some(std::mem::replace(&mut self.active.thresholds, zero));
+            let first = self.active.ramps[0];
+            let (s, _) = self.evidence.samples_and_seqs(&[first]);
+            let p = s.correct.iter().filter(|&&c| c).count() as f64 / s.len().max(1) as f64;
+            self.pause_watch = Some((self.seq, p, 0, 0));
             self.active.id += 1;
             self.log(
                 "pause",
@@ -705,6 +762,7 @@ impl LiveController {
         } else if level <= RESUME_AT
             && let Some(tau) = self.held.take()
         {
+            self.pause_watch = None;
             self.active.thresholds = tau;
             self.active.id += 1;
             self.log(

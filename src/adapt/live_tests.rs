@@ -255,3 +255,37 @@ fn paper_mode_and_every_part_switched_off_still_run() {
         assert!(!loops.drain_events().is_empty(), "part {part}");
     }
 }
+
+/// A drift that leaves the ramps mostly unsure: few releases, some wrong. The test on wrong
+/// releases alone would take hundreds of inputs; once they pause the exits, the drop of the
+/// first ramp's agreement with the model tells the change within tens of inputs.
+#[test]
+fn a_pause_on_unsure_ramps_ends_in_a_drift_when_their_agreement_dropped() {
+    let (profile, points) = profile(5, 0.1);
+    let k = points.len();
+    let mut w = FeatureWorld::new(k, 21);
+    let mut heads = vec![start_head(); k];
+    let mut c = LiveController::new(config(), points, profile, None, heads.clone());
+    run(&mut c, &mut w, &mut heads, 300, 4);
+    c.drain_events();
+    // Weaker features: the heads agree with the model on about 88% of inputs (99% before),
+    // and few of their confident releases are wrong.
+    w.strength = vec![1.2; k];
+    run(&mut c, &mut w, &mut heads, 400, 4);
+    let events = c.drain_events();
+    let pause = events
+        .iter()
+        .find(|e| e.kind == "pause")
+        .unwrap_or_else(|| panic!("no pause: {events:#?}"));
+    let drift = events
+        .iter()
+        .find(|e| e.kind == "drift")
+        .unwrap_or_else(|| panic!("no drift: {events:#?}"));
+    assert!(drift.why.contains("agreed"), "{drift:?}");
+    assert!(
+        drift.inputs >= pause.inputs && drift.inputs - pause.inputs <= 100,
+        "pause at {}, drift at {}",
+        pause.inputs,
+        drift.inputs
+    );
+}
