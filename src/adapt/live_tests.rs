@@ -121,6 +121,24 @@ fn run(
     out
 }
 
+/// Live loops over five candidate ramps with the starting heads, no bootstrap, and the world
+/// they serve (seeded).
+fn five_candidates(seed: u64) -> (LiveController, FeatureWorld, Vec<TrainedHead>) {
+    let (profile, points) = profile(5, 0.1);
+    let k = points.len();
+    let heads = vec![start_head(); k];
+    let c = LiveController::new(config(), points, profile, None, heads.clone());
+    (c, FeatureWorld::new(k, seed), heads)
+}
+
+/// The first event of `kind`; fails the test, listing the events, when there is none.
+fn first<'a>(events: &'a [AdaptEvent], kind: &str) -> &'a AdaptEvent {
+    events
+        .iter()
+        .find(|e| e.kind == kind)
+        .unwrap_or_else(|| panic!("no `{kind}` event: {events:#?}"))
+}
+
 fn exit_rate(x: &[(bool, bool)]) -> f64 {
     x.iter().filter(|e| e.0).count() as f64 / x.len().max(1) as f64
 }
@@ -176,11 +194,8 @@ fn a_new_ramp_set_starts_tuned_no_window_goes_without_exits() {
 
 #[test]
 fn after_a_drift_exits_recover_within_a_bounded_number_of_inputs() {
-    let (profile, points) = profile(5, 0.1);
-    let k = points.len();
-    let mut w = FeatureWorld::new(k, 5);
-    let mut heads = vec![start_head(); k];
-    let mut c = LiveController::new(config(), points, profile, None, heads.clone());
+    let (mut c, mut w, mut heads) = five_candidates(5);
+    let k = heads.len();
     let warm = run(&mut c, &mut w, &mut heads, 300, 4);
     let before = exit_rate(&warm[600..]);
     assert!(before > 0.3, "exit rate before the drift {before}");
@@ -188,11 +203,7 @@ fn after_a_drift_exits_recover_within_a_bounded_number_of_inputs() {
     w.sign = vec![-1.0; k];
     let after = run(&mut c, &mut w, &mut heads, 700, 4);
     let events = c.drain_events();
-    let wrong_after = after.iter().filter(|e| !e.1).count();
-    let drift = events
-        .iter()
-        .find(|e| e.kind == "drift")
-        .unwrap_or_else(|| panic!("no drift detected ({wrong_after} wrong): {events:#?}"));
+    let drift = first(&events, "drift");
     let learned = events
         .iter()
         .any(|e| e.kind == "learn" && e.why.contains("swapped"));
@@ -206,11 +217,10 @@ fn after_a_drift_exits_recover_within_a_bounded_number_of_inputs() {
     // A few wrong releases in quick succession pause the exits while the test decides on
     // what the held thresholds would release: three wrong releases pause them at the
     // defaults, and a batch in flight may add one.
-    let paused = events
-        .iter()
-        .position(|e| e.kind == "pause")
-        .unwrap_or_else(|| panic!("no pause before the detection: {events:#?}"));
-    assert!(events[paused].inputs <= drift.inputs, "{events:#?}");
+    assert!(
+        first(&events, "pause").inputs <= drift.inputs,
+        "{events:#?}"
+    );
     assert!(
         wrong_before <= 5,
         "{wrong_before} wrong releases before detection: {events:#?}"
@@ -261,11 +271,8 @@ fn paper_mode_and_every_part_switched_off_still_run() {
 /// first ramp's agreement with the model tells the change within tens of inputs.
 #[test]
 fn a_pause_on_unsure_ramps_ends_in_a_drift_when_their_agreement_dropped() {
-    let (profile, points) = profile(5, 0.1);
-    let k = points.len();
-    let mut w = FeatureWorld::new(k, 21);
-    let mut heads = vec![start_head(); k];
-    let mut c = LiveController::new(config(), points, profile, None, heads.clone());
+    let (mut c, mut w, mut heads) = five_candidates(21);
+    let k = heads.len();
     run(&mut c, &mut w, &mut heads, 300, 4);
     c.drain_events();
     // Weaker features: the heads agree with the model on about 88% of inputs (99% before),
@@ -273,14 +280,7 @@ fn a_pause_on_unsure_ramps_ends_in_a_drift_when_their_agreement_dropped() {
     w.strength = vec![1.2; k];
     run(&mut c, &mut w, &mut heads, 400, 4);
     let events = c.drain_events();
-    let pause = events
-        .iter()
-        .find(|e| e.kind == "pause")
-        .unwrap_or_else(|| panic!("no pause: {events:#?}"));
-    let drift = events
-        .iter()
-        .find(|e| e.kind == "drift")
-        .unwrap_or_else(|| panic!("no drift: {events:#?}"));
+    let (pause, drift) = (first(&events, "pause"), first(&events, "drift"));
     assert!(drift.why.contains("agreed"), "{drift:?}");
     assert!(
         drift.inputs >= pause.inputs && drift.inputs - pause.inputs <= 100,
