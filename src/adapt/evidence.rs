@@ -72,6 +72,11 @@ impl Evidence {
         (Samples::from_rows(set.len(), &rows), seqs)
     }
 
+    /// How many samples have features (what [`Evidence::featured`] would return, uncopied).
+    pub fn featured_len(&self) -> usize {
+        self.samples.iter().filter(|s| s.features.is_some()).count()
+    }
+
     /// The samples with features: `(seq, features, answer)`, oldest first.
     pub fn featured(&self) -> Vec<Featured> {
         self.samples

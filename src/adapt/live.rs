@@ -52,8 +52,9 @@ const DRIFT_LOOKBACK: u64 = 64;
 /// released 8 wrong answers in the 256 requests around the drift before the test fired.
 const PAUSE_AT: f64 = 0.5;
 /// Share of the drift threshold below which paused releases resume (the wrong releases were
-/// noise after all). In control the statistic falls by about 0.025 per right input, so a
-/// pause on noise lasts a hundred inputs or so.
+/// noise after all). The statistic falls by about 0.025 per input without a wrong release,
+/// so a pause on noise lasts at least a hundred inputs or so; more when the held thresholds
+/// keep (counterfactually) releasing wrong answers (300 on a movies run).
 const RESUME_AT: f64 = 0.25;
 /// While paused, a drop of the first active ramp's agreement with the model on the inputs
 /// since the pause, this many standard errors below its rate in the evidence, is a drift: the
@@ -804,15 +805,15 @@ impl LiveController {
         if l.learn_in_background && self.learn_not_before.is_some_and(|t| Instant::now() < t) {
             return;
         }
-        let featured = self.evidence.featured();
+        // Counted, not copied: this runs every batch, a run is due every few hundred inputs.
+        let have = self.evidence.featured_len();
         // While the evidence is small (after a drift) a run is due once it grew by half: heads
         // trained on 192 post-drift samples are weak, and waiting for 256 more held the exits
         // back for 400 frames of an MNIST-drift run.
-        if featured.len() < l.retrain_min
-            || self.new_featured < l.retrain_every.min(featured.len() / 2)
-        {
+        if have < l.retrain_min || self.new_featured < l.retrain_every.min(have / 2) {
             return;
         }
+        let featured = self.evidence.featured();
         self.new_featured = 0;
         let ramps: Vec<usize> = (0..self.points.len())
             .filter(|&r| self.allowed[r])
