@@ -70,7 +70,7 @@ use workloads::{ArrivalKind, Clip, Drift, Workload, clip_marks, clip_of, read_cl
 const DEFAULT_SYSTEMS: &str =
     "vanilla,apparate,apparate-paper,static-shared,static-per-ramp,oracle,vanilla-again";
 /// The systems of `--ablation`: Apparate whole and with one part of its live loops off.
-const ABLATION_SYSTEMS: &str = "vanilla,apparate,apparate-no-shadow,apparate-no-bound,apparate-no-learning,apparate-no-drift,vanilla-again";
+const ABLATION_SYSTEMS: &str = "vanilla,apparate,apparate-no-shadow,apparate-no-bound,apparate-no-learning,apparate-no-drift,apparate-no-spend,vanilla-again";
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -85,13 +85,14 @@ struct Args {
     seconds: f64,
     /// Systems to run (comma-separated): vanilla, apparate, apparate-paper, static-shared,
     /// static-per-ramp, oracle, apparate-no-shadow, apparate-no-bound, apparate-no-learning,
-    /// apparate-no-drift; `vanilla-again` runs the plain model once more where it is listed, to
+    /// apparate-no-drift, apparate-no-spend; `vanilla-again` runs the plain model once more where it is listed, to
     /// show the run-to-run noise. Default: vanilla, apparate, apparate-paper, the two static
     /// baselines, oracle, vanilla-again.
     #[arg(long, value_delimiter = ',', conflicts_with = "ablation")]
     systems: Option<Vec<String>>,
     /// Run the ablation instead: vanilla, apparate, and apparate with shadow evaluation, the
-    /// confidence bound, learning, or the drift test switched off, then vanilla-again.
+    /// confidence bound, learning, the drift test or the slack spending switched off, then
+    /// vanilla-again.
     #[arg(long)]
     ablation: bool,
     /// Requests per second, overriding the capacity-based rate: the frame rate (frame
@@ -712,6 +713,7 @@ const SYSTEMS: &[&str] = &[
     "apparate-no-bound",
     "apparate-no-learning",
     "apparate-no-drift",
+    "apparate-no-spend",
     "static-shared",
     "static-per-ramp",
     "oracle",
@@ -746,7 +748,8 @@ impl Systems {
             | "apparate-no-shadow"
             | "apparate-no-bound"
             | "apparate-no-learning"
-            | "apparate-no-drift" => {
+            | "apparate-no-drift"
+            | "apparate-no-spend" => {
                 match system {
                     "apparate-paper" => cfg.mode = Mode::Paper,
                     // Learning trains on shadow samples, so without shadow it has no data
@@ -755,6 +758,7 @@ impl Systems {
                     "apparate-no-bound" => cfg.live.bound = false,
                     "apparate-no-learning" => cfg.live.learning = false,
                     "apparate-no-drift" => cfg.live.drift_test = false,
+                    "apparate-no-spend" => cfg.live.spend_slack = false,
                     _ => {}
                 }
                 builder = builder.ramps(&self.ramps).bootstrap(self.boot.clone());

@@ -90,6 +90,43 @@ pub struct LiveConfig {
     pub evidence_capacity: usize,
     /// Batches between re-evaluations of the ramp set on the evidence. Default 32.
     pub replan_every_batches: usize,
+    /// Part 5: spend the measured slack. Every released answer is checked against the final
+    /// layer, so the realized disagreement is known exactly, not estimated. The level the
+    /// bounded tuner aims at moves with it, as in adaptive conformal inference: down by
+    /// `spend_step` budgets at each wrong release, up a little at each other answered input,
+    /// so that wrong releases average `spend_goal` of the budget over any long stretch (at
+    /// most one wrong answer more than that, whatever the stream). On news and video the
+    /// bound alone released 0-0.11% wrong answers against a 1% budget. Off: the tuner aims at
+    /// the budget itself. Default `true`.
+    pub spend_slack: bool,
+    /// Share of `accuracy_budget` the realized disagreement is steered to. Below 1: the gap
+    /// is the margin for the windows (at half the budget a 256-answer window holds 1.3 wrong
+    /// releases on average; at 0.7 of it the window guard closed four times in a 300 s news
+    /// run and cost more exits than the spending won). Default 0.5.
+    pub spend_goal: f64,
+    /// How far one wrong release lowers the level, in budgets (the other inputs raise it by
+    /// `spend_step * spend_goal * accuracy_budget` each: one budget in 400 inputs at the
+    /// defaults). Larger steps react faster and promise less slack (`1 / spend_step` wrong
+    /// releases above the goal). Default 0.5.
+    pub spend_step: f64,
+    /// Highest level, in budgets: while the realized disagreement stays below the goal the
+    /// level climbs, and a stretch where nothing is wrong must not wind it up without end.
+    /// Default 2.5.
+    pub spend_cap: f64,
+    /// The window guard: answered inputs over which the agreement must stay at least
+    /// `window_floor`. When the last `window` hold as many wrong releases as that allows,
+    /// releases stop until one leaves the window; one short of it, the tuner aims no higher
+    /// than the budget. Default 256.
+    pub window: usize,
+    /// Lowest agreement of a window. Default 0.985 (3 wrong releases in 256).
+    pub window_floor: f64,
+}
+
+impl LiveConfig {
+    /// Wrong releases a window of `window` answers may hold and still agree on `window_floor`.
+    pub fn window_max_wrong(&self) -> usize {
+        ((self.window as f64) * (1.0 - self.window_floor) + 1e-9).floor() as usize
+    }
 }
 
 impl Default for LiveConfig {
@@ -110,6 +147,12 @@ impl Default for LiveConfig {
             drift_threshold: 10.0,
             evidence_capacity: 2048,
             replan_every_batches: 32,
+            spend_slack: true,
+            spend_goal: 0.5,
+            spend_step: 0.5,
+            spend_cap: 2.5,
+            window: 256,
+            window_floor: 0.985,
         }
     }
 }
@@ -354,6 +397,42 @@ impl ApparateConfig {
             1,
             MAX_COUNT,
         )?;
+        check_real(
+            "live.spend_goal",
+            l.spend_goal,
+            Excluded(0.0),
+            Included(1.0),
+        )?;
+        check_real(
+            "live.spend_step",
+            l.spend_step,
+            Excluded(0.0),
+            Included(100.0),
+        )?;
+        check_real(
+            "live.spend_cap",
+            l.spend_cap,
+            Included(1.0),
+            Included(100.0),
+        )?;
+        check_count("live.window", l.window, 16, MAX_COUNT)?;
+        check_real(
+            "live.window_floor",
+            l.window_floor,
+            Excluded(0.0),
+            Excluded(1.0),
+        )?;
+        if l.window_max_wrong() == 0 {
+            return Err(Error::config(
+                "live.window_floor",
+                l.window_floor,
+                format!(
+                    "(0, {}]: a window of {} must be allowed one wrong answer",
+                    1.0 - 1.0 / l.window as f64,
+                    l.window
+                ),
+            ));
+        }
         if self.tuner.initial_steps.is_empty() {
             return Err(Error::config(
                 "tuner.initial_steps",
@@ -441,6 +520,10 @@ mod tests {
         bad(|c| c.tuner.initial_steps.clear(), "tuner.initial_steps");
         bad(|c| c.live.learn_share = 0.0, "live.learn_share");
         bad(|c| c.live.learn_share = 1.5, "live.learn_share");
+        bad(|c| c.live.spend_goal = 0.0, "live.spend_goal");
+        bad(|c| c.live.spend_cap = 0.5, "live.spend_cap");
+        bad(|c| c.live.window_floor = 0.999, "must be allowed one wrong");
+        assert_eq!(LiveConfig::default().window_max_wrong(), 3);
         bad(
             |c| c.fixed = Some(vec![("a".into(), 0.1), ("a".into(), 0.2)]),
             "twice",

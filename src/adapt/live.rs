@@ -120,9 +120,22 @@ pub struct LiveController {
     shadow_batches: u64,
     /// Batch count at the last ramp-set change.
     last_set_change: u64,
-    /// While releases are paused (a drift is suspected): the thresholds they resume at. The
-    /// published thresholds are 0 meanwhile.
+    /// While releases are held (a drift is suspected, or the window guard closed): the
+    /// thresholds they resume at. The published thresholds are 0 meanwhile.
     held: Option<Vec<f32>>,
+    /// Releases paused because a drift is suspected (the drift test's statistic is high).
+    drift_pause: bool,
+    /// Releases held because the last `live.window` answers hold the most wrong releases the
+    /// window allows.
+    window_hold: bool,
+    /// One wrong release short of that: the tuner aims no higher than the budget.
+    window_tight: bool,
+    /// Part 5: the disagreement rate the tuner aims at (see `live.spend_slack`).
+    level: f64,
+    /// Whether each of the last `live.window` answered inputs was released wrong, and how many
+    /// were.
+    ledger: VecDeque<bool>,
+    ledger_wrong: usize,
     /// No retraining run starts before this (`live.learn_share`).
     learn_not_before: Option<Instant>,
     /// While paused: the first sequence number paused, the first active ramp's agreement
@@ -174,9 +187,16 @@ impl LiveController {
             shadow_batches: 0,
             last_set_change: 0,
             held: None,
+            drift_pause: false,
+            window_hold: false,
+            window_tight: false,
+            level: 0.0,
+            ledger: VecDeque::new(),
+            ledger_wrong: 0,
             learn_not_before: None,
             pause_watch: None,
         };
+        c.level = c.cfg.accuracy_budget;
         if let Some(fixed) = c.cfg.fixed.clone() {
             let mut pairs: Vec<(usize, f32)> = fixed
                 .iter()
@@ -333,11 +353,37 @@ impl LiveController {
         });
     }
 
+    /// The disagreement rate the tuner aims at: the budget, or with part 5 the level the
+    /// realized disagreement steers (no higher than the budget while the window guard is one
+    /// wrong release from closing).
+    fn tuning_budget(&self) -> f64 {
+        let b = self.cfg.accuracy_budget;
+        if self.drift_pause {
+            // The drift test judges what the held thresholds would release; tuned at a level
+            // in debt they would release nothing, the ramps would go off, and with them the
+            // test and the agreement check that end the pause.
+            return b;
+        }
+        match (self.cfg.live.spend_slack, self.window_tight) {
+            (false, _) => b,
+            (true, true) => self.level.min(b),
+            // The bound is defined for rates below 1; a large budget times the cap is not.
+            (true, false) => self.level.min(b.max(0.5)),
+        }
+    }
+
     /// Thresholds for `set` on `s` (rows of the inputs `seqs`): bounded (part 2) or at the
     /// paper's headroom.
     fn tune_set(&self, s: &Samples, seqs: &[u64], set: &[usize]) -> Tuned {
         let lat = self.latency(set);
-        let budget = self.cfg.accuracy_budget;
+        let budget = self.tuning_budget();
+        if budget <= 0.0 {
+            // Part 5's level is in debt: nothing is released until it is paid back.
+            return Tuned {
+                eval: evaluate(s, &vec![0.0; set.len()], &lat),
+                thresholds: vec![0.0; set.len()],
+            };
+        }
         // Retrained heads can be less sharp than bootstrap ones: see `skip_gaps`.
         let tuner = TunerConfig {
             skip_gaps: true,
@@ -395,14 +441,11 @@ impl LiveController {
                 // Sets are ranked at the rate their test can certify, as their paths are
                 // tuned (see `certifiable_rate`): ranked at the budget, sets of many ramps
                 // with small shares each win on paper and lose once the test cuts them.
-                let aim = certifiable_rate(
-                    test.len(),
-                    self.cfg.accuracy_budget,
-                    self.cfg.live.confidence,
-                );
+                let aim =
+                    certifiable_rate(test.len(), self.tuning_budget(), self.cfg.live.confidence);
                 (propose, aim.unwrap_or(0.0))
             } else {
-                (full.clone(), self.cfg.accuracy_budget)
+                (full.clone(), self.tuning_budget())
             };
             let score = |this: &Self, s: &[usize]| -> f64 {
                 let idx: Vec<usize> = s.iter().filter_map(|&r| pos(r)).collect();
@@ -487,22 +530,23 @@ impl LiveController {
             (s, seqs) = self.evidence.samples_and_seqs(&set);
             t = self.tune_set(&s, &seqs, &set);
         }
-        // While paused, a plan (after a head swap) updates the thresholds releases resume at;
-        // a drift ends the pause (the plan starts over on the new regime's evidence).
-        let paused = if kind == "drift" {
-            self.held = None;
+        // While held, a plan (after a head swap) updates the thresholds releases resume at;
+        // a drift ends the drift pause (the plan starts over on the new regime's evidence),
+        // not the window guard's hold.
+        if kind == "drift" {
+            self.drift_pause = false;
             self.pause_watch = None;
-            false
-        } else {
-            self.held.is_some()
-        };
-        if paused {
+        }
+        let paused = self.drift_pause || self.window_hold;
+        self.held = None;
+        if paused && !set_off {
             self.held = Some(t.thresholds.clone());
             t.thresholds = vec![0.0; t.thresholds.len()];
-            if set_off {
-                self.held = None;
-                self.pause_watch = None;
-            }
+        } else if set_off {
+            // Nothing to hold: a drift pause ends with the ramps (the window guard's stays,
+            // and holds whatever the next plan brings back).
+            self.drift_pause = false;
+            self.pause_watch = None;
         }
         let changed_set = set != self.active.ramps;
         if paused && changed_set {
@@ -526,7 +570,15 @@ impl LiveController {
             } else {
                 kind
             };
-            let msg = format!("{reason} ({} samples)", s.len());
+            let msg = if self.cfg.live.spend_slack && self.cfg.live.bound {
+                format!(
+                    "{reason} ({} samples, aiming at {:.2}% disagreement)",
+                    s.len(),
+                    self.tuning_budget() * 100.0
+                )
+            } else {
+                format!("{reason} ({} samples)", s.len())
+            };
             self.log(kind, msg, t.eval.saving, t.eval.accuracy);
         }
     }
@@ -577,7 +629,9 @@ impl LiveController {
             self.recent_sizes.pop_front();
         }
         self.collect_learner(false);
+        // Before the window guard, which may publish a new configuration.
         let current = rec.config_id == self.active.id;
+        self.account(&rec);
         let seq0 = self.seq;
         self.seq += rec.len() as u64;
         self.store(&rec, seq0, current);
@@ -587,7 +641,12 @@ impl LiveController {
             self.since_plan += 1;
             // While paused too: a plan then retunes the held thresholds on the evidence, which
             // now holds the wrong releases that caused the pause, and the test judges those.
-            if self.plan_due || self.since_plan >= self.cfg.live.replan_every_batches {
+            if self.plan_due {
+                self.plan(
+                    "tune",
+                    "the aim moved (a wrong release, or the window guard)",
+                );
+            } else if self.since_plan >= self.cfg.live.replan_every_batches {
                 self.plan("tune", "periodic: evidence grew");
             }
         }
@@ -681,7 +740,7 @@ impl LiveController {
                 );
                 return true;
             }
-            if self.held.is_some()
+            if self.drift_pause
                 && let Some((from, why)) = self.agreement_dropped(rec, i)
             {
                 self.react_to_drift(from, &why);
@@ -739,17 +798,19 @@ impl LiveController {
     /// and resumes them when it falls back below [`RESUME_AT`].
     fn pause_or_resume(&mut self) {
         let level = self.cusum.statistic() / self.cfg.live.drift_threshold;
-        if self.held.is_none()
-            && level > PAUSE_AT
-            && self.active.thresholds.iter().any(|&t| t > 0.0)
-        {
-            let zero = vec![0.0; self.active.thresholds.len()];
-            self.held = Some(std::mem::replace(&mut self.active.thresholds, zero));
+        let releasing = self
+            .held
+            .as_ref()
+            .unwrap_or(&self.active.thresholds)
+            .iter()
+            .any(|&t| t > 0.0);
+        if !self.drift_pause && level > PAUSE_AT && releasing {
+            self.drift_pause = true;
+            self.hold();
             let first = self.active.ramps[0];
             let (s, _) = self.evidence.samples_and_seqs(&[first]);
             let p = s.correct.iter().filter(|&&c| c).count() as f64 / s.len().max(1) as f64;
             self.pause_watch = Some((self.seq, p, 0, 0));
-            self.active.id += 1;
             self.log(
                 "pause",
                 format!(
@@ -760,15 +821,112 @@ impl LiveController {
                 0.0,
                 1.0,
             );
-        } else if level <= RESUME_AT
-            && let Some(tau) = self.held.take()
-        {
+        } else if level <= RESUME_AT && self.drift_pause {
+            self.drift_pause = false;
             self.pause_watch = None;
-            self.active.thresholds = tau;
-            self.active.id += 1;
+            // The held thresholds were tuned at the budget (see `tuning_budget`).
+            self.plan_due = true;
+            self.unhold();
+            let still = if self.window_hold {
+                " (the window guard still holds them)"
+            } else {
+                ""
+            };
             self.log(
                 "resume",
-                "the drift test fell back: the wrong releases were noise".into(),
+                format!("the drift test fell back: the wrong releases were noise{still}"),
+                0.0,
+                1.0,
+            );
+        }
+    }
+
+    /// Publishes thresholds of 0, keeping the active ones to resume at.
+    fn hold(&mut self) {
+        if self.held.is_none() {
+            let zero = vec![0.0; self.active.thresholds.len()];
+            self.held = Some(std::mem::replace(&mut self.active.thresholds, zero));
+            self.active.id += 1;
+        }
+    }
+
+    /// Resumes the held thresholds unless the drift pause or the window guard still holds.
+    fn unhold(&mut self) {
+        if self.drift_pause || self.window_hold {
+            return;
+        }
+        if let Some(tau) = self.held.take()
+            && tau.len() == self.active.thresholds.len()
+        {
+            self.active.thresholds = tau;
+            self.active.id += 1;
+        }
+    }
+
+    /// Part 5 and the window guard, on every answered input of the batch (whatever
+    /// configuration it ran under): the window's wrong releases and the level the tuner aims
+    /// at.
+    fn account(&mut self, rec: &BatchRecord) {
+        let l = &self.cfg.live;
+        let budget = self.cfg.accuracy_budget;
+        let step = l.spend_step * budget;
+        let (goal, cap) = (l.spend_goal * budget, l.spend_cap * budget);
+        let mut any_wrong = false;
+        for (e, a) in rec.exited.iter().zip(&rec.agreed) {
+            let wrong = e.is_some() && !a;
+            any_wrong |= wrong;
+            self.ledger.push_back(wrong);
+            self.ledger_wrong += usize::from(wrong);
+            while self.ledger.len() > l.window {
+                if self.ledger.pop_front() == Some(true) {
+                    self.ledger_wrong -= 1;
+                }
+            }
+            // No floor: a level at or below 0 releases nothing (the bound certifies nothing),
+            // and the debt it records is what keeps the long-run promise. Every input counts,
+            // released or not, as in adaptive conformal inference; the cap keeps a long
+            // stretch without releases from winding the level up.
+            if l.spend_slack {
+                let err = if wrong { 1.0 } else { 0.0 };
+                self.level = (self.level + step * (goal - err)).min(cap);
+            }
+        }
+        if any_wrong && l.spend_slack {
+            // The level fell: thresholds tuned at the old one must not go on releasing.
+            self.plan_due = true;
+        }
+        let most = l.window_max_wrong();
+        let tight = self.ledger_wrong + 1 >= most;
+        if tight != self.window_tight {
+            // The tuner's aim changes: retune now, not at the next periodic plan.
+            self.window_tight = tight;
+            self.plan_due = true;
+        }
+        let full = self.ledger_wrong >= most;
+        if full && !self.window_hold {
+            self.window_hold = true;
+            self.hold();
+            self.log(
+                "hold",
+                format!(
+                    "{} wrong releases in the last {} answers, the most the window allows: \
+                     no exits until one leaves it",
+                    self.ledger_wrong,
+                    self.ledger.len()
+                ),
+                0.0,
+                1.0,
+            );
+        } else if !full && self.window_hold {
+            self.window_hold = false;
+            self.unhold();
+            self.log(
+                "open",
+                format!(
+                    "{} wrong releases in the last {} answers: exits resume",
+                    self.ledger_wrong,
+                    self.ledger.len()
+                ),
                 0.0,
                 1.0,
             );
@@ -782,6 +940,10 @@ impl LiveController {
         let before = self.evidence.len();
         self.evidence.keep_from(from);
         self.cusum.reset();
+        // A new regime starts with the budget as its aim: the wrong releases that revealed
+        // the change are not paid back out of the new regime's exits (in debt, the level
+        // would hold every exit back for hundreds of inputs after the bound allows them).
+        self.level = self.level.max(self.cfg.accuracy_budget);
         // A run started on pre-change samples would judge heads on the old regime.
         self.collect_learner(true);
         self.learn_not_before = None;

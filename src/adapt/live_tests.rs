@@ -289,3 +289,91 @@ fn a_pause_on_unsure_ramps_ends_in_a_drift_when_their_agreement_dropped() {
         drift.inputs
     );
 }
+
+/// Live loops with batches of one over five candidates whose features are `strength` strong
+/// (the same at every candidate), `spend` on or off; returns per input `(exited, agreed)`.
+fn one_at_a_time(seed: u64, strength: f32, spend: bool, inputs: usize) -> Vec<(bool, bool)> {
+    let (profile, points) = profile(5, 0.1);
+    let k = points.len();
+    let mut heads = vec![start_head(); k];
+    let mut cfg = config();
+    cfg.live.spend_slack = spend;
+    let mut c = LiveController::new(cfg, points, profile, None, heads.clone());
+    let mut w = FeatureWorld::new(k, seed);
+    w.strength = vec![strength; k];
+    run(&mut c, &mut w, &mut heads, inputs, 1)
+}
+
+/// Part 5: where the bound leaves most of the budget unused, the level climbs and more inputs
+/// leave early, while the wrong releases stay within what the level's rule promises (the
+/// goal's share of the budget, plus the start's credit of `1 / spend_step` and the last
+/// input's debt of one).
+#[test]
+fn spending_the_slack_releases_more_and_keeps_its_promise() {
+    let budget = ApparateConfig::vision().accuracy_budget;
+    let l = LiveConfig::default();
+    let (goal, slack) = (l.spend_goal * budget, 1.0 / l.spend_step + 1.0);
+    let n = 4000;
+    let (mut on_total, mut off_total) = (0.0, 0.0);
+    for seed in [1, 2, 3] {
+        // Weak features: on the bound alone the ramps release about a third of the inputs.
+        let on = one_at_a_time(seed, 1.0, true, n);
+        let off = one_at_a_time(seed, 1.0, false, n);
+        let wrong = on.iter().filter(|e| !e.1).count();
+        assert!(
+            wrong as f64 <= goal * n as f64 + slack,
+            "seed {seed}: {wrong} wrong releases in {n}"
+        );
+        on_total += exit_rate(&on[1000..]);
+        off_total += exit_rate(&off[1000..]);
+    }
+    assert!(
+        on_total > off_total * 1.1,
+        "exit rate with spending {:.3}, without {:.3}",
+        on_total / 3.0,
+        off_total / 3.0
+    );
+}
+
+/// Largest count of wrong releases in any `w` consecutive inputs.
+fn most_wrong(x: &[(bool, bool)], w: usize) -> usize {
+    let wrong: Vec<usize> = x.iter().map(|e| usize::from(!e.1)).collect();
+    wrong
+        .windows(w)
+        .map(|win| win.iter().sum::<usize>())
+        .max()
+        .unwrap_or(0)
+}
+
+/// The window guard: with batches of one, no 256 consecutive inputs hold more wrong releases
+/// than the window's floor allows (3), across a drift that makes every head confidently
+/// wrong. With the floor lowered (the guard as good as off) the same stream breaks it, so the
+/// guard is what holds it.
+#[test]
+fn the_window_guard_holds_every_window_within_its_floor() {
+    let run_with = |floor: f64| {
+        let (profile, points) = profile(5, 0.1);
+        let k = points.len();
+        let mut heads = vec![start_head(); k];
+        let mut cfg = config();
+        cfg.live.window_floor = floor;
+        // A slow drift test: the guard alone must hold the window.
+        cfg.live.drift_threshold = 1e3;
+        let mut c = LiveController::new(cfg, points, profile, None, heads.clone());
+        let mut w = FeatureWorld::new(k, 17);
+        w.strength = vec![2.0; k];
+        let mut all = run(&mut c, &mut w, &mut heads, 1500, 1);
+        w.sign = vec![-1.0; k];
+        all.extend(run(&mut c, &mut w, &mut heads, 1500, 1));
+        (all, c.drain_events())
+    };
+    let (guarded, events) = run_with(0.985);
+    let most = most_wrong(&guarded, 256);
+    assert!(most <= 3, "{most} wrong releases in a window: {events:#?}");
+    first(&events, "hold");
+    let (open, _) = run_with(0.5);
+    assert!(
+        most_wrong(&open, 256) > 3,
+        "the stream never tested the guard"
+    );
+}

@@ -82,6 +82,7 @@ pub struct ServeReplayArgs {
     #[arg(long, default_value_t = 0.95)]
     confidence: f64,
     /// Live loops: switch parts off (ablation): `shadow`, `bound`, `learning`, `drift-test`,
+    /// `spend` (aim at the budget, not at the level the realized disagreement steers),
     /// `cross-fit` (plan the first set on the heads' own bootstrap scores).
     #[arg(long = "without", value_delimiter = ',')]
     without: Vec<String>,
@@ -143,12 +144,13 @@ pub fn serve_replay_cmd(a: ServeReplayArgs) -> Result<()> {
             "bound" => c.live.bound = false,
             "learning" => c.live.learning = false,
             "drift-test" => c.live.drift_test = false,
+            "spend" => c.live.spend_slack = false,
             "cross-fit" => c.live.cross_fit_bootstrap = false,
             p => {
                 return Err(Error::config(
                     "--without",
                     format!("`{p}`"),
-                    "shadow, bound, learning, drift-test, cross-fit",
+                    "shadow, bound, learning, drift-test, spend, cross-fit",
                 ));
             }
         }
