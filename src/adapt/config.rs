@@ -75,7 +75,7 @@ pub struct LiveConfig {
     pub learn_in_background: bool,
     /// Most of one core the background retraining may use over time: after a run of `T`
     /// seconds the next starts no sooner than `T / learn_share` after that run began (a drift
-    /// lifts the wait: post-drift runs are small and urgent). Without it a video run spent
+    /// lifts the wait, and so does a ramp set that is off: those runs are small and urgent). Without it a video run spent
     /// 46.5 s of a core in 120 s on 11 runs (16 heads over up to 2,048 samples, up to 9.4 s
     /// a run) next to two compute threads on two cores. In (0, 1]. Default 0.1.
     pub learn_share: f64,
