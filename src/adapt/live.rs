@@ -1015,8 +1015,10 @@ impl LiveController {
         if self.cfg.live.learn_in_background {
             match std::thread::Builder::new()
                 .name("apparate-learner".into())
-                .spawn(move || learn(job))
-            {
+                .spawn(move || {
+                    super::learner::yield_to_serving();
+                    learn(job)
+                }) {
                 Ok(h) => self.learner = Some(h),
                 Err(e) => self.log(
                     "learn",
