@@ -210,13 +210,17 @@ fn bad_input_and_mismatched_files_are_clear_errors() {
 fn overload_deadlines_cancellation_and_shutdown_answer_every_request_once() {
     let dir = TempDir::new("serve-faults");
     let (model, ramps) = tiny_model(&dir);
+    // A queue shorter than a batch: the executor always waits out the delay for a batch that
+    // cannot fill, so submissions meanwhile find the queue full whatever the machine's speed.
+    // (With a queue of 8 and batches of 4 the tiny model drained the queue faster than this
+    // loop filled it, and the overload the test needs stopped happening.)
     let engine = Engine::builder(&model)
         .ramps(&ramps)
         .backend(threads1())
         .batching(BatchingConfig {
             max_batch_size: 4,
-            max_queue_delay: Duration::from_millis(2),
-            queue_capacity: 8,
+            max_queue_delay: Duration::from_millis(4),
+            queue_capacity: 2,
         })
         .build()
         .unwrap();
