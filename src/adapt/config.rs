@@ -101,8 +101,9 @@ pub struct LiveConfig {
     pub spend_slack: bool,
     /// Share of `accuracy_budget` the realized disagreement is steered to. Below 1: the gap
     /// is the margin for the windows (at half the budget a 256-answer window holds 1.3 wrong
-    /// releases on average; at 0.7 of it the window guard closed four times in a 300 s news
-    /// run and cost more exits than the spending won). Default 0.5.
+    /// releases on average; at 0.7 of it, with steps of a whole budget up to 3, the window
+    /// guard closed four times in a 300 s news run and cost more exits than the spending won).
+    /// Default 0.5.
     pub spend_goal: f64,
     /// How far one wrong release lowers the level, in budgets (the other inputs raise it by
     /// `spend_step * spend_goal * accuracy_budget` each: one budget in 400 inputs at the
