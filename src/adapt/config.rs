@@ -75,8 +75,8 @@ pub struct LiveConfig {
     pub learn_in_background: bool,
     /// Most of one core the background retraining may use over time: after a run of `T`
     /// seconds the next starts no sooner than `T / learn_share` after that run began (a drift
-    /// lifts the wait, and so does a ramp set that is off: those runs are small and urgent). Without it a video run spent
-    /// 46.5 s of a core in 120 s on 11 runs (16 heads over up to 2,048 samples, up to 9.4 s
+    /// lifts the wait, and so does a ramp set that is off: those runs are small and urgent).
+    /// Without it a video run spent 46.5 s of a core in 120 s on 11 runs (16 heads over up to 2,048 samples, up to 9.4 s
     /// a run) next to two compute threads on two cores. In (0, 1]. Default 0.1.
     pub learn_share: f64,
     /// Part 4: a sequential (CUSUM) test on the released answers' disagreement tells a regime
@@ -95,7 +95,9 @@ pub struct LiveConfig {
     /// bounded tuner aims at moves with it, as in adaptive conformal inference: down by
     /// `spend_step` budgets at each wrong release, up a little at each other answered input,
     /// so that wrong releases average `spend_goal` of the budget over any long stretch (at
-    /// most one wrong answer more than that, whatever the stream). On news and video the
+    /// most `1 / spend_step` wrong answers more than that, plus those of the last batch,
+    /// whatever the stream; per regime: a detected drift restarts a level below the budget
+    /// at the budget). On news and video the
     /// bound alone released 0-0.11% wrong answers against a 1% budget. Off: the tuner aims at
     /// the budget itself. Default `true`.
     pub spend_slack: bool,

@@ -120,8 +120,9 @@ pub struct LiveController {
     shadow_batches: u64,
     /// Batch count at the last ramp-set change.
     last_set_change: u64,
-    /// While releases are held (a drift is suspected, or the window guard closed): the
-    /// thresholds they resume at. The published thresholds are 0 meanwhile.
+    /// While releases are held (a drift is suspected, the window guard closed, or part 5's
+    /// level is in debt): what the ramps would release, for the drift test to judge. The
+    /// published thresholds are 0 meanwhile; releases resume through a fresh plan.
     held: Option<Vec<f32>>,
     /// Releases paused because a drift is suspected (the drift test's statistic is high).
     drift_pause: bool,
@@ -844,8 +845,6 @@ impl LiveController {
         } else if level <= RESUME_AT && self.drift_pause {
             self.drift_pause = false;
             self.pause_watch = None;
-            // The held thresholds were tuned at the budget (see `tuning_budget`).
-            self.plan_due = true;
             self.unhold();
             let still = if self.window_hold {
                 " (the window guard still holds them)"
@@ -861,7 +860,7 @@ impl LiveController {
         }
     }
 
-    /// Publishes thresholds of 0, keeping the active ones to resume at.
+    /// Publishes thresholds of 0, keeping the active ones for the drift test to judge.
     fn hold(&mut self) {
         if self.held.is_none() {
             let zero = vec![0.0; self.active.thresholds.len()];
