@@ -13,27 +13,67 @@ use crate::ramps::train::{TrainConfig, TrainedHead};
 /// Share of the samples (the newest) held out to judge a new head.
 const HELD_OUT: f64 = 0.25;
 
-/// Nice value of the background learner thread. `live.learn_share` caps the learner's share
-/// over time, but while a run lasts it took a whole core from the compute threads: on a video
-/// run (two compute threads on two cores) the requests' queueing p99 was 45.6 ms with
-/// retraining runs of up to 3 s, against 5.2 ms for the plain model. At nice 10 the kernel's
-/// scheduler weighs the learner at about a tenth of a compute thread while they contend (the
-/// share the cap already allows), and at full speed when a core is idle.
+/// Nice value of the background learner thread where idle scheduling is refused (see
+/// [`yield_to_serving`]). At nice 10 the kernel's scheduler weighs the learner at about a tenth
+/// of a compute thread while they contend.
 const LEARNER_NICE: i32 = 10;
 
-/// Lowers the calling thread's scheduling priority to [`LEARNER_NICE`] (Linux: the nice value
-/// is per thread, and `setpriority(PRIO_PROCESS, 0, ..)` sets the caller's). Elsewhere, or if
-/// the call fails, the thread keeps its priority: learning only yields less.
-pub(crate) fn yield_to_serving() {
+/// The priority the learner thread runs at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LearnerPriority {
+    /// Linux `SCHED_IDLE`: the thread runs only on a core nothing else wants.
+    Idle,
+    /// Nice [`LEARNER_NICE`].
+    Nice,
+    /// Unchanged: the platform (or the sandbox) allowed neither; `live.learn_share` alone
+    /// keeps retraining from taking a core.
+    Normal,
+}
+
+impl std::fmt::Display for LearnerPriority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LearnerPriority::Idle => f.write_str("idle priority"),
+            LearnerPriority::Nice => write!(f, "nice {LEARNER_NICE}"),
+            LearnerPriority::Normal => f.write_str("normal priority"),
+        }
+    }
+}
+
+/// Moves the calling thread to the idle scheduling class (Linux `SCHED_IDLE`), or where that
+/// is refused lowers it to nice [`LEARNER_NICE`]. A retraining run (up to 3-7 s on video)
+/// took a whole core from the two compute threads at normal priority (video queueing p99
+/// 45.6 ms against 5.2 ms for the plain model); at nice 10 it still took about a tenth of one
+/// while they contended, so `live.learn_share` had to hold retraining to a tenth of a core
+/// over time, and the retrained heads that bring the exits back came late (video: exits
+/// began at request 605). An idle-class thread runs only on a core with nothing else to do,
+/// so serving loses no CPU time to it however often it runs. Both settings are per thread
+/// on Linux (`pid` 0 is the calling thread); unprivileged threads may lower their own
+/// priority.
+pub(crate) fn yield_to_serving() -> LearnerPriority {
     #[cfg(target_os = "linux")]
     {
+        #[repr(C)]
+        struct SchedParam {
+            sched_priority: i32,
+        }
         unsafe extern "C" {
+            fn sched_setscheduler(pid: i32, policy: i32, param: *const SchedParam) -> i32;
             fn setpriority(which: i32, who: u32, prio: i32) -> i32;
         }
+        const SCHED_IDLE: i32 = 5;
         const PRIO_PROCESS: i32 = 0;
+        let param = SchedParam { sched_priority: 0 };
+        // SAFETY: system calls on the calling thread; `param` outlives the call.
+        if unsafe { sched_setscheduler(0, SCHED_IDLE, &param) } == 0 {
+            return LearnerPriority::Idle;
+        }
         // SAFETY: a plain system call on the calling thread with integer arguments.
-        let _ = unsafe { setpriority(PRIO_PROCESS, 0, LEARNER_NICE) };
+        if unsafe { setpriority(PRIO_PROCESS, 0, LEARNER_NICE) } == 0 {
+            return LearnerPriority::Nice;
+        }
     }
+    LearnerPriority::Normal
 }
 
 /// A retraining run's input: a snapshot of the evidence with features.
@@ -63,6 +103,8 @@ pub(crate) struct LearnOutcome {
     pub heads: Vec<NewHead>,
     pub tried: usize,
     pub elapsed: Duration,
+    /// The priority the run ran at (`None`: inline, on the caller's thread).
+    pub priority: Option<LearnerPriority>,
 }
 
 /// How many of `scores` (`(u, agrees)`) a single threshold can release while at most
@@ -164,6 +206,7 @@ pub(crate) fn learn(job: LearnJob) -> LearnOutcome {
         heads,
         tried: job.ramps.len(),
         elapsed: t0.elapsed(),
+        priority: None,
     }
 }
 
@@ -287,17 +330,21 @@ mod tests {
     fn the_learner_yields_on_its_own_thread_only() {
         unsafe extern "C" {
             fn getpriority(which: i32, who: u32) -> i32;
+            fn sched_getscheduler(pid: i32) -> i32;
         }
-        // SAFETY: a plain system call with integer arguments.
-        let nice = || unsafe { getpriority(0, 0) };
-        let before = nice();
-        let learner = std::thread::spawn(move || {
-            yield_to_serving();
-            nice()
-        })
-        .join()
-        .unwrap();
-        assert!(learner >= LEARNER_NICE, "learner thread at nice {learner}");
-        assert_eq!(nice(), before, "the calling thread's priority changed");
+        const SCHED_IDLE: i32 = 5;
+        // SAFETY: plain system calls on the calling thread with integer arguments.
+        let state = || unsafe { (sched_getscheduler(0), getpriority(0, 0)) };
+        let before = state();
+        let (got, learner) = std::thread::spawn(move || (yield_to_serving(), state()))
+            .join()
+            .unwrap();
+        match got {
+            LearnerPriority::Idle => assert_eq!(learner.0, SCHED_IDLE, "{got}: {learner:?}"),
+            LearnerPriority::Nice => assert!(learner.1 >= LEARNER_NICE, "{got}: {learner:?}"),
+            // A sandbox may refuse both; then nothing may have changed either.
+            LearnerPriority::Normal => assert_eq!(learner, before, "{got}"),
+        }
+        assert_eq!(state(), before, "the calling thread's scheduling changed");
     }
 }

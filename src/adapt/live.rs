@@ -25,7 +25,7 @@ use super::drift::DriftAlarm;
 use super::events::{ActiveConfig, AdaptEvent, BatchRecord, HeadUpdate};
 use super::evidence::{Evidence, Sample};
 use super::latency::LatencyModel;
-use super::learner::{LearnJob, LearnOutcome, learn};
+use super::learner::{LearnJob, LearnOutcome, LearnerPriority, learn};
 use super::tuner::{Samples, Tuned, TunerConfig, evaluate, tune};
 use crate::profile::Profile;
 use crate::ramps::train::{TrainConfig, TrainedHead};
@@ -1015,8 +1015,11 @@ impl LiveController {
             match std::thread::Builder::new()
                 .name("apparate-learner".into())
                 .spawn(move || {
-                    super::learner::yield_to_serving();
-                    learn(job)
+                    let priority = super::learner::yield_to_serving();
+                    LearnOutcome {
+                        priority: Some(priority),
+                        ..learn(job)
+                    }
                 }) {
                 Ok(h) => self.learner = Some(h),
                 Err(e) => self.log(
@@ -1064,9 +1067,10 @@ impl LiveController {
         self.learn_stats.push((out.elapsed, out.heads.len()));
         if out.heads.is_empty() {
             let msg = format!(
-                "retrained {} heads in {:.0} ms: none beat the serving ones",
+                "retrained {} heads in {:.0} ms{}: none beat the serving ones",
                 out.tried,
-                out.elapsed.as_secs_f64() * 1e3
+                out.elapsed.as_secs_f64() * 1e3,
+                at(out.priority)
             );
             self.log("learn", msg, 0.0, 1.0);
             return;
@@ -1093,9 +1097,10 @@ impl LiveController {
         self.log(
             "learn",
             format!(
-                "retrained {} heads in {:.0} ms, swapped in: {}",
+                "retrained {} heads in {:.0} ms{}, swapped in: {}",
                 out.tried,
                 out.elapsed.as_secs_f64() * 1e3,
+                at(out.priority),
                 names.join(", ")
             ),
             0.0,
@@ -1103,4 +1108,9 @@ impl LiveController {
         );
         self.plan("tune", "heads retrained");
     }
+}
+
+/// " at idle priority" (how a background run ran, for the event log), or "" for a run inline.
+fn at(priority: Option<LearnerPriority>) -> String {
+    priority.map(|p| format!(" at {p}")).unwrap_or_default()
 }
