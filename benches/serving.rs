@@ -3,9 +3,11 @@
 //! default) and Apparate with the paper's loops (`apparate-paper`), two static early-exit
 //! baselines (ramps at every eligible point, thresholds tuned once on the bootstrap data: one
 //! shared threshold, or per-ramp thresholds), the oracle (each input answered at the first ramp
-//! that agrees with the final answer), and the plain model once more at the end
-//! (`vanilla-again`: what the machine's run-to-run noise alone does to the numbers).
-//! `--ablation` runs Apparate with each part of its live loops switched off in turn instead.
+//! that agrees with the final answer), and the plain model once more (`vanilla-again`: what
+//! the machine's run-to-run noise alone does to the numbers). `--ablation` runs Apparate with
+//! each part of its live loops switched off in turn instead. The systems are interleaved:
+//! every engine starts first, then the replay plays in slices of `--slice-seconds` (15), each
+//! slice once per system, their order rotating from slice to slice.
 //!
 //! The offered load is a share of the machine's capacity: before the systems run, the plain
 //! model's throughput is measured closed loop (`--max-batch` requests in flight for
@@ -151,6 +153,12 @@ struct Args {
     /// and movies, 800 news).
     #[arg(long)]
     p99_bound_ms: Option<f64>,
+    /// Length of the slices the replay plays in, seconds: each slice runs once per system
+    /// (every engine started first, their order rotating from slice to slice), so that the
+    /// machine's slow spells fall on every system alike. 0: each system replays the whole
+    /// trace in turn (the order of the first sessions' results).
+    #[arg(long, default_value_t = 15.0)]
+    slice_seconds: f64,
     /// Where the JSON goes.
     #[arg(long, default_value = "target/bench-results")]
     out: PathBuf,
@@ -521,6 +529,14 @@ fn main() -> apparate::Result<()> {
     systems.retain(|s| s != "vanilla");
     systems.insert(0, "vanilla".into());
     let split = marks.first().copied().unwrap_or(n);
+    // Every engine starts first; then the replay plays in slices, each slice once per system
+    // with the systems' order rotating from slice to slice. Run one after another, whole, the
+    // systems met different machines: on this shared 2-core VM the plain model's second run
+    // differed from its first by up to 15% at the median, and the first adaptive system of a
+    // text run was 10-20% slower than the second whichever loops it ran (tweets, systems
+    // swapped: `docs/bench/serving-tweets-swapped-order-dcc2e2c.json`). In slices a slow
+    // spell of the machine falls on every system alike.
+    let mut engines = Vec::with_capacity(systems.len());
     for system in &systems {
         let started = std::time::Instant::now();
         let engine = systems_ctx.engine(system)?;
@@ -528,10 +544,38 @@ fn main() -> apparate::Result<()> {
         // Start-up (loading, the bootstrap pass of the adaptive systems) is not part of the
         // replay but is most of a short run's wall time: shown so run times can be planned.
         eprintln!(
-            "running {system} (engine started in {:.1} s) ...",
+            "started {system} in {:.1} s",
             started.elapsed().as_secs_f64()
         );
-        let outcomes = run(&engine, &inputs, &offsets);
+        engines.push((engine, thresholds));
+    }
+    let slices = slices(&offsets, args.slice_seconds);
+    let mut outcomes: Vec<Vec<Outcome>> = vec![Vec::with_capacity(n); systems.len()];
+    for (j, &(a, b)) in slices.iter().enumerate() {
+        let at = offsets[a];
+        let shifted: Vec<Duration> = offsets[a..b].iter().map(|&o| o - at).collect();
+        let order: Vec<usize> = (0..systems.len())
+            .map(|k| (j + k) % systems.len())
+            .collect();
+        eprintln!(
+            "slice {} of {} (requests {a}..{b}): {}",
+            j + 1,
+            slices.len(),
+            order
+                .iter()
+                .map(|&k| systems[k].as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for k in order {
+            let got = run(&engines[k].0, &inputs[a..b], &shifted);
+            outcomes[k].extend(got.into_iter().map(|o| Outcome {
+                scheduled: o.scheduled + at,
+                ..o
+            }));
+        }
+    }
+    for ((system, (engine, thresholds)), outcomes) in systems.iter().zip(engines).zip(&outcomes) {
         let m = engine.shared_metrics();
         let events = engine.drain_events();
         engine.shutdown();
@@ -539,7 +583,7 @@ fn main() -> apparate::Result<()> {
         let reference = vanilla_classes.get_or_insert_with(|| classes.clone());
         results.push(summarise(
             system,
-            &outcomes,
+            outcomes,
             reference,
             slo,
             args.window,
@@ -793,6 +837,32 @@ impl Systems {
     }
 }
 
+/// `[a, b)` request ranges of the replay's slices: consecutive, non-empty, covering every
+/// request; slice `j` holds the requests scheduled in `[j * seconds, (j + 1) * seconds)`,
+/// except that a last slice shorter than half a slice joins the one before (a 60 s replay
+/// has a request at 60.0 s). A length of 0 makes one slice.
+fn slices(offsets: &[Duration], seconds: f64) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    let mut a = 0;
+    for i in 1..=offsets.len() {
+        let cut = i == offsets.len()
+            || (seconds > 0.0
+                && (offsets[i].as_secs_f64() / seconds).floor()
+                    > (offsets[a].as_secs_f64() / seconds).floor());
+        if cut {
+            out.push((a, i));
+            a = i;
+        }
+    }
+    if let [.., (_, end), (a, b)] = &mut out[..]
+        && (offsets[*b - 1] - offsets[*a]).as_secs_f64() < seconds / 2.0
+    {
+        *end = *b;
+        out.pop();
+    }
+    out
+}
+
 /// Requests from stream inputs (image streams are already normalised).
 fn to_inputs(stream: &Inputs) -> Vec<Input> {
     match stream {
@@ -853,6 +923,12 @@ fn check_args(a: &Args) -> apparate::Result<()> {
         Included(600.0),
     )?;
     check_real("--drift-at", a.drift_at, Included(0.0), Included(1.0))?;
+    check_real(
+        "--slice-seconds",
+        a.slice_seconds,
+        Included(0.0),
+        Included(day),
+    )?;
     if let Some(r) = a.rate {
         check_real("--rate", r, Excluded(0.0), Included(1e6))?;
     }
