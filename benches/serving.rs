@@ -168,6 +168,10 @@ struct Args {
     /// Apparate's tuning window: at least this many samples (default: the config's).
     #[arg(long)]
     window_min_samples: Option<usize>,
+    /// The live loops' `live.learn_share` (most of a core background retraining may use over
+    /// time; default: the config's).
+    #[arg(long)]
+    learn_share: Option<f64>,
     /// Load the workload (model, stream, clip index) and print how its replay would play at
     /// the workload's own rate (or `--rate`), then stop: no ramps trained, nothing measured.
     #[arg(long)]
@@ -332,6 +336,10 @@ fn main() -> apparate::Result<()> {
     if let Some(w) = args.window_min_samples {
         base_cfg.window_min_samples = w;
     }
+    if let Some(share) = args.learn_share {
+        base_cfg.live.learn_share = share;
+    }
+    base_cfg.validate()?;
     let target = base_cfg.accuracy_budget * (1.0 - base_cfg.tuning_headroom);
     // One shared threshold: grid search in steps of 0.01.
     let mut shared = (0.0f32, f64::MIN);
@@ -415,19 +423,19 @@ fn main() -> apparate::Result<()> {
             (None, Some(c)) => args.load * c.per_second,
             (None, None) => unreachable!("the capacity is measured when no start is given"),
         };
-        let mut results = Vec::new();
-        for system in &args.sweep_systems {
-            eprintln!("sweeping {system} from {start:.1}/s (p99 bound {bound} ms) ...");
-            results.push(sweep(
-                &systems_ctx,
-                system,
-                &pool,
-                wl.arrivals,
-                bound,
-                start,
-                &args,
-            )?);
-        }
+        eprintln!(
+            "sweeping {} from {start:.1}/s (p99 bound {bound} ms), one step of each in turn ...",
+            args.sweep_systems.join(", ")
+        );
+        let results = sweep(
+            &systems_ctx,
+            &args.sweep_systems,
+            &pool,
+            wl.arrivals,
+            bound,
+            start,
+            &args,
+        )?;
         let report = SweepReport {
             workload: wl.name.to_string(),
             commit: build_commit(),
@@ -551,6 +559,8 @@ fn main() -> apparate::Result<()> {
     }
     let slices = slices(&offsets, args.slice_seconds);
     let mut outcomes: Vec<Vec<Outcome>> = vec![Vec::with_capacity(n); systems.len()];
+    // (steal, all) CPU ticks during each system's slices.
+    let mut steal = vec![(0u64, 0u64); systems.len()];
     for (j, &(a, b)) in slices.iter().enumerate() {
         let at = offsets[a];
         let shifted: Vec<Duration> = offsets[a..b].iter().map(|&o| o - at).collect();
@@ -568,14 +578,21 @@ fn main() -> apparate::Result<()> {
                 .join(", ")
         );
         for k in order {
+            let before = cpu_ticks();
             let got = run(&engines[k].0, &inputs[a..b], &shifted);
+            if let (Some(b0), Some(b1)) = (before, cpu_ticks()) {
+                steal[k].0 += b1.0.saturating_sub(b0.0);
+                steal[k].1 += b1.1.saturating_sub(b0.1);
+            }
             outcomes[k].extend(got.into_iter().map(|o| Outcome {
                 scheduled: o.scheduled + at,
                 ..o
             }));
         }
     }
-    for ((system, (engine, thresholds)), outcomes) in systems.iter().zip(engines).zip(&outcomes) {
+    for (((system, (engine, thresholds)), outcomes), steal) in
+        systems.iter().zip(engines).zip(&outcomes).zip(&steal)
+    {
         let m = engine.shared_metrics();
         let events = engine.drain_events();
         engine.shutdown();
@@ -592,6 +609,9 @@ fn main() -> apparate::Result<()> {
             thresholds,
             split,
         ));
+        if let Some(r) = results.last_mut() {
+            r.cpu_steal_pct = (steal.1 > 0).then(|| 100.0 * steal.0 as f64 / steal.1 as f64);
+        }
     }
     set_reductions(&mut results);
 
@@ -835,6 +855,23 @@ impl Systems {
         }
         builder.apparate(cfg).build()
     }
+}
+
+/// `(steal, all)` CPU time since boot in clock ticks, summed over the CPUs (the first line of
+/// `/proc/stat`: user, nice, system, idle, iowait, irq, softirq, steal); `None` where there is
+/// no such file. Steal is time the hypervisor gave to other guests while this one wanted to
+/// run: on the shared 2-core VM the results were measured on it reached a third of the CPU
+/// time, which no interleaving can hide, so each system's share of it is reported.
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let first = stat.lines().next()?;
+    let v: Vec<u64> = first
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    Some((*v.get(7)?, v.iter().sum()))
 }
 
 /// `[a, b)` request ranges of the replay's slices: consecutive, non-empty, covering every

@@ -26,9 +26,16 @@ pub(crate) struct SystemResult {
     pub(crate) p50_before_drift_ms: f64,
     pub(crate) p50_after_drift_ms: f64,
     pub(crate) exits: Vec<(String, f64)>,
+    /// The replay in four parts of equal request count, in order: where an adaptive system's
+    /// gains are (after its first retrained heads, say) when the whole-run median hides them.
+    pub(crate) quarters: Vec<Quarter>,
     pub(crate) average_batch: f64,
     pub(crate) events: Vec<AdaptEvent>,
     pub(crate) thresholds: Vec<(String, f32)>,
+    /// Share of the CPU time the hypervisor stole (gave to other guests) during this system's
+    /// slices, %: a system whose slices fell in a steal spell ran on a slower machine.
+    /// `None` off Linux.
+    pub(crate) cpu_steal_pct: Option<f64>,
     /// What the live loops cost (zero for systems without them).
     pub(crate) overhead: OverheadReport,
     /// (vanilla p50 - this p50) / (vanilla p50 - oracle p50): the share of the oracle's median
@@ -40,6 +47,17 @@ pub(crate) struct SystemResult {
     pub(crate) agree: Vec<bool>,
     #[serde(skip)]
     pub(crate) latency_ms: Vec<f64>,
+}
+
+/// One part of the replay (see [`SystemResult::quarters`]).
+#[derive(Serialize)]
+pub(crate) struct Quarter {
+    /// Requests `[from, to)`.
+    pub(crate) from: usize,
+    pub(crate) to: usize,
+    pub(crate) p50_ms: f64,
+    /// Share of the part's requests answered at a ramp.
+    pub(crate) early_exits: f64,
 }
 
 #[derive(Serialize)]
@@ -182,9 +200,26 @@ pub(crate) fn summarise(
         p50_before_drift_ms: percentiles(&outcomes[..split]).p50_ms,
         p50_after_drift_ms: percentiles(&outcomes[split..]).p50_ms,
         exits,
+        quarters: (0..4)
+            .map(|q| {
+                let (from, to) = (q * n / 4, (q + 1) * n / 4);
+                let part = &outcomes[from..to];
+                let early = part
+                    .iter()
+                    .filter(|o| o.latency.is_some() && o.exit != "final")
+                    .count();
+                Quarter {
+                    from,
+                    to,
+                    p50_ms: percentiles(part).p50_ms,
+                    early_exits: early as f64 / part.len().max(1) as f64,
+                }
+            })
+            .collect(),
         average_batch: m.answered() as f64 / m.batches().max(1) as f64,
         events,
         thresholds,
+        cpu_steal_pct: None,
         overhead: OverheadReport::of(m),
         reduction_vs_oracle: None,
         latency_ms: outcomes
@@ -270,6 +305,19 @@ pub(crate) fn print_table(r: &Report, json: &Path) {
                 s.p50_after_drift_ms
             );
         }
+    }
+    for s in &r.systems {
+        let part = |f: &dyn Fn(&Quarter) -> String| {
+            s.quarters.iter().map(f).collect::<Vec<_>>().join(" / ")
+        };
+        println!(
+            "{:<20} by quarter of the replay: p50 {} ms; early exits {}; CPU steal {}",
+            s.system,
+            part(&|q| format!("{:.2}", q.p50_ms)),
+            part(&|q| format!("{:.0}%", q.early_exits * 100.0)),
+            s.cpu_steal_pct
+                .map_or("unknown".into(), |p| format!("{p:.1}%"))
+        );
     }
     for s in r.systems.iter().skip(1) {
         let l = &s.latency;
