@@ -82,8 +82,9 @@ impl Search {
 /// Finds each system's highest rate whose p99 stays under `bound` (and nothing fails), each
 /// by its own [`Search`] from `start`. The systems' steps are interleaved, one step of each in
 /// turn with the order rotating: run one system's whole search after another's, the plain
-/// model's highest rate moved from 454 to 249-316/s between sweeps of this session on a VM
-/// whose steal time reached a third of the CPU, and the two systems' ratio from -35% to +49%.
+/// model's highest rate moved from 454 to 249-316/s within 15 minutes on a VM whose steal
+/// time reached a third of the CPU, and the two systems' ratio from -35% to +49%
+/// (docs/results.md, issue 13, fifth session).
 /// Every step is a fresh engine on the same seeded schedule shape.
 pub(crate) fn sweep(
     ctx: &Systems,
