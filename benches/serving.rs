@@ -88,8 +88,8 @@ struct Args {
     /// Systems to run (comma-separated): vanilla, apparate, apparate-paper, static-shared,
     /// static-per-ramp, oracle, apparate-no-shadow, apparate-no-bound, apparate-no-learning,
     /// apparate-no-drift, apparate-no-spend; `vanilla-again` runs the plain model once more
-    /// where it is listed, to show the run-to-run noise. Default: vanilla, apparate, apparate-paper, the two static
-    /// baselines, oracle, vanilla-again.
+    /// where it is listed, to show the run-to-run noise. Default: vanilla, apparate,
+    /// apparate-paper, the two static baselines, oracle, vanilla-again.
     #[arg(long, value_delimiter = ',', conflicts_with = "ablation")]
     systems: Option<Vec<String>>,
     /// Run the ablation instead: vanilla, apparate, and apparate with shadow evaluation, the

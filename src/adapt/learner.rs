@@ -21,7 +21,8 @@ const LEARNER_NICE: i32 = 10;
 /// The priority the learner thread runs at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum LearnerPriority {
-    /// Linux `SCHED_IDLE`: the thread runs only on a core nothing else wants.
+    /// Linux `SCHED_IDLE`: the thread runs on a core nothing else wants, and gets next to
+    /// nothing of one that something else wants.
     Idle,
     /// Nice [`LEARNER_NICE`].
     Nice,
@@ -46,8 +47,11 @@ impl std::fmt::Display for LearnerPriority {
 /// 45.6 ms against 5.2 ms for the plain model); at nice 10 it still took about a tenth of one
 /// while they contended, so `live.learn_share` had to hold retraining to a tenth of a core
 /// over time, and the retrained heads that bring the exits back came late (video: exits
-/// began at request 605). An idle-class thread runs only on a core with nothing else to do,
-/// so serving loses no CPU time to it however often it runs. Both settings are per thread
+/// began at request 605). While it contends with a normal thread, the scheduler weighs an
+/// idle-class thread at 3 against 1,024 (about 0.3% of the core), so serving loses next to no
+/// CPU time to it however often it runs; what it still shares is the caches and the memory
+/// bandwidth (not measured separately: the interleaved rate sweep at `learn_share` 0.5 gave
+/// the same 0.89x as the nice-10 learner at 0.1). Both settings are per thread
 /// on Linux (`pid` 0 is the calling thread); unprivileged threads may lower their own
 /// priority.
 pub(crate) fn yield_to_serving() -> LearnerPriority {
