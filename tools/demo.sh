@@ -32,5 +32,5 @@ LOAD_ARGS=()
 [ -n "${LOAD:-}" ] && LOAD_ARGS=(--load "$LOAD")
 echo "== building the benchmark (release)"
 cargo bench --bench serving --no-run --quiet 2>/dev/null || cargo bench --bench serving --no-run
-echo "== replaying the $WORKLOAD workload: vanilla, then Apparate (30 s each), at a share of this machine's capacity"
+echo "== replaying the $WORKLOAD workload: vanilla and Apparate (30 s each, interleaved in 15 s slices), at a share of this machine's capacity"
 cargo bench --quiet --bench serving -- --workload "$WORKLOAD" --seconds 30 --systems vanilla,apparate "${LOAD_ARGS[@]}"
