@@ -28,6 +28,7 @@ pub mod pipeline;
 pub mod profile;
 pub mod ramps;
 pub mod rng;
+mod sched;
 pub mod select;
 pub mod serve;
 pub mod tensor;

@@ -97,6 +97,8 @@ pub struct Metrics {
     shadow_us: AtomicU64,
     learn_runs: AtomicU64,
     learn_us: AtomicU64,
+    learn_cpu_us: AtomicU64,
+    adapter_cpu_us: AtomicU64,
     heads_swapped: AtomicU64,
 }
 
@@ -114,6 +116,13 @@ pub struct Overhead {
     /// Head retraining runs, and their wall time (on the adapter's learner thread), ms in all.
     pub learn_runs: u64,
     pub learn_ms: f64,
+    /// CPU time of those runs, ms in all (Linux; 0 elsewhere). Below `learn_ms` by the time
+    /// the idle-priority learner waited for a free core.
+    pub learn_cpu_ms: f64,
+    /// CPU time of the adapter thread, ms in all (Linux; 0 elsewhere): the live loops'
+    /// bookkeeping, tuning and planning for every batch, off the request path but on the same
+    /// cores as it.
+    pub adapter_cpu_ms: f64,
     /// Retrained heads that beat the serving head on held-out live samples and replaced it.
     pub heads_swapped: u64,
 }
@@ -146,6 +155,8 @@ impl Metrics {
             shadow_us: AtomicU64::new(0),
             learn_runs: AtomicU64::new(0),
             learn_us: AtomicU64::new(0),
+            learn_cpu_us: AtomicU64::new(0),
+            adapter_cpu_us: AtomicU64::new(0),
             heads_swapped: AtomicU64::new(0),
         }
     }
@@ -188,12 +199,22 @@ impl Metrics {
             .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 
-    pub(crate) fn count_learn(&self, d: std::time::Duration, swapped: usize) {
+    pub(crate) fn count_learn(&self, s: &crate::adapt::LearnStat) {
         self.learn_runs.fetch_add(1, Ordering::Relaxed);
         self.learn_us
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+            .fetch_add(s.wall.as_micros() as u64, Ordering::Relaxed);
+        if let Some(cpu) = s.cpu {
+            self.learn_cpu_us
+                .fetch_add(cpu.as_micros() as u64, Ordering::Relaxed);
+        }
         self.heads_swapped
-            .fetch_add(swapped as u64, Ordering::Relaxed);
+            .fetch_add(s.swapped as u64, Ordering::Relaxed);
+    }
+
+    /// The adapter thread's CPU time so far (a running total, not an increment).
+    pub(crate) fn set_adapter_cpu(&self, total: std::time::Duration) {
+        self.adapter_cpu_us
+            .store(total.as_micros() as u64, Ordering::Relaxed);
     }
 
     /// The live loops' overhead so far.
@@ -204,6 +225,8 @@ impl Metrics {
             shadow_ms: self.shadow_us.load(Ordering::Relaxed) as f64 / 1e3,
             learn_runs: self.learn_runs.load(Ordering::Relaxed),
             learn_ms: self.learn_us.load(Ordering::Relaxed) as f64 / 1e3,
+            learn_cpu_ms: self.learn_cpu_us.load(Ordering::Relaxed) as f64 / 1e3,
+            adapter_cpu_ms: self.adapter_cpu_us.load(Ordering::Relaxed) as f64 / 1e3,
             heads_swapped: self.heads_swapped.load(Ordering::Relaxed),
         }
     }

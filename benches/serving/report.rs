@@ -101,6 +101,8 @@ pub(crate) struct OverheadReport {
     pub(crate) shadow_ms_per_shadow_batch: f64,
     /// Shadow evaluation time as a share of the batch compute time, %.
     pub(crate) shadow_pct_of_compute: f64,
+    /// The adapter thread's CPU time as a share of the batch compute time, %.
+    pub(crate) adapter_pct_of_compute: f64,
 }
 
 impl OverheadReport {
@@ -115,6 +117,7 @@ impl OverheadReport {
             shadow_batches_pct: 100.0 * ratio(o.shadow_batches as f64, o.batches as f64),
             shadow_ms_per_shadow_batch: ratio(o.shadow_ms, o.shadow_batches as f64),
             shadow_pct_of_compute: 100.0 * ratio(o.shadow_ms, compute_ms),
+            adapter_pct_of_compute: 100.0 * ratio(o.adapter_cpu_ms, compute_ms),
         }
     }
 }
@@ -340,27 +343,36 @@ pub(crate) fn print_table(r: &Report, json: &Path) {
             }
         }
     }
-    // The live loops' cost, for the systems that ran any.
-    let live: Vec<&SystemResult> = r
-        .systems
-        .iter()
-        .filter(|s| s.overhead.counters.shadow_batches > 0 || s.overhead.counters.learn_runs > 0)
-        .collect();
-    if !live.is_empty() {
+    // The adaptation's cost: shadow evaluation (on the request path), retraining (wall and
+    // CPU time of the learner thread), the adapter thread's CPU time (every system has one;
+    // the plain model's shows the floor).
+    if !r.systems.is_empty() {
         println!(
-            "{:<20} {:>8} {:>9} {:>10} {:>8} {:>10} {:>8}",
-            "overhead", "shadow%", "ms/shadow", "%compute", "learns", "learn ms", "swapped"
+            "{:<20} {:>8} {:>9} {:>10} {:>7} {:>10} {:>10} {:>11} {:>9} {:>8}",
+            "overhead",
+            "shadow%",
+            "ms/shadow",
+            "%compute",
+            "learns",
+            "learn ms",
+            "learn cpu",
+            "adapter cpu",
+            "%compute",
+            "swapped"
         );
-        for s in live {
+        for s in &r.systems {
             let o = &s.overhead;
             println!(
-                "{:<20} {:>7.1}% {:>9.3} {:>9.2}% {:>8} {:>10.1} {:>8}",
+                "{:<20} {:>7.1}% {:>9.3} {:>9.2}% {:>7} {:>10.1} {:>10.1} {:>11.1} {:>8.2}% {:>8}",
                 s.system,
                 o.shadow_batches_pct,
                 o.shadow_ms_per_shadow_batch,
                 o.shadow_pct_of_compute,
                 o.counters.learn_runs,
                 o.counters.learn_ms,
+                o.counters.learn_cpu_ms,
+                o.counters.adapter_cpu_ms,
+                o.adapter_pct_of_compute,
                 o.counters.heads_swapped
             );
         }

@@ -235,6 +235,14 @@ pub struct ApparateConfig {
     /// Search settings of the threshold tuner (its `accuracy_budget` is set from this config's
     /// budget and headroom).
     pub tuner: TunerConfig,
+    /// Nice value the engine's adapter thread (the one that runs these loops) gives itself
+    /// (Linux; 0..=19, 0 leaves it as it is). Its work is small on average (a few per cent of
+    /// a core) but comes in bursts when it plans, and at normal priority a burst takes the core
+    /// that the request path's other threads (submission, release, a server's I/O) want at
+    /// that moment: in the benchmarks the load generator ran late in Apparate's slices only.
+    /// At nice 10 the scheduler weighs it at about a tenth of a normal thread while they
+    /// contend, which still leaves it far more than its average need. Default 10.
+    pub adapter_nice: usize,
 }
 
 impl ApparateConfig {
@@ -260,6 +268,7 @@ impl ApparateConfig {
             fixed: None,
             oracle: false,
             tuner: TunerConfig::default(),
+            adapter_nice: 10,
         }
     }
 
@@ -340,6 +349,7 @@ impl ApparateConfig {
             Included(1.0),
         )?;
         check_count("history", self.history, 1, 10_000)?;
+        check_count("adapter_nice", self.adapter_nice, 0, 19)?;
         check_real(
             "profile_update_weight",
             self.profile_update_weight,

@@ -55,29 +55,13 @@ impl std::fmt::Display for LearnerPriority {
 /// on Linux (`pid` 0 is the calling thread); unprivileged threads may lower their own
 /// priority.
 pub(crate) fn yield_to_serving() -> LearnerPriority {
-    #[cfg(target_os = "linux")]
-    {
-        #[repr(C)]
-        struct SchedParam {
-            sched_priority: i32,
-        }
-        unsafe extern "C" {
-            fn sched_setscheduler(pid: i32, policy: i32, param: *const SchedParam) -> i32;
-            fn setpriority(which: i32, who: u32, prio: i32) -> i32;
-        }
-        const SCHED_IDLE: i32 = 5;
-        const PRIO_PROCESS: i32 = 0;
-        let param = SchedParam { sched_priority: 0 };
-        // SAFETY: system calls on the calling thread; `param` outlives the call.
-        if unsafe { sched_setscheduler(0, SCHED_IDLE, &param) } == 0 {
-            return LearnerPriority::Idle;
-        }
-        // SAFETY: a plain system call on the calling thread with integer arguments.
-        if unsafe { setpriority(PRIO_PROCESS, 0, LEARNER_NICE) } == 0 {
-            return LearnerPriority::Nice;
-        }
+    if crate::sched::idle_class() {
+        LearnerPriority::Idle
+    } else if crate::sched::nice(LEARNER_NICE) {
+        LearnerPriority::Nice
+    } else {
+        LearnerPriority::Normal
     }
-    LearnerPriority::Normal
 }
 
 /// A retraining run's input: a snapshot of the evidence with features.
@@ -107,8 +91,22 @@ pub(crate) struct LearnOutcome {
     pub heads: Vec<NewHead>,
     pub tried: usize,
     pub elapsed: Duration,
+    /// CPU time the run's thread used (background runs on Linux; `None` otherwise). At idle
+    /// priority it is below `elapsed` by the time the thread waited for a free core.
+    pub cpu: Option<Duration>,
     /// The priority the run ran at (`None`: inline, on the caller's thread).
     pub priority: Option<LearnerPriority>,
+}
+
+/// What one finished retraining run cost and changed, for the engine's overhead counters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LearnStat {
+    /// From start to end of the run.
+    pub wall: Duration,
+    /// CPU time of its thread, where measured (see [`LearnOutcome::cpu`]).
+    pub cpu: Option<Duration>,
+    /// Heads that replaced serving ones.
+    pub swapped: usize,
 }
 
 /// How many of `scores` (`(u, agrees)`) a single threshold can release while at most
@@ -210,6 +208,7 @@ pub(crate) fn learn(job: LearnJob) -> LearnOutcome {
         heads,
         tried: job.ramps.len(),
         elapsed: t0.elapsed(),
+        cpu: None,
         priority: None,
     }
 }

@@ -16,7 +16,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::bound::{PATH_EVERY, certifiable_rate, tune_bounded_split};
 use super::config::ApparateConfig;
@@ -25,7 +25,7 @@ use super::drift::DriftAlarm;
 use super::events::{ActiveConfig, AdaptEvent, BatchRecord, HeadUpdate};
 use super::evidence::{Evidence, Sample};
 use super::latency::LatencyModel;
-use super::learner::{LearnJob, LearnOutcome, LearnerPriority, learn};
+use super::learner::{LearnJob, LearnOutcome, LearnStat, LearnerPriority, learn};
 use super::tuner::{Samples, Tuned, TunerConfig, evaluate, tune};
 use crate::profile::Profile;
 use crate::ramps::train::{TrainConfig, TrainedHead};
@@ -113,7 +113,7 @@ pub struct LiveController {
     new_featured: usize,
     learner: Option<JoinHandle<LearnOutcome>>,
     head_updates: Vec<HeadUpdate>,
-    learn_stats: Vec<(Duration, usize)>,
+    learn_stats: Vec<LearnStat>,
     /// Running average of a shadow batch's pooling time, ms.
     shadow_ms: Option<f64>,
     /// Shadow batches seen (the first is a warm-up: not measured).
@@ -301,8 +301,8 @@ impl LiveController {
         std::mem::take(&mut self.head_updates)
     }
 
-    /// `(wall time, heads swapped)` of each finished retraining run since the last call.
-    pub fn take_learn_stats(&mut self) -> Vec<(Duration, usize)> {
+    /// Cost and swaps of each finished retraining run since the last call.
+    pub fn take_learn_stats(&mut self) -> Vec<LearnStat> {
         std::mem::take(&mut self.learn_stats)
     }
 
@@ -1016,9 +1016,12 @@ impl LiveController {
                 .name("apparate-learner".into())
                 .spawn(move || {
                     let priority = super::learner::yield_to_serving();
+                    let out = learn(job);
                     LearnOutcome {
                         priority: Some(priority),
-                        ..learn(job)
+                        // The thread is new: its CPU time is the run's.
+                        cpu: crate::sched::thread_cpu_time(),
+                        ..out
                     }
                 }) {
                 Ok(h) => self.learner = Some(h),
@@ -1052,7 +1055,11 @@ impl LiveController {
         }
         match joined {
             Ok(out) if !discard => self.apply(out),
-            Ok(out) => self.learn_stats.push((out.elapsed, 0)),
+            Ok(out) => self.learn_stats.push(LearnStat {
+                wall: out.elapsed,
+                cpu: out.cpu,
+                swapped: 0,
+            }),
             Err(_) => self.log(
                 "learn",
                 "the retraining run panicked: heads kept".into(),
@@ -1064,7 +1071,11 @@ impl LiveController {
 
     /// Swaps in the heads that won, rescoring their evidence.
     fn apply(&mut self, out: LearnOutcome) {
-        self.learn_stats.push((out.elapsed, out.heads.len()));
+        self.learn_stats.push(LearnStat {
+            wall: out.elapsed,
+            cpu: out.cpu,
+            swapped: out.heads.len(),
+        });
         if out.heads.is_empty() {
             let msg = format!(
                 "retrained {} heads in {:.0} ms{}: none beat the serving ones",

@@ -25,11 +25,10 @@ pub mod live;
 mod placement;
 pub mod tuner;
 
-use std::time::Duration;
-
 pub use config::{ApparateConfig, LiveConfig, Mode};
 pub use controller::Controller;
 pub use events::{ActiveConfig, AdaptEvent, BatchRecord, HeadUpdate, ShadowRecord};
+pub use learner::LearnStat;
 pub use live::{BootEvidence, LiveController};
 
 use crate::profile::Profile;
@@ -90,8 +89,8 @@ impl Loops {
         }
     }
 
-    /// `(wall time, heads swapped)` of finished retraining runs (live mode).
-    pub fn take_learn_stats(&mut self) -> Vec<(Duration, usize)> {
+    /// Cost and swaps of finished retraining runs (live mode).
+    pub fn take_learn_stats(&mut self) -> Vec<LearnStat> {
         match self {
             Loops::Paper(_) => Vec::new(),
             Loops::Live(c) => c.take_learn_stats(),

@@ -9,6 +9,8 @@ use crate::adapt::{ActiveConfig, AdaptEvent, BatchRecord, HeadUpdate, Loops};
 use crate::metrics::Metrics;
 
 pub(crate) struct Adapter {
+    /// Nice value the thread gives itself ([`crate::adapt::ApparateConfig::adapter_nice`]).
+    pub nice: usize,
     pub controller: Loops,
     /// Retrained heads for the executor; pushed before the configuration that expects them.
     pub head_updates: Arc<Mutex<Vec<HeadUpdate>>>,
@@ -21,10 +23,17 @@ pub(crate) struct Adapter {
 
 impl Adapter {
     pub fn run(mut self, records: Receiver<BatchRecord>) {
+        if self.nice > 0 {
+            // Refused only by an unusual sandbox; the loops work the same at normal priority.
+            let _ = crate::sched::nice(self.nice as i32);
+        }
         for rec in records {
             let changed = self.controller.on_batch(rec);
-            for (t, swapped) in self.controller.take_learn_stats() {
-                self.metrics.count_learn(t, swapped);
+            for s in self.controller.take_learn_stats() {
+                self.metrics.count_learn(&s);
+            }
+            if let Some(cpu) = crate::sched::thread_cpu_time() {
+                self.metrics.set_adapter_cpu(cpu);
             }
             let heads = self.controller.take_head_updates();
             if !heads.is_empty() {

@@ -36,6 +36,12 @@ pub(crate) struct Executor<B: Backend> {
     pub health: Arc<Health>,
 }
 
+/// Most shadow batches owed at once. A shadow batch is put off while requests wait behind it
+/// (its pooling lengthens the batch, and everyone queued waits for that), so owed ones pile up
+/// during a backlog; at this many one runs even though requests wait, so that a sustained
+/// backlog still yields evidence, at the configured share, just later.
+const SHADOW_CREDIT_CAP: f32 = 3.0;
+
 /// Per-ramp threshold tensors of one configuration.
 struct Thresholds<T> {
     id: u64,
@@ -46,7 +52,8 @@ impl<B: Backend> Executor<B> {
     pub fn run(mut self) {
         let mut thresholds: Option<Thresholds<B::Tensor>> = None;
         // Shadow batches are spread evenly at the configured share: a credit grows by the share
-        // per batch and each whole unit buys one (deterministic, no random draws).
+        // per batch and each whole unit buys one (deterministic, no random draws), when no
+        // request waits or the credit is at its cap.
         let mut shadow_credit = 0.0f32;
         while let Some(batch) = self.queue.next_batch() {
             self.apply_head_updates();
@@ -68,8 +75,10 @@ impl<B: Backend> Executor<B> {
                     }
                 },
             };
-            shadow_credit = (shadow_credit + cfg.shadow_fraction.clamp(0.0, 1.0)).min(2.0);
-            let shadow = shadow_credit >= 1.0;
+            shadow_credit =
+                (shadow_credit + cfg.shadow_fraction.clamp(0.0, 1.0)).min(SHADOW_CREDIT_CAP);
+            let shadow = shadow_credit >= 1.0
+                && (self.queue.len() == 0 || shadow_credit >= SHADOW_CREDIT_CAP);
             if shadow {
                 shadow_credit -= 1.0;
             }

@@ -210,6 +210,7 @@ fn start<B: Backend + 'static>(be: B, b: EngineBuilder) -> Result<Engine> {
     let (records_tx, records_rx) = std::sync::mpsc::channel();
     let (release_tx, release_rx) = std::sync::mpsc::channel();
     let mut adapter = adapter::Adapter {
+        nice: l.cfg.adapter_nice,
         controller,
         metrics: metrics.clone(),
         events: Arc::new(Mutex::new(Vec::new())),
