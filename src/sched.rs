@@ -48,8 +48,8 @@ pub(crate) fn nice(value: i32) -> bool {
 }
 
 /// CPU time the calling thread has used since it started (`CLOCK_THREAD_CPUTIME_ID`): time
-/// it ran, not time it waited for a core. `None` where unavailable. A system call (well under
-/// a microsecond), cheap enough once per batch.
+/// it ran, not time it waited for a core. `None` where unavailable. A system call that takes the
+/// scheduler's run-queue lock: read it now and then, not on every small unit of work.
 pub(crate) fn thread_cpu_time() -> Option<Duration> {
     #[cfg(target_os = "linux")]
     {
