@@ -132,3 +132,94 @@ fn blocks_decode_to_plausible_weights() {
         assert!((0.01..0.5).contains(&sd), "{name}: sd {sd}");
     }
 }
+
+fn fixture() -> serde_json::Value {
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/smollm2_golden.json"
+    );
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn ids_of(v: &serde_json::Value) -> Vec<u32> {
+    v["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// The tokenizer rebuilt from the file's vocabulary and merges gives the reference's token ids
+/// (transformers' GGUF loader, tools/make_golden_smollm2.py) on every prompt of the fixture,
+/// chat-formatted ones with their special tokens included, and on unicode, whitespace, digit
+/// and code edge cases; and decoding gives the text back.
+#[test]
+fn the_tokenizer_matches_the_reference() {
+    let g = open();
+    let f = fixture();
+    assert_eq!(
+        f["sha256"].as_str().unwrap(),
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "the fixture was made from another file"
+    );
+    let tok = apparate::gguf::tokenizer::tokenizer(&g).unwrap();
+    let cases = f["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(f["tokenize_only"].as_array().unwrap());
+    let mut n = 0;
+    for c in cases {
+        let text = c["text"].as_str().unwrap();
+        let got = tok.encode(text, false).unwrap().get_ids().to_vec();
+        assert_eq!(got, ids_of(c), "{text:?}");
+        let back = tok.decode(&got, false).unwrap();
+        assert_eq!(back, text, "decoding {got:?}");
+        n += 1;
+    }
+    assert_eq!(n, 32);
+}
+
+#[test]
+fn files_without_a_usable_tokenizer_are_refused_by_name() {
+    use apparate::gguf::{GgufWriter, tokenizer::tokenizer_json};
+    let strs = |v: &[&str]| Value::Array(v.iter().map(|s| Value::String(s.to_string())).collect());
+    let base = || {
+        GgufWriter::new()
+            .meta("tokenizer.ggml.model", Value::String("gpt2".into()))
+            .meta("tokenizer.ggml.tokens", strs(&["a", "b", "ab"]))
+    };
+    let err = |w: GgufWriter| {
+        let g = GgufFile::from_bytes("t.gguf", w.to_bytes()).unwrap();
+        tokenizer_json(&g).unwrap_err().to_string()
+    };
+    let e = err(GgufWriter::new());
+    assert!(
+        e.contains("tokenizer.ggml.model") && e.contains("no tokenizer"),
+        "{e}"
+    );
+    let e = err(GgufWriter::new().meta("tokenizer.ggml.model", Value::String("llama".into())));
+    assert!(e.contains("`llama` is not supported"), "{e}");
+    let e = err(base()
+        .meta("tokenizer.ggml.pre", Value::String("qwen2".into()))
+        .meta("tokenizer.ggml.merges", strs(&["a b"])));
+    assert!(e.contains("pre-tokenizer `qwen2`"), "{e}");
+    let e = err(base().meta("tokenizer.ggml.merges", strs(&["a c"])));
+    assert!(e.contains("merge 0 (`a c`)"), "{e}");
+    let e = err(base());
+    assert!(
+        e.contains("tokenizer.ggml.merges") && e.contains("missing"),
+        "{e}"
+    );
+    // A minimal good one encodes with its merge.
+    let g = GgufFile::from_bytes(
+        "t.gguf",
+        base()
+            .meta("tokenizer.ggml.merges", strs(&["a b"]))
+            .to_bytes(),
+    )
+    .unwrap();
+    let tok = apparate::gguf::tokenizer::tokenizer(&g).unwrap();
+    assert_eq!(tok.encode("ab", false).unwrap().get_ids(), &[2]);
+}

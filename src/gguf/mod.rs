@@ -16,6 +16,7 @@
 //! (default 32).
 
 mod ggml_type;
+pub mod tokenizer;
 mod value;
 mod writer;
 
