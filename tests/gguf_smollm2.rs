@@ -223,3 +223,78 @@ fn files_without_a_usable_tokenizer_are_refused_by_name() {
     let tok = apparate::gguf::tokenizer::tokenizer(&g).unwrap();
     assert_eq!(tok.encode("ab", false).unwrap().get_ids(), &[2]);
 }
+
+/// The plain f32 decoder on the host against transformers on the same file: last-position
+/// logits of the prompt (its 32 largest, and the log-sum-exp of all 49,152) and the first greedy
+/// tokens, on a chat-formatted and a raw prompt. A greedy step may differ only where the
+/// reference's top two logits are within the float noise of two implementations.
+#[test]
+fn the_reference_decoder_matches_transformers() {
+    use apparate::models::llama_reference::ReferenceLlama;
+    let g = open();
+    let f = fixture();
+    let t0 = std::time::Instant::now();
+    let mut m = ReferenceLlama::load(&g).unwrap();
+    eprintln!("decoded the weights in {:.1} s", t0.elapsed().as_secs_f64());
+    const STEPS: usize = 16;
+    let mut worst = 0f32;
+    let mut matched = 0;
+    for c in [
+        &f["cases"][0],
+        &f["cases"][3],
+        &f["cases"][10],
+        &f["cases"][15],
+    ] {
+        m.reset();
+        let ids = ids_of(c);
+        let mut logits = Vec::new();
+        for &t in &ids {
+            logits = m.step(t).unwrap();
+        }
+        for pair in c["top"].as_array().unwrap() {
+            let (id, want) = (
+                pair[0].as_u64().unwrap() as usize,
+                pair[1].as_f64().unwrap() as f32,
+            );
+            worst = worst.max((logits[id] - want).abs());
+        }
+        let lse = {
+            let mx = logits.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+            mx + logits.iter().map(|v| (v - mx).exp()).sum::<f32>().ln()
+        };
+        let want_lse = c["logsumexp"].as_f64().unwrap() as f32;
+        assert!(
+            (lse - want_lse).abs() < 0.02,
+            "logsumexp {lse} against {want_lse}"
+        );
+        let greedy = c["greedy"].as_array().unwrap();
+        let margins = c["margins"].as_array().unwrap();
+        for s in 0..STEPS {
+            let next = logits
+                .iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+                )
+                .0 as u64;
+            let want = greedy[s].as_u64().unwrap();
+            if next != want {
+                let margin = margins[s].as_f64().unwrap();
+                assert!(
+                    margin < 0.01,
+                    "step {s}: {next} against {want}, reference margin {margin}"
+                );
+                break;
+            }
+            matched += 1;
+            logits = m.step(next as u32).unwrap();
+        }
+    }
+    eprintln!(
+        "largest last-position logit difference (top 32): {worst:.5}; greedy tokens equal: \
+         {matched} of {}",
+        4 * STEPS
+    );
+    assert!(worst < 0.02, "logits differ by {worst}");
+}

@@ -2,3 +2,4 @@
 
 pub mod bert;
 pub mod cnn;
+pub mod llama_reference;
