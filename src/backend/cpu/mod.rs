@@ -9,6 +9,7 @@ mod linear;
 mod norm;
 mod par;
 mod pool;
+pub mod qmatvec;
 mod ramp;
 mod simd;
 mod softmax;

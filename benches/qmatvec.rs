@@ -1,0 +1,92 @@
+//! Decode-step matrix-vector products on SmolLM2's shapes: block-quantized weights read as
+//! blocks (`backend::cpu::qmatvec`, activations quantized to 8 bits once) against the f32
+//! product of the same weights decoded beforehand (what `models::llama_reference` does).
+//! One thread. Prints the time per product and the weight bytes read per second.
+//!
+//! ```sh
+//! cargo bench --bench qmatvec
+//! ```
+
+use std::time::Instant;
+
+use apparate::backend::cpu::qmatvec::{Q8Activations, matvec};
+use apparate::gguf::GgmlType;
+use apparate::quant::{dequantize_row, quantize_q4_1, quantize_q8_0};
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
+        })
+        .collect()
+}
+
+/// Median seconds of `f` over `reps` runs after one warm-up.
+fn time(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..reps)
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[reps / 2]
+}
+
+fn main() {
+    println!(
+        "{:<28} {:>12} {:>12} {:>12} {:>12} {:>8}",
+        "shape (rows x cols, type)", "blocks us", "blocks GB/s", "f32 us", "f32 GB/s", "speedup"
+    );
+    for (rows, cols, ty, reps) in [
+        (576, 576, GgmlType::Q4_1, 200),
+        (1536, 576, GgmlType::Q4_1, 100),
+        (576, 1536, GgmlType::Q4_1, 100),
+        (49152, 576, GgmlType::Q8_0, 10),
+    ] {
+        let w = values(rows * cols, 1);
+        let q = match ty {
+            GgmlType::Q4_1 => quantize_q4_1(&w),
+            _ => quantize_q8_0(&w),
+        };
+        let rb = ty.row_bytes(cols as u64).unwrap() as usize;
+        let mut dec = vec![0f32; rows * cols];
+        for (o, b) in dec.chunks_mut(cols).zip(q.chunks(rb)) {
+            dequantize_row(ty, b, o).unwrap();
+        }
+        let x = values(cols, 2);
+        let mut out = vec![0f32; rows];
+        let tq = time(reps, || {
+            let xq = Q8Activations::quantize(&x);
+            matvec(ty, &q, &xq, &mut out).unwrap();
+            std::hint::black_box(&out);
+        });
+        let tf = time(reps, || {
+            for (o, r) in out.iter_mut().zip(dec.chunks_exact(cols)) {
+                let mut acc = [0f32; 8];
+                for (a, b) in r.chunks_exact(8).zip(x.chunks_exact(8)) {
+                    for i in 0..8 {
+                        acc[i] += a[i] * b[i];
+                    }
+                }
+                *o = acc.iter().sum();
+            }
+            std::hint::black_box(&out);
+        });
+        println!(
+            "{:<28} {:>12.1} {:>12.2} {:>12.1} {:>12.2} {:>7.2}x",
+            format!("{rows} x {cols} {ty}"),
+            tq * 1e6,
+            q.len() as f64 / tq / 1e9,
+            tf * 1e6,
+            (rows * cols * 4) as f64 / tf / 1e9,
+            tf / tq
+        );
+    }
+}
