@@ -12,17 +12,12 @@ use std::time::Instant;
 use apparate::backend::cpu::qmatvec::{Q8Activations, matvec};
 use apparate::gguf::GgmlType;
 use apparate::quant::{dequantize_row, quantize_q4_1, quantize_q8_0};
+use apparate::rng::SplitMix;
 
+/// `n` weights uniform in [-0.1, 0.1), seeded.
 fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
-        })
-        .collect()
+    let mut r = SplitMix::new(seed);
+    (0..n).map(|_| r.uniform() * 0.1).collect()
 }
 
 /// Median seconds of `f` over `reps` runs after one warm-up.

@@ -160,15 +160,8 @@ mod tests {
 
     #[test]
     fn quantizing_round_trips_within_half_a_step() {
-        let mut s = 12345u64;
-        let x: Vec<f32> = (0..256)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 6.0
-            })
-            .collect();
+        let mut r = crate::rng::SplitMix::new(12345);
+        let x: Vec<f32> = (0..256).map(|_| r.uniform() * 3.0).collect();
         for (ty, q) in [
             (GgmlType::Q8_0, quantize_q8_0(&x)),
             (GgmlType::Q4_1, quantize_q4_1(&x)),

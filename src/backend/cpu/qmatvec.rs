@@ -121,12 +121,18 @@ fn rows_q8_0(weights: &[u8], x: &Q8Activations, out: &mut [f32]) {
 /// operand, so the weights' signs move onto the activations first).
 fn q8_0_rows(weights: &[u8], x: &Q8Activations, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::simd::avx2_fma() && std::arch::is_x86_feature_detected!("f16c") {
+    if avx2_f16c() {
         // SAFETY: the CPU has AVX2, FMA and F16C (checked at run time).
-        unsafe { q8_0_rows_avx2(weights, x, out) };
-        return;
+        return unsafe { q8_0_rows_avx2(weights, x, out) };
     }
     rows_q8_0(weights, x, out)
+}
+
+/// AVX2, FMA and F16C (the AVX2 loops' scale conversion), checked once.
+#[cfg(target_arch = "x86_64")]
+fn avx2_f16c() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    super::simd::avx2_fma() && *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("f16c"))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -169,10 +175,9 @@ unsafe fn q8_0_rows_avx2(weights: &[u8], x: &Q8Activations, out: &mut [f32]) {
 /// pair sums (at most 2 x 15 x 127, no overflow), `madd` with ones widens to 32 bits.
 fn q4_1_rows(weights: &[u8], x: &Q8Activations, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::simd::avx2_fma() && std::arch::is_x86_feature_detected!("f16c") {
+    if avx2_f16c() {
         // SAFETY: the CPU has AVX2, FMA and F16C (checked at run time).
-        unsafe { q4_1_rows_avx2(weights, x, out) };
-        return;
+        return unsafe { q4_1_rows_avx2(weights, x, out) };
     }
     rows_q4_1(weights, x, out)
 }
@@ -253,16 +258,10 @@ mod tests {
     use super::*;
     use crate::quant::{dequantize_row, quantize_q4_1, quantize_q8_0};
 
+    /// `n` values uniform in `[-scale/2, scale/2)`, seeded.
     fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
-            })
-            .collect()
+        let mut r = crate::rng::SplitMix::new(seed);
+        (0..n).map(|_| r.uniform() * scale * 0.5).collect()
     }
 
     /// Against the f32 product of the decoded weights: the difference is the activations'

@@ -26,6 +26,23 @@ pub fn run(a: InspectArgs) -> Result<()> {
     }
 }
 
+/// "  tensors: N (P M parameters; n TYPE, x MB; ...)": the summary line of both kinds of file.
+fn tensor_summary(
+    count: usize,
+    params: f64,
+    by_type: &std::collections::BTreeMap<&str, (usize, usize)>,
+) -> String {
+    format!(
+        "  tensors: {count} ({:.2} M parameters; {})",
+        params / 1e6,
+        by_type
+            .iter()
+            .map(|(d, (n, b))| format!("{n} {d}, {:.1} MB", *b as f64 / 1e6))
+            .collect::<Vec<_>>()
+            .join("; ")
+    )
+}
+
 /// Whether the file starts with GGUF's magic (so a misnamed file is still read as what it is).
 fn is_gguf(path: &std::path::Path) -> bool {
     use std::io::Read as _;
@@ -94,14 +111,8 @@ fn inspect_gguf(path: &std::path::Path, all: bool) -> Result<()> {
     let params: u64 = g.tensors().iter().map(|t| t.elements()).sum();
     outln!(
         out,
-        "  tensors: {} ({:.2} M parameters; {})",
-        g.tensors().len(),
-        params as f64 / 1e6,
-        by_type
-            .iter()
-            .map(|(d, (n, b))| format!("{n} {d}, {:.1} MB", *b as f64 / 1e6))
-            .collect::<Vec<_>>()
-            .join("; ")
+        "{}",
+        tensor_summary(g.tensors().len(), params as f64, &by_type)
     );
     if all {
         for t in g.tensors() {
@@ -241,14 +252,8 @@ fn inspect(path: &PathBuf, all: bool) -> Result<()> {
         .sum();
     outln!(
         out,
-        "  tensors: {} ({:.2} M parameters; {})",
-        f.tensors().count(),
-        params as f64 / 1e6,
-        by_dtype
-            .iter()
-            .map(|(d, (n, b))| format!("{n} {d}, {:.1} MB", *b as f64 / 1e6))
-            .collect::<Vec<_>>()
-            .join("; ")
+        "{}",
+        tensor_summary(f.tensors().count(), params as f64, &by_dtype)
     );
     if all {
         for (name, t) in f.tensors() {
