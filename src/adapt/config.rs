@@ -236,12 +236,12 @@ pub struct ApparateConfig {
     /// budget and headroom).
     pub tuner: TunerConfig,
     /// Nice value the engine's adapter thread (the one that runs these loops) gives itself
-    /// (Linux; 0..=19, 0 leaves it as it is). Its work is small on average (a few per cent of
-    /// a core) but comes in bursts when it plans, and at normal priority a burst takes the core
-    /// that the request path's other threads (submission, release, a server's I/O) want at
-    /// that moment: in the benchmarks the load generator ran late in Apparate's slices only.
-    /// At nice 10 the scheduler weighs it at about a tenth of a normal thread while they
-    /// contend, which still leaves it far more than its average need. Default 10.
+    /// (Linux; 0..=19, 0 leaves it as it is). Its work is small on average (under 1% of a core
+    /// on MNIST-drift at 30 batches/s) but comes in bursts when it plans, and a burst should give
+    /// way to the request path's other threads (submission, release, a server's I/O). At nice
+    /// 10 the scheduler weighs it at about a tenth of a normal thread while they contend, still
+    /// far more than its average need. (It did not remove the load generator's lateness in
+    /// Apparate's benchmark slices, whose cause is not settled: docs/results.md.) Default 10.
     pub adapter_nice: usize,
 }
 
