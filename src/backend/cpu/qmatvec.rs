@@ -1,7 +1,8 @@
-//! Matrix-vector products on block-quantized weights, without expanding them: the activation
-//! vector is quantized once to 8-bit blocks ([`Q8Activations`]), and each weight row is a sum
-//! of per-block integer dot products scaled by the two blocks' scales. This is how a decode step
-//! reads the whole model once per token at a fifth of the bytes of f32.
+//! Matrix-vector and matrix-matrix products on block-quantized weights, without expanding them:
+//! each activation vector is quantized once to 8-bit blocks ([`Q8Activations`]), and each weight
+//! row is a sum of per-block integer dot products scaled by the two blocks' scales. This is how
+//! a decode step reads the whole model once per token at a fifth of the bytes of f32; with a
+//! batch ([`matmul`]) each weight row is read once for all the batch's vectors.
 //!
 //! Q4_1 weights (`w = d q + m`, `q` in 0..15) against Q8 activations (`x = dx qx`):
 //! `sum w x = d dx sum(q qx) + m dx sum(qx)`, and `dx sum(qx)` is kept per activation block so
@@ -101,31 +102,38 @@ fn dot_q8_0_body(row: &[u8], x: &Q8Activations) -> f32 {
     acc
 }
 
-#[inline(always)]
-fn rows_q4_1(weights: &[u8], x: &Q8Activations, out: &mut [f32]) {
-    let rb = x.len() / QK * Q4_1_BYTES;
-    for (o, row) in out.iter_mut().zip(weights.chunks_exact(rb)) {
-        *o = dot_q4_1_body(row, x);
-    }
+/// Every row against every activation vector; the output is activation-major (`out[i * rows +
+/// r]`, a `[xs.len(), rows]` matrix). Rows outermost: a weight row is read once from memory and
+/// stays in the L1 cache for the whole batch, which is what batching buys a decode step.
+macro_rules! rows_loop {
+    ($weights:expr, $xs:expr, $out:expr, $row_bytes:expr, $dot:expr) => {{
+        let rows = $out.len() / $xs.len();
+        for (r, row) in $weights.chunks_exact($row_bytes).enumerate() {
+            for (i, x) in $xs.iter().enumerate() {
+                $out[i * rows + r] = $dot(row, x);
+            }
+        }
+    }};
 }
 
-#[inline(always)]
-fn rows_q8_0(weights: &[u8], x: &Q8Activations, out: &mut [f32]) {
-    let rb = x.len() / QK * Q8_0_BYTES;
-    for (o, row) in out.iter_mut().zip(weights.chunks_exact(rb)) {
-        *o = dot_q8_0_body(row, x);
-    }
+fn rows_q4_1(weights: &[u8], xs: &[Q8Activations], out: &mut [f32]) {
+    rows_loop!(
+        weights,
+        xs,
+        out,
+        xs[0].len() / QK * Q4_1_BYTES,
+        dot_q4_1_body
+    )
 }
 
-/// Q8_0 rows: AVX2 when the CPU has it (as [`q4_1_rows`]; `maddubs` wants one unsigned
-/// operand, so the weights' signs move onto the activations first).
-fn q8_0_rows(weights: &[u8], x: &Q8Activations, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2_f16c() {
-        // SAFETY: the CPU has AVX2, FMA and F16C (checked at run time).
-        return unsafe { q8_0_rows_avx2(weights, x, out) };
-    }
-    rows_q8_0(weights, x, out)
+fn rows_q8_0(weights: &[u8], xs: &[Q8Activations], out: &mut [f32]) {
+    rows_loop!(
+        weights,
+        xs,
+        out,
+        xs[0].len() / QK * Q8_0_BYTES,
+        dot_q8_0_body
+    )
 }
 
 /// AVX2, FMA and F16C (the AVX2 loops' scale conversion), checked once.
@@ -135,37 +143,15 @@ fn avx2_f16c() -> bool {
     super::simd::avx2_fma() && *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("f16c"))
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_0_rows_avx2(weights: &[u8], x: &Q8Activations, out: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let rb = x.len() / QK * Q8_0_BYTES;
-    let ones = _mm256_set1_epi16(1);
-    for (o, row) in out.iter_mut().zip(weights.chunks_exact(rb)) {
-        let mut acc = _mm256_setzero_ps();
-        for (bi, blk) in row.chunks_exact(Q8_0_BYTES).enumerate() {
-            let bits = i32::from(u16::from_le_bytes([blk[0], blk[1]]));
-            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)));
-            // SAFETY: `blk[2..]` holds 32 bytes and `x.q` 32 from `bi * QK` (whole blocks,
-            // checked by `matvec`); unaligned loads.
-            let (w, q) = unsafe {
-                (
-                    _mm256_loadu_si256(blk[2..].as_ptr() as *const __m256i),
-                    _mm256_loadu_si256(x.q[bi * QK..].as_ptr() as *const __m256i),
-                )
-            };
-            // |w| * (q with w's sign): the same products; -128 does not occur in our codes
-            // and llama.cpp's quantizer does not write it either.
-            let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(q, w));
-            let sums = _mm256_madd_epi16(pairs, ones);
-            let scale = _mm256_set1_ps(d * x.d[bi]);
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
-        }
-        let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-        *o = _mm_cvtss_f32(h);
+/// Q8_0 rows: AVX2 when the CPU has it (as [`q4_1_rows`]; `maddubs` wants one unsigned
+/// operand, so the weights' signs move onto the activations first).
+fn q8_0_rows(weights: &[u8], xs: &[Q8Activations], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_f16c() {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked at run time).
+        return unsafe { q8_0_rows_avx2(weights, xs, out) };
     }
+    rows_q8_0(weights, xs, out)
 }
 
 /// Q4_1 rows: AVX2 when the CPU has it. The compiler does not vectorise the nibble unpacking
@@ -173,55 +159,111 @@ unsafe fn q8_0_rows_avx2(weights: &[u8], x: &Q8Activations, out: &mut [f32]) {
 /// this one is written with the instructions: the 16 code bytes become 32 unsigned bytes (low
 /// nibbles, then high), `maddubs` multiplies them with the 32 signed activation codes into 16-bit
 /// pair sums (at most 2 x 15 x 127, no overflow), `madd` with ones widens to 32 bits.
-fn q4_1_rows(weights: &[u8], x: &Q8Activations, out: &mut [f32]) {
+fn q4_1_rows(weights: &[u8], xs: &[Q8Activations], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if avx2_f16c() {
         // SAFETY: the CPU has AVX2, FMA and F16C (checked at run time).
-        return unsafe { q4_1_rows_avx2(weights, x, out) };
+        return unsafe { q4_1_rows_avx2(weights, xs, out) };
     }
-    rows_q4_1(weights, x, out)
+    rows_q4_1(weights, xs, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_1_rows_avx2(weights: &[u8], x: &Q8Activations, out: &mut [f32]) {
+fn q8_0_rows_avx2(weights: &[u8], xs: &[Q8Activations], out: &mut [f32]) {
+    rows_loop!(
+        weights,
+        xs,
+        out,
+        xs[0].len() / QK * Q8_0_BYTES,
+        dot_q8_0_avx2
+    )
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_1_rows_avx2(weights: &[u8], xs: &[Q8Activations], out: &mut [f32]) {
+    rows_loop!(
+        weights,
+        xs,
+        out,
+        xs[0].len() / QK * Q4_1_BYTES,
+        dot_q4_1_avx2
+    )
+}
+
+/// The sum of a vector's 8 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn hsum(acc: std::arch::x86_64::__m256) -> f32 {
     use std::arch::x86_64::*;
-    let blocks = x.len() / QK;
-    let rb = blocks * Q4_1_BYTES;
+    let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn dot_q8_0_avx2(row: &[u8], x: &Q8Activations) -> f32 {
+    use std::arch::x86_64::*;
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = _mm256_setzero_ps();
+    for (bi, blk) in row.chunks_exact(Q8_0_BYTES).enumerate() {
+        let bits = i32::from(u16::from_le_bytes([blk[0], blk[1]]));
+        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)));
+        // SAFETY: `blk[2..]` holds 32 bytes and `x.q` 32 from `bi * QK` (whole blocks,
+        // checked by `matmul`); unaligned loads.
+        let (w, q) = unsafe {
+            (
+                _mm256_loadu_si256(blk[2..].as_ptr() as *const __m256i),
+                _mm256_loadu_si256(x.q[bi * QK..].as_ptr() as *const __m256i),
+            )
+        };
+        // |w| * (q with w's sign): the same products; -128 does not occur in our codes and
+        // llama.cpp's quantizer does not write it either.
+        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(q, w));
+        let sums = _mm256_madd_epi16(pairs, ones);
+        let scale = _mm256_set1_ps(d * x.d[bi]);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
+    }
+    hsum(acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn dot_q4_1_avx2(row: &[u8], x: &Q8Activations) -> f32 {
+    use std::arch::x86_64::*;
     let low = _mm_set1_epi8(0x0f);
     let ones = _mm256_set1_epi16(1);
-    for (o, row) in out.iter_mut().zip(weights.chunks_exact(rb)) {
-        let mut acc = _mm256_setzero_ps();
-        let mut mins = 0f32;
-        for (bi, blk) in row.chunks_exact(Q4_1_BYTES).enumerate() {
-            // Scale and minimum (two f16) with the CPU's own conversion (F16C).
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
-                blk[0], blk[1], blk[2], blk[3],
-            ])));
-            let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1)));
-            // SAFETY: `blk[4..]` holds 16 bytes and `x.q` 32 from `bi * QK` (whole blocks,
-            // checked by `matvec`); unaligned loads.
-            let (codes, q) = unsafe {
-                (
-                    _mm_loadu_si128(blk[4..].as_ptr() as *const __m128i),
-                    _mm256_loadu_si256(x.q[bi * QK..].as_ptr() as *const __m256i),
-                )
-            };
-            let lo = _mm_and_si128(codes, low);
-            let hi = _mm_and_si128(_mm_srli_epi16(codes, 4), low);
-            let w = _mm256_set_m128i(hi, lo);
-            let pairs = _mm256_maddubs_epi16(w, q);
-            let sums = _mm256_madd_epi16(pairs, ones);
-            let scale = _mm256_set1_ps(d * x.d[bi]);
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
-            mins += m * x.sum[bi];
-        }
-        // Horizontal sum of the 8 lanes.
-        let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-        *o = _mm_cvtss_f32(h) + mins;
+    let mut acc = _mm256_setzero_ps();
+    let mut mins = 0f32;
+    for (bi, blk) in row.chunks_exact(Q4_1_BYTES).enumerate() {
+        // Scale and minimum (two f16) with the CPU's own conversion (F16C).
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
+            blk[0], blk[1], blk[2], blk[3],
+        ])));
+        let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1)));
+        // SAFETY: `blk[4..]` holds 16 bytes and `x.q` 32 from `bi * QK` (whole blocks,
+        // checked by `matmul`); unaligned loads.
+        let (codes, q) = unsafe {
+            (
+                _mm_loadu_si128(blk[4..].as_ptr() as *const __m128i),
+                _mm256_loadu_si256(x.q[bi * QK..].as_ptr() as *const __m256i),
+            )
+        };
+        let lo = _mm_and_si128(codes, low);
+        let hi = _mm_and_si128(_mm_srli_epi16(codes, 4), low);
+        let w = _mm256_set_m128i(hi, lo);
+        let pairs = _mm256_maddubs_epi16(w, q);
+        let sums = _mm256_madd_epi16(pairs, ones);
+        let scale = _mm256_set1_ps(d * x.d[bi]);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc);
+        mins += m * x.sum[bi];
     }
+    hsum(acc) + mins
 }
 
 /// `out = W x` for `out.len()` rows of `ty` blocks (each row `x.len()` values) stored as in a
@@ -232,22 +274,54 @@ pub fn matvec(
     x: &Q8Activations,
     out: &mut [f32],
 ) -> Result<(), String> {
-    let row_bytes = ty
-        .row_bytes(x.len() as u64)
-        .ok_or_else(|| format!("{} values are not whole {ty} blocks", x.len()))?
-        as usize;
-    if weights.len() != row_bytes * out.len() {
+    matmul(ty, weights, std::slice::from_ref(x), out)
+}
+
+/// `out[i] = W xs[i]` for every activation vector (all of one length), `out` activation-major
+/// (`xs.len()` runs of `rows` values): the batched form of [`matvec`], each weight row read
+/// once for the whole batch.
+pub fn matmul(
+    ty: GgmlType,
+    weights: &[u8],
+    xs: &[Q8Activations],
+    out: &mut [f32],
+) -> Result<(), String> {
+    let Some(first) = xs.first() else {
+        return if out.is_empty() {
+            Ok(())
+        } else {
+            Err("no activation vectors for a non-empty output".into())
+        };
+    };
+    let cols = first.len();
+    if let Some(x) = xs.iter().find(|x| x.len() != cols) {
         return Err(format!(
-            "{} rows of {} {ty} values take {} bytes, got {}",
+            "activation vectors of {} and {} values in one batch",
+            cols,
+            x.len()
+        ));
+    }
+    let row_bytes =
+        ty.row_bytes(cols as u64)
+            .ok_or_else(|| format!("{cols} values are not whole {ty} blocks"))? as usize;
+    if cols == 0 || !out.len().is_multiple_of(xs.len()) {
+        return Err(format!(
+            "an output of {} values for {} activation vectors of {cols}",
             out.len(),
-            x.len(),
-            row_bytes * out.len(),
+            xs.len()
+        ));
+    }
+    let rows = out.len() / xs.len();
+    if weights.len() != row_bytes * rows {
+        return Err(format!(
+            "{rows} rows of {cols} {ty} values take {} bytes, got {}",
+            row_bytes * rows,
             weights.len()
         ));
     }
     match ty {
-        GgmlType::Q4_1 => q4_1_rows(weights, x, out),
-        GgmlType::Q8_0 => q8_0_rows(weights, x, out),
+        GgmlType::Q4_1 => q4_1_rows(weights, xs, out),
+        GgmlType::Q8_0 => q8_0_rows(weights, xs, out),
         other => return Err(format!("no quantized matrix-vector kernel for {other}")),
     }
     Ok(())
@@ -305,7 +379,7 @@ mod tests {
     fn both_paths_agree() {
         let (rows, cols) = (9, 160);
         let xq = Q8Activations::quantize(&values(cols, 13, 2.0));
-        type Rows = fn(&[u8], &Q8Activations, &mut [f32]);
+        type Rows = fn(&[u8], &[Q8Activations], &mut [f32]);
         let cases: [(Vec<u8>, Rows, Rows); 2] = [
             (
                 quantize_q4_1(&values(rows * cols, 11, 0.3)),
@@ -320,12 +394,49 @@ mod tests {
         ];
         for (w, fast_fn, plain_fn) in cases {
             let (mut fast, mut plain) = (vec![0f32; rows], vec![0f32; rows]);
-            fast_fn(&w, &xq, &mut fast);
-            plain_fn(&w, &xq, &mut plain);
+            fast_fn(&w, std::slice::from_ref(&xq), &mut fast);
+            plain_fn(&w, std::slice::from_ref(&xq), &mut plain);
             for (a, b) in fast.iter().zip(&plain) {
                 assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} against {b}");
             }
         }
+    }
+
+    /// A batch gives each vector's own product, laid out activation-major.
+    #[test]
+    fn a_batch_equals_its_vectors_one_by_one() {
+        let (rows, cols) = (5, 64);
+        let xs: Vec<Q8Activations> = (0..3)
+            .map(|i| Q8Activations::quantize(&values(cols, 20 + i, 2.0)))
+            .collect();
+        for (ty, w) in [
+            (GgmlType::Q4_1, quantize_q4_1(&values(rows * cols, 30, 0.3))),
+            (GgmlType::Q8_0, quantize_q8_0(&values(rows * cols, 31, 0.3))),
+        ] {
+            let mut batch = vec![0f32; 3 * rows];
+            matmul(ty, &w, &xs, &mut batch).unwrap();
+            for (i, x) in xs.iter().enumerate() {
+                let mut one = vec![0f32; rows];
+                matvec(ty, &w, x, &mut one).unwrap();
+                assert_eq!(
+                    &batch[i * rows..(i + 1) * rows],
+                    &one[..],
+                    "{ty} vector {i}"
+                );
+            }
+        }
+        let short = Q8Activations::quantize(&[0.0; 32]);
+        let e = matmul(
+            GgmlType::Q8_0,
+            &[0; 68],
+            &[xs[0].clone(), short],
+            &mut [0f32; 2],
+        )
+        .unwrap_err();
+        assert!(e.contains("64 and 32"), "{e}");
+        matmul(GgmlType::Q8_0, &[], &[], &mut []).unwrap();
+        assert!(matmul(GgmlType::Q8_0, &[], &[], &mut [0.0]).is_err());
+        assert!(matmul(GgmlType::Q8_0, &[0; 68], &xs[..2], &mut [0f32; 3]).is_err());
     }
 
     #[test]
