@@ -39,6 +39,10 @@ pub const DEFAULT_ALIGNMENT: u64 = 32;
 pub const MAX_DIMS: u32 = 4;
 /// Deepest nesting of arrays in metadata accepted (real files nest none).
 const MAX_ARRAY_DEPTH: usize = 4;
+/// Most elements of one metadata array. The largest real ones are vocabularies and merge lists
+/// (262,144 tokens in Gemma 3); each element is held as a [`Value`] of 32 bytes, so without a
+/// cap a file of N bytes could make the reader allocate 32 N for one-byte elements.
+pub const MAX_ARRAY_LEN: usize = 1 << 24;
 
 /// One tensor of the table.
 #[derive(Clone, Debug, PartialEq)]
@@ -458,7 +462,15 @@ impl Reader<'_> {
                 let min = value_min_bytes(elem).ok_or_else(|| {
                     self.fail(format!("{} is an array of unknown type {elem}", what()))
                 })?;
+                let at = self.pos;
                 let n = self.count(min, what)?;
+                if n > MAX_ARRAY_LEN {
+                    self.pos = at;
+                    return Err(self.fail(format!(
+                        "{} is an array of {n} elements, more than the {MAX_ARRAY_LEN} accepted",
+                        what()
+                    )));
+                }
                 let mut items = Vec::with_capacity(n);
                 for i in 0..n {
                     items.push(

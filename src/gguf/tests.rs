@@ -258,6 +258,23 @@ fn bad_values_and_tensor_entries_are_named() {
     assert!(err_of(dup).contains("`k` appears twice"));
 }
 
+/// An array longer than any real vocabulary is refused before its elements are read (each would
+/// take 32 bytes as a `Value` for 1 byte in the file).
+#[test]
+fn huge_arrays_are_refused() {
+    let n = MAX_ARRAY_LEN + 1;
+    let bytes = GgufWriter::new()
+        .meta("big", Value::Array(vec![Value::U8(0); 1]))
+        .to_bytes();
+    // Patch the count to n and give the file the n bytes it then declares.
+    let at = find(&bytes, b"big") + 3 + 4 + 4;
+    let mut b = bytes[..at].to_vec();
+    b.extend_from_slice(&(n as u64).to_le_bytes());
+    b.resize(b.len() + n, 0);
+    let e = err_of(b);
+    assert!(e.contains("`big`") && e.contains("more than the"), "{e}");
+}
+
 #[test]
 fn every_truncation_is_an_error() {
     let good = sample().to_bytes();
