@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use apparate::backend::cpu::qmatvec::{Q8Activations, matmul, matvec};
 use apparate::gguf::GgmlType;
-use apparate::quant::{dequantize_row, quantize_q4_1, quantize_q8_0};
+use apparate::quant::{dequantize_rows, quantize};
 use apparate::rng::SplitMix;
 
 /// `n` weights uniform in [-0.1, 0.1), seeded.
@@ -43,11 +43,7 @@ fn batched() {
         (1536, 576, GgmlType::Q4_1, 100),
         (49152, 576, GgmlType::Q8_0, 5),
     ] {
-        let w = values(rows * cols, 1);
-        let q = match ty {
-            GgmlType::Q4_1 => quantize_q4_1(&w),
-            _ => quantize_q8_0(&w),
-        };
+        let q = quantize(ty, &values(rows * cols, 1)).unwrap();
         let xs: Vec<Q8Activations> = (0..n)
             .map(|i| Q8Activations::quantize(&values(cols, 10 + i as u64)))
             .collect();
@@ -82,16 +78,9 @@ fn main() {
         (576, 1536, GgmlType::Q4_1, 100),
         (49152, 576, GgmlType::Q8_0, 10),
     ] {
-        let w = values(rows * cols, 1);
-        let q = match ty {
-            GgmlType::Q4_1 => quantize_q4_1(&w),
-            _ => quantize_q8_0(&w),
-        };
-        let rb = ty.row_bytes(cols as u64).unwrap() as usize;
+        let q = quantize(ty, &values(rows * cols, 1)).unwrap();
         let mut dec = vec![0f32; rows * cols];
-        for (o, b) in dec.chunks_mut(cols).zip(q.chunks(rb)) {
-            dequantize_row(ty, b, o).unwrap();
-        }
+        dequantize_rows(ty, &q, cols, &mut dec).unwrap();
         let x = values(cols, 2);
         let mut out = vec![0f32; rows];
         let tq = time(reps, || {

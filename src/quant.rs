@@ -81,6 +81,39 @@ pub fn dequantize_row(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(),
     Ok(())
 }
 
+/// Decodes rows of `cols` values stored as `ty` one after another (a whole tensor) into `out`,
+/// whose length is a whole number of rows.
+pub fn dequantize_rows(
+    ty: GgmlType,
+    bytes: &[u8],
+    cols: usize,
+    out: &mut [f32],
+) -> Result<(), String> {
+    let row_bytes =
+        ty.row_bytes(cols as u64)
+            .ok_or_else(|| format!("{cols} values are not whole {ty} blocks"))? as usize;
+    if cols == 0 || !out.len().is_multiple_of(cols) || bytes.len() != out.len() / cols * row_bytes {
+        return Err(format!(
+            "{} values in rows of {cols} do not match {} bytes of {ty}",
+            out.len(),
+            bytes.len()
+        ));
+    }
+    for (o, b) in out.chunks_mut(cols).zip(bytes.chunks(row_bytes)) {
+        dequantize_row(ty, b, o)?;
+    }
+    Ok(())
+}
+
+/// Quantizes `x` to `ty` (Q8_0 or Q4_1; a whole number of 32-value blocks).
+pub fn quantize(ty: GgmlType, x: &[f32]) -> Result<Vec<u8>, String> {
+    match ty {
+        GgmlType::Q8_0 => Ok(quantize_q8_0(x)),
+        GgmlType::Q4_1 => Ok(quantize_q4_1(x)),
+        other => Err(format!("no quantizer for {other}")),
+    }
+}
+
 /// Quantizes `x` (a whole number of 32-value blocks) to Q8_0: per block the scale is
 /// `max |x| / 127` (stored as f16) and each code `round(x / scale)`.
 pub fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
@@ -184,6 +217,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn whole_tensors_decode_row_by_row() {
+        let x: Vec<f32> = (0..96).map(|i| i as f32 / 8.0 - 6.0).collect();
+        let q = quantize(GgmlType::Q8_0, &x).unwrap();
+        let mut all = vec![0f32; 96];
+        dequantize_rows(GgmlType::Q8_0, &q, 32, &mut all).unwrap();
+        let mut row = [0f32; 32];
+        dequantize_row(GgmlType::Q8_0, &q[34..68], &mut row).unwrap();
+        assert_eq!(&all[32..64], &row[..]);
+        assert!(dequantize_rows(GgmlType::Q8_0, &q, 32, &mut [0f32; 64]).is_err());
+        assert!(dequantize_rows(GgmlType::Q8_0, &q, 0, &mut []).is_err());
+        assert!(quantize(GgmlType::Q6K, &x).is_err());
     }
 
     #[test]

@@ -7,7 +7,7 @@
 mod common;
 
 use apparate::gguf::{GgmlType, GgufFile, Value};
-use apparate::quant::dequantize_row;
+use apparate::quant::dequantize_rows;
 use common::weights_file;
 
 fn open() -> GgufFile {
@@ -107,24 +107,14 @@ fn blocks_decode_to_plausible_weights() {
         "blk.29.ffn_down.weight",
     ] {
         let t = g.tensor(name).unwrap();
-        let cols = t.dims[0] as usize;
-        let rows = (t.elements() / t.dims[0]) as usize;
-        let row_bytes = t.ggml_type.row_bytes(t.dims[0]).unwrap() as usize;
-        let data = g.data(t);
+        let (cols, rows) = (t.dims[0] as usize, (t.elements() / t.dims[0]) as usize);
+        let mut all = vec![0f32; rows * cols];
+        dequantize_rows(t.ggml_type, g.data(t), cols, &mut all).unwrap();
         let (mut sum, mut sq) = (0f64, 0f64);
-        let mut row = vec![0f32; cols];
-        for r in 0..rows {
-            dequantize_row(
-                t.ggml_type,
-                &data[r * row_bytes..(r + 1) * row_bytes],
-                &mut row,
-            )
-            .unwrap();
-            for &v in &row {
-                assert!(v.is_finite(), "{name} row {r}: {v}");
-                sum += f64::from(v);
-                sq += f64::from(v) * f64::from(v);
-            }
+        for (i, &v) in all.iter().enumerate() {
+            assert!(v.is_finite(), "{name} value {i}: {v}");
+            sum += f64::from(v);
+            sq += f64::from(v) * f64::from(v);
         }
         let n = (rows * cols) as f64;
         let (mean, sd) = (sum / n, (sq / n - (sum / n).powi(2)).sqrt());

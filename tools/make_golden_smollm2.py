@@ -22,7 +22,6 @@ and weights/fetch.sh for the GGUF file. Run:
     HF_HUB_OFFLINE=1 .venv-ref/bin/python tools/make_golden_smollm2.py
 """
 
-import hashlib
 import json
 import math
 import os
@@ -32,6 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GGUF = os.path.join(ROOT, "weights", "smollm2-135m-instruct.q4_1.gguf")
 OUT = os.path.join(ROOT, "tests", "fixtures", "smollm2_golden.json")
 STEPS = 64
+sys.path.insert(0, os.path.join(ROOT, "weights"))
+from prepare import sha256  # noqa: E402  (the manifest's own checksum helper)
 TOP = 32
 
 CHAT = [
@@ -72,14 +73,6 @@ TOKENIZE_ONLY = [
     "don't won't it's I'm you're they've we'd",
     "    indented code {\n        return x;\n    }",
 ]
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def main():
