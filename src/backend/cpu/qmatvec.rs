@@ -27,7 +27,9 @@ pub struct Q8Activations {
 }
 
 impl Q8Activations {
-    /// Quantizes `x` (a whole number of blocks): scale `max |x| / 127`, codes rounded.
+    /// Quantizes `x` (a whole number of blocks): scale `max |x| / 127`, codes rounded. Panics
+    /// when `x` is not whole blocks: callers size activations by the weight rows, which the
+    /// GGUF reader has checked are whole blocks.
     pub fn quantize(x: &[f32]) -> Q8Activations {
         assert!(
             x.len().is_multiple_of(QK),
