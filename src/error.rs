@@ -76,6 +76,11 @@ pub enum Error {
         reason: String,
     },
 
+    /// The key/value cache of a decoder has no room for a new sequence or more tokens of one;
+    /// nothing that was running has been evicted to make room.
+    #[error("key/value cache full: {0}")]
+    CacheFull(String),
+
     /// A setting outside the range that makes sense; the library API checks the same ranges
     /// the command line does.
     #[error("{knob} = {value} is outside {range}")]

@@ -5,6 +5,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod decoder;
 pub mod device;
 pub mod emu;
 mod entry_points;

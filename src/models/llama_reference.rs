@@ -103,19 +103,19 @@ impl Matrix {
     }
 }
 
-fn tensor<'a>(g: &'a GgufFile, name: &str) -> Result<&'a GgufTensor> {
+pub(crate) fn tensor<'a>(g: &'a GgufFile, name: &str) -> Result<&'a GgufTensor> {
     g.tensor(name)
         .ok_or_else(|| Error::tensor(g.path(), name, "missing"))
 }
 
-fn decode(g: &GgufFile, t: &GgufTensor, n: usize) -> Result<Vec<f32>> {
+pub(crate) fn decode(g: &GgufFile, t: &GgufTensor, n: usize) -> Result<Vec<f32>> {
     let mut out = vec![0f32; n];
     dequantize_rows(t.ggml_type, g.data(t), t.dims[0] as usize, &mut out)
         .map_err(|e| Error::tensor(g.path(), t.name.clone(), e))?;
     Ok(out)
 }
 
-fn vector(g: &GgufFile, name: &str, n: usize) -> Result<Vec<f32>> {
+pub(crate) fn vector(g: &GgufFile, name: &str, n: usize) -> Result<Vec<f32>> {
     let t = tensor(g, name)?;
     if t.shape() != [n] {
         return Err(Error::tensor(

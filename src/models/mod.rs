@@ -2,4 +2,5 @@
 
 pub mod bert;
 pub mod cnn;
+pub mod llama;
 pub mod llama_reference;

@@ -4,11 +4,14 @@
 
 mod attention;
 mod conv;
+pub mod decoder;
 mod embedding;
+mod kv_attention;
 mod linear;
 mod norm;
 mod par;
 mod pool;
+pub mod qmatmul;
 pub mod qmatvec;
 mod ramp;
 mod simd;
@@ -106,6 +109,8 @@ impl CpuTensor {
 pub struct CpuBackend {
     pool: Arc<rayon::ThreadPool>,
     threads: usize,
+    /// Quantized products take 8-bit activations ([`qmatvec`]) instead of f32 ([`qmatmul`]).
+    q8_activations: bool,
 }
 
 impl std::fmt::Debug for CpuBackend {
@@ -125,7 +130,16 @@ impl CpuBackend {
         Ok(CpuBackend {
             pool: Arc::new(pool),
             threads,
+            q8_activations: false,
         })
+    }
+
+    /// Quantized weight products ([`crate::backend::decoder::DecoderBackend::qlinear`]) with
+    /// activations quantized to 8-bit blocks, as llama.cpp does: integer dot products, but
+    /// results that drift from the f32 model (docs/results.md). Off by default.
+    pub fn with_q8_activations(mut self, on: bool) -> CpuBackend {
+        self.q8_activations = on;
+        self
     }
 
     pub fn threads(&self) -> usize {

@@ -60,6 +60,25 @@ pub(crate) fn sum(a: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Dot product with 8 independent accumulators (vectorises, like [`sum`]).
+#[inline(always)]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// `e^x` to within a few ulp for `x` in [-87, 88]; inputs outside are clamped to that range.
 /// Range reduction `x = n ln2 + r`, `|r| <= ln2 / 2`, then a degree-7 Taylor polynomial
 /// (truncation error `r^8 / 8! < 6e-9`) scaled by `2^n` built from the exponent bits.

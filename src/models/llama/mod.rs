@@ -1,0 +1,223 @@
+//! The LLaMA-family decoder on any [`DecoderBackend`]: RMSNorm, rotary embeddings,
+//! grouped-query attention over a paged key/value cache ([`cache`]), the SwiGLU MLP and a tied
+//! (or separate) output head, with the block-quantized weights of a GGUF file kept as blocks.
+//!
+//! A step ([`Llama::forward`]) runs any mix of sequences at once: a prompt chunk of one, the
+//! next token of others (iteration-level batching); every row attends to its own sequence's
+//! cache. The query, key and value projections of a block are one fused matrix (their rows
+//! concatenated), and so are the gate and up projections, so a block is five products.
+//! Stages are blocks: the ramp-eligible points are the block outputs.
+
+pub mod cache;
+pub mod generate;
+pub mod sampling;
+
+use crate::backend::decoder::{DecoderBackend, Heads, KvPlan};
+use crate::error::{Error, Result};
+use crate::gguf::{GgmlType, GgufFile};
+pub use crate::models::llama_reference::LlamaConfig;
+use crate::models::llama_reference::{tensor, vector};
+pub use cache::{KvCache, KvCacheConfig, SeqCache};
+pub use generate::{GenerateConfig, GenerateStats, Sequence, generate};
+pub use sampling::{Sampler, Sampling};
+
+struct Block<B: DecoderBackend> {
+    attn_norm: B::Tensor,
+    qkv: B::QTensor,
+    o: B::QTensor,
+    ffn_norm: B::Tensor,
+    gate_up: B::QTensor,
+    down: B::QTensor,
+}
+
+/// Part of a step: `tokens` of one sequence at positions `start..start + tokens.len()`, its
+/// cache blocks `table` (reserved to cover them).
+#[derive(Copy, Clone, Debug)]
+pub struct Chunk<'a> {
+    pub tokens: &'a [u32],
+    pub start: usize,
+    pub table: &'a [u32],
+}
+
+pub struct Llama<B: DecoderBackend> {
+    pub cfg: LlamaConfig,
+    be: B,
+    embed: B::QTensor,
+    /// A separate output matrix; `None` when the head is tied to the embedding.
+    head: Option<B::QTensor>,
+    blocks: Vec<Block<B>>,
+    out_norm: B::Tensor,
+}
+
+/// The rows of `names` (each `[rows_i, cols]`) one after another, as one block-quantized matrix:
+/// kept as they are when all share a type with kernels, else every part requantized to Q8_0
+/// (f32/f16 weights, or a mix of types).
+fn fused_rows(g: &GgufFile, names: &[String], cols: usize) -> Result<(GgmlType, usize, Vec<u8>)> {
+    let ts = names
+        .iter()
+        .map(|n| tensor(g, n))
+        .collect::<Result<Vec<_>>>()?;
+    for t in &ts {
+        let s = t.shape();
+        if s.len() != 2 || s[1] != cols {
+            return Err(Error::tensor(
+                g.path(),
+                t.name.clone(),
+                format!("shape {s:?}, expected [rows, {cols}]"),
+            ));
+        }
+    }
+    let rows: usize = ts.iter().map(|t| t.shape()[0]).sum();
+    let ty = ts[0].ggml_type;
+    if ts.iter().all(|t| t.ggml_type == ty) && matches!(ty, GgmlType::Q4_1 | GgmlType::Q8_0) {
+        let bytes = ts.iter().flat_map(|t| g.data(t).iter().copied()).collect();
+        return Ok((ty, rows, bytes));
+    }
+    let mut bytes = Vec::new();
+    for t in &ts {
+        let values = crate::models::llama_reference::decode(g, t, t.shape()[0] * cols)?;
+        bytes.extend(crate::quant::quantize_q8_0(&values));
+    }
+    Ok((GgmlType::Q8_0, rows, bytes))
+}
+
+impl<B: DecoderBackend> Llama<B> {
+    /// Loads a `llama` GGUF file onto `be`.
+    pub fn load(be: B, g: &GgufFile) -> Result<Llama<B>> {
+        let cfg = LlamaConfig::from_gguf(g)?;
+        let w = cfg.width;
+        let q = |names: &[String], cols: usize| -> Result<B::QTensor> {
+            let (ty, rows, bytes) = fused_rows(g, names, cols)?;
+            be.load_quantized(ty, rows, cols, &bytes)
+                .map_err(|e| Error::tensor(g.path(), names.join(" + "), e.to_string()))
+        };
+        let norm = |name: &str| be.upload(&vector(g, name, w)?, &[w]);
+        let mut blocks = Vec::with_capacity(cfg.blocks);
+        for b in 0..cfg.blocks {
+            let n = |s: &str| format!("blk.{b}.{s}.weight");
+            blocks.push(Block {
+                attn_norm: norm(&n("attn_norm"))?,
+                qkv: q(&[n("attn_q"), n("attn_k"), n("attn_v")], w)?,
+                o: q(&[n("attn_output")], w)?,
+                ffn_norm: norm(&n("ffn_norm"))?,
+                gate_up: q(&[n("ffn_gate"), n("ffn_up")], w)?,
+                down: q(&[n("ffn_down")], cfg.ffn)?,
+            });
+        }
+        let head = match g.tensor("output.weight") {
+            Some(_) => Some(q(&["output.weight".into()], w)?),
+            None => None,
+        };
+        let model = Llama {
+            embed: q(&["token_embd.weight".into()], w)?,
+            head,
+            out_norm: norm("output_norm.weight")?,
+            blocks,
+            cfg,
+            be,
+        };
+        model.check_shapes(g)?;
+        Ok(model)
+    }
+
+    /// The fused matrices have the shapes the configuration implies.
+    fn check_shapes(&self, g: &GgufFile) -> Result<()> {
+        let c = &self.cfg;
+        let hd = self.heads();
+        for (b, blk) in self.blocks.iter().enumerate() {
+            for (what, t, rows) in [
+                ("attn_q + attn_k + attn_v", &blk.qkv, hd.qkv_width()),
+                ("attn_output", &blk.o, c.width),
+                ("ffn_gate + ffn_up", &blk.gate_up, 2 * c.ffn),
+                ("ffn_down", &blk.down, c.width),
+            ] {
+                let got = self.be.qinfo(t).rows;
+                if got != rows {
+                    return Err(Error::tensor(
+                        g.path(),
+                        format!("blk.{b}.{what}"),
+                        format!("{got} rows, expected {rows}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.be
+    }
+
+    pub fn heads(&self) -> Heads {
+        Heads {
+            heads: self.cfg.heads,
+            kv_heads: self.cfg.kv_heads,
+            head_dim: self.cfg.head_dim,
+        }
+    }
+
+    /// A key/value cache for this model on its backend.
+    pub fn new_cache(&self, cfg: KvCacheConfig) -> Result<KvCache<B>> {
+        KvCache::new(&self.be, self.cfg.blocks, self.heads().kv_width(), cfg)
+    }
+
+    /// One step: every chunk's tokens through every block, their keys and values written to
+    /// `cache`; returns the logits `[chunks, vocab]` of each chunk's last token. The caller
+    /// has reserved the chunks' blocks ([`KvCache::reserve`]) and records the new lengths.
+    pub fn forward(&self, cache: &mut KvCache<B>, chunks: &[Chunk<'_>]) -> Result<B::Tensor> {
+        let be = &self.be;
+        let c = &self.cfg;
+        let mut plan = KvPlan::new(cache.block_size(), cache.blocks());
+        let mut ids = Vec::new();
+        let mut last = Vec::with_capacity(chunks.len());
+        for ch in chunks {
+            if ch.tokens.is_empty() {
+                return Err(Error::Input("a chunk without tokens".into()));
+            }
+            if ch.start + ch.tokens.len() > c.context {
+                return Err(Error::Input(format!(
+                    "{} positions are more than the model's context of {}",
+                    ch.start + ch.tokens.len(),
+                    c.context
+                )));
+            }
+            plan.push(ch.table, ch.start, ch.tokens.len())?;
+            ids.extend_from_slice(ch.tokens);
+            last.push((ids.len() - 1) as u32);
+        }
+        if ids.is_empty() {
+            return Err(Error::Input("a step without chunks".into()));
+        }
+        let plan = be.upload_plan(&plan)?;
+        let heads = self.heads();
+        let mut h = be.embed_quantized(&ids, &self.embed)?;
+        let mut delta: Option<B::Tensor> = None;
+        for (blk, layer) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            let (sum, n) = be.rms_norm(&h, delta.as_ref(), &blk.attn_norm, c.eps)?;
+            if let Some(s) = sum {
+                h = s;
+            }
+            let mut qkv = be.qlinear(&n, &blk.qkv)?;
+            be.rope(
+                &mut qkv,
+                &plan,
+                c.heads + c.kv_heads,
+                c.head_dim,
+                c.rope_base,
+            )?;
+            let a = be.kv_attention(&qkv, layer, &plan, heads)?;
+            let o = be.qlinear(&a, &blk.o)?;
+            let (sum, n) = be.rms_norm(&h, Some(&o), &blk.ffn_norm, c.eps)?;
+            h = sum.expect("a residual was given");
+            let act = be.silu_mul(&be.qlinear(&n, &blk.gate_up)?)?;
+            delta = Some(be.qlinear(&act, &blk.down)?);
+        }
+        let last_rows = be.select_rows(&h, &last)?;
+        let last_delta = match &delta {
+            Some(d) => Some(be.select_rows(d, &last)?),
+            None => None,
+        };
+        let (_, n) = be.rms_norm(&last_rows, last_delta.as_ref(), &self.out_norm, c.eps)?;
+        be.qlinear(&n, self.head.as_ref().unwrap_or(&self.embed))
+    }
+}
