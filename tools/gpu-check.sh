@@ -168,6 +168,7 @@ step cuda-unit "$BIN/lib_tests" --include-ignored --test-threads 1 backend::cuda
 step selftest "$BIN/lib_tests" --ignored --test-threads 1 gpu_selftest
 # Every op on `cuda` against the CPU backend, then MiniLM end to end.
 step op-parity "$BIN/op_parity" --ignored --test-threads 1
+step decoder-parity "$BIN/decoder_parity" --ignored --test-threads 1
 step minilm "$BIN/golden_minilm" --ignored --test-threads 1
 step kernel-bench "$BIN/kernels_bench" --device cuda --repeats 10 --model "$DEV/minilm-l6-intent-f16.apparate" --out "$OUT"
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepares the one folder a GPU check carries to the lent GPU machine (which has no Rust
 # toolchain and no network): stripped, gzipped release binaries (the library's unit tests, the
-# op parity and MiniLM tests, the kernel benchmark, the CLI for its `devices` probe) and an
+# op parity, decoder op parity and MiniLM tests, the kernel benchmark, the CLI for its `devices` probe) and an
 # f16-stored MiniLM + intent head (the f32 file is over the 64 MiB carry limit). The script
 # itself travels with the working tree. Then, with the device tool:
 #   run(command="bash tools/gpu-check.sh", carry=[".device"], timeout_s=400)
@@ -51,7 +51,7 @@ copy() { # source, name
   fi
   cp "$1" "$DEST/bin/$2"
 }
-for t in op_parity golden_minilm; do
+for t in op_parity decoder_parity golden_minilm; do
   copy "$(pick "$t" test)" "$t"
 done
 copy "$(pick apparate lib)" lib_tests

@@ -40,3 +40,12 @@
 // How token states become one vector per input (token pooling and the ramp kernel).
 #define POOL_MEAN 0
 #define POOL_CLS 1
+
+// Decoder kernels. Quantized products: warps per block (one weight row each) and activation
+// rows per warp (grid.y tiles the rows of x).
+#define QMM_WARPS 4
+#define QMM_TILE 8
+// Paged-KV attention: warps per block (one (row, query head) pair each), and the largest head
+// dimension (each lane keeps head_dim / 32 accumulators in registers).
+#define KV_WARPS 4
+#define KV_MAX_HEAD_DIM 256

@@ -178,6 +178,10 @@ impl KvPlan {
     }
 }
 
+/// What [`DecoderBackend::rms_norm`] returns: the residual sum (when a residual was given) and
+/// the normalised rows.
+pub type NormOut<T> = (Option<T>, T);
+
 /// What every backend's uploaded plan says of itself, so the ops can check it against the
 /// tensors they are handed.
 pub trait PlanInfo {
@@ -208,7 +212,7 @@ pub trait DecoderBackend: Backend {
         residual: Option<&Self::Tensor>,
         gamma: &Self::Tensor,
         eps: f32,
-    ) -> Result<(Option<Self::Tensor>, Self::Tensor)>;
+    ) -> Result<NormOut<Self::Tensor>>;
     fn run_rope(
         &self,
         x: &mut Self::Tensor,
@@ -296,7 +300,7 @@ pub trait DecoderBackend: Backend {
         residual: Option<&Self::Tensor>,
         gamma: &Self::Tensor,
         eps: f32,
-    ) -> Result<(Option<Self::Tensor>, Self::Tensor)> {
+    ) -> Result<NormOut<Self::Tensor>> {
         let s = self.shape(x);
         let cols = s.last().copied().unwrap_or(0);
         if s.len() != 2 || cols == 0 {

@@ -12,7 +12,7 @@ use super::par::{for_chunks, map_indices};
 use super::qmatmul;
 use super::qmatvec::{self, Q8Activations};
 use super::{CpuBackend, CpuTensor, kv_attention};
-use crate::backend::decoder::{DecoderBackend, Heads, KvLayer, KvPlan, PlanInfo, QInfo};
+use crate::backend::decoder::{DecoderBackend, Heads, KvLayer, KvPlan, NormOut, PlanInfo, QInfo};
 use crate::error::{Error, Result};
 
 /// A block-quantized weight in host memory, as the file stores it.
@@ -140,7 +140,7 @@ impl DecoderBackend for CpuBackend {
         residual: Option<&CpuTensor>,
         gamma: &CpuTensor,
         eps: f32,
-    ) -> Result<(Option<CpuTensor>, CpuTensor)> {
+    ) -> Result<NormOut<CpuTensor>> {
         let (h, y) = self.run(x.data.len() * 4, |par| {
             rms_rows(
                 &x.data,

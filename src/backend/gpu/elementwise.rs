@@ -79,3 +79,28 @@ pub fn cast<D: Device>(
     // values of their dtypes (checked above).
     unsafe { dev.launch(&kernel, cfg(n), &args) }
 }
+
+impl<D: Device> super::GpuBackend<D> {
+    /// `y[i] = x[rows[i]]` (`gather_rows`).
+    pub(super) fn launch_gather_rows(
+        &self,
+        x: &super::GpuTensor<D::Buf>,
+        rows: &[u32],
+    ) -> Result<super::GpuTensor<D::Buf>> {
+        let cols = x.shape[1];
+        let y = self.alloc(vec![rows.len(), cols])?;
+        let idx = self.ints("rows", rows.iter().map(|&r| r as usize))?;
+        self.launch(
+            &self.kernel("gather_rows"),
+            cfg(rows.len() * cols),
+            &[
+                self.ptr(x)?,
+                KernelArg::Ptr(self.dev.address(&idx)),
+                self.ptr(&y)?,
+                self.u32("rows", rows.len())?,
+                self.u32("cols", cols)?,
+            ],
+        )?;
+        Ok(y)
+    }
+}

@@ -10,15 +10,22 @@
 
 mod attention;
 mod conv;
+pub mod decoder;
 pub mod elementwise;
 mod embedding;
 mod gemm;
+mod kv_attention;
 mod norm;
 pub mod params;
 mod pool;
+mod quant;
 mod ramp;
+mod rmsnorm;
+mod rope;
+mod sampling;
 pub mod selftest;
 mod softmax;
+mod swiglu;
 
 use std::sync::Arc;
 
