@@ -15,10 +15,12 @@
 pub mod adapt;
 pub mod backbone;
 pub mod backend;
+pub mod chat;
 pub mod convert;
 pub mod dataset;
 pub mod error;
 pub mod format;
+pub mod generation;
 pub mod gguf;
 pub mod graph;
 pub mod head_train;

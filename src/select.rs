@@ -7,6 +7,7 @@
 //! [`BackendJob`] and run on whichever backend was built.
 
 use crate::backend::cuda::{CudaConfig, CudaDevice};
+use crate::backend::decoder::DecoderBackend;
 use crate::backend::emu::{EmuConfig, EmuDevice};
 use crate::backend::gpu::GpuBackend;
 use crate::backend::{Backend, CpuBackend, CpuConfig};
@@ -40,32 +41,55 @@ pub trait BackendJob {
     fn run<B: Backend + 'static>(self, backend: B, description: String) -> Result<Self::Output>;
 }
 
+/// Work to do on a backend that runs decoder models ([`DecoderBackend`]): every backend does.
+pub trait DecoderJob {
+    type Output;
+    fn run<B: DecoderBackend + 'static>(
+        self,
+        backend: B,
+        description: String,
+    ) -> Result<Self::Output>;
+}
+
+/// Builds the backend `$choice` names and runs `$job` on it (the body of [`with_backend`] and
+/// [`with_decoder_backend`], which differ only in the bound their job's `run` asks for).
+macro_rules! dispatch {
+    ($choice:expr, $job:expr) => {
+        match *$choice {
+            BackendChoice::Cpu { threads } => {
+                let be = CpuBackend::new(CpuConfig { threads })?;
+                let what = format!("cpu backend, {} threads", be.threads());
+                $job.run(be, what)
+            }
+            BackendChoice::Emu { threads, dtype } => {
+                let threads = CpuConfig { threads }.resolve_threads()?;
+                let dev = EmuDevice::new(EmuConfig {
+                    threads: Some(threads),
+                    ..EmuConfig::default()
+                })?;
+                $job.run(
+                    GpuBackend::new(dev, dtype),
+                    format!("emulated GPU, {dtype}, {threads} threads"),
+                )
+            }
+            BackendChoice::Cuda { dtype } => {
+                let dev = CudaDevice::new(CudaConfig::default())?;
+                let what = format!("cuda: {}, {dtype}", dev.info().device_name);
+                $job.run(GpuBackend::new(dev, dtype), what)
+            }
+        }
+    };
+}
+
 /// Builds the backend `choice` names and runs `job` on it. Thread counts are checked the same
 /// way for `cpu` and `emu` ([`CpuConfig::resolve_threads`]), before any thread starts.
 pub fn with_backend<J: BackendJob>(choice: &BackendChoice, job: J) -> Result<J::Output> {
-    match *choice {
-        BackendChoice::Cpu { threads } => {
-            let be = CpuBackend::new(CpuConfig { threads })?;
-            let what = format!("cpu backend, {} threads", be.threads());
-            job.run(be, what)
-        }
-        BackendChoice::Emu { threads, dtype } => {
-            let threads = CpuConfig { threads }.resolve_threads()?;
-            let dev = EmuDevice::new(EmuConfig {
-                threads: Some(threads),
-                ..EmuConfig::default()
-            })?;
-            job.run(
-                GpuBackend::new(dev, dtype),
-                format!("emulated GPU, {dtype}, {threads} threads"),
-            )
-        }
-        BackendChoice::Cuda { dtype } => {
-            let dev = CudaDevice::new(CudaConfig::default())?;
-            let what = format!("cuda: {}, {dtype}", dev.info().device_name);
-            job.run(GpuBackend::new(dev, dtype), what)
-        }
-    }
+    dispatch!(choice, job)
+}
+
+/// [`with_backend`] for a decoder job.
+pub fn with_decoder_backend<J: DecoderJob>(choice: &BackendChoice, job: J) -> Result<J::Output> {
+    dispatch!(choice, job)
 }
 
 #[cfg(test)]

@@ -288,3 +288,26 @@ fn the_reference_decoder_matches_transformers() {
     );
     assert!(worst < 0.02, "logits differ by {worst}");
 }
+
+/// The GGUF's chat template, rendered here, gives the reference's prompt text (the fixture's
+/// chat cases were made with transformers' `apply_chat_template` on the same conversation).
+#[test]
+fn the_chat_template_renders_as_transformers_does() {
+    use apparate::chat::{ChatMessage, ChatTemplate};
+    let g = open();
+    let t = ChatTemplate::from_gguf(&g)
+        .unwrap()
+        .expect("SmolLM2 has a chat template");
+    let f = fixture();
+    let mut checked = 0;
+    for c in f["cases"].as_array().unwrap() {
+        if c["kind"] != "chat" {
+            continue;
+        }
+        let msg = c["message"].as_str().unwrap();
+        let text = t.render(&[ChatMessage::new("user", msg)], true).unwrap();
+        assert_eq!(text, c["text"].as_str().unwrap(), "{msg}");
+        checked += 1;
+    }
+    assert!(checked >= 5, "{checked} chat cases");
+}

@@ -1,0 +1,136 @@
+//! Text generation with a decoder model: a [`TextModel`] (the decoder, its tokenizer, chat
+//! template and stop tokens, all from one GGUF file), the incremental detokenizer that turns a
+//! token stream into text as it comes ([`TextStream`]), and the serving engine that runs many
+//! generations at once with iteration-level batching ([`engine`]).
+
+pub mod engine;
+
+use std::path::Path;
+
+use crate::backend::decoder::DecoderBackend;
+use crate::chat::{ChatMessage, ChatTemplate};
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+use crate::models::llama::Llama;
+
+pub use engine::{
+    Engine, EngineConfig, EngineStats, FinishReason, GenerateRequest, GenerationStats,
+    GenerationStream, TokenEvent,
+};
+
+/// A decoder with what turns text into its tokens and back.
+pub struct TextModel<B: DecoderBackend> {
+    pub model: Llama<B>,
+    pub tokenizer: tokenizers::Tokenizer,
+    /// The chat template of an instruct model (None for a base model).
+    pub template: Option<ChatTemplate>,
+    /// Tokens that end a generation: the end-of-sequence token and, where the file names it,
+    /// the end-of-turn token.
+    pub stop: Vec<u32>,
+}
+
+impl<B: DecoderBackend> TextModel<B> {
+    /// Loads a `llama` GGUF file onto `be`: weights, tokenizer, chat template, stop tokens.
+    pub fn open_gguf(be: B, path: impl AsRef<Path>) -> Result<TextModel<B>> {
+        let g = GgufFile::open(path)?;
+        let tokenizer = crate::gguf::tokenizer::tokenizer(&g)?;
+        let template = ChatTemplate::from_gguf(&g)?;
+        let stop: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
+            .iter()
+            .filter_map(|k| g.get(k).and_then(|v| v.as_u64()))
+            .map(|v| v as u32)
+            .collect();
+        let model = Llama::load(be, &g)?;
+        Ok(TextModel {
+            model,
+            tokenizer,
+            template,
+            stop,
+        })
+    }
+
+    /// The prompt's token ids: with the chat template applied (one user turn, after `system`
+    /// when given) unless `raw` or the model has none.
+    pub fn prompt_ids(&self, prompt: &str, raw: bool, system: Option<&str>) -> Result<Vec<u32>> {
+        let text = match (&self.template, raw) {
+            (Some(t), false) => {
+                let mut msgs = Vec::new();
+                if let Some(s) = system {
+                    msgs.push(ChatMessage::new("system", s));
+                }
+                msgs.push(ChatMessage::new("user", prompt));
+                t.render(&msgs, true)?
+            }
+            _ => prompt.to_string(),
+        };
+        let ids = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?
+            .get_ids()
+            .to_vec();
+        if ids.is_empty() {
+            return Err(Error::Input("the prompt has no tokens".into()));
+        }
+        Ok(ids)
+    }
+
+    /// A detokenizer for one generation.
+    pub fn text_stream(&self) -> TextStream<'_> {
+        TextStream::new(&self.tokenizer)
+    }
+}
+
+/// Turns tokens into text as they come. A token can end in the middle of a UTF-8 character (byte
+/// tokens) or change how the previous ones decode, so each step decodes the tokens since the
+/// last complete piece and returns only the new text, holding back a piece that ends in an
+/// incomplete character. Special tokens (end of turn, ...) decode to nothing.
+pub struct TextStream<'t> {
+    tok: &'t tokenizers::Tokenizer,
+    ids: Vec<u32>,
+    /// Where the tokens not yet released as text begin, and the length of their prefix
+    /// already released.
+    start: usize,
+    released: usize,
+}
+
+impl<'t> TextStream<'t> {
+    pub fn new(tok: &'t tokenizers::Tokenizer) -> TextStream<'t> {
+        TextStream {
+            tok,
+            ids: Vec::new(),
+            start: 0,
+            released: 0,
+        }
+    }
+
+    /// The text that `id` completes (possibly empty).
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let text = self
+            .tok
+            .decode(&self.ids[self.start..], true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        // A piece that ends inside a character waits for the next token.
+        let Some(new) = text
+            .get(self.released..)
+            .filter(|_| !text.ends_with('\u{fffd}'))
+        else {
+            return Ok(String::new());
+        };
+        let new = new.to_string();
+        // Keep a few tokens of context (a BPE decoder may fold a leading space into the next
+        // token's text), start afresh after them.
+        if self.ids.len() - self.start > 8 {
+            self.start = self.ids.len() - 4;
+            self.released = self
+                .tok
+                .decode(&self.ids[self.start..], true)
+                .map_err(|e| Error::Tokenizer(e.to_string()))?
+                .len();
+        } else {
+            self.released = text.len();
+        }
+        Ok(new)
+    }
+}
