@@ -286,3 +286,84 @@ fn inspect_reads_gguf_files_and_refuses_corrupt_ones() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+const SMOLLM: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/weights/smollm2-135m-instruct.q4_1.gguf"
+);
+
+/// `generate` streams the reference's greedy tokens (raw prompt, `--ids`) and the chat
+/// template's answer as text, with the speed on standard error.
+#[test]
+fn generate_streams_the_reference_tokens() {
+    let f: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/smollm2_golden.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let c = &f["cases"][15];
+    assert_eq!(c["kind"], "raw");
+    let out = Command::new(env!("CARGO_BIN_EXE_apparate"))
+        .args([
+            "generate",
+            "-m",
+            SMOLLM,
+            "--raw",
+            "--ids",
+            "--max-tokens",
+            "16",
+            "--ignore-eos",
+        ])
+        .arg(c["text"].as_str().unwrap())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let got: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let want: Vec<u64> = c["greedy"].as_array().unwrap()[..16]
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(got, want);
+    assert!(
+        err.contains("prefill: ") && err.contains("ms/token"),
+        "{err}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_apparate"))
+        .args(["generate", "-m", SMOLLM, "What is the capital of France?"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "The capital of France is Paris.\n"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ended at the end-of-turn token"));
+}
+
+#[test]
+fn generate_flags_are_refused_by_name() {
+    let g = |extra: &[&'static str]| {
+        let mut v = vec!["generate", "-m", SMOLLM, "hi"];
+        v.extend_from_slice(extra);
+        v
+    };
+    refused(&g(&["--temperature=-1"]), &["temperature", "greedy"]);
+    refused(&g(&["--top-p", "0"]), &["top_p", "(0, 1]"]);
+    refused(&g(&["--max-tokens", "0"]), &["--max-tokens", "1..="]);
+    refused(
+        &g(&["--q8-activations", "--backend", "emu"]),
+        &["--q8-activations", "cpu backend"],
+    );
+    refused(
+        &g(&["--kv-cache-mib", "1", "--max-tokens", "200"]),
+        &["do not fit", "--kv-cache-mib 1"],
+    );
+    refused(&["generate", "-m", MODEL, "hi"], &["mnist-resnet.apparate"]);
+}

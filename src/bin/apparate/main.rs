@@ -1,5 +1,5 @@
 //! `apparate`: the command-line front end. One module per subcommand: [`convert_cmd`],
-//! [`inspect`], [`devices`], [`text`] (embed, classify), [`ramps_cmd`] (train-ramps, profile),
+//! [`inspect`], [`devices`], [`generate`], [`text`] (embed, classify), [`ramps_cmd`] (train-ramps, profile),
 //! [`train_head`], [`replay`] (serve-replay). Every flag is checked before anything is loaded; ranges of the
 //! serving and adaptation knobs are the config structs' own `validate`, so the library API and
 //! the command line refuse the same values.
@@ -23,6 +23,7 @@ macro_rules! outln {
 
 mod convert_cmd;
 mod devices;
+mod generate;
 mod inspect;
 mod progress;
 mod ramps_cmd;
@@ -52,6 +53,9 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Show which backends can run here (cpu, the emulated GPU, a real GPU) and why not.
     Devices,
+    /// Generate text with a decoder model (a `llama` GGUF file), streamed to standard output;
+    /// the chat template is applied unless --raw; prefill and decode speed go to standard error.
+    Generate(generate::GenerateArgs),
     /// Print sentence embeddings of texts.
     Embed(text::EmbedArgs),
     /// Classify texts (or image files, with an image model) with a model that has a head.
@@ -179,6 +183,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Convert(a) => convert_cmd::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Devices => devices::devices(),
+        Command::Generate(a) => generate::run(a),
         Command::Embed(a) => text::embed(a),
         Command::Classify(a) => text::classify(a),
         Command::TrainRamps(a) => ramps_cmd::train_ramps_cmd(a),
