@@ -9,13 +9,13 @@ mod common;
 use std::time::{Duration, Instant};
 
 use apparate::generation::{
-    Engine, EngineConfig, FinishReason, GenerateRequest, TextModel, TokenEvent,
+    Engine, EngineConfig, FinishReason, GenerateRequest, LanguageModel, TokenEvent,
 };
 use apparate::models::llama::{KvCacheConfig, Sampling};
 use apparate::serve::ServeError;
 
-fn model() -> TextModel<apparate::backend::CpuBackend> {
-    TextModel::open_gguf(
+fn model() -> LanguageModel<apparate::backend::CpuBackend> {
+    LanguageModel::open_gguf(
         common::cpu(),
         common::weights_file("smollm2-135m-instruct.q4_1.gguf"),
     )

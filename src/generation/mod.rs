@@ -1,4 +1,4 @@
-//! Text generation with a decoder model: a [`TextModel`] (the decoder, its tokenizer, chat
+//! Text generation with a decoder model: a [`LanguageModel`] (the decoder, its tokenizer, chat
 //! template and stop tokens, all from one GGUF file), the incremental detokenizer that turns a
 //! token stream into text as it comes ([`TextStream`]), and the serving engine that runs many
 //! generations at once with iteration-level batching ([`engine`]).
@@ -19,7 +19,7 @@ pub use engine::{
 };
 
 /// A decoder with what turns text into its tokens and back.
-pub struct TextModel<B: DecoderBackend> {
+pub struct LanguageModel<B: DecoderBackend> {
     pub model: Llama<B>,
     pub tokenizer: tokenizers::Tokenizer,
     /// The chat template of an instruct model (None for a base model).
@@ -29,9 +29,9 @@ pub struct TextModel<B: DecoderBackend> {
     pub stop: Vec<u32>,
 }
 
-impl<B: DecoderBackend> TextModel<B> {
+impl<B: DecoderBackend> LanguageModel<B> {
     /// Loads a `llama` GGUF file onto `be`: weights, tokenizer, chat template, stop tokens.
-    pub fn open_gguf(be: B, path: impl AsRef<Path>) -> Result<TextModel<B>> {
+    pub fn open_gguf(be: B, path: impl AsRef<Path>) -> Result<LanguageModel<B>> {
         let g = GgufFile::open(path)?;
         let tokenizer = crate::gguf::tokenizer::tokenizer(&g)?;
         let template = ChatTemplate::from_gguf(&g)?;
@@ -41,7 +41,7 @@ impl<B: DecoderBackend> TextModel<B> {
             .map(|v| v as u32)
             .collect();
         let model = Llama::load(be, &g)?;
-        Ok(TextModel {
+        Ok(LanguageModel {
             model,
             tokenizer,
             template,

@@ -5,7 +5,7 @@ use std::io::Read as _;
 use std::path::PathBuf;
 
 use apparate::backend::decoder::DecoderBackend;
-use apparate::generation::TextModel;
+use apparate::generation::LanguageModel;
 use apparate::models::llama::{GenerateConfig, KvCacheConfig, Sampling, generate};
 use apparate::select::{DecoderJob, with_decoder_backend};
 use apparate::{Error, Result};
@@ -65,7 +65,7 @@ impl DecoderJob for Job {
     fn run<B: DecoderBackend + 'static>(self, be: B, what: String) -> Result<()> {
         let Job(a, prompt) = self;
         let t0 = std::time::Instant::now();
-        let tm = TextModel::open_gguf(be, &a.model)?;
+        let tm = LanguageModel::open_gguf(be, &a.model)?;
         eprintln!(
             "loaded {} ({} blocks, width {}, vocabulary {}) on the {what} in {:.2} s",
             a.model.display(),
