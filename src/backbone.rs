@@ -61,6 +61,13 @@ impl<B: Backend> Backbone<B> {
                 encoder: Bert::load(backend, file)?,
             },
             Family::Cnn(_) => Backbone::Image(Cnn::load(backend, file)?),
+            Family::Llama(_) => {
+                return Err(crate::error::Error::format(
+                    file.path(),
+                    "a llama (decoder) model generates text: run it with `apparate generate` or \
+                     `generation::LanguageModel`, not as a classifier",
+                ));
+            }
         })
     }
 

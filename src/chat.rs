@@ -76,6 +76,16 @@ impl ChatTemplate {
         &self.source
     }
 
+    /// Text of the beginning-of-sequence token (`bos_token` in the template).
+    pub fn bos(&self) -> &str {
+        &self.bos
+    }
+
+    /// Text of the end-of-sequence token (`eos_token` in the template).
+    pub fn eos(&self) -> &str {
+        &self.eos
+    }
+
     /// The conversation as the model's prompt text; with `add_generation_prompt`, ending with
     /// the cue for the assistant's reply.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {

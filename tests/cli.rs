@@ -367,3 +367,30 @@ fn generate_flags_are_refused_by_name() {
     );
     refused(&["generate", "-m", MODEL, "hi"], &["mnist-resnet.apparate"]);
 }
+
+/// `convert` of a GGUF file refuses the BERT/CNN flags (they would do nothing) by name.
+#[test]
+fn converting_gguf_refuses_the_other_families_flags() {
+    refused(
+        &[
+            "convert",
+            SMOLLM,
+            "-o",
+            "/nonexistent/x.apparate",
+            "--dtype",
+            "f16",
+        ],
+        &["--dtype", "GGUF"],
+    );
+    refused(
+        &[
+            "convert",
+            SMOLLM,
+            "-o",
+            "/nonexistent/x.apparate",
+            "--pooling",
+            "mean",
+        ],
+        &["--pooling", "GGUF"],
+    );
+}

@@ -44,6 +44,15 @@ struct Outcome {
 fn run_cases<B: DecoderBackend>(be: B, cases: &[usize], steps: usize, chunk: usize) -> Outcome {
     let g = GgufFile::open(model_path()).unwrap();
     let model = Llama::load(be, &g).unwrap();
+    run_model(&model, cases, steps, chunk)
+}
+
+fn run_model<B: DecoderBackend>(
+    model: &Llama<B>,
+    cases: &[usize],
+    steps: usize,
+    chunk: usize,
+) -> Outcome {
     let mut cache = model.new_cache(KvCacheConfig::default()).unwrap();
     let f = fixture();
     let mut out = Outcome {
@@ -57,7 +66,7 @@ fn run_cases<B: DecoderBackend>(be: B, cases: &[usize], steps: usize, chunk: usi
         let c = &f["cases"][i];
         let ids = u32s(&c["ids"]);
         let mut seq = Sequence::new();
-        let logits = seq.feed(&model, &mut cache, &ids, chunk).unwrap();
+        let logits = seq.feed(model, &mut cache, &ids, chunk).unwrap();
         let host = model.backend().download(&logits).unwrap();
         for pair in c["top"].as_array().unwrap() {
             let (id, want) = (
@@ -84,7 +93,7 @@ fn run_cases<B: DecoderBackend>(be: B, cases: &[usize], steps: usize, chunk: usi
             }
             out.tokens_equal += 1;
             if s + 1 < steps {
-                let l = seq.feed(&model, &mut cache, &[next], 1).unwrap();
+                let l = seq.feed(model, &mut cache, &[next], 1).unwrap();
                 next = model.backend().argmax(&l).unwrap()[0];
             }
         }
@@ -150,4 +159,38 @@ fn greedy_generation_on_the_emulated_gpu_matches_transformers() {
     );
     assert!(o.worst_logit < 0.01, "logits differ by {}", o.worst_logit);
     assert!(o.near_ties.is_empty(), "{:?}", o.near_ties);
+}
+
+/// `apparate convert`'s output of the same GGUF file: the blocks are the file's, so the logits
+/// are bit for bit those of the GGUF-loaded model, and the greedy tokens the reference's.
+#[test]
+fn the_converted_model_file_generates_the_same() {
+    use apparate::format::ModelFile;
+    let dir = common::TempDir::new("convert-gguf");
+    let out = dir.path("smollm2.apparate");
+    let r = apparate::convert::gguf_llama::convert_gguf(&model_path(), &out, None).unwrap();
+    assert_eq!(r.tensors, 2 + 30 * 6);
+    let file = ModelFile::open(&out).unwrap();
+    let from_file = Llama::load_file(common::cpu(), &file).unwrap();
+    let g = GgufFile::open(model_path()).unwrap();
+    let from_gguf = Llama::load(common::cpu(), &g).unwrap();
+    let ids = u32s(&fixture()["cases"][4]["ids"]);
+    let logits = |m: &Llama<apparate::backend::CpuBackend>| {
+        let mut cache = m.new_cache(KvCacheConfig::default()).unwrap();
+        let mut seq = Sequence::new();
+        let l = seq.feed(m, &mut cache, &ids, 64).unwrap();
+        apparate::backend::Backend::download(m.backend(), &l).unwrap()
+    };
+    assert_eq!(logits(&from_file), logits(&from_gguf));
+    let o = run_model(&from_file, &[0, 4, 12, 19], 16, 32);
+    assert_eq!(o.tokens_equal, 64, "{:?}", o.near_ties);
+    // The tokenizer, chat template and stop tokens travel with it.
+    let lm = apparate::generation::LanguageModel::open(common::cpu(), &out).unwrap();
+    let gg = apparate::generation::LanguageModel::open(common::cpu(), model_path()).unwrap();
+    assert_eq!(lm.stop, gg.stop);
+    let q = "What is the capital of France?";
+    assert_eq!(
+        lm.prompt_ids(q, false, None).unwrap(),
+        gg.prompt_ids(q, false, None).unwrap()
+    );
 }

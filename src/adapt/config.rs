@@ -284,7 +284,7 @@ impl ApparateConfig {
     /// [`Self::language`] for text models, [`Self::vision`] for CNNs.
     pub fn for_family(family: &Family) -> ApparateConfig {
         match family {
-            Family::Bert(_) => ApparateConfig::language(),
+            Family::Bert(_) | Family::Llama(_) => ApparateConfig::language(),
             Family::Cnn(_) => ApparateConfig::vision(),
         }
     }

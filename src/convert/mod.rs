@@ -2,6 +2,7 @@
 
 mod checkpoint;
 mod efficientnet;
+pub mod gguf_llama;
 pub mod hf_bert;
 pub mod torchvision;
 mod vgg;

@@ -9,14 +9,20 @@ use memmap2::Mmap;
 use safetensors::{SafeTensorError, SafeTensors};
 
 use super::meta::FileKind;
+use super::writer::BLOCKS_ENTRY;
 use crate::error::{Error, Result};
+use crate::gguf::GgmlType;
 use crate::tensor::{DType, TensorView};
 
 /// Where one tensor lives inside the mapping.
 #[derive(Clone, Debug)]
 pub struct TensorInfo {
+    /// Storage dtype of a float tensor (f32 for a block-quantized one: what it decodes to).
     pub dtype: DType,
+    /// Logical shape (`[rows, cols]` of values for a block-quantized matrix).
     pub shape: Vec<usize>,
+    /// Block-quantized storage (the file's blocks entry names it): rows of these blocks.
+    pub blocks: Option<GgmlType>,
     /// Absolute byte range in the file.
     pub range: std::ops::Range<usize>,
 }
@@ -85,26 +91,52 @@ impl Container {
         let (header_len, st_meta) =
             SafeTensors::read_metadata(&mmap).map_err(|e| Error::format(path, describe(e)))?;
         let data_start = 8 + header_len;
+        let metadata = st_meta.metadata().clone().unwrap_or_default();
+        let blocks = block_types(path, &metadata)?;
         let mut tensors = BTreeMap::new();
         for (name, info) in st_meta.tensors() {
+            let (s, e) = info.data_offsets;
+            let range = data_start + s..data_start + e;
+            if let Some(&ty) = blocks.get(name.as_str()) {
+                let shape = block_shape(ty, info.dtype, &info.shape).map_err(|why| {
+                    Error::tensor(path, &name, format!("stored as {ty} blocks, but {why}"))
+                })?;
+                tensors.insert(
+                    name,
+                    TensorInfo {
+                        dtype: DType::F32,
+                        shape,
+                        blocks: Some(ty),
+                        range,
+                    },
+                );
+                continue;
+            }
             let dtype = DType::from_safetensors(info.dtype).ok_or_else(|| {
                 Error::tensor(
                     path,
                     &name,
-                    format!("dtype {:?} is not supported (f32, f16 or bf16)", info.dtype),
+                    format!("dtype {:?} is not supported (f32, f16 or bf16, or u8 named in the `{BLOCKS_ENTRY}` entry)", info.dtype),
                 )
             })?;
-            let (s, e) = info.data_offsets;
             tensors.insert(
                 name,
                 TensorInfo {
                     dtype,
                     shape: info.shape.clone(),
-                    range: data_start + s..data_start + e,
+                    blocks: None,
+                    range,
                 },
             );
         }
-        let metadata = st_meta.metadata().clone().unwrap_or_default();
+        if let Some(missing) = blocks.keys().find(|n| !tensors.contains_key(n.as_str())) {
+            return Err(Error::format(
+                path,
+                format!(
+                    "the `{BLOCKS_ENTRY}` entry names `{missing}`, which the file does not hold"
+                ),
+            ));
+        }
         Ok(Container {
             path: path.to_path_buf(),
             mmap,
@@ -117,8 +149,12 @@ impl Container {
         &self.mmap
     }
 
+    /// A float tensor's view (None for a missing or block-quantized one).
     pub fn view(&self, name: &str) -> Option<TensorView<'_>> {
         let (key, info) = self.tensors.get_key_value(name)?;
+        if info.blocks.is_some() {
+            return None;
+        }
         Some(TensorView {
             name: key,
             dtype: info.dtype,
@@ -210,6 +246,56 @@ impl Container {
         }
         Ok(())
     }
+}
+
+/// The file's blocks entry: tensor name -> block type (Q4_1 or Q8_0, the types with kernels).
+fn block_types(
+    path: &Path,
+    metadata: &HashMap<String, String>,
+) -> Result<HashMap<String, GgmlType>> {
+    let Some(raw) = metadata.get(BLOCKS_ENTRY) else {
+        return Ok(HashMap::new());
+    };
+    let names: HashMap<String, String> = serde_json::from_str(raw).map_err(|e| {
+        Error::format(
+            path,
+            format!("the `{BLOCKS_ENTRY}` entry is not a JSON object of type names: {e}"),
+        )
+    })?;
+    names
+        .into_iter()
+        .map(|(n, t)| match GgmlType::from_name(&t) {
+            Some(ty @ (GgmlType::Q4_1 | GgmlType::Q8_0)) => Ok((n, ty)),
+            _ => Err(Error::tensor(
+                path,
+                &n,
+                format!("block type `{t}` is not stored in this format (Q4_1 or Q8_0)"),
+            )),
+        })
+        .collect()
+}
+
+/// The logical `[rows, cols]` of a block tensor stored as `u8 [rows, row bytes]`, or why not.
+fn block_shape(
+    ty: GgmlType,
+    dtype: safetensors::Dtype,
+    stored: &[usize],
+) -> std::result::Result<Vec<usize>, String> {
+    if dtype != safetensors::Dtype::U8 {
+        return Err(format!("its dtype is {dtype:?}, not U8"));
+    }
+    let [rows, row_bytes] = stored else {
+        return Err(format!(
+            "its stored shape {stored:?} is not [rows, row bytes]"
+        ));
+    };
+    let (bb, be) = (ty.block_bytes(), ty.block_elements());
+    if *row_bytes == 0 || !row_bytes.is_multiple_of(bb) {
+        return Err(format!(
+            "a row of {row_bytes} bytes is not whole {bb}-byte blocks"
+        ));
+    }
+    Ok(vec![*rows, row_bytes / bb * be])
 }
 
 /// sha256 of bytes as lowercase hex.

@@ -31,6 +31,10 @@ pub struct ClassifierHead {
 pub fn head_input_width(file: &ModelFile) -> Result<usize> {
     match &file.meta().family {
         Family::Bert(c) => Ok(c.hidden_size),
+        Family::Llama(_) => Err(Error::format(
+            file.path(),
+            "a llama (decoder) model takes no classifier head",
+        )),
         Family::Cnn(c) => match c.blocks.last().and_then(|b| b.ops.last()) {
             Some(Op::Linear { inputs, .. }) => Ok(*inputs),
             _ => Err(Error::format(
@@ -65,6 +69,7 @@ pub fn write_with_head(src: &ModelFile, out: &Path, head: &ClassifierHead) -> Re
     // Names of the head's tensors and the dtype they are stored in.
     let (prefix, dtype) = match &mut meta.family {
         Family::Bert(_) => ("head".to_string(), src.tensor("embeddings.word")?.dtype),
+        Family::Llama(_) => unreachable!("head_input_width refused it"),
         Family::Cnn(c) => {
             let Some(Op::Linear {
                 name, outputs, act, ..
@@ -95,6 +100,7 @@ pub fn write_with_head(src: &ModelFile, out: &Path, head: &ClassifierHead) -> Re
                     dtype: v.dtype,
                     shape: v.shape.to_vec(),
                     bytes: v.bytes.to_vec(),
+                    blocks: None,
                 },
             ))
         })

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use super::bert_config::BertConfig;
 use super::cnn_config::CnnConfig;
+use super::llama_config::LlamaFileConfig;
 use crate::graph::StageGraph;
 
 /// Version written by this build. Readers accept exactly the versions they know.
@@ -41,6 +42,8 @@ impl FileKind {
 pub enum Family {
     Bert(BertConfig),
     Cnn(CnnConfig),
+    /// A decoder language model (LLaMA architecture), converted from GGUF.
+    Llama(LlamaFileConfig),
 }
 
 impl Family {
@@ -48,6 +51,7 @@ impl Family {
         match self {
             Family::Bert(_) => "bert",
             Family::Cnn(_) => "cnn",
+            Family::Llama(_) => "llama",
         }
     }
 }
@@ -106,6 +110,7 @@ impl ModelMeta {
         match &self.family {
             Family::Bert(c) => c.expected_tensors(self.head.as_ref().map(|h| h.labels.len())),
             Family::Cnn(c) => c.expected_tensors(),
+            Family::Llama(c) => c.expected_tensors(),
         }
     }
 
@@ -123,12 +128,14 @@ impl ModelMeta {
         match &self.family {
             Family::Bert(c) => c.validate()?,
             Family::Cnn(c) => c.validate()?,
+            Family::Llama(c) => c.validate()?,
         }
         // Compare with the graph the configuration implies first: cheap, and it bounds the
         // size of what `validate` walks.
         let expected = match &self.family {
             Family::Bert(c) => c.stage_graph(),
             Family::Cnn(c) => c.stage_graph(),
+            Family::Llama(c) => c.stage_graph(),
         };
         if expected.stages != self.graph.stages {
             return Err(format!(
@@ -147,6 +154,14 @@ impl ModelMeta {
                 }
             }
             (Family::Cnn(_), Preprocessing::Image {}) => {}
+            (Family::Llama(c), Preprocessing::Text { max_length, .. }) => {
+                if *max_length > c.context || *max_length == 0 {
+                    return Err(format!(
+                        "tokenizer max_length {max_length} must be between 1 and the context {}",
+                        c.context
+                    ));
+                }
+            }
             (f, _) => {
                 return Err(format!("preprocessing does not suit a {} model", f.name()));
             }
@@ -159,6 +174,9 @@ impl ModelMeta {
                 h.labels.len(),
                 c.classes()
             ));
+        }
+        if let (Family::Llama(_), Some(_)) = (&self.family, &self.head) {
+            return Err("a llama model has no classifier head".into());
         }
         if let Some(h) = &self.head
             && h.labels.is_empty()

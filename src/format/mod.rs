@@ -6,6 +6,7 @@ pub mod bert_config;
 pub mod cnn_config;
 mod container;
 pub mod head;
+pub mod llama_config;
 pub mod meta;
 mod model_file;
 pub mod ramps;
@@ -19,4 +20,4 @@ pub use meta::{
 };
 pub use model_file::{ModelFile, write_model};
 pub use ramps::{RampHead, RampMeta, RampsFile, RampsMeta, write_ramps};
-pub use writer::OwnedTensor;
+pub use writer::{BLOCKS_ENTRY, OwnedTensor};

@@ -8,6 +8,7 @@ use super::container::{Container, TensorInfo, sha256_hex};
 use super::meta::{FileKind, META_KEY, ModelMeta, Preprocessing};
 use super::writer::{OwnedTensor, check_owned_tensor_set, write_container};
 use crate::error::{Error, Result};
+use crate::gguf::GgmlType;
 use crate::tensor::TensorView;
 
 /// A validated, memory-mapped model file.
@@ -39,6 +40,30 @@ impl ModelFile {
             ));
         }
         c.check_tensor_set(&meta.expected_tensors())?;
+        if let super::meta::Family::Llama(lc) = &meta.family {
+            // Matrices stored as the blocks the configuration names, norms as floats.
+            for (name, _) in lc.expected_tensors() {
+                let want = lc
+                    .matrix_types
+                    .get(&name)
+                    .and_then(|t| GgmlType::from_name(t));
+                let got = c.tensors[&name].blocks;
+                if got != want {
+                    let show = |t: Option<GgmlType>| {
+                        t.map_or("floats".to_string(), |t| format!("{t} blocks"))
+                    };
+                    return Err(Error::tensor(
+                        path,
+                        &name,
+                        format!(
+                            "stored as {}, the configuration says {}",
+                            show(got),
+                            show(want)
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(ModelFile {
             c,
             meta,
@@ -64,11 +89,38 @@ impl ModelFile {
         self.c.tensors.iter().map(|(n, i)| (n.as_str(), i))
     }
 
-    /// A tensor's raw view (present by construction for every expected name).
+    /// A float tensor's raw view (present by construction for every expected name).
     pub fn tensor(&self, name: &str) -> Result<TensorView<'_>> {
         self.c
             .view(name)
-            .ok_or_else(|| Error::tensor(self.path(), name, "missing"))
+            .ok_or_else(|| match self.c.tensors.get(name) {
+                Some(TensorInfo {
+                    blocks: Some(ty), ..
+                }) => Error::tensor(
+                    self.path(),
+                    name,
+                    format!("stored as {ty} blocks, not floats"),
+                ),
+                _ => Error::tensor(self.path(), name, "missing"),
+            })
+    }
+
+    /// A block-quantized matrix: its block type, `[rows, cols]` and the blocks as stored.
+    pub fn blocks(&self, name: &str) -> Result<(GgmlType, [usize; 2], &[u8])> {
+        match self.c.tensors.get(name) {
+            Some(TensorInfo {
+                blocks: Some(ty),
+                shape,
+                range,
+                ..
+            }) => Ok((*ty, [shape[0], shape[1]], &self.c.bytes()[range.clone()])),
+            Some(_) => Err(Error::tensor(
+                self.path(),
+                name,
+                "stored as floats, not blocks",
+            )),
+            None => Err(Error::tensor(self.path(), name, "missing")),
+        }
     }
 
     /// A tensor's view after checking that every value is finite (weights must be).

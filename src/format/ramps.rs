@@ -134,6 +134,13 @@ impl RampsMeta {
                         r.point
                     ));
                 }
+                Family::Llama(_) => {
+                    return Err(
+                        "ramps files are for classifiers; a llama model's exits are \
+                                per token (not built yet)"
+                            .into(),
+                    );
+                }
                 Family::Cnn(c) => match c.image_at(&r.point) {
                     Some((h, w, ch)) if crate::ramps::grid::fits(g, h, w) => ch * g * g,
                     Some((h, w, _)) => {

@@ -29,17 +29,58 @@ pub struct LanguageModel<B: DecoderBackend> {
     pub stop: Vec<u32>,
 }
 
+/// Whether `path` starts with GGUF's magic (the way a file is told apart, whatever its name).
+pub fn is_gguf(path: &Path) -> bool {
+    use std::io::Read as _;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"GGUF"
+}
+
 impl<B: DecoderBackend> LanguageModel<B> {
+    /// Loads a decoder from a GGUF file or from a model file converted from one (told apart by
+    /// their first bytes).
+    pub fn open(be: B, path: impl AsRef<Path>) -> Result<LanguageModel<B>> {
+        let path = path.as_ref();
+        if is_gguf(path) {
+            return Self::open_gguf(be, path);
+        }
+        let file = crate::format::ModelFile::open(path)?;
+        let crate::format::Family::Llama(c) = &file.meta().family else {
+            return Err(Error::format(
+                path,
+                format!(
+                    "a {} model, not a decoder: `generate` runs llama models (a GGUF file or one \
+                     converted from it)",
+                    file.meta().family.name()
+                ),
+            ));
+        };
+        let tokenizer: tokenizers::Tokenizer = file
+            .tokenizer_json()
+            .parse()
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let template = c
+            .chat_template
+            .as_ref()
+            .map(|t| ChatTemplate::new(t.clone(), c.bos_token.clone(), c.eos_token.clone()));
+        let stop = c.stop_tokens.clone();
+        Ok(LanguageModel {
+            model: Llama::load_file(be, &file)?,
+            tokenizer,
+            template,
+            stop,
+        })
+    }
+
     /// Loads a `llama` GGUF file onto `be`: weights, tokenizer, chat template, stop tokens.
     pub fn open_gguf(be: B, path: impl AsRef<Path>) -> Result<LanguageModel<B>> {
         let g = GgufFile::open(path)?;
         let tokenizer = crate::gguf::tokenizer::tokenizer(&g)?;
         let template = ChatTemplate::from_gguf(&g)?;
-        let stop: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
-            .iter()
-            .filter_map(|k| g.get(k).and_then(|v| v.as_u64()))
-            .map(|v| v as u32)
-            .collect();
+        let stop = crate::models::llama::stop_tokens(&g);
         let model = Llama::load(be, &g)?;
         Ok(LanguageModel {
             model,

@@ -87,6 +87,13 @@ impl GgmlType {
     }
 
     /// llama.cpp's name of the type (`Q4_1`, `Q6_K`, ...).
+    /// The type named `name` (as [`GgmlType::name`] writes it, any case).
+    pub fn from_name(name: &str) -> Option<GgmlType> {
+        (0..64)
+            .filter_map(GgmlType::from_id)
+            .find(|t| t.name().eq_ignore_ascii_case(name))
+    }
+
     pub fn name(self) -> &'static str {
         use GgmlType::*;
         match self {

@@ -193,7 +193,8 @@ pub fn train_ramps<B: Backend>(
         let width = features[k].len() / train_n;
         let init = match (&file.meta().family, &pooler) {
             (Family::Bert(_), Some((w, b))) => HeadInit::DenseTanh(Some((w, b))),
-            (Family::Bert(_), None) => HeadInit::DenseTanh(None),
+            (Family::Bert(_) | Family::Llama(_), None) => HeadInit::DenseTanh(None),
+            (Family::Llama(_), Some(_)) => unreachable!("only BERT has a pooler"),
             (Family::Cnn(_), _) => HeadInit::Linear,
         };
         let phase = format!("ramp {point}");
@@ -308,7 +309,7 @@ fn one() -> usize {
 fn grids(file: &ModelFile, points: &[String], asked: Option<usize>) -> Result<Vec<usize>> {
     let cnn = match &file.meta().family {
         Family::Cnn(c) => c,
-        Family::Bert(_) => {
+        Family::Bert(_) | Family::Llama(_) => {
             return match asked {
                 None | Some(1) => Ok(vec![1; points.len()]),
                 Some(g) => Err(Error::config(

@@ -1,4 +1,5 @@
-//! `apparate convert`: a Hugging Face BERT folder or a torchvision CNN checkpoint into our format.
+//! `apparate convert`: a Hugging Face BERT folder, a torchvision CNN checkpoint or a `llama`
+//! GGUF file into our format.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -67,6 +68,30 @@ enum PoolingArg {
 
 pub fn run(a: ConvertArgs) -> Result<()> {
     let t0 = Instant::now();
+    if apparate::generation::is_gguf(&a.dir) {
+        // A GGUF file keeps its own block types; the BERT/CNN flags would silently do nothing.
+        if a.arch.is_some() || a.head.is_some() || a.pooling.is_some() || a.dtype != DType::F32 {
+            return Err(Error::config(
+                "--arch/--head/--pooling/--dtype",
+                "given",
+                "BERT folders and CNN checkpoints (a GGUF file keeps its Q4_1/Q8_0 blocks)",
+            ));
+        }
+        eprintln!("converting {} (GGUF) ...", a.dir.display());
+        let r = apparate::convert::gguf_llama::convert_gguf(&a.dir, &a.output, a.source)?;
+        let mut out = String::new();
+        outln!(
+            out,
+            "wrote {} ({:.1} MB, {} tensors, {:.1} M parameters, blocks kept as in the GGUF file) in {}",
+            a.output.display(),
+            r.bytes as f64 / 1e6,
+            r.tensors,
+            r.parameters as f64 / 1e6,
+            ms(t0.elapsed())
+        );
+        outln!(out, "  {}", describe_family(&r.meta));
+        return emit(&out);
+    }
     if let Some(arch) = a.arch {
         let mut o = TorchvisionOptions::new(&arch, a.input_size.unwrap_or(224));
         o.dtype = a.dtype;

@@ -15,7 +15,8 @@ use super::{DeviceArgs, emit};
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// The model: a `llama` GGUF file (e.g. weights/smollm2-135m-instruct.q4_1.gguf).
+    /// The model: a `llama` GGUF file (e.g. weights/smollm2-135m-instruct.q4_1.gguf) or a model
+    /// file converted from one.
     #[arg(short, long)]
     model: PathBuf,
     /// The prompt; `-` reads it from standard input.
@@ -65,7 +66,7 @@ impl DecoderJob for Job {
     fn run<B: DecoderBackend + 'static>(self, be: B, what: String) -> Result<()> {
         let Job(a, prompt) = self;
         let t0 = std::time::Instant::now();
-        let tm = LanguageModel::open_gguf(be, &a.model)?;
+        let tm = LanguageModel::open(be, &a.model)?;
         eprintln!(
             "loaded {} ({} blocks, width {}, vocabulary {}) on the {what} in {:.2} s",
             a.model.display(),

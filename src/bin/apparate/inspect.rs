@@ -19,7 +19,7 @@ pub struct InspectArgs {
 }
 
 pub fn run(a: InspectArgs) -> Result<()> {
-    if is_gguf(&a.file) {
+    if apparate::generation::is_gguf(&a.file) {
         inspect_gguf(&a.file, a.tensors)
     } else {
         inspect(&a.file, a.tensors)
@@ -41,16 +41,6 @@ fn tensor_summary(
             .collect::<Vec<_>>()
             .join("; ")
     )
-}
-
-/// Whether the file starts with GGUF's magic (so a misnamed file is still read as what it is).
-fn is_gguf(path: &std::path::Path) -> bool {
-    use std::io::Read as _;
-    let mut magic = [0u8; 4];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && &magic == b"GGUF"
 }
 
 /// A metadata value in one line: scalars as they are, long strings and arrays abridged.
@@ -154,6 +144,25 @@ pub fn describe_family(m: &ModelMeta) -> String {
                 .map(|h| format!(", head with {} classes", h.labels.len()))
                 .unwrap_or_default()
         ),
+        Family::Llama(c) => format!(
+            "family llama: {} blocks, width {}, ffn {}, {} heads ({} key/value) of {}, vocabulary {}, context {}, rope base {}, eps {:e}; {} head; {}",
+            c.blocks,
+            c.width,
+            c.ffn,
+            c.heads,
+            c.kv_heads,
+            c.head_dim,
+            c.vocab,
+            c.context,
+            c.rope_base,
+            c.eps,
+            if c.tied { "tied" } else { "separate" },
+            if c.chat_template.is_some() {
+                "chat template"
+            } else {
+                "no chat template"
+            }
+        ),
         Family::Cnn(c) => format!(
             "family cnn ({}): {} blocks, {} classes, input {}x{}x{}",
             c.arch,
@@ -228,6 +237,7 @@ fn inspect(path: &PathBuf, all: bool) -> Result<()> {
                 .join(", "),
             if h.labels.len() > 5 { ", ..." } else { "" }
         ),
+        None if matches!(m.family, Family::Llama(_)) => {}
         None => outln!(out, "  head: none (embeddings only)"),
     }
     let stages: Vec<&str> = m.graph.stages.iter().map(|s| s.name.as_str()).collect();
@@ -242,7 +252,9 @@ fn inspect(path: &PathBuf, all: bool) -> Result<()> {
     }
     let mut by_dtype = std::collections::BTreeMap::<&str, (usize, usize)>::new();
     for (_, t) in f.tensors() {
-        let e = by_dtype.entry(t.dtype.name()).or_default();
+        let e = by_dtype
+            .entry(t.blocks.map_or(t.dtype.name(), |b| b.name()))
+            .or_default();
         e.0 += 1;
         e.1 += t.range.len();
     }
@@ -260,7 +272,7 @@ fn inspect(path: &PathBuf, all: bool) -> Result<()> {
             outln!(
                 out,
                 "    {name:<40} {:<5} {:<14} {:>10} bytes",
-                t.dtype.name(),
+                t.blocks.map_or(t.dtype.name(), |b| b.name()),
                 format!("{:?}", t.shape),
                 t.range.len()
             );

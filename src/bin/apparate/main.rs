@@ -45,8 +45,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Convert a checkpoint into an Apparate model file: a Hugging Face BERT folder
-    /// (model.safetensors, config.json, tokenizer.json), or with --arch a torchvision ResNet/VGG
-    /// or EfficientNet-Lite0 safetensors file.
+    /// (model.safetensors, config.json, tokenizer.json), with --arch a torchvision ResNet/VGG
+    /// or EfficientNet-Lite0 safetensors file, or a `llama` GGUF file (blocks kept as they are).
     Convert(convert_cmd::ConvertArgs),
     /// Show a model file's metadata, stages, ramp points and tensors (or a GGUF file's
     /// metadata and tensor table).

@@ -14,10 +14,29 @@ pub mod sampling;
 
 use crate::backend::decoder::{DecoderBackend, Heads, KvPlan};
 use crate::error::{Error, Result};
+use crate::format::llama_config::LlamaFileConfig;
+use crate::format::{Family, ModelFile};
 use crate::gguf::{GgmlType, GgufFile};
 pub use crate::models::llama_reference::LlamaConfig;
 use crate::models::llama_reference::{tensor, vector};
 pub use cache::{KvCache, KvCacheConfig, SeqCache};
+
+impl From<&LlamaFileConfig> for LlamaConfig {
+    fn from(c: &LlamaFileConfig) -> LlamaConfig {
+        LlamaConfig {
+            blocks: c.blocks,
+            width: c.width,
+            ffn: c.ffn,
+            heads: c.heads,
+            kv_heads: c.kv_heads,
+            head_dim: c.head_dim,
+            rope_base: c.rope_base,
+            eps: c.eps,
+            vocab: c.vocab,
+            context: c.context,
+        }
+    }
+}
 pub use generate::{GenerateConfig, GenerateStats, Sequence, generate};
 pub use sampling::{Sampler, Sampling};
 
@@ -52,7 +71,11 @@ pub struct Llama<B: DecoderBackend> {
 /// The rows of `names` (each `[rows_i, cols]`) one after another, as one block-quantized matrix:
 /// kept as they are when all share a type with kernels, else every part requantized to Q8_0
 /// (f32/f16 weights, or a mix of types).
-fn fused_rows(g: &GgufFile, names: &[String], cols: usize) -> Result<(GgmlType, usize, Vec<u8>)> {
+pub(crate) fn fused_rows(
+    g: &GgufFile,
+    names: &[String],
+    cols: usize,
+) -> Result<(GgmlType, usize, Vec<u8>)> {
     let ts = names
         .iter()
         .map(|n| tensor(g, n))
@@ -79,6 +102,18 @@ fn fused_rows(g: &GgufFile, names: &[String], cols: usize) -> Result<(GgmlType, 
         bytes.extend(crate::quant::quantize_q8_0(&values));
     }
     Ok((GgmlType::Q8_0, rows, bytes))
+}
+
+/// The tokens of a GGUF file that end a generation: end of sequence and, where named, end of
+/// turn.
+pub fn stop_tokens(g: &GgufFile) -> Vec<u32> {
+    let mut v: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
+        .iter()
+        .filter_map(|k| g.get(k).and_then(|v| v.as_u64()))
+        .map(|v| v as u32)
+        .collect();
+    v.dedup();
+    v
 }
 
 impl<B: DecoderBackend> Llama<B> {
@@ -118,6 +153,53 @@ impl<B: DecoderBackend> Llama<B> {
         };
         model.check_shapes(g)?;
         Ok(model)
+    }
+
+    /// Loads a model file converted from GGUF (`apparate convert model.gguf`): the blocks go
+    /// to the backend straight from the memory-mapped file.
+    pub fn load_file(be: B, file: &ModelFile) -> Result<Llama<B>> {
+        let Family::Llama(fc) = &file.meta().family else {
+            return Err(Error::format(
+                file.path(),
+                format!("a {} model, not a llama decoder", file.meta().family.name()),
+            ));
+        };
+        let cfg = LlamaConfig::from(fc);
+        let q = |name: &str| -> Result<B::QTensor> {
+            let (ty, [rows, cols], bytes) = file.blocks(name)?;
+            be.load_quantized(ty, rows, cols, bytes)
+                .map_err(|e| Error::tensor(file.path(), name, e.to_string()))
+        };
+        let norm = |name: &str| {
+            let v = file.finite_tensor(name)?;
+            be.upload(&v.to_f32(), &[cfg.width])
+        };
+        let blocks = (0..cfg.blocks)
+            .map(|b| {
+                let n = |s: &str| format!("blk.{b}.{s}.weight");
+                Ok(Block {
+                    attn_norm: norm(&n("attn_norm"))?,
+                    qkv: q(&n("attn_qkv"))?,
+                    o: q(&n("attn_output"))?,
+                    ffn_norm: norm(&n("ffn_norm"))?,
+                    gate_up: q(&n("ffn_gate_up"))?,
+                    down: q(&n("ffn_down"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let head = if fc.tied {
+            None
+        } else {
+            Some(q("output.weight")?)
+        };
+        Ok(Llama {
+            embed: q("token_embd.weight")?,
+            head,
+            out_norm: norm("output_norm.weight")?,
+            blocks,
+            cfg,
+            be,
+        })
     }
 
     /// The fused matrices have the shapes the configuration implies.
