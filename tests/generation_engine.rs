@@ -22,22 +22,6 @@ fn model() -> LanguageModel<apparate::backend::CpuBackend> {
     .unwrap()
 }
 
-fn fixture() -> serde_json::Value {
-    let p = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/smollm2_golden.json"
-    );
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
-fn u32s(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
     GenerateRequest {
         prompt,
@@ -52,7 +36,7 @@ fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerateRequest {
 /// reference's greedy tokens.
 #[test]
 fn batched_sequences_generate_the_reference_tokens() {
-    let f = fixture();
+    let f = common::smollm2_fixture();
     let tm = model();
     let engine = Engine::start(
         tm.model,
@@ -69,12 +53,16 @@ fn batched_sequences_generate_the_reference_tokens() {
         .map(|&i| {
             let c = &f["cases"][i];
             let n = 8 + 3 * i;
-            (i, n, engine.submit(greedy(u32s(&c["ids"]), n)).unwrap())
+            (
+                i,
+                n,
+                engine.submit(greedy(common::u32s(&c["ids"]), n)).unwrap(),
+            )
         })
         .collect();
     for (i, n, s) in streams {
         let (ids, why, stats) = s.collect_tokens().unwrap();
-        let want = u32s(&f["cases"][i]["greedy"]);
+        let want = common::u32s(&f["cases"][i]["greedy"]);
         assert_eq!(ids, want[..n], "case {i}");
         assert_eq!(why, FinishReason::Length);
         assert_eq!(stats.generated, n);
@@ -88,22 +76,29 @@ fn batched_sequences_generate_the_reference_tokens() {
         "decode rows were batched: {st:?}"
     );
     assert_eq!(st.completed, 8);
-    std::thread::sleep(Duration::from_millis(50));
-    let st = engine.stats();
-    assert_eq!(
-        st.free_blocks, st.cache_blocks,
-        "every block came back: {st:?}"
-    );
+    // The engine records the free blocks at the end of its loop: wait for it.
+    let t0 = Instant::now();
+    loop {
+        let st = engine.stats();
+        if st.free_blocks == st.cache_blocks {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "blocks not returned: {st:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Dropping a stream cancels its generation and its blocks return to the cache before the
 /// next step; a stop token ends a generation with `Stop`.
 #[test]
 fn cancellation_frees_the_cache_and_stop_tokens_end() {
-    let f = fixture();
+    let f = common::smollm2_fixture();
     let tm = model();
     let engine = Engine::start(tm.model, EngineConfig::default()).unwrap();
-    let ids = u32s(&f["cases"][0]["ids"]);
+    let ids = common::u32s(&f["cases"][0]["ids"]);
     let mut s = engine.submit(greedy(ids.clone(), 500)).unwrap();
     for _ in 0..3 {
         assert!(matches!(s.next(), Some(TokenEvent::Token(_))));
@@ -120,7 +115,7 @@ fn cancellation_frees_the_cache_and_stop_tokens_end() {
         std::thread::sleep(Duration::from_millis(5));
     }
     // The reference's third greedy token as a stop token: three tokens, then Stop.
-    let want = u32s(&f["cases"][0]["greedy"]);
+    let want = common::u32s(&f["cases"][0]["greedy"]);
     let mut req = greedy(ids, 50);
     req.stop = vec![want[2]];
     let (got, why, _) = engine.submit(req).unwrap().collect_tokens().unwrap();
@@ -133,7 +128,7 @@ fn cancellation_frees_the_cache_and_stop_tokens_end() {
 /// whole cache, an empty prompt and a bad temperature are refused at submission.
 #[test]
 fn a_full_cache_refuses_new_sequences_without_evicting() {
-    let f = fixture();
+    let f = common::smollm2_fixture();
     let tm = model();
     // 30 layers x 2 x 16 positions x 192 values x 4 bytes = 737,280 bytes a block.
     let engine = Engine::start(
@@ -149,7 +144,7 @@ fn a_full_cache_refuses_new_sequences_without_evicting() {
     )
     .unwrap();
     assert_eq!(engine.cache_capacity(), 96);
-    let ids = u32s(&f["cases"][0]["ids"]);
+    let ids = common::u32s(&f["cases"][0]["ids"]);
     let first = engine.submit(greedy(ids.clone(), 40)).unwrap();
     let mut first = first.peekable();
     assert!(matches!(first.peek(), Some(TokenEvent::Token(_))));
@@ -177,11 +172,11 @@ fn a_full_cache_refuses_new_sequences_without_evicting() {
 /// Stopping the engine ends a running stream with a ShutDown error instead of hanging.
 #[test]
 fn stopping_the_engine_ends_every_stream() {
-    let f = fixture();
+    let f = common::smollm2_fixture();
     let tm = model();
     let engine = Engine::start(tm.model, EngineConfig::default()).unwrap();
     let mut s = engine
-        .submit(greedy(u32s(&f["cases"][1]["ids"]), 1000))
+        .submit(greedy(common::u32s(&f["cases"][1]["ids"]), 1000))
         .unwrap();
     assert!(matches!(s.next(), Some(TokenEvent::Token(_))));
     drop(engine);
@@ -195,10 +190,10 @@ fn stopping_the_engine_ends_every_stream() {
 /// Sampling with a seed repeats; the text stream turns tokens into the reference's text.
 #[test]
 fn seeded_sampling_repeats_and_text_streams() {
-    let f = fixture();
+    let f = common::smollm2_fixture();
     let tm = model();
     let mut text = tm.text_stream();
-    let want = u32s(&f["cases"][0]["greedy"]);
+    let want = common::u32s(&f["cases"][0]["greedy"]);
     let mut out = String::new();
     for &t in &want[..10] {
         out.push_str(&text.push(t).unwrap());
@@ -207,7 +202,7 @@ fn seeded_sampling_repeats_and_text_streams() {
     assert_eq!(out, expect);
     let engine = Engine::start(tm.model, EngineConfig::default()).unwrap();
     let run = |seed| {
-        let mut r = greedy(u32s(&f["cases"][2]["ids"]), 12);
+        let mut r = greedy(common::u32s(&f["cases"][2]["ids"]), 12);
         r.sampling = Sampling {
             temperature: 0.8,
             top_k: 40,

@@ -14,22 +14,6 @@ fn model_path() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/smollm2-135m-instruct.q4_1.gguf")
 }
 
-fn fixture() -> serde_json::Value {
-    let p = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/smollm2_golden.json"
-    );
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
-fn u32s(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 /// What one backend did on the fixture's cases.
 struct Outcome {
     worst_logit: f32,
@@ -54,7 +38,7 @@ fn run_model<B: DecoderBackend>(
     chunk: usize,
 ) -> Outcome {
     let mut cache = model.new_cache(KvCacheConfig::default()).unwrap();
-    let f = fixture();
+    let f = common::smollm2_fixture();
     let mut out = Outcome {
         worst_logit: 0.0,
         tokens_equal: 0,
@@ -64,7 +48,7 @@ fn run_model<B: DecoderBackend>(
     };
     for &i in cases {
         let c = &f["cases"][i];
-        let ids = u32s(&c["ids"]);
+        let ids = common::u32s(&c["ids"]);
         let mut seq = Sequence::new();
         let logits = seq.feed(model, &mut cache, &ids, chunk).unwrap();
         let host = model.backend().download(&logits).unwrap();
@@ -75,7 +59,7 @@ fn run_model<B: DecoderBackend>(
             );
             out.worst_logit = out.worst_logit.max((host[id] - want as f32).abs());
         }
-        let greedy = u32s(&c["greedy"]);
+        let greedy = common::u32s(&c["greedy"]);
         let margins = c["margins"].as_array().unwrap();
         let mut next = model.backend().argmax(&logits).unwrap()[0];
         let mut all = true;
@@ -174,7 +158,7 @@ fn the_converted_model_file_generates_the_same() {
     let from_file = Llama::load_file(common::cpu(), &file).unwrap();
     let g = GgufFile::open(model_path()).unwrap();
     let from_gguf = Llama::load(common::cpu(), &g).unwrap();
-    let ids = u32s(&fixture()["cases"][4]["ids"]);
+    let ids = common::u32s(&common::smollm2_fixture()["cases"][4]["ids"]);
     let logits = |m: &Llama<apparate::backend::CpuBackend>| {
         let mut cache = m.new_cache(KvCacheConfig::default()).unwrap();
         let mut seq = Sequence::new();

@@ -543,12 +543,11 @@ impl<B: DecoderBackend> Worker<B> {
                 failed.sort_unstable();
                 for &i in failed.iter().rev() {
                     let mut r = self.running.remove(i);
-                    let _ =
-                        r.p.tx
-                            .send(TokenEvent::Failed(ServeError::Backend(e.to_string())));
                     self.cache.release(&mut r.seq);
+                    self.count(|s| s.failed += 1);
+                    let why = ServeError::Backend(e.to_string());
+                    let _ = r.p.tx.send(TokenEvent::Failed(why));
                 }
-                self.count(|s| s.failed += failed.len() as u64);
                 return;
             }
         };
@@ -605,8 +604,10 @@ impl<B: DecoderBackend> Worker<B> {
                         total: now - r.p.submitted,
                         queued: r.admitted - r.p.submitted,
                     };
-                    let _ = r.p.tx.send(TokenEvent::Done(why, stats));
+                    // Counted before the caller hears of it, so stats read after the last
+                    // event include it.
                     self.count(|s| s.completed += 1);
+                    let _ = r.p.tx.send(TokenEvent::Done(why, stats));
                 }
                 None => self.count(|s| s.cancelled += 1),
             }

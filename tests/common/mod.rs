@@ -80,3 +80,22 @@ pub fn workload_file(name: &str) -> PathBuf {
     );
     p
 }
+
+/// The SmolLM2 reference outputs (tests/fixtures/smollm2_golden.json, made by
+/// tools/make_golden_smollm2.py with transformers on the same GGUF file).
+pub fn smollm2_fixture() -> serde_json::Value {
+    let p = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/smollm2_golden.json"
+    );
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// A JSON array of token ids.
+pub fn u32s(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}

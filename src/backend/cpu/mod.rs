@@ -14,7 +14,7 @@ mod pool;
 pub mod qmatmul;
 pub mod qmatvec;
 mod ramp;
-mod simd;
+pub(crate) mod simd;
 mod softmax;
 
 use std::sync::Arc;
