@@ -2,7 +2,7 @@
 //! products run on them, with f32 activations ([`qmatmul`], the default) or activations
 //! quantized to 8-bit blocks once per row as llama.cpp does ([`qmatvec`],
 //! [`CpuBackend::with_q8_activations`]); the row ops are plain loops; the attention is in
-//! [`kv_attention`].
+//! `kv_attention.rs`.
 
 use std::sync::Arc;
 

@@ -6,7 +6,7 @@
 //! move greedy generation off the reference in 16 of 20 prompts; this path matches it
 //! (docs/results.md). Weights are still read as blocks, a fifth of the bytes of f32.
 //!
-//! Activations go in tiles of [`TILE`] rows: each weight block is decoded once per tile and
+//! Activations go in tiles of `TILE` (4) rows: each weight block is decoded once per tile and
 //! used for all its rows, so a prefill's rows share the decoding. AVX2 + FMA + F16C when the CPU
 //! has them, else a plain loop over [`crate::quant::dequantize_row`].
 

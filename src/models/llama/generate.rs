@@ -1,6 +1,6 @@
 //! Generation for one sequence at a time: the prompt prefilled in chunks, then one token per
 //! step, each handed to the caller as soon as it is chosen. (Many sequences at once go through
-//! [`crate::decode`], which batches their steps.)
+//! [`crate::generation::Engine`], which batches their steps.)
 
 use std::time::Instant;
 
@@ -74,8 +74,8 @@ impl Sequence {
         self.cache.is_empty()
     }
 
-    /// Feeds `tokens` (in steps of at most `chunk`) and returns the logits after the last one,
-    /// on the host.
+    /// Feeds `tokens` (in steps of at most `chunk`) and returns the logits after the last one
+    /// (`[1, vocab]`, on the backend).
     pub fn feed<B: DecoderBackend>(
         &mut self,
         model: &Llama<B>,
