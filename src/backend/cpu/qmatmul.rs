@@ -131,17 +131,8 @@ fn decode_avx2(ty: GgmlType, blk: &[u8]) -> [std::arch::x86_64::__m256; 4] {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-fn hsum(acc: std::arch::x86_64::__m256) -> f32 {
-    use std::arch::x86_64::*;
-    let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)))
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
 fn matmul_avx2(ty: GgmlType, weights: &[u8], x: &[f32], cols: usize, out: &mut [f32]) {
+    use super::qmatvec::hsum;
     use std::arch::x86_64::*;
     let m = x.len() / cols;
     let rows = out.len() / m;

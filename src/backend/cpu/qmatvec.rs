@@ -198,7 +198,7 @@ fn q4_1_rows_avx2(weights: &[u8], xs: &[Q8Activations], out: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-fn hsum(acc: std::arch::x86_64::__m256) -> f32 {
+pub(super) fn hsum(acc: std::arch::x86_64::__m256) -> f32 {
     use std::arch::x86_64::*;
     let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
     let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
