@@ -10,8 +10,8 @@ pseudo-random token walks as the Rust bench.
 llama-cpp-python is not a dependency of the project; build it from its source package in a
 venv of its own (its wheel compiles llama.cpp, several minutes on 2 cores):
 
-    python3 -m venv /tmp/llcpp && /tmp/llcpp/bin/pip install llama-cpp-python==0.3.36
-    /tmp/llcpp/bin/python tools/bench_decode_llamacpp.py --threads 2 [--json out.json]
+    python3 -m venv .venv-llamacpp && .venv-llamacpp/bin/pip install llama-cpp-python==0.3.36
+    .venv-llamacpp/bin/python tools/bench_decode_llamacpp.py --threads 2 [--json out.json]
 """
 import argparse
 import ctypes

@@ -48,7 +48,8 @@ pub struct GenerateArgs {
     /// Print token ids instead of text, one per line.
     #[arg(long)]
     ids: bool,
-    /// Key/value cache size in MiB.
+    /// Most memory the key/value cache may take, in MiB (it takes what the prompt and
+    /// --max-tokens need, up to this).
     #[arg(long, default_value_t = 256)]
     kv_cache_mib: usize,
     /// CPU only: quantize activations to 8 bits in the weight products, as llama.cpp does
@@ -79,9 +80,18 @@ impl DecoderJob for Job {
             eprintln!("(the model has no chat template: the prompt goes in as it is)");
         }
         let ids = tm.prompt_ids(&prompt, a.raw, a.system.as_deref())?;
+        // One generation needs prompt + max_tokens positions: the cache is that large, with
+        // --kv-cache-mib as its ceiling (so a huge ceiling allocates nothing extra).
+        let kv = KvCacheConfig::default();
+        let per_position = tm.model.cfg.blocks
+            * 2
+            * tm.model.heads().kv_width()
+            * tm.model.backend().value_bytes();
+        let positions = (ids.len() + a.max_tokens).min(tm.model.cfg.context);
+        let need = positions.div_ceil(kv.block_size) * kv.block_size * per_position;
         let mut cache = tm.model.new_cache(KvCacheConfig {
-            budget_bytes: a.kv_cache_mib << 20,
-            ..KvCacheConfig::default()
+            budget_bytes: (a.kv_cache_mib << 20).min(need),
+            ..kv
         })?;
         if ids.len() + a.max_tokens > cache.capacity().min(tm.model.cfg.context) {
             return Err(Error::Input(format!(
