@@ -7,6 +7,7 @@
 //!
 //! ```sh
 //! cargo bench --bench decode -- [--threads N] [--q8] [--steps 32] [--repeats 3] [--json out.json]
+//!     [--prefill 128,512] [--batches 1,8,32]
 //! ```
 
 use std::time::Instant;
@@ -23,6 +24,15 @@ struct Opts {
     repeats: usize,
     json: Option<String>,
     model: String,
+    prefill: Vec<usize>,
+    batches: Vec<usize>,
+}
+
+fn list(v: &str, flag: &str) -> Vec<usize> {
+    v.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap_or_else(|_| panic!("{flag}: a comma-separated list of counts")))
+        .collect()
 }
 
 fn opts() -> Opts {
@@ -33,6 +43,8 @@ fn opts() -> Opts {
         repeats: 3,
         json: None,
         model: "weights/smollm2-135m-instruct.q4_1.gguf".into(),
+        prefill: vec![128, 512],
+        batches: vec![1, 8, 32],
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -44,6 +56,8 @@ fn opts() -> Opts {
             "--repeats" => o.repeats = val(i).parse().expect("--repeats N"),
             "--json" => o.json = Some(val(i)),
             "--model" => o.model = val(i),
+            "--prefill" => o.prefill = list(&val(i), "--prefill"),
+            "--batches" => o.batches = list(&val(i), "--batches"),
             "--q8" => {
                 o.q8 = true;
                 i -= 1;
@@ -88,7 +102,7 @@ fn main() {
         o.repeats
     );
     let mut rows = Vec::new();
-    for n in [128usize, 512] {
+    for &n in &o.prefill {
         let p = prompt(n, 1);
         let t: Vec<f64> = (0..o.repeats)
             .map(|_| {
@@ -119,7 +133,7 @@ fn main() {
         );
         rows.push(serde_json::json!({"kind": "prefill", "tokens": n, "secs": secs, "tokens_per_s": n as f64 / secs}));
     }
-    for batch in [1usize, 8, 32] {
+    for &batch in &o.batches {
         let t: Vec<f64> = (0..o.repeats)
             .map(|_| {
                 let mut seqs: Vec<SeqCache> = (0..batch).map(|_| SeqCache::default()).collect();

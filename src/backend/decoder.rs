@@ -253,7 +253,7 @@ pub trait DecoderBackend: Backend {
 
     /// A zeroed key/value cache layer of `slots` positions of `kv_width` values each.
     fn alloc_kv_layer(&self, slots: usize, kv_width: usize) -> Result<KvLayer<Self::Tensor>> {
-        let zeros = vec![0f32; slots * kv_width];
+        let zeros = zeroed_f32(slots, kv_width)?;
         Ok(KvLayer {
             k: self.upload(&zeros, &[slots, kv_width])?,
             v: self.upload(&zeros, &[slots, kv_width])?,
@@ -454,5 +454,33 @@ pub trait DecoderBackend: Backend {
             ));
         }
         self.run_argmax(x)
+    }
+}
+
+/// `rows * cols` zeros on the host, or an error naming the size when it cannot be allocated
+/// (a cache budget larger than the machine's memory must not abort the process). Zeroed pages
+/// come from the allocator as they are, so nothing is touched before use.
+pub(crate) fn zeroed_f32(rows: usize, cols: usize) -> Result<Vec<f32>> {
+    let fail = || {
+        Error::device(
+            "host",
+            "alloc_kv_layer",
+            format!("cannot allocate {rows} x {cols} f32 values for a key/value cache layer"),
+        )
+    };
+    let n = rows.checked_mul(cols).ok_or_else(fail)?;
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<f32>(n).map_err(|_| fail())?;
+    // SAFETY: `layout` has a non-zero size; a non-null result is `n` zeroed, aligned f32
+    // values (all-zero bits are 0.0) owned by the returned Vec, allocated by the global
+    // allocator with exactly the layout `Vec<f32>` of capacity `n` frees with.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout) as *mut f32;
+        if p.is_null() {
+            return Err(fail());
+        }
+        Ok(Vec::from_raw_parts(p, n, n))
     }
 }

@@ -6,13 +6,13 @@
 
 use std::sync::Arc;
 
-use gemm::Parallelism;
-
-use super::par::{for_chunks, map_indices};
 use super::qmatmul;
 use super::qmatvec::{self, Q8Activations};
+use super::team::Exec;
 use super::{CpuBackend, CpuTensor, kv_attention};
-use crate::backend::decoder::{DecoderBackend, Heads, KvLayer, KvPlan, NormOut, PlanInfo, QInfo};
+use crate::backend::decoder::{
+    DecoderBackend, Heads, KvLayer, KvPlan, NormOut, PlanInfo, QInfo, zeroed_f32,
+};
 use crate::error::{Error, Result};
 
 /// A block-quantized weight in host memory, as the file stores it.
@@ -43,7 +43,7 @@ fn rms_rows(
     r: Option<&[f32]>,
     gamma: &[f32],
     eps: f32,
-    par: Parallelism,
+    exec: Exec<'_>,
 ) -> (Vec<f32>, Vec<f32>) {
     let cols = gamma.len();
     let h: Vec<f32> = match r {
@@ -51,7 +51,7 @@ fn rms_rows(
         None => x.to_vec(),
     };
     let mut y = vec![0f32; h.len()];
-    for_chunks(&mut y, cols, par, |i, out| {
+    exec.for_chunks(&mut y, cols, |i, out| {
         let row = &h[i * cols..(i + 1) * cols];
         let ms = super::simd::dot(row, row) / cols as f32;
         let s = 1.0 / (ms + eps).sqrt();
@@ -72,6 +72,17 @@ impl DecoderBackend for CpuBackend {
 
     fn value_bytes(&self) -> usize {
         4
+    }
+
+    /// The zeroed host memory is the tensor: no staging copy that would touch every page.
+    fn alloc_kv_layer(&self, slots: usize, kv_width: usize) -> Result<KvLayer<CpuTensor>> {
+        let t = || -> Result<CpuTensor> {
+            Ok(CpuTensor::new(
+                vec![slots, kv_width],
+                zeroed_f32(slots, kv_width)?,
+            ))
+        };
+        Ok(KvLayer { k: t()?, v: t()? })
     }
 
     fn run_load_quantized(&self, info: QInfo, bytes: &[u8]) -> Result<CpuQTensor> {
@@ -103,15 +114,16 @@ impl DecoderBackend for CpuBackend {
         let chunk = rows_per_task(rows, self.threads);
         let tasks = rows.div_ceil(chunk);
         let q8 = self.q8_activations;
-        let parts = self.run(m * rows * cols, |par| {
+        let exec = self.exec(m * rows * cols);
+        let parts = {
             let xs: Vec<Q8Activations> = if q8 {
-                map_indices(m, par, |i| {
+                exec.map(m, |i| {
                     Q8Activations::quantize(&x.data[i * cols..(i + 1) * cols])
                 })
             } else {
                 Vec::new()
             };
-            map_indices(tasks, par, |t| {
+            exec.map(tasks, |t| {
                 let (r0, r1) = (t * chunk, ((t + 1) * chunk).min(rows));
                 let mut out = vec![0f32; m * (r1 - r0)];
                 let wb = &w.bytes[r0 * rb..r1 * rb];
@@ -122,7 +134,7 @@ impl DecoderBackend for CpuBackend {
                 }
                 .map(|_| out)
             })
-        });
+        };
         let mut y = vec![0f32; m * rows];
         for (t, part) in parts.into_iter().enumerate() {
             let part = part.map_err(|e| Error::device("cpu", "qlinear", e))?;
@@ -141,15 +153,13 @@ impl DecoderBackend for CpuBackend {
         gamma: &CpuTensor,
         eps: f32,
     ) -> Result<NormOut<CpuTensor>> {
-        let (h, y) = self.run(x.data.len() * 4, |par| {
-            rms_rows(
-                &x.data,
-                residual.map(|r| r.data.as_slice()),
-                &gamma.data,
-                eps,
-                par,
-            )
-        });
+        let (h, y) = rms_rows(
+            &x.data,
+            residual.map(|r| r.data.as_slice()),
+            &gamma.data,
+            eps,
+            self.exec(x.data.len() * 4),
+        );
         let h = residual.map(|_| CpuTensor::new(x.shape.clone(), h));
         Ok((h, CpuTensor::new(x.shape.clone(), y)))
     }
@@ -167,8 +177,9 @@ impl DecoderBackend for CpuBackend {
             .map(|i| base.powf(-2.0 * i as f32 / head_dim as f32))
             .collect();
         let positions = &plan.positions;
-        self.run(x.data.len() * 4, |par| {
-            for_chunks(&mut x.data, cols, par, |r, row| {
+        let exec = self.exec(x.data.len() * 4);
+        {
+            exec.for_chunks(&mut x.data, cols, |r, row| {
                 let pos = positions[r] as f32;
                 let turns: Vec<(f32, f32)> = inv_freq.iter().map(|f| (pos * f).sin_cos()).collect();
                 for head in row[..rotated_heads * head_dim].chunks_exact_mut(head_dim) {
@@ -179,7 +190,7 @@ impl DecoderBackend for CpuBackend {
                     }
                 }
             })
-        });
+        }
         Ok(())
     }
 
@@ -194,9 +205,7 @@ impl DecoderBackend for CpuBackend {
         let context: usize = plan.positions.iter().map(|&p| p as usize + 1).sum();
         let work = 2 * context * heads.heads * heads.head_dim;
         let (k, v) = (&cache.k.data, &cache.v.data);
-        let out = self.run(work, |par| {
-            kv_attention::attend(&qkv.data, k, v, plan, heads, par)
-        });
+        let out = kv_attention::attend(&qkv.data, k, v, plan, heads, self.exec(work));
         Ok(CpuTensor::new(
             vec![plan.rows(), heads.heads * heads.head_dim],
             out,
@@ -206,14 +215,14 @@ impl DecoderBackend for CpuBackend {
     fn run_silu_mul(&self, x: &CpuTensor) -> Result<CpuTensor> {
         let (m, f) = (x.shape[0], x.shape[1] / 2);
         let mut y = vec![0f32; m * f];
-        self.run(m * f * 8, |par| {
-            for_chunks(&mut y, f, par, |i, out| {
+        {
+            self.exec(m * f * 8).for_chunks(&mut y, f, |i, out| {
                 let (g, u) = x.data[i * 2 * f..(i + 1) * 2 * f].split_at(f);
                 for ((o, g), u) in out.iter_mut().zip(g).zip(u) {
                     *o = g / (1.0 + super::simd::exp(-g)) * u;
                 }
             })
-        });
+        }
         Ok(CpuTensor::new(vec![m, f], y))
     }
 

@@ -3,11 +3,9 @@
 //! cache), then every (row, query head) pair in parallel scores its sequence's positions
 //! `0..=pos`, takes the softmax and sums the values.
 
-use gemm::Parallelism;
-
-use super::par::for_chunks;
 use super::simd::{self, multiversion};
 use super::softmax::softmax_in_place;
+use super::team::Exec;
 use crate::backend::decoder::{Heads, KvPlan};
 
 /// Writes the key and value parts of each `qkv` row into slot `plan.slots[row]`.
@@ -58,13 +56,13 @@ pub(crate) fn attend(
     v: &[f32],
     plan: &KvPlan,
     h: Heads,
-    par: Parallelism,
+    exec: Exec<'_>,
 ) -> Vec<f32> {
     let (w, kvw, d) = (h.qkv_width(), h.kv_width(), h.head_dim);
     let group = h.heads / h.kv_heads;
     let bs = plan.block_size();
     let mut out = vec![0f32; plan.rows() * h.heads * d];
-    for_chunks(&mut out, h.heads * d, par, |r, o| {
+    exec.for_chunks(&mut out, h.heads * d, |r, o| {
         let pos = plan.positions[r] as usize;
         let table = &plan.tables[plan.starts[r] as usize..];
         let slots: Vec<usize> = (0..=pos)

@@ -16,6 +16,7 @@ pub mod qmatvec;
 mod ramp;
 pub(crate) mod simd;
 mod softmax;
+mod team;
 
 use std::sync::Arc;
 
@@ -108,6 +109,9 @@ impl CpuTensor {
 #[derive(Clone)]
 pub struct CpuBackend {
     pool: Arc<rayon::ThreadPool>,
+    /// The decoder ops' fork-join team (`team.rs`), started at the first such op; `None`
+    /// inside when its threads could not start (the ops then run on the caller).
+    team: Arc<std::sync::OnceLock<Option<team::Team>>>,
     threads: usize,
     /// Quantized products take 8-bit activations ([`qmatvec`]) instead of f32 ([`qmatmul`]).
     q8_activations: bool,
@@ -129,6 +133,7 @@ impl CpuBackend {
             .map_err(|e| Error::device("cpu", format!("starting {threads} worker threads"), e))?;
         Ok(CpuBackend {
             pool: Arc::new(pool),
+            team: Arc::default(),
             threads,
             q8_activations: false,
         })
@@ -157,7 +162,26 @@ impl CpuBackend {
             f(gemm::Parallelism::None)
         }
     }
+
+    /// Where a decoder op of about `work` multiply-adds runs: on the team when there is
+    /// more than one thread and enough work, else on the caller.
+    fn exec(&self, work: usize) -> team::Exec<'_> {
+        if self.threads < 2 || work < TEAM_INLINE_WORK {
+            return team::Exec::Inline;
+        }
+        match self
+            .team
+            .get_or_init(|| team::Team::new(self.threads).ok())
+        {
+            Some(t) => team::Exec::Team(t),
+            None => team::Exec::Inline,
+        }
+    }
 }
+
+/// Decoder ops of fewer multiply-adds (roughly) than this run on the caller: a few
+/// microseconds of work, about what waking a sleeping team worker can cost.
+const TEAM_INLINE_WORK: usize = 1 << 14;
 
 /// Ops of fewer multiply-adds (roughly) than this run inline: at a few GFLOP/s such an op takes
 /// tens of microseconds on one core, about what handing it to the pool costs (19 us measured

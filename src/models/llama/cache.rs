@@ -134,3 +134,29 @@ impl<B: DecoderBackend> KvCache<B> {
         seq.len = 0;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{CpuBackend, CpuConfig};
+
+    /// A budget beyond what any machine has is an error that names the allocation, not an
+    /// abort of the process; a small one gives whole blocks.
+    #[test]
+    fn a_budget_beyond_memory_is_an_error() {
+        let be = CpuBackend::new(CpuConfig { threads: Some(1) }).unwrap();
+        let huge = KvCacheConfig {
+            budget_bytes: usize::MAX,
+            ..KvCacheConfig::default()
+        };
+        let err = KvCache::new(&be, 30, 192, huge).err().expect("refused");
+        assert!(err.to_string().contains("cannot allocate"), "{err}");
+        let small = KvCacheConfig {
+            budget_bytes: 1 << 20,
+            ..KvCacheConfig::default()
+        };
+        let c = KvCache::new(&be, 2, 8, small).unwrap();
+        assert_eq!(c.blocks(), (1 << 20) / (2 * 2 * 16 * 8 * 4));
+        assert!(crate::backend::decoder::zeroed_f32(usize::MAX, 2).is_err());
+    }
+}

@@ -1,0 +1,367 @@
+//! A fork-join team for the decoder's ops: the calling thread and `threads - 1` workers share
+//! each op's tasks, and the workers wait for the next op by spinning for a short while before
+//! they sleep.
+//!
+//! Why not the rayon pool the other ops use: a decode step of SmolLM2-135M is 121 quantized
+//! products of 50-500 us each plus a few hundred row ops, and handing each to rayon from a
+//! thread outside the pool costs a wake-up of a sleeping worker and of the caller (tens of
+//! microseconds on the 2-core development VMs). Measured there: 2 threads gained only 1.25-1.35x
+//! over 1 at batch 1 (llama.cpp, whose threads spin between ops, gains 1.6-1.8x). Here the
+//! caller works on the op itself, and a worker that finished an op is still spinning when the
+//! next one comes microseconds later, so a hand-off is a few atomic operations.
+//!
+//! One op runs at a time: a second caller (another thread, or an op started from inside a task)
+//! runs its tasks on its own thread instead of waiting.
+
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long an idle worker spins before it sleeps: longer than the gaps between the ops of a
+/// step and between steps (a step's host work, sampling and streaming, takes microseconds to
+/// a few hundred), short enough that an idle engine does not keep cores busy.
+const SPIN: Duration = Duration::from_millis(2);
+
+/// One op: `tasks` calls of `f`, handed out by `next`.
+struct Job<'a> {
+    f: &'a (dyn Fn(usize) + Sync),
+    tasks: usize,
+}
+
+struct Shared {
+    /// Bumped for every op (and at shutdown); a worker runs one op per value it sees.
+    epoch: AtomicU64,
+    /// The current op, on the caller's stack; valid until every worker counted itself `done`.
+    job: AtomicPtr<Job<'static>>,
+    next: AtomicUsize,
+    done: AtomicUsize,
+    panicked: AtomicBool,
+    stop: AtomicBool,
+    /// Workers asleep (or about to be) on `wake`.
+    sleepers: AtomicUsize,
+    lock: Mutex<()>,
+    wake: Condvar,
+    spin: bool,
+}
+
+impl Shared {
+    /// Runs tasks of the current job until none are left; false when one panicked.
+    fn work(&self, job: &Job<'_>) -> bool {
+        catch_unwind(AssertUnwindSafe(|| {
+            loop {
+                let i = self.next.fetch_add(1, Relaxed);
+                if i >= job.tasks {
+                    break;
+                }
+                (job.f)(i);
+            }
+        }))
+        .is_ok()
+    }
+}
+
+pub(crate) struct Team {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    /// Held by the op in flight.
+    busy: Mutex<()>,
+}
+
+impl Team {
+    /// A team of `threads` (the caller and `threads - 1` workers). Workers spin between ops
+    /// only when the machine has a core for each; otherwise they sleep at once.
+    pub(crate) fn new(threads: usize) -> std::io::Result<Team> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let shared = Arc::new(Shared {
+            epoch: AtomicU64::new(0),
+            job: AtomicPtr::new(std::ptr::null_mut()),
+            next: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            sleepers: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
+            spin: threads <= cores,
+        });
+        let mut workers = Vec::new();
+        for i in 1..threads.max(1) {
+            let s = shared.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("apparate-team-{i}"))
+                .spawn(move || worker(&s));
+            match h {
+                Ok(h) => workers.push(h),
+                Err(e) => {
+                    // Stop the ones already started before reporting.
+                    drop(Team {
+                        shared,
+                        workers,
+                        busy: Mutex::new(()),
+                    });
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Team {
+            shared,
+            workers,
+            busy: Mutex::new(()),
+        })
+    }
+
+    pub(crate) fn threads(&self) -> usize {
+        self.workers.len() + 1
+    }
+
+    /// `f(i)` for every `i` in `0..tasks`, spread over the team; returns when all are done.
+    /// A panic in a task is raised here after every thread has left the op.
+    pub(crate) fn for_each(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+        let guard = if tasks > 1 && !self.workers.is_empty() {
+            self.busy.try_lock().ok()
+        } else {
+            None
+        };
+        let Some(_guard) = guard else {
+            (0..tasks).for_each(f);
+            return;
+        };
+        let s = &*self.shared;
+        let job = Job { f, tasks };
+        s.next.store(0, Relaxed);
+        s.done.store(0, Relaxed);
+        s.panicked.store(false, Relaxed);
+        // The job outlives its use: this function returns only after every worker has
+        // counted itself done with it, and clears the pointer first.
+        s.job
+            .store(&job as *const Job<'_> as *mut Job<'static>, Release);
+        s.epoch.fetch_add(1, SeqCst);
+        if s.sleepers.load(SeqCst) > 0 {
+            let _l = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.wake.notify_all();
+        }
+        let mine = s.work(&job);
+        let n = self.workers.len();
+        let mut spins = 0u32;
+        while s.done.load(Acquire) < n {
+            spins += 1;
+            if spins < 1 << 12 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        s.job.store(std::ptr::null_mut(), Relaxed);
+        if !mine || s.panicked.load(Relaxed) {
+            resume_unwind(Box::new("a task of a team op panicked"));
+        }
+    }
+
+    /// `[f(0), .., f(n - 1)]`, computed by the team.
+    pub(crate) fn map<R: Send>(&self, n: usize, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
+        let slots: Vec<Mutex<Option<R>>> = (0..n).map(|_| Mutex::new(None)).collect();
+        self.for_each(n, &|i| {
+            *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(f(i));
+        });
+        slots
+            .into_iter()
+            .map(|m| {
+                m.into_inner()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .expect("every task ran")
+            })
+            .collect()
+    }
+
+    /// `f(index, chunk)` over `out` in chunks of `size` (the last may be shorter), grouped into
+    /// about four tasks per thread.
+    pub(crate) fn for_chunks<T: Send>(
+        &self,
+        out: &mut [T],
+        size: usize,
+        f: impl Fn(usize, &mut [T]) + Sync,
+    ) {
+        let size = size.max(1);
+        let chunks = out.len().div_ceil(size);
+        let per_task = chunks.div_ceil(4 * self.threads()).max(1);
+        let tasks = chunks.div_ceil(per_task);
+        let len = out.len();
+        let base = SendPtr(out.as_mut_ptr());
+        self.for_each(tasks, &|t| {
+            let base = &base;
+            for c in t * per_task..((t + 1) * per_task).min(chunks) {
+                let (a, b) = (c * size, ((c + 1) * size).min(len));
+                // SAFETY: chunks `[a, b)` are disjoint and inside `out`, which the caller
+                // borrows mutably for the whole op; each index is handed to one task.
+                let chunk = unsafe { std::slice::from_raw_parts_mut(base.0.add(a), b - a) };
+                f(c, chunk);
+            }
+        });
+    }
+}
+
+/// Where an op's tasks run: inline on the caller (small ops, one thread) or on the team.
+#[derive(Clone, Copy)]
+pub(crate) enum Exec<'a> {
+    Inline,
+    Team(&'a Team),
+}
+
+impl Exec<'_> {
+    /// `[f(0), .., f(n - 1)]`.
+    pub(crate) fn map<R: Send>(self, n: usize, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
+        match self {
+            Exec::Inline => (0..n).map(f).collect(),
+            Exec::Team(t) => t.map(n, f),
+        }
+    }
+
+    /// `f(index, chunk)` over `out` in chunks of `size`.
+    pub(crate) fn for_chunks<T: Send>(
+        self,
+        out: &mut [T],
+        size: usize,
+        f: impl Fn(usize, &mut [T]) + Sync,
+    ) {
+        match self {
+            Exec::Inline => out
+                .chunks_mut(size.max(1))
+                .enumerate()
+                .for_each(|(i, c)| f(i, c)),
+            Exec::Team(t) => t.for_chunks(out, size, f),
+        }
+    }
+}
+
+struct SendPtr<T>(*mut T);
+// SAFETY: used only to hand disjoint sub-slices of a `&mut [T]` (T: Send) to tasks.
+unsafe impl<T: Send> Sync for SendPtr<T> {}
+
+fn worker(s: &Shared) {
+    let mut seen = 0u64;
+    loop {
+        // Wait for the next op: spin, then sleep.
+        let start = Instant::now();
+        let mut spins = 0u32;
+        let epoch = loop {
+            let e = s.epoch.load(Acquire);
+            if e != seen {
+                break e;
+            }
+            spins = spins.wrapping_add(1);
+            if s.spin && (spins & 1023 != 0 || start.elapsed() < SPIN) {
+                std::hint::spin_loop();
+                continue;
+            }
+            let mut l = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.sleepers.fetch_add(1, SeqCst);
+            while s.epoch.load(SeqCst) == seen {
+                l = s.wake.wait(l).unwrap_or_else(|e| e.into_inner());
+            }
+            s.sleepers.fetch_sub(1, SeqCst);
+        };
+        seen = epoch;
+        if s.stop.load(Acquire) {
+            return;
+        }
+        let job = s.job.load(Acquire);
+        // SAFETY: the caller published `job` before bumping the epoch and keeps it alive
+        // until this worker counts itself done below.
+        let ok = match unsafe { job.as_ref() } {
+            Some(job) => s.work(job),
+            None => true,
+        };
+        if !ok {
+            s.panicked.store(true, Relaxed);
+        }
+        s.done.fetch_add(1, Release);
+    }
+}
+
+impl Drop for Team {
+    fn drop(&mut self) {
+        let s = &*self.shared;
+        s.stop.store(true, Release);
+        s.epoch.fetch_add(1, SeqCst);
+        {
+            let _l = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.wake.notify_all();
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_task_runs_once_across_many_ops() {
+        for threads in [1, 2, 3] {
+            let team = Team::new(threads).unwrap();
+            for op in 0..2000usize {
+                let n = op % 37;
+                let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                team.for_each(n, &|i| {
+                    hits[i].fetch_add(1, Relaxed);
+                });
+                assert!(hits.iter().all(|h| h.load(Relaxed) == 1), "op {op}");
+            }
+            let v = team.map(100, |i| i * i);
+            assert_eq!(v, (0..100).map(|i| i * i).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn chunks_cover_the_slice_once() {
+        let team = Team::new(2).unwrap();
+        let mut v = vec![0u32; 1003];
+        team.for_chunks(&mut v, 10, |c, chunk| {
+            for x in chunk {
+                *x += c as u32 + 1;
+            }
+        });
+        for (i, x) in v.iter().enumerate() {
+            assert_eq!(*x, (i / 10) as u32 + 1);
+        }
+    }
+
+    #[test]
+    fn a_panicking_task_is_raised_to_the_caller_and_the_team_goes_on() {
+        let team = Team::new(2).unwrap();
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            team.for_each(16, &|i| assert!(i != 11, "task 11"));
+        }));
+        assert!(r.is_err());
+        let v = team.map(8, |i| i + 1);
+        assert_eq!(v.iter().sum::<usize>(), 36);
+    }
+
+    #[test]
+    fn workers_that_slept_wake_for_the_next_op() {
+        let team = Team::new(2).unwrap();
+        team.for_each(4, &|_| {});
+        std::thread::sleep(SPIN * 3);
+        let hits = AtomicUsize::new(0);
+        team.for_each(64, &|_| {
+            hits.fetch_add(1, Relaxed);
+        });
+        assert_eq!(hits.load(Relaxed), 64);
+    }
+
+    #[test]
+    fn an_op_started_inside_a_task_runs_on_its_thread() {
+        let team = Team::new(2).unwrap();
+        let total = AtomicUsize::new(0);
+        team.for_each(4, &|_| {
+            team.for_each(5, &|_| {
+                total.fetch_add(1, Relaxed);
+            });
+        });
+        assert_eq!(total.load(Relaxed), 20);
+    }
+}
