@@ -31,7 +31,10 @@ struct Opts {
 fn list(v: &str, flag: &str) -> Vec<usize> {
     v.split(',')
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse().unwrap_or_else(|_| panic!("{flag}: a comma-separated list of counts")))
+        .map(|s| {
+            s.parse()
+                .unwrap_or_else(|_| panic!("{flag}: a comma-separated list of counts"))
+        })
         .collect()
 }
 

@@ -169,10 +169,7 @@ impl CpuBackend {
         if self.threads < 2 || work < TEAM_INLINE_WORK {
             return team::Exec::Inline;
         }
-        match self
-            .team
-            .get_or_init(|| team::Team::new(self.threads).ok())
-        {
+        match self.team.get_or_init(|| team::Team::new(self.threads).ok()) {
             Some(t) => team::Exec::Team(t),
             None => team::Exec::Inline,
         }

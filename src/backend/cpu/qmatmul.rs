@@ -151,7 +151,8 @@ fn decode_avx512(ty: GgmlType, blk: *const u8) -> [std::arch::x86_64::__m512; 2]
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 #[inline]
-#[allow(clippy::too_many_arguments)]
+// Index loops: one load of an activation row's values serves every weight row's accumulator.
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 fn tile_avx512<const R: usize, const T: usize>(
     ty: GgmlType,
     weights: &[u8],
