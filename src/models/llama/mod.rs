@@ -49,6 +49,13 @@ struct Block<B: DecoderBackend> {
     down: B::QTensor,
 }
 
+/// The hidden state of a step's rows between blocks: the residual stream `h` and the last
+/// block's output `delta`, not yet added (the addition is fused into the next RMSNorm).
+pub struct Hidden<B: DecoderBackend> {
+    h: B::Tensor,
+    delta: Option<B::Tensor>,
+}
+
 /// Part of a step: `tokens` of one sequence at positions `start..start + tokens.len()`, its
 /// cache blocks `table` (reserved to cover them).
 #[derive(Copy, Clone, Debug)]
@@ -230,6 +237,10 @@ impl<B: DecoderBackend> Llama<B> {
         &self.be
     }
 
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
     pub fn heads(&self) -> Heads {
         Heads {
             heads: self.cfg.heads,
@@ -247,7 +258,35 @@ impl<B: DecoderBackend> Llama<B> {
     /// `cache`; returns the logits `[chunks, vocab]` of each chunk's last token. The caller
     /// has reserved the chunks' blocks ([`KvCache::reserve`]) and records the new lengths.
     pub fn forward(&self, cache: &mut KvCache<B>, chunks: &[Chunk<'_>]) -> Result<B::Tensor> {
-        let be = &self.be;
+        self.forward_observed(cache, chunks, |_, _| Ok(()))
+    }
+
+    /// [`Llama::forward`], calling `observe(block, hidden)` after each block with the step's
+    /// hidden state (every row): where ramps read the model ([`Llama::head_logits`]).
+    pub fn forward_observed(
+        &self,
+        cache: &mut KvCache<B>,
+        chunks: &[Chunk<'_>],
+        mut observe: impl FnMut(usize, &Hidden<B>) -> Result<()>,
+    ) -> Result<B::Tensor> {
+        let (plan, ids, last) = self.plan(cache, chunks)?;
+        let mut hid = Hidden {
+            h: self.be.embed_quantized(&ids, &self.embed)?,
+            delta: None,
+        };
+        for b in 0..self.blocks.len() {
+            hid = self.block(b, cache, &plan, hid)?;
+            observe(b, &hid)?;
+        }
+        self.head_logits(&hid, &last)
+    }
+
+    /// The step's plan (checked), its token ids and each chunk's last row.
+    fn plan(
+        &self,
+        cache: &KvCache<B>,
+        chunks: &[Chunk<'_>],
+    ) -> Result<(B::Plan, Vec<u32>, Vec<u32>)> {
         let c = &self.cfg;
         let mut plan = KvPlan::new(cache.block_size(), cache.blocks());
         let mut ids = Vec::new();
@@ -270,36 +309,56 @@ impl<B: DecoderBackend> Llama<B> {
         if ids.is_empty() {
             return Err(Error::Input("a step without chunks".into()));
         }
-        let plan = be.upload_plan(&plan)?;
-        let heads = self.heads();
-        let mut h = be.embed_quantized(&ids, &self.embed)?;
-        let mut delta: Option<B::Tensor> = None;
-        for (blk, layer) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            let (sum, n) = be.rms_norm(&h, delta.as_ref(), &blk.attn_norm, c.eps)?;
-            if let Some(s) = sum {
-                h = s;
-            }
-            let mut qkv = be.qlinear(&n, &blk.qkv)?;
-            be.rope(
-                &mut qkv,
-                &plan,
-                c.heads + c.kv_heads,
-                c.head_dim,
-                c.rope_base,
-            )?;
-            let a = be.kv_attention(&qkv, layer, &plan, heads)?;
-            let o = be.qlinear(&a, &blk.o)?;
-            let (sum, n) = be.rms_norm(&h, Some(&o), &blk.ffn_norm, c.eps)?;
-            h = sum.expect("a residual was given");
-            let act = be.silu_mul(&be.qlinear(&n, &blk.gate_up)?)?;
-            delta = Some(be.qlinear(&act, &blk.down)?);
+        Ok((self.be.upload_plan(&plan)?, ids, last))
+    }
+
+    /// Block `b` on the rows of `plan`: their keys and values go to the cache's layer `b`.
+    fn block(
+        &self,
+        b: usize,
+        cache: &mut KvCache<B>,
+        plan: &B::Plan,
+        hid: Hidden<B>,
+    ) -> Result<Hidden<B>> {
+        let (be, c, blk) = (&self.be, &self.cfg, &self.blocks[b]);
+        let layer = &mut cache.layers[b];
+        let Hidden { mut h, delta } = hid;
+        let (sum, n) = be.rms_norm(&h, delta.as_ref(), &blk.attn_norm, c.eps)?;
+        if let Some(s) = sum {
+            h = s;
         }
-        let last_rows = be.select_rows(&h, &last)?;
-        let last_delta = match &delta {
-            Some(d) => Some(be.select_rows(d, &last)?),
+        let mut qkv = be.qlinear(&n, &blk.qkv)?;
+        be.rope(
+            &mut qkv,
+            plan,
+            c.heads + c.kv_heads,
+            c.head_dim,
+            c.rope_base,
+        )?;
+        let a = be.kv_attention(&qkv, layer, plan, self.heads())?;
+        let o = be.qlinear(&a, &blk.o)?;
+        let (sum, n) = be.rms_norm(&h, Some(&o), &blk.ffn_norm, c.eps)?;
+        let h = sum.expect("a residual was given");
+        let act = be.silu_mul(&be.qlinear(&n, &blk.gate_up)?)?;
+        let delta = Some(be.qlinear(&act, &blk.down)?);
+        Ok(Hidden { h, delta })
+    }
+
+    /// The final RMSNorm and the output head on `rows` of a hidden state: `[rows, vocab]`
+    /// logits. After the last block these are the model's; after an earlier one, a ramp's.
+    pub fn head_logits(&self, hid: &Hidden<B>, rows: &[u32]) -> Result<B::Tensor> {
+        let be = &self.be;
+        let last_rows = be.select_rows(&hid.h, rows)?;
+        let last_delta = match &hid.delta {
+            Some(d) => Some(be.select_rows(d, rows)?),
             None => None,
         };
-        let (_, n) = be.rms_norm(&last_rows, last_delta.as_ref(), &self.out_norm, c.eps)?;
+        let (_, n) = be.rms_norm(
+            &last_rows,
+            last_delta.as_ref(),
+            &self.out_norm,
+            self.cfg.eps,
+        )?;
         be.qlinear(&n, self.head.as_ref().unwrap_or(&self.embed))
     }
 }
