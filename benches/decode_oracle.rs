@@ -6,14 +6,29 @@
 //! top token is the model's) and the depth a margin threshold would give at each agreement.
 //! This bounds what per-token exits can save on this model (docs/results.md).
 //!
+//! `--dump DIR` also writes the raw material of a ramp-adapter experiment
+//! (`tools/ramp_adapter_probe.py`): the residual stream after blocks `FIRST_DUMPED..` for every
+//! generated token and for teacher-forced text (the repo's docs), the decoded head and the final
+//! norm's weights, as little-endian f32 files.
+//!
 //! ```sh
-//! cargo bench --bench decode_oracle -- [--steps 64] [--threads N] [--json out.json]
+//! cargo bench --bench decode_oracle -- [--steps 64] [--threads N] [--json out.json] [--dump DIR]
 //! ```
 
 use apparate::backend::decoder::DecoderBackend;
 use apparate::backend::{Backend, CpuBackend, CpuConfig};
 use apparate::gguf::GgufFile;
 use apparate::models::llama::{Chunk, KvCacheConfig, Llama, SeqCache};
+
+/// The first block whose output `--dump` writes.
+const FIRST_DUMPED: usize = 14;
+/// Teacher-forced tokens `--dump` writes, in chunks of `TRAIN_CHUNK` (each its own sequence).
+const TRAIN_TOKENS: usize = 12_288;
+const TRAIN_CHUNK: usize = 256;
+
+fn put(out: &mut Vec<u8>, v: &[f32]) {
+    out.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+}
 
 /// Top token and top-1 minus top-2 probability of a logit row, over the tokens `keep` lets
 /// through (all, or a shortlist).
@@ -65,6 +80,8 @@ fn main() {
     // order, so roughly frequency) and every token of the sequence so far.
     let shortlist: usize = flag("--shortlist").map_or(2048, |v| v.parse().expect("--shortlist N"));
     let mut short: Vec<(u32, Vec<(u32, f32)>)> = Vec::new();
+    let dump = flag("--dump");
+    let (mut eval_h, mut eval_tok) = (Vec::new(), Vec::new());
     for case in fixture["cases"].as_array().unwrap() {
         let ids: Vec<u32> = case["ids"]
             .as_array()
@@ -96,21 +113,28 @@ fn main() {
                 table: seq.table(),
             };
             let l = model
-                .forward_observed(&mut cache, &[chunk], |_, hid| {
+                .forward_observed(&mut cache, &[chunk], |b, hid| {
                     let r = model.backend().download(&model.head_logits(hid, &[0])?)?;
                     ramps.push(top2(&r, |_| true));
                     sramps.push(top2(&r, |i| i < shortlist || seen[i]));
+                    if dump.is_some() && b >= FIRST_DUMPED {
+                        put(&mut eval_h, &model.backend().download(&model.hidden_rows(hid, &[0])?)?);
+                    }
                     Ok(())
                 })
                 .unwrap();
             next = model.backend().argmax(&l).unwrap()[0];
             tokens.push((next, ramps));
+            eval_tok.extend(next.to_le_bytes());
             short.push((next, sramps));
         }
         cache.release(&mut seq);
         eprint!(".");
     }
     eprintln!();
+    if let Some(dir) = &dump {
+        dump_files(&model, &g, &mut cache, dir, &eval_h, &eval_tok);
+    }
     let full = report("full head", &tokens, blocks, steps);
     let shortlisted = report(
         &format!("shortlist of {shortlist} + the sequence's tokens"),
@@ -185,4 +209,72 @@ fn report(
         sweep.push(serde_json::json!({"threshold": th, "agreement": agree as f64 / n, "depth": d / n / blocks as f64}));
     }
     serde_json::json!({"tokens": n, "per_block": per_block, "oracle_depth": depth, "sweep": sweep})
+}
+
+/// Writes the adapter experiment's files (see the module docs) into `dir`.
+fn dump_files(
+    model: &Llama<CpuBackend>,
+    g: &GgufFile,
+    cache: &mut apparate::models::llama::KvCache<CpuBackend>,
+    dir: &str,
+    eval_h: &[u8],
+    eval_tok: &[u8],
+) {
+    std::fs::create_dir_all(dir).unwrap();
+    let w = |name: &str, bytes: &[u8]| std::fs::write(format!("{dir}/{name}"), bytes).unwrap();
+    w("eval_h.bin", eval_h);
+    w("eval_tok.bin", eval_tok);
+    let e = g.tensor("token_embd.weight").expect("token_embd.weight");
+    let cols = e.dims[0] as usize;
+    let mut head = vec![0f32; e.dims[1] as usize * cols];
+    apparate::quant::dequantize_rows(e.ggml_type, g.data(e), cols, &mut head).unwrap();
+    let mut bytes = Vec::new();
+    put(&mut bytes, &head);
+    w("head.bin", &bytes);
+    let n = g.tensor("output_norm.weight").expect("output_norm.weight");
+    let gamma: Vec<f32> = g
+        .data(n)
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    bytes.clear();
+    put(&mut bytes, &gamma);
+    w("gamma.bin", &bytes);
+    // Teacher-forced text: the repo's docs, tokenized raw.
+    let tok = apparate::gguf::tokenizer::tokenizer(g).unwrap();
+    let mut text = String::new();
+    for f in ["README.md", "docs/architecture.md", "docs/format.md", "docs/results.md"] {
+        text.push_str(&std::fs::read_to_string(f).unwrap_or_default());
+    }
+    let ids = tok.encode(text.as_str(), false).unwrap().get_ids().to_vec();
+    let mut train = Vec::new();
+    let rows: Vec<u32> = (0..TRAIN_CHUNK as u32).collect();
+    for part in ids.chunks_exact(TRAIN_CHUNK).take(TRAIN_TOKENS / TRAIN_CHUNK) {
+        let mut seq = SeqCache::default();
+        cache.reserve(&mut seq, TRAIN_CHUNK).unwrap();
+        let chunk = Chunk {
+            tokens: part,
+            start: 0,
+            table: seq.table(),
+        };
+        // Per block, then reordered to [token, block, width].
+        let mut per_block: Vec<Vec<f32>> = Vec::new();
+        model
+            .forward_observed(cache, &[chunk], |b, hid| {
+                if b >= FIRST_DUMPED {
+                    per_block.push(model.backend().download(&model.hidden_rows(hid, &rows)?)?);
+                }
+                Ok(())
+            })
+            .unwrap();
+        let width = per_block[0].len() / TRAIN_CHUNK;
+        for t in 0..TRAIN_CHUNK {
+            for b in &per_block {
+                put(&mut train, &b[t * width..(t + 1) * width]);
+            }
+        }
+        cache.release(&mut seq);
+    }
+    w("train_h.bin", &train);
+    eprintln!("wrote {dir}: {} training tokens", train.len() / 4 / 576 / 16);
 }

@@ -344,6 +344,19 @@ impl<B: DecoderBackend> Llama<B> {
         Ok(Hidden { h, delta })
     }
 
+    /// The residual stream (`h + delta`) of `rows` of a hidden state: `[rows, width]`, what a
+    /// trained ramp adapter reads.
+    pub fn hidden_rows(&self, hid: &Hidden<B>, rows: &[u32]) -> Result<B::Tensor> {
+        let be = &self.be;
+        let h = be.select_rows(&hid.h, rows)?;
+        let Some(d) = &hid.delta else {
+            return Ok(h);
+        };
+        let d = be.select_rows(d, rows)?;
+        let (sum, _) = be.rms_norm(&h, Some(&d), &self.out_norm, self.cfg.eps)?;
+        Ok(sum.expect("a residual was given"))
+    }
+
     /// The final RMSNorm and the output head on `rows` of a hidden state: `[rows, vocab]`
     /// logits. After the last block these are the model's; after an earlier one, a ramp's.
     pub fn head_logits(&self, hid: &Hidden<B>, rows: &[u32]) -> Result<B::Tensor> {
