@@ -118,7 +118,10 @@ fn main() {
                     ramps.push(top2(&r, |_| true));
                     sramps.push(top2(&r, |i| i < shortlist || seen[i]));
                     if dump.is_some() && b >= FIRST_DUMPED {
-                        put(&mut eval_h, &model.backend().download(&model.hidden_rows(hid, &[0])?)?);
+                        put(
+                            &mut eval_h,
+                            &model.backend().download(&model.hidden_rows(hid, &[0])?)?,
+                        );
                     }
                     Ok(())
                 })
@@ -243,13 +246,21 @@ fn dump_files(
     // Teacher-forced text: the repo's docs, tokenized raw.
     let tok = apparate::gguf::tokenizer::tokenizer(g).unwrap();
     let mut text = String::new();
-    for f in ["README.md", "docs/architecture.md", "docs/format.md", "docs/results.md"] {
+    for f in [
+        "README.md",
+        "docs/architecture.md",
+        "docs/format.md",
+        "docs/results.md",
+    ] {
         text.push_str(&std::fs::read_to_string(f).unwrap_or_default());
     }
     let ids = tok.encode(text.as_str(), false).unwrap().get_ids().to_vec();
     let mut train = Vec::new();
     let rows: Vec<u32> = (0..TRAIN_CHUNK as u32).collect();
-    for part in ids.chunks_exact(TRAIN_CHUNK).take(TRAIN_TOKENS / TRAIN_CHUNK) {
+    for part in ids
+        .chunks_exact(TRAIN_CHUNK)
+        .take(TRAIN_TOKENS / TRAIN_CHUNK)
+    {
         let mut seq = SeqCache::default();
         cache.reserve(&mut seq, TRAIN_CHUNK).unwrap();
         let chunk = Chunk {
@@ -276,5 +287,8 @@ fn dump_files(
         cache.release(&mut seq);
     }
     w("train_h.bin", &train);
-    eprintln!("wrote {dir}: {} training tokens", train.len() / 4 / 576 / 16);
+    eprintln!(
+        "wrote {dir}: {} training tokens",
+        train.len() / 4 / 576 / 16
+    );
 }

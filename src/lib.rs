@@ -35,6 +35,7 @@ pub mod rng;
 mod sched;
 pub mod select;
 pub mod serve;
+pub mod server;
 pub mod tensor;
 pub mod tokenize;
 pub mod vision;

@@ -40,6 +40,8 @@ pub(crate) enum InputKind {
     },
     Image {
         values: usize,
+        /// Height, width, channels of the HWC input.
+        hwc: [usize; 3],
         mean: Vec<f32>,
         std: Vec<f32>,
     },
@@ -50,6 +52,7 @@ impl InputKind {
         if let Some(i) = backbone.image_input() {
             return Ok(InputKind::Image {
                 values: i.height * i.width * i.channels,
+                hwc: [i.height, i.width, i.channels],
                 mean: i.mean.clone(),
                 std: i.std.clone(),
             });
@@ -102,7 +105,12 @@ impl InputKind {
             (InputKind::Image { .. }, Input::Text(_)) => Err(ServeError::BadInput(
                 "this is an image model: send Input::Pixels or Input::Normalized".into(),
             )),
-            (InputKind::Image { values, mean, std }, Input::Pixels(p)) => {
+            (
+                InputKind::Image {
+                    values, mean, std, ..
+                },
+                Input::Pixels(p),
+            ) => {
                 if p.len() != *values {
                     return Err(ServeError::BadInput(format!(
                         "{} pixel values, the model takes {values}",

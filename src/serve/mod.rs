@@ -95,6 +95,19 @@ pub enum ServeError {
     Failed(String),
 }
 
+/// What a model takes ([`Engine::input_spec`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputSpec {
+    /// A text ([`Input::Text`]).
+    Text,
+    /// HWC 8-bit pixels at this size ([`Input::Pixels`]).
+    Image {
+        height: usize,
+        width: usize,
+        channels: usize,
+    },
+}
+
 /// Options of one request.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RequestOptions {
@@ -355,6 +368,18 @@ impl Engine {
     }
 
     /// Class names of the model's head.
+    /// What the model takes: a text, or HWC 8-bit pixels of a fixed size.
+    pub fn input_spec(&self) -> InputSpec {
+        match &self.kind {
+            InputKind::Text { .. } => InputSpec::Text,
+            InputKind::Image { hwc, .. } => InputSpec::Image {
+                height: hwc[0],
+                width: hwc[1],
+                channels: hwc[2],
+            },
+        }
+    }
+
     pub fn labels(&self) -> &[String] {
         &self.labels
     }

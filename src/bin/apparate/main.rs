@@ -28,6 +28,7 @@ mod inspect;
 mod progress;
 mod ramps_cmd;
 mod replay;
+mod serve_cmd;
 mod text;
 mod train_head;
 
@@ -72,6 +73,11 @@ enum Command {
     /// Feed a stored stream through the serving engine in real time (open-loop arrivals) and show
     /// what it does: throughput, latency percentiles, exits, agreement, ramp changes.
     ServeReplay(replay::ServeReplayArgs),
+    /// Serve a model over HTTP with the Open Inference Protocol (KServe v2 REST): health,
+    /// metadata, infer (text as BYTES, images as UINT8), the classification extension,
+    /// Prometheus /metrics; 413 for oversize bodies, 429 when the queue is full, graceful
+    /// shutdown on SIGTERM.
+    Serve(serve_cmd::ServeArgs),
     /// Measure the time of every stage and every ramp per batch size (1, 2, 4, ..., max) on
     /// this device, and write the profile the runtime loads.
     Profile(ramps_cmd::ProfileArgs),
@@ -189,6 +195,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::TrainRamps(a) => ramps_cmd::train_ramps_cmd(a),
         Command::TrainHead(a) => train_head::train_head_cmd(a),
         Command::ServeReplay(a) => replay::serve_replay_cmd(a),
+        Command::Serve(a) => serve_cmd::run(a),
         Command::Profile(a) => ramps_cmd::profile_cmd(a),
     }
 }

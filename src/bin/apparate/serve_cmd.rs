@@ -1,0 +1,140 @@
+//! `apparate serve`: one model behind the Open Inference Protocol (KServe v2) over HTTP.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use apparate::error::{Error, Result};
+use apparate::serve::Engine;
+use apparate::serve::config::BatchingConfig;
+use apparate::server::{Model, Server, ServerConfig};
+use clap::Args;
+
+use super::DeviceArgs;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// The model file to serve.
+    #[arg(short, long)]
+    model: PathBuf,
+    /// Its name in URLs (/v2/models/NAME); default: the file name without extension.
+    #[arg(long)]
+    name: Option<String>,
+    /// Its ramps file (without one the plain model answers).
+    #[arg(long)]
+    ramps: Option<PathBuf>,
+    /// Its profile (`apparate profile`), for the ramps' costs.
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    addr: String,
+    /// Largest request body read, in MiB (larger: 413).
+    #[arg(long, default_value_t = 64)]
+    max_body_mib: usize,
+    /// Deadline of requests that name none (their `timeout` parameter), in milliseconds;
+    /// one still queued then is answered 504. Default: none.
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// Most requests per batch.
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Most requests waiting; more are answered 429 at once.
+    #[arg(long, default_value_t = 1024)]
+    queue_capacity: usize,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+pub fn run(a: ServeArgs) -> Result<()> {
+    if a.max_body_mib == 0 || a.max_body_mib > 4096 {
+        return Err(Error::config("--max-body-mib", a.max_body_mib, "1..=4096"));
+    }
+    let name = match &a.name {
+        Some(n) => n.clone(),
+        None => a
+            .model
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into()),
+    };
+    let t0 = Instant::now();
+    let mut builder = Engine::builder(&a.model)
+        .backend(a.device.choice()?)
+        .batching(BatchingConfig {
+            max_batch_size: a.max_batch,
+            queue_capacity: a.queue_capacity,
+            ..BatchingConfig::default()
+        })
+        .log(|s| eprintln!("{s}"));
+    if let Some(r) = &a.ramps {
+        builder = builder.ramps(r);
+    }
+    if let Some(p) = &a.profile {
+        builder = builder.profile(p);
+    }
+    let engine = Arc::new(builder.build()?);
+    eprintln!(
+        "model {name} ready in {:.1} s on {}",
+        t0.elapsed().as_secs_f64(),
+        engine.device()
+    );
+    let server = Server::new(
+        vec![Model { name, engine }],
+        ServerConfig {
+            max_body_bytes: a.max_body_mib << 20,
+            default_timeout: a.timeout_ms.map(Duration::from_millis),
+        },
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Io {
+            path: "tokio runtime".into(),
+            source: e,
+        })?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&a.addr)
+            .await
+            .map_err(|e| Error::Io {
+                path: a.addr.clone().into(),
+                source: e,
+            })?;
+        eprintln!(
+            "listening on http://{} (KServe v2 REST; SIGTERM or Ctrl-C stops)",
+            a.addr
+        );
+        server
+            .serve(listener, shutdown_signal())
+            .await
+            .map_err(|e| Error::Io {
+                path: a.addr.clone().into(),
+                source: e,
+            })
+    })?;
+    eprintln!("stopped: every request in flight was answered");
+    Ok(())
+}
+
+/// SIGTERM (Kubernetes) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    eprintln!("shutting down: no new connections, answering what is in flight");
+}

@@ -1,0 +1,506 @@
+//! `apparate serve`: the engine behind the Open Inference Protocol (KServe v2) over HTTP/REST,
+//! on axum. Health (`/v2/health/live`, `/v2/health/ready`), server and model metadata
+//! (`/v2`, `/v2/models/{name}`), model readiness (`/v2/models/{name}/ready`), inference
+//! (`POST /v2/models/{name}/infer`) with Triton's classification parameter, and the engine's
+//! Prometheus metrics (`/metrics`).
+//!
+//! Semantics a serving stack relies on: bodies above [`ServerConfig::max_body_bytes`] are
+//! refused with 413 before they are read; a full queue is answered at once with 429 and
+//! `Retry-After`; a request's deadline (its `timeout` parameter in microseconds, as Triton
+//! reads it, or the model's default) drops it from the queue with 504 if it has not started;
+//! a client that goes away cancels its queued requests (the handler's future is dropped, and
+//! with it the engine's); on shutdown the server stops accepting, reports not ready, and
+//! answers what is in flight before it returns.
+
+pub mod v2;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Map, Value};
+
+use crate::serve::{Engine, Exit, Input, InputSpec, RequestOptions, ServeError};
+use v2::*;
+
+/// Settings of the HTTP server.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Largest request body read, in bytes; larger ones get 413. Default 64 MiB: a batch of
+    /// a few dozen 224x224 images as JSON numbers fits.
+    pub max_body_bytes: usize,
+    /// Deadline of a request that names none, measured from its arrival. Default `None`.
+    pub default_timeout: Option<Duration>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_body_bytes: 64 << 20,
+            default_timeout: None,
+        }
+    }
+}
+
+/// A model the server answers for.
+pub struct Model {
+    pub name: String,
+    pub engine: Arc<Engine>,
+}
+
+struct AppState {
+    models: Vec<Model>,
+    cfg: ServerConfig,
+    /// False from the start of a shutdown on: readiness answers 503.
+    accepting: AtomicBool,
+}
+
+/// The server: its routes, over whatever listener [`Server::serve`] is given.
+#[derive(Clone)]
+pub struct Server {
+    state: Arc<AppState>,
+}
+
+/// An error answer: a status and `{"error": "..."}`.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.0, axum::Json(ErrorBody { error: self.1 })).into_response();
+        if self.0 == StatusCode::TOO_MANY_REQUESTS {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        r
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+impl From<ServeError> for ApiError {
+    fn from(e: ServeError) -> ApiError {
+        let status = match &e {
+            ServeError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
+            ServeError::BadInput(_) => StatusCode::BAD_REQUEST,
+            ServeError::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            ServeError::ShutDown(_) | ServeError::Cancelled => StatusCode::SERVICE_UNAVAILABLE,
+            ServeError::Backend(_) | ServeError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+impl Server {
+    pub fn new(models: Vec<Model>, cfg: ServerConfig) -> Server {
+        Server {
+            state: Arc::new(AppState {
+                models,
+                cfg,
+                accepting: AtomicBool::new(true),
+            }),
+        }
+    }
+
+    /// The routes, for embedding in a larger axum application.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/v2", get(server_meta))
+            .route("/v2/health/live", get(live))
+            .route("/v2/health/ready", get(ready))
+            .route("/v2/models/{name}", get(model_meta))
+            .route("/v2/models/{name}/ready", get(model_ready))
+            .route("/v2/models/{name}/infer", post(infer))
+            .route("/metrics", get(metrics))
+            .layer(DefaultBodyLimit::max(self.state.cfg.max_body_bytes))
+            .with_state(self.state.clone())
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then stops accepting, turns not ready
+    /// and returns once every request in flight is answered.
+    pub async fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let state = self.state.clone();
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                state.accepting.store(false, Ordering::SeqCst);
+            })
+            .await
+    }
+}
+
+impl AppState {
+    fn model(&self, name: &str) -> Result<&Model, ApiError> {
+        self.models.iter().find(|m| m.name == name).ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no model named {name:?} (this server has: {})",
+                    self.models
+                        .iter()
+                        .map(|m| m.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+        })
+    }
+}
+
+async fn server_meta() -> axum::Json<ServerMeta> {
+    axum::Json(ServerMeta {
+        name: "apparate",
+        version: env!("CARGO_PKG_VERSION"),
+        extensions: vec!["classification"],
+    })
+}
+
+async fn live() -> StatusCode {
+    StatusCode::OK
+}
+
+async fn ready(State(s): State<Arc<AppState>>) -> StatusCode {
+    if s.accepting.load(Ordering::SeqCst) && s.models.iter().all(|m| m.engine.is_ready()) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+async fn model_ready(
+    State(s): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let m = s.model(&name)?;
+    Ok(
+        if s.accepting.load(Ordering::SeqCst) && m.engine.is_ready() {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+    )
+}
+
+fn input_meta(spec: InputSpec) -> TensorMeta {
+    match spec {
+        InputSpec::Text => TensorMeta {
+            name: "text",
+            datatype: "BYTES",
+            shape: vec![-1],
+        },
+        InputSpec::Image {
+            height,
+            width,
+            channels,
+        } => TensorMeta {
+            name: "image",
+            datatype: "UINT8",
+            shape: vec![-1, height as i64, width as i64, channels as i64],
+        },
+    }
+}
+
+async fn model_meta(
+    State(s): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<ModelMeta>, ApiError> {
+    let m = s.model(&name)?;
+    let out = |name, datatype| TensorMeta {
+        name,
+        datatype,
+        shape: vec![-1],
+    };
+    Ok(axum::Json(ModelMeta {
+        name: m.name.clone(),
+        versions: vec!["1".into()],
+        platform: "apparate",
+        inputs: vec![input_meta(m.engine.input_spec())],
+        outputs: vec![
+            out("label", "BYTES"),
+            out("class", "INT64"),
+            out("probability", "FP32"),
+            out("exit", "BYTES"),
+        ],
+    }))
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> String {
+    // One model's metrics per server for now: the engine's names carry no model label.
+    s.models
+        .first()
+        .map(|m| m.engine.metrics().render_prometheus())
+        .unwrap_or_default()
+}
+
+/// The element count a shape implies, refusing negative or overflowing dimensions.
+fn elements(shape: &[i64]) -> Result<usize, ApiError> {
+    shape.iter().try_fold(1usize, |n, &d| {
+        usize::try_from(d)
+            .ok()
+            .and_then(|d| n.checked_mul(d))
+            .ok_or_else(|| bad(format!("shape {shape:?}: dimensions must be non-negative")))
+    })
+}
+
+/// The request's inputs as engine inputs, checked against the model.
+fn engine_inputs(spec: InputSpec, req: &InferRequest) -> Result<Vec<Input>, ApiError> {
+    let [input] = req.inputs.as_slice() else {
+        return Err(bad(format!(
+            "{} inputs: the model takes exactly one ({})",
+            req.inputs.len(),
+            input_meta(spec).name
+        )));
+    };
+    let want = input_meta(spec);
+    if input.name != want.name {
+        return Err(bad(format!(
+            "input {:?}: the model's input is named {:?}",
+            input.name, want.name
+        )));
+    }
+    let n = elements(&input.shape)?;
+    let data = input
+        .data
+        .as_array()
+        .ok_or_else(|| bad(format!("input {:?}: data must be a JSON array", input.name)))?;
+    // Nested arrays are allowed (row-major), as the protocol's JSON form says.
+    let mut flat = Vec::with_capacity(n);
+    fn flatten<'a>(v: &'a [Value], out: &mut Vec<&'a Value>) {
+        for x in v {
+            match x {
+                Value::Array(a) => flatten(a, out),
+                x => out.push(x),
+            }
+        }
+    }
+    flatten(data, &mut flat);
+    if flat.len() != n {
+        return Err(bad(format!(
+            "input {:?}: shape {:?} holds {n} elements, data has {}",
+            input.name,
+            input.shape,
+            flat.len()
+        )));
+    }
+    match spec {
+        InputSpec::Text => {
+            if input.datatype != "BYTES" {
+                return Err(bad(format!(
+                    "input {:?}: datatype {}, the model takes BYTES (text)",
+                    input.name, input.datatype
+                )));
+            }
+            flat.iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(|s| Input::Text(s.to_string()))
+                        .ok_or_else(|| bad("BYTES elements must be JSON strings"))
+                })
+                .collect()
+        }
+        InputSpec::Image {
+            height,
+            width,
+            channels,
+        } => {
+            let per = height * width * channels;
+            let tail: Vec<i64> = vec![height as i64, width as i64, channels as i64];
+            let batch = match input.shape.as_slice() {
+                [b, rest @ ..] if rest == tail.as_slice() => *b as usize,
+                rest if rest == tail.as_slice() => 1,
+                other => {
+                    return Err(bad(format!(
+                        "input {:?}: shape {other:?}, the model takes [batch, {height}, {width}, {channels}]",
+                        input.name
+                    )));
+                }
+            };
+            let items: Result<Vec<Input>, ApiError> = match input.datatype.as_str() {
+                "UINT8" => flat
+                    .chunks(per.max(1))
+                    .map(|c| {
+                        c.iter()
+                            .map(|v| {
+                                v.as_u64()
+                                    .and_then(|x| u8::try_from(x).ok())
+                                    .ok_or_else(|| bad("UINT8 elements must be integers 0-255"))
+                            })
+                            .collect::<Result<Vec<u8>, _>>()
+                            .map(Input::Pixels)
+                    })
+                    .collect(),
+                "FP32" => flat
+                    .chunks(per.max(1))
+                    .map(|c| {
+                        c.iter()
+                            .map(|v| {
+                                v.as_f64()
+                                    .map(|x| x as f32)
+                                    .ok_or_else(|| bad("FP32 elements must be numbers"))
+                            })
+                            .collect::<Result<Vec<f32>, _>>()
+                            .map(Input::Normalized)
+                    })
+                    .collect(),
+                other => {
+                    return Err(bad(format!(
+                        "input {:?}: datatype {other}, the model takes UINT8 pixels or FP32 normalised values",
+                        input.name
+                    )));
+                }
+            };
+            let items = items?;
+            debug_assert_eq!(items.len(), batch);
+            Ok(items)
+        }
+    }
+}
+
+/// The request's deadline: its `timeout` parameter (microseconds, as Triton reads it) or the
+/// server's default.
+fn deadline(
+    req: &InferRequest,
+    cfg: &ServerConfig,
+    arrived: Instant,
+) -> Result<Option<Instant>, ApiError> {
+    match req.parameters.get("timeout") {
+        Some(v) => {
+            let us = v
+                .as_u64()
+                .ok_or_else(|| bad("parameter timeout: microseconds, a non-negative integer"))?;
+            Ok(Some(arrived + Duration::from_micros(us)))
+        }
+        None => Ok(cfg.default_timeout.map(|t| arrived + t)),
+    }
+}
+
+async fn infer(
+    State(s): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<axum::Json<InferResponse>, ApiError> {
+    let arrived = Instant::now();
+    let m = s.model(&name)?;
+    // An oversize body (413) or one that could not be read: the protocol's JSON error.
+    let body = body.map_err(|r| ApiError(r.status(), r.body_text()))?;
+    if !s.accepting.load(Ordering::SeqCst) {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down".into(),
+        ));
+    }
+    let req: InferRequest =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("malformed request JSON: {e}")))?;
+    let inputs = engine_inputs(m.engine.input_spec(), &req)?;
+    let opts = RequestOptions {
+        deadline: deadline(&req, &s.cfg, arrived)?,
+    };
+    // Classification extension: `classification: k` on the label output asks for
+    // "probability:class:label" strings; the engine answers its top class only.
+    let mut classification = false;
+    for o in &req.outputs {
+        if !["label", "class", "probability", "exit"].contains(&o.name.as_str()) {
+            return Err(bad(format!(
+                "no output named {:?} (label, class, probability, exit)",
+                o.name
+            )));
+        }
+        if let Some(k) = o.parameters.get("classification") {
+            match k.as_u64() {
+                Some(1) => classification = true,
+                _ => {
+                    return Err(bad(
+                        "classification: this engine answers the top class only (k = 1)",
+                    ));
+                }
+            }
+        }
+    }
+    // Submit every item before awaiting any, so a batch request is batched by the engine.
+    let futures: Vec<_> = inputs
+        .into_iter()
+        .map(|i| m.engine.infer_with(i, opts))
+        .collect();
+    let mut answers = Vec::with_capacity(futures.len());
+    for f in futures {
+        answers.push(f.await?);
+    }
+    let n = answers.len() as i64;
+    let exit_name = |e: &Exit| match e {
+        Exit::Ramp { point, .. } => point.clone(),
+        Exit::Final => "final".to_string(),
+    };
+    let wanted = |name: &str| req.outputs.is_empty() || req.outputs.iter().any(|o| o.name == name);
+    let mut outputs = Vec::new();
+    if wanted("label") {
+        outputs.push(ResponseOutput {
+            name: "label".into(),
+            shape: vec![n],
+            datatype: "BYTES",
+            data: answers
+                .iter()
+                .map(|a| {
+                    Value::String(if classification {
+                        format!("{}:{}:{}", a.confidence, a.class, a.label)
+                    } else {
+                        a.label.clone()
+                    })
+                })
+                .collect(),
+        });
+    }
+    if wanted("class") {
+        outputs.push(ResponseOutput {
+            name: "class".into(),
+            shape: vec![n],
+            datatype: "INT64",
+            data: answers
+                .iter()
+                .map(|a| Value::from(a.class as u64))
+                .collect(),
+        });
+    }
+    if wanted("probability") {
+        outputs.push(ResponseOutput {
+            name: "probability".into(),
+            shape: vec![n],
+            datatype: "FP32",
+            data: answers.iter().map(|a| Value::from(a.confidence)).collect(),
+        });
+    }
+    if wanted("exit") {
+        outputs.push(ResponseOutput {
+            name: "exit".into(),
+            shape: vec![n],
+            datatype: "BYTES",
+            data: answers
+                .iter()
+                .map(|a| Value::String(exit_name(&a.exit)))
+                .collect(),
+        });
+    }
+    let mut parameters = Map::new();
+    if let [a] = answers.as_slice() {
+        parameters.insert("exit".into(), Value::String(exit_name(&a.exit)));
+    }
+    Ok(axum::Json(InferResponse {
+        model_name: m.name.clone(),
+        model_version: "1".into(),
+        id: req.id,
+        parameters,
+        outputs,
+    }))
+}

@@ -1,0 +1,402 @@
+//! `apparate serve`'s HTTP server (KServe v2 REST) driven over real sockets, as a client
+//! would: health, metadata, inference on a text and an image model, the classification
+//! extension, malformed and hostile requests, overload, and shutdown with requests in flight.
+//! Needs the weights of weights/fetch.sh.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use apparate::serve::Engine;
+use apparate::serve::config::BatchingConfig;
+use apparate::server::{Model, Server, ServerConfig};
+use serde_json::{Value, json};
+
+/// A running server and the means to stop it.
+struct Running {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Running {
+    fn start(models: Vec<(&str, &str)>, batching: BatchingConfig, cfg: ServerConfig) -> Running {
+        let models = models
+            .into_iter()
+            .map(|(name, path)| Model {
+                name: name.into(),
+                engine: Arc::new(
+                    Engine::builder(path)
+                        .batching(batching.clone())
+                        .build()
+                        .unwrap(),
+                ),
+            })
+            .collect();
+        let server = Server::new(models, cfg);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (atx, arx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                atx.send(l.local_addr()?).unwrap();
+                server
+                    .serve(l, async move {
+                        let _ = rx.await;
+                    })
+                    .await
+            })
+        });
+        Running {
+            addr: arx.recv_timeout(Duration::from_secs(60)).unwrap(),
+            stop: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops accepting and waits until the server returned (everything in flight answered).
+    fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Sends raw request bytes; returns the status code, headers and body.
+fn raw(addr: SocketAddr, request: &[u8]) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_string(), body.to_string())
+}
+
+fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let (s, _, b) = raw(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    (s, b)
+}
+
+fn post(addr: SocketAddr, path: &str, body: &str) -> (u16, String, String) {
+    raw(
+        addr,
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+}
+
+fn text_request(texts: &[&str]) -> String {
+    json!({"id": "req-7", "inputs": [{"name": "text", "shape": [texts.len()], "datatype": "BYTES", "data": texts}]}).to_string()
+}
+
+const SENTIMENT: &str = "weights/minilm-l6-sentiment.apparate";
+
+#[test]
+fn health_metadata_and_text_inference() {
+    let srv = Running::start(
+        vec![("sentiment", SENTIMENT)],
+        BatchingConfig::default(),
+        ServerConfig::default(),
+    );
+    let a = srv.addr;
+    assert_eq!(get(a, "/v2/health/live").0, 200);
+    assert_eq!(get(a, "/v2/health/ready").0, 200);
+    assert_eq!(get(a, "/v2/models/sentiment/ready").0, 200);
+    let (s, meta) = get(a, "/v2/models/sentiment");
+    assert_eq!(s, 200);
+    let meta: Value = serde_json::from_str(&meta).unwrap();
+    assert_eq!(meta["inputs"][0]["datatype"], "BYTES");
+    let (s, server) = get(a, "/v2");
+    assert_eq!(s, 200, "{server}");
+    assert!(server.contains("classification"));
+
+    let (s, _, body) = post(
+        a,
+        "/v2/models/sentiment/infer",
+        &text_request(&["what a lovely day, I loved it", "this was awful and boring"]),
+    );
+    assert_eq!(s, 200, "{body}");
+    let r: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(r["id"], "req-7");
+    assert_eq!(r["model_name"], "sentiment");
+    let out = |name: &str| {
+        r["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    // The same answers as the engine gives directly.
+    let engine = Engine::builder(SENTIMENT).build().unwrap();
+    for (i, t) in ["what a lovely day, I loved it", "this was awful and boring"]
+        .iter()
+        .enumerate()
+    {
+        let want = engine
+            .infer_blocking(apparate::serve::Input::Text(t.to_string()))
+            .unwrap();
+        assert_eq!(out("label")["data"][i], want.label.as_str());
+        assert_eq!(out("class")["data"][i], want.class as u64);
+    }
+    assert_eq!(out("exit")["shape"], json!([2]));
+
+    // The classification extension (k = 1) and the exit as a response parameter.
+    let req = json!({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["great"]}],
+                     "outputs": [{"name": "label", "parameters": {"classification": 1}}]});
+    let (s, _, body) = post(a, "/v2/models/sentiment/infer", &req.to_string());
+    assert_eq!(s, 200, "{body}");
+    let r: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(r["outputs"].as_array().unwrap().len(), 1);
+    let c = r["outputs"][0]["data"][0].as_str().unwrap();
+    assert_eq!(c.split(':').count(), 3, "{c}");
+    assert!(r["parameters"]["exit"].is_string());
+
+    let (s, m) = get(a, "/metrics");
+    assert_eq!(s, 200);
+    assert!(m.contains("apparate_requests_total"));
+}
+
+#[test]
+fn bad_requests_get_clear_errors() {
+    let srv = Running::start(
+        vec![("sentiment", SENTIMENT)],
+        BatchingConfig::default(),
+        ServerConfig {
+            max_body_bytes: 1 << 20,
+            ..ServerConfig::default()
+        },
+    );
+    let a = srv.addr;
+    let infer = "/v2/models/sentiment/infer";
+    let cases = [
+        ("{not json", 400, "malformed"),
+        (
+            r#"{"inputs":[{"name":"text","shape":[1],"datatype":"FP32","data":[1.0]}]}"#,
+            400,
+            "BYTES",
+        ),
+        (
+            r#"{"inputs":[{"name":"text","shape":[2],"datatype":"BYTES","data":["a"]}]}"#,
+            400,
+            "2 elements",
+        ),
+        (
+            r#"{"inputs":[{"name":"text","shape":[-1],"datatype":"BYTES","data":["a"]}]}"#,
+            400,
+            "non-negative",
+        ),
+        (
+            r#"{"inputs":[{"name":"pixels","shape":[1],"datatype":"BYTES","data":["a"]}]}"#,
+            400,
+            "named",
+        ),
+        (r#"{"inputs":[]}"#, 400, "exactly one"),
+        (
+            r#"{"inputs":[{"name":"text","shape":[1],"datatype":"BYTES","data":["a"]}],"outputs":[{"name":"logits"}]}"#,
+            400,
+            "no output",
+        ),
+        (
+            r#"{"inputs":[{"name":"text","shape":[1],"datatype":"BYTES","data":["a"]}],"outputs":[{"name":"label","parameters":{"classification":3}}]}"#,
+            400,
+            "top class",
+        ),
+    ];
+    for (body, status, says) in cases {
+        let (s, _, b) = post(a, infer, body);
+        assert_eq!(s, status, "{body} -> {b}");
+        let e: Value = serde_json::from_str(&b).unwrap_or_else(|_| panic!("JSON error: {b}"));
+        assert!(e["error"].as_str().unwrap().contains(says), "{body} -> {b}");
+    }
+    let (s, _, b) = post(a, "/v2/models/nope/infer", &text_request(&["x"]));
+    assert_eq!(s, 404, "{b}");
+    assert!(b.contains("sentiment"));
+
+    // A body over the limit: 413 with a JSON error, whether declared or not.
+    let big = "a".repeat(2 << 20);
+    let (s, _, b) = post(a, infer, &big);
+    assert_eq!(s, 413, "{b}");
+    assert!(b.contains("error"));
+    let mut chunked = Vec::from(
+        &b"POST /v2/models/sentiment/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"[..],
+    );
+    for _ in 0..3 {
+        chunked.extend_from_slice(format!("{:x}\r\n", 1 << 20).as_bytes());
+        chunked.extend(std::iter::repeat_n(b'a', 1 << 20));
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    assert_eq!(raw(a, &chunked).0, 413);
+    // A chunked body within the limit is read whole and answered for what it says.
+    let body = text_request(&["lovely"]);
+    let chunked = format!(
+        "POST /v2/models/sentiment/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+        body.len()
+    );
+    let (s, _, b) = raw(a, chunked.as_bytes());
+    assert_eq!(s, 200, "{b}");
+    // Lengths that are not lengths.
+    for cl in ["-5", "abc", "1e3"] {
+        let req = format!(
+            "POST /v2/models/sentiment/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {cl}\r\nConnection: close\r\n\r\n{{}}"
+        );
+        assert_eq!(raw(a, req.as_bytes()).0, 400, "Content-Length: {cl}");
+    }
+}
+
+#[test]
+fn a_full_queue_answers_429_at_once_and_shutdown_answers_everything_in_flight() {
+    let mut srv = Running::start(
+        vec![("sentiment", SENTIMENT)],
+        BatchingConfig {
+            max_batch_size: 1,
+            queue_capacity: 2,
+            ..BatchingConfig::default()
+        },
+        ServerConfig::default(),
+    );
+    let a = srv.addr;
+    let long = "a long review of a film that goes on and on ".repeat(20);
+    let body = text_request(&[long.as_str(); 8]);
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let t = std::time::Instant::now();
+                let (s, head, b) = post(a, "/v2/models/sentiment/infer", &body);
+                (s, head, b, t.elapsed())
+            })
+        })
+        .collect();
+    // Stop while the clients' requests are in flight: every one still gets its answer.
+    std::thread::sleep(Duration::from_millis(50));
+    srv.stop();
+    let mut overloaded = 0;
+    for c in clients {
+        let (s, head, b, took) = c.join().unwrap();
+        match s {
+            200 => {}
+            429 => {
+                overloaded += 1;
+                assert!(head.to_ascii_lowercase().contains("retry-after"), "{head}");
+                assert!(b.contains("overloaded"), "{b}");
+                assert!(took < Duration::from_secs(5), "429 after {took:?}");
+            }
+            other => panic!("status {other}: {b}"),
+        }
+    }
+    assert!(overloaded > 0, "8 requests of 8 texts into a queue of 2");
+}
+
+#[test]
+fn an_image_model_takes_uint8_pixels() {
+    let srv = Running::start(
+        vec![("digits", "weights/mnist-resnet.apparate")],
+        BatchingConfig::default(),
+        ServerConfig::default(),
+    );
+    let a = srv.addr;
+    let (s, meta) = get(a, "/v2/models/digits");
+    assert_eq!(s, 200);
+    let meta: Value = serde_json::from_str(&meta).unwrap();
+    let input = &meta["inputs"][0];
+    assert_eq!(input["datatype"], "UINT8");
+    let dims: Vec<usize> = input["shape"].as_array().unwrap()[1..]
+        .iter()
+        .map(|d| d.as_u64().unwrap() as usize)
+        .collect();
+    let n: usize = dims.iter().product();
+    let mut shape = vec![2usize];
+    shape.extend(&dims);
+    let req = json!({"inputs": [{"name": "image", "shape": shape, "datatype": "UINT8", "data": vec![0u8; 2 * n]}]});
+    let (s, _, b) = post(a, "/v2/models/digits/infer", &req.to_string());
+    assert_eq!(s, 200, "{b}");
+    let r: Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(r["outputs"][0]["shape"], json!([2]));
+    let bad = json!({"inputs": [{"name": "image", "shape": shape, "datatype": "UINT8", "data": vec![300u32; 2 * n]}]});
+    let (s, _, b) = post(a, "/v2/models/digits/infer", &bad.to_string());
+    assert_eq!(s, 400, "{b}");
+}
+
+#[test]
+fn a_passed_deadline_is_504_and_clients_that_hang_up_are_not_computed() {
+    let srv = Running::start(
+        vec![("sentiment", SENTIMENT)],
+        BatchingConfig {
+            max_batch_size: 1,
+            ..BatchingConfig::default()
+        },
+        ServerConfig::default(),
+    );
+    let a = srv.addr;
+    let req = json!({"parameters": {"timeout": 1},
+                     "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["late"]}]});
+    let (s, _, b) = post(a, "/v2/models/sentiment/infer", &req.to_string());
+    assert_eq!(s, 504, "{b}");
+    assert!(b.contains("deadline"), "{b}");
+
+    // 40 requests of 8 long texts (one text a batch: seconds of work), every client gone
+    // 300 ms after sending, while most of its texts are still queued.
+    let long = "a long review of a film that goes on and on ".repeat(20);
+    let body = text_request(&[long.as_str(); 8]);
+    let socks: Vec<TcpStream> = (0..40)
+        .map(|_| {
+            let mut s = TcpStream::connect(a).unwrap();
+            let req = format!(
+                "POST /v2/models/sentiment/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            s.write_all(req.as_bytes()).unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(socks);
+    std::thread::sleep(Duration::from_secs(3));
+    let (_, m) = get(a, "/metrics");
+    let count = |name: &str| -> u64 {
+        m.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let (answered, cancelled) = (
+        count("apparate_answered_total"),
+        count("apparate_cancelled_total"),
+    );
+    assert!(
+        cancelled > 100 && answered < 200,
+        "of 320 texts whose clients left, {answered} answered, {cancelled} cancelled"
+    );
+}
