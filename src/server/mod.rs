@@ -9,10 +9,15 @@
 //! `Retry-After`; a request's deadline (its `timeout` parameter in microseconds, as Triton
 //! reads it, or the model's default) drops it from the queue with 504 if it has not started;
 //! a client that goes away cancels its queued requests (the handler's future is dropped, and
-//! with it the engine's); on shutdown the server stops accepting, reports not ready, and
-//! answers what is in flight before it returns.
+//! with it the engine's); a body slower than [`ServerConfig::body_timeout`] gets 408; the
+//! accept loop (`listen.rs`) bounds connections and closes those whose request head does not
+//! come in time; on shutdown the server stops accepting, reports not ready, and answers what is
+//! in flight before it returns.
 
+mod listen;
 pub mod v2;
+
+pub use listen::ConnectionLimits;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -21,7 +26,6 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -39,6 +43,11 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Deadline of a request that names none, measured from its arrival. Default `None`.
     pub default_timeout: Option<Duration>,
+    /// Longest wait for a request's body once its head is in; then 408. Default 30 s (a body
+    /// shorter than its declared length would otherwise hold the connection for ever).
+    pub body_timeout: Duration,
+    /// Connections kept and how long a request head may take.
+    pub connections: ConnectionLimits,
 }
 
 impl Default for ServerConfig {
@@ -46,6 +55,8 @@ impl Default for ServerConfig {
         ServerConfig {
             max_body_bytes: 64 << 20,
             default_timeout: None,
+            body_timeout: Duration::from_secs(30),
+            connections: ConnectionLimits::default(),
         }
     }
 }
@@ -133,12 +144,16 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let state = self.state.clone();
-        axum::serve(listener, self.router())
-            .with_graceful_shutdown(async move {
+        listen::serve(
+            listener,
+            self.router(),
+            self.state.cfg.connections,
+            async move {
                 shutdown.await;
                 state.accepting.store(false, Ordering::SeqCst);
-            })
-            .await
+            },
+        )
+        .await
     }
 }
 
@@ -369,6 +384,49 @@ fn engine_inputs(spec: InputSpec, req: &InferRequest) -> Result<Vec<Input>, ApiE
     }
 }
 
+/// The whole body, within the size limit (413) and the body timeout (408).
+async fn read_body(request: axum::extract::Request, cfg: &ServerConfig) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "request body over the limit of {} bytes",
+                cfg.max_body_bytes
+            ),
+        )
+    };
+    // A declared length over the limit is refused before a byte of the body is read.
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > cfg.max_body_bytes as u64) {
+        return Err(too_large());
+    }
+    let read = axum::body::to_bytes(request.into_body(), cfg.max_body_bytes);
+    match tokio::time::timeout(cfg.body_timeout, read).await {
+        Err(_) => Err(ApiError(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {:.0} s",
+                cfg.body_timeout.as_secs_f64()
+            ),
+        )),
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(e)) => {
+            // The limit's own error type sits under axum's; anything else is a broken body.
+            let over = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            Err(if over {
+                too_large()
+            } else {
+                bad(format!("could not read the request body: {e}"))
+            })
+        }
+    }
+}
+
 /// The request's deadline: its `timeout` parameter (microseconds, as Triton reads it) or the
 /// server's default.
 fn deadline(
@@ -390,12 +448,11 @@ fn deadline(
 async fn infer(
     State(s): State<Arc<AppState>>,
     Path(name): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    request: axum::extract::Request,
 ) -> Result<axum::Json<InferResponse>, ApiError> {
     let arrived = Instant::now();
     let m = s.model(&name)?;
-    // An oversize body (413) or one that could not be read: the protocol's JSON error.
-    let body = body.map_err(|r| ApiError(r.status(), r.body_text()))?;
+    let body = read_body(request, &s.cfg).await?;
     if !s.accepting.load(Ordering::SeqCst) {
         return Err(ApiError(
             StatusCode::SERVICE_UNAVAILABLE,

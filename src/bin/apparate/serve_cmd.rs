@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use apparate::error::{Error, Result};
 use apparate::serve::Engine;
 use apparate::serve::config::BatchingConfig;
-use apparate::server::{Model, Server, ServerConfig};
+use apparate::server::{ConnectionLimits, Model, Server, ServerConfig};
 use clap::Args;
 
 use super::DeviceArgs;
@@ -36,6 +36,9 @@ pub struct ServeArgs {
     /// one still queued then is answered 504. Default: none.
     #[arg(long)]
     timeout_ms: Option<u64>,
+    /// Most open connections; more are closed as soon as they are accepted.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
     /// Most requests per batch.
     #[arg(long, default_value_t = 16)]
     max_batch: usize,
@@ -47,6 +50,13 @@ pub struct ServeArgs {
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
+    if a.max_connections == 0 || a.max_connections > 1 << 20 {
+        return Err(Error::config(
+            "--max-connections",
+            a.max_connections,
+            "1..=1048576",
+        ));
+    }
     if a.max_body_mib == 0 || a.max_body_mib > 4096 {
         return Err(Error::config("--max-body-mib", a.max_body_mib, "1..=4096"));
     }
@@ -84,6 +94,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
         ServerConfig {
             max_body_bytes: a.max_body_mib << 20,
             default_timeout: a.timeout_ms.map(Duration::from_millis),
+            connections: ConnectionLimits {
+                max_connections: a.max_connections,
+                ..ConnectionLimits::default()
+            },
+            ..ServerConfig::default()
         },
     );
     let rt = tokio::runtime::Builder::new_multi_thread()
