@@ -480,3 +480,30 @@ fn slow_or_idle_clients_are_timed_out_and_connections_are_bounded() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(get(a, "/v2/health/live").0, 200);
 }
+
+/// Triton's own Python client against the server (`tools/triton_client_check.py`). Ignored by
+/// default: it needs `tritonclient[http]` in tools/.triton-venv (or the Python named by
+/// APPARATE_TRITON_PYTHON); .ci/run installs it and runs this test.
+#[test]
+#[ignore]
+fn triton_http_client() {
+    let srv = Running::start(
+        vec![("sentiment", SENTIMENT)],
+        BatchingConfig::default(),
+        ServerConfig::default(),
+    );
+    let python = std::env::var("APPARATE_TRITON_PYTHON")
+        .unwrap_or_else(|_| "tools/.triton-venv/bin/python".into());
+    let out = std::process::Command::new(&python)
+        .arg("tools/triton_client_check.py")
+        .arg(srv.addr.to_string())
+        .arg("sentiment")
+        .output()
+        .unwrap_or_else(|e| panic!("{python}: {e} (install tritonclient[http] there)"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("all checks passed"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

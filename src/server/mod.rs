@@ -452,6 +452,15 @@ async fn infer(
 ) -> Result<axum::Json<InferResponse>, ApiError> {
     let arrived = Instant::now();
     let m = s.model(&name)?;
+    if request
+        .headers()
+        .contains_key("inference-header-content-length")
+    {
+        return Err(bad(
+            "the binary tensor data extension is not supported: send tensors as JSON \
+             (tritonclient: binary_data=False on inputs and outputs)",
+        ));
+    }
     let body = read_body(request, &s.cfg).await?;
     if !s.accepting.load(Ordering::SeqCst) {
         return Err(ApiError(
