@@ -370,6 +370,7 @@ fn main() -> apparate::Result<()> {
             max_batch_size: args.max_batch,
             max_queue_delay: apparate::serve::duration_from_millis("--max-delay-ms", max_delay)?,
             queue_capacity: 4096,
+            max_queue_wait: None,
         },
         base: base_cfg,
         points: points.clone(),

@@ -185,6 +185,7 @@ fn health_metadata_and_text_inference() {
     let (s, m) = get(a, "/metrics");
     assert_eq!(s, 200);
     assert!(m.contains("apparate_requests_total"));
+    assert!(m.contains("apparate_queue_depth 0"), "{m}");
 }
 
 #[test]
@@ -506,4 +507,99 @@ fn triton_http_client() {
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The CLI end to end: `apparate serve --log-requests` answers, logs a JSON line per request,
+/// and on SIGTERM exits 0 after saying it stopped.
+#[cfg(unix)]
+#[test]
+fn the_cli_serves_logs_and_exits_cleanly_on_sigterm() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_apparate"))
+        .args([
+            "serve",
+            "-m",
+            SENTIMENT,
+            "--name",
+            "sentiment",
+            "--threads",
+            "2",
+        ])
+        .args(["--addr", &format!("127.0.0.1:{port}"), "--log-requests"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut lines = Vec::new();
+    loop {
+        let mut l = String::new();
+        assert!(
+            err.read_line(&mut l).unwrap() > 0,
+            "exited early: {lines:?}"
+        );
+        let listening = l.contains("listening on");
+        lines.push(l);
+        if listening {
+            break;
+        }
+    }
+    let a: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (s, _, b) = post(
+        a,
+        "/v2/models/sentiment/infer",
+        &text_request(&["lovely", "awful"]),
+    );
+    assert_eq!(s, 200, "{b}");
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    err.read_to_string(&mut rest).unwrap();
+    assert!(status.success(), "exit {status:?}: {rest}");
+    let log: Value = serde_json::from_str(
+        rest.lines()
+            .find(|l| l.starts_with('{'))
+            .unwrap_or_else(|| panic!("no request log line: {rest}")),
+    )
+    .unwrap();
+    assert_eq!(log["status"], 200);
+    assert_eq!(log["id"], "req-7");
+    assert_eq!(log["items"], 2);
+    assert!(rest.contains("stopped"), "{rest}");
+}
+
+/// The queue's bound in time: once its oldest request has waited longer than
+/// `max_queue_wait`, a new request gets 429 at once, though the queue has room.
+#[test]
+fn a_queue_that_falls_behind_its_time_bound_answers_429() {
+    let srv = Running::start(
+        vec![("sentiment", SENTIMENT)],
+        BatchingConfig {
+            max_batch_size: 1,
+            max_queue_wait: Some(Duration::from_millis(20)),
+            ..BatchingConfig::default()
+        },
+        ServerConfig::default(),
+    );
+    let a = srv.addr;
+    let long = "a long review of a film that goes on and on ".repeat(20);
+    let body = text_request(&[long.as_str(); 64]);
+    let backlog = std::thread::spawn(move || post(a, "/v2/models/sentiment/infer", &body).0);
+    std::thread::sleep(Duration::from_millis(150));
+    let t = std::time::Instant::now();
+    let (s, head, b) = post(a, "/v2/models/sentiment/infer", &text_request(&["hello"]));
+    assert_eq!(s, 429, "{b}");
+    assert!(b.contains("waited"), "{b}");
+    assert!(head.to_ascii_lowercase().contains("retry-after"));
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(backlog.join().unwrap(), 200);
 }

@@ -29,6 +29,11 @@ pub struct BatchingConfig {
     /// Most requests waiting (1..=[`MAX_QUEUE_CAPACITY`]); more are rejected with
     /// [`super::ServeError::Overloaded`]. Default 1024.
     pub queue_capacity: usize,
+    /// The queue's bound in time: while its oldest request has waited longer than this, new
+    /// requests are rejected with [`super::ServeError::Overloaded`] at once instead of joining
+    /// a queue that is not keeping up (at most [`MAX_DELAY`]). Default `None`: only the count
+    /// bounds the queue.
+    pub max_queue_wait: Option<Duration>,
 }
 
 impl Default for BatchingConfig {
@@ -37,6 +42,7 @@ impl Default for BatchingConfig {
             max_batch_size: 16,
             max_queue_delay: Duration::from_millis(5),
             queue_capacity: 1024,
+            max_queue_wait: None,
         }
     }
 }
@@ -46,6 +52,15 @@ impl BatchingConfig {
     pub fn validate(&self) -> Result<()> {
         check_count("max_batch_size", self.max_batch_size, 1, MAX_BATCH_SIZE)?;
         check_count("queue_capacity", self.queue_capacity, 1, MAX_QUEUE_CAPACITY)?;
+        if let Some(w) = self.max_queue_wait
+            && (w.is_zero() || w > MAX_DELAY)
+        {
+            return Err(Error::config(
+                "max_queue_wait",
+                format!("{w:?}"),
+                format!("(0, {MAX_DELAY:?}]"),
+            ));
+        }
         if self.max_queue_delay > MAX_DELAY {
             return Err(Error::config(
                 "max_queue_delay",
@@ -96,5 +111,7 @@ mod tests {
         assert!(with(|c| c.max_batch_size = 100_000_000).contains("max_batch_size"));
         assert!(with(|c| c.queue_capacity = 0).contains("queue_capacity"));
         assert!(with(|c| c.max_queue_delay = Duration::MAX).contains("max_queue_delay"));
+        assert!(with(|c| c.max_queue_wait = Some(Duration::ZERO)).contains("max_queue_wait"));
+        assert!(with(|c| c.max_queue_wait = Some(Duration::MAX)).contains("max_queue_wait"));
     }
 }

@@ -95,7 +95,16 @@ impl Queue {
             None if s.items.len() >= self.cfg.queue_capacity => Some(ServeError::Overloaded(
                 format!("{} requests are already queued", s.items.len()),
             )),
-            None => None,
+            None => match (self.cfg.max_queue_wait, s.items.front()) {
+                (Some(bound), Some(oldest)) if oldest.submitted.elapsed() > bound => {
+                    Some(ServeError::Overloaded(format!(
+                        "the oldest queued request has waited {:.1} ms, over the bound of {:.1} ms",
+                        oldest.submitted.elapsed().as_secs_f64() * 1e3,
+                        bound.as_secs_f64() * 1e3
+                    )))
+                }
+                _ => None,
+            },
         };
         if let Some(e) = refused {
             drop(s);
@@ -228,6 +237,7 @@ mod tests {
                 max_batch_size: 2,
                 max_queue_delay: Duration::MAX,
                 queue_capacity: 4,
+                max_queue_wait: None,
             },
             metrics.clone(),
         );

@@ -48,6 +48,9 @@ pub struct ServerConfig {
     pub body_timeout: Duration,
     /// Connections kept and how long a request head may take.
     pub connections: ConnectionLimits,
+    /// One JSON line per inference request on standard error (model, request id, status,
+    /// items, milliseconds, error). Default off.
+    pub log_requests: bool,
 }
 
 impl Default for ServerConfig {
@@ -57,6 +60,7 @@ impl Default for ServerConfig {
             default_timeout: None,
             body_timeout: Duration::from_secs(30),
             connections: ConnectionLimits::default(),
+            log_requests: false,
         }
     }
 }
@@ -254,9 +258,19 @@ async fn model_meta(
 
 async fn metrics(State(s): State<Arc<AppState>>) -> String {
     // One model's metrics per server for now: the engine's names carry no model label.
+    // Plus the queue's depth, the autoscaling signal of docs/deploy.md.
     s.models
         .first()
-        .map(|m| m.engine.metrics().render_prometheus())
+        .map(|m| {
+            let mut text = m.engine.metrics().render_prometheus();
+            text.push_str(&format!(
+                "# HELP apparate_queue_depth Requests waiting for a batch.\n\
+                 # TYPE apparate_queue_depth gauge\n\
+                 apparate_queue_depth {}\n",
+                m.engine.queued()
+            ));
+            text
+        })
         .unwrap_or_default()
 }
 
@@ -451,7 +465,41 @@ async fn infer(
     request: axum::extract::Request,
 ) -> Result<axum::Json<InferResponse>, ApiError> {
     let arrived = Instant::now();
-    let m = s.model(&name)?;
+    let result = infer_inner(&s, &name, request, arrived).await;
+    if s.cfg.log_requests {
+        // One JSON line per request on standard error: what a log pipeline indexes.
+        let (status, id, items, error) = match &result {
+            Ok(r) => (
+                200,
+                r.id.clone(),
+                r.outputs.first().map_or(0, |o| o.data.len()),
+                None,
+            ),
+            Err(e) => (e.0.as_u16(), None, 0, Some(e.1.clone())),
+        };
+        let line = serde_json::json!({
+            "unix_ms": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            "model": name,
+            "id": id,
+            "status": status,
+            "items": items,
+            "ms": arrived.elapsed().as_secs_f64() * 1e3,
+            "error": error,
+        });
+        eprintln!("{line}");
+    }
+    result
+}
+
+async fn infer_inner(
+    s: &AppState,
+    name: &str,
+    request: axum::extract::Request,
+    arrived: Instant,
+) -> Result<axum::Json<InferResponse>, ApiError> {
+    let m = s.model(name)?;
     if request
         .headers()
         .contains_key("inference-header-content-length")

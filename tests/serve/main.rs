@@ -88,6 +88,7 @@ fn engine_checking_ramp<B: Backend + 'static>(
             max_batch_size: 4,
             max_queue_delay: Duration::from_millis(1),
             queue_capacity: 64,
+            max_queue_wait: None,
         })
         .build_on(backend)
         .unwrap()
@@ -221,6 +222,7 @@ fn overload_deadlines_cancellation_and_shutdown_answer_every_request_once() {
             max_batch_size: 4,
             max_queue_delay: Duration::from_millis(4),
             queue_capacity: 2,
+            max_queue_wait: None,
         })
         .build()
         .unwrap();
@@ -327,6 +329,7 @@ fn dropping_the_engine_fails_pending_requests_without_hanging() {
             max_batch_size: 2,
             max_queue_delay: Duration::from_secs(10),
             queue_capacity: 100,
+            max_queue_wait: None,
         })
         .build()
         .unwrap();
@@ -460,6 +463,7 @@ fn a_backend_failure_fails_its_batch_and_the_next_batch_is_served() {
             max_batch_size: 4,
             max_queue_delay: Duration::from_secs(30),
             queue_capacity: 64,
+            max_queue_wait: None,
         })
         .build_on(Faulty::new(cpu(), plan.clone()))
         .unwrap();

@@ -96,6 +96,7 @@ proptest! {
                 max_batch_size: max_batch,
                 max_queue_delay: delay,
                 queue_capacity: capacity,
+                max_queue_wait: None,
             })
             .build();
         if delay > MAX_DELAY {
@@ -172,6 +173,7 @@ proptest! {
             max_batch_size: if max_batch > 8 && max_batch < 100_000_000 { 8 } else { max_batch },
             max_queue_delay: Duration::from_micros(200),
             queue_capacity: capacity,
+            max_queue_wait: None,
         };
         let valid = cfg.validate().is_ok() && batching.validate().is_ok();
         let (model, ramps, profile) = shared_tiny_model();

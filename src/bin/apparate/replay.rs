@@ -125,6 +125,7 @@ pub fn serve_replay_cmd(a: ServeReplayArgs) -> Result<()> {
         max_batch_size: a.max_batch,
         max_queue_delay: duration_from_millis("--max-delay-ms", a.max_delay_ms)?,
         queue_capacity: a.queue,
+        max_queue_wait: None,
     };
     batching.validate()?;
     let family = ModelFile::open(&a.model)?.meta().family.clone();

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use apparate::error::{Error, Result};
 use apparate::serve::Engine;
-use apparate::serve::config::BatchingConfig;
+use apparate::serve::config::{BatchingConfig, duration_from_millis};
 use apparate::server::{ConnectionLimits, Model, Server, ServerConfig};
 use clap::Args;
 
@@ -39,6 +39,14 @@ pub struct ServeArgs {
     /// Most open connections; more are closed as soon as they are accepted.
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
+    /// One JSON line per inference request on standard error (model, id, status, items, ms,
+    /// error).
+    #[arg(long)]
+    log_requests: bool,
+    /// The queue's bound in time, in milliseconds: while its oldest request has waited this
+    /// long, new requests get 429 at once. Default: none (only --queue-capacity bounds it).
+    #[arg(long)]
+    max_queue_wait_ms: Option<f64>,
     /// Most requests per batch.
     #[arg(long, default_value_t = 16)]
     max_batch: usize,
@@ -74,6 +82,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .batching(BatchingConfig {
             max_batch_size: a.max_batch,
             queue_capacity: a.queue_capacity,
+            max_queue_wait: a
+                .max_queue_wait_ms
+                .map(|ms| duration_from_millis("--max-queue-wait-ms", ms))
+                .transpose()?,
             ..BatchingConfig::default()
         })
         .log(|s| eprintln!("{s}"));
@@ -98,6 +110,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 max_connections: a.max_connections,
                 ..ConnectionLimits::default()
             },
+            log_requests: a.log_requests,
             ..ServerConfig::default()
         },
     );
