@@ -77,6 +77,7 @@ fn main() {
         vec![Model {
             name: "m".into(),
             engine: engine.clone(),
+            default_timeout: None,
         }],
         ServerConfig::default(),
     );

@@ -28,6 +28,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         vec![Model {
             name: "sentiment".into(),
             engine: Arc::new(engine),
+            default_timeout: None,
         }],
         ServerConfig::default(),
     );

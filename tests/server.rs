@@ -32,6 +32,7 @@ impl Running {
                         .build()
                         .unwrap(),
                 ),
+                default_timeout: None,
             })
             .collect();
         let server = Server::new(models, cfg);
@@ -185,7 +186,10 @@ fn health_metadata_and_text_inference() {
     let (s, m) = get(a, "/metrics");
     assert_eq!(s, 200);
     assert!(m.contains("apparate_requests_total"));
-    assert!(m.contains("apparate_queue_depth 0"), "{m}");
+    assert!(
+        m.contains("apparate_queue_depth{model=\"sentiment\"} 0"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -602,4 +606,44 @@ fn a_queue_that_falls_behind_its_time_bound_answers_429() {
     assert!(head.to_ascii_lowercase().contains("retry-after"));
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     assert_eq!(backlog.join().unwrap(), 200);
+}
+
+#[test]
+fn several_models_on_one_server() {
+    let srv = Running::start(
+        vec![
+            ("sentiment", SENTIMENT),
+            ("digits", "weights/mnist-resnet.apparate"),
+        ],
+        BatchingConfig::default(),
+        ServerConfig::default(),
+    );
+    let a = srv.addr;
+    assert_eq!(get(a, "/v2/models/sentiment/ready").0, 200);
+    assert_eq!(get(a, "/v2/models/digits/ready").0, 200);
+    let (s, _, b) = post(a, "/v2/models/sentiment/infer", &text_request(&["lovely"]));
+    assert_eq!(s, 200, "{b}");
+    // A text sent to the image model is refused, naming what it takes.
+    let (s, _, b) = post(a, "/v2/models/digits/infer", &text_request(&["lovely"]));
+    assert_eq!(s, 400, "{b}");
+    assert!(b.contains("image"), "{b}");
+    let (_, m) = get(a, "/metrics");
+    assert_eq!(
+        m.matches("# TYPE apparate_requests_total counter").count(),
+        1,
+        "{m}"
+    );
+    assert!(
+        m.contains("apparate_requests_total{model=\"sentiment\"} 1"),
+        "{m}"
+    );
+    // The text never reached the image model's engine: the server's checks refused it.
+    assert!(
+        m.contains("apparate_requests_total{model=\"digits\"} 0"),
+        "{m}"
+    );
+    assert!(
+        m.contains("apparate_queue_depth{model=\"digits\"} 0"),
+        "{m}"
+    );
 }

@@ -14,6 +14,7 @@
 //! come in time; on shutdown the server stops accepting, reports not ready, and answers what is
 //! in flight before it returns.
 
+pub mod config;
 mod listen;
 pub mod v2;
 
@@ -69,6 +70,9 @@ impl Default for ServerConfig {
 pub struct Model {
     pub name: String,
     pub engine: Arc<Engine>,
+    /// Deadline of its requests that name none; `None`: the server's
+    /// [`ServerConfig::default_timeout`].
+    pub default_timeout: Option<Duration>,
 }
 
 struct AppState {
@@ -257,21 +261,79 @@ async fn model_meta(
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> String {
-    // One model's metrics per server for now: the engine's names carry no model label.
-    // Plus the queue's depth, the autoscaling signal of docs/deploy.md.
-    s.models
-        .first()
+    let per_model: Vec<(&str, String)> = s
+        .models
+        .iter()
         .map(|m| {
             let mut text = m.engine.metrics().render_prometheus();
+            // Plus the queue's depth, the autoscaling signal of docs/deploy.md.
             text.push_str(&format!(
                 "# HELP apparate_queue_depth Requests waiting for a batch.\n\
                  # TYPE apparate_queue_depth gauge\n\
                  apparate_queue_depth {}\n",
                 m.engine.queued()
             ));
-            text
+            (m.name.as_str(), text)
         })
-        .unwrap_or_default()
+        .collect();
+    with_model_labels(&per_model)
+}
+
+/// Several engines' Prometheus texts as one exposition: each sample gains a `model` label,
+/// and each metric family's HELP and TYPE lines appear once, before all models' samples.
+fn with_model_labels(per_model: &[(&str, String)]) -> String {
+    // Families in first-seen order: (name, header lines, sample lines).
+    let mut families: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
+    for (model, text) in per_model {
+        let label = format!(
+            "model=\"{}\"",
+            model.replace('\\', "\\\\").replace('"', "\\\"")
+        );
+        let mut current = String::new();
+        for line in text.lines() {
+            if let Some(rest) = line
+                .strip_prefix("# HELP ")
+                .or_else(|| line.strip_prefix("# TYPE "))
+            {
+                current = rest.split_whitespace().next().unwrap_or("").to_string();
+                let i = match families.iter().position(|f| f.0 == current) {
+                    Some(i) => i,
+                    None => {
+                        families.push((current.clone(), Vec::new(), Vec::new()));
+                        families.len() - 1
+                    }
+                };
+                if !families[i].1.iter().any(|h| h == line) {
+                    families[i].1.push(line.to_string());
+                }
+                continue;
+            }
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let sample = match line.find('{') {
+                Some(b) if line[..b].chars().all(|c| !c.is_whitespace()) => {
+                    format!("{}{{{label},{}", &line[..b], &line[b + 1..])
+                }
+                _ => match line.split_once(' ') {
+                    Some((name, value)) => format!("{name}{{{label}}} {value}"),
+                    None => continue,
+                },
+            };
+            match families.iter_mut().find(|f| f.0 == current) {
+                Some(f) => f.2.push(sample),
+                None => families.push((current.clone(), Vec::new(), vec![sample])),
+            }
+        }
+    }
+    let mut out = String::new();
+    for (_, headers, samples) in families {
+        for l in headers.iter().chain(&samples) {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// The element count a shape implies, refusing negative or overflowing dimensions.
@@ -441,10 +503,11 @@ async fn read_body(request: axum::extract::Request, cfg: &ServerConfig) -> Resul
     }
 }
 
-/// The request's deadline: its `timeout` parameter (microseconds, as Triton reads it) or the
-/// server's default.
+/// The request's deadline: its `timeout` parameter (microseconds, as Triton reads it), else
+/// the model's default, else the server's.
 fn deadline(
     req: &InferRequest,
+    model_default: Option<Duration>,
     cfg: &ServerConfig,
     arrived: Instant,
 ) -> Result<Option<Instant>, ApiError> {
@@ -455,7 +518,7 @@ fn deadline(
                 .ok_or_else(|| bad("parameter timeout: microseconds, a non-negative integer"))?;
             Ok(Some(arrived + Duration::from_micros(us)))
         }
-        None => Ok(cfg.default_timeout.map(|t| arrived + t)),
+        None => Ok(model_default.or(cfg.default_timeout).map(|t| arrived + t)),
     }
 }
 
@@ -520,7 +583,7 @@ async fn infer_inner(
         serde_json::from_slice(&body).map_err(|e| bad(format!("malformed request JSON: {e}")))?;
     let inputs = engine_inputs(m.engine.input_spec(), &req)?;
     let opts = RequestOptions {
-        deadline: deadline(&req, &s.cfg, arrived)?,
+        deadline: deadline(&req, m.default_timeout, &s.cfg, arrived)?,
     };
     // Classification extension: `classification: k` on the label output asks for
     // "probability:class:label" strings; the engine answers its top class only.
@@ -617,4 +680,33 @@ async fn infer_inner(
         parameters,
         outputs,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_of_several_models_are_one_exposition_with_model_labels() {
+        let a = "# HELP x_total X.\n# TYPE x_total counter\nx_total 3\n\
+                 # HELP lat Latency.\n# TYPE lat summary\nlat{quantile=\"0.5\"} 0.1\nlat_count 2\n";
+        let b = a.replace("x_total 3", "x_total 5");
+        let out = with_model_labels(&[("one", a.to_string()), ("two", b)]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines.iter().filter(|l| **l == "# HELP x_total X.").count(),
+            1
+        );
+        let pos = |s: &str| {
+            lines
+                .iter()
+                .position(|l| *l == s)
+                .unwrap_or_else(|| panic!("{s}\n{out}"))
+        };
+        assert!(pos("# TYPE x_total counter") < pos("x_total{model=\"one\"} 3"));
+        assert!(pos("x_total{model=\"one\"} 3") < pos("x_total{model=\"two\"} 5"));
+        assert!(pos("x_total{model=\"two\"} 5") < pos("# HELP lat Latency."));
+        pos("lat{model=\"two\",quantile=\"0.5\"} 0.1");
+        pos("lat_count{model=\"one\"} 2");
+    }
 }

@@ -1,12 +1,13 @@
 //! `apparate serve`: one model behind the Open Inference Protocol (KServe v2) over HTTP.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use apparate::error::{Error, Result};
 use apparate::serve::Engine;
 use apparate::serve::config::{BatchingConfig, duration_from_millis};
+use apparate::server::config::{ModelPlan, ServeFile};
 use apparate::server::{ConnectionLimits, Model, Server, ServerConfig};
 use clap::Args;
 
@@ -14,9 +15,18 @@ use super::DeviceArgs;
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// The model file to serve.
-    #[arg(short, long)]
-    model: PathBuf,
+    /// The model file to serve (or --config for several).
+    #[arg(
+        short,
+        long,
+        required_unless_present = "config",
+        conflicts_with = "config"
+    )]
+    model: Option<PathBuf>,
+    /// A TOML file naming several models, each with its ramps, profile, backend and batching,
+    /// and the server's settings (docs/deploy.md shows one); the other flags then do not apply.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Its name in URLs (/v2/models/NAME); default: the file name without extension.
     #[arg(long)]
     name: Option<String>,
@@ -58,62 +68,42 @@ pub struct ServeArgs {
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
-    if a.max_connections == 0 || a.max_connections > 1 << 20 {
-        return Err(Error::config(
-            "--max-connections",
-            a.max_connections,
-            "1..=1048576",
-        ));
-    }
-    if a.max_body_mib == 0 || a.max_body_mib > 4096 {
-        return Err(Error::config("--max-body-mib", a.max_body_mib, "1..=4096"));
-    }
-    let name = match &a.name {
-        Some(n) => n.clone(),
-        None => a
-            .model
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into()),
+    let (plans, cfg, addr) = match &a.config {
+        Some(path) => {
+            let f = ServeFile::load(path)?;
+            let base = path.parent().unwrap_or(Path::new("."));
+            (f.plans(base)?, f.server_config()?, f.addr.clone())
+        }
+        None => from_flags(&a)?,
     };
-    let t0 = Instant::now();
-    let mut builder = Engine::builder(&a.model)
-        .backend(a.device.choice()?)
-        .batching(BatchingConfig {
-            max_batch_size: a.max_batch,
-            queue_capacity: a.queue_capacity,
-            max_queue_wait: a
-                .max_queue_wait_ms
-                .map(|ms| duration_from_millis("--max-queue-wait-ms", ms))
-                .transpose()?,
-            ..BatchingConfig::default()
-        })
-        .log(|s| eprintln!("{s}"));
-    if let Some(r) = &a.ramps {
-        builder = builder.ramps(r);
+    let mut models = Vec::with_capacity(plans.len());
+    for p in plans {
+        let t0 = Instant::now();
+        let mut builder = Engine::builder(&p.path)
+            .backend(p.backend)
+            .batching(p.batching)
+            .log(|s| eprintln!("{s}"));
+        if let Some(r) = &p.ramps {
+            builder = builder.ramps(r);
+        }
+        if let Some(pr) = &p.profile {
+            builder = builder.profile(pr);
+        }
+        let engine = Arc::new(builder.build()?);
+        eprintln!(
+            "model {} ready in {:.1} s on {}",
+            p.name,
+            t0.elapsed().as_secs_f64(),
+            engine.device()
+        );
+        models.push(Model {
+            name: p.name,
+            engine,
+            default_timeout: p.default_timeout,
+        });
     }
-    if let Some(p) = &a.profile {
-        builder = builder.profile(p);
-    }
-    let engine = Arc::new(builder.build()?);
-    eprintln!(
-        "model {name} ready in {:.1} s on {}",
-        t0.elapsed().as_secs_f64(),
-        engine.device()
-    );
-    let server = Server::new(
-        vec![Model { name, engine }],
-        ServerConfig {
-            max_body_bytes: a.max_body_mib << 20,
-            default_timeout: a.timeout_ms.map(Duration::from_millis),
-            connections: ConnectionLimits {
-                max_connections: a.max_connections,
-                ..ConnectionLimits::default()
-            },
-            log_requests: a.log_requests,
-            ..ServerConfig::default()
-        },
-    );
+    let server = Server::new(models, cfg);
+    let a = ServeArgs { addr, ..a };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -165,4 +155,57 @@ async fn shutdown_signal() {
         _ = term => {},
     }
     eprintln!("shutting down: no new connections, answering what is in flight");
+}
+
+/// One model from the command-line flags.
+fn from_flags(a: &ServeArgs) -> Result<(Vec<ModelPlan>, ServerConfig, String)> {
+    if a.max_connections == 0 || a.max_connections > 1 << 20 {
+        return Err(Error::config(
+            "--max-connections",
+            a.max_connections,
+            "1..=1048576",
+        ));
+    }
+    if a.max_body_mib == 0 || a.max_body_mib > 4096 {
+        return Err(Error::config("--max-body-mib", a.max_body_mib, "1..=4096"));
+    }
+    let model = a
+        .model
+        .clone()
+        .expect("clap requires --model without --config");
+    let name = match &a.name {
+        Some(n) => n.clone(),
+        None => model
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into()),
+    };
+    let plan = ModelPlan {
+        name,
+        path: model,
+        ramps: a.ramps.clone(),
+        profile: a.profile.clone(),
+        backend: a.device.choice()?,
+        batching: BatchingConfig {
+            max_batch_size: a.max_batch,
+            queue_capacity: a.queue_capacity,
+            max_queue_wait: a
+                .max_queue_wait_ms
+                .map(|ms| duration_from_millis("--max-queue-wait-ms", ms))
+                .transpose()?,
+            ..BatchingConfig::default()
+        },
+        default_timeout: None,
+    };
+    let cfg = ServerConfig {
+        max_body_bytes: a.max_body_mib << 20,
+        default_timeout: a.timeout_ms.map(Duration::from_millis),
+        connections: ConnectionLimits {
+            max_connections: a.max_connections,
+            ..ConnectionLimits::default()
+        },
+        log_requests: a.log_requests,
+        ..ServerConfig::default()
+    };
+    Ok((vec![plan], cfg, a.addr.clone()))
 }
