@@ -589,7 +589,7 @@ fn a_queue_that_falls_behind_its_time_bound_answers_429() {
         vec![("sentiment", SENTIMENT)],
         BatchingConfig {
             max_batch_size: 1,
-            max_queue_wait: Some(Duration::from_millis(20)),
+            max_queue_wait: Some(Duration::from_millis(100)),
             ..BatchingConfig::default()
         },
         ServerConfig::default(),
@@ -597,8 +597,10 @@ fn a_queue_that_falls_behind_its_time_bound_answers_429() {
     let a = srv.addr;
     let long = "a long review of a film that goes on and on ".repeat(20);
     let body = text_request(&[long.as_str(); 64]);
+    // 64 texts at one a batch: seconds of work, all queued within the bound (their
+    // tokenizing on submission takes a few tens of ms).
     let backlog = std::thread::spawn(move || post(a, "/v2/models/sentiment/infer", &body).0);
-    std::thread::sleep(Duration::from_millis(150));
+    std::thread::sleep(Duration::from_millis(400));
     let t = std::time::Instant::now();
     let (s, head, b) = post(a, "/v2/models/sentiment/infer", &text_request(&["hello"]));
     assert_eq!(s, 429, "{b}");

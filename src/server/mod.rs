@@ -460,6 +460,14 @@ fn engine_inputs(spec: InputSpec, req: &InferRequest) -> Result<Vec<Input>, ApiE
     }
 }
 
+/// Where an answer came from, as the `exit` output says it: the ramp's point, or `final`.
+fn exit_name(e: &Exit) -> String {
+    match e {
+        Exit::Ramp { point, .. } => point.clone(),
+        Exit::Final => "final".to_string(),
+    }
+}
+
 /// The whole body, within the size limit (413) and the body timeout (408).
 async fn read_body(request: axum::extract::Request, cfg: &ServerConfig) -> Result<Bytes, ApiError> {
     let too_large = || {
@@ -616,59 +624,31 @@ async fn infer_inner(
         answers.push(f.await?);
     }
     let n = answers.len() as i64;
-    let exit_name = |e: &Exit| match e {
-        Exit::Ramp { point, .. } => point.clone(),
-        Exit::Final => "final".to_string(),
-    };
+
     let wanted = |name: &str| req.outputs.is_empty() || req.outputs.iter().any(|o| o.name == name);
-    let mut outputs = Vec::new();
-    if wanted("label") {
-        outputs.push(ResponseOutput {
-            name: "label".into(),
+    type Column = fn(&crate::serve::Response, bool) -> Value;
+    let columns: [(&str, &'static str, Column); 4] = [
+        ("label", "BYTES", |a, classification| {
+            Value::String(if classification {
+                format!("{}:{}:{}", a.confidence, a.class, a.label)
+            } else {
+                a.label.clone()
+            })
+        }),
+        ("class", "INT64", |a, _| Value::from(a.class as u64)),
+        ("probability", "FP32", |a, _| Value::from(a.confidence)),
+        ("exit", "BYTES", |a, _| Value::String(exit_name(&a.exit))),
+    ];
+    let outputs = columns
+        .iter()
+        .filter(|(name, _, _)| wanted(name))
+        .map(|&(name, datatype, value)| ResponseOutput {
+            name: name.into(),
             shape: vec![n],
-            datatype: "BYTES",
-            data: answers
-                .iter()
-                .map(|a| {
-                    Value::String(if classification {
-                        format!("{}:{}:{}", a.confidence, a.class, a.label)
-                    } else {
-                        a.label.clone()
-                    })
-                })
-                .collect(),
-        });
-    }
-    if wanted("class") {
-        outputs.push(ResponseOutput {
-            name: "class".into(),
-            shape: vec![n],
-            datatype: "INT64",
-            data: answers
-                .iter()
-                .map(|a| Value::from(a.class as u64))
-                .collect(),
-        });
-    }
-    if wanted("probability") {
-        outputs.push(ResponseOutput {
-            name: "probability".into(),
-            shape: vec![n],
-            datatype: "FP32",
-            data: answers.iter().map(|a| Value::from(a.confidence)).collect(),
-        });
-    }
-    if wanted("exit") {
-        outputs.push(ResponseOutput {
-            name: "exit".into(),
-            shape: vec![n],
-            datatype: "BYTES",
-            data: answers
-                .iter()
-                .map(|a| Value::String(exit_name(&a.exit)))
-                .collect(),
-        });
-    }
+            datatype,
+            data: answers.iter().map(|a| value(a, classification)).collect(),
+        })
+        .collect();
     let mut parameters = Map::new();
     if let [a] = answers.as_slice() {
         parameters.insert("exit".into(), Value::String(exit_name(&a.exit)));
