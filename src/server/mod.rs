@@ -22,7 +22,7 @@ pub use listen::ConnectionLimits;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -75,8 +75,22 @@ pub struct Model {
     pub default_timeout: Option<Duration>,
 }
 
+/// One model's counts of inference requests at the HTTP level, for Triton's metric names.
+#[derive(Default)]
+struct RequestCounts {
+    success: AtomicU64,
+    /// Failures by Triton's reasons: REJECTED (429), BACKEND (500), OTHER (the rest).
+    failure: [AtomicU64; 3],
+    /// Summed duration of the successful ones, microseconds.
+    success_us: AtomicU64,
+}
+
+const FAILURE_REASONS: [&str; 3] = ["REJECTED", "BACKEND", "OTHER"];
+
 struct AppState {
     models: Vec<Model>,
+    /// Parallel to `models`.
+    counts: Vec<RequestCounts>,
     cfg: ServerConfig,
     /// False from the start of a shutdown on: readiness answers 503.
     accepting: AtomicBool,
@@ -123,6 +137,7 @@ impl Server {
     pub fn new(models: Vec<Model>, cfg: ServerConfig) -> Server {
         Server {
             state: Arc::new(AppState {
+                counts: models.iter().map(|_| RequestCounts::default()).collect(),
                 models,
                 cfg,
                 accepting: AtomicBool::new(true),
@@ -264,7 +279,8 @@ async fn metrics(State(s): State<Arc<AppState>>) -> String {
     let per_model: Vec<(&str, String)> = s
         .models
         .iter()
-        .map(|m| {
+        .enumerate()
+        .map(|(i, m)| {
             let mut text = m.engine.metrics().render_prometheus();
             // Plus the queue's depth, the autoscaling signal of docs/deploy.md.
             text.push_str(&format!(
@@ -273,10 +289,71 @@ async fn metrics(State(s): State<Arc<AppState>>) -> String {
                  apparate_queue_depth {}\n",
                 m.engine.queued()
             ));
+            text.push_str(&triton_metrics(m, &s.counts[i]));
             (m.name.as_str(), text)
         })
         .collect();
     with_model_labels(&per_model)
+}
+
+/// Triton's names for what means the same here (so dashboards and autoscalers built for Triton
+/// read them): HTTP inference requests that succeeded and failed (by reason) and their summed
+/// duration, inferences (items) answered, model executions (batches) and items waiting.
+fn triton_metrics(m: &Model, c: &RequestCounts) -> String {
+    use std::fmt::Write as _;
+    let met = m.engine.metrics();
+    let mut t = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+        let _ = writeln!(t, "# HELP {name} {help}");
+        let _ = writeln!(t, "# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(t, "{name}{{{labels}version=\"1\"}} {v}");
+        }
+    };
+    let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    family(
+        "nv_inference_request_success",
+        "counter",
+        "Number of successful inference requests, all batch sizes",
+        &[("", ld(&c.success))],
+    );
+    let reasons: Vec<(String, u64)> = FAILURE_REASONS
+        .iter()
+        .zip(&c.failure)
+        .map(|(r, n)| (format!("reason=\"{r}\","), ld(n)))
+        .collect();
+    let reasons: Vec<(&str, u64)> = reasons.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+    family(
+        "nv_inference_request_failure",
+        "counter",
+        "Number of failed inference requests, all batch sizes",
+        &reasons,
+    );
+    family(
+        "nv_inference_count",
+        "counter",
+        "Number of inferences performed",
+        &[("", met.answered())],
+    );
+    family(
+        "nv_inference_exec_count",
+        "counter",
+        "Number of model executions performed",
+        &[("", met.batches())],
+    );
+    family(
+        "nv_inference_request_duration_us",
+        "counter",
+        "Cumulative inference request duration in microseconds",
+        &[("", ld(&c.success_us))],
+    );
+    family(
+        "nv_inference_pending_request_count",
+        "gauge",
+        "Instantaneous number of pending requests awaiting execution per-model",
+        &[("", m.engine.queued() as u64)],
+    );
+    t
 }
 
 /// Several engines' Prometheus texts as one exposition: each sample gains a `model` label,
@@ -537,6 +614,28 @@ async fn infer(
 ) -> Result<axum::Json<InferResponse>, ApiError> {
     let arrived = Instant::now();
     let result = infer_inner(&s, &name, request, arrived).await;
+    if let Some(c) = s
+        .models
+        .iter()
+        .position(|m| m.name == name)
+        .map(|i| &s.counts[i])
+    {
+        match &result {
+            Ok(_) => {
+                c.success.fetch_add(1, Ordering::Relaxed);
+                c.success_us
+                    .fetch_add(arrived.elapsed().as_micros() as u64, Ordering::Relaxed);
+            }
+            Err(e) => {
+                let reason = match e.0 {
+                    StatusCode::TOO_MANY_REQUESTS => 0,
+                    StatusCode::INTERNAL_SERVER_ERROR => 1,
+                    _ => 2,
+                };
+                c.failure[reason].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
     if s.cfg.log_requests {
         // One JSON line per request on standard error: what a log pipeline indexes.
         let (status, id, items, error) = match &result {
