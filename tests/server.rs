@@ -380,6 +380,13 @@ fn a_passed_deadline_is_504_and_clients_that_hang_up_are_not_computed() {
     let (s, _, b) = post(a, "/v2/models/sentiment/infer", &req.to_string());
     assert_eq!(s, 504, "{b}");
     assert!(b.contains("deadline"), "{b}");
+    // 0 means no timeout (as in Triton), and a huge one is no deadline: both are answered.
+    for us in [0u64, u64::MAX] {
+        let req = json!({"parameters": {"timeout": us},
+                         "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["fine"]}]});
+        let (s, _, b) = post(a, "/v2/models/sentiment/infer", &req.to_string());
+        assert_eq!(s, 200, "timeout {us}: {b}");
+    }
 
     // 40 requests of 8 long texts (one text a batch: seconds of work), every client gone
     // 300 ms after sending, while most of its texts are still queued.

@@ -193,8 +193,10 @@ impl ServeFile {
                         return Err(Error::config(knob("backend"), other, "cpu, emu or cuda"));
                     }
                 };
-                let ms = |k: &str, v: Option<f64>| {
-                    v.map(|ms| duration_from_millis(&knob(k), ms)).transpose()
+                // Waits and deadlines of 0 would refuse or expire every request.
+                let ms = |k: &str, v: Option<f64>| match v {
+                    Some(ms) if ms <= 0.0 => Err(Error::config(knob(k), ms, "above 0 ms")),
+                    v => v.map(|ms| duration_from_millis(&knob(k), ms)).transpose(),
                 };
                 let batching = BatchingConfig {
                     max_batch_size: m.max_batch,
@@ -297,6 +299,8 @@ dtype = "bf16"
         assert!(err(&one("dtype = \"f64\"")).contains("dtype"));
         assert!(err(&one("max_batch = 0")).contains("max_batch_size"));
         assert!(err(&one("timeout_ms = -1")).contains("timeout_ms"));
+        assert!(err(&one("timeout_ms = 0")).contains("timeout_ms"));
+        assert!(err(&one("timeout_ms = 1e30")).contains("timeout_ms"));
         assert!(err(&format!("max_body_mib = 0\n{}", one(""))).contains("max_body_mib"));
         assert!(err(&format!("{}{}", one(""), one(""))).contains("twice"));
         assert!(err("[[model]]\nname = \"a/b\"\npath = \"x\"").contains("URL"));

@@ -588,23 +588,26 @@ async fn read_body(request: axum::extract::Request, cfg: &ServerConfig) -> Resul
     }
 }
 
-/// The request's deadline: its `timeout` parameter (microseconds, as Triton reads it), else
-/// the model's default, else the server's.
+/// The request's deadline: its `timeout` parameter (microseconds, as Triton reads it; 0, as in
+/// Triton, means none given), else the model's default, else the server's. A deadline beyond
+/// what the clock can represent is no deadline.
 fn deadline(
     req: &InferRequest,
     model_default: Option<Duration>,
     cfg: &ServerConfig,
     arrived: Instant,
 ) -> Result<Option<Instant>, ApiError> {
-    match req.parameters.get("timeout") {
-        Some(v) => {
-            let us = v
-                .as_u64()
-                .ok_or_else(|| bad("parameter timeout: microseconds, a non-negative integer"))?;
-            Ok(Some(arrived + Duration::from_micros(us)))
-        }
-        None => Ok(model_default.or(cfg.default_timeout).map(|t| arrived + t)),
-    }
+    let asked = match req.parameters.get("timeout") {
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| bad("parameter timeout: microseconds, a non-negative integer"))?,
+        None => 0,
+    };
+    let after = match asked {
+        0 => model_default.or(cfg.default_timeout),
+        us => Some(Duration::from_micros(us)),
+    };
+    Ok(after.and_then(|d| arrived.checked_add(d)))
 }
 
 async fn infer(

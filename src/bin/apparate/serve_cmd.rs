@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use apparate::error::{Error, Result};
 use apparate::serve::Engine;
@@ -45,7 +45,7 @@ pub struct ServeArgs {
     /// Deadline of requests that name none (their `timeout` parameter), in milliseconds;
     /// one still queued then is answered 504. Default: none.
     #[arg(long)]
-    timeout_ms: Option<u64>,
+    timeout_ms: Option<f64>,
     /// Most open connections; more are closed as soon as they are accepted.
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
@@ -199,7 +199,14 @@ fn from_flags(a: &ServeArgs) -> Result<(Vec<ModelPlan>, ServerConfig, String)> {
     };
     let cfg = ServerConfig {
         max_body_bytes: a.max_body_mib << 20,
-        default_timeout: a.timeout_ms.map(Duration::from_millis),
+        default_timeout: match a.timeout_ms {
+            Some(ms) if ms <= 0.0 => {
+                return Err(Error::config("--timeout-ms", ms, "above 0 ms"));
+            }
+            ms => ms
+                .map(|ms| duration_from_millis("--timeout-ms", ms))
+                .transpose()?,
+        },
         connections: ConnectionLimits {
             max_connections: a.max_connections,
             ..ConnectionLimits::default()
