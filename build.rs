@@ -1,7 +1,8 @@
 //! Builds the emulated CUDA device: every `kernels/*.cu` compiled by the host C++ compiler
 //! (`APPARATE_EMU`) together with the fiber runtime in `kernels/emu/`, plus a generated
 //! registry that maps kernel names to launch trampolines. The CUDA backend compiles the same
-//! sources with NVRTC at run time; nothing here needs CUDA.
+//! sources with NVRTC at run time; nothing here needs CUDA. Also generates the gRPC server code
+//! of `apparate serve` from `proto/inference.proto`.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -11,11 +12,13 @@ mod entry_points;
 use entry_points::entry_points;
 
 fn main() {
+    grpc_messages();
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let kernels = root.join("kernels");
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=proto");
     println!("cargo::rustc-check-cfg=cfg(apparate_emu)");
     // The emulated device switches fibers with x86-64 assembly: elsewhere the crate builds
     // without it (and `EmuDevice::new` says so), so the CUDA backend still builds on, say,
@@ -173,4 +176,16 @@ fn write_if_changed(path: &Path, text: &str) {
     if std::fs::read_to_string(path).ok().as_deref() != Some(text) {
         std::fs::write(path, text).expect("write generated file");
     }
+}
+
+/// `proto/inference.proto` (the Open Inference Protocol's gRPC form) as Rust messages and a
+/// server trait, in `OUT_DIR/inference.rs`; `src/server/grpc.rs` includes it.
+fn grpc_messages() {
+    let fds = protox::compile(["proto/inference.proto"], ["proto"])
+        .unwrap_or_else(|e| panic!("proto/inference.proto: {e}"));
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_transport(false)
+        .compile_fds(fds)
+        .unwrap_or_else(|e| panic!("generating the gRPC code: {e}"));
 }

@@ -95,13 +95,36 @@ pub fn load_image_with(path: &Path, input: &ImageInput, limits: &ImageLimits) ->
     preprocess(&img, input).map_err(|r| Error::format(path, r))
 }
 
+/// The bytes of an image file (PNG or JPEG, as a client sends them), decoded and prepared as
+/// [`load_image_with`] prepares a file: `height * width * channels` normalised values (HWC).
+/// The error says what is wrong with the image.
+pub fn image_from_bytes(
+    bytes: &[u8],
+    input: &ImageInput,
+    limits: &ImageLimits,
+) -> std::result::Result<Vec<f32>, String> {
+    let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| format!("cannot read the image: {e}"))?;
+    let img = decode_checked(reader, input, limits)?;
+    preprocess(&img, input)
+}
+
 /// Reads the header, checks the dimensions against `limits` (and against what the resize for
 /// `input` would make of them), and only then decodes.
 fn decode_within(path: &Path, input: &ImageInput, limits: &ImageLimits) -> Result<DynamicImage> {
-    let mut reader = image::ImageReader::open(path)
+    let reader = image::ImageReader::open(path)
         .map_err(|e| Error::io(path, e))?
         .with_guessed_format()
         .map_err(|e| Error::io(path, e))?;
+    decode_checked(reader, input, limits).map_err(|r| Error::format(path, r))
+}
+
+fn decode_checked<R: std::io::BufRead + std::io::Seek>(
+    mut reader: image::ImageReader<R>,
+    input: &ImageInput,
+    limits: &ImageLimits,
+) -> std::result::Result<DynamicImage, String> {
     // The decoder's own limits back up the check below for formats whose header lies about the
     // size: 8 bytes per pixel covers 16-bit RGBA, the widest format we decode.
     let mut decoder_limits = image::Limits::default();
@@ -109,14 +132,11 @@ fn decode_within(path: &Path, input: &ImageInput, limits: &ImageLimits) -> Resul
     reader.limits(decoder_limits);
     let decoder = reader
         .into_decoder()
-        .map_err(|e| Error::format(path, format!("cannot decode the image: {e}")))?;
+        .map_err(|e| format!("cannot decode the image: {e}"))?;
     let (w, h) = decoder.dimensions();
     let resized = (w > 0 && h > 0).then(|| resize_size(w, h, input));
-    limits
-        .check(w, h, resized)
-        .map_err(|r| Error::format(path, r))?;
-    DynamicImage::from_decoder(decoder)
-        .map_err(|e| Error::format(path, format!("cannot decode the image: {e}")))
+    limits.check(w, h, resized)?;
+    DynamicImage::from_decoder(decoder).map_err(|e| format!("cannot decode the image: {e}"))
 }
 
 /// The size an image of `w x h` is resized to for `input`: torchvision's `Resize(s)` when the

@@ -10,13 +10,16 @@ use std::time::Duration;
 
 use apparate::serve::Engine;
 use apparate::serve::config::BatchingConfig;
+use apparate::server::grpc::pb;
 use apparate::server::{Model, Server, ServerConfig};
+use base64::Engine as _;
 use serde_json::{Value, json};
 
-/// A running server and the means to stop it.
+/// A running server (both forms) and the means to stop it.
 struct Running {
     addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    grpc: SocketAddr,
+    stop: Option<tokio::sync::watch::Sender<bool>>,
     thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
 }
 
@@ -36,7 +39,7 @@ impl Running {
             })
             .collect();
         let server = Server::new(models, cfg);
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (tx, rx) = tokio::sync::watch::channel(false);
         let (atx, arx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -46,16 +49,23 @@ impl Running {
                 .unwrap();
             rt.block_on(async move {
                 let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-                atx.send(l.local_addr()?).unwrap();
-                server
-                    .serve(l, async move {
-                        let _ = rx.await;
-                    })
-                    .await
+                let g = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                atx.send((l.local_addr()?, g.local_addr()?)).unwrap();
+                let stopped = || {
+                    let mut rx = rx.clone();
+                    async move {
+                        let _ = rx.wait_for(|s| *s).await;
+                    }
+                };
+                let (r, g) =
+                    tokio::join!(server.serve(l, stopped()), server.serve_grpc(g, stopped()));
+                r.and(g)
             })
         });
+        let (addr, grpc) = arx.recv_timeout(Duration::from_secs(60)).unwrap();
         Running {
-            addr: arx.recv_timeout(Duration::from_secs(60)).unwrap(),
+            addr,
+            grpc,
             stop: Some(tx),
             thread: Some(thread),
         }
@@ -64,7 +74,7 @@ impl Running {
     /// Stops accepting and waits until the server returned (everything in flight answered).
     fn stop(&mut self) {
         if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
+            let _ = tx.send(true);
         }
         if let Some(t) = self.thread.take() {
             t.join().unwrap().unwrap();
@@ -120,6 +130,115 @@ fn text_request(texts: &[&str]) -> String {
 }
 
 const SENTIMENT: &str = "weights/minilm-l6-sentiment.apparate";
+const EFFICIENTNET: &str = "weights/efficientnet-lite0.apparate";
+
+/// One gRPC call (`inference.GRPCInferenceService/{method}`) over a fresh HTTP/2 connection,
+/// with extra request headers; the decoded answer, or the status code and message.
+fn grpc<Req: prost::Message, Resp: prost::Message + Default>(
+    addr: SocketAddr,
+    method: &str,
+    req: &Req,
+    headers: &[(&str, &str)],
+) -> Result<Resp, (u32, String)> {
+    use http_body_util::BodyExt;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        // A gRPC message: uncompressed flag, 4-byte big-endian length, the protobuf bytes.
+        let msg = req.encode_to_vec();
+        let mut body = vec![0u8];
+        body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+        body.extend_from_slice(&msg);
+        let mut r = axum::http::Request::post(format!(
+            "http://{addr}/inference.GRPCInferenceService/{method}"
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        let r = r
+            .body(http_body_util::Full::new(axum::body::Bytes::from(body)))
+            .unwrap();
+        let (parts, body) = send.send_request(r).await.unwrap().into_parts();
+        let collected = body.collect().await.unwrap();
+        let trailers = collected.trailers().cloned().unwrap_or_default();
+        let data = collected.to_bytes();
+        // Errors may come as a trailers-only answer: the status in the headers.
+        let field = |name: &str| {
+            trailers
+                .get(name)
+                .or(parts.headers.get(name))
+                .map(|v| v.to_str().unwrap().to_string())
+        };
+        let code: u32 = field("grpc-status").expect("grpc-status").parse().unwrap();
+        if code != 0 {
+            let m = field("grpc-message").unwrap_or_default();
+            // grpc-message is percent-encoded.
+            let mut out = Vec::new();
+            let b = m.as_bytes();
+            let mut i = 0;
+            while i < b.len() {
+                if b[i] == b'%' && i + 2 < b.len() {
+                    out.push(u8::from_str_radix(&m[i + 1..i + 3], 16).unwrap());
+                    i += 3;
+                } else {
+                    out.push(b[i]);
+                    i += 1;
+                }
+            }
+            return Err((code, String::from_utf8_lossy(&out).into_owned()));
+        }
+        assert_eq!(data[0], 0, "uncompressed answer");
+        Ok(Resp::decode(&data[5..]).unwrap())
+    })
+}
+
+/// Raw BYTES elements: each a 4-byte little-endian length and its bytes.
+fn raw_bytes(items: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in items {
+        out.extend_from_slice(&(i.len() as u32).to_le_bytes());
+        out.extend_from_slice(i);
+    }
+    out
+}
+
+/// The strings of a raw BYTES output.
+fn raw_strings(mut raw: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    while !raw.is_empty() {
+        let n = u32::from_le_bytes(raw[..4].try_into().unwrap()) as usize;
+        out.push(String::from_utf8(raw[4..4 + n].to_vec()).unwrap());
+        raw = &raw[4 + n..];
+    }
+    out
+}
+
+fn text_tensor(n: usize) -> pb::model_infer_request::InferInputTensor {
+    pb::model_infer_request::InferInputTensor {
+        name: "text".into(),
+        datatype: "BYTES".into(),
+        shape: vec![n as i64],
+        ..Default::default()
+    }
+}
+
+fn int_param(v: i64) -> pb::InferParameter {
+    pb::InferParameter {
+        parameter_choice: Some(pb::infer_parameter::ParameterChoice::Int64Param(v)),
+    }
+}
 
 #[test]
 fn health_metadata_and_text_inference() {
@@ -493,14 +612,24 @@ fn slow_or_idle_clients_are_timed_out_and_connections_are_bounded() {
     assert_eq!(get(a, "/v2/health/live").0, 200);
 }
 
-/// Triton's own Python client against the server (`tools/triton_client_check.py`). Ignored by
-/// default: it needs `tritonclient[http]` in tools/.triton-venv (or the Python named by
+/// Triton's own Python client against the server over HTTP and gRPC
+/// (`tools/triton_client_check.py`), with a text model and a photo on an image model. Ignored by
+/// default: it needs `tritonclient[http,grpc]` in tools/.triton-venv (or the Python named by
 /// APPARATE_TRITON_PYTHON); .ci/run installs it and runs this test.
 #[test]
 #[ignore]
-fn triton_http_client() {
+fn triton_client() {
+    let fixture: Value =
+        serde_json::from_str(include_str!("fixtures/efficientnet_pipeline.json")).unwrap();
+    let want = fixture["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["image"] == "efficientnet/photos/chelsea.png")
+        .unwrap()["top5"][0]
+        .to_string();
     let srv = Running::start(
-        vec![("sentiment", SENTIMENT)],
+        vec![("sentiment", SENTIMENT), ("effnet", EFFICIENTNET)],
         BatchingConfig::default(),
         ServerConfig::default(),
     );
@@ -508,10 +637,15 @@ fn triton_http_client() {
         .unwrap_or_else(|_| "tools/.triton-venv/bin/python".into());
     let out = std::process::Command::new(&python)
         .arg("tools/triton_client_check.py")
-        .arg(srv.addr.to_string())
-        .arg("sentiment")
+        .args([srv.addr.to_string(), srv.grpc.to_string()])
+        .args([
+            "sentiment",
+            "effnet",
+            "tests/fixtures/efficientnet/photos/chelsea.png",
+        ])
+        .arg(want)
         .output()
-        .unwrap_or_else(|e| panic!("{python}: {e} (install tritonclient[http] there)"));
+        .unwrap_or_else(|e| panic!("{python}: {e} (install tritonclient[http,grpc] there)"));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && text.contains("all checks passed"),
@@ -543,23 +677,30 @@ fn the_cli_serves_logs_and_exits_cleanly_on_sigterm() {
             "2",
         ])
         .args(["--addr", &format!("127.0.0.1:{port}"), "--log-requests"])
+        .args(["--grpc-addr", "127.0.0.1:0"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
     let mut lines = Vec::new();
-    loop {
+    let grpc_addr: SocketAddr = loop {
         let mut l = String::new();
         assert!(
             err.read_line(&mut l).unwrap() > 0,
             "exited early: {lines:?}"
         );
-        let listening = l.contains("listening on");
+        let grpc_line = l
+            .strip_prefix("listening on ")
+            .and_then(|r| r.strip_suffix(" (KServe v2 gRPC)\n"))
+            .map(|a| a.parse().unwrap());
         lines.push(l);
-        if listening {
-            break;
+        if let Some(a) = grpc_line {
+            break a;
         }
-    }
+    };
+    let ready: pb::ServerReadyResponse =
+        grpc(grpc_addr, "ServerReady", &pb::ServerReadyRequest {}, &[]).unwrap();
+    assert!(ready.ready, "the gRPC form on the address the CLI printed");
     let a: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let (s, _, b) = post(
         a,
@@ -655,4 +796,241 @@ fn several_models_on_one_server() {
         m.contains("apparate_queue_depth{model=\"digits\"} 0"),
         "{m}"
     );
+}
+
+/// The gRPC form: health, metadata, inference from raw and typed contents, the
+/// classification extension, deadlines and errors as status codes; its answers are the REST
+/// form's.
+#[test]
+fn grpc_health_metadata_inference_and_errors() {
+    let srv = Running::start(
+        vec![("sentiment", SENTIMENT)],
+        BatchingConfig::default(),
+        ServerConfig::default(),
+    );
+    let g = srv.grpc;
+    let live: pb::ServerLiveResponse =
+        grpc(g, "ServerLive", &pb::ServerLiveRequest {}, &[]).unwrap();
+    assert!(live.live);
+    let ready: pb::ServerReadyResponse =
+        grpc(g, "ServerReady", &pb::ServerReadyRequest {}, &[]).unwrap();
+    assert!(ready.ready);
+    let mr = |name: &str, version: &str| {
+        grpc::<_, pb::ModelReadyResponse>(
+            g,
+            "ModelReady",
+            &pb::ModelReadyRequest {
+                name: name.into(),
+                version: version.into(),
+            },
+            &[],
+        )
+    };
+    assert!(mr("sentiment", "").unwrap().ready);
+    assert!(mr("sentiment", "1").unwrap().ready);
+    assert_eq!(mr("sentiment", "2").unwrap_err().0, 5, "NOT_FOUND");
+    let e = mr("nope", "").unwrap_err();
+    assert!(e.0 == 5 && e.1.contains("no model named"), "{e:?}");
+    let meta: pb::ServerMetadataResponse =
+        grpc(g, "ServerMetadata", &pb::ServerMetadataRequest {}, &[]).unwrap();
+    assert_eq!(meta.name, "apparate");
+    assert!(meta.extensions.contains(&"classification".to_string()));
+    let mm: pb::ModelMetadataResponse = grpc(
+        g,
+        "ModelMetadata",
+        &pb::ModelMetadataRequest {
+            name: "sentiment".into(),
+            version: String::new(),
+        },
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        (mm.inputs[0].name.as_str(), mm.inputs[0].datatype.as_str()),
+        ("text", "BYTES")
+    );
+    let outs: Vec<&str> = mm.outputs.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(outs, ["label", "class", "probability", "exit"]);
+
+    // Two texts as raw contents: every output, as raw contents, equal to the REST answer.
+    let texts = [
+        "what a wonderful, moving film",
+        "dull, slow and far too long",
+    ];
+    let req = pb::ModelInferRequest {
+        model_name: "sentiment".into(),
+        id: "g-1".into(),
+        inputs: vec![text_tensor(2)],
+        raw_input_contents: vec![raw_bytes(&[texts[0].as_bytes(), texts[1].as_bytes()])],
+        ..Default::default()
+    };
+    let r: pb::ModelInferResponse = grpc(g, "ModelInfer", &req, &[]).unwrap();
+    assert_eq!((r.id.as_str(), r.model_name.as_str()), ("g-1", "sentiment"));
+    let names: Vec<&str> = r.outputs.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(names, ["label", "class", "probability", "exit"]);
+    assert!(r.outputs.iter().all(|o| o.shape == [2]));
+    assert_eq!(r.raw_output_contents.len(), 4);
+    let labels = raw_strings(&r.raw_output_contents[0]);
+    let classes: Vec<i64> = r.raw_output_contents[1]
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let probs: Vec<f32> = r.raw_output_contents[2]
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    assert_eq!(raw_strings(&r.raw_output_contents[3]).len(), 2);
+    assert!(probs.iter().all(|p| (0.0..=1.0).contains(p)), "{probs:?}");
+    let (s, _, b) = post(
+        srv.addr,
+        "/v2/models/sentiment/infer",
+        &text_request(&texts),
+    );
+    assert_eq!(s, 200, "{b}");
+    let rest: Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(rest["outputs"][0]["data"], json!(labels));
+    assert_eq!(rest["outputs"][1]["data"], json!(classes));
+
+    // One text as typed contents: the exit as a response parameter; classification k = 1.
+    let one = pb::ModelInferRequest {
+        model_name: "sentiment".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            contents: Some(pb::InferTensorContents {
+                bytes_contents: vec![texts[0].as_bytes().to_vec()],
+                ..Default::default()
+            }),
+            ..text_tensor(1)
+        }],
+        outputs: vec![pb::model_infer_request::InferRequestedOutputTensor {
+            name: "label".into(),
+            parameters: [("classification".to_string(), int_param(1))].into(),
+        }],
+        ..Default::default()
+    };
+    let r: pb::ModelInferResponse = grpc(g, "ModelInfer", &one, &[]).unwrap();
+    assert!(matches!(
+        r.parameters["exit"].parameter_choice,
+        Some(pb::infer_parameter::ParameterChoice::StringParam(_))
+    ));
+    let top = raw_strings(&r.raw_output_contents[0]);
+    let parts: Vec<&str> = top[0].split(':').collect();
+    assert_eq!(parts.len(), 3, "{top:?}");
+    assert_eq!(parts[1].parse::<i64>().unwrap(), classes[0]);
+    assert_eq!(parts[2], labels[0]);
+
+    // Errors as status codes, with the same messages as REST.
+    let mut bad = req.clone();
+    bad.inputs[0].datatype = "FP32".into();
+    bad.raw_input_contents = vec![vec![0; 8]];
+    let e = grpc::<_, pb::ModelInferResponse>(g, "ModelInfer", &bad, &[]).unwrap_err();
+    assert!(e.0 == 3 && e.1.contains("BYTES"), "{e:?}");
+    let mut bad = req.clone();
+    bad.raw_input_contents = vec![raw_bytes(&[b"only one"])];
+    let e = grpc::<_, pb::ModelInferResponse>(g, "ModelInfer", &bad, &[]).unwrap_err();
+    assert!(e.0 == 3 && e.1.contains("holds 2 elements"), "{e:?}");
+    let mut bad = req.clone();
+    bad.model_name = "nope".into();
+    let e = grpc::<_, pb::ModelInferResponse>(g, "ModelInfer", &bad, &[]).unwrap_err();
+    assert_eq!(e.0, 5, "{e:?}");
+    // The client's gRPC deadline: one microsecond has passed before any batch forms.
+    let e = grpc::<_, pb::ModelInferResponse>(g, "ModelInfer", &req, &[("grpc-timeout", "1u")])
+        .unwrap_err();
+    assert_eq!(e.0, 4, "DEADLINE_EXCEEDED: {e:?}");
+    let mut late = req.clone();
+    late.parameters = [("timeout".to_string(), int_param(1))].into();
+    let e = grpc::<_, pb::ModelInferResponse>(g, "ModelInfer", &late, &[]).unwrap_err();
+    assert_eq!(e.0, 4, "{e:?}");
+    // A method of Triton's service that this server does not have.
+    let e = grpc::<_, pb::ServerLiveResponse>(g, "ModelStatistics", &pb::ServerLiveRequest {}, &[])
+        .unwrap_err();
+    assert_eq!(e.0, 12, "UNIMPLEMENTED: {e:?}");
+
+    // REST with Triton's binary tensor data extension: the same answer as JSON.
+    let tensor = raw_bytes(&[texts[0].as_bytes(), texts[1].as_bytes()]);
+    let header = json!({"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES",
+        "parameters": {"binary_data_size": tensor.len()}}]})
+    .to_string();
+    let mut body = header.clone().into_bytes();
+    body.extend_from_slice(&tensor);
+    let mut request = format!(
+        "POST /v2/models/sentiment/infer HTTP/1.1\r\nHost: x\r\n\
+         Inference-Header-Content-Length: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        header.len(),
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    let (s, _, b) = raw(srv.addr, &request);
+    assert_eq!(s, 200, "{b}");
+    let bin: Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(bin["outputs"][0]["data"], json!(labels));
+    // A binary_data_size beyond the body is refused by name.
+    let header = header.replace(&format!(":{}}}", tensor.len()), ":100000}");
+    let mut request = format!(
+        "POST /v2/models/sentiment/infer HTTP/1.1\r\nHost: x\r\n\
+         Inference-Header-Content-Length: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        header.len(),
+        header.len() + tensor.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(header.as_bytes());
+    request.extend_from_slice(&tensor);
+    let (s, _, b) = raw(srv.addr, &request);
+    assert!(s == 400 && b.contains("binary_data_size"), "{s} {b}");
+}
+
+/// An image file as a user has it (a PNG photo), sent as BYTES over gRPC and as base64 in
+/// REST JSON, gets the class that PIL + torchvision's whole pipeline gives
+/// (tests/fixtures/efficientnet_pipeline.json).
+#[test]
+fn image_files_over_grpc_and_rest_get_the_reference_class() {
+    let fixture: Value =
+        serde_json::from_str(include_str!("fixtures/efficientnet_pipeline.json")).unwrap();
+    let case = fixture["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["image"] == "efficientnet/photos/chelsea.png")
+        .unwrap();
+    let want = case["top5"][0].as_i64().unwrap();
+    let photo = std::fs::read("tests/fixtures/efficientnet/photos/chelsea.png").unwrap();
+    let srv = Running::start(
+        vec![("effnet", EFFICIENTNET)],
+        BatchingConfig::default(),
+        ServerConfig::default(),
+    );
+    let req = pb::ModelInferRequest {
+        model_name: "effnet".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "image".into(),
+            datatype: "BYTES".into(),
+            shape: vec![1],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![raw_bytes(&[&photo])],
+        ..Default::default()
+    };
+    let r: pb::ModelInferResponse = grpc(srv.grpc, "ModelInfer", &req, &[]).unwrap();
+    let class = i64::from_le_bytes(r.raw_output_contents[1][..8].try_into().unwrap());
+    assert_eq!(
+        class,
+        want,
+        "gRPC, {:?}",
+        raw_strings(&r.raw_output_contents[0])
+    );
+
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&photo);
+    let body =
+        json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}]});
+    let (s, _, b) = post(srv.addr, "/v2/models/effnet/infer", &body.to_string());
+    assert_eq!(s, 200, "{b}");
+    let r: Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(r["outputs"][1]["data"][0].as_i64(), Some(want), "REST: {b}");
+
+    // Bytes that are no image: a 400 naming the problem, not a guess.
+    let junk = base64::engine::general_purpose::STANDARD.encode(b"not an image at all");
+    let body =
+        json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [junk]}]});
+    let (s, _, b) = post(srv.addr, "/v2/models/effnet/infer", &body.to_string());
+    assert!(s == 400 && b.contains("image"), "{s} {b}");
 }

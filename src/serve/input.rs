@@ -10,7 +10,9 @@ use super::queue::Pending;
 use crate::backbone::{Backbone, BatchInput};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::models::cnn::ImageInput;
 use crate::tokenize::{TextTokenizer, Tokens};
+use crate::vision::{ImageLimits, image_from_bytes};
 
 /// One request's input.
 #[derive(Clone, Debug)]
@@ -22,6 +24,10 @@ pub enum Input {
     Pixels(Vec<u8>),
     /// Already normalised HWC values (image models), as [`crate::dataset`] reads them.
     Normalized(Vec<f32>),
+    /// An image file's bytes, PNG or JPEG (image models): decoded, resized, cropped and
+    /// normalised as the model file says, as `apparate classify` prepares image files, within
+    /// the default [`ImageLimits`] (decoding happens on the submitting thread).
+    Encoded(Vec<u8>),
 }
 
 /// An input ready for a batch.
@@ -44,6 +50,8 @@ pub(crate) enum InputKind {
         hwc: [usize; 3],
         mean: Vec<f32>,
         std: Vec<f32>,
+        /// The whole preprocessing, for [`Input::Encoded`].
+        image: ImageInput,
     },
 }
 
@@ -55,6 +63,7 @@ impl InputKind {
                 hwc: [i.height, i.width, i.channels],
                 mean: i.mean.clone(),
                 std: i.std.clone(),
+                image: i.clone(),
             });
         }
         match (backbone.tokenizer(), backbone.max_positions()) {
@@ -103,8 +112,14 @@ impl InputKind {
                 "this is a text model: send Input::Text".into(),
             )),
             (InputKind::Image { .. }, Input::Text(_)) => Err(ServeError::BadInput(
-                "this is an image model: send Input::Pixels or Input::Normalized".into(),
+                "this is an image model: send Input::Pixels, Input::Normalized or Input::Encoded"
+                    .into(),
             )),
+            (InputKind::Image { image, .. }, Input::Encoded(bytes)) => {
+                image_from_bytes(&bytes, image, &ImageLimits::default())
+                    .map(Prepared::Pixels)
+                    .map_err(ServeError::BadInput)
+            }
             (
                 InputKind::Image {
                     values, mean, std, ..

@@ -3,6 +3,7 @@
 //!
 //! ```toml
 //! addr = "0.0.0.0:8000"        # default 127.0.0.1:8000
+//! grpc_addr = "0.0.0.0:8001"   # the gRPC form; default 127.0.0.1:8001, "off" for none
 //! max_body_mib = 64            # default 64
 //! max_connections = 1024       # default 1024
 //! log_requests = false         # default false
@@ -38,6 +39,8 @@ use crate::tensor::DType;
 pub struct ServeFile {
     #[serde(default = "default_addr")]
     pub addr: String,
+    #[serde(default = "default_grpc_addr")]
+    pub grpc_addr: String,
     #[serde(default = "default_body_mib")]
     pub max_body_mib: usize,
     #[serde(default = "default_connections")]
@@ -71,6 +74,9 @@ pub struct ModelEntry {
 
 fn default_addr() -> String {
     "127.0.0.1:8000".into()
+}
+fn default_grpc_addr() -> String {
+    "127.0.0.1:8001".into()
 }
 fn default_body_mib() -> usize {
     64

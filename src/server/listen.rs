@@ -1,5 +1,6 @@
-//! The accept loop: a bounded number of connections, a deadline for each request's headers,
-//! and a graceful shutdown that lets every connection finish the request it is serving.
+//! The accept loop: a bounded number of connections, a deadline for each request's headers
+//! (HTTP/1) or pings that find dead peers (gRPC on HTTP/2), and a graceful shutdown that lets
+//! every connection finish the requests it is serving.
 //!
 //! `axum::serve` gives none of the three: on it, 300 idle sockets are 300 tasks forever,
 //! headers sent a byte a second hold a connection open without end, and the only limit on
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -35,11 +36,24 @@ impl Default for ConnectionLimits {
     }
 }
 
+/// What a listener serves.
+pub(crate) enum App {
+    /// The REST routes, over HTTP/1.1.
+    Rest(Router),
+    /// The gRPC service, over HTTP/2 (prior knowledge, no TLS: as gRPC clients connect to
+    /// `host:port` without `https`).
+    Grpc(super::grpc::GrpcService),
+}
+
+/// Requests one gRPC connection may have open at once (HTTP/2 streams); a client that wants
+/// more concurrency opens more connections, within [`ConnectionLimits::max_connections`].
+const GRPC_STREAMS_PER_CONNECTION: u32 = 1024;
+
 /// Serves `app` on `listener` until `shutdown` completes; then stops accepting and returns
-/// when every open connection has answered the request it was serving.
+/// when every open connection has answered the requests it was serving.
 pub(crate) async fn serve(
     listener: TcpListener,
-    app: Router,
+    app: App,
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
@@ -63,15 +77,35 @@ pub(crate) async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let mut b = hyper::server::conn::http1::Builder::new();
-        b.timer(TokioTimer::new())
-            .header_read_timeout(limits.header_timeout);
-        let conn = b.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _ = conn.await;
-            drop(slot);
-        });
+        let io = TokioIo::new(stream);
+        match &app {
+            App::Rest(router) => {
+                let mut b = hyper::server::conn::http1::Builder::new();
+                b.timer(TokioTimer::new())
+                    .header_read_timeout(limits.header_timeout);
+                let conn = graceful
+                    .watch(b.serve_connection(io, TowerToHyperService::new(router.clone())));
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                    drop(slot);
+                });
+            }
+            App::Grpc(service) => {
+                // gRPC channels stay open between requests by design, so an idle one is not
+                // closed; a peer that stops answering pings within the header timeout is.
+                let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                b.timer(TokioTimer::new())
+                    .max_concurrent_streams(GRPC_STREAMS_PER_CONNECTION)
+                    .keep_alive_interval(Some(limits.header_timeout))
+                    .keep_alive_timeout(limits.header_timeout);
+                let conn = graceful
+                    .watch(b.serve_connection(io, TowerToHyperService::new(service.clone())));
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                    drop(slot);
+                });
+            }
+        }
     }
     drop(listener);
     graceful.shutdown().await;

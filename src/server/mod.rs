@@ -15,6 +15,8 @@
 //! in flight before it returns.
 
 pub mod config;
+pub mod grpc;
+mod infer;
 mod listen;
 pub mod v2;
 
@@ -33,7 +35,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Map, Value};
 
-use crate::serve::{Engine, Exit, Input, InputSpec, RequestOptions, ServeError};
+use crate::serve::{Engine, InputSpec, ServeError};
+use infer::{Answer, Call, Column, Elements, InputTensor, RequestedOutput, input_name};
 use v2::*;
 
 /// Settings of the HTTP server.
@@ -87,7 +90,7 @@ struct RequestCounts {
 
 const FAILURE_REASONS: [&str; 3] = ["REJECTED", "BACKEND", "OTHER"];
 
-struct AppState {
+pub(crate) struct AppState {
     models: Vec<Model>,
     /// Parallel to `models`.
     counts: Vec<RequestCounts>,
@@ -103,7 +106,8 @@ pub struct Server {
 }
 
 /// An error answer: a status and `{"error": "..."}`.
-struct ApiError(StatusCode, String);
+#[derive(Debug)]
+pub(crate) struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -159,28 +163,53 @@ impl Server {
             .with_state(self.state.clone())
     }
 
-    /// Serves on `listener` until `shutdown` completes, then stops accepting, turns not ready
-    /// and returns once every request in flight is answered.
+    /// Serves the REST form on `listener` until `shutdown` completes, then stops accepting,
+    /// turns not ready and returns once every request in flight is answered.
     pub async fn serve(
         &self,
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        let app = listen::App::Rest(self.router());
+        self.serve_app(listener, app, shutdown).await
+    }
+
+    /// Serves the gRPC form (service `inference.GRPCInferenceService`, HTTP/2 without TLS) on
+    /// `listener`, as [`Server::serve`] serves the REST form; run both on one `Server` for
+    /// both protocols (a shutdown of either turns the whole server not ready).
+    pub async fn serve_grpc(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let app = listen::App::Grpc(grpc::service(self.state.clone()));
+        self.serve_app(listener, app, shutdown).await
+    }
+
+    async fn serve_app(
+        &self,
+        listener: tokio::net::TcpListener,
+        app: listen::App,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         let state = self.state.clone();
-        listen::serve(
-            listener,
-            self.router(),
-            self.state.cfg.connections,
-            async move {
-                shutdown.await;
-                state.accepting.store(false, Ordering::SeqCst);
-            },
-        )
+        listen::serve(listener, app, self.state.cfg.connections, async move {
+            shutdown.await;
+            state.accepting.store(false, Ordering::SeqCst);
+        })
         .await
     }
 }
 
 impl AppState {
+    fn is_accepting(&self) -> bool {
+        self.accepting.load(Ordering::SeqCst)
+    }
+
+    fn is_ready(&self) -> bool {
+        self.is_accepting() && self.models.iter().all(|m| m.engine.is_ready())
+    }
+
     fn model(&self, name: &str) -> Result<&Model, ApiError> {
         self.models.iter().find(|m| m.name == name).ok_or_else(|| {
             ApiError(
@@ -198,12 +227,17 @@ impl AppState {
     }
 }
 
-async fn server_meta() -> axum::Json<ServerMeta> {
-    axum::Json(ServerMeta {
+/// The server's name, version and the protocol extensions it speaks.
+fn server_metadata() -> ServerMeta {
+    ServerMeta {
         name: "apparate",
         version: env!("CARGO_PKG_VERSION"),
-        extensions: vec!["classification"],
-    })
+        extensions: vec!["classification", "binary_tensor_data"],
+    }
+}
+
+async fn server_meta() -> axum::Json<ServerMeta> {
+    axum::Json(server_metadata())
 }
 
 async fn live() -> StatusCode {
@@ -211,7 +245,7 @@ async fn live() -> StatusCode {
 }
 
 async fn ready(State(s): State<Arc<AppState>>) -> StatusCode {
-    if s.accepting.load(Ordering::SeqCst) && s.models.iter().all(|m| m.engine.is_ready()) {
+    if s.is_ready() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -223,19 +257,17 @@ async fn model_ready(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let m = s.model(&name)?;
-    Ok(
-        if s.accepting.load(Ordering::SeqCst) && m.engine.is_ready() {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        },
-    )
+    Ok(if s.is_accepting() && m.engine.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    })
 }
 
 fn input_meta(spec: InputSpec) -> TensorMeta {
     match spec {
         InputSpec::Text => TensorMeta {
-            name: "text",
+            name: input_name(spec),
             datatype: "BYTES",
             shape: vec![-1],
         },
@@ -244,7 +276,7 @@ fn input_meta(spec: InputSpec) -> TensorMeta {
             width,
             channels,
         } => TensorMeta {
-            name: "image",
+            name: input_name(spec),
             datatype: "UINT8",
             shape: vec![-1, height as i64, width as i64, channels as i64],
         },
@@ -256,22 +288,19 @@ async fn model_meta(
     Path(name): Path<String>,
 ) -> Result<axum::Json<ModelMeta>, ApiError> {
     let m = s.model(&name)?;
-    let out = |name, datatype| TensorMeta {
-        name,
-        datatype,
-        shape: vec![-1],
-    };
     Ok(axum::Json(ModelMeta {
         name: m.name.clone(),
         versions: vec!["1".into()],
         platform: "apparate",
         inputs: vec![input_meta(m.engine.input_spec())],
-        outputs: vec![
-            out("label", "BYTES"),
-            out("class", "INT64"),
-            out("probability", "FP32"),
-            out("exit", "BYTES"),
-        ],
+        outputs: Column::ALL
+            .iter()
+            .map(|c| TensorMeta {
+                name: c.name(),
+                datatype: c.datatype(),
+                shape: vec![-1],
+            })
+            .collect(),
     }))
 }
 
@@ -413,138 +442,6 @@ fn with_model_labels(per_model: &[(&str, String)]) -> String {
     out
 }
 
-/// The element count a shape implies, refusing negative or overflowing dimensions.
-fn elements(shape: &[i64]) -> Result<usize, ApiError> {
-    shape.iter().try_fold(1usize, |n, &d| {
-        usize::try_from(d)
-            .ok()
-            .and_then(|d| n.checked_mul(d))
-            .ok_or_else(|| bad(format!("shape {shape:?}: dimensions must be non-negative")))
-    })
-}
-
-/// The request's inputs as engine inputs, checked against the model.
-fn engine_inputs(spec: InputSpec, req: &InferRequest) -> Result<Vec<Input>, ApiError> {
-    let [input] = req.inputs.as_slice() else {
-        return Err(bad(format!(
-            "{} inputs: the model takes exactly one ({})",
-            req.inputs.len(),
-            input_meta(spec).name
-        )));
-    };
-    let want = input_meta(spec);
-    if input.name != want.name {
-        return Err(bad(format!(
-            "input {:?}: the model's input is named {:?}",
-            input.name, want.name
-        )));
-    }
-    let n = elements(&input.shape)?;
-    let data = input
-        .data
-        .as_array()
-        .ok_or_else(|| bad(format!("input {:?}: data must be a JSON array", input.name)))?;
-    // Nested arrays are allowed (row-major), as the protocol's JSON form says.
-    let mut flat = Vec::with_capacity(n);
-    fn flatten<'a>(v: &'a [Value], out: &mut Vec<&'a Value>) {
-        for x in v {
-            match x {
-                Value::Array(a) => flatten(a, out),
-                x => out.push(x),
-            }
-        }
-    }
-    flatten(data, &mut flat);
-    if flat.len() != n {
-        return Err(bad(format!(
-            "input {:?}: shape {:?} holds {n} elements, data has {}",
-            input.name,
-            input.shape,
-            flat.len()
-        )));
-    }
-    match spec {
-        InputSpec::Text => {
-            if input.datatype != "BYTES" {
-                return Err(bad(format!(
-                    "input {:?}: datatype {}, the model takes BYTES (text)",
-                    input.name, input.datatype
-                )));
-            }
-            flat.iter()
-                .map(|v| {
-                    v.as_str()
-                        .map(|s| Input::Text(s.to_string()))
-                        .ok_or_else(|| bad("BYTES elements must be JSON strings"))
-                })
-                .collect()
-        }
-        InputSpec::Image {
-            height,
-            width,
-            channels,
-        } => {
-            let per = height * width * channels;
-            let tail: Vec<i64> = vec![height as i64, width as i64, channels as i64];
-            let batch = match input.shape.as_slice() {
-                [b, rest @ ..] if rest == tail.as_slice() => *b as usize,
-                rest if rest == tail.as_slice() => 1,
-                other => {
-                    return Err(bad(format!(
-                        "input {:?}: shape {other:?}, the model takes [batch, {height}, {width}, {channels}]",
-                        input.name
-                    )));
-                }
-            };
-            let items: Result<Vec<Input>, ApiError> = match input.datatype.as_str() {
-                "UINT8" => flat
-                    .chunks(per.max(1))
-                    .map(|c| {
-                        c.iter()
-                            .map(|v| {
-                                v.as_u64()
-                                    .and_then(|x| u8::try_from(x).ok())
-                                    .ok_or_else(|| bad("UINT8 elements must be integers 0-255"))
-                            })
-                            .collect::<Result<Vec<u8>, _>>()
-                            .map(Input::Pixels)
-                    })
-                    .collect(),
-                "FP32" => flat
-                    .chunks(per.max(1))
-                    .map(|c| {
-                        c.iter()
-                            .map(|v| {
-                                v.as_f64()
-                                    .map(|x| x as f32)
-                                    .ok_or_else(|| bad("FP32 elements must be numbers"))
-                            })
-                            .collect::<Result<Vec<f32>, _>>()
-                            .map(Input::Normalized)
-                    })
-                    .collect(),
-                other => {
-                    return Err(bad(format!(
-                        "input {:?}: datatype {other}, the model takes UINT8 pixels or FP32 normalised values",
-                        input.name
-                    )));
-                }
-            };
-            let items = items?;
-            debug_assert_eq!(items.len(), batch);
-            Ok(items)
-        }
-    }
-}
-
-/// Where an answer came from, as the `exit` output says it: the ramp's point, or `final`.
-fn exit_name(e: &Exit) -> String {
-    match e {
-        Exit::Ramp { point, .. } => point.clone(),
-        Exit::Final => "final".to_string(),
-    }
-}
-
 /// The whole body, within the size limit (413) and the body timeout (408).
 async fn read_body(request: axum::extract::Request, cfg: &ServerConfig) -> Result<Bytes, ApiError> {
     let too_large = || {
@@ -588,26 +485,164 @@ async fn read_body(request: axum::extract::Request, cfg: &ServerConfig) -> Resul
     }
 }
 
-/// The request's deadline: its `timeout` parameter (microseconds, as Triton reads it; 0, as in
-/// Triton, means none given), else the model's default, else the server's. A deadline beyond
-/// what the clock can represent is no deadline.
-fn deadline(
-    req: &InferRequest,
-    model_default: Option<Duration>,
-    cfg: &ServerConfig,
-    arrived: Instant,
-) -> Result<Option<Instant>, ApiError> {
-    let asked = match req.parameters.get("timeout") {
+/// The header of Triton's binary tensor data extension: the body's first this many bytes are
+/// the JSON request, the rest the tensors' raw bytes.
+const BINARY_HEADER: &str = "inference-header-content-length";
+
+/// A REST request as a [`Call`]: JSON, or JSON followed by binary tensors (Triton's binary
+/// tensor data extension, which tritonclient uses by default).
+async fn rest_call(request: axum::extract::Request, cfg: &ServerConfig) -> Result<Call, ApiError> {
+    let json_len = match request.headers().get(BINARY_HEADER) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .ok_or_else(|| bad(format!("{BINARY_HEADER}: not a byte count")))?,
+        ),
+    };
+    let body = read_body(request, cfg).await?;
+    let (json, mut binary) = match json_len {
+        None => (&body[..], &body[body.len()..]),
+        Some(n) if n <= body.len() => body.split_at(n),
+        Some(n) => {
+            return Err(bad(format!(
+                "{BINARY_HEADER} is {n}, the body has {} bytes",
+                body.len()
+            )));
+        }
+    };
+    let req: InferRequest =
+        serde_json::from_slice(json).map_err(|e| bad(format!("malformed request JSON: {e}")))?;
+    let mut inputs = Vec::with_capacity(req.inputs.len());
+    for i in req.inputs {
+        let size = i.parameters.get("binary_data_size");
+        let data = match (size, &i.data) {
+            (Some(size), _) => {
+                let n = size
+                    .as_u64()
+                    .and_then(|n| usize::try_from(n).ok())
+                    .filter(|&n| n <= binary.len())
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "input {:?}: binary_data_size {size} is not a byte count within the \
+                             {} binary bytes left",
+                            i.name,
+                            binary.len()
+                        ))
+                    })?;
+                let (raw, rest) = binary.split_at(n);
+                binary = rest;
+                Elements::from_raw(&i.name, &i.datatype, raw)?
+            }
+            (None, Some(data)) => Elements::from_json(&i.name, &i.datatype, data)?,
+            (None, None) => {
+                return Err(bad(format!(
+                    "input {:?}: no data (and no binary_data_size)",
+                    i.name
+                )));
+            }
+        };
+        inputs.push(InputTensor {
+            name: i.name,
+            datatype: i.datatype,
+            shape: i.shape,
+            data,
+        });
+    }
+    if !binary.is_empty() {
+        return Err(bad(format!(
+            "{} bytes of binary tensor data that no input's binary_data_size claims",
+            binary.len()
+        )));
+    }
+    let timeout_us = match req.parameters.get("timeout") {
         Some(v) => v
             .as_u64()
             .ok_or_else(|| bad("parameter timeout: microseconds, a non-negative integer"))?,
         None => 0,
     };
-    let after = match asked {
-        0 => model_default.or(cfg.default_timeout),
-        us => Some(Duration::from_micros(us)),
-    };
-    Ok(after.and_then(|d| arrived.checked_add(d)))
+    let outputs = req
+        .outputs
+        .into_iter()
+        .map(|o| {
+            let classification = match o.parameters.get("classification") {
+                None => None,
+                Some(k) => Some(
+                    k.as_i64()
+                        .ok_or_else(|| bad("classification: the number of classes, an integer"))?,
+                ),
+            };
+            Ok(RequestedOutput {
+                name: o.name,
+                classification,
+            })
+        })
+        .collect::<Result<_, ApiError>>()?;
+    Ok(Call {
+        id: req.id,
+        timeout_us,
+        inputs,
+        outputs,
+    })
+}
+
+impl AppState {
+    /// Runs `work`, one inference request on model `name` over `protocol`, and counts it (for
+    /// Triton's metrics) and logs it (with `--log-requests`) when it is answered. A request
+    /// whose client went away is dropped with `work`, uncounted.
+    pub(crate) async fn accounted(
+        &self,
+        name: &str,
+        protocol: &'static str,
+        arrived: Instant,
+        work: impl Future<Output = Result<Answer, ApiError>>,
+    ) -> Result<Answer, ApiError> {
+        let result = work.await;
+        if let Some(c) = self
+            .models
+            .iter()
+            .position(|m| m.name == name)
+            .map(|i| &self.counts[i])
+        {
+            match &result {
+                Ok(_) => {
+                    c.success.fetch_add(1, Ordering::Relaxed);
+                    c.success_us
+                        .fetch_add(arrived.elapsed().as_micros() as u64, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    let reason = match e.0 {
+                        StatusCode::TOO_MANY_REQUESTS => 0,
+                        StatusCode::INTERNAL_SERVER_ERROR => 1,
+                        _ => 2,
+                    };
+                    c.failure[reason].fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        if self.cfg.log_requests {
+            // One JSON line per request on standard error: what a log pipeline indexes.
+            let (status, id, items, error) = match &result {
+                Ok(a) => (200, a.id.clone(), a.answers.len(), None),
+                Err(e) => (e.0.as_u16(), None, 0, Some(e.1.clone())),
+            };
+            let line = serde_json::json!({
+                "unix_ms": std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+                "protocol": protocol,
+                "model": name,
+                "id": id,
+                "status": status,
+                "items": items,
+                "ms": arrived.elapsed().as_secs_f64() * 1e3,
+                "error": error,
+            });
+            eprintln!("{line}");
+        }
+        result
+    }
 }
 
 async fn infer(
@@ -616,149 +651,32 @@ async fn infer(
     request: axum::extract::Request,
 ) -> Result<axum::Json<InferResponse>, ApiError> {
     let arrived = Instant::now();
-    let result = infer_inner(&s, &name, request, arrived).await;
-    if let Some(c) = s
-        .models
+    let answer = s
+        .accounted(&name, "http", arrived, async {
+            let m = s.model(&name)?;
+            let call = rest_call(request, &s.cfg).await?;
+            s.run(m, call, arrived).await
+        })
+        .await?;
+    let n = answer.answers.len() as i64;
+    let outputs = answer
+        .columns
         .iter()
-        .position(|m| m.name == name)
-        .map(|i| &s.counts[i])
-    {
-        match &result {
-            Ok(_) => {
-                c.success.fetch_add(1, Ordering::Relaxed);
-                c.success_us
-                    .fetch_add(arrived.elapsed().as_micros() as u64, Ordering::Relaxed);
-            }
-            Err(e) => {
-                let reason = match e.0 {
-                    StatusCode::TOO_MANY_REQUESTS => 0,
-                    StatusCode::INTERNAL_SERVER_ERROR => 1,
-                    _ => 2,
-                };
-                c.failure[reason].fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-    if s.cfg.log_requests {
-        // One JSON line per request on standard error: what a log pipeline indexes.
-        let (status, id, items, error) = match &result {
-            Ok(r) => (
-                200,
-                r.id.clone(),
-                r.outputs.first().map_or(0, |o| o.data.len()),
-                None,
-            ),
-            Err(e) => (e.0.as_u16(), None, 0, Some(e.1.clone())),
-        };
-        let line = serde_json::json!({
-            "unix_ms": std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
-            "model": name,
-            "id": id,
-            "status": status,
-            "items": items,
-            "ms": arrived.elapsed().as_secs_f64() * 1e3,
-            "error": error,
-        });
-        eprintln!("{line}");
-    }
-    result
-}
-
-async fn infer_inner(
-    s: &AppState,
-    name: &str,
-    request: axum::extract::Request,
-    arrived: Instant,
-) -> Result<axum::Json<InferResponse>, ApiError> {
-    let m = s.model(name)?;
-    if request
-        .headers()
-        .contains_key("inference-header-content-length")
-    {
-        return Err(bad(
-            "the binary tensor data extension is not supported: send tensors as JSON \
-             (tritonclient: binary_data=False on inputs and outputs)",
-        ));
-    }
-    let body = read_body(request, &s.cfg).await?;
-    if !s.accepting.load(Ordering::SeqCst) {
-        return Err(ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the server is shutting down".into(),
-        ));
-    }
-    let req: InferRequest =
-        serde_json::from_slice(&body).map_err(|e| bad(format!("malformed request JSON: {e}")))?;
-    let inputs = engine_inputs(m.engine.input_spec(), &req)?;
-    let opts = RequestOptions {
-        deadline: deadline(&req, m.default_timeout, &s.cfg, arrived)?,
-    };
-    // Classification extension: `classification: k` on the label output asks for
-    // "probability:class:label" strings; the engine answers its top class only.
-    let mut classification = false;
-    for o in &req.outputs {
-        if !["label", "class", "probability", "exit"].contains(&o.name.as_str()) {
-            return Err(bad(format!(
-                "no output named {:?} (label, class, probability, exit)",
-                o.name
-            )));
-        }
-        if let Some(k) = o.parameters.get("classification") {
-            match k.as_u64() {
-                Some(1) => classification = true,
-                _ => {
-                    return Err(bad(
-                        "classification: this engine answers the top class only (k = 1)",
-                    ));
-                }
-            }
-        }
-    }
-    // Submit every item before awaiting any, so a batch request is batched by the engine.
-    let futures: Vec<_> = inputs
-        .into_iter()
-        .map(|i| m.engine.infer_with(i, opts))
-        .collect();
-    let mut answers = Vec::with_capacity(futures.len());
-    for f in futures {
-        answers.push(f.await?);
-    }
-    let n = answers.len() as i64;
-
-    let wanted = |name: &str| req.outputs.is_empty() || req.outputs.iter().any(|o| o.name == name);
-    type Column = fn(&crate::serve::Response, bool) -> Value;
-    let columns: [(&str, &'static str, Column); 4] = [
-        ("label", "BYTES", |a, classification| {
-            Value::String(if classification {
-                format!("{}:{}:{}", a.confidence, a.class, a.label)
-            } else {
-                a.label.clone()
-            })
-        }),
-        ("class", "INT64", |a, _| Value::from(a.class as u64)),
-        ("probability", "FP32", |a, _| Value::from(a.confidence)),
-        ("exit", "BYTES", |a, _| Value::String(exit_name(&a.exit))),
-    ];
-    let outputs = columns
-        .iter()
-        .filter(|(name, _, _)| wanted(name))
-        .map(|&(name, datatype, value)| ResponseOutput {
-            name: name.into(),
+        .map(|&c| ResponseOutput {
+            name: c.name().into(),
             shape: vec![n],
-            datatype,
-            data: answers.iter().map(|a| value(a, classification)).collect(),
+            datatype: c.datatype(),
+            data: answer.json(c),
         })
         .collect();
     let mut parameters = Map::new();
-    if let [a] = answers.as_slice() {
-        parameters.insert("exit".into(), Value::String(exit_name(&a.exit)));
+    if let Some(exit) = answer.exit() {
+        parameters.insert("exit".into(), Value::String(exit));
     }
     Ok(axum::Json(InferResponse {
-        model_name: m.name.clone(),
+        model_name: name,
         model_version: "1".into(),
-        id: req.id,
+        id: answer.id,
         parameters,
         outputs,
     }))

@@ -23,7 +23,9 @@ pub struct RequestInput {
     pub datatype: String,
     #[serde(default)]
     pub parameters: Map<String, Value>,
-    pub data: Value,
+    /// Absent when the tensor comes as binary data (`parameters.binary_data_size`).
+    #[serde(default)]
+    pub data: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]

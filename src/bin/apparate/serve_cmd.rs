@@ -1,4 +1,5 @@
-//! `apparate serve`: one model behind the Open Inference Protocol (KServe v2) over HTTP.
+//! `apparate serve`: models behind the Open Inference Protocol (KServe v2), over HTTP/REST and
+//! gRPC.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,9 +37,12 @@ pub struct ServeArgs {
     /// Its profile (`apparate profile`), for the ramps' costs.
     #[arg(long)]
     profile: Option<PathBuf>,
-    /// Address to listen on.
+    /// Address of the REST form (HTTP/1.1).
     #[arg(long, default_value = "127.0.0.1:8000")]
     addr: String,
+    /// Address of the gRPC form (service inference.GRPCInferenceService); "off" for none.
+    #[arg(long, default_value = "127.0.0.1:8001")]
+    grpc_addr: String,
     /// Largest request body read, in MiB (larger: 413).
     #[arg(long, default_value_t = 64)]
     max_body_mib: usize,
@@ -68,14 +72,19 @@ pub struct ServeArgs {
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
-    let (plans, cfg, addr) = match &a.config {
+    let (plans, cfg, addr, grpc_addr) = match &a.config {
         Some(path) => {
             let f = ServeFile::load(path)?;
             let base = path.parent().unwrap_or(Path::new("."));
-            (f.plans(base)?, f.server_config()?, f.addr.clone())
+            let (addr, grpc) = (f.addr.clone(), f.grpc_addr.clone());
+            (f.plans(base)?, f.server_config()?, addr, grpc)
         }
-        None => from_flags(&a)?,
+        None => {
+            let (plans, cfg, addr) = from_flags(&a)?;
+            (plans, cfg, addr, a.grpc_addr.clone())
+        }
     };
+    let grpc_addr = (grpc_addr != "off").then_some(grpc_addr);
     let mut models = Vec::with_capacity(plans.len());
     for p in plans {
         let t0 = Instant::now();
@@ -103,7 +112,6 @@ pub fn run(a: ServeArgs) -> Result<()> {
         });
     }
     let server = Server::new(models, cfg);
-    let a = ServeArgs { addr, ..a };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -112,23 +120,60 @@ pub fn run(a: ServeArgs) -> Result<()> {
             source: e,
         })?;
     rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(&a.addr)
-            .await
-            .map_err(|e| Error::Io {
-                path: a.addr.clone().into(),
-                source: e,
-            })?;
+        let bind = |addr: String| async move {
+            tokio::net::TcpListener::bind(&addr)
+                .await
+                .map_err(|e| Error::Io {
+                    path: addr.into(),
+                    source: e,
+                })
+        };
+        let rest = bind(addr.clone()).await?;
+        let grpc = match &grpc_addr {
+            Some(g) => Some(bind(g.clone()).await?),
+            None => None,
+        };
+        // The bound addresses (a port of 0 picks a free one).
+        let shown = |l: &tokio::net::TcpListener, asked: &str| {
+            l.local_addr()
+                .map_or_else(|_| asked.to_string(), |a| a.to_string())
+        };
         eprintln!(
             "listening on http://{} (KServe v2 REST; SIGTERM or Ctrl-C stops)",
-            a.addr
+            shown(&rest, &addr)
         );
-        server
-            .serve(listener, shutdown_signal())
-            .await
-            .map_err(|e| Error::Io {
-                path: a.addr.clone().into(),
+        if let (Some(l), Some(g)) = (&grpc, &grpc_addr) {
+            eprintln!("listening on {} (KServe v2 gRPC)", shown(l, g));
+        }
+        // One signal stops both listeners.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
+        let io = |addr: &str| {
+            let addr = addr.to_string();
+            move |e| Error::Io {
+                path: addr.into(),
                 source: e,
-            })
+            }
+        };
+        let rest = server.serve(rest, stopped());
+        match grpc {
+            Some(g) => {
+                let grpc = server.serve_grpc(g, stopped());
+                let (r, g) = tokio::join!(rest, grpc);
+                r.map_err(io(&addr))?;
+                g.map_err(io(grpc_addr.as_deref().unwrap_or("")))
+            }
+            None => rest.await.map_err(io(&addr)),
+        }
     })?;
     eprintln!("stopped: every request in flight was answered");
     Ok(())

@@ -1,0 +1,350 @@
+//! The protocol's gRPC form (`proto/inference.proto`, the service `inference.GRPCInferenceService`
+//! that KServe and Triton clients call): the same health, metadata and inference as the REST
+//! routes, through the same [`AppState::run`], so the two forms refuse the same things for the
+//! same reasons. Errors are gRPC status codes: INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED
+//! for overload (with `grpc-retry-pushback-ms`, gRPC's Retry-After), DEADLINE_EXCEEDED,
+//! UNAVAILABLE while shutting down. A request's deadline is the earlier of its `timeout`
+//! parameter and the client's own gRPC deadline (`grpc-timeout`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use tonic::{Code, Request, Response, Status};
+
+use super::infer::{Call, Column, Elements, InputTensor, RequestedOutput};
+use super::{ApiError, AppState, bad, input_meta};
+
+/// The messages and service trait generated from `proto/inference.proto` by build.rs (public
+/// for clients written in Rust: encode these with `prost`).
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/inference.rs"));
+}
+
+use pb::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
+use pb::infer_parameter::ParameterChoice;
+use pb::model_infer_response::InferOutputTensor;
+use pb::model_metadata_response::TensorMetadata;
+use pb::*;
+
+/// The gRPC service over the server's state.
+pub(crate) struct Grpc {
+    state: Arc<AppState>,
+}
+
+/// The tower service that the accept loop serves over HTTP/2.
+pub(crate) type GrpcService = GrpcInferenceServiceServer<Grpc>;
+
+pub(crate) fn service(state: Arc<AppState>) -> GrpcService {
+    let limit = state.cfg.max_body_bytes;
+    GrpcInferenceServiceServer::new(Grpc { state })
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(usize::MAX)
+}
+
+/// An error answer as a gRPC status.
+fn status(e: ApiError) -> Status {
+    let code = match e.0 {
+        StatusCode::NOT_FOUND => Code::NotFound,
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::PAYLOAD_TOO_LARGE => Code::ResourceExhausted,
+        StatusCode::GATEWAY_TIMEOUT | StatusCode::REQUEST_TIMEOUT => Code::DeadlineExceeded,
+        StatusCode::SERVICE_UNAVAILABLE => Code::Unavailable,
+        StatusCode::INTERNAL_SERVER_ERROR => Code::Internal,
+        s if s.is_client_error() => Code::InvalidArgument,
+        _ => Code::Unknown,
+    };
+    let mut st = Status::new(code, e.1);
+    if e.0 == StatusCode::TOO_MANY_REQUESTS {
+        // gRPC's retry pushback: how long a client's retry policy waits (as Retry-After: 1).
+        st.metadata_mut()
+            .insert("grpc-retry-pushback-ms", "1000".parse().expect("ASCII"));
+    }
+    st
+}
+
+/// The client's gRPC deadline (`grpc-timeout`: at most 8 digits and a unit), if it sent one.
+fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = meta.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// A parameter's value as a non-negative integer, if it is one.
+fn unsigned(p: &InferParameter) -> Option<u64> {
+    match p.parameter_choice {
+        Some(ParameterChoice::Int64Param(v)) => u64::try_from(v).ok(),
+        Some(ParameterChoice::Uint64Param(v)) => Some(v),
+        _ => None,
+    }
+}
+
+/// The typed contents of an input (when the request has no raw contents).
+fn typed(name: &str, datatype: &str, c: InferTensorContents) -> Result<Elements, ApiError> {
+    Ok(match datatype {
+        "BYTES" => Elements::Bytes(c.bytes_contents),
+        "UINT8" => Elements::U8(
+            c.uint_contents
+                .iter()
+                .map(|&v| u8::try_from(v).ok())
+                .collect::<Option<_>>()
+                .ok_or_else(|| bad(format!("input {name:?}: UINT8 elements must be 0-255")))?,
+        ),
+        "FP32" => Elements::F32(c.fp32_contents),
+        _ => Elements::from_raw(name, datatype, &[])?,
+    })
+}
+
+/// A gRPC request as a [`Call`]; `deadline` is the client's gRPC deadline.
+fn call(req: ModelInferRequest, deadline: Option<Duration>) -> Result<Call, ApiError> {
+    if !req.raw_input_contents.is_empty() && req.raw_input_contents.len() != req.inputs.len() {
+        return Err(bad(format!(
+            "{} raw_input_contents for {} inputs: one per input",
+            req.raw_input_contents.len(),
+            req.inputs.len()
+        )));
+    }
+    let mut raw = req.raw_input_contents.into_iter();
+    let inputs = req
+        .inputs
+        .into_iter()
+        .map(|i| {
+            let data = match raw.next() {
+                Some(r) => Elements::from_raw(&i.name, &i.datatype, &r)?,
+                None => typed(&i.name, &i.datatype, i.contents.unwrap_or_default())?,
+            };
+            Ok(InputTensor {
+                name: i.name,
+                datatype: i.datatype,
+                shape: i.shape,
+                data,
+            })
+        })
+        .collect::<Result<_, ApiError>>()?;
+    let asked = match req.parameters.get("timeout") {
+        None => 0,
+        Some(p) => unsigned(p)
+            .ok_or_else(|| bad("parameter timeout: microseconds, a non-negative integer"))?,
+    };
+    // The earlier of the two deadlines; a client deadline under a microsecond is one.
+    let client_us = deadline.map(|d| (d.as_micros() as u64).max(1));
+    let timeout_us = match (asked, client_us) {
+        (0, c) => c.unwrap_or(0),
+        (a, Some(c)) => a.min(c),
+        (a, None) => a,
+    };
+    let outputs = req
+        .outputs
+        .into_iter()
+        .map(|o| {
+            let classification = match o.parameters.get("classification") {
+                None => None,
+                Some(p) => Some(
+                    unsigned(p)
+                        .and_then(|k| i64::try_from(k).ok())
+                        .ok_or_else(|| bad("classification: the number of classes, an integer"))?,
+                ),
+            };
+            Ok(RequestedOutput {
+                name: o.name,
+                classification,
+            })
+        })
+        .collect::<Result<_, ApiError>>()?;
+    Ok(Call {
+        id: (!req.id.is_empty()).then_some(req.id),
+        timeout_us,
+        inputs,
+        outputs,
+    })
+}
+
+/// This server has version "1" of each model; an empty version is the server's choice.
+fn check_version(name: &str, version: &str) -> Result<(), ApiError> {
+    if version.is_empty() || version == "1" {
+        Ok(())
+    } else {
+        Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("model {name:?} has version \"1\" only, not {version:?}"),
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for Grpc {
+    async fn server_live(
+        &self,
+        _: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse {
+            ready: self.state.is_ready(),
+        }))
+    }
+
+    async fn model_ready(
+        &self,
+        request: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
+        let r = request.into_inner();
+        let m = self.state.model(&r.name).map_err(status)?;
+        check_version(&r.name, &r.version).map_err(status)?;
+        Ok(Response::new(ModelReadyResponse {
+            ready: self.state.is_accepting() && m.engine.is_ready(),
+        }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        let meta = super::server_metadata();
+        Ok(Response::new(ServerMetadataResponse {
+            name: meta.name.into(),
+            version: meta.version.into(),
+            extensions: meta.extensions.iter().map(|e| e.to_string()).collect(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        let r = request.into_inner();
+        let m = self.state.model(&r.name).map_err(status)?;
+        check_version(&r.name, &r.version).map_err(status)?;
+        let input = input_meta(m.engine.input_spec());
+        Ok(Response::new(ModelMetadataResponse {
+            name: m.name.clone(),
+            versions: vec!["1".into()],
+            platform: "apparate".into(),
+            inputs: vec![TensorMetadata {
+                name: input.name.into(),
+                datatype: input.datatype.into(),
+                shape: input.shape,
+            }],
+            outputs: Column::ALL
+                .iter()
+                .map(|c| TensorMetadata {
+                    name: c.name().into(),
+                    datatype: c.datatype().into(),
+                    shape: vec![-1],
+                })
+                .collect(),
+        }))
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
+        let arrived = Instant::now();
+        let s = &self.state;
+        let client_deadline = grpc_timeout(request.metadata());
+        let req = request.into_inner();
+        let name = req.model_name.clone();
+        let version = req.model_version.clone();
+        let answer = s
+            .accounted(&name, "grpc", arrived, async {
+                let m = s.model(&name)?;
+                check_version(&name, &version)?;
+                s.run(m, call(req, client_deadline)?, arrived).await
+            })
+            .await
+            .map_err(status)?;
+        let n = answer.answers.len() as i64;
+        let mut parameters = HashMap::new();
+        if let Some(exit) = answer.exit() {
+            parameters.insert(
+                "exit".to_string(),
+                InferParameter {
+                    parameter_choice: Some(ParameterChoice::StringParam(exit)),
+                },
+            );
+        }
+        // Raw contents, as Triton answers (its clients read every datatype from them).
+        Ok(Response::new(ModelInferResponse {
+            model_name: name,
+            model_version: "1".into(),
+            id: answer.id.clone().unwrap_or_default(),
+            parameters,
+            outputs: answer
+                .columns
+                .iter()
+                .map(|c| InferOutputTensor {
+                    name: c.name().into(),
+                    datatype: c.datatype().into(),
+                    shape: vec![n],
+                    parameters: HashMap::new(),
+                    contents: None,
+                })
+                .collect(),
+            raw_output_contents: answer.columns.iter().map(|&c| answer.raw(c)).collect(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_are_read_in_every_unit_and_bad_ones_ignored() {
+        let meta = |v: &str| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&m)
+        };
+        assert_eq!(meta("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(meta("150m"), Some(Duration::from_millis(150)));
+        assert_eq!(meta("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(meta("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(meta("5x"), None);
+        assert_eq!(meta("S"), None);
+        assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
+    }
+
+    #[test]
+    fn the_earlier_deadline_wins_and_raw_contents_must_match_inputs() {
+        let req = |timeout: Option<i64>| ModelInferRequest {
+            parameters: timeout
+                .map(|t| {
+                    (
+                        "timeout".to_string(),
+                        InferParameter {
+                            parameter_choice: Some(ParameterChoice::Int64Param(t)),
+                        },
+                    )
+                })
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        };
+        let ms = Some(Duration::from_millis(5));
+        assert_eq!(call(req(Some(2_000)), ms).unwrap().timeout_us, 2_000);
+        assert_eq!(call(req(Some(9_000)), ms).unwrap().timeout_us, 5_000);
+        assert_eq!(call(req(None), ms).unwrap().timeout_us, 5_000);
+        assert_eq!(call(req(None), None).unwrap().timeout_us, 0);
+        assert!(call(req(Some(-1)), None).unwrap_err().1.contains("timeout"));
+        let mut r = req(None);
+        r.raw_input_contents = vec![vec![1]];
+        assert!(call(r, None).unwrap_err().1.contains("one per input"));
+    }
+}
