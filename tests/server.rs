@@ -11,7 +11,7 @@ use std::time::Duration;
 use apparate::serve::Engine;
 use apparate::serve::config::BatchingConfig;
 use apparate::server::grpc::pb;
-use apparate::server::{Model, Server, ServerConfig};
+use apparate::server::{Generator, Model, Server, ServerConfig};
 use base64::Engine as _;
 use serde_json::{Value, json};
 
@@ -25,6 +25,15 @@ struct Running {
 
 impl Running {
     fn start(models: Vec<(&str, &str)>, batching: BatchingConfig, cfg: ServerConfig) -> Running {
+        Running::start_with(models, Vec::new(), batching, cfg)
+    }
+
+    fn start_with(
+        models: Vec<(&str, &str)>,
+        generators: Vec<Generator>,
+        batching: BatchingConfig,
+        cfg: ServerConfig,
+    ) -> Running {
         let models = models
             .into_iter()
             .map(|(name, path)| Model {
@@ -38,7 +47,7 @@ impl Running {
                 default_timeout: None,
             })
             .collect();
-        let server = Server::new(models, cfg);
+        let server = Server::with_generators(models, generators, cfg);
         let (tx, rx) = tokio::sync::watch::channel(false);
         let (atx, arx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
@@ -1033,4 +1042,194 @@ fn image_files_over_grpc_and_rest_get_the_reference_class() {
         json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [junk]}]});
     let (s, _, b) = post(srv.addr, "/v2/models/effnet/infer", &body.to_string());
     assert!(s == 400 && b.contains("image"), "{s} {b}");
+}
+
+const SMOLLM2: &str = "weights/smollm2-135m-instruct.q4_1.gguf";
+
+/// The `text_output` pieces and the last event of a generate_stream answer.
+fn sse_events(body: &str) -> Vec<Value> {
+    // The body is chunked; each event is one chunk, so its `data:` line is whole.
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+/// The generate extension on SmolLM2 from its GGUF file: the prompts of the transformers
+/// fixture (tests/fixtures/smollm2_golden.json) get the reference's greedy text, whole and
+/// streamed as server-sent events; parameters, deadlines and wrong routes are answered by name.
+#[test]
+fn generate_and_generate_stream_give_the_reference_text() {
+    use apparate::backend::{CpuBackend, CpuConfig};
+    use apparate::generation::{EngineConfig, LanguageModel};
+    let fixture: Value =
+        serde_json::from_str(include_str!("fixtures/smollm2_golden.json")).unwrap();
+    let lm = LanguageModel::open(CpuBackend::new(CpuConfig::default()).unwrap(), SMOLLM2).unwrap();
+    let g = Generator::new("smol", lm, EngineConfig::default(), 64).unwrap();
+    let srv = Running::start_with(
+        vec![("sentiment", SENTIMENT)],
+        vec![g],
+        BatchingConfig::default(),
+        ServerConfig::default(),
+    );
+    let a = srv.addr;
+    let chats: Vec<&Value> = fixture["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["kind"] == "chat")
+        .take(2)
+        .collect();
+    for case in chats {
+        let message = case["message"].as_str().unwrap();
+        // The reference generated 64 tokens past the end of the turn; the server stops there.
+        let want = case["text_out"]
+            .as_str()
+            .unwrap()
+            .split("<|im_end|>")
+            .next()
+            .unwrap();
+        let body = json!({"text_input": message, "id": "gen-1"}).to_string();
+        let (s, _, b) = post(a, "/v2/models/smol/generate", &body);
+        assert_eq!(s, 200, "{b}");
+        let r: Value = serde_json::from_str(&b).unwrap();
+        assert_eq!(r["text_output"], want, "{message}");
+        assert_eq!(r["id"], "gen-1");
+        let finish = if want.len() < case["text_out"].as_str().unwrap().len() {
+            "stop"
+        } else {
+            "length"
+        };
+        assert_eq!(r["finish_reason"], finish, "{b}");
+        let (s, _, b) = post(a, "/v2/models/smol/generate_stream", &body);
+        assert_eq!(s, 200, "{b}");
+        let events = sse_events(&b);
+        let (last, pieces) = events.split_last().unwrap();
+        assert!(pieces.len() > 1, "{b}");
+        let text: String = pieces
+            .iter()
+            .map(|e| e["text_output"].as_str().unwrap())
+            .collect();
+        assert_eq!(text, want);
+        assert_eq!(last["finish_reason"], finish);
+        assert_eq!(last["generated_tokens"], r["generated_tokens"]);
+        assert!(events.iter().all(|e| e["id"] == "gen-1"));
+    }
+
+    let (s, meta) = get(a, "/v2/models/smol");
+    assert_eq!(s, 200);
+    let meta: Value = serde_json::from_str(&meta).unwrap();
+    assert_eq!(meta["inputs"][0]["name"], "text_input");
+    assert_eq!(meta["outputs"][0]["name"], "text_output");
+    let (s, _) = get(a, "/v2/models/smol/ready");
+    assert_eq!(s, 200);
+
+    for (path, body, status, says) in [
+        (
+            "/v2/models/smol/generate",
+            json!({"text_input": "hi", "temprature": 1}),
+            400,
+            "temprature",
+        ),
+        (
+            "/v2/models/smol/generate",
+            json!({"text_input": "hi", "stream": true}),
+            400,
+            "generate_stream",
+        ),
+        (
+            "/v2/models/smol/generate",
+            json!({"prompt": "hi"}),
+            400,
+            "text_input",
+        ),
+        (
+            "/v2/models/smol/generate",
+            json!({"text_input": "hi", "temperature": -1}),
+            400,
+            "temperature",
+        ),
+        (
+            "/v2/models/smol/generate",
+            json!({"text_input": "hi", "max_tokens": 0}),
+            400,
+            "max_tokens",
+        ),
+        (
+            "/v2/models/smol/generate",
+            json!({"text_input": "hi", "max_tokens": 100000}),
+            400,
+            "cache",
+        ),
+        (
+            "/v2/models/smol/infer",
+            json!({"inputs": []}),
+            400,
+            "generates text",
+        ),
+        (
+            "/v2/models/sentiment/generate",
+            json!({"text_input": "hi"}),
+            400,
+            "classifies",
+        ),
+        (
+            "/v2/models/nope/generate",
+            json!({"text_input": "hi"}),
+            404,
+            "no model named",
+        ),
+        // A deadline that passes while it generates: 504, and the sequence is cancelled.
+        (
+            "/v2/models/smol/generate",
+            json!({"text_input": "Tell a story", "max_tokens": 500, "ignore_eos": true, "timeout": 20000}),
+            504,
+            "timeout",
+        ),
+    ] {
+        let (s, _, b) = post(a, path, &body.to_string());
+        assert!(s == status && b.contains(says), "{path} {body}: {s} {b}");
+    }
+
+    // The gRPC form knows the model but sends generation to REST.
+    let mm: pb::ModelMetadataResponse = grpc(
+        srv.grpc,
+        "ModelMetadata",
+        &pb::ModelMetadataRequest {
+            name: "smol".into(),
+            version: String::new(),
+        },
+        &[],
+    )
+    .unwrap();
+    assert_eq!(mm.inputs[0].name, "text_input");
+    let e = grpc::<_, pb::ModelInferResponse>(
+        srv.grpc,
+        "ModelInfer",
+        &pb::ModelInferRequest {
+            model_name: "smol".into(),
+            ..Default::default()
+        },
+        &[],
+    )
+    .unwrap_err();
+    assert!(e.0 == 3 && e.1.contains("generate"), "{e:?}");
+
+    let (_, m) = get(a, "/metrics");
+    let completed = m
+        .lines()
+        .find_map(|l| l.strip_prefix("apparate_generation_completed_total{model=\"smol\"} "))
+        .unwrap_or_else(|| panic!("{m}"));
+    assert_eq!(completed, "4", "{m}");
+    // The timed-out sequence is cancelled once its feeding thread sees the answer gone (at
+    // its next token) and the engine frees it before the next step.
+    let t0 = std::time::Instant::now();
+    loop {
+        let (_, m) = get(a, "/metrics");
+        if m.contains("apparate_generation_cancelled_total{model=\"smol\"} 1") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "not cancelled: {m}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -93,33 +93,44 @@ impl<B: DecoderBackend> LanguageModel<B> {
     /// The prompt's token ids: with the chat template applied (one user turn, after `system`
     /// when given) unless `raw` or the model has none.
     pub fn prompt_ids(&self, prompt: &str, raw: bool, system: Option<&str>) -> Result<Vec<u32>> {
-        let text = match (&self.template, raw) {
-            (Some(t), false) => {
-                let mut msgs = Vec::new();
-                if let Some(s) = system {
-                    msgs.push(ChatMessage::new("system", s));
-                }
-                msgs.push(ChatMessage::new("user", prompt));
-                t.render(&msgs, true)?
-            }
-            _ => prompt.to_string(),
-        };
-        let ids = self
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?
-            .get_ids()
-            .to_vec();
-        if ids.is_empty() {
-            return Err(Error::Input("the prompt has no tokens".into()));
-        }
-        Ok(ids)
+        prompt_ids(&self.tokenizer, self.template.as_ref(), prompt, raw, system)
     }
 
     /// A detokenizer for one generation.
     pub fn text_stream(&self) -> TextStream<'_> {
         TextStream::new(&self.tokenizer)
     }
+}
+
+/// A prompt's token ids: with `template` applied (one user turn, after `system` when given)
+/// unless `raw` or there is none.
+pub fn prompt_ids(
+    tokenizer: &tokenizers::Tokenizer,
+    template: Option<&ChatTemplate>,
+    prompt: &str,
+    raw: bool,
+    system: Option<&str>,
+) -> Result<Vec<u32>> {
+    let text = match (template, raw) {
+        (Some(t), false) => {
+            let mut msgs = Vec::new();
+            if let Some(s) = system {
+                msgs.push(ChatMessage::new("system", s));
+            }
+            msgs.push(ChatMessage::new("user", prompt));
+            t.render(&msgs, true)?
+        }
+        _ => prompt.to_string(),
+    };
+    let ids = tokenizer
+        .encode(text, false)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?
+        .get_ids()
+        .to_vec();
+    if ids.is_empty() {
+        return Err(Error::Input("the prompt has no tokens".into()));
+    }
+    Ok(ids)
 }
 
 /// Turns tokens into text as they come. A token can end in the middle of a UTF-8 character (byte

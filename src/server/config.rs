@@ -20,6 +20,13 @@
 //! queue_capacity = 1024        # default 1024
 //! max_queue_wait_ms = 50       # optional: the queue's bound in time
 //! timeout_ms = 200             # optional: deadline of requests that name none
+//!
+//! [[model]]                    # a decoder (a llama GGUF file): the generate extension
+//! name = "smollm2"
+//! path = "weights/smollm2-135m-instruct.q4_1.gguf"
+//! max_batch = 16               # sequences decoded together per step
+//! max_tokens = 256             # default 256: tokens generated when a request names none
+//! kv_cache_mib = 256           # default 256: the key/value cache's memory
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -70,6 +77,10 @@ pub struct ModelEntry {
     pub queue_capacity: usize,
     pub max_queue_wait_ms: Option<f64>,
     pub timeout_ms: Option<f64>,
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: usize,
+    #[serde(default = "default_kv_cache_mib")]
+    pub kv_cache_mib: usize,
 }
 
 fn default_addr() -> String {
@@ -83,6 +94,12 @@ fn default_body_mib() -> usize {
 }
 fn default_connections() -> usize {
     1024
+}
+fn default_max_tokens() -> usize {
+    256
+}
+fn default_kv_cache_mib() -> usize {
+    256
 }
 fn default_backend() -> String {
     "cpu".into()
@@ -107,6 +124,10 @@ pub struct ModelPlan {
     pub backend: BackendChoice,
     pub batching: BatchingConfig,
     pub default_timeout: Option<Duration>,
+    /// Decoders: tokens generated when a request names no `max_tokens`.
+    pub max_tokens: usize,
+    /// Decoders: the key/value cache's memory, MiB.
+    pub kv_cache_mib: usize,
 }
 
 impl ServeFile {
@@ -213,6 +234,20 @@ impl ServeFile {
                 batching
                     .validate()
                     .map_err(|e| Error::Input(format!("model {}: {e}", m.name)))?;
+                if !(1..=1 << 20).contains(&m.max_tokens) {
+                    return Err(Error::config(
+                        knob("max_tokens"),
+                        m.max_tokens,
+                        "1..=1048576",
+                    ));
+                }
+                if !(1..=1 << 20).contains(&m.kv_cache_mib) {
+                    return Err(Error::config(
+                        knob("kv_cache_mib"),
+                        m.kv_cache_mib,
+                        "1..=1048576",
+                    ));
+                }
                 Ok(ModelPlan {
                     name: m.name.clone(),
                     path: at(&m.path),
@@ -221,6 +256,8 @@ impl ServeFile {
                     backend,
                     batching,
                     default_timeout: ms("timeout_ms", m.timeout_ms)?,
+                    max_tokens: m.max_tokens,
+                    kv_cache_mib: m.kv_cache_mib,
                 })
             })
             .collect()

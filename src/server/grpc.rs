@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use tonic::{Code, Request, Response, Status};
 
-use super::infer::{Call, Column, Elements, InputTensor, RequestedOutput};
-use super::{ApiError, AppState, bad, input_meta};
+use super::infer::{Call, Elements, InputTensor, RequestedOutput};
+use super::{ApiError, AppState, bad};
 
 /// The messages and service trait generated from `proto/inference.proto` by build.rs (public
 /// for clients written in Rust: encode these with `prost`).
@@ -204,11 +204,9 @@ impl GrpcInferenceService for Grpc {
         request: Request<ModelReadyRequest>,
     ) -> Result<Response<ModelReadyResponse>, Status> {
         let r = request.into_inner();
-        let m = self.state.model(&r.name).map_err(status)?;
+        let ready = self.state.model_is_ready(&r.name).map_err(status)?;
         check_version(&r.name, &r.version).map_err(status)?;
-        Ok(Response::new(ModelReadyResponse {
-            ready: self.state.is_accepting() && m.engine.is_ready(),
-        }))
+        Ok(Response::new(ModelReadyResponse { ready }))
     }
 
     async fn server_metadata(
@@ -228,26 +226,19 @@ impl GrpcInferenceService for Grpc {
         request: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
         let r = request.into_inner();
-        let m = self.state.model(&r.name).map_err(status)?;
+        let meta = self.state.metadata(&r.name).map_err(status)?;
         check_version(&r.name, &r.version).map_err(status)?;
-        let input = input_meta(m.engine.input_spec());
+        let tensor = |t: super::v2::TensorMeta| TensorMetadata {
+            name: t.name.into(),
+            datatype: t.datatype.into(),
+            shape: t.shape,
+        };
         Ok(Response::new(ModelMetadataResponse {
-            name: m.name.clone(),
-            versions: vec!["1".into()],
-            platform: "apparate".into(),
-            inputs: vec![TensorMetadata {
-                name: input.name.into(),
-                datatype: input.datatype.into(),
-                shape: input.shape,
-            }],
-            outputs: Column::ALL
-                .iter()
-                .map(|c| TensorMetadata {
-                    name: c.name().into(),
-                    datatype: c.datatype().into(),
-                    shape: vec![-1],
-                })
-                .collect(),
+            name: meta.name,
+            versions: meta.versions,
+            platform: meta.platform.into(),
+            inputs: meta.inputs.into_iter().map(tensor).collect(),
+            outputs: meta.outputs.into_iter().map(tensor).collect(),
         }))
     }
 

@@ -15,11 +15,13 @@
 //! in flight before it returns.
 
 pub mod config;
+mod generate;
 pub mod grpc;
 mod infer;
 mod listen;
 pub mod v2;
 
+pub use generate::Generator;
 pub use listen::ConnectionLimits;
 
 use std::future::Future;
@@ -92,8 +94,9 @@ const FAILURE_REASONS: [&str; 3] = ["REJECTED", "BACKEND", "OTHER"];
 
 pub(crate) struct AppState {
     models: Vec<Model>,
-    /// Parallel to `models`.
-    counts: Vec<RequestCounts>,
+    generators: Vec<Arc<Generator>>,
+    /// Per model name, classifiers and generators.
+    counts: Vec<(String, RequestCounts)>,
     cfg: ServerConfig,
     /// False from the start of a shutdown on: readiness answers 503.
     accepting: AtomicBool,
@@ -138,11 +141,29 @@ impl From<ServeError> for ApiError {
 }
 
 impl Server {
+    /// A server for classification models.
     pub fn new(models: Vec<Model>, cfg: ServerConfig) -> Server {
+        Server::with_generators(models, Vec::new(), cfg)
+    }
+
+    /// A server for classification models and decoder models (the generate extension). Names
+    /// are looked up among the generators first; give every model its own.
+    pub fn with_generators(
+        models: Vec<Model>,
+        generators: Vec<Generator>,
+        cfg: ServerConfig,
+    ) -> Server {
+        let counts = models
+            .iter()
+            .map(|m| m.name.clone())
+            .chain(generators.iter().map(|g| g.name.clone()))
+            .map(|n| (n, RequestCounts::default()))
+            .collect();
         Server {
             state: Arc::new(AppState {
-                counts: models.iter().map(|_| RequestCounts::default()).collect(),
                 models,
+                generators: generators.into_iter().map(Arc::new).collect(),
+                counts,
                 cfg,
                 accepting: AtomicBool::new(true),
             }),
@@ -158,6 +179,11 @@ impl Server {
             .route("/v2/models/{name}", get(model_meta))
             .route("/v2/models/{name}/ready", get(model_ready))
             .route("/v2/models/{name}/infer", post(infer))
+            .route("/v2/models/{name}/generate", post(generate::generate))
+            .route(
+                "/v2/models/{name}/generate_stream",
+                post(generate::generate_stream),
+            )
             .route("/metrics", get(metrics))
             .layer(DefaultBodyLimit::max(self.state.cfg.max_body_bytes))
             .with_state(self.state.clone())
@@ -210,19 +236,84 @@ impl AppState {
         self.is_accepting() && self.models.iter().all(|m| m.engine.is_ready())
     }
 
+    fn not_found(&self, name: &str) -> ApiError {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no model named {name:?} (this server has: {})",
+                self.counts
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+    }
+
+    /// The classification model `name`.
     fn model(&self, name: &str) -> Result<&Model, ApiError> {
-        self.models.iter().find(|m| m.name == name).ok_or_else(|| {
-            ApiError(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "no model named {name:?} (this server has: {})",
-                    self.models
-                        .iter()
-                        .map(|m| m.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
+        if self.generators.iter().any(|g| g.name == name) {
+            return Err(bad(format!(
+                "model {name:?} generates text: POST /v2/models/{name}/generate \
+                 (or generate_stream)"
+            )));
+        }
+        self.models
+            .iter()
+            .find(|m| m.name == name)
+            .ok_or_else(|| self.not_found(name))
+    }
+
+    /// The decoder model `name`.
+    fn generator(&self, name: &str) -> Result<&Arc<Generator>, ApiError> {
+        if let Some(g) = self.generators.iter().find(|g| g.name == name) {
+            return Ok(g);
+        }
+        if self.models.iter().any(|m| m.name == name) {
+            return Err(bad(format!(
+                "model {name:?} classifies: POST /v2/models/{name}/infer"
+            )));
+        }
+        Err(self.not_found(name))
+    }
+
+    /// Whether model `name` (either kind) takes requests.
+    fn model_is_ready(&self, name: &str) -> Result<bool, ApiError> {
+        if self.generators.iter().any(|g| g.name == name) {
+            return Ok(self.is_accepting());
+        }
+        Ok(self.is_accepting() && self.model(name)?.engine.is_ready())
+    }
+
+    /// Model `name`'s metadata (either kind).
+    fn metadata(&self, name: &str) -> Result<ModelMeta, ApiError> {
+        let (inputs, outputs) = if self.generators.iter().any(|g| g.name == name) {
+            let text = |name| TensorMeta {
+                name,
+                datatype: "BYTES",
+                shape: vec![1],
+            };
+            (vec![text("text_input")], vec![text("text_output")])
+        } else {
+            let m = self.model(name)?;
+            (
+                vec![input_meta(m.engine.input_spec())],
+                Column::ALL
+                    .iter()
+                    .map(|c| TensorMeta {
+                        name: c.name(),
+                        datatype: c.datatype(),
+                        shape: vec![-1],
+                    })
+                    .collect(),
             )
+        };
+        Ok(ModelMeta {
+            name: name.to_string(),
+            versions: vec!["1".into()],
+            platform: "apparate",
+            inputs,
+            outputs,
         })
     }
 }
@@ -232,7 +323,7 @@ fn server_metadata() -> ServerMeta {
     ServerMeta {
         name: "apparate",
         version: env!("CARGO_PKG_VERSION"),
-        extensions: vec!["classification", "binary_tensor_data"],
+        extensions: vec!["classification", "binary_tensor_data", "generate"],
     }
 }
 
@@ -256,8 +347,7 @@ async fn model_ready(
     State(s): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let m = s.model(&name)?;
-    Ok(if s.is_accepting() && m.engine.is_ready() {
+    Ok(if s.model_is_ready(&name)? {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -287,29 +377,21 @@ async fn model_meta(
     State(s): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<axum::Json<ModelMeta>, ApiError> {
-    let m = s.model(&name)?;
-    Ok(axum::Json(ModelMeta {
-        name: m.name.clone(),
-        versions: vec!["1".into()],
-        platform: "apparate",
-        inputs: vec![input_meta(m.engine.input_spec())],
-        outputs: Column::ALL
-            .iter()
-            .map(|c| TensorMeta {
-                name: c.name(),
-                datatype: c.datatype(),
-                shape: vec![-1],
-            })
-            .collect(),
-    }))
+    s.metadata(&name).map(axum::Json)
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> String {
-    let per_model: Vec<(&str, String)> = s
+    let counts = |name: &str| {
+        &s.counts
+            .iter()
+            .find(|(n, _)| n == name)
+            .expect("every model has counts")
+            .1
+    };
+    let mut per_model: Vec<(&str, String)> = s
         .models
         .iter()
-        .enumerate()
-        .map(|(i, m)| {
+        .map(|m| {
             let mut text = m.engine.metrics().render_prometheus();
             // Plus the queue's depth, the autoscaling signal of docs/deploy.md.
             text.push_str(&format!(
@@ -318,19 +400,106 @@ async fn metrics(State(s): State<Arc<AppState>>) -> String {
                  apparate_queue_depth {}\n",
                 m.engine.queued()
             ));
-            text.push_str(&triton_metrics(m, &s.counts[i]));
+            let met = m.engine.metrics();
+            text.push_str(&triton_metrics(
+                counts(&m.name),
+                met.answered(),
+                met.batches(),
+                Some(m.engine.queued() as u64),
+            ));
             (m.name.as_str(), text)
         })
         .collect();
+    for g in &s.generators {
+        let st = g.stats();
+        let mut text = generator_metrics(&st);
+        text.push_str(&triton_metrics(
+            counts(&g.name),
+            st.completed,
+            st.steps,
+            None,
+        ));
+        per_model.push((g.name.as_str(), text));
+    }
     with_model_labels(&per_model)
+}
+
+/// A generation engine's counters.
+fn generator_metrics(st: &crate::generation::EngineStats) -> String {
+    use std::fmt::Write as _;
+    let mut t = String::new();
+    for (name, kind, help, v) in [
+        (
+            "apparate_generation_steps_total",
+            "counter",
+            "Steps (one forward over every running sequence's rows).",
+            st.steps,
+        ),
+        (
+            "apparate_generation_decode_tokens_total",
+            "counter",
+            "Tokens decoded (one row per running sequence per step).",
+            st.decode_rows,
+        ),
+        (
+            "apparate_generation_prefill_tokens_total",
+            "counter",
+            "Prompt tokens fed.",
+            st.prefill_rows,
+        ),
+        (
+            "apparate_generation_completed_total",
+            "counter",
+            "Generations that finished.",
+            st.completed,
+        ),
+        (
+            "apparate_generation_cancelled_total",
+            "counter",
+            "Generations cancelled (the client went away).",
+            st.cancelled,
+        ),
+        (
+            "apparate_generation_rejected_total",
+            "counter",
+            "Requests refused by a full queue.",
+            st.rejected,
+        ),
+        (
+            "apparate_generation_failed_total",
+            "counter",
+            "Generations that failed.",
+            st.failed,
+        ),
+        (
+            "apparate_generation_cache_free_blocks",
+            "gauge",
+            "Key/value cache blocks free.",
+            st.free_blocks as u64,
+        ),
+        (
+            "apparate_generation_cache_blocks",
+            "gauge",
+            "Key/value cache blocks in all.",
+            st.cache_blocks as u64,
+        ),
+    ] {
+        let _ = writeln!(t, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    }
+    t
 }
 
 /// Triton's names for what means the same here (so dashboards and autoscalers built for Triton
 /// read them): HTTP inference requests that succeeded and failed (by reason) and their summed
-/// duration, inferences (items) answered, model executions (batches) and items waiting.
-fn triton_metrics(m: &Model, c: &RequestCounts) -> String {
+/// duration, inferences (items answered, generations completed), model executions (batches,
+/// generation steps) and items waiting.
+fn triton_metrics(
+    c: &RequestCounts,
+    inferences: u64,
+    executions: u64,
+    pending: Option<u64>,
+) -> String {
     use std::fmt::Write as _;
-    let met = m.engine.metrics();
     let mut t = String::new();
     let mut family = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
         let _ = writeln!(t, "# HELP {name} {help}");
@@ -362,13 +531,13 @@ fn triton_metrics(m: &Model, c: &RequestCounts) -> String {
         "nv_inference_count",
         "counter",
         "Number of inferences performed",
-        &[("", met.answered())],
+        &[("", inferences)],
     );
     family(
         "nv_inference_exec_count",
         "counter",
         "Number of model executions performed",
-        &[("", met.batches())],
+        &[("", executions)],
     );
     family(
         "nv_inference_request_duration_us",
@@ -376,12 +545,14 @@ fn triton_metrics(m: &Model, c: &RequestCounts) -> String {
         "Cumulative inference request duration in microseconds",
         &[("", ld(&c.success_us))],
     );
-    family(
-        "nv_inference_pending_request_count",
-        "gauge",
-        "Instantaneous number of pending requests awaiting execution per-model",
-        &[("", m.engine.queued() as u64)],
-    );
+    if let Some(pending) = pending {
+        family(
+            "nv_inference_pending_request_count",
+            "gauge",
+            "Instantaneous number of pending requests awaiting execution per-model",
+            &[("", pending)],
+        );
+    }
     t
 }
 
@@ -588,9 +759,9 @@ async fn rest_call(request: axum::extract::Request, cfg: &ServerConfig) -> Resul
 }
 
 impl AppState {
-    /// Runs `work`, one inference request on model `name` over `protocol`, and counts it (for
-    /// Triton's metrics) and logs it (with `--log-requests`) when it is answered. A request
-    /// whose client went away is dropped with `work`, uncounted.
+    /// Runs `work`, one inference request on model `name` over `protocol`, and
+    /// [`AppState::record`]s it when it is answered. A request whose client went away is
+    /// dropped with `work`, unrecorded.
     pub(crate) async fn accounted(
         &self,
         name: &str,
@@ -599,13 +770,26 @@ impl AppState {
         work: impl Future<Output = Result<Answer, ApiError>>,
     ) -> Result<Answer, ApiError> {
         let result = work.await;
-        if let Some(c) = self
-            .models
-            .iter()
-            .position(|m| m.name == name)
-            .map(|i| &self.counts[i])
-        {
-            match &result {
+        self.record(
+            name,
+            protocol,
+            arrived,
+            result.as_ref().map(|a| (a.id.clone(), a.answers.len())),
+        );
+        result
+    }
+
+    /// Counts an answered request (for Triton's metrics) and logs it (with `--log-requests`):
+    /// its request id and items (answers, or tokens generated), or its error.
+    pub(crate) fn record(
+        &self,
+        name: &str,
+        protocol: &'static str,
+        arrived: Instant,
+        outcome: Result<(Option<String>, usize), &ApiError>,
+    ) {
+        if let Some((_, c)) = self.counts.iter().find(|(n, _)| n == name) {
+            match &outcome {
                 Ok(_) => {
                     c.success.fetch_add(1, Ordering::Relaxed);
                     c.success_us
@@ -623,8 +807,8 @@ impl AppState {
         }
         if self.cfg.log_requests {
             // One JSON line per request on standard error: what a log pipeline indexes.
-            let (status, id, items, error) = match &result {
-                Ok(a) => (200, a.id.clone(), a.answers.len(), None),
+            let (status, id, items, error) = match outcome {
+                Ok((id, items)) => (200, id, items, None),
                 Err(e) => (e.0.as_u16(), None, 0, Some(e.1.clone())),
             };
             let line = serde_json::json!({
@@ -641,7 +825,6 @@ impl AppState {
             });
             eprintln!("{line}");
         }
-        result
     }
 }
 

@@ -5,11 +5,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use apparate::backend::decoder::DecoderBackend;
 use apparate::error::{Error, Result};
+use apparate::format::ModelFile;
+use apparate::generation::{self, EngineConfig, LanguageModel};
+use apparate::models::llama::KvCacheConfig;
+use apparate::select::{DecoderJob, with_decoder_backend};
 use apparate::serve::Engine;
 use apparate::serve::config::{BatchingConfig, duration_from_millis};
 use apparate::server::config::{ModelPlan, ServeFile};
-use apparate::server::{ConnectionLimits, Model, Server, ServerConfig};
+use apparate::server::{ConnectionLimits, Generator, Model, Server, ServerConfig};
 use clap::Args;
 
 use super::DeviceArgs;
@@ -67,6 +72,12 @@ pub struct ServeArgs {
     /// Most requests waiting; more are answered 429 at once.
     #[arg(long, default_value_t = 1024)]
     queue_capacity: usize,
+    /// Decoders: tokens generated when a request names no max_tokens.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Decoders: memory of the key/value cache, MiB.
+    #[arg(long, default_value_t = 256)]
+    kv_cache_mib: usize,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -85,9 +96,31 @@ pub fn run(a: ServeArgs) -> Result<()> {
         }
     };
     let grpc_addr = (grpc_addr != "off").then_some(grpc_addr);
+    if !(1..=1 << 20).contains(&a.max_tokens) {
+        return Err(Error::config("--max-tokens", a.max_tokens, "1..=1048576"));
+    }
+    if !(1..=1 << 20).contains(&a.kv_cache_mib) {
+        return Err(Error::config(
+            "--kv-cache-mib",
+            a.kv_cache_mib,
+            "1..=1048576",
+        ));
+    }
     let mut models = Vec::with_capacity(plans.len());
+    let mut generators = Vec::new();
     for p in plans {
         let t0 = Instant::now();
+        if is_decoder(&p.path) {
+            let choice = p.backend.clone();
+            let g = with_decoder_backend(&choice, StartGenerator(p))?;
+            eprintln!(
+                "model {} (text generation) ready in {:.1} s",
+                g.name,
+                t0.elapsed().as_secs_f64()
+            );
+            generators.push(g);
+            continue;
+        }
         let mut builder = Engine::builder(&p.path)
             .backend(p.backend)
             .batching(p.batching)
@@ -111,7 +144,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             default_timeout: p.default_timeout,
         });
     }
-    let server = Server::new(models, cfg);
+    let server = Server::with_generators(models, generators, cfg);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -179,6 +212,37 @@ pub fn run(a: ServeArgs) -> Result<()> {
     Ok(())
 }
 
+/// Whether `path` is a decoder: a GGUF file or a model file of the llama family.
+fn is_decoder(path: &Path) -> bool {
+    generation::is_gguf(path)
+        || ModelFile::open(path)
+            .is_ok_and(|f| matches!(f.meta().family, apparate::format::Family::Llama(_)))
+}
+
+/// Loads a decoder and starts its generation engine on the chosen backend.
+struct StartGenerator(ModelPlan);
+
+impl DecoderJob for StartGenerator {
+    type Output = Generator;
+    fn run<B: DecoderBackend + 'static>(self, be: B, what: String) -> Result<Generator> {
+        let p = self.0;
+        let lm = LanguageModel::open(be, &p.path)?;
+        eprintln!("model {}: {} on the {what}", p.name, p.path.display());
+        let cfg = EngineConfig {
+            max_running: p.batching.max_batch_size,
+            queue_capacity: p.batching.queue_capacity,
+            kv: KvCacheConfig {
+                budget_bytes: p.kv_cache_mib << 20,
+                ..KvCacheConfig::default()
+            },
+            ..EngineConfig::default()
+        };
+        let mut g = Generator::new(p.name, lm, cfg, p.max_tokens)?;
+        g.default_timeout = p.default_timeout;
+        Ok(g)
+    }
+}
+
 /// SIGTERM (Kubernetes) or Ctrl-C.
 async fn shutdown_signal() {
     let ctrl_c = async {
@@ -241,6 +305,8 @@ fn from_flags(a: &ServeArgs) -> Result<(Vec<ModelPlan>, ServerConfig, String)> {
             ..BatchingConfig::default()
         },
         default_timeout: None,
+        max_tokens: a.max_tokens,
+        kv_cache_mib: a.kv_cache_mib,
     };
     let cfg = ServerConfig {
         max_body_bytes: a.max_body_mib << 20,

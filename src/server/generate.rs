@@ -1,0 +1,454 @@
+//! Triton's generate extension for decoder models: `POST /v2/models/{name}/generate` answers
+//! the whole text, `POST /v2/models/{name}/generate_stream` streams it as server-sent events,
+//! one event per piece of text as its tokens come out of the generation engine (which batches
+//! every running sequence per step).
+//!
+//! The request is a JSON object: `text_input` (the prompt), an optional `id`, and parameters,
+//! either in `parameters` or at the top level as Triton allows: `max_tokens`, `temperature`,
+//! `top_k`, `top_p`, `seed`, `raw` (no chat template), `system` (a system message),
+//! `ignore_eos`, `stream`, `timeout` (microseconds). Unknown parameters are refused by name.
+//!
+//! Each generation is fed by one blocking thread (tokenizing the prompt, detokenizing the
+//! tokens), so the async workers never wait on the engine; a client that goes away closes its
+//! channel, the thread drops the generation's stream, and the engine frees the sequence before
+//! its next step.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+use tokio::sync::mpsc;
+
+use super::{ApiError, AppState, bad, read_body};
+use crate::backend::decoder::DecoderBackend;
+use crate::chat::ChatTemplate;
+use crate::error::Result;
+use crate::generation::{
+    self, EngineConfig, EngineStats, FinishReason, GenerateRequest, LanguageModel, TextStream,
+    TokenEvent,
+};
+use crate::models::llama::Sampling;
+
+/// A decoder model the server generates text with.
+pub struct Generator {
+    pub name: String,
+    engine: generation::Engine,
+    tokenizer: tokenizers::Tokenizer,
+    template: Option<ChatTemplate>,
+    stop: Vec<u32>,
+    /// Tokens generated at most when a request names no `max_tokens`.
+    pub default_max_tokens: usize,
+    /// Deadline of its requests that name none; `None`: the server's default.
+    pub default_timeout: Option<Duration>,
+}
+
+impl Generator {
+    /// Starts the generation engine on `lm`'s decoder.
+    pub fn new<B: DecoderBackend + 'static>(
+        name: impl Into<String>,
+        lm: LanguageModel<B>,
+        cfg: EngineConfig,
+        default_max_tokens: usize,
+    ) -> Result<Generator> {
+        let LanguageModel {
+            model,
+            tokenizer,
+            template,
+            stop,
+        } = lm;
+        Ok(Generator {
+            name: name.into(),
+            engine: generation::Engine::start(model, cfg)?,
+            tokenizer,
+            template,
+            stop,
+            default_max_tokens,
+            default_timeout: None,
+        })
+    }
+
+    /// The engine's counters.
+    pub fn stats(&self) -> EngineStats {
+        self.engine.stats()
+    }
+}
+
+/// One request's settings.
+#[derive(Clone, Debug)]
+struct Params {
+    id: Option<String>,
+    prompt: String,
+    raw: bool,
+    system: Option<String>,
+    max_tokens: usize,
+    sampling: Sampling,
+    ignore_eos: bool,
+    timeout_us: u64,
+}
+
+const PARAMETERS: &str =
+    "max_tokens, temperature, top_k, top_p, seed, raw, system, ignore_eos, stream, timeout";
+
+/// Reads a generate request; `streaming` says which route it came to.
+fn params(body: &[u8], g: &Generator, streaming: bool) -> Result<Params, ApiError> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| bad(format!("malformed request JSON: {e}")))?;
+    let Value::Object(mut top) = v else {
+        return Err(bad("the request must be a JSON object"));
+    };
+    let prompt = match top.remove("text_input") {
+        Some(Value::String(s)) => s,
+        Some(_) => return Err(bad("text_input must be a string (the prompt)")),
+        None => return Err(bad("no text_input (the prompt)")),
+    };
+    let id = match top.remove("id") {
+        None => None,
+        Some(Value::String(s)) => Some(s),
+        Some(_) => return Err(bad("id must be a string")),
+    };
+    let mut all = Map::new();
+    match top.remove("parameters") {
+        None => {}
+        Some(Value::Object(p)) => all.extend(p),
+        Some(_) => return Err(bad("parameters must be a JSON object")),
+    }
+    all.extend(top);
+    let mut p = Params {
+        id,
+        prompt,
+        raw: false,
+        system: None,
+        max_tokens: g.default_max_tokens,
+        sampling: Sampling::default(),
+        ignore_eos: false,
+        timeout_us: 0,
+    };
+    for (k, v) in &all {
+        let want = |what: &str| bad(format!("parameter {k}: {what}, not {v}"));
+        let uint = || v.as_u64().ok_or_else(|| want("a non-negative integer"));
+        let float = || v.as_f64().ok_or_else(|| want("a number"));
+        let flag = || v.as_bool().ok_or_else(|| want("true or false"));
+        match k.as_str() {
+            "max_tokens" => {
+                p.max_tokens = usize::try_from(uint()?)
+                    .ok()
+                    .filter(|n| (1..=1 << 20).contains(n))
+                    .ok_or_else(|| want("1..=1048576"))?
+            }
+            "temperature" => p.sampling.temperature = float()? as f32,
+            "top_k" => p.sampling.top_k = usize::try_from(uint()?).unwrap_or(usize::MAX),
+            "top_p" => p.sampling.top_p = float()? as f32,
+            "seed" => p.sampling.seed = uint()?,
+            "raw" => p.raw = flag()?,
+            "ignore_eos" => p.ignore_eos = flag()?,
+            "system" => p.system = Some(v.as_str().ok_or_else(|| want("a string"))?.into()),
+            "timeout" => p.timeout_us = uint()?,
+            "stream" => {
+                if flag()? != streaming {
+                    return Err(bad(if streaming {
+                        "stream: false on generate_stream; POST to generate instead"
+                    } else {
+                        "stream: true; POST to generate_stream for a stream of events"
+                    }));
+                }
+            }
+            other => {
+                return Err(bad(format!(
+                    "unknown parameter {other:?} (accepted: {PARAMETERS})"
+                )));
+            }
+        }
+    }
+    p.sampling.check().map_err(|e| bad(e.to_string()))?;
+    Ok(p)
+}
+
+/// What the feeding thread sends the handler.
+enum Piece {
+    /// The engine took the request.
+    Started,
+    Text(String),
+    Done {
+        finish: FinishReason,
+        prompt_tokens: usize,
+        generated: usize,
+    },
+}
+
+fn finish_name(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+        FinishReason::Context => "context",
+    }
+}
+
+/// Starts a generation on a blocking thread that tokenizes, submits and detokenizes; its
+/// answers come on the returned channel, which the handler drops to cancel.
+fn start(g: Arc<Generator>, p: Params) -> mpsc::Receiver<Result<Piece, ApiError>> {
+    // A few pieces of slack: the engine never waits on a slow client for long, and a client
+    // that stops reading stalls only its own feeding thread.
+    let (tx, rx) = mpsc::channel(64);
+    tokio::task::spawn_blocking(move || {
+        let ids = match generation::prompt_ids(
+            &g.tokenizer,
+            g.template.as_ref(),
+            &p.prompt,
+            p.raw,
+            p.system.as_deref(),
+        ) {
+            Ok(ids) => ids,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(bad(e.to_string())));
+                return;
+            }
+        };
+        let req = GenerateRequest {
+            prompt: ids,
+            max_tokens: p.max_tokens,
+            sampling: p.sampling,
+            stop: if p.ignore_eos {
+                Vec::new()
+            } else {
+                g.stop.clone()
+            },
+        };
+        let stream = match g.engine.submit(req) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(e.into()));
+                return;
+            }
+        };
+        if tx.blocking_send(Ok(Piece::Started)).is_err() {
+            return;
+        }
+        let mut text = TextStream::new(&g.tokenizer);
+        // Leaving the loop drops the stream, which cancels the sequence if it still runs.
+        for event in stream {
+            let msg = match event {
+                TokenEvent::Token(t) => match text.push(t) {
+                    Ok(s) if s.is_empty() => continue,
+                    Ok(s) => Ok(Piece::Text(s)),
+                    Err(e) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+                },
+                TokenEvent::Done(finish, stats) => Ok(Piece::Done {
+                    finish,
+                    prompt_tokens: stats.prompt_tokens,
+                    generated: stats.generated,
+                }),
+                TokenEvent::Failed(e) => Err(e.into()),
+            };
+            let last = !matches!(msg, Ok(Piece::Text(_)));
+            if tx.blocking_send(msg).is_err() || last {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The deadline of a request: its `timeout`, else the model's default, else the server's.
+fn deadline(s: &AppState, g: &Generator, p: &Params, arrived: Instant) -> Option<Instant> {
+    let after = match p.timeout_us {
+        0 => g.default_timeout.or(s.cfg.default_timeout),
+        us => Some(Duration::from_micros(us)),
+    };
+    after.and_then(|d| arrived.checked_add(d))
+}
+
+fn timed_out() -> ApiError {
+    ApiError(
+        StatusCode::GATEWAY_TIMEOUT,
+        "the generation did not finish within the request's timeout".into(),
+    )
+}
+
+/// Waits for the next message, or the deadline.
+async fn next(
+    rx: &mut mpsc::Receiver<Result<Piece, ApiError>>,
+    deadline: Option<Instant>,
+) -> Result<Piece, ApiError> {
+    let closed = || {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the generation ended without an answer".into(),
+        )
+    };
+    match deadline {
+        Some(d) => match tokio::time::timeout_at(d.into(), rx.recv()).await {
+            Err(_) => Err(timed_out()),
+            Ok(m) => m.ok_or_else(closed)?,
+        },
+        None => rx.recv().await.ok_or_else(closed)?,
+    }
+}
+
+/// The request read and the generation started (the engine took it), or the error to answer.
+async fn begin(
+    s: &Arc<AppState>,
+    name: &str,
+    request: axum::extract::Request,
+    streaming: bool,
+    arrived: Instant,
+) -> Result<Start, ApiError> {
+    let g = s.generator(name)?.clone();
+    let body = read_body(request, &s.cfg).await?;
+    if !s.is_accepting() {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down".into(),
+        ));
+    }
+    let p = params(&body, &g, streaming)?;
+    let id = p.id.clone();
+    let deadline = deadline(s, &g, &p, arrived);
+    let mut rx = start(g, p);
+    match next(&mut rx, deadline).await? {
+        Piece::Started => Ok(Start { rx, deadline, id }),
+        _ => Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the generation answered before it started".into(),
+        )),
+    }
+}
+
+/// A started generation.
+struct Start {
+    rx: mpsc::Receiver<Result<Piece, ApiError>>,
+    deadline: Option<Instant>,
+    id: Option<String>,
+}
+
+/// `POST /v2/models/{name}/generate`: the whole text.
+pub(super) async fn generate(
+    State(s): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    request: axum::extract::Request,
+) -> Result<axum::Json<Value>, ApiError> {
+    let arrived = Instant::now();
+    let result = async {
+        let mut st = begin(&s, &name, request, false, arrived).await?;
+        let mut text = String::new();
+        loop {
+            match next(&mut st.rx, st.deadline).await? {
+                Piece::Text(t) => text.push_str(&t),
+                Piece::Started => {}
+                Piece::Done {
+                    finish,
+                    prompt_tokens,
+                    generated,
+                } => {
+                    let mut r = json!({
+                        "model_name": name,
+                        "model_version": "1",
+                        "text_output": text,
+                        "finish_reason": finish_name(finish),
+                        "prompt_tokens": prompt_tokens,
+                        "generated_tokens": generated,
+                    });
+                    if let Some(id) = st.id {
+                        r["id"] = Value::String(id);
+                    }
+                    return Ok((r, generated));
+                }
+            }
+        }
+    }
+    .await;
+    s.record(
+        &name,
+        "http",
+        arrived,
+        result
+            .as_ref()
+            .map(|(r, n)| (r["id"].as_str().map(str::to_string), *n)),
+    );
+    result.map(|(r, _)| axum::Json(r))
+}
+
+/// `POST /v2/models/{name}/generate_stream`: server-sent events, `data: {...}` with each piece
+/// of `text_output`; the last event has an empty piece, `finish_reason` and the token counts,
+/// or `error` if the generation failed or passed its deadline after it started.
+pub(super) async fn generate_stream(
+    State(s): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    request: axum::extract::Request,
+) -> Response {
+    let arrived = Instant::now();
+    let st = match begin(&s, &name, request, true, arrived).await {
+        Ok(x) => x,
+        Err(e) => {
+            s.record(&name, "http", arrived, Err(&e));
+            return e.into_response();
+        }
+    };
+    struct Feed {
+        st: Start,
+        s: Arc<AppState>,
+        name: String,
+        arrived: Instant,
+        over: bool,
+    }
+    let feed = Feed {
+        st,
+        s,
+        name,
+        arrived,
+        over: false,
+    };
+    let events = futures_util::stream::unfold(feed, |mut f| async move {
+        if f.over {
+            return None;
+        }
+        let mut next_piece = next(&mut f.st.rx, f.st.deadline).await;
+        while let Ok(Piece::Started) = next_piece {
+            next_piece = next(&mut f.st.rx, f.st.deadline).await;
+        }
+        let mut body = match next_piece {
+            Ok(Piece::Started) => unreachable!("skipped above"),
+            Ok(Piece::Text(t)) => {
+                json!({"model_name": f.name, "model_version": "1", "text_output": t})
+            }
+            Ok(Piece::Done {
+                finish,
+                prompt_tokens,
+                generated,
+            }) => {
+                f.over = true;
+                let id = f.st.id.clone();
+                f.s.record(&f.name, "http", f.arrived, Ok((id, generated)));
+                json!({
+                    "model_name": f.name,
+                    "model_version": "1",
+                    "text_output": "",
+                    "finish_reason": finish_name(finish),
+                    "prompt_tokens": prompt_tokens,
+                    "generated_tokens": generated,
+                })
+            }
+            Err(e) => {
+                f.over = true;
+                f.s.record(&f.name, "http", f.arrived, Err(&e));
+                json!({"error": e.1})
+            }
+        };
+        if let (Some(id), Some(o)) = (&f.st.id, body.as_object_mut())
+            && o.contains_key("model_name")
+        {
+            o.insert("id".into(), Value::String(id.clone()));
+        }
+        Some((
+            Ok::<_, Infallible>(Event::default().data(body.to_string())),
+            f,
+        ))
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
