@@ -1,5 +1,7 @@
 //! Embedding the engine in your own axum application: the KServe v2 routes of
-//! `apparate serve` ([`apparate::server::Server::router`]) next to a route of your own.
+//! `apparate serve` ([`apparate::server::Server::router`]) next to a route of your own. (For
+//! the gRPC form, run [`apparate::server::Server::serve_grpc`] on a second listener; for
+//! decoders, build the server with `Server::with_generators`.)
 //!
 //! ```sh
 //! weights/fetch.sh && tools/train-ramps.sh
