@@ -149,6 +149,19 @@ fn grpc<Req: prost::Message, Resp: prost::Message + Default>(
     req: &Req,
     headers: &[(&str, &str)],
 ) -> Result<Resp, (u32, String)> {
+    let mut answers = grpc_stream(addr, method, std::slice::from_ref(req), headers)?;
+    assert_eq!(answers.len(), 1, "one answer");
+    Ok(answers.remove(0))
+}
+
+/// A gRPC call with a stream of requests (all sent, then the stream closed); every answer on
+/// the response stream, or the status code and message.
+fn grpc_stream<Req: prost::Message, Resp: prost::Message + Default>(
+    addr: SocketAddr,
+    method: &str,
+    reqs: &[Req],
+    headers: &[(&str, &str)],
+) -> Result<Vec<Resp>, (u32, String)> {
     use http_body_util::BodyExt;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -163,11 +176,14 @@ fn grpc<Req: prost::Message, Resp: prost::Message + Default>(
         .await
         .unwrap();
         tokio::spawn(conn);
-        // A gRPC message: uncompressed flag, 4-byte big-endian length, the protobuf bytes.
-        let msg = req.encode_to_vec();
-        let mut body = vec![0u8];
-        body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-        body.extend_from_slice(&msg);
+        // Each gRPC message: uncompressed flag, 4-byte big-endian length, the protobuf bytes.
+        let mut body = Vec::new();
+        for req in reqs {
+            let msg = req.encode_to_vec();
+            body.push(0u8);
+            body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+            body.extend_from_slice(&msg);
+        }
         let mut r = axum::http::Request::post(format!(
             "http://{addr}/inference.GRPCInferenceService/{method}"
         ))
@@ -208,8 +224,15 @@ fn grpc<Req: prost::Message, Resp: prost::Message + Default>(
             }
             return Err((code, String::from_utf8_lossy(&out).into_owned()));
         }
-        assert_eq!(data[0], 0, "uncompressed answer");
-        Ok(Resp::decode(&data[5..]).unwrap())
+        let mut answers = Vec::new();
+        let mut rest = &data[..];
+        while !rest.is_empty() {
+            assert_eq!(rest[0], 0, "uncompressed answer");
+            let n = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
+            answers.push(Resp::decode(&rest[5..5 + n]).unwrap());
+            rest = &rest[5 + n..];
+        }
+        Ok(answers)
     })
 }
 
@@ -622,7 +645,8 @@ fn slow_or_idle_clients_are_timed_out_and_connections_are_bounded() {
 }
 
 /// Triton's own Python client against the server over HTTP and gRPC
-/// (`tools/triton_client_check.py`), with a text model and a photo on an image model. Ignored by
+/// (`tools/triton_client_check.py`), with a text model, a photo on an image model and a decoder
+/// streaming over gRPC. Ignored by
 /// default: it needs `tritonclient[http,grpc]` in tools/.triton-venv (or the Python named by
 /// APPARATE_TRITON_PYTHON); .ci/run installs it and runs this test.
 #[test]
@@ -637,8 +661,30 @@ fn triton_client() {
         .find(|c| c["image"] == "efficientnet/photos/chelsea.png")
         .unwrap()["top5"][0]
         .to_string();
-    let srv = Running::start(
+    let llm: Value = serde_json::from_str(include_str!("fixtures/smollm2_golden.json")).unwrap();
+    let chat = llm["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["kind"] == "chat")
+        .unwrap();
+    let prompt = chat["message"].as_str().unwrap().to_string();
+    let want_text = chat["text_out"]
+        .as_str()
+        .unwrap()
+        .split("<|im_end|>")
+        .next()
+        .unwrap()
+        .to_string();
+    let lm = apparate::generation::LanguageModel::open(
+        apparate::backend::CpuBackend::new(apparate::backend::CpuConfig::default()).unwrap(),
+        SMOLLM2,
+    )
+    .unwrap();
+    let g = Generator::new("smollm2", lm, Default::default(), 64).unwrap();
+    let srv = Running::start_with(
         vec![("sentiment", SENTIMENT), ("effnet", EFFICIENTNET)],
+        vec![g],
         BatchingConfig::default(),
         ServerConfig::default(),
     );
@@ -653,6 +699,7 @@ fn triton_client() {
             "tests/fixtures/efficientnet/photos/chelsea.png",
         ])
         .arg(want)
+        .args(["smollm2".to_string(), prompt, want_text])
         .output()
         .unwrap_or_else(|e| panic!("{python}: {e} (install tritonclient[http,grpc] there)"));
     let text = String::from_utf8_lossy(&out.stdout);
@@ -1057,7 +1104,8 @@ fn sse_events(body: &str) -> Vec<Value> {
 
 /// The generate extension on SmolLM2 from its GGUF file: the prompts of the transformers
 /// fixture (tests/fixtures/smollm2_golden.json) get the reference's greedy text, whole and
-/// streamed as server-sent events; parameters, deadlines and wrong routes are answered by name.
+/// streamed as server-sent events, and through the tensor form (`text_input` to `text_output`
+/// on /infer and gRPC ModelInfer); parameters, deadlines and wrong routes are answered by name.
 #[test]
 fn generate_and_generate_stream_give_the_reference_text() {
     use apparate::backend::{CpuBackend, CpuConfig};
@@ -1165,7 +1213,7 @@ fn generate_and_generate_stream_give_the_reference_text() {
             "/v2/models/smol/infer",
             json!({"inputs": []}),
             400,
-            "generates text",
+            "text_input",
         ),
         (
             "/v2/models/sentiment/generate",
@@ -1191,7 +1239,109 @@ fn generate_and_generate_stream_give_the_reference_text() {
         assert!(s == status && b.contains(says), "{path} {body}: {s} {b}");
     }
 
-    // The gRPC form knows the model but sends generation to REST.
+    // The tensor form: prompts as a BYTES input, each generated; REST and gRPC alike.
+    let first = fixture["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["kind"] == "chat")
+        .unwrap();
+    let message = first["message"].as_str().unwrap();
+    let want = first["text_out"]
+        .as_str()
+        .unwrap()
+        .split("<|im_end|>")
+        .next()
+        .unwrap();
+    let body = json!({"id": "t-1", "parameters": {"max_tokens": 64},
+        "inputs": [{"name": "text_input", "shape": [2], "datatype": "BYTES", "data": [message, message]}]});
+    let (s, _, b) = post(a, "/v2/models/smol/infer", &body.to_string());
+    assert_eq!(s, 200, "{b}");
+    let r: Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(r["id"], "t-1");
+    assert_eq!(r["outputs"][0]["name"], "text_output");
+    assert_eq!(r["outputs"][0]["data"], json!([want, want]));
+    let req = pb::ModelInferRequest {
+        model_name: "smol".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "text_input".into(),
+            datatype: "BYTES".into(),
+            shape: vec![1],
+            ..Default::default()
+        }],
+        parameters: [("max_tokens".to_string(), int_param(64))].into(),
+        raw_input_contents: vec![raw_bytes(&[message.as_bytes()])],
+        ..Default::default()
+    };
+    let r: pb::ModelInferResponse = grpc(srv.grpc, "ModelInfer", &req, &[]).unwrap();
+    assert_eq!(raw_strings(&r.raw_output_contents[0]), [want]);
+    let mut bad = req.clone();
+    bad.parameters = [("max_tokenz".to_string(), int_param(64))].into();
+    let e = grpc::<_, pb::ModelInferResponse>(srv.grpc, "ModelInfer", &bad, &[]).unwrap_err();
+    assert!(e.0 == 3 && e.1.contains("max_tokenz"), "{e:?}");
+
+    // Triton's streaming form: a decoder's prompt answered piece by piece (with the empty
+    // final response it asks for), a classifier's text and an unknown model on the same stream.
+    let mut streamed = req.clone();
+    streamed.id = "s-1".into();
+    streamed.parameters.insert(
+        "triton_enable_empty_final_response".into(),
+        pb::InferParameter {
+            parameter_choice: Some(pb::infer_parameter::ParameterChoice::BoolParam(true)),
+        },
+    );
+    let classify = pb::ModelInferRequest {
+        model_name: "sentiment".into(),
+        id: "s-2".into(),
+        inputs: vec![text_tensor(1)],
+        raw_input_contents: vec![raw_bytes(&[b"what a wonderful day"])],
+        ..Default::default()
+    };
+    let unknown = pb::ModelInferRequest {
+        model_name: "nope".into(),
+        id: "s-3".into(),
+        ..Default::default()
+    };
+    let answers: Vec<pb::ModelStreamInferResponse> = grpc_stream(
+        srv.grpc,
+        "ModelStreamInfer",
+        &[streamed, classify, unknown],
+        &[],
+    )
+    .unwrap();
+    let of = |id: &str| -> Vec<&pb::ModelStreamInferResponse> {
+        answers
+            .iter()
+            .filter(|a| a.infer_response.as_ref().unwrap().id == id)
+            .collect()
+    };
+    let pieces = of("s-1");
+    assert!(pieces.len() > 2, "{answers:?}");
+    let (last, pieces) = pieces.split_last().unwrap();
+    let text: String = pieces
+        .iter()
+        .map(|a| raw_strings(&a.infer_response.as_ref().unwrap().raw_output_contents[0]).concat())
+        .collect();
+    assert_eq!(text, want);
+    let flag = |a: &pb::ModelStreamInferResponse| {
+        a.infer_response.as_ref().unwrap().parameters["triton_final_response"]
+            .parameter_choice
+            .clone()
+    };
+    use pb::infer_parameter::ParameterChoice::BoolParam;
+    assert_eq!(flag(last), Some(BoolParam(true)));
+    assert!(pieces.iter().all(|a| flag(a) == Some(BoolParam(false))));
+    let c = of("s-2");
+    assert_eq!(c.len(), 1);
+    let labels = raw_strings(&c[0].infer_response.as_ref().unwrap().raw_output_contents[0]);
+    assert_eq!(labels.len(), 1);
+    let u = of("s-3");
+    assert!(
+        u.len() == 1 && u[0].error_message.contains("no model named"),
+        "{u:?}"
+    );
+
+    // gRPC metadata of a decoder.
     let mm: pb::ModelMetadataResponse = grpc(
         srv.grpc,
         "ModelMetadata",
@@ -1203,24 +1353,13 @@ fn generate_and_generate_stream_give_the_reference_text() {
     )
     .unwrap();
     assert_eq!(mm.inputs[0].name, "text_input");
-    let e = grpc::<_, pb::ModelInferResponse>(
-        srv.grpc,
-        "ModelInfer",
-        &pb::ModelInferRequest {
-            model_name: "smol".into(),
-            ..Default::default()
-        },
-        &[],
-    )
-    .unwrap_err();
-    assert!(e.0 == 3 && e.1.contains("generate"), "{e:?}");
 
     let (_, m) = get(a, "/metrics");
     let completed = m
         .lines()
         .find_map(|l| l.strip_prefix("apparate_generation_completed_total{model=\"smol\"} "))
         .unwrap_or_else(|| panic!("{m}"));
-    assert_eq!(completed, "4", "{m}");
+    assert_eq!(completed, "8", "{m}");
     // The timed-out sequence is cancelled once its feeding thread sees the answer gone (at
     // its next token) and the engine frees it before the next step.
     let t0 = std::time::Instant::now();

@@ -1,18 +1,21 @@
 #!/usr/bin/env python3
 """Drives `apparate serve` with Triton's own Python client (tritonclient[http,grpc]) over both
 forms of the protocol: health, metadata, inference on a text model (JSON and binary tensors
-on HTTP), an image file on an image model, the classification extension, the exit output, and
-errors. Exits non-zero on the first mismatch. `tests/server.rs` (the ignored test
+on HTTP), an image file on an image model, the classification extension, the exit output,
+errors, and a decoder's text streamed over gRPC (Triton's ModelStreamInfer, as its LLM backends
+stream). Exits non-zero on the first mismatch. `tests/server.rs` (the ignored test
 `triton_client`, run by .ci/run) starts the server and runs this; by hand:
 
     python3 -m venv tools/.triton-venv
     tools/.triton-venv/bin/pip install "tritonclient[http,grpc]==2.73.0"
     target/release/apparate serve --config serve.toml &   # a text and an image model
     tools/.triton-venv/bin/python tools/triton_client_check.py \\
-        127.0.0.1:8000 127.0.0.1:8001 sentiment effnet photo.png CLASS
+        127.0.0.1:8000 127.0.0.1:8001 sentiment effnet photo.png CLASS smollm2 "PROMPT" TEXT
 
-CLASS is the class index the reference pipeline gives the photo.
+CLASS is the class index the reference pipeline gives the photo, TEXT the reference's greedy
+answer to PROMPT.
 """
+import queue
 import sys
 
 import numpy as np
@@ -105,11 +108,36 @@ def drive(proto, mod, c, model, image_model, photo, want_class):
         check("BYTES" in str(e), f"{proto}: wrong datatype refused: {e}")
 
 
+def stream(grpc_url, llm, prompt, want):
+    """Greedy text, streamed: one response per piece, then the empty final one."""
+    answers = queue.Queue()
+    c = grpc.InferenceServerClient(url=grpc_url)
+    c.start_stream(callback=lambda result, error: answers.put((result, error)))
+    inp = grpc.InferInput("text_input", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
+    c.async_stream_infer(llm, [inp], request_id="st-1", enable_empty_final_response=True,
+                         parameters={"max_tokens": 64})
+    pieces = []
+    while True:
+        result, error = answers.get(timeout=300)
+        check(error is None, f"grpc stream: no error ({error})")
+        r = result.get_response()
+        check(r.id == "st-1", "grpc stream: request id on every response")
+        if r.parameters["triton_final_response"].bool_param:
+            break
+        pieces.append(text(result.as_numpy("text_output")[0]))
+    c.stop_stream()
+    got = "".join(pieces)
+    check(len(pieces) > 1 and got == want, f"grpc stream: {len(pieces)} pieces, {got!r} (reference {want!r})")
+
+
 def main():
     http_url, grpc_url, model, image_model, photo_path, want = sys.argv[1:7]
+    llm, prompt, want_text = sys.argv[7:10]
     photo = open(photo_path, "rb").read()
     drive("http", http, http.InferenceServerClient(url=http_url), model, image_model, photo, int(want))
     drive("grpc", grpc, grpc.InferenceServerClient(url=grpc_url), model, image_model, photo, int(want))
+    stream(grpc_url, llm, prompt, want_text)
     print("all checks passed")
 
 

@@ -24,6 +24,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
+use super::infer::{Answer, Call, Elements, OutData, OutTensor};
 use super::{ApiError, AppState, bad, read_body};
 use crate::backend::decoder::DecoderBackend;
 use crate::chat::ChatTemplate;
@@ -94,6 +95,17 @@ struct Params {
 const PARAMETERS: &str =
     "max_tokens, temperature, top_k, top_p, seed, raw, system, ignore_eos, stream, timeout";
 
+/// Parameters of the tensor form (`/infer`, gRPC `ModelInfer` and `ModelStreamInfer`) that
+/// belong to the protocol, not to generation: read elsewhere (`timeout`,
+/// `triton_enable_empty_final_response`) or without meaning here (tritonclient's
+/// `binary_data_output`, Triton's scheduling `priority`).
+const PROTOCOL_PARAMETERS: [&str; 4] = [
+    "timeout",
+    "binary_data_output",
+    "priority",
+    "triton_enable_empty_final_response",
+];
+
 /// Reads a generate request; `streaming` says which route it came to.
 fn params(body: &[u8], g: &Generator, streaming: bool) -> Result<Params, ApiError> {
     let v: Value =
@@ -118,6 +130,17 @@ fn params(body: &[u8], g: &Generator, streaming: bool) -> Result<Params, ApiErro
         Some(_) => return Err(bad("parameters must be a JSON object")),
     }
     all.extend(top);
+    settings(prompt, id, &all, g, streaming)
+}
+
+/// A request's settings from its parameters.
+fn settings(
+    prompt: String,
+    id: Option<String>,
+    all: &Map<String, Value>,
+    g: &Generator,
+    streaming: bool,
+) -> Result<Params, ApiError> {
     let mut p = Params {
         id,
         prompt,
@@ -128,7 +151,7 @@ fn params(body: &[u8], g: &Generator, streaming: bool) -> Result<Params, ApiErro
         ignore_eos: false,
         timeout_us: 0,
     };
-    for (k, v) in &all {
+    for (k, v) in all {
         let want = |what: &str| bad(format!("parameter {k}: {what}, not {v}"));
         let uint = || v.as_u64().ok_or_else(|| want("a non-negative integer"));
         let float = || v.as_f64().ok_or_else(|| want("a number"));
@@ -325,6 +348,190 @@ struct Start {
     id: Option<String>,
 }
 
+/// Collects a started generation's text; `None` if the deadline passed (the stream dropped with
+/// the receiver cancels the sequence).
+async fn collect(
+    rx: &mut mpsc::Receiver<Result<Piece, ApiError>>,
+    deadline: Option<Instant>,
+) -> Result<(String, FinishReason, usize, usize), ApiError> {
+    let mut text = String::new();
+    loop {
+        match next(rx, deadline).await? {
+            Piece::Started => {}
+            Piece::Text(t) => text.push_str(&t),
+            Piece::Done {
+                finish,
+                prompt_tokens,
+                generated,
+            } => return Ok((text, finish, prompt_tokens, generated)),
+        }
+    }
+}
+
+/// A tensor-form request's prompts (`text_input`, BYTES), their tensor's shape, and each
+/// prompt's settings from the request's parameters.
+fn tensor_requests(
+    s: &AppState,
+    g: &Generator,
+    call: &Call,
+) -> Result<(Vec<i64>, Vec<Params>), ApiError> {
+    if !s.is_accepting() {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down".into(),
+        ));
+    }
+    if let Some(o) = call.outputs.iter().find(|o| o.name != "text_output") {
+        return Err(bad(format!(
+            "no output named {:?} (a decoder answers text_output)",
+            o.name
+        )));
+    }
+    let [input] = call.inputs.as_slice() else {
+        return Err(bad(format!(
+            "{} inputs: the model takes exactly one (text_input)",
+            call.inputs.len()
+        )));
+    };
+    if input.name != "text_input" {
+        return Err(bad(format!(
+            "input {:?}: the model's input is named \"text_input\"",
+            input.name
+        )));
+    }
+    let prompts: Vec<String> = match &input.data {
+        Elements::Strings(v) => v.clone(),
+        Elements::Bytes(v) => v
+            .iter()
+            .map(|b| {
+                String::from_utf8(b.clone())
+                    .map_err(|_| bad("input \"text_input\": a prompt is not UTF-8"))
+            })
+            .collect::<Result<_, _>>()?,
+        _ => {
+            return Err(bad(format!(
+                "input \"text_input\": datatype {}, the model takes BYTES (prompts)",
+                input.datatype
+            )));
+        }
+    };
+    let n = input.shape.iter().try_fold(1usize, |n, &d| {
+        usize::try_from(d).ok().and_then(|d| n.checked_mul(d))
+    });
+    if n != Some(prompts.len()) {
+        return Err(bad(format!(
+            "input \"text_input\": shape {:?}, data has {} elements",
+            input.shape,
+            prompts.len()
+        )));
+    }
+    let mut map = call.parameters.clone();
+    for k in PROTOCOL_PARAMETERS {
+        map.remove(k);
+    }
+    let params = prompts
+        .into_iter()
+        .map(|prompt| {
+            let mut p = settings(prompt, None, &map, g, false)?;
+            p.timeout_us = call.timeout_us;
+            Ok(p)
+        })
+        .collect::<Result<_, ApiError>>()?;
+    Ok((input.shape.clone(), params))
+}
+
+/// The tensor form on a decoder (`/infer`, gRPC `ModelInfer`): `text_input` BYTES, one prompt
+/// per element, generated at once; `text_output` BYTES in the same shape. Generation settings
+/// come from the request's parameters, as on `/generate`.
+pub(super) async fn run_tensors(
+    s: &AppState,
+    g: &Arc<Generator>,
+    call: Call,
+    arrived: Instant,
+) -> Result<Answer, ApiError> {
+    let (shape, params) = tensor_requests(s, g, &call)?;
+    let mut started = Vec::with_capacity(params.len());
+    let mut deadline_at = None;
+    for p in params {
+        deadline_at = deadline(s, g, &p, arrived);
+        started.push(start(g.clone(), p));
+    }
+    let mut texts = Vec::with_capacity(started.len());
+    let mut generated = 0;
+    for mut rx in started {
+        let (text, _, _, n) = collect(&mut rx, deadline_at).await?;
+        texts.push(text);
+        generated += n;
+    }
+    Ok(Answer {
+        id: call.id,
+        outputs: vec![OutTensor {
+            name: "text_output",
+            datatype: "BYTES",
+            shape,
+            data: OutData::Strings(texts),
+        }],
+        exit: None,
+        items: generated,
+    })
+}
+
+/// A running generation, read piece by piece (gRPC's streaming form).
+pub(super) struct Generation {
+    rx: mpsc::Receiver<Result<Piece, ApiError>>,
+    deadline: Option<Instant>,
+    /// Tokens generated, once finished.
+    pub generated: usize,
+}
+
+impl Generation {
+    /// The next piece of text; `None` once the generation finished. An error (the deadline
+    /// passed, the engine failed) ends it; dropping the `Generation` cancels it.
+    pub(super) async fn next_piece(&mut self) -> Result<Option<String>, ApiError> {
+        loop {
+            match next(&mut self.rx, self.deadline).await? {
+                Piece::Started => {}
+                Piece::Text(t) => return Ok(Some(t)),
+                Piece::Done { generated, .. } => {
+                    self.generated = generated;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+/// Starts the tensor form's one prompt (`text_input` of one element) as a [`Generation`]; the
+/// engine has taken it when this returns.
+pub(super) async fn start_tensor(
+    s: &AppState,
+    g: &Arc<Generator>,
+    call: &Call,
+    arrived: Instant,
+) -> Result<Generation, ApiError> {
+    let (_, mut params) = tensor_requests(s, g, call)?;
+    if params.len() != 1 {
+        return Err(bad(format!(
+            "{} prompts in one streamed request: stream one prompt per request",
+            params.len()
+        )));
+    }
+    let p = params.remove(0);
+    let deadline = deadline(s, g, &p, arrived);
+    let mut rx = start(g.clone(), p);
+    match next(&mut rx, deadline).await? {
+        Piece::Started => Ok(Generation {
+            rx,
+            deadline,
+            generated: 0,
+        }),
+        _ => Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the generation answered before it started".into(),
+        )),
+    }
+}
+
 /// `POST /v2/models/{name}/generate`: the whole text.
 pub(super) async fn generate(
     State(s): State<Arc<AppState>>,
@@ -334,31 +541,19 @@ pub(super) async fn generate(
     let arrived = Instant::now();
     let result = async {
         let mut st = begin(&s, &name, request, false, arrived).await?;
-        let mut text = String::new();
-        loop {
-            match next(&mut st.rx, st.deadline).await? {
-                Piece::Text(t) => text.push_str(&t),
-                Piece::Started => {}
-                Piece::Done {
-                    finish,
-                    prompt_tokens,
-                    generated,
-                } => {
-                    let mut r = json!({
-                        "model_name": name,
-                        "model_version": "1",
-                        "text_output": text,
-                        "finish_reason": finish_name(finish),
-                        "prompt_tokens": prompt_tokens,
-                        "generated_tokens": generated,
-                    });
-                    if let Some(id) = st.id {
-                        r["id"] = Value::String(id);
-                    }
-                    return Ok((r, generated));
-                }
-            }
+        let (text, finish, prompt_tokens, generated) = collect(&mut st.rx, st.deadline).await?;
+        let mut r = json!({
+            "model_name": name,
+            "model_version": "1",
+            "text_output": text,
+            "finish_reason": finish_name(finish),
+            "prompt_tokens": prompt_tokens,
+            "generated_tokens": generated,
+        });
+        if let Some(id) = st.id {
+            r["id"] = Value::String(id);
         }
+        Ok((r, generated))
     }
     .await;
     s.record(

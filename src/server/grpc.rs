@@ -1,19 +1,21 @@
 //! The protocol's gRPC form (`proto/inference.proto`, the service `inference.GRPCInferenceService`
 //! that KServe and Triton clients call): the same health, metadata and inference as the REST
-//! routes, through the same [`AppState::run`], so the two forms refuse the same things for the
-//! same reasons. Errors are gRPC status codes: INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED
+//! routes, through the same [`AppState::run_named`], so the two forms refuse the same things for
+//! the same reasons, plus Triton's streaming `ModelStreamInfer` (a decoder's text piece by
+//! piece). Errors are gRPC status codes: INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED
 //! for overload (with `grpc-retry-pushback-ms`, gRPC's Retry-After), DEADLINE_EXCEEDED,
 //! UNAVAILABLE while shutting down. A request's deadline is the earlier of its `timeout`
 //! parameter and the client's own gRPC deadline (`grpc-timeout`).
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use tonic::{Code, Request, Response, Status};
 
-use super::infer::{Call, Elements, InputTensor, RequestedOutput};
+use super::infer::{Answer, Call, Elements, InputTensor, OutData, OutTensor, RequestedOutput};
 use super::{ApiError, AppState, bad};
 
 /// The messages and service trait generated from `proto/inference.proto` by build.rs (public
@@ -161,9 +163,25 @@ fn call(req: ModelInferRequest, deadline: Option<Duration>) -> Result<Call, ApiE
             })
         })
         .collect::<Result<_, ApiError>>()?;
+    // Every parameter as JSON, for a decoder's generation settings.
+    let parameters = req
+        .parameters
+        .iter()
+        .filter_map(|(k, p)| {
+            let v = match p.parameter_choice.as_ref()? {
+                ParameterChoice::BoolParam(b) => serde_json::Value::from(*b),
+                ParameterChoice::Int64Param(i) => serde_json::Value::from(*i),
+                ParameterChoice::Uint64Param(u) => serde_json::Value::from(*u),
+                ParameterChoice::DoubleParam(d) => serde_json::Value::from(*d),
+                ParameterChoice::StringParam(s) => serde_json::Value::from(s.clone()),
+            };
+            Some((k.clone(), v))
+        })
+        .collect();
     Ok(Call {
         id: (!req.id.is_empty()).then_some(req.id),
         timeout_us,
+        parameters,
         inputs,
         outputs,
     })
@@ -254,41 +272,212 @@ impl GrpcInferenceService for Grpc {
         let version = req.model_version.clone();
         let answer = s
             .accounted(&name, "grpc", arrived, async {
-                let m = s.model(&name)?;
+                s.find_any(&name)?;
                 check_version(&name, &version)?;
-                s.run(m, call(req, client_deadline)?, arrived).await
+                s.run_named(&name, call(req, client_deadline)?, arrived)
+                    .await
             })
             .await
             .map_err(status)?;
-        let n = answer.answers.len() as i64;
-        let mut parameters = HashMap::new();
-        if let Some(exit) = answer.exit() {
-            parameters.insert(
-                "exit".to_string(),
+        Ok(Response::new(infer_response(name, &answer)))
+    }
+
+    type ModelStreamInferStream =
+        Pin<Box<dyn futures_util::Stream<Item = Result<ModelStreamInferResponse, Status>> + Send>>;
+
+    /// Triton's streaming form. Each request on the stream runs as its own task (so a long
+    /// generation does not hold up the requests behind it); a classifier's request gets one
+    /// response, a decoder's one response per piece of text, and, when the request asks with
+    /// `triton_enable_empty_final_response`, an empty last one flagged
+    /// `triton_final_response`. A request's error is a message on the stream, which goes on.
+    /// The client's gRPC deadline covers the whole stream; a client that goes away cancels
+    /// every request still running.
+    async fn model_stream_infer(
+        &self,
+        request: Request<tonic::Streaming<ModelInferRequest>>,
+    ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        let deadline = grpc_timeout(request.metadata()).and_then(|d| Instant::now().checked_add(d));
+        let mut inbound = request.into_inner();
+        let state = self.state.clone();
+        // A few responses of slack; a client that stops reading stalls only its own stream.
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            // Dropping the set (this task ending early) aborts the requests still running.
+            let mut running = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    m = inbound.message() => match m {
+                        Ok(Some(req)) => {
+                            running.spawn(stream_one(state.clone(), req, deadline, tx.clone()));
+                        }
+                        Ok(None) => break,
+                        Err(_) => return,
+                    },
+                    _ = tx.closed() => return,
+                }
+            }
+            while running.join_next().await.is_some() {}
+        });
+        let out =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
+            );
+        Ok(Response::new(Box::pin(out)))
+    }
+}
+
+/// An answer as the protocol's response, with raw contents, as Triton answers (its clients read
+/// every datatype from them).
+fn infer_response(name: String, answer: &Answer) -> ModelInferResponse {
+    let mut parameters = HashMap::new();
+    if let Some(exit) = answer.exit.clone() {
+        parameters.insert(
+            "exit".to_string(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::StringParam(exit)),
+            },
+        );
+    }
+    ModelInferResponse {
+        model_name: name,
+        model_version: "1".into(),
+        id: answer.id.clone().unwrap_or_default(),
+        parameters,
+        outputs: answer
+            .outputs
+            .iter()
+            .map(|t| InferOutputTensor {
+                name: t.name.into(),
+                datatype: t.datatype.into(),
+                shape: t.shape.clone(),
+                parameters: HashMap::new(),
+                contents: None,
+            })
+            .collect(),
+        raw_output_contents: answer.outputs.iter().map(OutTensor::raw).collect(),
+    }
+}
+
+type StreamSender = tokio::sync::mpsc::Sender<Result<ModelStreamInferResponse, Status>>;
+
+/// One request of a ModelStreamInfer stream, answered on `tx`.
+async fn stream_one(
+    s: Arc<AppState>,
+    req: ModelInferRequest,
+    deadline: Option<Instant>,
+    tx: StreamSender,
+) {
+    let arrived = Instant::now();
+    let name = req.model_name.clone();
+    let id = req.id.clone();
+    let final_wanted = matches!(
+        req.parameters
+            .get("triton_enable_empty_final_response")
+            .and_then(|p| p.parameter_choice.as_ref()),
+        Some(ParameterChoice::BoolParam(true))
+    );
+    let error = |e: &ApiError| ModelStreamInferResponse {
+        error_message: e.1.clone(),
+        infer_response: Some(ModelInferResponse {
+            model_name: name.clone(),
+            model_version: "1".into(),
+            id: id.clone(),
+            ..Default::default()
+        }),
+    };
+    let response = |r: ModelInferResponse| ModelStreamInferResponse {
+        error_message: String::new(),
+        infer_response: Some(r),
+    };
+    let remaining = deadline.map(|d| d.saturating_duration_since(arrived));
+    let version = req.model_version.clone();
+    let call = match s
+        .find_any(&name)
+        .and_then(|_| check_version(&name, &version))
+        .and_then(|_| call(req, remaining))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            s.record(&name, "grpc", arrived, Err(&e));
+            let _ = tx.send(Ok(error(&e))).await;
+            return;
+        }
+    };
+    let Some(g) = s.generators.iter().find(|g| g.name == name).cloned() else {
+        // A classifier: one response.
+        let r = s
+            .accounted(&name, "grpc", arrived, s.run_named(&name, call, arrived))
+            .await;
+        let msg = match r {
+            Ok(a) => response(infer_response(name.clone(), &a)),
+            Err(e) => error(&e),
+        };
+        let _ = tx.send(Ok(msg)).await;
+        return;
+    };
+    // A decoder: a response per piece of text.
+    let mut generation = match super::generate::start_tensor(&s, &g, &call, arrived).await {
+        Ok(started) => started,
+        Err(e) => {
+            s.record(&name, "grpc", arrived, Err(&e));
+            let _ = tx.send(Ok(error(&e))).await;
+            return;
+        }
+    };
+    let piece = |text: String, last: bool| {
+        let answer = Answer {
+            id: call.id.clone(),
+            outputs: vec![OutTensor {
+                name: "text_output",
+                datatype: "BYTES",
+                shape: vec![1],
+                data: OutData::Strings(if last { Vec::new() } else { vec![text] }),
+            }],
+            exit: None,
+            items: 0,
+        };
+        let mut r = infer_response(name.clone(), &answer);
+        if last {
+            r.outputs.clear();
+            r.raw_output_contents.clear();
+        }
+        if final_wanted {
+            r.parameters.insert(
+                "triton_final_response".into(),
                 InferParameter {
-                    parameter_choice: Some(ParameterChoice::StringParam(exit)),
+                    parameter_choice: Some(ParameterChoice::BoolParam(last)),
                 },
             );
         }
-        // Raw contents, as Triton answers (its clients read every datatype from them).
-        Ok(Response::new(ModelInferResponse {
-            model_name: name,
-            model_version: "1".into(),
-            id: answer.id.clone().unwrap_or_default(),
-            parameters,
-            outputs: answer
-                .columns
-                .iter()
-                .map(|c| InferOutputTensor {
-                    name: c.name().into(),
-                    datatype: c.datatype().into(),
-                    shape: vec![n],
-                    parameters: HashMap::new(),
-                    contents: None,
-                })
-                .collect(),
-            raw_output_contents: answer.columns.iter().map(|&c| answer.raw(c)).collect(),
-        }))
+        response(r)
+    };
+    loop {
+        match generation.next_piece().await {
+            Ok(Some(text)) => {
+                // A closed stream drops `generation` on return, which cancels it.
+                if tx.send(Ok(piece(text, false))).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => {
+                s.record(
+                    &name,
+                    "grpc",
+                    arrived,
+                    Ok((call.id.clone(), generation.generated)),
+                );
+                if final_wanted {
+                    let _ = tx.send(Ok(piece(String::new(), true))).await;
+                }
+                return;
+            }
+            Err(e) => {
+                s.record(&name, "grpc", arrived, Err(&e));
+                let _ = tx.send(Ok(error(&e))).await;
+                return;
+            }
+        }
     }
 }
 

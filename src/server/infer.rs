@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use base64::Engine as _;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::{ApiError, AppState, Model, bad};
 use crate::serve::{Exit, Input, InputSpec, RequestOptions, Response};
@@ -153,6 +153,8 @@ pub(crate) struct Call {
     pub id: Option<String>,
     /// The `timeout` parameter, microseconds; 0 (as in Triton) when none was given.
     pub timeout_us: u64,
+    /// Every request parameter, as JSON values (a decoder reads its generation settings here).
+    pub parameters: Map<String, Value>,
     pub inputs: Vec<InputTensor>,
     /// Empty: every output.
     pub outputs: Vec<RequestedOutput>,
@@ -193,13 +195,63 @@ impl Column {
     }
 }
 
-/// What the model answered, and which columns the request wants.
+/// An output tensor's elements.
+#[derive(Debug)]
+pub(crate) enum OutData {
+    Strings(Vec<String>),
+    I64(Vec<i64>),
+    F32(Vec<f32>),
+}
+
+/// One output tensor of an answer.
+#[derive(Debug)]
+pub(crate) struct OutTensor {
+    pub name: &'static str,
+    pub datatype: &'static str,
+    pub shape: Vec<i64>,
+    pub data: OutData,
+}
+
+impl OutTensor {
+    /// The elements as JSON values.
+    pub fn json(&self) -> Vec<Value> {
+        match &self.data {
+            OutData::Strings(v) => v.iter().map(|s| Value::String(s.clone())).collect(),
+            OutData::I64(v) => v.iter().map(|&x| Value::from(x)).collect(),
+            OutData::F32(v) => v.iter().map(|&x| Value::from(x)).collect(),
+        }
+    }
+
+    /// The elements as a raw tensor, encoded as [`Elements::from_raw`] reads one.
+    pub fn raw(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        match &self.data {
+            OutData::Strings(v) => {
+                for s in v {
+                    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+                    out.extend_from_slice(s.as_bytes());
+                }
+            }
+            OutData::I64(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            OutData::F32(v) => v
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        }
+        out
+    }
+}
+
+/// What the model answered.
 pub(crate) struct Answer {
     pub id: Option<String>,
-    pub answers: Vec<Response>,
-    pub columns: Vec<Column>,
-    /// Triton's classification extension: the label column as "score:index:label".
-    pub classification: bool,
+    pub outputs: Vec<OutTensor>,
+    /// The `exit` response parameter: where a single item's answer came from (a batch's items
+    /// may differ; the `exit` output has each).
+    pub exit: Option<String>,
+    /// What the request log counts: answers, or tokens generated.
+    pub items: usize,
 }
 
 /// Where an answer came from, as the `exit` output says it: the ramp's point, or `final`.
@@ -210,56 +262,33 @@ pub(crate) fn exit_name(e: &Exit) -> String {
     }
 }
 
-impl Answer {
-    fn text(&self, c: Column, a: &Response) -> String {
-        match c {
-            Column::Label if self.classification => {
-                format!("{}:{}:{}", a.confidence, a.class, a.label)
-            }
-            Column::Label => a.label.clone(),
-            Column::Exit => exit_name(&a.exit),
-            Column::Class => a.class.to_string(),
-            Column::Probability => a.confidence.to_string(),
-        }
-    }
-
-    /// A column as JSON values.
-    pub fn json(&self, c: Column) -> Vec<Value> {
-        self.answers
-            .iter()
-            .map(|a| match c {
-                Column::Class => Value::from(a.class as u64),
-                Column::Probability => Value::from(a.confidence),
-                _ => Value::String(self.text(c, a)),
-            })
-            .collect()
-    }
-
-    /// A column as a raw tensor, encoded as [`Elements::from_raw`] reads one.
-    pub fn raw(&self, c: Column) -> Vec<u8> {
-        let mut out = Vec::new();
-        for a in &self.answers {
-            match c {
-                Column::Class => out.extend_from_slice(&(a.class as i64).to_le_bytes()),
-                Column::Probability => out.extend_from_slice(&a.confidence.to_le_bytes()),
-                _ => {
-                    let t = self.text(c, a);
-                    out.extend_from_slice(&(t.len() as u32).to_le_bytes());
-                    out.extend_from_slice(t.as_bytes());
+/// The classifier's answers as the requested columns; `classification`: the label column as
+/// Triton's classification extension writes it, "score:index:label".
+fn column_tensors(
+    answers: &[Response],
+    columns: &[Column],
+    classification: bool,
+) -> Vec<OutTensor> {
+    let n = answers.len() as i64;
+    let strings =
+        |f: &dyn Fn(&Response) -> String| OutData::Strings(answers.iter().map(f).collect());
+    columns
+        .iter()
+        .map(|&c| OutTensor {
+            name: c.name(),
+            datatype: c.datatype(),
+            shape: vec![n],
+            data: match c {
+                Column::Label if classification => {
+                    strings(&|a| format!("{}:{}:{}", a.confidence, a.class, a.label))
                 }
-            }
-        }
-        out
-    }
-
-    /// Where a single item's answer came from (the `exit` response parameter); `None` for a
-    /// batch, whose items may differ (the `exit` output has each).
-    pub fn exit(&self) -> Option<String> {
-        match self.answers.as_slice() {
-            [a] => Some(exit_name(&a.exit)),
-            _ => None,
-        }
-    }
+                Column::Label => strings(&|a| a.label.clone()),
+                Column::Exit => strings(&|a| exit_name(&a.exit)),
+                Column::Class => OutData::I64(answers.iter().map(|a| a.class as i64).collect()),
+                Column::Probability => OutData::F32(answers.iter().map(|a| a.confidence).collect()),
+            },
+        })
+        .collect()
 }
 
 /// The element count a shape implies, refusing negative or overflowing dimensions.
@@ -381,7 +410,20 @@ fn engine_inputs(spec: InputSpec, mut inputs: Vec<InputTensor>) -> Result<Vec<In
 }
 
 impl AppState {
-    /// Runs one inference request on model `m`.
+    /// Runs one inference request on model `name`, a classifier or a decoder.
+    pub(crate) async fn run_named(
+        &self,
+        name: &str,
+        call: Call,
+        arrived: Instant,
+    ) -> Result<Answer, ApiError> {
+        if let Some(g) = self.generators.iter().find(|g| g.name == name) {
+            return super::generate::run_tensors(self, g, call, arrived).await;
+        }
+        self.run(self.model(name)?, call, arrived).await
+    }
+
+    /// Runs one inference request on classifier `m`.
     pub(crate) async fn run(
         &self,
         m: &Model,
@@ -460,9 +502,12 @@ impl AppState {
         }
         Ok(Answer {
             id: call.id,
-            answers,
-            columns,
-            classification,
+            outputs: column_tensors(&answers, &columns, classification),
+            exit: match answers.as_slice() {
+                [a] => Some(exit_name(&a.exit)),
+                _ => None,
+            },
+            items: answers.len(),
         })
     }
 }

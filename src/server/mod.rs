@@ -250,6 +250,15 @@ impl AppState {
         )
     }
 
+    /// Whether a model of either kind is called `name`.
+    fn find_any(&self, name: &str) -> Result<(), ApiError> {
+        if self.counts.iter().any(|(n, _)| n == name) {
+            Ok(())
+        } else {
+            Err(self.not_found(name))
+        }
+    }
+
     /// The classification model `name`.
     fn model(&self, name: &str) -> Result<&Model, ApiError> {
         if self.generators.iter().any(|g| g.name == name) {
@@ -753,6 +762,7 @@ async fn rest_call(request: axum::extract::Request, cfg: &ServerConfig) -> Resul
     Ok(Call {
         id: req.id,
         timeout_us,
+        parameters: req.parameters,
         inputs,
         outputs,
     })
@@ -774,7 +784,7 @@ impl AppState {
             name,
             protocol,
             arrived,
-            result.as_ref().map(|a| (a.id.clone(), a.answers.len())),
+            result.as_ref().map(|a| (a.id.clone(), a.items)),
         );
         result
     }
@@ -836,24 +846,24 @@ async fn infer(
     let arrived = Instant::now();
     let answer = s
         .accounted(&name, "http", arrived, async {
-            let m = s.model(&name)?;
+            // An unknown name is refused before the body is read.
+            s.find_any(&name)?;
             let call = rest_call(request, &s.cfg).await?;
-            s.run(m, call, arrived).await
+            s.run_named(&name, call, arrived).await
         })
         .await?;
-    let n = answer.answers.len() as i64;
     let outputs = answer
-        .columns
+        .outputs
         .iter()
-        .map(|&c| ResponseOutput {
-            name: c.name().into(),
-            shape: vec![n],
-            datatype: c.datatype(),
-            data: answer.json(c),
+        .map(|t| ResponseOutput {
+            name: t.name.into(),
+            shape: t.shape.clone(),
+            datatype: t.datatype,
+            data: t.json(),
         })
         .collect();
     let mut parameters = Map::new();
-    if let Some(exit) = answer.exit() {
+    if let Some(exit) = answer.exit {
         parameters.insert("exit".into(), Value::String(exit));
     }
     Ok(axum::Json(InferResponse {
