@@ -1,6 +1,6 @@
 //! The protocol's gRPC form (`proto/inference.proto`, the service `inference.GRPCInferenceService`
 //! that KServe and Triton clients call): the same health, metadata and inference as the REST
-//! routes, through the same [`AppState::run_named`], so the two forms refuse the same things for
+//! routes, through the same `AppState::run_named`, so the two forms refuse the same things for
 //! the same reasons, plus Triton's streaming `ModelStreamInfer` (a decoder's text piece by
 //! piece). Errors are gRPC status codes: INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED
 //! for overload (with `grpc-retry-pushback-ms`, gRPC's Retry-After), DEADLINE_EXCEEDED,
