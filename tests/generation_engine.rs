@@ -213,3 +213,51 @@ fn seeded_sampling_repeats_and_text_streams() {
     };
     assert_eq!(run(3), run(3));
 }
+
+/// The async stream (what `apparate serve` reads): the reference's greedy tokens, awaited with
+/// no thread blocked on them, beside a blocking stream in the same batches; dropping it
+/// cancels its sequence.
+#[test]
+fn async_streams_give_the_reference_tokens_and_cancel_on_drop() {
+    let f = common::smollm2_fixture();
+    let engine = Engine::start(model().model, EngineConfig::default()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let prompt = |i: usize| common::u32s(&f["cases"][i]["ids"]);
+    let blocking = engine.submit(greedy(prompt(1), 12)).unwrap();
+    let (ids, why) = rt.block_on(async {
+        let mut s = engine.submit_async(greedy(prompt(0), 12)).unwrap();
+        let mut ids = Vec::new();
+        loop {
+            match s.next().await.unwrap() {
+                TokenEvent::Token(t) => ids.push(t),
+                TokenEvent::Done(why, _) => {
+                    assert!(s.next().await.is_none(), "nothing after Done");
+                    return (ids, why);
+                }
+                TokenEvent::Failed(e) => panic!("{e}"),
+            }
+        }
+    });
+    assert_eq!(ids, common::u32s(&f["cases"][0]["greedy"])[..12]);
+    assert_eq!(why, FinishReason::Length);
+    let (other, _, _) = blocking.collect_tokens().unwrap();
+    assert_eq!(other, common::u32s(&f["cases"][1]["greedy"])[..12]);
+
+    // A long generation dropped after its first token is cancelled.
+    rt.block_on(async {
+        let mut s = engine.submit_async(greedy(prompt(2), 500)).unwrap();
+        assert!(matches!(s.next().await, Some(TokenEvent::Token(_))));
+    });
+    let t0 = Instant::now();
+    while engine.stats().cancelled == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            engine.stats()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -1372,3 +1372,52 @@ fn generate_and_generate_stream_give_the_reference_text() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A decoder's full queue is a 429 at once, with Retry-After, as for a classifier.
+#[test]
+fn a_full_generation_queue_answers_429_at_once() {
+    use apparate::backend::{CpuBackend, CpuConfig};
+    use apparate::generation::{EngineConfig, LanguageModel};
+    let lm = LanguageModel::open(CpuBackend::new(CpuConfig::default()).unwrap(), SMOLLM2).unwrap();
+    let cfg = EngineConfig {
+        max_running: 1,
+        queue_capacity: 1,
+        ..EngineConfig::default()
+    };
+    let g = Generator::new("smol", lm, cfg, 64).unwrap();
+    let srv = Running::start_with(
+        vec![],
+        vec![g],
+        BatchingConfig::default(),
+        ServerConfig::default(),
+    );
+    let a = srv.addr;
+    let body = json!({"text_input": "Tell a long story", "max_tokens": 200, "ignore_eos": true})
+        .to_string();
+    let answers: Vec<(u16, String, std::time::Duration)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..6)
+            .map(|_| {
+                let body = body.clone();
+                sc.spawn(move || {
+                    let t0 = std::time::Instant::now();
+                    let (s, head, _) = post(a, "/v2/models/smol/generate", &body);
+                    (s, head, t0.elapsed())
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let refused: Vec<_> = answers.iter().filter(|(s, _, _)| *s == 429).collect();
+    assert!(
+        !refused.is_empty(),
+        "6 generations into room for 2: {answers:?}"
+    );
+    for (_, head, took) in &refused {
+        assert!(head.to_ascii_lowercase().contains("retry-after"), "{head}");
+        assert!(*took < Duration::from_secs(2), "refused at once: {took:?}");
+    }
+    assert!(
+        answers.iter().all(|(s, _, _)| *s == 200 || *s == 429),
+        "{answers:?}"
+    );
+}

@@ -196,9 +196,66 @@ pub struct EngineStats {
     pub cache_blocks: usize,
 }
 
+/// Where a generation's events go: the channel of a blocking [`GenerationStream`] or of an
+/// [`AsyncGenerationStream`]. Both are unbounded: the engine thread never waits on a caller.
+enum Sink {
+    Blocking(Sender<TokenEvent>),
+    Async(tokio::sync::mpsc::UnboundedSender<TokenEvent>),
+}
+
+impl Sink {
+    /// `Err` when the receiving end is gone.
+    fn send(&self, e: TokenEvent) -> std::result::Result<(), ()> {
+        match self {
+            Sink::Blocking(tx) => tx.send(e).map_err(|_| ()),
+            Sink::Async(tx) => tx.send(e).map_err(|_| ()),
+        }
+    }
+}
+
+/// [`GenerationStream`] for async callers: await [`AsyncGenerationStream::next`]; no thread
+/// blocks while tokens are awaited. Dropping it cancels the generation.
+pub struct AsyncGenerationStream {
+    rx: tokio::sync::mpsc::UnboundedReceiver<TokenEvent>,
+    cancel: Arc<AtomicBool>,
+    done: bool,
+}
+
+impl AsyncGenerationStream {
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
+    /// The next event, as [`GenerationStream`]'s iterator gives them: tokens, then one `Done`
+    /// or `Failed`, then `None`.
+    pub async fn next(&mut self) -> Option<TokenEvent> {
+        if self.done {
+            return None;
+        }
+        match self.rx.recv().await {
+            Some(e) => {
+                self.done = !matches!(e, TokenEvent::Token(_));
+                Some(e)
+            }
+            None => {
+                self.done = true;
+                Some(TokenEvent::Failed(ServeError::ShutDown(
+                    "the engine stopped".into(),
+                )))
+            }
+        }
+    }
+}
+
+impl Drop for AsyncGenerationStream {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
 struct Pending {
     req: GenerateRequest,
-    tx: Sender<TokenEvent>,
+    tx: Sink,
     cancel: Arc<AtomicBool>,
     submitted: Instant,
 }
@@ -253,6 +310,36 @@ impl Engine {
         &self,
         req: GenerateRequest,
     ) -> std::result::Result<GenerationStream, ServeError> {
+        let (tx, rx) = mpsc::channel();
+        let cancel = self.enqueue(req, Sink::Blocking(tx))?;
+        Ok(GenerationStream {
+            rx,
+            cancel,
+            done: false,
+        })
+    }
+
+    /// [`Engine::submit`] for async callers (a server): the same checks and queue, the tokens on
+    /// an [`AsyncGenerationStream`].
+    pub fn submit_async(
+        &self,
+        req: GenerateRequest,
+    ) -> std::result::Result<AsyncGenerationStream, ServeError> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let cancel = self.enqueue(req, Sink::Async(tx))?;
+        Ok(AsyncGenerationStream {
+            rx,
+            cancel,
+            done: false,
+        })
+    }
+
+    /// Checks a request and queues it with its sink; its cancel flag.
+    fn enqueue(
+        &self,
+        req: GenerateRequest,
+        tx: Sink,
+    ) -> std::result::Result<Arc<AtomicBool>, ServeError> {
         if req.prompt.is_empty() {
             return Err(ServeError::BadInput("an empty prompt".into()));
         }
@@ -279,7 +366,6 @@ impl Engine {
                 self.capacity
             )));
         }
-        let (tx, rx) = mpsc::channel();
         let cancel = Arc::new(AtomicBool::new(false));
         let p = Pending {
             req,
@@ -288,11 +374,7 @@ impl Engine {
             submitted: Instant::now(),
         };
         match self.tx.try_send(Msg::Submit(p)) {
-            Ok(()) => Ok(GenerationStream {
-                rx,
-                cancel,
-                done: false,
-            }),
+            Ok(()) => Ok(cancel),
             Err(TrySendError::Full(_)) => {
                 self.stats.lock().map(|mut s| s.rejected += 1).ok();
                 Err(ServeError::Overloaded(

@@ -14,8 +14,8 @@ use crate::gguf::GgufFile;
 use crate::models::llama::Llama;
 
 pub use engine::{
-    Engine, EngineConfig, EngineStats, FinishReason, GenerateRequest, GenerationStats,
-    GenerationStream, TokenEvent,
+    AsyncGenerationStream, Engine, EngineConfig, EngineStats, FinishReason, GenerateRequest,
+    GenerationStats, GenerationStream, TokenEvent,
 };
 
 /// A decoder with what turns text into its tokens and back.

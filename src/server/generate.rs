@@ -8,10 +8,10 @@
 //! `top_k`, `top_p`, `seed`, `raw` (no chat template), `system` (a system message),
 //! `ignore_eos`, `stream`, `timeout` (microseconds). Unknown parameters are refused by name.
 //!
-//! Each generation is fed by one blocking thread (tokenizing the prompt, detokenizing the
-//! tokens), so the async workers never wait on the engine; a client that goes away closes its
-//! channel, the thread drops the generation's stream, and the engine frees the sequence before
-//! its next step.
+//! Each generation is fed by one task: it tokenizes the prompt on the blocking pool, submits it
+//! to the engine's async stream, and detokenizes the tokens as they come. A client that goes
+//! away (or a deadline that passes) closes its channel, the task drops the generation's stream
+//! at once, and the engine frees the sequence before its next step.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -211,23 +211,40 @@ fn finish_name(f: FinishReason) -> &'static str {
     }
 }
 
-/// Starts a generation on a blocking thread that tokenizes, submits and detokenizes; its
-/// answers come on the returned channel, which the handler drops to cancel.
+/// Starts a generation: a task tokenizes the prompt (on the blocking pool: a long prompt takes
+/// milliseconds), submits it, and detokenizes its tokens as they come; its answers come on the
+/// returned channel, which the handler drops to cancel.
 fn start(g: Arc<Generator>, p: Params) -> mpsc::Receiver<Result<Piece, ApiError>> {
-    // A few pieces of slack: the engine never waits on a slow client for long, and a client
-    // that stops reading stalls only its own feeding thread.
+    // A few pieces of slack; the engine's own channel is unbounded, so a client that reads
+    // slowly never holds up the engine, only its own task.
     let (tx, rx) = mpsc::channel(64);
-    tokio::task::spawn_blocking(move || {
-        let ids = match generation::prompt_ids(
-            &g.tokenizer,
-            g.template.as_ref(),
-            &p.prompt,
-            p.raw,
-            p.system.as_deref(),
-        ) {
-            Ok(ids) => ids,
+    tokio::spawn(async move {
+        let tokenize = {
+            let g = g.clone();
+            let (prompt, raw, system) = (p.prompt, p.raw, p.system);
+            tokio::task::spawn_blocking(move || {
+                generation::prompt_ids(
+                    &g.tokenizer,
+                    g.template.as_ref(),
+                    &prompt,
+                    raw,
+                    system.as_deref(),
+                )
+            })
+        };
+        let ids = match tokenize.await {
+            Ok(Ok(ids)) => ids,
+            Ok(Err(e)) => {
+                let _ = tx.send(Err(bad(e.to_string()))).await;
+                return;
+            }
             Err(e) => {
-                let _ = tx.blocking_send(Err(bad(e.to_string())));
+                let _ = tx
+                    .send(Err(ApiError(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("tokenizing the prompt failed: {e}"),
+                    )))
+                    .await;
                 return;
             }
         };
@@ -241,19 +258,26 @@ fn start(g: Arc<Generator>, p: Params) -> mpsc::Receiver<Result<Piece, ApiError>
                 g.stop.clone()
             },
         };
-        let stream = match g.engine.submit(req) {
+        // Returning drops the stream, which cancels the sequence if it still runs.
+        let mut stream = match g.engine.submit_async(req) {
             Ok(s) => s,
             Err(e) => {
-                let _ = tx.blocking_send(Err(e.into()));
+                let _ = tx.send(Err(e.into())).await;
                 return;
             }
         };
-        if tx.blocking_send(Ok(Piece::Started)).is_err() {
+        if tx.send(Ok(Piece::Started)).await.is_err() {
             return;
         }
         let mut text = TextStream::new(&g.tokenizer);
-        // Leaving the loop drops the stream, which cancels the sequence if it still runs.
-        for event in stream {
+        loop {
+            let event = tokio::select! {
+                e = stream.next() => e,
+                // The answer was dropped (client gone, deadline passed): cancel now, not at
+                // the next token.
+                _ = tx.closed() => return,
+            };
+            let Some(event) = event else { return };
             let msg = match event {
                 TokenEvent::Token(t) => match text.push(t) {
                     Ok(s) if s.is_empty() => continue,
@@ -268,8 +292,8 @@ fn start(g: Arc<Generator>, p: Params) -> mpsc::Receiver<Result<Piece, ApiError>
                 TokenEvent::Failed(e) => Err(e.into()),
             };
             let last = !matches!(msg, Ok(Piece::Text(_)));
-            if tx.blocking_send(msg).is_err() || last {
-                break;
+            if tx.send(msg).await.is_err() || last {
+                return;
             }
         }
     });
