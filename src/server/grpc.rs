@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use tonic::{Code, Request, Response, Status};
 
-use super::infer::{Answer, Call, Elements, InputTensor, OutData, OutTensor, RequestedOutput};
+use super::infer::{self, Answer, Call, Elements, InputTensor, OutData, OutTensor};
 use super::{ApiError, AppState, bad};
 
 /// The messages and service trait generated from `proto/inference.proto` by build.rs (public
@@ -82,13 +82,23 @@ fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
     })
 }
 
-/// A parameter's value as a non-negative integer, if it is one.
-fn unsigned(p: &InferParameter) -> Option<u64> {
-    match p.parameter_choice {
-        Some(ParameterChoice::Int64Param(v)) => u64::try_from(v).ok(),
-        Some(ParameterChoice::Uint64Param(v)) => Some(v),
-        _ => None,
-    }
+/// Protocol parameters as JSON values (as the REST form carries them).
+fn json_params(
+    params: &HashMap<String, InferParameter>,
+) -> serde_json::Map<String, serde_json::Value> {
+    params
+        .iter()
+        .filter_map(|(k, p)| {
+            let v = match p.parameter_choice.as_ref()? {
+                ParameterChoice::BoolParam(b) => serde_json::Value::from(*b),
+                ParameterChoice::Int64Param(i) => serde_json::Value::from(*i),
+                ParameterChoice::Uint64Param(u) => serde_json::Value::from(*u),
+                ParameterChoice::DoubleParam(d) => serde_json::Value::from(*d),
+                ParameterChoice::StringParam(s) => serde_json::Value::from(s.clone()),
+            };
+            Some((k.clone(), v))
+        })
+        .collect()
 }
 
 /// The typed contents of an input (when the request has no raw contents).
@@ -133,11 +143,9 @@ fn call(req: ModelInferRequest, deadline: Option<Duration>) -> Result<Call, ApiE
             })
         })
         .collect::<Result<_, ApiError>>()?;
-    let asked = match req.parameters.get("timeout") {
-        None => 0,
-        Some(p) => unsigned(p)
-            .ok_or_else(|| bad("parameter timeout: microseconds, a non-negative integer"))?,
-    };
+    // Parameters as JSON values: one reading of them for both protocols.
+    let parameters = json_params(&req.parameters);
+    let asked = infer::timeout_param(&parameters)?;
     // The earlier of the two deadlines; a client deadline under a microsecond is one.
     let client_us = deadline.map(|d| (d.as_micros() as u64).max(1));
     let timeout_us = match (asked, client_us) {
@@ -148,36 +156,8 @@ fn call(req: ModelInferRequest, deadline: Option<Duration>) -> Result<Call, ApiE
     let outputs = req
         .outputs
         .into_iter()
-        .map(|o| {
-            let classification = match o.parameters.get("classification") {
-                None => None,
-                Some(p) => Some(
-                    unsigned(p)
-                        .and_then(|k| i64::try_from(k).ok())
-                        .ok_or_else(|| bad("classification: the number of classes, an integer"))?,
-                ),
-            };
-            Ok(RequestedOutput {
-                name: o.name,
-                classification,
-            })
-        })
+        .map(|o| infer::requested_output(o.name, &json_params(&o.parameters)))
         .collect::<Result<_, ApiError>>()?;
-    // Every parameter as JSON, for a decoder's generation settings.
-    let parameters = req
-        .parameters
-        .iter()
-        .filter_map(|(k, p)| {
-            let v = match p.parameter_choice.as_ref()? {
-                ParameterChoice::BoolParam(b) => serde_json::Value::from(*b),
-                ParameterChoice::Int64Param(i) => serde_json::Value::from(*i),
-                ParameterChoice::Uint64Param(u) => serde_json::Value::from(*u),
-                ParameterChoice::DoubleParam(d) => serde_json::Value::from(*d),
-                ParameterChoice::StringParam(s) => serde_json::Value::from(s.clone()),
-            };
-            Some((k.clone(), v))
-        })
-        .collect();
     Ok(Call {
         id: (!req.id.is_empty()).then_some(req.id),
         timeout_us,

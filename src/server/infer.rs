@@ -147,6 +147,34 @@ pub(crate) struct RequestedOutput {
     pub classification: Option<i64>,
 }
 
+/// The `timeout` request parameter (microseconds; 0, as in Triton, when none was given).
+pub(crate) fn timeout_param(params: &Map<String, Value>) -> Result<u64, ApiError> {
+    match params.get("timeout") {
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| bad("parameter timeout: microseconds, a non-negative integer")),
+        None => Ok(0),
+    }
+}
+
+/// A requested output with its parameters (`classification: k`).
+pub(crate) fn requested_output(
+    name: String,
+    params: &Map<String, Value>,
+) -> Result<RequestedOutput, ApiError> {
+    let classification = match params.get("classification") {
+        None => None,
+        Some(k) => Some(
+            k.as_i64()
+                .ok_or_else(|| bad("classification: the number of classes, an integer"))?,
+        ),
+    };
+    Ok(RequestedOutput {
+        name,
+        classification,
+    })
+}
+
 /// An inference request, protocol aside.
 #[derive(Debug)]
 pub(crate) struct Call {

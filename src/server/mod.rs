@@ -38,7 +38,7 @@ use axum::routing::{get, post};
 use serde_json::{Map, Value};
 
 use crate::serve::{Engine, InputSpec, ServeError};
-use infer::{Answer, Call, Column, Elements, InputTensor, RequestedOutput, input_name};
+use infer::{Answer, Call, Column, Elements, InputTensor, input_name};
 use v2::*;
 
 /// Settings of the HTTP server.
@@ -736,28 +736,11 @@ async fn rest_call(request: axum::extract::Request, cfg: &ServerConfig) -> Resul
             binary.len()
         )));
     }
-    let timeout_us = match req.parameters.get("timeout") {
-        Some(v) => v
-            .as_u64()
-            .ok_or_else(|| bad("parameter timeout: microseconds, a non-negative integer"))?,
-        None => 0,
-    };
+    let timeout_us = infer::timeout_param(&req.parameters)?;
     let outputs = req
         .outputs
         .into_iter()
-        .map(|o| {
-            let classification = match o.parameters.get("classification") {
-                None => None,
-                Some(k) => Some(
-                    k.as_i64()
-                        .ok_or_else(|| bad("classification: the number of classes, an integer"))?,
-                ),
-            };
-            Ok(RequestedOutput {
-                name: o.name,
-                classification,
-            })
-        })
+        .map(|o| infer::requested_output(o.name, &o.parameters))
         .collect::<Result<_, ApiError>>()?;
     Ok(Call {
         id: req.id,
