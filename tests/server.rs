@@ -82,11 +82,17 @@ impl Running {
 
     /// Stops accepting and waits until the server returned (everything in flight answered).
     fn stop(&mut self) {
+        self.stop_result().unwrap();
+    }
+
+    /// Stops the server; what its `serve` calls returned.
+    fn stop_result(&mut self) -> std::io::Result<()> {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(true);
         }
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap().unwrap();
+        match self.thread.take() {
+            Some(t) => t.join().unwrap(),
+            None => Ok(()),
         }
     }
 }
@@ -586,6 +592,7 @@ fn slow_or_idle_clients_are_timed_out_and_connections_are_bounded() {
             connections: ConnectionLimits {
                 max_connections: 4,
                 header_timeout: Duration::from_secs(1),
+                ..ConnectionLimits::default()
             },
             ..ServerConfig::default()
         },
@@ -1222,6 +1229,19 @@ fn generate_and_generate_stream_give_the_reference_text() {
             "classifies",
         ),
         (
+            "/v2/models/smol/infer",
+            json!({"inputs": [{"name": "text_input", "shape": [300], "datatype": "BYTES",
+                "data": vec!["hi"; 300]}]}),
+            429,
+            "the generation engine holds 288",
+        ),
+        (
+            "/v2/models/smol/generate",
+            json!({"text_input": "x".repeat(4 << 20)}),
+            400,
+            "cannot fit the model's context",
+        ),
+        (
             "/v2/models/nope/generate",
             json!({"text_input": "hi"}),
             404,
@@ -1295,6 +1315,13 @@ fn generate_and_generate_stream_give_the_reference_text() {
         id: "s-2".into(),
         inputs: vec![text_tensor(1)],
         raw_input_contents: vec![raw_bytes(&[b"what a wonderful day"])],
+        parameters: [(
+            "triton_enable_empty_final_response".to_string(),
+            pb::InferParameter {
+                parameter_choice: Some(pb::infer_parameter::ParameterChoice::BoolParam(true)),
+            },
+        )]
+        .into(),
         ..Default::default()
     };
     let unknown = pb::ModelInferRequest {
@@ -1335,6 +1362,11 @@ fn generate_and_generate_stream_give_the_reference_text() {
     assert_eq!(c.len(), 1);
     let labels = raw_strings(&c[0].infer_response.as_ref().unwrap().raw_output_contents[0]);
     assert_eq!(labels.len(), 1);
+    assert_eq!(
+        flag(c[0]),
+        Some(BoolParam(true)),
+        "a classifier's one answer is its last"
+    );
     let u = of("s-3");
     assert!(
         u.len() == 1 && u[0].error_message.contains("no model named"),
@@ -1420,4 +1452,48 @@ fn a_full_generation_queue_answers_429_at_once() {
         answers.iter().all(|(s, _, _)| *s == 200 || *s == 429),
         "{answers:?}"
     );
+}
+
+/// A gRPC connection that never speaks is closed after the header timeout (hyper sends no
+/// pings before HTTP/2's preface), and a shutdown waits for a stalled request no longer than
+/// the drain timeout, then says how many connections it dropped.
+#[test]
+fn silent_grpc_connections_are_closed_and_shutdown_has_a_deadline() {
+    let cfg = ServerConfig {
+        connections: apparate::server::ConnectionLimits {
+            header_timeout: Duration::from_millis(300),
+            drain_timeout: Duration::from_millis(800),
+            ..Default::default()
+        },
+        ..ServerConfig::default()
+    };
+    let mut srv = Running::start(
+        vec![("sentiment", SENTIMENT)],
+        BatchingConfig::default(),
+        cfg,
+    );
+    let mut silent = TcpStream::connect(srv.grpc).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let n = silent.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "closed without a word");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+
+    // A REST request whose body never comes (the body timeout is 30 s): shutdown gives up on
+    // it after the drain timeout.
+    let mut stalled = TcpStream::connect(srv.addr).unwrap();
+    stalled
+        .write_all(
+            b"POST /v2/models/sentiment/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n",
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let t0 = std::time::Instant::now();
+    let e = srv.stop_result().unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+    assert!(e.to_string().contains("1 connections"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
 }

@@ -16,7 +16,7 @@
 //! cancels its sequence: the engine frees its blocks before the next step.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -273,6 +273,19 @@ pub struct Engine {
     stats: Arc<Mutex<EngineStats>>,
     capacity: usize,
     context: usize,
+    occupancy: Arc<Occupancy>,
+    queue_capacity: usize,
+    max_running: usize,
+}
+
+/// What submitters read to refuse at once: generations submitted and not yet running (in the
+/// channel or the thread's queue), and those running. The thread keeps the exact bound (it
+/// knows the cache); this lets [`Engine::submit`] answer `Overloaded` in the caller's own
+/// call instead of as a first event, once the thread has fallen behind.
+#[derive(Default)]
+struct Occupancy {
+    waiting: AtomicUsize,
+    running: AtomicUsize,
 }
 
 impl Engine {
@@ -291,11 +304,17 @@ impl Engine {
         let (tx, rx) = mpsc::sync_channel(cfg.queue_capacity.max(1) + cfg.max_running);
         let stats = Arc::new(Mutex::new(EngineStats::default()));
         let st = stats.clone();
+        let occupancy = Arc::new(Occupancy::default());
+        let occ = occupancy.clone();
+        let (queue_capacity, max_running) = (cfg.queue_capacity, cfg.max_running);
         let thread = std::thread::Builder::new()
             .name("apparate-generate".into())
-            .spawn(move || Worker::new(model, cache, cfg, st).run(rx))
+            .spawn(move || Worker::new(model, cache, cfg, st, occ).run(rx))
             .map_err(|e| Error::Input(format!("cannot start the generation thread: {e}")))?;
         Ok(Engine {
+            occupancy,
+            queue_capacity,
+            max_running,
             tx,
             thread: Some(thread),
             stats,
@@ -366,6 +385,21 @@ impl Engine {
                 self.capacity
             )));
         }
+        // Room: the queue, plus the running slots free now (a request there starts at once).
+        let occ = &self.occupancy;
+        let room = self.queue_capacity
+            + self
+                .max_running
+                .saturating_sub(occ.running.load(Ordering::Relaxed));
+        let waiting = occ.waiting.fetch_add(1, Ordering::Relaxed);
+        if waiting >= room {
+            occ.waiting.fetch_sub(1, Ordering::Relaxed);
+            self.stats.lock().map(|mut s| s.rejected += 1).ok();
+            return Err(ServeError::Overloaded(format!(
+                "{waiting} generations are waiting for room (a queue of {})",
+                self.queue_capacity
+            )));
+        }
         let cancel = Arc::new(AtomicBool::new(false));
         let p = Pending {
             req,
@@ -373,18 +407,16 @@ impl Engine {
             cancel: cancel.clone(),
             submitted: Instant::now(),
         };
-        match self.tx.try_send(Msg::Submit(p)) {
-            Ok(()) => Ok(cancel),
+        let refused = match self.tx.try_send(Msg::Submit(p)) {
+            Ok(()) => return Ok(cancel),
             Err(TrySendError::Full(_)) => {
                 self.stats.lock().map(|mut s| s.rejected += 1).ok();
-                Err(ServeError::Overloaded(
-                    "the generation queue is full".into(),
-                ))
+                ServeError::Overloaded("the generation queue is full".into())
             }
-            Err(TrySendError::Disconnected(_)) => {
-                Err(ServeError::ShutDown("the engine stopped".into()))
-            }
-        }
+            Err(TrySendError::Disconnected(_)) => ServeError::ShutDown("the engine stopped".into()),
+        };
+        occ.waiting.fetch_sub(1, Ordering::Relaxed);
+        Err(refused)
     }
 
     pub fn stats(&self) -> EngineStats {
@@ -428,6 +460,7 @@ struct Worker<B: DecoderBackend> {
     stats: Arc<Mutex<EngineStats>>,
     queue: VecDeque<Pending>,
     running: Vec<Running>,
+    occupancy: Arc<Occupancy>,
 }
 
 impl<B: DecoderBackend> Worker<B> {
@@ -436,6 +469,7 @@ impl<B: DecoderBackend> Worker<B> {
         cache: KvCache<B>,
         cfg: EngineConfig,
         stats: Arc<Mutex<EngineStats>>,
+        occupancy: Arc<Occupancy>,
     ) -> Self {
         Worker {
             model,
@@ -444,7 +478,13 @@ impl<B: DecoderBackend> Worker<B> {
             stats,
             queue: VecDeque::new(),
             running: Vec::new(),
+            occupancy,
         }
+    }
+
+    /// `n` submitted generations stopped waiting (started, refused or cancelled).
+    fn left_waiting(&self, n: usize) {
+        self.occupancy.waiting.fetch_sub(n, Ordering::Relaxed);
     }
 
     fn count(&self, f: impl FnOnce(&mut EngineStats)) {
@@ -481,6 +521,9 @@ impl<B: DecoderBackend> Worker<B> {
             if !self.running.is_empty() {
                 self.step();
             }
+            self.occupancy
+                .running
+                .store(self.running.len(), Ordering::Relaxed);
             let (free, total) = (self.cache.free_blocks(), self.cache.blocks());
             self.count(|s| {
                 s.free_blocks = free;
@@ -495,6 +538,7 @@ impl<B: DecoderBackend> Worker<B> {
         self.admit();
         if self.queue.len() > self.cfg.queue_capacity {
             let p = self.queue.pop_back().expect("over the bound");
+            self.left_waiting(1);
             let _ = p.tx.send(TokenEvent::Failed(ServeError::Overloaded(format!(
                 "{} generations are waiting for room ({} running; {} of {} cache blocks free)",
                 self.queue.len(),
@@ -521,7 +565,9 @@ impl<B: DecoderBackend> Worker<B> {
             }
             !gone
         });
+        let queued = self.queue.len();
         self.queue.retain(|p| !p.cancel.load(Ordering::Relaxed));
+        self.left_waiting(queued - self.queue.len());
         let n = before - self.running.len() - self.queue.len();
         if n > 0 {
             self.count(|s| s.cancelled += n as u64);
@@ -540,6 +586,7 @@ impl<B: DecoderBackend> Worker<B> {
                 return;
             }
             let p = self.queue.pop_front().expect("front exists");
+            self.left_waiting(1);
             let sampler = Sampler::new(p.req.sampling).expect("checked at submission");
             self.running.push(Running {
                 p,

@@ -46,6 +46,12 @@ pub struct Generator {
     pub default_max_tokens: usize,
     /// Deadline of its requests that name none; `None`: the server's default.
     pub default_timeout: Option<Duration>,
+    /// Most prompts one tensor-form request may carry: what the engine can hold (running and
+    /// queued), so one request cannot spawn more work than that.
+    max_prompts: usize,
+    /// Longest prompt tokenized, in bytes: the context times the longest token's text. A longer
+    /// one cannot fit and is refused before the tokenizer spends time on it.
+    max_prompt_bytes: usize,
 }
 
 impl Generator {
@@ -62,6 +68,15 @@ impl Generator {
             template,
             stop,
         } = lm;
+        let longest_token = tokenizer
+            .get_vocab(true)
+            .keys()
+            .map(|t| t.len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let max_prompt_bytes = model.cfg.context.saturating_mul(longest_token);
+        let max_prompts = cfg.queue_capacity + cfg.max_running;
         Ok(Generator {
             name: name.into(),
             engine: generation::Engine::start(model, cfg)?,
@@ -70,6 +85,8 @@ impl Generator {
             stop,
             default_max_tokens,
             default_timeout: None,
+            max_prompts,
+            max_prompt_bytes,
         })
     }
 
@@ -188,6 +205,13 @@ fn settings(
         }
     }
     p.sampling.check().map_err(|e| bad(e.to_string()))?;
+    if p.prompt.len() > g.max_prompt_bytes {
+        return Err(bad(format!(
+            "a prompt of {} bytes cannot fit the model's context (at most {} bytes are read)",
+            p.prompt.len(),
+            g.max_prompt_bytes
+        )));
+    }
     Ok(p)
 }
 
@@ -448,6 +472,16 @@ fn tensor_requests(
             input.shape,
             prompts.len()
         )));
+    }
+    if prompts.len() > g.max_prompts {
+        return Err(ApiError(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "{} prompts in one request; the generation engine holds {} (running and queued)",
+                prompts.len(),
+                g.max_prompts
+            ),
+        ));
     }
     let mut map = call.parameters.clone();
     for k in PROTOCOL_PARAMETERS {

@@ -70,6 +70,10 @@ fn status(e: ApiError) -> Status {
 fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
     let v = meta.get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    // At most 8 digits, as gRPC's wire format says (so no unit overflows below).
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
     let n: u64 = digits.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n.saturating_mul(3600)),
@@ -270,8 +274,10 @@ impl GrpcInferenceService for Grpc {
     /// response, a decoder's one response per piece of text, and, when the request asks with
     /// `triton_enable_empty_final_response`, an empty last one flagged
     /// `triton_final_response`. A request's error is a message on the stream, which goes on.
-    /// The client's gRPC deadline covers the whole stream; a client that goes away cancels
-    /// every request still running.
+    /// At most [`STREAM_REQUESTS_IN_FLIGHT`] requests of a stream run at once. The client's
+    /// gRPC deadline covers the whole stream; a client that goes away cancels every request
+    /// still running; a shutdown stops reading requests, answers the running ones and ends the
+    /// stream.
     async fn model_stream_infer(
         &self,
         request: Request<tonic::Streaming<ModelInferRequest>>,
@@ -282,21 +288,47 @@ impl GrpcInferenceService for Grpc {
         // A few responses of slack; a client that stops reading stalls only its own stream.
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
+            // Requests of this stream running at once; the next message is read only when one
+            // of them has room (a stream cannot queue unbounded work).
+            let slots = Arc::new(tokio::sync::Semaphore::new(STREAM_REQUESTS_IN_FLIGHT));
             // Dropping the set (this task ending early) aborts the requests still running.
             let mut running = tokio::task::JoinSet::new();
             loop {
+                let slot = tokio::select! {
+                    s = slots.clone().acquire_owned() => s.expect("never closed"),
+                    _ = tx.closed() => return,
+                };
                 tokio::select! {
                     m = inbound.message() => match m {
                         Ok(Some(req)) => {
-                            running.spawn(stream_one(state.clone(), req, deadline, tx.clone()));
+                            let (state, tx) = (state.clone(), tx.clone());
+                            running.spawn(async move {
+                                stream_one(state, req, deadline, tx).await;
+                                drop(slot);
+                            });
                         }
                         Ok(None) => break,
-                        Err(_) => return,
+                        Err(e) => {
+                            // A broken or oversize message ends the stream with its status.
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
                     },
+                    // Finished requests leave the set as they end (a long stream stays small).
+                    Some(_) = running.join_next(), if !running.is_empty() => {}
+                    // A shutdown: no new requests; the running ones are answered, then the
+                    // stream ends.
+                    _ = state.stopping() => break,
                     _ = tx.closed() => return,
                 }
             }
-            while running.join_next().await.is_some() {}
+            loop {
+                tokio::select! {
+                    r = running.join_next() => if r.is_none() { return },
+                    // The client went away after closing its side: abort what still runs.
+                    _ = tx.closed() => return,
+                }
+            }
         });
         let out =
             futures_util::stream::unfold(
@@ -341,6 +373,9 @@ fn infer_response(name: String, answer: &Answer) -> ModelInferResponse {
 
 type StreamSender = tokio::sync::mpsc::Sender<Result<ModelStreamInferResponse, Status>>;
 
+/// Requests of one ModelStreamInfer stream running at once.
+const STREAM_REQUESTS_IN_FLIGHT: usize = 256;
+
 /// One request of a ModelStreamInfer stream, answered on `tx`.
 async fn stream_one(
     s: Arc<AppState>,
@@ -357,18 +392,34 @@ async fn stream_one(
             .and_then(|p| p.parameter_choice.as_ref()),
         Some(ParameterChoice::BoolParam(true))
     );
+    // With `triton_enable_empty_final_response`, a request's last response says so, whether
+    // it is an error, a classifier's one answer or a decoder's empty closing one.
+    let flagged = |mut r: ModelInferResponse, last: bool| {
+        if final_wanted {
+            r.parameters.insert(
+                "triton_final_response".into(),
+                InferParameter {
+                    parameter_choice: Some(ParameterChoice::BoolParam(last)),
+                },
+            );
+        }
+        r
+    };
     let error = |e: &ApiError| ModelStreamInferResponse {
         error_message: e.1.clone(),
-        infer_response: Some(ModelInferResponse {
-            model_name: name.clone(),
-            model_version: "1".into(),
-            id: id.clone(),
-            ..Default::default()
-        }),
+        infer_response: Some(flagged(
+            ModelInferResponse {
+                model_name: name.clone(),
+                model_version: "1".into(),
+                id: id.clone(),
+                ..Default::default()
+            },
+            true,
+        )),
     };
-    let response = |r: ModelInferResponse| ModelStreamInferResponse {
+    let response = |r: ModelInferResponse, last: bool| ModelStreamInferResponse {
         error_message: String::new(),
-        infer_response: Some(r),
+        infer_response: Some(flagged(r, last)),
     };
     let remaining = deadline.map(|d| d.saturating_duration_since(arrived));
     let version = req.model_version.clone();
@@ -390,7 +441,7 @@ async fn stream_one(
             .accounted(&name, "grpc", arrived, s.run_named(&name, call, arrived))
             .await;
         let msg = match r {
-            Ok(a) => response(infer_response(name.clone(), &a)),
+            Ok(a) => response(infer_response(name.clone(), &a), true),
             Err(e) => error(&e),
         };
         let _ = tx.send(Ok(msg)).await;
@@ -422,15 +473,7 @@ async fn stream_one(
             r.outputs.clear();
             r.raw_output_contents.clear();
         }
-        if final_wanted {
-            r.parameters.insert(
-                "triton_final_response".into(),
-                InferParameter {
-                    parameter_choice: Some(ParameterChoice::BoolParam(last)),
-                },
-            );
-        }
-        response(r)
+        response(r, last)
     };
     loop {
         match generation.next_piece().await {
@@ -478,6 +521,7 @@ mod tests {
         assert_eq!(meta("1H"), Some(Duration::from_secs(3600)));
         assert_eq!(meta("5x"), None);
         assert_eq!(meta("S"), None);
+        assert_eq!(meta("123456789S"), None, "more than 8 digits");
         assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
     }
 

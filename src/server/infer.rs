@@ -502,28 +502,42 @@ impl AppState {
             deadline: after.and_then(|d| arrived.checked_add(d)),
         };
         // Submit every item before awaiting any, so a batch request is batched by the engine.
-        // Image files are decoded as they are submitted: off the async workers.
-        let futures: Vec<_> = if inputs.iter().any(|i| matches!(i, Input::Encoded(_))) {
+        // Image files are decoded as they are submitted: off the async workers, one per
+        // decoding slot (as many as cores), each slot taken before its decode starts, so a
+        // body of many large images queues for the slots instead of filling memory, and a
+        // client that goes away stops the decodes not yet started.
+        let mut futures = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            if !matches!(input, Input::Encoded(_)) {
+                futures.push(m.engine.infer_with(input, opts));
+                continue;
+            }
+            let slot = self
+                .decode_slots
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| {
+                    ApiError(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the server is shutting down".into(),
+                    )
+                })?;
             let engine = m.engine.clone();
-            tokio::task::spawn_blocking(move || {
-                inputs
-                    .into_iter()
-                    .map(|i| engine.infer_with(i, opts))
-                    .collect()
+            let submitted = tokio::task::spawn_blocking(move || {
+                let f = engine.infer_with(input, opts);
+                drop(slot);
+                f
             })
             .await
             .map_err(|e| {
                 ApiError(
                     StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("decoding the images failed: {e}"),
+                    format!("decoding an image failed: {e}"),
                 )
-            })?
-        } else {
-            inputs
-                .into_iter()
-                .map(|i| m.engine.infer_with(i, opts))
-                .collect()
-        };
+            })?;
+            futures.push(submitted);
+        }
         let mut answers = Vec::with_capacity(futures.len());
         for f in futures {
             answers.push(f.await?);

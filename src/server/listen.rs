@@ -25,6 +25,10 @@ pub struct ConnectionLimits {
     /// A connection that has not sent a whole request head this long after it started waiting
     /// for one (a new connection, or an idle kept-alive one) is closed. Default 30 s.
     pub header_timeout: Duration,
+    /// After a shutdown starts, connections still open this long are dropped (a stalled body
+    /// or a gRPC stream its client keeps open would otherwise hold the exit for ever).
+    /// Default 25 s: under Kubernetes' default grace period of 30 s before SIGKILL.
+    pub drain_timeout: Duration,
 }
 
 impl Default for ConnectionLimits {
@@ -32,6 +36,7 @@ impl Default for ConnectionLimits {
         ConnectionLimits {
             max_connections: 1024,
             header_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(25),
         }
     }
 }
@@ -50,7 +55,8 @@ pub(crate) enum App {
 const GRPC_STREAMS_PER_CONNECTION: u32 = 1024;
 
 /// Serves `app` on `listener` until `shutdown` completes; then stops accepting and returns
-/// when every open connection has answered the requests it was serving.
+/// when every open connection has answered the requests it was serving, or with a `TimedOut`
+/// error once [`ConnectionLimits::drain_timeout`] has passed.
 pub(crate) async fn serve(
     listener: TcpListener,
     app: App,
@@ -92,22 +98,42 @@ pub(crate) async fn serve(
             }
             App::Grpc(service) => {
                 // gRPC channels stay open between requests by design, so an idle one is not
-                // closed; a peer that stops answering pings within the header timeout is.
+                // closed; a peer that stops answering pings within the header timeout is. A
+                // connection that sends nothing at all (not even HTTP/2's preface, before
+                // which hyper starts no pings) is closed after the header timeout.
                 let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
                 b.timer(TokioTimer::new())
                     .max_concurrent_streams(GRPC_STREAMS_PER_CONNECTION)
                     .keep_alive_interval(Some(limits.header_timeout))
                     .keep_alive_timeout(limits.header_timeout);
-                let conn = graceful
-                    .watch(b.serve_connection(io, TowerToHyperService::new(service.clone())));
+                let watcher = graceful.watcher();
+                let service = service.clone();
+                let wait = limits.header_timeout;
                 tokio::spawn(async move {
-                    let _ = conn.await;
+                    let mut first = [0u8; 1];
+                    let spoke = tokio::time::timeout(wait, io.inner().peek(&mut first)).await;
+                    if matches!(spoke, Ok(Ok(n)) if n > 0) {
+                        let conn = b.serve_connection(io, TowerToHyperService::new(service));
+                        let _ = watcher.watch(conn).await;
+                    }
                     drop(slot);
                 });
             }
         }
     }
     drop(listener);
-    graceful.shutdown().await;
-    Ok(())
+    // Past the drain timeout the connections still open are left to be dropped with the
+    // runtime (`apparate serve` exits; an embedding program decides).
+    match tokio::time::timeout(limits.drain_timeout, graceful.shutdown()).await {
+        Ok(()) => Ok(()),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "{} connections were still open {:.0} s after the shutdown started (the drain \
+                 timeout): they are dropped",
+                limits.max_connections.max(1) - slots.available_permits(),
+                limits.drain_timeout.as_secs_f64()
+            ),
+        )),
+    }
 }

@@ -100,6 +100,10 @@ pub(crate) struct AppState {
     cfg: ServerConfig,
     /// False from the start of a shutdown on: readiness answers 503.
     accepting: AtomicBool,
+    /// Turns true when a shutdown starts: open gRPC streams stop taking requests.
+    stopping: tokio::sync::watch::Sender<bool>,
+    /// Image files decoded at once (one per core).
+    decode_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// The server: its routes, over whatever listener [`Server::serve`] is given.
@@ -166,6 +170,10 @@ impl Server {
                 counts,
                 cfg,
                 accepting: AtomicBool::new(true),
+                stopping: tokio::sync::watch::channel(false).0,
+                decode_slots: Arc::new(tokio::sync::Semaphore::new(
+                    std::thread::available_parallelism().map_or(1, |n| n.get()),
+                )),
             }),
         }
     }
@@ -222,6 +230,7 @@ impl Server {
         listen::serve(listener, app, self.state.cfg.connections, async move {
             shutdown.await;
             state.accepting.store(false, Ordering::SeqCst);
+            state.stopping.send_replace(true);
         })
         .await
     }
@@ -230,6 +239,12 @@ impl Server {
 impl AppState {
     fn is_accepting(&self) -> bool {
         self.accepting.load(Ordering::SeqCst)
+    }
+
+    /// Completes when a shutdown has started.
+    async fn stopping(&self) {
+        let mut rx = self.stopping.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
     }
 
     fn is_ready(&self) -> bool {
