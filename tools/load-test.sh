@@ -26,6 +26,8 @@ MODEL=${MODEL:-weights/minilm-l6-sentiment.apparate}
 OHA=${OHA:-tools/.oha/bin/oha}
 OUT=${OUT:-docs/bench}
 PORT=${PORT:-18700}
+# Extra flags for `apparate serve` (e.g. "--http-threads 1"), recorded in the JSON.
+SERVE_ARGS=${SERVE_ARGS:-}
 BIN=target/release/apparate
 
 [ -x "$OHA" ] || { echo "no oha at $OHA: cargo install oha --locked --root tools/.oha" >&2; exit 1; }
@@ -54,7 +56,7 @@ for round in $(seq 1 "$ROUNDS"); do
 
     echo "round $round, $rate/s: apparate serve + oha ($n requests)" >&2
     "$BIN" serve -m "$MODEL" --name m --addr "127.0.0.1:$PORT" --grpc-addr off \
-      --threads "$THREADS" 2>"$work/serve.log" &
+      --threads "$THREADS" $SERVE_ARGS 2>"$work/serve.log" &
     server=$!
     for _ in $(seq 1 200); do
       curl -sf "http://127.0.0.1:$PORT/v2/health/ready" >/dev/null 2>&1 && break
@@ -68,9 +70,9 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done
 
-python3 - "$work" "$OUT" "$stamp" "$cpu" "$RATES" "$ROUNDS" "$SECONDS_EACH" <<'EOF'
+python3 - "$work" "$OUT" "$stamp" "$cpu" "$RATES" "$ROUNDS" "$SECONDS_EACH" "$SERVE_ARGS" <<'EOF'
 import json, os, sys
-work, out, stamp, cpu, rates, rounds, secs = sys.argv[1:]
+work, out, stamp, cpu, rates, rounds, secs, serve_args = sys.argv[1:]
 rows = []
 for r in range(1, int(rounds) + 1):
     for rate in rates.split():
@@ -95,6 +97,7 @@ for r in range(1, int(rounds) + 1):
 os.makedirs(out, exist_ok=True)
 path = f"{out}/serve-load-{stamp}.json"
 json.dump({"cpu": cpu, "seconds_each": float(secs), "model": "minilm-l6-sentiment (plain)",
+           "serve_args": serve_args,
            "text_chars": 109, "rows": rows}, open(path, "w"), indent=1)
 print(f"{cpu}; {secs} s per run; JSON: {path}\n")
 print("| round | rate/s | replay /s | HTTP /s | HTTP/replay | replay p50 | HTTP p50 | replay p99 | HTTP p99 | p99 added |")

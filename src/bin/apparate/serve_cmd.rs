@@ -30,7 +30,8 @@ pub struct ServeArgs {
     )]
     model: Option<PathBuf>,
     /// A TOML file naming several models, each with its ramps, profile, backend and batching,
-    /// and the server's settings (docs/deploy.md shows one); the other flags then do not apply.
+    /// and the server's settings (docs/deploy.md shows one); the other flags then do not
+    /// apply, but for --http-threads.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Its name in URLs (/v2/models/NAME); default: the file name without extension.
@@ -58,6 +59,10 @@ pub struct ServeArgs {
     /// Most open connections; more are closed as soon as they are accepted.
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
+    /// Threads that run the network side (HTTP and gRPC parsing, JSON, the tokio runtime),
+    /// beside the engines' own compute threads. Default: one per core.
+    #[arg(long)]
+    http_threads: Option<usize>,
     /// One JSON line per inference request on standard error (model, id, status, items, ms,
     /// error).
     #[arg(long)]
@@ -96,6 +101,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
         }
     };
     let grpc_addr = (grpc_addr != "off").then_some(grpc_addr);
+    if let Some(n) = a.http_threads
+        && !(1..=1024).contains(&n)
+    {
+        return Err(Error::config("--http-threads", n, "1..=1024"));
+    }
     if !(1..=1 << 20).contains(&a.max_tokens) {
         return Err(Error::config("--max-tokens", a.max_tokens, "1..=1048576"));
     }
@@ -145,13 +155,14 @@ pub fn run(a: ServeArgs) -> Result<()> {
         });
     }
     let server = Server::with_generators(models, generators, cfg);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Io {
-            path: "tokio runtime".into(),
-            source: e,
-        })?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = a.http_threads {
+        rt.worker_threads(n);
+    }
+    let rt = rt.enable_all().build().map_err(|e| Error::Io {
+        path: "tokio runtime".into(),
+        source: e,
+    })?;
     rt.block_on(async {
         let bind = |addr: String| async move {
             tokio::net::TcpListener::bind(&addr)
