@@ -70,9 +70,9 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done
 
-python3 - "$work" "$OUT" "$stamp" "$cpu" "$RATES" "$ROUNDS" "$SECONDS_EACH" "$SERVE_ARGS" <<'EOF'
+python3 - "$work" "$OUT" "$stamp" "$cpu" "$RATES" "$ROUNDS" "$SECONDS_EACH" "$SERVE_ARGS" "$text" <<'EOF'
 import json, os, sys
-work, out, stamp, cpu, rates, rounds, secs, serve_args = sys.argv[1:]
+work, out, stamp, cpu, rates, rounds, secs, serve_args, text = sys.argv[1:]
 rows = []
 for r in range(1, int(rounds) + 1):
     for rate in rates.split():
@@ -98,7 +98,7 @@ os.makedirs(out, exist_ok=True)
 path = f"{out}/serve-load-{stamp}.json"
 json.dump({"cpu": cpu, "seconds_each": float(secs), "model": "minilm-l6-sentiment (plain)",
            "serve_args": serve_args,
-           "text_chars": 109, "rows": rows}, open(path, "w"), indent=1)
+           "text_chars": len(text), "rows": rows}, open(path, "w"), indent=1)
 print(f"{cpu}; {secs} s per run; JSON: {path}\n")
 print("| round | rate/s | replay /s | HTTP /s | HTTP/replay | replay p50 | HTTP p50 | replay p99 | HTTP p99 | p99 added |")
 print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -39,14 +39,12 @@ def drive(proto, mod, c, model, image_model, photo, want_class):
     check(c.is_server_live(), f"{proto}: server live")
     check(c.is_server_ready(), f"{proto}: server ready")
     check(c.is_model_ready(model), f"{proto}: model ready")
+    meta, mm = c.get_server_metadata(), c.get_model_metadata(model)
+    # The HTTP client answers dicts, the gRPC one protobuf messages.
     if proto == "http":
-        meta = c.get_server_metadata()
-        mm = c.get_model_metadata(model)
-        name, extensions, inp0 = meta["name"], meta["extensions"], mm["inputs"][0]
-        in_name, in_type = inp0["name"], inp0["datatype"]
+        name, extensions = meta["name"], meta["extensions"]
+        in_name, in_type = mm["inputs"][0]["name"], mm["inputs"][0]["datatype"]
     else:
-        meta = c.get_server_metadata()
-        mm = c.get_model_metadata(model)
         name, extensions = meta.name, list(meta.extensions)
         in_name, in_type = mm.inputs[0].name, mm.inputs[0].datatype
     check(name == "apparate" and "classification" in extensions, f"{proto}: server metadata {name} {extensions}")

@@ -324,13 +324,9 @@ fn start(g: Arc<Generator>, p: Params) -> mpsc::Receiver<Result<Piece, ApiError>
     rx
 }
 
-/// The deadline of a request: its `timeout`, else the model's default, else the server's.
+/// The deadline of a request ([`AppState::deadline`] with the model's default).
 fn deadline(s: &AppState, g: &Generator, p: &Params, arrived: Instant) -> Option<Instant> {
-    let after = match p.timeout_us {
-        0 => g.default_timeout.or(s.cfg.default_timeout),
-        us => Some(Duration::from_micros(us)),
-    };
-    after.and_then(|d| arrived.checked_add(d))
+    s.deadline(p.timeout_us, g.default_timeout, arrived)
 }
 
 fn timed_out() -> ApiError {

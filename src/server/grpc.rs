@@ -117,7 +117,7 @@ fn typed(name: &str, datatype: &str, c: InferTensorContents) -> Result<Elements,
                 .ok_or_else(|| bad(format!("input {name:?}: UINT8 elements must be 0-255")))?,
         ),
         "FP32" => Elements::F32(c.fp32_contents),
-        _ => Elements::from_raw(name, datatype, &[])?,
+        other => return Err(infer::unsupported(name, other)),
     })
 }
 

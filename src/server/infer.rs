@@ -124,7 +124,7 @@ impl Elements {
     }
 }
 
-fn unsupported(name: &str, datatype: &str) -> ApiError {
+pub(crate) fn unsupported(name: &str, datatype: &str) -> ApiError {
     bad(format!(
         "input {name:?}: datatype {datatype}; this server takes BYTES (texts, image files), \
          UINT8 (pixels) or FP32 (normalised values)"
@@ -438,6 +438,22 @@ fn engine_inputs(spec: InputSpec, mut inputs: Vec<InputTensor>) -> Result<Vec<In
 }
 
 impl AppState {
+    /// A request's deadline: its `timeout` parameter in microseconds (0, as in Triton, means
+    /// none given), else the model's default, else the server's. A deadline beyond what the
+    /// clock can represent is none.
+    pub(crate) fn deadline(
+        &self,
+        timeout_us: u64,
+        model_default: Option<Duration>,
+        arrived: Instant,
+    ) -> Option<Instant> {
+        let after = match timeout_us {
+            0 => model_default.or(self.cfg.default_timeout),
+            us => Some(Duration::from_micros(us)),
+        };
+        after.and_then(|d| arrived.checked_add(d))
+    }
+
     /// Runs one inference request on model `name`, a classifier or a decoder.
     pub(crate) async fn run_named(
         &self,
@@ -492,14 +508,8 @@ impl AppState {
         if columns.is_empty() {
             columns = Column::ALL.to_vec();
         }
-        // The `timeout` parameter (0, as in Triton, means none given), else the model's
-        // default, else the server's. A deadline beyond what the clock can represent is none.
-        let after = match call.timeout_us {
-            0 => m.default_timeout.or(self.cfg.default_timeout),
-            us => Some(Duration::from_micros(us)),
-        };
         let opts = RequestOptions {
-            deadline: after.and_then(|d| arrived.checked_add(d)),
+            deadline: self.deadline(call.timeout_us, m.default_timeout, arrived),
         };
         // Submit every item before awaiting any, so a batch request is batched by the engine.
         // Image files are decoded as they are submitted: off the async workers, one per
