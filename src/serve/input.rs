@@ -44,27 +44,14 @@ pub(crate) enum InputKind {
         tokenizer: Arc<TextTokenizer>,
         max_positions: usize,
     },
-    Image {
-        values: usize,
-        /// Height, width, channels of the HWC input.
-        hwc: [usize; 3],
-        mean: Vec<f32>,
-        std: Vec<f32>,
-        /// The whole preprocessing, for [`Input::Encoded`].
-        image: ImageInput,
-    },
+    /// The model file's input: size, normalisation, and the resize and crop of image files.
+    Image(ImageInput),
 }
 
 impl InputKind {
     pub fn of<B: Backend>(backbone: &Backbone<B>) -> Result<InputKind> {
         if let Some(i) = backbone.image_input() {
-            return Ok(InputKind::Image {
-                values: i.height * i.width * i.channels,
-                hwc: [i.height, i.width, i.channels],
-                mean: i.mean.clone(),
-                std: i.std.clone(),
-                image: i.clone(),
-            });
+            return Ok(InputKind::Image(i.clone()));
         }
         match (backbone.tokenizer(), backbone.max_positions()) {
             (Some(t), Some(max_positions)) => Ok(InputKind::Text {
@@ -111,22 +98,19 @@ impl InputKind {
             (InputKind::Text { .. }, _) => Err(ServeError::BadInput(
                 "this is a text model: send Input::Text".into(),
             )),
-            (InputKind::Image { .. }, Input::Text(_)) => Err(ServeError::BadInput(
+            (InputKind::Image(_), Input::Text(_)) => Err(ServeError::BadInput(
                 "this is an image model: send Input::Pixels, Input::Normalized or Input::Encoded"
                     .into(),
             )),
-            (InputKind::Image { image, .. }, Input::Encoded(bytes)) => {
+            (InputKind::Image(image), Input::Encoded(bytes)) => {
                 image_from_bytes(&bytes, image, &ImageLimits::default())
                     .map(Prepared::Pixels)
                     .map_err(ServeError::BadInput)
             }
-            (
-                InputKind::Image {
-                    values, mean, std, ..
-                },
-                Input::Pixels(p),
-            ) => {
-                if p.len() != *values {
+            (InputKind::Image(image), Input::Pixels(p)) => {
+                let values = image.height * image.width * image.channels;
+                let (mean, std) = (&image.mean, &image.std);
+                if p.len() != values {
                     return Err(ServeError::BadInput(format!(
                         "{} pixel values, the model takes {values}",
                         p.len()
@@ -140,8 +124,9 @@ impl InputKind {
                         .collect(),
                 ))
             }
-            (InputKind::Image { values, .. }, Input::Normalized(v)) => {
-                if v.len() != *values {
+            (InputKind::Image(image), Input::Normalized(v)) => {
+                let values = image.height * image.width * image.channels;
+                if v.len() != values {
                     return Err(ServeError::BadInput(format!(
                         "{} values, the model takes {values}",
                         v.len()

@@ -367,19 +367,19 @@ impl Engine {
         std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Class names of the model's head.
     /// What the model takes: a text, or HWC 8-bit pixels of a fixed size.
     pub fn input_spec(&self) -> InputSpec {
         match &self.kind {
             InputKind::Text { .. } => InputSpec::Text,
-            InputKind::Image { hwc, .. } => InputSpec::Image {
-                height: hwc[0],
-                width: hwc[1],
-                channels: hwc[2],
+            InputKind::Image(i) => InputSpec::Image {
+                height: i.height,
+                width: i.width,
+                channels: i.channels,
             },
         }
     }
 
+    /// Class names of the model's head.
     pub fn labels(&self) -> &[String] {
         &self.labels
     }
