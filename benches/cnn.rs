@@ -1,11 +1,14 @@
 //! CNN forward speed: ResNet-18, ResNet-50 and EfficientNet-Lite0 at batch 1/8/32 (224x224) on
-//! the CPU backend (or `--device cuda` on a GPU), with PyTorch's numbers for the same models and
-//! shapes side by side when given.
+//! the CPU backend (or `--device cuda` on a GPU), with the peers' numbers (PyTorch, ONNX Runtime,
+//! both on the CPU) for the same models and shapes side by side when given, and the CPU's model
+//! and feature flags recorded with them.
 //!
-//!     cargo bench --bench cnn -- --model NAME=FILE... [--device cpu|cuda] [--torch FILE]
+//!     cargo bench --bench cnn -- --model NAME=FILE... [--device cpu|cuda] [--peers FILE]
 //!                                 [--batches 1,8,32] [--min-repeats N] [--min-seconds S]
+//!                                 [--out DIR]
 //!
-//! `tools/bench-cnn.sh` exports the torchvision models, runs PyTorch, converts and runs this.
+//! `tools/bench-cnn.sh` exports the torchvision models, runs the peers
+//! (tools/bench_cnn_peers.py), converts and runs this. Results: `<out>/cnn.json`.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -18,12 +21,17 @@ use apparate::models::cnn::Cnn;
 use apparate::rng::SplitMix;
 use apparate::tensor::DType;
 
+#[path = "common/peers.rs"]
+mod peers;
+use peers::{HostCpu, Peers};
+
 type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 struct Opts {
     models: Vec<(String, PathBuf)>,
     device: String,
-    torch: Option<PathBuf>,
+    /// The peers' timings (tools/bench_cnn_peers.py's cnn-peers.json).
+    peers: Option<PathBuf>,
     batches: Vec<usize>,
     min_repeats: usize,
     min_seconds: f64,
@@ -35,7 +43,7 @@ fn parse() -> Res<Opts> {
     let mut o = Opts {
         models: Vec::new(),
         device: "cpu".into(),
-        torch: None,
+        peers: None,
         batches: vec![1, 8, 32],
         min_repeats: 3,
         min_seconds: 2.0,
@@ -53,7 +61,7 @@ fn parse() -> Res<Opts> {
                 o.models.push((n.to_string(), p.into()));
             }
             "--device" => o.device = val()?,
-            "--torch" => o.torch = Some(val()?.into()),
+            "--peers" => o.peers = Some(val()?.into()),
             "--batches" => {
                 o.batches = val()?
                     .split(',')
@@ -83,7 +91,7 @@ fn parse() -> Res<Opts> {
 fn run_all<B: Backend + Clone>(
     be: B,
     o: &Opts,
-    torch: &Option<serde_json::Value>,
+    peers: &Peers,
     rows: &mut Vec<serde_json::Value>,
 ) -> Res<()> {
     let mut rng = SplitMix::new(3);
@@ -110,23 +118,20 @@ fn run_all<B: Backend + Clone>(
             let ms = |d: Duration| d.as_secs_f64() * 1e3;
             let median = ms(times[times.len() / 2]);
             let p99 = ms(times[((times.len() - 1) as f64 * 0.99).round() as usize]);
-            let torch_ms = torch.as_ref().and_then(|t| {
-                t["results"].as_array()?.iter().find_map(|r| {
-                    (r["model"].as_str()? == name && r["batch"].as_u64()? == batch as u64)
-                        .then(|| r["median_ms"].as_f64())
-                        .flatten()
-                })
-            });
             eprintln!(
                 "  {name} batch {batch:>2}: median {median:>9.2} ms  p99 {p99:>9.2} ms  ({} runs)",
                 times.len()
             );
-            rows.push(serde_json::json!({
+            let mut row = serde_json::json!({
                 "model": name, "batch": batch, "input": [i.height, i.width, i.channels],
                 "runs": times.len(), "median_ms": median, "p99_ms": p99,
                 "images_per_s": batch as f64 / median * 1e3,
-                "torch_median_ms": torch_ms, "ratio_vs_torch": torch_ms.map(|t| median / t),
-            }));
+            });
+            peers.add_columns(&mut row, median, |r| {
+                r["model"].as_str() == Some(name.as_str())
+                    && r["batch"].as_u64() == Some(batch as u64)
+            });
+            rows.push(row);
         }
     }
     Ok(())
@@ -141,52 +146,56 @@ fn main() {
 
 fn run() -> Res<()> {
     let o = parse()?;
-    let torch: Option<serde_json::Value> = match &o.torch {
-        Some(p) => Some(serde_json::from_str(
-            &std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?,
-        )?),
-        None => None,
-    };
+    let peers = Peers::load(o.peers.as_deref())?;
+    let cpu = HostCpu::read();
     let mut rows = Vec::new();
     let device = match o.device.as_str() {
         "cpu" => {
             let be = CpuBackend::new(CpuConfig::default())?;
-            let d = format!("cpu backend, {} threads", be.threads());
-            run_all(be, &o, &torch, &mut rows)?;
+            peers.warn_if_not_comparable(&cpu, be.threads());
+            let d = be.device_id();
+            run_all(be, &o, &peers, &mut rows)?;
             d
         }
         "cuda" => {
             let dev = CudaDevice::new(CudaConfig::default())?;
             let d = format!("cuda: {} (f32)", dev.info().device_name);
-            run_all(GpuBackend::new(dev, DType::F32), &o, &torch, &mut rows)?;
+            run_all(GpuBackend::new(dev, DType::F32), &o, &peers, &mut rows)?;
             d
         }
         other => return Err(format!("unknown device `{other}` (cpu or cuda)").into()),
     };
     println!("\nCNN forward, {device}");
-    println!(
-        "| model | batch | median ms | p99 ms | images/s | PyTorch median ms | ours / PyTorch |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("{}", cpu.describe());
+    if let Some(p) = peers.describe() {
+        println!("{p}");
+    }
+    let (peer_names, peer_aligns) = peers.header();
+    println!("| model | batch | median ms | p99 ms | images/s {peer_names}|");
+    println!("|---|---:|---:|---:|---:{peer_aligns}|");
     for r in &rows {
         let f = |k: &str| r[k].as_f64();
         println!(
-            "| {} | {} | {:.2} | {:.2} | {:.1} | {} | {} |",
+            "| {} | {} | {:.2} | {:.2} | {:.1} {}|",
             r["model"].as_str().unwrap_or("?"),
             r["batch"],
             f("median_ms").unwrap_or(0.0),
             f("p99_ms").unwrap_or(0.0),
             f("images_per_s").unwrap_or(0.0),
-            f("torch_median_ms").map_or("-".into(), |v| format!("{v:.2}")),
-            f("ratio_vs_torch").map_or("-".into(), |v| format!("{v:.2}x")),
+            peers.cells(r),
         );
     }
     std::fs::create_dir_all(&o.out)?;
     let path = o.out.join("cnn.json");
-    std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&serde_json::json!({"device": device, "results": rows}))?,
-    )?;
+    let result = serde_json::json!({
+        "device": device,
+        // The host CPU even on `--device cuda`: the peers' numbers are CPU ones.
+        "cpu": cpu.json(),
+        "apparate_simd": peers::simd_env(),
+        "peers": peers.json(),
+        "results": rows,
+    });
+    std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;
     println!("full results: {}", path.display());
     Ok(())
 }

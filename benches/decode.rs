@@ -87,9 +87,12 @@ fn prompt(n: usize, salt: u32) -> Vec<u32> {
 
 fn main() {
     let o = opts();
-    let be = CpuBackend::new(CpuConfig { threads: o.threads })
-        .expect("cpu backend")
-        .with_q8_activations(o.q8);
+    let be = CpuBackend::new(CpuConfig {
+        threads: o.threads,
+        ..Default::default()
+    })
+    .expect("cpu backend")
+    .with_q8_activations(o.q8);
     let threads = be.threads();
     let g = GgufFile::open(&o.model).expect("the SmolLM2 GGUF (run weights/fetch.sh)");
     let model = Llama::load(be, &g).expect("model");

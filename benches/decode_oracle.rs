@@ -64,7 +64,11 @@ fn main() {
     };
     let steps: usize = flag("--steps").map_or(64, |v| v.parse().expect("--steps N"));
     let threads = flag("--threads").map(|v| v.parse().expect("--threads N"));
-    let be = CpuBackend::new(CpuConfig { threads }).expect("cpu backend");
+    let be = CpuBackend::new(CpuConfig {
+        threads,
+        ..Default::default()
+    })
+    .expect("cpu backend");
     let g = GgufFile::open("weights/smollm2-135m-instruct.q4_1.gguf")
         .expect("the SmolLM2 GGUF (run weights/fetch.sh)");
     let model = Llama::load(be, &g).expect("model");

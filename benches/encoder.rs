@@ -1,20 +1,25 @@
 //! MiniLM forward on the CPU backend at batch 1/8/32 x sequence 32/128: median, p99 and
-//! throughput, with PyTorch's numbers for the same shapes side by side when given.
+//! throughput, with the peers' numbers (PyTorch, ONNX Runtime) for the same shapes side by side
+//! when given, and the CPU's model and feature flags recorded with them.
 //!
 //!     cargo bench --bench encoder -- [--model FILE] [--threads N] [--min-repeats N]
-//!                                     [--min-seconds S] [--torch FILE] [--out DIR]
+//!                                     [--min-seconds S] [--peers FILE] [--out DIR]
 //!                                     [--shapes 1x32,8x128,...]
 //!
-//! `tools/bench-encoder.sh` runs PyTorch (tools/bench_encoder_torch.py) and then this, so both
+//! `tools/bench-encoder.sh` runs the peers (tools/bench_encoder_peers.py) and then this, so all
 //! are measured on the same machine in one go. Results: `<out>/encoder.json`.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use apparate::backend::{BatchShape, CpuBackend, CpuConfig};
+use apparate::backend::{Backend, BatchShape, CpuBackend, CpuConfig};
 use apparate::format::ModelFile;
 use apparate::models::bert::{Bert, EncoderInput};
 use apparate::rng::SplitMix;
+
+#[path = "common/peers.rs"]
+mod peers;
+use peers::{HostCpu, Peers};
 
 const BATCHES: [usize; 3] = [1, 8, 32];
 const SEQS: [usize; 2] = [32, 128];
@@ -25,7 +30,8 @@ struct Opts {
     threads: Option<usize>,
     min_repeats: usize,
     min_seconds: f64,
-    torch: Option<PathBuf>,
+    /// The peers' timings (tools/bench_encoder_peers.py's JSON).
+    peers: Option<PathBuf>,
     out: PathBuf,
     /// Only these (batch, seq) shapes; default: every combination of BATCHES x SEQS.
     shapes: Vec<(usize, usize)>,
@@ -38,7 +44,7 @@ fn parse() -> Result<Opts, String> {
         threads: None,
         min_repeats: 10,
         min_seconds: 2.0,
-        torch: None,
+        peers: None,
         out: root.join("target/bench-results"),
         shapes: BATCHES
             .iter()
@@ -57,7 +63,7 @@ fn parse() -> Result<Opts, String> {
             "--min-seconds" => {
                 o.min_seconds = val()?.parse().map_err(|e| format!("--min-seconds: {e}"))?
             }
-            "--torch" => o.torch = Some(val()?.into()),
+            "--peers" => o.peers = Some(val()?.into()),
             "--out" => o.out = val()?.into(),
             "--shapes" => {
                 o.shapes = val()?
@@ -101,6 +107,15 @@ fn git_commit() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// The `torch` object results had before they had `peers`: PyTorch's version and threads.
+fn torch_summary(peers: &Peers) -> serde_json::Value {
+    let p = peers.json();
+    match p.get("torch") {
+        Some(t) => serde_json::json!({"version": t["version"], "threads": p["threads"]}),
+        None => serde_json::Value::Null,
+    }
+}
+
 fn main() {
     let o = match parse() {
         Ok(o) => o,
@@ -123,22 +138,18 @@ fn run(o: &Opts) -> Result<(), Box<dyn std::error::Error>> {
         )
         .into());
     }
-    let backend = CpuBackend::new(CpuConfig { threads: o.threads })?;
+    let backend = CpuBackend::new(CpuConfig {
+        threads: o.threads,
+        ..Default::default()
+    })?;
     let file = ModelFile::open(&o.model)?;
     let model = Bert::load(backend.clone(), &file)?;
     let vocab = model.config().vocab_size;
-    let torch: Option<serde_json::Value> = match &o.torch {
-        Some(p) => Some(serde_json::from_str(
-            &std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?,
-        )?),
-        None => None,
-    };
-    let cpu = apparate::backend::cpu::host_cpu_name();
-    eprintln!(
-        "encoder benchmark: {} on cpu backend, {} threads, {cpu}",
-        o.model.display(),
-        backend.threads()
-    );
+    let peers = Peers::load(o.peers.as_deref())?;
+    let cpu = HostCpu::read();
+    peers.warn_if_not_comparable(&cpu, backend.threads());
+    let device = backend.device_id();
+    eprintln!("encoder benchmark: {} on {device}", o.model.display());
     let mut rows = Vec::new();
     let mut rng = SplitMix::new(2024);
     for &(batch, seq) in &o.shapes {
@@ -177,27 +188,22 @@ fn run(o: &Opts) -> Result<(), Box<dyn std::error::Error>> {
             let median = percentile(&times, 0.5);
             let p99 = percentile(&times, 0.99);
             let thr = batch as f64 / median.as_secs_f64();
-            let torch_median = torch.as_ref().and_then(|t| {
-                t["results"].as_array()?.iter().find_map(|r| {
-                    (r["batch"].as_u64()? == batch as u64 && r["seq"].as_u64()? == seq as u64)
-                        .then(|| r["median_ms"].as_f64())
-                        .flatten()
-                })
-            });
             eprintln!(
                 "  batch {batch:>2} seq {seq:>3}: median {:>8.2} ms  p99 {:>8.2} ms  {thr:>8.1} seq/s  ({} runs)",
                 ms(median),
                 ms(p99),
                 times.len()
             );
-            rows.push(serde_json::json!({
+            let mut row = serde_json::json!({
                 "batch": batch, "seq": seq, "runs": times.len(),
                 "median_ms": ms(median), "p99_ms": ms(p99),
                 "mean_ms": ms(times.iter().sum::<Duration>()) / times.len() as f64,
                 "throughput_seq_per_s": thr,
-                "torch_median_ms": torch_median,
-                "ratio_vs_torch": torch_median.map(|t| ms(median) / t),
-            }));
+            });
+            peers.add_columns(&mut row, ms(median), |r| {
+                r["batch"].as_u64() == Some(batch as u64) && r["seq"].as_u64() == Some(seq as u64)
+            });
+            rows.push(row);
         }
     }
     let result = serde_json::json!({
@@ -205,12 +211,14 @@ fn run(o: &Opts) -> Result<(), Box<dyn std::error::Error>> {
         "model": o.model.display().to_string(),
         "backend": "cpu",
         "threads": backend.threads(),
-        "cpu": cpu,
+        "device": device,
+        "cpu": cpu.json(),
+        "apparate_simd": peers::simd_env(),
         "commit": git_commit(),
         "warmup": WARMUP,
-        "torch": torch.as_ref().map(|t| serde_json::json!({
-            "version": t["torch_version"], "threads": t["threads"]
-        })),
+        "peers": peers.json(),
+        // Kept from before ONNX Runtime joined, for readers of older results.
+        "torch": torch_summary(&peers),
         "results": rows,
     });
     std::fs::create_dir_all(&o.out)?;
@@ -218,24 +226,24 @@ fn run(o: &Opts) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(&path, serde_json::to_string_pretty(&result)?)?;
 
     println!();
-    println!(
-        "MiniLM-L6 forward, cpu backend, {} threads ({cpu}), commit {}",
-        backend.threads(),
-        git_commit()
-    );
-    println!("| batch | seq | median ms | p99 ms | seq/s | PyTorch median ms | ours / PyTorch |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("MiniLM-L6 forward, {device}, commit {}", git_commit());
+    println!("{}", cpu.describe());
+    if let Some(p) = peers.describe() {
+        println!("{p}");
+    }
+    let (peer_names, peer_aligns) = peers.header();
+    println!("| batch | seq | median ms | p99 ms | seq/s {peer_names}|");
+    println!("|---:|---:|---:|---:|---:{peer_aligns}|");
     for r in &rows {
         let f = |k: &str| r[k].as_f64();
         println!(
-            "| {} | {} | {:.2} | {:.2} | {:.1} | {} | {} |",
+            "| {} | {} | {:.2} | {:.2} | {:.1} {}|",
             r["batch"],
             r["seq"],
             f("median_ms").unwrap_or(0.0),
             f("p99_ms").unwrap_or(0.0),
             f("throughput_seq_per_s").unwrap_or(0.0),
-            f("torch_median_ms").map_or("-".into(), |v| format!("{v:.2}")),
-            f("ratio_vs_torch").map_or("-".into(), |v| format!("{v:.2}x")),
+            peers.cells(r),
         );
     }
     println!("(p99 over the runs shown; with few runs it is close to the maximum)");

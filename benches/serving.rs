@@ -221,7 +221,13 @@ fn main() -> apparate::Result<()> {
     }
     let threads = args.threads.or(wl.threads);
     let file = ModelFile::open(&model_path)?;
-    let backbone = Backbone::load(CpuBackend::new(CpuConfig { threads })?, &file)?;
+    let backbone = Backbone::load(
+        CpuBackend::new(CpuConfig {
+            threads,
+            ..Default::default()
+        })?,
+        &file,
+    )?;
     let device = backbone.backend().device_id();
     let image_input = backbone.image_input().cloned();
     eprintln!("{} on {device}", wl.model);

@@ -57,12 +57,19 @@ macro_rules! dispatch {
     ($choice:expr, $job:expr) => {
         match *$choice {
             BackendChoice::Cpu { threads } => {
-                let be = CpuBackend::new(CpuConfig { threads })?;
+                let be = CpuBackend::new(CpuConfig {
+                    threads,
+                    ..Default::default()
+                })?;
                 let what = format!("cpu backend, {} threads", be.threads());
                 $job.run(be, what)
             }
             BackendChoice::Emu { threads, dtype } => {
-                let threads = CpuConfig { threads }.resolve_threads()?;
+                let threads = CpuConfig {
+                    threads,
+                    ..Default::default()
+                }
+                .resolve_threads()?;
                 let dev = EmuDevice::new(EmuConfig {
                     threads: Some(threads),
                     ..EmuConfig::default()

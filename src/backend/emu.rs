@@ -138,6 +138,7 @@ impl EmuDevice {
         // The same range and environment variable as the CPU backend's threads.
         let threads = crate::backend::CpuConfig {
             threads: config.threads,
+            ..Default::default()
         }
         .resolve_threads()?;
         let seed = match config.shuffle_seed {

@@ -17,7 +17,7 @@ pub mod op_check;
 use crate::error::Result;
 use crate::tensor::TensorView;
 
-pub use cpu::{CpuBackend, CpuConfig};
+pub use cpu::{CpuBackend, CpuConfig, SimdLevel};
 pub use op_check::{
     AttentionCall, ConvCall, EmbedCall, EmbeddingTables, GlobalPoolCall, LayerNormCall, LinearCall,
     Pool2dCall, PoolCall, RampCall, RampInput, RowsCall,

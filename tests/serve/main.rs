@@ -290,6 +290,7 @@ fn shared_tiny_model() -> &'static (PathBuf, PathBuf, PathBuf) {
             // The engines run one thread: the profile must name the same device.
             let one = apparate::backend::CpuBackend::new(apparate::backend::CpuConfig {
                 threads: Some(1),
+                ..Default::default()
             })
             .unwrap();
             let backbone = Backbone::load(one, &file).unwrap();

@@ -1,10 +1,10 @@
-//! Self-attention core on the CPU: for each (input, head) pair in parallel and each query row,
-//! scores against the input's real keys only, a softmax, then the weighted sum of values written
-//! straight into the context row. Padding keys are never read, so padding cannot change any real token's result.
+//! Self-attention core on the CPU: for each (input, head) pair in parallel, the scores
+//! `Q K^T` against the input's real keys only, a softmax per row, then `P V`, the two products on
+//! the GEMM micro-kernels ([`super::sgemm`]). Padding keys are never read, so padding cannot
+//! change any real token's result.
 
-use gemm::Parallelism;
-
-use super::par::for_indices;
+use super::par::{Exec, for_indices};
+use super::sgemm::{self, PackedB, SimdLevel};
 use super::simd::multiversion;
 use super::softmax::softmax_in_place;
 use crate::backend::BatchShape;
@@ -23,76 +23,74 @@ impl OutPtr {
     }
 }
 
-/// One (input, head) pair: for each of the `len` query rows, scores against the `len` real keys,
-/// softmax, weighted sum of values into `out` (`len` rows of `d`).
 #[inline(always)]
+fn softmax_each_body(scores: &mut [f32], len: usize) {
+    for row in scores.chunks_exact_mut(len) {
+        softmax_in_place(row);
+    }
+}
+
+multiversion!(fn softmax_each(scores: &mut [f32], len: usize) => softmax_each_body);
+
+/// One (input, head) pair's context rows (`len` rows of `d`) into `out`.
 #[allow(clippy::too_many_arguments)]
-fn head_body(
+fn head(
+    level: SimdLevel,
     qkv: &[f32],
     base: usize,
     len: usize,
     h: usize,
     d: usize,
     width: usize,
-    scale: f32,
     out: &mut [f32],
 ) {
     let ld = 3 * width;
-    let row = |p: usize, part: usize| {
-        let at = (base + p) * ld + part * width + h * d;
-        &qkv[at..at + d]
+    let at = |part: usize| base * ld + part * width + h * d;
+    let scale = 1.0 / (d as f32).sqrt();
+    let q = sgemm::Rows {
+        data: &qkv[at(0)..],
+        ld,
     };
-    // K^T for this head, so that scores of one query against all keys is a sum of `d` axpys
-    // over contiguous memory (vectorised over keys, no horizontal sums).
-    let mut kt = vec![0.0f32; d * len];
-    for j in 0..len {
-        for (t, &k) in row(j, 1).iter().enumerate() {
-            kt[t * len + j] = k;
-        }
-    }
-    let mut scores = vec![0.0f32; len];
-    for (i, acc) in out.chunks_mut(d).enumerate() {
-        scores.iter_mut().for_each(|s| *s = 0.0);
-        for (&qt, kt_row) in row(i, 0).iter().zip(kt.chunks_exact(len)) {
-            let qt = qt * scale;
-            for (s, k) in scores.iter_mut().zip(kt_row) {
-                *s += qt * k;
-            }
-        }
-        softmax_in_place(&mut scores);
-        acc.iter_mut().for_each(|a| *a = 0.0);
-        for (j, &p) in scores.iter().enumerate() {
-            for (a, v) in acc.iter_mut().zip(row(j, 2)) {
-                *a += p * v;
-            }
-        }
-    }
+    let mut keys = PackedB::new(level);
+    keys.pack_transposed(&qkv[at(1)..], ld, len, d);
+    let mut scores = vec![0.0f32; len * len];
+    let scaled = |_: usize, _: usize, row: &mut [f32]| row.iter_mut().for_each(|s| *s *= scale);
+    sgemm::gemm(
+        Exec::Inline,
+        &q,
+        len,
+        &keys,
+        &mut scores,
+        len,
+        Some(&scaled),
+    );
+    softmax_each(&mut scores, len);
+    let mut values = PackedB::new(level);
+    values.pack(&qkv[at(2)..], ld, len, d);
+    let p = sgemm::Rows {
+        data: &scores,
+        ld: len,
+    };
+    sgemm::gemm(Exec::Inline, &p, len, &values, out, d, None);
 }
-
-multiversion!(
-    #[allow(clippy::too_many_arguments)]
-    fn head(qkv: &[f32], base: usize, len: usize, h: usize, d: usize, width: usize, scale: f32, out: &mut [f32]) => head_body
-);
 
 pub(crate) fn attention(
     qkv: &[f32],
     shape: &BatchShape,
     width: usize,
     heads: usize,
-    par: Parallelism,
+    level: SimdLevel,
+    par: Exec<'_>,
 ) -> Vec<f32> {
     let d = width / heads;
     let mut ctx = vec![0.0f32; shape.rows() * width];
     let out = OutPtr(ctx.as_mut_ptr());
-    let scale = 1.0 / (d as f32).sqrt();
     for_indices(shape.batch() * heads, par, |task| {
         let (b, h) = (task / heads, task % heads);
         let len = shape.lengths[b];
         let base = b * shape.seq;
-        // Heads are narrow (d = 32 for MiniLM) and inputs short: plain loops vectorised over `d`
-        // beat a general GEMM, whose packing dominates at these sizes.
         let mut block = vec![0.0f32; len * d];
-        head(qkv, base, len, h, d, width, scale, &mut block);
+        head(level, qkv, base, len, h, d, width, &mut block);
         for (i, r) in block.chunks(d).enumerate() {
             // SAFETY: row base+i, columns h*d..(h+1)*d of `ctx` belong to this task only.
             unsafe {
@@ -142,26 +140,30 @@ mod tests {
 
     #[test]
     fn matches_naive_and_ignores_padding() {
-        let (seq, width, heads) = (7, 12, 3);
-        let lengths = vec![7, 3, 1];
-        let shape = BatchShape {
-            seq,
-            lengths: lengths.clone(),
-        };
-        let n = shape.rows() * 3 * width;
-        let mut qkv: Vec<f32> = (0..n).map(|i| ((i * 31 % 17) as f32 - 8.0) / 6.0).collect();
-        let got = attention(&qkv, &shape, width, heads, Parallelism::None);
-        // Inline and on a pool: the same loops, so the same values.
-        assert_eq!(
-            attention(&qkv, &shape, width, heads, Parallelism::Rayon(2)),
-            got
-        );
+        // Narrow heads and short inputs; then MiniLM's head width with inputs longer than a
+        // micro-tile, so that ragged row and column panels are hit.
+        for (seq, width, heads, lengths) in [(7, 12, 3, vec![7, 3, 1]), (45, 64, 2, vec![45, 20])] {
+            let shape = BatchShape { seq, lengths };
+            let n = shape.rows() * 3 * width;
+            let qkv: Vec<f32> = (0..n).map(|i| ((i * 31 % 17) as f32 - 8.0) / 6.0).collect();
+            for level in SimdLevel::available() {
+                check(level, &mut qkv.clone(), &shape, width, heads);
+            }
+        }
+    }
+
+    fn check(level: SimdLevel, qkv: &mut [f32], shape: &BatchShape, width: usize, heads: usize) {
+        let (seq, lengths) = (shape.seq, &shape.lengths);
+        let got = attention(qkv, shape, width, heads, level, Exec::Inline);
+        // Inline and on a team: the same loops, so the same values.
+        let team = Exec::Team(crate::backend::cpu::team::test_team());
+        assert_eq!(attention(qkv, shape, width, heads, level, team), got);
         for (b, &len) in lengths.iter().enumerate() {
             let part = &qkv[b * seq * 3 * width..(b + 1) * seq * 3 * width];
             let want = naive(part, seq, len, width, heads);
             let have = &got[b * seq * width..(b + 1) * seq * width];
             for (g, w) in have.iter().zip(&want) {
-                assert!((g - w).abs() < 1e-5, "input {b}: {g} vs {w}");
+                assert!((g - w).abs() < 1e-5, "{level:?} input {b}: {g} vs {w}");
             }
         }
         // Garbage in the padding positions must not change anything.
@@ -173,7 +175,7 @@ mod tests {
             }
         }
         assert_eq!(
-            attention(&qkv, &shape, width, heads, Parallelism::None),
+            attention(qkv, shape, width, heads, level, Exec::Inline),
             got
         );
     }

@@ -1,17 +1,21 @@
 //! 2-D convolution and pooling over NHWC tensors on the CPU.
 //!
-//! NHWC keeps a pixel's channels contiguous, so an im2col row (kernel rows x kernel columns x
-//! input channels) is a few contiguous copies and the convolution becomes one GEMM with the
-//! weight `[cout, kh * kw * cin]` as is; a 1x1 stride-1 convolution needs no im2col at all.
+//! NHWC keeps a pixel's channels contiguous, so a row of the im2col matrix (kernel rows x kernel
+//! columns x input channels) is a few contiguous copies and the convolution becomes one GEMM
+//! with the weight `[cout, kh * kw * cin]` as is. The matrix is never built: the GEMM gathers
+//! each block of it as it packs A ([`Patches`]); a 1x1 stride-1 convolution reads the input as
+//! it is.
 //! Grouped and depthwise convolutions run as direct loops over output pixels, vectorised over
 //! the channels of a group.
 
-use gemm::Parallelism;
+use super::par::Exec;
 
 use super::linear;
 use super::par::for_chunks;
+use super::sgemm::{ASource, PackedB, SimdLevel};
 use crate::backend::op_check::ConvDims;
 use crate::backend::{Activation, Conv2d, Pool2d};
+use std::ops::Range;
 
 /// Calls `f(tap, pixel)` for every kernel tap (`i * kw + j`) of output pixel `[y, x]`'s window
 /// that falls inside the `h x w` input, `pixel` being the input pixel's index in its image.
@@ -43,27 +47,60 @@ fn for_each_tap(
     }
 }
 
-/// Gathers the receptive field of every output pixel: [n * oh * ow, kh * kw * cin].
-#[allow(clippy::too_many_arguments)]
-fn im2col(x: &[f32], dims: [usize; 9], p: &Conv2d, par: Parallelism) -> Vec<f32> {
-    let [n, h, w, cin, _, kh, kw, oh, ow] = dims;
-    let k = kh * kw * cin;
-    let mut cols = vec![0.0f32; n * oh * ow * k];
-    for_chunks(&mut cols, k, par, |r, row| {
-        let (b, y, xo) = (r / (oh * ow), (r / ow) % oh, r % ow);
-        for_each_tap(
-            [y, xo],
-            [kh, kw],
-            p.stride,
-            p.padding,
-            [h, w],
-            |tap, pixel| {
-                let src = (b * h * w + pixel) * cin;
-                row[tap * cin..][..cin].copy_from_slice(&x[src..src + cin]);
-            },
-        );
-    });
-    cols
+/// A dense convolution's A operand without an im2col buffer: row `r` is output pixel `r`'s
+/// receptive field (`kh x kw x cin`, zeros outside the image), gathered straight from the NHWC
+/// input into the GEMM's packed block, one block at a time (an implicit GEMM).
+struct Patches<'a> {
+    x: &'a [f32],
+    /// (n, h, w, cin, cout, kh, kw, oh, ow)
+    dims: [usize; 9],
+    p: &'a Conv2d,
+}
+
+impl ASource for Patches<'_> {
+    fn pack(&self, rows: Range<usize>, ks: Range<usize>, mr: usize, out: &mut [f32]) {
+        let [_, h, w, cin, _, _, kw, oh, ow] = self.dims;
+        let (stride, pad) = (self.p.stride, self.p.padding);
+        let kc = ks.len();
+        if kc == 0 {
+            return;
+        }
+        let (first, last) = (ks.start / cin, (ks.end - 1) / cin);
+        let mut off = 0;
+        for i0 in rows.clone().step_by(mr) {
+            let r = mr.min(rows.end - i0);
+            let panel = &mut out[off..off + r * kc];
+            for i in 0..r {
+                let pixel = i0 + i;
+                let (b, y, xo) = (pixel / (oh * ow), (pixel / ow) % oh, pixel % ow);
+                for tap in first..=last {
+                    // This tap's channels that fall inside `ks`.
+                    let c0 = if tap == first {
+                        ks.start - tap * cin
+                    } else {
+                        0
+                    };
+                    let c1 = if tap == last { ks.end - tap * cin } else { cin };
+                    let at = tap * cin + c0 - ks.start;
+                    let iy = (y * stride[0] + tap / kw)
+                        .checked_sub(pad[0])
+                        .filter(|&v| v < h);
+                    let ix = (xo * stride[1] + tap % kw)
+                        .checked_sub(pad[1])
+                        .filter(|&v| v < w);
+                    let dst = panel[at * r + i..].iter_mut().step_by(r).take(c1 - c0);
+                    match iy.zip(ix) {
+                        Some((iy, ix)) => {
+                            let src = &self.x[((b * h + iy) * w + ix) * cin..][c0..c1];
+                            dst.zip(src).for_each(|(d, &v)| *d = v);
+                        }
+                        None => dst.for_each(|d| *d = 0.0),
+                    }
+                }
+            }
+            off += r * kc;
+        }
+    }
 }
 
 /// A convolution's operands as the loops below read them; `dims` = (n, h, w, cin, cout, kh,
@@ -77,6 +114,10 @@ pub(crate) struct Conv<'a> {
     pub dims: ConvDims,
     pub p: &'a Conv2d,
     pub act: Activation,
+    /// `w` packed for the GEMM path (dense convolutions), when the caller keeps one; else it
+    /// is packed for this call at `level`.
+    pub packed: Option<&'a PackedB>,
+    pub level: SimdLevel,
 }
 
 impl Conv<'_> {
@@ -88,17 +129,29 @@ impl Conv<'_> {
 }
 
 /// `act(conv(x, w) + b + residual)`.
-pub(crate) fn conv2d(c: Conv<'_>, par: Parallelism) -> Vec<f32> {
+pub(crate) fn conv2d(c: Conv<'_>, par: Exec<'_>) -> Vec<f32> {
     let (x, w, b, residual, dims, p, act) = (c.x, c.w, c.b, c.residual, c.dims, c.p, c.act);
     let [n, _, _, cin, cout, kh, kw, oh, ow] = dims.to_array();
     let m = n * oh * ow;
     if p.groups == 1 {
         let k = kh * kw * cin;
+        let own;
+        let w = match c.packed {
+            Some(packed) => packed,
+            None => {
+                own = PackedB::transposed(c.level, w, cout, k);
+                &own
+            }
+        };
         if dims.is_pointwise(p) {
-            return linear::linear(x, w, b, residual, m, cout, k, act, par);
+            return linear::linear(x, w, b, residual, m, act, par);
         }
-        let cols = im2col(x, dims.to_array(), p, par);
-        return linear::linear(&cols, w, b, residual, m, cout, k, act, par);
+        let patches = Patches {
+            x,
+            dims: dims.to_array(),
+            p,
+        };
+        return linear::linear_from(&patches, w, b, residual, m, act, par);
     }
     if cin == p.groups && cout == p.groups {
         return depthwise(c, par);
@@ -109,7 +162,7 @@ pub(crate) fn conv2d(c: Conv<'_>, par: Parallelism) -> Vec<f32> {
 /// Depthwise convolution (one input and one output channel per group): for each output pixel,
 /// `kh * kw` multiply-adds vectorised over the channels, with the weight transposed once to
 /// `[kh * kw, channels]` so that each tap's weights are contiguous.
-fn depthwise(conv: Conv<'_>, par: Parallelism) -> Vec<f32> {
+fn depthwise(conv: Conv<'_>, par: Exec<'_>) -> Vec<f32> {
     let (x, w, b, residual, dims, act) =
         (conv.x, conv.w, conv.b, conv.residual, conv.dims, conv.act);
     let [n, h, wd, c, _, kh, kw, oh, ow] = dims.to_array();
@@ -151,7 +204,7 @@ fn fma_row_body(o: &mut [f32], x: &[f32], w: &[f32]) {
 super::simd::multiversion!(fn fma_row(o: &mut [f32], x: &[f32], w: &[f32]) => fma_row_body);
 
 /// Direct grouped convolution (depthwise when groups == channels).
-fn grouped(c: Conv<'_>, par: Parallelism) -> Vec<f32> {
+fn grouped(c: Conv<'_>, par: Exec<'_>) -> Vec<f32> {
     let (x, w, b, residual, dims, p, act) = (c.x, c.w, c.b, c.residual, c.dims, c.p, c.act);
     let [n, h, wd, cin, cout, kh, kw, oh, ow] = dims.to_array();
     let (cg, og) = (cin / p.groups, cout / p.groups);
@@ -186,7 +239,7 @@ fn apply(v: f32, act: Activation) -> f32 {
 }
 
 /// Max / average pooling; `dims` = (n, h, w, c, oh, ow) from `op_check::pool2d_dims`.
-pub(crate) fn pool2d(x: &[f32], dims: [usize; 6], p: &Pool2d, par: Parallelism) -> Vec<f32> {
+pub(crate) fn pool2d(x: &[f32], dims: [usize; 6], p: &Pool2d, par: Exec<'_>) -> Vec<f32> {
     let [_, h, w, c, oh, ow] = dims;
     let mut out = vec![0.0f32; dims[0] * oh * ow * c];
     for_chunks(&mut out, c, par, |r, o| {
@@ -217,13 +270,7 @@ pub(crate) fn pool2d(x: &[f32], dims: [usize; 6], p: &Pool2d, par: Parallelism) 
 }
 
 /// [n, h, w, c] -> [n, c].
-pub(crate) fn global_avg_pool(
-    x: &[f32],
-    n: usize,
-    hw: usize,
-    c: usize,
-    par: Parallelism,
-) -> Vec<f32> {
+pub(crate) fn global_avg_pool(x: &[f32], n: usize, hw: usize, c: usize, par: Exec<'_>) -> Vec<f32> {
     let mut out = vec![0.0f32; n * c];
     for_chunks(&mut out, c, par, |b, o| {
         for px in 0..hw {
@@ -249,12 +296,15 @@ mod tests {
     }
 
     #[test]
-    fn im2col_gemm_matches_the_direct_loop() {
+    fn implicit_gemm_matches_the_direct_loop() {
         // Two different algorithms for a dense convolution must agree.
         for (h, w, cin, cout, k, s, p) in [
             (7, 5, 3, 8, 3, 1, 1),
             (9, 9, 4, 6, 5, 2, 2),
             (4, 4, 2, 3, 1, 1, 0),
+            // Deeper than one slice of k (256), cut inside a tap's channels.
+            (6, 6, 37, 5, 3, 1, 1),
+            (8, 7, 30, 4, 3, 2, 1),
         ] {
             let geo = Conv2d {
                 stride: [s, s],
@@ -281,10 +331,15 @@ mod tests {
                 dims,
                 p: &geo,
                 act: Activation::Relu,
+                packed: None,
+                level: SimdLevel::best(),
             };
-            let fast = conv2d(c, Parallelism::None);
-            let direct = grouped(c, Parallelism::None);
-            assert_eq!(grouped(c, Parallelism::Rayon(2)), direct);
+            let fast = conv2d(c, Exec::Inline);
+            let direct = grouped(c, Exec::Inline);
+            assert_eq!(
+                grouped(c, Exec::Team(crate::backend::cpu::team::test_team())),
+                direct
+            );
             for (a, d) in fast.iter().zip(&direct) {
                 assert!((a - d).abs() < 1e-4, "{a} vs {d}");
             }
@@ -312,8 +367,10 @@ mod tests {
             dims,
             p: &geo,
             act: Activation::None,
+            packed: None,
+            level: SimdLevel::best(),
         };
-        let out = conv2d(c, Parallelism::None);
+        let out = conv2d(c, Exec::Inline);
         let ch0: f32 = (0..9).map(|p| (2 * p) as f32).sum();
         assert_eq!(out, vec![ch0, 9.0]);
         let mx = pool2d(
@@ -325,10 +382,13 @@ mod tests {
                 stride: [1, 1],
                 padding: [0, 0],
             },
-            Parallelism::None,
+            Exec::Inline,
         );
         assert_eq!(&mx[..2], &[8.0, 9.0]); // window of pixels 0,1,3,4
-        for par in [Parallelism::None, Parallelism::Rayon(2)] {
+        for par in [
+            Exec::Inline,
+            Exec::Team(crate::backend::cpu::team::test_team()),
+        ] {
             assert_eq!(global_avg_pool(&x, 1, 9, 2, par), vec![8.0, 9.0]);
         }
     }

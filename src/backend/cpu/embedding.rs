@@ -1,6 +1,6 @@
 //! Embedding gather + sum + LayerNorm, fused per token row.
 
-use gemm::Parallelism;
+use super::par::Exec;
 
 use super::norm::layernorm_row;
 use super::par::for_chunks;
@@ -19,7 +19,7 @@ pub(crate) fn embed(
     beta: &[f32],
     width: usize,
     eps: f32,
-    par: Parallelism,
+    par: Exec<'_>,
 ) -> Vec<f32> {
     let mut out = vec![0.0f32; shape.rows() * width];
     for_chunks(&mut out, width, par, |r, o| {

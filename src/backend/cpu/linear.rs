@@ -1,7 +1,8 @@
-//! `act(x W^T + b)` on the CPU: one GEMM from the `gemm` crate, then bias and activation fused
-//! into a single pass over the output while it is still hot in cache.
+//! `act(x W^T + b)` on the CPU: one GEMM ([`super::sgemm`], the weight packed once), with bias,
+//! residual and activation fused into its epilogue, applied to each tile while it is hot in cache.
 
-use super::par::for_chunks;
+use super::par::Exec;
+use super::sgemm::{self, PackedB};
 use super::simd::{self, multiversion};
 use crate::backend::Activation;
 
@@ -11,89 +12,65 @@ pub(crate) fn gelu_erf(x: f32) -> f32 {
     0.5 * x * (1.0 + simd::erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
+/// One row of output: `+ b`, `+ res`, then the activation.
 #[inline(always)]
-fn bias_act_body(
-    rows: &mut [f32],
-    n: usize,
-    b: Option<&[f32]>,
-    res: Option<&[f32]>,
-    act: Activation,
-) {
-    for (i, row) in rows.chunks_mut(n).enumerate() {
-        if let Some(b) = b {
-            for (v, bias) in row.iter_mut().zip(b) {
-                *v += bias;
-            }
+fn bias_act_body(row: &mut [f32], b: Option<&[f32]>, res: Option<&[f32]>, act: Activation) {
+    if let Some(b) = b {
+        for (v, bias) in row.iter_mut().zip(b) {
+            *v += bias;
         }
-        if let Some(r) = res {
-            for (v, r) in row.iter_mut().zip(&r[i * n..(i + 1) * n]) {
-                *v += r;
-            }
+    }
+    if let Some(r) = res {
+        for (v, r) in row.iter_mut().zip(r) {
+            *v += r;
         }
-        match act {
-            Activation::None => {}
-            Activation::GeluErf => row.iter_mut().for_each(|v| *v = gelu_erf(*v)),
-            Activation::Tanh => row.iter_mut().for_each(|v| *v = v.tanh()),
-            Activation::Relu => row.iter_mut().for_each(|v| *v = v.max(0.0)),
-            Activation::Relu6 => row.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0)),
-        }
+    }
+    match act {
+        Activation::None => {}
+        Activation::GeluErf => row.iter_mut().for_each(|v| *v = gelu_erf(*v)),
+        Activation::Tanh => row.iter_mut().for_each(|v| *v = v.tanh()),
+        Activation::Relu => row.iter_mut().for_each(|v| *v = v.max(0.0)),
+        Activation::Relu6 => row.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0)),
     }
 }
 
-multiversion!(fn bias_act(rows: &mut [f32], n: usize, b: Option<&[f32]>, res: Option<&[f32]>, act: Activation) => bias_act_body);
+multiversion!(fn bias_act(row: &mut [f32], b: Option<&[f32]>, res: Option<&[f32]>, act: Activation) => bias_act_body);
 
-/// Rows of output handled per parallel epilogue task; big enough to amortise scheduling.
-const EPILOGUE_ROWS: usize = 16;
-
-/// `act(x W^T + b + residual)`: `x` [m, k] row-major, `w` [n, k] row-major, `residual` [m, n]
-/// -> [m, n].
-#[allow(clippy::too_many_arguments)]
+/// `act(x W^T + b + residual)`: `x` [m, k] row-major, `w` the packed `[n, k]` weight,
+/// `residual` [m, n] -> [m, n].
 pub(crate) fn linear(
     x: &[f32],
-    w: &[f32],
+    w: &PackedB,
     b: Option<&[f32]>,
     residual: Option<&[f32]>,
     m: usize,
-    n: usize,
-    k: usize,
     act: Activation,
-    par: gemm::Parallelism,
+    exec: Exec<'_>,
 ) -> Vec<f32> {
+    let a = sgemm::Rows { data: x, ld: w.k() };
+    linear_from(&a, w, b, residual, m, act, exec)
+}
+
+/// [`linear`] with `x` given by any [`sgemm::ASource`] of `m` rows (a convolution's patches).
+pub(crate) fn linear_from(
+    a: &impl sgemm::ASource,
+    w: &PackedB,
+    b: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    m: usize,
+    act: Activation,
+    exec: Exec<'_>,
+) -> Vec<f32> {
+    let n = w.n();
     let mut out = vec![0.0f32; m * n];
-    if m == 0 || n == 0 {
-        return out;
-    }
-    // SAFETY: all pointers cover their matrices with the strides given: dst [m, n] row-major,
-    // lhs = x [m, k] row-major, rhs = W^T viewed as [k, n] with row stride 1 and column stride k.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
-    if b.is_some() || residual.is_some() || act != Activation::None {
-        for_chunks(&mut out, n * EPILOGUE_ROWS, par, |i, rows| {
-            let res = residual.map(|r| &r[i * n * EPILOGUE_ROWS..][..rows.len()]);
-            bias_act(rows, n, b, res, act)
-        });
-    }
+    let epi = |i: usize, j0: usize, row: &mut [f32]| {
+        let cols = j0..j0 + row.len();
+        let b = b.map(|b| &b[cols.clone()]);
+        let res = residual.map(|r| &r[i * n..][cols]);
+        bias_act(row, b, res, act)
+    };
+    let fused = b.is_some() || residual.is_some() || act != Activation::None;
+    sgemm::gemm(exec, a, m, w, &mut out, n, fused.then_some(&epi));
     out
 }
 
@@ -125,14 +102,20 @@ mod tests {
                 .map(|i| ((i * 5 % 11) as f32 - 5.0) / 7.0)
                 .collect();
             let b: Vec<f32> = (0..n).map(|i| i as f32 / 10.0).collect();
-            for par in [gemm::Parallelism::None, gemm::Parallelism::Rayon(2)] {
-                let got = linear(&x, &w, Some(&b), None, m, n, k, Activation::None, par);
-                let want = naive(&x, &w, &b, m, n, k);
-                for (g, e) in got.iter().zip(&want) {
-                    assert!(
-                        (g - e).abs() <= 1e-4 * e.abs().max(1.0),
-                        "{m}x{n}x{k}: {g} vs {e}"
-                    );
+            for level in crate::backend::cpu::SimdLevel::available() {
+                let packed = PackedB::transposed(level, &w, n, k);
+                for exec in [
+                    Exec::Inline,
+                    Exec::Team(crate::backend::cpu::team::test_team()),
+                ] {
+                    let got = linear(&x, &packed, Some(&b), None, m, Activation::None, exec);
+                    let want = naive(&x, &w, &b, m, n, k);
+                    for (g, e) in got.iter().zip(&want) {
+                        assert!(
+                            (g - e).abs() <= 1e-4 * e.abs().max(1.0),
+                            "{level:?} {m}x{n}x{k}: {g} vs {e}"
+                        );
+                    }
                 }
             }
         }

@@ -1,5 +1,6 @@
-//! The `cpu` backend: pure Rust, f32 compute, multi-threaded with its own rayon pool.
-//! GEMMs go through the `gemm` crate; the memory-bound ops are fused loops over rows.
+//! The `cpu` backend: pure Rust, f32 compute, multi-threaded with its own team of threads.
+//! GEMMs are our own ([`sgemm`]: weights packed once, AVX-512 / AVX2 micro-kernels chosen at run
+//! time); the memory-bound ops are fused loops over rows.
 //! It is also the reference every other backend is tested against.
 
 mod attention;
@@ -14,11 +15,14 @@ mod pool;
 pub mod qmatmul;
 pub mod qmatvec;
 mod ramp;
+mod sgemm;
 pub(crate) mod simd;
 mod softmax;
 mod team;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+pub use sgemm::SimdLevel;
 
 use super::op_check::{
     AttentionCall, ConvCall, EmbedCall, GlobalPoolCall, LayerNormCall, LinearCall, Pool2dCall,
@@ -33,6 +37,9 @@ pub struct CpuConfig {
     /// Worker threads: 1 ..= [`CpuConfig::max_threads`]. Default (`None`): the number of
     /// logical cores, or `APPARATE_THREADS` when that environment variable is set.
     pub threads: Option<usize>,
+    /// Micro-kernels for GEMMs and attention. Default (`None`): the widest this CPU has, or
+    /// `APPARATE_SIMD` (`avx512`, `avx2`, `generic`) when that environment variable is set.
+    pub simd: Option<SimdLevel>,
 }
 
 /// Never more worker threads than this, whatever the machine.
@@ -79,14 +86,50 @@ impl CpuConfig {
         }
         Ok(t)
     }
+
+    /// The micro-kernel level this configuration asks for, checked: `simd` (or
+    /// `APPARATE_SIMD`) when this CPU has it, else the widest it has.
+    pub fn resolve_simd(&self) -> Result<SimdLevel> {
+        let (knob, level) = match self.simd {
+            Some(l) => ("simd", l),
+            None => match std::env::var("APPARATE_SIMD") {
+                Ok(v) => {
+                    let l = SimdLevel::parse(&v).ok_or_else(|| {
+                        Error::config("APPARATE_SIMD", format!("`{v}`"), "avx512, avx2, generic")
+                    })?;
+                    ("APPARATE_SIMD", l)
+                }
+                Err(_) => return Ok(SimdLevel::best()),
+            },
+        };
+        if !level.supported() {
+            let have: Vec<_> = SimdLevel::available().iter().map(|l| l.name()).collect();
+            return Err(Error::config(
+                knob,
+                level.name(),
+                format!("what this CPU has: {}", have.join(", ")),
+            ));
+        }
+        Ok(level)
+    }
 }
 
 /// A tensor in host memory. Its shape always matches its data (made only through
 /// [`Backend::upload`] and the ops), which the ops' unsafe GEMM calls rely on.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct CpuTensor {
     shape: Vec<usize>,
     data: Vec<f32>,
+    /// The tensor as a GEMM's packed B (`W^T` of a `[n, k]` weight), made by the first product
+    /// that reads it and kept: weights are packed once, not on every call. It doubles the
+    /// memory of the tensors used this way (linear and dense convolution weights).
+    packed: OnceLock<Arc<sgemm::PackedB>>,
+}
+
+impl PartialEq for CpuTensor {
+    fn eq(&self, other: &CpuTensor) -> bool {
+        self.shape == other.shape && self.data == other.data
+    }
 }
 
 impl CpuTensor {
@@ -96,7 +139,26 @@ impl CpuTensor {
             data.len(),
             "shape/data mismatch"
         );
-        CpuTensor { shape, data }
+        CpuTensor {
+            shape,
+            data,
+            packed: OnceLock::new(),
+        }
+    }
+
+    /// This `[n, k]` tensor (any leading dimensions folded into k) as a packed GEMM operand
+    /// `W^T` for `level`: the kept copy, made on first use.
+    fn packed_b(&self, level: SimdLevel) -> Arc<sgemm::PackedB> {
+        let n = self.shape.first().copied().unwrap_or(1);
+        let k = self.data.len().checked_div(n).unwrap_or(0);
+        let pack = || Arc::new(sgemm::PackedB::transposed(level, &self.data, n, k));
+        let kept = self.packed.get_or_init(pack);
+        if kept.level() == level {
+            kept.clone()
+        } else {
+            // The same weights used by backends of two levels (tests do): pack for this call.
+            pack()
+        }
     }
     pub fn shape(&self) -> &[usize] {
         &self.shape
@@ -108,33 +170,34 @@ impl CpuTensor {
 
 #[derive(Clone)]
 pub struct CpuBackend {
-    pool: Arc<rayon::ThreadPool>,
-    /// The decoder ops' fork-join team (`team.rs`), started at the first such op; `None`
-    /// inside when its threads could not start (the ops then run on the caller).
-    team: Arc<std::sync::OnceLock<Option<team::Team>>>,
+    /// The fork-join team (`team.rs`) every parallel op runs on, started at the first such
+    /// op; `None` inside when its threads could not start (the ops then run on the caller).
+    team: Arc<OnceLock<Option<team::Team>>>,
     threads: usize,
+    simd: SimdLevel,
     /// Quantized products take 8-bit activations ([`qmatvec`]) instead of f32 ([`qmatmul`]).
     q8_activations: bool,
 }
 
 impl std::fmt::Debug for CpuBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CpuBackend {{ threads: {} }}", self.threads)
+        write!(
+            f,
+            "CpuBackend {{ threads: {}, simd: {} }}",
+            self.threads,
+            self.simd.name()
+        )
     }
 }
 
 impl CpuBackend {
     pub fn new(config: CpuConfig) -> Result<CpuBackend> {
         let threads = config.resolve_threads()?;
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("apparate-cpu-{i}"))
-            .build()
-            .map_err(|e| Error::device("cpu", format!("starting {threads} worker threads"), e))?;
+        let simd = config.resolve_simd()?;
         Ok(CpuBackend {
-            pool: Arc::new(pool),
             team: Arc::default(),
             threads,
+            simd,
             q8_activations: false,
         })
     }
@@ -151,20 +214,19 @@ impl CpuBackend {
         self.threads
     }
 
-    /// Runs an op of about `work` multiply-adds: on the worker pool when there is more than
-    /// one worker and enough work to pay for the hand-off, else inline on the calling thread
-    /// (see [`par`]). `f` gets the parallelism its loops and GEMMs may use.
-    fn run<R: Send>(&self, work: usize, f: impl FnOnce(gemm::Parallelism) -> R + Send) -> R {
-        if self.threads > 1 && work >= INLINE_WORK {
-            self.pool
-                .install(|| f(gemm::Parallelism::Rayon(self.threads)))
-        } else {
-            f(gemm::Parallelism::None)
-        }
+    /// The micro-kernel level the GEMMs run.
+    pub fn simd(&self) -> SimdLevel {
+        self.simd
     }
 
-    /// Where a decoder op of about `work` multiply-adds runs: on the team when there is
-    /// more than one thread and enough work, else on the caller.
+    /// Runs an op of about `work` multiply-adds: `f` gets where its loops and GEMMs run
+    /// (see [`CpuBackend::exec`]).
+    fn run<R>(&self, work: usize, f: impl FnOnce(team::Exec<'_>) -> R) -> R {
+        f(self.exec(work))
+    }
+
+    /// Where an op of about `work` multiply-adds runs: on the team when there is more than
+    /// one thread and enough work, else on the caller.
     fn exec(&self, work: usize) -> team::Exec<'_> {
         if self.threads < 2 || work < TEAM_INLINE_WORK {
             return team::Exec::Inline;
@@ -176,14 +238,9 @@ impl CpuBackend {
     }
 }
 
-/// Decoder ops of fewer multiply-adds (roughly) than this run on the caller: a few
-/// microseconds of work, about what waking a sleeping team worker can cost.
+/// Ops of fewer multiply-adds (roughly) than this run on the caller: a few microseconds of
+/// work, about what waking a sleeping team worker can cost.
 const TEAM_INLINE_WORK: usize = 1 << 14;
-
-/// Ops of fewer multiply-adds (roughly) than this run inline: at a few GFLOP/s such an op takes
-/// tens of microseconds on one core, about what handing it to the pool costs (19 us measured
-/// with 2 workers), so splitting it across cores would not pay.
-const INLINE_WORK: usize = 1 << 17;
 
 /// The host processor's model name (Linux: /proc/cpuinfo), for device ids.
 pub fn host_cpu_name() -> String {
@@ -206,7 +263,12 @@ impl Backend for CpuBackend {
     }
 
     fn device_id(&self) -> String {
-        format!("cpu: {}, {} threads, f32", host_cpu_name(), self.threads)
+        format!(
+            "cpu: {}, {} threads, f32, {}",
+            host_cpu_name(),
+            self.threads,
+            self.simd.name()
+        )
     }
 
     fn run_upload(&self, values: &[f32], shape: &[usize]) -> Result<CpuTensor> {
@@ -226,15 +288,15 @@ impl Backend for CpuBackend {
     }
 
     fn run_linear(&self, c: LinearCall<'_, CpuTensor>) -> Result<CpuTensor> {
+        let w = c.w.packed_b(self.simd);
+        debug_assert_eq!((w.n(), w.k()), (c.n, c.k));
         let data = self.run(c.m * c.n * c.k, |par| {
             linear::linear(
                 &c.x.data,
-                &c.w.data,
+                &w,
                 c.b.map(|b| b.data.as_slice()),
                 None,
                 c.m,
-                c.n,
-                c.k,
                 c.act,
                 par,
             )
@@ -262,7 +324,7 @@ impl Backend for CpuBackend {
         // Scores and weighted sum: 2 * seq * width per row.
         let work = 2 * c.rows * c.shape.seq * c.width;
         let data = self.run(work, |par| {
-            attention::attention(&c.qkv.data, c.shape, c.width, c.heads, par)
+            attention::attention(&c.qkv.data, c.shape, c.width, c.heads, self.simd, par)
         });
         Ok(CpuTensor::new(vec![c.rows, c.width], data))
     }
@@ -305,6 +367,7 @@ impl Backend for CpuBackend {
     fn run_conv2d(&self, c: ConvCall<'_, CpuTensor>) -> Result<CpuTensor> {
         let d = c.dims;
         let work = d.n * d.oh * d.ow * d.cout * d.kh * d.kw * (d.cin / c.p.groups.max(1));
+        let packed = (c.p.groups <= 1).then(|| c.w.packed_b(self.simd));
         let data = self.run(work, |par| {
             let operands = conv::Conv {
                 x: &c.x.data,
@@ -314,6 +377,8 @@ impl Backend for CpuBackend {
                 dims: d,
                 p: &c.p,
                 act: c.act,
+                packed: packed.as_deref(),
+                level: self.simd,
             };
             conv::conv2d(operands, par)
         });
@@ -364,16 +429,22 @@ mod tests {
     #[test]
     fn thread_counts_out_of_range_are_refused_by_name() {
         for bad in [0, CpuConfig::max_threads() + 1, 10_000] {
-            let e = CpuBackend::new(CpuConfig { threads: Some(bad) })
-                .err()
-                .unwrap_or_else(|| panic!("{bad} threads accepted"))
-                .to_string();
+            let e = CpuBackend::new(CpuConfig {
+                threads: Some(bad),
+                ..Default::default()
+            })
+            .err()
+            .unwrap_or_else(|| panic!("{bad} threads accepted"))
+            .to_string();
             assert!(e.contains("threads") && e.contains("1..="), "{e}");
         }
         assert_eq!(
-            CpuBackend::new(CpuConfig { threads: Some(2) })
-                .unwrap()
-                .threads(),
+            CpuBackend::new(CpuConfig {
+                threads: Some(2),
+                ..Default::default()
+            })
+            .unwrap()
+            .threads(),
             2
         );
     }

@@ -1,7 +1,7 @@
 //! Row normalisations: residual add + LayerNorm, fused (one read of each input row, one write
 //! of the output), and L2 normalisation.
 
-use gemm::Parallelism;
+use super::par::Exec;
 
 use super::par::for_chunks;
 use super::simd::{self, multiversion};
@@ -55,7 +55,7 @@ pub(crate) fn add_layernorm(
     beta: &[f32],
     cols: usize,
     eps: f32,
-    par: Parallelism,
+    par: Exec<'_>,
 ) -> Vec<f32> {
     let mut out = vec![0.0f32; x.len()];
     for_chunks(&mut out, cols, par, |i, o| {
@@ -85,9 +85,17 @@ mod tests {
         let r = [0.0; 8];
         let g = [1.0, 1.0, 2.0, 1.0];
         let b = [0.0, 0.0, 0.0, 0.5];
-        let out = add_layernorm(&x, &r, &g, &b, 4, 1e-12, Parallelism::None);
+        let out = add_layernorm(&x, &r, &g, &b, 4, 1e-12, Exec::Inline);
         assert_eq!(
-            add_layernorm(&x, &r, &g, &b, 4, 1e-12, Parallelism::Rayon(2)),
+            add_layernorm(
+                &x,
+                &r,
+                &g,
+                &b,
+                4,
+                1e-12,
+                Exec::Team(crate::backend::cpu::team::test_team())
+            ),
             out
         );
         // Row [1,2,3,4]: mean 2.5, var 1.25.

@@ -1,6 +1,6 @@
 //! The CPU twin of `kernels/ramp.cu`: pool, ramp head, softmax and exit check per input.
 
-use gemm::Parallelism;
+use super::par::Exec;
 
 use super::par::map_indices;
 use super::softmax::softmax_in_place;
@@ -17,7 +17,7 @@ pub(crate) fn ramp_exit(
     width: usize,
     classes: usize,
     threshold: f32,
-    par: Parallelism,
+    par: Exec<'_>,
 ) -> Vec<RampDecision> {
     map_indices(lengths.len(), par, |b| {
         let len = lengths[b];

@@ -1,14 +1,16 @@
-//! A fork-join team for the decoder's ops: the calling thread and `threads - 1` workers share
-//! each op's tasks, and the workers wait for the next op by spinning for a short while before
-//! they sleep.
+//! A fork-join team for every op of the CPU backend: the calling thread and `threads - 1`
+//! workers share each op's tasks, and the workers wait for the next op by spinning for a short
+//! while before they sleep.
 //!
-//! Why not the rayon pool the other ops use: a decode step of SmolLM2-135M is 121 quantized
+//! Why not a rayon pool (which the backend used before): a decode step of SmolLM2-135M is 121 quantized
 //! products of 50-500 us each plus a few hundred row ops, and handing each to rayon from a
 //! thread outside the pool costs a wake-up of a sleeping worker and of the caller (tens of
 //! microseconds on the 2-core development VMs). Measured there: 2 threads gained only 1.25-1.35x
 //! over 1 at batch 1 (llama.cpp, whose threads spin between ops, gains 1.6-1.8x). Here the
 //! caller works on the op itself, and a worker that finished an op is still spinning when the
-//! next one comes microseconds later, so a hand-off is a few atomic operations.
+//! next one comes microseconds later, so a hand-off is a few atomic operations. The encoder and
+//! CNN ops run here too, GEMMs included: one team, so two pools never spin against each other
+//! for the same cores.
 //!
 //! One op runs at a time: a second caller (another thread, or an op started from inside a task)
 //! runs its tasks on its own thread instead of waiting.
@@ -210,6 +212,22 @@ pub(crate) enum Exec<'a> {
 }
 
 impl Exec<'_> {
+    /// Threads that share the op's tasks.
+    pub(crate) fn threads(self) -> usize {
+        match self {
+            Exec::Inline => 1,
+            Exec::Team(t) => t.threads(),
+        }
+    }
+
+    /// `f(i)` for every `i` in `0..tasks`.
+    pub(crate) fn for_each(self, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
+        match self {
+            Exec::Inline => (0..tasks).for_each(f),
+            Exec::Team(t) => t.for_each(tasks, f),
+        }
+    }
+
     /// `[f(0), .., f(n - 1)]`.
     pub(crate) fn map<R: Send>(self, n: usize, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
         match self {
@@ -293,6 +311,13 @@ impl Drop for Team {
             let _ = w.join();
         }
     }
+}
+
+/// One team of two shared by the unit tests that compare inline and parallel runs.
+#[cfg(test)]
+pub(crate) fn test_team() -> &'static Team {
+    static TEAM: std::sync::OnceLock<Team> = std::sync::OnceLock::new();
+    TEAM.get_or_init(|| Team::new(2).expect("starting a test team"))
 }
 
 #[cfg(test)]

@@ -205,7 +205,11 @@ mod tests {
 
     #[test]
     fn absurd_epsilons_and_overflowing_shapes_are_refused() {
-        let be = CpuBackend::new(CpuConfig { threads: Some(1) }).unwrap();
+        let be = CpuBackend::new(CpuConfig {
+            threads: Some(1),
+            ..Default::default()
+        })
+        .unwrap();
         let x = be.upload(&[1.0, 2.0], &[1, 2]).unwrap();
         let g = be.upload(&[1.0, 1.0], &[2]).unwrap();
         let b = be.upload(&[0.0, 0.0], &[2]).unwrap();

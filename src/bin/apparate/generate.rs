@@ -195,8 +195,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         let apparate::select::BackendChoice::Cpu { threads } = choice else {
             unreachable!("checked above")
         };
-        let be = apparate::backend::CpuBackend::new(apparate::backend::CpuConfig { threads })?
-            .with_q8_activations(true);
+        let be = apparate::backend::CpuBackend::new(apparate::backend::CpuConfig {
+            threads,
+            ..Default::default()
+        })?
+        .with_q8_activations(true);
         let what = format!("cpu backend, {} threads, 8-bit activations", be.threads());
         return Job(a, prompt).run(be, what);
     }

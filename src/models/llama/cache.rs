@@ -144,7 +144,11 @@ mod tests {
     /// abort of the process; a small one gives whole blocks.
     #[test]
     fn a_budget_beyond_memory_is_an_error() {
-        let be = CpuBackend::new(CpuConfig { threads: Some(1) }).unwrap();
+        let be = CpuBackend::new(CpuConfig {
+            threads: Some(1),
+            ..Default::default()
+        })
+        .unwrap();
         let huge = KvCacheConfig {
             budget_bytes: usize::MAX,
             ..KvCacheConfig::default()
