@@ -1,6 +1,6 @@
-//! The micro-kernels: `C[r x NR] (+)= A[r x kc] B[kc x NR]` for one packed panel of A (`r <= MR`
-//! rows, k-major: the `r` values of one k step are adjacent) and one packed panel of B (`NR`
-//! columns, k-major). The accumulators live in registers for the whole `kc` loop; each k step
+//! The micro-kernels: `C[r x NR] (+)= A[r x kc] B[kc x NR]` for `r <= MR` rows of A (element
+//! `(i, p)` at `a + i * rs + p * cs`: a packed panel, `rs = 1, cs = r`, or rows read in place,
+//! `rs` = their stride, `cs = 1`) and one packed panel of B (`NR` columns, k-major). The accumulators live in registers for the whole `kc` loop; each k step
 //! is two vector loads of B, `r` broadcasts of A and `2r` fused multiply-adds.
 //!
 //! Each level is one generic function over the row count `R`, so the compiler unrolls the row
@@ -12,7 +12,7 @@ use super::SimdLevel as Level;
 /// `accumulate` adds to what `c` holds, else overwrites it.
 ///
 /// # Safety
-/// `a` holds `rows * kc` values, `b` holds `kc * level.nr()`, `c` covers `rows` rows of
+/// `a` covers `rows x kc` values at strides `(rs, cs)`, `b` holds `kc * level.nr()`, `c` covers `rows` rows of
 /// `level.nr()` values at stride `ldc`, and the CPU has `level`'s instructions.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn run(
@@ -20,6 +20,7 @@ pub(super) unsafe fn run(
     rows: usize,
     kc: usize,
     a: *const f32,
+    (rs, cs): (usize, usize),
     b: *const f32,
     c: *mut f32,
     ldc: usize,
@@ -28,7 +29,7 @@ pub(super) unsafe fn run(
     macro_rules! by_rows {
         ($f:ident, $($r:literal)+) => {
             match rows {
-                $($r => $f::<$r>(kc, a, b, c, ldc, accumulate),)+
+                $($r => $f::<$r>(kc, a, rs, cs, b, c, ldc, accumulate),)+
                 _ => unreachable!("{rows} rows for a {level:?} micro-kernel"),
             }
         };
@@ -59,6 +60,8 @@ pub(super) unsafe fn run(
 unsafe fn generic<const R: usize>(
     kc: usize,
     a: *const f32,
+    rs: usize,
+    cs: usize,
     b: *const f32,
     c: *mut f32,
     ldc: usize,
@@ -76,7 +79,7 @@ unsafe fn generic<const R: usize>(
         for p in 0..kc {
             let bp = std::slice::from_raw_parts(b.add(p * NR), NR);
             for (i, row) in acc.iter_mut().enumerate() {
-                let av = *a.add(p * R + i);
+                let av = *a.add(i * rs + p * cs);
                 for (x, &bv) in row.iter_mut().zip(bp) {
                     *x += av * bv;
                 }
@@ -100,6 +103,8 @@ mod x86 {
     pub(super) unsafe fn avx512<const R: usize>(
         kc: usize,
         a: *const f32,
+        rs: usize,
+        cs: usize,
         b: *const f32,
         c: *mut f32,
         ldc: usize,
@@ -120,11 +125,11 @@ mod x86 {
                 let b0 = _mm512_loadu_ps(b);
                 let b1 = _mm512_loadu_ps(b.add(16));
                 for i in 0..R {
-                    let av = _mm512_set1_ps(*a.add(i));
+                    let av = _mm512_set1_ps(*a.add(i * rs));
                     lo[i] = _mm512_fmadd_ps(av, b0, lo[i]);
                     hi[i] = _mm512_fmadd_ps(av, b1, hi[i]);
                 }
-                a = a.add(R);
+                a = a.add(cs);
                 b = b.add(32);
             }
             for i in 0..R {
@@ -142,6 +147,8 @@ mod x86 {
     pub(super) unsafe fn avx2<const R: usize>(
         kc: usize,
         a: *const f32,
+        rs: usize,
+        cs: usize,
         b: *const f32,
         c: *mut f32,
         ldc: usize,
@@ -162,11 +169,11 @@ mod x86 {
                 let b0 = _mm256_loadu_ps(b);
                 let b1 = _mm256_loadu_ps(b.add(8));
                 for i in 0..R {
-                    let av = _mm256_set1_ps(*a.add(i));
+                    let av = _mm256_set1_ps(*a.add(i * rs));
                     lo[i] = _mm256_fmadd_ps(av, b0, lo[i]);
                     hi[i] = _mm256_fmadd_ps(av, b1, hi[i]);
                 }
-                a = a.add(R);
+                a = a.add(cs);
                 b = b.add(16);
             }
             for i in 0..R {

@@ -188,6 +188,12 @@ pub(crate) trait ASource: Sync {
     /// Copies `A[rows, ks]` into `out` as panels of `mr` rows (the last may have fewer), panel
     /// after panel; within a panel k-major, the rows of one k step adjacent.
     fn pack(&self, rows: Range<usize>, ks: Range<usize>, mr: usize, out: &mut [f32]);
+
+    /// The whole of A as row-major rows and their stride, when it is stored that way: the
+    /// micro-kernel then reads it in place and nothing is packed.
+    fn in_place(&self) -> Option<(&[f32], usize)> {
+        None
+    }
 }
 
 /// A as row-major rows at stride `ld`.
@@ -197,6 +203,10 @@ pub(crate) struct Rows<'a> {
 }
 
 impl ASource for Rows<'_> {
+    fn in_place(&self) -> Option<(&[f32], usize)> {
+        Some((self.data, self.ld))
+    }
+
     fn pack(&self, rows: Range<usize>, ks: Range<usize>, mr: usize, out: &mut [f32]) {
         let kc = ks.len();
         let mut off = 0;
@@ -257,12 +267,17 @@ pub(crate) fn gemm(
     }
     assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "C too small");
     assert!(level.supported(), "{level:?} kernels on a CPU without them");
-    let (mr, nr) = (level.mr(), level.nr());
-    let m_tiles = m.div_ceil(MC_PANELS * mr);
-    let mc = m.div_ceil(m_tiles).next_multiple_of(mr);
+    let (mr, nr, threads) = (level.mr(), level.nr(), exec.threads());
+    // Tiles of equal rows, as many as a multiple of the threads when there are enough rows:
+    // 1024 rows make 12 tiles of 86 for 2 threads, not 11 of 96 (one thread idle at the end).
+    let mut m_tiles = m.div_ceil(MC_PANELS * mr);
+    if m_tiles >= threads {
+        m_tiles = m_tiles.next_multiple_of(threads);
+    }
+    let mc = m.div_ceil(m_tiles);
     let m_tiles = m.div_ceil(mc);
     let panels = n.div_ceil(nr);
-    let want = (TASKS_PER_THREAD * exec.threads()).div_ceil(m_tiles);
+    let want = (TASKS_PER_THREAD * threads).div_ceil(m_tiles);
     // Columns are split only to give every thread work: a task that owns whole rows of C packs
     // its rows of A once, and streams B's panels (each used by all its rows) from L2/L3.
     let n_tiles = want.min(panels);
@@ -297,9 +312,14 @@ unsafe fn tile(
     epi: Option<Epilogue<'_>>,
 ) {
     let (level, k) = (b.level, b.k);
-    let (mr, nr) = (level.mr(), level.nr());
     let mc = rows.len();
-    block.resize(mc * KC.min(k), 0.0);
+    // Panels of (nearly) equal rows: 32 rows run as 11 + 11 + 10, not 12 + 12 + 8.
+    let mr = mc.div_ceil(mc.div_ceil(level.mr()));
+    let nr = level.nr();
+    let in_place = a.in_place();
+    if in_place.is_none() {
+        block.resize(mc * KC.min(k), 0.0);
+    }
     // SAFETY (every pointer below): inside C's tile (caller), A's block (packed just now:
     // `mc x kc` values) or B's panel (`k x NR` values per panel).
     unsafe {
@@ -311,16 +331,24 @@ unsafe fn tile(
         }
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
-            a.pack(rows.clone(), pc..pc + kc, mr, &mut block[..mc * kc]);
+            if in_place.is_none() {
+                a.pack(rows.clone(), pc..pc + kc, mr, &mut block[..mc * kc]);
+            }
             for j in cols.clone().step_by(nr) {
                 let width = nr.min(cols.end - j);
                 let bp = b.data.as_ptr().add((j / nr) * k * nr + pc * nr);
                 for ir in (0..mc).step_by(mr) {
                     let r = mr.min(mc - ir);
-                    let ap = block.as_ptr().add(ir * kc);
+                    let (ap, strides) = match in_place {
+                        Some((data, ld)) => {
+                            debug_assert!(data.len() >= (rows.start + ir + r - 1) * ld + pc + kc);
+                            (data.as_ptr().add((rows.start + ir) * ld + pc), (ld, 1))
+                        }
+                        None => (block.as_ptr().add(ir * kc), (1, r)),
+                    };
                     let cp = c.ptr().add((rows.start + ir) * c.ld + j);
                     if width == nr {
-                        kernel::run(level, r, kc, ap, bp, cp, c.ld, pc > 0);
+                        kernel::run(level, r, kc, ap, strides, bp, cp, c.ld, pc > 0);
                     } else {
                         // A ragged last panel: through a full-width scratch tile.
                         let mut tmp = [0.0f32; 12 * 32];
@@ -330,7 +358,7 @@ unsafe fn tile(
                                 tmp[i * nr..i * nr + width].copy_from_slice(src);
                             }
                         }
-                        kernel::run(level, r, kc, ap, bp, tmp.as_mut_ptr(), nr, pc > 0);
+                        kernel::run(level, r, kc, ap, strides, bp, tmp.as_mut_ptr(), nr, pc > 0);
                         for i in 0..r {
                             std::slice::from_raw_parts_mut(cp.add(i * c.ld), width)
                                 .copy_from_slice(&tmp[i * nr..i * nr + width]);
@@ -451,6 +479,29 @@ mod tests {
                         assert_eq!(g, 7.0, "{level:?}: column {j} outside C was written");
                     }
                 }
+            }
+        }
+    }
+}
+#[cfg(test)]
+mod speed_tmp {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn speed() {
+        for level in SimdLevel::available() {
+            for &(m, n, k) in &[(32, 384, 384), (32, 1536, 384), (32, 384, 1536), (256, 1152, 384), (1024, 1536, 384)] {
+                let a = vec![0.5f32; m * k];
+                let w = vec![0.25f32; n * k];
+                let b = PackedB::transposed(level, &w, n, k);
+                let mut c = vec![0.0f32; m * n];
+                let reps = (2e9 / (2.0 * (m * n * k) as f64)) as usize + 1;
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    gemm(Exec::Inline, &Rows { data: &a, ld: k }, m, &b, &mut c, n, None);
+                }
+                let s = t.elapsed().as_secs_f64();
+                eprintln!("{level:?} {m}x{n}x{k}: {:.1} GFLOP/s", 2.0 * (m * n * k * reps) as f64 / s / 1e9);
             }
         }
     }
