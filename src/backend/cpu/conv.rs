@@ -1,10 +1,10 @@
 //! 2-D convolution and pooling over NHWC tensors on the CPU.
 //!
-//! NHWC keeps a pixel's channels contiguous, so a row of the im2col matrix (kernel rows x kernel
-//! columns x input channels) is a few contiguous copies and the convolution becomes one GEMM
-//! with the weight `[cout, kh * kw * cin]` as is. The matrix is never built: the GEMM gathers
-//! each block of it as it packs A ([`Patches`]); a 1x1 stride-1 convolution reads the input as
-//! it is.
+//! NHWC keeps a pixel's channels contiguous, so a kernel row of an output pixel's window
+//! (`kw x cin` values) is one contiguous run of the input, and a dense convolution runs on the
+//! GEMM micro-kernels with the input read in place ([`sgemm::conv`]: no im2col matrix, nothing
+//! packed but the weight `[cout, kh * kw * cin]`, once); a 1x1 stride-1 convolution is a plain
+//! product.
 //! Grouped and depthwise convolutions run as direct loops over output pixels, vectorised over
 //! the channels of a group.
 
@@ -12,10 +12,9 @@ use super::par::Exec;
 
 use super::linear;
 use super::par::for_chunks;
-use super::sgemm::{ASource, PackedB, SimdLevel};
+use super::sgemm::{self, PackedB, SimdLevel};
 use crate::backend::op_check::ConvDims;
 use crate::backend::{Activation, Conv2d, Pool2d};
-use std::ops::Range;
 
 /// Calls `f(tap, pixel)` for every kernel tap (`i * kw + j`) of output pixel `[y, x]`'s window
 /// that falls inside the `h x w` input, `pixel` being the input pixel's index in its image.
@@ -47,60 +46,71 @@ fn for_each_tap(
     }
 }
 
-/// A dense convolution's A operand without an im2col buffer: row `r` is output pixel `r`'s
-/// receptive field (`kh x kw x cin`, zeros outside the image), gathered straight from the NHWC
-/// input into the GEMM's packed block, one block at a time (an implicit GEMM).
-struct Patches<'a> {
-    x: &'a [f32],
-    /// (n, h, w, cin, cout, kh, kw, oh, ow)
+/// A dense convolution through [`sgemm::conv`]: the input zero-padded once (when the windows
+/// need it), then read in place.
+#[allow(clippy::too_many_arguments)]
+fn direct(
+    x: &[f32],
     dims: [usize; 9],
-    p: &'a Conv2d,
+    p: &Conv2d,
+    w: &PackedB,
+    b: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    act: Activation,
+    par: Exec<'_>,
+) -> Vec<f32> {
+    let [n, h, wd, cin, cout, kh, kw, oh, ow] = dims;
+    let (hp, wp) = ((oh - 1) * p.stride[0] + kh, (ow - 1) * p.stride[1] + kw);
+    let padded;
+    let (input, hp, wp) = if p.padding == [0, 0] && hp <= h && wp <= wd {
+        (x, h, wd)
+    } else {
+        padded = pad(x, [n, h, wd, cin], [hp, wp], p.padding, par);
+        (padded.as_slice(), hp, wp)
+    };
+    let windows = sgemm::Windows {
+        x: input,
+        n,
+        hp,
+        wp,
+        cin,
+        kh,
+        kw,
+        stride: p.stride,
+        oh,
+        ow,
+    };
+    let mut out = vec![0.0f32; n * oh * ow * cout];
+    let epi = linear::epilogue(cout, b, residual, act);
+    sgemm::conv(
+        par,
+        &windows,
+        w,
+        &mut out,
+        epi.as_ref().map(|e| e as sgemm::Epilogue),
+    );
+    out
 }
 
-impl ASource for Patches<'_> {
-    fn pack(&self, rows: Range<usize>, ks: Range<usize>, mr: usize, out: &mut [f32]) {
-        let [_, h, w, cin, _, _, kw, oh, ow] = self.dims;
-        let (stride, pad) = (self.p.stride, self.p.padding);
-        let kc = ks.len();
-        if kc == 0 {
+/// `x` `[n, h, w, c]` inside zeros: `[n, hp, wp, c]` with the image at `(top, left) = padding`.
+fn pad(
+    x: &[f32],
+    [n, h, w, c]: [usize; 4],
+    [hp, wp]: [usize; 2],
+    padding: [usize; 2],
+    par: Exec<'_>,
+) -> Vec<f32> {
+    let mut out = vec![0.0f32; n * hp * wp * c];
+    for_chunks(&mut out, wp * c, par, |r, row| {
+        let (b, py) = (r / hp, r % hp);
+        let Some(iy) = py.checked_sub(padding[0]).filter(|&v| v < h) else {
             return;
-        }
-        let (first, last) = (ks.start / cin, (ks.end - 1) / cin);
-        let mut off = 0;
-        for i0 in rows.clone().step_by(mr) {
-            let r = mr.min(rows.end - i0);
-            let panel = &mut out[off..off + r * kc];
-            for i in 0..r {
-                let pixel = i0 + i;
-                let (b, y, xo) = (pixel / (oh * ow), (pixel / ow) % oh, pixel % ow);
-                for tap in first..=last {
-                    // This tap's channels that fall inside `ks`.
-                    let c0 = if tap == first {
-                        ks.start - tap * cin
-                    } else {
-                        0
-                    };
-                    let c1 = if tap == last { ks.end - tap * cin } else { cin };
-                    let at = tap * cin + c0 - ks.start;
-                    let iy = (y * stride[0] + tap / kw)
-                        .checked_sub(pad[0])
-                        .filter(|&v| v < h);
-                    let ix = (xo * stride[1] + tap % kw)
-                        .checked_sub(pad[1])
-                        .filter(|&v| v < w);
-                    let dst = panel[at * r + i..].iter_mut().step_by(r).take(c1 - c0);
-                    match iy.zip(ix) {
-                        Some((iy, ix)) => {
-                            let src = &self.x[((b * h + iy) * w + ix) * cin..][c0..c1];
-                            dst.zip(src).for_each(|(d, &v)| *d = v);
-                        }
-                        None => dst.for_each(|d| *d = 0.0),
-                    }
-                }
-            }
-            off += r * kc;
-        }
-    }
+        };
+        let cols = w.min(wp.saturating_sub(padding[1]));
+        let src = &x[((b * h + iy) * w) * c..][..cols * c];
+        row[padding[1] * c..][..cols * c].copy_from_slice(src);
+    });
+    out
 }
 
 /// A convolution's operands as the loops below read them; `dims` = (n, h, w, cin, cout, kh,
@@ -146,12 +156,7 @@ pub(crate) fn conv2d(c: Conv<'_>, par: Exec<'_>) -> Vec<f32> {
         if dims.is_pointwise(p) {
             return linear::linear(x, w, b, residual, m, act, par);
         }
-        let patches = Patches {
-            x,
-            dims: dims.to_array(),
-            p,
-        };
-        return linear::linear_from(&patches, w, b, residual, m, act, par);
+        return direct(x, dims.to_array(), p, w, b, residual, act, par);
     }
     if cin == p.groups && cout == p.groups {
         return depthwise(c, par);
@@ -296,52 +301,68 @@ mod tests {
     }
 
     #[test]
-    fn implicit_gemm_matches_the_direct_loop() {
-        // Two different algorithms for a dense convolution must agree.
-        for (h, w, cin, cout, k, s, p) in [
-            (7, 5, 3, 8, 3, 1, 1),
-            (9, 9, 4, 6, 5, 2, 2),
-            (4, 4, 2, 3, 1, 1, 0),
-            // Deeper than one slice of k (256), cut inside a tap's channels.
-            (6, 6, 37, 5, 3, 1, 1),
-            (8, 7, 30, 4, 3, 2, 1),
+    fn gemm_paths_match_the_direct_loop() {
+        // The GEMM path of a dense convolution (input read in place), called directly and through
+        // `conv2d`, at every kernel level, inline and on a team, against the plain loop of
+        // `grouped`.
+        let team = Exec::Team(crate::backend::cpu::team::test_team());
+        for (h, w, cin, cout, k, s, p, extra) in [
+            (7, 5, 3, 8, 3, 1, 1, 0),
+            (9, 9, 4, 6, 5, 2, 2, 0),
+            (4, 4, 2, 3, 1, 1, 0, 0),
+            (9, 11, 16, 40, 3, 1, 1, 0),
+            (10, 9, 24, 33, 3, 2, 1, 1),
+            (7, 7, 16, 20, 1, 2, 0, 0),
+            (23, 21, 3, 16, 7, 2, 3, 0),
+            (13, 6, 12, 70, 7, 2, 3, 0),
+            // Deeper than one slice of k (256): cut inside a tap's channels, or within one tap.
+            (6, 6, 37, 5, 3, 1, 1, 0),
+            (8, 7, 30, 4, 3, 2, 1, 0),
+            (4, 5, 300, 9, 3, 1, 1, 0),
         ] {
             let geo = Conv2d {
                 stride: [s, s],
                 padding: [p, p],
                 groups: 1,
-                padding_extra: [0, 0],
+                padding_extra: [extra, extra],
             };
             let x = data(2 * h * w * cin, 1);
             let wt = data(cout * k * k * cin, 2);
             let b = data(cout, 3);
-            let dims = conv_dims(
-                &[2, h, w, cin],
-                &[cout, k, k, cin],
-                Some(&[cout]),
-                &geo,
-                None,
-            )
-            .unwrap();
+            let (xs, ws) = ([2, h, w, cin], [cout, k, k, cin]);
+            let d = conv_dims(&xs, &ws, None, &geo, None).unwrap();
+            let out_shape = [2, d.oh, d.ow, cout];
+            let r = data(out_shape.iter().product(), 4);
+            let dims = conv_dims(&xs, &ws, Some(&[cout]), &geo, Some(&out_shape)).unwrap();
             let c = Conv {
                 x: &x,
                 w: &wt,
                 b: Some(&b),
-                residual: None,
+                residual: Some(&r),
                 dims,
                 p: &geo,
                 act: Activation::Relu,
                 packed: None,
                 level: SimdLevel::best(),
             };
-            let fast = conv2d(c, Exec::Inline);
-            let direct = grouped(c, Exec::Inline);
-            assert_eq!(
-                grouped(c, Exec::Team(crate::backend::cpu::team::test_team())),
-                direct
-            );
-            for (a, d) in fast.iter().zip(&direct) {
-                assert!((a - d).abs() < 1e-4, "{a} vs {d}");
+            let want = grouped(c, Exec::Inline);
+            assert_eq!(grouped(c, team), want);
+            let a = dims.to_array();
+            for level in SimdLevel::available() {
+                let packed = PackedB::transposed(level, &wt, cout, k * k * cin);
+                for exec in [Exec::Inline, team] {
+                    let act = Activation::Relu;
+                    let got = [
+                        direct(&x, a, &geo, &packed, Some(&b), Some(&r), act, exec),
+                        conv2d(Conv { level, ..c }, exec),
+                    ];
+                    for (path, got) in got.iter().enumerate() {
+                        for (g, w) in got.iter().zip(&want) {
+                            let tol = 1e-4 * w.abs().max(1.0);
+                            assert!((g - w).abs() < tol, "{level:?} path {path}: {g} vs {w}");
+                        }
+                    }
+                }
             }
         }
     }

@@ -48,30 +48,36 @@ pub(crate) fn linear(
     exec: Exec<'_>,
 ) -> Vec<f32> {
     let a = sgemm::Rows { data: x, ld: w.k() };
-    linear_from(&a, w, b, residual, m, act, exec)
-}
-
-/// [`linear`] with `x` given by any [`sgemm::ASource`] of `m` rows (a convolution's patches).
-pub(crate) fn linear_from(
-    a: &impl sgemm::ASource,
-    w: &PackedB,
-    b: Option<&[f32]>,
-    residual: Option<&[f32]>,
-    m: usize,
-    act: Activation,
-    exec: Exec<'_>,
-) -> Vec<f32> {
     let n = w.n();
     let mut out = vec![0.0f32; m * n];
-    let epi = |i: usize, j0: usize, row: &mut [f32]| {
+    let epi = epilogue(n, b, residual, act);
+    sgemm::gemm(
+        exec,
+        a,
+        m,
+        w,
+        &mut out,
+        n,
+        epi.as_ref().map(|e| e as sgemm::Epilogue),
+    );
+    out
+}
+
+/// The fused epilogue of a product with `n` columns: `+ b`, `+ residual` (`[m, n]`), then the
+/// activation, per finished row of a tile; `None` when there is nothing to do.
+pub(crate) fn epilogue<'a>(
+    n: usize,
+    b: Option<&'a [f32]>,
+    residual: Option<&'a [f32]>,
+    act: Activation,
+) -> Option<impl Fn(usize, usize, &mut [f32]) + Sync + 'a> {
+    let fused = b.is_some() || residual.is_some() || act != Activation::None;
+    fused.then_some(move |i: usize, j0: usize, row: &mut [f32]| {
         let cols = j0..j0 + row.len();
         let b = b.map(|b| &b[cols.clone()]);
         let res = residual.map(|r| &r[i * n..][cols]);
         bias_act(row, b, res, act)
-    };
-    let fused = b.is_some() || residual.is_some() || act != Activation::None;
-    sgemm::gemm(exec, a, m, w, &mut out, n, fused.then_some(&epi));
-    out
+    })
 }
 
 #[cfg(test)]

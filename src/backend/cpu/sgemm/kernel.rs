@@ -1,26 +1,38 @@
-//! The micro-kernels: `C[r x NR] (+)= A[r x kc] B[kc x NR]` for `r <= MR` rows of A (element
-//! `(i, p)` at `a + i * rs + p * cs`: a packed panel, `rs = 1, cs = r`, or rows read in place,
-//! `rs` = their stride, `cs = 1`) and one packed panel of B (`NR` columns, k-major). The accumulators live in registers for the whole `kc` loop; each k step
-//! is two vector loads of B, `r` broadcasts of A and `2r` fused multiply-adds.
+//! The micro-kernels: `C[r x NR] (+)= A[r x kc] B[kc x NR]` for `r <= MR` rows of A (an
+//! [`APanel`]) and one packed panel of B (`NR` columns, k-major). The accumulators live in
+//! registers for the whole `kc` loop; each k step is two vector loads of B, `r` broadcasts of A
+//! and `2r` fused multiply-adds.
 //!
 //! Each level is one generic function over the row count `R`, so the compiler unrolls the row
 //! loop and keeps `2R` accumulators in registers (AVX-512: 24 of 32, AVX2: 12 of 16).
 
 use super::SimdLevel as Level;
 
+/// Where a micro-kernel reads its `r x kc` block of A: k runs through `segs.len()` segments of
+/// `seg_k` steps each; in segment `s`, element `(i, t)` is at `ptr + segs[s] + i * rs + t * cs`.
+/// A packed panel is one segment with `rs = 1, cs = r`; row-major rows read in place are one
+/// segment with `rs` = their stride and `cs = 1`; a convolution read in place has a segment per
+/// kernel tap (the tap's offset in the padded input), `rs` the stride between output pixels.
+#[derive(Clone, Copy)]
+pub(super) struct APanel<'s> {
+    pub ptr: *const f32,
+    pub rs: usize,
+    pub cs: usize,
+    pub segs: &'s [usize],
+    pub seg_k: usize,
+}
+
 /// One micro-kernel call: `c` has `rows` rows at stride `ldc` and `level.nr()` columns;
 /// `accumulate` adds to what `c` holds, else overwrites it.
 ///
 /// # Safety
-/// `a` covers `rows x kc` values at strides `(rs, cs)`, `b` holds `kc * level.nr()`, `c` covers `rows` rows of
-/// `level.nr()` values at stride `ldc`, and the CPU has `level`'s instructions.
-#[allow(clippy::too_many_arguments)]
+/// `a` covers `rows` rows of its segments, `b` holds `segs.len() * seg_k * level.nr()` values,
+/// `c` covers `rows` rows of `level.nr()` values at stride `ldc`, and the CPU has `level`'s
+/// instructions.
 pub(super) unsafe fn run(
     level: Level,
     rows: usize,
-    kc: usize,
-    a: *const f32,
-    (rs, cs): (usize, usize),
+    a: APanel<'_>,
     b: *const f32,
     c: *mut f32,
     ldc: usize,
@@ -29,7 +41,7 @@ pub(super) unsafe fn run(
     macro_rules! by_rows {
         ($f:ident, $($r:literal)+) => {
             match rows {
-                $($r => $f::<$r>(kc, a, rs, cs, b, c, ldc, accumulate),)+
+                $($r => $f::<$r>(a, b, c, ldc, accumulate),)+
                 _ => unreachable!("{rows} rows for a {level:?} micro-kernel"),
             }
         };
@@ -58,10 +70,7 @@ pub(super) unsafe fn run(
 /// # Safety
 /// As [`run`], with 8 columns.
 unsafe fn generic<const R: usize>(
-    kc: usize,
-    a: *const f32,
-    rs: usize,
-    cs: usize,
+    a: APanel<'_>,
     b: *const f32,
     c: *mut f32,
     ldc: usize,
@@ -76,13 +85,19 @@ unsafe fn generic<const R: usize>(
                 row.copy_from_slice(std::slice::from_raw_parts(c.add(i * ldc), NR));
             }
         }
-        for p in 0..kc {
-            let bp = std::slice::from_raw_parts(b.add(p * NR), NR);
-            for (i, row) in acc.iter_mut().enumerate() {
-                let av = *a.add(i * rs + p * cs);
-                for (x, &bv) in row.iter_mut().zip(bp) {
-                    *x += av * bv;
+        let mut b = b;
+        for &seg in a.segs {
+            let mut ap = a.ptr.add(seg);
+            for _ in 0..a.seg_k {
+                let bp = std::slice::from_raw_parts(b, NR);
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let av = *ap.add(i * a.rs);
+                    for (x, &bv) in row.iter_mut().zip(bp) {
+                        *x += av * bv;
+                    }
                 }
+                ap = ap.add(a.cs);
+                b = b.add(NR);
             }
         }
         for (i, row) in acc.iter().enumerate() {
@@ -93,6 +108,7 @@ unsafe fn generic<const R: usize>(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::APanel;
     use std::arch::x86_64::*;
 
     /// 32 columns as two 16-lane registers; up to 12 rows.
@@ -101,10 +117,7 @@ mod x86 {
     /// As [`super::run`]; the CPU has AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn avx512<const R: usize>(
-        kc: usize,
-        a: *const f32,
-        rs: usize,
-        cs: usize,
+        a: APanel<'_>,
         b: *const f32,
         c: *mut f32,
         ldc: usize,
@@ -120,17 +133,20 @@ mod x86 {
                     hi[i] = _mm512_loadu_ps(c.add(i * ldc + 16));
                 }
             }
-            let (mut a, mut b) = (a, b);
-            for _ in 0..kc {
-                let b0 = _mm512_loadu_ps(b);
-                let b1 = _mm512_loadu_ps(b.add(16));
-                for i in 0..R {
-                    let av = _mm512_set1_ps(*a.add(i * rs));
-                    lo[i] = _mm512_fmadd_ps(av, b0, lo[i]);
-                    hi[i] = _mm512_fmadd_ps(av, b1, hi[i]);
+            let mut b = b;
+            for &seg in a.segs {
+                let mut ap = a.ptr.add(seg);
+                for _ in 0..a.seg_k {
+                    let b0 = _mm512_loadu_ps(b);
+                    let b1 = _mm512_loadu_ps(b.add(16));
+                    for i in 0..R {
+                        let av = _mm512_set1_ps(*ap.add(i * a.rs));
+                        lo[i] = _mm512_fmadd_ps(av, b0, lo[i]);
+                        hi[i] = _mm512_fmadd_ps(av, b1, hi[i]);
+                    }
+                    ap = ap.add(a.cs);
+                    b = b.add(32);
                 }
-                a = a.add(cs);
-                b = b.add(32);
             }
             for i in 0..R {
                 _mm512_storeu_ps(c.add(i * ldc), lo[i]);
@@ -145,10 +161,7 @@ mod x86 {
     /// As [`super::run`]; the CPU has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn avx2<const R: usize>(
-        kc: usize,
-        a: *const f32,
-        rs: usize,
-        cs: usize,
+        a: APanel<'_>,
         b: *const f32,
         c: *mut f32,
         ldc: usize,
@@ -164,17 +177,20 @@ mod x86 {
                     hi[i] = _mm256_loadu_ps(c.add(i * ldc + 8));
                 }
             }
-            let (mut a, mut b) = (a, b);
-            for _ in 0..kc {
-                let b0 = _mm256_loadu_ps(b);
-                let b1 = _mm256_loadu_ps(b.add(8));
-                for i in 0..R {
-                    let av = _mm256_set1_ps(*a.add(i * rs));
-                    lo[i] = _mm256_fmadd_ps(av, b0, lo[i]);
-                    hi[i] = _mm256_fmadd_ps(av, b1, hi[i]);
+            let mut b = b;
+            for &seg in a.segs {
+                let mut ap = a.ptr.add(seg);
+                for _ in 0..a.seg_k {
+                    let b0 = _mm256_loadu_ps(b);
+                    let b1 = _mm256_loadu_ps(b.add(8));
+                    for i in 0..R {
+                        let av = _mm256_set1_ps(*ap.add(i * a.rs));
+                        lo[i] = _mm256_fmadd_ps(av, b0, lo[i]);
+                        hi[i] = _mm256_fmadd_ps(av, b1, hi[i]);
+                    }
+                    ap = ap.add(a.cs);
+                    b = b.add(16);
                 }
-                a = a.add(cs);
-                b = b.add(16);
             }
             for i in 0..R {
                 _mm256_storeu_ps(c.add(i * ldc), lo[i]);

@@ -13,9 +13,12 @@
 //!
 //! Kernel levels ([`SimdLevel`]) are chosen at run time, so one binary runs on any x86-64 CPU.
 
+mod direct;
 mod kernel;
 
-use std::cell::RefCell;
+pub(crate) use direct::{Windows, conv};
+use kernel::APanel;
+
 use std::ops::Range;
 
 use super::team::Exec;
@@ -183,45 +186,12 @@ impl PackedB {
     }
 }
 
-/// Where A comes from: anything that can copy a block of itself into micro-panels.
-pub(crate) trait ASource: Sync {
-    /// Copies `A[rows, ks]` into `out` as panels of `mr` rows (the last may have fewer), panel
-    /// after panel; within a panel k-major, the rows of one k step adjacent.
-    fn pack(&self, rows: Range<usize>, ks: Range<usize>, mr: usize, out: &mut [f32]);
-
-    /// The whole of A as row-major rows and their stride, when it is stored that way: the
-    /// micro-kernel then reads it in place and nothing is packed.
-    fn in_place(&self) -> Option<(&[f32], usize)> {
-        None
-    }
-}
-
-/// A as row-major rows at stride `ld`.
+/// A as row-major rows at stride `ld`, read in place by the micro-kernels: activations are
+/// never packed (their rows are short-lived and each is read by every panel of B while in L2).
+#[derive(Clone, Copy)]
 pub(crate) struct Rows<'a> {
     pub data: &'a [f32],
     pub ld: usize,
-}
-
-impl ASource for Rows<'_> {
-    fn in_place(&self) -> Option<(&[f32], usize)> {
-        Some((self.data, self.ld))
-    }
-
-    fn pack(&self, rows: Range<usize>, ks: Range<usize>, mr: usize, out: &mut [f32]) {
-        let kc = ks.len();
-        let mut off = 0;
-        for i0 in rows.clone().step_by(mr) {
-            let r = mr.min(rows.end - i0);
-            let panel = &mut out[off..off + r * kc];
-            for i in 0..r {
-                let src = &self.data[(i0 + i) * self.ld + ks.start..][..kc];
-                for (p, &v) in src.iter().enumerate() {
-                    panel[p * r + i] = v;
-                }
-            }
-            off += r * kc;
-        }
-    }
 }
 
 /// Called once per finished row of a task's tile: `(row, first column, that row's columns)`,
@@ -245,16 +215,11 @@ impl COut {
     }
 }
 
-thread_local! {
-    /// Each thread's packed block of A, kept between calls.
-    static A_BLOCK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
 /// `C = A B` (then `epi` on each finished row), C row-major at stride `ldc` in `c`; A has `m`
 /// rows and `b.k()` columns. Runs on `exec`, one task per tile.
 pub(crate) fn gemm(
     exec: Exec<'_>,
-    a: &impl ASource,
+    a: Rows<'_>,
     m: usize,
     b: &PackedB,
     c: &mut [f32],
@@ -266,6 +231,10 @@ pub(crate) fn gemm(
         return;
     }
     assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "C too small");
+    assert!(
+        a.ld >= b.k && a.data.len() >= (m - 1) * a.ld + b.k,
+        "A too small"
+    );
     assert!(level.supported(), "{level:?} kernels on a CPU without them");
     let (mr, nr, threads) = (level.mr(), level.nr(), exec.threads());
     // Tiles of equal rows, as many as a multiple of the threads when there are enough rows:
@@ -291,10 +260,8 @@ pub(crate) fn gemm(
         let (i0, j0) = ((t / n_tiles) * mc, (t % n_tiles) * nc);
         let rows = i0..(i0 + mc).min(m);
         let cols = j0..(j0 + nc).min(n);
-        A_BLOCK.with_borrow_mut(|block| {
-            // SAFETY: `rows x cols` lies inside C (checked above) and belongs to task `t` only.
-            unsafe { tile(a, b, out, rows, cols, block, epi) }
-        });
+        // SAFETY: `rows x cols` lies inside C (checked above) and belongs to task `t` only.
+        unsafe { tile(a, b, out, rows, cols, epi) }
     });
 }
 
@@ -303,12 +270,11 @@ pub(crate) fn gemm(
 /// # Safety
 /// `c` covers `rows x cols` at stride `c.ld`, and no other thread touches that part.
 unsafe fn tile(
-    a: &impl ASource,
+    a: Rows<'_>,
     b: &PackedB,
     c: COut,
     rows: Range<usize>,
     cols: Range<usize>,
-    block: &mut Vec<f32>,
     epi: Option<Epilogue<'_>>,
 ) {
     let (level, k) = (b.level, b.k);
@@ -316,12 +282,8 @@ unsafe fn tile(
     // Panels of (nearly) equal rows: 32 rows run as 11 + 11 + 10, not 12 + 12 + 8.
     let mr = mc.div_ceil(mc.div_ceil(level.mr()));
     let nr = level.nr();
-    let in_place = a.in_place();
-    if in_place.is_none() {
-        block.resize(mc * KC.min(k), 0.0);
-    }
-    // SAFETY (every pointer below): inside C's tile (caller), A's block (packed just now:
-    // `mc x kc` values) or B's panel (`k x NR` values per panel).
+    // SAFETY (every pointer below): inside C's tile (caller), A (checked by `gemm`) or B's
+    // panel (`k x NR` values per panel).
     unsafe {
         if k == 0 {
             for i in rows.clone() {
@@ -331,39 +293,20 @@ unsafe fn tile(
         }
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
-            if in_place.is_none() {
-                a.pack(rows.clone(), pc..pc + kc, mr, &mut block[..mc * kc]);
-            }
             for j in cols.clone().step_by(nr) {
                 let width = nr.min(cols.end - j);
                 let bp = b.data.as_ptr().add((j / nr) * k * nr + pc * nr);
                 for ir in (0..mc).step_by(mr) {
                     let r = mr.min(mc - ir);
-                    let (ap, strides) = match in_place {
-                        Some((data, ld)) => {
-                            debug_assert!(data.len() >= (rows.start + ir + r - 1) * ld + pc + kc);
-                            (data.as_ptr().add((rows.start + ir) * ld + pc), (ld, 1))
-                        }
-                        None => (block.as_ptr().add(ir * kc), (1, r)),
+                    let ap = APanel {
+                        ptr: a.data.as_ptr().add((rows.start + ir) * a.ld + pc),
+                        rs: a.ld,
+                        cs: 1,
+                        segs: &[0],
+                        seg_k: kc,
                     };
                     let cp = c.ptr().add((rows.start + ir) * c.ld + j);
-                    if width == nr {
-                        kernel::run(level, r, kc, ap, strides, bp, cp, c.ld, pc > 0);
-                    } else {
-                        // A ragged last panel: through a full-width scratch tile.
-                        let mut tmp = [0.0f32; 12 * 32];
-                        if pc > 0 {
-                            for i in 0..r {
-                                let src = std::slice::from_raw_parts(cp.add(i * c.ld), width);
-                                tmp[i * nr..i * nr + width].copy_from_slice(src);
-                            }
-                        }
-                        kernel::run(level, r, kc, ap, strides, bp, tmp.as_mut_ptr(), nr, pc > 0);
-                        for i in 0..r {
-                            std::slice::from_raw_parts_mut(cp.add(i * c.ld), width)
-                                .copy_from_slice(&tmp[i * nr..i * nr + width]);
-                        }
-                    }
+                    micro(level, r, ap, bp, cp, c.ld, width, pc > 0);
                 }
             }
         }
@@ -373,6 +316,43 @@ unsafe fn tile(
                     std::slice::from_raw_parts_mut(c.ptr().add(i * c.ld + cols.start), cols.len());
                 epi(i, cols.start, row);
             }
+        }
+    }
+}
+
+/// One micro-kernel call onto `width <= NR` columns of C (a ragged last panel goes through a
+/// full-width scratch tile).
+///
+/// # Safety
+/// As [`kernel::run`], with `c` covering `rows x width` at stride `ldc`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro(
+    level: SimdLevel,
+    rows: usize,
+    a: APanel<'_>,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    width: usize,
+    accumulate: bool,
+) {
+    let nr = level.nr();
+    // SAFETY: forwarded from the caller; the scratch tile holds MR x NR of every level.
+    unsafe {
+        if width == nr {
+            return kernel::run(level, rows, a, b, c, ldc, accumulate);
+        }
+        let mut tmp = [0.0f32; 12 * 32];
+        if accumulate {
+            for i in 0..rows {
+                let src = std::slice::from_raw_parts(c.add(i * ldc), width);
+                tmp[i * nr..i * nr + width].copy_from_slice(src);
+            }
+        }
+        kernel::run(level, rows, a, b, tmp.as_mut_ptr(), nr, accumulate);
+        for i in 0..rows {
+            std::slice::from_raw_parts_mut(c.add(i * ldc), width)
+                .copy_from_slice(&tmp[i * nr..i * nr + width]);
         }
     }
 }
@@ -427,7 +407,7 @@ mod tests {
                 for packed in [&direct, &transposed] {
                     for exec in [Exec::Inline, Exec::Team(&team)] {
                         let mut c = vec![f32::NAN; m * n];
-                        gemm(exec, &Rows { data: &a, ld: k }, m, packed, &mut c, n, None);
+                        gemm(exec, Rows { data: &a, ld: k }, m, packed, &mut c, n, None);
                         for (g, w) in c.iter().zip(&want) {
                             assert!(
                                 (g - w).abs() <= 1e-4 * w.abs().max(1.0),
@@ -458,7 +438,7 @@ mod tests {
             };
             gemm(
                 Exec::Inline,
-                &Rows { data: &a, ld: k },
+                Rows { data: &a, ld: k },
                 m,
                 &packed,
                 &mut c,
@@ -479,29 +459,6 @@ mod tests {
                         assert_eq!(g, 7.0, "{level:?}: column {j} outside C was written");
                     }
                 }
-            }
-        }
-    }
-}
-#[cfg(test)]
-mod speed_tmp {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn speed() {
-        for level in SimdLevel::available() {
-            for &(m, n, k) in &[(32, 384, 384), (32, 1536, 384), (32, 384, 1536), (256, 1152, 384), (1024, 1536, 384)] {
-                let a = vec![0.5f32; m * k];
-                let w = vec![0.25f32; n * k];
-                let b = PackedB::transposed(level, &w, n, k);
-                let mut c = vec![0.0f32; m * n];
-                let reps = (2e9 / (2.0 * (m * n * k) as f64)) as usize + 1;
-                let t = std::time::Instant::now();
-                for _ in 0..reps {
-                    gemm(Exec::Inline, &Rows { data: &a, ld: k }, m, &b, &mut c, n, None);
-                }
-                let s = t.elapsed().as_secs_f64();
-                eprintln!("{level:?} {m}x{n}x{k}: {:.1} GFLOP/s", 2.0 * (m * n * k * reps) as f64 / s / 1e9);
             }
         }
     }
