@@ -164,13 +164,14 @@ pub(crate) fn conv2d(c: Conv<'_>, par: Exec<'_>) -> Vec<f32> {
     grouped(c, par)
 }
 
-/// Depthwise convolution (one input and one output channel per group): for each output pixel,
-/// `kh * kw` multiply-adds vectorised over the channels, with the weight transposed once to
-/// `[kh * kw, channels]` so that each tap's weights are contiguous.
+/// Depthwise convolution (one input and one output channel per group), one output row per
+/// task: for each block of [`DW_LANES`] channels and each output pixel, the `kh * kw` taps
+/// accumulate in registers and the pixel is stored once, bias, residual and activation applied.
+/// The weight is transposed once to `[kh * kw, channels]` so that each tap's weights are
+/// contiguous.
 fn depthwise(conv: Conv<'_>, par: Exec<'_>) -> Vec<f32> {
-    let (x, w, b, residual, dims, act) =
-        (conv.x, conv.w, conv.b, conv.residual, conv.dims, conv.act);
-    let [n, h, wd, c, _, kh, kw, oh, ow] = dims.to_array();
+    let (w, dims) = (conv.w, conv.dims);
+    let [n, _, _, c, _, kh, kw, oh, ow] = dims.to_array();
     let mut taps = vec![0.0f32; kh * kw * c];
     for ch in 0..c {
         for t in 0..kh * kw {
@@ -178,35 +179,78 @@ fn depthwise(conv: Conv<'_>, par: Exec<'_>) -> Vec<f32> {
         }
     }
     let mut out = vec![0.0f32; n * oh * ow * c];
-    for_chunks(&mut out, c, par, |r, o| {
-        let (bn, y, xo) = (r / (oh * ow), (r / ow) % oh, r % ow);
-        match b {
-            Some(b) => o.copy_from_slice(b),
-            None => o.fill(0.0),
-        }
-        conv.taps([y, xo], |tap, pixel| {
-            let xs = &x[(bn * h * wd + pixel) * c..][..c];
-            let ws = &taps[tap * c..][..c];
-            fma_row(o, xs, ws);
-        });
-        if let Some(res) = residual {
-            for (v, r) in o.iter_mut().zip(&res[r * c..(r + 1) * c]) {
-                *v += r;
-            }
-        }
-        o.iter_mut().for_each(|v| *v = apply(*v, act));
+    for_chunks(&mut out, ow * c, par, |r, o| {
+        dw_row(&conv, &taps, r / oh, r % oh, o);
     });
     out
 }
 
+/// Channels per register block of [`dw_row`]: two AVX2 registers, or one AVX-512 register.
+const DW_LANES: usize = 16;
+
 #[inline(always)]
-fn fma_row_body(o: &mut [f32], x: &[f32], w: &[f32]) {
-    for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
-        *o += x * w;
+fn dw_row_body(conv: &Conv<'_>, taps: &[f32], img: usize, y: usize, o: &mut [f32]) {
+    let [_, h, wd, c, _, kh, kw, oh, ow] = conv.dims.to_array();
+    let ([sy, sx], [py, px]) = (conv.p.stride, conv.p.padding);
+    let x = &conv.x[img * h * wd * c..][..h * wd * c];
+    // (input offset, weight offset) of each tap inside the image, for the current pixel.
+    let mut inside: Vec<(usize, usize)> = Vec::with_capacity(kh * kw);
+    for xo in 0..ow {
+        inside.clear();
+        for i in 0..kh {
+            let Some(iy) = (y * sy + i).checked_sub(py).filter(|&v| v < h) else {
+                continue;
+            };
+            for j in 0..kw {
+                let Some(ix) = (xo * sx + j).checked_sub(px).filter(|&v| v < wd) else {
+                    continue;
+                };
+                inside.push(((iy * wd + ix) * c, (i * kw + j) * c));
+            }
+        }
+        let out = &mut o[xo * c..][..c];
+        let mut ch0 = 0;
+        // Whole register blocks: the taps accumulate in registers, one store per block.
+        while ch0 + DW_LANES <= c {
+            let mut acc = [0.0f32; DW_LANES];
+            if let Some(b) = conv.b {
+                acc.copy_from_slice(&b[ch0..ch0 + DW_LANES]);
+            }
+            for &(xi, wi) in &inside {
+                let xs: &[f32; DW_LANES] = x[xi + ch0..][..DW_LANES].try_into().expect("block");
+                let ws: &[f32; DW_LANES] =
+                    taps[wi + ch0..][..DW_LANES].try_into().expect("block");
+                for l in 0..DW_LANES {
+                    acc[l] += xs[l] * ws[l];
+                }
+            }
+            out[ch0..ch0 + DW_LANES].copy_from_slice(&acc);
+            ch0 += DW_LANES;
+        }
+        // The channels left over, accumulated in place.
+        let rest = &mut out[ch0..];
+        match conv.b {
+            Some(b) => rest.copy_from_slice(&b[ch0..]),
+            None => rest.fill(0.0),
+        }
+        for &(xi, wi) in &inside {
+            let (xs, ws) = (&x[xi + ch0..xi + c], &taps[wi + ch0..wi + c]);
+            for ((v, xv), wv) in rest.iter_mut().zip(xs).zip(ws) {
+                *v += xv * wv;
+            }
+        }
+    }
+    if let Some(res) = conv.residual {
+        let row = &res[((img * oh + y) * ow) * c..][..ow * c];
+        o.iter_mut().zip(row).for_each(|(v, r)| *v += r);
+    }
+    match conv.act {
+        Activation::None => {}
+        act => o.iter_mut().for_each(|v| *v = apply(*v, act)),
     }
 }
 
-super::simd::multiversion!(fn fma_row(o: &mut [f32], x: &[f32], w: &[f32]) => fma_row_body);
+super::simd::multiversion!(fn dw_row(conv: &Conv<'_>, taps: &[f32], img: usize, y: usize, o: &mut [f32]) => dw_row_body);
 
 /// Direct grouped convolution (depthwise when groups == channels).
 fn grouped(c: Conv<'_>, par: Exec<'_>) -> Vec<f32> {
@@ -362,6 +406,48 @@ mod tests {
                             assert!((g - w).abs() < tol, "{level:?} path {path}: {g} vs {w}");
                         }
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn depthwise_matches_the_grouped_loop() {
+        // Channel counts that leave a ragged register block; strides, padding, TF-style extra
+        // padding; bias, residual and an activation fused.
+        let team = Exec::Team(crate::backend::cpu::team::test_team());
+        for (h, w, ch, k, s, p, extra) in [
+            (7, 9, 37, 3, 1, 1, 0),
+            (8, 8, 16, 5, 2, 2, 1),
+            (5, 6, 3, 3, 2, 0, 1),
+        ] {
+            let geo = Conv2d {
+                stride: [s, s],
+                padding: [p, p],
+                groups: ch,
+                padding_extra: [extra, extra],
+            };
+            let (xs, ws) = ([2, h, w, ch], [ch, k, k, 1]);
+            let d = conv_dims(&xs, &ws, None, &geo, None).unwrap();
+            let out_shape = [2, d.oh, d.ow, ch];
+            let (x, wt, b) = (data(2 * h * w * ch, 5), data(ch * k * k, 6), data(ch, 7));
+            let r = data(out_shape.iter().product(), 8);
+            let dims = conv_dims(&xs, &ws, Some(&[ch]), &geo, Some(&out_shape)).unwrap();
+            let c = Conv {
+                x: &x,
+                w: &wt,
+                b: Some(&b),
+                residual: Some(&r),
+                dims,
+                p: &geo,
+                act: Activation::Relu6,
+                packed: None,
+                level: SimdLevel::best(),
+            };
+            let want = grouped(c, Exec::Inline);
+            for exec in [Exec::Inline, team] {
+                for (g, w) in depthwise(c, exec).iter().zip(&want) {
+                    assert!((g - w).abs() < 1e-5, "{g} vs {w}");
                 }
             }
         }
