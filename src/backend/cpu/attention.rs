@@ -3,6 +3,7 @@
 //! the GEMM micro-kernels ([`super::sgemm`]). Padding keys are never read, so padding cannot
 //! change any real token's result.
 
+use super::buffers;
 use super::par::{Exec, for_indices};
 use super::sgemm::{self, PackedB, SimdLevel};
 use super::simd::multiversion;
@@ -75,7 +76,8 @@ pub(crate) fn attention(
     par: Exec<'_>,
 ) -> Vec<f32> {
     let d = width / heads;
-    let mut ctx = vec![0.0f32; shape.rows() * width];
+    // Rows of padding positions stay zero.
+    let mut ctx = buffers::zeroed(shape.rows() * width);
     let out = OutPtr(ctx.as_mut_ptr());
     for_indices(shape.batch() * heads, par, |task| {
         let (b, h) = (task / heads, task % heads);

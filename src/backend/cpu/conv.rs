@@ -8,6 +8,7 @@
 //! Grouped and depthwise convolutions run as direct loops over output pixels, vectorised over
 //! the channels of a group.
 
+use super::buffers;
 use super::par::Exec;
 
 use super::linear;
@@ -80,7 +81,8 @@ fn direct(
         oh,
         ow,
     };
-    let mut out = vec![0.0f32; n * oh * ow * cout];
+    // Every element is written by the first slice of k.
+    let mut out = buffers::take(n * oh * ow * cout);
     let epi = linear::epilogue(cout, b, residual, act);
     sgemm::conv(
         par,
@@ -100,7 +102,7 @@ fn pad(
     padding: [usize; 2],
     par: Exec<'_>,
 ) -> Vec<f32> {
-    let mut out = vec![0.0f32; n * hp * wp * c];
+    let mut out = buffers::zeroed(n * hp * wp * c);
     for_chunks(&mut out, wp * c, par, |r, row| {
         let (b, py) = (r / hp, r % hp);
         let Some(iy) = py.checked_sub(padding[0]).filter(|&v| v < h) else {
@@ -178,7 +180,8 @@ fn depthwise(conv: Conv<'_>, par: Exec<'_>) -> Vec<f32> {
             taps[t * c + ch] = w[ch * kh * kw + t];
         }
     }
-    let mut out = vec![0.0f32; n * oh * ow * c];
+    // `dw_row` writes every element of its row.
+    let mut out = buffers::take(n * oh * ow * c);
     for_chunks(&mut out, ow * c, par, |r, o| {
         dw_row(&conv, &taps, r / oh, r % oh, o);
     });
@@ -218,8 +221,7 @@ fn dw_row_body(conv: &Conv<'_>, taps: &[f32], img: usize, y: usize, o: &mut [f32
             }
             for &(xi, wi) in &inside {
                 let xs: &[f32; DW_LANES] = x[xi + ch0..][..DW_LANES].try_into().expect("block");
-                let ws: &[f32; DW_LANES] =
-                    taps[wi + ch0..][..DW_LANES].try_into().expect("block");
+                let ws: &[f32; DW_LANES] = taps[wi + ch0..][..DW_LANES].try_into().expect("block");
                 for l in 0..DW_LANES {
                     acc[l] += xs[l] * ws[l];
                 }
@@ -290,7 +292,8 @@ fn apply(v: f32, act: Activation) -> f32 {
 /// Max / average pooling; `dims` = (n, h, w, c, oh, ow) from `op_check::pool2d_dims`.
 pub(crate) fn pool2d(x: &[f32], dims: [usize; 6], p: &Pool2d, par: Exec<'_>) -> Vec<f32> {
     let [_, h, w, c, oh, ow] = dims;
-    let mut out = vec![0.0f32; dims[0] * oh * ow * c];
+    // Each pixel starts from its initial value below.
+    let mut out = buffers::take(dims[0] * oh * ow * c);
     for_chunks(&mut out, c, par, |r, o| {
         let (bn, y, xo) = (r / (oh * ow), (r / ow) % oh, r % ow);
         let init = if p.max { f32::NEG_INFINITY } else { 0.0 };

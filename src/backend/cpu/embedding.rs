@@ -1,5 +1,6 @@
 //! Embedding gather + sum + LayerNorm, fused per token row.
 
+use super::buffers;
 use super::par::Exec;
 
 use super::norm::layernorm_row;
@@ -21,7 +22,8 @@ pub(crate) fn embed(
     eps: f32,
     par: Exec<'_>,
 ) -> Vec<f32> {
-    let mut out = vec![0.0f32; shape.rows() * width];
+    // Every row is written whole.
+    let mut out = buffers::take(shape.rows() * width);
     for_chunks(&mut out, width, par, |r, o| {
         let p = r % shape.seq;
         let w = &word[ids[r] as usize * width..][..width];

@@ -1,6 +1,7 @@
 //! `act(x W^T + b)` on the CPU: one GEMM ([`super::sgemm`], the weight packed once), with bias,
 //! residual and activation fused into its epilogue, applied to each tile while it is hot in cache.
 
+use super::buffers;
 use super::par::Exec;
 use super::sgemm::{self, PackedB};
 use super::simd::{self, multiversion};
@@ -49,7 +50,8 @@ pub(crate) fn linear(
 ) -> Vec<f32> {
     let a = sgemm::Rows { data: x, ld: w.k() };
     let n = w.n();
-    let mut out = vec![0.0f32; m * n];
+    // Every element is written by the product (zeros when k = 0).
+    let mut out = buffers::take(m * n);
     let epi = epilogue(n, b, residual, act);
     sgemm::gemm(
         exec,

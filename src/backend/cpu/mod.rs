@@ -4,6 +4,7 @@
 //! It is also the reference every other backend is tested against.
 
 mod attention;
+mod buffers;
 mod conv;
 pub mod decoder;
 mod embedding;
@@ -124,6 +125,12 @@ pub struct CpuTensor {
     /// that reads it and kept: weights are packed once, not on every call. It doubles the
     /// memory of the tensors used this way (linear and dense convolution weights).
     packed: OnceLock<Arc<sgemm::PackedB>>,
+}
+
+impl Drop for CpuTensor {
+    fn drop(&mut self) {
+        buffers::give(std::mem::take(&mut self.data));
+    }
 }
 
 impl PartialEq for CpuTensor {
@@ -284,7 +291,8 @@ impl Backend for CpuBackend {
     }
 
     fn run_reshape(&self, t: CpuTensor, shape: &[usize]) -> Result<CpuTensor> {
-        Ok(CpuTensor::new(shape.to_vec(), t.data))
+        let mut t = t;
+        Ok(CpuTensor::new(shape.to_vec(), std::mem::take(&mut t.data)))
     }
 
     fn run_linear(&self, c: LinearCall<'_, CpuTensor>) -> Result<CpuTensor> {

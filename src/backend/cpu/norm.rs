@@ -1,6 +1,7 @@
 //! Row normalisations: residual add + LayerNorm, fused (one read of each input row, one write
 //! of the output), and L2 normalisation.
 
+use super::buffers;
 use super::par::Exec;
 
 use super::par::for_chunks;
@@ -57,7 +58,8 @@ pub(crate) fn add_layernorm(
     eps: f32,
     par: Exec<'_>,
 ) -> Vec<f32> {
-    let mut out = vec![0.0f32; x.len()];
+    // Every row is written whole.
+    let mut out = buffers::take(x.len());
     for_chunks(&mut out, cols, par, |i, o| {
         let (a, r) = (&x[i * cols..][..cols], &residual[i * cols..][..cols]);
         add_layernorm_row(o, a, r, gamma, beta, eps)
