@@ -1,8 +1,9 @@
 //! Fast paths for the hand-written CPU loops.
 //!
 //! The crate is compiled for the baseline x86-64 target so that it runs on any x86-64 CPU; the
-//! `gemm` crate dispatches on CPU features by itself, and [`multiversion!`] does the same for our
-//! own row loops: it compiles a loop twice (baseline and AVX2+FMA) and picks at run time.
+//! GEMM micro-kernels dispatch on CPU features by themselves (`sgemm`), and [`multiversion!`]
+//! does the same for our own row loops: it compiles a loop three times (baseline, AVX2+FMA,
+//! AVX-512) and picks at run time.
 //! The loops are written so that they vectorise without `-ffast-math` (several independent
 //! accumulators, no calls into libm): [`exp`] and [`erf`] are our own polynomial versions.
 
@@ -23,19 +24,63 @@ pub(crate) fn avx2_fma() -> bool {
     }
 }
 
+/// True when the row loops may use AVX-512: the CPU has AVX-512F/BW/DQ/VL and `APPARATE_SIMD`
+/// does not ask for a narrower level (so that `APPARATE_SIMD=avx2` tests the AVX2 loops on an
+/// AVX-512 machine too). Checked once.
+#[inline]
+pub(crate) fn avx512_rows() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            let capped = std::env::var("APPARATE_SIMD")
+                .is_ok_and(|v| matches!(v.trim(), "avx2" | "generic"));
+            !capped
+                && avx2_fma()
+                && std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512dq")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// True when the row loops may use AVX2+FMA: the CPU has them and `APPARATE_SIMD` is not
+/// `generic`. Checked once.
+#[inline]
+pub(crate) fn avx2_rows() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        avx2_fma() && !std::env::var("APPARATE_SIMD").is_ok_and(|v| v.trim() == "generic")
+    })
+}
+
 /// `fn NAME(args) -> R => BODY` defines `NAME`, which runs `BODY` (an `#[inline(always)]`
-/// function with the same signature) compiled for AVX2+FMA when the CPU has them.
+/// function with the same signature) compiled for AVX-512 or AVX2+FMA when the CPU has them
+/// ([`avx512_rows`], [`avx2_rows`]), else for the baseline target.
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:ident) => {
         $(#[$m])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                unsafe fn wide($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn fast($($arg: $ty),*) $(-> $ret)? {
                     $body($($arg),*)
                 }
-                if $crate::backend::cpu::simd::avx2_fma() {
+                if $crate::backend::cpu::simd::avx512_rows() {
+                    // SAFETY: the CPU supports these AVX-512 subsets (checked at run time).
+                    return unsafe { wide($($arg),*) };
+                }
+                if $crate::backend::cpu::simd::avx2_rows() {
                     // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
                     return unsafe { fast($($arg),*) };
                 }
