@@ -108,7 +108,11 @@ fn pad(
         let Some(iy) = py.checked_sub(padding[0]).filter(|&v| v < h) else {
             return;
         };
+        // Columns of the image inside the padded row (none when the padding alone is wider).
         let cols = w.min(wp.saturating_sub(padding[1]));
+        if cols == 0 {
+            return;
+        }
         let src = &x[((b * h + iy) * w) * c..][..cols * c];
         row[padding[1] * c..][..cols * c].copy_from_slice(src);
     });
@@ -360,6 +364,8 @@ mod tests {
             (9, 11, 16, 40, 3, 1, 1, 0),
             (10, 9, 24, 33, 3, 2, 1, 1),
             (7, 7, 16, 20, 1, 2, 0, 0),
+            // Padding wider than the padded row needs (the window never reaches the image).
+            (1, 1, 1, 2, 1, 5, 2, 0),
             (23, 21, 3, 16, 7, 2, 3, 0),
             (13, 6, 12, 70, 7, 2, 3, 0),
             // Deeper than one slice of k (256): cut inside a tap's channels, or within one tap.

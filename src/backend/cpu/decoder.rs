@@ -179,7 +179,7 @@ impl DecoderBackend for CpuBackend {
         let positions = &plan.positions;
         let exec = self.exec(x.data.len() * 4);
         {
-            exec.for_chunks(&mut x.data, cols, |r, row| {
+            exec.for_chunks(x.data_mut(), cols, |r, row| {
                 let pos = positions[r] as f32;
                 let turns: Vec<(f32, f32)> = inv_freq.iter().map(|f| (pos * f).sin_cos()).collect();
                 for head in row[..rotated_heads * head_dim].chunks_exact_mut(head_dim) {
@@ -201,7 +201,13 @@ impl DecoderBackend for CpuBackend {
         plan: &KvPlan,
         heads: Heads,
     ) -> Result<CpuTensor> {
-        kv_attention::store(&qkv.data, &mut cache.k.data, &mut cache.v.data, plan, heads);
+        kv_attention::store(
+            &qkv.data,
+            cache.k.data_mut(),
+            cache.v.data_mut(),
+            plan,
+            heads,
+        );
         let context: usize = plan.positions.iter().map(|&p| p as usize + 1).sum();
         let work = 2 * context * heads.heads * heads.head_dim;
         let (k, v) = (&cache.k.data, &cache.v.data);

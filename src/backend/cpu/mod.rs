@@ -153,25 +153,27 @@ impl CpuTensor {
         }
     }
 
-    /// This `[n, k]` tensor (any leading dimensions folded into k) as a packed GEMM operand
-    /// `W^T` for `level`: the kept copy, made on first use.
-    fn packed_b(&self, level: SimdLevel) -> Arc<sgemm::PackedB> {
-        let n = self.shape.first().copied().unwrap_or(1);
-        let k = self.data.len().checked_div(n).unwrap_or(0);
+    /// This tensor as a packed GEMM operand `W^T` of `n` rows of `k` (a `[n, k]` linear weight,
+    /// or a `[cout, kh, kw, cin]` convolution weight with `k = kh * kw * cin`) for `level`: the
+    /// kept copy, made on first use.
+    fn packed_b(&self, level: SimdLevel, n: usize, k: usize) -> Arc<sgemm::PackedB> {
+        assert_eq!(self.data.len(), n * k, "packed as {n} x {k}");
         let pack = || Arc::new(sgemm::PackedB::transposed(level, &self.data, n, k));
         let kept = self.packed.get_or_init(pack);
-        if kept.level() == level {
+        if kept.level() == level && (kept.n(), kept.k()) == (n, k) {
             kept.clone()
         } else {
-            // The same weights used by backends of two levels (tests do): pack for this call.
+            // The same weights read by backends of two levels, or as two shapes: pack for this
+            // call (correct, only slower).
             pack()
         }
     }
-    pub fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    pub fn data(&self) -> &[f32] {
-        &self.data
+
+    /// The values, for an op that changes them in place: the packed copy, now stale, is
+    /// dropped.
+    fn data_mut(&mut self) -> &mut [f32] {
+        self.packed.take();
+        &mut self.data
     }
 }
 
@@ -296,8 +298,7 @@ impl Backend for CpuBackend {
     }
 
     fn run_linear(&self, c: LinearCall<'_, CpuTensor>) -> Result<CpuTensor> {
-        let w = c.w.packed_b(self.simd);
-        debug_assert_eq!((w.n(), w.k()), (c.n, c.k));
+        let w = c.w.packed_b(self.simd, c.n, c.k);
         let data = self.run(c.m * c.n * c.k, |par| {
             linear::linear(
                 &c.x.data,
@@ -375,7 +376,8 @@ impl Backend for CpuBackend {
     fn run_conv2d(&self, c: ConvCall<'_, CpuTensor>) -> Result<CpuTensor> {
         let d = c.dims;
         let work = d.n * d.oh * d.ow * d.cout * d.kh * d.kw * (d.cin / c.p.groups.max(1));
-        let packed = (c.p.groups <= 1).then(|| c.w.packed_b(self.simd));
+        let packed =
+            (c.p.groups <= 1).then(|| c.w.packed_b(self.simd, d.cout, d.kh * d.kw * d.cin));
         let data = self.run(work, |par| {
             let operands = conv::Conv {
                 x: &c.x.data,

@@ -122,7 +122,13 @@ impl Team {
     /// A panic in a task is raised here after every thread has left the op.
     pub(crate) fn for_each(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
         let guard = if tasks > 1 && !self.workers.is_empty() {
-            self.busy.try_lock().ok()
+            match self.busy.try_lock() {
+                Ok(g) => Some(g),
+                // An earlier op panicked while holding it: the team itself is sound (every
+                // worker left that op), so keep using it rather than run inline from now on.
+                Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            }
         } else {
             None
         };
@@ -364,6 +370,15 @@ mod tests {
         assert!(r.is_err());
         let v = team.map(8, |i| i + 1);
         assert_eq!(v.iter().sum::<usize>(), 36);
+        // Still two threads after the panic, not the caller alone.
+        let ids = team.map(8, |_| {
+            std::thread::sleep(Duration::from_millis(3));
+            std::thread::current().id()
+        });
+        assert!(
+            ids.iter().any(|id| *id != ids[0]),
+            "only one thread ran the op"
+        );
     }
 
     #[test]

@@ -10,9 +10,9 @@ use super::SimdLevel as Level;
 
 /// Where a micro-kernel reads its `r x kc` block of A: k runs through `segs.len()` segments of
 /// `seg_k` steps each; in segment `s`, element `(i, t)` is at `ptr + segs[s] + i * rs + t * cs`.
-/// A packed panel is one segment with `rs = 1, cs = r`; row-major rows read in place are one
-/// segment with `rs` = their stride and `cs = 1`; a convolution read in place has a segment per
-/// kernel tap (the tap's offset in the padded input), `rs` the stride between output pixels.
+/// Row-major rows are one segment with `rs` = their stride and `cs = 1`; a convolution's
+/// windows have a segment per kernel row (its offset in the zero-padded input, `kw * cin`
+/// adjacent values), `rs` the distance between adjacent output pixels' windows.
 #[derive(Clone, Copy)]
 pub(super) struct APanel<'s> {
     pub ptr: *const f32,
