@@ -48,27 +48,26 @@ pub struct HostCpu {
 }
 
 impl HostCpu {
-    /// Reads /proc/cpuinfo (Linux); elsewhere the model is the architecture's name.
+    /// The model as the backend names it (`host_cpu_name`), the flags from /proc/cpuinfo
+    /// (Linux; elsewhere unknown).
     pub fn read() -> HostCpu {
-        let Ok(info) = std::fs::read_to_string("/proc/cpuinfo") else {
-            return HostCpu {
-                model: std::env::consts::ARCH.to_string(),
-                flags: None,
-            };
-        };
-        let field = |names: &[&str]| {
-            info.lines().find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                names.contains(&k.trim()).then(|| v.trim().to_string())
-            })
-        };
-        let have = field(&["flags", "Features"]).unwrap_or_default();
-        let have: Vec<&str> = have.split_whitespace().collect();
-        let flags = CPU_FLAGS.iter().copied().filter(|f| have.contains(f));
-        HostCpu {
-            model: field(&["model name"]).unwrap_or_else(|| std::env::consts::ARCH.to_string()),
-            flags: Some(flags.collect()),
-        }
+        let model = apparate::backend::cpu::host_cpu_name();
+        let flags = std::fs::read_to_string("/proc/cpuinfo").ok().map(|info| {
+            let have = info
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    matches!(k.trim(), "flags" | "Features").then(|| v.to_string())
+                })
+                .unwrap_or_default();
+            let have: Vec<&str> = have.split_whitespace().collect();
+            CPU_FLAGS
+                .iter()
+                .copied()
+                .filter(|f| have.contains(f))
+                .collect()
+        });
+        HostCpu { model, flags }
     }
 
     /// The same shape as the peers' `cpu` object: `{"model", "flags"}`.

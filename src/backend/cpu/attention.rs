@@ -4,10 +4,10 @@
 //! change any real token's result.
 
 use super::buffers;
-use super::par::{Exec, for_indices};
 use super::sgemm::{self, PackedB, SimdLevel};
 use super::simd::multiversion;
 use super::softmax::softmax_in_place;
+use super::team::Exec;
 use crate::backend::BatchShape;
 
 /// Lets parallel tasks write disjoint parts of one output buffer.
@@ -79,7 +79,7 @@ pub(crate) fn attention(
     // Rows of padding positions stay zero.
     let mut ctx = buffers::zeroed(shape.rows() * width);
     let out = OutPtr(ctx.as_mut_ptr());
-    for_indices(shape.batch() * heads, par, |task| {
+    par.for_each(shape.batch() * heads, &|task| {
         let (b, h) = (task / heads, task % heads);
         let len = shape.lengths[b];
         let base = b * shape.seq;

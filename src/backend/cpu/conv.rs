@@ -9,10 +9,9 @@
 //! the channels of a group.
 
 use super::buffers;
-use super::par::Exec;
+use super::team::Exec;
 
 use super::linear;
-use super::par::for_chunks;
 use super::sgemm::{self, PackedB, SimdLevel};
 use crate::backend::op_check::ConvDims;
 use crate::backend::{Activation, Conv2d, Pool2d};
@@ -103,7 +102,7 @@ fn pad(
     par: Exec<'_>,
 ) -> Vec<f32> {
     let mut out = buffers::zeroed(n * hp * wp * c);
-    for_chunks(&mut out, wp * c, par, |r, row| {
+    par.for_chunks(&mut out, wp * c, |r, row| {
         let (b, py) = (r / hp, r % hp);
         let Some(iy) = py.checked_sub(padding[0]).filter(|&v| v < h) else {
             return;
@@ -186,7 +185,7 @@ fn depthwise(conv: Conv<'_>, par: Exec<'_>) -> Vec<f32> {
     }
     // `dw_row` writes every element of its row.
     let mut out = buffers::take(n * oh * ow * c);
-    for_chunks(&mut out, ow * c, par, |r, o| {
+    par.for_chunks(&mut out, ow * c, |r, o| {
         dw_row(&conv, &taps, r / oh, r % oh, o);
     });
     out
@@ -264,7 +263,7 @@ fn grouped(c: Conv<'_>, par: Exec<'_>) -> Vec<f32> {
     let [n, h, wd, cin, cout, kh, kw, oh, ow] = dims.to_array();
     let (cg, og) = (cin / p.groups, cout / p.groups);
     let mut out = vec![0.0f32; n * oh * ow * cout];
-    for_chunks(&mut out, cout, par, |r, o| {
+    par.for_chunks(&mut out, cout, |r, o| {
         let (bn, y, xo) = (r / (oh * ow), (r / ow) % oh, r % ow);
         for (co, v) in o.iter_mut().enumerate() {
             let g = co / og;
@@ -298,7 +297,7 @@ pub(crate) fn pool2d(x: &[f32], dims: [usize; 6], p: &Pool2d, par: Exec<'_>) -> 
     let [_, h, w, c, oh, ow] = dims;
     // Each pixel starts from its initial value below.
     let mut out = buffers::take(dims[0] * oh * ow * c);
-    for_chunks(&mut out, c, par, |r, o| {
+    par.for_chunks(&mut out, c, |r, o| {
         let (bn, y, xo) = (r / (oh * ow), (r / ow) % oh, r % ow);
         let init = if p.max { f32::NEG_INFINITY } else { 0.0 };
         o.iter_mut().for_each(|v| *v = init);
@@ -328,7 +327,7 @@ pub(crate) fn pool2d(x: &[f32], dims: [usize; 6], p: &Pool2d, par: Exec<'_>) -> 
 /// [n, h, w, c] -> [n, c].
 pub(crate) fn global_avg_pool(x: &[f32], n: usize, hw: usize, c: usize, par: Exec<'_>) -> Vec<f32> {
     let mut out = vec![0.0f32; n * c];
-    for_chunks(&mut out, c, par, |b, o| {
+    par.for_chunks(&mut out, c, |b, o| {
         for px in 0..hw {
             for (v, a) in o.iter_mut().zip(&x[(b * hw + px) * c..][..c]) {
                 *v += a;

@@ -1,10 +1,9 @@
 //! Embedding gather + sum + LayerNorm, fused per token row.
 
 use super::buffers;
-use super::par::Exec;
+use super::team::Exec;
 
 use super::norm::layernorm_row;
-use super::par::for_chunks;
 use super::simd::multiversion;
 use crate::backend::BatchShape;
 
@@ -24,7 +23,7 @@ pub(crate) fn embed(
 ) -> Vec<f32> {
     // Every row is written whole.
     let mut out = buffers::take(shape.rows() * width);
-    for_chunks(&mut out, width, par, |r, o| {
+    par.for_chunks(&mut out, width, |r, o| {
         let p = r % shape.seq;
         let w = &word[ids[r] as usize * width..][..width];
         let pe = &position[p * width..][..width];

@@ -2,9 +2,9 @@
 //! residual and activation fused into its epilogue, applied to each tile while it is hot in cache.
 
 use super::buffers;
-use super::par::Exec;
 use super::sgemm::{self, PackedB};
 use super::simd::{self, multiversion};
+use super::team::Exec;
 use crate::backend::Activation;
 
 /// GELU in its erf form, as BERT defines it (erf within 4e-7, see [`simd::erf`]).

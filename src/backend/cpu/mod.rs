@@ -11,7 +11,6 @@ mod embedding;
 mod kv_attention;
 mod linear;
 mod norm;
-mod par;
 mod pool;
 pub mod qmatmul;
 pub mod qmatvec;

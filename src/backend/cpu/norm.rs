@@ -2,9 +2,8 @@
 //! of the output), and L2 normalisation.
 
 use super::buffers;
-use super::par::Exec;
+use super::team::Exec;
 
-use super::par::for_chunks;
 use super::simd::{self, multiversion};
 
 /// Normalises `row` in place: `(row - mean) / sqrt(var + eps) * gamma + beta`.
@@ -60,7 +59,7 @@ pub(crate) fn add_layernorm(
 ) -> Vec<f32> {
     // Every row is written whole.
     let mut out = buffers::take(x.len());
-    for_chunks(&mut out, cols, par, |i, o| {
+    par.for_chunks(&mut out, cols, |i, o| {
         let (a, r) = (&x[i * cols..][..cols], &residual[i * cols..][..cols]);
         add_layernorm_row(o, a, r, gamma, beta, eps)
     });

@@ -1,8 +1,7 @@
 //! The CPU twin of `kernels/ramp.cu`: pool, ramp head, softmax and exit check per input.
 
-use super::par::Exec;
+use super::team::Exec;
 
-use super::par::map_indices;
 use super::softmax::softmax_in_place;
 use crate::backend::{Pooling, RampDecision};
 
@@ -19,7 +18,7 @@ pub(crate) fn ramp_exit(
     threshold: f32,
     par: Exec<'_>,
 ) -> Vec<RampDecision> {
-    map_indices(lengths.len(), par, |b| {
+    par.map(lengths.len(), |b| {
         let len = lengths[b];
         let len = if pooling == Pooling::Cls { 1 } else { len };
         let mut feat = vec![0.0f32; width];

@@ -210,7 +210,10 @@ impl Team {
     }
 }
 
-/// Where an op's tasks run: inline on the caller (small ops, one thread) or on the team.
+/// Where an op's tasks run: inline on the caller or on the team. Handing an op to other threads
+/// costs a cross-thread hand-off and wait; a batch-1 CNN runs dozens of ops of a few
+/// microseconds each and a ramp is a few of them, so small ops (and every op of a 1-thread
+/// backend) run inline (`CpuBackend::exec` decides).
 #[derive(Clone, Copy)]
 pub(crate) enum Exec<'a> {
     Inline,

@@ -101,7 +101,7 @@ impl SimdLevel {
 }
 
 /// Depth of one slice of k: a packed B panel slice (`KC x NR`, 32 KiB at AVX-512) stays in L1
-/// while the A panels stream from L2. Measured on the 2-core EPYC (docs/results.md).
+/// while the A panels stream from L2. Chosen from the cache sizes, not tuned by measurement.
 const KC: usize = 256;
 /// Rows of A per task tile, in micro-panels (96 rows at AVX-512, 48 at AVX2): the block of A
 /// a tile reads per slice of k (`MC x KC`) fits in L2.
@@ -112,7 +112,6 @@ const TASKS_PER_THREAD: usize = 2;
 
 /// B packed for one [`SimdLevel`]: `ceil(n / NR)` panels, each `k x NR` (k-major, zero-padded
 /// past column `n`).
-#[derive(Clone, PartialEq)]
 pub(crate) struct PackedB {
     level: SimdLevel,
     k: usize,
