@@ -5,8 +5,11 @@
 #
 # - Step time limits add up to BUDGET_S (under the ~400 s the run gets); the budget is printed
 #   first and every step is killed at its limit.
-# - Binaries and the NVRTC module cache go to a `mktemp -d` directory, removed at exit. Only
-#   logs, the benchmark JSON and the summary go to $OUT (default ./gpu-out): about 8 files.
+# - Binaries, the model and the NVRTC module cache go to a `mktemp -d` directory, removed at
+#   exit. Only four files go to $OUT (default ./gpu-out; the device tool brings back 8 at most):
+#   steps.log (every step's whole log, in order), summary.md, kernels.json, torch-ref.json.
+# - GPU_CHECK_ONLY=probe,op-parity,... runs only the named steps (a rerun after a fix); the
+#   others are listed as skipped.
 # - Fails fast: no NVIDIA driver library, no NVRTC, or a binary that cannot load (`ldd` on each
 #   one before anything runs) stops the script with a message that says which.
 # - The GPU tests are #[ignore]d (a machine without a GPU reports them ignored); they run here
@@ -22,12 +25,16 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/apparate-gpu.XXXXXX") || exit 2
 trap 'rm -rf "$WORK"' EXIT
 
 # name:seconds, in order. The sum is the budget.
-STEPS=(versions:15 unpack:15 probe:20 cuda-unit:70 selftest:30 op-parity:90 minilm:60 kernel-bench:60)
+STEPS=(versions:10 unpack:20 probe:20 cuda-unit:60 selftest:25 op-parity:80 decoder-parity:30 cnn:30
+  minilm:45 kernel-bench:45 torch-ref:30)
 BUDGET_S=0
 for s in "${STEPS[@]}"; do BUDGET_S=$((BUDGET_S + ${s#*:})); done
 limit_of() { local s; for s in "${STEPS[@]}"; do [ "${s%%:*}" = "$1" ] && echo "${s#*:}"; done; }
 echo "==> budget: ${BUDGET_S} s in ${#STEPS[@]} steps (${STEPS[*]}); scratch $WORK; logs $OUT"
 T_START=$(date +%s)
+LOGS=$WORK/logs
+mkdir -p "$LOGS"
+ONLY=",${GPU_CHECK_ONLY:-},"
 
 declare -a SUMMARY
 record() { # name, result, seconds, note
@@ -38,32 +45,48 @@ step() { # name, command...
   local name=$1 limit rc t0 dt result note
   shift
   limit=$(limit_of "$name")
+  [ -n "$limit" ] || die "step $name has no time limit in STEPS"
+  if [ "$ONLY" != ",," ] && [[ $ONLY != *",$name,"* ]]; then
+    record "$name" skipped 0 "not in GPU_CHECK_ONLY"
+    return 0
+  fi
   echo "==> $name (limit ${limit} s)"
   t0=$(date +%s)
-  timeout -k 5 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout -k 5 "$limit" "$@" >"$LOGS/$name.log" 2>&1
   rc=$?
   dt=$(($(date +%s) - t0))
-  tail -n 25 "$OUT/$name.log"
+  tail -n 25 "$LOGS/$name.log"
   case $rc in
     0) result=ok ;;
     124 | 137) result="TIMED OUT (${limit} s)" ;;
     *) result="FAILED (rc $rc)" ;;
   esac
   # libtest's own count line, when the step ran tests.
-  note=$(grep -E '^test result:' "$OUT/$name.log" |
+  note=$(grep -E '^test result:' "$LOGS/$name.log" |
     sed -E 's/.* ([0-9]+) passed; ([0-9]+) failed; ([0-9]+) ignored.*/\1 passed, \2 failed, \3 ignored/' |
     paste -sd';' -)
   record "$name" "$result" "$dt" "${note:-}"
   return $rc
 }
 finish() { # exit status
+  # Every step's whole log in one file, in the order they ran.
+  local s f
+  for s in versions "${STEPS[@]}"; do
+    f=$LOGS/${s%%:*}.log
+    [ "${s%%:*}" = versions ] && f=$OUT/versions.log
+    [ -f "$f" ] || continue
+    echo "==================== ${s%%:*}"
+    cat "$f"
+  done >"$OUT/steps.log" 2>/dev/null
+  rm -f "$OUT/versions.log"
   {
     echo
     echo "| step         | result                 | time  | tests |"
     echo "|--------------|------------------------|-------|-------|"
     printf '%s\n' "${SUMMARY[@]}"
     echo "total $(($(date +%s) - T_START)) s of a ${BUDGET_S} s budget"
-    grep -h '^| cuda' "$OUT/kernel-bench.log" 2>/dev/null || true
+    grep -h '^| cuda' "$LOGS/kernel-bench.log" 2>/dev/null || true
+    grep -h '^| torch' "$LOGS/torch-ref.log" 2>/dev/null || true
   } | tee "$OUT/summary.md"
   exit "$1"
 }
@@ -140,11 +163,22 @@ CURRENT=unpack
 [ -d "$DEV/bin" ] || die "$DEV/bin is missing: run tools/gpu-prepare.sh and carry .device"
 t0=$(date +%s)
 mkdir -p "$WORK/bin" "$WORK/cache"
-for f in "$DEV"/bin/*.gz; do
+# xz, or Python's lzma where the machine has no xz.
+unxz_to() { # source, destination
+  if command -v xz >/dev/null; then
+    xz -dc "$1" >"$2"
+  else
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$1" "$2"
+  fi
+}
+for f in "$DEV"/bin/*.xz; do
   [ -e "$f" ] || die "no binaries in $DEV/bin"
-  b="$WORK/bin/$(basename "$f" .gz)"
-  gunzip -c "$f" >"$b" && chmod +x "$b" || die "cannot unpack $f"
+  b="$WORK/bin/$(basename "$f" .xz)"
+  unxz_to "$f" "$b" && chmod +x "$b" || die "cannot unpack $f"
 done
+mkdir -p "$WORK/weights"
+unxz_to "$DEV/minilm-l6-intent-f16.apparate.xz" "$WORK/weights/minilm-l6-intent-f16.apparate" ||
+  die "cannot unpack $DEV/minilm-l6-intent-f16.apparate.xz"
 for b in "$WORK"/bin/*; do
   if ! missing=$(ldd "$b" 2>&1) || echo "$missing" | grep -qE 'not found|not a dynamic'; then
     echo "$missing" >>"$OUT/versions.log"
@@ -153,14 +187,14 @@ for b in "$WORK"/bin/*; do
 done
 record unpack ok $(($(date +%s) - t0)) "$(ls "$WORK/bin" | paste -sd' ' -)"
 BIN=$WORK/bin
-export APPARATE_CACHE_DIR="$WORK/cache" APPARATE_WEIGHTS="$DEV" \
+export APPARATE_CACHE_DIR="$WORK/cache" APPARATE_WEIGHTS="$WORK/weights" \
   APPARATE_GPU_MODEL=minilm-l6-intent-f16.apparate RUST_BACKTRACE=1
 
 # ---- 3. the steps ------------------------------------------------------------------------------
 # Probe: cuDriverGetVersion, the NVRTC version, the device (what `apparate devices` prints).
 CURRENT=probe
 step probe "$BIN/apparate" devices
-grep -q '^cuda  available' "$OUT/probe.log" || die "the CUDA backend is unavailable: $(grep '^cuda' "$OUT/probe.log")"
+grep -q '^cuda  available' "$LOGS/probe.log" || die "the CUDA backend is unavailable: $(grep '^cuda' "$LOGS/probe.log")"
 
 # The cuda module's own tests (NVRTC, cache, device round trip, the async release ordering),
 # then the self-test kernels (barrier, warp shuffles and votes, tensor-core fragments).
@@ -169,8 +203,13 @@ step selftest "$BIN/lib_tests" --ignored --test-threads 1 gpu_selftest
 # Every op on `cuda` against the CPU backend, then MiniLM end to end.
 step op-parity "$BIN/op_parity" --ignored --test-threads 1
 step decoder-parity "$BIN/decoder_parity" --ignored --test-threads 1
+# ResNet-18/50 and VGG-11 (torchvision's logits, generated weights) in f32/f16/bf16.
+step cnn "$BIN/golden_cnn" --ignored --test-threads 1
 step minilm "$BIN/golden_minilm" --ignored --test-threads 1
-step kernel-bench "$BIN/kernels_bench" --device cuda --repeats 10 --model "$DEV/minilm-l6-intent-f16.apparate" --out "$OUT"
+step kernel-bench "$BIN/kernels_bench" --device cuda --repeats 10 \
+  --model "$WORK/weights/minilm-l6-intent-f16.apparate" --out "$OUT"
+# The peer: PyTorch eager on a MiniLM-shaped BERT (f16/bf16, eager and sdpa attention).
+step torch-ref env PYTHONUNBUFFERED=1 python3 tools/gpu_torch_ref.py --out "$OUT/torch-ref.json"
 
 failed=0
 for line in "${SUMMARY[@]}"; do
