@@ -5,6 +5,8 @@
 //!
 //!     cargo bench --bench kernels -- [--device auto|cuda|emu] [--dtype f32|f16|bf16]...
 //!                                     [--repeats N] [--model FILE] [--out DIR] [--table]
+//!                                     [--only gemm,attention,rows,minilm]
+//!                                     [--batches 1,8,32] [--default-kernels]
 //!
 //! Timing: inputs and outputs are allocated before the clock starts (the `*_into` launchers
 //! write into a preallocated output), then `launches` back-to-back launches run between two
@@ -24,8 +26,8 @@ use std::sync::Arc;
 use apparate::backend::cuda::{CudaConfig, CudaDevice};
 use apparate::backend::device::Device;
 use apparate::backend::emu::{EmuConfig, EmuDevice};
-use apparate::backend::gpu::{GpuBackend, elementwise};
-use apparate::backend::{Activation, Backend, CpuBackend, CpuConfig};
+use apparate::backend::gpu::{AttentionKernel, GemmKernel, GpuBackend, elementwise};
+use apparate::backend::{Activation, Backend, BatchShape, CpuBackend, CpuConfig};
 use apparate::format::ModelFile;
 use apparate::models::bert::{Bert, EncoderInput};
 use apparate::rng::SplitMix;
@@ -40,6 +42,19 @@ struct Opts {
     model: PathBuf,
     out: PathBuf,
     table: bool,
+    /// Which groups run (`gemm`, `attention`, `rows`, `minilm`); all when empty. The copy yardstick always
+    /// runs. A profiler run (`ncu`) names one group to keep its kernel count small.
+    only: Vec<String>,
+    /// MiniLM batch sizes (128 tokens each) on a GPU.
+    batches: Vec<usize>,
+    /// MiniLM with the default kernels only (a profiler run), not each variant.
+    default_kernels: bool,
+}
+
+impl Opts {
+    fn runs(&self, group: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|g| g == group)
+    }
 }
 
 fn parse() -> Res<Opts> {
@@ -51,6 +66,9 @@ fn parse() -> Res<Opts> {
         model: root.join("weights/minilm-l6.apparate"),
         out: root.join("target/bench-results"),
         table: false,
+        only: vec![],
+        batches: vec![1, 8, 32],
+        default_kernels: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -62,6 +80,24 @@ fn parse() -> Res<Opts> {
             "--model" => o.model = val()?.into(),
             "--out" => o.out = val()?.into(),
             "--table" => o.table = true,
+            "--default-kernels" => o.default_kernels = true,
+            "--batches" => {
+                o.batches = val()?
+                    .split(',')
+                    .map(|b| b.parse().map_err(|e| format!("--batches `{b}`: {e}")))
+                    .collect::<Result<_, _>>()?
+            }
+            "--only" => {
+                for g in val()?.split(',') {
+                    if !["gemm", "attention", "rows", "minilm"].contains(&g) {
+                        return Err(format!(
+                            "--only: unknown group `{g}` (gemm, attention, rows, minilm)"
+                        )
+                        .into());
+                    }
+                    o.only.push(g.to_string());
+                }
+            }
             "--bench" => {}
             other => return Err(format!("unknown argument `{other}`").into()),
         }
@@ -135,12 +171,15 @@ impl Yardstick for CudaDevice {
     }
 }
 
-/// The copy yardstick: `bytes` read and `bytes` written by `copy_u32`; GB/s.
-fn copy_bandwidth<D: Device>(dev: &D, plan: Plan, bytes: usize) -> Res<f64> {
+/// The copy yardstick: `bytes` read and `bytes` written by `copy_u32`; GB/s. Random data:
+/// Hopper compresses uniform data in L2/DRAM, so a constant-filled source would flatter a kernel.
+fn copy_bandwidth<D: Device>(dev: &D, plan: Plan, bytes: usize, rng: &mut SplitMix) -> Res<f64> {
     let words = bytes / 4;
-    let src = dev.alloc(words * 4)?;
+    let data: Vec<u32> = (0..words)
+        .map(|_| rng.below(u32::MAX as usize) as u32)
+        .collect();
+    let src = dev.upload(bytemuck::cast_slice(&data))?;
     let dst = dev.alloc(words * 4)?;
-    dev.fill(&src, 0x3c)?;
     let ms = time(dev, plan, || {
         elementwise::copy_words(dev, &src, &dst, words)?;
         Ok(())
@@ -168,14 +207,14 @@ fn bench_device<D: Yardstick>(
     };
     // 1 GiB moved each way on a GPU: far above any L2, so this is DRAM bandwidth.
     let copy_bytes = if real { 1 << 30 } else { 1 << 20 };
-    let copy_bw = copy_bandwidth(&*dev, plan, copy_bytes)?;
+    let mut rng = SplitMix::new(7);
+    let copy_bw = copy_bandwidth(&*dev, plan, copy_bytes, &mut rng)?;
     rows.push(Row {
         what: format!("{name} copy {} MiB", copy_bytes >> 20),
         ours_ms: 2.0 * copy_bytes as f64 / copy_bw / 1e6,
         metric: format!("{copy_bw:.0} GB/s"),
         reference: "-".into(),
     });
-    let mut rng = SplitMix::new(7);
     for &dt in &o.dtypes {
         let be = GpuBackend::shared(dev.clone(), dt);
         // GEMMs: MiniLM's at batch 8 x 128 tokens, BERT-base's, and the 4096^3 target shape.
@@ -190,78 +229,156 @@ fn bench_device<D: Yardstick>(
         } else {
             &[(64, 96, 128)]
         };
-        for &(m, n, k) in shapes {
+        for &(m, n, k) in shapes.iter().filter(|_| o.runs("gemm")) {
             let x: Vec<f32> = (0..m * k).map(|_| rng.uniform()).collect();
             let w: Vec<f32> = (0..n * k).map(|_| rng.uniform() * 0.1).collect();
             let xt = be.upload(&x, &[m, k])?;
             let wt = be.upload(&w, &[n, k])?;
             let yt = be.alloc(vec![m, n])?;
-            let ours = time(&*dev, plan, || {
-                be.linear_into(&xt, &wt, None, Activation::None, &yt)?;
-                Ok(())
-            })?;
+            // Both f16/bf16 kernels side by side (f32 has one).
+            let kernels: &[GemmKernel] = if dt == DType::F32 {
+                &[GemmKernel::Simple]
+            } else {
+                &[GemmKernel::Simple, GemmKernel::Pipelined]
+            };
+            let mut ours = Vec::new();
+            for &kernel in kernels {
+                let be = be.clone().with_gemm(kernel);
+                let ms = time(&*dev, plan, || {
+                    be.linear_into(&xt, &wt, None, Activation::None, &yt)?;
+                    Ok(())
+                })?;
+                ours.push((kernel, ms));
+            }
             let flops = 2.0 * (m * n * k) as f64;
             let yb = dev.alloc(m * n * dt.size())?;
             let xb = dev.upload(&dt.encode(&x))?;
             let wb = dev.upload(&dt.encode(&w))?;
-            let reference = match dev.reference_gemm(dt, m, n, k, [&xb, &wb, &yb]) {
-                None => "-".to_string(),
-                Some(Err(e)) => format!("cuBLAS failed: {e}"),
-                Some(Ok(())) => {
-                    let t = time(&*dev, plan, || {
-                        dev.reference_gemm(dt, m, n, k, [&xb, &wb, &yb])
-                            .expect("cuda")?;
-                        Ok(())
-                    })?;
-                    format!(
-                        "cuBLAS {:.3} ms, {:.1} TFLOP/s; ours {:.0}%",
-                        t,
-                        flops / t / 1e9,
-                        100.0 * t / ours
-                    )
-                }
+            let cublas_ms = match dev.reference_gemm(dt, m, n, k, [&xb, &wb, &yb]) {
+                None => None,
+                Some(Err(e)) => return Err(format!("cuBLAS failed: {e}").into()),
+                Some(Ok(())) => Some(time(&*dev, plan, || {
+                    dev.reference_gemm(dt, m, n, k, [&xb, &wb, &yb])
+                        .expect("cuda")?;
+                    Ok(())
+                })?),
             };
-            rows.push(Row {
-                what: format!("{name} {dt} gemm {m}x{n}x{k}"),
-                ours_ms: ours,
-                metric: format!("{:.2} TFLOP/s", flops / ours / 1e9),
-                reference,
-            });
+            for (kernel, ms) in ours {
+                let kernel = format!("{kernel:?}").to_lowercase();
+                rows.push(Row {
+                    what: format!("{name} {dt} gemm {m}x{n}x{k} {kernel}"),
+                    ours_ms: ms,
+                    metric: format!("{:.2} TFLOP/s", flops / ms / 1e9),
+                    reference: cublas_ms.map_or("-".into(), |t| {
+                        format!(
+                            "cuBLAS {t:.3} ms, {:.1} TFLOP/s; ours {:.0}%",
+                            flops / t / 1e9,
+                            100.0 * t / ms
+                        )
+                    }),
+                });
+            }
+        }
+        if o.runs("attention") {
+            attention(name, &be, real, plan, &mut rng, rows)?;
         }
         // Memory-bound kernels against the copy: 64k rows of 1024 (128-256 MiB per tensor).
-        let (r, c) = if real { (65536, 1024) } else { (64, 384) };
-        let a = be.upload(&vec![0.5; r * c], &[r, c])?;
-        let b = be.upload(&vec![0.25; r * c], &[r, c])?;
-        let g = be.upload(&vec![1.0; c], &[c])?;
-        let z = be.upload(&vec![0.0; c], &[c])?;
-        let y = be.alloc(vec![r, c])?;
-        let tensor_bytes = (r * c * dt.size()) as f64;
-        // (op, tensors of r x c moved: read and written, time per launch)
-        let memory_bound = [
-            (
-                "add_layernorm",
-                3.0,
-                time(&*dev, plan, || {
-                    Ok(be.add_layernorm_into(&a, &b, &g, &z, 1e-12, &y)?)
-                })?,
-            ),
-            (
-                "softmax",
-                2.0,
-                time(&*dev, plan, || Ok(be.softmax_into(&a, &y)?))?,
-            ),
-        ];
-        for (op, tensors, ms) in memory_bound {
-            let bw = tensors * tensor_bytes / ms / 1e6;
-            rows.push(Row {
-                what: format!("{name} {dt} {op} {r}x{c}"),
-                ours_ms: ms,
-                metric: format!("{bw:.0} GB/s"),
-                reference: format!("copy {copy_bw:.0} GB/s; ours {:.0}%", 100.0 * bw / copy_bw),
-            });
+        if o.runs("rows") {
+            // Random values: Hopper compresses uniform data, which would flatter the kernels.
+            let (r, c) = if real { (65536, 1024) } else { (64, 384) };
+            let rand =
+                |rng: &mut SplitMix| -> Vec<f32> { (0..r * c).map(|_| rng.uniform()).collect() };
+            let a = be.upload(&rand(&mut rng), &[r, c])?;
+            let b = be.upload(&rand(&mut rng), &[r, c])?;
+            let g = be.upload(&vec![1.0; c], &[c])?;
+            let z = be.upload(&vec![0.0; c], &[c])?;
+            let y = be.alloc(vec![r, c])?;
+            let tensor_bytes = (r * c * dt.size()) as f64;
+            // (op, tensors of r x c moved: read and written, time per launch)
+            let memory_bound = [
+                (
+                    "add_layernorm",
+                    3.0,
+                    time(&*dev, plan, || {
+                        Ok(be.add_layernorm_into(&a, &b, &g, &z, 1e-12, &y)?)
+                    })?,
+                ),
+                (
+                    "softmax",
+                    2.0,
+                    time(&*dev, plan, || Ok(be.softmax_into(&a, &y)?))?,
+                ),
+            ];
+            for (op, tensors, ms) in memory_bound {
+                let bw = tensors * tensor_bytes / ms / 1e6;
+                rows.push(Row {
+                    what: format!("{name} {dt} {op} {r}x{c}"),
+                    ours_ms: ms,
+                    metric: format!("{bw:.0} GB/s"),
+                    reference: format!("copy {copy_bw:.0} GB/s; ours {:.0}%", 100.0 * bw / copy_bw),
+                });
+            }
         }
-        if o.model.exists() {
-            minilm(name, &be, real, plan, &o.model, &mut rng, rows)?;
+        if o.runs("minilm") && o.model.exists() {
+            minilm(name, &be, real, plan, o, &mut rng, rows)?;
+        }
+    }
+    Ok(())
+}
+
+/// The attention op alone, both f16/bf16 kernels: MiniLM's heads (d = 32) at 128 tokens,
+/// BERT-base's (d = 64) at 512, and d = 128 at 2048; all keys valid. Rate: the 4 b h s^2 d
+/// multiply-add FLOPs of QK^T and PV.
+fn attention<D: Device>(
+    name: &str,
+    be: &GpuBackend<D>,
+    real: bool,
+    plan: Plan,
+    rng: &mut SplitMix,
+    rows: &mut Vec<Row>,
+) -> Res<()> {
+    let shapes: &[(usize, usize, usize, usize)] = if real {
+        &[
+            (8, 128, 12, 32),
+            (32, 128, 12, 32),
+            (8, 512, 12, 64),
+            (2, 2048, 16, 128),
+        ]
+    } else {
+        &[(2, 33, 2, 32)]
+    };
+    let kernels: &[AttentionKernel] = if be.dtype() == DType::F32 {
+        &[AttentionKernel::Simple]
+    } else {
+        &[AttentionKernel::Simple, AttentionKernel::Flash]
+    };
+    for &(batch, seq, heads, d) in shapes {
+        let width = heads * d;
+        let qkv: Vec<f32> = (0..batch * seq * 3 * width)
+            .map(|_| rng.uniform() * 2.0 - 1.0)
+            .collect();
+        let qkv = be.upload(&qkv, &[batch * seq, 3 * width])?;
+        let shape = BatchShape {
+            seq,
+            lengths: vec![seq; batch],
+        };
+        let flops = 4.0 * (batch * heads * seq * seq * d) as f64;
+        for &kernel in kernels {
+            let be = be.clone().with_attention(kernel);
+            let ms = time(be.device(), plan, || {
+                be.attention(&qkv, &shape, heads)?;
+                Ok(())
+            })?;
+            rows.push(Row {
+                what: format!(
+                    "{name} {} attention b{batch} s{seq} h{heads} d{d} {}",
+                    be.dtype(),
+                    format!("{kernel:?}").to_lowercase()
+                ),
+                ours_ms: ms,
+                metric: format!("{:.2} TFLOP/s", flops / ms / 1e9),
+                reference: "-".into(),
+            });
         }
     }
     Ok(())
@@ -273,18 +390,36 @@ fn minilm<D: Device>(
     be: &GpuBackend<D>,
     real: bool,
     plan: Plan,
-    path: &std::path::Path,
+    o: &Opts,
     rng: &mut SplitMix,
     rows: &mut Vec<Row>,
 ) -> Res<()> {
-    let file = ModelFile::open(path)?;
-    let model = Bert::load(be.clone(), &file)?;
-    let shapes: &[(usize, usize)] = if real {
-        &[(1, 128), (8, 128), (32, 128)]
+    let file = ModelFile::open(&o.model)?;
+    // The simple kernels, then the fast ones one at a time (the last is the default; f32 has
+    // one kernel of each).
+    use {AttentionKernel as A, GemmKernel as G};
+    let kernels: &[(G, A, &str)] = if be.dtype() == DType::F32 || o.default_kernels {
+        &[(G::Pipelined, A::Flash, "")]
     } else {
-        &[(1, 16)]
+        &[
+            (G::Simple, A::Simple, " (simple kernels)"),
+            (G::Pipelined, A::Simple, " (pipelined GEMM)"),
+            (G::Pipelined, A::Flash, " (pipelined GEMM, flash attention)"),
+        ]
     };
-    for &(batch, seq) in shapes {
+    let models = kernels
+        .iter()
+        .map(|&(g, a, label)| {
+            let be = be.clone().with_gemm(g).with_attention(a);
+            Ok((label, Bert::load(be, &file)?))
+        })
+        .collect::<Res<Vec<_>>>()?;
+    let shapes: Vec<(usize, usize)> = if real {
+        o.batches.iter().map(|&b| (b, 128)).collect()
+    } else {
+        vec![(1, 16)]
+    };
+    for (batch, seq) in shapes {
         let ids: Vec<Vec<u32>> = (0..batch)
             .map(|_| {
                 (0..seq)
@@ -298,19 +433,21 @@ fn minilm<D: Device>(
             .collect();
         let masks: Vec<Vec<u32>> = ids.iter().map(|s| vec![1; s.len()]).collect();
         let input = EncoderInput::from_ids_and_masks(&ids, &masks, 0)?;
-        let t = time(be.device(), plan, || {
-            model.forward(&input)?;
-            Ok(())
-        })?;
-        rows.push(Row {
-            what: format!(
-                "{name} {} MiniLM forward batch {batch} seq {seq}",
-                be.dtype()
-            ),
-            ours_ms: t,
-            metric: format!("{:.0} seq/s", batch as f64 / t * 1e3),
-            reference: "-".into(),
-        });
+        for (label, model) in &models {
+            let t = time(be.device(), plan, || {
+                model.forward(&input)?;
+                Ok(())
+            })?;
+            rows.push(Row {
+                what: format!(
+                    "{name} {} MiniLM forward batch {batch} seq {seq}{label}",
+                    be.dtype()
+                ),
+                ours_ms: t,
+                metric: format!("{:.0} seq/s", batch as f64 / t * 1e3),
+                reference: "-".into(),
+            });
+        }
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 // votes, the tensor-core wrapper, and (emulated device only) deadlock reporting. The kernel
 // parity suite runs them on every device it has.
 #include "common/mma.cuh"
+#include "common/pipe.cuh"
 
 // Reverses x within each block through shared memory: wrong without the barrier.
 extern "C" __global__ void selftest_block_reverse(const float* x, float* y, uint32_t n) {
@@ -60,6 +61,46 @@ __device__ void mma_one(const T* a, const T* bt, float* d) {
 }
 extern "C" __global__ void selftest_mma_f16(const f16* a, const f16* bt, float* d) { mma_one(a, bt, d); }
 extern "C" __global__ void selftest_mma_bf16(const bf16* a, const bf16* bt, float* d) { mma_one(a, bt, d); }
+
+// One warp, ldmatrix.x4 from a 32-row x 8-half shared tile; lane l points at row (7 l) % 32, so
+// each lane's address matters. out[4 l + i] = lane l's register i; out[128 + 4 l + i] the same
+// with .trans.
+extern "C" __global__ void selftest_ldmatrix(const uint32_t* src, uint32_t* out) {
+    __shared__ __align__(16) uint32_t tile[32 * 4];  // 32 rows of 8 halves
+    uint32_t lane = threadIdx.x;
+    for (int i = 0; i < 4; i++) tile[lane * 4 + i] = src[lane * 4 + i];
+    __syncthreads();
+    uint32_t r[4], rt[4];
+    ldmatrix_x4(r, &tile[((lane * 7) % 32) * 4]);
+    ldmatrix_x4_trans(rt, &tile[((lane * 7) % 32) * 4]);
+    for (int i = 0; i < 4; i++) {
+        out[lane * 4 + i] = r[i];
+        out[128 + lane * 4 + i] = rt[i];
+    }
+}
+
+// One warp, three cp.async groups of 16 bytes per lane into shared memory first set to -1:
+// group 0 and 1 copy src[0..128) and src[128..256), group 2 is zero-filled (src-size 0).
+// out[0..128): each lane's own group-0 chunk after wait_group 2 (its own copies are visible to
+// it without a barrier); out[128..256): its group-1 chunk before any wait (still -1 on the
+// emulated device, which lands copies only at the wait; either on a GPU); out[256..640): the
+// whole buffer after wait_group 0 and a barrier.
+extern "C" __global__ void selftest_cp_async(const float* src, float* out) {
+    __shared__ __align__(16) float buf[3 * 128];
+    uint32_t lane = threadIdx.x;
+    for (int i = 0; i < 12; i++) buf[lane * 12 + i] = -1.0f;
+    __syncthreads();
+    for (int grp = 0; grp < 3; grp++) {
+        cp_async16(&buf[grp * 128 + lane * 4], grp < 2 ? src + grp * 128 + lane * 4 : src, grp < 2);
+        cp_async_commit();
+    }
+    for (int i = 0; i < 4; i++) out[128 + lane * 4 + i] = buf[128 + lane * 4 + i];
+    cp_async_wait<2>();
+    for (int i = 0; i < 4; i++) out[lane * 4 + i] = buf[lane * 4 + i];
+    cp_async_wait<0>();
+    __syncthreads();
+    for (int i = 0; i < 12; i++) out[256 + lane * 12 + i] = buf[lane * 12 + i];
+}
 
 #ifdef APPARATE_EMU
 // Lanes 0-15 of the first warp wait in a shuffle while everyone else waits at __syncthreads:

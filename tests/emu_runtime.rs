@@ -75,6 +75,24 @@ fn tensor_core_wrapper_matches_a_plain_product() {
 }
 
 #[test]
+fn ldmatrix_twin_follows_the_ptx_layout() {
+    selftest::ldmatrix(&dev()).unwrap();
+}
+
+#[test]
+fn cp_async_copies_land_at_their_wait_and_zero_fill() {
+    // Under shuffled thread orders too: a lane's copies are its own.
+    for seed in [0u64, 3, 11] {
+        let d = EmuDevice::new(EmuConfig {
+            threads: None,
+            shuffle_seed: seed,
+        })
+        .unwrap();
+        selftest::cp_async(&d).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    }
+}
+
+#[test]
 fn deadlock_is_reported_with_the_kernel_name() {
     let d = dev();
     let out = d.alloc(64 * 4).unwrap();

@@ -15,8 +15,9 @@ use std::sync::Arc;
 use apparate::backend::cuda::{CudaConfig, CudaDevice};
 use apparate::backend::device::Device;
 use apparate::backend::emu::{EmuConfig, EmuDevice};
-use apparate::backend::gpu::GpuBackend;
+use apparate::backend::gpu::{AttentionKernel, GemmKernel, GpuBackend};
 use apparate::backend::{Backend, CpuBackend, RampInput, RampWeights};
+use apparate::tensor::DType;
 use common::cpu;
 use op_cases::{Expect, Op, OpCase, Output};
 
@@ -25,8 +26,29 @@ fn parity_on<D: Device>(label: &str, dev: Arc<D>, pick: impl Fn(&Op) -> bool) {
     let c = cpu();
     let mut ran = 0;
     for case in op_cases::cases().iter().filter(|k| pick(&k.op)) {
-        let be = GpuBackend::shared(dev.clone(), case.dtype).with_poisoned_outputs();
-        check_case(&format!("{label}/{}", case.dtype), &be, &c, case);
+        // Ops that run a GEMM, in half precision: both kernels (the simple one is the
+        // pipelined one's reference and fallback).
+        // The same for attention.
+        let half = case.dtype != DType::F32;
+        let variants: &[(GemmKernel, AttentionKernel)] = match case.op {
+            Op::Linear { .. } | Op::Conv2d { .. } if half => &[
+                (GemmKernel::Pipelined, AttentionKernel::Flash),
+                (GemmKernel::Simple, AttentionKernel::Flash),
+            ],
+            Op::Attention { .. } if half => &[
+                (GemmKernel::Pipelined, AttentionKernel::Flash),
+                (GemmKernel::Pipelined, AttentionKernel::Simple),
+            ],
+            _ => &[(GemmKernel::Pipelined, AttentionKernel::Flash)],
+        };
+        for &(gemm, attention) in variants {
+            let be = GpuBackend::shared(dev.clone(), case.dtype)
+                .with_poisoned_outputs()
+                .with_gemm(gemm)
+                .with_attention(attention);
+            let label = format!("{label}/{}/{gemm:?}/{attention:?}", case.dtype);
+            check_case(&label, &be, &c, case);
+        }
         ran += 1;
     }
     assert!(ran > 0, "no case selected");

@@ -6,8 +6,9 @@
 # - Step time limits add up to BUDGET_S (under the ~400 s the run gets); the budget is printed
 #   first and every step is killed at its limit.
 # - Binaries, the model and the NVRTC module cache go to a `mktemp -d` directory, removed at
-#   exit. Only four files go to $OUT (default ./gpu-out; the device tool brings back 8 at most):
-#   steps.log (every step's whole log, in order), summary.md, kernels.json, torch-ref.json.
+#   exit. Only five files go to $OUT (default ./gpu-out; the device tool brings back 8 at most):
+#   steps.log (every step's whole log, in order), summary.md, kernels.json, torch-ref.json,
+#   profile.csv.
 # - GPU_CHECK_ONLY=probe,op-parity,... runs only the named steps (a rerun after a fix); the
 #   others are listed as skipped.
 # - Fails fast: no NVIDIA driver library, no NVRTC, or a binary that cannot load (`ldd` on each
@@ -26,7 +27,7 @@ trap 'rm -rf "$WORK"' EXIT
 
 # name:seconds, in order. The sum is the budget.
 STEPS=(versions:10 unpack:20 probe:20 cuda-unit:60 selftest:25 op-parity:80 decoder-parity:30 cnn:30
-  minilm:45 kernel-bench:45 torch-ref:30)
+  minilm:45 kernel-bench:70 torch-ref:50 profile:60)
 BUDGET_S=0
 for s in "${STEPS[@]}"; do BUDGET_S=$((BUDGET_S + ${s#*:})); done
 limit_of() { local s; for s in "${STEPS[@]}"; do [ "${s%%:*}" = "$1" ] && echo "${s#*:}"; done; }
@@ -210,6 +211,18 @@ step kernel-bench "$BIN/kernels_bench" --device cuda --repeats 10 \
   --model "$WORK/weights/minilm-l6-intent-f16.apparate" --out "$OUT"
 # The peer: PyTorch eager on a MiniLM-shaped BERT (f16/bf16, eager and sdpa attention).
 step torch-ref env PYTHONUNBUFFERED=1 python3 tools/gpu_torch_ref.py --out "$OUT/torch-ref.json"
+# Where a MiniLM forward's time goes: every kernel of a few f16 batch-8 forwards under Nsight
+# Compute (duration only; clocks left alone), as CSV. Kernels run serialised under the profiler,
+# so the durations add up to less than the forward's own time: the rest is host work and gaps.
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
+if [ -n "$NCU" ]; then
+  step profile "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv \
+    --log-file "$OUT/profile.csv" --launch-skip 60 --launch-count 240 \
+    "$BIN/kernels_bench" --device cuda --only minilm --dtype f16 --batches 8 --repeats 1 --default-kernels \
+    --model "$WORK/weights/minilm-l6-intent-f16.apparate" --out "$WORK"
+else
+  record profile skipped 0 "no ncu on this machine"
+fi
 
 failed=0
 for line in "${SUMMARY[@]}"; do

@@ -86,6 +86,34 @@ def main() -> int:
                 )
             del model
             torch.cuda.empty_cache()
+    # The attention op alone (PyTorch's fused scaled_dot_product_attention, which picks its
+    # flash or memory-efficient kernel), at the shapes of benches/kernels.rs.
+    import torch.nn.functional as F
+
+    attn_rows = []
+    for dtype_name, dtype in [("f16", torch.float16), ("bf16", torch.bfloat16)]:
+        for batch, seq, heads, d in [(8, 128, 12, 32), (32, 128, 12, 32), (8, 512, 12, 64), (2, 2048, 16, 128)]:
+            q, k, v = (torch.randn(batch, heads, seq, d, device="cuda", dtype=dtype) for _ in range(3))
+            for _ in range(3):
+                F.scaled_dot_product_attention(q, k, v)
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(a.repeats):
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(10):
+                    F.scaled_dot_product_attention(q, k, v)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 10)
+            ms = statistics.median(times)
+            tflops = 4 * batch * heads * seq * seq * d / ms / 1e9
+            attn_rows.append(dict(dtype=dtype_name, batch=batch, seq=seq, heads=heads, d=d, median_ms=ms))
+            print(
+                f"| torch {dtype_name} sdpa attention b{batch} s{seq} h{heads} d{d} | {ms:.4f} ms | {tflops:.2f} TFLOP/s |",
+                flush=True,
+            )
     info = dict(
         torch=torch.__version__,
         transformers=transformers.__version__,
@@ -94,6 +122,7 @@ def main() -> int:
         when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         repeats=a.repeats,
         rows=rows,
+        attention=attn_rows,
     )
     with open(a.out, "w") as f:
         json.dump(info, f, indent=1)

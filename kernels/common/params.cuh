@@ -23,9 +23,27 @@
 #define GEMM_BN 64
 #define GEMM_TC_THREADS 128
 #define GEMM_SIMT_THREADS 256
+// The pipelined tensor-core GEMM (f16/bf16): k-step, shared-memory stages, and its two tile
+// shapes (big: 8 warps as 2 x 4; small: 4 warps as 2 x 2). A big tile is used when the GEMM
+// has at least GEMM_PIPE_BIG_MIN_TILES of them: one per multiprocessor of an H100/H200 (132),
+// below which the big tiles would leave multiprocessors idle.
+#define GEMM_PIPE_BK 32
+#define GEMM_PIPE_STAGES 4
+#define GEMM_PIPE_BIG_BM 128
+#define GEMM_PIPE_BIG_BN 128
+#define GEMM_PIPE_BIG_THREADS 256
+#define GEMM_PIPE_SMALL_BM 64
+#define GEMM_PIPE_SMALL_BN 64
+#define GEMM_PIPE_SMALL_THREADS 128
+#define GEMM_PIPE_BIG_MIN_TILES 132
 
 // Query rows (one per warp) per block of the attention kernel.
 #define ATTN_WARPS 4
+// The flash-attention kernel (f16/bf16): query rows per block (16 per warp), keys per shared
+// tile, threads per block (BQ / 16 warps).
+#define ATTN_FLASH_BQ 64
+#define ATTN_FLASH_BKV 64
+#define ATTN_FLASH_THREADS 128
 
 // Threads per block of the fused ramp kernel (one block per input).
 #define RAMP_THREADS 256

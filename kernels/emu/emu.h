@@ -17,11 +17,25 @@ struct uint3 {
 };
 typedef uint3 dim3;
 
+// An asynchronous global-to-shared copy (`cp.async`) not yet landed: the emulated device
+// performs it only when a `cp.async.wait_group` lets it, so a kernel that reads the shared
+// memory before waiting sees the old contents there as it could on a GPU.
+struct ApparateEmuCopy {
+    void* dst;
+    const void* src;
+    unsigned int bytes, src_bytes;  // src_bytes < bytes: the rest is zero-filled
+    unsigned int group;             // commit-group number; ~0u while not yet committed
+};
+#define APPARATE_EMU_MAX_COPIES 64
+
 // Per-fiber and per-block state visible to kernel code.
 struct ApparateEmuThread {
     uint3 thread_idx;
     unsigned int lane;  // linear thread index % 32
     unsigned int warp;  // linear thread index / 32
+    // This thread's cp.async copies in flight, in issue order, and its commit-group count.
+    ApparateEmuCopy copies[APPARATE_EMU_MAX_COPIES];
+    unsigned int n_copies, groups_committed;
 };
 struct ApparateEmuBlock {
     uint3 block_idx;
@@ -48,6 +62,8 @@ extern thread_local ApparateEmuBlock* apparate_emu_block;
 // is static per OS thread is exactly per-block shared memory.
 #define __shared__ static thread_local
 #define __align__(n) __attribute__((aligned(n)))
+// Register and occupancy hints for the GPU compiler; nothing to do on the host.
+#define __launch_bounds__(...)
 
 // Scheduler entry points (emu.cpp).
 void apparate_emu_syncthreads();

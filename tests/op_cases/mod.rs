@@ -149,6 +149,18 @@ pub fn ops() -> Vec<(Op, Expect)> {
             v.push((Op::Linear { m, n, k, act, bias }, ok.clone()));
         }
     }
+    // Enough 128 x 128 tiles (11 x 12 >= GEMM_PIPE_BIG_MIN_TILES) for the pipelined GEMM's big
+    // shape, ragged on both sides, K under one k-step.
+    v.push((
+        Op::Linear {
+            m: 1290,
+            n: 1480,
+            k: 24,
+            act: GeluErf,
+            bias: true,
+        },
+        ok.clone(),
+    ));
     // A 1-wide row normalises to exactly beta on both sides.
     for (rows, cols) in [(1, 1), (3, 7), (5, 384), (64, 1000)] {
         v.push((Op::AddLayerNorm { rows, cols }, ok.clone()));
@@ -158,6 +170,10 @@ pub fn ops() -> Vec<(Op, Expect)> {
         (7, 3, 4, vec![7, 3]),
         (33, 2, 32, vec![33, 1, 17]),
         (128, 12, 32, vec![128, 77]),
+        // The flash kernel's head sizes: three key tiles with a ragged last one, a query block
+        // of padding only, and one key in all.
+        (130, 2, 64, vec![130, 65, 1]),
+        (70, 1, 128, vec![70, 64]),
     ] {
         v.push((
             Op::Attention {

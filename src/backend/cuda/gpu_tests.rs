@@ -42,6 +42,16 @@ fn gpu_selftest_tensor_core_fragments() {
     }
 }
 
+/// `ldmatrix.x4` against the PTX ISA's layout, and `cp.async` groups: land by their wait,
+/// zero-fill (the pipelined GEMM's two instructions).
+#[test]
+#[ignore = "needs a CUDA GPU: run by tools/gpu-check.sh"]
+fn gpu_selftest_ldmatrix_and_cp_async() {
+    let dev = device();
+    selftest::ldmatrix(&dev).unwrap();
+    selftest::cp_async(&dev).unwrap();
+}
+
 /// The f32 <-> f16/bf16 casts (`cvt` inline PTX on a GPU).
 #[test]
 #[ignore = "needs a CUDA GPU: run by tools/gpu-check.sh"]

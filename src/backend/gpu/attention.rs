@@ -1,10 +1,12 @@
-//! Launcher of `kernels/attention.cu`: fused QK^T, mask, softmax and PV; one warp per query
-//! row, `ATTN_WARPS` rows per block, the scores of each row in shared memory.
+//! Launcher of `kernels/attention.cu`: fused QK^T, mask, softmax and PV. The simple kernel: one
+//! warp per query row, `ATTN_WARPS` rows per block, the scores of each row in shared memory. The
+//! flash kernel (f16/bf16, by [`AttentionKernel`]): tensor cores over shared tiles of K and V.
 
 use super::{GpuBackend, GpuTensor, params};
 use crate::backend::device::{Device, KernelArg, LaunchConfig};
 use crate::backend::op_check::AttentionCall;
 use crate::error::Result;
+use crate::tensor::DType;
 
 impl<D: Device> GpuBackend<D> {
     pub(super) fn launch_attention(
@@ -21,6 +23,36 @@ impl<D: Device> GpuBackend<D> {
             format!("attention over {seq} positions")
         })?;
         let lengths = self.ints("length", c.shape.lengths.iter().copied())?;
+        let args = [
+            self.ptr(c.qkv)?,
+            KernelArg::Ptr(self.dev.address(&lengths)),
+            self.ptr(&out)?,
+            self.u32("seq", seq)?,
+            self.u32("width", c.width)?,
+            self.u32("heads", c.heads)?,
+            KernelArg::F32(1.0 / ((c.width / c.heads) as f32).sqrt()),
+        ];
+        let d = c.width / c.heads;
+        if self.attention == AttentionKernel::Flash
+            && self.dtype != DType::F32
+            && matches!(d, 32 | 64 | 128)
+            && c.width % 8 == 0
+            && self.dev.address(&c.qkv.buf) % 16 == 0
+        {
+            // Q (BQ rows), then K and V double-buffered (2 x BKV rows each), of d + 8 halves.
+            let rows = params::ATTN_FLASH_BQ + 4 * params::ATTN_FLASH_BKV;
+            let cfg = LaunchConfig {
+                grid: [
+                    self.grid("inputs x heads", c.shape.batch() * c.heads)?,
+                    self.grid("query blocks", seq.div_ceil(params::ATTN_FLASH_BQ as usize))?,
+                    1,
+                ],
+                block: [params::ATTN_FLASH_THREADS, 1, 1],
+                shared_bytes: rows * (d as u32 + 8) * 2,
+            };
+            self.launch(&self.kernel(&format!("attention_flash_d{d}")), cfg, &args)?;
+            return Ok(out);
+        }
         let cfg = LaunchConfig {
             grid: [
                 self.grid("inputs x heads", c.shape.batch() * c.heads)?,
@@ -30,19 +62,47 @@ impl<D: Device> GpuBackend<D> {
             block: [params::ATTN_WARPS * 32, 1, 1],
             shared_bytes: smem,
         };
-        self.launch(
-            &self.kernel("attention"),
-            cfg,
-            &[
-                self.ptr(c.qkv)?,
-                KernelArg::Ptr(self.dev.address(&lengths)),
-                self.ptr(&out)?,
-                self.u32("seq", seq)?,
-                self.u32("width", c.width)?,
-                self.u32("heads", c.heads)?,
-                KernelArg::F32(1.0 / ((c.width / c.heads) as f32).sqrt()),
-            ],
-        )?;
+        self.launch(&self.kernel("attention"), cfg, &args)?;
         Ok(out)
+    }
+}
+
+/// The f16/bf16 attention kernel of a [`GpuBackend`] (f32 always runs the simple kernel).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// One warp per query row, scalar f32 arithmetic, K and V read from global memory per row:
+    /// the parity reference for the flash kernel and its fallback.
+    Simple,
+    /// Tensor-core scores and weighted sums over shared-memory tiles of K and V with an online
+    /// softmax (kernels/attention.cu). Needs a head dimension of 32, 64 or 128; others run the
+    /// simple kernel.
+    Flash,
+}
+
+impl AttentionKernel {
+    /// `APPARATE_GPU_ATTENTION` = `simple` | `flash`; unset means flash. Another value is
+    /// reported once on stderr and the default kept (a backend is made without a `Result`).
+    pub fn from_env() -> AttentionKernel {
+        match std::env::var("APPARATE_GPU_ATTENTION") {
+            Err(_) => AttentionKernel::Flash,
+            Ok(v) => v.parse().unwrap_or_else(|e| {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| eprintln!("warning: APPARATE_GPU_ATTENTION: {e}; using flash"));
+                AttentionKernel::Flash
+            }),
+        }
+    }
+}
+
+impl std::str::FromStr for AttentionKernel {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<AttentionKernel, String> {
+        match s {
+            "simple" => Ok(AttentionKernel::Simple),
+            "flash" => Ok(AttentionKernel::Flash),
+            other => Err(format!(
+                "unknown attention kernel `{other}` (simple, flash)"
+            )),
+        }
     }
 }

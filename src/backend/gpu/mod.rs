@@ -9,11 +9,13 @@
 //! lengths) are dropped right after their launch: devices free memory in stream order.
 
 mod attention;
+pub use attention::AttentionKernel;
 mod conv;
 pub mod decoder;
 pub mod elementwise;
 mod embedding;
 mod gemm;
+pub use gemm::GemmKernel;
 mod kv_attention;
 mod norm;
 pub mod params;
@@ -59,6 +61,8 @@ pub struct GpuBackend<D: Device> {
     dev: Arc<D>,
     dtype: DType,
     poison: bool,
+    gemm: GemmKernel,
+    attention: AttentionKernel,
 }
 
 impl<D: Device> Clone for GpuBackend<D> {
@@ -67,6 +71,8 @@ impl<D: Device> Clone for GpuBackend<D> {
             dev: self.dev.clone(),
             dtype: self.dtype,
             poison: self.poison,
+            gemm: self.gemm,
+            attention: self.attention,
         }
     }
 }
@@ -82,7 +88,31 @@ impl<D: Device> GpuBackend<D> {
             dev,
             dtype,
             poison: false,
+            gemm: GemmKernel::from_env(),
+            attention: AttentionKernel::from_env(),
         }
+    }
+
+    /// Which f16/bf16 GEMM kernel runs the linear layers and convolutions (default: the
+    /// `APPARATE_GPU_GEMM` environment variable, else [`GemmKernel::Pipelined`]).
+    pub fn with_gemm(mut self, gemm: GemmKernel) -> GpuBackend<D> {
+        self.gemm = gemm;
+        self
+    }
+
+    pub fn gemm_kernel(&self) -> GemmKernel {
+        self.gemm
+    }
+
+    /// Which f16/bf16 attention kernel runs (default: the `APPARATE_GPU_ATTENTION` environment
+    /// variable, else [`AttentionKernel::Flash`]).
+    pub fn with_attention(mut self, attention: AttentionKernel) -> GpuBackend<D> {
+        self.attention = attention;
+        self
+    }
+
+    pub fn attention_kernel(&self) -> AttentionKernel {
+        self.attention
     }
 
     /// Fill every op output with NaN before its kernel runs, so an element a kernel forgets to

@@ -162,3 +162,89 @@ pub fn cast_roundtrip<D: Device>(dev: &D) -> Result<()> {
     }
     Ok(())
 }
+
+/// `selftest_ldmatrix`: one warp, `ldmatrix.x4` (plain and `.trans`) with each lane pointing
+/// at a different row;
+/// every register of every lane against the PTX ISA's layout (lane l, register i: matrix i's
+/// row l / 4, halves 2 (l % 4) and 2 (l % 4) + 1; matrix i's row r comes from lane 8 i + r).
+pub fn ldmatrix<D: Device>(dev: &D) -> Result<()> {
+    const K: &str = "selftest_ldmatrix";
+    // Row q, half h holds 1000 q + h: every value names its place.
+    let halves: Vec<u16> = (0..32u16)
+        .flat_map(|q| (0..8u16).map(move |h| 1000 + 16 * q + h))
+        .collect();
+    let src = dev.upload(bytemuck::cast_slice(&halves))?;
+    let out = dev.alloc(2 * 32 * 4 * 4)?;
+    dev.fill(&out, 0xff)?;
+    let args = [
+        KernelArg::Ptr(dev.address(&src)),
+        KernelArg::Ptr(dev.address(&out)),
+    ];
+    // SAFETY: (const uint32_t* src, uint32_t* out): 128 and 256 words, one warp.
+    unsafe { dev.launch(K, LaunchConfig::linear(1, 32, 0), &args) }?;
+    dev.synchronize()?;
+    let mut bytes = vec![0u8; 2 * 32 * 4 * 4];
+    dev.download(&out, &mut bytes)?;
+    let got: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes);
+    // The shared row that lane `l` addressed, and element `c` of it.
+    let at = |l: usize, c: usize| halves[((l * 7) % 32) * 8 + c] as u32;
+    for lane in 0..32usize {
+        for i in 0..4usize {
+            let (l, t) = (i * 8 + lane / 4, lane % 4);
+            let plain = at(l, 2 * t) | at(l, 2 * t + 1) << 16;
+            // Transposed: rows 2t and 2t + 1 of matrix i, column lane / 4.
+            let trans = at(i * 8 + 2 * t, lane / 4) | at(i * 8 + 2 * t + 1, lane / 4) << 16;
+            for (what, g, want) in [
+                ("", got[lane * 4 + i], plain),
+                (".trans ", got[128 + lane * 4 + i], trans),
+            ] {
+                if g != want {
+                    return Err(wrong(
+                        dev,
+                        K,
+                        format!("{what}lane {lane} register {i}: {g:#010x}, expected {want:#010x}"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `selftest_cp_async`: copies land by the wait that names their group, a zero-size source
+/// zero-fills, and (on the emulated device, which holds copies until a wait lets them land) a
+/// copy is not seen before its wait.
+pub fn cp_async<D: Device>(dev: &D) -> Result<()> {
+    const K: &str = "selftest_cp_async";
+    let src: Vec<f32> = (0..256).map(|i| 1.0 + i as f32).collect();
+    let sb = upload_f32(dev, &src)?;
+    let out = dev.alloc(640 * 4)?;
+    dev.fill(&out, 0xff)?;
+    let args = [
+        KernelArg::Ptr(dev.address(&sb)),
+        KernelArg::Ptr(dev.address(&out)),
+    ];
+    // SAFETY: (const float* src, float* out): 256 and 640 floats, one warp.
+    unsafe { dev.launch(K, LaunchConfig::linear(1, 32, 0), &args) }?;
+    let got = download_f32(dev, &out)?;
+    let check = |at: usize, want: f32, what: &str| -> Result<()> {
+        if got[at] != want {
+            return Err(wrong(
+                dev,
+                K,
+                format!("{what}: out[{at}] = {}, expected {want}", got[at]),
+            ));
+        }
+        Ok(())
+    };
+    for i in 0..128 {
+        check(i, src[i], "group 0 after wait_group 2")?;
+        check(256 + i, src[i], "group 0 after wait_group 0")?;
+        check(384 + i, src[128 + i], "group 1 after wait_group 0")?;
+        check(512 + i, 0.0, "zero-filled group 2")?;
+        if dev.name() == "emu" {
+            check(128 + i, -1.0, "group 1 before any wait (emulated device)")?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,128 @@
+// Asynchronous global-to-shared copies and warp-wide matrix loads from shared memory (sm_80+):
+// the building blocks of the pipelined GEMM. On the GPU each is one PTX instruction; on the
+// emulated device each has a twin that follows the PTX ISA's semantics closely enough to catch
+// the mistakes that matter:
+// - `cp.async` copies are queued per thread and land only when a `cp.async.wait_group` lets them
+//   (a read of shared memory before the wait sees the old contents, as it may on a GPU);
+// - `ldmatrix` exchanges row addresses across the warp exactly as the fragment layout says.
+#pragma once
+
+#include "apparate.cuh"
+
+#ifndef APPARATE_EMU
+// The 32-bit shared-window address of a generic pointer into shared memory.
+APPARATE_DEVICE uint32_t smem_addr(const void* p) {
+    uint64_t a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (uint32_t)a;
+}
+#endif
+
+// 16 bytes global -> shared without passing through registers (cp.async.cg: cached in L2 only).
+// `pred` false zero-fills the 16 bytes and reads nothing (src-size 0); `src` must still be a
+// valid address, so callers pass the tensor's base there. Both addresses 16-byte aligned.
+APPARATE_DEVICE void cp_async16(void* dst, const void* src, bool pred) {
+#ifdef APPARATE_EMU
+    ApparateEmuThread* t = apparate_emu_thread;
+    if (t->n_copies == APPARATE_EMU_MAX_COPIES) {
+        // Full: land the oldest early (a GPU may complete a copy at any time before the wait).
+        ApparateEmuCopy& c = t->copies[0];
+        std::memcpy(c.dst, c.src, c.src_bytes);
+        std::memset((char*)c.dst + c.src_bytes, 0, c.bytes - c.src_bytes);
+        std::memmove(&t->copies[0], &t->copies[1], (t->n_copies - 1) * sizeof(ApparateEmuCopy));
+        t->n_copies--;
+    }
+    t->copies[t->n_copies++] = ApparateEmuCopy{dst, src, 16u, pred ? 16u : 0u, ~0u};
+#else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(pred ? 16 : 0));
+#endif
+}
+
+// Closes the group of this thread's copies issued since the last commit.
+APPARATE_DEVICE void cp_async_commit() {
+#ifdef APPARATE_EMU
+    ApparateEmuThread* t = apparate_emu_thread;
+    for (unsigned i = 0; i < t->n_copies; i++)
+        if (t->copies[i].group == ~0u) t->copies[i].group = t->groups_committed;
+    t->groups_committed++;
+#else
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Waits until at most N of this thread's most recently committed groups are still in flight.
+// Copies land in shared memory visible to this thread only; a __syncthreads() after the wait
+// makes every thread's copies visible to the block.
+template <int N>
+APPARATE_DEVICE void cp_async_wait() {
+#ifdef APPARATE_EMU
+    ApparateEmuThread* t = apparate_emu_thread;
+    unsigned keep_from = t->groups_committed >= (unsigned)N ? t->groups_committed - N : 0;
+    unsigned kept = 0;
+    for (unsigned i = 0; i < t->n_copies; i++) {
+        ApparateEmuCopy c = t->copies[i];
+        if (c.group != ~0u && c.group < keep_from) {
+            std::memcpy(c.dst, c.src, c.src_bytes);
+            std::memset((char*)c.dst + c.src_bytes, 0, c.bytes - c.src_bytes);
+        } else {
+            t->copies[kept++] = c;
+        }
+    }
+    t->n_copies = kept;
+#else
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// Four 8x8 matrices of 16-bit elements from shared memory, one register per matrix per lane:
+// lanes 8i..8i+7 give the addresses of matrix i's rows 0..7 (16 contiguous bytes each, 16-byte
+// aligned); lane l receives in r[i] matrix i's row l/4, elements 2(l%4) and 2(l%4)+1 (the lower
+// one in the low half). That is the mma.m16n8k16 A fragment when the four matrices are the
+// 16x16 tile's (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15),
+// and two B fragments for rows of a [n, k] operand.
+APPARATE_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+#ifdef APPARATE_EMU
+    uint32_t* s = apparate_emu_warp_scratch();
+    int lane = (int)apparate_emu_thread->lane;
+    std::memcpy(&s[lane * 2], &row, sizeof(row));
+    apparate_emu_warp_barrier();
+    for (int i = 0; i < 4; i++) {
+        const unsigned char* src;
+        std::memcpy(&src, &s[(i * 8 + lane / 4) * 2], sizeof(src));
+        std::memcpy(&r[i], src + 4 * (lane % 4), 4);
+    }
+    apparate_emu_warp_barrier();
+#else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(row)));
+#endif
+}
+
+// ldmatrix_x4 with .trans: each 8x8 matrix arrives transposed, so lane l receives in r[i]
+// matrix i's elements (row 2(l%4), column l/4) and (row 2(l%4)+1, column l/4), rows addressed
+// as above. That is the mma B fragment of a [k, n] operand stored with n contiguous (attention's
+// values: rows are keys, columns the head dimension).
+APPARATE_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+#ifdef APPARATE_EMU
+    uint32_t* s = apparate_emu_warp_scratch();
+    int lane = (int)apparate_emu_thread->lane;
+    std::memcpy(&s[lane * 2], &row, sizeof(row));
+    apparate_emu_warp_barrier();
+    for (int i = 0; i < 4; i++) {
+        uint16_t h[2];
+        for (int e = 0; e < 2; e++) {
+            const unsigned char* src;
+            std::memcpy(&src, &s[(i * 8 + 2 * (lane % 4) + e) * 2], sizeof(src));
+            std::memcpy(&h[e], src + 2 * (lane / 4), 2);
+        }
+        r[i] = (uint32_t)h[0] | ((uint32_t)h[1] << 16);
+    }
+    apparate_emu_warp_barrier();
+#else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(row)));
+#endif
+}
