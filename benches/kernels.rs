@@ -144,6 +144,16 @@ struct Row {
     reference: String,
 }
 
+/// Records a row and prints it at once (on stderr, marked `measured:`): a run cut short by its
+/// time limit still shows what it measured.
+fn push(rows: &mut Vec<Row>, r: Row) {
+    eprintln!(
+        "measured: | {} | {:.4} | {} | {} |",
+        r.what, r.ours_ms, r.metric, r.reference
+    );
+    rows.push(r);
+}
+
 /// The yardstick for GEMMs: cuBLAS on a real GPU, nothing on the emulated one.
 trait Yardstick: Device {
     fn reference_gemm(
@@ -209,12 +219,15 @@ fn bench_device<D: Yardstick>(
     let copy_bytes = if real { 1 << 30 } else { 1 << 20 };
     let mut rng = SplitMix::new(7);
     let copy_bw = copy_bandwidth(&*dev, plan, copy_bytes, &mut rng)?;
-    rows.push(Row {
-        what: format!("{name} copy {} MiB", copy_bytes >> 20),
-        ours_ms: 2.0 * copy_bytes as f64 / copy_bw / 1e6,
-        metric: format!("{copy_bw:.0} GB/s"),
-        reference: "-".into(),
-    });
+    push(
+        rows,
+        Row {
+            what: format!("{name} copy {} MiB", copy_bytes >> 20),
+            ours_ms: 2.0 * copy_bytes as f64 / copy_bw / 1e6,
+            metric: format!("{copy_bw:.0} GB/s"),
+            reference: "-".into(),
+        },
+    );
     for &dt in &o.dtypes {
         let be = GpuBackend::shared(dev.clone(), dt);
         // GEMMs: MiniLM's at batch 8 x 128 tokens, BERT-base's, and the 4096^3 target shape.
@@ -265,18 +278,21 @@ fn bench_device<D: Yardstick>(
             };
             for (kernel, ms) in ours {
                 let kernel = format!("{kernel:?}").to_lowercase();
-                rows.push(Row {
-                    what: format!("{name} {dt} gemm {m}x{n}x{k} {kernel}"),
-                    ours_ms: ms,
-                    metric: format!("{:.2} TFLOP/s", flops / ms / 1e9),
-                    reference: cublas_ms.map_or("-".into(), |t| {
-                        format!(
-                            "cuBLAS {t:.3} ms, {:.1} TFLOP/s; ours {:.0}%",
-                            flops / t / 1e9,
-                            100.0 * t / ms
-                        )
-                    }),
-                });
+                push(
+                    rows,
+                    Row {
+                        what: format!("{name} {dt} gemm {m}x{n}x{k} {kernel}"),
+                        ours_ms: ms,
+                        metric: format!("{:.2} TFLOP/s", flops / ms / 1e9),
+                        reference: cublas_ms.map_or("-".into(), |t| {
+                            format!(
+                                "cuBLAS {t:.3} ms, {:.1} TFLOP/s; ours {:.0}%",
+                                flops / t / 1e9,
+                                100.0 * t / ms
+                            )
+                        }),
+                    },
+                );
             }
         }
         if o.runs("attention") {
@@ -311,12 +327,18 @@ fn bench_device<D: Yardstick>(
             ];
             for (op, tensors, ms) in memory_bound {
                 let bw = tensors * tensor_bytes / ms / 1e6;
-                rows.push(Row {
-                    what: format!("{name} {dt} {op} {r}x{c}"),
-                    ours_ms: ms,
-                    metric: format!("{bw:.0} GB/s"),
-                    reference: format!("copy {copy_bw:.0} GB/s; ours {:.0}%", 100.0 * bw / copy_bw),
-                });
+                push(
+                    rows,
+                    Row {
+                        what: format!("{name} {dt} {op} {r}x{c}"),
+                        ours_ms: ms,
+                        metric: format!("{bw:.0} GB/s"),
+                        reference: format!(
+                            "copy {copy_bw:.0} GB/s; ours {:.0}%",
+                            100.0 * bw / copy_bw
+                        ),
+                    },
+                );
             }
         }
         if o.runs("minilm") && o.model.exists() {
@@ -347,12 +369,13 @@ fn attention<D: Device>(
     } else {
         &[(2, 33, 2, 32)]
     };
-    let kernels: &[AttentionKernel] = if be.dtype() == DType::F32 {
-        &[AttentionKernel::Simple]
-    } else {
-        &[AttentionKernel::Simple, AttentionKernel::Flash]
-    };
     for &(batch, seq, heads, d) in shapes {
+        // The simple kernel takes tens of milliseconds at 2048 tokens: only the flash one there.
+        let kernels: &[AttentionKernel] = match (be.dtype(), seq) {
+            (DType::F32, _) => &[AttentionKernel::Simple],
+            (_, 2048) => &[AttentionKernel::Flash],
+            _ => &[AttentionKernel::Simple, AttentionKernel::Flash],
+        };
         let width = heads * d;
         let qkv: Vec<f32> = (0..batch * seq * 3 * width)
             .map(|_| rng.uniform() * 2.0 - 1.0)
@@ -369,16 +392,19 @@ fn attention<D: Device>(
                 be.attention(&qkv, &shape, heads)?;
                 Ok(())
             })?;
-            rows.push(Row {
-                what: format!(
-                    "{name} {} attention b{batch} s{seq} h{heads} d{d} {}",
-                    be.dtype(),
-                    format!("{kernel:?}").to_lowercase()
-                ),
-                ours_ms: ms,
-                metric: format!("{:.2} TFLOP/s", flops / ms / 1e9),
-                reference: "-".into(),
-            });
+            push(
+                rows,
+                Row {
+                    what: format!(
+                        "{name} {} attention b{batch} s{seq} h{heads} d{d} {}",
+                        be.dtype(),
+                        format!("{kernel:?}").to_lowercase()
+                    ),
+                    ours_ms: ms,
+                    metric: format!("{:.2} TFLOP/s", flops / ms / 1e9),
+                    reference: "-".into(),
+                },
+            );
         }
     }
     Ok(())
@@ -438,15 +464,18 @@ fn minilm<D: Device>(
                 model.forward(&input)?;
                 Ok(())
             })?;
-            rows.push(Row {
-                what: format!(
-                    "{name} {} MiniLM forward batch {batch} seq {seq}{label}",
-                    be.dtype()
-                ),
-                ours_ms: t,
-                metric: format!("{:.0} seq/s", batch as f64 / t * 1e3),
-                reference: "-".into(),
-            });
+            push(
+                rows,
+                Row {
+                    what: format!(
+                        "{name} {} MiniLM forward batch {batch} seq {seq}{label}",
+                        be.dtype()
+                    ),
+                    ours_ms: t,
+                    metric: format!("{:.0} seq/s", batch as f64 / t * 1e3),
+                    reference: "-".into(),
+                },
+            );
         }
     }
     Ok(())
@@ -477,12 +506,15 @@ fn bench_table<B: Backend>(
             op_cases::run(be, &case, &p, false)?;
             Ok(())
         })?;
-        rows.push(Row {
-            what: format!("{name} {}", case.name),
-            ours_ms: ms,
-            metric: "-".into(),
-            reference: "-".into(),
-        });
+        push(
+            rows,
+            Row {
+                what: format!("{name} {}", case.name),
+                ours_ms: ms,
+                metric: "-".into(),
+                reference: "-".into(),
+            },
+        );
     }
     Ok(())
 }

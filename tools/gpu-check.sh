@@ -27,7 +27,7 @@ trap 'rm -rf "$WORK"' EXIT
 
 # name:seconds, in order. The sum is the budget.
 STEPS=(versions:10 unpack:20 probe:20 cuda-unit:60 selftest:25 op-parity:80 decoder-parity:30 cnn:30
-  minilm:45 kernel-bench:70 torch-ref:50 profile:60)
+  minilm:45 kernel-bench:90 torch-ref:50 profile:60)
 BUDGET_S=0
 for s in "${STEPS[@]}"; do BUDGET_S=$((BUDGET_S + ${s#*:})); done
 limit_of() { local s; for s in "${STEPS[@]}"; do [ "${s%%:*}" = "$1" ] && echo "${s#*:}"; done; }

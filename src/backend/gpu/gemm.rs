@@ -102,7 +102,7 @@ impl<D: Device> GpuBackend<D> {
         g: &Gemm<'_, D::Buf>,
     ) -> Result<Option<(String, LaunchConfig)>> {
         let [m, n, k] = g.mnk;
-        let aligned = |a: u64| a % 16 == 0;
+        let aligned = |a: u64| a.is_multiple_of(16);
         let KernelArg::Ptr(xa) = x else {
             return Ok(None);
         };
