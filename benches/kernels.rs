@@ -230,9 +230,11 @@ fn bench_device<D: Yardstick>(
     );
     for &dt in &o.dtypes {
         let be = GpuBackend::shared(dev.clone(), dt);
-        // GEMMs: MiniLM's at batch 8 x 128 tokens, BERT-base's, and the 4096^3 target shape.
+        // GEMMs: MiniLM's at batch 8 x 128 tokens (and its FFN down at batch 1), BERT-base's,
+        // and the 4096^3 target shape.
         let shapes: &[(usize, usize, usize)] = if real {
             &[
+                (128, 384, 1536),
                 (1024, 1152, 384),
                 (1024, 1536, 384),
                 (1024, 384, 1536),
@@ -252,7 +254,11 @@ fn bench_device<D: Yardstick>(
             let kernels: &[GemmKernel] = if dt == DType::F32 {
                 &[GemmKernel::Simple]
             } else {
-                &[GemmKernel::Simple, GemmKernel::Pipelined]
+                &[
+                    GemmKernel::Simple,
+                    GemmKernel::Pipelined,
+                    GemmKernel::PipelinedSplitK,
+                ]
             };
             let mut ours = Vec::new();
             for &kernel in kernels {
@@ -430,6 +436,11 @@ fn minilm<D: Device>(
         &[
             (G::Simple, A::Simple, " (simple kernels)"),
             (G::Pipelined, A::Simple, " (pipelined GEMM)"),
+            (
+                G::PipelinedSplitK,
+                A::Flash,
+                " (split-K GEMM, flash attention)",
+            ),
             (G::Pipelined, A::Flash, " (pipelined GEMM, flash attention)"),
         ]
     };

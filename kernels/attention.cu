@@ -76,8 +76,8 @@ extern "C" __global__ void attention_bf16(const bf16* qkv, const int32_t* length
 // layout of two neighbouring 8-column tiles is the A layout of one 16-wide k-step), and V's
 // fragments come from ldmatrix.trans. Only tiles below the length are visited. Query rows past
 // the length are written as zeros, as the simple kernel and the CPU backend do.
-// Needs head_dim D in {32, 64, 128}, width % 8 == 0 and a 16-byte aligned qkv (the launcher
-// checks). Dynamic shared memory: (BQ + 4 BKV) rows of D + 8 halves.
+// Needs head_dim D in {32, 64, 128} (so width is a multiple of 32) and a 16-byte aligned qkv
+// (the launcher checks). Dynamic shared memory: (BQ + 4 BKV) rows of D + 8 halves.
 
 template <typename T>
 APPARATE_DEVICE uint32_t pack_pair(float lo, float hi) {
@@ -121,7 +121,7 @@ __device__ void attention_flash(const T* __restrict__ qkv, const int32_t* __rest
         }
     };
     uint32_t tiles = (len + BKV - 1) / BKV;
-    load_rows(qs, qg, q0, seq, BQ);
+    load_rows(qs, qg, q0, len, BQ);  // padding query rows are zero-filled, never read
     load_rows(ks, kg, 0, len, BKV);
     load_rows(vs, vg, 0, len, BKV);
     cp_async_commit();
@@ -220,11 +220,11 @@ __device__ void attention_flash(const T* __restrict__ qkv, const int32_t* __rest
     for (int r = 0; r < 2; r++) {
         uint32_t row = q0 + warp * 16 + g + 8 * r;
         if (row >= seq) continue;
-        float inv = row < len ? 1.0f / l[r] : 0.0f;  // padding query rows: zeros
         T* orow = out + (base + row) * width + (uint64_t)h * D;
-        for (int d = 0; d < DT; d++)
+        float inv = 1.0f / l[r];
+        for (int d = 0; d < DT; d++)  // padding query rows: zeros, whatever was computed there
             *reinterpret_cast<uint32_t*>(orow + d * 8 + 2 * t) =
-                pack_pair<T>(o[d][2 * r] * inv, o[d][2 * r + 1] * inv);
+                row < len ? pack_pair<T>(o[d][2 * r] * inv, o[d][2 * r + 1] * inv) : 0u;
     }
 }
 extern "C" __global__ void __launch_bounds__(ATTN_FLASH_THREADS)

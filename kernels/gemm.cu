@@ -117,10 +117,15 @@ APPARATE_DEVICE void store_pair(T* y, uint32_t M, uint32_t N, uint32_t r, uint32
     }
 }
 
+// Split-K (`partial` not null): block z of the grid's z dimension takes k-tiles
+// [z per_split, (z + 1) per_split) and writes its raw f32 sums to partial[z][M][N]; then
+// `gemm_splitk_reduce_*` adds the splits and applies the epilogue. For GEMMs whose output tiles
+// do not fill the GPU (MiniLM's N = 384, any GEMM at batch 1): more blocks share a long K.
 template <typename T, int BM, int BN, int WM, int WN, int STAGES>
 __device__ void gemm_pipe(const T* __restrict__ x, const T* __restrict__ w,
                           const T* __restrict__ bias, const T* __restrict__ res,
-                          T* __restrict__ y, uint32_t M, uint32_t N, uint32_t K, int act) {
+                          T* __restrict__ y, uint32_t M, uint32_t N, uint32_t K, int act,
+                          float* __restrict__ partial, uint32_t per_split) {
     constexpr int THREADS = WM * WN * 32, BK = GEMM_PIPE_BK, LD = PIPE_LD;
     constexpr int TM = BM / WM, TN = BN / WN;  // one warp's tile
     constexpr int MI = TM / 16, NI = TN / 8;   // its mma tiles
@@ -132,7 +137,13 @@ __device__ void gemm_pipe(const T* __restrict__ x, const T* __restrict__ w,
     uint32_t tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     uint32_t wm = warp / WN, wn = warp % WN, g = lane / 4, t = lane % 4;
     uint32_t m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;  // rows on x: up to 2^31 tiles
-    uint32_t ktiles = (K + BK - 1) / BK;
+    // This block's k-tiles: [k_first, k_first + ktiles).
+    uint32_t ktiles_all = (K + BK - 1) / BK, k_first = 0, ktiles = ktiles_all;
+    if (partial) {
+        k_first = blockIdx.z * per_split;
+        uint32_t end = k_first + per_split < ktiles_all ? k_first + per_split : ktiles_all;
+        ktiles = end - k_first;  // the launcher leaves no split empty
+    }
 
     // One k-tile of both operands into a stage: (BM + BN) rows x CHUNKS 16-byte copies.
     auto load = [&](uint32_t stage, uint32_t kt) {
@@ -165,7 +176,7 @@ __device__ void gemm_pipe(const T* __restrict__ x, const T* __restrict__ w,
     // wait count below stays the same at the end of K).
     #pragma unroll
     for (int s = 0; s < STAGES - 1; s++) {
-        if ((uint32_t)s < ktiles) load(s, s);
+        if ((uint32_t)s < ktiles) load(s, k_first + s);
         cp_async_commit();
     }
     for (uint32_t kt = 0; kt < ktiles; kt++) {
@@ -174,7 +185,7 @@ __device__ void gemm_pipe(const T* __restrict__ x, const T* __restrict__ w,
         cp_async_wait<STAGES - 2>();
         __syncthreads();
         uint32_t next = kt + STAGES - 1;
-        if (next < ktiles) load(next % STAGES, next);
+        if (next < ktiles) load(next % STAGES, k_first + next);
         cp_async_commit();
 
         const T* sa = as + (kt % STAGES) * BM * LD;
@@ -207,6 +218,21 @@ __device__ void gemm_pipe(const T* __restrict__ x, const T* __restrict__ w,
     }
     cp_async_wait<0>();  // only empty groups remain; leave nothing in flight at exit
 
+    if (partial) {
+        float* p = partial + (uint64_t)blockIdx.z * M * N;
+        #pragma unroll
+        for (int i = 0; i < MI; i++)
+            #pragma unroll
+            for (int j = 0; j < NI; j++)
+                #pragma unroll
+                for (int h = 0; h < 2; h++) {  // rows g and g + 8
+                    uint32_t r = m0 + wm * TM + i * 16 + g + 8 * h, c = n0 + wn * TN + j * 8 + 2 * t;
+                    if (r >= M) continue;
+                    if (c < N) p[(uint64_t)r * N + c] = acc[i][j][2 * h];
+                    if (c + 1 < N) p[(uint64_t)r * N + c + 1] = acc[i][j][2 * h + 1];
+                }
+        return;
+    }
     #pragma unroll
     for (int i = 0; i < MI; i++)
         #pragma unroll
@@ -272,25 +298,50 @@ extern "C" __global__ void gemm_bf16(const bf16* x, const bf16* w, const bf16* b
 // the narrow or short ones (MiniLM's N = 384 at a few hundred tokens).
 extern "C" __global__ void __launch_bounds__(GEMM_PIPE_BIG_THREADS)
 gemm_pipe_big_f16(const f16* x, const f16* w, const f16* bias, const f16* res, f16* y,
-                  uint32_t M, uint32_t N, uint32_t K, int act) {
-    gemm_pipe<f16, GEMM_PIPE_BIG_BM, GEMM_PIPE_BIG_BN, 2, 4, GEMM_PIPE_STAGES>(x, w, bias, res, y,
-                                                                               M, N, K, act);
+    uint32_t M, uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split) {
+    gemm_pipe<f16, GEMM_PIPE_BIG_BM, GEMM_PIPE_BIG_BN, 2, 4, GEMM_PIPE_STAGES>(
+        x, w, bias, res, y, M, N, K, act, partial, per_split);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_PIPE_BIG_THREADS)
 gemm_pipe_big_bf16(const bf16* x, const bf16* w, const bf16* bias, const bf16* res, bf16* y,
-                   uint32_t M, uint32_t N, uint32_t K, int act) {
-    gemm_pipe<bf16, GEMM_PIPE_BIG_BM, GEMM_PIPE_BIG_BN, 2, 4, GEMM_PIPE_STAGES>(x, w, bias, res,
-                                                                                y, M, N, K, act);
+    uint32_t M, uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split) {
+    gemm_pipe<bf16, GEMM_PIPE_BIG_BM, GEMM_PIPE_BIG_BN, 2, 4, GEMM_PIPE_STAGES>(
+        x, w, bias, res, y, M, N, K, act, partial, per_split);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_PIPE_SMALL_THREADS)
 gemm_pipe_small_f16(const f16* x, const f16* w, const f16* bias, const f16* res, f16* y,
-                    uint32_t M, uint32_t N, uint32_t K, int act) {
+    uint32_t M, uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split) {
     gemm_pipe<f16, GEMM_PIPE_SMALL_BM, GEMM_PIPE_SMALL_BN, 2, 2, GEMM_PIPE_STAGES>(
-        x, w, bias, res, y, M, N, K, act);
+        x, w, bias, res, y, M, N, K, act, partial, per_split);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_PIPE_SMALL_THREADS)
 gemm_pipe_small_bf16(const bf16* x, const bf16* w, const bf16* bias, const bf16* res, bf16* y,
-                     uint32_t M, uint32_t N, uint32_t K, int act) {
+    uint32_t M, uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split) {
     gemm_pipe<bf16, GEMM_PIPE_SMALL_BM, GEMM_PIPE_SMALL_BN, 2, 2, GEMM_PIPE_STAGES>(
-        x, w, bias, res, y, M, N, K, act);
+        x, w, bias, res, y, M, N, K, act, partial, per_split);
+}
+
+// The second half of a split-K GEMM: y = act(sum of the splits' partial sums + bias +
+// residual), one thread per output, grid-stride.
+template <typename T>
+__device__ void splitk_reduce(const float* __restrict__ partial, uint32_t splits,
+                              const T* __restrict__ bias, const T* __restrict__ res,
+                              T* __restrict__ y, uint32_t M, uint32_t N, int act) {
+    uint64_t total = (uint64_t)M * N;
+    for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (uint64_t)gridDim.x * blockDim.x) {
+        float v = 0.0f;
+        for (uint32_t z = 0; z < splits; z++) v += partial[z * total + i];
+        store_out(y, M, N, (uint32_t)(i / N), (uint32_t)(i % N), v, bias, res, act);
+    }
+}
+extern "C" __global__ void gemm_splitk_reduce_f16(const float* partial, uint32_t splits,
+                                                  const f16* bias, const f16* res, f16* y,
+                                                  uint32_t M, uint32_t N, int act) {
+    splitk_reduce(partial, splits, bias, res, y, M, N, act);
+}
+extern "C" __global__ void gemm_splitk_reduce_bf16(const float* partial, uint32_t splits,
+                                                   const bf16* bias, const bf16* res, bf16* y,
+                                                   uint32_t M, uint32_t N, int act) {
+    splitk_reduce(partial, splits, bias, res, y, M, N, act);
 }

@@ -33,6 +33,7 @@ fn parity_on<D: Device>(label: &str, dev: Arc<D>, pick: impl Fn(&Op) -> bool) {
         let variants: &[(GemmKernel, AttentionKernel)] = match case.op {
             Op::Linear { .. } | Op::Conv2d { .. } if half => &[
                 (GemmKernel::Pipelined, AttentionKernel::Flash),
+                (GemmKernel::PipelinedSplitK, AttentionKernel::Flash),
                 (GemmKernel::Simple, AttentionKernel::Flash),
             ],
             Op::Attention { .. } if half => &[

@@ -5,7 +5,7 @@
 # f16-stored MiniLM + intent head (the f32 file is over the 64 MiB carry limit), xz-compressed too:
 # with gzip the folder plus the 8 MB working tree came to 66 MiB, over the limit. The script
 # itself travels with the working tree. Then, with the device tool:
-#   run(command="bash tools/gpu-check.sh", carry=[".device"], timeout_s=400)
+#   run(command="bash tools/gpu-check.sh", carry=[".device"], timeout_s=480)
 # Needs weights/fetch.sh to have run. Output: .device/ (git-ignored). The binaries need a glibc
 # no newer than the GPU machine's: build on glibc 2.36 or older.
 set -euo pipefail

@@ -36,6 +36,11 @@
 #define GEMM_PIPE_SMALL_BN 64
 #define GEMM_PIPE_SMALL_THREADS 128
 #define GEMM_PIPE_BIG_MIN_TILES 132
+// Split-K (GemmKernel::PipelinedSplitK): when the small tiles number fewer than
+// GEMM_PIPE_BIG_MIN_TILES, K is split so that about twice that many blocks run, into at most
+// GEMM_SPLITK_MAX splits of at least GEMM_SPLITK_MIN_KTILES k-steps each.
+#define GEMM_SPLITK_MAX 8
+#define GEMM_SPLITK_MIN_KTILES 4
 
 // Query rows (one per warp) per block of the attention kernel.
 #define ATTN_WARPS 4

@@ -24,6 +24,20 @@ APPARATE_DEVICE uint32_t smem_addr(const void* p) {
 APPARATE_DEVICE void cp_async16(void* dst, const void* src, bool pred) {
 #ifdef APPARATE_EMU
     ApparateEmuThread* t = apparate_emu_thread;
+    if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) % 16 != 0) {
+        std::fprintf(stderr, "cp.async: address not 16-byte aligned (dst %p, src %p)\n", dst, src);
+        std::abort();  // a GPU raises a misaligned-address fault
+    }
+    if (t->early_copies) {
+        t->early_copies ^= t->early_copies << 13;  // xorshift64
+        t->early_copies ^= t->early_copies >> 7;
+        t->early_copies ^= t->early_copies << 17;
+        if (t->early_copies & 1) {
+            std::memcpy(dst, src, pred ? 16 : 0);
+            std::memset((char*)dst + (pred ? 16 : 0), 0, pred ? 0 : 16);
+            return;
+        }
+    }
     if (t->n_copies == APPARATE_EMU_MAX_COPIES) {
         // Full: land the oldest early (a GPU may complete a copy at any time before the wait).
         ApparateEmuCopy& c = t->copies[0];
@@ -83,6 +97,10 @@ APPARATE_DEVICE void cp_async_wait() {
 // and two B fragments for rows of a [n, k] operand.
 APPARATE_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
 #ifdef APPARATE_EMU
+    if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
+        std::fprintf(stderr, "ldmatrix: row address %p not 16-byte aligned\n", row);
+        std::abort();  // a GPU raises a misaligned-address fault
+    }
     uint32_t* s = apparate_emu_warp_scratch();
     int lane = (int)apparate_emu_thread->lane;
     std::memcpy(&s[lane * 2], &row, sizeof(row));
@@ -106,6 +124,10 @@ APPARATE_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
 // values: rows are keys, columns the head dimension).
 APPARATE_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
 #ifdef APPARATE_EMU
+    if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
+        std::fprintf(stderr, "ldmatrix: row address %p not 16-byte aligned\n", row);
+        std::abort();  // a GPU raises a misaligned-address fault
+    }
     uint32_t* s = apparate_emu_warp_scratch();
     int lane = (int)apparate_emu_thread->lane;
     std::memcpy(&s[lane * 2], &row, sizeof(row));

@@ -147,7 +147,18 @@ uint64_t splitmix(uint64_t& s) {
 // Runs one block to completion. Returns false on deadlock (message in err).
 bool run_block(Worker* w, uint64_t* seed, const char* name, char* err, size_t errlen) {
     int n = w->nthreads;
-    for (int i = 0; i < n; i++) prepare(w, i);
+    for (int i = 0; i < n; i++) {
+        prepare(w, i);
+        // No cp.async copy outlives its block (a block cut short by an error leaves some); with
+        // a shuffle seed, some copies land at issue instead of at their wait (a GPU may land
+        // them any time in between). That alone does not expose a stage refilled before every
+        // warp has read it: fibers advance one blocking step per round, so warps stay within a
+        // warp operation of each other (removing attention_flash's closing barrier passes).
+        ApparateEmuThread& t = w->fibers[i].t;
+        t.n_copies = 0;
+        t.groups_committed = 0;
+        t.early_copies = seed ? splitmix(*seed) | 1 : 0;
+    }
     // Dynamic shared memory starts as NaN bytes in every block, so a read before a write shows.
     if (!w->dyn_shared.empty()) std::memset(w->dyn_shared.data(), 0xff, w->dyn_shared.size());
     std::vector<int> order(n);

@@ -8,6 +8,8 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -36,6 +38,9 @@ struct ApparateEmuThread {
     // This thread's cp.async copies in flight, in issue order, and its commit-group count.
     ApparateEmuCopy copies[APPARATE_EMU_MAX_COPIES];
     unsigned int n_copies, groups_committed;
+    // Non-zero (shuffled schedules only): the state of a generator that lands about half of
+    // this thread's copies at issue.
+    uint64_t early_copies;
 };
 struct ApparateEmuBlock {
     uint3 block_idx;

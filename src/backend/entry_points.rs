@@ -9,7 +9,8 @@ pub fn entry_points(src: &str) -> Vec<String> {
     let mut rest = src;
     while let Some(i) = rest.find(pat) {
         rest = &rest[i + pat.len()..];
-        // `void __launch_bounds__(N) name(`: skip the qualifier.
+        // `void __launch_bounds__(N) name(`: skip the qualifier (its argument must not contain
+        // parentheses).
         if let Some(after) = rest.strip_prefix("__launch_bounds__(") {
             let close = after.find(')').map_or(after.len(), |j| j + 1);
             rest = after[close..].trim_start();

@@ -149,6 +149,18 @@ pub fn ops() -> Vec<(Op, Expect)> {
             v.push((Op::Linear { m, n, k, act, bias }, ok.clone()));
         }
     }
+    // Split-K (GemmKernel::PipelinedSplitK): 4 small tiles, 32 k-steps with a ragged last one:
+    // 8 splits of 4.
+    v.push((
+        Op::Linear {
+            m: 70,
+            n: 72,
+            k: 1000,
+            act: Tanh,
+            bias: true,
+        },
+        ok.clone(),
+    ));
     // Enough 128 x 128 tiles (11 x 12 >= GEMM_PIPE_BIG_MIN_TILES) for the pipelined GEMM's big
     // shape, ragged on both sides, K under one k-step.
     v.push((

@@ -49,7 +49,7 @@ fn gpu_selftest_tensor_core_fragments() {
 fn gpu_selftest_ldmatrix_and_cp_async() {
     let dev = device();
     selftest::ldmatrix(&dev).unwrap();
-    selftest::cp_async(&dev).unwrap();
+    selftest::cp_async(&dev, false).unwrap();
 }
 
 /// The f32 <-> f16/bf16 casts (`cvt` inline PTX on a GPU).

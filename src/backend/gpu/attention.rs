@@ -19,9 +19,6 @@ impl<D: Device> GpuBackend<D> {
         }
         let warps = params::ATTN_WARPS as usize;
         let seq = c.shape.seq;
-        let smem = self.shared_bytes("attention", warps.saturating_mul(seq), || {
-            format!("attention over {seq} positions")
-        })?;
         let lengths = self.ints("length", c.shape.lengths.iter().copied())?;
         let args = [
             self.ptr(c.qkv)?,
@@ -33,11 +30,11 @@ impl<D: Device> GpuBackend<D> {
             KernelArg::F32(1.0 / ((c.width / c.heads) as f32).sqrt()),
         ];
         let d = c.width / c.heads;
+        // d in {32, 64, 128} makes every row of qkv and out 16-byte aligned when qkv is.
         if self.attention == AttentionKernel::Flash
             && self.dtype != DType::F32
             && matches!(d, 32 | 64 | 128)
-            && c.width % 8 == 0
-            && self.dev.address(&c.qkv.buf) % 16 == 0
+            && self.dev.address(&c.qkv.buf).is_multiple_of(16)
         {
             // Q (BQ rows), then K and V double-buffered (2 x BKV rows each), of d + 8 halves.
             let rows = params::ATTN_FLASH_BQ + 4 * params::ATTN_FLASH_BKV;
@@ -53,6 +50,10 @@ impl<D: Device> GpuBackend<D> {
             self.launch(&self.kernel(&format!("attention_flash_d{d}")), cfg, &args)?;
             return Ok(out);
         }
+        // The simple kernel keeps a row of scores per warp in shared memory: seq is bounded.
+        let smem = self.shared_bytes("attention", warps.saturating_mul(seq), || {
+            format!("attention over {seq} positions")
+        })?;
         let cfg = LaunchConfig {
             grid: [
                 self.grid("inputs x heads", c.shape.batch() * c.heads)?,

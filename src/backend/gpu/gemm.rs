@@ -51,9 +51,8 @@ impl<D: Device> GpuBackend<D> {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        if let Some(cfg) = self.pipelined_cfg(x, g)? {
-            let (kernel, cfg) = cfg;
-            return self.launch(&kernel, cfg, &self.gemm_args(x, g, y)?);
+        if let Some(p) = self.pipelined_cfg(x, g)? {
+            return self.launch_pipelined(x, g, y, p);
         }
         let threads = if self.dtype == DType::F32 {
             params::GEMM_SIMT_THREADS
@@ -93,30 +92,65 @@ impl<D: Device> GpuBackend<D> {
         ])
     }
 
-    /// The pipelined kernel and its launch, when it applies: f16/bf16, chosen by
-    /// [`GemmKernel`], K a multiple of 8 and 16-byte aligned operands (its copies move 16
-    /// bytes of a row at a time). The big tile when there are enough of them to fill the GPU.
-    fn pipelined_cfg(
+    /// The pipelined kernel, then (split-K) the reduction of its partial sums.
+    fn launch_pipelined(
         &self,
         x: KernelArg,
         g: &Gemm<'_, D::Buf>,
-    ) -> Result<Option<(String, LaunchConfig)>> {
+        y: &GpuTensor<D::Buf>,
+        p: Pipelined,
+    ) -> Result<()> {
+        let [m, n, _] = g.mnk;
+        let args = self.gemm_args(x, g, y)?;
+        if p.splits == 1 {
+            let tail = [KernelArg::Ptr(0), KernelArg::U32(0)];
+            return self.launch(&p.kernel, p.cfg, &[&args[..], &tail[..]].concat());
+        }
+        // f32 partial sums: splits x M x N (the pool keeps the memory between calls on CUDA).
+        let partial = self.dev.alloc(p.splits * m * n * 4)?;
+        let tail = [
+            KernelArg::Ptr(self.dev.address(&partial)),
+            self.u32("k-steps per split", p.per_split)?,
+        ];
+        self.launch(&p.kernel, p.cfg, &[&args[..], &tail[..]].concat())?;
+        self.launch(
+            &self.kernel("gemm_splitk_reduce"),
+            self.elementwise_cfg(m * n),
+            &[
+                KernelArg::Ptr(self.dev.address(&partial)),
+                self.u32("splits", p.splits)?,
+                args[2], // bias
+                args[3], // residual
+                args[4], // y
+                args[5], // M
+                args[6], // N
+                args[8], // activation
+            ],
+        )
+    }
+
+    /// The pipelined kernel and its launch, when it applies: f16/bf16, chosen by
+    /// [`GemmKernel`], K a multiple of 8 and 16-byte aligned operands (its copies move 16
+    /// bytes of a row at a time). The big tile when there are enough of them to fill the GPU;
+    /// with [`GemmKernel::PipelinedSplitK`], K split when the small tiles do not.
+    fn pipelined_cfg(&self, x: KernelArg, g: &Gemm<'_, D::Buf>) -> Result<Option<Pipelined>> {
         let [m, n, k] = g.mnk;
         let aligned = |a: u64| a.is_multiple_of(16);
         let KernelArg::Ptr(xa) = x else {
             return Ok(None);
         };
         if self.dtype == DType::F32
-            || self.gemm != GemmKernel::Pipelined
+            || self.gemm == GemmKernel::Simple
             || k % 8 != 0
             || !aligned(xa)
             || !aligned(self.dev.address(&g.w.buf))
         {
             return Ok(None);
         }
+        let min_tiles = params::GEMM_PIPE_BIG_MIN_TILES as usize;
         let big = m.div_ceil(params::GEMM_PIPE_BIG_BM as usize)
             * n.div_ceil(params::GEMM_PIPE_BIG_BN as usize)
-            >= params::GEMM_PIPE_BIG_MIN_TILES as usize;
+            >= min_tiles;
         let (shape, bm, bn, threads) = if big {
             (
                 "big",
@@ -134,17 +168,53 @@ impl<D: Device> GpuBackend<D> {
         };
         // STAGES x (BM + BN) rows of BK + 8 halves (the padding of kernels/gemm.cu).
         let shared = params::GEMM_PIPE_STAGES * (bm + bn) * (params::GEMM_PIPE_BK + 8) * 2;
+        let tiles = m.div_ceil(bm as usize) * n.div_ceil(bn as usize);
+        let ktiles = k.div_ceil(params::GEMM_PIPE_BK as usize);
+        let (splits, per_split) = if self.gemm == GemmKernel::PipelinedSplitK && !big {
+            splits_for(tiles, ktiles, min_tiles)
+        } else {
+            (1, ktiles)
+        };
         let cfg = LaunchConfig {
             grid: [
                 self.grid("GEMM row tiles", m.div_ceil(bm as usize))?,
                 self.grid("GEMM column tiles", n.div_ceil(bn as usize))?,
-                1,
+                splits as u32,
             ],
             block: [threads, 1, 1],
             shared_bytes: shared,
         };
-        Ok(Some((self.kernel(&format!("gemm_pipe_{shape}")), cfg)))
+        Ok(Some(Pipelined {
+            kernel: self.kernel(&format!("gemm_pipe_{shape}")),
+            cfg,
+            splits,
+            per_split,
+        }))
     }
+}
+
+/// A pipelined GEMM launch: the kernel, its grid (z = splits of K), and k-steps per split.
+struct Pipelined {
+    kernel: String,
+    cfg: LaunchConfig,
+    splits: usize,
+    per_split: usize,
+}
+
+/// How many ways to split K for `tiles` output tiles of `ktiles` k-steps: about twice
+/// `min_tiles` blocks in all, at most `GEMM_SPLITK_MAX` splits of at least
+/// `GEMM_SPLITK_MIN_KTILES` k-steps; no split left empty. Returns (splits, k-steps per split).
+fn splits_for(tiles: usize, ktiles: usize, min_tiles: usize) -> (usize, usize) {
+    if tiles >= min_tiles {
+        return (1, ktiles);
+    }
+    let want = (2 * min_tiles)
+        .div_ceil(tiles)
+        .min(params::GEMM_SPLITK_MAX as usize)
+        .min(ktiles / params::GEMM_SPLITK_MIN_KTILES as usize)
+        .max(1);
+    let per_split = ktiles.div_ceil(want);
+    (ktiles.div_ceil(per_split), per_split)
 }
 
 /// The f16/bf16 GEMM kernel of a [`GpuBackend`] (f32 always runs the SIMT kernel).
@@ -157,10 +227,14 @@ pub enum GemmKernel {
     /// (kernels/gemm.cu). Needs K % 8 == 0 and 16-byte aligned operands; other GEMMs run the
     /// simple kernel.
     Pipelined,
+    /// The pipelined kernel, with K split across blocks (partial sums in f32, then a reduction
+    /// kernel with the epilogue) when its output tiles are too few to fill the GPU. Not yet
+    /// measured on a GPU (compiled and emulated), so not the default.
+    PipelinedSplitK,
 }
 
 impl GemmKernel {
-    /// `APPARATE_GPU_GEMM` = `simple` | `pipelined`; unset means pipelined. Another value is
+    /// `APPARATE_GPU_GEMM` = `simple` | `pipelined` | `splitk`; unset means pipelined. Another value is
     /// reported once on stderr and the default kept (a backend is made without a `Result`).
     pub fn from_env() -> GemmKernel {
         match std::env::var("APPARATE_GPU_GEMM") {
@@ -180,7 +254,10 @@ impl std::str::FromStr for GemmKernel {
         match s {
             "simple" => Ok(GemmKernel::Simple),
             "pipelined" => Ok(GemmKernel::Pipelined),
-            other => Err(format!("unknown GEMM kernel `{other}` (simple, pipelined)")),
+            "splitk" => Ok(GemmKernel::PipelinedSplitK),
+            other => Err(format!(
+                "unknown GEMM kernel `{other}` (simple, pipelined, splitk)"
+            )),
         }
     }
 }
@@ -193,4 +270,29 @@ pub(super) struct Gemm<'a, B> {
     pub residual: Option<&'a GpuTensor<B>>,
     pub mnk: [usize; 3],
     pub act: Activation,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::splits_for;
+
+    #[test]
+    fn splits_fill_the_gpu_and_leave_no_split_empty() {
+        // MiniLM's FFN down at batch 8: 96 tiles of 48 k-steps -> 3 splits of 16.
+        assert_eq!(splits_for(96, 48, 132), (3, 16));
+        // Batch 1 (12 tiles): capped at 8 splits, and at 4 k-steps per split.
+        assert_eq!(splits_for(12, 48, 132), (8, 6));
+        assert_eq!(splits_for(12, 12, 132), (3, 4));
+        // Too short to split, or enough tiles already.
+        assert_eq!(splits_for(12, 7, 132), (1, 7));
+        assert_eq!(splits_for(132, 48, 132), (1, 48));
+        for tiles in 1..140 {
+            for ktiles in 1..100 {
+                let (splits, per) = splits_for(tiles, ktiles, 132);
+                assert!((1..=8).contains(&splits), "{tiles} {ktiles}");
+                assert!((splits - 1) * per < ktiles, "empty split: {tiles} {ktiles}");
+                assert!(splits * per >= ktiles, "k-steps lost: {tiles} {ktiles}");
+            }
+        }
+    }
 }
