@@ -89,14 +89,10 @@ APPARATE_DEVICE void cp_async_wait() {
 #endif
 }
 
-// Four 8x8 matrices of 16-bit elements from shared memory, one register per matrix per lane:
-// lanes 8i..8i+7 give the addresses of matrix i's rows 0..7 (16 contiguous bytes each, 16-byte
-// aligned); lane l receives in r[i] matrix i's row l/4, elements 2(l%4) and 2(l%4)+1 (the lower
-// one in the low half). That is the mma.m16n8k16 A fragment when the four matrices are the
-// 16x16 tile's (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15),
-// and two B fragments for rows of a [n, k] operand.
-APPARATE_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
 #ifdef APPARATE_EMU
+// Both ldmatrix twins: the warp exchanges its row addresses, then each lane gathers its four
+// registers; `trans` picks the transposed element of each matrix.
+inline void apparate_emu_ldmatrix(uint32_t (&r)[4], const void* row, bool trans) {
     if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
         std::fprintf(stderr, "ldmatrix: row address %p not 16-byte aligned\n", row);
         std::abort();  // a GPU raises a misaligned-address fault
@@ -105,12 +101,30 @@ APPARATE_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
     int lane = (int)apparate_emu_thread->lane;
     std::memcpy(&s[lane * 2], &row, sizeof(row));
     apparate_emu_warp_barrier();
-    for (int i = 0; i < 4; i++) {
+    // Element (row q, column c) of matrix i, from the row address lane 8i + q gave.
+    auto at = [&](int i, int q, int c) {
         const unsigned char* src;
-        std::memcpy(&src, &s[(i * 8 + lane / 4) * 2], sizeof(src));
-        std::memcpy(&r[i], src + 4 * (lane % 4), 4);
-    }
+        std::memcpy(&src, &s[(i * 8 + q) * 2], sizeof(src));
+        uint16_t h;
+        std::memcpy(&h, src + 2 * c, 2);
+        return (uint32_t)h;
+    };
+    int q = lane / 4, c = 2 * (lane % 4);
+    for (int i = 0; i < 4; i++)
+        r[i] = trans ? at(i, c, q) | at(i, c + 1, q) << 16 : at(i, q, c) | at(i, q, c + 1) << 16;
     apparate_emu_warp_barrier();
+}
+#endif
+
+// Four 8x8 matrices of 16-bit elements from shared memory, one register per matrix per lane:
+// lanes 8i..8i+7 give the addresses of matrix i's rows 0..7 (16 contiguous bytes each, 16-byte
+// aligned); lane l receives in r[i] matrix i's row l/4, elements 2(l%4) and 2(l%4)+1 (the lower
+// one in the low half). That is the mma.m16n8k16 A fragment when the four matrices are the
+// 16x16 tile's (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15),
+// and two B fragments for rows of a [n, k] operand.
+APPARATE_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+#ifdef APPARATE_EMU
+    apparate_emu_ldmatrix(r, row, false);
 #else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -124,24 +138,7 @@ APPARATE_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
 // values: rows are keys, columns the head dimension).
 APPARATE_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
 #ifdef APPARATE_EMU
-    if (reinterpret_cast<uintptr_t>(row) % 16 != 0) {
-        std::fprintf(stderr, "ldmatrix: row address %p not 16-byte aligned\n", row);
-        std::abort();  // a GPU raises a misaligned-address fault
-    }
-    uint32_t* s = apparate_emu_warp_scratch();
-    int lane = (int)apparate_emu_thread->lane;
-    std::memcpy(&s[lane * 2], &row, sizeof(row));
-    apparate_emu_warp_barrier();
-    for (int i = 0; i < 4; i++) {
-        uint16_t h[2];
-        for (int e = 0; e < 2; e++) {
-            const unsigned char* src;
-            std::memcpy(&src, &s[(i * 8 + 2 * (lane % 4) + e) * 2], sizeof(src));
-            std::memcpy(&h[e], src + 2 * (lane / 4), 2);
-        }
-        r[i] = (uint32_t)h[0] | ((uint32_t)h[1] << 16);
-    }
-    apparate_emu_warp_barrier();
+    apparate_emu_ldmatrix(r, row, true);
 #else
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])

@@ -84,14 +84,8 @@ impl AttentionKernel {
     /// `APPARATE_GPU_ATTENTION` = `simple` | `flash`; unset means flash. Another value is
     /// reported once on stderr and the default kept (a backend is made without a `Result`).
     pub fn from_env() -> AttentionKernel {
-        match std::env::var("APPARATE_GPU_ATTENTION") {
-            Err(_) => AttentionKernel::Flash,
-            Ok(v) => v.parse().unwrap_or_else(|e| {
-                static WARNED: std::sync::Once = std::sync::Once::new();
-                WARNED.call_once(|| eprintln!("warning: APPARATE_GPU_ATTENTION: {e}; using flash"));
-                AttentionKernel::Flash
-            }),
-        }
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        super::kernel_from_env("APPARATE_GPU_ATTENTION", AttentionKernel::Flash, &WARNED)
     }
 }
 

@@ -237,14 +237,8 @@ impl GemmKernel {
     /// `APPARATE_GPU_GEMM` = `simple` | `pipelined` | `splitk`; unset means pipelined. Another value is
     /// reported once on stderr and the default kept (a backend is made without a `Result`).
     pub fn from_env() -> GemmKernel {
-        match std::env::var("APPARATE_GPU_GEMM") {
-            Err(_) => GemmKernel::Pipelined,
-            Ok(v) => v.parse().unwrap_or_else(|e| {
-                static WARNED: std::sync::Once = std::sync::Once::new();
-                WARNED.call_once(|| eprintln!("warning: APPARATE_GPU_GEMM: {e}; using pipelined"));
-                GemmKernel::Pipelined
-            }),
-        }
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        super::kernel_from_env("APPARATE_GPU_GEMM", GemmKernel::Pipelined, &WARNED)
     }
 }
 

@@ -77,6 +77,22 @@ impl<D: Device> Clone for GpuBackend<D> {
     }
 }
 
+/// A kernel choice from the environment variable `var`: `default` when unset; another value is
+/// reported once (`warned`, one per variable) on stderr and the default kept, since a backend
+/// is made without a `Result`.
+fn kernel_from_env<T>(var: &str, default: T, warned: &'static std::sync::Once) -> T
+where
+    T: std::str::FromStr<Err = String> + std::fmt::Debug,
+{
+    match std::env::var(var) {
+        Err(_) => default,
+        Ok(v) => v.parse().unwrap_or_else(|e| {
+            warned.call_once(|| eprintln!("warning: {var}: {e}; using {default:?}"));
+            default
+        }),
+    }
+}
+
 impl<D: Device> GpuBackend<D> {
     pub fn new(dev: D, dtype: DType) -> GpuBackend<D> {
         Self::shared(Arc::new(dev), dtype)
