@@ -26,7 +26,7 @@ use std::sync::Arc;
 use apparate::backend::cuda::{CudaConfig, CudaDevice};
 use apparate::backend::device::Device;
 use apparate::backend::emu::{EmuConfig, EmuDevice};
-use apparate::backend::gpu::{AttentionKernel, GemmKernel, GpuBackend, elementwise};
+use apparate::backend::gpu::{AttentionKernel, GemmKernel, GpuBackend, RowKernel, elementwise};
 use apparate::backend::{Activation, Backend, BatchShape, CpuBackend, CpuConfig};
 use apparate::format::ModelFile;
 use apparate::models::bert::{Bert, EncoderInput};
@@ -317,12 +317,20 @@ fn bench_device<D: Yardstick>(
             let y = be.alloc(vec![r, c])?;
             let tensor_bytes = (r * c * dt.size()) as f64;
             // (op, tensors of r x c moved: read and written, time per launch)
+            let warp = be.clone().with_rows(RowKernel::Warp);
             let memory_bound = [
                 (
                     "add_layernorm",
                     3.0,
                     time(&*dev, plan, || {
                         Ok(be.add_layernorm_into(&a, &b, &g, &z, 1e-12, &y)?)
+                    })?,
+                ),
+                (
+                    "add_layernorm (warp per row)",
+                    3.0,
+                    time(&*dev, plan, || {
+                        Ok(warp.add_layernorm_into(&a, &b, &g, &z, 1e-12, &y)?)
                     })?,
                 ),
                 (
@@ -429,25 +437,37 @@ fn minilm<D: Device>(
     let file = ModelFile::open(&o.model)?;
     // The simple kernels, then the fast ones one at a time (the last is the default; f32 has
     // one kernel of each).
-    use {AttentionKernel as A, GemmKernel as G};
-    let kernels: &[(G, A, &str)] = if be.dtype() == DType::F32 || o.default_kernels {
-        &[(G::Pipelined, A::Flash, "")]
+    use {AttentionKernel as A, GemmKernel as G, RowKernel as R};
+    let kernels: &[(G, A, R, &str)] = if be.dtype() == DType::F32 || o.default_kernels {
+        &[(G::Pipelined, A::Flash, R::Block, "")]
     } else {
         &[
-            (G::Simple, A::Simple, " (simple kernels)"),
-            (G::Pipelined, A::Simple, " (pipelined GEMM)"),
+            (G::Simple, A::Simple, R::Block, " (simple kernels)"),
+            (G::Pipelined, A::Simple, R::Block, " (pipelined GEMM)"),
             (
                 G::PipelinedSplitK,
                 A::Flash,
+                R::Block,
                 " (split-K GEMM, flash attention)",
             ),
-            (G::Pipelined, A::Flash, " (pipelined GEMM, flash attention)"),
+            (
+                G::Pipelined,
+                A::Flash,
+                R::Warp,
+                " (pipelined GEMM, flash attention, warp LayerNorm)",
+            ),
+            (
+                G::Pipelined,
+                A::Flash,
+                R::Block,
+                " (pipelined GEMM, flash attention)",
+            ),
         ]
     };
     let models = kernels
         .iter()
-        .map(|&(g, a, label)| {
-            let be = be.clone().with_gemm(g).with_attention(a);
+        .map(|&(g, a, r, label)| {
+            let be = be.clone().with_gemm(g).with_attention(a).with_rows(r);
             Ok((label, Bert::load(be, &file)?))
         })
         .collect::<Res<Vec<_>>>()?;

@@ -32,6 +32,86 @@ extern "C" __global__ void add_layernorm_bf16(const bf16* x, const bf16* res, co
     add_layernorm(x, res, gamma, beta, out, cols, eps);
 }
 
+// The same, one warp per row (LN_WARP_ROWS rows per block) with the row in registers and
+// 16-byte loads and stores: no shared memory and no block barrier. For rows of cols % (16 /
+// sizeof(T)) == 0 up to LN_WARP_MAX_COLS and 16-byte aligned tensors (the launcher checks).
+// `RowKernel::Warp`; the block-per-row kernel above is its reference.
+struct __align__(16) Vec16 {
+    uint32_t w[4];
+};
+
+template <typename T>
+__device__ void add_layernorm_warp(const T* __restrict__ x, const T* __restrict__ res,
+                                   const T* __restrict__ gamma, const T* __restrict__ beta,
+                                   T* __restrict__ out, uint32_t rows, uint32_t cols, float eps) {
+    constexpr int E = 16 / sizeof(T);                 // elements per 16-byte vector
+    constexpr int V = LN_WARP_MAX_COLS / (32 * E);    // vectors per lane at most
+    uint32_t lane = threadIdx.x % 32, row = blockIdx.x * LN_WARP_ROWS + threadIdx.x / 32;
+    if (row >= rows) return;  // no block barrier below
+    uint32_t nv = cols / E;
+    uint64_t base = (uint64_t)row * cols;
+    float v[V][E];
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < V; i++) {
+        uint32_t j = lane + 32 * i;
+        if (j >= nv) break;
+        Vec16 a = *reinterpret_cast<const Vec16*>(x + base + (uint64_t)j * E);
+        Vec16 b = *reinterpret_cast<const Vec16*>(res + base + (uint64_t)j * E);
+        const T* ae = reinterpret_cast<const T*>(&a);
+        const T* be = reinterpret_cast<const T*>(&b);
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+            v[i][e] = to_f32(ae[e]) + to_f32(be[e]);
+            sum += v[i][e];
+        }
+    }
+    float mean = warp_sum(sum) / (float)cols, sq = 0.0f;
+#pragma unroll
+    for (int i = 0; i < V; i++) {
+        if (lane + 32 * i >= nv) break;
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+            float d = v[i][e] - mean;
+            sq += d * d;
+        }
+    }
+    float inv = rsqrtf(warp_sum(sq) / (float)cols + eps);
+#pragma unroll
+    for (int i = 0; i < V; i++) {
+        uint32_t j = lane + 32 * i;
+        if (j >= nv) break;
+        Vec16 g = *reinterpret_cast<const Vec16*>(gamma + (uint64_t)j * E);
+        Vec16 bt = *reinterpret_cast<const Vec16*>(beta + (uint64_t)j * E);
+        const T* ge = reinterpret_cast<const T*>(&g);
+        const T* be = reinterpret_cast<const T*>(&bt);
+        Vec16 o;
+        T* oe = reinterpret_cast<T*>(&o);
+#pragma unroll
+        for (int e = 0; e < E; e++)
+            oe[e] = from_f32<T>((v[i][e] - mean) * inv * to_f32(ge[e]) + to_f32(be[e]));
+        *reinterpret_cast<Vec16*>(out + base + (uint64_t)j * E) = o;
+    }
+}
+
+extern "C" __global__ void add_layernorm_warp_f32(const float* x, const float* res,
+                                                  const float* gamma, const float* beta,
+                                                  float* out, uint32_t rows, uint32_t cols,
+                                                  float eps) {
+    add_layernorm_warp(x, res, gamma, beta, out, rows, cols, eps);
+}
+extern "C" __global__ void add_layernorm_warp_f16(const f16* x, const f16* res, const f16* gamma,
+                                                  const f16* beta, f16* out, uint32_t rows,
+                                                  uint32_t cols, float eps) {
+    add_layernorm_warp(x, res, gamma, beta, out, rows, cols, eps);
+}
+extern "C" __global__ void add_layernorm_warp_bf16(const bf16* x, const bf16* res,
+                                                   const bf16* gamma, const bf16* beta,
+                                                   bf16* out, uint32_t rows, uint32_t cols,
+                                                   float eps) {
+    add_layernorm_warp(x, res, gamma, beta, out, rows, cols, eps);
+}
+
 // One block per row: x / max(||x||, 1e-12).
 template <typename T>
 __device__ void l2_normalize(const T* __restrict__ x, T* __restrict__ out, uint32_t cols) {

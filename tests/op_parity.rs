@@ -15,7 +15,7 @@ use std::sync::Arc;
 use apparate::backend::cuda::{CudaConfig, CudaDevice};
 use apparate::backend::device::Device;
 use apparate::backend::emu::{EmuConfig, EmuDevice};
-use apparate::backend::gpu::{AttentionKernel, GemmKernel, GpuBackend};
+use apparate::backend::gpu::{AttentionKernel, GemmKernel, GpuBackend, RowKernel};
 use apparate::backend::{Backend, CpuBackend, RampInput, RampWeights};
 use apparate::tensor::DType;
 use common::cpu;
@@ -28,26 +28,32 @@ fn parity_on<D: Device>(label: &str, dev: Arc<D>, pick: impl Fn(&Op) -> bool) {
     for case in op_cases::cases().iter().filter(|k| pick(&k.op)) {
         // Ops that run a GEMM, in half precision: both kernels (the simple one is the
         // pipelined one's reference and fallback).
-        // The same for attention.
+        // The same for attention, and for LayerNorm in every dtype.
+        use {AttentionKernel as A, GemmKernel as G, RowKernel as R};
         let half = case.dtype != DType::F32;
-        let variants: &[(GemmKernel, AttentionKernel)] = match case.op {
+        let variants: &[(G, A, R)] = match case.op {
             Op::Linear { .. } | Op::Conv2d { .. } if half => &[
-                (GemmKernel::Pipelined, AttentionKernel::Flash),
-                (GemmKernel::PipelinedSplitK, AttentionKernel::Flash),
-                (GemmKernel::Simple, AttentionKernel::Flash),
+                (G::Pipelined, A::Flash, R::Block),
+                (G::PipelinedSplitK, A::Flash, R::Block),
+                (G::Simple, A::Flash, R::Block),
             ],
             Op::Attention { .. } if half => &[
-                (GemmKernel::Pipelined, AttentionKernel::Flash),
-                (GemmKernel::Pipelined, AttentionKernel::Simple),
+                (G::Pipelined, A::Flash, R::Block),
+                (G::Pipelined, A::Simple, R::Block),
             ],
-            _ => &[(GemmKernel::Pipelined, AttentionKernel::Flash)],
+            Op::AddLayerNorm { .. } => &[
+                (G::Pipelined, A::Flash, R::Block),
+                (G::Pipelined, A::Flash, R::Warp),
+            ],
+            _ => &[(G::Pipelined, A::Flash, R::Block)],
         };
-        for &(gemm, attention) in variants {
+        for &(gemm, attention, rows) in variants {
             let be = GpuBackend::shared(dev.clone(), case.dtype)
                 .with_poisoned_outputs()
                 .with_gemm(gemm)
-                .with_attention(attention);
-            let label = format!("{label}/{}/{gemm:?}/{attention:?}", case.dtype);
+                .with_attention(attention)
+                .with_rows(rows);
+            let label = format!("{label}/{}/{gemm:?}/{attention:?}/{rows:?}", case.dtype);
             check_case(&label, &be, &c, case);
         }
         ran += 1;

@@ -27,8 +27,8 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/apparate-gpu.XXXXXX") || exit 2
 trap 'rm -rf "$WORK"' EXIT
 
 # name:seconds, in order. The sum is the budget.
-STEPS=(versions:10 unpack:20 probe:20 cuda-unit:40 selftest:20 op-parity:60 decoder-parity:30 cnn:30
-  minilm:30 kernel-bench:90 torch-ref:50 profile:40)
+STEPS=(versions:10 unpack:20 probe:20 cuda-unit:40 selftest:20 op-parity:50 decoder-parity:30 cnn:30
+  minilm:30 kernel-bench:120 torch-ref:40 profile:30)
 BUDGET_S=0
 for s in "${STEPS[@]}"; do BUDGET_S=$((BUDGET_S + ${s#*:})); done
 limit_of() { local s; for s in "${STEPS[@]}"; do [ "${s%%:*}" = "$1" ] && echo "${s#*:}"; done; }

@@ -11,6 +11,11 @@
 // Floats of reduction scratch after a row kept in dynamic shared memory (one per warp, <= 32).
 #define ROW_SCRATCH 32
 
+// The warp-per-row LayerNorm (RowKernel::Warp): rows (one per warp) per block, and the widest
+// row it takes (the row lives in registers: 2048 / 32 = 64 values per lane).
+#define LN_WARP_ROWS 4
+#define LN_WARP_MAX_COLS 2048
+
 // Grid-stride kernels (im2col, grouped convolution, 2-D pooling, casts, copies).
 #define ELEMENTWISE_THREADS 256
 // Their grid is capped at this many blocks; the kernels loop over the rest.

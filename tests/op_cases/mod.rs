@@ -174,7 +174,8 @@ pub fn ops() -> Vec<(Op, Expect)> {
         ok.clone(),
     ));
     // A 1-wide row normalises to exactly beta on both sides.
-    for (rows, cols) in [(1, 1), (3, 7), (5, 384), (64, 1000)] {
+    // (9, 2048): the widest row of the warp-per-row kernel; (2, 2056): one past it.
+    for (rows, cols) in [(1, 1), (3, 7), (5, 384), (64, 1000), (9, 2048), (2, 2056)] {
         v.push((Op::AddLayerNorm { rows, cols }, ok.clone()));
     }
     for (seq, heads, head_dim, lengths) in [

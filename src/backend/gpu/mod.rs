@@ -18,6 +18,7 @@ mod gemm;
 pub use gemm::GemmKernel;
 mod kv_attention;
 mod norm;
+pub use norm::RowKernel;
 pub mod params;
 mod pool;
 mod quant;
@@ -63,6 +64,7 @@ pub struct GpuBackend<D: Device> {
     poison: bool,
     gemm: GemmKernel,
     attention: AttentionKernel,
+    rows: RowKernel,
 }
 
 impl<D: Device> Clone for GpuBackend<D> {
@@ -73,6 +75,7 @@ impl<D: Device> Clone for GpuBackend<D> {
             poison: self.poison,
             gemm: self.gemm,
             attention: self.attention,
+            rows: self.rows,
         }
     }
 }
@@ -106,6 +109,7 @@ impl<D: Device> GpuBackend<D> {
             poison: false,
             gemm: GemmKernel::from_env(),
             attention: AttentionKernel::from_env(),
+            rows: RowKernel::from_env(),
         }
     }
 
@@ -129,6 +133,13 @@ impl<D: Device> GpuBackend<D> {
 
     pub fn attention_kernel(&self) -> AttentionKernel {
         self.attention
+    }
+
+    /// Which residual add + LayerNorm kernel runs (default: the `APPARATE_GPU_ROWS`
+    /// environment variable, else [`RowKernel::Block`]).
+    pub fn with_rows(mut self, rows: RowKernel) -> GpuBackend<D> {
+        self.rows = rows;
+        self
     }
 
     /// Fill every op output with NaN before its kernel runs, so an element a kernel forgets to

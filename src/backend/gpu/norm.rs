@@ -2,8 +2,8 @@
 //! and L2 normalisation, one block per row. (`launch_row_op` is in mod.rs, shared with
 //! softmax.)
 
-use super::{GpuBackend, GpuTensor};
-use crate::backend::device::{Device, KernelArg};
+use super::{GpuBackend, GpuTensor, params};
+use crate::backend::device::{Device, KernelArg, LaunchConfig};
 use crate::backend::op_check::{self, LayerNormCall};
 use crate::error::Result;
 
@@ -32,6 +32,36 @@ impl<D: Device> GpuBackend<D> {
         if c.rows == 0 {
             return Ok(());
         }
+        let elems_per_16_bytes = 16 / self.dtype.size();
+        let aligned = [c.x, c.residual, c.gamma, c.beta, y]
+            .iter()
+            .all(|t| self.dev.address(&t.buf).is_multiple_of(16));
+        if self.rows == RowKernel::Warp
+            && c.cols.is_multiple_of(elems_per_16_bytes)
+            && c.cols <= params::LN_WARP_MAX_COLS as usize
+            && aligned
+        {
+            let rows_per_block = params::LN_WARP_ROWS as usize;
+            let cfg = LaunchConfig::linear(
+                self.grid("row blocks", c.rows.div_ceil(rows_per_block))?,
+                params::LN_WARP_ROWS * 32,
+                0,
+            );
+            return self.launch(
+                &self.kernel("add_layernorm_warp"),
+                cfg,
+                &[
+                    self.ptr(c.x)?,
+                    self.ptr(c.residual)?,
+                    self.ptr(c.gamma)?,
+                    self.ptr(c.beta)?,
+                    self.ptr(y)?,
+                    self.u32("rows", c.rows)?,
+                    self.u32("cols", c.cols)?,
+                    KernelArg::F32(c.eps),
+                ],
+            );
+        }
         let cfg = self.rows_cfg("rows", c.rows, self.row_shared("add_layernorm", c.cols)?)?;
         self.launch(
             &self.kernel("add_layernorm"),
@@ -46,5 +76,35 @@ impl<D: Device> GpuBackend<D> {
                 KernelArg::F32(c.eps),
             ],
         )
+    }
+}
+
+/// The row kernel of a [`GpuBackend`]'s residual add + LayerNorm.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum RowKernel {
+    /// One block of `ROW_THREADS` per row, the row in shared memory: the reference.
+    Block,
+    /// One warp per row, the row in registers, 16-byte loads and stores; rows up to
+    /// `LN_WARP_MAX_COLS` wide whose width is a multiple of 16 bytes (others run the block
+    /// kernel). Compiled and emulated, not run on a GPU: not the default until measured.
+    Warp,
+}
+
+impl RowKernel {
+    /// `APPARATE_GPU_ROWS` = `block` | `warp`; unset means block.
+    pub fn from_env() -> RowKernel {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        super::kernel_from_env("APPARATE_GPU_ROWS", RowKernel::Block, &WARNED)
+    }
+}
+
+impl std::str::FromStr for RowKernel {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<RowKernel, String> {
+        match s {
+            "block" => Ok(RowKernel::Block),
+            "warp" => Ok(RowKernel::Warp),
+            other => Err(format!("unknown row kernel `{other}` (block, warp)")),
+        }
     }
 }
