@@ -32,50 +32,43 @@ impl<D: Device> GpuBackend<D> {
         if c.rows == 0 {
             return Ok(());
         }
-        let elems_per_16_bytes = 16 / self.dtype.size();
-        let aligned = [c.x, c.residual, c.gamma, c.beta, y]
-            .iter()
-            .all(|t| self.dev.address(&t.buf).is_multiple_of(16));
-        if self.rows == RowKernel::Warp
-            && c.cols.is_multiple_of(elems_per_16_bytes)
-            && c.cols <= params::LN_WARP_MAX_COLS as usize
-            && aligned
-        {
+        let (x, res, gamma, beta, out) = (
+            self.ptr(c.x)?,
+            self.ptr(c.residual)?,
+            self.ptr(c.gamma)?,
+            self.ptr(c.beta)?,
+            self.ptr(y)?,
+        );
+        let (cols, eps) = (self.u32("cols", c.cols)?, KernelArg::F32(c.eps));
+        if self.warp_layernorm_fits(c, y) {
             let rows_per_block = params::LN_WARP_ROWS as usize;
             let cfg = LaunchConfig::linear(
                 self.grid("row blocks", c.rows.div_ceil(rows_per_block))?,
                 params::LN_WARP_ROWS * 32,
                 0,
             );
-            return self.launch(
-                &self.kernel("add_layernorm_warp"),
-                cfg,
-                &[
-                    self.ptr(c.x)?,
-                    self.ptr(c.residual)?,
-                    self.ptr(c.gamma)?,
-                    self.ptr(c.beta)?,
-                    self.ptr(y)?,
-                    self.u32("rows", c.rows)?,
-                    self.u32("cols", c.cols)?,
-                    KernelArg::F32(c.eps),
-                ],
-            );
+            let rows = self.u32("rows", c.rows)?;
+            let args = [x, res, gamma, beta, out, rows, cols, eps];
+            return self.launch(&self.kernel("add_layernorm_warp"), cfg, &args);
         }
         let cfg = self.rows_cfg("rows", c.rows, self.row_shared("add_layernorm", c.cols)?)?;
-        self.launch(
-            &self.kernel("add_layernorm"),
-            cfg,
-            &[
-                self.ptr(c.x)?,
-                self.ptr(c.residual)?,
-                self.ptr(c.gamma)?,
-                self.ptr(c.beta)?,
-                self.ptr(y)?,
-                self.u32("cols", c.cols)?,
-                KernelArg::F32(c.eps),
-            ],
-        )
+        let args = [x, res, gamma, beta, out, cols, eps];
+        self.launch(&self.kernel("add_layernorm"), cfg, &args)
+    }
+
+    /// Whether the warp-per-row kernel is chosen and takes this call: rows a whole number of
+    /// 16-byte vectors, at most `LN_WARP_MAX_COLS` wide, every tensor 16-byte aligned.
+    fn warp_layernorm_fits(
+        &self,
+        c: &LayerNormCall<'_, GpuTensor<D::Buf>>,
+        y: &GpuTensor<D::Buf>,
+    ) -> bool {
+        self.rows == RowKernel::Warp
+            && c.cols.is_multiple_of(16 / self.dtype.size())
+            && c.cols <= params::LN_WARP_MAX_COLS as usize
+            && [c.x, c.residual, c.gamma, c.beta, y]
+                .iter()
+                .all(|t| self.dev.address(&t.buf).is_multiple_of(16))
     }
 }
 
