@@ -439,11 +439,17 @@ fn minilm<D: Device>(
     // one kernel of each).
     use {AttentionKernel as A, GemmKernel as G, RowKernel as R};
     let kernels: &[(G, A, R, &str)] = if be.dtype() == DType::F32 || o.default_kernels {
-        &[(G::Pipelined, A::Flash, R::Block, "")]
+        &[(G::PipelinedSplitK, A::Flash, R::Warp, "")]
     } else {
         &[
             (G::Simple, A::Simple, R::Block, " (simple kernels)"),
             (G::Pipelined, A::Simple, R::Block, " (pipelined GEMM)"),
+            (
+                G::Pipelined,
+                A::Flash,
+                R::Block,
+                " (pipelined GEMM, flash attention)",
+            ),
             (
                 G::PipelinedSplitK,
                 A::Flash,
@@ -451,16 +457,10 @@ fn minilm<D: Device>(
                 " (split-K GEMM, flash attention)",
             ),
             (
-                G::Pipelined,
+                G::PipelinedSplitK,
                 A::Flash,
                 R::Warp,
-                " (pipelined GEMM, flash attention, warp LayerNorm)",
-            ),
-            (
-                G::Pipelined,
-                A::Flash,
-                R::Block,
-                " (pipelined GEMM, flash attention)",
+                " (split-K GEMM, flash attention, warp LayerNorm: the default)",
             ),
         ]
     };

@@ -114,7 +114,7 @@ impl<D: Device> GpuBackend<D> {
     }
 
     /// Which f16/bf16 GEMM kernel runs the linear layers and convolutions (default: the
-    /// `APPARATE_GPU_GEMM` environment variable, else [`GemmKernel::Pipelined`]).
+    /// `APPARATE_GPU_GEMM` environment variable, else [`GemmKernel::PipelinedSplitK`]).
     pub fn with_gemm(mut self, gemm: GemmKernel) -> GpuBackend<D> {
         self.gemm = gemm;
         self
@@ -136,7 +136,7 @@ impl<D: Device> GpuBackend<D> {
     }
 
     /// Which residual add + LayerNorm kernel runs (default: the `APPARATE_GPU_ROWS`
-    /// environment variable, else [`RowKernel::Block`]).
+    /// environment variable, else [`RowKernel::Warp`]).
     pub fn with_rows(mut self, rows: RowKernel) -> GpuBackend<D> {
         self.rows = rows;
         self
