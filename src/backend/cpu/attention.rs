@@ -55,8 +55,11 @@ fn head(
     let mut keys = PackedB::new(level);
     keys.pack_transposed(&qkv[at(1)..], ld, len, d);
     let mut scores = vec![0.0f32; len * len];
-    let scaled = |_: usize, _: usize, row: &mut [f32]| row.iter_mut().for_each(|s| *s *= scale);
-    sgemm::gemm(Exec::Inline, q, len, &keys, &mut scores, len, Some(&scaled));
+    let scaled = sgemm::Epilogue {
+        scale,
+        ..Default::default()
+    };
+    sgemm::gemm(Exec::Inline, q, len, &keys, &mut scores, len, &scaled);
     softmax_each(&mut scores, len);
     let mut values = PackedB::new(level);
     values.pack(&qkv[at(2)..], ld, len, d);
@@ -64,7 +67,7 @@ fn head(
         data: &scores,
         ld: len,
     };
-    sgemm::gemm(Exec::Inline, p, len, &values, out, d, None);
+    sgemm::gemm(Exec::Inline, p, len, &values, out, d, &Default::default());
 }
 
 pub(crate) fn attention(

@@ -5,10 +5,11 @@
 //! GEMM micro-kernels with the input read in place ([`sgemm::conv`]: no im2col matrix, nothing
 //! packed but the weight `[cout, kh * kw * cin]`, once); a 1x1 stride-1 convolution is a plain
 //! product.
-//! Grouped and depthwise convolutions run as direct loops over output pixels, vectorised over
-//! the channels of a group.
+//! Depthwise convolutions have their own loops ([`super::depthwise`]); other grouped ones run
+//! as a plain direct loop over output pixels.
 
 use super::buffers;
+use super::depthwise;
 use super::team::Exec;
 
 use super::linear;
@@ -83,13 +84,7 @@ fn direct(
     // Every element is written by the first slice of k.
     let mut out = buffers::take(n * oh * ow * cout);
     let epi = linear::epilogue(cout, b, residual, act);
-    sgemm::conv(
-        par,
-        &windows,
-        w,
-        &mut out,
-        epi.as_ref().map(|e| e as sgemm::Epilogue),
-    );
+    sgemm::conv(par, &windows, w, &mut out, &epi);
     out
 }
 
@@ -164,98 +159,10 @@ pub(crate) fn conv2d(c: Conv<'_>, par: Exec<'_>) -> Vec<f32> {
         return direct(x, dims.to_array(), p, w, b, residual, act, par);
     }
     if cin == p.groups && cout == p.groups {
-        return depthwise(c, par);
+        return depthwise::depthwise(c, par);
     }
     grouped(c, par)
 }
-
-/// Depthwise convolution (one input and one output channel per group), one output row per
-/// task: for each block of [`DW_LANES`] channels and each output pixel, the `kh * kw` taps
-/// accumulate in registers and the pixel is stored once, bias, residual and activation applied.
-/// The weight is transposed once to `[kh * kw, channels]` so that each tap's weights are
-/// contiguous.
-fn depthwise(conv: Conv<'_>, par: Exec<'_>) -> Vec<f32> {
-    let (w, dims) = (conv.w, conv.dims);
-    let [n, _, _, c, _, kh, kw, oh, ow] = dims.to_array();
-    let mut taps = vec![0.0f32; kh * kw * c];
-    for ch in 0..c {
-        for t in 0..kh * kw {
-            taps[t * c + ch] = w[ch * kh * kw + t];
-        }
-    }
-    // `dw_row` writes every element of its row.
-    let mut out = buffers::take(n * oh * ow * c);
-    par.for_chunks(&mut out, ow * c, |r, o| {
-        dw_row(&conv, &taps, r / oh, r % oh, o);
-    });
-    out
-}
-
-/// Channels per register block of [`dw_row`]: two AVX2 registers, or one AVX-512 register.
-const DW_LANES: usize = 16;
-
-#[inline(always)]
-fn dw_row_body(conv: &Conv<'_>, taps: &[f32], img: usize, y: usize, o: &mut [f32]) {
-    let [_, h, wd, c, _, kh, kw, oh, ow] = conv.dims.to_array();
-    let ([sy, sx], [py, px]) = (conv.p.stride, conv.p.padding);
-    let x = &conv.x[img * h * wd * c..][..h * wd * c];
-    // (input offset, weight offset) of each tap inside the image, for the current pixel.
-    let mut inside: Vec<(usize, usize)> = Vec::with_capacity(kh * kw);
-    for xo in 0..ow {
-        inside.clear();
-        for i in 0..kh {
-            let Some(iy) = (y * sy + i).checked_sub(py).filter(|&v| v < h) else {
-                continue;
-            };
-            for j in 0..kw {
-                let Some(ix) = (xo * sx + j).checked_sub(px).filter(|&v| v < wd) else {
-                    continue;
-                };
-                inside.push(((iy * wd + ix) * c, (i * kw + j) * c));
-            }
-        }
-        let out = &mut o[xo * c..][..c];
-        let mut ch0 = 0;
-        // Whole register blocks: the taps accumulate in registers, one store per block.
-        while ch0 + DW_LANES <= c {
-            let mut acc = [0.0f32; DW_LANES];
-            if let Some(b) = conv.b {
-                acc.copy_from_slice(&b[ch0..ch0 + DW_LANES]);
-            }
-            for &(xi, wi) in &inside {
-                let xs: &[f32; DW_LANES] = x[xi + ch0..][..DW_LANES].try_into().expect("block");
-                let ws: &[f32; DW_LANES] = taps[wi + ch0..][..DW_LANES].try_into().expect("block");
-                for l in 0..DW_LANES {
-                    acc[l] += xs[l] * ws[l];
-                }
-            }
-            out[ch0..ch0 + DW_LANES].copy_from_slice(&acc);
-            ch0 += DW_LANES;
-        }
-        // The channels left over, accumulated in place.
-        let rest = &mut out[ch0..];
-        match conv.b {
-            Some(b) => rest.copy_from_slice(&b[ch0..]),
-            None => rest.fill(0.0),
-        }
-        for &(xi, wi) in &inside {
-            let (xs, ws) = (&x[xi + ch0..xi + c], &taps[wi + ch0..wi + c]);
-            for ((v, xv), wv) in rest.iter_mut().zip(xs).zip(ws) {
-                *v += xv * wv;
-            }
-        }
-    }
-    if let Some(res) = conv.residual {
-        let row = &res[((img * oh + y) * ow) * c..][..ow * c];
-        o.iter_mut().zip(row).for_each(|(v, r)| *v += r);
-    }
-    match conv.act {
-        Activation::None => {}
-        act => o.iter_mut().for_each(|v| *v = apply(*v, act)),
-    }
-}
-
-super::simd::multiversion!(fn dw_row(conv: &Conv<'_>, taps: &[f32], img: usize, y: usize, o: &mut [f32]) => dw_row_body);
 
 /// Direct grouped convolution (depthwise when groups == channels).
 fn grouped(c: Conv<'_>, par: Exec<'_>) -> Vec<f32> {
@@ -282,7 +189,7 @@ fn grouped(c: Conv<'_>, par: Exec<'_>) -> Vec<f32> {
     out
 }
 
-fn apply(v: f32, act: Activation) -> f32 {
+pub(crate) fn apply(v: f32, act: Activation) -> f32 {
     match act {
         Activation::None => v,
         Activation::GeluErf => linear::gelu_erf(v),
@@ -414,48 +321,6 @@ mod tests {
                             assert!((g - w).abs() < tol, "{level:?} path {path}: {g} vs {w}");
                         }
                     }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn depthwise_matches_the_grouped_loop() {
-        // Channel counts that leave a ragged register block; strides, padding, TF-style extra
-        // padding; bias, residual and an activation fused.
-        let team = Exec::Team(crate::backend::cpu::team::test_team());
-        for (h, w, ch, k, s, p, extra) in [
-            (7, 9, 37, 3, 1, 1, 0),
-            (8, 8, 16, 5, 2, 2, 1),
-            (5, 6, 3, 3, 2, 0, 1),
-        ] {
-            let geo = Conv2d {
-                stride: [s, s],
-                padding: [p, p],
-                groups: ch,
-                padding_extra: [extra, extra],
-            };
-            let (xs, ws) = ([2, h, w, ch], [ch, k, k, 1]);
-            let d = conv_dims(&xs, &ws, None, &geo, None).unwrap();
-            let out_shape = [2, d.oh, d.ow, ch];
-            let (x, wt, b) = (data(2 * h * w * ch, 5), data(ch * k * k, 6), data(ch, 7));
-            let r = data(out_shape.iter().product(), 8);
-            let dims = conv_dims(&xs, &ws, Some(&[ch]), &geo, Some(&out_shape)).unwrap();
-            let c = Conv {
-                x: &x,
-                w: &wt,
-                b: Some(&b),
-                residual: Some(&r),
-                dims,
-                p: &geo,
-                act: Activation::Relu6,
-                packed: None,
-                level: SimdLevel::best(),
-            };
-            let want = grouped(c, Exec::Inline);
-            for exec in [Exec::Inline, team] {
-                for (g, w) in depthwise(c, exec).iter().zip(&want) {
-                    assert!((g - w).abs() < 1e-5, "{g} vs {w}");
                 }
             }
         }

@@ -1,5 +1,5 @@
 //! `act(x W^T + b)` on the CPU: one GEMM ([`super::sgemm`], the weight packed once), with bias,
-//! residual and activation fused into its epilogue, applied to each tile while it is hot in cache.
+//! residual and activation fused into its epilogue (applied in registers by the micro-kernels).
 
 use super::buffers;
 use super::sgemm::{self, PackedB};
@@ -35,7 +35,7 @@ fn bias_act_body(row: &mut [f32], b: Option<&[f32]>, res: Option<&[f32]>, act: A
     }
 }
 
-multiversion!(fn bias_act(row: &mut [f32], b: Option<&[f32]>, res: Option<&[f32]>, act: Activation) => bias_act_body);
+multiversion!(pub(crate) fn bias_act(row: &mut [f32], b: Option<&[f32]>, res: Option<&[f32]>, act: Activation) => bias_act_body);
 
 /// `act(x W^T + b + residual)`: `x` [m, k] row-major, `w` the packed `[n, k]` weight,
 /// `residual` [m, n] -> [m, n].
@@ -53,33 +53,24 @@ pub(crate) fn linear(
     // Every element is written by the product (zeros when k = 0).
     let mut out = buffers::take(m * n);
     let epi = epilogue(n, b, residual, act);
-    sgemm::gemm(
-        exec,
-        a,
-        m,
-        w,
-        &mut out,
-        n,
-        epi.as_ref().map(|e| e as sgemm::Epilogue),
-    );
+    sgemm::gemm(exec, a, m, w, &mut out, n, &epi);
     out
 }
 
 /// The fused epilogue of a product with `n` columns: `+ b`, `+ residual` (`[m, n]`), then the
-/// activation, per finished row of a tile; `None` when there is nothing to do.
+/// activation, applied by the micro-kernels before they store C.
 pub(crate) fn epilogue<'a>(
     n: usize,
     b: Option<&'a [f32]>,
     residual: Option<&'a [f32]>,
     act: Activation,
-) -> Option<impl Fn(usize, usize, &mut [f32]) + Sync + 'a> {
-    let fused = b.is_some() || residual.is_some() || act != Activation::None;
-    fused.then_some(move |i: usize, j0: usize, row: &mut [f32]| {
-        let cols = j0..j0 + row.len();
-        let b = b.map(|b| &b[cols.clone()]);
-        let res = residual.map(|r| &r[i * n..][cols]);
-        bias_act(row, b, res, act)
-    })
+) -> sgemm::Epilogue<'a> {
+    sgemm::Epilogue {
+        bias: b,
+        residual: residual.map(|r| (r, n)),
+        act,
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ mod attention;
 mod buffers;
 mod conv;
 pub mod decoder;
+mod depthwise;
 mod embedding;
 mod kv_attention;
 mod linear;

@@ -38,15 +38,15 @@ struct Slice {
     k0: usize,
 }
 
-/// `C = conv(x, W)` (then `epi` on each finished row), C `[n * oh * ow, cout]` row-major in
-/// `c`, `b` the weight as packed B. Runs on `exec`, one task per group of output rows and
+/// `C = epi(conv(x, W))`, C `[n * oh * ow, cout]` row-major in `c`, `b` the weight as packed
+/// B. Runs on `exec`, one task per group of output rows and
 /// columns.
 pub(crate) fn conv(
     exec: Exec<'_>,
     w: &Windows<'_>,
     b: &PackedB,
     c: &mut [f32],
-    epi: Option<Epilogue<'_>>,
+    epi: &Epilogue<'_>,
 ) {
     let (level, n, k) = (b.level, b.n, b.k);
     let (cin, [sy, sx]) = (w.cin, w.stride);
@@ -65,6 +65,7 @@ pub(crate) fn conv(
         "windows outside the input"
     );
     assert!(c.len() >= m * n, "C too small");
+    epi.check(m, n);
     assert!(level.supported(), "{level:?} kernels on a CPU without them");
     let (mr, nr, threads) = (level.mr(), level.nr(), exec.threads());
 
@@ -135,9 +136,9 @@ unsafe fn task(
     rows: Range<usize>,
     cols: Range<usize>,
     xr: usize,
-    epi: Option<Epilogue<'_>>,
+    epi: &Epilogue<'_>,
 ) {
-    let (level, k) = (b.level, b.k);
+    let level = b.level;
     let nr = level.nr();
     let (cin, [sy, sx]) = (w.cin, w.stride);
     // SAFETY (every pointer below): windows inside `x`, B panels of `k x NR`, C inside the
@@ -146,7 +147,7 @@ unsafe fn task(
         for (si, s) in slices.iter().enumerate() {
             for j in cols.clone().step_by(nr) {
                 let width = nr.min(cols.end - j);
-                let bp = b.data.as_ptr().add((j / nr) * k * nr + s.k0 * nr);
+                let bp = b.panel(j / nr, s.k0);
                 for y in rows.clone() {
                     for x0 in (0..w.ow).step_by(xr) {
                         let r = xr.min(w.ow - x0);
@@ -158,21 +159,11 @@ unsafe fn task(
                             segs: &s.segs,
                             seg_k: s.seg_k,
                         };
-                        let cp = c.ptr().add(((img * w.oh + y) * w.ow + x0) * c.ld + j);
-                        micro(level, r, a, bp, cp, c.ld, width, si > 0);
+                        let i = (img * w.oh + y) * w.ow + x0;
+                        let cp = c.ptr().add(i * c.ld + j);
+                        let last = (si + 1 == slices.len()).then_some((epi, i, j));
+                        micro(level, r, a, bp, cp, c.ld, width, si > 0, last);
                     }
-                }
-            }
-        }
-        if let Some(epi) = epi {
-            for y in rows {
-                for x in 0..w.ow {
-                    let i = (img * w.oh + y) * w.ow + x;
-                    let row = std::slice::from_raw_parts_mut(
-                        c.ptr().add(i * c.ld + cols.start),
-                        cols.len(),
-                    );
-                    epi(i, cols.start, row);
                 }
             }
         }

@@ -22,26 +22,70 @@ pub(super) struct APanel<'s> {
     pub seg_k: usize,
 }
 
-/// One micro-kernel call: `c` has `rows` rows at stride `ldc` and `level.nr()` columns;
-/// `accumulate` adds to what `c` holds, else overwrites it.
+/// What the last slice of k does to its sums before the one store, in registers:
+/// `clamp(scale * sum + bias[col] + res[row, col])`.
+#[derive(Clone, Copy)]
+pub(super) struct Finish {
+    pub scale: f32,
+    /// `NR` values (this panel's columns), or null.
+    pub bias: *const f32,
+    /// `rows x NR` values at stride `ldr`, or null.
+    pub res: *const f32,
+    pub ldr: usize,
+    pub clamp: Clamp,
+}
+
+/// The activations the micro-kernels apply themselves (others run after the store).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Clamp {
+    None,
+    /// `max(v, 0)`.
+    Relu,
+    /// `min(max(v, 0), 6)`.
+    Relu6,
+}
+
+impl Finish {
+    /// The finished value of one element (the portable kernel, and the tests' reference).
+    #[inline(always)]
+    // max-then-min, not clamp: NaN becomes 0 as in the vector kernels (maxps returns its
+    // second operand when the first is NaN).
+    #[allow(clippy::manual_clamp)]
+    pub(super) fn scalar(&self, v: f32, bias: f32, res: f32) -> f32 {
+        let v = v * self.scale + bias + res;
+        match self.clamp {
+            Clamp::None => v,
+            Clamp::Relu => v.max(0.0),
+            Clamp::Relu6 => v.max(0.0).min(6.0),
+        }
+    }
+}
+
+/// One micro-kernel call: `c` has `rows` rows at stride `ldc` and `nr` columns (`nr` =
+/// `level.nr()`, or half of it for a `half`-width panel); `accumulate` adds to what `c` holds,
+/// else overwrites it; `fin`, on the last slice of k, finishes the sums before they are stored.
 ///
 /// # Safety
-/// `a` covers `rows` rows of its segments, `b` holds `segs.len() * seg_k * level.nr()` values,
-/// `c` covers `rows` rows of `level.nr()` values at stride `ldc`, and the CPU has `level`'s
-/// instructions.
+/// `a` covers `rows` rows of its segments, `b` holds `segs.len() * seg_k * nr` values, `c`
+/// covers `rows` rows of `nr` values at stride `ldc`, `fin`'s pointers cover what [`Finish`]
+/// says, and the CPU has `level`'s instructions.
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn run(
     level: Level,
+    half: bool,
     rows: usize,
     a: APanel<'_>,
     b: *const f32,
     c: *mut f32,
     ldc: usize,
     accumulate: bool,
+    fin: Option<&Finish>,
 ) {
     macro_rules! by_rows {
         ($f:ident, $($r:literal)+) => {
-            match rows {
-                $($r => $f::<$r>(a, b, c, ldc, accumulate),)+
+            match (rows, half) {
+                $(($r, false) => $f::<$r, false>(a, b, c, ldc, accumulate, fin),)+
+                $(($r, true) => $f::<$r, true>(a, b, c, ldc, accumulate, fin),)+
                 _ => unreachable!("{rows} rows for a {level:?} micro-kernel"),
             }
         };
@@ -59,7 +103,16 @@ pub(super) unsafe fn run(
                 use x86::avx2;
                 by_rows!(avx2, 1 2 3 4 5 6)
             }
-            _ => by_rows!(generic, 1 2 3 4),
+            _ => {
+                assert!(!half, "the portable kernel has no half-width panels");
+                match rows {
+                    1 => generic::<1>(a, b, c, ldc, accumulate, fin),
+                    2 => generic::<2>(a, b, c, ldc, accumulate, fin),
+                    3 => generic::<3>(a, b, c, ldc, accumulate, fin),
+                    4 => generic::<4>(a, b, c, ldc, accumulate, fin),
+                    _ => unreachable!("{rows} rows for a {level:?} micro-kernel"),
+                }
+            }
         }
     }
 }
@@ -75,6 +128,7 @@ unsafe fn generic<const R: usize>(
     c: *mut f32,
     ldc: usize,
     accumulate: bool,
+    fin: Option<&Finish>,
 ) {
     const NR: usize = Level::Generic.nr();
     let mut acc = [[0.0f32; NR]; R];
@@ -100,6 +154,23 @@ unsafe fn generic<const R: usize>(
                 b = b.add(NR);
             }
         }
+        if let Some(f) = fin {
+            for (i, row) in acc.iter_mut().enumerate() {
+                for (j, v) in row.iter_mut().enumerate() {
+                    let bias = if f.bias.is_null() {
+                        0.0
+                    } else {
+                        *f.bias.add(j)
+                    };
+                    let res = if f.res.is_null() {
+                        0.0
+                    } else {
+                        *f.res.add(i * f.ldr + j)
+                    };
+                    *v = f.scalar(*v, bias, res);
+                }
+            }
+        }
         for (i, row) in acc.iter().enumerate() {
             std::slice::from_raw_parts_mut(c.add(i * ldc), NR).copy_from_slice(row);
         }
@@ -108,20 +179,22 @@ unsafe fn generic<const R: usize>(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::APanel;
+    use super::{APanel, Clamp, Finish};
     use std::arch::x86_64::*;
 
-    /// 32 columns as two 16-lane registers; up to 12 rows.
+    /// 32 columns as two 16-lane registers (16 as one when `H`, a half-width panel); up to
+    /// 12 rows.
     ///
     /// # Safety
     /// As [`super::run`]; the CPU has AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn avx512<const R: usize>(
+    pub(super) unsafe fn avx512<const R: usize, const H: bool>(
         a: APanel<'_>,
         b: *const f32,
         c: *mut f32,
         ldc: usize,
         accumulate: bool,
+        fin: Option<&Finish>,
     ) {
         let mut lo = [_mm512_setzero_ps(); R];
         let mut hi = [_mm512_setzero_ps(); R];
@@ -130,7 +203,9 @@ mod x86 {
             if accumulate {
                 for i in 0..R {
                     lo[i] = _mm512_loadu_ps(c.add(i * ldc));
-                    hi[i] = _mm512_loadu_ps(c.add(i * ldc + 16));
+                    if !H {
+                        hi[i] = _mm512_loadu_ps(c.add(i * ldc + 16));
+                    }
                 }
             }
             let mut b = b;
@@ -138,34 +213,89 @@ mod x86 {
                 let mut ap = a.ptr.add(seg);
                 for _ in 0..a.seg_k {
                     let b0 = _mm512_loadu_ps(b);
-                    let b1 = _mm512_loadu_ps(b.add(16));
+                    let b1 = if H { b0 } else { _mm512_loadu_ps(b.add(16)) };
                     for i in 0..R {
                         let av = _mm512_set1_ps(*ap.add(i * a.rs));
                         lo[i] = _mm512_fmadd_ps(av, b0, lo[i]);
-                        hi[i] = _mm512_fmadd_ps(av, b1, hi[i]);
+                        if !H {
+                            hi[i] = _mm512_fmadd_ps(av, b1, hi[i]);
+                        }
                     }
                     ap = ap.add(a.cs);
-                    b = b.add(32);
+                    b = b.add(if H { 16 } else { 32 });
+                }
+            }
+            if let Some(f) = fin {
+                let scale = _mm512_set1_ps(f.scale);
+                let (b0, b1) = if f.bias.is_null() {
+                    (_mm512_setzero_ps(), _mm512_setzero_ps())
+                } else {
+                    let b0 = _mm512_loadu_ps(f.bias);
+                    (
+                        b0,
+                        if H {
+                            b0
+                        } else {
+                            _mm512_loadu_ps(f.bias.add(16))
+                        },
+                    )
+                };
+                let (zero, six) = (_mm512_setzero_ps(), _mm512_set1_ps(6.0));
+                // One simple loop per step, so that each is unrolled and the accumulators
+                // stay in registers (a loop with branches inside kept them on the stack).
+                for i in 0..R {
+                    lo[i] = _mm512_fmadd_ps(lo[i], scale, b0);
+                    if !H {
+                        hi[i] = _mm512_fmadd_ps(hi[i], scale, b1);
+                    }
+                }
+                if !f.res.is_null() {
+                    for i in 0..R {
+                        let r = f.res.add(i * f.ldr);
+                        lo[i] = _mm512_add_ps(lo[i], _mm512_loadu_ps(r));
+                        if !H {
+                            hi[i] = _mm512_add_ps(hi[i], _mm512_loadu_ps(r.add(16)));
+                        }
+                    }
+                }
+                if f.clamp != Clamp::None {
+                    for i in 0..R {
+                        lo[i] = _mm512_max_ps(lo[i], zero);
+                        if !H {
+                            hi[i] = _mm512_max_ps(hi[i], zero);
+                        }
+                    }
+                }
+                if f.clamp == Clamp::Relu6 {
+                    for i in 0..R {
+                        lo[i] = _mm512_min_ps(lo[i], six);
+                        if !H {
+                            hi[i] = _mm512_min_ps(hi[i], six);
+                        }
+                    }
                 }
             }
             for i in 0..R {
                 _mm512_storeu_ps(c.add(i * ldc), lo[i]);
-                _mm512_storeu_ps(c.add(i * ldc + 16), hi[i]);
+                if !H {
+                    _mm512_storeu_ps(c.add(i * ldc + 16), hi[i]);
+                }
             }
         }
     }
 
-    /// 16 columns as two 8-lane registers; up to 6 rows.
+    /// 16 columns as two 8-lane registers (8 as one when `H`); up to 6 rows.
     ///
     /// # Safety
     /// As [`super::run`]; the CPU has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn avx2<const R: usize>(
+    pub(super) unsafe fn avx2<const R: usize, const H: bool>(
         a: APanel<'_>,
         b: *const f32,
         c: *mut f32,
         ldc: usize,
         accumulate: bool,
+        fin: Option<&Finish>,
     ) {
         let mut lo = [_mm256_setzero_ps(); R];
         let mut hi = [_mm256_setzero_ps(); R];
@@ -174,7 +304,9 @@ mod x86 {
             if accumulate {
                 for i in 0..R {
                     lo[i] = _mm256_loadu_ps(c.add(i * ldc));
-                    hi[i] = _mm256_loadu_ps(c.add(i * ldc + 8));
+                    if !H {
+                        hi[i] = _mm256_loadu_ps(c.add(i * ldc + 8));
+                    }
                 }
             }
             let mut b = b;
@@ -182,19 +314,73 @@ mod x86 {
                 let mut ap = a.ptr.add(seg);
                 for _ in 0..a.seg_k {
                     let b0 = _mm256_loadu_ps(b);
-                    let b1 = _mm256_loadu_ps(b.add(8));
+                    let b1 = if H { b0 } else { _mm256_loadu_ps(b.add(8)) };
                     for i in 0..R {
                         let av = _mm256_set1_ps(*ap.add(i * a.rs));
                         lo[i] = _mm256_fmadd_ps(av, b0, lo[i]);
-                        hi[i] = _mm256_fmadd_ps(av, b1, hi[i]);
+                        if !H {
+                            hi[i] = _mm256_fmadd_ps(av, b1, hi[i]);
+                        }
                     }
                     ap = ap.add(a.cs);
-                    b = b.add(16);
+                    b = b.add(if H { 8 } else { 16 });
+                }
+            }
+            if let Some(f) = fin {
+                let scale = _mm256_set1_ps(f.scale);
+                let (b0, b1) = if f.bias.is_null() {
+                    (_mm256_setzero_ps(), _mm256_setzero_ps())
+                } else {
+                    let b0 = _mm256_loadu_ps(f.bias);
+                    (
+                        b0,
+                        if H {
+                            b0
+                        } else {
+                            _mm256_loadu_ps(f.bias.add(8))
+                        },
+                    )
+                };
+                let (zero, six) = (_mm256_setzero_ps(), _mm256_set1_ps(6.0));
+                // One simple loop per step, so that each is unrolled and the accumulators
+                // stay in registers (a loop with branches inside kept them on the stack).
+                for i in 0..R {
+                    lo[i] = _mm256_fmadd_ps(lo[i], scale, b0);
+                    if !H {
+                        hi[i] = _mm256_fmadd_ps(hi[i], scale, b1);
+                    }
+                }
+                if !f.res.is_null() {
+                    for i in 0..R {
+                        let r = f.res.add(i * f.ldr);
+                        lo[i] = _mm256_add_ps(lo[i], _mm256_loadu_ps(r));
+                        if !H {
+                            hi[i] = _mm256_add_ps(hi[i], _mm256_loadu_ps(r.add(8)));
+                        }
+                    }
+                }
+                if f.clamp != Clamp::None {
+                    for i in 0..R {
+                        lo[i] = _mm256_max_ps(lo[i], zero);
+                        if !H {
+                            hi[i] = _mm256_max_ps(hi[i], zero);
+                        }
+                    }
+                }
+                if f.clamp == Clamp::Relu6 {
+                    for i in 0..R {
+                        lo[i] = _mm256_min_ps(lo[i], six);
+                        if !H {
+                            hi[i] = _mm256_min_ps(hi[i], six);
+                        }
+                    }
                 }
             }
             for i in 0..R {
                 _mm256_storeu_ps(c.add(i * ldc), lo[i]);
-                _mm256_storeu_ps(c.add(i * ldc + 8), hi[i]);
+                if !H {
+                    _mm256_storeu_ps(c.add(i * ldc + 8), hi[i]);
+                }
             }
         }
     }

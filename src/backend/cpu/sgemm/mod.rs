@@ -19,11 +19,12 @@ mod direct;
 mod kernel;
 
 pub(crate) use direct::{Windows, conv};
-use kernel::APanel;
+use kernel::{APanel, Clamp, Finish};
 
 use std::ops::Range;
 
 use super::team::Exec;
+use crate::backend::Activation;
 
 /// Which micro-kernels the CPU backend runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -146,11 +147,43 @@ impl PackedB {
     }
 
     fn reset(&mut self, k: usize, n: usize) {
-        let nr = self.level.nr();
         self.k = k;
         self.n = n;
         self.data.clear();
-        self.data.resize(n.div_ceil(nr) * k * nr, 0.0);
+        let len = (0..self.panels()).map(|q| k * self.panel_width(q)).sum();
+        self.data.resize(len, 0.0);
+    }
+
+    fn panels(&self) -> usize {
+        self.n.div_ceil(self.level.nr())
+    }
+
+    /// Columns of panel `q`: `NR`, except a last panel of at most `NR / 2` columns, which is
+    /// packed half as wide and runs on the half-width micro-kernels (the SIMD levels), so that
+    /// e.g. a 16-channel output does not cost a 32-wide product.
+    fn panel_width(&self, q: usize) -> usize {
+        let nr = self.level.nr();
+        let rest = self.n - q * nr;
+        if self.level != SimdLevel::Generic && rest <= nr / 2 {
+            nr / 2
+        } else {
+            nr
+        }
+    }
+
+    /// Panel `q`'s values, from row `k0` of B on, and its width.
+    fn panel(&self, q: usize, k0: usize) -> (*const f32, usize) {
+        let width = self.panel_width(q);
+        // Every panel before `q` is a full one.
+        let at = q * self.k * self.level.nr() + k0 * width;
+        (self.data[at.min(self.data.len())..].as_ptr(), width)
+    }
+
+    /// The slice of `data` holding panel `q` (`k x width`, k-major).
+    fn panel_mut(&mut self, q: usize) -> (&mut [f32], usize) {
+        let width = self.panel_width(q);
+        let at = q * self.k * self.level.nr();
+        (&mut self.data[at..at + self.k * width], width)
     }
 
     /// `B = W^T` for `W` given as `n` rows of `k` values at stride `ld`: a linear layer's
@@ -158,11 +191,12 @@ impl PackedB {
     pub(crate) fn pack_transposed(&mut self, w: &[f32], ld: usize, n: usize, k: usize) {
         self.reset(k, n);
         let nr = self.level.nr();
-        for (q, panel) in self.data.chunks_exact_mut((k * nr).max(1)).enumerate() {
-            for l in 0..nr.min(n - q * nr) {
+        for q in 0..self.panels() {
+            let (panel, width) = self.panel_mut(q);
+            for l in 0..width.min(n - q * nr) {
                 let row = &w[(q * nr + l) * ld..][..k];
                 for (p, &v) in row.iter().enumerate() {
-                    panel[p * nr + l] = v;
+                    panel[p * width + l] = v;
                 }
             }
         }
@@ -172,10 +206,11 @@ impl PackedB {
     pub(crate) fn pack(&mut self, b: &[f32], ld: usize, k: usize, n: usize) {
         self.reset(k, n);
         let nr = self.level.nr();
-        for (q, panel) in self.data.chunks_exact_mut((k * nr).max(1)).enumerate() {
-            let cols = nr.min(n - q * nr);
+        for q in 0..self.panels() {
+            let (panel, width) = self.panel_mut(q);
+            let cols = width.min(n - q * nr);
             for p in 0..k {
-                panel[p * nr..p * nr + cols].copy_from_slice(&b[p * ld + q * nr..][..cols]);
+                panel[p * width..p * width + cols].copy_from_slice(&b[p * ld + q * nr..][..cols]);
             }
         }
     }
@@ -196,9 +231,76 @@ pub(crate) struct Rows<'a> {
     pub ld: usize,
 }
 
-/// Called once per finished row of a task's tile: `(row, first column, that row's columns)`,
-/// while the tile is still in cache (bias, residual, activation).
-pub(crate) type Epilogue<'a> = &'a (dyn Fn(usize, usize, &mut [f32]) + Sync);
+/// What is done to each element of C once its sum is complete, while it is still in registers
+/// (before the micro-kernel's one store): `act(scale * sum + bias[col] + residual[row, col])`.
+/// ReLU and ReLU6 are applied in registers too; GELU and tanh run over the micro-tile just
+/// stored (still in L1).
+#[derive(Clone, Copy)]
+pub(crate) struct Epilogue<'a> {
+    pub scale: f32,
+    /// One value per column of C.
+    pub bias: Option<&'a [f32]>,
+    /// `(values, ld)`: row `i` of the residual starts at `values[i * ld]`.
+    pub residual: Option<(&'a [f32], usize)>,
+    pub act: Activation,
+}
+
+impl Default for Epilogue<'_> {
+    fn default() -> Self {
+        Epilogue {
+            scale: 1.0,
+            bias: None,
+            residual: None,
+            act: Activation::None,
+        }
+    }
+}
+
+impl Epilogue<'_> {
+    /// Whether there is anything to do.
+    pub(crate) fn is_noop(&self) -> bool {
+        self.scale == 1.0
+            && self.bias.is_none()
+            && self.residual.is_none()
+            && self.act == Activation::None
+    }
+
+    /// Panics unless the bias and residual cover C's `m x n`.
+    fn check(&self, m: usize, n: usize) {
+        if let Some(b) = self.bias {
+            assert!(b.len() >= n, "bias shorter than C's columns");
+        }
+        if let Some((r, ld)) = self.residual {
+            assert!(
+                ld >= n && r.len() >= (m - 1) * ld + n,
+                "residual smaller than C"
+            );
+        }
+    }
+
+    /// The activation the micro-kernel applies, and the one left for after the store.
+    fn split_act(&self) -> (Clamp, Option<Activation>) {
+        match self.act {
+            Activation::None => (Clamp::None, None),
+            Activation::Relu => (Clamp::Relu, None),
+            Activation::Relu6 => (Clamp::Relu6, None),
+            act @ (Activation::GeluErf | Activation::Tanh) => (Clamp::None, Some(act)),
+        }
+    }
+
+    /// The micro-kernel's part for the tile whose top-left element is C's `(row, col)`.
+    fn finish(&self, row: usize, col: usize) -> Finish {
+        Finish {
+            scale: self.scale,
+            bias: self.bias.map_or(std::ptr::null(), |b| b[col..].as_ptr()),
+            res: self
+                .residual
+                .map_or(std::ptr::null(), |(r, ld)| r[row * ld + col..].as_ptr()),
+            ldr: self.residual.map_or(0, |(_, ld)| ld),
+            clamp: self.split_act().0,
+        }
+    }
+}
 
 /// C as a raw pointer, so that tasks can write their disjoint tiles.
 #[derive(Clone, Copy)]
@@ -217,8 +319,8 @@ impl COut {
     }
 }
 
-/// `C = A B` (then `epi` on each finished row), C row-major at stride `ldc` in `c`; A has `m`
-/// rows and `b.k()` columns. Runs on `exec`, one task per tile.
+/// `C = epi(A B)`, C row-major at stride `ldc` in `c`; A has `m` rows and `b.k()` columns.
+/// Runs on `exec`, one task per tile.
 pub(crate) fn gemm(
     exec: Exec<'_>,
     a: Rows<'_>,
@@ -226,7 +328,7 @@ pub(crate) fn gemm(
     b: &PackedB,
     c: &mut [f32],
     ldc: usize,
-    epi: Option<Epilogue<'_>>,
+    epi: &Epilogue<'_>,
 ) {
     let (n, level) = (b.n, b.level);
     if m == 0 || n == 0 {
@@ -238,6 +340,7 @@ pub(crate) fn gemm(
         "A too small"
     );
     assert!(level.supported(), "{level:?} kernels on a CPU without them");
+    epi.check(m, n);
     let (mr, nr, threads) = (level.mr(), level.nr(), exec.threads());
     // Tiles of equal rows, as many as a multiple of the threads when there are enough rows:
     // 1024 rows make 12 tiles of 86 for 2 threads, not 11 of 96 (one thread idle at the end).
@@ -277,7 +380,7 @@ unsafe fn tile(
     c: COut,
     rows: Range<usize>,
     cols: Range<usize>,
-    epi: Option<Epilogue<'_>>,
+    epi: &Epilogue<'_>,
 ) {
     let (level, k) = (b.level, b.k);
     let mc = rows.len();
@@ -288,16 +391,22 @@ unsafe fn tile(
     // panel (`k x NR` values per panel).
     unsafe {
         if k == 0 {
+            // No slice of k: the sums are zeros, finished here.
+            let f = (!epi.is_noop()).then_some(epi);
             for i in rows.clone() {
-                std::slice::from_raw_parts_mut(c.ptr().add(i * c.ld + cols.start), cols.len())
-                    .fill(0.0);
+                let row =
+                    std::slice::from_raw_parts_mut(c.ptr().add(i * c.ld + cols.start), cols.len());
+                row.fill(0.0);
+                if let Some(e) = f {
+                    finish_scalar(e, i, cols.start, row);
+                }
             }
         }
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
             for j in cols.clone().step_by(nr) {
                 let width = nr.min(cols.end - j);
-                let bp = b.data.as_ptr().add((j / nr) * k * nr + pc * nr);
+                let (bp, pw) = b.panel(j / nr, pc);
                 for ir in (0..mc).step_by(mr) {
                     let r = mr.min(mc - ir);
                     let ap = APanel {
@@ -308,22 +417,32 @@ unsafe fn tile(
                         seg_k: kc,
                     };
                     let cp = c.ptr().add((rows.start + ir) * c.ld + j);
-                    micro(level, r, ap, bp, cp, c.ld, width, pc > 0);
+                    let last = (pc + kc == k).then_some((epi, rows.start + ir, j));
+                    micro(level, r, ap, (bp, pw), cp, c.ld, width, pc > 0, last);
                 }
-            }
-        }
-        if let Some(epi) = epi {
-            for i in rows {
-                let row =
-                    std::slice::from_raw_parts_mut(c.ptr().add(i * c.ld + cols.start), cols.len());
-                epi(i, cols.start, row);
             }
         }
     }
 }
 
-/// One micro-kernel call onto `width <= NR` columns of C (a ragged last panel goes through a
-/// full-width scratch tile).
+/// `epi` on one row of C (`row`, columns from `col`), element by element: for C's values the
+/// micro-kernels did not finish (a product with no k).
+fn finish_scalar(epi: &Epilogue<'_>, row: usize, col: usize, values: &mut [f32]) {
+    let f = epi.finish(row, col);
+    for (j, v) in values.iter_mut().enumerate() {
+        let bias = epi.bias.map_or(0.0, |b| b[col + j]);
+        let res = epi.residual.map_or(0.0, |(r, ld)| r[row * ld + col + j]);
+        *v = f.scalar(*v, bias, res);
+    }
+    if let (_, Some(act)) = epi.split_act() {
+        super::linear::bias_act(values, None, None, act);
+    }
+}
+
+/// One micro-kernel call onto `width` columns of C from a B panel `(values, its width nr)`,
+/// `width <= nr` (a ragged panel goes through a scratch tile of the panel's width); `last`, on
+/// the last slice of k, is the epilogue and the C position `(row, col)` of the tile's top-left
+/// element.
 ///
 /// # Safety
 /// As [`kernel::run`], with `c` covering `rows x width` at stride `ldc`.
@@ -332,29 +451,74 @@ unsafe fn micro(
     level: SimdLevel,
     rows: usize,
     a: APanel<'_>,
-    b: *const f32,
+    (b, nr): (*const f32, usize),
     c: *mut f32,
     ldc: usize,
     width: usize,
     accumulate: bool,
+    last: Option<(&Epilogue<'_>, usize, usize)>,
 ) {
-    let nr = level.nr();
-    // SAFETY: forwarded from the caller; the scratch tile holds MR x NR of every level.
+    let half = nr < level.nr();
+    let last = last.filter(|(e, _, _)| !e.is_noop());
+    // SAFETY: forwarded from the caller; the scratch tile holds MR x NR of every level; the
+    // epilogue's slices cover C's rows and columns (`Epilogue::check`).
     unsafe {
         if width == nr {
-            return kernel::run(level, rows, a, b, c, ldc, accumulate);
+            let fin = last.map(|(e, i, j)| e.finish(i, j));
+            kernel::run(level, half, rows, a, b, c, ldc, accumulate, fin.as_ref());
+            if let Some((e, _, _)) = last
+                && let (_, Some(act)) = e.split_act()
+            {
+                for i in 0..rows {
+                    let row = std::slice::from_raw_parts_mut(c.add(i * ldc), width);
+                    super::linear::bias_act(row, None, None, act);
+                }
+            }
+            return;
         }
-        let mut tmp = [0.0f32; 12 * 32];
+        const MAX: usize = 12 * 32;
+        let mut tmp = [0.0f32; MAX];
         if accumulate {
             for i in 0..rows {
                 let src = std::slice::from_raw_parts(c.add(i * ldc), width);
                 tmp[i * nr..i * nr + width].copy_from_slice(src);
             }
         }
-        kernel::run(level, rows, a, b, tmp.as_mut_ptr(), nr, accumulate);
+        // The epilogue's bias and residual, copied to full-width scratch too, so that the
+        // kernel finishes the tile in registers without reading past C's last column.
+        let (mut bias, mut res) = ([0.0f32; 32], [0.0f32; MAX]);
+        let fin = last.map(|(e, r0, c0)| {
+            let mut f = e.finish(r0, c0);
+            if let Some(b) = e.bias {
+                bias[..width].copy_from_slice(&b[c0..c0 + width]);
+                f.bias = bias.as_ptr();
+            }
+            if let Some((r, ld)) = e.residual {
+                for i in 0..rows {
+                    res[i * nr..i * nr + width].copy_from_slice(&r[(r0 + i) * ld + c0..][..width]);
+                }
+                (f.res, f.ldr) = (res.as_ptr(), nr);
+            }
+            f
+        });
+        kernel::run(
+            level,
+            half,
+            rows,
+            a,
+            b,
+            tmp.as_mut_ptr(),
+            nr,
+            accumulate,
+            fin.as_ref(),
+        );
+        let after = last.and_then(|(e, _, _)| e.split_act().1);
         for i in 0..rows {
-            std::slice::from_raw_parts_mut(c.add(i * ldc), width)
-                .copy_from_slice(&tmp[i * nr..i * nr + width]);
+            let row = &mut tmp[i * nr..i * nr + width];
+            if let Some(act) = after {
+                super::linear::bias_act(row, None, None, act);
+            }
+            std::slice::from_raw_parts_mut(c.add(i * ldc), width).copy_from_slice(row);
         }
     }
 }
@@ -388,9 +552,15 @@ mod tests {
     #[test]
     fn every_level_matches_naive_on_odd_shapes() {
         let team = super::super::team::Team::new(2).unwrap();
+        // Last panels: full, ragged, half-width exactly and ragged half-width (n = 48, 25 and
+        // 40 at AVX-512, n = 24 at AVX2).
         let shapes = [
             (1, 1, 1),
             (3, 5, 7),
+            (11, 48, 20),
+            (13, 25, 40),
+            (9, 24, 33),
+            (14, 40, 9),
             (13, 33, 65),
             (25, 47, 300),
             (97, 70, 513),
@@ -409,7 +579,15 @@ mod tests {
                 for packed in [&direct, &transposed] {
                     for exec in [Exec::Inline, Exec::Team(&team)] {
                         let mut c = vec![f32::NAN; m * n];
-                        gemm(exec, Rows { data: &a, ld: k }, m, packed, &mut c, n, None);
+                        gemm(
+                            exec,
+                            Rows { data: &a, ld: k },
+                            m,
+                            packed,
+                            &mut c,
+                            n,
+                            &Default::default(),
+                        );
                         for (g, w) in c.iter().zip(&want) {
                             assert!(
                                 (g - w).abs() <= 1e-4 * w.abs().max(1.0),
@@ -423,42 +601,67 @@ mod tests {
     }
 
     /// A strided C (a column block of a wider matrix) is written only where it should be, and
-    /// the epilogue sees every row once with its first column.
+    /// the epilogue (scale, bias, a residual at its own stride, each activation) is applied
+    /// once, after the last slice of k: on full and ragged panels, with k of one slice, of
+    /// several and of none, at every level, inline and on a team.
     #[test]
     fn strided_output_and_epilogue() {
+        let team = super::super::team::Team::new(2).unwrap();
+        let acts = [
+            Activation::Relu6,
+            Activation::GeluErf,
+            Activation::Relu,
+            Activation::Tanh,
+            Activation::None,
+        ];
         for level in SimdLevel::available() {
-            let (m, n, k, ldc) = (29, 40, 17, 100);
-            let a = values(m * k, 3);
-            let b = values(k * n, 4);
-            let mut packed = PackedB::new(level);
-            packed.pack(&b, n, k, n);
-            let mut c = vec![7.0f32; m * ldc];
-            let epi = |_i: usize, j0: usize, row: &mut [f32]| {
-                for (j, v) in row.iter_mut().enumerate() {
-                    *v += (j0 + j) as f32;
-                }
-            };
-            gemm(
-                Exec::Inline,
-                Rows { data: &a, ld: k },
-                m,
-                &packed,
-                &mut c,
-                ldc,
-                Some(&epi),
-            );
-            let want = naive(&a, &b, m, n, k);
-            for i in 0..m {
-                for j in 0..ldc {
-                    let g = c[i * ldc + j];
-                    if j < n {
-                        let w = want[i * n + j] + j as f32;
-                        assert!(
-                            (g - w).abs() <= 1e-4 * w.abs().max(1.0),
-                            "{level:?} {g} vs {w}"
+            for (si, &(m, n, k)) in [(29, 40, 17), (13, 64, 300), (30, 33, 600), (5, 7, 0)]
+                .iter()
+                .enumerate()
+            {
+                let (ldc, ldr) = (n + 60, n + 3);
+                let a = values(m * k, 3);
+                let b = values(k * n, 4);
+                let bias = values(n, 5);
+                let res = values(m * ldr, 6);
+                let mut packed = PackedB::new(level);
+                packed.pack(&b, n, k, n);
+                let want_raw = naive(&a, &b, m, n, k);
+                for (ai, &act) in acts.iter().enumerate() {
+                    let epi = Epilogue {
+                        scale: 0.5 + ai as f32,
+                        bias: (ai % 2 == 0).then_some(&bias[..]),
+                        residual: (ai != 1).then_some((&res[..], ldr)),
+                        act,
+                    };
+                    for exec in [Exec::Inline, Exec::Team(&team)] {
+                        let mut c = vec![7.0f32; m * ldc];
+                        gemm(
+                            exec,
+                            Rows { data: &a, ld: k },
+                            m,
+                            &packed,
+                            &mut c,
+                            ldc,
+                            &epi,
                         );
-                    } else {
-                        assert_eq!(g, 7.0, "{level:?}: column {j} outside C was written");
+                        for i in 0..m {
+                            for j in 0..ldc {
+                                let g = c[i * ldc + j];
+                                if j >= n {
+                                    assert_eq!(g, 7.0, "{level:?}: column {j} outside C written");
+                                    continue;
+                                }
+                                let mut w = want_raw[i * n + j] * epi.scale;
+                                w += epi.bias.map_or(0.0, |b| b[j]);
+                                w += epi.residual.map_or(0.0, |(r, ld)| r[i * ld + j]);
+                                let w = crate::backend::cpu::conv::apply(w, act);
+                                assert!(
+                                    (g - w).abs() <= 2e-4 * w.abs().max(1.0),
+                                    "{level:?} shape {si} {act:?} ({i}, {j}): {g} vs {w}"
+                                );
+                            }
+                        }
                     }
                 }
             }
