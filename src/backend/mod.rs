@@ -19,9 +19,26 @@ use crate::tensor::TensorView;
 
 pub use cpu::{CpuBackend, CpuConfig, SimdLevel};
 pub use op_check::{
-    AttentionCall, ConvCall, EmbedCall, EmbeddingTables, GlobalPoolCall, LayerNormCall, LinearCall,
-    Pool2dCall, PoolCall, RampCall, RampInput, RowsCall,
+    AttentionCall, ConvCall, ConvStep, EmbedCall, EmbeddingTables, GlobalPoolCall,
+    InvertedResidualCall, LayerNormCall, LinearCall, Pool2dCall, PoolCall, RampCall, RampInput,
+    RowsCall,
 };
+
+/// An inverted residual block as its three (or two) convolutions, one after the other.
+pub fn unfused_inverted_residual<B: Backend + ?Sized>(
+    be: &B,
+    c: InvertedResidualCall<'_, B::Tensor>,
+) -> Result<B::Tensor> {
+    let conv =
+        |x: &B::Tensor, s: &ConvStep<'_, B::Tensor>, r| be.conv2d(x, s.w, s.b, &s.p, r, s.act);
+    let expanded = match &c.expand {
+        Some((e, _)) => Some(conv(c.x, e, None)?),
+        None => None,
+    };
+    let d = conv(expanded.as_ref().unwrap_or(c.x), &c.depthwise.0, None)?;
+    drop(expanded);
+    conv(&d, &c.project.0, c.residual)
+}
 
 /// Activation fused into the epilogue of [`Backend::linear`].
 #[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -176,6 +193,14 @@ pub trait Backend: Send + Sync {
     fn run_l2_normalize(&self, c: RowsCall<'_, Self::Tensor>) -> Result<Self::Tensor>;
     fn run_softmax(&self, c: RowsCall<'_, Self::Tensor>) -> Result<Self::Tensor>;
     fn run_conv2d(&self, c: ConvCall<'_, Self::Tensor>) -> Result<Self::Tensor>;
+    /// Backends that do not fuse the block run its convolutions one after the other
+    /// ([`unfused_inverted_residual`]).
+    fn run_inverted_residual(
+        &self,
+        c: InvertedResidualCall<'_, Self::Tensor>,
+    ) -> Result<Self::Tensor> {
+        unfused_inverted_residual(self, c)
+    }
     fn run_pool2d(&self, c: Pool2dCall<'_, Self::Tensor>) -> Result<Self::Tensor>;
     fn run_global_avg_pool(&self, c: GlobalPoolCall<'_, Self::Tensor>) -> Result<Self::Tensor>;
     fn run_ramp_exit(&self, c: RampCall<'_, Self::Tensor>) -> Result<Vec<RampDecision>>;
@@ -289,6 +314,24 @@ pub trait Backend: Send + Sync {
         act: Activation,
     ) -> Result<Self::Tensor> {
         self.run_conv2d(op_check::conv2d(self, x, w, b, p, residual, act)?)
+    }
+
+    /// An inverted residual block (MobileNetV2, EfficientNet's MBConv without
+    /// squeeze-excitation): `expand` (a 1x1 convolution, optional), `depthwise`, then `project`
+    /// (a 1x1 convolution with `residual` added before its activation). The same values as the
+    /// three [`Backend::conv2d`] calls; a backend may fuse them (the CPU backend works through
+    /// the image in bands of rows, so that the expanded activations stay in its caches).
+    fn inverted_residual(
+        &self,
+        x: &Self::Tensor,
+        expand: Option<ConvStep<'_, Self::Tensor>>,
+        depthwise: ConvStep<'_, Self::Tensor>,
+        project: ConvStep<'_, Self::Tensor>,
+        residual: Option<&Self::Tensor>,
+    ) -> Result<Self::Tensor> {
+        self.run_inverted_residual(op_check::inverted_residual(
+            self, x, expand, depthwise, project, residual,
+        )?)
     }
 
     /// Max or average pooling over NHWC windows.

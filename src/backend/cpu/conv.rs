@@ -89,6 +89,8 @@ fn direct(
 }
 
 /// `x` `[n, h, w, c]` inside zeros: `[n, hp, wp, c]` with the image at `(top, left) = padding`.
+/// Each padded row is written once: zeros where it is padding, the image's row in between
+/// (not a zeroed buffer first and the image copied over it: two passes over the output).
 fn pad(
     x: &[f32],
     [n, h, w, c]: [usize; 4],
@@ -96,19 +98,23 @@ fn pad(
     padding: [usize; 2],
     par: Exec<'_>,
 ) -> Vec<f32> {
-    let mut out = buffers::zeroed(n * hp * wp * c);
+    // Every element is written below.
+    let mut out = buffers::take(n * hp * wp * c);
     par.for_chunks(&mut out, wp * c, |r, row| {
         let (b, py) = (r / hp, r % hp);
-        let Some(iy) = py.checked_sub(padding[0]).filter(|&v| v < h) else {
+        // Columns of the image inside the padded row (none when the padding alone is wider).
+        let left = (padding[1] * c).min(row.len());
+        let cols = w.min(wp.saturating_sub(padding[1]));
+        let iy = py.checked_sub(padding[0]).filter(|&v| v < h);
+        let (Some(iy), true) = (iy, cols > 0) else {
+            row.fill(0.0);
             return;
         };
-        // Columns of the image inside the padded row (none when the padding alone is wider).
-        let cols = w.min(wp.saturating_sub(padding[1]));
-        if cols == 0 {
-            return;
-        }
-        let src = &x[((b * h + iy) * w) * c..][..cols * c];
-        row[padding[1] * c..][..cols * c].copy_from_slice(src);
+        let (head, rest) = row.split_at_mut(left);
+        head.fill(0.0);
+        let (body, tail) = rest.split_at_mut(cols * c);
+        body.copy_from_slice(&x[((b * h + iy) * w) * c..][..cols * c]);
+        tail.fill(0.0);
     });
     out
 }

@@ -29,25 +29,45 @@ const _: () = assert!((PIXELS - 1) * 2 + 5 <= 19);
 
 /// `act(depthwise(x, w) + b + residual)`, NHWC.
 pub(crate) fn depthwise(conv: Conv<'_>, par: Exec<'_>) -> Vec<f32> {
-    let (w, dims) = (conv.w, conv.dims);
-    let [n, _, _, c, _, kh, kw, oh, ow] = dims.to_array();
+    let [n, _, _, c, _, _, _, oh, ow] = conv.dims.to_array();
+    let taps = transpose_taps(&conv);
+    // Every element of a row is written by one of the paths below.
+    let mut out = buffers::take(n * oh * ow * c);
+    par.for_chunks(&mut out, ow * c, |r, o| {
+        output_row(&conv, &taps, r / oh, r % oh, o);
+    });
+    out
+}
+
+/// Every output row of image `img` into `out` (`[oh, ow, c]`), on the caller's thread.
+pub(crate) fn image_into(conv: &Conv<'_>, taps: &[f32], img: usize, out: &mut [f32]) {
+    let [_, _, _, c, _, _, _, oh, ow] = conv.dims.to_array();
+    for (y, o) in out[..oh * ow * c].chunks_exact_mut(ow * c).enumerate() {
+        output_row(conv, taps, img, y, o);
+    }
+}
+
+/// The weight `[c, kh, kw, 1]` as `[kh * kw, c]`: a tap's weights for a block of channels are
+/// then one vector load.
+pub(crate) fn transpose_taps(conv: &Conv<'_>) -> Vec<f32> {
+    let [_, _, _, c, _, kh, kw, _, _] = conv.dims.to_array();
     assert!(kh * kw > 0, "a depthwise kernel needs taps");
     let mut taps = vec![0.0f32; kh * kw * c];
     for ch in 0..c {
         for t in 0..kh * kw {
-            taps[t * c + ch] = w[ch * kh * kw + t];
+            taps[t * c + ch] = conv.w[ch * kh * kw + t];
         }
     }
-    // Every element of a row is written by one of the paths below.
-    let mut out = buffers::take(n * oh * ow * c);
-    par.for_chunks(&mut out, ow * c, |r, o| {
-        let (img, y) = (r / oh, r % oh);
-        let done = vector_row(&conv, &taps, img, y, o);
-        if done < c {
-            plain_row(&conv, &taps, img, y, done, o);
-        }
-    });
-    out
+    taps
+}
+
+/// Output row `y` of image `img` into `o` (`[ow, c]`).
+fn output_row(conv: &Conv<'_>, taps: &[f32], img: usize, y: usize, o: &mut [f32]) {
+    let c = conv.dims.cout;
+    let done = vector_row(conv, taps, img, y, o);
+    if done < c {
+        plain_row(conv, taps, img, y, done, o);
+    }
 }
 
 /// The vector path over the row's whole registers of channels; returns how many channels it

@@ -9,6 +9,7 @@ mod conv;
 pub mod decoder;
 mod depthwise;
 mod embedding;
+mod inverted_residual;
 mod kv_attention;
 mod linear;
 mod norm;
@@ -26,8 +27,8 @@ use std::sync::{Arc, OnceLock};
 pub use sgemm::SimdLevel;
 
 use super::op_check::{
-    AttentionCall, ConvCall, EmbedCall, GlobalPoolCall, LayerNormCall, LinearCall, Pool2dCall,
-    PoolCall, RampCall, RowsCall,
+    AttentionCall, ConvCall, EmbedCall, GlobalPoolCall, InvertedResidualCall, LayerNormCall,
+    LinearCall, Pool2dCall, PoolCall, RampCall, RowsCall,
 };
 use super::{Backend, RampDecision};
 use crate::error::{Error, Result};
@@ -393,6 +394,51 @@ impl Backend for CpuBackend {
             conv::conv2d(operands, par)
         });
         Ok(CpuTensor::new(vec![d.n, d.oh, d.ow, d.cout], data))
+    }
+
+    fn run_inverted_residual(&self, c: InvertedResidualCall<'_, CpuTensor>) -> Result<CpuTensor> {
+        let (dw, dd) = c.depthwise;
+        if !inverted_residual::pays(&dd, dw.p.stride[0], self.exec(usize::MAX).threads()) {
+            return super::unfused_inverted_residual(self, c);
+        }
+        let (pr, pd) = c.project;
+        let expand = c
+            .expand
+            .map(|(e, ed)| (e, e.w.packed_b(self.simd, ed.cout, ed.cin)));
+        let project = pr.w.packed_b(self.simd, pd.cout, pd.cin);
+        let pixels = dd.n * dd.h * dd.w;
+        let work = c.expand.map_or(0, |(_, ed)| pixels * ed.cin * ed.cout)
+            + dd.n * dd.oh * dd.ow * dd.cout * dd.kh * dd.kw
+            + pd.n * pd.oh * pd.ow * pd.cin * pd.cout;
+        let data = self.run(work, |par| {
+            let block = inverted_residual::Block {
+                x: &c.x.data,
+                expand: expand.as_ref().map(|(e, w)| inverted_residual::Pointwise {
+                    w,
+                    b: e.b.map(|b| b.data.as_slice()),
+                    act: e.act,
+                }),
+                dw: conv::Conv {
+                    x: &[],
+                    w: &dw.w.data,
+                    b: dw.b.map(|b| b.data.as_slice()),
+                    residual: None,
+                    dims: dd,
+                    p: &dw.p,
+                    act: dw.act,
+                    packed: None,
+                    level: self.simd,
+                },
+                project: inverted_residual::Pointwise {
+                    w: &project,
+                    b: pr.b.map(|b| b.data.as_slice()),
+                    act: pr.act,
+                },
+                residual: c.residual.map(|r| r.data.as_slice()),
+            };
+            inverted_residual::run(&block, par)
+        });
+        Ok(CpuTensor::new(vec![pd.n, pd.oh, pd.ow, pd.cout], data))
     }
 
     fn run_pool2d(&self, c: Pool2dCall<'_, CpuTensor>) -> Result<CpuTensor> {

@@ -126,6 +126,34 @@ pub struct ConvCall<'a, T> {
     pub(super) _checked: Checked,
 }
 
+/// One convolution of an inverted residual block, as the caller gives it: weight, bias,
+/// geometry and activation (see [`crate::backend::Backend::inverted_residual`]).
+pub struct ConvStep<'a, T> {
+    pub w: &'a T,
+    pub b: Option<&'a T>,
+    pub p: Conv2d,
+    pub act: Activation,
+}
+
+impl<T> Clone for ConvStep<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for ConvStep<'_, T> {}
+
+/// An inverted residual block: an optional 1x1 expansion, a depthwise convolution and a 1x1
+/// projection (with the residual added), each step's sizes checked against the output of the
+/// step before it.
+pub struct InvertedResidualCall<'a, T> {
+    pub x: &'a T,
+    pub expand: Option<(ConvStep<'a, T>, ConvDims)>,
+    pub depthwise: (ConvStep<'a, T>, ConvDims),
+    pub project: (ConvStep<'a, T>, ConvDims),
+    pub residual: Option<&'a T>,
+    pub(super) _checked: Checked,
+}
+
 /// Sizes of a pooling window over NHWC.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Pool2dDims {

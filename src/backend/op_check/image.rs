@@ -1,6 +1,9 @@
 //! Checks of the image ops: convolution, pooling windows and global average pooling.
 
-use super::calls::{Checked, ConvCall, ConvDims, GlobalPoolCall, Pool2dCall, Pool2dDims};
+use super::calls::{
+    Checked, ConvCall, ConvDims, ConvStep, GlobalPoolCall, InvertedResidualCall, Pool2dCall,
+    Pool2dDims,
+};
 use super::fmt_shape;
 use crate::backend::{Activation, Backend, Conv2d, Pool2d};
 use crate::error::{Error, Result};
@@ -133,6 +136,67 @@ pub(crate) fn conv2d<'a, B: Backend + ?Sized>(
         residual,
         act,
         dims,
+        _checked: Checked,
+    })
+}
+
+/// An inverted residual block: each step against the previous step's output shape, the outer
+/// steps 1x1 convolutions that keep the pixels ([`ConvDims::is_pointwise`]), the middle one
+/// depthwise, the residual of the projection's output shape.
+pub(crate) fn inverted_residual<'a, B: Backend + ?Sized>(
+    be: &B,
+    x: &'a B::Tensor,
+    expand: Option<ConvStep<'a, B::Tensor>>,
+    depthwise: ConvStep<'a, B::Tensor>,
+    project: ConvStep<'a, B::Tensor>,
+    residual: Option<&'a B::Tensor>,
+) -> Result<InvertedResidualCall<'a, B::Tensor>> {
+    const OP: &str = "inverted_residual";
+    let step = |s: &ConvStep<'a, B::Tensor>, input: &[usize], res: Option<&[usize]>| {
+        conv_dims(input, be.shape(s.w), s.b.map(|b| be.shape(b)), &s.p, res)
+    };
+    let out = |d: &ConvDims| [d.n, d.oh, d.ow, d.cout];
+    let mut input = be.shape(x).to_vec();
+    let expand = match expand {
+        Some(e) => {
+            let d = step(&e, &input, None)?;
+            if !d.is_pointwise(&e.p) {
+                return Err(Error::shape(
+                    OP,
+                    "expansion",
+                    "a 1x1 convolution at stride 1 without padding",
+                    format!("{}x{} at stride {:?}", d.kh, d.kw, e.p.stride),
+                ));
+            }
+            input = out(&d).to_vec();
+            Some((e, d))
+        }
+        None => None,
+    };
+    let dd = step(&depthwise, &input, None)?;
+    if depthwise.p.groups != dd.cin || dd.cout != dd.cin {
+        return Err(Error::shape(
+            OP,
+            "depthwise step's groups and output channels",
+            format!("both {} (the input's channels)", dd.cin),
+            format!("{} groups, {} channels", depthwise.p.groups, dd.cout),
+        ));
+    }
+    let pd = step(&project, &out(&dd), residual.map(|r| be.shape(r)))?;
+    if !pd.is_pointwise(&project.p) {
+        return Err(Error::shape(
+            OP,
+            "projection",
+            "a 1x1 convolution at stride 1 without padding",
+            format!("{}x{} at stride {:?}", pd.kh, pd.kw, project.p.stride),
+        ));
+    }
+    Ok(InvertedResidualCall {
+        x,
+        expand,
+        depthwise: (depthwise, dd),
+        project: (project, pd),
+        residual,
         _checked: Checked,
     })
 }

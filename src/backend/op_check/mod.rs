@@ -13,7 +13,7 @@ mod sequence;
 
 pub use calls::*;
 pub use image::{conv_dims, pool2d_dims};
-pub(crate) use image::{conv2d, global_avg_pool, pool2d};
+pub(crate) use image::{conv2d, global_avg_pool, inverted_residual, pool2d};
 pub(crate) use sequence::{attention, embed, pool, ramp};
 
 use crate::backend::{Activation, Backend};

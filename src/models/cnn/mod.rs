@@ -7,7 +7,7 @@ use std::collections::HashMap;
 /// The configuration lives with the file format that stores it (`format` depends on no model).
 pub use crate::format::cnn_config::{Block, CnnConfig, ImageInput, Op, Residual};
 
-use crate::backend::{Activation, Backend, Conv2d};
+use crate::backend::{Activation, Backend, Conv2d, ConvStep};
 use crate::error::{Error, Result};
 use crate::format::{Family, ModelFile};
 
@@ -149,6 +149,9 @@ impl<B: Backend> Cnn<B> {
                 self.config.blocks.len()
             ))
         })?;
+        if let Some(out) = self.inverted_residual(block, &x)? {
+            return Ok(out);
+        }
         let n = block.ops.len();
         // The block's input stays alive while a residual may still need it; `cur` is the
         // running value.
@@ -184,6 +187,79 @@ impl<B: Backend> Cnn<B> {
             cur = Some(out);
         }
         cur.ok_or_else(|| Error::Input(format!("block `{}` has no operations", block.name)))
+    }
+
+    /// A block that is an inverted residual (MobileNetV2 / EfficientNet-Lite: [1x1 expansion,]
+    /// depthwise, 1x1 projection, the input itself as the residual if any) through the
+    /// backend's [`Backend::inverted_residual`], which may fuse it; `None` for other blocks.
+    fn inverted_residual(&self, block: &Block, x: &B::Tensor) -> Result<Option<B::Tensor>> {
+        let step = |op: &Op| -> Result<Option<ConvStep<'_, B::Tensor>>> {
+            let Op::Conv {
+                name,
+                stride,
+                padding,
+                groups,
+                act,
+                padding_extra,
+                ..
+            } = op
+            else {
+                return Ok(None);
+            };
+            let (w, b) = self.param(name)?;
+            Ok(Some(ConvStep {
+                w,
+                b: Some(b),
+                p: Conv2d {
+                    stride: [*stride; 2],
+                    padding: [*padding; 2],
+                    groups: *groups,
+                    padding_extra: [*padding_extra; 2],
+                },
+                act: *act,
+            }))
+        };
+        let pointwise = |op: &Op| {
+            matches!(
+                op,
+                Op::Conv {
+                    kernel: 1,
+                    stride: 1,
+                    padding: 0,
+                    groups: 1,
+                    padding_extra: 0,
+                    ..
+                }
+            )
+        };
+        let depthwise = |op: &Op| matches!(op, Op::Conv { cin, cout, groups, .. } if cin == cout && groups == cin);
+        let (expand, dw, project) = match block.ops.as_slice() {
+            [e, d, p] if pointwise(e) && depthwise(d) && pointwise(p) => (Some(e), d, p),
+            [d, p] if depthwise(d) && pointwise(p) => (None, d, p),
+            _ => return Ok(None),
+        };
+        let act = match &block.residual {
+            None => None,
+            Some(Residual {
+                shortcut: None,
+                act,
+            }) => Some(*act),
+            Some(_) => return Ok(None),
+        };
+        let expand = match expand {
+            Some(e) => step(e)?,
+            None => None,
+        };
+        let (Some(dw), Some(mut project)) = (step(dw)?, step(project)?) else {
+            return Ok(None);
+        };
+        if let Some(a) = act {
+            project.act = a;
+        }
+        let residual = act.map(|_| x);
+        self.backend
+            .inverted_residual(x, expand, dw, project, residual)
+            .map(Some)
     }
 
     /// All blocks on a batch of preprocessed images, NHWC `[batch, height, width, channels]`.
