@@ -12,8 +12,10 @@ use std::sync::Mutex;
 /// Buffers smaller than this (in values) are left to the allocator: they come from its free
 /// lists, already mapped, and keeping them would only fragment the pool.
 const MIN_POOLED: usize = 16 * 1024;
-/// Kept buffers, at most: a forward pass has a few live activations at a time, of a few sizes.
-const MAX_BUFFERS: usize = 16;
+/// Kept buffers, at most. Far more than a forward pass has live: the bound on values is the
+/// one that matters, and a small count dropped a batch's large buffers whenever enough small
+/// ones (a fused block's band buffers, say) came back after them.
+const MAX_BUFFERS: usize = 64;
 /// Kept values in all, at most (512 MiB of f32): what an idle backend may hold on to. A batch
 /// of 32 images through ResNet-50 cycles through about 200 MiB of activation buffers (the
 /// largest 98 MiB each); a cap below that sends most of its ops to fresh mappings again.

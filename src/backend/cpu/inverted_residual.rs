@@ -178,12 +178,12 @@ fn segment(b: &Block<'_>, taps: &[f32], img: usize, rows: std::ops::Range<usize>
 /// Whether fusing pays for a block with depthwise sizes `d` on `threads` threads: when the
 /// batch's expanded activations would not stay in a core's L2 anyway (smaller ones are
 /// cache-resident unfused), and the rows that neighbouring segments of an image both expand
-/// add at most a quarter to the expansion.
+/// (`kh - stride` at each cut) add at most a quarter to the expansion.
 pub(crate) fn pays(d: &ConvDims, stride: usize, threads: usize) -> bool {
     let bytes = d.n * d.h * d.w * d.cin * std::mem::size_of::<f32>();
-    let (_, seg_rows) = segments(d.n, d.oh, threads);
-    let expanded = ((seg_rows - 1) * stride + d.kh) as f64;
-    bytes > 4 * BAND_BYTES && expanded <= 1.25 * (seg_rows * stride) as f64
+    let (segs, _) = segments(d.n, d.oh, threads);
+    let shared = (segs - 1) * d.kh.saturating_sub(stride);
+    bytes > 4 * BAND_BYTES && 4 * shared <= d.h
 }
 
 /// (segments per image, output rows per segment): enough tasks for every thread, and no more

@@ -282,7 +282,10 @@ impl Backend for CpuBackend {
     }
 
     fn run_upload(&self, values: &[f32], shape: &[usize]) -> Result<CpuTensor> {
-        Ok(CpuTensor::new(shape.to_vec(), values.to_vec()))
+        // A recycled buffer: a batch of images is megabytes, a fresh mapping every forward.
+        let mut data = buffers::take(values.len());
+        data.copy_from_slice(values);
+        Ok(CpuTensor::new(shape.to_vec(), data))
     }
 
     fn download(&self, t: &CpuTensor) -> Result<Vec<f32>> {
