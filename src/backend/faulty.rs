@@ -63,7 +63,9 @@ impl<B: Backend> Faulty<B> {
 }
 
 /// Forwards every op to the wrapped backend after [`Faulty::tick`]; the arguments were checked
-/// once already, by the op method that built the call.
+/// once already, by the op method that built the call. An inverted residual block runs as its
+/// convolutions (the trait's default), each one call that can fail, so a wrapped CPU backend
+/// does not take its fused path.
 impl<B: Backend> Backend for Faulty<B> {
     type Tensor = B::Tensor;
 

@@ -16,7 +16,8 @@ const MIN_POOLED: usize = 16 * 1024;
 /// one that matters, and a small count dropped a batch's large buffers whenever enough small
 /// ones (a fused block's band buffers, say) came back after them.
 const MAX_BUFFERS: usize = 64;
-/// Kept values in all, at most (512 MiB of f32): what an idle backend may hold on to. A batch
+/// Kept values in all, at most (512 MiB of f32): what an idle process may hold on to (the pool
+/// is one for the process, shared by its CPU backends). A batch
 /// of 32 images through ResNet-50 cycles through about 200 MiB of activation buffers (the
 /// largest 98 MiB each); a cap below that sends most of its ops to fresh mappings again.
 const MAX_POOLED: usize = 128 << 20;
@@ -44,7 +45,8 @@ pub(crate) fn take(len: usize) -> Vec<f32> {
 /// Which kept buffer serves a request for `len` values: the smallest that fits without
 /// wasting more than half of itself; else the largest a little too small (a padded copy of an
 /// activation asks for a few rows more than the activation), which is grown: glibc's realloc
-/// of a mapping is an mremap, so only the new tail is faulted in.
+/// of a large (mmapped) buffer is an mremap, so only the new tail is faulted in (a smaller one
+/// from the heap may be copied).
 fn pick(pool: &[Vec<f32>], len: usize) -> Option<usize> {
     let cap = |i: &usize| pool[*i].capacity();
     (0..pool.len())

@@ -170,7 +170,7 @@ pub(crate) fn conv2d(c: Conv<'_>, par: Exec<'_>) -> Vec<f32> {
     grouped(c, par)
 }
 
-/// Direct grouped convolution (depthwise when groups == channels).
+/// Direct grouped convolution (the reference loop; depthwise ones run in `depthwise.rs`).
 fn grouped(c: Conv<'_>, par: Exec<'_>) -> Vec<f32> {
     let (x, w, b, residual, dims, p, act) = (c.x, c.w, c.b, c.residual, c.dims, c.p, c.act);
     let [n, h, wd, cin, cout, kh, kw, oh, ow] = dims.to_array();

@@ -52,6 +52,16 @@ pub(crate) fn image_into(conv: &Conv<'_>, taps: &[f32], img: usize, out: &mut [f
 pub(crate) fn transpose_taps(conv: &Conv<'_>) -> Vec<f32> {
     let [_, _, _, c, _, kh, kw, _, _] = conv.dims.to_array();
     assert!(kh * kw > 0, "a depthwise kernel needs taps");
+    // Every path goes through here first: the vector path trusts these.
+    assert!(
+        conv.level.supported(),
+        "{:?} loops on a CPU without them",
+        conv.level
+    );
+    assert!(
+        conv.b.is_none_or(|b| b.len() >= c),
+        "bias shorter than the channels"
+    );
     let mut taps = vec![0.0f32; kh * kw * c];
     for ch in 0..c {
         for t in 0..kh * kw {

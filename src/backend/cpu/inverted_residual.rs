@@ -180,6 +180,9 @@ fn segment(b: &Block<'_>, taps: &[f32], img: usize, rows: std::ops::Range<usize>
 /// cache-resident unfused), and the rows that neighbouring segments of an image both expand
 /// (`kh - stride` at each cut) add at most a quarter to the expansion.
 pub(crate) fn pays(d: &ConvDims, stride: usize, threads: usize) -> bool {
+    if d.n == 0 || d.oh == 0 {
+        return false;
+    }
     let bytes = d.n * d.h * d.w * d.cin * std::mem::size_of::<f32>();
     let (segs, _) = segments(d.n, d.oh, threads);
     let shared = (segs - 1) * d.kh.saturating_sub(stride);
@@ -189,7 +192,7 @@ pub(crate) fn pays(d: &ConvDims, stride: usize, threads: usize) -> bool {
 /// (segments per image, output rows per segment): enough tasks for every thread, and no more
 /// (each segment re-expands the rows it shares with its neighbour).
 fn segments(n: usize, oh: usize, threads: usize) -> (usize, usize) {
-    let segs = (2 * threads).div_ceil(n).clamp(1, oh.max(1));
+    let segs = (2 * threads).div_ceil(n.max(1)).clamp(1, oh.max(1));
     let seg_rows = oh.div_ceil(segs).max(1);
     (oh.div_ceil(seg_rows), seg_rows)
 }

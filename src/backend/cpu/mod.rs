@@ -401,7 +401,7 @@ impl Backend for CpuBackend {
 
     fn run_inverted_residual(&self, c: InvertedResidualCall<'_, CpuTensor>) -> Result<CpuTensor> {
         let (dw, dd) = c.depthwise;
-        if !inverted_residual::pays(&dd, dw.p.stride[0], self.exec(usize::MAX).threads()) {
+        if !inverted_residual::pays(&dd, dw.p.stride[0], self.threads) {
             return super::unfused_inverted_residual(self, c);
         }
         let (pr, pd) = c.project;

@@ -141,8 +141,8 @@ unsafe fn task(
     let level = b.level;
     let nr = level.nr();
     let (cin, [sy, sx]) = (w.cin, w.stride);
-    // SAFETY (every pointer below): windows inside `x`, B panels of `k x NR`, C inside the
-    // task's part (caller).
+    // SAFETY (every pointer below): windows inside `x`, B panels of `k x width`
+    // (`PackedB::panel`), C inside the task's part (caller).
     unsafe {
         for (si, s) in slices.iter().enumerate() {
             for j in cols.clone().step_by(nr) {

@@ -1,10 +1,12 @@
 //! The micro-kernels: `C[r x NR] (+)= A[r x kc] B[kc x NR]` for `r <= MR` rows of A (an
-//! [`APanel`]) and one packed panel of B (`NR` columns, k-major). The accumulators live in
-//! registers for the whole `kc` loop; each k step is two vector loads of B, `r` broadcasts of A
-//! and `2r` fused multiply-adds.
+//! [`APanel`]) and one packed panel of B (`NR` columns, k-major; `NR / 2` for a half-width
+//! panel). The accumulators live in registers for the whole `kc` loop; each k step is two vector
+//! loads of B, `r` broadcasts of A and `2r` fused multiply-adds (one load and `r` FMAs at half
+//! width).
 //!
-//! Each level is one generic function over the row count `R`, so the compiler unrolls the row
-//! loop and keeps `2R` accumulators in registers (AVX-512: 24 of 32, AVX2: 12 of 16).
+//! Each level is one generic function over the row count `R` (and half width `H`), so the
+//! compiler unrolls the row loop and keeps `2R` accumulators in registers (AVX-512: 24 of 32,
+//! AVX2: 12 of 16).
 
 use super::SimdLevel as Level;
 
@@ -27,9 +29,9 @@ pub(super) struct APanel<'s> {
 #[derive(Clone, Copy)]
 pub(super) struct Finish {
     pub scale: f32,
-    /// `NR` values (this panel's columns), or null.
+    /// One value per column of the panel (`NR`, or `NR / 2` at half width), or null.
     pub bias: *const f32,
-    /// `rows x NR` values at stride `ldr`, or null.
+    /// `rows` rows of the panel's columns at stride `ldr`, or null.
     pub res: *const f32,
     pub ldr: usize,
     pub clamp: Clamp,

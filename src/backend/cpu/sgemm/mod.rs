@@ -112,7 +112,8 @@ const MC_PANELS: usize = 8;
 const TASKS_PER_THREAD: usize = 2;
 
 /// B packed for one [`SimdLevel`]: `ceil(n / NR)` panels, each `k x NR` (k-major, zero-padded
-/// past column `n`).
+/// past column `n`), except a last one of at most `NR / 2` columns, packed `k x NR / 2`
+/// ([`PackedB::panel_width`]).
 pub(crate) struct PackedB {
     level: SimdLevel,
     k: usize,
@@ -176,7 +177,8 @@ impl PackedB {
         let width = self.panel_width(q);
         // Every panel before `q` is a full one.
         let at = q * self.k * self.level.nr() + k0 * width;
-        (self.data[at.min(self.data.len())..].as_ptr(), width)
+        debug_assert!(at + (self.k - k0) * width <= self.data.len());
+        (self.data[at..].as_ptr(), width)
     }
 
     /// The slice of `data` holding panel `q` (`k x width`, k-major).
@@ -388,7 +390,7 @@ unsafe fn tile(
     let mr = mc.div_ceil(mc.div_ceil(level.mr()));
     let nr = level.nr();
     // SAFETY (every pointer below): inside C's tile (caller), A (checked by `gemm`) or B's
-    // panel (`k x NR` values per panel).
+    // panel (`k x width` values, `PackedB::panel`).
     unsafe {
         if k == 0 {
             // No slice of k: the sums are zeros, finished here.
@@ -552,12 +554,15 @@ mod tests {
     #[test]
     fn every_level_matches_naive_on_odd_shapes() {
         let team = super::super::team::Team::new(2).unwrap();
-        // Last panels: full, ragged, half-width exactly and ragged half-width (n = 48, 25 and
-        // 40 at AVX-512, n = 24 at AVX2).
+        // Last panels: a half-width one filled exactly (n = 48 at AVX-512, 24 at AVX2, also
+        // with k over one slice), a ragged full-width one (n = 25 at AVX-512) and a ragged
+        // half-width one (n = 40 at AVX-512).
         let shapes = [
             (1, 1, 1),
             (3, 5, 7),
             (11, 48, 20),
+            (11, 48, 300),
+            (11, 24, 300),
             (13, 25, 40),
             (9, 24, 33),
             (14, 40, 9),
@@ -615,9 +620,16 @@ mod tests {
             Activation::None,
         ];
         for level in SimdLevel::available() {
-            for (si, &(m, n, k)) in [(29, 40, 17), (13, 64, 300), (30, 33, 600), (5, 7, 0)]
-                .iter()
-                .enumerate()
+            for (si, &(m, n, k)) in [
+                (29, 40, 17),
+                (13, 64, 300),
+                (30, 33, 600),
+                (5, 7, 0),
+                (17, 48, 40),
+                (9, 24, 270),
+            ]
+            .iter()
+            .enumerate()
             {
                 let (ldc, ldr) = (n + 60, n + 3);
                 let a = values(m * k, 3);
