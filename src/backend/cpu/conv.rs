@@ -253,11 +253,12 @@ pub(crate) fn global_avg_pool(x: &[f32], n: usize, hw: usize, c: usize, par: Exe
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::backend::op_check::conv_dims;
 
-    fn data(n: usize, seed: u32) -> Vec<f32> {
+    /// Deterministic values in [-1, 1) for the convolution tests.
+    pub(crate) fn data(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
             .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 97) as f32 / 48.0 - 1.0)
             .collect()

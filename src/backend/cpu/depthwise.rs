@@ -425,13 +425,8 @@ fn plain_row(conv: &Conv<'_>, taps: &[f32], img: usize, y: usize, from: usize, o
 mod tests {
     use super::*;
     use crate::backend::Conv2d;
+    use crate::backend::cpu::conv::tests::data;
     use crate::backend::op_check::conv_dims;
-
-    fn data(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 97) as f32 / 48.0 - 1.0)
-            .collect()
-    }
 
     /// Plain f64 depthwise convolution with bias, residual and activation.
     #[allow(clippy::too_many_arguments)]

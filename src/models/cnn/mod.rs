@@ -109,23 +109,9 @@ impl<B: Backend> Cnn<B> {
     ) -> Result<B::Tensor> {
         let be = &self.backend;
         match op {
-            Op::Conv {
-                name,
-                stride,
-                padding,
-                groups,
-                act,
-                padding_extra,
-                ..
-            } => {
-                let (w, b) = self.param(name)?;
-                let geo = Conv2d {
-                    stride: [*stride; 2],
-                    padding: [*padding; 2],
-                    groups: *groups,
-                    padding_extra: [*padding_extra; 2],
-                };
-                be.conv2d(x, w, Some(b), &geo, residual, act_override.unwrap_or(*act))
+            Op::Conv { .. } => {
+                let s = self.conv_step(op)?.expect("a convolution");
+                be.conv2d(x, s.w, s.b, &s.p, residual, act_override.unwrap_or(s.act))
             }
             Op::Pool(p) => be.pool2d(x, p),
             Op::GlobalAvgPool => be.global_avg_pool(x),
@@ -189,36 +175,39 @@ impl<B: Backend> Cnn<B> {
         cur.ok_or_else(|| Error::Input(format!("block `{}` has no operations", block.name)))
     }
 
+    /// A convolution op's weight, bias, geometry and activation; `None` for other ops.
+    fn conv_step(&self, op: &Op) -> Result<Option<ConvStep<'_, B::Tensor>>> {
+        let Op::Conv {
+            name,
+            stride,
+            padding,
+            groups,
+            act,
+            padding_extra,
+            ..
+        } = op
+        else {
+            return Ok(None);
+        };
+        let (w, b) = self.param(name)?;
+        Ok(Some(ConvStep {
+            w,
+            b: Some(b),
+            p: Conv2d {
+                stride: [*stride; 2],
+                padding: [*padding; 2],
+                groups: *groups,
+                padding_extra: [*padding_extra; 2],
+            },
+            act: *act,
+        }))
+    }
+
     /// A block that is an inverted residual (MobileNetV2 / EfficientNet-Lite: [1x1 expansion,]
     /// depthwise, 1x1 projection, the input itself as the residual if any) through the
     /// backend's [`Backend::inverted_residual`], which may fuse it; `None` for other blocks.
     fn inverted_residual(&self, block: &Block, x: &B::Tensor) -> Result<Option<B::Tensor>> {
-        let step = |op: &Op| -> Result<Option<ConvStep<'_, B::Tensor>>> {
-            let Op::Conv {
-                name,
-                stride,
-                padding,
-                groups,
-                act,
-                padding_extra,
-                ..
-            } = op
-            else {
-                return Ok(None);
-            };
-            let (w, b) = self.param(name)?;
-            Ok(Some(ConvStep {
-                w,
-                b: Some(b),
-                p: Conv2d {
-                    stride: [*stride; 2],
-                    padding: [*padding; 2],
-                    groups: *groups,
-                    padding_extra: [*padding_extra; 2],
-                },
-                act: *act,
-            }))
-        };
+        let step = |op| self.conv_step(op);
         let pointwise = |op: &Op| {
             matches!(
                 op,
