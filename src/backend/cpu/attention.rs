@@ -7,22 +7,8 @@ use super::buffers;
 use super::sgemm::{self, PackedB, SimdLevel};
 use super::simd::multiversion;
 use super::softmax::softmax_in_place;
-use super::team::Exec;
+use super::team::{Exec, OutPtr};
 use crate::backend::BatchShape;
-
-/// Lets parallel tasks write disjoint parts of one output buffer.
-#[derive(Copy, Clone)]
-struct OutPtr(*mut f32);
-// SAFETY: every task writes a distinct (input, head) block of rows x columns; no overlap.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// A method (not the field) so closures capture the whole `Send` wrapper.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 #[inline(always)]
 fn softmax_each_body(scores: &mut [f32], len: usize) {

@@ -133,6 +133,9 @@ pub(crate) struct Conv<'a> {
     /// `w` packed for the GEMM path (dense convolutions), when the caller keeps one; else it
     /// is packed for this call at `level`.
     pub packed: Option<&'a PackedB>,
+    /// `w` transposed for the depthwise loops (`depthwise::transpose`), when the caller keeps
+    /// one; else it is transposed for this call.
+    pub taps: Option<&'a [f32]>,
     pub level: SimdLevel,
 }
 
@@ -309,6 +312,7 @@ pub(crate) mod tests {
                 p: &geo,
                 act: Activation::Relu,
                 packed: None,
+                taps: None,
                 level: SimdLevel::best(),
             };
             let want = grouped(c, Exec::Inline);
@@ -355,6 +359,7 @@ pub(crate) mod tests {
             p: &geo,
             act: Activation::None,
             packed: None,
+            taps: None,
             level: SimdLevel::best(),
         };
         let out = conv2d(c, Exec::Inline);

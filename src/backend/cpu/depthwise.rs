@@ -30,7 +30,7 @@ const _: () = assert!((PIXELS - 1) * 2 + 5 <= 19);
 /// `act(depthwise(x, w) + b + residual)`, NHWC.
 pub(crate) fn depthwise(conv: Conv<'_>, par: Exec<'_>) -> Vec<f32> {
     let [n, _, _, c, _, _, _, oh, ow] = conv.dims.to_array();
-    let taps = transpose_taps(&conv);
+    let taps = taps(&conv);
     // Every element of a row is written by one of the paths below.
     let mut out = buffers::take(n * oh * ow * c);
     par.for_chunks(&mut out, ow * c, |r, o| {
@@ -47,9 +47,9 @@ pub(crate) fn image_into(conv: &Conv<'_>, taps: &[f32], img: usize, out: &mut [f
     }
 }
 
-/// The weight `[c, kh, kw, 1]` as `[kh * kw, c]`: a tap's weights for a block of channels are
-/// then one vector load.
-pub(crate) fn transpose_taps(conv: &Conv<'_>) -> Vec<f32> {
+/// The weight as the loops read it: the caller's kept copy ([`Conv::taps`]) or, without one,
+/// transposed for this call ([`transpose`]).
+pub(crate) fn taps<'a>(conv: &Conv<'a>) -> std::borrow::Cow<'a, [f32]> {
     let [_, _, _, c, _, kh, kw, _, _] = conv.dims.to_array();
     assert!(kh * kw > 0, "a depthwise kernel needs taps");
     // Every path goes through here first: the vector path trusts these.
@@ -62,13 +62,26 @@ pub(crate) fn transpose_taps(conv: &Conv<'_>) -> Vec<f32> {
         conv.b.is_none_or(|b| b.len() >= c),
         "bias shorter than the channels"
     );
-    let mut taps = vec![0.0f32; kh * kw * c];
+    match conv.taps {
+        Some(t) => {
+            assert_eq!(t.len(), kh * kw * c, "kept taps of another shape");
+            std::borrow::Cow::Borrowed(t)
+        }
+        None => std::borrow::Cow::Owned(transpose(conv.w, c, kh * kw)),
+    }
+}
+
+/// A depthwise weight `[c, kh, kw, 1]` (`taps = kh * kw`) as `[taps, c]`: a tap's weights for a
+/// block of channels are then one vector load.
+pub(crate) fn transpose(w: &[f32], c: usize, taps: usize) -> Vec<f32> {
+    assert_eq!(w.len(), c * taps, "a depthwise weight of {c} x {taps}");
+    let mut out = vec![0.0f32; taps * c];
     for ch in 0..c {
-        for t in 0..kh * kw {
-            taps[t * c + ch] = conv.w[ch * kh * kw + t];
+        for t in 0..taps {
+            out[t * c + ch] = w[ch * taps + t];
         }
     }
-    taps
+    out
 }
 
 /// Output row `y` of image `img` into `o` (`[ow, c]`).
@@ -523,10 +536,17 @@ mod tests {
                     p: &geo,
                     act,
                     packed: None,
+                    taps: None,
                     level,
                 };
-                for exec in [Exec::Inline, team] {
-                    for (i, (g, w)) in depthwise(c, exec).iter().zip(&want).enumerate() {
+                // Taps transposed per call, and a kept copy (as the backend passes them).
+                let kept = transpose(&wt, ch, k * kw);
+                let with_kept = Conv {
+                    taps: Some(&kept),
+                    ..c
+                };
+                for (exec, conv) in [(Exec::Inline, c), (team, c), (team, with_kept)] {
+                    for (i, (g, w)) in depthwise(conv, exec).iter().zip(&want).enumerate() {
                         assert!(
                             (g - w).abs() < 1e-5 * w.abs().max(1.0),
                             "case {ci} {level:?} element {i}: {g} vs {w}"

@@ -18,7 +18,7 @@ use super::conv::Conv;
 use super::depthwise;
 use super::linear;
 use super::sgemm::{self, PackedB};
-use super::team::Exec;
+use super::team::{Exec, OutPtr};
 use crate::backend::op_check::ConvDims;
 use crate::backend::{Activation, Conv2d};
 
@@ -49,11 +49,11 @@ pub(crate) struct Block<'a> {
 pub(crate) fn run(b: &Block<'_>, par: Exec<'_>) -> Vec<f32> {
     let [n, _, _, _, _, _, _, oh, ow] = b.dw.dims.to_array();
     let cout = b.project.w.n();
-    let taps = depthwise::transpose_taps(&b.dw);
+    let taps = depthwise::taps(&b.dw);
     let (segs, seg_rows) = segments(n, oh, par.threads());
     // Every element is written by one task's projection.
     let mut out = buffers::take(n * oh * ow * cout);
-    let dst = Dst(out.as_mut_ptr());
+    let dst = OutPtr(out.as_mut_ptr());
     par.for_each(n * segs, &|t| {
         let (img, s) = (t / segs, t % segs);
         let rows = s * seg_rows..((s + 1) * seg_rows).min(oh);
@@ -61,27 +61,13 @@ pub(crate) fn run(b: &Block<'_>, par: Exec<'_>) -> Vec<f32> {
         // `out` (`n * oh * ow * cout` values).
         let o = unsafe {
             std::slice::from_raw_parts_mut(
-                dst.ptr().add((img * oh + rows.start) * ow * cout),
+                dst.get().add((img * oh + rows.start) * ow * cout),
                 rows.len() * ow * cout,
             )
         };
         segment(b, &taps, img, rows, o);
     });
     out
-}
-
-/// The output's base pointer, shared by tasks that write disjoint rows.
-#[derive(Clone, Copy)]
-struct Dst(*mut f32);
-// SAFETY: each task writes its own rows of the output (see `run`), which outlives the op.
-unsafe impl Send for Dst {}
-unsafe impl Sync for Dst {}
-
-impl Dst {
-    /// A method (not the field) so closures capture the whole `Sync` wrapper.
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// Output rows `rows` of image `img` into `o`, band by band.

@@ -126,6 +126,9 @@ pub struct CpuTensor {
     /// that reads it and kept: weights are packed once, not on every call. It doubles the
     /// memory of the tensors used this way (linear and dense convolution weights).
     packed: OnceLock<Arc<sgemm::PackedB>>,
+    /// The tensor as a depthwise convolution's taps (`[kh * kw, c]`), made by the first
+    /// convolution that reads it and kept, like `packed`.
+    taps: OnceLock<Arc<Vec<f32>>>,
 }
 
 impl Drop for CpuTensor {
@@ -151,6 +154,7 @@ impl CpuTensor {
             shape,
             data,
             packed: OnceLock::new(),
+            taps: OnceLock::new(),
         }
     }
 
@@ -170,10 +174,24 @@ impl CpuTensor {
         }
     }
 
-    /// The values, for an op that changes them in place: the packed copy, now stale, is
+    /// This depthwise weight (`c` channels of `taps` taps) transposed for the depthwise loops:
+    /// the kept copy, made on first use.
+    fn depthwise_taps(&self, c: usize, taps: usize) -> Arc<Vec<f32>> {
+        let kept = self
+            .taps
+            .get_or_init(|| Arc::new(depthwise::transpose(&self.data, c, taps)));
+        if kept.len() == c * taps {
+            kept.clone()
+        } else {
+            Arc::new(depthwise::transpose(&self.data, c, taps))
+        }
+    }
+
+    /// The values, for an op that changes them in place: the kept copies, now stale, are
     /// dropped.
     fn data_mut(&mut self) -> &mut [f32] {
         self.packed.take();
+        self.taps.take();
         &mut self.data
     }
 }
@@ -382,6 +400,8 @@ impl Backend for CpuBackend {
         let work = d.n * d.oh * d.ow * d.cout * d.kh * d.kw * (d.cin / c.p.groups.max(1));
         let packed =
             (c.p.groups <= 1).then(|| c.w.packed_b(self.simd, d.cout, d.kh * d.kw * d.cin));
+        let depthwise = c.p.groups > 1 && d.cin == c.p.groups && d.cout == c.p.groups;
+        let taps = depthwise.then(|| c.w.depthwise_taps(d.cout, d.kh * d.kw));
         let data = self.run(work, |par| {
             let operands = conv::Conv {
                 x: &c.x.data,
@@ -392,6 +412,7 @@ impl Backend for CpuBackend {
                 p: &c.p,
                 act: c.act,
                 packed: packed.as_deref(),
+                taps: taps.as_deref().map(Vec::as_slice),
                 level: self.simd,
             };
             conv::conv2d(operands, par)
@@ -409,6 +430,7 @@ impl Backend for CpuBackend {
             .expand
             .map(|(e, ed)| (e, e.w.packed_b(self.simd, ed.cout, ed.cin)));
         let project = pr.w.packed_b(self.simd, pd.cout, pd.cin);
+        let taps = dw.w.depthwise_taps(dd.cout, dd.kh * dd.kw);
         let pixels = dd.n * dd.h * dd.w;
         let work = c.expand.map_or(0, |(_, ed)| pixels * ed.cin * ed.cout)
             + dd.n * dd.oh * dd.ow * dd.cout * dd.kh * dd.kw
@@ -430,6 +452,7 @@ impl Backend for CpuBackend {
                     p: &dw.p,
                     act: dw.act,
                     packed: None,
+                    taps: Some(&taps),
                     level: self.simd,
                 },
                 project: inverted_residual::Pointwise {

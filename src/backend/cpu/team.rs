@@ -210,6 +210,22 @@ impl Team {
     }
 }
 
+/// Lets parallel tasks write disjoint parts of one output buffer (each op says which part is
+/// whose where it makes the slice).
+#[derive(Copy, Clone)]
+pub(crate) struct OutPtr(pub *mut f32);
+// SAFETY: the ops that share one hand each task a part no other task touches, and the buffer
+// outlives the op.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// A method (not the field) so closures capture the whole `Send` wrapper.
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Where an op's tasks run: inline on the caller or on the team. Handing an op to other threads
 /// costs a cross-thread hand-off and wait; a batch-1 CNN runs dozens of ops of a few
 /// microseconds each and a ramp is a few of them, so small ops (and every op of a 1-thread

@@ -488,7 +488,9 @@ unsafe fn micro(
         }
         // The epilogue's bias and residual, copied to full-width scratch too, so that the
         // kernel finishes the tile in registers without reading past C's last column.
-        let (mut bias, mut res) = ([0.0f32; 32], [0.0f32; MAX]);
+        // (The residual's scratch is made only for a residual: this path runs for every
+        // micro-tile of a product whose columns end in a ragged panel.)
+        let (mut bias, mut res_store) = ([0.0f32; 32], None::<[f32; MAX]>);
         let fin = last.map(|(e, r0, c0)| {
             let mut f = e.finish(r0, c0);
             if let Some(b) = e.bias {
@@ -496,6 +498,7 @@ unsafe fn micro(
                 f.bias = bias.as_ptr();
             }
             if let Some((r, ld)) = e.residual {
+                let res = res_store.insert([0.0f32; MAX]);
                 for i in 0..rows {
                     res[i * nr..i * nr + width].copy_from_slice(&r[(r0 + i) * ld + c0..][..width]);
                 }
