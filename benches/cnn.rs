@@ -6,9 +6,15 @@
 //!     cargo bench --bench cnn -- --model NAME=FILE... [--device cpu|cuda] [--peers FILE]
 //!                                 [--batches 1,8,32] [--min-repeats N] [--min-seconds S]
 //!                                 [--out DIR]
+//!     cargo bench --bench cnn -- --convs [--batches 1,8,32] [--min-seconds S]
 //!
 //! `tools/bench-cnn.sh` exports the torchvision models, runs the peers
 //! (tools/bench_cnn_peers.py), converts and runs this. Results: `<out>/cnn.json`.
+//!
+//! `--convs` instead times the 3x3 stride-1 convolutions of ResNet-18/50 and VGG-11 (224x224
+//! inputs) one at a time on the CPU backend, direct against Winograd (`APPARATE_WINOGRAD` off
+//! and on), and says which one `auto` picks: the measurements behind that rule
+//! (`winograd::pays`), to repeat on another CPU.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -36,6 +42,8 @@ struct Opts {
     min_repeats: usize,
     min_seconds: f64,
     out: PathBuf,
+    /// Time single 3x3 convolutions (direct vs Winograd) instead of the models.
+    convs: bool,
 }
 
 fn parse() -> Res<Opts> {
@@ -48,6 +56,7 @@ fn parse() -> Res<Opts> {
         min_repeats: 3,
         min_seconds: 2.0,
         out: root.join("target/bench-results"),
+        convs: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -71,6 +80,7 @@ fn parse() -> Res<Opts> {
             "--min-repeats" => o.min_repeats = val()?.parse()?,
             "--min-seconds" => o.min_seconds = val()?.parse()?,
             "--out" => o.out = val()?.into(),
+            "--convs" => o.convs = true,
             "--bench" => {}
             other => return Err(format!("unknown argument `{other}`").into()),
         }
@@ -144,8 +154,107 @@ fn main() {
     }
 }
 
+/// The 3x3 stride-1 convolutions (input side, in and out channels) of ResNet-18/50 and
+/// VGG-11 at 224x224.
+const CONVS: [(usize, usize, usize); 10] = [
+    (224, 3, 64),
+    (112, 64, 128),
+    (56, 64, 64),
+    (56, 128, 256),
+    (56, 256, 256),
+    (28, 128, 128),
+    (28, 256, 512),
+    (28, 512, 512),
+    (14, 256, 256),
+    (7, 512, 512),
+];
+
+/// Median seconds of `f` over at least 3 runs and `min_seconds`, after one warm-up.
+fn median_of(min_seconds: f64, mut f: impl FnMut() -> Res<()>) -> Res<f64> {
+    f()?;
+    let (start, mut times) = (Instant::now(), Vec::new());
+    while times.len() < 3 || start.elapsed().as_secs_f64() < min_seconds {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// `--convs`: each of [`CONVS`] at each batch, direct and Winograd, with bias and ReLU (as in
+/// the models).
+fn run_convs(o: &Opts) -> Res<()> {
+    use apparate::backend::{Activation, Conv2d, Winograd};
+    let cpu = HostCpu::read();
+    let be = |w| {
+        CpuBackend::new(CpuConfig {
+            winograd: Some(w),
+            ..Default::default()
+        })
+    };
+    let (direct, wino, auto) = (be(Winograd::Off)?, be(Winograd::On)?, be(Winograd::Auto)?);
+    println!("\n3x3 stride-1 convolutions, {}", direct.device_id());
+    println!("{}", cpu.describe());
+    println!(
+        "| input | cin -> cout | batch | direct ms | Winograd ms | Winograd / direct | auto picks |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---|");
+    let mut rng = SplitMix::new(5);
+    let p = Conv2d {
+        stride: [1, 1],
+        padding: [1, 1],
+        groups: 1,
+        padding_extra: [0, 0],
+    };
+    for &(side, cin, cout) in &CONVS {
+        for &n in &o.batches {
+            let mut vals = |len: usize| (0..len).map(|_| rng.uniform() - 0.5).collect::<Vec<f32>>();
+            let (xv, wv, bv) = (
+                vals(n * side * side * cin),
+                vals(cout * 9 * cin),
+                vals(cout),
+            );
+            let mut secs = [0.0; 2];
+            for (s, be) in secs.iter_mut().zip([&direct, &wino]) {
+                let x = be.upload(&xv, &[n, side, side, cin])?;
+                let w = be.upload(&wv, &[cout, 3, 3, cin])?;
+                let b = be.upload(&bv, &[cout])?;
+                *s = median_of(o.min_seconds, || {
+                    std::hint::black_box(be.conv2d(
+                        &x,
+                        &w,
+                        Some(&b),
+                        &p,
+                        None,
+                        Activation::Relu,
+                    )?);
+                    Ok(())
+                })?;
+            }
+            let x = auto.upload(&xv, &[n, side, side, cin])?;
+            let w = auto.upload(&wv, &[cout, 3, 3, cin])?;
+            let picks = if auto.winograd_for(&x, &w, &p)? {
+                "Winograd"
+            } else {
+                "direct"
+            };
+            println!(
+                "| {side}x{side} | {cin} -> {cout} | {n} | {:.3} | {:.3} | {:.2} | {picks} |",
+                secs[0] * 1e3,
+                secs[1] * 1e3,
+                secs[1] / secs[0]
+            );
+        }
+    }
+    Ok(())
+}
+
 fn run() -> Res<()> {
     let o = parse()?;
+    if o.convs {
+        return run_convs(&o);
+    }
     let peers = Peers::load(o.peers.as_deref())?;
     let cpu = HostCpu::read();
     let mut rows = Vec::new();

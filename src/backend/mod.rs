@@ -17,7 +17,7 @@ pub mod op_check;
 use crate::error::Result;
 use crate::tensor::TensorView;
 
-pub use cpu::{CpuBackend, CpuConfig, SimdLevel};
+pub use cpu::{CpuBackend, CpuConfig, SimdLevel, Winograd};
 pub use op_check::{
     AttentionCall, ConvCall, ConvStep, EmbedCall, EmbeddingTables, GlobalPoolCall,
     InvertedResidualCall, LayerNormCall, LinearCall, Pool2dCall, PoolCall, RampCall, RampInput,

@@ -177,84 +177,8 @@ macro_rules! unroll {
 mod x86 {
     use super::{Geometry, PIXELS};
     use crate::backend::Activation;
+    use crate::backend::cpu::vector::Vector;
     use std::arch::x86_64::*;
-
-    /// The few vector operations the loop needs, for one register width.
-    pub(super) trait Vector: Copy {
-        const LANES: usize;
-        unsafe fn load(p: *const f32) -> Self;
-        unsafe fn store(self, p: *mut f32);
-        unsafe fn splat(v: f32) -> Self;
-        /// `self * b + c`.
-        unsafe fn fma(self, b: Self, c: Self) -> Self;
-        unsafe fn add(self, b: Self) -> Self;
-        unsafe fn max(self, b: Self) -> Self;
-        unsafe fn min(self, b: Self) -> Self;
-    }
-
-    impl Vector for __m512 {
-        const LANES: usize = 16;
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> Self {
-            unsafe { _mm512_loadu_ps(p) }
-        }
-        #[inline(always)]
-        unsafe fn store(self, p: *mut f32) {
-            unsafe { _mm512_storeu_ps(p, self) }
-        }
-        #[inline(always)]
-        unsafe fn splat(v: f32) -> Self {
-            unsafe { _mm512_set1_ps(v) }
-        }
-        #[inline(always)]
-        unsafe fn fma(self, b: Self, c: Self) -> Self {
-            unsafe { _mm512_fmadd_ps(self, b, c) }
-        }
-        #[inline(always)]
-        unsafe fn add(self, b: Self) -> Self {
-            unsafe { _mm512_add_ps(self, b) }
-        }
-        #[inline(always)]
-        unsafe fn max(self, b: Self) -> Self {
-            unsafe { _mm512_max_ps(self, b) }
-        }
-        #[inline(always)]
-        unsafe fn min(self, b: Self) -> Self {
-            unsafe { _mm512_min_ps(self, b) }
-        }
-    }
-
-    impl Vector for __m256 {
-        const LANES: usize = 8;
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> Self {
-            unsafe { _mm256_loadu_ps(p) }
-        }
-        #[inline(always)]
-        unsafe fn store(self, p: *mut f32) {
-            unsafe { _mm256_storeu_ps(p, self) }
-        }
-        #[inline(always)]
-        unsafe fn splat(v: f32) -> Self {
-            unsafe { _mm256_set1_ps(v) }
-        }
-        #[inline(always)]
-        unsafe fn fma(self, b: Self, c: Self) -> Self {
-            unsafe { _mm256_fmadd_ps(self, b, c) }
-        }
-        #[inline(always)]
-        unsafe fn add(self, b: Self) -> Self {
-            unsafe { _mm256_add_ps(self, b) }
-        }
-        #[inline(always)]
-        unsafe fn max(self, b: Self) -> Self {
-            unsafe { _mm256_max_ps(self, b) }
-        }
-        #[inline(always)]
-        unsafe fn min(self, b: Self) -> Self {
-            unsafe { _mm256_min_ps(self, b) }
-        }
-    }
 
     /// # Safety
     /// The CPU has AVX-512F; `g` describes valid slices and `o` is its output row.

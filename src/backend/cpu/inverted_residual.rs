@@ -217,6 +217,7 @@ mod tests {
                     let be = CpuBackend::new(CpuConfig {
                         threads: Some(threads),
                         simd: Some(level),
+                        ..Default::default()
                     })
                     .unwrap();
                     let up = |v: Vec<f32>, shape: &[usize]| be.upload(&v, shape).unwrap();

@@ -21,16 +21,19 @@ mod sgemm;
 pub(crate) mod simd;
 mod softmax;
 mod team;
+mod vector;
+mod winograd;
 
 use std::sync::{Arc, OnceLock};
 
 pub use sgemm::SimdLevel;
 
+use super::op_check::ConvDims;
 use super::op_check::{
     AttentionCall, ConvCall, EmbedCall, GlobalPoolCall, InvertedResidualCall, LayerNormCall,
     LinearCall, Pool2dCall, PoolCall, RampCall, RowsCall,
 };
-use super::{Backend, RampDecision};
+use super::{Backend, Conv2d, RampDecision};
 use crate::error::{Error, Result};
 
 /// Settings of the CPU backend.
@@ -42,6 +45,42 @@ pub struct CpuConfig {
     /// Micro-kernels for GEMMs and attention. Default (`None`): the widest this CPU has, or
     /// `APPARATE_SIMD` (`avx512`, `avx2`, `generic`) when that environment variable is set.
     pub simd: Option<SimdLevel>,
+    /// When 3x3 stride-1 convolutions run by Winograd's F(4x4, 3x3) ([`Winograd`]). Default
+    /// (`None`): [`Winograd::Auto`], or `APPARATE_WINOGRAD` (`auto`, `off`, `on`) when that
+    /// environment variable is set.
+    pub winograd: Option<Winograd>,
+}
+
+/// Whether 3x3 stride-1 dense convolutions take the Winograd path (`winograd.rs`): about 4x
+/// fewer multiply-adds, a little more rounding (still within the golden tests' tolerances),
+/// and the weight kept a second time, transformed (4x its size).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Winograd {
+    /// Where it measured faster: enough output tiles per weight (see `winograd::pays`).
+    #[default]
+    Auto,
+    /// Never: every convolution runs the direct path.
+    Off,
+    /// Every convolution it can run (3x3, stride 1, dense), whatever the shape.
+    On,
+}
+
+impl Winograd {
+    /// The name used by `APPARATE_WINOGRAD`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Winograd::Auto => "auto",
+            Winograd::Off => "off",
+            Winograd::On => "on",
+        }
+    }
+
+    /// The policy named `s` (`auto`, `off`, `on`).
+    pub fn parse(s: &str) -> Option<Winograd> {
+        [Winograd::Auto, Winograd::Off, Winograd::On]
+            .into_iter()
+            .find(|w| w.name() == s.trim())
+    }
 }
 
 /// Never more worker threads than this, whatever the machine.
@@ -114,6 +153,20 @@ impl CpuConfig {
         }
         Ok(level)
     }
+
+    /// The Winograd policy this configuration asks for, checked: `winograd`, else
+    /// `APPARATE_WINOGRAD`, else [`Winograd::Auto`].
+    pub fn resolve_winograd(&self) -> Result<Winograd> {
+        if let Some(w) = self.winograd {
+            return Ok(w);
+        }
+        match std::env::var("APPARATE_WINOGRAD") {
+            Ok(v) => Winograd::parse(&v).ok_or_else(|| {
+                Error::config("APPARATE_WINOGRAD", format!("`{v}`"), "auto, off, on")
+            }),
+            Err(_) => Ok(Winograd::Auto),
+        }
+    }
 }
 
 /// A tensor in host memory. Its shape always matches its data (made only through
@@ -129,6 +182,9 @@ pub struct CpuTensor {
     /// The tensor as a depthwise convolution's taps (`[kh * kw, c]`), made by the first
     /// convolution that reads it and kept, like `packed`.
     taps: OnceLock<Arc<Vec<f32>>>,
+    /// The tensor as a 3x3 convolution's weight in the Winograd domain, made by the first
+    /// convolution that takes that path and kept, like `packed` (4x the weight's memory).
+    winograd: OnceLock<Arc<winograd::Filters>>,
 }
 
 impl Drop for CpuTensor {
@@ -155,6 +211,7 @@ impl CpuTensor {
             data,
             packed: OnceLock::new(),
             taps: OnceLock::new(),
+            winograd: OnceLock::new(),
         }
     }
 
@@ -187,11 +244,29 @@ impl CpuTensor {
         }
     }
 
+    /// This 3x3 weight (`[cout, 3, 3, cin]`) in the Winograd domain for `level`: the kept
+    /// copy, made on first use.
+    fn winograd_filters(
+        &self,
+        level: SimdLevel,
+        cout: usize,
+        cin: usize,
+    ) -> Arc<winograd::Filters> {
+        let make = || Arc::new(winograd::Filters::new(level, &self.data, cout, cin));
+        let kept = self.winograd.get_or_init(make);
+        if kept.level() == level && kept.channels() == (cin, cout) {
+            kept.clone()
+        } else {
+            make()
+        }
+    }
+
     /// The values, for an op that changes them in place: the kept copies, now stale, are
     /// dropped.
     fn data_mut(&mut self) -> &mut [f32] {
         self.packed.take();
         self.taps.take();
+        self.winograd.take();
         &mut self.data
     }
 }
@@ -203,6 +278,7 @@ pub struct CpuBackend {
     team: Arc<OnceLock<Option<team::Team>>>,
     threads: usize,
     simd: SimdLevel,
+    winograd: Winograd,
     /// Quantized products take 8-bit activations ([`qmatvec`]) instead of f32 ([`qmatmul`]).
     q8_activations: bool,
 }
@@ -222,10 +298,12 @@ impl CpuBackend {
     pub fn new(config: CpuConfig) -> Result<CpuBackend> {
         let threads = config.resolve_threads()?;
         let simd = config.resolve_simd()?;
+        let winograd = config.resolve_winograd()?;
         Ok(CpuBackend {
             team: Arc::default(),
             threads,
             simd,
+            winograd,
             q8_activations: false,
         })
     }
@@ -245,6 +323,23 @@ impl CpuBackend {
     /// The micro-kernel level the GEMMs run.
     pub fn simd(&self) -> SimdLevel {
         self.simd
+    }
+
+    /// Whether a convolution of `x` by `w` with geometry `p` runs by Winograd's F(4x4, 3x3) on
+    /// this backend (its [`Winograd`] policy and the shape); an error when the operands do not
+    /// make a convolution.
+    pub fn winograd_for(&self, x: &CpuTensor, w: &CpuTensor, p: &Conv2d) -> Result<bool> {
+        let d = super::op_check::conv_dims(&x.shape, &w.shape, None, p, None)?;
+        Ok(self.takes_winograd(&d, p))
+    }
+
+    fn takes_winograd(&self, d: &ConvDims, p: &Conv2d) -> bool {
+        winograd::fits(d, p)
+            && match self.winograd {
+                Winograd::Auto => winograd::pays(d),
+                Winograd::Off => false,
+                Winograd::On => true,
+            }
     }
 
     /// Runs an op of about `work` multiply-adds: `f` gets where its loops and GEMMs run
@@ -398,8 +493,10 @@ impl Backend for CpuBackend {
     fn run_conv2d(&self, c: ConvCall<'_, CpuTensor>) -> Result<CpuTensor> {
         let d = c.dims;
         let work = d.n * d.oh * d.ow * d.cout * d.kh * d.kw * (d.cin / c.p.groups.max(1));
-        let packed =
-            (c.p.groups <= 1).then(|| c.w.packed_b(self.simd, d.cout, d.kh * d.kw * d.cin));
+        let winograd = self.takes_winograd(&d, &c.p);
+        let filters = winograd.then(|| c.w.winograd_filters(self.simd, d.cout, d.cin));
+        let packed = (c.p.groups <= 1 && !winograd)
+            .then(|| c.w.packed_b(self.simd, d.cout, d.kh * d.kw * d.cin));
         let depthwise = c.p.groups > 1 && d.cin == c.p.groups && d.cout == c.p.groups;
         let taps = depthwise.then(|| c.w.depthwise_taps(d.cout, d.kh * d.kw));
         let data = self.run(work, |par| {
@@ -415,7 +512,10 @@ impl Backend for CpuBackend {
                 taps: taps.as_deref().map(Vec::as_slice),
                 level: self.simd,
             };
-            conv::conv2d(operands, par)
+            match &filters {
+                Some(f) => winograd::conv(&operands, f, par),
+                None => conv::conv2d(operands, par),
+            }
         });
         Ok(CpuTensor::new(vec![d.n, d.oh, d.ow, d.cout], data))
     }
@@ -507,6 +607,7 @@ impl Backend for CpuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::Activation;
 
     #[test]
     fn thread_counts_out_of_range_are_refused_by_name() {
@@ -528,6 +629,84 @@ mod tests {
             .unwrap()
             .threads(),
             2
+        );
+    }
+
+    #[test]
+    fn winograd_policy_picks_the_path_and_both_paths_agree() {
+        for w in [Winograd::Auto, Winograd::Off, Winograd::On] {
+            assert_eq!(Winograd::parse(&format!(" {} ", w.name())), Some(w));
+        }
+        assert_eq!(Winograd::parse("yes"), None);
+        let p = Conv2d {
+            stride: [1, 1],
+            padding: [1, 1],
+            groups: 1,
+            padding_extra: [0, 0],
+        };
+        let be = |w| {
+            CpuBackend::new(CpuConfig {
+                threads: Some(2),
+                winograd: Some(w),
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let vals = |len: usize| conv::tests::data(len, len as u32);
+        // (n, side, cin, cout, what `auto` picks): 4 tiles is too few, 3 channels too few.
+        for (n, side, cin, cout, auto) in [
+            (1, 7, 32, 32, false),
+            (2, 7, 32, 32, true),
+            (1, 16, 3, 16, false),
+            (1, 16, 16, 24, true),
+        ] {
+            let mut outs = Vec::new();
+            for (policy, want) in [
+                (Winograd::Off, false),
+                (Winograd::On, true),
+                (Winograd::Auto, auto),
+            ] {
+                let be = be(policy);
+                let x = be
+                    .upload(&vals(n * side * side * cin), &[n, side, side, cin])
+                    .unwrap();
+                let w = be
+                    .upload(&vals(cout * 9 * cin), &[cout, 3, 3, cin])
+                    .unwrap();
+                let b = be.upload(&vals(cout), &[cout]).unwrap();
+                assert_eq!(
+                    be.winograd_for(&x, &w, &p).unwrap(),
+                    want,
+                    "{policy:?} {n}x{side}x{cin}"
+                );
+                // Twice: the second call reads the kept transformed weight.
+                for _ in 0..2 {
+                    let y = be
+                        .conv2d(&x, &w, Some(&b), &p, None, Activation::Relu)
+                        .unwrap();
+                    outs.push(be.download(&y).unwrap());
+                }
+            }
+            for o in &outs[1..] {
+                for (g, w) in o.iter().zip(&outs[0]) {
+                    assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} vs {w}");
+                }
+            }
+        }
+        let strided = Conv2d {
+            stride: [2, 2],
+            ..p
+        };
+        let be = be(Winograd::On);
+        let x = be.upload(&vals(16 * 16 * 16), &[1, 16, 16, 16]).unwrap();
+        let w = be.upload(&vals(16 * 9 * 16), &[16, 3, 3, 16]).unwrap();
+        assert!(
+            !be.winograd_for(&x, &w, &strided).unwrap(),
+            "stride 2 has no Winograd path"
+        );
+        assert!(
+            be.winograd_for(&w, &x, &p).is_err(),
+            "operands that make no convolution"
         );
     }
 }

@@ -372,6 +372,74 @@ pub(crate) fn gemm(
     });
 }
 
+/// `bs.len()` products of one shape in one dispatch: `C_i = A_i B_i`, A_i the `m` rows at
+/// `a.data[i * a_step..]` (stride `a.ld`), C_i row-major at stride `ldc` from `c[i * c_step]`
+/// (Winograd's 36 products of a block of tiles: one hand-out for all of them instead of 36).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_batch(
+    exec: Exec<'_>,
+    a: Rows<'_>,
+    a_step: usize,
+    m: usize,
+    bs: &[PackedB],
+    c: &mut [f32],
+    ldc: usize,
+    c_step: usize,
+) {
+    let Some(b0) = bs.first() else { return };
+    let (k, n, level) = (b0.k, b0.n, b0.level);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        bs.iter().all(|b| (b.k, b.n, b.level) == (k, n, level)),
+        "products of one shape"
+    );
+    let last = bs.len() - 1;
+    assert!(
+        ldc >= n && c.len() >= last * c_step + (m - 1) * ldc + n,
+        "C too small"
+    );
+    assert!(
+        a.ld >= k && a.data.len() >= last * a_step + (m - 1) * a.ld + k,
+        "A too small"
+    );
+    assert!(
+        c_step >= (m - 1) * ldc + n || bs.len() == 1,
+        "products' C overlap"
+    );
+    assert!(level.supported(), "{level:?} kernels on a CPU without them");
+    let (mr, nr, threads) = (level.mr(), level.nr(), exec.threads());
+    let m_tiles = m.div_ceil(MC_PANELS * mr);
+    let mc = m.div_ceil(m_tiles);
+    let m_tiles = m.div_ceil(mc);
+    let panels = n.div_ceil(nr);
+    let want = (TASKS_PER_THREAD * threads).div_ceil(m_tiles * bs.len());
+    let nc = panels.div_ceil(want.min(panels)) * nr;
+    let n_tiles = n.div_ceil(nc);
+    let per = m_tiles * n_tiles;
+    let out = c.as_mut_ptr();
+    let out = super::team::OutPtr(out);
+    exec.for_each(bs.len() * per, &|t| {
+        let (i, t) = (t / per, t % per);
+        let (i0, j0) = ((t / n_tiles) * mc, (t % n_tiles) * nc);
+        let rows = i0..(i0 + mc).min(m);
+        let cols = j0..(j0 + nc).min(n);
+        let ai = Rows {
+            data: &a.data[i * a_step..],
+            ld: a.ld,
+        };
+        let ci = COut {
+            // SAFETY: product i's C starts inside `c` (checked above).
+            ptr: unsafe { out.get().add(i * c_step) },
+            ld: ldc,
+        };
+        // SAFETY: `rows x cols` of product i lies inside C, and the products' C do not
+        // overlap (checked above); the tile belongs to this task only.
+        unsafe { tile(ai, &bs[i], ci, rows, cols, &Epilogue::default()) }
+    });
+}
+
 /// One task's tile of C.
 ///
 /// # Safety
