@@ -11,7 +11,7 @@
 use std::ops::Range;
 
 use super::kernel::APanel;
-use super::{COut, Epilogue, KC, MC_PANELS, PackedB, TASKS_PER_THREAD, micro};
+use super::{COut, ColTiles, Epilogue, KC, MC_PANELS, PackedB, micro};
 use crate::backend::cpu::team::Exec;
 
 /// A convolution's input as windows: output pixel `(b, y, x)` reads the `kh x kw x cin` window
@@ -101,10 +101,8 @@ pub(crate) fn conv(
     let group = (MC_PANELS * mr / w.ow).clamp(1, w.oh);
     let groups = w.oh.div_ceil(group);
     let m_tasks = w.n * groups;
-    let panels = n.div_ceil(nr);
-    let n_tiles = (TASKS_PER_THREAD * threads).div_ceil(m_tasks).min(panels);
-    let nc = panels.div_ceil(n_tiles) * nr;
-    let n_tiles = n.div_ceil(nc);
+    let col_tiles = ColTiles::new(n, nr, m_tasks, threads);
+    let n_tiles = col_tiles.tiles;
     // Micro-panels of (nearly) equal pixels along an output row.
     let xr = w.ow.div_ceil(w.ow.div_ceil(mr));
     let out = COut {
@@ -112,10 +110,10 @@ pub(crate) fn conv(
         ld: n,
     };
     exec.for_each(m_tasks * n_tiles, &|t| {
-        let (mt, j0) = (t / n_tiles, (t % n_tiles) * nc);
+        let mt = t / n_tiles;
         let (img, y0) = (mt / groups, (mt % groups) * group);
         let rows = y0..(y0 + group).min(w.oh);
-        let cols = j0..(j0 + nc).min(n);
+        let cols = col_tiles.range(t % n_tiles);
         // SAFETY: the output rows `rows` of image `img`, columns `cols`, belong to task `t`
         // only; every window lies inside `x` (checked above).
         unsafe { task(w, b, &slices, out, img, rows, cols, xr, epi) }

@@ -304,6 +304,48 @@ impl Epilogue<'_> {
     }
 }
 
+/// C's columns cut into runs of whole panels, one per task column, when the rows alone give
+/// too few tasks: `TASKS_PER_THREAD` tasks per thread where the panels split evenly into such
+/// a number of runs, else one run per thread, as even as whole panels allow. Why not always
+/// `TASKS_PER_THREAD * threads` runs: with 6 panels (192 columns) that made runs of 2, 2 and 2,
+/// three tasks for two threads, one of which then did twice the other's work (a batch-1
+/// EfficientNet's 7x7 layers).
+#[derive(Clone, Copy)]
+pub(super) struct ColTiles {
+    n: usize,
+    nr: usize,
+    panels: usize,
+    pub tiles: usize,
+}
+
+impl ColTiles {
+    /// For `n` columns of `nr`-wide panels, when the rows make `row_tasks` tasks.
+    pub(super) fn new(n: usize, nr: usize, row_tasks: usize, threads: usize) -> ColTiles {
+        let panels = n.div_ceil(nr).max(1);
+        let want = (TASKS_PER_THREAD * threads).div_ceil(row_tasks.max(1));
+        let tiles = if want <= 1 {
+            1
+        } else {
+            (1..=want.min(panels))
+                .rev()
+                .find(|&t| panels % t == 0 && t % threads == 0)
+                .unwrap_or(threads.min(panels))
+        };
+        ColTiles {
+            n,
+            nr,
+            panels,
+            tiles,
+        }
+    }
+
+    /// The columns of run `t`: panels `t * panels / tiles .. (t + 1) * panels / tiles`.
+    pub(super) fn range(&self, t: usize) -> Range<usize> {
+        let q = |t: usize| t * self.panels / self.tiles * self.nr;
+        q(t).min(self.n)..q(t + 1).min(self.n)
+    }
+}
+
 /// C as a raw pointer, so that tasks can write their disjoint tiles.
 #[derive(Clone, Copy)]
 struct COut {
@@ -352,21 +394,17 @@ pub(crate) fn gemm(
     }
     let mc = m.div_ceil(m_tiles);
     let m_tiles = m.div_ceil(mc);
-    let panels = n.div_ceil(nr);
-    let want = (TASKS_PER_THREAD * threads).div_ceil(m_tiles);
     // Columns are split only to give every thread work: a task that owns whole rows of C reads
     // its rows of A from L2 for every panel of B, and streams B's panels from L2/L3.
-    let n_tiles = want.min(panels);
-    let nc = panels.div_ceil(n_tiles) * nr;
-    let n_tiles = n.div_ceil(nc);
+    let cols = ColTiles::new(n, nr, m_tiles, threads);
     let out = COut {
         ptr: c.as_mut_ptr(),
         ld: ldc,
     };
-    exec.for_each(m_tiles * n_tiles, &|t| {
-        let (i0, j0) = ((t / n_tiles) * mc, (t % n_tiles) * nc);
+    exec.for_each(m_tiles * cols.tiles, &|t| {
+        let i0 = (t / cols.tiles) * mc;
         let rows = i0..(i0 + mc).min(m);
-        let cols = j0..(j0 + nc).min(n);
+        let cols = cols.range(t % cols.tiles);
         // SAFETY: `rows x cols` lies inside C (checked above) and belongs to task `t` only.
         unsafe { tile(a, b, out, rows, cols, epi) }
     });
@@ -413,18 +451,16 @@ pub(crate) fn gemm_batch(
     let m_tiles = m.div_ceil(MC_PANELS * mr);
     let mc = m.div_ceil(m_tiles);
     let m_tiles = m.div_ceil(mc);
-    let panels = n.div_ceil(nr);
-    let want = (TASKS_PER_THREAD * threads).div_ceil(m_tiles * bs.len());
-    let nc = panels.div_ceil(want.min(panels)) * nr;
-    let n_tiles = n.div_ceil(nc);
+    let col_tiles = ColTiles::new(n, nr, m_tiles * bs.len(), threads);
+    let n_tiles = col_tiles.tiles;
     let per = m_tiles * n_tiles;
     let out = c.as_mut_ptr();
     let out = super::team::OutPtr(out);
     exec.for_each(bs.len() * per, &|t| {
         let (i, t) = (t / per, t % per);
-        let (i0, j0) = ((t / n_tiles) * mc, (t % n_tiles) * nc);
+        let i0 = (t / n_tiles) * mc;
         let rows = i0..(i0 + mc).min(m);
-        let cols = j0..(j0 + nc).min(n);
+        let cols = col_tiles.range(t % n_tiles);
         let ai = Rows {
             data: &a.data[i * a_step..],
             ld: a.ld,
