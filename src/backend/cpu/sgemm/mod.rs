@@ -328,7 +328,7 @@ impl ColTiles {
         } else {
             (1..=want.min(panels))
                 .rev()
-                .find(|&t| panels % t == 0 && t % threads == 0)
+                .find(|&t| panels.is_multiple_of(t) && t.is_multiple_of(threads))
                 .unwrap_or(threads.min(panels))
         };
         ColTiles {
