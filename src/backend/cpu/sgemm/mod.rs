@@ -712,6 +712,39 @@ mod tests {
         }
     }
 
+    /// Column runs cover every column once, in whole panels, and split evenly over the threads
+    /// where the panels allow.
+    #[test]
+    fn column_runs_cover_the_columns_evenly() {
+        for (n, row_tasks, threads, want_tiles) in [
+            (192, 1, 2, 2),   // 6 panels: 2 runs of 3, not 3 of 2
+            (1152, 1, 2, 4),  // 36 panels: 4 runs of 9
+            (320, 1, 2, 2),   // 10 panels: 2 runs of 5
+            (48, 1, 2, 2),    // 2 panels (the last ragged): one each
+            (20, 1, 2, 1),    // 1 panel
+            (1152, 12, 2, 1), // enough row tasks: whole rows
+            (96, 1, 4, 3),    // 3 panels, 4 threads: as many runs as panels
+        ] {
+            let t = ColTiles::new(n, 32, row_tasks, threads);
+            assert_eq!(t.tiles, want_tiles, "{n} columns, {row_tasks} row tasks");
+            let mut next = 0;
+            let mut sizes = Vec::new();
+            for i in 0..t.tiles {
+                let r = t.range(i);
+                assert_eq!(r.start, next, "{n}: run {i} starts where the last ended");
+                assert!(
+                    r.start.is_multiple_of(32) && r.end > r.start,
+                    "{n}: run {i} {r:?}"
+                );
+                sizes.push(r.end.div_ceil(32) - r.start / 32);
+                next = r.end;
+            }
+            assert_eq!(next, n, "{n}: the runs end at the last column");
+            let (lo, hi) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+            assert!(hi - lo <= 1, "{n}: runs of {sizes:?} panels");
+        }
+    }
+
     /// A strided C (a column block of a wider matrix) is written only where it should be, and
     /// the epilogue (scale, bias, a residual at its own stride, each activation) is applied
     /// once, after the last slice of k: on full and ragged panels, with k of one slice, of
