@@ -183,8 +183,10 @@ impl Team {
             .collect()
     }
 
-    /// `f(index, chunk)` over `out` in chunks of `size` (the last may be shorter), grouped into
-    /// about four tasks per thread.
+    /// `f(index, chunk)` over `out` in chunks of `size` (the last may be shorter): a task per
+    /// chunk when there are few (up to 16 per thread), else four tasks per thread of whole
+    /// chunks, their sizes within one chunk of each other. (Groups of `ceil(chunks / tasks)`
+    /// made 7 tasks of 2 of a 14-row image for 2 threads: one thread did 4 of them.)
     pub(crate) fn for_chunks<T: Send>(
         &self,
         out: &mut [T],
@@ -193,13 +195,17 @@ impl Team {
     ) {
         let size = size.max(1);
         let chunks = out.len().div_ceil(size);
-        let per_task = chunks.div_ceil(4 * self.threads()).max(1);
-        let tasks = chunks.div_ceil(per_task);
+        let threads = self.threads();
+        let tasks = if chunks <= 16 * threads {
+            chunks
+        } else {
+            4 * threads
+        };
         let len = out.len();
         let base = SendPtr(out.as_mut_ptr());
         self.for_each(tasks, &|t| {
             let base = &base;
-            for c in t * per_task..((t + 1) * per_task).min(chunks) {
+            for c in t * chunks / tasks..(t + 1) * chunks / tasks {
                 let (a, b) = (c * size, ((c + 1) * size).min(len));
                 // SAFETY: chunks `[a, b)` are disjoint and inside `out`, which the caller
                 // borrows mutably for the whole op; each index is handed to one task.
