@@ -659,6 +659,8 @@ mod tests {
             (2, 7, 32, 32, true),
             (1, 16, 3, 16, false),
             (1, 16, 16, 24, true),
+            // Enough tiles for the per-task way (`winograd::per_task`).
+            (1, 56, 16, 16, true),
         ] {
             let mut outs = Vec::new();
             for (policy, want) in [

@@ -11,8 +11,7 @@
 //! and 40% (ResNet-50) of their multiply-adds in 3x3 stride-1 convolutions, which the direct
 //! path ran at the GEMM's speed and no faster.
 //!
-//! Steps, over blocks of tiles small enough that the block's `V` and `M` stay in cache
-//! ([`BLOCK_BYTES`]):
+//! Steps, for blocks of tiles small enough that the block's `V` and `M` stay in cache:
 //! 1. input transform: `V = B^T d B` per tile and channel, vectorised over channels (NHWC keeps
 //!    them contiguous), windows read in place (taps outside the image read zeros: no padded
 //!    copy);
@@ -20,6 +19,15 @@
 //!    transformed and packed once per weight ([`Filters`], kept beside the tensor);
 //! 3. output transform `A^T M A`, bias, residual and activation, stored for the pixels inside
 //!    the output (tiles past its edge compute pixels nobody reads).
+//!
+//! Two ways to spread that over the team. With few channels and many tiles, each task takes
+//! its own block (about 1 MiB of `V` and `M`, [`TASK_BYTES`]) through all three steps on its
+//! core ([`per_task`]): its block never leaves that core's L2. Otherwise the blocks are larger
+//! (2 MiB, [`BLOCK_BYTES`]) and each step of a block is spread over the team ([`in_blocks`]):
+//! the 36 products are the tasks, so a few tiles still keep every thread busy and each
+//! product's weight is read once per block. Measured (`cnn --convs`, 2 threads, three runs
+//! each): per task took 0.47-0.78x the time of the team-wide steps where it is chosen (56x56
+//! with 64 to 256 channels, 28x28 and 14x14 at batch 8), and was no faster where it is not.
 //!
 //! Accuracy: the transforms add rounding (about 10x the direct path's error per layer, still
 //! near f32's resolution); the golden tests pass at their tolerances with this path on.
@@ -45,6 +53,18 @@ const POS: usize = SIDE * SIDE;
 const BLOCK_BYTES: usize = 2 << 20;
 /// Fewest tiles per block: fewer rows make short GEMMs (the micro-kernel has 12 rows).
 const MIN_BLOCK_TILES: usize = 48;
+
+/// Bytes of `V` and `M` per task when each task does all three steps for its own tiles
+/// ([`per_task`]): about half of a core's L2.
+const TASK_BYTES: usize = 1 << 20;
+/// Fewest tiles per task for that (fewer make short products: the micro-kernel has 12 rows),
+/// with at least 4 tasks per thread.
+const MIN_TASK_TILES: usize = 12;
+/// Most input plus output channels for that: with more, every task streams the whole
+/// transformed weight (36 x cin x cout values, 9.4 MB at 256 x 256) for a few tiles' work, and
+/// the team-wide steps of [`in_blocks`] measured as fast or faster (28x28, 256 -> 512 and
+/// 512 -> 512).
+const MAX_TASK_CHANNELS: usize = 512;
 
 /// `G`, the filter transform (6 x 3).
 const G: [[f64; 3]; SIDE] = [
@@ -141,11 +161,77 @@ const MIN_CHANNELS: usize = 16;
 pub(crate) fn conv(c: &Conv<'_>, f: &Filters, par: Exec<'_>) -> Vec<f32> {
     let (cin, cout) = f.channels();
     let per_tile = POS * (cin + cout) * std::mem::size_of::<f32>();
+    let d = c.dims;
+    let tiles = d.n * d.oh.div_ceil(TILE) * d.ow.div_ceil(TILE);
+    let tb = (TASK_BYTES / per_tile).min(tiles.div_ceil(4 * par.threads()));
+    if tb >= MIN_TASK_TILES && cin + cout <= MAX_TASK_CHANNELS {
+        return per_task(c, f, par, tb);
+    }
     in_blocks(c, f, par, (BLOCK_BYTES / per_tile).max(MIN_BLOCK_TILES))
 }
 
-/// [`conv`] over blocks of `block` tiles.
-fn in_blocks(c: &Conv<'_>, f: &Filters, par: Exec<'_>, block: usize) -> Vec<f32> {
+/// [`conv`] with each task doing all three steps for its own `tb` tiles: the block's `V` and
+/// `M` never leave the task's core.
+fn per_task(c: &Conv<'_>, f: &Filters, par: Exec<'_>, tb: usize) -> Vec<f32> {
+    let grid = checked_grid(c, f);
+    let (cin, cout) = (grid.cin, grid.cout);
+    let tiles = grid.n * grid.ty * grid.tx;
+    // Every output pixel lies in exactly one tile and is written by its output transform.
+    let mut out = buffers::take(grid.n * grid.oh * grid.ow * cout);
+    if tiles == 0 || cout == 0 {
+        return out;
+    }
+    let tb = tb.clamp(1, tiles);
+    let zeros = vec![0.0f32; cin];
+    let op = OutPtr(out.as_mut_ptr());
+    let ep = Epi {
+        bias: c.b,
+        residual: c.residual,
+        act: c.act,
+    };
+    par.for_each(tiles.div_ceil(tb), &|task| {
+        let t0 = task * tb;
+        let len = tb.min(tiles - t0);
+        // Every element is written before it is read (transform, then products).
+        let mut v = buffers::take(POS * len * cin);
+        let mut m = buffers::take(POS * len * cout);
+        for t in 0..len {
+            // SAFETY: as in `in_blocks`; `v` and `m` are this task's own.
+            unsafe {
+                let inputs = grid.inputs(c.x, &zeros, t0 + t);
+                transform_in(
+                    c.level,
+                    &inputs,
+                    cin,
+                    v.as_mut_ptr().add(t * cin),
+                    len * cin,
+                );
+            }
+        }
+        for (xi, u) in f.u.iter().enumerate() {
+            let a = Rows {
+                data: &v[xi * len * cin..],
+                ld: cin,
+            };
+            let mo = &mut m[xi * len * cout..(xi + 1) * len * cout];
+            sgemm::gemm(Exec::Inline, a, len, u, mo, cout, &Default::default());
+        }
+        for t in 0..len {
+            // SAFETY: tile `t0 + t`'s output pixels belong to this task alone.
+            unsafe {
+                let pixels = grid.outputs(t0 + t);
+                let src = m.as_ptr().add(t * cout);
+                transform_out(c.level, src, len * cout, &pixels, op.get(), cout, &ep);
+            }
+        }
+        buffers::give(v);
+        buffers::give(m);
+    });
+    out
+}
+
+/// The operands checked against each other and against `f`, as the tile loops see them.
+fn checked_grid(c: &Conv<'_>, f: &Filters) -> Grid {
     let [n, h, w, cin, cout, _, _, oh, ow] = c.dims.to_array();
     assert!(fits(&c.dims, c.p), "not a 3x3 stride-1 dense convolution");
     assert_eq!(f.channels(), (cin, cout), "filters of another weight");
@@ -167,7 +253,7 @@ fn in_blocks(c: &Conv<'_>, f: &Filters, par: Exec<'_>, block: usize) -> Vec<f32>
         c.residual.is_none_or(|r| r.len() >= n * oh * ow * cout),
         "residual smaller than the output"
     );
-    let grid = Grid {
+    Grid {
         n,
         h,
         w,
@@ -178,7 +264,13 @@ fn in_blocks(c: &Conv<'_>, f: &Filters, par: Exec<'_>, block: usize) -> Vec<f32>
         ty: oh.div_ceil(TILE),
         tx: ow.div_ceil(TILE),
         pad: c.p.padding,
-    };
+    }
+}
+
+/// [`conv`] over blocks of `block` tiles, each step of a block spread over the team.
+fn in_blocks(c: &Conv<'_>, f: &Filters, par: Exec<'_>, block: usize) -> Vec<f32> {
+    let grid = checked_grid(c, f);
+    let [n, _, _, cin, cout, _, _, oh, ow] = c.dims.to_array();
     let tiles = n * grid.ty * grid.tx;
     // Every output pixel lies in exactly one tile and is written by its output transform.
     let mut out = buffers::take(n * oh * ow * cout);
@@ -615,16 +707,18 @@ mod tests {
                 };
                 let want = super::super::conv::conv2d(c, Exec::Inline);
                 let f = Filters::new(level, &wt, cout, cin);
-                for (exec, block) in [
-                    (Exec::Inline, 1000),
-                    (team, 1000),
-                    (team, 7),
-                    (Exec::Inline, 1),
+                for (exec, block, tasks) in [
+                    (Exec::Inline, 1000, false),
+                    (team, 1000, false),
+                    (team, 7, false),
+                    (Exec::Inline, 1, false),
+                    (team, 5, true),
+                    (Exec::Inline, 3, true),
                 ] {
-                    let got = if block == 1000 {
-                        conv(&c, &f, exec)
-                    } else {
-                        in_blocks(&c, &f, exec, block)
+                    let got = match (block, tasks) {
+                        (1000, _) => conv(&c, &f, exec),
+                        (_, false) => in_blocks(&c, &f, exec, block),
+                        (_, true) => per_task(&c, &f, exec, block),
                     };
                     assert_eq!(got.len(), want.len());
                     let scale = (9 * cin) as f32;
