@@ -32,6 +32,8 @@
 //! Accuracy: the transforms add rounding (about 10x the direct path's error per layer, still
 //! near f32's resolution); the golden tests pass at their tolerances with this path on.
 
+use std::ops::Range;
+
 use super::buffers;
 use super::conv::{Conv, apply};
 use super::sgemm::{self, PackedB, Rows, SimdLevel};
@@ -173,41 +175,21 @@ pub(crate) fn conv(c: &Conv<'_>, f: &Filters, par: Exec<'_>) -> Vec<f32> {
 /// [`conv`] with each task doing all three steps for its own `tb` tiles: the block's `V` and
 /// `M` never leave the task's core.
 fn per_task(c: &Conv<'_>, f: &Filters, par: Exec<'_>, tb: usize) -> Vec<f32> {
-    let grid = checked_grid(c, f);
-    let (cin, cout) = (grid.cin, grid.cout);
-    let tiles = grid.n * grid.ty * grid.tx;
-    // Every output pixel lies in exactly one tile and is written by its output transform.
-    let mut out = buffers::take(grid.n * grid.oh * grid.ow * cout);
-    if tiles == 0 || cout == 0 {
+    let (t, mut out) = Tiles::new(c, f);
+    if t.count == 0 || t.grid.cout == 0 {
         return out;
     }
-    let tb = tb.clamp(1, tiles);
-    let zeros = vec![0.0f32; cin];
+    let (cin, cout) = (t.grid.cin, t.grid.cout);
+    let tb = tb.clamp(1, t.count);
     let op = OutPtr(out.as_mut_ptr());
-    let ep = Epi {
-        bias: c.b,
-        residual: c.residual,
-        act: c.act,
-    };
-    par.for_each(tiles.div_ceil(tb), &|task| {
+    par.for_each(t.count.div_ceil(tb), &|task| {
         let t0 = task * tb;
-        let len = tb.min(tiles - t0);
+        let len = tb.min(t.count - t0);
         // Every element is written before it is read (transform, then products).
         let mut v = buffers::take(POS * len * cin);
         let mut m = buffers::take(POS * len * cout);
-        for t in 0..len {
-            // SAFETY: as in `in_blocks`; `v` and `m` are this task's own.
-            unsafe {
-                let inputs = grid.inputs(c.x, &zeros, t0 + t);
-                transform_in(
-                    c.level,
-                    &inputs,
-                    cin,
-                    v.as_mut_ptr().add(t * cin),
-                    len * cin,
-                );
-            }
-        }
+        // SAFETY: `v` and `m` are this task's own block; its tiles' output pixels are its own.
+        unsafe { t.input(t0, len, 0..len, v.as_mut_ptr()) };
         for (xi, u) in f.u.iter().enumerate() {
             let a = Rows {
                 data: &v[xi * len * cin..],
@@ -216,14 +198,7 @@ fn per_task(c: &Conv<'_>, f: &Filters, par: Exec<'_>, tb: usize) -> Vec<f32> {
             let mo = &mut m[xi * len * cout..(xi + 1) * len * cout];
             sgemm::gemm(Exec::Inline, a, len, u, mo, cout, &Default::default());
         }
-        for t in 0..len {
-            // SAFETY: tile `t0 + t`'s output pixels belong to this task alone.
-            unsafe {
-                let pixels = grid.outputs(t0 + t);
-                let src = m.as_ptr().add(t * cout);
-                transform_out(c.level, src, len * cout, &pixels, op.get(), cout, &ep);
-            }
-        }
+        unsafe { t.output(t0, len, 0..len, m.as_ptr(), op) };
         buffers::give(v);
         buffers::give(m);
     });
@@ -269,35 +244,24 @@ fn checked_grid(c: &Conv<'_>, f: &Filters) -> Grid {
 
 /// [`conv`] over blocks of `block` tiles, each step of a block spread over the team.
 fn in_blocks(c: &Conv<'_>, f: &Filters, par: Exec<'_>, block: usize) -> Vec<f32> {
-    let grid = checked_grid(c, f);
-    let [n, _, _, cin, cout, _, _, oh, ow] = c.dims.to_array();
-    let tiles = n * grid.ty * grid.tx;
-    // Every output pixel lies in exactly one tile and is written by its output transform.
-    let mut out = buffers::take(n * oh * ow * cout);
-    if tiles == 0 || cout == 0 {
+    let (t, mut out) = Tiles::new(c, f);
+    if t.count == 0 || t.grid.cout == 0 {
         return out;
     }
-    let block = block.clamp(1, tiles);
+    let (cin, cout) = (t.grid.cin, t.grid.cout);
+    let block = block.clamp(1, t.count);
     // Every element of a block's V and M is written before it is read (steps 1 and 2).
     let mut v = buffers::take(POS * block * cin);
     let mut m = buffers::take(POS * block * cout);
-    // Taps outside the image read this instead of the input.
-    let zeros = vec![0.0f32; cin];
     let threads = par.threads();
-    for t0 in (0..tiles).step_by(block) {
-        let len = block.min(tiles - t0);
+    let op = OutPtr(out.as_mut_ptr());
+    for t0 in (0..t.count).step_by(block) {
+        let len = block.min(t.count - t0);
         let groups = (threads * 4).min(len);
+        let part = |g: usize| len * g / groups..len * (g + 1) / groups;
         let vp = OutPtr(v.as_mut_ptr());
-        par.for_each(groups, &|g| {
-            for t in len * g / groups..len * (g + 1) / groups {
-                // SAFETY: tile `t` of the block writes its own rows of V (this task's);
-                // `inputs` points at `cin` readable values for each of the 36 pixels.
-                unsafe {
-                    let inputs = grid.inputs(c.x, &zeros, t0 + t);
-                    transform_in(c.level, &inputs, cin, vp.get().add(t * cin), len * cin);
-                }
-            }
-        });
+        // SAFETY: each task transforms its own tiles of the block (its own rows of V).
+        par.for_each(groups, &|g| unsafe { t.input(t0, len, part(g), vp.get()) });
         sgemm::gemm_batch(
             par,
             Rows { data: &v, ld: cin },
@@ -308,27 +272,87 @@ fn in_blocks(c: &Conv<'_>, f: &Filters, par: Exec<'_>, block: usize) -> Vec<f32>
             cout,
             len * cout,
         );
-        let op = OutPtr(out.as_mut_ptr());
-        let ep = Epi {
-            bias: c.b,
-            residual: c.residual,
-            act: c.act,
-        };
-        par.for_each(groups, &|g| {
-            for t in len * g / groups..len * (g + 1) / groups {
-                // SAFETY: tile `t0 + t`'s output pixels belong to it alone; `m` holds the
-                // block's 36 products of `len x cout`.
-                unsafe {
-                    let pixels = grid.outputs(t0 + t);
-                    let src = m.as_ptr().add(t * cout);
-                    transform_out(c.level, src, len * cout, &pixels, op.get(), cout, &ep);
-                }
-            }
+        let m = &m;
+        // SAFETY: `m` holds the block's 36 products; each task writes its own tiles' pixels.
+        par.for_each(groups, &|g| unsafe {
+            t.output(t0, len, part(g), m.as_ptr(), op)
         });
     }
     buffers::give(v);
     buffers::give(m);
     out
+}
+
+/// A call's tiles and what their transforms read: the steps both ways share.
+struct Tiles<'a> {
+    c: &'a Conv<'a>,
+    grid: Grid,
+    /// Tiles in all images.
+    count: usize,
+    /// What taps outside the image read instead of the input.
+    zeros: Vec<f32>,
+    epi: Epi<'a>,
+}
+
+impl<'a> Tiles<'a> {
+    /// The call's tiles (its operands checked) and its output, whose every pixel lies in
+    /// exactly one tile and is written by that tile's output transform.
+    fn new(c: &'a Conv<'a>, f: &Filters) -> (Tiles<'a>, Vec<f32>) {
+        let grid = checked_grid(c, f);
+        let out = buffers::take(grid.n * grid.oh * grid.ow * grid.cout);
+        let t = Tiles {
+            c,
+            grid,
+            count: grid.n * grid.ty * grid.tx,
+            zeros: vec![0.0f32; grid.cin],
+            epi: Epi {
+                bias: c.b,
+                residual: c.residual,
+                act: c.act,
+            },
+        };
+        (t, out)
+    }
+
+    /// The input transform of tiles `part` of the block of `len` tiles from tile `t0`, into
+    /// the block's V at `v` (`[36][len][cin]`).
+    ///
+    /// # Safety
+    /// `v` covers the block's V, and no other thread writes these tiles' rows of it.
+    unsafe fn input(&self, t0: usize, len: usize, part: Range<usize>, v: *mut f32) {
+        let cin = self.grid.cin;
+        for t in part {
+            let inputs = self.grid.inputs(self.c.x, &self.zeros, t0 + t);
+            // SAFETY: `inputs` points at `cin` readable values for each of the 36 pixels;
+            // tile `t`'s rows of V are the caller's.
+            unsafe { transform_in(self.c.level, &inputs, cin, v.add(t * cin), len * cin) };
+        }
+    }
+
+    /// The output transform of tiles `part` of the block of `len` tiles from tile `t0`, from
+    /// the block's products at `m` (`[36][len][cout]`) into the output at `out`.
+    ///
+    /// # Safety
+    /// `m` holds the block's products and `out` is this call's output; no other thread
+    /// writes these tiles' pixels.
+    unsafe fn output(&self, t0: usize, len: usize, part: Range<usize>, m: *const f32, out: OutPtr) {
+        let cout = self.grid.cout;
+        for t in part {
+            let pixels = self.grid.outputs(t0 + t);
+            // SAFETY: as the caller guarantees; the pixels are inside the output.
+            unsafe {
+                transform_out(
+                    self.c.level,
+                    m.add(t * cout),
+                    len * cout,
+                    &pixels,
+                    out.get(),
+                    cout,
+                    &self.epi,
+                )
+            };
+        }
+    }
 }
 
 /// The convolution's sizes as the tile loops see them.
