@@ -16,7 +16,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::backbone::{Backbone, BatchInput};
-use crate::backend::{Backend, Conv2d};
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::format::{ClassifierHead, ModelFile, Provenance, head_input_width, sha256_hex};
 use crate::models::cnn::Op;
@@ -480,22 +480,9 @@ fn apply<B: Backend>(
             .ok_or_else(|| Error::Input(format!("no parameters named `{name}`")))
     };
     match op {
-        Op::Conv {
-            name,
-            stride,
-            padding,
-            groups,
-            act,
-            padding_extra,
-            ..
-        } => {
+        Op::Conv { name, act, .. } => {
             let (w, b) = param(name)?;
-            let geo = Conv2d {
-                stride: [*stride; 2],
-                padding: [*padding; 2],
-                groups: *groups,
-                padding_extra: [*padding_extra; 2],
-            };
+            let geo = op.conv_geometry().expect("a convolution");
             be.conv2d(&x, w, Some(b), &geo, None, *act)
         }
         Op::Pool(p) => be.pool2d(&x, p),

@@ -39,6 +39,29 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// A convolution's geometry (square kernel, the same stride and padding on both axes);
+    /// `None` for other ops.
+    pub fn conv_geometry(&self) -> Option<Conv2d> {
+        let Op::Conv {
+            stride,
+            padding,
+            groups,
+            padding_extra,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        Some(Conv2d {
+            stride: [*stride; 2],
+            padding: [*padding; 2],
+            groups: *groups,
+            padding_extra: [*padding_extra; 2],
+        })
+    }
+}
+
 /// A skip connection around a block: `act(last_conv(..) + shortcut(input))`, the addition fused
 /// into the block's last convolution (which must have no activation of its own).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -267,9 +290,7 @@ fn step(op: &Op, s: Shape) -> Result<Shape, String> {
                 cout,
                 kernel,
                 stride,
-                padding,
                 groups,
-                padding_extra,
                 ..
             },
             Shape::Image(h, w, c),
@@ -286,12 +307,7 @@ fn step(op: &Op, s: Shape) -> Result<Shape, String> {
                     "conv `{name}`: {cin}->{cout} channels, {groups} groups, on {c} channels"
                 ));
             }
-            let g = Conv2d {
-                stride: [*stride; 2],
-                padding: [*padding; 2],
-                groups: *groups,
-                padding_extra: [*padding_extra; 2],
-            };
+            let g = op.conv_geometry().expect("a convolution");
             let (oh, ow) = g.output_size(h, w, *kernel, *kernel).ok_or(format!(
                 "conv `{name}`: kernel {kernel} does not fit {h}x{w}"
             ))?;

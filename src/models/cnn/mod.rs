@@ -7,7 +7,7 @@ use std::collections::HashMap;
 /// The configuration lives with the file format that stores it (`format` depends on no model).
 pub use crate::format::cnn_config::{Block, CnnConfig, ImageInput, Op, Residual};
 
-use crate::backend::{Activation, Backend, Conv2d, ConvStep};
+use crate::backend::{Activation, Backend, ConvStep};
 use crate::error::{Error, Result};
 use crate::format::{Family, ModelFile};
 
@@ -177,28 +177,14 @@ impl<B: Backend> Cnn<B> {
 
     /// A convolution op's weight, bias, geometry and activation; `None` for other ops.
     fn conv_step(&self, op: &Op) -> Result<Option<ConvStep<'_, B::Tensor>>> {
-        let Op::Conv {
-            name,
-            stride,
-            padding,
-            groups,
-            act,
-            padding_extra,
-            ..
-        } = op
-        else {
+        let (Op::Conv { name, act, .. }, Some(p)) = (op, op.conv_geometry()) else {
             return Ok(None);
         };
         let (w, b) = self.param(name)?;
         Ok(Some(ConvStep {
             w,
             b: Some(b),
-            p: Conv2d {
-                stride: [*stride; 2],
-                padding: [*padding; 2],
-                groups: *groups,
-                padding_extra: [*padding_extra; 2],
-            },
+            p,
             act: *act,
         }))
     }
