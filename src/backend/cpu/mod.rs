@@ -653,14 +653,16 @@ mod tests {
             .unwrap()
         };
         let vals = |len: usize| conv::tests::data(len, len as u32);
-        // (n, side, cin, cout, what `auto` picks): 4 tiles is too few, 3 channels too few.
-        for (n, side, cin, cout, auto) in [
-            (1, 7, 32, 32, false),
-            (2, 7, 32, 32, true),
-            (1, 16, 3, 16, false),
-            (1, 16, 16, 24, true),
+        // (n, h, w, cin, cout, what `auto` picks): 4 tiles is too few, 3 channels too few.
+        for (n, h, wd, cin, cout, auto) in [
+            (1, 7, 7, 32, 32, false),
+            (2, 7, 7, 32, 32, true),
+            (1, 16, 16, 3, 16, false),
+            (1, 16, 16, 16, 24, true),
             // Enough tiles for the per-task way (`winograd::per_task`).
-            (1, 56, 16, 16, true),
+            (1, 56, 56, 16, 16, true),
+            // 1 pixel wide: 16 computed per tile for 4 kept.
+            (1, 64, 1, 16, 16, false),
         ] {
             let mut outs = Vec::new();
             for (policy, want) in [
@@ -670,7 +672,7 @@ mod tests {
             ] {
                 let be = be(policy);
                 let x = be
-                    .upload(&vals(n * side * side * cin), &[n, side, side, cin])
+                    .upload(&vals(n * h * wd * cin), &[n, h, wd, cin])
                     .unwrap();
                 let w = be
                     .upload(&vals(cout * 9 * cin), &[cout, 3, 3, cin])
@@ -679,7 +681,7 @@ mod tests {
                 assert_eq!(
                     be.winograd_for(&x, &w, &p).unwrap(),
                     want,
-                    "{policy:?} {n}x{side}x{cin}"
+                    "{policy:?} {n}x{h}x{wd}x{cin}"
                 );
                 // Twice: the second call reads the kept transformed weight.
                 for _ in 0..2 {

@@ -7,8 +7,9 @@
 //! product becomes 36 independent GEMMs, one per position `ξ` of the 6x6 transformed tile:
 //! `M_ξ[tiles x cout] = V_ξ[tiles x cin] U_ξ[cin x cout]`. A tile then costs 36 multiply-adds
 //! per channel pair where the direct convolution costs 16 x 9 = 144: 4x fewer, for transforms
-//! that are linear in the channels (not their product). Why: ResNets spend 80% (ResNet-18)
-//! and 40% (ResNet-50) of their multiply-adds in 3x3 stride-1 convolutions, which the direct
+//! that are linear in the channels (not their product). Why: ResNets spend 83% (ResNet-18)
+//! and 37% (ResNet-50) of their multiply-adds in 3x3 stride-1 convolutions (counted from the
+//! layer shapes at 224x224), which the direct
 //! path ran at the GEMM's speed and no faster.
 //!
 //! Steps, for blocks of tiles small enough that the block's `V` and `M` stay in cache:
@@ -146,10 +147,16 @@ pub(crate) fn fits(d: &ConvDims, p: &Conv2d) -> bool {
 /// shapes: 1.4-3x faster than the direct path from 8 tiles on (ResNet's last stage at batch 2),
 /// but slower at 4 tiles (that stage at batch 1, inside the network: the transformed weight,
 /// 38 MB there, streams from memory for 4 tiles' work) and 4x slower with 3 input channels
-/// (VGG's first layer: the transforms cost more than the products they save).
+/// (VGG's first layer: the transforms cost more than the products they save). Nor where the
+/// tiles' overhang wastes more than half of what they compute (a 1-pixel-wide image computes
+/// 16 pixels per tile for 4 it keeps: 4x fewer multiply-adds per pixel do not pay for that).
 pub(crate) fn pays(d: &ConvDims) -> bool {
-    let tiles = d.n * d.oh.div_ceil(TILE) * d.ow.div_ceil(TILE);
-    tiles >= MIN_TILES && d.cin >= MIN_CHANNELS && d.cout >= MIN_CHANNELS
+    let per_image = d.oh.div_ceil(TILE) * d.ow.div_ceil(TILE);
+    let tiles = d.n * per_image;
+    tiles >= MIN_TILES
+        && d.cin >= MIN_CHANNELS
+        && d.cout >= MIN_CHANNELS
+        && 2 * d.oh * d.ow >= per_image * TILE * TILE
 }
 
 /// Fewest tiles (per call, all images) for which `auto` takes this path.
