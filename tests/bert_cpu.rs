@@ -3,7 +3,7 @@
 
 mod common;
 
-use apparate::backend::BatchShape;
+use apparate::backend::{BatchShape, CpuBackend, CpuConfig};
 use apparate::convert::hf_bert::{ConvertOptions, convert};
 use apparate::format::ModelFile;
 use apparate::models::bert::EncoderInput;
@@ -79,12 +79,32 @@ fn half_storage_is_upcast_exactly() {
             tensors,
         )
         .unwrap();
-        let a = TextModel::load(cpu(), &half).unwrap();
-        let b = TextModel::load(cpu(), &full).unwrap();
+        // In f32: the bf16 kernels (which round activations too) switched off.
+        let f32_cpu = || {
+            CpuBackend::new(CpuConfig {
+                bf16: Some(false),
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let a = TextModel::load(f32_cpu(), &half).unwrap();
+        let b = TextModel::load(f32_cpu(), &full).unwrap();
         let texts = ["the cat sat on the mat", "a dog ran far ."];
         let (oa, _) = a.run(&texts).unwrap();
         let (ob, _) = b.run(&texts).unwrap();
         assert_eq!(oa.embeddings, ob.embeddings, "{dt}");
+        // The default backend: a bf16 file's products on the bf16 kernels where the CPU has
+        // them (f32 elsewhere), close to the f32 run of the same weights.
+        let be = cpu();
+        let kernels = be.bf16();
+        let (od, _) = TextModel::load(be, &half).unwrap().run(&texts).unwrap();
+        for i in 0..2 {
+            let c = cosine(od.embedding(i), ob.embedding(i));
+            assert!(c > 0.999, "{dt} (bf16 kernels: {kernels}): cosine {c}");
+        }
+        if dt == DType::BF16 && kernels {
+            assert_ne!(od.embeddings, ob.embeddings, "the bf16 kernels did not run");
+        }
         // And the half model stays close to the f32 original it was rounded from.
         let orig = dir.path("orig.apparate");
         write_random_bert(&orig, &tiny_config(), Some(5), DType::F32, 9).unwrap();

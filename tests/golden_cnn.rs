@@ -75,6 +75,11 @@ fn values(name: &str, shape: &[usize]) -> Vec<f32> {
 
 /// Writes the torchvision checkpoint of `case` and converts it; returns our model file.
 fn model(case: &Case, dir: &TempDir) -> std::path::PathBuf {
+    model_as(case, dir, DType::F32)
+}
+
+/// The fixture's model converted with its weights stored as `dtype`.
+fn model_as(case: &Case, dir: &TempDir, dtype: DType) -> std::path::PathBuf {
     let data: Vec<(String, Vec<usize>, Vec<u8>)> = case
         .tensors
         .iter()
@@ -98,13 +103,10 @@ fn model(case: &Case, dir: &TempDir) -> std::path::PathBuf {
         .collect();
     let src = dir.path(&format!("{}.safetensors", case.arch));
     safetensors::serialize_to_file(views, None, &src).unwrap();
-    let out = dir.path(&format!("{}.apparate", case.arch));
-    let r = convert(
-        &src,
-        &out,
-        &TorchvisionOptions::new(&case.arch, case.input_size),
-    )
-    .unwrap();
+    let out = dir.path(&format!("{}-{dtype}.apparate", case.arch));
+    let mut o = TorchvisionOptions::new(&case.arch, case.input_size);
+    o.dtype = dtype;
+    let r = convert(&src, &out, &o).unwrap();
     assert_eq!(r.meta.head.as_ref().unwrap().labels.len(), case.classes);
     out
 }
@@ -190,6 +192,45 @@ fn resnets_and_vgg_match_torchvision_on_cpu_and_emu() {
             case,
         );
         assert!(e <= 1e-5, "emu/f32 {}: relative L2 error {e}", case.arch);
+    }
+}
+
+/// Weights stored as bf16 on the CPU: upcast to f32 (`bf16` off), and on the bf16 kernels
+/// where the CPU has them (their 1x1 convolutions round activations to bf16 too), within the
+/// 1e-2 of the f64 reference (storing the weights as bf16 alone costs 3-4e-3 here).
+#[test]
+fn bf16_storage_on_the_cpu_stays_close() {
+    use apparate::backend::{CpuBackend, CpuConfig};
+    let g: Golden = serde_json::from_str(include_str!("fixtures/cnn_golden.json")).unwrap();
+    let dir = TempDir::new("cnn-bf16");
+    for case in &g.cases {
+        let path = model_as(case, &dir, DType::BF16);
+        let f32_cpu = CpuBackend::new(CpuConfig {
+            bf16: Some(false),
+            ..Default::default()
+        })
+        .unwrap();
+        let upcast = run_checked("cpu/bf16 upcast", f32_cpu, &path, case, false);
+        assert!(upcast <= 1e-2, "{}: relative L2 error {upcast}", case.arch);
+        let be = cpu();
+        if !be.bf16() {
+            eprintln!("no AVX512-BF16 on this CPU: the bf16 kernels are not tested here");
+            continue;
+        }
+        let kernels = run_checked("cpu/bf16 kernels", be, &path, case, false);
+        assert!(
+            kernels <= 1e-2,
+            "{}: relative L2 error {kernels}",
+            case.arch
+        );
+        // ResNets have 1x1 convolutions (the kernels' part); VGG has none.
+        if case.arch.starts_with("resnet50") {
+            assert_ne!(
+                kernels, upcast,
+                "{}: the bf16 kernels did not run",
+                case.arch
+            );
+        }
     }
 }
 

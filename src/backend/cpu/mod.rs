@@ -49,6 +49,14 @@ pub struct CpuConfig {
     /// (`None`): [`Winograd::Auto`], or `APPARATE_WINOGRAD` (`auto`, `off`, `on`) when that
     /// environment variable is set.
     pub winograd: Option<Winograd>,
+    /// Whether products by weights stored as bf16 (`apparate convert --dtype bf16`) run the
+    /// AVX512-BF16 kernels: the weight kept in bf16, each activation rounded to bf16 on its
+    /// way in, sums in f32; about twice the multiply-adds per cycle of the f32 kernels, at
+    /// bf16's rounding (MiniLM-L6: docs/results.md). Default (`None`): on where the CPU has
+    /// AVX512-BF16 and the level is `avx512`, or `APPARATE_BF16` (`on`, `off`) when that
+    /// environment variable is set. `Some(true)` (or `on`) on a CPU without it is an error.
+    /// Weights stored as f32 or f16 always run in f32.
+    pub bf16: Option<bool>,
 }
 
 /// Whether 3x3 stride-1 dense convolutions take the Winograd path (`winograd.rs`): about 4x
@@ -154,6 +162,34 @@ impl CpuConfig {
         Ok(level)
     }
 
+    /// Whether bf16-stored weights run the bf16 kernels, checked against the CPU and the
+    /// micro-kernel level `simd`: `bf16`, else `APPARATE_BF16`, else where the CPU has them.
+    pub fn resolve_bf16(&self, simd: SimdLevel) -> Result<bool> {
+        let here = simd == SimdLevel::Avx512 && sgemm::pairs_supported();
+        let (knob, on) = match self.bf16 {
+            Some(on) => ("bf16", on),
+            None => match std::env::var("APPARATE_BF16") {
+                Ok(v) => match v.trim() {
+                    "on" => ("APPARATE_BF16", true),
+                    "off" => ("APPARATE_BF16", false),
+                    _ => return Err(Error::config("APPARATE_BF16", format!("`{v}`"), "on, off")),
+                },
+                Err(_) => return Ok(here),
+            },
+        };
+        if on && !here {
+            return Err(Error::config(
+                knob,
+                "on",
+                format!(
+                    "off on this CPU and level ({}): the bf16 kernels need AVX512-BF16 and the avx512 level",
+                    simd.name()
+                ),
+            ));
+        }
+        Ok(on)
+    }
+
     /// The Winograd policy this configuration asks for, checked: `winograd`, else
     /// `APPARATE_WINOGRAD`, else [`Winograd::Auto`].
     pub fn resolve_winograd(&self) -> Result<Winograd> {
@@ -185,6 +221,12 @@ pub struct CpuTensor {
     /// The tensor as a 3x3 convolution's weight in the Winograd domain, made by the first
     /// convolution that takes that path and kept, like `packed` (4x the weight's memory).
     winograd: OnceLock<Arc<winograd::Filters>>,
+    /// Stored as bf16 in its model file (`data` holds the exact f32 values): such a weight's
+    /// products may run the bf16 kernels ([`CpuConfig::bf16`]).
+    bf16: bool,
+    /// The tensor as a bf16 GEMM's packed B, made by the first product that runs the bf16
+    /// kernels on it and kept, like `packed` (half `packed`'s memory).
+    pairs: OnceLock<Arc<sgemm::PackedB>>,
 }
 
 impl Drop for CpuTensor {
@@ -212,6 +254,8 @@ impl CpuTensor {
             packed: OnceLock::new(),
             taps: OnceLock::new(),
             winograd: OnceLock::new(),
+            bf16: false,
+            pairs: OnceLock::new(),
         }
     }
 
@@ -227,6 +271,18 @@ impl CpuTensor {
         } else {
             // The same weights read by backends of two levels, or as two shapes: pack for this
             // call (correct, only slower).
+            pack()
+        }
+    }
+
+    /// This `[n, k]` weight as a bf16 GEMM's packed B: the kept copy, made on first use.
+    fn packed_pairs(&self, n: usize, k: usize) -> Arc<sgemm::PackedB> {
+        assert_eq!(self.data.len(), n * k, "packed as {n} x {k}");
+        let pack = || Arc::new(sgemm::PackedB::transposed_pairs(&self.data, n, k));
+        let kept = self.pairs.get_or_init(pack);
+        if (kept.n(), kept.k()) == (n, k) {
+            kept.clone()
+        } else {
             pack()
         }
     }
@@ -279,6 +335,8 @@ pub struct CpuBackend {
     threads: usize,
     simd: SimdLevel,
     winograd: Winograd,
+    /// bf16-stored weights run the bf16 kernels ([`CpuConfig::bf16`]).
+    bf16: bool,
     /// Quantized products take 8-bit activations ([`qmatvec`]) instead of f32 ([`qmatmul`]).
     q8_activations: bool,
 }
@@ -299,11 +357,13 @@ impl CpuBackend {
         let threads = config.resolve_threads()?;
         let simd = config.resolve_simd()?;
         let winograd = config.resolve_winograd()?;
+        let bf16 = config.resolve_bf16(simd)?;
         Ok(CpuBackend {
             team: Arc::default(),
             threads,
             simd,
             winograd,
+            bf16,
             q8_activations: false,
         })
     }
@@ -323,6 +383,11 @@ impl CpuBackend {
     /// The micro-kernel level the GEMMs run.
     pub fn simd(&self) -> SimdLevel {
         self.simd
+    }
+
+    /// Whether products by bf16-stored weights run the bf16 kernels ([`CpuConfig::bf16`]).
+    pub fn bf16(&self) -> bool {
+        self.bf16
     }
 
     /// Whether a convolution of `x` by `w` with geometry `p` runs by Winograd's F(4x4, 3x3) on
@@ -387,11 +452,22 @@ impl Backend for CpuBackend {
 
     fn device_id(&self) -> String {
         format!(
-            "cpu: {}, {} threads, f32, {}",
+            "cpu: {}, {} threads, f32, {}{}",
             host_cpu_name(),
             self.threads,
-            self.simd.name()
+            self.simd.name(),
+            if self.bf16 {
+                ", bf16 weights in bf16"
+            } else {
+                ""
+            }
         )
+    }
+
+    fn load_weight(&self, view: &crate::tensor::TensorView<'_>) -> Result<CpuTensor> {
+        let mut t = self.upload(&view.to_f32(), view.shape)?;
+        t.bf16 = view.dtype == crate::tensor::DType::BF16;
+        Ok(t)
     }
 
     fn run_upload(&self, values: &[f32], shape: &[usize]) -> Result<CpuTensor> {
@@ -411,10 +487,22 @@ impl Backend for CpuBackend {
 
     fn run_reshape(&self, t: CpuTensor, shape: &[usize]) -> Result<CpuTensor> {
         let mut t = t;
-        Ok(CpuTensor::new(shape.to_vec(), std::mem::take(&mut t.data)))
+        let mut r = CpuTensor::new(shape.to_vec(), std::mem::take(&mut t.data));
+        // Still the values of a bf16-stored weight (the packed copies, made for the old
+        // shape, are not carried over).
+        r.bf16 = t.bf16;
+        Ok(r)
     }
 
     fn run_linear(&self, c: LinearCall<'_, CpuTensor>) -> Result<CpuTensor> {
+        if self.bf16 && c.w.bf16 {
+            let w = c.w.packed_pairs(c.n, c.k);
+            let data = self.run(c.m * c.n * c.k / 2, |par| {
+                let b = c.b.map(|b| b.data.as_slice());
+                linear::linear_pairs(&c.x.data, &w, b, None, c.m, c.act, par)
+            });
+            return Ok(CpuTensor::new(c.out_shape, data));
+        }
         let w = c.w.packed_b(self.simd, c.n, c.k);
         let data = self.run(c.m * c.n * c.k, |par| {
             linear::linear(
@@ -492,6 +580,17 @@ impl Backend for CpuBackend {
 
     fn run_conv2d(&self, c: ConvCall<'_, CpuTensor>) -> Result<CpuTensor> {
         let d = c.dims;
+        if self.bf16 && c.w.bf16 && c.p.groups <= 1 && d.is_pointwise(&c.p) {
+            // A 1x1 stride-1 convolution is a product of the pixels by the weight.
+            let w = c.w.packed_pairs(d.cout, d.cin);
+            let m = d.n * d.oh * d.ow;
+            let data = self.run(m * d.cout * d.cin / 2, |par| {
+                let b = c.b.map(|b| b.data.as_slice());
+                let res = c.residual.map(|r| r.data.as_slice());
+                linear::linear_pairs(&c.x.data, &w, b, res, m, c.act, par)
+            });
+            return Ok(CpuTensor::new(vec![d.n, d.oh, d.ow, d.cout], data));
+        }
         let work = d.n * d.oh * d.ow * d.cout * d.kh * d.kw * (d.cin / c.p.groups.max(1));
         let winograd = self.takes_winograd(&d, &c.p);
         let filters = winograd.then(|| c.w.winograd_filters(self.simd, d.cout, d.cin));
@@ -712,5 +811,115 @@ mod tests {
             be.winograd_for(&w, &x, &p).is_err(),
             "operands that make no convolution"
         );
+    }
+
+    /// bf16 kernels: the policy's errors, and which weights take them (only those stored as
+    /// bf16, in linear layers and 1x1 stride-1 convolutions), against a reference on the
+    /// bf16-rounded operands; where the CPU has AVX512-BF16 only (said otherwise).
+    #[test]
+    fn bf16_weights_take_the_bf16_kernels() {
+        let on = CpuConfig {
+            bf16: Some(true),
+            ..Default::default()
+        };
+        let e = on.resolve_bf16(SimdLevel::Generic).unwrap_err().to_string();
+        assert!(e.contains("bf16") && e.contains("AVX512-BF16"), "{e}");
+        let off = CpuConfig {
+            bf16: Some(false),
+            ..Default::default()
+        };
+        assert!(!off.resolve_bf16(SimdLevel::best()).unwrap());
+        if !(SimdLevel::best() == SimdLevel::Avx512 && sgemm::pairs_supported()) {
+            eprintln!("no AVX512-BF16 on this CPU: the bf16 kernels are not tested here");
+            return;
+        }
+        let be = |bf16| {
+            CpuBackend::new(CpuConfig {
+                threads: Some(2),
+                bf16: Some(bf16),
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let (on, off) = (be(true), be(false));
+        assert!(on.bf16() && !off.bf16());
+        assert!(on.device_id().contains("bf16") && !off.device_id().contains("bf16"));
+        let round = |v: Vec<f32>| -> Vec<f32> {
+            v.iter()
+                .map(|&x| half::bf16::from_f32(x).to_f32())
+                .collect()
+        };
+        let vals = |len: usize, seed: u32| conv::tests::data(len, seed);
+        let (m, n, k) = (37, 70, 301);
+        let (x, w) = (vals(m * k, 1), round(vals(n * k, 2)));
+        let bias = vals(n, 3);
+        // The reference: f64 sums of the rounded operands.
+        let xr = round(x.clone());
+        let want: Vec<f32> = (0..m * n)
+            .map(|i| {
+                let (r, c) = (i / n, i % n);
+                let s: f64 = (0..k)
+                    .map(|p| f64::from(xr[r * k + p]) * f64::from(w[c * k + p]))
+                    .sum();
+                (s + f64::from(bias[c])).max(0.0) as f32
+            })
+            .collect();
+        for (be, stored_bf16, kernels) in
+            [(&on, true, true), (&on, false, false), (&off, true, false)]
+        {
+            let xt = be.upload(&x, &[m, k]).unwrap();
+            let mut wt = be.upload(&w, &[n, k]).unwrap();
+            wt.bf16 = stored_bf16;
+            let bt = be.upload(&bias, &[n]).unwrap();
+            // Twice: the second call reads the kept packed weight.
+            for _ in 0..2 {
+                let y = be.linear(&xt, &wt, Some(&bt), Activation::Relu).unwrap();
+                let y = be.download(&y).unwrap();
+                let worst = y
+                    .iter()
+                    .zip(&want)
+                    .map(|(g, w)| (g - w).abs() / w.abs().max(1.0))
+                    .fold(0.0f32, f32::max);
+                // The bf16 kernels sum the rounded operands (f32 sums: 1e-5); the f32 ones
+                // sum x unrounded (bf16's rounding of x: about 1e-2 here).
+                if kernels {
+                    assert!(worst <= 1e-5, "bf16 kernels: {worst}");
+                } else {
+                    assert!(worst > 1e-4 && worst <= 5e-2, "f32 kernels: {worst}");
+                }
+            }
+            assert_eq!(wt.pairs.get().is_some(), kernels);
+            assert_eq!(wt.packed.get().is_some(), !kernels);
+            // A 1x1 stride-1 convolution with a residual: the same product.
+            let (h, wd) = (4, 5);
+            let p = Conv2d {
+                stride: [1, 1],
+                padding: [0, 0],
+                groups: 1,
+                padding_extra: [0, 0],
+            };
+            let img = be.upload(&x[..h * wd * k], &[1, h, wd, k]).unwrap();
+            let mut cw = be.upload(&w, &[n, 1, 1, k]).unwrap();
+            cw.bf16 = stored_bf16;
+            let res = be.upload(&vals(h * wd * n, 4), &[1, h, wd, n]).unwrap();
+            let y = be
+                .conv2d(&img, &cw, Some(&bt), &p, Some(&res), Activation::None)
+                .unwrap();
+            let y = be.download(&y).unwrap();
+            let r = vals(h * wd * n, 4);
+            for (i, g) in y.iter().enumerate() {
+                let (row, c) = (i / n, i % n);
+                let s: f64 = (0..k)
+                    .map(|q| f64::from(xr[row * k + q]) * f64::from(w[c * k + q]))
+                    .sum();
+                let want = (s + f64::from(bias[c]) + f64::from(r[i])) as f32;
+                let tol = if kernels { 1e-5 } else { 5e-2 };
+                assert!(
+                    (g - want).abs() <= tol * want.abs().max(1.0),
+                    "{g} vs {want}"
+                );
+            }
+            assert_eq!(cw.pairs.get().is_some(), kernels);
+        }
     }
 }

@@ -49,6 +49,7 @@ pub(crate) fn conv(
     epi: &Epilogue<'_>,
 ) {
     let (level, n, k) = (b.level, b.n, b.k);
+    assert!(!b.pairs, "f32 convolutions only");
     let (cin, [sy, sx]) = (w.cin, w.stride);
     let m = w.n * w.oh * w.ow;
     if m == 0 || n == 0 {
@@ -160,7 +161,7 @@ unsafe fn task(
                         let i = (img * w.oh + y) * w.ow + x0;
                         let cp = c.ptr().add(i * c.ld + j);
                         let last = (si + 1 == slices.len()).then_some((epi, i, j));
-                        micro(level, r, a, bp, cp, c.ld, width, si > 0, last);
+                        micro(level, false, r, a, bp, cp, c.ld, width, si > 0, last);
                     }
                 }
             }

@@ -71,9 +71,11 @@ impl Finish {
 /// `a` covers `rows` rows of its segments, `b` holds `segs.len() * seg_k * nr` values, `c`
 /// covers `rows` rows of `nr` values at stride `ldc`, `fin`'s pointers cover what [`Finish`]
 /// says, and the CPU has `level`'s instructions.
+/// `pairs`: A and B in bf16 pairs (a step is two of k, `vdpbf16ps`), AVX-512 only.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn run(
     level: Level,
+    pairs: bool,
     half: bool,
     rows: usize,
     a: APanel<'_>,
@@ -96,10 +98,16 @@ pub(super) unsafe fn run(
     unsafe {
         match level {
             #[cfg(target_arch = "x86_64")]
+            Level::Avx512 if pairs => {
+                use x86::avx512_pairs;
+                by_rows!(avx512_pairs, 1 2 3 4 5 6 7 8 9 10 11 12)
+            }
+            #[cfg(target_arch = "x86_64")]
             Level::Avx512 => {
                 use x86::avx512;
                 by_rows!(avx512, 1 2 3 4 5 6 7 8 9 10 11 12)
             }
+            _ if pairs => unreachable!("bf16 pairs on {level:?}"),
             #[cfg(target_arch = "x86_64")]
             Level::Avx2 => {
                 use x86::avx2;
@@ -184,107 +192,139 @@ mod x86 {
     use super::{APanel, Clamp, Finish};
     use std::arch::x86_64::*;
 
-    /// 32 columns as two 16-lane registers (16 as one when `H`, a half-width panel); up to
-    /// 12 rows.
-    ///
-    /// # Safety
-    /// As [`super::run`]; the CPU has AVX-512F.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn avx512<const R: usize, const H: bool>(
-        a: APanel<'_>,
-        b: *const f32,
-        c: *mut f32,
-        ldc: usize,
-        accumulate: bool,
-        fin: Option<&Finish>,
-    ) {
-        let mut lo = [_mm512_setzero_ps(); R];
-        let mut hi = [_mm512_setzero_ps(); R];
-        // SAFETY: the caller guarantees every pointer covers what is read or written here.
-        unsafe {
-            if accumulate {
-                for i in 0..R {
-                    lo[i] = _mm512_loadu_ps(c.add(i * ldc));
-                    if !H {
-                        hi[i] = _mm512_loadu_ps(c.add(i * ldc + 16));
-                    }
-                }
-            }
-            let mut b = b;
-            for &seg in a.segs {
-                let mut ap = a.ptr.add(seg);
-                for _ in 0..a.seg_k {
-                    let b0 = _mm512_loadu_ps(b);
-                    let b1 = if H { b0 } else { _mm512_loadu_ps(b.add(16)) };
-                    for i in 0..R {
-                        let av = _mm512_set1_ps(*ap.add(i * a.rs));
-                        lo[i] = _mm512_fmadd_ps(av, b0, lo[i]);
-                        if !H {
-                            hi[i] = _mm512_fmadd_ps(av, b1, hi[i]);
+    /// One AVX-512 kernel: `$step(acc, a, b)` adds the products of one k step of A's row
+    /// (`$bcast(ptr)`: its value, or its pair, in every lane) and a B register to `acc`.
+    macro_rules! avx512_kernel {
+        ($(#[$doc:meta])* $name:ident, $features:literal, $bcast:expr, $step:expr) => {
+            $(#[$doc])*
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name<const R: usize, const H: bool>(
+                a: APanel<'_>,
+                b: *const f32,
+                c: *mut f32,
+                ldc: usize,
+                accumulate: bool,
+                fin: Option<&Finish>,
+            ) {
+                let mut lo = [_mm512_setzero_ps(); R];
+                let mut hi = [_mm512_setzero_ps(); R];
+                // SAFETY: the caller guarantees every pointer covers what is read or written here.
+                unsafe {
+                    if accumulate {
+                        for i in 0..R {
+                            lo[i] = _mm512_loadu_ps(c.add(i * ldc));
+                            if !H {
+                                hi[i] = _mm512_loadu_ps(c.add(i * ldc + 16));
+                            }
                         }
                     }
-                    ap = ap.add(a.cs);
-                    b = b.add(if H { 16 } else { 32 });
-                }
-            }
-            if let Some(f) = fin {
-                let scale = _mm512_set1_ps(f.scale);
-                let (b0, b1) = if f.bias.is_null() {
-                    (_mm512_setzero_ps(), _mm512_setzero_ps())
-                } else {
-                    let b0 = _mm512_loadu_ps(f.bias);
-                    (
-                        b0,
-                        if H {
-                            b0
+                    let mut b = b;
+                    for &seg in a.segs {
+                        let mut ap = a.ptr.add(seg);
+                        for _ in 0..a.seg_k {
+                            let b0 = _mm512_loadu_ps(b);
+                            let b1 = if H { b0 } else { _mm512_loadu_ps(b.add(16)) };
+                            for i in 0..R {
+                                let av = $bcast(ap.add(i * a.rs));
+                                lo[i] = $step(lo[i], av, b0);
+                                if !H {
+                                    hi[i] = $step(hi[i], av, b1);
+                                }
+                            }
+                            ap = ap.add(a.cs);
+                            b = b.add(if H { 16 } else { 32 });
+                        }
+                    }
+                    if let Some(f) = fin {
+                        let scale = _mm512_set1_ps(f.scale);
+                        let (b0, b1) = if f.bias.is_null() {
+                            (_mm512_setzero_ps(), _mm512_setzero_ps())
                         } else {
-                            _mm512_loadu_ps(f.bias.add(16))
-                        },
-                    )
-                };
-                let (zero, six) = (_mm512_setzero_ps(), _mm512_set1_ps(6.0));
-                // One simple loop per step, so that each is unrolled and the accumulators
-                // stay in registers (a loop with branches inside kept them on the stack).
-                for i in 0..R {
-                    lo[i] = _mm512_fmadd_ps(lo[i], scale, b0);
-                    if !H {
-                        hi[i] = _mm512_fmadd_ps(hi[i], scale, b1);
-                    }
-                }
-                if !f.res.is_null() {
-                    for i in 0..R {
-                        let r = f.res.add(i * f.ldr);
-                        lo[i] = _mm512_add_ps(lo[i], _mm512_loadu_ps(r));
-                        if !H {
-                            hi[i] = _mm512_add_ps(hi[i], _mm512_loadu_ps(r.add(16)));
+                            let b0 = _mm512_loadu_ps(f.bias);
+                            (
+                                b0,
+                                if H {
+                                    b0
+                                } else {
+                                    _mm512_loadu_ps(f.bias.add(16))
+                                },
+                            )
+                        };
+                        let (zero, six) = (_mm512_setzero_ps(), _mm512_set1_ps(6.0));
+                        // One simple loop per step, so that each is unrolled and the accumulators
+                        // stay in registers (a loop with branches inside kept them on the stack).
+                        for i in 0..R {
+                            lo[i] = _mm512_fmadd_ps(lo[i], scale, b0);
+                            if !H {
+                                hi[i] = _mm512_fmadd_ps(hi[i], scale, b1);
+                            }
+                        }
+                        if !f.res.is_null() {
+                            for i in 0..R {
+                                let r = f.res.add(i * f.ldr);
+                                lo[i] = _mm512_add_ps(lo[i], _mm512_loadu_ps(r));
+                                if !H {
+                                    hi[i] = _mm512_add_ps(hi[i], _mm512_loadu_ps(r.add(16)));
+                                }
+                            }
+                        }
+                        if f.clamp != Clamp::None {
+                            for i in 0..R {
+                                lo[i] = _mm512_max_ps(lo[i], zero);
+                                if !H {
+                                    hi[i] = _mm512_max_ps(hi[i], zero);
+                                }
+                            }
+                        }
+                        if f.clamp == Clamp::Relu6 {
+                            for i in 0..R {
+                                lo[i] = _mm512_min_ps(lo[i], six);
+                                if !H {
+                                    hi[i] = _mm512_min_ps(hi[i], six);
+                                }
+                            }
                         }
                     }
-                }
-                if f.clamp != Clamp::None {
                     for i in 0..R {
-                        lo[i] = _mm512_max_ps(lo[i], zero);
+                        _mm512_storeu_ps(c.add(i * ldc), lo[i]);
                         if !H {
-                            hi[i] = _mm512_max_ps(hi[i], zero);
-                        }
-                    }
-                }
-                if f.clamp == Clamp::Relu6 {
-                    for i in 0..R {
-                        lo[i] = _mm512_min_ps(lo[i], six);
-                        if !H {
-                            hi[i] = _mm512_min_ps(hi[i], six);
+                            _mm512_storeu_ps(c.add(i * ldc + 16), hi[i]);
                         }
                     }
                 }
             }
-            for i in 0..R {
-                _mm512_storeu_ps(c.add(i * ldc), lo[i]);
-                if !H {
-                    _mm512_storeu_ps(c.add(i * ldc + 16), hi[i]);
-                }
-            }
-        }
+        };
     }
+
+    avx512_kernel!(
+        /// 32 columns as two 16-lane registers (16 as one when `H`, a half-width panel); up
+        /// to 12 rows.
+        ///
+        /// # Safety
+        /// As [`super::run`]; the CPU has AVX-512F.
+        avx512,
+        "avx512f",
+        |p: *const f32| _mm512_set1_ps(*p),
+        |acc, a, b| _mm512_fmadd_ps(a, b, acc)
+    );
+
+    avx512_kernel!(
+        /// As [`avx512`], A and B in bf16 pairs: a step multiplies a pair of A's values
+        /// (broadcast) with 32 columns' pairs of B and adds both products to the f32 sums
+        /// (`vdpbf16ps`), two of k per instruction where the f32 kernel does one.
+        ///
+        /// # Safety
+        /// As [`super::run`]; the CPU has AVX-512F and AVX512-BF16.
+        avx512_pairs,
+        "avx512f,avx512bf16",
+        |p: *const f32| _mm512_set1_epi32(*(p as *const i32)),
+        // The registers reinterpreted as 16 bf16 pairs, as `vdpbf16ps` takes them.
+        |acc, a: __m512i, b: __m512| _mm512_dpbf16_ps(
+            acc,
+            std::mem::transmute::<__m512i, __m512bh>(a),
+            std::mem::transmute::<__m512, __m512bh>(b)
+        )
+    );
 
     /// 16 columns as two 8-lane registers (8 as one when `H`); up to 6 rows.
     ///

@@ -114,10 +114,16 @@ const TASKS_PER_THREAD: usize = 2;
 /// B packed for one [`SimdLevel`]: `ceil(n / NR)` panels, each `k x NR` (k-major, zero-padded
 /// past column `n`), except a last one of at most `NR / 2` columns, packed `k x NR / 2`
 /// ([`PackedB::panel_width`]).
+///
+/// Or, `pairs`, B rounded to bf16 for the AVX512-BF16 kernels: each k step of a panel holds
+/// two rows of B, `NR` 32-bit words of which word `l` is column `l`'s values at rows `2p`
+/// (low half) and `2p + 1` (high half, zero past `k`): the operand `vdpbf16ps` multiplies with
+/// a broadcast pair of A's values ([`to_pairs`]). Its panels are `ceil(k / 2)` steps deep.
 pub(crate) struct PackedB {
     level: SimdLevel,
     k: usize,
     n: usize,
+    pairs: bool,
     data: Vec<f32>,
 }
 
@@ -133,7 +139,22 @@ impl PackedB {
             level,
             k: 0,
             n: 0,
+            pairs: false,
             data: Vec::new(),
+        }
+    }
+
+    /// Whether this is B in bf16 pairs (its A must be too: [`to_pairs`]).
+    pub(crate) fn pairs(&self) -> bool {
+        self.pairs
+    }
+
+    /// k steps of the micro-kernel: `k`, or `ceil(k / 2)` in pairs.
+    fn steps(&self) -> usize {
+        if self.pairs {
+            self.k.div_ceil(2)
+        } else {
+            self.k
         }
     }
 
@@ -151,7 +172,10 @@ impl PackedB {
         self.k = k;
         self.n = n;
         self.data.clear();
-        let len = (0..self.panels()).map(|q| k * self.panel_width(q)).sum();
+        let steps = self.steps();
+        let len = (0..self.panels())
+            .map(|q| steps * self.panel_width(q))
+            .sum();
         self.data.resize(len, 0.0);
     }
 
@@ -172,20 +196,20 @@ impl PackedB {
         }
     }
 
-    /// Panel `q`'s values, from row `k0` of B on, and its width.
+    /// Panel `q`'s values, from step `k0` on, and its width.
     fn panel(&self, q: usize, k0: usize) -> (*const f32, usize) {
-        let width = self.panel_width(q);
+        let (width, steps) = (self.panel_width(q), self.steps());
         // Every panel before `q` is a full one.
-        let at = q * self.k * self.level.nr() + k0 * width;
-        debug_assert!(at + (self.k - k0) * width <= self.data.len());
+        let at = q * steps * self.level.nr() + k0 * width;
+        debug_assert!(at + (steps - k0) * width <= self.data.len());
         (self.data[at..].as_ptr(), width)
     }
 
-    /// The slice of `data` holding panel `q` (`k x width`, k-major).
+    /// The slice of `data` holding panel `q` (`steps x width`, k-major).
     fn panel_mut(&mut self, q: usize) -> (&mut [f32], usize) {
-        let width = self.panel_width(q);
-        let at = q * self.k * self.level.nr();
-        (&mut self.data[at..at + self.k * width], width)
+        let (width, steps) = (self.panel_width(q), self.steps());
+        let at = q * steps * self.level.nr();
+        (&mut self.data[at..at + steps * width], width)
     }
 
     /// `B = W^T` for `W` given as `n` rows of `k` values at stride `ld`: a linear layer's
@@ -222,6 +246,116 @@ impl PackedB {
         let mut p = PackedB::new(level);
         p.pack_transposed(w, k, n, k);
         p
+    }
+
+    /// `W^T` in bf16 pairs for the AVX512-BF16 kernels, `W` given as `n` rows of `k`: each
+    /// value rounded to the nearest bf16 (exact for weights stored as bf16).
+    pub(crate) fn transposed_pairs(w: &[f32], n: usize, k: usize) -> PackedB {
+        let mut p = PackedB::new(SimdLevel::Avx512);
+        p.pairs = true;
+        p.reset(k, n);
+        let nr = p.level.nr();
+        let steps = p.steps();
+        for q in 0..p.panels() {
+            let (panel, width) = p.panel_mut(q);
+            for l in 0..width.min(n - q * nr) {
+                let row = &w[(q * nr + l) * k..][..k];
+                for s in 0..steps {
+                    let hi = row.get(2 * s + 1).copied().unwrap_or(0.0);
+                    panel[s * width + l] = pair(row[2 * s], hi);
+                }
+            }
+        }
+        p
+    }
+}
+
+/// Whether this CPU runs the bf16-pair kernels (AVX512-BF16, with AVX-512F).
+pub(crate) fn pairs_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Two values rounded to bf16 (to nearest, ties to even: as `vcvtneps2bf16`) in one 32-bit
+/// word, `lo` in the low half, carried in an f32 slot.
+fn pair(lo: f32, hi: f32) -> f32 {
+    let b = |v: f32| u32::from(half::bf16::from_f32(v).to_bits());
+    f32::from_bits(b(lo) | (b(hi) << 16))
+}
+
+/// The stride, in pairs, of A converted by [`to_pairs`] for rows of `k` values: `ceil(k / 2)`,
+/// one cache line more when that is a multiple of 4 KiB (rows 4 KiB apart fall in one set of
+/// the L1 cache, and a micro-panel's 12 rows would evict each other).
+pub(crate) fn pairs_ld(k: usize) -> usize {
+    let steps = k.div_ceil(2);
+    if steps.is_multiple_of(1024) {
+        steps + 16
+    } else {
+        steps
+    }
+}
+
+/// `m` rows of `k` values at stride `ld` (A) in bf16 pairs, the A of a product with a
+/// [`PackedB::transposed_pairs`] B: row `i`'s pair `p` (`x[2p]`, `x[2p + 1]`, zero past `k`)
+/// at `out[i * pairs_ld(k) + p]`. Spread over `exec` by rows.
+pub(crate) fn to_pairs(exec: Exec<'_>, x: &[f32], m: usize, k: usize, ld: usize) -> Vec<f32> {
+    let lp = pairs_ld(k);
+    assert!(
+        x.len() >= m.saturating_sub(1) * ld + k || m == 0,
+        "A too small"
+    );
+    // Every pair of a row is written below (the padding too).
+    let mut out = super::buffers::take(m * lp);
+    exec.for_chunks(&mut out, lp, |i, row| {
+        let src = &x[i * ld..][..k];
+        #[cfg(target_arch = "x86_64")]
+        if pairs_supported() {
+            // SAFETY: the CPU has AVX512-BF16 (checked).
+            unsafe { x86::to_pairs_avx512(src, row) };
+            return;
+        }
+        pairs_row(src, row);
+    });
+    out
+}
+
+/// One row of [`to_pairs`], portably (the reference of the vector version).
+fn pairs_row(src: &[f32], row: &mut [f32]) {
+    for (p, v) in row.iter_mut().enumerate() {
+        let lo = src.get(2 * p).copied().unwrap_or(0.0);
+        let hi = src.get(2 * p + 1).copied().unwrap_or(0.0);
+        *v = pair(lo, hi);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// [`super::pairs_row`] with `vcvtneps2bf16`: 16 values to 16 bf16 (8 pairs) at a time.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and AVX512-BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn to_pairs_avx512(src: &[f32], row: &mut [f32]) {
+        let whole = (src.len() / 16).min(row.len() / 8);
+        // SAFETY: 16 values of `src` and 8 words of `row` from `16 * i` and `8 * i`, inside.
+        unsafe {
+            for i in 0..whole {
+                let v = _mm512_loadu_ps(src.as_ptr().add(16 * i));
+                let h: __m256bh = _mm512_cvtneps_pbh(v);
+                _mm256_storeu_si256(
+                    row.as_mut_ptr().add(8 * i) as *mut __m256i,
+                    std::mem::transmute::<__m256bh, __m256i>(h),
+                );
+            }
+        }
+        super::pairs_row(&src[16 * whole..], &mut row[8 * whole..]);
     }
 }
 
@@ -379,11 +513,16 @@ pub(crate) fn gemm(
         return;
     }
     assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "C too small");
+    let steps = b.steps();
     assert!(
-        a.ld >= b.k && a.data.len() >= (m - 1) * a.ld + b.k,
+        a.ld >= steps && a.data.len() >= (m - 1) * a.ld + steps,
         "A too small"
     );
     assert!(level.supported(), "{level:?} kernels on a CPU without them");
+    assert!(
+        !b.pairs || pairs_supported(),
+        "bf16 kernels on a CPU without them"
+    );
     epi.check(m, n);
     let (mr, nr, threads) = (level.mr(), level.nr(), exec.threads());
     // Tiles of equal rows, as many as a multiple of the threads when there are enough rows:
@@ -426,6 +565,7 @@ pub(crate) fn gemm_batch(
 ) {
     let Some(b0) = bs.first() else { return };
     let (k, n, level) = (b0.k, b0.n, b0.level);
+    assert!(bs.iter().all(|b| !b.pairs), "f32 products only");
     if m == 0 || n == 0 {
         return;
     }
@@ -488,7 +628,7 @@ unsafe fn tile(
     cols: Range<usize>,
     epi: &Epilogue<'_>,
 ) {
-    let (level, k) = (b.level, b.k);
+    let (level, k) = (b.level, b.steps());
     let mc = rows.len();
     // Panels of (nearly) equal rows: 32 rows run as 11 + 11 + 10, not 12 + 12 + 8.
     let mr = mc.div_ceil(mc.div_ceil(level.mr()));
@@ -524,7 +664,18 @@ unsafe fn tile(
                     };
                     let cp = c.ptr().add((rows.start + ir) * c.ld + j);
                     let last = (pc + kc == k).then_some((epi, rows.start + ir, j));
-                    micro(level, r, ap, (bp, pw), cp, c.ld, width, pc > 0, last);
+                    micro(
+                        level,
+                        b.pairs,
+                        r,
+                        ap,
+                        (bp, pw),
+                        cp,
+                        c.ld,
+                        width,
+                        pc > 0,
+                        last,
+                    );
                 }
             }
         }
@@ -555,6 +706,7 @@ fn finish_scalar(epi: &Epilogue<'_>, row: usize, col: usize, values: &mut [f32])
 #[allow(clippy::too_many_arguments)]
 unsafe fn micro(
     level: SimdLevel,
+    pairs: bool,
     rows: usize,
     a: APanel<'_>,
     (b, nr): (*const f32, usize),
@@ -571,7 +723,18 @@ unsafe fn micro(
     unsafe {
         if width == nr {
             let fin = last.map(|(e, i, j)| e.finish(i, j));
-            kernel::run(level, half, rows, a, b, c, ldc, accumulate, fin.as_ref());
+            kernel::run(
+                level,
+                pairs,
+                half,
+                rows,
+                a,
+                b,
+                c,
+                ldc,
+                accumulate,
+                fin.as_ref(),
+            );
             if let Some((e, _, _)) = last
                 && let (_, Some(act)) = e.split_act()
             {
@@ -612,6 +775,7 @@ unsafe fn micro(
         });
         kernel::run(
             level,
+            pairs,
             half,
             rows,
             a,
@@ -704,6 +868,100 @@ mod tests {
                             assert!(
                                 (g - w).abs() <= 1e-4 * w.abs().max(1.0),
                                 "{level:?} {m}x{n}x{k}: {g} vs {w}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The bf16-pair kernels (where the CPU has AVX512-BF16) against an f64 reference on the
+    /// bf16-rounded operands: odd k (a last pair half zero), ragged row, column and half-width
+    /// panels, several slices of k, the epilogue; inline and on a team. Elsewhere it says so
+    /// and checks only the portable conversion.
+    #[test]
+    fn bf16_pairs_match_naive_on_odd_shapes() {
+        let round = |v: &[f32]| -> Vec<f32> {
+            v.iter()
+                .map(|&x| half::bf16::from_f32(x).to_f32())
+                .collect()
+        };
+        // The conversion: pairs in order, the odd tail zero, rounding to nearest even.
+        let x = [1.0f32, -2.5, 3.0e-3, 1.0 + 1.0 / 256.0, 7.0];
+        let mut row = vec![0.0f32; 3];
+        pairs_row(&x, &mut row);
+        let words: Vec<u32> = row.iter().map(|v| v.to_bits()).collect();
+        let bf = |v: f32| u32::from(half::bf16::from_f32(v).to_bits());
+        assert_eq!(
+            words,
+            vec![
+                bf(1.0) | bf(-2.5) << 16,
+                bf(3.0e-3) | bf(1.0 + 1.0 / 256.0) << 16,
+                bf(7.0)
+            ]
+        );
+        // A tie (halfway between two bf16 values) goes to the even one.
+        assert_eq!(bf(1.0 + 1.0 / 256.0), bf(1.0));
+        if !pairs_supported() {
+            eprintln!("no AVX512-BF16 on this CPU: the bf16 kernels are not tested here");
+            return;
+        }
+        let team = super::super::team::Team::new(2).unwrap();
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (3, 5, 7),
+            (13, 25, 40),
+            (11, 48, 301),
+            (14, 40, 9),
+            (25, 47, 513),
+            (97, 70, 1025),
+            (130, 96, 2048),
+        ] {
+            let a = values(m * k, 7);
+            let w = values(n * k, 8);
+            let bias = values(n, 9);
+            let res = values(m * n, 10);
+            let (ar, wr) = (round(&a), round(&w));
+            // W is [n, k]: the reference's B is its transpose.
+            let bt: Vec<f32> = (0..k * n).map(|i| wr[(i % n) * k + i / n]).collect();
+            let raw = naive(&ar, &bt, m, n, k);
+            let packed = PackedB::transposed_pairs(&w, n, k);
+            assert!(packed.pairs());
+            for exec in [Exec::Inline, Exec::Team(&team)] {
+                let pa = to_pairs(exec, &a, m, k, k);
+                for act in [Activation::None, Activation::Relu] {
+                    let epi = Epilogue {
+                        scale: 1.0,
+                        bias: Some(&bias),
+                        residual: Some((&res, n)),
+                        act,
+                    };
+                    let mut c = vec![f32::NAN; m * n];
+                    gemm(
+                        exec,
+                        Rows {
+                            data: &pa,
+                            ld: pairs_ld(k),
+                        },
+                        m,
+                        &packed,
+                        &mut c,
+                        n,
+                        &epi,
+                    );
+                    for i in 0..m {
+                        for j in 0..n {
+                            let w = crate::backend::cpu::conv::apply(
+                                raw[i * n + j] + bias[j] + res[i * n + j],
+                                act,
+                            );
+                            let g = c[i * n + j];
+                            // Sums of k exact products in f32, in another order.
+                            let tol = 1e-5 * (k as f32).sqrt() * 4.0 * w.abs().max(1.0);
+                            assert!(
+                                (g - w).abs() <= tol,
+                                "{m}x{n}x{k} {act:?} ({i}, {j}): {g} vs {w}"
                             );
                         }
                     }
