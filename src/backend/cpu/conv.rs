@@ -62,6 +62,16 @@ fn direct(
 ) -> Vec<f32> {
     let [n, h, wd, cin, cout, kh, kw, oh, ow] = dims;
     let (hp, wp) = ((oh - 1) * p.stride[0] + kh, (ow - 1) * p.stride[1] + kw);
+    // bf16 kernels: the input rounded to pairs of channels (an even count), then padded and
+    // read as `cin / 2` values a pixel (a pair's bits in each).
+    let pairs;
+    let (x, cin) = if w.pairs() {
+        assert!(cin.is_multiple_of(2), "bf16 pairs of {cin} channels");
+        pairs = sgemm::to_pairs(par, x, n * h * wd, cin, cin, cin / 2);
+        (pairs.as_slice(), cin / 2)
+    } else {
+        (x, cin)
+    };
     let padded;
     let (input, hp, wp) = if p.padding == [0, 0] && hp <= h && wp <= wd {
         (x, h, wd)
@@ -162,6 +172,9 @@ pub(crate) fn conv2d(c: Conv<'_>, par: Exec<'_>) -> Vec<f32> {
                 &own
             }
         };
+        if dims.is_pointwise(p) && w.pairs() {
+            return linear::linear_pairs(x, w, b, residual, m, act, par);
+        }
         if dims.is_pointwise(p) {
             return linear::linear(x, w, b, residual, m, act, par);
         }
@@ -331,6 +344,44 @@ pub(crate) mod tests {
                             let tol = 1e-4 * w.abs().max(1.0);
                             assert!((g - w).abs() < tol, "{level:?} path {path}: {g} vs {w}");
                         }
+                    }
+                }
+            }
+            // The bf16 kernels (an even channel count): the loop on the rounded operands.
+            if cin % 2 == 1 || !sgemm::pairs_supported() {
+                continue;
+            }
+            let round = |v: &[f32]| -> Vec<f32> {
+                v.iter()
+                    .map(|&v| half::bf16::from_f32(v).to_f32())
+                    .collect()
+            };
+            let (xr, wr) = (round(&x), round(&wt));
+            let want = grouped(
+                Conv {
+                    x: &xr,
+                    w: &wr,
+                    ..c
+                },
+                Exec::Inline,
+            );
+            let packed = PackedB::transposed_pairs(&wt, cout, k * k * cin);
+            for exec in [Exec::Inline, team] {
+                let act = Activation::Relu;
+                let got = [
+                    direct(&x, a, &geo, &packed, Some(&b), Some(&r), act, exec),
+                    conv2d(
+                        Conv {
+                            packed: Some(&packed),
+                            ..c
+                        },
+                        exec,
+                    ),
+                ];
+                for (path, got) in got.iter().enumerate() {
+                    for (g, w) in got.iter().zip(&want) {
+                        let tol = 1e-4 * w.abs().max(1.0);
+                        assert!((g - w).abs() < tol, "bf16 path {path}: {g} vs {w}");
                     }
                 }
             }

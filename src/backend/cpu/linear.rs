@@ -71,7 +71,7 @@ pub(crate) fn linear_pairs(
 ) -> Vec<f32> {
     assert!(w.pairs(), "an f32 weight for the bf16 product");
     let (k, n) = (w.k(), w.n());
-    let a = sgemm::to_pairs(exec, x, m, k, k);
+    let a = sgemm::to_pairs(exec, x, m, k, k, sgemm::pairs_ld(k));
     let mut out = buffers::take(m * n);
     let epi = epilogue(n, b, residual, act);
     let rows = sgemm::Rows {

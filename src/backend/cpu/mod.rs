@@ -580,22 +580,23 @@ impl Backend for CpuBackend {
 
     fn run_conv2d(&self, c: ConvCall<'_, CpuTensor>) -> Result<CpuTensor> {
         let d = c.dims;
-        if self.bf16 && c.w.bf16 && c.p.groups <= 1 && d.is_pointwise(&c.p) {
-            // A 1x1 stride-1 convolution is a product of the pixels by the weight.
-            let w = c.w.packed_pairs(d.cout, d.cin);
-            let m = d.n * d.oh * d.ow;
-            let data = self.run(m * d.cout * d.cin / 2, |par| {
-                let b = c.b.map(|b| b.data.as_slice());
-                let res = c.residual.map(|r| r.data.as_slice());
-                linear::linear_pairs(&c.x.data, &w, b, res, m, c.act, par)
-            });
-            return Ok(CpuTensor::new(vec![d.n, d.oh, d.ow, d.cout], data));
-        }
         let work = d.n * d.oh * d.ow * d.cout * d.kh * d.kw * (d.cin / c.p.groups.max(1));
         let winograd = self.takes_winograd(&d, &c.p);
         let filters = winograd.then(|| c.w.winograd_filters(self.simd, d.cout, d.cin));
-        let packed = (c.p.groups <= 1 && !winograd)
-            .then(|| c.w.packed_b(self.simd, d.cout, d.kh * d.kw * d.cin));
+        let dense = c.p.groups <= 1 && !winograd;
+        // bf16 kernels for a bf16-stored weight of a dense convolution, except by Winograd
+        // (f32 on the weight's exact values) and windows of an odd channel count (an RGB
+        // stem: the pairs of channels would straddle pixels).
+        let pairs =
+            dense && self.bf16 && c.w.bf16 && (d.cin.is_multiple_of(2) || d.is_pointwise(&c.p));
+        let packed = dense.then(|| {
+            let k = d.kh * d.kw * d.cin;
+            if pairs {
+                c.w.packed_pairs(d.cout, k)
+            } else {
+                c.w.packed_b(self.simd, d.cout, k)
+            }
+        });
         let depthwise = c.p.groups > 1 && d.cin == c.p.groups && d.cout == c.p.groups;
         let taps = depthwise.then(|| c.w.depthwise_taps(d.cout, d.kh * d.kw));
         let data = self.run(work, |par| {
@@ -920,6 +921,33 @@ mod tests {
                 );
             }
             assert_eq!(cw.pairs.get().is_some(), kernels);
+        }
+        // A 3x3 stride-2 convolution takes them from an even channel count only (its windows
+        // read pairs of channels in place), a Winograd one not at all.
+        for (cin, stride, want) in [(16, 2, true), (3, 2, false), (16, 1, false)] {
+            let p = Conv2d {
+                stride: [stride, stride],
+                padding: [1, 1],
+                groups: 1,
+                padding_extra: [0, 0],
+            };
+            let be = CpuBackend::new(CpuConfig {
+                threads: Some(2),
+                bf16: Some(true),
+                winograd: Some(Winograd::On),
+                ..Default::default()
+            })
+            .unwrap();
+            let img = be.upload(&vals(9 * 9 * cin, 5), &[1, 9, 9, cin]).unwrap();
+            let mut cw = be.upload(&vals(8 * 9 * cin, 6), &[8, 3, 3, cin]).unwrap();
+            cw.bf16 = true;
+            be.conv2d(&img, &cw, None, &p, None, Activation::None)
+                .unwrap();
+            assert_eq!(
+                cw.pairs.get().is_some(),
+                want,
+                "{cin} channels, stride {stride}"
+            );
         }
     }
 }

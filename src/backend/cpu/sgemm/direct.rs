@@ -48,8 +48,8 @@ pub(crate) fn conv(
     c: &mut [f32],
     epi: &Epilogue<'_>,
 ) {
-    let (level, n, k) = (b.level, b.n, b.k);
-    assert!(!b.pairs, "f32 convolutions only");
+    // In bf16 pairs, `x` holds a pair of channels per value and `cin` counts pairs.
+    let (level, n, k) = (b.level, b.n, b.steps());
     let (cin, [sy, sx]) = (w.cin, w.stride);
     let m = w.n * w.oh * w.ow;
     if m == 0 || n == 0 {
@@ -161,7 +161,7 @@ unsafe fn task(
                         let i = (img * w.oh + y) * w.ow + x0;
                         let cp = c.ptr().add(i * c.ld + j);
                         let last = (si + 1 == slices.len()).then_some((epi, i, j));
-                        micro(level, false, r, a, bp, cp, c.ld, width, si > 0, last);
+                        micro(level, b.pairs, r, a, bp, cp, c.ld, width, si > 0, last);
                     }
                 }
             }

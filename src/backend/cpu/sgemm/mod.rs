@@ -302,9 +302,17 @@ pub(crate) fn pairs_ld(k: usize) -> usize {
 
 /// `m` rows of `k` values at stride `ld` (A) in bf16 pairs, the A of a product with a
 /// [`PackedB::transposed_pairs`] B: row `i`'s pair `p` (`x[2p]`, `x[2p + 1]`, zero past `k`)
-/// at `out[i * pairs_ld(k) + p]`. Spread over `exec` by rows.
-pub(crate) fn to_pairs(exec: Exec<'_>, x: &[f32], m: usize, k: usize, ld: usize) -> Vec<f32> {
-    let lp = pairs_ld(k);
+/// at `out[i * lp + p]`, `lp >= ceil(k / 2)` ([`pairs_ld`] for a product's A; `k / 2` for a
+/// convolution's pixels). Spread over `exec` by rows.
+pub(crate) fn to_pairs(
+    exec: Exec<'_>,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    ld: usize,
+    lp: usize,
+) -> Vec<f32> {
+    assert!(lp >= k.div_ceil(2), "rows of {k} values in {lp} pairs");
     assert!(
         x.len() >= m.saturating_sub(1) * ld + k || m == 0,
         "A too small"
@@ -929,7 +937,7 @@ mod tests {
             let packed = PackedB::transposed_pairs(&w, n, k);
             assert!(packed.pairs());
             for exec in [Exec::Inline, Exec::Team(&team)] {
-                let pa = to_pairs(exec, &a, m, k, k);
+                let pa = to_pairs(exec, &a, m, k, k, pairs_ld(k));
                 for act in [Activation::None, Activation::Relu] {
                     let epi = Epilogue {
                         scale: 1.0,
