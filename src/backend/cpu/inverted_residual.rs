@@ -115,7 +115,7 @@ fn segment(b: &Block<'_>, taps: &[f32], img: usize, rows: std::ops::Range<usize>
                     };
                     let at = (have.end - have.start) * w * ce;
                     let epi = linear::epilogue(ce, ex.b, None, ex.act);
-                    sgemm::gemm(Exec::Inline, a, m, ex.w, &mut e[at..], ce, &epi);
+                    sgemm::gemm_f32_a(Exec::Inline, a, m, ex.w, &mut e[at..], ce, &epi);
                     have.end = need.end;
                 }
                 &e[..need.len() * w * ce]
@@ -155,7 +155,7 @@ fn segment(b: &Block<'_>, taps: &[f32], img: usize, rows: std::ops::Range<usize>
             data: &d[..m * ce],
             ld: ce,
         };
-        sgemm::gemm(Exec::Inline, a, m, b.project.w, out, cout, &epi);
+        sgemm::gemm_f32_a(Exec::Inline, a, m, b.project.w, out, cout, &epi);
     }
     buffers::give(e);
     buffers::give(d);
@@ -212,21 +212,31 @@ mod tests {
         ];
         for (ci, &(n, h, w, cin, ce, cout, k, s, p, extra, expand, res)) in cases.iter().enumerate()
         {
-            for level in SimdLevel::available() {
+            // Every level in f32, and the bf16 kernels on weights stored as bf16 where the CPU
+            // has them (both sides round the same values the same way).
+            let mut configs: Vec<_> = SimdLevel::available().iter().map(|&l| (l, false)).collect();
+            if SimdLevel::best() == SimdLevel::Avx512
+                && crate::backend::cpu::sgemm::pairs_supported()
+            {
+                configs.push((SimdLevel::Avx512, true));
+            }
+            for &(level, bf16) in &configs {
                 for threads in [1, 2] {
                     let be = CpuBackend::new(CpuConfig {
                         threads: Some(threads),
                         simd: Some(level),
+                        bf16: Some(bf16),
                         ..Default::default()
                     })
                     .unwrap();
                     let up = |v: Vec<f32>, shape: &[usize]| be.upload(&v, shape).unwrap();
                     let x = up(values(n * h * w * cin, 1), &[n, h, w, cin]);
-                    let we = up(values(ce * cin, 2), &[ce, 1, 1, cin]);
+                    let mut we = up(values(ce * cin, 2), &[ce, 1, 1, cin]);
                     let be_ = up(values(ce, 3), &[ce]);
                     let wd = up(values(ce * k * k, 4), &[ce, k, k, 1]);
                     let bd = up(values(ce, 5), &[ce]);
-                    let wp = up(values(cout * ce, 6), &[cout, 1, 1, ce]);
+                    let mut wp = up(values(cout * ce, 6), &[cout, 1, 1, ce]);
+                    (we.bf16, wp.bf16) = (bf16, bf16);
                     let bp = up(values(cout, 7), &[cout]);
                     let pw = Conv2d {
                         stride: [1, 1],
@@ -274,9 +284,10 @@ mod tests {
                     for (i, (a, b)) in f.iter().zip(&u).enumerate() {
                         assert!(
                             (a - b).abs() <= 1e-5 * b.abs().max(1.0),
-                            "case {ci} {level:?} {threads} threads, element {i}: {a} vs {b}"
+                            "case {ci} {level:?} bf16 {bf16} {threads} threads, element {i}: {a} vs {b}"
                         );
                     }
+                    assert_eq!(wp.pairs.get().is_some(), bf16, "case {ci}");
                 }
             }
         }

@@ -53,33 +53,8 @@ pub(crate) fn linear(
     // Every element is written by the product (zeros when k = 0).
     let mut out = buffers::take(m * n);
     let epi = epilogue(n, b, residual, act);
-    sgemm::gemm(exec, a, m, w, &mut out, n, &epi);
-    out
-}
-
-/// [`linear`] on the bf16 kernels: `x` rounded to bf16 pairs, then one product by `w` (a
-/// [`PackedB::transposed_pairs`] weight), sums and epilogue (bias, `residual` `[m, n]`,
-/// activation) in f32.
-pub(crate) fn linear_pairs(
-    x: &[f32],
-    w: &PackedB,
-    b: Option<&[f32]>,
-    residual: Option<&[f32]>,
-    m: usize,
-    act: Activation,
-    exec: Exec<'_>,
-) -> Vec<f32> {
-    assert!(w.pairs(), "an f32 weight for the bf16 product");
-    let (k, n) = (w.k(), w.n());
-    let a = sgemm::to_pairs(exec, x, m, k, k, sgemm::pairs_ld(k));
-    let mut out = buffers::take(m * n);
-    let epi = epilogue(n, b, residual, act);
-    let rows = sgemm::Rows {
-        data: &a,
-        ld: sgemm::pairs_ld(k),
-    };
-    sgemm::gemm(exec, rows, m, w, &mut out, n, &epi);
-    buffers::give(a);
+    // A weight in bf16 pairs takes `x` rounded to pairs (the bf16 kernels).
+    sgemm::gemm_f32_a(exec, a, m, w, &mut out, n, &epi);
     out
 }
 

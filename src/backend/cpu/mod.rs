@@ -390,6 +390,16 @@ impl CpuBackend {
         self.bf16
     }
 
+    /// The `[n, k]` weight `w` packed for a product: in bf16 pairs when it is stored as bf16
+    /// and the bf16 kernels are on ([`CpuConfig::bf16`]), else for the f32 micro-kernels.
+    fn gemm_weight(&self, w: &CpuTensor, n: usize, k: usize) -> Arc<sgemm::PackedB> {
+        if self.bf16 && w.bf16 {
+            w.packed_pairs(n, k)
+        } else {
+            w.packed_b(self.simd, n, k)
+        }
+    }
+
     /// Whether a convolution of `x` by `w` with geometry `p` runs by Winograd's F(4x4, 3x3) on
     /// this backend (its [`Winograd`] policy and the shape); an error when the operands do not
     /// make a convolution.
@@ -495,15 +505,7 @@ impl Backend for CpuBackend {
     }
 
     fn run_linear(&self, c: LinearCall<'_, CpuTensor>) -> Result<CpuTensor> {
-        if self.bf16 && c.w.bf16 {
-            let w = c.w.packed_pairs(c.n, c.k);
-            let data = self.run(c.m * c.n * c.k / 2, |par| {
-                let b = c.b.map(|b| b.data.as_slice());
-                linear::linear_pairs(&c.x.data, &w, b, None, c.m, c.act, par)
-            });
-            return Ok(CpuTensor::new(c.out_shape, data));
-        }
-        let w = c.w.packed_b(self.simd, c.n, c.k);
+        let w = self.gemm_weight(c.w, c.n, c.k);
         let data = self.run(c.m * c.n * c.k, |par| {
             linear::linear(
                 &c.x.data,
@@ -583,16 +585,13 @@ impl Backend for CpuBackend {
         let work = d.n * d.oh * d.ow * d.cout * d.kh * d.kw * (d.cin / c.p.groups.max(1));
         let winograd = self.takes_winograd(&d, &c.p);
         let filters = winograd.then(|| c.w.winograd_filters(self.simd, d.cout, d.cin));
-        let dense = c.p.groups <= 1 && !winograd;
-        // bf16 kernels for a bf16-stored weight of a dense convolution, except by Winograd
-        // (f32 on the weight's exact values) and windows of an odd channel count (an RGB
-        // stem: the pairs of channels would straddle pixels).
-        let pairs =
-            dense && self.bf16 && c.w.bf16 && (d.cin.is_multiple_of(2) || d.is_pointwise(&c.p));
-        let packed = dense.then(|| {
+        // A dense convolution's weight: in bf16 pairs where `gemm_weight` says (Winograd runs
+        // f32 on the weight's exact values), except for windows of an odd channel count (an
+        // RGB stem), whose pairs of channels would straddle pixels.
+        let packed = (c.p.groups <= 1 && !winograd).then(|| {
             let k = d.kh * d.kw * d.cin;
-            if pairs {
-                c.w.packed_pairs(d.cout, k)
+            if d.cin.is_multiple_of(2) || d.is_pointwise(&c.p) {
+                self.gemm_weight(c.w, d.cout, k)
             } else {
                 c.w.packed_b(self.simd, d.cout, k)
             }
@@ -628,8 +627,8 @@ impl Backend for CpuBackend {
         let (pr, pd) = c.project;
         let expand = c
             .expand
-            .map(|(e, ed)| (e, e.w.packed_b(self.simd, ed.cout, ed.cin)));
-        let project = pr.w.packed_b(self.simd, pd.cout, pd.cin);
+            .map(|(e, ed)| (e, self.gemm_weight(e.w, ed.cout, ed.cin)));
+        let project = self.gemm_weight(pr.w, pd.cout, pd.cin);
         let taps = dw.w.depthwise_taps(dd.cout, dd.kh * dd.kw);
         let pixels = dd.n * dd.h * dd.w;
         let work = c.expand.map_or(0, |(_, ed)| pixels * ed.cin * ed.cout)
@@ -830,8 +829,10 @@ mod tests {
             ..Default::default()
         };
         assert!(!off.resolve_bf16(SimdLevel::best()).unwrap());
-        if !(SimdLevel::best() == SimdLevel::Avx512 && sgemm::pairs_supported()) {
-            eprintln!("no AVX512-BF16 on this CPU: the bf16 kernels are not tested here");
+        // The level the backends below get (`APPARATE_SIMD` may narrow it).
+        let level = CpuConfig::default().resolve_simd().unwrap();
+        if !(level == SimdLevel::Avx512 && sgemm::pairs_supported()) {
+            eprintln!("no AVX512-BF16 on this CPU or level: the bf16 kernels are not tested here");
             return;
         }
         let be = |bf16| {

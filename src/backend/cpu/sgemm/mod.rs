@@ -557,6 +557,37 @@ pub(crate) fn gemm(
     });
 }
 
+/// [`gemm`] with A in f32 whatever B is: A rounded to bf16 pairs first ([`to_pairs`]) when B
+/// is in pairs.
+pub(crate) fn gemm_f32_a(
+    exec: Exec<'_>,
+    a: Rows<'_>,
+    m: usize,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    epi: &Epilogue<'_>,
+) {
+    if !b.pairs {
+        return gemm(exec, a, m, b, c, ldc, epi);
+    }
+    let lp = pairs_ld(b.k);
+    let pairs = to_pairs(exec, a.data, m, b.k, a.ld, lp);
+    gemm(
+        exec,
+        Rows {
+            data: &pairs,
+            ld: lp,
+        },
+        m,
+        b,
+        c,
+        ldc,
+        epi,
+    );
+    super::buffers::give(pairs);
+}
+
 /// `bs.len()` products of one shape in one dispatch: `C_i = A_i B_i`, A_i the `m` rows at
 /// `a.data[i * a_step..]` (stride `a.ld`), C_i row-major at stride `ldc` from `c[i * c_step]`
 /// (Winograd's 36 products of a block of tiles: one hand-out for all of them instead of 36).
