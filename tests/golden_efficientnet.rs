@@ -106,21 +106,9 @@ fn check_file<B: Backend>(name: &str, be: B, path: &std::path::Path, bound: f32,
 #[test]
 fn efficientnet_lite0_stored_as_bf16_keeps_the_answers_on_cpu() {
     let src = ModelFile::open(weights_file("efficientnet-lite0.apparate")).unwrap();
-    let tensors = src
-        .meta()
-        .expected_tensors()
-        .into_iter()
-        .map(|(n, shape)| {
-            let v = src.tensor(&n).unwrap().to_f32();
-            (
-                n,
-                apparate::format::OwnedTensor::from_f32(&v, shape, DType::BF16),
-            )
-        })
-        .collect();
     let dir = TempDir::new("effnet-bf16");
     let path = dir.path("efficientnet-lite0-bf16.apparate");
-    apparate::format::write_model(&path, src.meta(), &[], tensors).unwrap();
+    write_as_dtype(&src, &path, DType::BF16, &[]);
     let upcast = apparate::backend::CpuBackend::new(apparate::backend::CpuConfig {
         bf16: Some(false),
         ..Default::default()

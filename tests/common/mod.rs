@@ -28,6 +28,27 @@ pub fn cpu() -> CpuBackend {
     CpuBackend::new(CpuConfig::default()).expect("cpu backend")
 }
 
+/// The model file `src` written again to `path` with its weights stored as `dtype` (and
+/// `entries`, its tokenizer for instance, carried over): what `apparate convert --dtype` makes
+/// of the same checkpoint.
+pub fn write_as_dtype(
+    src: &apparate::format::ModelFile,
+    path: &std::path::Path,
+    dtype: apparate::tensor::DType,
+    entries: &[(String, String)],
+) {
+    let tensors = src
+        .meta()
+        .expected_tensors()
+        .into_iter()
+        .map(|(n, shape)| {
+            let v = src.tensor(&n).unwrap().to_f32();
+            (n, apparate::format::OwnedTensor::from_f32(&v, shape, dtype))
+        })
+        .collect();
+    apparate::format::write_model(path, src.meta(), entries, tensors).unwrap();
+}
+
 /// A fresh temporary directory under the target dir, removed on drop.
 pub struct TempDir(pub PathBuf);
 
