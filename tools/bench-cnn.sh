@@ -39,34 +39,41 @@ fi
 # Built before the first round, so compiling does not run between one round's peers and ours.
 cargo build --release --quiet --bin apparate
 cargo bench --bench cnn --no-run --quiet
+# The models as the converter writes them with storage dtype $1 (file suffix $2).
+convert_models() {
+  for m in resnet18 resnet50; do
+    target/release/apparate convert "$OUT/$m.safetensors" --arch "$m" --input-size 224 \
+      --dtype "$1" -o "$OUT/$m$2.apparate" >/dev/null
+  done
+  if [ -n "$2" ]; then # the f32 EfficientNet-Lite0 is weights/fetch.sh's
+    target/release/apparate convert weights/efficientnet-lite0.safetensors --arch efficientnet-lite0 \
+      --input-size 224 --resize-shorter 256 --dtype "$1" -o "$OUT/efficientnet-lite0$2.apparate" >/dev/null
+  fi
+}
+# Ours on round $1's peers, the models with file suffix $2: cnn$2-r$1.{json,md}.
+ours() {
+  local effnet=weights/efficientnet-lite0.apparate
+  [ -n "$2" ] && effnet=$OUT/efficientnet-lite0$2.apparate
+  APPARATE_THREADS=$THREADS cargo bench --quiet --bench cnn -- --batches "$BATCHES" \
+    --peers "$RES/cnn-peers-r$1.json" --out "$RES" \
+    --model "resnet18=$OUT/resnet18$2.apparate" --model "resnet50=$OUT/resnet50$2.apparate" \
+    --model "efficientnet-lite0=$effnet" | tee "$RES/cnn$2-r$1.md"
+  mv "$RES/cnn.json" "$RES/cnn$2-r$1.json"
+}
 for r in $(seq 1 "$ROUNDS"); do
   echo "==> round $r/$ROUNDS: peers ($PEERS), $THREADS threads"
   "$REF_VENV/bin/python" tools/bench_cnn_peers.py "$OUT" --peers "$PEERS" --threads "$THREADS" \
     --batches "$BATCHES"
   mv "$OUT/cnn-peers.json" "$RES/cnn-peers-r$r.json"
   if [ "$r" = 1 ]; then # the safetensors come from the peers script; the same every round
-    for m in resnet18 resnet50; do
-      target/release/apparate convert "$OUT/$m.safetensors" --arch "$m" --input-size 224 -o "$OUT/$m.apparate" >/dev/null
-      [ "$BF16" = 1 ] && target/release/apparate convert "$OUT/$m.safetensors" --arch "$m" \
-        --input-size 224 --dtype bf16 -o "$OUT/$m-bf16.apparate" >/dev/null
-    done
-    [ "$BF16" = 1 ] && target/release/apparate convert weights/efficientnet-lite0.safetensors \
-      --arch efficientnet-lite0 --input-size 224 --resize-shorter 256 --dtype bf16 \
-      -o "$OUT/efficientnet-lite0-bf16.apparate" >/dev/null
+    convert_models f32 ""
+    if [ "$BF16" = 1 ]; then convert_models bf16 -bf16; fi
   fi
   echo "==> round $r/$ROUNDS: apparate cpu backend, $THREADS threads"
-  APPARATE_THREADS=$THREADS cargo bench --quiet --bench cnn -- --batches "$BATCHES" \
-    --peers "$RES/cnn-peers-r$r.json" --out "$RES" \
-    --model "resnet18=$OUT/resnet18.apparate" --model "resnet50=$OUT/resnet50.apparate" \
-    --model "efficientnet-lite0=weights/efficientnet-lite0.apparate" | tee "$RES/cnn-r$r.md"
-  mv "$RES/cnn.json" "$RES/cnn-r$r.json"
+  ours "$r" ""
   if [ "$BF16" = 1 ]; then
     echo "==> round $r/$ROUNDS: apparate cpu backend, models stored as bf16, $THREADS threads"
-    APPARATE_THREADS=$THREADS cargo bench --quiet --bench cnn -- --batches "$BATCHES" \
-      --peers "$RES/cnn-peers-r$r.json" --out "$RES" \
-      --model "resnet18=$OUT/resnet18-bf16.apparate" --model "resnet50=$OUT/resnet50-bf16.apparate" \
-      --model "efficientnet-lite0=$OUT/efficientnet-lite0-bf16.apparate" | tee "$RES/cnn-bf16-r$r.md"
-    mv "$RES/cnn.json" "$RES/cnn-bf16-r$r.json"
+    ours "$r" -bf16
   fi
 done
 echo "==> results: $RES/cnn-peers-r*.json, $RES/cnn{,-bf16}-r*.json, $RES/cnn{,-bf16}-r*.md"

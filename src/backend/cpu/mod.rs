@@ -814,8 +814,9 @@ mod tests {
     }
 
     /// bf16 kernels: the policy's errors, and which weights take them (only those stored as
-    /// bf16, in linear layers and 1x1 stride-1 convolutions), against a reference on the
-    /// bf16-rounded operands; where the CPU has AVX512-BF16 only (said otherwise).
+    /// bf16: linear layers and 1x1 convolutions against a reference on the bf16-rounded
+    /// operands; a 3x3 stride-2 convolution from an even channel count, not from an odd one
+    /// nor by Winograd); where the CPU has AVX512-BF16 only (said otherwise).
     #[test]
     fn bf16_weights_take_the_bf16_kernels() {
         let on = CpuConfig {

@@ -281,10 +281,18 @@ pub(crate) fn pairs_supported() -> bool {
     false
 }
 
-/// Two values rounded to bf16 (to nearest, ties to even: as `vcvtneps2bf16`) in one 32-bit
-/// word, `lo` in the low half, carried in an f32 slot.
+/// Two values rounded to bf16 as `vcvtneps2bf16` rounds them (to nearest, ties to even,
+/// subnormals to a zero of their sign) in one 32-bit word, `lo` in the low half, carried in an
+/// f32 slot. (`vdpbf16ps` reads subnormal inputs as zeros anyway; flushing them here keeps the
+/// portable conversion bit for bit the vector one.)
 fn pair(lo: f32, hi: f32) -> f32 {
-    let b = |v: f32| u32::from(half::bf16::from_f32(v).to_bits());
+    let b = |v: f32| {
+        if v.is_subnormal() {
+            (v.to_bits() >> 16) & 0x8000
+        } else {
+            u32::from(half::bf16::from_f32(v).to_bits())
+        }
+    };
     f32::from_bits(b(lo) | (b(hi) << 16))
 }
 
@@ -319,17 +327,24 @@ pub(crate) fn to_pairs(
     );
     // Every pair of a row is written below (the padding too).
     let mut out = super::buffers::take(m * lp);
+    let vector = pairs_supported();
     exec.for_chunks(&mut out, lp, |i, row| {
-        let src = &x[i * ld..][..k];
-        #[cfg(target_arch = "x86_64")]
-        if pairs_supported() {
-            // SAFETY: the CPU has AVX512-BF16 (checked).
-            unsafe { x86::to_pairs_avx512(src, row) };
-            return;
-        }
-        pairs_row(src, row);
+        pairs_row_on(vector, &x[i * ld..][..k], row)
     });
     out
+}
+
+/// One row of [`to_pairs`]: by `vcvtneps2bf16` when `vector` (the CPU has AVX512-BF16), else
+/// portably.
+fn pairs_row_on(vector: bool, src: &[f32], row: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if vector {
+        // SAFETY: the caller checked that the CPU has AVX512-BF16.
+        unsafe { x86::to_pairs_avx512(src, row) };
+        return;
+    }
+    let _ = vector;
+    pairs_row(src, row);
 }
 
 /// One row of [`to_pairs`], portably (the reference of the vector version).
@@ -942,6 +957,43 @@ mod tests {
         );
         // A tie (halfway between two bf16 values) goes to the even one.
         assert_eq!(bf(1.0 + 1.0 / 256.0), bf(1.0));
+        if pairs_supported() {
+            // The vector conversion rounds as the portable one, bit for bit: ties both ways,
+            // subnormals, infinities, NaN, and a row whose length leaves a tail (and an odd
+            // last value) after the 16-wide steps.
+            let mut src: Vec<f32> = (0..75)
+                .map(|i| (i as f32 - 37.0) * (1.0 + 3.0 / 256.0) / 7.0)
+                .collect();
+            src.extend([
+                1.0 + 1.0 / 256.0,
+                1.0 + 3.0 / 256.0,
+                -(1.0 + 1.0 / 256.0),
+                1e-40,
+                -3e-39,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                f32::MAX,
+                0.0,
+                -0.0,
+            ]);
+            let nan_at = src.len();
+            src.push(f32::NAN);
+            let mut vector = vec![0.0f32; src.len().div_ceil(2) + 3];
+            let mut portable = vector.clone();
+            pairs_row_on(true, &src, &mut vector);
+            pairs_row_on(false, &src, &mut portable);
+            for (p, (v, w)) in vector.iter().zip(&portable).enumerate() {
+                let (v, w) = (v.to_bits(), w.to_bits());
+                if p == nan_at / 2 {
+                    // NaN stays NaN (its payload bits may differ).
+                    let hi = |x: u32| half::bf16::from_bits((x >> 16) as u16);
+                    assert!(hi(v).is_nan() && hi(w).is_nan(), "pair {p}");
+                    assert_eq!(v & 0xffff, w & 0xffff, "pair {p}");
+                } else {
+                    assert_eq!(v, w, "pair {p}: {v:#010x} vs {w:#010x}");
+                }
+            }
+        }
         if !pairs_supported() {
             eprintln!("no AVX512-BF16 on this CPU: the bf16 kernels are not tested here");
             return;
