@@ -11,7 +11,7 @@
 use std::ops::Range;
 
 use super::kernel::APanel;
-use super::{COut, ColTiles, Epilogue, KC, MC_PANELS, PackedB, micro};
+use super::{COut, ColTiles, DIRECT_KC as KC, Epilogue, MC_PANELS, PackedB, micro};
 use crate::backend::cpu::team::Exec;
 
 /// A convolution's input as windows: output pixel `(b, y, x)` reads the `kh x kw x cin` window
