@@ -9,13 +9,18 @@
 
 use std::sync::Mutex;
 
-/// Buffers smaller than this (in values) are left to the allocator: they come from its free
-/// lists, already mapped, and keeping them would only fragment the pool.
-const MIN_POOLED: usize = 16 * 1024;
+/// Buffers smaller than this (in values, 16 KiB) are left to the allocator. Larger ones are
+/// kept even below glibc's mmap threshold: `vec![0.0; n]` from the heap is a `calloc`, which
+/// zero-fills recycled memory, and at MiniLM-L6 batch 1 x 32 (activations of 48 KiB) that
+/// `memset` was 1.4% of the forward, 4.6% when the two cores sat on different core complexes
+/// (the lines it writes were last written by the other core); pooling from 16 KiB instead of
+/// 64 KiB made that forward 5-8% faster in the second placement (docs/results.md).
+const MIN_POOLED: usize = 4 * 1024;
 /// Kept buffers, at most. Far more than a forward pass has live: the bound on values is the
 /// one that matters, and a small count dropped a batch's large buffers whenever enough small
-/// ones (a fused block's band buffers, say) came back after them.
-const MAX_BUFFERS: usize = 64;
+/// ones (a fused block's band buffers, say) came back after them. (128 since buffers from
+/// 16 KiB are kept.)
+const MAX_BUFFERS: usize = 128;
 /// Kept values in all, at most (512 MiB of f32): what an idle process may hold on to (the pool
 /// is one for the process, shared by its CPU backends). A batch
 /// of 32 images through ResNet-50 cycles through about 200 MiB of activation buffers (the
