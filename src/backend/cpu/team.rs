@@ -53,28 +53,31 @@ impl Shared {
     /// Runs tasks of the current job until none are left, as participant `who` (the caller is
     /// 0); false when one panicked.
     ///
-    /// Task `t` belongs to participant `t % n`: each runs its own tasks in order, then takes
-    /// what is left of the others' (from the participant after it on). So an op split the same
-    /// way as the one before (a product's column tiles, a convolution's bands of rows) gives
-    /// each thread the same part every time, while a late or slow thread still delays no one.
-    /// Why not one shared counter (which the team used first): which thread got which tile
-    /// then changed on every call, so a product's weight panels and an op's output lines kept
-    /// moving between the cores' caches. On the 2-vCPU EPYC VM, whose two vCPUs the host places
-    /// on one core complex at some times (a cache-line round trip of 60 ns) and on two at
-    /// others (340 ns), owners made MiniLM-L6 batch 1 x 32 5-8% faster in the second placement
-    /// and changed nothing measurable in the first.
+    /// Participant `o` of `n` owns tasks `o * tasks / n .. (o + 1) * tasks / n`: each runs its
+    /// own in order, then takes what is left of the others' (from the participant after it
+    /// on). So an op split the same way as the one before (a product's column tiles, a
+    /// convolution's bands of rows) gives each thread the same part every time, and
+    /// neighbouring parts (a band's halo rows) mostly to the same thread, while a late or slow
+    /// thread still delays no one. Why not one shared counter (which the team used first):
+    /// which thread got which tile then changed on every call, so weight panels and output
+    /// lines kept moving between the cores' caches. On the 2-vCPU EPYC VM, whose two vCPUs the
+    /// host puts on one core complex at some times (a cache-line round trip of about 60 ns)
+    /// and on two at others (about 340 ns), owned runs made the second placement 5-16% faster
+    /// (MiniLM-L6 1x32 and 8x32, ResNet-18/50 and EfficientNet-Lite0 at batch 1) and changed
+    /// nothing measurable in the first; owning every n-th task instead of a run gained about
+    /// half as much (docs/results.md).
     fn work(&self, job: &Job<'_>, who: usize) -> bool {
         let n = self.next.len();
         catch_unwind(AssertUnwindSafe(|| {
             for o in (0..n).map(|d| (who + d) % n) {
-                // Participant o's tasks: o, o + n, o + 2n, ...
-                let count = job.tasks.saturating_sub(o).div_ceil(n);
+                // Participant o's tasks: a contiguous run of about tasks / n.
+                let (lo, hi) = (o * job.tasks / n, (o + 1) * job.tasks / n);
                 loop {
                     let j = self.next[o].0.fetch_add(1, Relaxed);
-                    if j >= count {
+                    if lo + j >= hi {
                         break;
                     }
-                    (job.f)(o + j * n);
+                    (job.f)(lo + j);
                 }
             }
         }))
@@ -401,10 +404,10 @@ mod tests {
 
     #[test]
     fn a_slow_owner_leaves_its_other_tasks_to_the_rest() {
-        // When the worker is in task 1 (its first) for 60 ms, its other tasks (3, 5, 7) must not
-        // wait for it: the caller finishes its own and takes them. An attempt where the worker
-        // started too late to claim task 1 (the caller then ran it) says nothing, so up to ten
-        // are made, and one must say something.
+        // When the worker is in task 4 (its first; the caller owns 0-3) for 60 ms, its other
+        // tasks (5, 6, 7) must not wait for it: the caller finishes its own and takes them. An
+        // attempt where the worker started too late to claim task 4 (the caller then ran it)
+        // says nothing, so up to ten are made, and one must say something.
         let team = Team::new(2).unwrap();
         let caller = std::thread::current().id();
         let mut conclusive = 0;
@@ -415,16 +418,16 @@ mod tests {
             team.for_each(8, &|i| {
                 match i {
                     0 => std::thread::sleep(Duration::from_millis(2)),
-                    1 => std::thread::sleep(Duration::from_millis(60)),
+                    4 => std::thread::sleep(Duration::from_millis(60)),
                     _ => {}
                 }
                 *ran_by[i].lock().unwrap() = Some(std::thread::current().id());
             });
             let ran: Vec<_> = ran_by.iter().map(|m| m.lock().unwrap().unwrap()).collect();
-            if ran[1] != caller {
+            if ran[4] != caller {
                 conclusive += 1;
                 assert!(
-                    [3, 5, 7].iter().any(|&i| ran[i] == caller),
+                    [5, 6, 7].iter().any(|&i| ran[i] == caller),
                     "the caller took none of the slow worker's tasks: {ran:?}"
                 );
             }
