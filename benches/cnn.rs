@@ -29,6 +29,8 @@ use apparate::tensor::DType;
 
 #[path = "common/peers.rs"]
 mod peers;
+#[path = "common/placement.rs"]
+mod placement;
 use peers::{HostCpu, Peers};
 
 type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -98,8 +100,10 @@ fn parse() -> Res<Opts> {
     Ok(o)
 }
 
+/// `host_threads`: the CPU threads the backend runs on (1 for a GPU: no placement probe).
 fn run_all<B: Backend + Clone>(
     be: B,
+    host_threads: usize,
     o: &Opts,
     peers: &Peers,
     rows: &mut Vec<serde_json::Value>,
@@ -117,6 +121,7 @@ fn run_all<B: Backend + Clone>(
                 .map(|_| rng.uniform())
                 .collect();
             cnn.forward(&x, batch)?; // warm-up
+            let rt_before = placement::round_trip_ns(host_threads);
             let mut times = Vec::new();
             let start = Instant::now();
             while times.len() < o.min_repeats || start.elapsed().as_secs_f64() < o.min_seconds {
@@ -124,6 +129,7 @@ fn run_all<B: Backend + Clone>(
                 std::hint::black_box(cnn.forward(&x, batch)?);
                 times.push(t.elapsed());
             }
+            let rt_after = placement::round_trip_ns(host_threads);
             times.sort();
             let ms = |d: Duration| d.as_secs_f64() * 1e3;
             let median = ms(times[times.len() / 2]);
@@ -136,6 +142,8 @@ fn run_all<B: Backend + Clone>(
                 "model": name, "batch": batch, "input": [i.height, i.width, i.channels],
                 "runs": times.len(), "median_ms": median, "p99_ms": p99,
                 "images_per_s": batch as f64 / median * 1e3,
+                // The cores' placement before and after (`placement`; null for one thread).
+                "core_round_trip_ns": [rt_before, rt_after],
             });
             peers.add_columns(&mut row, median, |r| {
                 r["model"].as_str() == Some(name.as_str())
@@ -263,13 +271,14 @@ fn run() -> Res<()> {
             let be = CpuBackend::new(CpuConfig::default())?;
             peers.warn_if_not_comparable(&cpu, be.threads());
             let d = be.device_id();
-            run_all(be, &o, &peers, &mut rows)?;
+            let threads = be.threads();
+            run_all(be, threads, &o, &peers, &mut rows)?;
             d
         }
         "cuda" => {
             let dev = CudaDevice::new(CudaConfig::default())?;
             let d = format!("cuda: {} (f32)", dev.info().device_name);
-            run_all(GpuBackend::new(dev, DType::F32), &o, &peers, &mut rows)?;
+            run_all(GpuBackend::new(dev, DType::F32), 1, &o, &peers, &mut rows)?;
             d
         }
         other => return Err(format!("unknown device `{other}` (cpu or cuda)").into()),
@@ -280,20 +289,25 @@ fn run() -> Res<()> {
         println!("{p}");
     }
     let (peer_names, peer_aligns) = peers.header();
-    println!("| model | batch | median ms | p99 ms | images/s {peer_names}|");
-    println!("|---|---:|---:|---:|---:{peer_aligns}|");
+    println!("| model | batch | median ms | p99 ms | images/s {peer_names}| core round trip ns |");
+    println!("|---|---:|---:|---:|---:{peer_aligns}|---:|");
     for r in &rows {
         let f = |k: &str| r[k].as_f64();
         println!(
-            "| {} | {} | {:.2} | {:.2} | {:.1} {}|",
+            "| {} | {} | {:.2} | {:.2} | {:.1} {}| {} |",
             r["model"].as_str().unwrap_or("?"),
             r["batch"],
             f("median_ms").unwrap_or(0.0),
             f("p99_ms").unwrap_or(0.0),
             f("images_per_s").unwrap_or(0.0),
             peers.cells(r),
+            placement::cell(r),
         );
     }
+    println!(
+        "(core round trip: a cache line between two threads, before / after the shape; \
+         about 60 ns where two cores share an L3, several hundred where they do not)"
+    );
     std::fs::create_dir_all(&o.out)?;
     let path = o.out.join("cnn.json");
     let result = serde_json::json!({

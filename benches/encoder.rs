@@ -19,6 +19,8 @@ use apparate::rng::SplitMix;
 
 #[path = "common/peers.rs"]
 mod peers;
+#[path = "common/placement.rs"]
+mod placement;
 use peers::{HostCpu, Peers};
 
 const BATCHES: [usize; 3] = [1, 8, 32];
@@ -177,6 +179,7 @@ fn run(o: &Opts) -> Result<(), Box<dyn std::error::Error>> {
             for _ in 0..WARMUP {
                 model.forward(&input)?;
             }
+            let rt_before = placement::round_trip_ns(backend.threads());
             let mut times = Vec::new();
             let start = Instant::now();
             while times.len() < o.min_repeats || start.elapsed().as_secs_f64() < o.min_seconds {
@@ -184,6 +187,7 @@ fn run(o: &Opts) -> Result<(), Box<dyn std::error::Error>> {
                 std::hint::black_box(model.forward(&input)?);
                 times.push(t.elapsed());
             }
+            let rt_after = placement::round_trip_ns(backend.threads());
             times.sort();
             let median = percentile(&times, 0.5);
             let p99 = percentile(&times, 0.99);
@@ -199,6 +203,8 @@ fn run(o: &Opts) -> Result<(), Box<dyn std::error::Error>> {
                 "median_ms": ms(median), "p99_ms": ms(p99),
                 "mean_ms": ms(times.iter().sum::<Duration>()) / times.len() as f64,
                 "throughput_seq_per_s": thr,
+                // The cores' placement before and after (`placement`; null for one thread).
+                "core_round_trip_ns": [rt_before, rt_after],
             });
             peers.add_columns(&mut row, ms(median), |r| {
                 r["batch"].as_u64() == Some(batch as u64) && r["seq"].as_u64() == Some(seq as u64)
@@ -232,21 +238,26 @@ fn run(o: &Opts) -> Result<(), Box<dyn std::error::Error>> {
         println!("{p}");
     }
     let (peer_names, peer_aligns) = peers.header();
-    println!("| batch | seq | median ms | p99 ms | seq/s {peer_names}|");
-    println!("|---:|---:|---:|---:|---:{peer_aligns}|");
+    println!("| batch | seq | median ms | p99 ms | seq/s {peer_names}| core round trip ns |");
+    println!("|---:|---:|---:|---:|---:{peer_aligns}|---:|");
     for r in &rows {
         let f = |k: &str| r[k].as_f64();
         println!(
-            "| {} | {} | {:.2} | {:.2} | {:.1} {}|",
+            "| {} | {} | {:.2} | {:.2} | {:.1} {}| {} |",
             r["batch"],
             r["seq"],
             f("median_ms").unwrap_or(0.0),
             f("p99_ms").unwrap_or(0.0),
             f("throughput_seq_per_s").unwrap_or(0.0),
             peers.cells(r),
+            placement::cell(r),
         );
     }
     println!("(p99 over the runs shown; with few runs it is close to the maximum)");
+    println!(
+        "(core round trip: a cache line between two threads, before / after the shape; \
+         about 60 ns where two cores share an L3, several hundred where they do not)"
+    );
     println!("full results: {}", path.display());
     Ok(())
 }
