@@ -1,6 +1,7 @@
 //! The decoder ops (`DecoderBackend`) on the emulated GPU, in f32, f16 and bf16, against the
 //! CPU backend: quantized products and embeddings (Q4_1, Q8_0), RMSNorm with and without the
-//! residual, rotary embeddings, attention over a paged cache (a prefill chunk and decode rows
+//! residual (both row kernels: one block per row and one warp per row, at widths that the
+//! warp kernel takes and ones it leaves to the block kernel), rotary embeddings, attention over a paged cache (a prefill chunk and decode rows
 //! of other sequences in one step, non-contiguous block tables), SwiGLU, row selection and
 //! argmax. Outputs are poisoned before every launch. Relative L2 error <= 1e-5 in f32 and
 //! <= 1e-2 in f16/bf16 (inputs rounded to the dtype first, so both sides see the same values).
@@ -15,7 +16,7 @@ use apparate::backend::cuda::{CudaConfig, CudaDevice};
 use apparate::backend::decoder::{DecoderBackend, Heads, KvPlan};
 use apparate::backend::device::Device;
 use apparate::backend::emu::{EmuConfig, EmuDevice};
-use apparate::backend::gpu::GpuBackend;
+use apparate::backend::gpu::{GpuBackend, RowKernel};
 use apparate::gguf::GgmlType;
 use apparate::quant::quantize;
 use apparate::rng::SplitMix;
@@ -73,6 +74,24 @@ fn run_all<D: Device>(label: &str, dev: Arc<D>) {
         let name = |op: &str| format!("{label} {op}");
         quantized(&name("qlinear/qembed"), dt, &gpu, &cpu);
         norms_and_rows(&name("rows"), dt, &gpu, &cpu);
+        for rows in [RowKernel::Block, RowKernel::Warp] {
+            let g = GpuBackend::shared(dev.clone(), dt)
+                .with_poisoned_outputs()
+                .with_rows(rows);
+            // Widths: odd multiples of 8 (the warp kernel's vectors in f16/bf16), SmolLM2's
+            // 576, the warp kernel's largest (2048), and ones it leaves to the block kernel
+            // (198: not whole 16-byte vectors in any dtype; 2056: too wide).
+            for (m, cols) in [(5, 200), (9, 576), (3, 198), (6, 2048), (2, 2056)] {
+                rms_norms(
+                    &name(&format!("{rows:?} {m}x{cols}")),
+                    dt,
+                    &g,
+                    &cpu,
+                    m,
+                    cols,
+                );
+            }
+        }
         for hd in [64, 40] {
             attention(&name(&format!("kv_attention d={hd}")), dt, &gpu, &cpu, hd);
         }
@@ -109,13 +128,15 @@ fn quantized<G: DecoderBackend>(what: &str, dt: DType, g: &G, c: &apparate::back
     }
 }
 
-fn norms_and_rows<G: DecoderBackend>(
+/// Residual + RMSNorm of `m` rows of `cols`, with and without the residual, against the CPU.
+fn rms_norms<G: DecoderBackend>(
     what: &str,
     dt: DType,
     g: &G,
     c: &apparate::backend::CpuBackend,
+    m: usize,
+    cols: usize,
 ) {
-    let (m, cols) = (5, 200);
     let x = values(m * cols, 11, 3.0);
     let r = values(m * cols, 12, 3.0);
     let gamma = values(cols, 13, 1.5);
@@ -149,6 +170,16 @@ fn norms_and_rows<G: DecoderBackend>(
             same(&format!("{what} rms_norm sum"), dt, &a, &b);
         }
     }
+}
+
+fn norms_and_rows<G: DecoderBackend>(
+    what: &str,
+    dt: DType,
+    g: &G,
+    c: &apparate::backend::CpuBackend,
+) {
+    let (m, cols) = (5, 200);
+    let x = values(m * cols, 11, 3.0);
     // SwiGLU, row selection, argmax.
     let gu = values(m * 2 * 48, 14, 4.0);
     let sg = g

@@ -406,8 +406,9 @@ mod tests {
     fn a_slow_owner_leaves_its_other_tasks_to_the_rest() {
         // When the worker is in task 4 (its first; the caller owns 0-3) for 60 ms, its other
         // tasks (5, 6, 7) must not wait for it: the caller finishes its own and takes them. An
-        // attempt where the worker started too late to claim task 4 (the caller then ran it)
-        // says nothing, so up to ten are made, and one must say something.
+        // attempt where the worker started too late to claim task 4 (the caller, 10 ms into
+        // its task 0, then ran it) says nothing, so up to ten are made, and one must say
+        // something.
         let team = Team::new(2).unwrap();
         let caller = std::thread::current().id();
         let mut conclusive = 0;
@@ -417,7 +418,7 @@ mod tests {
                 (0..8).map(|_| Mutex::new(None)).collect();
             team.for_each(8, &|i| {
                 match i {
-                    0 => std::thread::sleep(Duration::from_millis(2)),
+                    0 => std::thread::sleep(Duration::from_millis(10)),
                     4 => std::thread::sleep(Duration::from_millis(60)),
                     _ => {}
                 }

@@ -63,12 +63,7 @@ impl<D: Device> GpuBackend<D> {
         c: &LayerNormCall<'_, GpuTensor<D::Buf>>,
         y: &GpuTensor<D::Buf>,
     ) -> bool {
-        self.rows == RowKernel::Warp
-            && c.cols.is_multiple_of(16 / self.dtype.size())
-            && c.cols <= params::LN_WARP_MAX_COLS as usize
-            && [c.x, c.residual, c.gamma, c.beta, y]
-                .iter()
-                .all(|t| self.dev.address(&t.buf).is_multiple_of(16))
+        self.warp_rows_fit(c.cols, [c.x, c.residual, c.gamma, c.beta, y].into_iter())
     }
 }
 
@@ -80,7 +75,8 @@ pub enum RowKernel {
     /// One warp per row, the row in registers, 16-byte loads and stores; rows up to
     /// `LN_WARP_MAX_COLS` wide whose width is a multiple of 16 bytes (others run the block
     /// kernel). The default: on an H200 (docs/gpu-runs.md, run 6) 1.7x the block kernel's
-    /// bandwidth in f16 at 65536 x 1024; level in the MiniLM forward.
+    /// bandwidth in f16 at 65536 x 1024; level in the MiniLM forward. Residual + LayerNorm and
+    /// the decoder's residual + RMSNorm (the latter compiled and emulated, not run on a GPU).
     Warp,
 }
 
