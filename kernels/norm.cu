@@ -36,17 +36,13 @@ extern "C" __global__ void add_layernorm_bf16(const bf16* x, const bf16* res, co
 // 16-byte loads and stores: no shared memory and no block barrier. For rows of cols % (16 /
 // sizeof(T)) == 0 up to LN_WARP_MAX_COLS and 16-byte aligned tensors (the launcher checks).
 // `RowKernel::Warp`; the block-per-row kernel above is its reference.
-struct __align__(16) Vec16 {
-    uint32_t w[4];
-};
 
 template <typename T>
 __device__ void add_layernorm_warp(const T* __restrict__ x, const T* __restrict__ res,
                                    const T* __restrict__ gamma, const T* __restrict__ beta,
                                    T* __restrict__ out, uint32_t rows, uint32_t cols, float eps) {
-    constexpr int E = 16 / sizeof(T);                 // elements per 16-byte vector
-    constexpr int V = LN_WARP_MAX_COLS / (32 * E);    // vectors per lane at most
-    uint32_t lane = threadIdx.x % 32, row = blockIdx.x * LN_WARP_ROWS + threadIdx.x / 32;
+    constexpr int E = WarpRowShape<T>::E, V = WarpRowShape<T>::V;
+    uint32_t lane = warp_lane(), row = warp_row();
     if (row >= rows) return;  // no block barrier below
     uint32_t nv = cols / E;
     uint64_t base = (uint64_t)row * cols;

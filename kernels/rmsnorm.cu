@@ -45,17 +45,13 @@ extern "C" __global__ void rms_norm_bf16(const bf16* x, const bf16* res, const b
 // sizeof(T)) == 0 up to LN_WARP_MAX_COLS and 16-byte aligned tensors (the launcher checks).
 // A decoder's hidden rows (576 for SmolLM2-135M) are 1-4 KB: a block per row left most of its
 // 128 threads idle and paid two block barriers per row.
-struct __align__(16) RmsVec16 {
-    uint32_t w[4];
-};
 
 template <typename T>
 __device__ void rms_norm_warp(const T* __restrict__ x, const T* __restrict__ res,
                               const T* __restrict__ gamma, T* __restrict__ h_out,
                               T* __restrict__ y, uint32_t rows, uint32_t cols, float eps) {
-    constexpr int E = 16 / sizeof(T);                 // elements per 16-byte vector
-    constexpr int V = LN_WARP_MAX_COLS / (32 * E);    // vectors per lane at most
-    uint32_t lane = threadIdx.x % 32, row = blockIdx.x * LN_WARP_ROWS + threadIdx.x / 32;
+    constexpr int E = WarpRowShape<T>::E, V = WarpRowShape<T>::V;
+    uint32_t lane = warp_lane(), row = warp_row();
     if (row >= rows) return;  // no block barrier below
     uint32_t nv = cols / E;
     uint64_t base = (uint64_t)row * cols;
@@ -66,13 +62,13 @@ __device__ void rms_norm_warp(const T* __restrict__ x, const T* __restrict__ res
         uint32_t j = lane + 32 * i;
         if (j >= nv) break;
         uint64_t at = base + (uint64_t)j * E;
-        RmsVec16 a = *reinterpret_cast<const RmsVec16*>(x + at);
-        RmsVec16 b;
+        Vec16 a = *reinterpret_cast<const Vec16*>(x + at);
+        Vec16 b;
         b.w[0] = b.w[1] = b.w[2] = b.w[3] = 0u;
-        if (res) b = *reinterpret_cast<const RmsVec16*>(res + at);
+        if (res) b = *reinterpret_cast<const Vec16*>(res + at);
         const T* ae = reinterpret_cast<const T*>(&a);
         const T* be = reinterpret_cast<const T*>(&b);
-        RmsVec16 h;
+        Vec16 h;
         T* he = reinterpret_cast<T*>(&h);
 #pragma unroll
         for (int e = 0; e < E; e++) {
@@ -83,20 +79,20 @@ __device__ void rms_norm_warp(const T* __restrict__ x, const T* __restrict__ res
             v[i][e] = to_f32(he[e]);
             sq += v[i][e] * v[i][e];
         }
-        if (h_out) *reinterpret_cast<RmsVec16*>(h_out + at) = h;
+        if (h_out) *reinterpret_cast<Vec16*>(h_out + at) = h;
     }
     float inv = rsqrtf(warp_sum(sq) / (float)cols + eps);
 #pragma unroll
     for (int i = 0; i < V; i++) {
         uint32_t j = lane + 32 * i;
         if (j >= nv) break;
-        RmsVec16 g = *reinterpret_cast<const RmsVec16*>(gamma + (uint64_t)j * E);
+        Vec16 g = *reinterpret_cast<const Vec16*>(gamma + (uint64_t)j * E);
         const T* ge = reinterpret_cast<const T*>(&g);
-        RmsVec16 o;
+        Vec16 o;
         T* oe = reinterpret_cast<T*>(&o);
 #pragma unroll
         for (int e = 0; e < E; e++) oe[e] = from_f32<T>(v[i][e] * inv * to_f32(ge[e]));
-        *reinterpret_cast<RmsVec16*>(y + base + (uint64_t)j * E) = o;
+        *reinterpret_cast<Vec16*>(y + base + (uint64_t)j * E) = o;
     }
 }
 

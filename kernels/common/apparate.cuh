@@ -111,6 +111,24 @@ APPARATE_DEVICE f16 from_f32<f16>(float x) {
     return r;
 }
 
+// ---- warp-per-row kernels (RowKernel::Warp) ---------------------------------------------------
+
+// 16 bytes of a row: what the warp-per-row kernels load and store at a time.
+struct __align__(16) Vec16 {
+    uint32_t w[4];
+};
+
+// The elements of T in a Vec16, and the Vec16s per lane of a row of at most LN_WARP_MAX_COLS.
+template <typename T>
+struct WarpRowShape {
+    static constexpr int E = 16 / sizeof(T);
+    static constexpr int V = LN_WARP_MAX_COLS / (32 * E);
+};
+
+// This thread's row (LN_WARP_ROWS rows per block, one warp each) and lane in it.
+APPARATE_DEVICE uint32_t warp_row() { return blockIdx.x * LN_WARP_ROWS + threadIdx.x / 32; }
+APPARATE_DEVICE uint32_t warp_lane() { return threadIdx.x % 32; }
+
 // ---- reductions ----------------------------------------------------------------------------
 
 APPARATE_DEVICE float warp_sum(float v) {
