@@ -14,7 +14,7 @@ use std::sync::Mutex;
 /// zero-fills recycled memory, and at MiniLM-L6 batch 1 x 32 (activations of 48 KiB) that
 /// `memset` was 1.4% of the forward, 4.6% when the two cores sat on different core complexes
 /// (the lines it writes were last written by the other core); pooling from 16 KiB instead of
-/// 64 KiB made that forward 5-8% faster in the second placement (docs/results.md).
+/// 64 KiB made that forward 4-9% faster in the second placement (docs/results.md).
 const MIN_POOLED: usize = 4 * 1024;
 /// Kept buffers, at most. Far more than a forward pass has live: the bound on values is the
 /// one that matters, and a small count dropped a batch's large buffers whenever enough small

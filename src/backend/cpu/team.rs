@@ -62,10 +62,10 @@ impl Shared {
     /// which thread got which tile then changed on every call, so weight panels and output
     /// lines kept moving between the cores' caches. On the 2-vCPU EPYC VM, whose two vCPUs the
     /// host puts on one core complex at some times (a cache-line round trip of about 60 ns)
-    /// and on two at others (about 340 ns), owned runs made the second placement 5-16% faster
-    /// (MiniLM-L6 1x32 and 8x32, ResNet-18/50 and EfficientNet-Lite0 at batch 1) and changed
-    /// nothing measurable in the first; owning every n-th task instead of a run gained about
-    /// half as much (docs/results.md).
+    /// and on two at others (about 340 ns), owning every n-th task made MiniLM-L6 batch 1 x 32
+    /// 2-6% faster than the shared counter in the second placement, and owning runs instead
+    /// another 4-18% (MiniLM-L6 1x32 and 8x32, ResNet-18/50 and EfficientNet-Lite0 at batch
+    /// 1); neither changed anything measurable in the first (docs/results.md).
     fn work(&self, job: &Job<'_>, who: usize) -> bool {
         let n = self.next.len();
         catch_unwind(AssertUnwindSafe(|| {

@@ -105,7 +105,7 @@ impl SimdLevel {
 /// its C tile and the next one starts by loading it again; the B panel slice (`KC x NR`, 64 KiB
 /// at AVX-512) is read from L2 rather than L1, which the micro-kernel hides (two B vectors per
 /// 2 x MR FMAs). Measured on the 2-core EPYC (Zen 4, 32 KiB L1D): 512 against the 256 that fit
-/// B's slice in L1 made MiniLM-L6 batch 1 x 32 7-10% faster (no slice for its k of 384) and
+/// B's slice in L1 made MiniLM-L6 batch 1 x 32 6-14% faster (no slice for its k of 384) and
 /// changed ResNet-50 and the bf16 kernels by less than the noise; 768 and 1536 were no better.
 const KC: usize = 512;
 /// The same for the direct convolutions' slices of kernel rows ([`direct`]), which read A in
