@@ -24,6 +24,33 @@ __device__ void im2col(const T* __restrict__ x, T* __restrict__ cols, uint32_t n
     }
 }
 
+// The same (`RowKernel::Warp`), one thread per unit U of `cols` (a 16-byte vector of channels
+// when cin * sizeof(T) is a multiple of 16 and both tensors are 16-byte aligned, else one
+// element), 32-bit indices, every division by a launch constant done by `fast_div`: the
+// reference spends six 64-bit divisions per element. Consecutive threads write consecutive
+// units of `cols` and read consecutive channels of a pixel. `units` < 2^32 (the launcher
+// checks); cu = cin in units; each divisor comes as (d, mul, l) for fast_div.
+#define FAST_DIV(name) uint32_t name, uint32_t name##_mul, uint32_t name##_l
+template <typename U>
+__device__ void im2col_fast(const U* __restrict__ x, U* __restrict__ cols, uint32_t units,
+                            uint32_t h, uint32_t w, FAST_DIV(cu), FAST_DIV(taps), FAST_DIV(kw),
+                            FAST_DIV(ow), FAST_DIV(oh), uint32_t sh, uint32_t sw, uint32_t ph,
+                            uint32_t pw) {
+    uint32_t stride = gridDim.x * blockDim.x;
+    for (uint32_t u = blockIdx.x * blockDim.x + threadIdx.x; u < units; u += stride) {
+        uint32_t t = fast_div(u, cu_mul, cu_l), c = u - t * cu;  // t = pixel * taps + tap
+        uint32_t r = fast_div(t, taps_mul, taps_l), tap = t - r * taps;
+        uint32_t i = fast_div(tap, kw_mul, kw_l), j = tap - i * kw;
+        uint32_t q = fast_div(r, ow_mul, ow_l), xo = r - q * ow;  // q = b * oh + y
+        uint32_t b = fast_div(q, oh_mul, oh_l), y = q - b * oh;
+        int iy = (int)(y * sh + i) - (int)ph, ix = (int)(xo * sw + j) - (int)pw;
+        U v = U{};  // zero bits: +0 in every storage dtype
+        if (iy >= 0 && iy < (int)h && ix >= 0 && ix < (int)w)
+            v = x[(((uint64_t)b * h + iy) * w + ix) * cu + c];
+        cols[u] = v;
+    }
+}
+
 // out [n, oh, ow, cout] = act(grouped conv + bias + residual); w [cout, kh, kw, cin / groups].
 template <typename T>
 __device__ void conv_grouped(const T* __restrict__ x, const T* __restrict__ wt,
@@ -58,6 +85,17 @@ __device__ void conv_grouped(const T* __restrict__ x, const T* __restrict__ wt,
 extern "C" __global__ void im2col_f32(const float* x, float* cols, IM2COL_ARGS) { im2col(x, cols, IM2COL_PASS); }
 extern "C" __global__ void im2col_f16(const f16* x, f16* cols, IM2COL_ARGS) { im2col(x, cols, IM2COL_PASS); }
 extern "C" __global__ void im2col_bf16(const bf16* x, bf16* cols, IM2COL_ARGS) { im2col(x, cols, IM2COL_PASS); }
+
+#define IM2COL_FAST_ARGS uint32_t units, uint32_t h, uint32_t w, FAST_DIV(cu), FAST_DIV(taps), \
+    FAST_DIV(kw), FAST_DIV(ow), FAST_DIV(oh), uint32_t sh, uint32_t sw, uint32_t ph, uint32_t pw
+#define IM2COL_FAST_PASS units, h, w, cu, cu_mul, cu_l, taps, taps_mul, taps_l, kw, kw_mul, kw_l, \
+    ow, ow_mul, ow_l, oh, oh_mul, oh_l, sh, sw, ph, pw
+// 16-byte units (any storage dtype: the copy does not look inside them)
+extern "C" __global__ void im2col_vec16(const Vec16* x, Vec16* cols, IM2COL_FAST_ARGS) { im2col_fast(x, cols, IM2COL_FAST_PASS); }
+// one element at a time
+extern "C" __global__ void im2col_fast_f32(const float* x, float* cols, IM2COL_FAST_ARGS) { im2col_fast(x, cols, IM2COL_FAST_PASS); }
+extern "C" __global__ void im2col_fast_f16(const f16* x, f16* cols, IM2COL_FAST_ARGS) { im2col_fast(x, cols, IM2COL_FAST_PASS); }
+extern "C" __global__ void im2col_fast_bf16(const bf16* x, bf16* cols, IM2COL_FAST_ARGS) { im2col_fast(x, cols, IM2COL_FAST_PASS); }
 
 #define CONV_ARGS uint32_t n, uint32_t h, uint32_t w, uint32_t cin, uint32_t cout, uint32_t kh, \
     uint32_t kw, uint32_t oh, uint32_t ow, uint32_t sh, uint32_t sw, uint32_t ph, uint32_t pw, \

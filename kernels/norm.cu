@@ -1,6 +1,7 @@
-// Row normalisations, one block per row, statistics in f32 whatever the storage dtype: residual
-// add + LayerNorm, fused (the row kept in shared memory between the mean and variance passes),
-// and L2 normalisation.
+// Row normalisations, statistics in f32 whatever the storage dtype: residual add + LayerNorm,
+// fused, and L2 normalisation. Each in two kernels: one block per row (the reference; the
+// LayerNorm keeps the row in shared memory between the mean and variance passes) and one warp
+// per row with the row in registers (`RowKernel::Warp`).
 #include "common/apparate.cuh"
 
 template <typename T>
@@ -52,42 +53,16 @@ __device__ void add_layernorm_warp(const T* __restrict__ x, const T* __restrict_
     for (int i = 0; i < V; i++) {
         uint32_t j = lane + 32 * i;
         if (j >= nv) break;
-        Vec16 a = *reinterpret_cast<const Vec16*>(x + base + (uint64_t)j * E);
-        Vec16 b = *reinterpret_cast<const Vec16*>(res + base + (uint64_t)j * E);
-        const T* ae = reinterpret_cast<const T*>(&a);
-        const T* be = reinterpret_cast<const T*>(&b);
+        float b[E];
+        load_vec16(x + base + (uint64_t)j * E, v[i]);
+        load_vec16(res + base + (uint64_t)j * E, b);
 #pragma unroll
         for (int e = 0; e < E; e++) {
-            v[i][e] = to_f32(ae[e]) + to_f32(be[e]);
+            v[i][e] += b[e];
             sum += v[i][e];
         }
     }
-    float mean = warp_sum(sum) / (float)cols, sq = 0.0f;
-#pragma unroll
-    for (int i = 0; i < V; i++) {
-        if (lane + 32 * i >= nv) break;
-#pragma unroll
-        for (int e = 0; e < E; e++) {
-            float d = v[i][e] - mean;
-            sq += d * d;
-        }
-    }
-    float inv = rsqrtf(warp_sum(sq) / (float)cols + eps);
-#pragma unroll
-    for (int i = 0; i < V; i++) {
-        uint32_t j = lane + 32 * i;
-        if (j >= nv) break;
-        Vec16 g = *reinterpret_cast<const Vec16*>(gamma + (uint64_t)j * E);
-        Vec16 bt = *reinterpret_cast<const Vec16*>(beta + (uint64_t)j * E);
-        const T* ge = reinterpret_cast<const T*>(&g);
-        const T* be = reinterpret_cast<const T*>(&bt);
-        Vec16 o;
-        T* oe = reinterpret_cast<T*>(&o);
-#pragma unroll
-        for (int e = 0; e < E; e++)
-            oe[e] = from_f32<T>((v[i][e] - mean) * inv * to_f32(ge[e]) + to_f32(be[e]));
-        *reinterpret_cast<Vec16*>(out + base + (uint64_t)j * E) = o;
-    }
+    warp_layernorm_row(v, sum, lane, nv, cols, gamma, beta, eps, out + base);
 }
 
 extern "C" __global__ void add_layernorm_warp_f32(const float* x, const float* res,
@@ -126,3 +101,37 @@ __device__ void l2_normalize(const T* __restrict__ x, T* __restrict__ out, uint3
 extern "C" __global__ void l2_normalize_f32(const float* x, float* out, uint32_t cols) { l2_normalize(x, out, cols); }
 extern "C" __global__ void l2_normalize_f16(const f16* x, f16* out, uint32_t cols) { l2_normalize(x, out, cols); }
 extern "C" __global__ void l2_normalize_bf16(const bf16* x, bf16* out, uint32_t cols) { l2_normalize(x, out, cols); }
+
+// The same, one warp per row (`RowKernel::Warp`, the layout and limits of add_layernorm_warp).
+template <typename T>
+__device__ void l2_normalize_warp(const T* __restrict__ x, T* __restrict__ out, uint32_t rows,
+                                  uint32_t cols) {
+    constexpr int E = WarpRowShape<T>::E, V = WarpRowShape<T>::V;
+    uint32_t lane = warp_lane(), row = warp_row();
+    if (row >= rows) return;  // no block barrier below
+    uint32_t nv = cols / E;
+    uint64_t base = (uint64_t)row * cols;
+    float v[V][E];
+    float sq = 0.0f;
+#pragma unroll
+    for (int i = 0; i < V; i++) {
+        uint32_t j = lane + 32 * i;
+        if (j >= nv) break;
+        load_vec16(x + base + (uint64_t)j * E, v[i]);
+#pragma unroll
+        for (int e = 0; e < E; e++) sq += v[i][e] * v[i][e];
+    }
+    float inv = 1.0f / fmaxf(sqrtf(warp_sum(sq)), 1e-12f);
+#pragma unroll
+    for (int i = 0; i < V; i++) {
+        uint32_t j = lane + 32 * i;
+        if (j >= nv) break;
+#pragma unroll
+        for (int e = 0; e < E; e++) v[i][e] *= inv;
+        store_vec16(out + base + (uint64_t)j * E, v[i]);
+    }
+}
+
+extern "C" __global__ void l2_normalize_warp_f32(const float* x, float* out, uint32_t rows, uint32_t cols) { l2_normalize_warp(x, out, rows, cols); }
+extern "C" __global__ void l2_normalize_warp_f16(const f16* x, f16* out, uint32_t rows, uint32_t cols) { l2_normalize_warp(x, out, rows, cols); }
+extern "C" __global__ void l2_normalize_warp_bf16(const bf16* x, bf16* out, uint32_t rows, uint32_t cols) { l2_normalize_warp(x, out, rows, cols); }

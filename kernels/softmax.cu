@@ -20,3 +20,51 @@ __device__ void softmax(const T* __restrict__ x, T* __restrict__ out, uint32_t c
 extern "C" __global__ void softmax_f32(const float* x, float* out, uint32_t cols) { softmax(x, out, cols); }
 extern "C" __global__ void softmax_f16(const f16* x, f16* out, uint32_t cols) { softmax(x, out, cols); }
 extern "C" __global__ void softmax_bf16(const bf16* x, bf16* out, uint32_t cols) { softmax(x, out, cols); }
+
+// The same, one warp per row (LN_WARP_ROWS rows per block) with the row in registers and
+// 16-byte loads and stores (`RowKernel::Warp`; rows of cols % (16 / sizeof(T)) == 0 up to
+// LN_WARP_MAX_COLS, 16-byte aligned tensors: the launcher checks). One read and one write of
+// the row instead of the block kernel's three reads, and no block barriers.
+template <typename T>
+__device__ void softmax_warp(const T* __restrict__ x, T* __restrict__ out, uint32_t rows,
+                             uint32_t cols) {
+    constexpr int E = WarpRowShape<T>::E, V = WarpRowShape<T>::V;
+    uint32_t lane = warp_lane(), row = warp_row();
+    if (row >= rows) return;  // no block barrier below
+    uint32_t nv = cols / E;
+    uint64_t base = (uint64_t)row * cols;
+    float v[V][E];
+    float mx = -3.402823466e38f;
+#pragma unroll
+    for (int i = 0; i < V; i++) {
+        uint32_t j = lane + 32 * i;
+        if (j >= nv) break;
+        load_vec16(x + base + (uint64_t)j * E, v[i]);
+#pragma unroll
+        for (int e = 0; e < E; e++) mx = fmaxf(mx, v[i][e]);
+    }
+    mx = warp_max(mx);
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < V; i++) {
+        if (lane + 32 * i >= nv) break;
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+            v[i][e] = expf(v[i][e] - mx);
+            sum += v[i][e];
+        }
+    }
+    float inv = 1.0f / warp_sum(sum);
+#pragma unroll
+    for (int i = 0; i < V; i++) {
+        uint32_t j = lane + 32 * i;
+        if (j >= nv) break;
+#pragma unroll
+        for (int e = 0; e < E; e++) v[i][e] *= inv;
+        store_vec16(out + base + (uint64_t)j * E, v[i]);
+    }
+}
+
+extern "C" __global__ void softmax_warp_f32(const float* x, float* out, uint32_t rows, uint32_t cols) { softmax_warp(x, out, rows, cols); }
+extern "C" __global__ void softmax_warp_f16(const f16* x, f16* out, uint32_t rows, uint32_t cols) { softmax_warp(x, out, rows, cols); }
+extern "C" __global__ void softmax_warp_bf16(const bf16* x, bf16* out, uint32_t rows, uint32_t cols) { softmax_warp(x, out, rows, cols); }

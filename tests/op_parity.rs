@@ -28,7 +28,7 @@ fn parity_on<D: Device>(label: &str, dev: Arc<D>, pick: impl Fn(&Op) -> bool) {
     for case in op_cases::cases().iter().filter(|k| pick(&k.op)) {
         // Ops that run a GEMM, in half precision: both kernels (the simple one is the
         // pipelined one's reference and fallback).
-        // The same for attention, and for LayerNorm in every dtype.
+        // The same for attention.
         use {AttentionKernel as A, GemmKernel as G, RowKernel as R};
         let half = case.dtype != DType::F32;
         let variants: &[(G, A, R)] = match case.op {
@@ -41,7 +41,15 @@ fn parity_on<D: Device>(label: &str, dev: Arc<D>, pick: impl Fn(&Op) -> bool) {
                 (G::Pipelined, A::Flash, R::Block),
                 (G::Pipelined, A::Simple, R::Block),
             ],
-            Op::AddLayerNorm { .. } => &[
+            // The row and memory-bound kernels: both, in every dtype (the fast im2col of a
+            // dense convolution in f32 too).
+            Op::AddLayerNorm { .. }
+            | Op::Softmax { .. }
+            | Op::L2Normalize { .. }
+            | Op::Embed { .. }
+            | Op::Pool { .. }
+            | Op::RampExit { .. }
+            | Op::Conv2d { .. } => &[
                 (G::Pipelined, A::Flash, R::Block),
                 (G::Pipelined, A::Flash, R::Warp),
             ],

@@ -129,6 +129,23 @@ struct WarpRowShape {
 APPARATE_DEVICE uint32_t warp_row() { return blockIdx.x * LN_WARP_ROWS + threadIdx.x / 32; }
 APPARATE_DEVICE uint32_t warp_lane() { return threadIdx.x % 32; }
 
+// One 16-byte vector of T at p (16-byte aligned) as E floats, and back.
+template <typename T, int E = WarpRowShape<T>::E>
+APPARATE_DEVICE void load_vec16(const T* p, float (&out)[E]) {
+    Vec16 a = *reinterpret_cast<const Vec16*>(p);
+    const T* ae = reinterpret_cast<const T*>(&a);
+#pragma unroll
+    for (int e = 0; e < E; e++) out[e] = to_f32(ae[e]);
+}
+template <typename T, int E = WarpRowShape<T>::E>
+APPARATE_DEVICE void store_vec16(T* p, const float (&in)[E]) {
+    Vec16 o;
+    T* oe = reinterpret_cast<T*>(&o);
+#pragma unroll
+    for (int e = 0; e < E; e++) oe[e] = from_f32<T>(in[e]);
+    *reinterpret_cast<Vec16*>(p) = o;
+}
+
 // ---- reductions ----------------------------------------------------------------------------
 
 APPARATE_DEVICE float warp_sum(float v) {
@@ -177,6 +194,51 @@ APPARATE_DEVICE void layernorm_shared_row(const float* row, float local, uint32_
     float inv = rsqrtf(block_sum(sq, scratch) / (float)cols + eps);
     for (uint32_t c = threadIdx.x; c < cols; c += blockDim.x)
         out[c] = from_f32<T>((row[c] - mean) * inv * to_f32(gamma[c]) + to_f32(beta[c]));
+}
+
+// LayerNorm of one row of `cols` f32 values that a warp holds in registers (lane `lane`'s
+// v[i][e] is column (lane + 32 i) * E + e, for the nv = cols / E vectors of the row; `sum` is
+// this lane's part of their sum), written to `out` (16-byte aligned) as T with 16-byte stores.
+// Two passes over the registers (mean, then the centred variance), as the block kernels do.
+template <typename T, int V, int E>
+APPARATE_DEVICE void warp_layernorm_row(float (&v)[V][E], float sum, uint32_t lane, uint32_t nv,
+                                        uint32_t cols, const T* gamma, const T* beta, float eps,
+                                        T* out) {
+    float mean = warp_sum(sum) / (float)cols, sq = 0.0f;
+#pragma unroll
+    for (int i = 0; i < V; i++) {
+        if (lane + 32 * i >= nv) break;
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+            float d = v[i][e] - mean;
+            sq += d * d;
+        }
+    }
+    float inv = rsqrtf(warp_sum(sq) / (float)cols + eps);
+#pragma unroll
+    for (int i = 0; i < V; i++) {
+        uint32_t j = lane + 32 * i;
+        if (j >= nv) break;
+        float g[E], b[E], o[E];
+        load_vec16(gamma + (uint64_t)j * E, g);
+        load_vec16(beta + (uint64_t)j * E, b);
+#pragma unroll
+        for (int e = 0; e < E; e++) o[e] = (v[i][e] - mean) * inv * g[e] + b[e];
+        store_vec16(out + (uint64_t)j * E, o);
+    }
+}
+
+// ---- division by a divisor fixed for a launch -------------------------------------------------
+
+// n / d for any 32-bit n, as a multiply-high and two shifts (Granlund and Montgomery, "Division
+// by invariant integers using multiplication", 1994, figure 4.1): the launcher computes, once
+// per divisor d >= 1, l = ceil(log2 d) and mul = floor(2^32 (2^l - d) / d) + 1 (`FastDiv` in
+// src/backend/gpu/conv.rs, which checks the identity). A 32-bit division is a loop of about 20
+// instructions on a GPU, a 64-bit one several times that.
+APPARATE_DEVICE uint32_t fast_div(uint32_t n, uint32_t mul, uint32_t l) {
+    uint32_t t = (uint32_t)(((uint64_t)n * mul) >> 32);
+    uint32_t sh1 = l < 1 ? l : 1u, sh2 = l > 0 ? l - 1 : 0u;
+    return (t + ((n - t) >> sh1)) >> sh2;
 }
 
 // ---- windows over NHWC images --------------------------------------------------------------

@@ -15,6 +15,9 @@
 // row it takes (the row lives in registers: 2048 / 32 = 64 values per lane).
 #define LN_WARP_ROWS 4
 #define LN_WARP_MAX_COLS 2048
+// The vectorised token pooling: warps per block, each taking every POOL_WARPS-th row of an
+// input (MiniLM's 128 tokens: 8 rows per warp).
+#define POOL_WARPS 16
 
 // Grid-stride kernels (im2col, grouped convolution, 2-D pooling, casts, copies).
 #define ELEMENTWISE_THREADS 256

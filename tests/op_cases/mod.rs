@@ -198,7 +198,8 @@ pub fn ops() -> Vec<(Op, Expect)> {
             ok.clone(),
         ));
     }
-    for (batch, seq, width) in [(1, 1, 1), (2, 5, 16), (3, 33, 384)] {
+    // (1, 3, 2048): the widest row of the warp-per-token kernel; 16 and 384 fit it too.
+    for (batch, seq, width) in [(1, 1, 1), (2, 5, 16), (3, 33, 384), (1, 3, 2048)] {
         for bad_id in [false, true] {
             let expect = if bad_id {
                 Expect::Error("outside the vocabulary")
@@ -220,6 +221,9 @@ pub fn ops() -> Vec<(Op, Expect)> {
         (1, 1, vec![1]),
         (9, 17, vec![9, 2, 5]),
         (128, 384, vec![128, 3]),
+        // The vectorised pooling's column chunks: 257 (f16) or 514 (f32) vectors, a ragged
+        // last chunk; fewer rows than its warps.
+        (5, 2056, vec![5, 1]),
     ] {
         for kind in [Pooling::Mean, Pooling::Cls] {
             let lengths = lengths.clone();
@@ -234,7 +238,9 @@ pub fn ops() -> Vec<(Op, Expect)> {
             ));
         }
     }
-    for (rows, cols) in [(1, 1), (3, 157), (7, 1000)] {
+    // (7, 1000), (4, 8) and (5, 2048) fit the warp-per-row kernels; (2, 2056) is one vector
+    // past them.
+    for (rows, cols) in [(1, 1), (3, 157), (7, 1000), (4, 8), (5, 2048), (2, 2056)] {
         v.push((Op::L2Normalize { rows, cols }, ok.clone()));
         v.push((Op::Softmax { rows, cols }, ok.clone()));
     }

@@ -16,6 +16,12 @@ pub(super) fn cfg(n: usize) -> LaunchConfig {
     LaunchConfig::linear(blocks as u32, params::ELEMENTWISE_THREADS, 0)
 }
 
+/// The most threads a grid-stride launch has (its stride): `ELEMENTWISE_MAX_BLOCKS` blocks of
+/// `ELEMENTWISE_THREADS`. A kernel's 32-bit index must stay below 2^32 after its last step.
+pub(super) fn max_grid_threads() -> usize {
+    (params::ELEMENTWISE_MAX_BLOCKS * params::ELEMENTWISE_THREADS) as usize
+}
+
 fn count<D: Device>(dev: &D, what: &str, n: usize) -> Result<u32> {
     u32::try_from(n).map_err(|_| {
         Error::device(
@@ -49,6 +55,45 @@ pub fn copy_words<D: Device>(dev: &D, src: &D::Buf, dst: &D::Buf, words: usize) 
     // SAFETY: copy_u32(const uint32_t*, uint32_t*, uint32_t n) on two live buffers of this
     // device holding at least `words` u32 each (checked above).
     unsafe { dev.launch("copy_u32", cfg(words), &args) }
+}
+
+/// Copies the first `vectors` 16-byte vectors of `src` into `dst` (`copy_vec16`, four per
+/// thread): the benchmarks' bandwidth yardstick. Both buffers 16-byte aligned (every device
+/// allocation is).
+pub fn copy_vectors<D: Device>(
+    dev: &D,
+    src: &D::Buf,
+    dst: &D::Buf,
+    vectors: usize,
+) -> Result<()> {
+    fits(dev, src, vectors * 16, "copy source")?;
+    fits(dev, dst, vectors * 16, "copy destination")?;
+    for (what, b) in [("copy source", src), ("copy destination", dst)] {
+        if !dev.address(b).is_multiple_of(16) {
+            return Err(Error::device(dev.name(), what, "not 16-byte aligned"));
+        }
+    }
+    // The kernel's unrolled index i + 3 * stride must not wrap: stride is at most
+    // ELEMENTWISE_MAX_BLOCKS * ELEMENTWISE_THREADS = 2^28.
+    if vectors > u32::MAX as usize - 4 * max_grid_threads() {
+        return Err(Error::device(
+            dev.name(),
+            format!("vectors = {vectors}"),
+            "too many for copy_vec16's 32-bit indices",
+        ));
+    }
+    let blocks = vectors
+        .div_ceil(4 * params::ELEMENTWISE_THREADS as usize)
+        .clamp(1, params::ELEMENTWISE_MAX_BLOCKS as usize);
+    let args = [
+        KernelArg::Ptr(dev.address(src)),
+        KernelArg::Ptr(dev.address(dst)),
+        KernelArg::U32(count(dev, "vectors", vectors)?),
+    ];
+    let cfg = LaunchConfig::linear(blocks as u32, params::ELEMENTWISE_THREADS, 0);
+    // SAFETY: copy_vec16(const Vec16*, Vec16*, uint32_t n) on two live, 16-byte aligned
+    // buffers of this device holding at least `vectors` 16-byte vectors each (checked above).
+    unsafe { dev.launch("copy_vec16", cfg, &args) }
 }
 
 /// Converts `n` values of `from` in `src` to `to` in `dst` (`cast_<from>_<to>`; one side f32).

@@ -1,5 +1,5 @@
 //! Launcher of `kernels/embedding.cu`: word + position + token-type lookup and LayerNorm, one
-//! block per token. The ids were checked against the tables by `op_check::embed`.
+//! warp per token ([`super::RowKernel::Warp`], where the width fits) or one block per token. The ids were checked against the tables by `op_check::embed`.
 
 use super::GpuBackend;
 use super::GpuTensor;
@@ -19,25 +19,28 @@ impl<D: Device> GpuBackend<D> {
         }
         let ids = self.ints("token id", c.ids.iter().map(|&i| i as usize))?;
         let types = self.ints("token type id", c.type_ids.iter().map(|&i| i as usize))?;
-        let cfg = self.rows_cfg("tokens", rows, self.row_shared("embed", c.width)?)?;
         let t = &c.tables;
-        self.launch(
-            &self.kernel("embed"),
-            cfg,
-            &[
-                KernelArg::Ptr(self.dev.address(&ids)),
-                KernelArg::Ptr(self.dev.address(&types)),
-                self.ptr(t.word)?,
-                self.ptr(t.position)?,
-                self.ptr(t.token_type)?,
-                self.ptr(t.gamma)?,
-                self.ptr(t.beta)?,
-                self.ptr(&out)?,
-                self.u32("seq", c.shape.seq)?,
-                self.u32("width", c.width)?,
-                KernelArg::F32(c.eps),
-            ],
-        )?;
+        let tables = [t.word, t.position, t.token_type, t.gamma, t.beta];
+        let mut args = vec![
+            KernelArg::Ptr(self.dev.address(&ids)),
+            KernelArg::Ptr(self.dev.address(&types)),
+        ];
+        for table in tables {
+            args.push(self.ptr(table)?);
+        }
+        args.push(self.ptr(&out)?);
+        let (seq, width) = (self.u32("seq", c.shape.seq)?, self.u32("width", c.width)?);
+        // Every table row starts 16-byte aligned when the tables do and the width is a whole
+        // number of 16-byte vectors (what `warp_rows_fit` checks).
+        if self.warp_rows_fit(c.width, tables.into_iter().chain([&out])) {
+            args.extend([self.u32("tokens", rows)?, seq, width, KernelArg::F32(c.eps)]);
+            let cfg = self.warp_rows_cfg("token blocks", rows)?;
+            self.launch(&self.kernel("embed_warp"), cfg, &args)?;
+        } else {
+            args.extend([seq, width, KernelArg::F32(c.eps)]);
+            let cfg = self.rows_cfg("tokens", rows, self.row_shared("embed", c.width)?)?;
+            self.launch(&self.kernel("embed"), cfg, &args)?;
+        }
         Ok(out)
     }
 }

@@ -233,7 +233,36 @@ impl<D: Device> GpuBackend<D> {
         ))
     }
 
-    /// Row kernel `op` with arguments (x, out, cols), one block per row (softmax, L2).
+    /// Whether the warp-per-row kernels are chosen and take rows of `cols` values in these
+    /// tensors: rows a whole number of 16-byte vectors, at most `LN_WARP_MAX_COLS` wide, every
+    /// tensor 16-byte aligned.
+    fn warp_rows_fit<'t>(
+        &self,
+        cols: usize,
+        mut tensors: impl Iterator<Item = &'t GpuTensor<D::Buf>>,
+    ) -> bool
+    where
+        D::Buf: 't,
+    {
+        self.rows == RowKernel::Warp
+            && cols.is_multiple_of(16 / self.dtype.size())
+            && cols <= params::LN_WARP_MAX_COLS as usize
+            && tensors.all(|t| self.dev.address(&t.buf).is_multiple_of(16))
+    }
+
+    /// A one-warp-per-row launch of a warp row kernel (`LN_WARP_ROWS` rows per block).
+    fn warp_rows_cfg(&self, what: &str, rows: usize) -> Result<LaunchConfig> {
+        let per_block = params::LN_WARP_ROWS as usize;
+        Ok(LaunchConfig::linear(
+            self.grid(what, rows.div_ceil(per_block))?,
+            params::LN_WARP_ROWS * 32,
+            0,
+        ))
+    }
+
+    /// Row kernel `op` (softmax, L2) on x into y: `{op}_warp` with arguments (x, out, rows,
+    /// cols) where the warp-per-row kernels are chosen and the rows fit them, else `op` with
+    /// (x, out, cols), one block per row.
     fn launch_row_op(
         &self,
         op: &str,
@@ -243,10 +272,16 @@ impl<D: Device> GpuBackend<D> {
         if c.rows == 0 {
             return Ok(());
         }
+        let (x, out, cols) = (self.ptr(c.x)?, self.ptr(y)?, self.u32("cols", c.cols)?);
+        if self.warp_rows_fit(c.cols, [c.x, y].into_iter()) {
+            let cfg = self.warp_rows_cfg("row blocks", c.rows)?;
+            let args = [x, out, self.u32("rows", c.rows)?, cols];
+            return self.launch(&self.kernel(&format!("{op}_warp")), cfg, &args);
+        }
         self.launch(
             &self.kernel(op),
             self.rows_cfg("rows", c.rows, 0)?,
-            &[self.ptr(c.x)?, self.ptr(y)?, self.u32("cols", c.cols)?],
+            &[x, out, cols],
         )
     }
 

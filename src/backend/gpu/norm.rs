@@ -2,8 +2,8 @@
 //! and L2 normalisation, one block per row. (`launch_row_op` is in mod.rs, shared with
 //! softmax.)
 
-use super::{GpuBackend, GpuTensor, params};
-use crate::backend::device::{Device, KernelArg, LaunchConfig};
+use super::{GpuBackend, GpuTensor};
+use crate::backend::device::{Device, KernelArg};
 use crate::backend::op_check::{self, LayerNormCall};
 use crate::error::Result;
 
@@ -41,12 +41,7 @@ impl<D: Device> GpuBackend<D> {
         );
         let (cols, eps) = (self.u32("cols", c.cols)?, KernelArg::F32(c.eps));
         if self.warp_layernorm_fits(c, y) {
-            let rows_per_block = params::LN_WARP_ROWS as usize;
-            let cfg = LaunchConfig::linear(
-                self.grid("row blocks", c.rows.div_ceil(rows_per_block))?,
-                params::LN_WARP_ROWS * 32,
-                0,
-            );
+            let cfg = self.warp_rows_cfg("row blocks", c.rows)?;
             let rows = self.u32("rows", c.rows)?;
             let args = [x, res, gamma, beta, out, rows, cols, eps];
             return self.launch(&self.kernel("add_layernorm_warp"), cfg, &args);

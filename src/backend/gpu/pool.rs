@@ -1,9 +1,10 @@
-//! Launchers of `kernels/pool.cu`: token pooling (one block per input), 2-D windows and global
-//! average pooling over NHWC (grid-stride).
+//! Launchers of `kernels/pool.cu`: token pooling (vectorised, a block per input and 32 column
+//! vectors, with [`RowKernel::Warp`] where the width fits; else one block per input), 2-D
+//! windows and global average pooling over NHWC (grid-stride).
 
-use super::{GpuBackend, GpuTensor, params};
+use super::{GpuBackend, GpuTensor, RowKernel, params};
 use crate::backend::Pooling;
-use crate::backend::device::{Device, KernelArg};
+use crate::backend::device::{Device, KernelArg, LaunchConfig};
 use crate::backend::op_check::{GlobalPoolCall, Pool2dCall, PoolCall};
 use crate::error::Result;
 
@@ -27,19 +28,40 @@ impl<D: Device> GpuBackend<D> {
             return Ok(out);
         }
         let lengths = self.ints("length", c.shape.lengths.iter().copied())?;
-        self.launch(
-            &self.kernel("pool"),
-            self.rows_cfg("inputs", batch, 0)?,
-            &[
-                self.ptr(c.x)?,
-                KernelArg::Ptr(self.dev.address(&lengths)),
-                self.ptr(&out)?,
-                self.u32("seq", c.shape.seq)?,
-                self.u32("width", c.cols)?,
-                KernelArg::I32(pooling_code(c.kind)),
-            ],
-        )?;
+        let mut args = vec![
+            self.ptr(c.x)?,
+            KernelArg::Ptr(self.dev.address(&lengths)),
+            self.ptr(&out)?,
+            self.u32("seq", c.shape.seq)?,
+            self.u32("width", c.cols)?,
+            KernelArg::I32(pooling_code(c.kind)),
+        ];
+        if self.vec_pool_fits(c.cols, [c.x, &out]) {
+            // A block per (input, 32 vectors of columns).
+            let chunks = (c.cols / (16 / self.dtype.size())).div_ceil(32);
+            args.push(self.u32("column chunks", chunks)?);
+            let blocks = self.grid("pool blocks", batch * chunks)?;
+            let cfg = LaunchConfig::linear(blocks, params::POOL_WARPS * 32, 0);
+            self.launch(&self.kernel("pool_warp"), cfg, &args)?;
+        } else {
+            self.launch(
+                &self.kernel("pool"),
+                self.rows_cfg("inputs", batch, 0)?,
+                &args,
+            )?;
+        }
         Ok(out)
+    }
+
+    /// Whether the vectorised token pooling is chosen and takes rows of `cols` values in these
+    /// tensors: rows a whole number of 16-byte vectors (any width: it tiles the columns),
+    /// tensors 16-byte aligned.
+    fn vec_pool_fits(&self, cols: usize, tensors: [&GpuTensor<D::Buf>; 2]) -> bool {
+        self.rows == RowKernel::Warp
+            && cols.is_multiple_of(16 / self.dtype.size())
+            && tensors
+                .iter()
+                .all(|t| self.dev.address(&t.buf).is_multiple_of(16))
     }
 
     pub(super) fn launch_pool2d(

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::pool::pooling_code;
-use super::{GpuBackend, GpuTensor, params};
+use super::{GpuBackend, GpuTensor, RowKernel, params};
 use crate::backend::device::{Device, KernelArg, LaunchConfig};
 use crate::backend::op_check::RampCall;
 use crate::backend::{PendingDecisions, RampDecision, ReadyDecisions, decode_decisions};
@@ -61,8 +61,14 @@ impl<D: Device> GpuBackend<D> {
             Some((w, b)) => (self.ptr(w)?, self.ptr(b)?),
             None => (KernelArg::Ptr(0), KernelArg::Ptr(0)),
         };
+        // The warp kernel reads each weight row with one warp (coalesced); the block kernel,
+        // its reference, gives each thread a row of its own.
+        let kernel = match self.rows {
+            RowKernel::Warp => "ramp_exit_warp",
+            RowKernel::Block => "ramp_exit",
+        };
         self.launch(
-            &self.kernel("ramp_exit"),
+            &self.kernel(kernel),
             LaunchConfig::linear(self.grid("inputs", batch)?, params::RAMP_THREADS, smem),
             &[
                 self.ptr(c.input.x)?,

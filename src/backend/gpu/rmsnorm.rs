@@ -1,9 +1,9 @@
 //! Launcher of `kernels/rmsnorm.cu`: residual add + RMSNorm, one warp per row
 //! ([`RowKernel::Warp`], where the row fits) or one block per row (the reference).
 
-use super::{GpuBackend, GpuTensor, RowKernel, params};
+use super::{GpuBackend, GpuTensor};
 use crate::backend::decoder::NormOut;
-use crate::backend::device::{Device, KernelArg, LaunchConfig};
+use crate::backend::device::{Device, KernelArg};
 use crate::error::Result;
 
 impl<D: Device> GpuBackend<D> {
@@ -34,12 +34,7 @@ impl<D: Device> GpuBackend<D> {
         let (c, e) = (self.u32("cols", cols)?, KernelArg::F32(eps));
         let tensors = [Some(x), residual, Some(gamma), h.as_ref(), Some(&y)];
         if self.warp_rows_fit(cols, tensors.iter().flatten().copied()) {
-            let per_block = params::LN_WARP_ROWS as usize;
-            let cfg = LaunchConfig::linear(
-                self.grid("row blocks", rows.div_ceil(per_block))?,
-                params::LN_WARP_ROWS * 32,
-                0,
-            );
+            let cfg = self.warp_rows_cfg("row blocks", rows)?;
             let r = self.u32("rows", rows)?;
             let args = [xp, rp, gp, hp, yp, r, c, e];
             self.launch(&self.kernel("rms_norm_warp"), cfg, &args)?;
@@ -48,22 +43,5 @@ impl<D: Device> GpuBackend<D> {
         let cfg = self.rows_cfg("rows", rows, self.row_shared("rms_norm", cols)?)?;
         self.launch(&self.kernel("rms_norm"), cfg, &[xp, rp, gp, hp, yp, c, e])?;
         Ok((h, y))
-    }
-
-    /// Whether the warp-per-row kernels are chosen and take rows of `cols` values in these
-    /// tensors: rows a whole number of 16-byte vectors, at most `LN_WARP_MAX_COLS` wide, every
-    /// tensor 16-byte aligned.
-    pub(super) fn warp_rows_fit<'t>(
-        &self,
-        cols: usize,
-        mut tensors: impl Iterator<Item = &'t GpuTensor<D::Buf>>,
-    ) -> bool
-    where
-        D::Buf: 't,
-    {
-        self.rows == RowKernel::Warp
-            && cols.is_multiple_of(16 / self.dtype.size())
-            && cols <= params::LN_WARP_MAX_COLS as usize
-            && tensors.all(|t| self.dev.address(&t.buf).is_multiple_of(16))
     }
 }
