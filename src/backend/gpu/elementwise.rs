@@ -60,12 +60,7 @@ pub fn copy_words<D: Device>(dev: &D, src: &D::Buf, dst: &D::Buf, words: usize) 
 /// Copies the first `vectors` 16-byte vectors of `src` into `dst` (`copy_vec16`, four per
 /// thread): the benchmarks' bandwidth yardstick. Both buffers 16-byte aligned (every device
 /// allocation is).
-pub fn copy_vectors<D: Device>(
-    dev: &D,
-    src: &D::Buf,
-    dst: &D::Buf,
-    vectors: usize,
-) -> Result<()> {
+pub fn copy_vectors<D: Device>(dev: &D, src: &D::Buf, dst: &D::Buf, vectors: usize) -> Result<()> {
     fits(dev, src, vectors * 16, "copy source")?;
     fits(dev, dst, vectors * 16, "copy destination")?;
     for (what, b) in [("copy source", src), ("copy destination", dst)] {

@@ -1,5 +1,6 @@
 //! Launcher of `kernels/embedding.cu`: word + position + token-type lookup and LayerNorm, one
-//! warp per token ([`super::RowKernel::Warp`], where the width fits) or one block per token. The ids were checked against the tables by `op_check::embed`.
+//! warp per token ([`super::RowKernel::Warp`], where the width fits) or one block per token.
+//! The ids were checked against the tables by `op_check::embed`.
 
 use super::GpuBackend;
 use super::GpuTensor;
