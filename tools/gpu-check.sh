@@ -185,8 +185,10 @@ done
 mkdir -p "$WORK/weights"
 unxz_to "$DEV/minilm-l6-intent-f16.apparate.xz" "$WORK/weights/minilm-l6-intent-f16.apparate" ||
   die "cannot unpack $DEV/minilm-l6-intent-f16.apparate.xz"
-# The serving check's stream (its ramps file is small and not compressed).
-unxz_to "$DEV/stream.txt.xz" "$WORK/stream.txt" || die "cannot unpack $DEV/stream.txt.xz"
+# The serving check's stream and ramps.
+for f in stream.txt minilm-l6-intent-f16.ramps; do
+  unxz_to "$DEV/$f.xz" "$WORK/$f" || die "cannot unpack $DEV/$f.xz"
+done
 for b in "$WORK"/bin/*; do
   if ! missing=$(ldd "$b" 2>&1) || echo "$missing" | grep -qE 'not found|not a dynamic'; then
     echo "$missing" >>"$OUT/versions.log"
@@ -221,7 +223,7 @@ step minilm "$BIN/golden_minilm" --ignored --test-threads 1
 SERVE=(--model "$WORK/weights/minilm-l6-intent-f16.apparate" --data "$WORK/stream.txt"
   --backend cuda --dtype f16 --rate 2000 --limit 6000 --quiet)
 step serve-plain "$BIN/apparate" serve-replay "${SERVE[@]}" --json "$OUT/serve-plain.json"
-step serve-ramps "$BIN/apparate" serve-replay "${SERVE[@]}" --ramps "$DEV/minilm-l6-intent-f16.ramps" \
+step serve-ramps "$BIN/apparate" serve-replay "${SERVE[@]}" --ramps "$WORK/minilm-l6-intent-f16.ramps" \
   --json "$OUT/serve-ramps.json"
 step kernel-bench "$BIN/kernels_bench" --device cuda --repeats 10 \
   --model "$WORK/weights/minilm-l6-intent-f16.apparate" --out "$OUT"

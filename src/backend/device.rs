@@ -121,6 +121,46 @@ pub trait Device: Send + Sync + 'static {
 
     /// Milliseconds between two recorded events (waits for both).
     fn elapsed_ms(&self, start: &Self::Event, end: &Self::Event) -> Result<f64>;
+
+    /// A graph: a fixed sequence of launches, copies from a host staging area and fills, run
+    /// by one call ([`Device::launch_graph`]) instead of one call each (a CUDA graph on `cuda`).
+    /// Made by [`super::graph::GraphDevice`] from a recorded run.
+    type Graph: Send + Sync;
+
+    /// Builds a graph of `steps`, with `staging` bytes of host staging area for its uploads.
+    /// No other thread may queue work on the device meanwhile (`GraphDevice` holds it off).
+    ///
+    /// # Safety
+    /// Every `Launch` step must satisfy [`Device::launch`]'s contract for as long as the graph
+    /// exists: the buffers its arguments point to must outlive the graph (`GraphDevice` keeps
+    /// them with it). Upload and fill steps must name buffers that outlive it too.
+    unsafe fn build_graph(
+        &self,
+        steps: &[GraphStep<'_, Self::Buf>],
+        staging: usize,
+    ) -> Result<Self::Graph>;
+
+    /// Writes `bytes` into the graph's staging area at `offset`, after the graph's last launch
+    /// has read it (waits for that launch if it has not).
+    fn stage(&self, graph: &Self::Graph, offset: usize, bytes: &[u8]) -> Result<()>;
+
+    /// Queues one run of the graph on the device's stream.
+    fn launch_graph(&self, graph: &Self::Graph) -> Result<()>;
+}
+
+/// One step of a [`Device::Graph`], in the order a run does them.
+#[derive(Debug)]
+pub enum GraphStep<'a, B> {
+    Launch {
+        kernel: &'a str,
+        cfg: LaunchConfig,
+        args: &'a [KernelArg],
+    },
+    /// Copies `len` bytes of the graph's host staging area, from `offset`, to the start of
+    /// `dst`.
+    Upload { dst: &'a B, offset: usize, len: usize },
+    /// Sets every byte of `dst`.
+    Fill { dst: &'a B, byte: u8 },
 }
 
 /// Checks that a launch is within the limits every device shares.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::device::{Device, KernelArg, LaunchConfig, check_launch};
+use super::device::{Device, GraphStep, KernelArg, LaunchConfig, check_launch};
 use crate::error::{Error, Result};
 
 #[cfg(apparate_emu)]
@@ -331,4 +331,90 @@ impl Device for EmuDevice {
     fn elapsed_ms(&self, start: &std::time::Instant, end: &std::time::Instant) -> Result<f64> {
         Ok(end.saturating_duration_since(*start).as_secs_f64() * 1e3)
     }
+
+    type Graph = EmuGraph;
+
+    unsafe fn build_graph(&self, steps: &[GraphStep<'_, EmuBuf>], staging: usize) -> Result<EmuGraph> {
+        let steps = steps
+            .iter()
+            .map(|s| match *s {
+                GraphStep::Launch { kernel, cfg, args } => {
+                    if self.has_kernel(kernel) {
+                        Ok(EmuStep::Launch(kernel.to_string(), cfg, args.to_vec()))
+                    } else {
+                        Err(Error::kernel("emu", kernel, "no kernel of this name"))
+                    }
+                }
+                GraphStep::Upload { dst, offset, len } => {
+                    if offset + len > staging || len > dst.len {
+                        return Err(err(
+                            "building a graph",
+                            format!("an upload of {len} bytes at staging offset {offset} (staging {staging} bytes, destination {})", dst.len),
+                        ));
+                    }
+                    Ok(EmuStep::Upload(dst.ptr, offset, len))
+                }
+                GraphStep::Fill { dst, byte } => Ok(EmuStep::Fill(dst.ptr, dst.len, byte)),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(EmuGraph {
+            steps,
+            staging: std::sync::Mutex::new(vec![0; staging]),
+        })
+    }
+
+    fn stage(&self, graph: &EmuGraph, offset: usize, bytes: &[u8]) -> Result<()> {
+        let mut staging = graph.staging.lock().unwrap_or_else(|p| p.into_inner());
+        let end = offset.checked_add(bytes.len()).filter(|&e| e <= staging.len());
+        let Some(end) = end else {
+            return Err(err(
+                "staging a graph's upload",
+                format!("{} bytes at offset {offset} of a {}-byte staging area", bytes.len(), staging.len()),
+            ));
+        };
+        staging[offset..end].copy_from_slice(bytes);
+        Ok(())
+    }
+
+    fn launch_graph(&self, graph: &EmuGraph) -> Result<()> {
+        let staging = graph.staging.lock().unwrap_or_else(|p| p.into_inner());
+        for step in &graph.steps {
+            match step {
+                // SAFETY: `build_graph`'s contract: the arguments were valid for the launch
+                // and their buffers outlive the graph.
+                EmuStep::Launch(kernel, cfg, args) => unsafe { self.launch(kernel, *cfg, args) }?,
+                EmuStep::Upload(dst, offset, len) => {
+                    let _stream = self.lock();
+                    // SAFETY: checked against both sizes when built; the destination outlives
+                    // the graph.
+                    unsafe { std::ptr::copy_nonoverlapping(staging[*offset..].as_ptr(), *dst, *len) };
+                }
+                EmuStep::Fill(dst, len, byte) => {
+                    let _stream = self.lock();
+                    // SAFETY: the whole of a buffer that outlives the graph.
+                    unsafe { std::ptr::write_bytes(*dst, *byte, *len) };
+                }
+            }
+        }
+        Ok(())
+    }
 }
+
+/// A graph of the emulated device: its steps, replayed in order by `launch_graph`.
+pub struct EmuGraph {
+    steps: Vec<EmuStep>,
+    staging: std::sync::Mutex<Vec<u8>>,
+}
+
+enum EmuStep {
+    Launch(String, LaunchConfig, Vec<KernelArg>),
+    /// (destination, staging offset, bytes)
+    Upload(*mut u8, usize, usize),
+    /// (destination, bytes, value)
+    Fill(*mut u8, usize, u8),
+}
+
+// SAFETY: the raw pointers are device (host) memory that outlives the graph (`build_graph`'s
+// contract); launches and copies through them take the device's stream lock.
+unsafe impl Send for EmuGraph {}
+unsafe impl Sync for EmuGraph {}

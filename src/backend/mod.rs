@@ -11,6 +11,7 @@ pub mod emu;
 mod entry_points;
 pub mod faulty;
 pub mod gpu;
+pub mod graph;
 pub mod kernel_sources;
 pub mod op_check;
 

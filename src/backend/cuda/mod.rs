@@ -58,7 +58,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::sys as dsys;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, PushKernelArg};
 
-use super::device::{Device, KernelArg, LaunchConfig, check_launch};
+use super::device::{Device, GraphStep, KernelArg, LaunchConfig, check_launch};
 use crate::error::{Error, Result};
 
 pub use super::entry_points::entry_points;
@@ -507,7 +507,88 @@ impl Device for CudaDevice {
                 .map_err(drv("timing two events"))
         })
     }
+
+    type Graph = CudaGraphRun;
+
+    /// Stream capture of the steps (thread-local mode: other threads' calls are not
+    /// affected, but nothing else may queue work on this stream meanwhile, which the caller
+    /// ensures), instantiated once; uploads copy out of a page-locked staging block.
+    unsafe fn build_graph(
+        &self,
+        steps: &[GraphStep<'_, CudaBuf>],
+        staging: usize,
+    ) -> Result<CudaGraphRun> {
+        guard("building a CUDA graph", || {
+            self.enter("building a CUDA graph")?;
+            let block = pinned::PinnedBlock::new(&self.owner.ctx, &self.owner.deferred, staging)?;
+            let stream = self.stream();
+            stream
+                .begin_capture(dsys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                .map_err(drv("beginning a stream capture"))?;
+            let queued = steps.iter().try_for_each(|step| match *step {
+                // SAFETY: `build_graph`'s contract is `launch`'s, for the graph's lifetime.
+                GraphStep::Launch { kernel, cfg, args } => unsafe { self.launch(kernel, cfg, args) },
+                GraphStep::Upload { dst, offset, len } => {
+                    if offset + len > staging || len > dst.len {
+                        return Err(Error::device(
+                            BACKEND,
+                            "building a CUDA graph",
+                            format!("an upload of {len} bytes at staging offset {offset} (staging {staging} bytes, destination {})", dst.len),
+                        ));
+                    }
+                    // SAFETY: in bounds of both (checked above); the destination outlives
+                    // the graph (the contract).
+                    unsafe { block.copy_to(offset, dst.ptr, len, stream) }
+                }
+                // SAFETY: the whole of a buffer that outlives the graph.
+                GraphStep::Fill { dst, byte } => unsafe {
+                    cudarc::driver::result::memset_d8_async(dst.ptr, byte, dst.len, stream.cu_stream())
+                }
+                .map_err(drv("a graph's fill")),
+            });
+            // End the capture whatever happened, so the stream is usable again.
+            let ended = stream.end_capture(dsys::CUgraphInstantiate_flags(0));
+            queued?;
+            let graph = ended
+                .map_err(drv("ending a stream capture and instantiating the graph"))?
+                .ok_or_else(|| Error::device(BACKEND, "building a CUDA graph", "the capture recorded nothing"))?;
+            Ok(CudaGraphRun {
+                graph: Mutex::new(GraphHandle(graph)),
+                staging: block,
+            })
+        })
+    }
+
+    fn stage(&self, graph: &CudaGraphRun, offset: usize, bytes: &[u8]) -> Result<()> {
+        guard("staging a graph's upload", || {
+            self.enter("staging a graph's upload")?;
+            graph.staging.write(offset, bytes)
+        })
+    }
+
+    fn launch_graph(&self, graph: &CudaGraphRun) -> Result<()> {
+        guard("cuGraphLaunch", || {
+            self.enter("launching a CUDA graph")?;
+            let g = graph.graph.lock().unwrap_or_else(|p| p.into_inner());
+            g.0.launch().map_err(drv("launching a CUDA graph"))?;
+            // `stage` waits on this before overwriting what the run copies.
+            graph.staging.record(self.stream())
+        })
+    }
 }
+
+/// An instantiated CUDA graph and the page-locked block its uploads copy from.
+pub struct CudaGraphRun {
+    graph: Mutex<GraphHandle>,
+    staging: pinned::PinnedBlock,
+}
+
+struct GraphHandle(cudarc::driver::CudaGraph);
+
+// SAFETY: cudarc's graph is a pair of driver handles that must not be used from two threads at
+// once; every use goes through the mutex above (launch) or happens on drop, when no other
+// reference exists.
+unsafe impl Send for GraphHandle {}
 
 #[cfg(test)]
 mod tests {

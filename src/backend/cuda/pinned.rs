@@ -226,6 +226,66 @@ impl PinnedBlock {
             .map_err(drv("recording the event after an async download"))
     }
 
+    /// Waits until the work recorded by the block's event has finished (the last run of a
+    /// graph that copies out of it), then writes `bytes` at `offset`. The caller has bound the
+    /// context.
+    pub(crate) fn write(&self, offset: usize, bytes: &[u8]) -> Result<()> {
+        if offset.checked_add(bytes.len()).is_none_or(|end| end > self.size) {
+            return Err(crate::Error::device(
+                "cuda",
+                "staging a graph's upload",
+                format!(
+                    "{} bytes at offset {offset} of a {}-byte staging block",
+                    bytes.len(),
+                    self.size
+                ),
+            ));
+        }
+        // SAFETY: our event (one never recorded reports success at once).
+        unsafe { dres::event::synchronize(self.event) }
+            .map_err(drv("waiting for a graph's last run"))?;
+        // SAFETY: in bounds (checked above); no copy out of the block is in flight.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(offset), bytes.len())
+        };
+        Ok(())
+    }
+
+    /// Queues a copy of `len` bytes from the block at `offset` to device address `dst` (a
+    /// graph's upload, captured). The caller has bound the context.
+    ///
+    /// # Safety
+    /// `dst` must be a device allocation of at least `len` bytes that outlives every run of the
+    /// copy, and `offset + len <= self.size()`.
+    pub(crate) unsafe fn copy_to(
+        &self,
+        offset: usize,
+        dst: u64,
+        len: usize,
+        stream: &CudaStream,
+    ) -> Result<()> {
+        debug_assert!(offset + len <= self.size);
+        // SAFETY: per the contract.
+        unsafe {
+            dsys::cuMemcpyHtoDAsync_v2(
+                dst,
+                self.ptr.add(offset) as *const c_void,
+                len,
+                stream.cu_stream(),
+            )
+        }
+        .result()
+        .map_err(drv(format!("a graph's upload of {len} bytes")))
+    }
+
+    /// Records the block's event on `stream` (after a graph run that copies out of it). The
+    /// caller has bound the context.
+    pub(crate) fn record(&self, stream: &CudaStream) -> Result<()> {
+        // SAFETY: our event, the device's stream.
+        unsafe { dres::event::record(self.event, stream.cu_stream()) }
+            .map_err(drv("recording the event after a graph run"))
+    }
+
     /// Waits for the last copy into the block, then returns its first `len` bytes. The caller
     /// has bound the context.
     pub(crate) fn read(&self, len: usize) -> Result<Vec<u8>> {

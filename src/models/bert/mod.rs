@@ -258,6 +258,17 @@ impl<B: Backend> Bert<B> {
 
     /// All stages: sentence vectors and (with a head) class probabilities, on the host.
     pub fn forward(&self, input: &EncoderInput) -> Result<EncoderOutput> {
+        let (pooled, probs) = self.forward_tensors(input)?;
+        self.output(input, &pooled, probs.as_ref())
+    }
+
+    /// All stages, left on the backend: the `[batch, width]` sentence vectors and (with a head)
+    /// the `[batch, classes]` probabilities. Only device work: what a graph can hold
+    /// ([`crate::backend::graph::GraphDevice::graphed`]).
+    pub fn forward_tensors(
+        &self,
+        input: &EncoderInput,
+    ) -> Result<(B::Tensor, Option<B::Tensor>)> {
         let max = self.config.max_position_embeddings;
         if input.shape.seq > max {
             return Err(Error::Input(format!(
@@ -270,16 +281,23 @@ impl<B: Backend> Bert<B> {
             x = self.layer(i, &x, &input.shape)?;
         }
         let pooled = self.pool(&x, &input.shape)?;
-        let probs = self
-            .classify(&pooled)?
-            .map(|p| self.backend.download(&p))
-            .transpose()?;
+        let probs = self.classify(&pooled)?;
+        Ok((pooled, probs))
+    }
+
+    /// What [`Bert::forward`] returns, from [`Bert::forward_tensors`]' tensors.
+    pub fn output(
+        &self,
+        input: &EncoderInput,
+        pooled: &B::Tensor,
+        probs: Option<&B::Tensor>,
+    ) -> Result<EncoderOutput> {
         Ok(EncoderOutput {
             batch: input.shape.batch(),
             width: self.config.hidden_size,
-            embeddings: self.backend.download(&pooled)?,
+            embeddings: self.backend.download(pooled)?,
             classes: self.labels.len(),
-            probs,
+            probs: probs.map(|p| self.backend.download(p)).transpose()?,
         })
     }
 }
