@@ -206,14 +206,33 @@ impl<B: Backend> Backbone<B> {
         match (self, input) {
             (Backbone::Text { encoder, .. }, BatchInput::Text(inp)) => {
                 let shape: &BatchShape = &inp.shape;
+                let prev = match i {
+                    0 => None,
+                    _ => Some(&prev.as_ref().ok_or_else(need_prev)?.x),
+                };
+                // One graph per (model, stage, batch, sequence) on a backend that graphs runs
+                // (`Backend::graphed`): the stage's launches become one, its output lives in
+                // that graph's buffers until the same stage of the next batch of this size,
+                // after this batch's later stages and ramps were queued behind it.
+                let key = format!(
+                    "{:p} stage {i} {}x{}",
+                    self as *const Self,
+                    shape.batch(),
+                    shape.seq
+                );
+                let be = self.backend();
                 let x = if i == 0 {
-                    encoder.embed(inp)?
+                    be.graphed(&key, &mut || encoder.embed(inp))?
                 } else if i + 1 < n {
-                    encoder.layer(i - 1, &prev.ok_or_else(need_prev)?.x, shape)?
+                    let x = prev.ok_or_else(need_prev)?;
+                    be.graphed(&key, &mut || encoder.layer(i - 1, x, shape))?
                 } else {
-                    let pooled = encoder.pool(&prev.ok_or_else(need_prev)?.x, shape)?;
-                    let probs = encoder.classify(&pooled)?;
-                    let out = probs.unwrap_or(pooled);
+                    let x = prev.ok_or_else(need_prev)?;
+                    let out = be.graphed(&key, &mut || {
+                        let pooled = encoder.pool(x, shape)?;
+                        let probs = encoder.classify(&pooled)?;
+                        Ok(probs.unwrap_or(pooled))
+                    })?;
                     return Ok(StageOutput {
                         x: out,
                         positions: 1,

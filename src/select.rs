@@ -5,7 +5,14 @@
 //! Backends are generic parameters, not trait objects (every op call is monomorphised), so a
 //! choice made at run time cannot return "a backend"; instead the work to do is handed in as a
 //! [`BackendJob`] and run on whichever backend was built.
+//!
+//! GPU backends (`emu`, `cuda`) run on a [`GraphDevice`]: the work a model graphs (a text
+//! model's stages, per batch and sequence size) is replayed as one graph launch from its third
+//! run on; `APPARATE_GPU_GRAPHS=off` runs everything eagerly.
 
+use std::sync::Arc;
+
+use crate::backend::capture::{GraphConfig, GraphDevice};
 use crate::backend::cuda::{CudaConfig, CudaDevice};
 use crate::backend::decoder::DecoderBackend;
 use crate::backend::emu::{EmuConfig, EmuDevice};
@@ -70,22 +77,40 @@ macro_rules! dispatch {
                     ..Default::default()
                 }
                 .resolve_threads()?;
+                let graphs = GraphConfig::from_env()?;
                 let dev = EmuDevice::new(EmuConfig {
                     threads: Some(threads),
                     ..EmuConfig::default()
                 })?;
-                $job.run(
-                    GpuBackend::new(dev, dtype),
-                    format!("emulated GPU, {dtype}, {threads} threads"),
-                )
+                let what = format!(
+                    "emulated GPU, {dtype}, {threads} threads{}",
+                    graphs_note(&graphs)
+                );
+                let dev = GraphDevice::with_config(Arc::new(dev), graphs);
+                $job.run(GpuBackend::new(dev, dtype), what)
             }
             BackendChoice::Cuda { dtype } => {
+                let graphs = GraphConfig::from_env()?;
                 let dev = CudaDevice::new(CudaConfig::default())?;
-                let what = format!("cuda: {}, {dtype}", dev.info().device_name);
+                let what = format!(
+                    "cuda: {}, {dtype}{}",
+                    dev.info().device_name,
+                    graphs_note(&graphs)
+                );
+                let dev = GraphDevice::with_config(Arc::new(dev), graphs);
                 $job.run(GpuBackend::new(dev, dtype), what)
             }
         }
     };
+}
+
+/// How a GPU backend's description tells whether its runs are graphed.
+fn graphs_note(g: &GraphConfig) -> &'static str {
+    if g.enabled {
+        ", graphs"
+    } else {
+        ", graphs off"
+    }
 }
 
 /// Builds the backend `choice` names and runs `job` on it. Thread counts are checked the same

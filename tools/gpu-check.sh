@@ -7,9 +7,9 @@
 #   always written); the budget is printed first and every step is killed at its limit. A
 #   whole run took 123 s on 2026-11-30 (before the serving steps).
 # - Binaries, the model and the NVRTC module cache go to a `mktemp -d` directory, removed at
-#   exit. Only seven files go to $OUT (default ./gpu-out; the device tool brings back 8 at
-#   most): steps.log (every step's whole log, in order), summary.md, kernels.json,
-#   torch-ref.json, profile.csv, serve-plain.json, serve-ramps.json.
+#   exit. Eight files go to $OUT (default ./gpu-out; the device tool brings back 8 at most):
+#   steps.log (every step's whole log, in order), summary.md, kernels.json, torch-ref.json,
+#   profile.csv, serve-plain.json, serve-ramps.json, serve-eager.json.
 # - GPU_CHECK_ONLY=probe,op-parity,... runs only the named steps (a rerun after a fix); the
 #   others are listed as skipped.
 # - Fails fast: no NVIDIA driver library, no NVRTC, or a binary that cannot load (`ldd` on each
@@ -28,7 +28,7 @@ trap 'rm -rf "$WORK"' EXIT
 
 # name:seconds, in order. The sum is the budget.
 STEPS=(versions:10 unpack:20 probe:20 cuda-unit:40 selftest:20 op-parity:50 decoder-parity:30 cnn:30
-  minilm:30 serve-plain:25 serve-ramps:25 kernel-bench:100 torch-ref:40 profile:30)
+  minilm:30 serve-plain:25 serve-ramps:25 serve-eager:25 kernel-bench:75 torch-ref:40 profile:30)
 BUDGET_S=0
 for s in "${STEPS[@]}"; do BUDGET_S=$((BUDGET_S + ${s#*:})); done
 limit_of() { local s; for s in "${STEPS[@]}"; do [ "${s%%:*}" = "$1" ] && echo "${s#*:}"; done; }
@@ -87,7 +87,7 @@ finish() { # exit status
     echo "|--------------|------------------------|-------|-------|"
     printf '%s\n' "${SUMMARY[@]}"
     echo "total $(($(date +%s) - T_START)) s of a ${BUDGET_S} s budget"
-    for s in serve-plain serve-ramps; do
+    for s in serve-plain serve-ramps serve-eager; do
       grep -hE 'requests in|end to end|released at|agreement with' "$LOGS/$s.log" 2>/dev/null |
         sed "s/^/$s: /" || true
     done
@@ -219,12 +219,16 @@ step minilm "$BIN/golden_minilm" --ignored --test-threads 1
 # The serving engine on cuda, as a user runs it: MiniLM (f16) + intent head answering 6000
 # tweets at an open-loop 2000/s (Poisson), batches of up to 16; first the plain model, then
 # with the ramps trained by tools/gpu-prepare.sh, answers released at a ramp while their batch
-# runs on. Latency percentiles, exits and agreement go to the log and $OUT/serve-*.json.
+# runs on; both with each stage replayed as a CUDA graph per batch and sequence size (the
+# default), then the ramps again with graphs off. Latency percentiles, exits and agreement go
+# to the log and $OUT/serve-*.json.
 SERVE=(--model "$WORK/weights/minilm-l6-intent-f16.apparate" --data "$WORK/stream.txt"
   --backend cuda --dtype f16 --rate 2000 --limit 6000 --quiet)
 step serve-plain "$BIN/apparate" serve-replay "${SERVE[@]}" --json "$OUT/serve-plain.json"
 step serve-ramps "$BIN/apparate" serve-replay "${SERVE[@]}" --ramps "$WORK/minilm-l6-intent-f16.ramps" \
   --json "$OUT/serve-ramps.json"
+step serve-eager env APPARATE_GPU_GRAPHS=off "$BIN/apparate" serve-replay "${SERVE[@]}" \
+  --ramps "$WORK/minilm-l6-intent-f16.ramps" --json "$OUT/serve-eager.json"
 step kernel-bench "$BIN/kernels_bench" --device cuda --repeats 10 \
   --model "$WORK/weights/minilm-l6-intent-f16.apparate" --out "$OUT"
 # The peer: PyTorch eager on a MiniLM-shaped BERT (f16/bf16, eager and sdpa attention).

@@ -124,7 +124,7 @@ pub trait Device: Send + Sync + 'static {
 
     /// A graph: a fixed sequence of launches, copies from a host staging area and fills, run
     /// by one call ([`Device::launch_graph`]) instead of one call each (a CUDA graph on `cuda`).
-    /// Made by [`super::graph::GraphDevice`] from a recorded run.
+    /// Made by [`super::capture::GraphDevice`] from a recorded run.
     type Graph: Send + Sync;
 
     /// Builds a graph of `steps`, with `staging` bytes of host staging area for its uploads.
@@ -146,6 +146,13 @@ pub trait Device: Send + Sync + 'static {
 
     /// Queues one run of the graph on the device's stream.
     fn launch_graph(&self, graph: &Self::Graph) -> Result<()>;
+
+    /// Runs `f` (work on this device, no reads back) as one replayable unit named `key` where
+    /// the device graphs runs ([`super::capture::GraphDevice`]); here, as it is.
+    fn graphed<R>(&self, key: &str, f: &mut dyn FnMut() -> Result<R>) -> Result<R> {
+        let _ = key;
+        f()
+    }
 }
 
 /// One step of a [`Device::Graph`], in the order a run does them.
@@ -158,7 +165,11 @@ pub enum GraphStep<'a, B> {
     },
     /// Copies `len` bytes of the graph's host staging area, from `offset`, to the start of
     /// `dst`.
-    Upload { dst: &'a B, offset: usize, len: usize },
+    Upload {
+        dst: &'a B,
+        offset: usize,
+        len: usize,
+    },
     /// Sets every byte of `dst`.
     Fill { dst: &'a B, byte: u8 },
 }

@@ -334,7 +334,11 @@ impl Device for EmuDevice {
 
     type Graph = EmuGraph;
 
-    unsafe fn build_graph(&self, steps: &[GraphStep<'_, EmuBuf>], staging: usize) -> Result<EmuGraph> {
+    unsafe fn build_graph(
+        &self,
+        steps: &[GraphStep<'_, EmuBuf>],
+        staging: usize,
+    ) -> Result<EmuGraph> {
         let steps = steps
             .iter()
             .map(|s| match *s {
@@ -365,11 +369,17 @@ impl Device for EmuDevice {
 
     fn stage(&self, graph: &EmuGraph, offset: usize, bytes: &[u8]) -> Result<()> {
         let mut staging = graph.staging.lock().unwrap_or_else(|p| p.into_inner());
-        let end = offset.checked_add(bytes.len()).filter(|&e| e <= staging.len());
+        let end = offset
+            .checked_add(bytes.len())
+            .filter(|&e| e <= staging.len());
         let Some(end) = end else {
             return Err(err(
                 "staging a graph's upload",
-                format!("{} bytes at offset {offset} of a {}-byte staging area", bytes.len(), staging.len()),
+                format!(
+                    "{} bytes at offset {offset} of a {}-byte staging area",
+                    bytes.len(),
+                    staging.len()
+                ),
             ));
         };
         staging[offset..end].copy_from_slice(bytes);
@@ -387,7 +397,9 @@ impl Device for EmuDevice {
                     let _stream = self.lock();
                     // SAFETY: checked against both sizes when built; the destination outlives
                     // the graph.
-                    unsafe { std::ptr::copy_nonoverlapping(staging[*offset..].as_ptr(), *dst, *len) };
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(staging[*offset..].as_ptr(), *dst, *len)
+                    };
                 }
                 EmuStep::Fill(dst, len, byte) => {
                     let _stream = self.lock();

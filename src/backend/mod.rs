@@ -3,6 +3,7 @@
 //! `cpu` is pure Rust; the GPU path is one backend (`gpu::GpuBackend`) over a [`device::Device`]:
 //! `emu` (the kernel sources compiled for the host) or `cuda` (the same sources through NVRTC).
 
+pub mod capture;
 pub mod cpu;
 pub mod cuda;
 pub mod decoder;
@@ -11,7 +12,6 @@ pub mod emu;
 mod entry_points;
 pub mod faulty;
 pub mod gpu;
-pub mod graph;
 pub mod kernel_sources;
 pub mod op_check;
 
@@ -168,6 +168,16 @@ pub trait Backend: Send + Sync {
     /// timing a stage needs it.
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// Runs `f` (ops of this backend, no downloads) as one replayable unit named `key` where
+    /// the backend can: a GPU backend on a [`capture::GraphDevice`] records it once and then
+    /// replays it as one graph launch per call. Others run it as it is. What `f` returns may
+    /// live in buffers that the next call of the same key reuses; `f` may run twice in one
+    /// call (when a replay finds the run changed), so it must do the same thing each time.
+    fn graphed<R>(&self, key: &str, f: &mut dyn FnMut() -> Result<R>) -> Result<R> {
+        let _ = key;
+        f()
     }
 
     /// Loads a weight from its file storage. The CPU upcasts f16/bf16 to f32 here, once.

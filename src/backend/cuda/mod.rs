@@ -551,7 +551,13 @@ impl Device for CudaDevice {
             queued?;
             let graph = ended
                 .map_err(drv("ending a stream capture and instantiating the graph"))?
-                .ok_or_else(|| Error::device(BACKEND, "building a CUDA graph", "the capture recorded nothing"))?;
+                .ok_or_else(|| {
+                    Error::device(
+                        BACKEND,
+                        "building a CUDA graph",
+                        "the capture recorded nothing",
+                    )
+                })?;
             Ok(CudaGraphRun {
                 graph: Mutex::new(GraphHandle(graph)),
                 staging: block,

@@ -230,7 +230,10 @@ impl PinnedBlock {
     /// graph that copies out of it), then writes `bytes` at `offset`. The caller has bound the
     /// context.
     pub(crate) fn write(&self, offset: usize, bytes: &[u8]) -> Result<()> {
-        if offset.checked_add(bytes.len()).is_none_or(|end| end > self.size) {
+        if offset
+            .checked_add(bytes.len())
+            .is_none_or(|end| end > self.size)
+        {
             return Err(crate::Error::device(
                 "cuda",
                 "staging a graph's upload",
@@ -245,9 +248,7 @@ impl PinnedBlock {
         unsafe { dres::event::synchronize(self.event) }
             .map_err(drv("waiting for a graph's last run"))?;
         // SAFETY: in bounds (checked above); no copy out of the block is in flight.
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(offset), bytes.len())
-        };
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(offset), bytes.len()) };
         Ok(())
     }
 

@@ -153,6 +153,11 @@ impl<D: Device> GpuBackend<D> {
         &self.dev
     }
 
+    /// The device, shared (to wrap it in a [`crate::backend::capture::GraphDevice`], say).
+    pub fn shared_device(&self) -> Arc<D> {
+        self.dev.clone()
+    }
+
     pub fn dtype(&self) -> DType {
         self.dtype
     }
@@ -349,6 +354,10 @@ impl<D: Device> Backend for GpuBackend<D> {
 
     fn synchronize(&self) -> Result<()> {
         self.dev.synchronize()
+    }
+
+    fn graphed<R>(&self, key: &str, f: &mut dyn FnMut() -> Result<R>) -> Result<R> {
+        self.dev.graphed(key, f)
     }
 
     fn run_upload(&self, values: &[f32], shape: &[usize]) -> Result<Self::Tensor> {

@@ -55,10 +55,61 @@ pub struct GraphStats {
     pub last_reason: Option<String>,
 }
 
-/// A device that can record and replay runs of [`GraphDevice::graphed`]; every other use
-/// passes through to the wrapped device.
+/// How a [`GraphDevice`] graphs runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GraphConfig {
+    /// Graph runs at all (`false`: every run is eager, as on the wrapped device).
+    pub enabled: bool,
+    /// Runs of a key before it is recorded: a shape seen once (a one-off batch size and
+    /// sequence length) does not pay for a recording and keeps no buffers. Default 1: the
+    /// second run of a key is recorded, the third replayed.
+    pub eager_runs: u32,
+    /// Most records kept (each holds its run's buffers); the least recently used goes first.
+    /// Default 64.
+    pub max_records: usize,
+    /// Abandoned replays of a key after which it runs eagerly for good (its runs keep
+    /// changing). Default 3.
+    pub max_rerecords: u32,
+}
+
+impl Default for GraphConfig {
+    fn default() -> Self {
+        GraphConfig {
+            enabled: true,
+            eager_runs: 1,
+            max_records: 64,
+            max_rerecords: 3,
+        }
+    }
+}
+
+impl GraphConfig {
+    /// The default, switched off by `APPARATE_GPU_GRAPHS=off` (`on` is the default; another
+    /// value is refused by name).
+    pub fn from_env() -> Result<GraphConfig> {
+        let enabled = match std::env::var("APPARATE_GPU_GRAPHS").as_deref() {
+            Err(_) | Ok("on") => true,
+            Ok("off") => false,
+            Ok(other) => {
+                return Err(Error::config(
+                    "APPARATE_GPU_GRAPHS",
+                    format!("`{other}`"),
+                    "on or off",
+                ));
+            }
+        };
+        Ok(GraphConfig {
+            enabled,
+            ..GraphConfig::default()
+        })
+    }
+}
+
+/// A device that can record and replay runs of [`Device::graphed`]; every other use passes
+/// through to the wrapped device.
 pub struct GraphDevice<D: Device> {
     inner: Arc<D>,
+    config: GraphConfig,
     /// The thread whose run is being recorded or replayed (0: none).
     owner: AtomicU64,
     region: Mutex<Option<Region<D>>>,
@@ -66,9 +117,23 @@ pub struct GraphDevice<D: Device> {
     stats: Mutex<GraphStats>,
     /// Other threads' ops hold it shared; building a graph holds it alone.
     capture: RwLock<()>,
+    /// Graphed runs so far (the records' recency).
+    clock: AtomicU64,
 }
 
-enum Entry<D: Device> {
+struct Entry<D: Device> {
+    state: EntryState<D>,
+    /// Runs of the key so far.
+    runs: u64,
+    /// Abandoned replays so far.
+    rerecords: u32,
+    /// When the key last ran (a counter of the device's graphed runs), for eviction.
+    used: u64,
+}
+
+enum EntryState<D: Device> {
+    /// Not recorded yet (fewer than `eager_runs` runs).
+    Warming,
     Ready(Record<D>),
     /// Runs of this key cannot be graphs (the reason).
     Eager(String),
@@ -84,14 +149,24 @@ struct Record<D: Device> {
 
 #[derive(Debug, PartialEq)]
 enum Op {
-    Alloc { buf: usize, bytes: usize },
-    Upload { buf: usize, offset: usize, len: usize },
+    Alloc {
+        buf: usize,
+        bytes: usize,
+    },
+    Upload {
+        buf: usize,
+        offset: usize,
+        len: usize,
+    },
     Launch {
         kernel: String,
         cfg: LaunchConfig,
         args: Vec<KernelArg>,
     },
-    Fill { buf: usize, byte: u8 },
+    Fill {
+        buf: usize,
+        byte: u8,
+    },
 }
 
 enum Region<D: Device> {
@@ -120,9 +195,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl<D: Device> GraphDevice<D> {
+    /// With the default [`GraphConfig`].
     pub fn new(inner: Arc<D>) -> GraphDevice<D> {
+        Self::with_config(inner, GraphConfig::default())
+    }
+
+    pub fn with_config(inner: Arc<D>, config: GraphConfig) -> GraphDevice<D> {
         GraphDevice {
             inner,
+            config,
+            clock: AtomicU64::new(0),
             owner: AtomicU64::new(0),
             region: Mutex::new(None),
             graphs: Mutex::new(HashMap::new()),
@@ -145,17 +227,23 @@ impl<D: Device> GraphDevice<D> {
         lock(&self.graphs).clear();
     }
 
-    /// Runs `f` (device work through this device) as a graph of key `key`: recorded the first
-    /// time, replayed as one graph launch afterwards (see the module documentation for what
-    /// `f` may do and how long what it returns stays valid).
-    pub fn graphed<R>(&self, key: &str, mut f: impl FnMut() -> Result<R>) -> Result<R> {
+    /// Records and graph runs held now (`Ready` entries).
+    pub fn records(&self) -> usize {
+        lock(&self.graphs)
+            .values()
+            .filter(|e| matches!(e.state, EntryState::Ready(_)))
+            .count()
+    }
+
+    fn run<R>(&self, key: &str, f: &mut dyn FnMut() -> Result<R>) -> Result<R> {
         let me = thread_number();
-        if self
-            .owner
-            .compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
+        if !self.config.enabled
+            || self
+                .owner
+                .compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
         {
-            // Another run is being graphed (or this is a nested call): run as usual.
+            // Off, or another run is being graphed (or this is a nested call): as usual.
             lock(&self.stats).eager += 1;
             return f();
         }
@@ -168,69 +256,129 @@ impl<D: Device> GraphDevice<D> {
             }
         }
         let _release = Release(self);
-        self.graphed_owned(key, &mut f)
+        self.run_owned(key, f)
     }
 
-    fn graphed_owned<R>(&self, key: &str, f: &mut impl FnMut() -> Result<R>) -> Result<R> {
-        let entry = lock(&self.graphs).remove(key);
-        let rec = match entry {
-            Some(Entry::Eager(reason)) => {
-                lock(&self.graphs).insert(key.to_string(), Entry::Eager(reason));
+    fn run_owned<R>(&self, key: &str, f: &mut dyn FnMut() -> Result<R>) -> Result<R> {
+        let now = self.clock.fetch_add(1, Ordering::Relaxed);
+        let mut entry = lock(&self.graphs).remove(key).unwrap_or(Entry {
+            state: EntryState::Warming,
+            runs: 0,
+            rerecords: 0,
+            used: now,
+        });
+        entry.runs += 1;
+        entry.used = now;
+        let state = std::mem::replace(&mut entry.state, EntryState::Warming);
+        match state {
+            EntryState::Warming if entry.runs <= u64::from(self.config.eager_runs) => {
+                self.keep(key, entry);
                 lock(&self.stats).eager += 1;
-                return f();
+                f()
             }
-            Some(Entry::Ready(rec)) => Some(rec),
-            None => None,
+            EntryState::Warming => self.record(key, entry, f),
+            EntryState::Eager(reason) => {
+                entry.state = EntryState::Eager(reason);
+                self.keep(key, entry);
+                lock(&self.stats).eager += 1;
+                f()
+            }
+            EntryState::Ready(rec) => self.replay(key, entry, rec, f),
+        }
+    }
+
+    /// Puts an entry back, dropping the least recently used records beyond `max_records`.
+    fn keep(&self, key: &str, entry: Entry<D>) {
+        let mut graphs = lock(&self.graphs);
+        graphs.insert(key.to_string(), entry);
+        loop {
+            let ready = graphs
+                .iter()
+                .filter(|(_, e)| matches!(e.state, EntryState::Ready(_)));
+            if ready.clone().count() <= self.config.max_records {
+                break;
+            }
+            let oldest = ready.min_by_key(|(_, e)| e.used).map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                // Back to warming: its buffers and graph go (freed after queued work).
+                if let Some(e) = graphs.get_mut(&k) {
+                    e.state = EntryState::Warming;
+                    e.runs = 0;
+                }
+            }
+        }
+    }
+
+    fn replay<R>(
+        &self,
+        key: &str,
+        mut entry: Entry<D>,
+        rec: Record<D>,
+        f: &mut dyn FnMut() -> Result<R>,
+    ) -> Result<R> {
+        *lock(&self.region) = Some(Region::Replay {
+            rec,
+            next: 0,
+            differs: None,
+        });
+        let out = f();
+        let Some(Region::Replay { rec, next, differs }) = lock(&self.region).take() else {
+            unreachable!("the region of a replay stays a replay")
         };
-        if let Some(rec) = rec {
-            *lock(&self.region) = Some(Region::Replay {
-                rec,
-                next: 0,
-                differs: None,
-            });
-            let out = f();
-            let Some(Region::Replay {
-                rec,
-                next,
-                differs,
-            }) = lock(&self.region).take()
-            else {
-                unreachable!("the region of a replay stays a replay")
-            };
-            let differs = differs.or_else(|| {
-                (next != rec.ops.len()).then(|| {
-                    format!(
-                        "the run made {next} device calls, its record {}",
-                        rec.ops.len()
-                    )
-                })
-            });
-            match (differs, out) {
-                (None, Ok(r)) => {
-                    let graph = rec.graph.as_ref().expect("a ready record has its graph");
-                    let launched = self.inner.launch_graph(graph);
-                    lock(&self.graphs).insert(key.to_string(), Entry::Ready(rec));
-                    launched?;
-                    lock(&self.stats).replayed += 1;
-                    return Ok(r);
-                }
-                // Nothing ran on the device; an error of `f` itself comes back as it is.
-                (None, Err(e)) => {
-                    lock(&self.graphs).insert(key.to_string(), Entry::Ready(rec));
-                    return Err(e);
-                }
-                (Some(why), _) => {
-                    // The old record (and its buffers) goes; the run is recorded again.
+        let differs = differs.or_else(|| {
+            (next != rec.ops.len()).then(|| {
+                format!(
+                    "the run made {next} device calls, its record {}",
+                    rec.ops.len()
+                )
+            })
+        });
+        match (differs, out) {
+            (None, Ok(r)) => {
+                let graph = rec.graph.as_ref().expect("a ready record has its graph");
+                let launched = self.inner.launch_graph(graph);
+                entry.state = EntryState::Ready(rec);
+                self.keep(key, entry);
+                launched?;
+                lock(&self.stats).replayed += 1;
+                Ok(r)
+            }
+            // Nothing ran on the device; an error of `f` itself comes back as it is.
+            (None, Err(e)) => {
+                entry.state = EntryState::Ready(rec);
+                self.keep(key, entry);
+                Err(e)
+            }
+            (Some(why), _) => {
+                // The old record (and its buffers) goes; the run is recorded again, or runs
+                // eagerly for good when its runs keep changing.
+                drop(rec);
+                entry.rerecords += 1;
+                {
                     let mut st = lock(&self.stats);
                     st.rerecorded += 1;
                     st.last_reason = Some(format!("{key}: replay abandoned: {why}"));
                 }
+                if entry.rerecords >= self.config.max_rerecords {
+                    entry.state = EntryState::Eager(format!(
+                        "{} replays abandoned, the last: {why}",
+                        entry.rerecords
+                    ));
+                    self.keep(key, entry);
+                    lock(&self.stats).eager += 1;
+                    return f();
+                }
+                self.record(key, entry, f)
             }
         }
-        self.record(key, f)
     }
 
-    fn record<R>(&self, key: &str, f: &mut impl FnMut() -> Result<R>) -> Result<R> {
+    fn record<R>(
+        &self,
+        key: &str,
+        mut entry: Entry<D>,
+        f: &mut dyn FnMut() -> Result<R>,
+    ) -> Result<R> {
         *lock(&self.region) = Some(Region::Record {
             rec: Record {
                 ops: Vec::new(),
@@ -244,23 +392,32 @@ impl<D: Device> GraphDevice<D> {
         let Some(Region::Record { mut rec, eager }) = lock(&self.region).take() else {
             unreachable!("the region of a recording stays a recording")
         };
-        let r = out?;
+        let r = match out {
+            Ok(r) => r,
+            Err(e) => {
+                // Nothing kept: the next run of the key records again.
+                self.keep(key, entry);
+                return Err(e);
+            }
+        };
         lock(&self.stats).recorded += 1;
         let built = match eager {
             Some(why) => Err(why),
-            None => self.build(&rec).map_err(|e| format!("building its graph: {e}")),
+            None => self
+                .build(&rec)
+                .map_err(|e| format!("building its graph: {e}")),
         };
-        let entry = match built {
+        entry.state = match built {
             Ok(graph) => {
                 rec.graph = Some(graph);
-                Entry::Ready(rec)
+                EntryState::Ready(rec)
             }
             Err(why) => {
                 lock(&self.stats).last_reason = Some(format!("{key}: runs eagerly: {why}"));
-                Entry::Eager(why)
+                EntryState::Eager(why)
             }
         };
-        lock(&self.graphs).insert(key.to_string(), entry);
+        self.keep(key, entry);
         Ok(r)
     }
 
@@ -370,7 +527,10 @@ impl<D: Device> Device for GraphDevice<D> {
                 }
                 other => Err(Self::differs(
                     differs,
-                    format!("call {}: an allocation of {bytes} bytes, recorded {other:?}", *next),
+                    format!(
+                        "call {}: an allocation of {bytes} bytes, recorded {other:?}",
+                        *next
+                    ),
                 )),
             },
             None => Ok(GraphBuf(Arc::new(self.inner.alloc(bytes)?))),
@@ -562,11 +722,19 @@ impl<D: Device> Device for GraphDevice<D> {
     fn launch_graph(&self, graph: &D::Graph) -> Result<()> {
         self.not_in_graph("graph launch", || self.inner.launch_graph(graph))
     }
+
+    /// Recorded the first time after [`GraphConfig::eager_runs`] runs, replayed as one graph
+    /// launch afterwards (see the module documentation for what `f` may do and how long what
+    /// it returns stays valid).
+    fn graphed<R>(&self, key: &str, f: &mut dyn FnMut() -> Result<R>) -> Result<R> {
+        self.run(key, f)
+    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::backbone::{Backbone, BatchInput};
     use crate::backend::emu::{EmuConfig, EmuDevice};
     use crate::backend::gpu::GpuBackend;
     use crate::backend::{Activation, Backend};
@@ -577,6 +745,17 @@ mod tests {
 
     fn emu() -> Arc<EmuDevice> {
         Arc::new(EmuDevice::new(EmuConfig::default()).unwrap())
+    }
+
+    /// A graph device that records a key's first run (no eager warm-up runs).
+    fn recording<D: Device>(dev: Arc<D>) -> Arc<GraphDevice<D>> {
+        Arc::new(GraphDevice::with_config(
+            dev,
+            GraphConfig {
+                eager_runs: 0,
+                ..GraphConfig::default()
+            },
+        ))
     }
 
     fn rand(rng: &mut SplitMix, n: usize) -> Vec<f32> {
@@ -604,8 +783,13 @@ mod tests {
 
     #[test]
     fn replays_compute_what_the_eager_runs_compute() {
-        let dev = emu();
-        let graphs = Arc::new(GraphDevice::new(dev.clone()));
+        check_replays(emu());
+    }
+
+    /// Four calls of one key (one recording, three replays) against the plain device, in f32
+    /// and f16, each call's output new. Also run on a real GPU (`backend::cuda` tests).
+    pub(crate) fn check_replays<D: Device>(dev: Arc<D>) {
+        let graphs = recording(dev.clone());
         for dtype in [DType::F32, DType::F16] {
             graphs.clear();
             let before = graphs.stats();
@@ -617,10 +801,15 @@ mod tests {
             for call in 0..4 {
                 let x = rand(&mut rng, 5 * 32);
                 let want = plain.download(&chain(&plain, &wp, &x, 5).unwrap()).unwrap();
-                let out = graphs.graphed("chain", || chain(&be, &wg, &x, 5)).unwrap();
+                let out = graphs
+                    .graphed("chain", &mut || chain(&be, &wg, &x, 5))
+                    .unwrap();
                 let got = be.download(&out).unwrap();
                 assert_eq!(got, want, "{dtype} call {call}");
-                assert_ne!(got, last, "{dtype} call {call}: the output of the call before");
+                assert_ne!(
+                    got, last,
+                    "{dtype} call {call}: the output of the call before"
+                );
                 last = got;
             }
             let s = graphs.stats();
@@ -633,7 +822,7 @@ mod tests {
     #[test]
     fn a_run_that_changes_is_recorded_again_and_still_right() {
         let dev = emu();
-        let graphs = Arc::new(GraphDevice::new(dev.clone()));
+        let graphs = recording(dev.clone());
         let plain = GpuBackend::shared(dev.clone(), DType::F32);
         let be = GpuBackend::shared(graphs.clone(), DType::F32);
         let (wp, wg) = (weights(&plain, 3), weights(&be, 3));
@@ -642,47 +831,60 @@ mod tests {
         // allocation), then 7 again (replayed from the new record).
         for (call, rows) in [5, 7, 7].into_iter().enumerate() {
             let x = rand(&mut rng, rows * 32);
-            let want = plain.download(&chain(&plain, &wp, &x, rows).unwrap()).unwrap();
-            let out = graphs.graphed("k", || chain(&be, &wg, &x, rows)).unwrap();
+            let want = plain
+                .download(&chain(&plain, &wp, &x, rows).unwrap())
+                .unwrap();
+            let out = graphs
+                .graphed("k", &mut || chain(&be, &wg, &x, rows))
+                .unwrap();
             assert_eq!(be.download(&out).unwrap(), want, "call {call}");
         }
         let s = graphs.stats();
         assert_eq!((s.recorded, s.replayed, s.rerecorded), (2, 1, 1), "{s:?}");
         let why = s.last_reason.unwrap();
-        assert!(why.contains("k: replay abandoned") && why.contains("upload"), "{why}");
+        assert!(
+            why.contains("k: replay abandoned") && why.contains("upload"),
+            "{why}"
+        );
     }
 
     #[test]
     fn a_run_that_reads_back_stays_eager() {
         let dev = emu();
-        let graphs = Arc::new(GraphDevice::new(dev.clone()));
+        let graphs = recording(dev.clone());
         let be = GpuBackend::shared(graphs.clone(), DType::F32);
         let w = weights(&be, 5);
         let mut rng = SplitMix::new(6);
         let mut outs = Vec::new();
         for _ in 0..3 {
             let x = rand(&mut rng, 2 * 32);
-            let run = || be.download(&chain(&be, &w, &x, 2)?);
-            outs.push(graphs.graphed("reads", run).unwrap());
+            let mut run = || be.download(&chain(&be, &w, &x, 2)?);
+            outs.push(graphs.graphed("reads", &mut run).unwrap());
             // The same on the plain path (outside any graph).
-            assert_eq!(outs.last().unwrap(), &be.download(&chain(&be, &w, &x, 2).unwrap()).unwrap());
+            assert_eq!(
+                outs.last().unwrap(),
+                &be.download(&chain(&be, &w, &x, 2).unwrap()).unwrap()
+            );
         }
         let s = graphs.stats();
         assert_eq!((s.recorded, s.replayed, s.eager), (1, 0, 2), "{s:?}");
         // A backend's download waits for the stream first.
         let why = s.last_reason.unwrap();
-        assert!(why.contains("reads: runs eagerly: the run does a synchronisation"), "{why}");
+        assert!(
+            why.contains("reads: runs eagerly: the run does a synchronisation"),
+            "{why}"
+        );
     }
 
     #[test]
     fn an_error_of_the_run_comes_back_and_records_nothing() {
         let dev = emu();
-        let graphs = Arc::new(GraphDevice::new(dev));
+        let graphs = recording(dev);
         let be = GpuBackend::shared(graphs.clone(), DType::F32);
         let w = weights(&be, 7);
         // A 31-wide input against 32-wide weights: refused by the op checks.
         let e = graphs
-            .graphed("bad", || {
+            .graphed("bad", &mut || {
                 let x = be.upload(&[0.5; 31], &[1, 31])?;
                 be.linear(&x, &w[0], None, Activation::None)
             })
@@ -693,46 +895,169 @@ mod tests {
         // A nested call runs eagerly inside the outer one's recording.
         let x = [0.25; 32];
         let out = graphs
-            .graphed("outer", || graphs.graphed("inner", || chain(&be, &w, &x, 1)))
+            .graphed("outer", &mut || {
+                graphs.graphed("inner", &mut || chain(&be, &w, &x, 1))
+            })
             .unwrap();
         assert_eq!(be.download(&out).unwrap().len(), 32);
         let s = graphs.stats();
         assert_eq!((s.recorded, s.eager), (1, 1), "{s:?}");
     }
 
+    #[test]
+    fn warm_up_runs_eviction_and_keys_that_keep_changing() {
+        let dev = emu();
+        let config = GraphConfig {
+            eager_runs: 1,
+            max_records: 2,
+            max_rerecords: 2,
+            ..GraphConfig::default()
+        };
+        let graphs = Arc::new(GraphDevice::with_config(dev.clone(), config));
+        let plain = GpuBackend::shared(dev.clone(), DType::F32);
+        let be = GpuBackend::shared(graphs.clone(), DType::F32);
+        let (wp, wg) = (weights(&plain, 9), weights(&be, 9));
+        let mut rng = SplitMix::new(10);
+        let mut run = |key: &str, rows: usize| {
+            let x = rand(&mut rng, rows * 32);
+            let want = plain
+                .download(&chain(&plain, &wp, &x, rows).unwrap())
+                .unwrap();
+            let out = graphs
+                .graphed(key, &mut || chain(&be, &wg, &x, rows))
+                .unwrap();
+            assert_eq!(be.download(&out).unwrap(), want, "{key}, {rows} rows");
+            graphs.stats()
+        };
+        // A key's first run is eager, its second recorded, its third replayed.
+        let s = run("a", 1);
+        assert_eq!((s.eager, s.recorded, s.replayed), (1, 0, 0), "{s:?}");
+        run("a", 1);
+        let s = run("a", 1);
+        assert_eq!((s.eager, s.recorded, s.replayed), (1, 1, 1), "{s:?}");
+        // Two more keys recorded: at most two records, "a" (least recently used) goes.
+        for key in ["b", "c"] {
+            run(key, 2);
+            run(key, 2);
+        }
+        assert_eq!(graphs.records(), 2);
+        let s = run("a", 1);
+        assert_eq!(s.recorded, 3, "a warms up again: {s:?}");
+        // A key whose runs keep changing: after two abandoned replays it stays eager.
+        for rows in [3, 3, 4, 5] {
+            run("d", rows);
+        }
+        let s = run("d", 6);
+        assert_eq!(s.rerecorded, 2, "{s:?}");
+        assert!(
+            s.last_reason
+                .as_deref()
+                .unwrap_or("")
+                .contains("d: replay abandoned"),
+            "{s:?}"
+        );
+        let eager = s.eager;
+        assert_eq!(run("d", 7).eager, eager + 1);
+        // Switched off: every run eager, nothing recorded.
+        let off = GraphDevice::with_config(
+            dev,
+            GraphConfig {
+                enabled: false,
+                ..GraphConfig::default()
+            },
+        );
+        for _ in 0..3 {
+            off.graphed("x", &mut || Ok(())).unwrap();
+        }
+        assert_eq!((off.stats().eager, off.stats().recorded), (3, 0));
+    }
+
     /// The whole MiniLM-shaped path: a random BERT with a head, inputs of one (batch, seq)
     /// bucket with different tokens and lengths, graphed against the plain backend.
     #[test]
     fn a_graphed_bert_forward_matches_the_plain_one() {
+        check_bert(emu());
+    }
+
+    pub(crate) fn check_bert<D: Device>(dev: Arc<D>) {
         let dir = std::env::temp_dir().join(format!("apparate-graph-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("tiny.apparate");
         write_random_bert(&path, &tiny_config(), Some(3), DType::F32, 11).unwrap();
         let file = crate::format::ModelFile::open(&path).unwrap();
-        let dev = emu();
-        let graphs = Arc::new(GraphDevice::new(dev.clone()));
-        let plain = Bert::load(GpuBackend::shared(dev, DType::F16), &file).unwrap();
+        let graphs = recording(dev.clone());
+        let plain = Bert::load(GpuBackend::shared(dev.clone(), DType::F16), &file).unwrap();
         let model = Bert::load(GpuBackend::shared(graphs.clone(), DType::F16), &file).unwrap();
         let mut rng = SplitMix::new(8);
         for call in 0..3 {
             let lens = [8, 1 + rng.below(8)];
             let ids: Vec<Vec<u32>> = lens
                 .iter()
-                .map(|&n| (0..8).map(|p| if p < n { 4 + rng.below(10) as u32 } else { 0 }).collect())
+                .map(|&n| {
+                    (0..8)
+                        .map(|p| if p < n { 4 + rng.below(10) as u32 } else { 0 })
+                        .collect()
+                })
                 .collect();
-            let masks: Vec<Vec<u32>> =
-                lens.iter().map(|&n| (0..8).map(|p| u32::from(p < n)).collect()).collect();
+            let masks: Vec<Vec<u32>> = lens
+                .iter()
+                .map(|&n| (0..8).map(|p| u32::from(p < n)).collect())
+                .collect();
             let input = EncoderInput::from_ids_and_masks(&ids, &masks, 0).unwrap();
             let want = plain.forward(&input).unwrap();
             let (pooled, probs) = graphs
-                .graphed("bert 2x8", || model.forward_tensors(&input))
+                .graphed("bert 2x8", &mut || model.forward_tensors(&input))
                 .unwrap();
             let got = model.output(&input, &pooled, probs.as_ref()).unwrap();
-            assert_eq!(got.embeddings, want.embeddings, "call {call}, lengths {lens:?}");
+            assert_eq!(
+                got.embeddings, want.embeddings,
+                "call {call}, lengths {lens:?}"
+            );
             assert_eq!(got.probs, want.probs, "call {call}, lengths {lens:?}");
         }
         let s = graphs.stats();
         assert_eq!((s.recorded, s.replayed), (1, 2), "{s:?}");
+        // The same model as the engine runs it: stage by stage (`Backbone::run_stages`, each
+        // stage graphed per batch and sequence size), every stage's output read in between
+        // as ramps and features read them.
+        let plain = Backbone::load(GpuBackend::shared(dev.clone(), DType::F16), &file).unwrap();
+        let staged = Backbone::load(GpuBackend::shared(graphs.clone(), DType::F16), &file).unwrap();
+        let stages = staged.num_stages() as u64;
+        for call in 0..3 {
+            let lens = [1 + rng.below(8), 8];
+            let ids: Vec<Vec<u32>> = lens
+                .iter()
+                .map(|&n| {
+                    (0..8)
+                        .map(|p| if p < n { 4 + rng.below(10) as u32 } else { 0 })
+                        .collect()
+                })
+                .collect();
+            let masks: Vec<Vec<u32>> = lens
+                .iter()
+                .map(|&n| (0..8).map(|p| u32::from(p < n)).collect())
+                .collect();
+            let input =
+                BatchInput::Text(EncoderInput::from_ids_and_masks(&ids, &masks, 0).unwrap());
+            let mut want = Vec::new();
+            plain
+                .run_stages(&input, |_, o| {
+                    want.push(plain.backend().download(&o.x)?);
+                    Ok(())
+                })
+                .unwrap();
+            let mut got = Vec::new();
+            staged
+                .run_stages(&input, |_, o| {
+                    got.push(staged.backend().download(&o.x)?);
+                    Ok(())
+                })
+                .unwrap();
+            assert_eq!(got, want, "staged call {call}, lengths {lens:?}");
+        }
+        let t = graphs.stats();
+        assert_eq!(t.recorded - s.recorded, stages, "{t:?}");
+        assert_eq!(t.replayed - s.replayed, 2 * stages, "{t:?}");
         std::fs::remove_dir_all(&dir).ok();
     }
 }
