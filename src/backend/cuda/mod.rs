@@ -589,6 +589,14 @@ pub struct CudaGraphRun {
     staging: pinned::PinnedBlock,
 }
 
+impl Drop for CudaGraphRun {
+    /// Waits for the graph's last run before its executable goes (then the staging block,
+    /// which waits again, harmlessly): no run of a destroyed graph can still be queued.
+    fn drop(&mut self) {
+        self.staging.wait_quietly();
+    }
+}
+
 struct GraphHandle(cudarc::driver::CudaGraph);
 
 // SAFETY: cudarc's graph is a pair of driver handles that must not be used from two threads at

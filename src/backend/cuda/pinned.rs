@@ -279,6 +279,19 @@ impl PinnedBlock {
         .map_err(drv(format!("a graph's upload of {len} bytes")))
     }
 
+    /// Waits for the work recorded by the block's event, binding the context itself; a failure
+    /// is kept for the device's next call (this runs in drops).
+    pub(crate) fn wait_quietly(&self) {
+        let waited = bind(&self.ctx).and_then(|_| {
+            // SAFETY: our event.
+            unsafe { dres::event::synchronize(self.event) }
+        });
+        if let Err(e) = waited {
+            self.deferred
+                .record("waiting for a graph's last run (on drop)".to_string(), e);
+        }
+    }
+
     /// Records the block's event on `stream` (after a graph run that copies out of it). The
     /// caller has bound the context.
     pub(crate) fn record(&self, stream: &CudaStream) -> Result<()> {
