@@ -264,7 +264,7 @@ impl<B: Backend> Bert<B> {
 
     /// All stages, left on the backend: the `[batch, width]` sentence vectors and (with a head)
     /// the `[batch, classes]` probabilities. Only device work: what a graph can hold
-    /// ([`crate::backend::capture::GraphDevice::graphed`]).
+    /// ([`crate::backend::Backend::graphed`]).
     pub fn forward_tensors(&self, input: &EncoderInput) -> Result<(B::Tensor, Option<B::Tensor>)> {
         let max = self.config.max_position_embeddings;
         if input.shape.seq > max {
