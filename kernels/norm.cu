@@ -112,24 +112,15 @@ __device__ void l2_normalize_warp(const T* __restrict__ x, T* __restrict__ out, 
     uint32_t nv = cols / E;
     uint64_t base = (uint64_t)row * cols;
     float v[V][E];
+    warp_row_load(x + base, lane, nv, v);
     float sq = 0.0f;
 #pragma unroll
     for (int i = 0; i < V; i++) {
-        uint32_t j = lane + 32 * i;
-        if (j >= nv) break;
-        load_vec16(x + base + (uint64_t)j * E, v[i]);
+        if (lane + 32 * i >= nv) break;
 #pragma unroll
         for (int e = 0; e < E; e++) sq += v[i][e] * v[i][e];
     }
-    float inv = 1.0f / fmaxf(sqrtf(warp_sum(sq)), 1e-12f);
-#pragma unroll
-    for (int i = 0; i < V; i++) {
-        uint32_t j = lane + 32 * i;
-        if (j >= nv) break;
-#pragma unroll
-        for (int e = 0; e < E; e++) v[i][e] *= inv;
-        store_vec16(out + base + (uint64_t)j * E, v[i]);
-    }
+    warp_row_store_scaled(out + base, lane, nv, v, 1.0f / fmaxf(sqrtf(warp_sum(sq)), 1e-12f));
 }
 
 extern "C" __global__ void l2_normalize_warp_f32(const float* x, float* out, uint32_t rows, uint32_t cols) { l2_normalize_warp(x, out, rows, cols); }

@@ -34,12 +34,11 @@ __device__ void softmax_warp(const T* __restrict__ x, T* __restrict__ out, uint3
     uint32_t nv = cols / E;
     uint64_t base = (uint64_t)row * cols;
     float v[V][E];
+    warp_row_load(x + base, lane, nv, v);
     float mx = -3.402823466e38f;
 #pragma unroll
     for (int i = 0; i < V; i++) {
-        uint32_t j = lane + 32 * i;
-        if (j >= nv) break;
-        load_vec16(x + base + (uint64_t)j * E, v[i]);
+        if (lane + 32 * i >= nv) break;
 #pragma unroll
         for (int e = 0; e < E; e++) mx = fmaxf(mx, v[i][e]);
     }
@@ -54,15 +53,7 @@ __device__ void softmax_warp(const T* __restrict__ x, T* __restrict__ out, uint3
             sum += v[i][e];
         }
     }
-    float inv = 1.0f / warp_sum(sum);
-#pragma unroll
-    for (int i = 0; i < V; i++) {
-        uint32_t j = lane + 32 * i;
-        if (j >= nv) break;
-#pragma unroll
-        for (int e = 0; e < E; e++) v[i][e] *= inv;
-        store_vec16(out + base + (uint64_t)j * E, v[i]);
-    }
+    warp_row_store_scaled(out + base, lane, nv, v, 1.0f / warp_sum(sum));
 }
 
 extern "C" __global__ void softmax_warp_f32(const float* x, float* out, uint32_t rows, uint32_t cols) { softmax_warp(x, out, rows, cols); }

@@ -246,16 +246,21 @@ impl<B: Backend> Backbone<B> {
                 })
             }
             (Backbone::Image(cnn), BatchInput::Image { pixels, batch }) => {
+                // Graphed per (model, stage, batch) as text stages are, the pixels uploaded
+                // inside stage 0's graph; a block that flattens its input needs the input
+                // itself and runs as it is.
+                let key = format!("{:p} stage {i} {batch}", self as *const Self);
+                let be = self.backend();
                 let x = match prev {
-                    Some(p) if i > 0 => p.x,
-                    None if i == 0 => {
+                    Some(p) if i > 0 && cnn.block_takes_input(i) => cnn.block(i, p.x)?,
+                    Some(p) if i > 0 => be.graphed(&key, &mut || cnn.block_ref(i, &p.x))?,
+                    None if i == 0 => be.graphed(&key, &mut || {
                         let c = &cnn.config().input;
-                        cnn.backend()
-                            .upload(pixels, &[*batch, c.height, c.width, c.channels])?
-                    }
+                        let x = be.upload(pixels, &[*batch, c.height, c.width, c.channels])?;
+                        cnn.block(i, x)
+                    })?,
                     _ => return Err(need_prev()),
                 };
-                let x = cnn.block(i, x)?;
                 let shape = cnn.backend().shape(&x);
                 // NHWC images pool over h * w; a flat [n, features] tensor is one position.
                 let positions = if shape.len() == 4 {

@@ -6,9 +6,9 @@
 //! choice made at run time cannot return "a backend"; instead the work to do is handed in as a
 //! [`BackendJob`] and run on whichever backend was built.
 //!
-//! GPU backends (`emu`, `cuda`) run on a [`GraphDevice`]: the work a model graphs (a text
-//! model's stages, per batch and sequence size) is replayed as one graph launch from its third
-//! run on; `APPARATE_GPU_GRAPHS=off` runs everything eagerly.
+//! GPU backends (`emu`, `cuda`) run on a [`GraphDevice`]: the work a model graphs (its stages,
+//! per batch and sequence size) is replayed as one graph launch from its third run on;
+//! `APPARATE_GPU_GRAPHS=off` runs everything eagerly.
 
 use std::sync::Arc;
 

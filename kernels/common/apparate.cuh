@@ -196,6 +196,32 @@ APPARATE_DEVICE void layernorm_shared_row(const float* row, float local, uint32_
         out[c] = from_f32<T>((row[c] - mean) * inv * to_f32(gamma[c]) + to_f32(beta[c]));
 }
 
+// A row of nv 16-byte vectors at `row` into a warp's registers: lane `lane`'s v[i] is vector
+// lane + 32 i (the layout every warp-per-row kernel keeps).
+template <typename T, int V, int E>
+APPARATE_DEVICE void warp_row_load(const T* row, uint32_t lane, uint32_t nv, float (&v)[V][E]) {
+#pragma unroll
+    for (int i = 0; i < V; i++) {
+        uint32_t j = lane + 32 * i;
+        if (j >= nv) break;
+        load_vec16(row + (uint64_t)j * E, v[i]);
+    }
+}
+
+// The registers of warp_row_load, each times `scale`, stored to `row` as T.
+template <typename T, int V, int E>
+APPARATE_DEVICE void warp_row_store_scaled(T* row, uint32_t lane, uint32_t nv, float (&v)[V][E],
+                                           float scale) {
+#pragma unroll
+    for (int i = 0; i < V; i++) {
+        uint32_t j = lane + 32 * i;
+        if (j >= nv) break;
+#pragma unroll
+        for (int e = 0; e < E; e++) v[i][e] *= scale;
+        store_vec16(row + (uint64_t)j * E, v[i]);
+    }
+}
+
 // LayerNorm of one row of `cols` f32 values that a warp holds in registers (lane `lane`'s
 // v[i][e] is column (lane + 32 i) * E + e, for the nv = cols / E vectors of the row; `sum` is
 // this lane's part of their sum), written to `out` (16-byte aligned) as T with 16-byte stores.

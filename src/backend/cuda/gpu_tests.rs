@@ -196,11 +196,13 @@ fn gpu_async_download_waits_for_its_own_copy() {
 
 /// Graphs (`GraphDevice` over `cuda`: stream capture, a page-locked staging block, one graph
 /// launch per replay) compute what the plain device computes, call after call with new
-/// inputs; and a random BERT's forward graphed per (batch, sequence).
+/// inputs; a random BERT's forward graphed per (batch, sequence), and stage by stage; the
+/// MNIST ResNet stage by stage.
 #[test]
 #[ignore = "needs a CUDA GPU: run by tools/gpu-check.sh"]
 fn gpu_graph_replays_match_the_plain_device() {
     let dev = Arc::new(device());
     crate::backend::capture::tests::check_replays(dev.clone());
-    crate::backend::capture::tests::check_bert(dev);
+    crate::backend::capture::tests::check_bert(dev.clone());
+    crate::backend::capture::tests::check_cnn(dev);
 }

@@ -129,19 +129,38 @@ impl<B: Backend> Cnn<B> {
 
     /// Stage `i` (block `i`) on `x`.
     pub fn block(&self, i: usize, x: B::Tensor) -> Result<B::Tensor> {
+        self.run_block(i, Held::Owned(x))
+    }
+
+    /// Whether block `i` starts by flattening its input, so that it needs the input itself
+    /// ([`Cnn::block`]) and cannot run on a borrowed one ([`Cnn::block_ref`]).
+    pub fn block_takes_input(&self, i: usize) -> bool {
+        self.config
+            .blocks
+            .get(i)
+            .is_some_and(|b| matches!(b.ops.first(), Some(Op::Flatten)))
+    }
+
+    /// Stage `i` on a borrowed `x` (what a graphed stage needs: its closure may run twice); an
+    /// error for a block that flattens its input first ([`Cnn::block_takes_input`]).
+    pub fn block_ref(&self, i: usize, x: &B::Tensor) -> Result<B::Tensor> {
+        self.run_block(i, Held::Borrowed(x))
+    }
+
+    fn run_block(&self, i: usize, x: Held<'_, B::Tensor>) -> Result<B::Tensor> {
         let block = self.config.blocks.get(i).ok_or_else(|| {
             Error::Input(format!(
                 "block {i} does not exist ({} blocks)",
                 self.config.blocks.len()
             ))
         })?;
-        if let Some(out) = self.inverted_residual(block, &x)? {
+        if let Some(out) = self.inverted_residual(block, x.get().expect("a block's input"))? {
             return Ok(out);
         }
         let n = block.ops.len();
         // The block's input stays alive while a residual may still need it; `cur` is the
         // running value.
-        let mut input = Some(x);
+        let mut input = x;
         let mut cur: Option<B::Tensor> = None;
         let consumed = || Error::Input(format!("block `{}`: its input was flattened", block.name));
         for (j, op) in block.ops.iter().enumerate() {
@@ -150,13 +169,19 @@ impl<B: Backend> Cnn<B> {
                 // residual, the configuration checks it), never a copy.
                 let t = match cur.take() {
                     Some(t) => t,
-                    None => input.take().ok_or_else(consumed)?,
+                    None => input.take().ok_or_else(|| match input {
+                        Held::Borrowed(_) => Error::Input(format!(
+                            "block `{}` flattens its input: it needs the input itself, not a borrow",
+                            block.name
+                        )),
+                        _ => consumed(),
+                    })?,
                 };
                 let s = self.backend.shape(&t).to_vec();
                 cur = Some(self.backend.reshape(t, &[s[0], s[1..].iter().product()])?);
                 continue;
             }
-            let x = input.as_ref();
+            let x = input.get();
             let running = cur.as_ref().or(x).ok_or_else(consumed)?;
             let out = match (&block.residual, j + 1 == n) {
                 (Some(r), true) => {
@@ -262,5 +287,33 @@ impl<B: Backend> Cnn<B> {
             classes: logits.len() / batch,
             logits,
         })
+    }
+}
+
+/// A block's input: owned (it may be flattened in place) or borrowed.
+enum Held<'a, T> {
+    Owned(T),
+    Borrowed(&'a T),
+    Taken,
+}
+
+impl<T> Held<'_, T> {
+    fn get(&self) -> Option<&T> {
+        match self {
+            Held::Owned(t) => Some(t),
+            Held::Borrowed(t) => Some(t),
+            Held::Taken => None,
+        }
+    }
+
+    /// The input itself, when owned and not taken yet.
+    fn take(&mut self) -> Option<T> {
+        match std::mem::replace(self, Held::Taken) {
+            Held::Owned(t) => Some(t),
+            other => {
+                *self = other;
+                None
+            }
+        }
     }
 }
