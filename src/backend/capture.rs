@@ -26,8 +26,8 @@
 //!   usual, and waits while a graph is being built (a CUDA stream capture must not see it).
 //!
 //! The recorded buffers of a key stay allocated until its record is evicted (the least
-//! recently used beyond [`GraphConfig::max_records`]), [`GraphDevice::clear`] or the drop of
-//! the device. From the tensor sizes (computed, not measured): a MiniLM layer stage at batch 8
+//! recently used beyond [`GraphConfig::max_records`] or [`GraphConfig::max_bytes`]),
+//! [`GraphDevice::clear`] or the drop of the device. From the tensor sizes (computed, not measured): a MiniLM layer stage at batch 8
 //! x 128 tokens in f16 keeps about 9 MB of activations and 9 MB of split-K partial sums.
 
 use std::collections::HashMap;
@@ -67,8 +67,11 @@ pub struct GraphConfig {
     /// second run of a key is recorded, the third replayed.
     pub eager_runs: u32,
     /// Most records kept (each holds its run's buffers); the least recently used goes first.
-    /// Default 64.
+    /// Default 4096 (a model's stages are a record each, per batch and sequence size).
     pub max_records: usize,
+    /// Most bytes of device memory the records' buffers may hold together; the least recently
+    /// used go first, and a run whose buffers alone are more stays eager. Default 2 GiB.
+    pub max_bytes: usize,
     /// Abandoned replays of a key after which it runs eagerly for good (its runs keep
     /// changing). Default 3.
     pub max_rerecords: u32,
@@ -79,7 +82,8 @@ impl Default for GraphConfig {
         GraphConfig {
             enabled: true,
             eager_runs: 1,
-            max_records: 64,
+            max_records: 4096,
+            max_bytes: 2 << 30,
             max_rerecords: 3,
         }
     }
@@ -146,6 +150,8 @@ struct Record<D: Device> {
     ops: Vec<Op>,
     bufs: Vec<Arc<D::Buf>>,
     staging: usize,
+    /// Device bytes its buffers hold.
+    bytes: usize,
     graph: Option<D::Graph>,
 }
 
@@ -229,6 +235,17 @@ impl<D: Device> GraphDevice<D> {
         lock(&self.graphs).clear();
     }
 
+    /// Device bytes the records' buffers hold now.
+    pub fn held_bytes(&self) -> usize {
+        lock(&self.graphs)
+            .values()
+            .map(|e| match &e.state {
+                EntryState::Ready(rec) => rec.bytes,
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// Records and graph runs held now (`Ready` entries).
     pub fn records(&self) -> usize {
         lock(&self.graphs)
@@ -289,24 +306,27 @@ impl<D: Device> GraphDevice<D> {
         }
     }
 
-    /// Puts an entry back, dropping the least recently used records beyond `max_records`.
+    /// Puts an entry back, dropping the least recently used records beyond `max_records` or
+    /// `max_bytes`.
     fn keep(&self, key: &str, entry: Entry<D>) {
         let mut graphs = lock(&self.graphs);
         graphs.insert(key.to_string(), entry);
         loop {
-            let ready = graphs
-                .iter()
-                .filter(|(_, e)| matches!(e.state, EntryState::Ready(_)));
-            if ready.clone().count() <= self.config.max_records {
+            let ready = graphs.iter().filter_map(|(k, e)| match &e.state {
+                EntryState::Ready(rec) => Some((k, e.used, rec.bytes)),
+                _ => None,
+            });
+            let (count, bytes) = ready.clone().fold((0, 0), |(n, b), r| (n + 1, b + r.2));
+            if count <= self.config.max_records && bytes <= self.config.max_bytes {
                 break;
             }
-            let oldest = ready.min_by_key(|(_, e)| e.used).map(|(k, _)| k.clone());
-            if let Some(k) = oldest {
-                // Back to warming: its buffers and graph go (freed after queued work).
-                if let Some(e) = graphs.get_mut(&k) {
-                    e.state = EntryState::Warming;
-                    e.runs = 0;
-                }
+            let Some(oldest) = ready.min_by_key(|r| r.1).map(|r| r.0.clone()) else {
+                break;
+            };
+            // Back to warming: its buffers and graph go (freed after queued work).
+            if let Some(e) = graphs.get_mut(&oldest) {
+                e.state = EntryState::Warming;
+                e.runs = 0;
             }
         }
     }
@@ -386,6 +406,7 @@ impl<D: Device> GraphDevice<D> {
                 ops: Vec::new(),
                 bufs: Vec::new(),
                 staging: 0,
+                bytes: 0,
                 graph: None,
             },
             eager: None,
@@ -403,8 +424,13 @@ impl<D: Device> GraphDevice<D> {
             }
         };
         lock(&self.stats).recorded += 1;
+        rec.bytes = rec.bufs.iter().map(|b| self.inner.len(b)).sum();
         let built = match eager {
             Some(why) => Err(why),
+            None if rec.bytes > self.config.max_bytes => Err(format!(
+                "its buffers are {} bytes, more than the {} all records may hold",
+                rec.bytes, self.config.max_bytes
+            )),
             None => self
                 .build(&rec)
                 .map_err(|e| format!("building its graph: {e}")),
@@ -965,6 +991,40 @@ pub(crate) mod tests {
         );
         let eager = s.eager;
         assert_eq!(run("d", 7).eager, eager + 1);
+        // A byte budget: room for one record of "e" (4 rows), so "f" replaces it; a run
+        // bigger than the whole budget stays eager.
+        graphs.clear();
+        run("e", 4);
+        run("e", 4);
+        let one = graphs.held_bytes();
+        assert!(one > 4 * 32 * 4, "{one} bytes held");
+        let small = GraphConfig {
+            eager_runs: 0,
+            max_bytes: one + one / 2,
+            ..GraphConfig::default()
+        };
+        let budget = Arc::new(GraphDevice::with_config(dev.clone(), small));
+        let be2 = GpuBackend::shared(budget.clone(), DType::F32);
+        let w2 = weights(&be2, 9);
+        let x = rand(&mut SplitMix::new(11), 40 * 32);
+        for (key, rows) in [("e", 4), ("f", 4)] {
+            budget
+                .graphed(key, &mut || chain(&be2, &w2, &x[..rows * 32], rows))
+                .unwrap();
+            assert_eq!((budget.records(), budget.held_bytes()), (1, one), "{key}");
+        }
+        budget
+            .graphed("g", &mut || chain(&be2, &w2, &x, 40))
+            .unwrap();
+        let s = budget.stats();
+        assert!(
+            s.last_reason
+                .as_deref()
+                .unwrap_or("")
+                .contains("g: runs eagerly: its buffers are"),
+            "{s:?}"
+        );
+        assert_eq!(budget.records(), 1);
         // Switched off: every run eager, nothing recorded.
         let off = GraphDevice::with_config(
             dev,
