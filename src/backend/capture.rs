@@ -21,9 +21,14 @@
 //! - the closure runs more than once per call when a replay is abandoned, so it must do the
 //!   same thing each time (no host side effects that matter);
 //! - tensors a graphed run returns live in the key's persistent buffers: the next run of the
-//!   same key overwrites them (download or copy them first, as [`crate::models::bert`] does);
+//!   same key, on any thread, overwrites them (download or copy them first, as
+//!   [`crate::models::bert`] does; the engine runs a model on one executor thread);
 //! - one run at a time is graphed per device; work other threads queue meanwhile runs as
-//!   usual, and waits while a graph is being built (a CUDA stream capture must not see it).
+//!   usual, and waits while a graph is being built (a CUDA stream capture must not see it;
+//!   buffers dropped during a capture have their frees parked until it ends);
+//! - a replay's uploads wait until the key's previous graph run has read the staging area, so
+//!   back-to-back runs of one key do not overlap their host work with the previous run (double
+//!   buffering the staging would).
 //!
 //! The recorded buffers of a key stay allocated until its record is evicted (the least
 //! recently used beyond [`GraphConfig::max_records`] or [`GraphConfig::max_bytes`]),
@@ -232,7 +237,8 @@ impl<D: Device> GraphDevice<D> {
 
     /// Drops every record and graph (their buffers are freed after the work queued on them).
     pub fn clear(&self) {
-        lock(&self.graphs).clear();
+        let all = std::mem::take(&mut *lock(&self.graphs));
+        drop(all);
     }
 
     /// Device bytes the records' buffers hold now.
@@ -309,6 +315,8 @@ impl<D: Device> GraphDevice<D> {
     /// Puts an entry back, dropping the least recently used records beyond `max_records` or
     /// `max_bytes`.
     fn keep(&self, key: &str, entry: Entry<D>) {
+        // Dropped after the lock is released: dropping a record waits for its graph's last run.
+        let mut evicted = Vec::new();
         let mut graphs = lock(&self.graphs);
         graphs.insert(key.to_string(), entry);
         loop {
@@ -325,10 +333,12 @@ impl<D: Device> GraphDevice<D> {
             };
             // Back to warming: its buffers and graph go (freed after queued work).
             if let Some(e) = graphs.get_mut(&oldest) {
-                e.state = EntryState::Warming;
+                evicted.push(std::mem::replace(&mut e.state, EntryState::Warming));
                 e.runs = 0;
             }
         }
+        drop(graphs);
+        drop(evicted);
     }
 
     fn replay<R>(
@@ -358,10 +368,15 @@ impl<D: Device> GraphDevice<D> {
         match (differs, out) {
             (None, Ok(r)) => {
                 let graph = rec.graph.as_ref().expect("a ready record has its graph");
-                let launched = self.inner.launch_graph(graph);
+                if let Err(e) = self.inner.launch_graph(graph) {
+                    // Not kept: a graph whose launch failed is not trusted again.
+                    drop(rec);
+                    entry.runs = 0;
+                    self.keep(key, entry);
+                    return Err(e);
+                }
                 entry.state = EntryState::Ready(rec);
                 self.keep(key, entry);
-                launched?;
                 lock(&self.stats).replayed += 1;
                 Ok(r)
             }
@@ -425,25 +440,39 @@ impl<D: Device> GraphDevice<D> {
         };
         lock(&self.stats).recorded += 1;
         rec.bytes = rec.bufs.iter().map(|b| self.inner.len(b)).sum();
-        let built = match eager {
-            Some(why) => Err(why),
-            None if rec.bytes > self.config.max_bytes => Err(format!(
+        let never = match eager {
+            Some(why) => Some(why),
+            None if rec.bytes > self.config.max_bytes => Some(format!(
                 "its buffers are {} bytes, more than the {} all records may hold",
                 rec.bytes, self.config.max_bytes
             )),
-            None => self
-                .build(&rec)
-                .map_err(|e| format!("building its graph: {e}")),
+            None => None,
         };
-        entry.state = match built {
-            Ok(graph) => {
-                rec.graph = Some(graph);
-                EntryState::Ready(rec)
-            }
-            Err(why) => {
+        entry.state = match never {
+            Some(why) => {
                 lock(&self.stats).last_reason = Some(format!("{key}: runs eagerly: {why}"));
                 EntryState::Eager(why)
             }
+            None => match self.build(&rec) {
+                Ok(graph) => {
+                    rec.graph = Some(graph);
+                    EntryState::Ready(rec)
+                }
+                // A failure of the device (or one it kept from elsewhere) need not last: the
+                // key warms up and records again, until `max_rerecords` such failures.
+                Err(e) => {
+                    drop(rec);
+                    entry.rerecords += 1;
+                    entry.runs = 0;
+                    let why = format!("building its graph: {e}");
+                    lock(&self.stats).last_reason = Some(format!("{key}: {why}"));
+                    if entry.rerecords >= self.config.max_rerecords {
+                        EntryState::Eager(why)
+                    } else {
+                        EntryState::Warming
+                    }
+                }
+            },
         };
         self.keep(key, entry);
         Ok(r)

@@ -141,6 +141,8 @@ impl CudaDevice {
                 stream,
                 async_alloc,
                 deferred,
+                capture: std::sync::RwLock::new(()),
+                parked: Mutex::new(Vec::new()),
             }),
             info,
             target: config.target,

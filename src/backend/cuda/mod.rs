@@ -55,6 +55,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+use cudarc::driver::result as dres;
 use cudarc::driver::sys as dsys;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, PushKernelArg};
 
@@ -114,6 +115,45 @@ struct Owner {
     /// Stream-ordered allocation (`cuMemAllocAsync`) is available.
     async_alloc: bool,
     deferred: Arc<Deferred>,
+    /// Held alone while the stream is captured into a graph. A free queued on a capturing
+    /// stream would be captured (and refused: it is not the graph's allocation), so a buffer
+    /// dropped meanwhile, on any thread, parks its address in `parked` until the capture ends.
+    capture: std::sync::RwLock<()>,
+    parked: Mutex<Vec<(u64, usize)>>,
+}
+
+impl Owner {
+    /// Frees an allocation of this device, ordered after the work queued on its stream; a
+    /// failure is kept for the device's next call (this runs in drops).
+    fn free(&self, ptr: u64, len: usize) {
+        let what = |step: &str| format!("{step} a {len}-byte buffer (on drop)");
+        // The dropping thread may never have used the device (the releaser, a tokio worker).
+        if let Err(e) = bind(&self.ctx) {
+            self.deferred.record(what("binding the context to free"), e);
+            return;
+        }
+        // SAFETY: allocated by `CudaDevice::alloc` on this stream, freed once. Stream order
+        // puts the free after every launch already queued that uses the buffer.
+        let freed = unsafe {
+            if self.async_alloc {
+                cudarc::driver::result::free_async(ptr, self.stream.cu_stream())
+            } else {
+                cudarc::driver::result::stream::synchronize(self.stream.cu_stream())
+                    .and_then(|_| cudarc::driver::result::free_sync(ptr))
+            }
+        };
+        if let Err(e) = freed {
+            self.deferred.record(what("freeing"), e);
+        }
+    }
+
+    /// Frees what was dropped during a capture.
+    fn free_parked(&self) {
+        let parked = std::mem::take(&mut *self.parked.lock().unwrap_or_else(|p| p.into_inner()));
+        for (ptr, len) in parked {
+            self.free(ptr, len);
+        }
+    }
 }
 
 /// Device memory, freed when dropped: stream-ordered (after the work already queued on the
@@ -133,24 +173,20 @@ impl fmt::Debug for CudaBuf {
 impl Drop for CudaBuf {
     fn drop(&mut self) {
         let o = &self.owner;
-        let what = |step: &str| format!("{step} a {}-byte buffer (on drop)", self.len);
-        // The dropping thread may never have used the device (the releaser, a tokio worker).
-        if let Err(e) = bind(&o.ctx) {
-            o.deferred.record(what("binding the context to free"), e);
-            return;
-        }
-        // SAFETY: allocated by `CudaDevice::alloc` on this stream, freed once. Stream order
-        // puts the free after every launch already queued that uses the buffer.
-        let freed = unsafe {
-            if o.async_alloc {
-                cudarc::driver::result::free_async(self.ptr, o.stream.cu_stream())
-            } else {
-                cudarc::driver::result::stream::synchronize(o.stream.cu_stream())
-                    .and_then(|_| cudarc::driver::result::free_sync(self.ptr))
+        // Not while a capture runs (the capturing thread holds the lock alone): parked, freed
+        // when it ends. Holding the shared lock while freeing keeps a capture from starting
+        // between the check and the free.
+        match o.capture.try_read() {
+            Ok(_not_capturing) => o.free(self.ptr, self.len),
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                let _g = p.into_inner();
+                o.free(self.ptr, self.len)
             }
-        };
-        if let Err(e) = freed {
-            o.deferred.record(what("freeing"), e);
+            Err(std::sync::TryLockError::WouldBlock) => o
+                .parked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((self.ptr, self.len)),
         }
     }
 }
@@ -243,6 +279,78 @@ impl CudaDevice {
 
     fn stream(&self) -> &Arc<CudaStream> {
         &self.owner.stream
+    }
+
+    /// A launch on the device's stream, without `enter` (the caller has bound the context
+    /// and reported kept failures: a graph's capture does it once, before it begins).
+    ///
+    /// # Safety
+    /// [`Device::launch`]'s contract.
+    unsafe fn launch_on_stream(
+        &self,
+        kernel: &str,
+        cfg: LaunchConfig,
+        args: &[KernelArg],
+    ) -> Result<()> {
+        check_launch(BACKEND, kernel, &cfg)?;
+        let k = self
+            .kernels
+            .get(kernel)
+            .ok_or_else(|| Error::kernel(BACKEND, kernel, "no kernel of this name"))?;
+        {
+            // Raising is rare (once per kernel and size): only then take the lock, and check
+            // again under it, so two threads raising the same kernel's limit cannot leave it
+            // lower than what the atomic records.
+            let raise = (cfg.shared_bytes > k.max_dynamic_shared.load(Ordering::Relaxed))
+                .then(|| self.raise_lock.lock().unwrap_or_else(|p| p.into_inner()));
+            if raise.is_some() && cfg.shared_bytes > k.max_dynamic_shared.load(Ordering::Relaxed) {
+                if cfg.shared_bytes > self.max_shared_optin {
+                    return Err(Error::kernel(
+                        BACKEND,
+                        kernel,
+                        format!(
+                            "{} bytes of dynamic shared memory, this device allows at most {}",
+                            cfg.shared_bytes, self.max_shared_optin
+                        ),
+                    ));
+                }
+                k.func
+                    .set_attribute(
+                        dsys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        cfg.shared_bytes as i32,
+                    )
+                    .map_err(|e| {
+                        Error::kernel(
+                            BACKEND,
+                            kernel,
+                            format!(
+                                "raising its dynamic shared memory to {} bytes: {}",
+                                cfg.shared_bytes,
+                                describe(e)
+                            ),
+                        )
+                    })?;
+                k.max_dynamic_shared
+                    .fetch_max(cfg.shared_bytes, Ordering::Relaxed);
+            }
+            // The launch gets a pointer to each argument's 8-byte slot.
+            let values: Vec<u64> = args.iter().map(|a| a.slot()).collect();
+            let mut builder = self.stream().launch_builder(&k.func);
+            for v in &values {
+                builder.arg(v);
+            }
+            let lc = cudarc::driver::LaunchConfig {
+                grid_dim: (cfg.grid[0], cfg.grid[1], cfg.grid[2]),
+                block_dim: (cfg.block[0], cfg.block[1], cfg.block[2]),
+                shared_mem_bytes: cfg.shared_bytes,
+            };
+            // SAFETY: the argument count and types are the launcher's contract with the
+            // kernel (as on the emulated device); the values outlive the call.
+            unsafe { builder.launch(lc) }.map_err(|e| {
+                Error::kernel(BACKEND, kernel, format!("launch {cfg:?}: {}", describe(e)))
+            })?;
+            Ok(())
+        }
     }
 }
 
@@ -406,66 +514,11 @@ impl Device for CudaDevice {
     }
 
     unsafe fn launch(&self, kernel: &str, cfg: LaunchConfig, args: &[KernelArg]) -> Result<()> {
-        check_launch(BACKEND, kernel, &cfg)?;
-        let k = self
-            .kernels
-            .get(kernel)
-            .ok_or_else(|| Error::kernel(BACKEND, kernel, "no kernel of this name"))?;
         let what = format!("launch of `{kernel}`");
         guard(&what, || {
             self.enter(&what)?;
-            // Raising is rare (once per kernel and size): only then take the lock, and check
-            // again under it, so two threads raising the same kernel's limit cannot leave it
-            // lower than what the atomic records.
-            let raise = (cfg.shared_bytes > k.max_dynamic_shared.load(Ordering::Relaxed))
-                .then(|| self.raise_lock.lock().unwrap_or_else(|p| p.into_inner()));
-            if raise.is_some() && cfg.shared_bytes > k.max_dynamic_shared.load(Ordering::Relaxed) {
-                if cfg.shared_bytes > self.max_shared_optin {
-                    return Err(Error::kernel(
-                        BACKEND,
-                        kernel,
-                        format!(
-                            "{} bytes of dynamic shared memory, this device allows at most {}",
-                            cfg.shared_bytes, self.max_shared_optin
-                        ),
-                    ));
-                }
-                k.func
-                    .set_attribute(
-                        dsys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        cfg.shared_bytes as i32,
-                    )
-                    .map_err(|e| {
-                        Error::kernel(
-                            BACKEND,
-                            kernel,
-                            format!(
-                                "raising its dynamic shared memory to {} bytes: {}",
-                                cfg.shared_bytes,
-                                describe(e)
-                            ),
-                        )
-                    })?;
-                k.max_dynamic_shared
-                    .fetch_max(cfg.shared_bytes, Ordering::Relaxed);
-            }
-            // The launch gets a pointer to each argument's 8-byte slot.
-            let values: Vec<u64> = args.iter().map(|a| a.slot()).collect();
-            let mut builder = self.stream().launch_builder(&k.func);
-            for v in &values {
-                builder.arg(v);
-            }
-            let lc = cudarc::driver::LaunchConfig {
-                grid_dim: (cfg.grid[0], cfg.grid[1], cfg.grid[2]),
-                block_dim: (cfg.block[0], cfg.block[1], cfg.block[2]),
-                shared_mem_bytes: cfg.shared_bytes,
-            };
-            // SAFETY: the argument count and types are the launcher's contract with the
-            // kernel (as on the emulated device); the values outlive the call.
-            unsafe { builder.launch(lc) }.map_err(|e| {
-                Error::kernel(BACKEND, kernel, format!("launch {cfg:?}: {}", describe(e)))
-            })?;
-            Ok(())
+            // SAFETY: the caller's contract, passed on.
+            unsafe { self.launch_on_stream(kernel, cfg, args) }
         })
     }
 
@@ -510,9 +563,11 @@ impl Device for CudaDevice {
 
     type Graph = CudaGraphRun;
 
-    /// Stream capture of the steps (thread-local mode: other threads' calls are not
-    /// affected, but nothing else may queue work on this stream meanwhile, which the caller
-    /// ensures), instantiated once; uploads copy out of a page-locked staging block.
+    /// Stream capture of the steps (thread-local mode), instantiated once; uploads copy out of
+    /// a page-locked staging block. While the capture runs, the device's `capture` lock is held
+    /// alone: buffers dropped meanwhile on any thread park their frees until it ends (a free
+    /// queued on the capturing stream would be captured), and the caller keeps other threads'
+    /// launches off the stream. Kept failures are reported once, before the capture begins.
     unsafe fn build_graph(
         &self,
         steps: &[GraphStep<'_, CudaBuf>],
@@ -521,45 +576,76 @@ impl Device for CudaDevice {
         guard("building a CUDA graph", || {
             self.enter("building a CUDA graph")?;
             let block = pinned::PinnedBlock::new(&self.owner.ctx, &self.owner.deferred, staging)?;
-            let stream = self.stream();
-            stream
-                .begin_capture(dsys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                .map_err(drv("beginning a stream capture"))?;
+            let cu_stream = self.stream().cu_stream();
+            let alone = self
+                .owner
+                .capture
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            // SAFETY: the device's stream, not capturing (captures hold `alone`).
+            unsafe {
+                dres::stream::begin_capture(
+                    cu_stream,
+                    dsys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+                )
+            }
+            .map_err(drv("beginning a stream capture"))?;
             let queued = steps.iter().try_for_each(|step| match *step {
-                // SAFETY: `build_graph`'s contract is `launch`'s, for the graph's lifetime.
-                GraphStep::Launch { kernel, cfg, args } => unsafe { self.launch(kernel, cfg, args) },
+                // SAFETY: `build_graph`'s contract is `launch`'s, for the graph's lifetime;
+                // the context was bound by `enter` above.
+                GraphStep::Launch { kernel, cfg, args } => unsafe {
+                    self.launch_on_stream(kernel, cfg, args)
+                },
+                GraphStep::Upload { len: 0, .. } => Ok(()),
                 GraphStep::Upload { dst, offset, len } => {
                     if offset + len > staging || len > dst.len {
                         return Err(Error::device(
                             BACKEND,
                             "building a CUDA graph",
-                            format!("an upload of {len} bytes at staging offset {offset} (staging {staging} bytes, destination {})", dst.len),
+                            format!(
+                                "an upload of {len} bytes at staging offset {offset} (staging \
+                                 {staging} bytes, destination {})",
+                                dst.len
+                            ),
                         ));
                     }
                     // SAFETY: in bounds of both (checked above); the destination outlives
                     // the graph (the contract).
-                    unsafe { block.copy_to(offset, dst.ptr, len, stream) }
+                    unsafe { block.copy_to(offset, dst.ptr, len, self.stream()) }
                 }
+                GraphStep::Fill { dst, .. } if dst.len == 0 => Ok(()),
                 // SAFETY: the whole of a buffer that outlives the graph.
-                GraphStep::Fill { dst, byte } => unsafe {
-                    cudarc::driver::result::memset_d8_async(dst.ptr, byte, dst.len, stream.cu_stream())
+                GraphStep::Fill { dst, byte } => {
+                    unsafe { dres::memset_d8_async(dst.ptr, byte, dst.len, cu_stream) }
+                        .map_err(drv("a graph's fill"))
                 }
-                .map_err(drv("a graph's fill")),
             });
-            // End the capture whatever happened, so the stream is usable again.
-            let ended = stream.end_capture(dsys::CUgraphInstantiate_flags(0));
+            // End the capture whatever happened (straight through the driver: cudarc's
+            // `end_capture` first takes any error kept in the context and would return it
+            // without ending the capture), then free what was dropped meanwhile.
+            // SAFETY: the stream this thread began capturing.
+            let ended = unsafe { dres::stream::end_capture(cu_stream) };
+            drop(alone);
+            self.owner.free_parked();
             queued?;
-            let graph = ended
-                .map_err(drv("ending a stream capture and instantiating the graph"))?
-                .ok_or_else(|| {
-                    Error::device(
-                        BACKEND,
-                        "building a CUDA graph",
-                        "the capture recorded nothing",
-                    )
-                })?;
+            let graph = ended.map_err(drv("ending a stream capture"))?;
+            // SAFETY: the graph the capture made, instantiated once.
+            let exec =
+                match unsafe { dres::graph::instantiate(graph, dsys::CUgraphInstantiate_flags(0)) }
+                {
+                    Ok(exec) => exec,
+                    Err(e) => {
+                        // SAFETY: ours, not instantiated.
+                        let _ = unsafe { dres::graph::destroy(graph) };
+                        return Err(drv("instantiating a CUDA graph")(e));
+                    }
+                };
             Ok(CudaGraphRun {
-                graph: Mutex::new(GraphHandle(graph)),
+                exec: Mutex::new(GraphExec {
+                    graph,
+                    exec,
+                    owner: self.owner.clone(),
+                }),
                 staging: block,
             })
         })
@@ -575,9 +661,12 @@ impl Device for CudaDevice {
     fn launch_graph(&self, graph: &CudaGraphRun) -> Result<()> {
         guard("cuGraphLaunch", || {
             self.enter("launching a CUDA graph")?;
-            let g = graph.graph.lock().unwrap_or_else(|p| p.into_inner());
-            g.0.launch().map_err(drv("launching a CUDA graph"))?;
-            // `stage` waits on this before overwriting what the run copies.
+            let g = graph.exec.lock().unwrap_or_else(|p| p.into_inner());
+            // SAFETY: an instantiated graph of this context, the device's stream.
+            unsafe { dres::graph::launch(g.exec, self.stream().cu_stream()) }
+                .map_err(drv("launching a CUDA graph"))?;
+            // `stage` waits on this before overwriting what the run copies. If it fails, the
+            // error makes the caller drop the graph (its staging could be read too early).
             graph.staging.record(self.stream())
         })
     }
@@ -585,24 +674,51 @@ impl Device for CudaDevice {
 
 /// An instantiated CUDA graph and the page-locked block its uploads copy from.
 pub struct CudaGraphRun {
-    graph: Mutex<GraphHandle>,
+    exec: Mutex<GraphExec>,
     staging: pinned::PinnedBlock,
 }
 
 impl Drop for CudaGraphRun {
     /// Waits for the graph's last run before its executable goes (then the staging block,
-    /// which waits again, harmlessly): no run of a destroyed graph can still be queued.
+    /// which waits again, harmlessly): the block must outlive every copy out of it.
     fn drop(&mut self) {
         self.staging.wait_quietly();
     }
 }
 
-struct GraphHandle(cudarc::driver::CudaGraph);
+/// The driver's handles of a graph and its executable.
+struct GraphExec {
+    graph: dsys::CUgraph,
+    exec: dsys::CUgraphExec,
+    owner: Arc<Owner>,
+}
 
-// SAFETY: cudarc's graph is a pair of driver handles that must not be used from two threads at
-// once; every use goes through the mutex above (launch) or happens on drop, when no other
-// reference exists.
-unsafe impl Send for GraphHandle {}
+// SAFETY: driver handles that must not be used from two threads at once: every use goes
+// through the mutex in `CudaGraphRun` (launch) or happens on drop, when no other reference
+// exists.
+unsafe impl Send for GraphExec {}
+
+impl Drop for GraphExec {
+    fn drop(&mut self) {
+        let o = &self.owner;
+        if let Err(e) = bind(&o.ctx) {
+            o.deferred
+                .record("binding the context to destroy a CUDA graph".to_string(), e);
+            return;
+        }
+        // SAFETY: ours, destroyed once (an executable still running is freed by the driver
+        // when it completes).
+        unsafe {
+            if let Err(e) = dres::graph::exec_destroy(self.exec) {
+                o.deferred
+                    .record("destroying a CUDA graph's executable".to_string(), e);
+            }
+            if let Err(e) = dres::graph::destroy(self.graph) {
+                o.deferred.record("destroying a CUDA graph".to_string(), e);
+            }
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {
