@@ -88,7 +88,7 @@ finish() { # exit status
     printf '%s\n' "${SUMMARY[@]}"
     echo "total $(($(date +%s) - T_START)) s of a ${BUDGET_S} s budget"
     for s in serve-plain serve-ramps serve-eager; do
-      grep -hE 'requests in|end to end|released at|agreement with' "$LOGS/$s.log" 2>/dev/null |
+      grep -hE 'requests in|end to end|released at|agreement with|graphs:' "$LOGS/$s.log" 2>/dev/null |
         sed "s/^/$s: /" || true
     done
     grep -h '^| cuda' "$LOGS/kernel-bench.log" 2>/dev/null || true

@@ -47,7 +47,7 @@ use crate::error::{Error, Result};
 pub struct GraphBuf<B>(Arc<B>);
 
 /// What the graphs of a [`GraphDevice`] have done so far.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct GraphStats {
     /// Runs recorded (a first run of a key, or one after an abandoned replay).
     pub recorded: u64,
@@ -61,6 +61,9 @@ pub struct GraphStats {
     /// Why the last key that could not be a graph could not (or the last abandoned replay).
     pub last_reason: Option<String>,
 }
+
+/// Reads a device's [`GraphStats`] at any time, from any thread ([`super::Backend::graph_probe`]).
+pub type GraphProbe = Arc<dyn Fn() -> GraphStats + Send + Sync>;
 
 /// How a [`GraphDevice`] graphs runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -790,6 +793,10 @@ impl<D: Device> Device for GraphDevice<D> {
     /// it returns stays valid).
     fn graphed<R>(&self, key: &str, f: &mut dyn FnMut() -> Result<R>) -> Result<R> {
         self.run(key, f)
+    }
+
+    fn graph_stats(&self) -> Option<GraphStats> {
+        Some(self.stats())
     }
 }
 

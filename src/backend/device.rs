@@ -153,6 +153,11 @@ pub trait Device: Send + Sync + 'static {
         let _ = key;
         f()
     }
+
+    /// What the device's graphs have done so far; `None` where it does not graph runs.
+    fn graph_stats(&self) -> Option<super::capture::GraphStats> {
+        None
+    }
 }
 
 /// One step of a [`Device::Graph`], in the order a run does them.

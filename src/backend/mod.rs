@@ -180,6 +180,12 @@ pub trait Backend: Send + Sync {
         f()
     }
 
+    /// Where the backend graphs runs ([`Backend::graphed`]), a reader of what its graphs have
+    /// done so far (recorded, replayed, eager runs), usable from any thread; `None` elsewhere.
+    fn graph_probe(&self) -> Option<capture::GraphProbe> {
+        None
+    }
+
     /// Loads a weight from its file storage. The CPU upcasts f16/bf16 to f32 here, once.
     fn load_weight(&self, view: &TensorView<'_>) -> Result<Self::Tensor> {
         self.upload(&view.to_f32(), view.shape)

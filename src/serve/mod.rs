@@ -125,6 +125,8 @@ pub struct Engine {
     labels: Vec<String>,
     points: Vec<String>,
     device: String,
+    /// Reads the backend's graph counters (GPU backends).
+    graphs: Option<crate::backend::capture::GraphProbe>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -220,6 +222,7 @@ fn start<B: Backend + 'static>(be: B, b: EngineBuilder) -> Result<Engine> {
     let health = Arc::new(Health::default());
     let labels = l.backbone.labels().to_vec();
     let device = l.backbone.backend().device_id();
+    let graphs = l.backbone.backend().graph_probe();
     let (records_tx, records_rx) = std::sync::mpsc::channel();
     let (release_tx, release_rx) = std::sync::mpsc::channel();
     let mut adapter = adapter::Adapter {
@@ -261,6 +264,7 @@ fn start<B: Backend + 'static>(be: B, b: EngineBuilder) -> Result<Engine> {
         labels,
         points: l.points,
         device,
+        graphs,
         threads: Vec::new(),
     };
     // Pushed one by one: if a later thread cannot start, dropping the engine stops the earlier.
@@ -390,6 +394,12 @@ impl Engine {
     }
 
     /// The device the engine runs on ([`Backend::device_id`]).
+    /// What the backend's graphs have done so far (each stage replayed as one graph per batch
+    /// and sequence size: [`crate::backend::capture`]); `None` on a backend without graphs.
+    pub fn graph_stats(&self) -> Option<crate::backend::capture::GraphStats> {
+        self.graphs.as_ref().map(|probe| probe())
+    }
+
     pub fn device(&self) -> &str {
         &self.device
     }

@@ -362,15 +362,21 @@ fn emulated_gpu_gives_the_same_answers_and_exits_as_the_cpu() {
                 (r.class, r.exit)
             })
             .collect();
+        let graphs = engine.graph_stats();
         engine.shutdown();
-        answers
+        (answers, graphs)
     };
-    let cpu = run(threads1());
-    let emu = run(BackendChoice::Emu {
+    let (cpu, no_graphs) = run(threads1());
+    let (emu, graphs) = run(BackendChoice::Emu {
         threads: Some(2),
         dtype: DType::F32,
     });
     assert_eq!(cpu, emu);
+    // The emulated GPU's stages ran as graphs (one request at a time: batch 1, and a few
+    // lengths repeat often enough to be replayed); the CPU has none.
+    assert_eq!(no_graphs, None);
+    let g = graphs.expect("the emulated GPU graphs runs");
+    assert!(g.recorded > 0 && g.replayed > 0, "{g:?}");
     assert!(
         cpu.iter().any(|(_, e)| *e != Exit::Final),
         "some inputs exit early: {cpu:?}"

@@ -360,6 +360,12 @@ impl<D: Device> Backend for GpuBackend<D> {
         self.dev.graphed(key, f)
     }
 
+    fn graph_probe(&self) -> Option<crate::backend::capture::GraphProbe> {
+        self.dev.graph_stats()?;
+        let dev = self.dev.clone();
+        Some(Arc::new(move || dev.graph_stats().unwrap_or_default()))
+    }
+
     fn run_upload(&self, values: &[f32], shape: &[usize]) -> Result<Self::Tensor> {
         Ok(GpuTensor {
             buf: self.dev.upload(&self.dtype.encode(values))?,

@@ -228,6 +228,8 @@ pub struct ReplaySummary {
     pub accuracy: f64,
     pub exits: Vec<(String, u64)>,
     pub events: Vec<apparate::adapt::AdaptEvent>,
+    /// What the GPU backend's graphs did (recorded, replayed, eager runs); absent elsewhere.
+    pub graphs: Option<apparate::backend::capture::GraphStats>,
 }
 
 fn line_of(m: &Metrics, t: f64, sent: usize, total: usize, last: (u64, f64)) -> String {
@@ -433,6 +435,7 @@ impl ReplayJob {
         let device = engine.device().to_string();
         let m = engine.shared_metrics();
         events.extend(engine.drain_events());
+        let graphs = engine.graph_stats();
         engine.shutdown();
         let summary = ReplaySummary {
             model: self.model.display().to_string(),
@@ -451,6 +454,7 @@ impl ReplayJob {
             accuracy: m.accuracy(),
             exits: m.exits(),
             events,
+            graphs,
         };
         if let Some((path, file)) = self.json {
             let text = serde_json::to_string_pretty(&summary).expect("a summary serializes");
@@ -503,6 +507,16 @@ impl ReplayJob {
                 .filter(|e| matches!(e.kind, "tune" | "retune" | "violation" | "disable"))
                 .count()
         );
+        if let Some(g) = &summary.graphs {
+            outln!(
+                s,
+                "  graphs: {} stage runs recorded, {} replayed as one graph launch, {} eager, {} replays abandoned",
+                g.recorded,
+                g.replayed,
+                g.eager,
+                g.rerecorded
+            );
+        }
         emit(&s)
     }
 }
