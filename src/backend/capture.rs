@@ -127,12 +127,45 @@ pub struct GraphDevice<D: Device> {
     /// The thread whose run is being recorded or replayed (0: none).
     owner: AtomicU64,
     region: Mutex<Option<Region<D>>>,
-    graphs: Mutex<HashMap<String, Entry<D>>>,
+    graphs: Mutex<Records<D>>,
     stats: Mutex<GraphStats>,
     /// Other threads' ops hold it shared; building a graph holds it alone.
     capture: RwLock<()>,
     /// Graphed runs so far (the records' recency).
     clock: AtomicU64,
+}
+
+/// Every key's entry, and what the `Ready` ones hold together (kept as entries come and go, so
+/// a run does not walk every key to check the budgets).
+struct Records<D: Device> {
+    map: HashMap<String, Entry<D>>,
+    ready: usize,
+    bytes: usize,
+}
+
+impl<D: Device> Records<D> {
+    fn take(&mut self, key: &str) -> Option<Entry<D>> {
+        let e = self.map.remove(key)?;
+        if let EntryState::Ready(rec) = &e.state {
+            self.ready -= 1;
+            self.bytes -= rec.bytes;
+        }
+        Some(e)
+    }
+
+    fn put(&mut self, key: &str, e: Entry<D>) {
+        if let EntryState::Ready(rec) = &e.state {
+            self.ready += 1;
+            self.bytes += rec.bytes;
+        }
+        // Keys repeat for every batch of a shape: the string is made once per new key.
+        match self.map.get_mut(key) {
+            Some(slot) => *slot = e,
+            None => {
+                self.map.insert(key.to_string(), e);
+            }
+        }
+    }
 }
 
 struct Entry<D: Device> {
@@ -223,7 +256,11 @@ impl<D: Device> GraphDevice<D> {
             clock: AtomicU64::new(0),
             owner: AtomicU64::new(0),
             region: Mutex::new(None),
-            graphs: Mutex::new(HashMap::new()),
+            graphs: Mutex::new(Records {
+                map: HashMap::new(),
+                ready: 0,
+                bytes: 0,
+            }),
             stats: Mutex::new(GraphStats::default()),
             capture: RwLock::new(()),
         }
@@ -240,27 +277,22 @@ impl<D: Device> GraphDevice<D> {
 
     /// Drops every record and graph (their buffers are freed after the work queued on them).
     pub fn clear(&self) {
-        let all = std::mem::take(&mut *lock(&self.graphs));
+        let all = {
+            let mut g = lock(&self.graphs);
+            (g.ready, g.bytes) = (0, 0);
+            std::mem::take(&mut g.map)
+        };
         drop(all);
     }
 
     /// Device bytes the records' buffers hold now.
     pub fn held_bytes(&self) -> usize {
-        lock(&self.graphs)
-            .values()
-            .map(|e| match &e.state {
-                EntryState::Ready(rec) => rec.bytes,
-                _ => 0,
-            })
-            .sum()
+        lock(&self.graphs).bytes
     }
 
     /// Records and graph runs held now (`Ready` entries).
     pub fn records(&self) -> usize {
-        lock(&self.graphs)
-            .values()
-            .filter(|e| matches!(e.state, EntryState::Ready(_)))
-            .count()
+        lock(&self.graphs).ready
     }
 
     fn run<R>(&self, key: &str, f: &mut dyn FnMut() -> Result<R>) -> Result<R> {
@@ -289,7 +321,7 @@ impl<D: Device> GraphDevice<D> {
 
     fn run_owned<R>(&self, key: &str, f: &mut dyn FnMut() -> Result<R>) -> Result<R> {
         let now = self.clock.fetch_add(1, Ordering::Relaxed);
-        let mut entry = lock(&self.graphs).remove(key).unwrap_or(Entry {
+        let mut entry = lock(&self.graphs).take(key).unwrap_or(Entry {
             state: EntryState::Warming,
             runs: 0,
             rerecords: 0,
@@ -321,24 +353,22 @@ impl<D: Device> GraphDevice<D> {
         // Dropped after the lock is released: dropping a record waits for its graph's last run.
         let mut evicted = Vec::new();
         let mut graphs = lock(&self.graphs);
-        graphs.insert(key.to_string(), entry);
-        loop {
-            let ready = graphs.iter().filter_map(|(k, e)| match &e.state {
-                EntryState::Ready(rec) => Some((k, e.used, rec.bytes)),
-                _ => None,
-            });
-            let (count, bytes) = ready.clone().fold((0, 0), |(n, b), r| (n + 1, b + r.2));
-            if count <= self.config.max_records && bytes <= self.config.max_bytes {
-                break;
-            }
-            let Some(oldest) = ready.min_by_key(|r| r.1).map(|r| r.0.clone()) else {
+        graphs.put(key, entry);
+        // Only over a budget is every key looked at (for the least recently used).
+        while graphs.ready > self.config.max_records || graphs.bytes > self.config.max_bytes {
+            let oldest = graphs
+                .map
+                .iter()
+                .filter(|(_, e)| matches!(e.state, EntryState::Ready(_)))
+                .min_by_key(|(_, e)| e.used)
+                .map(|(k, _)| k.clone());
+            let Some(mut e) = oldest.and_then(|k| graphs.take(&k).map(|e| (k, e))) else {
                 break;
             };
             // Back to warming: its buffers and graph go (freed after queued work).
-            if let Some(e) = graphs.get_mut(&oldest) {
-                evicted.push(std::mem::replace(&mut e.state, EntryState::Warming));
-                e.runs = 0;
-            }
+            evicted.push(std::mem::replace(&mut e.1.state, EntryState::Warming));
+            e.1.runs = 0;
+            graphs.put(&e.0, e.1);
         }
         drop(graphs);
         drop(evicted);
