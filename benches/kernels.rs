@@ -1,6 +1,7 @@
 //! Kernel benchmarks of the GPU path: our GEMM against cuBLAS (same shapes and layouts),
-//! add+LayerNorm and softmax against a plain copy (achieved bandwidth), and the MiniLM forward at
-//! batch 1/8/32. On a real GPU these are the numbers; on the emulated device (no GPU here) they
+//! add+LayerNorm, softmax, RMSNorm and the decoder's paged attention against a plain copy
+//! (achieved bandwidth), encoder attention, convolutions, and the MiniLM forward at batch
+//! 1/8/32. On a real GPU these are the numbers; on the emulated device (no GPU here) they
 //! only smoke-test the code paths with tiny shapes, and say so.
 //!
 //!     cargo bench --bench kernels -- [--device auto|cuda|emu] [--dtype f32|f16|bf16]...
@@ -25,6 +26,7 @@ use std::sync::Arc;
 
 use apparate::backend::capture::{GraphConfig, GraphDevice};
 use apparate::backend::cuda::{CudaConfig, CudaDevice};
+use apparate::backend::decoder::{DecoderBackend, Heads, KvPlan};
 use apparate::backend::device::Device;
 use apparate::backend::emu::{EmuConfig, EmuDevice};
 use apparate::backend::gpu::{AttentionKernel, GemmKernel, GpuBackend, RowKernel, elementwise};
@@ -333,6 +335,10 @@ fn bench_device<D: Yardstick>(
         }
         if o.runs("attention") {
             attention(name, &be, real, plan, &mut rng, rows)?;
+            // Decoders run in f16/bf16: f32 only as the emulator's smoke test.
+            if !real || dt != DType::F32 {
+                decode_attention(name, &be, real, plan, copy_bw, &mut rng, rows)?;
+            }
         }
         // Memory-bound kernels against the copy: 64k rows of 1024 (128-256 MiB per tensor).
         if o.runs("rows") {
@@ -457,6 +463,83 @@ fn attention<D: Device>(
                     ours_ms: ms,
                     metric: format!("{:.2} TFLOP/s", flops / ms / 1e9),
                     reference: "-".into(),
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The decoder's attention over its paged cache, both kernels: a decode step (one row per
+/// sequence, every sequence at the same position) of TinyLlama's heads (32 query heads over 4
+/// key/value heads of 64) at 1, 8 and 32 sequences of 512 and 4096 positions (blocks of 16).
+/// Memory-bound: read against the copy, counting the keys and values read once (each key/value
+/// head serves its 8 query heads; those re-reads should come from L2). Each call also stores
+/// the step's keys and values (kv_store) and allocates its output, as the engine's does.
+fn decode_attention<D: Device>(
+    name: &str,
+    be: &GpuBackend<D>,
+    real: bool,
+    plan: Plan,
+    copy_bw: f64,
+    rng: &mut SplitMix,
+    rows: &mut Vec<Row>,
+) -> Res<()> {
+    let heads = Heads {
+        heads: 32,
+        kv_heads: 4,
+        head_dim: 64,
+    };
+    let shapes: &[(usize, usize)] = if real {
+        &[
+            (1, 512),
+            (8, 512),
+            (32, 512),
+            (1, 4096),
+            (8, 4096),
+            (32, 4096),
+        ]
+    } else {
+        &[(2, 40)]
+    };
+    let block = 16;
+    for &(seqs, context) in shapes {
+        let per_seq = context.div_ceil(block);
+        let mut kv = be.alloc_kv_layer(seqs * per_seq * block, heads.kv_width())?;
+        // Random keys and values (a zeroed cache would compress on Hopper).
+        let n = seqs * per_seq * block * heads.kv_width();
+        let fill: Vec<f32> = (0..n).map(|_| rng.uniform() * 2.0 - 1.0).collect();
+        kv.k = be.upload(&fill, &[seqs * per_seq * block, heads.kv_width()])?;
+        kv.v = be.upload(&fill, &[seqs * per_seq * block, heads.kv_width()])?;
+        let mut step = KvPlan::new(block, seqs * per_seq);
+        for s in 0..seqs {
+            let table: Vec<u32> = (s * per_seq..(s + 1) * per_seq).map(|b| b as u32).collect();
+            step.push(&table, context - 1, 1)?;
+        }
+        let step = be.upload_plan(&step)?;
+        let q: Vec<f32> = (0..seqs * heads.qkv_width())
+            .map(|_| rng.uniform() * 2.0 - 1.0)
+            .collect();
+        let q = be.upload(&q, &[seqs, heads.qkv_width()])?;
+        let bytes = (2 * seqs * context * heads.kv_width() * be.dtype().size()) as f64;
+        for kernel in [AttentionKernel::Simple, AttentionKernel::Flash] {
+            let be = be.clone().with_attention(kernel);
+            let ms = time(be.device(), plan, || {
+                be.kv_attention(&q, &mut kv, &step, heads)?;
+                Ok(())
+            })?;
+            let bw = bytes / ms / 1e6;
+            push(
+                rows,
+                Row {
+                    what: format!(
+                        "{name} {} decode attention {seqs} x {context} h32/4 d64 {}",
+                        be.dtype(),
+                        format!("{kernel:?}").to_lowercase()
+                    ),
+                    ours_ms: ms,
+                    metric: format!("{bw:.0} GB/s"),
+                    reference: format!("copy {copy_bw:.0} GB/s; ours {:.0}%", 100.0 * bw / copy_bw),
                 },
             );
         }

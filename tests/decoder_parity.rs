@@ -1,9 +1,10 @@
 //! The decoder ops (`DecoderBackend`) on the emulated GPU, in f32, f16 and bf16, against the
 //! CPU backend: quantized products and embeddings (Q4_1, Q8_0), RMSNorm with and without the
 //! residual (both row kernels: one block per row and one warp per row, at widths that the
-//! warp kernel takes and ones it leaves to the block kernel), rotary embeddings, attention over a paged cache (a prefill chunk and decode rows
-//! of other sequences in one step, non-contiguous block tables), SwiGLU, row selection and
-//! argmax. Outputs are poisoned before every launch. Relative L2 error <= 1e-5 in f32 and
+//! warp kernel takes and ones it leaves to the block kernel), rotary embeddings, attention over
+//! a paged cache (a prefill chunk and decode rows of other sequences in one step, then a decode
+//! step alone; non-contiguous block tables; the simple and the split-KV flash kernel, the latter
+//! also in short chunks), SwiGLU, row selection and argmax. Outputs are poisoned before every launch. Relative L2 error <= 1e-5 in f32 and
 //! <= 1e-2 in f16/bf16 (inputs rounded to the dtype first, so both sides see the same values).
 //! `decoder_ops_on_a_real_gpu` runs the same on a CUDA device (ignored without one).
 
@@ -16,7 +17,7 @@ use apparate::backend::cuda::{CudaConfig, CudaDevice};
 use apparate::backend::decoder::{DecoderBackend, Heads, KvPlan};
 use apparate::backend::device::Device;
 use apparate::backend::emu::{EmuConfig, EmuDevice};
-use apparate::backend::gpu::{GpuBackend, RowKernel};
+use apparate::backend::gpu::{AttentionKernel, GpuBackend, KvSplit, RowKernel};
 use apparate::gguf::GgmlType;
 use apparate::quant::quantize;
 use apparate::rng::SplitMix;
@@ -92,8 +93,30 @@ fn run_all<D: Device>(label: &str, dev: Arc<D>) {
                 );
             }
         }
-        for hd in [64, 40] {
-            attention(&name(&format!("kv_attention d={hd}")), dt, &gpu, &cpu, hd);
+        // Both attention kernels; the flash one also in chunks of 5 keys (many chunks, some
+        // past a row's last position). Head dimensions: 64, 40 (vectors for lane groups not a
+        // power of two), 256 (32 vectors in f16/bf16; too wide for flash in f32) and 36 (not
+        // whole vectors in f16/bf16: the simple kernel runs).
+        let kernels = [
+            (AttentionKernel::Simple, KvSplit::default()),
+            (AttentionKernel::Flash, KvSplit::default()),
+            (
+                AttentionKernel::Flash,
+                KvSplit {
+                    target_blocks: 4096,
+                    min_chunk: 5,
+                },
+            ),
+        ];
+        for (kernel, split) in kernels {
+            let g = GpuBackend::shared(dev.clone(), dt)
+                .with_poisoned_outputs()
+                .with_attention(kernel)
+                .with_kv_split(split);
+            for hd in [64, 40, 256, 36] {
+                let what = format!("kv_attention {kernel:?} chunk>={} d={hd}", split.min_chunk);
+                attention(&name(&what), dt, &g, &cpu, hd);
+            }
         }
     }
 }
@@ -231,7 +254,7 @@ fn attention<G: DecoderBackend>(
         head_dim,
     };
     let (bs, blocks) = (4, 16);
-    let a_table = [7u32, 2, 9];
+    let a_table = [7u32, 2, 9, 13];
     let b_table: Vec<u32> = vec![0, 1, 3, 4, 5, 6, 8, 10, 11, 12];
     let kvw = heads.kv_width();
     let (mut kg, mut kc) = (
@@ -281,6 +304,11 @@ fn attention<G: DecoderBackend>(
     second.push(&a_table, 5, 7).unwrap();
     second.push(&b_table, 37, 1).unwrap();
     step(&second, true);
+    // A decode step alone: one row of each sequence (few pairs: the flash kernel splits B).
+    let mut third = KvPlan::new(bs, blocks);
+    third.push(&b_table, 38, 1).unwrap();
+    third.push(&a_table, 12, 1).unwrap();
+    step(&third, true);
     // A plan that names a block outside the cache, or a table too short, is refused.
     assert!(KvPlan::new(bs, blocks).push(&[16], 0, 1).is_err());
     assert!(KvPlan::new(bs, blocks).push(&[1], 0, 5).is_err());

@@ -80,3 +80,8 @@
 // dimension (each lane keeps head_dim / 32 accumulators in registers).
 #define KV_WARPS 4
 #define KV_MAX_HEAD_DIM 256
+// Split-KV ("flash-decoding") attention (AttentionKernel::Flash): warps per block, all on one
+// (row, query head, split); keys each lane group loads before it computes (memory-level
+// parallelism: 2 x 2 16-byte loads in flight per lane).
+#define KV_FLASH_WARPS 4
+#define KV_FLASH_UNROLL 2

@@ -68,15 +68,20 @@ impl<D: Device> GpuBackend<D> {
     }
 }
 
-/// The f16/bf16 attention kernel of a [`GpuBackend`] (f32 always runs the simple kernel).
+/// The attention kernels of a [`GpuBackend`]: the encoders' (f16/bf16; f32 always runs the
+/// simple kernel) and the decoder's over its paged key/value cache (every dtype).
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum AttentionKernel {
-    /// One warp per query row, scalar f32 arithmetic, K and V read from global memory per row:
-    /// the parity reference for the flash kernel and its fallback.
+    /// One warp per query row (encoders) or per (row, head) pair (decoder), scalar f32
+    /// arithmetic, K and V read from global memory per row: the parity reference for the flash
+    /// kernels and their fallback.
     Simple,
-    /// Tensor-core scores and weighted sums over shared-memory tiles of K and V with an online
-    /// softmax (kernels/attention.cu). Needs a head dimension of 32, 64 or 128; others run the
-    /// simple kernel.
+    /// Encoders: tensor-core scores and weighted sums over shared-memory tiles of K and V with
+    /// an online softmax (kernels/attention.cu); needs a head dimension of 32, 64 or 128.
+    /// Decoder: split-KV ("flash-decoding", kernels/kv_attention.cu): a row's keys in chunks
+    /// across blocks, read as 16-byte vectors, the chunks combined by a second kernel; needs a
+    /// head dimension that is a whole number of 16-byte vectors, at most 32 of them. Other
+    /// heads run the simple kernels.
     Flash,
 }
 

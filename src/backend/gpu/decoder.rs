@@ -23,6 +23,8 @@ pub struct GpuPlan<B> {
     pub(super) tables: B,
     pub(super) rows: usize,
     pub(super) block_size: usize,
+    /// Keys the longest row attends over (its position + 1): the flash kernel's chunks.
+    pub(super) longest: usize,
     cache_slots: usize,
 }
 
@@ -71,6 +73,7 @@ impl<D: Device> DecoderBackend for GpuBackend<D> {
             tables: ints("block tables", &plan.tables)?,
             rows: plan.rows(),
             block_size: plan.block_size(),
+            longest: plan.positions.iter().max().map_or(0, |&p| p as usize + 1),
             cache_slots: plan.cache_slots(),
         })
     }

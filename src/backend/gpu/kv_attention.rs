@@ -1,9 +1,11 @@
 //! Launchers of `kernels/kv_attention.cu`: the step's keys and values stored into their cache
-//! slots, then the attention of every (row, query head) pair over its sequence's cache, one
-//! warp each, on the same stream (so the store is complete before any row reads the cache).
+//! slots, then the attention of every (row, query head) pair over its sequence's cache, on the
+//! same stream (so the store is complete before any row reads the cache). The attention is the
+//! split-KV flash kernel ([`AttentionKernel::Flash`], where the head fits its 16-byte vectors)
+//! or the simple one (one warp per pair; the parity reference and the fallback).
 
 use super::decoder::GpuPlan;
-use super::{GpuBackend, GpuTensor, params};
+use super::{AttentionKernel, GpuBackend, GpuTensor, params};
 use crate::backend::decoder::{Heads, KvLayer};
 use crate::backend::device::{Device, KernelArg, LaunchConfig};
 use crate::error::{Error, Result};
@@ -45,6 +47,13 @@ impl<D: Device> GpuBackend<D> {
         )?;
         let out = self.alloc(vec![rows, h.heads * h.head_dim])?;
         let pairs = rows * h.heads;
+        if pairs == 0 {
+            return Ok(out);
+        }
+        if self.kv_flash_fits(qkv, cache, &out, h) {
+            self.launch_kv_flash(qkv, cache, plan, h, &out)?;
+            return Ok(out);
+        }
         self.launch(
             &self.kernel("kv_attention"),
             LaunchConfig::linear(
@@ -68,5 +77,157 @@ impl<D: Device> GpuBackend<D> {
             ],
         )?;
         Ok(out)
+    }
+
+    /// Whether the flash kernel is chosen and takes this head: a whole number of 16-byte
+    /// vectors, at most 32 of them (a lane group fits in a warp), every tensor 16-byte aligned.
+    fn kv_flash_fits(
+        &self,
+        qkv: &GpuTensor<D::Buf>,
+        cache: &KvLayer<GpuTensor<D::Buf>>,
+        out: &GpuTensor<D::Buf>,
+        h: Heads,
+    ) -> bool {
+        let per_vec = 16 / self.dtype.size();
+        self.attention == AttentionKernel::Flash
+            && h.head_dim.is_multiple_of(per_vec)
+            && h.head_dim / per_vec <= 32
+            && [qkv, &cache.k, &cache.v, out]
+                .iter()
+                .all(|t| self.dev.address(&t.buf).is_multiple_of(16))
+    }
+
+    /// `kv_flash` over the chunks [`KvSplit::chunks`] gives, then `kv_flash_combine` when
+    /// there is more than one.
+    fn launch_kv_flash(
+        &self,
+        qkv: &GpuTensor<D::Buf>,
+        cache: &KvLayer<GpuTensor<D::Buf>>,
+        plan: &GpuPlan<D::Buf>,
+        h: Heads,
+        out: &GpuTensor<D::Buf>,
+    ) -> Result<()> {
+        let pairs = plan.rows * h.heads;
+        let (chunk, splits) = self.kv_split.chunks(pairs, plan.longest);
+        let group = (h.head_dim / (16 / self.dtype.size())).next_power_of_two();
+        // f32 (maximum, sum, weighted sum) per (pair, chunk); unused with one chunk.
+        let partial = self.dev.alloc(if splits > 1 {
+            pairs * splits * (2 + h.head_dim) * 4
+        } else {
+            4
+        })?;
+        let addr = |b: &D::Buf| KernelArg::Ptr(self.dev.address(b));
+        self.launch(
+            &self.kernel("kv_flash"),
+            LaunchConfig {
+                grid: [
+                    self.grid("rows x heads", pairs)?,
+                    self.grid("key chunks", splits)?,
+                    1,
+                ],
+                block: [32 * params::KV_FLASH_WARPS, 1, 1],
+                shared_bytes: 0,
+            },
+            &[
+                self.ptr(qkv)?,
+                self.ptr(&cache.k)?,
+                self.ptr(&cache.v)?,
+                addr(&plan.positions),
+                addr(&plan.starts),
+                addr(&plan.tables),
+                self.ptr(out)?,
+                addr(&partial),
+                self.u32("heads", h.heads)?,
+                self.u32("kv heads", h.kv_heads)?,
+                self.u32("head_dim", h.head_dim)?,
+                self.u32("block_size", plan.block_size)?,
+                self.u32("lane group", group)?,
+                self.u32("chunk", chunk)?,
+            ],
+        )?;
+        if splits == 1 {
+            return Ok(());
+        }
+        self.launch(
+            &self.kernel("kv_flash_combine"),
+            LaunchConfig::linear(
+                self.grid("pairs", pairs.div_ceil(params::KV_WARPS as usize))?,
+                32 * params::KV_WARPS,
+                0,
+            ),
+            &[
+                addr(&partial),
+                self.ptr(out)?,
+                self.u32("pairs", pairs)?,
+                self.u32("chunks", splits)?,
+                self.u32("head_dim", h.head_dim)?,
+            ],
+        )
+    }
+}
+
+/// How the flash kernel cuts a row's keys into chunks, one block each (grid.y): enough blocks
+/// to fill the GPU when a decode step has few rows, and chunks long enough that the
+/// combination of their partial results stays a small part of the work.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct KvSplit {
+    /// Blocks a launch aims for (rows x heads x chunks). Default 512: about four 128-thread
+    /// blocks per SM on an H200's 132 SMs, one wave with room for the tail.
+    pub target_blocks: usize,
+    /// Fewest keys in a chunk. Default 64: two passes of a block's warps over 16-byte vectors
+    /// at head dimension 64 in f16 (4 warps x 4 keys x 2 unrolled), so a chunk's partial
+    /// result (2 + head_dim floats written and read back) is small beside its keys.
+    pub min_chunk: usize,
+}
+
+impl Default for KvSplit {
+    fn default() -> KvSplit {
+        KvSplit {
+            target_blocks: 512,
+            min_chunk: 64,
+        }
+    }
+}
+
+impl KvSplit {
+    /// (keys per chunk, chunks) for `pairs` (row, head) pairs whose longest row attends over
+    /// `longest` keys. At most `target_blocks` chunks (and 65535, the grid's y limit).
+    pub fn chunks(&self, pairs: usize, longest: usize) -> (usize, usize) {
+        let longest = longest.max(1);
+        let want = self
+            .target_blocks
+            .div_ceil(pairs.max(1))
+            .clamp(1, u16::MAX as usize);
+        let chunk = longest.div_ceil(want).max(self.min_chunk.max(1));
+        (chunk, longest.div_ceil(chunk))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KvSplit;
+
+    #[test]
+    fn chunks_cover_the_longest_row_within_the_limits() {
+        let s = KvSplit::default();
+        // A decode step of one row, 32 heads, 4096 keys: 16 chunks of 256 (512 blocks).
+        assert_eq!(s.chunks(32, 4096), (256, 16));
+        // Many pairs: one chunk; short rows: one chunk of at least min_chunk.
+        assert_eq!(s.chunks(2048, 4096), (4096, 1));
+        assert_eq!(s.chunks(4, 10), (64, 1));
+        for pairs in [1, 3, 32, 100, 513, 100_000] {
+            for longest in [0, 1, 7, 64, 65, 1000, 4097, 1 << 20] {
+                for min_chunk in [0, 1, 5, 64] {
+                    let k = KvSplit {
+                        target_blocks: 512,
+                        min_chunk,
+                    };
+                    let (chunk, n) = k.chunks(pairs, longest);
+                    assert!(chunk >= min_chunk.max(1) && n >= 1, "{pairs} {longest}");
+                    assert!(chunk * n >= longest && chunk * (n - 1) < longest.max(1));
+                    assert!(n <= 512 && n <= u16::MAX as usize, "{pairs} {longest} {n}");
+                }
+            }
+        }
     }
 }

@@ -17,6 +17,7 @@ mod embedding;
 mod gemm;
 pub use gemm::GemmKernel;
 mod kv_attention;
+pub use kv_attention::KvSplit;
 mod norm;
 pub use norm::RowKernel;
 pub mod params;
@@ -65,6 +66,7 @@ pub struct GpuBackend<D: Device> {
     gemm: GemmKernel,
     attention: AttentionKernel,
     rows: RowKernel,
+    kv_split: KvSplit,
 }
 
 impl<D: Device> Clone for GpuBackend<D> {
@@ -76,6 +78,7 @@ impl<D: Device> Clone for GpuBackend<D> {
             gemm: self.gemm,
             attention: self.attention,
             rows: self.rows,
+            kv_split: self.kv_split,
         }
     }
 }
@@ -110,6 +113,7 @@ impl<D: Device> GpuBackend<D> {
             gemm: GemmKernel::from_env(),
             attention: AttentionKernel::from_env(),
             rows: RowKernel::from_env(),
+            kv_split: KvSplit::default(),
         }
     }
 
@@ -124,8 +128,9 @@ impl<D: Device> GpuBackend<D> {
         self.gemm
     }
 
-    /// Which f16/bf16 attention kernel runs (default: the `APPARATE_GPU_ATTENTION` environment
-    /// variable, else [`AttentionKernel::Flash`]).
+    /// Which attention kernels run (default: the `APPARATE_GPU_ATTENTION` environment
+    /// variable, else [`AttentionKernel::Flash`]): the encoders' f16/bf16 attention and the
+    /// decoder's attention over its paged cache (split-KV, every dtype).
     pub fn with_attention(mut self, attention: AttentionKernel) -> GpuBackend<D> {
         self.attention = attention;
         self
@@ -139,6 +144,13 @@ impl<D: Device> GpuBackend<D> {
     /// environment variable, else [`RowKernel::Warp`]).
     pub fn with_rows(mut self, rows: RowKernel) -> GpuBackend<D> {
         self.rows = rows;
+        self
+    }
+
+    /// How the decoder's flash attention splits long rows into chunks (default
+    /// [`KvSplit::default`]).
+    pub fn with_kv_split(mut self, kv_split: KvSplit) -> GpuBackend<D> {
+        self.kv_split = kv_split;
         self
     }
 
