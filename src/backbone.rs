@@ -158,13 +158,19 @@ impl<B: Backend> Backbone<B> {
         }
     }
 
-    fn checked_text(&self, input: EncoderInput) -> Result<BatchInput> {
+    fn checked_text(&self, mut input: EncoderInput) -> Result<BatchInput> {
         let max = self.max_positions().unwrap_or(0);
         if input.shape.seq > max {
             return Err(Error::Input(format!(
                 "sequence of {} tokens is longer than the model's {max} positions",
                 input.shape.seq
             )));
+        }
+        // Where stages run as graphs, to one of a few lengths, so that they replay
+        // (`Backend::padded_seq`); never past the model's positions.
+        let seq = self.backend().padded_seq(input.shape.seq).min(max);
+        if let Backbone::Text { tokenizer, .. } = self {
+            input.pad_to(seq, tokenizer.pad_id());
         }
         Ok(BatchInput::Text(input))
     }

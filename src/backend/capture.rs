@@ -60,6 +60,22 @@ pub struct GraphStats {
     pub eager: u64,
     /// Why the last key that could not be a graph could not (or the last abandoned replay).
     pub last_reason: Option<String>,
+    /// Runs are graphed at all ([`GraphConfig::enabled`]).
+    pub enabled: bool,
+}
+
+/// The sequence length a batch whose longest input has `seq` tokens is padded to where runs are
+/// graphed: graphs are kept per (stage, batch, sequence), so every length its own graph would
+/// make most lengths a one-off that never replays (MiniLM: 512 lengths x 16 batch sizes x
+/// stages, past [`GraphConfig::max_records`]). Lengths round up to a multiple of 8 up to 64
+/// tokens, then of an eighth of the next power of two (16 up to 128, 32 up to 256, 64 up to
+/// 512, ...): 20 buckets up to 512, at most 7 padded tokens below 64 and under a quarter of
+/// the tokens above (65 -> 80, 513 -> 640). Padded positions are masked like any padding
+/// (attention keys, pooling), so answers do not change; at these sizes a GPU forward is bound
+/// by its launches, not by the extra rows.
+pub fn seq_bucket(seq: usize) -> usize {
+    let step = (seq.next_power_of_two() / 8).max(8);
+    seq.div_ceil(step) * step
 }
 
 /// Reads a device's [`GraphStats`] at any time, from any thread ([`super::Backend::graph_probe`]).
@@ -272,7 +288,10 @@ impl<D: Device> GraphDevice<D> {
     }
 
     pub fn stats(&self) -> GraphStats {
-        lock(&self.stats).clone()
+        GraphStats {
+            enabled: self.config.enabled,
+            ..lock(&self.stats).clone()
+        }
     }
 
     /// Drops every record and graph (their buffers are freed after the work queued on them).
@@ -1168,6 +1187,111 @@ pub(crate) mod tests {
             .map(|&n| (0..8).map(|p| u32::from(p < n)).collect())
             .collect();
         EncoderInput::from_ids_and_masks(&ids, &masks, 0).unwrap()
+    }
+
+    #[test]
+    fn sequence_buckets_are_few_and_pad_little() {
+        let want = [
+            (1, 8),
+            (8, 8),
+            (9, 16),
+            (64, 64),
+            (65, 80),
+            (127, 128),
+            (129, 160),
+        ];
+        for (seq, b) in want {
+            assert_eq!(seq_bucket(seq), b, "{seq}");
+        }
+        assert_eq!(
+            (seq_bucket(500), seq_bucket(512), seq_bucket(513)),
+            (512, 512, 640)
+        );
+        let mut buckets = std::collections::BTreeSet::new();
+        for seq in 1..=4096 {
+            let b = seq_bucket(seq);
+            assert!(b >= seq && seq_bucket(b) == b, "{seq} -> {b}");
+            assert!(
+                b - seq < 8 || (b - seq) * 4 < seq,
+                "{seq} -> {b}: too much padding"
+            );
+            assert!(seq_bucket(seq + 1) >= b, "not monotone at {seq}");
+            if seq <= 512 {
+                buckets.insert(b);
+            }
+        }
+        assert_eq!(buckets.len(), 20);
+    }
+
+    /// Where stages are graphed, a text batch is padded to its length bucket (so a few graphs
+    /// serve every batch) and answers as the unpadded batch does on the plain device and on
+    /// the CPU; with graphs off, or on the CPU, nothing is padded.
+    #[test]
+    fn graphed_text_batches_are_padded_to_buckets_and_answer_alike() {
+        let dir = std::env::temp_dir().join(format!("apparate-bucket-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tiny.apparate");
+        write_random_bert(&path, &tiny_config(), Some(3), DType::F32, 12).unwrap();
+        let file = crate::format::ModelFile::open(&path).unwrap();
+        let off = Arc::new(GraphDevice::with_config(
+            emu(),
+            GraphConfig {
+                enabled: false,
+                ..GraphConfig::default()
+            },
+        ));
+        let staged =
+            Backbone::load(GpuBackend::shared(recording(emu()), DType::F32), &file).unwrap();
+        let eager = Backbone::load(GpuBackend::shared(off, DType::F32), &file).unwrap();
+        let plain = Backbone::load(GpuBackend::shared(emu(), DType::F32), &file).unwrap();
+        let cpu = Backbone::load(
+            crate::backend::CpuBackend::new(crate::backend::CpuConfig::default()).unwrap(),
+            &file,
+        )
+        .unwrap();
+        fn text<B: Backend>(bb: &Backbone<B>, t: &[&str]) -> EncoderInput {
+            match bb.prepare_texts(t).unwrap() {
+                BatchInput::Text(e) => e,
+                _ => unreachable!(),
+            }
+        }
+        fn last<B: Backend>(bb: &Backbone<B>, input: &EncoderInput) -> Vec<f32> {
+            stage_outputs(bb, &BatchInput::Text(input.clone()))
+                .pop()
+                .unwrap()
+        }
+        let batches: [&[&str]; 3] = [
+            &["the cat", "a dog ran far"],
+            &["the cat sat on the mat . the dog ran far", "cat"],
+            &["dogs"],
+        ];
+        for texts in batches {
+            let base = text(&cpu, texts);
+            let padded = text(&staged, texts);
+            assert_eq!(text(&plain, texts), base, "{texts:?}");
+            assert_eq!(text(&eager, texts), base, "{texts:?}: graphs off");
+            assert_eq!(padded.shape.lengths, base.shape.lengths);
+            assert_eq!(padded.shape.seq, seq_bucket(base.shape.seq), "{texts:?}");
+            assert!(padded.shape.seq > base.shape.seq, "{texts:?}: not padded");
+            let mut by_hand = base.clone();
+            by_hand.pad_to(padded.shape.seq, 0);
+            assert_eq!(by_hand, padded);
+            let want = last(&cpu, &base);
+            for (what, got) in [
+                ("graphed, padded", last(&staged, &padded)),
+                ("plain device", last(&plain, &base)),
+                ("cpu, padded", last(&cpu, &padded)),
+            ] {
+                assert_eq!(got.len(), want.len());
+                let err = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                assert!(err < 1e-5, "{texts:?} {what}: differs by {err}");
+            }
+        }
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     /// The whole MiniLM-shaped path: a random BERT with a head, inputs of one (batch, seq)

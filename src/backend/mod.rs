@@ -186,6 +186,16 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// The sequence length a batch whose longest input has `seq` tokens is padded to on this
+    /// backend: where runs are graphed, a few lengths ([`capture::seq_bucket`]) so that the
+    /// graphs of a few shapes serve every batch; elsewhere `seq` (padding would only cost).
+    fn padded_seq(&self, seq: usize) -> usize {
+        match self.graph_probe() {
+            Some(probe) if probe().enabled => capture::seq_bucket(seq),
+            _ => seq,
+        }
+    }
+
     /// Loads a weight from its file storage. The CPU upcasts f16/bf16 to f32 here, once.
     fn load_weight(&self, view: &TensorView<'_>) -> Result<Self::Tensor> {
         self.upload(&view.to_f32(), view.shape)

@@ -72,6 +72,28 @@ impl EncoderInput {
             shape: BatchShape { seq, lengths },
         })
     }
+
+    /// The same batch padded on the right to `seq` positions with `pad_id` (segment 0); the
+    /// lengths stay, so the padding is masked as any other. A `seq` at or below the current
+    /// one changes nothing.
+    pub fn pad_to(&mut self, seq: usize, pad_id: u32) {
+        let old = self.shape.seq;
+        if seq <= old {
+            return;
+        }
+        let batch = self.shape.batch();
+        let widen = |v: &[u32], fill: u32| -> Vec<u32> {
+            let mut out = Vec::with_capacity(batch * seq);
+            for row in v.chunks(old) {
+                out.extend_from_slice(row);
+                out.extend(std::iter::repeat_n(fill, seq - old));
+            }
+            out
+        };
+        self.ids = widen(&self.ids, pad_id);
+        self.type_ids = widen(&self.type_ids, 0);
+        self.shape.seq = seq;
+    }
 }
 
 struct Linear<T> {
