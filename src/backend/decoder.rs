@@ -110,6 +110,8 @@ pub struct KvPlan {
     pub(crate) starts: Vec<u32>,
     /// The block tables of the step's sequences, one after another.
     pub(crate) tables: Vec<u32>,
+    /// Blocks in the longest table: `widest * block_size` bounds the keys any row attends over.
+    widest: usize,
 }
 
 impl KvPlan {
@@ -149,6 +151,7 @@ impl KvPlan {
         too_big(self.cache_blocks * self.block_size)?;
         let start = too_big(self.tables.len())?;
         self.tables.extend_from_slice(table);
+        self.widest = self.widest.max(table.len());
         too_big(self.tables.len())?;
         for p in first..end {
             let slot = table[p / self.block_size] as usize * self.block_size + p % self.block_size;
@@ -175,6 +178,14 @@ impl KvPlan {
 
     pub fn positions(&self) -> &[u32] {
         &self.positions
+    }
+
+    /// The most keys a row of the step may attend over: the longest block table's positions.
+    /// Unlike the longest row it stays put while sequences grow inside their tables, so
+    /// what a kernel derives from it (the flash kernel's chunks) keeps a step's launches the
+    /// same from step to step, as graph replays need.
+    pub fn keys_bound(&self) -> usize {
+        self.widest * self.block_size
     }
 }
 

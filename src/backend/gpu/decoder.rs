@@ -23,8 +23,8 @@ pub struct GpuPlan<B> {
     pub(super) tables: B,
     pub(super) rows: usize,
     pub(super) block_size: usize,
-    /// Keys the longest row attends over (its position + 1): the flash kernel's chunks.
-    pub(super) longest: usize,
+    /// [`KvPlan::keys_bound`]: what the flash kernel cuts into chunks.
+    pub(super) keys_bound: usize,
     cache_slots: usize,
 }
 
@@ -73,7 +73,7 @@ impl<D: Device> DecoderBackend for GpuBackend<D> {
             tables: ints("block tables", &plan.tables)?,
             rows: plan.rows(),
             block_size: plan.block_size(),
-            longest: plan.positions.iter().max().map_or(0, |&p| p as usize + 1),
+            keys_bound: plan.keys_bound(),
             cache_slots: plan.cache_slots(),
         })
     }

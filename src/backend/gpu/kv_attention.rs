@@ -108,7 +108,7 @@ impl<D: Device> GpuBackend<D> {
         out: &GpuTensor<D::Buf>,
     ) -> Result<()> {
         let pairs = plan.rows * h.heads;
-        let (chunk, splits) = self.kv_split.chunks(pairs, plan.longest);
+        let (chunk, splits) = self.kv_split.chunks(pairs, plan.keys_bound);
         let group = (h.head_dim / (16 / self.dtype.size())).next_power_of_two();
         // f32 (maximum, sum, weighted sum) per (pair, chunk); unused with one chunk.
         let partial = self.dev.alloc(if splits > 1 {
@@ -168,7 +168,10 @@ impl<D: Device> GpuBackend<D> {
 
 /// How the flash kernel cuts a row's keys into chunks, one block each (grid.y): enough blocks
 /// to fill the GPU when a decode step has few rows, and chunks long enough that the
-/// combination of their partial results stays a small part of the work.
+/// combination of their partial results stays a small part of the work. Chunks cover the
+/// step's [`KvPlan::keys_bound`](crate::backend::decoder::KvPlan::keys_bound) (its longest
+/// block table), not its longest row, so a sequence's steps launch alike until its table grows;
+/// chunks past a row's position are empty and cost a block that returns at once.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct KvSplit {
     /// Blocks a launch aims for (rows x heads x chunks). Default 512: about four 128-thread
@@ -190,7 +193,7 @@ impl Default for KvSplit {
 }
 
 impl KvSplit {
-    /// (keys per chunk, chunks) for `pairs` (row, head) pairs whose longest row attends over
+    /// (keys per chunk, chunks) for `pairs` (row, head) pairs whose rows attend over at most
     /// `longest` keys. At most `target_blocks` chunks (and 65535, the grid's y limit).
     pub fn chunks(&self, pairs: usize, longest: usize) -> (usize, usize) {
         let longest = longest.max(1);

@@ -257,8 +257,35 @@ impl<B: DecoderBackend> Llama<B> {
     /// One step: every chunk's tokens through every block, their keys and values written to
     /// `cache`; returns the logits `[chunks, vocab]` of each chunk's last token. The caller
     /// has reserved the chunks' blocks ([`KvCache::reserve`]) and records the new lengths.
+    ///
+    /// A decode step (one token of each sequence) repeats its shape step after step, so on a
+    /// backend that graphs runs ([`crate::backend::Backend::graphed`]) it is one graph per
+    /// (model, cache, sequences, table width): the block tables padded to the next power of two
+    /// blocks (with block 0, never read: rows read only up to their position), so the step's
+    /// buffers and launches stay the same until a table outgrows its width. The plan and the
+    /// token ids are uploaded inside the graph; the logits live in its buffers until the same
+    /// shape's next step. Prompt chunks vary in length and run eagerly.
     pub fn forward(&self, cache: &mut KvCache<B>, chunks: &[Chunk<'_>]) -> Result<B::Tensor> {
-        self.forward_observed(cache, chunks, |_, _| Ok(()))
+        let decode = !chunks.is_empty() && chunks.iter().all(|c| c.tokens.len() == 1);
+        let graphs = decode && self.be.graph_probe().is_some_and(|probe| probe().enabled);
+        if !graphs {
+            return self.forward_observed(cache, chunks, |_, _| Ok(()));
+        }
+        let width = chunks
+            .iter()
+            .map(|c| c.table.len())
+            .max()
+            .unwrap_or(1)
+            .next_power_of_two();
+        let key = format!(
+            "{:p} {:p} decode {}x{width}",
+            self as *const Self,
+            cache as *const KvCache<B>,
+            chunks.len()
+        );
+        self.be.graphed(&key, &mut || {
+            self.step(cache, chunks, width, &mut |_, _| Ok(()))
+        })
     }
 
     /// [`Llama::forward`], calling `observe(block, hidden)` after each block with the step's
@@ -269,7 +296,18 @@ impl<B: DecoderBackend> Llama<B> {
         chunks: &[Chunk<'_>],
         mut observe: impl FnMut(usize, &Hidden<B>) -> Result<()>,
     ) -> Result<B::Tensor> {
-        let (plan, ids, last) = self.plan(cache, chunks)?;
+        self.step(cache, chunks, 0, &mut observe)
+    }
+
+    /// A step with every block table padded to `width` blocks (0: as they are).
+    fn step(
+        &self,
+        cache: &mut KvCache<B>,
+        chunks: &[Chunk<'_>],
+        width: usize,
+        observe: &mut dyn FnMut(usize, &Hidden<B>) -> Result<()>,
+    ) -> Result<B::Tensor> {
+        let (plan, ids, last) = self.plan(cache, chunks, width)?;
         let mut hid = Hidden {
             h: self.be.embed_quantized(&ids, &self.embed)?,
             delta: None,
@@ -281,11 +319,13 @@ impl<B: DecoderBackend> Llama<B> {
         self.head_logits(&hid, &last)
     }
 
-    /// The step's plan (checked), its token ids and each chunk's last row.
+    /// The step's plan (checked; tables padded to `width` blocks with block 0), its token ids
+    /// and each chunk's last row.
     fn plan(
         &self,
         cache: &KvCache<B>,
         chunks: &[Chunk<'_>],
+        width: usize,
     ) -> Result<(B::Plan, Vec<u32>, Vec<u32>)> {
         let c = &self.cfg;
         let mut plan = KvPlan::new(cache.block_size(), cache.blocks());
@@ -302,7 +342,13 @@ impl<B: DecoderBackend> Llama<B> {
                     c.context
                 )));
             }
-            plan.push(ch.table, ch.start, ch.tokens.len())?;
+            if ch.table.len() < width {
+                let mut table = ch.table.to_vec();
+                table.resize(width, 0);
+                plan.push(&table, ch.start, ch.tokens.len())?;
+            } else {
+                plan.push(ch.table, ch.start, ch.tokens.len())?;
+            }
             ids.extend_from_slice(ch.tokens);
             last.push((ids.len() - 1) as u32);
         }
@@ -373,5 +419,157 @@ impl<B: DecoderBackend> Llama<B> {
             self.cfg.eps,
         )?;
         be.qlinear(&n, self.head.as_ref().unwrap_or(&self.embed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Backend;
+    use crate::backend::capture::{GraphConfig, GraphDevice};
+    use crate::backend::emu::{EmuConfig, EmuDevice};
+    use crate::backend::gpu::GpuBackend;
+    use crate::quant::quantize;
+    use crate::rng::SplitMix;
+    use crate::tensor::DType;
+    use std::sync::Arc;
+
+    fn qrand<B: DecoderBackend>(
+        be: &B,
+        rng: &mut SplitMix,
+        rows: usize,
+        cols: usize,
+    ) -> B::QTensor {
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|_| (rng.uniform() * 2.0 - 1.0) * 0.3)
+            .collect();
+        let bytes = quantize(GgmlType::Q8_0, &v).unwrap();
+        be.load_quantized(GgmlType::Q8_0, rows, cols, &bytes)
+            .unwrap()
+    }
+
+    /// A random two-block decoder with Q8_0 weights: 4 query heads over 2 key/value heads of
+    /// 16, a separate output head.
+    fn tiny<B: DecoderBackend>(be: B, seed: u64) -> Llama<B> {
+        let cfg = LlamaConfig {
+            blocks: 2,
+            width: 64,
+            ffn: 96,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 16,
+            rope_base: 10000.0,
+            eps: 1e-5,
+            vocab: 48,
+            context: 64,
+        };
+        let mut rng = SplitMix::new(seed);
+        let norm = |rng: &mut SplitMix| {
+            let v: Vec<f32> = (0..cfg.width).map(|_| 1.0 + 0.1 * rng.uniform()).collect();
+            be.upload(&v, &[cfg.width]).unwrap()
+        };
+        let blocks = (0..cfg.blocks)
+            .map(|_| Block {
+                attn_norm: norm(&mut rng),
+                qkv: qrand(&be, &mut rng, 8 * cfg.head_dim, cfg.width),
+                o: qrand(&be, &mut rng, cfg.width, cfg.width),
+                ffn_norm: norm(&mut rng),
+                gate_up: qrand(&be, &mut rng, 2 * cfg.ffn, cfg.width),
+                down: qrand(&be, &mut rng, cfg.width, cfg.ffn),
+            })
+            .collect();
+        Llama {
+            embed: qrand(&be, &mut rng, cfg.vocab, cfg.width),
+            head: Some(qrand(&be, &mut rng, cfg.vocab, cfg.width)),
+            out_norm: norm(&mut rng),
+            blocks,
+            cfg,
+            be,
+        }
+    }
+
+    /// Two sequences' prompts (one chunk each), then `steps` greedy decode steps of both at
+    /// once; every step's logits.
+    fn decode<B: DecoderBackend>(m: &Llama<B>, steps: usize) -> Vec<Vec<f32>> {
+        let cfg = KvCacheConfig {
+            block_size: 4,
+            budget_bytes: 1 << 20,
+        };
+        let mut cache = m.new_cache(cfg).unwrap();
+        let mut seqs = [SeqCache::default(), SeqCache::default()];
+        let prompts: [&[u32]; 2] = [&[1, 2, 3], &[4, 5, 6, 7, 8]];
+        let mut out = Vec::new();
+        let mut next = Vec::new();
+        let argmax =
+            |v: &[f32]| (0..v.len()).fold(0, |b, i| if v[i] > v[b] { i } else { b }) as u32;
+        for (seq, prompt) in seqs.iter_mut().zip(prompts) {
+            cache.reserve(seq, prompt.len()).unwrap();
+            let chunk = Chunk {
+                tokens: prompt,
+                start: 0,
+                table: seq.table(),
+            };
+            let logits =
+                m.be.download(&m.forward(&mut cache, &[chunk]).unwrap())
+                    .unwrap();
+            cache.set_len(seq, prompt.len());
+            next.push(argmax(&logits));
+            out.push(logits);
+        }
+        for _ in 0..steps {
+            for seq in &mut seqs {
+                let len = seq.len();
+                cache.reserve(seq, len + 1).unwrap();
+            }
+            let tokens: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+            let chunks: Vec<Chunk<'_>> = seqs
+                .iter()
+                .zip(&tokens)
+                .map(|(s, t)| Chunk {
+                    tokens: t,
+                    start: s.len(),
+                    table: s.table(),
+                })
+                .collect();
+            let logits =
+                m.be.download(&m.forward(&mut cache, &chunks).unwrap())
+                    .unwrap();
+            for seq in &mut seqs {
+                let len = seq.len();
+                cache.set_len(seq, len + 1);
+            }
+            next = logits.chunks(m.cfg.vocab).map(argmax).collect();
+            out.push(logits);
+        }
+        out
+    }
+
+    /// Decode steps on a backend that graphs runs: recorded per (sequences, table width) and
+    /// replayed, with the same logits as the plain device step for step, no replay abandoned
+    /// as the sequences grow inside their tables (the flash kernel's chunks follow the tables,
+    /// not the positions), a new graph when a table outgrows its width. (Without the padded
+    /// tables, replays were abandoned as the tables grew: checked once by mutation.)
+    #[test]
+    fn graphed_decode_steps_match_the_plain_device() {
+        let emu = || Arc::new(EmuDevice::new(EmuConfig::default()).unwrap());
+        let plain = tiny(GpuBackend::shared(emu(), DType::F32), 5);
+        let graphs = Arc::new(GraphDevice::with_config(
+            emu(),
+            GraphConfig {
+                eager_runs: 0,
+                ..GraphConfig::default()
+            },
+        ));
+        let graphed = tiny(GpuBackend::shared(graphs.clone(), DType::F32), 5);
+        let (want, got) = (decode(&plain, 8), decode(&graphed, 8));
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g, w, "step {i}");
+        }
+        // Positions 3..11 and 5..13 in blocks of 4: tables of 1-3 and 2-4 blocks, padded to
+        // widths 2 and 4, so two graphs, each recorded once and replayed for the other steps.
+        let s = graphs.stats();
+        assert_eq!((s.recorded, s.rerecorded), (2, 0), "{s:?}");
+        assert_eq!(s.replayed, 6, "{s:?}");
     }
 }
