@@ -425,7 +425,6 @@ impl<B: DecoderBackend> Llama<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::Backend;
     use crate::backend::capture::{GraphConfig, GraphDevice};
     use crate::backend::emu::{EmuConfig, EmuDevice};
     use crate::backend::gpu::GpuBackend;
