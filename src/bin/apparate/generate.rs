@@ -158,13 +158,13 @@ impl DecoderJob for Job {
             }
         );
         // Decode steps are graphs on the GPU backends (prompt chunks run eagerly).
-        if let Some(g) = tm.model.backend().graph_probe().map(|p| p()) {
-            if g.enabled {
-                eprintln!(
-                    "graphs: {} decode steps recorded, {} replayed as one graph launch, {} eager, {} replays abandoned",
-                    g.recorded, g.replayed, g.eager, g.rerecorded
-                );
-            }
+        if let Some(g) = tm.model.backend().graph_probe().map(|p| p())
+            && g.enabled
+        {
+            eprintln!(
+                "graphs: {} decode steps recorded, {} replayed as one graph launch, {} eager, {} replays abandoned",
+                g.recorded, g.replayed, g.eager, g.rerecorded
+            );
         }
         Ok(())
     }
