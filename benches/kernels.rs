@@ -6,7 +6,7 @@
 //!
 //!     cargo bench --bench kernels -- [--device auto|cuda|emu] [--dtype f32|f16|bf16]...
 //!                                     [--repeats N] [--model FILE] [--out DIR] [--table]
-//!                                     [--only gemm,attention,rows,conv,minilm]
+//!                                     [--only gemm,attention,rows,conv,minilm,decode]
 //!                                     [--batches 1,8,32] [--default-kernels]
 //!
 //! Timing: inputs and outputs are allocated before the clock starts (the `*_into` launchers
@@ -32,7 +32,9 @@ use apparate::backend::emu::{EmuConfig, EmuDevice};
 use apparate::backend::gpu::{AttentionKernel, GemmKernel, GpuBackend, RowKernel, elementwise};
 use apparate::backend::{Activation, Backend, BatchShape, CpuBackend, CpuConfig};
 use apparate::format::ModelFile;
+use apparate::gguf::GgmlType;
 use apparate::models::bert::{Bert, EncoderInput};
+use apparate::models::llama::{Chunk, KvCacheConfig, Llama, LlamaConfig, SeqCache};
 use apparate::rng::SplitMix;
 use apparate::tensor::DType;
 
@@ -45,7 +47,8 @@ struct Opts {
     model: PathBuf,
     out: PathBuf,
     table: bool,
-    /// Which groups run (`gemm`, `attention`, `rows`, `conv`, `minilm`); all when empty. The copy yardstick always
+    /// Which groups run (`gemm`, `attention`, `rows`, `conv`, `minilm`, `decode`); all when
+    /// empty. The copy yardstick always
     /// runs. A profiler run (`ncu`) names one group to keep its kernel count small.
     only: Vec<String>,
     /// MiniLM batch sizes (128 tokens each) on a GPU.
@@ -92,9 +95,9 @@ fn parse() -> Res<Opts> {
             }
             "--only" => {
                 for g in val()?.split(',') {
-                    if !["gemm", "attention", "rows", "conv", "minilm"].contains(&g) {
+                    if !["gemm", "attention", "rows", "conv", "minilm", "decode"].contains(&g) {
                         return Err(format!(
-                            "--only: unknown group `{g}` (gemm, attention, rows, conv, minilm)"
+                            "--only: unknown group `{g}` (gemm, attention, rows, conv, minilm, decode)"
                         )
                         .into());
                     }
@@ -404,6 +407,10 @@ fn bench_device<D: Yardstick>(
         if o.runs("minilm") && o.model.exists() {
             minilm(name, &be, real, plan, o, &mut rng, rows)?;
         }
+        // Decoders run in f16 on a GPU (bf16 moves the same bytes).
+        if o.runs("decode") && (!real || dt == DType::F16) {
+            decode(name, &be, real, plan, o, rows)?;
+        }
     }
     Ok(())
 }
@@ -612,6 +619,170 @@ fn conv<D: Device>(
         }
     }
     Ok(())
+}
+
+/// Decode steps of a decoder with random Q4_1 weights (`Llama::random`, no file needed):
+/// TinyLlama-1.1B's blocks (width 2048, FFN 5632, 32 query heads over 4 key/value heads of 64,
+/// vocabulary 32000), 4 of its 22 blocks; 1, 8 and 32 sequences, each after a 128-token prompt,
+/// one step = one token of every sequence (whole tables reserved up front, as the engine does).
+/// Per step: eager with the simple attention, eager with flash-decoding, and graphed (one graph
+/// launch per step) with flash-decoding; with the host's time to queue a step (near the device
+/// time: bound by launches). The logits are not read back, so steps queue back to back.
+fn decode<D: Device>(
+    name: &str,
+    be: &GpuBackend<D>,
+    real: bool,
+    plan: Plan,
+    o: &Opts,
+    rows: &mut Vec<Row>,
+) -> Res<()> {
+    let cfg = if real {
+        LlamaConfig {
+            blocks: 4,
+            width: 2048,
+            ffn: 5632,
+            heads: 32,
+            kv_heads: 4,
+            head_dim: 64,
+            rope_base: 10000.0,
+            eps: 1e-5,
+            vocab: 32000,
+            context: 2048,
+        }
+    } else {
+        LlamaConfig {
+            blocks: 2,
+            width: 64,
+            ffn: 96,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 16,
+            rope_base: 10000.0,
+            eps: 1e-5,
+            vocab: 64,
+            context: 256,
+        }
+    };
+    let prompt = if real { 128 } else { 8 };
+    let batches: Vec<usize> = if real { o.batches.clone() } else { vec![2] };
+    // Recorded by the warm-up call of `time` (no eager warm-up runs).
+    let graphs = Arc::new(GraphDevice::with_config(
+        be.shared_device(),
+        GraphConfig {
+            eager_runs: 0,
+            ..GraphConfig::default()
+        },
+    ));
+    let variants = [
+        (
+            "eager, simple attention",
+            be.clone().with_attention(AttentionKernel::Simple),
+        ),
+        (
+            "eager, flash-decoding",
+            be.clone().with_attention(AttentionKernel::Flash),
+        ),
+    ];
+    let graphed = Llama::random(
+        GpuBackend::shared(graphs.clone(), be.dtype()).with_attention(AttentionKernel::Flash),
+        cfg.clone(),
+        GgmlType::Q4_1,
+        3,
+    )?;
+    let models = variants
+        .into_iter()
+        .map(|(label, be)| Ok((label, Llama::random(be, cfg.clone(), GgmlType::Q4_1, 3)?)))
+        .collect::<Res<Vec<_>>>()?;
+    let shape = if real {
+        format!("{} blocks of TinyLlama", cfg.blocks)
+    } else {
+        "a tiny decoder".to_string()
+    };
+    let what = |batch: usize, label: &str| {
+        format!(
+            "{name} {} decode step, {shape}, {batch} seq after {prompt}: {label}",
+            be.dtype()
+        )
+    };
+    for &batch in &batches {
+        let mut measured = Vec::new();
+        for (label, model) in &models {
+            measured.push((
+                *label,
+                decode_steps(be.device(), model, batch, prompt, plan)?,
+            ));
+        }
+        let before = graphs.stats();
+        let (ms, host) = decode_steps(be.device(), &graphed, batch, prompt, plan)?;
+        let after = graphs.stats();
+        measured.push(("graphed, flash-decoding", (ms, host)));
+        for (label, (ms, host)) in measured {
+            push(
+                rows,
+                Row {
+                    what: what(batch, label),
+                    ours_ms: ms,
+                    metric: format!("{:.0} tokens/s", batch as f64 / ms * 1e3),
+                    reference: format!("host queues a step in {host:.3} ms"),
+                },
+            );
+        }
+        eprintln!(
+            "decode graphs, {batch} seq: {} steps recorded, {} replayed, {} abandoned",
+            after.recorded - before.recorded,
+            after.replayed - before.replayed,
+            after.rerecorded - before.rerecorded
+        );
+    }
+    Ok(())
+}
+
+/// (device, host) milliseconds per decode step of `model` with `batch` sequences, each after a
+/// prompt of `prompt` tokens fed in one chunk; the cache holds every step `time_host` takes.
+fn decode_steps<D: Device, B: apparate::backend::decoder::DecoderBackend>(
+    dev: &D,
+    model: &Llama<B>,
+    batch: usize,
+    prompt: usize,
+    plan: Plan,
+) -> Res<(f64, f64)> {
+    let c = &model.cfg;
+    let steps = 1 + plan.launches * plan.repeats;
+    let block = 16;
+    let positions = batch * (prompt + steps).next_multiple_of(block);
+    let per_position = c.blocks * 2 * c.kv_heads * c.head_dim * model.backend().value_bytes();
+    let mut cache = model.new_cache(KvCacheConfig {
+        block_size: block,
+        budget_bytes: positions * per_position,
+    })?;
+    let tokens: Vec<u32> = (0..prompt)
+        .map(|i| ((i * 7 + 3) % c.vocab) as u32)
+        .collect();
+    let mut seqs: Vec<SeqCache> = (0..batch).map(|_| SeqCache::default()).collect();
+    for s in &mut seqs {
+        cache.reserve(s, prompt + steps)?;
+        let chunk = Chunk {
+            tokens: &tokens,
+            start: 0,
+            table: s.table(),
+        };
+        model.forward(&mut cache, &[chunk])?;
+    }
+    let one = [5u32];
+    let mut pos = prompt;
+    time_host(dev, plan, || {
+        let chunks: Vec<Chunk<'_>> = seqs
+            .iter()
+            .map(|s| Chunk {
+                tokens: &one,
+                start: pos,
+                table: s.table(),
+            })
+            .collect();
+        model.forward(&mut cache, &chunks)?;
+        pos += 1;
+        Ok(())
+    })
 }
 
 /// The MiniLM forward (whole model: its ops allocate their outputs as in serving).

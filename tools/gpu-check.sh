@@ -27,8 +27,9 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/apparate-gpu.XXXXXX") || exit 2
 trap 'rm -rf "$WORK"' EXIT
 
 # name:seconds, in order. The sum is the budget.
-STEPS=(versions:10 unpack:20 probe:20 cuda-unit:40 selftest:20 op-parity:50 decoder-parity:30 cnn:30
-  minilm:30 serve-plain:25 serve-ramps:25 serve-eager:25 kernel-bench:75 torch-ref:40 profile:30)
+STEPS=(versions:10 unpack:15 probe:20 cuda-unit:35 selftest:20 op-parity:45 decoder-parity:30 cnn:30
+  minilm:30 serve-plain:25 serve-ramps:25 serve-eager:25 kernel-bench:75 decode-bench:25 torch-ref:35
+  profile:25)
 BUDGET_S=0
 for s in "${STEPS[@]}"; do BUDGET_S=$((BUDGET_S + ${s#*:})); done
 limit_of() { local s; for s in "${STEPS[@]}"; do [ "${s%%:*}" = "$1" ] && echo "${s#*:}"; done; }
@@ -91,7 +92,8 @@ finish() { # exit status
       grep -hE 'requests in|end to end|released at|agreement with|graphs:' "$LOGS/$s.log" 2>/dev/null |
         sed "s/^/$s: /" || true
     done
-    grep -h '^| cuda' "$LOGS/kernel-bench.log" 2>/dev/null || true
+    grep -h '^| cuda' "$LOGS/kernel-bench.log" "$LOGS/decode-bench.log" 2>/dev/null || true
+    grep -h '^decode graphs' "$LOGS/decode-bench.log" 2>/dev/null || true
     grep -h '^| torch' "$LOGS/torch-ref.log" 2>/dev/null || true
   } | tee "$OUT/summary.md"
   exit "$1"
@@ -229,8 +231,12 @@ step serve-ramps "$BIN/apparate" serve-replay "${SERVE[@]}" --ramps "$WORK/minil
   --json "$OUT/serve-ramps.json"
 step serve-eager env APPARATE_GPU_GRAPHS=off "$BIN/apparate" serve-replay "${SERVE[@]}" \
   --ramps "$WORK/minilm-l6-intent-f16.ramps" --json "$OUT/serve-eager.json"
-step kernel-bench "$BIN/kernels_bench" --device cuda --repeats 10 \
+step kernel-bench "$BIN/kernels_bench" --device cuda --repeats 10 --only gemm,attention,rows,conv,minilm \
   --model "$WORK/weights/minilm-l6-intent-f16.apparate" --out "$OUT"
+# The decoder on cuda (random weights, TinyLlama's blocks): decode steps eager with each
+# attention kernel and graphed, at 1, 8 and 32 sequences.
+step decode-bench "$BIN/kernels_bench" --device cuda --only decode --dtype f16 --repeats 10 \
+  --out "$WORK/decode"
 # The peer: PyTorch eager on a MiniLM-shaped BERT (f16/bf16, eager and sdpa attention).
 step torch-ref env PYTHONUNBUFFERED=1 python3 tools/gpu_torch_ref.py --out "$OUT/torch-ref.json"
 # Where a MiniLM forward's time goes: every kernel of a few f16 batch-8 forwards under Nsight

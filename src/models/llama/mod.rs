@@ -209,6 +209,55 @@ impl<B: DecoderBackend> Llama<B> {
         })
     }
 
+    /// A model of `cfg`'s shape with random weights, blocks of type `ty` (Q4_1 or Q8_0) and the
+    /// head tied to the embedding: for speed measurements of shapes whose files are not at
+    /// hand (the kernel benchmark times TinyLlama's blocks on a GPU this way). Every block gets
+    /// the same weights (drawn once; uploaded per block, so memory traffic is as a real model's).
+    /// Its output is noise.
+    pub fn random(be: B, cfg: LlamaConfig, ty: GgmlType, seed: u64) -> Result<Llama<B>> {
+        let mut rng = crate::rng::SplitMix::new(seed);
+        let mut draw = |rows: usize, cols: usize| -> Result<(usize, usize, Vec<u8>)> {
+            let v: Vec<f32> = (0..rows * cols)
+                .map(|_| (rng.uniform() * 2.0 - 1.0) * 0.05)
+                .collect();
+            let bytes = crate::quant::quantize(ty, &v)
+                .map_err(|e| Error::Input(format!("random {rows} x {cols} weights: {e}")))?;
+            Ok((rows, cols, bytes))
+        };
+        let h = &cfg;
+        let mats = [
+            draw((h.heads + 2 * h.kv_heads) * h.head_dim, h.width)?,
+            draw(h.width, h.heads * h.head_dim)?,
+            draw(2 * h.ffn, h.width)?,
+            draw(h.width, h.ffn)?,
+        ];
+        let embed = draw(h.vocab, h.width)?;
+        let q = |(rows, cols, bytes): &(usize, usize, Vec<u8>)| {
+            be.load_quantized(ty, *rows, *cols, bytes)
+        };
+        let ones = || be.upload(&vec![1.0; h.width], &[h.width]);
+        let blocks = (0..h.blocks)
+            .map(|_| {
+                Ok(Block {
+                    attn_norm: ones()?,
+                    qkv: q(&mats[0])?,
+                    o: q(&mats[1])?,
+                    ffn_norm: ones()?,
+                    gate_up: q(&mats[2])?,
+                    down: q(&mats[3])?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Llama {
+            embed: q(&embed)?,
+            head: None,
+            out_norm: ones()?,
+            blocks,
+            cfg,
+            be,
+        })
+    }
+
     /// The fused matrices have the shapes the configuration implies.
     fn check_shapes(&self, g: &GgufFile) -> Result<()> {
         let c = &self.cfg;
@@ -428,27 +477,11 @@ mod tests {
     use crate::backend::capture::{GraphConfig, GraphDevice};
     use crate::backend::emu::{EmuConfig, EmuDevice};
     use crate::backend::gpu::GpuBackend;
-    use crate::quant::quantize;
-    use crate::rng::SplitMix;
     use crate::tensor::DType;
     use std::sync::Arc;
 
-    fn qrand<B: DecoderBackend>(
-        be: &B,
-        rng: &mut SplitMix,
-        rows: usize,
-        cols: usize,
-    ) -> B::QTensor {
-        let v: Vec<f32> = (0..rows * cols)
-            .map(|_| (rng.uniform() * 2.0 - 1.0) * 0.3)
-            .collect();
-        let bytes = quantize(GgmlType::Q8_0, &v).unwrap();
-        be.load_quantized(GgmlType::Q8_0, rows, cols, &bytes)
-            .unwrap()
-    }
-
     /// A random two-block decoder with Q8_0 weights: 4 query heads over 2 key/value heads of
-    /// 16, a separate output head.
+    /// 16.
     fn tiny<B: DecoderBackend>(be: B, seed: u64) -> Llama<B> {
         let cfg = LlamaConfig {
             blocks: 2,
@@ -462,29 +495,7 @@ mod tests {
             vocab: 48,
             context: 64,
         };
-        let mut rng = SplitMix::new(seed);
-        let norm = |rng: &mut SplitMix| {
-            let v: Vec<f32> = (0..cfg.width).map(|_| 1.0 + 0.1 * rng.uniform()).collect();
-            be.upload(&v, &[cfg.width]).unwrap()
-        };
-        let blocks = (0..cfg.blocks)
-            .map(|_| Block {
-                attn_norm: norm(&mut rng),
-                qkv: qrand(&be, &mut rng, 8 * cfg.head_dim, cfg.width),
-                o: qrand(&be, &mut rng, cfg.width, cfg.width),
-                ffn_norm: norm(&mut rng),
-                gate_up: qrand(&be, &mut rng, 2 * cfg.ffn, cfg.width),
-                down: qrand(&be, &mut rng, cfg.width, cfg.ffn),
-            })
-            .collect();
-        Llama {
-            embed: qrand(&be, &mut rng, cfg.vocab, cfg.width),
-            head: Some(qrand(&be, &mut rng, cfg.vocab, cfg.width)),
-            out_norm: norm(&mut rng),
-            blocks,
-            cfg,
-            be,
-        }
+        Llama::random(be, cfg, GgmlType::Q8_0, seed).unwrap()
     }
 
     /// Two sequences' prompts (one chunk each), then `steps` greedy decode steps of both at
