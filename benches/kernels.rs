@@ -481,7 +481,8 @@ fn attention<D: Device>(
 /// sequence, every sequence at the same position) of TinyLlama's heads (32 query heads over 4
 /// key/value heads of 64) at 1, 8 and 32 sequences of 512 and 4096 positions (blocks of 16).
 /// Memory-bound: read against the copy, counting the keys and values read once (each key/value
-/// head serves its 8 query heads; those re-reads should come from L2). Each call also stores
+/// head serves its 8 query heads: the flash kernel's later heads read a chunk from L1, the
+/// simple kernel's from L2). Each call also stores
 /// the step's keys and values (kv_store) and allocates its output, as the engine's does.
 fn decode_attention<D: Device>(
     name: &str,

@@ -15,7 +15,9 @@
 // kv_flash + kv_flash_combine (AttentionKernel::Flash, "flash-decoding"): the same attention with
 // the keys of a row split into chunks (grid.y) so that a decode step of a few rows still fills
 // the GPU, and each key read once as 16-byte vectors by a group of lanes. A block of
-// KV_FLASH_WARPS warps takes one (row, query head, chunk); a warp holds 32 / group keys at a
+// KV_FLASH_WARPS warps takes one (row, key/value head, chunk) and the query heads that share
+// that key/value head one after another (grouped-query attention: the chunk comes from DRAM
+// once, then from L1); the warps split the chunk's keys; a warp holds 32 / group keys at a
 // time, `group` lanes each (the fewest power of two that covers head_dim / (16 / sizeof(T))
 // vectors; a lane keeps its vector of the query and of the weighted sum). Every lane group keeps
 // its own online softmax (maximum, sum, weighted sum, in base 2); groups meet by shuffles, warps
@@ -124,9 +126,9 @@ __device__ void kv_flash(const T* __restrict__ qkv, const T* __restrict__ kc,
     constexpr int E = 16 / sizeof(T);
     __shared__ float part[KV_FLASH_WARPS][2 + KV_MAX_HEAD_DIM];
     uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    uint32_t pair = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
-    uint32_t r = pair / heads, h = pair % heads;
-    uint32_t kvh = h / (heads / kv_heads), kv_width = kv_heads * head_dim;
+    uint32_t split = blockIdx.y, splits = gridDim.y;
+    uint32_t r = blockIdx.x / kv_heads, kvh = blockIdx.x % kv_heads;
+    uint32_t shared_by = heads / kv_heads, kv_width = kv_heads * head_dim;
     uint32_t qkv_width = (heads + 2 * kv_heads) * head_dim;
     uint32_t pos = (uint32_t)positions[r];
     const int32_t* table = tables + starts[r];
@@ -137,91 +139,96 @@ __device__ void kv_flash(const T* __restrict__ qkv, const T* __restrict__ kc,
     uint32_t g = lane / group, sub = lane % group;
     bool live = sub < nvec;  // lanes past the head's vectors hold zeros
     uint32_t off = kvh * head_dim + sub * E;
-    // Scores in base 2: exp(s) = exp2(s * log2 e), the scale folded into the query.
-    float q[E];
-    const float qscale = rsqrtf((float)head_dim) * 1.4426950408889634f;
-#pragma unroll
-    for (int e = 0; e < E; e++) q[e] = 0.0f;
-    if (live) load_vec16<T, E>(qkv + (uint64_t)r * qkv_width + (uint64_t)h * head_dim + sub * E, q);
-#pragma unroll
-    for (int e = 0; e < E; e++) q[e] *= qscale;
-    KvFlashState<E> st;
-    st.m = -3.402823466e38f;
-    st.l = 0.0f;
-#pragma unroll
-    for (int e = 0; e < E; e++) st.acc[e] = 0.0f;
     uint32_t stride = KV_FLASH_WARPS * per_warp;
-    // b is the same on every lane of the warp, so the shuffles below see all 32 lanes.
-    for (uint32_t b = begin + warp * per_warp; b < end; b += stride * KV_FLASH_UNROLL) {
-        float k[KV_FLASH_UNROLL][E], v[KV_FLASH_UNROLL][E];
+    // Scores in base 2: exp(s) = exp2(s * log2 e), the scale folded into the query.
+    const float qscale = rsqrtf((float)head_dim) * 1.4426950408889634f;
+    // The query heads that read this key/value head, one after another over the same chunk:
+    // the first reads it from memory, the others find it in L1 (a chunk's keys and values
+    // are at most KvSplit::max_chunk x 2 x 16-byte vectors per lane group).
+    for (uint32_t hh = 0; hh < shared_by; hh++) {
+        uint32_t h = kvh * shared_by + hh, pair = r * heads + h;
+        float q[E];
 #pragma unroll
-        for (int u = 0; u < KV_FLASH_UNROLL; u++) {
-            uint32_t j = b + g + u * stride;
+        for (int e = 0; e < E; e++) q[e] = 0.0f;
+        if (live)
+            load_vec16<T, E>(qkv + (uint64_t)r * qkv_width + (uint64_t)h * head_dim + sub * E, q);
 #pragma unroll
-            for (int e = 0; e < E; e++) k[u][e] = v[u][e] = 0.0f;
-            if (live && j < end) {
-                uint64_t slot = (uint64_t)table[j / block_size] * block_size + j % block_size;
-                load_vec16<T, E>(kc + slot * kv_width + off, k[u]);
-                load_vec16<T, E>(vc + slot * kv_width + off, v[u]);
+        for (int e = 0; e < E; e++) q[e] *= qscale;
+        KvFlashState<E> st;
+        st.m = -3.402823466e38f;
+        st.l = 0.0f;
+#pragma unroll
+        for (int e = 0; e < E; e++) st.acc[e] = 0.0f;
+        // b is the same on every lane of the warp, so the shuffles below see all 32 lanes.
+        for (uint32_t b = begin + warp * per_warp; b < end; b += stride * KV_FLASH_UNROLL) {
+            float k[KV_FLASH_UNROLL][E], v[KV_FLASH_UNROLL][E];
+#pragma unroll
+            for (int u = 0; u < KV_FLASH_UNROLL; u++) {
+                uint32_t j = b + g + u * stride;
+#pragma unroll
+                for (int e = 0; e < E; e++) k[u][e] = v[u][e] = 0.0f;
+                if (live && j < end) {
+                    uint64_t slot = (uint64_t)table[j / block_size] * block_size + j % block_size;
+                    load_vec16<T, E>(kc + slot * kv_width + off, k[u]);
+                    load_vec16<T, E>(vc + slot * kv_width + off, v[u]);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < KV_FLASH_UNROLL; u++) {
+                float s = 0.0f;
+#pragma unroll
+                for (int e = 0; e < E; e++) s += q[e] * k[u][e];
+                for (uint32_t o = group / 2; o > 0; o >>= 1)
+                    s += __shfl_xor_sync(0xffffffffu, s, o);
+                if (b + g + u * stride < end) kv_flash_merge<E>(st, s, 1.0f, v[u]);
             }
         }
+        // The warp's lane groups into group 0 (lanes with the same `sub` hold the same
+        // dimensions).
+        for (uint32_t o = group; o < 32; o <<= 1) {
+            float bm = __shfl_xor_sync(0xffffffffu, st.m, o);
+            float bl = __shfl_xor_sync(0xffffffffu, st.l, o);
+            float bacc[E];
 #pragma unroll
-        for (int u = 0; u < KV_FLASH_UNROLL; u++) {
-            float s = 0.0f;
-#pragma unroll
-            for (int e = 0; e < E; e++) s += q[e] * k[u][e];
-            for (uint32_t o = group / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-            if (b + g + u * stride < end) kv_flash_merge<E>(st, s, 1.0f, v[u]);
+            for (int e = 0; e < E; e++) bacc[e] = __shfl_xor_sync(0xffffffffu, st.acc[e], o);
+            kv_flash_merge<E>(st, bm, bl, bacc);
         }
-    }
-    // The warp's lane groups into group 0 (lanes with the same `sub` hold the same dimensions).
-    for (uint32_t o = group; o < 32; o <<= 1) {
-        float bm = __shfl_xor_sync(0xffffffffu, st.m, o);
-        float bl = __shfl_xor_sync(0xffffffffu, st.l, o);
-        float bacc[E];
+        __syncthreads();  // warp 0 has read the previous head's part
+        if (g == 0 && live) {
 #pragma unroll
-        for (int e = 0; e < E; e++) bacc[e] = __shfl_xor_sync(0xffffffffu, st.acc[e], o);
-        kv_flash_merge<E>(st, bm, bl, bacc);
-    }
-    if (g == 0 && live) {
-#pragma unroll
-        for (int e = 0; e < E; e++) part[warp][2 + sub * E + e] = st.acc[e];
-        if (sub == 0) {
-            part[warp][0] = st.m;
-            part[warp][1] = st.l;
+            for (int e = 0; e < E; e++) part[warp][2 + sub * E + e] = st.acc[e];
+            if (sub == 0) {
+                part[warp][0] = st.m;
+                part[warp][1] = st.l;
+            }
         }
-    }
-    __syncthreads();
-    if (warp != 0) return;  // no barriers below
-    float mx = -3.402823466e38f;
-    for (int w = 0; w < KV_FLASH_WARPS; w++) mx = fmaxf(mx, part[w][0]);
-    float sum = 0.0f, wt[KV_FLASH_WARPS];
+        __syncthreads();
+        if (warp != 0) continue;  // the barriers above are reached by every warp
+        float mx = -3.402823466e38f;
+        for (int w = 0; w < KV_FLASH_WARPS; w++) mx = fmaxf(mx, part[w][0]);
+        float sum = 0.0f, wt[KV_FLASH_WARPS];
 #pragma unroll
-    for (int w = 0; w < KV_FLASH_WARPS; w++) {
-        wt[w] = exp2f(part[w][0] - mx);
-        sum += part[w][1] * wt[w];
-    }
-    if (splits == 1) {
-        T* o = out + (uint64_t)r * heads * head_dim + (uint64_t)h * head_dim;
+        for (int w = 0; w < KV_FLASH_WARPS; w++) {
+            wt[w] = exp2f(part[w][0] - mx);
+            sum += part[w][1] * wt[w];
+        }
+        // One chunk: the row's output; more: this chunk's (maximum, sum, weighted sum).
+        T* o = out + (uint64_t)pair * head_dim;  // out is [rows, heads * head_dim]
+        float* p = partial + ((uint64_t)pair * splits + split) * (2 + head_dim);
         float inv = 1.0f / sum;
+        if (splits > 1 && lane == 0) {
+            p[0] = mx;
+            p[1] = sum;
+        }
         for (uint32_t d = lane; d < head_dim; d += 32) {
             float a = 0.0f;
 #pragma unroll
             for (int w = 0; w < KV_FLASH_WARPS; w++) a += part[w][2 + d] * wt[w];
-            o[d] = from_f32<T>(a * inv);
+            if (splits == 1)
+                o[d] = from_f32<T>(a * inv);
+            else
+                p[2 + d] = a;
         }
-        return;
-    }
-    float* p = partial + ((uint64_t)pair * splits + split) * (2 + head_dim);
-    if (lane == 0) {
-        p[0] = mx;
-        p[1] = sum;
-    }
-    for (uint32_t d = lane; d < head_dim; d += 32) {
-        float a = 0.0f;
-#pragma unroll
-        for (int w = 0; w < KV_FLASH_WARPS; w++) a += part[w][2 + d] * wt[w];
-        p[2 + d] = a;
     }
 }
 

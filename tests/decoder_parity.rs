@@ -105,6 +105,7 @@ fn run_all<D: Device>(label: &str, dev: Arc<D>) {
                 KvSplit {
                     target_blocks: 4096,
                     min_chunk: 5,
+                    max_chunk: 5,
                 },
             ),
         ];
@@ -113,9 +114,26 @@ fn run_all<D: Device>(label: &str, dev: Arc<D>) {
                 .with_poisoned_outputs()
                 .with_attention(kernel)
                 .with_kv_split(split);
-            for hd in [64, 40, 256, 36] {
-                let what = format!("kv_attention {kernel:?} chunk>={} d={hd}", split.min_chunk);
-                attention(&name(&what), dt, &g, &cpu, hd);
+            // (head dim, query heads, key/value heads): 2 and 4 query heads per key/value
+            // head, and one each.
+            for (hd, qh, kvh) in [
+                (64, 4, 2),
+                (40, 4, 2),
+                (256, 4, 2),
+                (36, 4, 2),
+                (64, 8, 2),
+                (32, 3, 3),
+            ] {
+                let what = format!(
+                    "kv_attention {kernel:?} chunk>={} d={hd} heads {qh}/{kvh}",
+                    split.min_chunk
+                );
+                let heads = Heads {
+                    heads: qh,
+                    kv_heads: kvh,
+                    head_dim: hd,
+                };
+                attention(&name(&what), dt, &g, &cpu, heads);
             }
         }
     }
@@ -246,13 +264,9 @@ fn attention<G: DecoderBackend>(
     dt: DType,
     g: &G,
     c: &apparate::backend::CpuBackend,
-    head_dim: usize,
+    heads: Heads,
 ) {
-    let heads = Heads {
-        heads: 4,
-        kv_heads: 2,
-        head_dim,
-    };
+    let head_dim = heads.head_dim;
     let (bs, blocks) = (4, 16);
     let a_table = [7u32, 2, 9, 13];
     let b_table: Vec<u32> = vec![0, 1, 3, 4, 5, 6, 8, 10, 11, 12];
@@ -270,8 +284,22 @@ fn attention<G: DecoderBackend>(
         let pc = c.upload_plan(plan).unwrap();
         let mut xg = up(g, dt, &qkv, &[plan.rows(), w]);
         let mut xc = up(c, dt, &qkv, &[plan.rows(), w]);
-        g.rope(&mut xg, &pg, 6, head_dim, 10000.0).unwrap();
-        c.rope(&mut xc, &pc, 6, head_dim, 10000.0).unwrap();
+        g.rope(
+            &mut xg,
+            &pg,
+            heads.heads + heads.kv_heads,
+            head_dim,
+            10000.0,
+        )
+        .unwrap();
+        c.rope(
+            &mut xc,
+            &pc,
+            heads.heads + heads.kv_heads,
+            head_dim,
+            10000.0,
+        )
+        .unwrap();
         let rg = g.download(&xg).unwrap();
         let rc = c.download(&xc).unwrap();
         if check {

@@ -108,7 +108,9 @@ impl<D: Device> GpuBackend<D> {
         out: &GpuTensor<D::Buf>,
     ) -> Result<()> {
         let pairs = plan.rows * h.heads;
-        let (chunk, splits) = self.kv_split.chunks(pairs, plan.keys_bound);
+        // A block per (row, key/value head, chunk): the query heads sharing it go in turn.
+        let kv_pairs = plan.rows * h.kv_heads;
+        let (chunk, splits) = self.kv_split.chunks(kv_pairs, plan.keys_bound);
         let group = (h.head_dim / (16 / self.dtype.size())).next_power_of_two();
         // f32 (maximum, sum, weighted sum) per (pair, chunk); unused with one chunk.
         let partial = self.dev.alloc(if splits > 1 {
@@ -121,7 +123,7 @@ impl<D: Device> GpuBackend<D> {
             &self.kernel("kv_flash"),
             LaunchConfig {
                 grid: [
-                    self.grid("rows x heads", pairs)?,
+                    self.grid("rows x key/value heads", kv_pairs)?,
                     self.grid("key chunks", splits)?,
                     1,
                 ],
@@ -174,13 +176,18 @@ impl<D: Device> GpuBackend<D> {
 /// chunks past a row's position are empty and cost a block that returns at once.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct KvSplit {
-    /// Blocks a launch aims for (rows x heads x chunks). Default 512: about four 128-thread
-    /// blocks per SM on an H200's 132 SMs, one wave with room for the tail.
+    /// Blocks a launch aims for (rows x key/value heads x chunks). Default 512: about four
+    /// 128-thread blocks per SM on an H200's 132 SMs, one wave with room for the tail.
     pub target_blocks: usize,
     /// Fewest keys in a chunk. Default 64: two passes of a block's warps over 16-byte vectors
     /// at head dimension 64 in f16 (4 warps x 4 keys x 2 unrolled), so a chunk's partial
     /// result (2 + head_dim floats written and read back) is small beside its keys.
     pub min_chunk: usize,
+    /// Most keys in a chunk. Default 256: the query heads that share a key/value head read
+    /// the block's chunk in turn, and 256 keys and values of head dimension 128 in f16 (128
+    /// KiB) still fit an SM's L1 for the second and later heads. Below `min_chunk` it is
+    /// `min_chunk`.
+    pub max_chunk: usize,
 }
 
 impl Default for KvSplit {
@@ -188,20 +195,26 @@ impl Default for KvSplit {
         KvSplit {
             target_blocks: 512,
             min_chunk: 64,
+            max_chunk: 256,
         }
     }
 }
 
 impl KvSplit {
-    /// (keys per chunk, chunks) for `pairs` (row, head) pairs whose rows attend over at most
-    /// `longest` keys. At most `target_blocks` chunks (and 65535, the grid's y limit).
+    /// (keys per chunk, chunks) for `pairs` (row, key/value head) pairs whose rows attend over
+    /// at most `longest` keys: about `target_blocks / pairs` chunks, of `min_chunk` to
+    /// `max_chunk` keys, at most 65535 of them (the grid's y limit; longer chunks then).
     pub fn chunks(&self, pairs: usize, longest: usize) -> (usize, usize) {
         let longest = longest.max(1);
         let want = self
             .target_blocks
             .div_ceil(pairs.max(1))
             .clamp(1, u16::MAX as usize);
-        let chunk = longest.div_ceil(want).max(self.min_chunk.max(1));
+        let min = self.min_chunk.max(1);
+        let chunk = longest
+            .div_ceil(want)
+            .clamp(min, self.max_chunk.max(min))
+            .max(longest.div_ceil(u16::MAX as usize));
         (chunk, longest.div_ceil(chunk))
     }
 }
@@ -213,22 +226,35 @@ mod tests {
     #[test]
     fn chunks_cover_the_longest_row_within_the_limits() {
         let s = KvSplit::default();
-        // A decode step of one row, 32 heads, 4096 keys: 16 chunks of 256 (512 blocks).
-        assert_eq!(s.chunks(32, 4096), (256, 16));
-        // Many pairs: one chunk; short rows: one chunk of at least min_chunk.
-        assert_eq!(s.chunks(2048, 4096), (4096, 1));
+        // A decode step of one row, 4 key/value heads, 4096 keys: 64 chunks of 64 (256
+        // blocks; min_chunk keeps them from being shorter).
+        assert_eq!(s.chunks(4, 4096), (64, 64));
+        // 32 rows: 128 pairs want 4 chunks of 1024, capped at 256.
+        assert_eq!(s.chunks(128, 4096), (256, 16));
+        // Few keys: one chunk of at least min_chunk; 8 pairs x 64 chunks of 64.
         assert_eq!(s.chunks(4, 10), (64, 1));
+        assert_eq!(s.chunks(8, 4096), (64, 64));
         for pairs in [1, 3, 32, 100, 513, 100_000] {
-            for longest in [0, 1, 7, 64, 65, 1000, 4097, 1 << 20] {
-                for min_chunk in [0, 1, 5, 64] {
+            for longest in [0, 1, 7, 64, 65, 1000, 4097, 1 << 20, 1 << 31] {
+                for (min_chunk, max_chunk) in [(0, 0), (1, 4), (5, 5), (64, 256), (300, 256)] {
                     let k = KvSplit {
                         target_blocks: 512,
                         min_chunk,
+                        max_chunk,
                     };
                     let (chunk, n) = k.chunks(pairs, longest);
-                    assert!(chunk >= min_chunk.max(1) && n >= 1, "{pairs} {longest}");
-                    assert!(chunk * n >= longest && chunk * (n - 1) < longest.max(1));
-                    assert!(n <= 512 && n <= u16::MAX as usize, "{pairs} {longest} {n}");
+                    let what = format!("{pairs} pairs, {longest} keys, {min_chunk}..{max_chunk}");
+                    assert!(chunk >= min_chunk.max(1) && n >= 1, "{what}");
+                    assert!(
+                        chunk * n >= longest && chunk * (n - 1) < longest.max(1),
+                        "{what}"
+                    );
+                    assert!(n <= u16::MAX as usize, "{what}: {n} chunks");
+                    // Within max_chunk unless the grid's limit needs longer ones.
+                    let cap = max_chunk.max(min_chunk).max(1);
+                    if (longest as u64) < cap as u64 * u16::MAX as u64 {
+                        assert!(chunk <= cap, "{what}: chunk {chunk}");
+                    }
                 }
             }
         }
