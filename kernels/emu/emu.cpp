@@ -152,8 +152,7 @@ bool run_block(Worker* w, uint64_t* seed, const char* name, char* err, size_t er
         // No cp.async copy outlives its block (a block cut short by an error leaves some); with
         // a shuffle seed, some copies land at issue instead of at their wait (a GPU may land
         // them any time in between). That alone does not expose a stage refilled before every
-        // warp has read it: fibers advance one blocking step per round, so warps stay within a
-        // warp operation of each other (removing attention_flash's closing barrier passes).
+        // warp has read it; the warp-by-warp order below (half the blocks under a seed) does.
         ApparateEmuThread& t = w->fibers[i].t;
         t.n_copies = 0;
         t.groups_committed = 0;
@@ -164,16 +163,44 @@ bool run_block(Worker* w, uint64_t* seed, const char* name, char* err, size_t er
     std::vector<int> order(n);
     for (int i = 0; i < n; i++) order[i] = i;
     int nwarps = (n + 31) / 32;
+    std::vector<int> warps(nwarps);
+    for (int i = 0; i < nwarps; i++) warps[i] = i;
+    // With a seed, half the blocks run warp by warp: each warp, in a shuffled order, runs
+    // through its warp operations until every lane waits at __syncthreads or has exited, before
+    // the next warp starts. A GPU may schedule warps that way (one far ahead of another between
+    // block barriers); the round-robin order keeps warps within a warp operation of each other,
+    // which hides a barrier missing between two shuffle-heavy phases over the same shared memory.
+    bool warp_major = seed && (splitmix(*seed) & 1);
+    auto run = [&](int i) {
+        w->current = i;
+        apparate_emu_thread = &w->fibers[i].t;
+        apparate_emu_switch(&w->sched_sp, w->fibers[i].sp);
+    };
     for (;;) {
         if (seed) {
             for (int i = n - 1; i > 0; i--) std::swap(order[i], order[splitmix(*seed) % (uint64_t)(i + 1)]);
         }
-        for (int k = 0; k < n; k++) {
-            int i = order[k];
-            if (w->fibers[i].state != Ready) continue;
-            w->current = i;
-            apparate_emu_thread = &w->fibers[i].t;
-            apparate_emu_switch(&w->sched_sp, w->fibers[i].sp);
+        if (warp_major) {
+            for (int i = nwarps - 1; i > 0; i--)
+                std::swap(warps[i], warps[splitmix(*seed) % (uint64_t)(i + 1)]);
+            for (int wp : warps) {
+                int lo = wp * 32, hi = lo + 32 < n ? lo + 32 : n;
+                for (;;) {
+                    for (int i = lo; i < hi; i++)
+                        if (w->fibers[i].state == Ready) run(i);
+                    // Release this warp's own operation when all its lanes wait at it (lanes
+                    // that exited leave it to the checks below, which report it).
+                    int waiting = 0;
+                    for (int i = lo; i < hi; i++) waiting += w->fibers[i].state == WaitWarp;
+                    if (waiting == 0 || waiting < hi - lo) break;
+                    for (int i = lo; i < hi; i++) w->fibers[i].state = Ready;
+                }
+            }
+        } else {
+            for (int k = 0; k < n; k++) {
+                int i = order[k];
+                if (w->fibers[i].state == Ready) run(i);
+            }
         }
         // Every fiber is now Done or waiting. Release whatever barrier is complete.
         int done = 0, at_block = 0, at_warp = 0;

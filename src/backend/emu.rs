@@ -59,8 +59,9 @@ pub struct EmuConfig {
     /// OS threads that run blocks in parallel (default: all cores, or `APPARATE_THREADS`).
     pub threads: Option<usize>,
     /// 0 (default): each block's threads run in order between barriers, deterministically.
-    /// Otherwise the order is shuffled between barriers with this seed, to expose missing
-    /// barriers. `APPARATE_EMU_SEED` sets it from the environment.
+    /// Otherwise the order is shuffled between barriers with this seed, and half the blocks run
+    /// warp by warp (each warp through its warp operations up to a block barrier before the
+    /// next), to expose missing barriers. `APPARATE_EMU_SEED` sets it from the environment.
     pub shuffle_seed: u64,
 }
 
