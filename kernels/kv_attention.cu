@@ -214,7 +214,9 @@ __device__ void kv_flash(const T* __restrict__ qkv, const T* __restrict__ kc,
         }
         // One chunk: the row's output; more: this chunk's (maximum, sum, weighted sum).
         T* o = out + (uint64_t)pair * head_dim;  // out is [rows, heads * head_dim]
-        float* p = partial + ((uint64_t)pair * splits + split) * (2 + head_dim);
+        // `partial` is null with one chunk: no pointer arithmetic on it then.
+        float* p = splits > 1 ? partial + ((uint64_t)pair * splits + split) * (2 + head_dim)
+                              : nullptr;
         float inv = 1.0f / sum;
         if (splits > 1 && lane == 0) {
             p[0] = mx;

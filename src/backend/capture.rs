@@ -60,8 +60,6 @@ pub struct GraphStats {
     pub eager: u64,
     /// Why the last key that could not be a graph could not (or the last abandoned replay).
     pub last_reason: Option<String>,
-    /// Runs are graphed at all ([`GraphConfig::enabled`]).
-    pub enabled: bool,
 }
 
 /// The sequence length a batch whose longest input has `seq` tokens is padded to where runs are
@@ -288,10 +286,7 @@ impl<D: Device> GraphDevice<D> {
     }
 
     pub fn stats(&self) -> GraphStats {
-        GraphStats {
-            enabled: self.config.enabled,
-            ..lock(&self.stats).clone()
-        }
+        lock(&self.stats).clone()
     }
 
     /// Drops every record and graph (their buffers are freed after the work queued on them).
@@ -846,6 +841,10 @@ impl<D: Device> Device for GraphDevice<D> {
 
     fn graph_stats(&self) -> Option<GraphStats> {
         Some(self.stats())
+    }
+
+    fn graphs_enabled(&self) -> bool {
+        self.config.enabled
     }
 }
 

@@ -158,6 +158,12 @@ pub trait Device: Send + Sync + 'static {
     fn graph_stats(&self) -> Option<super::capture::GraphStats> {
         None
     }
+
+    /// Whether [`Device::graphed`] records and replays runs (a setting fixed when the device is
+    /// made: cheap enough to ask per batch).
+    fn graphs_enabled(&self) -> bool {
+        false
+    }
 }
 
 /// One step of a [`Device::Graph`], in the order a run does them.

@@ -190,10 +190,16 @@ pub trait Backend: Send + Sync {
     /// backend: where runs are graphed, a few lengths ([`capture::seq_bucket`]) so that the
     /// graphs of a few shapes serve every batch; elsewhere `seq` (padding would only cost).
     fn padded_seq(&self, seq: usize) -> usize {
-        match self.graph_probe() {
-            Some(probe) if probe().enabled => capture::seq_bucket(seq),
-            _ => seq,
+        match self.graphs_enabled() {
+            true => capture::seq_bucket(seq),
+            false => seq,
         }
+    }
+
+    /// Whether [`Backend::graphed`] records and replays runs on this backend (fixed when it is
+    /// made; cheap to ask per batch or step).
+    fn graphs_enabled(&self) -> bool {
+        false
     }
 
     /// Loads a weight from its file storage. The CPU upcasts f16/bf16 to f32 here, once.

@@ -112,13 +112,14 @@ impl<D: Device> GpuBackend<D> {
         let kv_pairs = plan.rows * h.kv_heads;
         let (chunk, splits) = self.kv_split.chunks(kv_pairs, plan.keys_bound);
         let group = (h.head_dim / (16 / self.dtype.size())).next_power_of_two();
-        // f32 (maximum, sum, weighted sum) per (pair, chunk); unused with one chunk.
-        let partial = self.dev.alloc(if splits > 1 {
-            pairs * splits * (2 + h.head_dim) * 4
-        } else {
-            4
-        })?;
+        // f32 (maximum, sum, weighted sum) per (pair, chunk); with one chunk the kernel writes
+        // the output and never touches it (a null pointer, no allocation).
+        let partial = match splits {
+            1 => None,
+            _ => Some(self.dev.alloc(pairs * splits * (2 + h.head_dim) * 4)?),
+        };
         let addr = |b: &D::Buf| KernelArg::Ptr(self.dev.address(b));
+        let partial_arg = partial.as_ref().map_or(KernelArg::Ptr(0), addr);
         self.launch(
             &self.kernel("kv_flash"),
             LaunchConfig {
@@ -138,7 +139,7 @@ impl<D: Device> GpuBackend<D> {
                 addr(&plan.starts),
                 addr(&plan.tables),
                 self.ptr(out)?,
-                addr(&partial),
+                partial_arg,
                 self.u32("heads", h.heads)?,
                 self.u32("kv heads", h.kv_heads)?,
                 self.u32("head_dim", h.head_dim)?,
@@ -147,7 +148,7 @@ impl<D: Device> GpuBackend<D> {
                 self.u32("chunk", chunk)?,
             ],
         )?;
-        if splits == 1 {
+        if partial.is_none() {
             return Ok(());
         }
         self.launch(
@@ -158,7 +159,7 @@ impl<D: Device> GpuBackend<D> {
                 0,
             ),
             &[
-                addr(&partial),
+                partial_arg,
                 self.ptr(out)?,
                 self.u32("pairs", pairs)?,
                 self.u32("chunks", splits)?,

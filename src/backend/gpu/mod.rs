@@ -372,6 +372,10 @@ impl<D: Device> Backend for GpuBackend<D> {
         self.dev.graphed(key, f)
     }
 
+    fn graphs_enabled(&self) -> bool {
+        self.dev.graphs_enabled()
+    }
+
     fn graph_probe(&self) -> Option<crate::backend::capture::GraphProbe> {
         self.dev.graph_stats()?;
         let dev = self.dev.clone();

@@ -159,7 +159,7 @@ impl DecoderJob for Job {
         );
         // Decode steps are graphs on the GPU backends (prompt chunks run eagerly).
         if let Some(g) = tm.model.backend().graph_probe().map(|p| p())
-            && g.enabled
+            && tm.model.backend().graphs_enabled()
         {
             eprintln!(
                 "graphs: {} decode steps recorded, {} replayed as one graph launch, {} eager, {} replays abandoned",

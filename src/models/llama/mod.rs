@@ -316,8 +316,7 @@ impl<B: DecoderBackend> Llama<B> {
     /// shape's next step. Prompt chunks vary in length and run eagerly.
     pub fn forward(&self, cache: &mut KvCache<B>, chunks: &[Chunk<'_>]) -> Result<B::Tensor> {
         let decode = !chunks.is_empty() && chunks.iter().all(|c| c.tokens.len() == 1);
-        let graphs = decode && self.be.graph_probe().is_some_and(|probe| probe().enabled);
-        if !graphs {
+        if !(decode && self.be.graphs_enabled()) {
             return self.forward_observed(cache, chunks, |_, _| Ok(()));
         }
         let width = chunks
