@@ -10,6 +10,7 @@
 // zero-filled).
 #include "common/mma.cuh"
 #include "common/pipe.cuh"
+#include "common/wgmma.cuh"
 
 template <typename T>
 __device__ void store_out(T* y, uint32_t M, uint32_t N, uint32_t r, uint32_t c, float v,
@@ -319,6 +320,141 @@ gemm_pipe_small_bf16(const bf16* x, const bf16* w, const bf16* bias, const bf16*
     uint32_t M, uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split) {
     gemm_pipe<bf16, GEMM_PIPE_SMALL_BM, GEMM_PIPE_SMALL_BN, 2, 2, GEMM_PIPE_STAGES>(
         x, w, bias, res, y, M, N, K, act, partial, per_split);
+}
+
+// ---- Hopper warpgroup tensor cores (f16, bf16; sm_90a) ------------------------------------
+//
+// Beside the pipelined kernel (GemmKernel::Wgmma picks it on a device with wgmma). A block of two
+// warpgroups computes a 128 x 128 tile of Y, each warpgroup 64 rows x 128 columns with
+// wgmma.m64n128k16 reading both operands straight from shared memory (no fragment loads through
+// registers: the accumulators are the only registers the multiply touches). K advances 64 at a
+// time through a ring of GEMM_WGMMA_STAGES stages filled by cp.async: each operand row's 128
+// bytes are one row of the 128-byte swizzle (chunk c of row r stored at c ^ (r % 8), the layout
+// wgmma's descriptor names), which also keeps the copies and the multiplies free of bank
+// conflicts. The multiplies are asynchronous: a k-step's are issued, then the kernel waits only
+// for the previous k-step's, so the tensor cores always have one step queued; a stage is
+// refilled two k-steps after it was last read (all its multiplies are then complete).
+// Same contract as gemm_pipe: K % 8 == 0, 16-byte aligned X and W, split-K through `partial`.
+// Dynamic shared memory: STAGES * (BM + BN) * BK * 2 bytes + 1024 (alignment of the ring).
+template <typename T>
+__device__ void gemm_wgmma(const T* __restrict__ x, const T* __restrict__ w,
+                           const T* __restrict__ bias, const T* __restrict__ res,
+                           T* __restrict__ y, uint32_t M, uint32_t N, uint32_t K, int act,
+                           float* __restrict__ partial, uint32_t per_split) {
+#if WGMMA_AVAILABLE
+    constexpr uint32_t BM = GEMM_WGMMA_BM, BN = GEMM_WGMMA_BN, BK = GEMM_WGMMA_BK;
+    constexpr uint32_t STAGES = GEMM_WGMMA_STAGES, THREADS = GEMM_WGMMA_THREADS;
+    constexpr uint32_t ROW = BK * 2;  // bytes per operand row in a stage: one swizzle row
+    constexpr uint32_t A_BYTES = BM * ROW, STAGE_BYTES = (BM + BN) * ROW;
+    static_assert(ROW == 128, "a k-step is one 128-byte swizzle row per operand row");
+    static_assert(BN == 128 && BM == 64 * (THREADS / 128), "one m64n128 tile per warpgroup");
+    static_assert(STAGES >= 3, "a stage is refilled two k-steps after it was read");
+    DYN_SHARED(unsigned char, raw);
+    // The swizzle acts on shared-window address bits 4-9: the ring starts on 1024 bytes.
+    unsigned char* ring = raw + (1024u - wgmma_smem_addr(raw) % 1024u) % 1024u;
+    uint32_t ring_addr = wgmma_smem_addr(ring);
+    uint32_t tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wg = warp / 4;
+    uint32_t m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;  // rows on x: up to 2^31 tiles
+    uint32_t ktiles_all = (K + BK - 1) / BK, k_first = 0, ktiles = ktiles_all;
+    if (partial) {
+        k_first = blockIdx.z * per_split;
+        uint32_t end = k_first + per_split < ktiles_all ? k_first + per_split : ktiles_all;
+        ktiles = end - k_first;  // the launcher leaves no split empty
+    }
+
+    // One k-step of both operands into a stage: (BM + BN) rows x 8 copies of 16 bytes, eight
+    // consecutive threads per row (a row's 128 bytes of global memory in one go).
+    auto load = [&](uint32_t stage, uint32_t kt) {
+        unsigned char* st = ring + stage * STAGE_BYTES;
+        for (uint32_t c = tid; c < (BM + BN) * 8; c += THREADS) {
+            uint32_t r = c / 8, ch = c % 8, k = kt * BK + ch * 8;
+            unsigned char* dst = st + r * ROW + ((ch ^ (r % 8)) * 16);
+            if (r < BM) {
+                bool in = m0 + r < M && k < K;
+                cp_async16(dst, in ? x + (uint64_t)(m0 + r) * K + k : x, in);
+            } else {
+                bool in = n0 + (r - BM) < N && k < K;
+                cp_async16(dst, in ? w + (uint64_t)(n0 + r - BM) * K + k : w, in);
+            }
+        }
+    };
+
+    float acc[64];
+    #pragma unroll
+    for (int i = 0; i < 64; i++) acc[i] = 0.0f;
+
+    // Prologue: STAGES - 2 k-steps in flight (empty groups keep the wait count fixed at the end).
+    #pragma unroll
+    for (uint32_t s = 0; s < STAGES - 2; s++) {
+        if (s < ktiles) load(s, k_first + s);
+        cp_async_commit();
+    }
+    for (uint32_t kt = 0; kt < ktiles; kt++) {
+        // k-step kt has landed for this thread; the proxy fence hands it to wgmma's reads, the
+        // barrier to every warpgroup. Every thread has also waited for its k-step kt - 2
+        // multiplies, so that stage may be refilled.
+        cp_async_wait<STAGES - 3>();
+        fence_proxy_async_shared();
+        __syncthreads();
+        uint32_t next = kt + STAGES - 2;
+        if (next < ktiles) load(next % STAGES, k_first + next);
+        cp_async_commit();
+
+        uint32_t a_addr = ring_addr + (kt % STAGES) * STAGE_BYTES + wg * 64 * ROW;
+        uint32_t b_addr = ring_addr + (kt % STAGES) * STAGE_BYTES + A_BYTES;
+        #pragma unroll
+        for (int i = 0; i < 64; i++) wgmma_fence_operand(acc[i]);
+        wgmma_fence();
+        #pragma unroll
+        for (uint32_t ks = 0; ks < BK / 16; ks++)  // k16 slices: 32 bytes further into each row
+            wgmma_m64n128k16<T>(acc, wgmma_desc_sw128(a_addr + ks * 32, 8 * ROW),
+                                wgmma_desc_sw128(b_addr + ks * 32, 8 * ROW), 1);
+        wgmma_commit();
+        #pragma unroll
+        for (int i = 0; i < 64; i++) wgmma_fence_operand(acc[i]);
+        wgmma_wait<1>();
+    }
+    wgmma_wait<0>();
+    cp_async_wait<0>();  // only empty groups remain; leave nothing in flight at exit
+    #pragma unroll
+    for (int i = 0; i < 64; i++) wgmma_fence_operand(acc[i]);
+
+    // acc[4j + 2i + c] is row 16 (warp % 4) + lane / 4 + 8 i, column 8 j + 2 (lane % 4) + c of
+    // this warpgroup's 64 x 128 tile.
+    uint32_t r0 = m0 + wg * 64 + (warp % 4) * 16 + lane / 4, c0 = n0 + 2 * (lane % 4);
+    if (partial) {
+        float* p = partial + (uint64_t)blockIdx.z * M * N;
+        #pragma unroll
+        for (int j = 0; j < 16; j++)
+            #pragma unroll
+            for (int i = 0; i < 2; i++) {
+                uint32_t r = r0 + 8 * i, c = c0 + 8 * j;
+                if (r >= M) continue;
+                if (c < N) p[(uint64_t)r * N + c] = acc[4 * j + 2 * i];
+                if (c + 1 < N) p[(uint64_t)r * N + c + 1] = acc[4 * j + 2 * i + 1];
+            }
+        return;
+    }
+    #pragma unroll
+    for (int j = 0; j < 16; j++)
+        #pragma unroll
+        for (int i = 0; i < 2; i++)
+            store_pair(y, M, N, r0 + 8 * i, c0 + 8 * j, acc[4 * j + 2 * i], acc[4 * j + 2 * i + 1],
+                       bias, res, act);
+#else
+    __trap();  // not built for sm_90a: the launcher never picks this kernel here
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(GEMM_WGMMA_THREADS, 1)
+gemm_wgmma_f16(const f16* x, const f16* w, const f16* bias, const f16* res, f16* y,
+    uint32_t M, uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split) {
+    gemm_wgmma<f16>(x, w, bias, res, y, M, N, K, act, partial, per_split);
+}
+extern "C" __global__ void __launch_bounds__(GEMM_WGMMA_THREADS, 1)
+gemm_wgmma_bf16(const bf16* x, const bf16* w, const bf16* bias, const bf16* res, bf16* y,
+    uint32_t M, uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split) {
+    gemm_wgmma<bf16>(x, w, bias, res, y, M, N, K, act, partial, per_split);
 }
 
 // The second half of a split-K GEMM: y = act(sum of the splits' partial sums + bias +

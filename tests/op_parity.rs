@@ -35,6 +35,7 @@ fn parity_on<D: Device>(label: &str, dev: Arc<D>, pick: impl Fn(&Op) -> bool) {
             Op::Linear { .. } | Op::Conv2d { .. } if half => &[
                 (G::Pipelined, A::Flash, R::Block),
                 (G::PipelinedSplitK, A::Flash, R::Block),
+                (G::Wgmma, A::Flash, R::Block),
                 (G::Simple, A::Flash, R::Block),
             ],
             Op::Attention { .. } if half => &[

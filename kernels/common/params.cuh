@@ -49,6 +49,14 @@
 // GEMM_SPLITK_MAX splits of at least GEMM_SPLITK_MIN_KTILES k-steps each.
 #define GEMM_SPLITK_MAX 8
 #define GEMM_SPLITK_MIN_KTILES 4
+// The Hopper GEMM (GemmKernel::Wgmma, sm_90a): 128 x 128 tiles of two warpgroups (each 64 rows
+// x 128 columns through wgmma.m64n128k16), k-steps of 64 (one 128-byte swizzled row per operand
+// row), a ring of stages in dynamic shared memory (STAGES x 32 KiB, plus 1 KiB to align it).
+#define GEMM_WGMMA_BM 128
+#define GEMM_WGMMA_BN 128
+#define GEMM_WGMMA_BK 64
+#define GEMM_WGMMA_STAGES 5
+#define GEMM_WGMMA_THREADS 256
 
 // Query rows (one per warp) per block of the attention kernel.
 #define ATTN_WARPS 4

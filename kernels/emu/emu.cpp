@@ -156,6 +156,8 @@ bool run_block(Worker* w, uint64_t* seed, const char* name, char* err, size_t er
         ApparateEmuThread& t = w->fibers[i].t;
         t.n_copies = 0;
         t.groups_committed = 0;
+        t.n_wgmma = 0;
+        t.wgmma_groups = 0;
         t.early_copies = seed ? splitmix(*seed) | 1 : 0;
     }
     // Dynamic shared memory starts as NaN bytes in every block, so a read before a write shows.
@@ -299,6 +301,7 @@ extern "C" int apparate_emu_run(const char* name, const uint32_t grid[3], const 
     w->block.block_dim = {block[0], block[1], block[2]};
     w->block.grid_dim = {grid[0], grid[1], grid[2]};
     w->block.dyn_shared = w->dyn_shared.data();
+    w->block.dyn_shared_bytes = w->dyn_shared.size();
     ApparateEmuBlock* saved_block = apparate_emu_block;
     apparate_emu_block = &w->block;
     int rc = 0;

@@ -30,6 +30,17 @@ struct ApparateEmuCopy {
 };
 #define APPARATE_EMU_MAX_COPIES 64
 
+// A warpgroup multiply (`wgmma.mma_async`) not yet performed: it reads shared memory and updates
+// this thread's accumulators only when a `wgmma.wait_group` lets it (kernels/common/wgmma.cuh).
+struct ApparateEmuWgmma {
+    float* d;                  // this thread's accumulators
+    uint64_t desc_a, desc_b;   // shared-memory matrix descriptors
+    int n;                     // the instruction's N
+    bool scale_d, bf16;        // accumulate into d (or overwrite); operand type
+    unsigned int group;        // commit-group number; ~0u while not yet committed
+};
+#define APPARATE_EMU_MAX_WGMMA 16
+
 // Per-fiber and per-block state visible to kernel code.
 struct ApparateEmuThread {
     uint3 thread_idx;
@@ -41,12 +52,16 @@ struct ApparateEmuThread {
     // Non-zero (shuffled schedules only): the state of a generator that lands about half of
     // this thread's copies at issue.
     uint64_t early_copies;
+    // This thread's wgmma multiplies in flight, in issue order, and its commit-group count.
+    ApparateEmuWgmma wgmma[APPARATE_EMU_MAX_WGMMA];
+    unsigned int n_wgmma, wgmma_groups;
 };
 struct ApparateEmuBlock {
     uint3 block_idx;
     uint3 block_dim;
     uint3 grid_dim;
     unsigned char* dyn_shared;
+    size_t dyn_shared_bytes;
 };
 
 extern thread_local ApparateEmuThread* apparate_emu_thread;

@@ -846,6 +846,10 @@ impl<D: Device> Device for GraphDevice<D> {
     fn graphs_enabled(&self) -> bool {
         self.config.enabled
     }
+
+    fn has_wgmma(&self) -> bool {
+        self.inner.has_wgmma()
+    }
 }
 
 #[cfg(test)]

@@ -164,6 +164,13 @@ pub trait Device: Send + Sync + 'static {
     fn graphs_enabled(&self) -> bool {
         false
     }
+
+    /// Whether the warpgroup tensor-core instructions of Hopper (`wgmma`, sm_90a) run here, so
+    /// the kernels built on them (`gemm_wgmma_*`) may be launched: a compute capability 9.0 GPU
+    /// (whose kernels are compiled for sm_90a) and the emulated device (which has twins).
+    fn has_wgmma(&self) -> bool {
+        false
+    }
 }
 
 /// One step of a [`Device::Graph`], in the order a run does them.

@@ -183,6 +183,11 @@ impl Device for EmuDevice {
         "emu"
     }
 
+    /// The wgmma twins of kernels/common/wgmma.cuh.
+    fn has_wgmma(&self) -> bool {
+        true
+    }
+
     fn describe(&self) -> String {
         format!(
             "emu: {}, {} threads",

@@ -161,6 +161,18 @@ pub fn ops() -> Vec<(Op, Expect)> {
         },
         ok.clone(),
     ));
+    // The Hopper GEMM (GemmKernel::Wgmma) unsplit over more k-steps of 64 than its 5 stages
+    // (the ring wraps), ragged on every side.
+    v.push((
+        Op::Linear {
+            m: 150,
+            n: 200,
+            k: 456,
+            act: GeluErf,
+            bias: true,
+        },
+        ok.clone(),
+    ));
     // Enough 128 x 128 tiles (11 x 12 >= GEMM_PIPE_BIG_MIN_TILES) for the pipelined GEMM's big
     // shape, ragged on both sides, K under one k-step.
     v.push((

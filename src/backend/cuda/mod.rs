@@ -358,6 +358,11 @@ impl Device for CudaDevice {
     type Buf = CudaBuf;
     type Pinned = CudaPinned;
 
+    /// Compute capability 9.0, whose kernels are compiled for sm_90a ([`ProbeInfo::arch`]).
+    fn has_wgmma(&self) -> bool {
+        self.info.compute_capability == (9, 0)
+    }
+
     fn alloc_pinned(&self, bytes: usize) -> Result<CudaPinned> {
         guard("pinned host memory", || {
             self.enter("pinned host memory")?;

@@ -30,8 +30,15 @@ pub struct ProbeInfo {
 
 impl ProbeInfo {
     /// The device's own architecture (`sm_90` for compute capability 9.0).
+    /// The architecture the kernels are compiled for: the device's compute capability, with
+    /// the `a` suffix on 9.0 (sm_90a: Hopper's warpgroup instructions, `wgmma`, which the
+    /// Hopper GEMM uses; such code runs on 9.0 devices only, which this device is).
     pub fn arch(&self) -> Arch {
-        Arch::new(self.compute_capability.0, self.compute_capability.1)
+        let mut arch = Arch::new(self.compute_capability.0, self.compute_capability.1);
+        if self.compute_capability == (9, 0) {
+            arch.suffix = "a".to_string();
+        }
+        arch
     }
 }
 

@@ -148,6 +148,9 @@ impl<D: Device> GpuBackend<D> {
             return Ok(None);
         }
         let min_tiles = params::GEMM_PIPE_BIG_MIN_TILES as usize;
+        if self.gemm == GemmKernel::Wgmma && self.dev.has_wgmma() {
+            return Ok(Some(self.wgmma_cfg(g.mnk, min_tiles)?));
+        }
         let big = m.div_ceil(params::GEMM_PIPE_BIG_BM as usize)
             * n.div_ceil(params::GEMM_PIPE_BIG_BN as usize)
             >= min_tiles;
@@ -170,7 +173,8 @@ impl<D: Device> GpuBackend<D> {
         let shared = params::GEMM_PIPE_STAGES * (bm + bn) * (params::GEMM_PIPE_BK + 8) * 2;
         let tiles = m.div_ceil(bm as usize) * n.div_ceil(bn as usize);
         let ktiles = k.div_ceil(params::GEMM_PIPE_BK as usize);
-        let (splits, per_split) = if self.gemm == GemmKernel::PipelinedSplitK && !big {
+        let split = matches!(self.gemm, GemmKernel::PipelinedSplitK | GemmKernel::Wgmma);
+        let (splits, per_split) = if split && !big {
             splits_for(tiles, ktiles, min_tiles)
         } else {
             (1, ktiles)
@@ -190,6 +194,37 @@ impl<D: Device> GpuBackend<D> {
             splits,
             per_split,
         }))
+    }
+}
+
+impl<D: Device> GpuBackend<D> {
+    /// The Hopper kernel's launch: 128 x 128 tiles, K split as for the small pipelined tiles
+    /// when the tiles do not fill the GPU.
+    fn wgmma_cfg(&self, [m, n, k]: [usize; 3], min_tiles: usize) -> Result<Pipelined> {
+        let (bm, bn) = (params::GEMM_WGMMA_BM as usize, params::GEMM_WGMMA_BN as usize);
+        let tiles = m.div_ceil(bm) * n.div_ceil(bn);
+        let ktiles = k.div_ceil(params::GEMM_WGMMA_BK as usize);
+        let (splits, per_split) = splits_for(tiles, ktiles, min_tiles);
+        // STAGES x (BM + BN) rows of BK halves, and 1 KiB to align the ring to the swizzle.
+        let shared = params::GEMM_WGMMA_STAGES
+            * (params::GEMM_WGMMA_BM + params::GEMM_WGMMA_BN)
+            * params::GEMM_WGMMA_BK
+            * 2
+            + 1024;
+        Ok(Pipelined {
+            kernel: self.kernel("gemm_wgmma"),
+            cfg: LaunchConfig {
+                grid: [
+                    self.grid("GEMM row tiles", m.div_ceil(bm))?,
+                    self.grid("GEMM column tiles", n.div_ceil(bn))?,
+                    splits as u32,
+                ],
+                block: [params::GEMM_WGMMA_THREADS, 1, 1],
+                shared_bytes: shared,
+            },
+            splits,
+            per_split,
+        })
     }
 }
 
@@ -232,10 +267,17 @@ pub enum GemmKernel {
     /// default. Measured on an H200 (docs/gpu-runs.md, run 6): MiniLM's FFN down at batch 1
     /// 0.035 -> 0.011 ms, the MiniLM forward at batch 1 and 8 about 10% faster, batch 32 level.
     PipelinedSplitK,
+    /// Hopper's warpgroup multiply (`wgmma.m64n128k16`, sm_90a) on 128 x 128 tiles, both
+    /// operands read by the tensor cores from a 5-stage ring of 128-byte-swizzled shared
+    /// memory filled by `cp.async`, K split as with `PipelinedSplitK` when the tiles are too
+    /// few (kernels/gemm.cu, `gemm_wgmma_*`). Where the device has no wgmma (anything but
+    /// compute capability 9.0) this is `PipelinedSplitK`. Compiled and emulated, not run on a
+    /// GPU yet: not the default until a GPU run has measured it.
+    Wgmma,
 }
 
 impl GemmKernel {
-    /// `APPARATE_GPU_GEMM` = `simple` | `pipelined` | `splitk`; unset means splitk. Another value is
+    /// `APPARATE_GPU_GEMM` = `simple` | `pipelined` | `splitk` | `wgmma`; unset means splitk. Another value is
     /// reported once on stderr and the default kept (a backend is made without a `Result`).
     pub fn from_env() -> GemmKernel {
         static WARNED: std::sync::Once = std::sync::Once::new();
@@ -250,8 +292,9 @@ impl std::str::FromStr for GemmKernel {
             "simple" => Ok(GemmKernel::Simple),
             "pipelined" => Ok(GemmKernel::Pipelined),
             "splitk" => Ok(GemmKernel::PipelinedSplitK),
+            "wgmma" => Ok(GemmKernel::Wgmma),
             other => Err(format!(
-                "unknown GEMM kernel `{other}` (simple, pipelined, splitk)"
+                "unknown GEMM kernel `{other}` (simple, pipelined, splitk, wgmma)"
             )),
         }
     }
