@@ -285,7 +285,8 @@ fn bench_device<D: Yardstick>(
             let xt = be.upload(&x, &[m, k])?;
             let wt = be.upload(&w, &[n, k])?;
             let yt = be.alloc(vec![m, n])?;
-            // Both f16/bf16 kernels side by side (f32 has one).
+            // The f16/bf16 kernels side by side (f32 has one); the Hopper one where the device
+            // has wgmma (elsewhere it would run split-K again).
             let kernels: &[GemmKernel] = if dt == DType::F32 {
                 &[GemmKernel::Simple]
             } else {
@@ -293,10 +294,14 @@ fn bench_device<D: Yardstick>(
                     GemmKernel::Simple,
                     GemmKernel::Pipelined,
                     GemmKernel::PipelinedSplitK,
+                    GemmKernel::Wgmma,
                 ]
             };
             let mut ours = Vec::new();
-            for &kernel in kernels {
+            for &kernel in kernels
+                .iter()
+                .filter(|&&k| k != GemmKernel::Wgmma || dev.has_wgmma())
+            {
                 let be = be.clone().with_gemm(kernel);
                 let ms = time(&*dev, plan, || {
                     be.linear_into(&xt, &wt, None, Activation::None, &yt)?;
@@ -817,6 +822,12 @@ fn minilm<D: Device>(
                 A::Flash,
                 R::Block,
                 " (split-K GEMM, flash attention)",
+            ),
+            (
+                G::Wgmma,
+                A::Flash,
+                R::Warp,
+                " (wgmma GEMM where the device has it, flash attention, warp row kernels)",
             ),
             (
                 G::PipelinedSplitK,

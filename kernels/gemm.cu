@@ -363,19 +363,39 @@ __device__ void gemm_wgmma(const T* __restrict__ x, const T* __restrict__ w,
     }
 
     // One k-step of both operands into a stage: (BM + BN) rows x 8 copies of 16 bytes, eight
-    // consecutive threads per row (a row's 128 bytes of global memory in one go).
+    // consecutive threads per row (a row's 128 bytes of global memory in one go). A thread
+    // always copies the same chunk of the same rows, so their addresses are set up once.
+    constexpr uint32_t ROWS_PER_PASS = THREADS / 8, A_PASSES = BM / ROWS_PER_PASS,
+                       B_PASSES = BN / ROWS_PER_PASS;
+    static_assert(BM % ROWS_PER_PASS == 0 && BN % ROWS_PER_PASS == 0, "whole passes");
+    uint32_t ch = tid % 8, r_first = tid / 8;
+    // Rows r_first + i ROWS_PER_PASS; r % 8 is the same for all of them.
+    uint32_t dst_first = r_first * ROW + ((ch ^ (r_first % 8)) * 16);
+    const T* a_src[A_PASSES];
+    const T* b_src[B_PASSES];
+    #pragma unroll
+    for (uint32_t i = 0; i < A_PASSES; i++) {
+        uint32_t r = m0 + r_first + i * ROWS_PER_PASS;
+        a_src[i] = r < M ? x + (uint64_t)r * K + ch * 8 : nullptr;
+    }
+    #pragma unroll
+    for (uint32_t i = 0; i < B_PASSES; i++) {
+        uint32_t r = n0 + r_first + i * ROWS_PER_PASS;
+        b_src[i] = r < N ? w + (uint64_t)r * K + ch * 8 : nullptr;
+    }
     auto load = [&](uint32_t stage, uint32_t kt) {
-        unsigned char* st = ring + stage * STAGE_BYTES;
-        for (uint32_t c = tid; c < (BM + BN) * 8; c += THREADS) {
-            uint32_t r = c / 8, ch = c % 8, k = kt * BK + ch * 8;
-            unsigned char* dst = st + r * ROW + ((ch ^ (r % 8)) * 16);
-            if (r < BM) {
-                bool in = m0 + r < M && k < K;
-                cp_async16(dst, in ? x + (uint64_t)(m0 + r) * K + k : x, in);
-            } else {
-                bool in = n0 + (r - BM) < N && k < K;
-                cp_async16(dst, in ? w + (uint64_t)(n0 + r - BM) * K + k : w, in);
-            }
+        unsigned char* st = ring + stage * STAGE_BYTES + dst_first;
+        uint32_t k0 = kt * BK;
+        bool k_in = k0 + ch * 8 < K;
+        #pragma unroll
+        for (uint32_t i = 0; i < A_PASSES; i++) {
+            bool in = k_in && a_src[i];
+            cp_async16(st + i * ROWS_PER_PASS * ROW, in ? a_src[i] + k0 : x, in);
+        }
+        #pragma unroll
+        for (uint32_t i = 0; i < B_PASSES; i++) {
+            bool in = k_in && b_src[i];
+            cp_async16(st + A_BYTES + i * ROWS_PER_PASS * ROW, in ? b_src[i] + k0 : w, in);
         }
     };
 

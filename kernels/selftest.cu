@@ -3,6 +3,7 @@
 // parity suite runs them on every device it has.
 #include "common/mma.cuh"
 #include "common/pipe.cuh"
+#include "common/wgmma.cuh"
 
 // Reverses x within each block through shared memory: wrong without the barrier.
 extern "C" __global__ void selftest_block_reverse(const float* x, float* y, uint32_t n) {
@@ -100,6 +101,58 @@ extern "C" __global__ void selftest_cp_async(const float* src, float* out) {
     cp_async_wait<0>();
     __syncthreads();
     for (int i = 0; i < 12; i++) out[256 + lane * 12 + i] = buf[lane * 12 + i];
+}
+
+// One warpgroup (128 threads), sm_90a or the emulated device: D (64 x 128, f32) = A (64 x 64) *
+// B^T, B given as 128 x 64 (both K-major, row-major here), through four wgmma.m64n128k16 over
+// the 128-byte-swizzled layout of kernels/common/wgmma.cuh: A's and B's rows stored 128 bytes
+// apart with chunk c of row r at c ^ (r % 8), from a dynamic shared ring that starts off the
+// 1024-byte pattern (padded to it by the kernel, as the GEMM does). The accumulators start at
+// 1e6 and the first multiply has scale-d 0, so a result with 1e6 in it says scale-d was
+// ignored. d[64 r + c] = D[r][c] read back through the accumulator layout the GEMM assumes.
+template <typename T>
+__device__ void wgmma_one(const T* a, const T* b, float* d) {
+#if WGMMA_AVAILABLE
+    DYN_SHARED(unsigned char, raw);
+    unsigned char* base = raw + 16;  // off the pattern on purpose
+    base += (1024u - wgmma_smem_addr(base) % 1024u) % 1024u;
+    unsigned char* sa = base;               // 64 rows x 128 bytes
+    unsigned char* sb = base + 64 * 128;    // 128 rows x 128 bytes
+    uint32_t tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    for (uint32_t c = tid; c < (64 + 128) * 8; c += 128) {  // 16-byte chunks by plain stores
+        uint32_t r = c / 8, ch = c % 8;
+        const T* src = r < 64 ? a + r * 64 + ch * 8 : b + (r - 64) * 64 + ch * 8;
+        unsigned char* dst = (r < 64 ? sa + r * 128 : sb + (r - 64) * 128) + (ch ^ (r % 8)) * 16;
+        for (int e = 0; e < 8; e++) reinterpret_cast<T*>(dst)[e] = src[e];
+    }
+    fence_proxy_async_shared();
+    __syncthreads();
+    float acc[64];
+    for (int i = 0; i < 64; i++) acc[i] = 1e6f;
+    uint32_t a_addr = wgmma_smem_addr(sa), b_addr = wgmma_smem_addr(sb);
+    for (int i = 0; i < 64; i++) wgmma_fence_operand(acc[i]);
+    wgmma_fence();
+    for (uint32_t ks = 0; ks < 4; ks++)
+        wgmma_m64n128k16<T>(acc, wgmma_desc_sw128(a_addr + ks * 32, 1024),
+                            wgmma_desc_sw128(b_addr + ks * 32, 1024), ks > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    for (int i = 0; i < 64; i++) wgmma_fence_operand(acc[i]);
+    for (int j = 0; j < 16; j++)
+        for (int i = 0; i < 2; i++)
+            for (int c = 0; c < 2; c++) {
+                uint32_t r = warp * 16 + lane / 4 + 8 * i, col = 8 * j + 2 * (lane % 4) + c;
+                d[r * 128 + col] = acc[4 * j + 2 * i + c];
+            }
+#else
+    __trap();  // not built for sm_90a
+#endif
+}
+extern "C" __global__ void selftest_wgmma_f16(const f16* a, const f16* b, float* d) {
+    wgmma_one(a, b, d);
+}
+extern "C" __global__ void selftest_wgmma_bf16(const bf16* a, const bf16* b, float* d) {
+    wgmma_one(a, b, d);
 }
 
 #ifdef APPARATE_EMU

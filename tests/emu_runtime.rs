@@ -75,6 +75,15 @@ fn tensor_core_wrapper_matches_a_plain_product() {
 }
 
 #[test]
+fn wgmma_twin_decodes_swizzled_descriptors_and_scale_d() {
+    use apparate::tensor::DType;
+    let d = dev();
+    for dt in [DType::F16, DType::BF16] {
+        selftest::wgmma(&d, dt).unwrap();
+    }
+}
+
+#[test]
 fn ldmatrix_twin_follows_the_ptx_layout() {
     selftest::ldmatrix(&dev()).unwrap();
 }

@@ -1,6 +1,7 @@
 //! `kernels-check`: the NVRTC compile check of every kernel source, no GPU needed.
 //!
-//! For each architecture (default sm_80 and sm_90) every kernel source embedded in the library
+//! For each architecture (default sm_80 and sm_90a, what the CUDA backend compiles for on
+//! compute capability 9.0) every kernel source embedded in the library
 //! is compiled by NVRTC to PTX (and to a cubin, the path the CUDA backend takes at run time),
 //! the PTX is written to a folder and assembled by `ptxas -v`, and the registers, static shared
 //! memory, stack and spills of every kernel entry are read from ptxas' report and printed as a
@@ -27,7 +28,7 @@ use rayon::prelude::*;
 )]
 struct Cli {
     /// Architectures to check (sm_XY), repeatable.
-    #[arg(long = "arch", default_values = ["sm_80", "sm_90"])]
+    #[arg(long = "arch", default_values = ["sm_80", "sm_90a"])]
     archs: Vec<String>,
     /// The ptxas binary (default: $PTXAS, else `ptxas` on PATH).
     #[arg(long)]

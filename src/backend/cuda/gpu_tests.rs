@@ -42,6 +42,22 @@ fn gpu_selftest_tensor_core_fragments() {
     }
 }
 
+/// `selftest_wgmma_*`: Hopper's warpgroup multiply through the swizzled shared layout and the
+/// accumulator layout the `gemm_wgmma_*` kernels assume (the emulated twin's, checked here
+/// against the hardware); skipped with a message on a GPU other than compute capability 9.0.
+#[test]
+#[ignore = "needs a CUDA GPU: run by tools/gpu-check.sh"]
+fn gpu_selftest_wgmma_layouts() {
+    let dev = device();
+    if !dev.has_wgmma() {
+        eprintln!("skipped: {} has no wgmma (sm_90a only)", dev.describe());
+        return;
+    }
+    for dt in [DType::F16, DType::BF16] {
+        selftest::wgmma(&dev, dt).unwrap_or_else(|e| panic!("{dt}: {e}"));
+    }
+}
+
 /// `ldmatrix.x4` against the PTX ISA's layout, and `cp.async` groups: land by their wait,
 /// zero-fill (the pipelined GEMM's two instructions).
 #[test]

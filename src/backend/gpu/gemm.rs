@@ -201,7 +201,10 @@ impl<D: Device> GpuBackend<D> {
     /// The Hopper kernel's launch: 128 x 128 tiles, K split as for the small pipelined tiles
     /// when the tiles do not fill the GPU.
     fn wgmma_cfg(&self, [m, n, k]: [usize; 3], min_tiles: usize) -> Result<Pipelined> {
-        let (bm, bn) = (params::GEMM_WGMMA_BM as usize, params::GEMM_WGMMA_BN as usize);
+        let (bm, bn) = (
+            params::GEMM_WGMMA_BM as usize,
+            params::GEMM_WGMMA_BN as usize,
+        );
         let tiles = m.div_ceil(bm) * n.div_ceil(bn);
         let ktiles = k.div_ceil(params::GEMM_WGMMA_BK as usize);
         let (splits, per_split) = splits_for(tiles, ktiles, min_tiles);

@@ -138,6 +138,60 @@ pub fn mma<D: Device>(dev: &D, dtype: DType) -> Result<()> {
     Ok(())
 }
 
+/// `selftest_wgmma_f16` / `_bf16`: a 64 x 128 x 64 product of one warpgroup through four
+/// `wgmma.m64n128k16` over the 128-byte-swizzled shared layout and the accumulator layout the
+/// Hopper GEMM assumes (kernels/common/wgmma.cuh), the first with scale-d 0 over accumulators
+/// set to 1e6; values exact in both half formats, so the f32 sums are exact. Needs a device
+/// with wgmma ([`Device::has_wgmma`]).
+pub fn wgmma<D: Device>(dev: &D, dtype: DType) -> Result<()> {
+    let kernel = format!("selftest_wgmma_{}", dtype.name());
+    if dtype == DType::F32 || !dev.has_wgmma() {
+        return Err(Error::kernel(
+            dev.name(),
+            kernel,
+            "needs f16 or bf16 on a device with wgmma (compute capability 9.0 or emulated)",
+        ));
+    }
+    let a: Vec<f32> = (0..64 * 64)
+        .map(|i| ((i * 13) % 17) as f32 / 8.0 - 1.0)
+        .collect();
+    let b: Vec<f32> = (0..128 * 64)
+        .map(|i| ((i * 7) % 11) as f32 / 4.0 - 1.25)
+        .collect();
+    let ab = dev.upload(&dtype.encode(&a))?;
+    let bb = dev.upload(&dtype.encode(&b))?;
+    let out = dev.alloc(64 * 128 * 4)?;
+    dev.fill(&out, 0xff)?;
+    let args = [
+        KernelArg::Ptr(dev.address(&ab)),
+        KernelArg::Ptr(dev.address(&bb)),
+        KernelArg::Ptr(dev.address(&out)),
+    ];
+    // SAFETY: (const T* a, const T* b, float* d): 64x64 and 128x64 halves, 64x128 floats out,
+    // one warpgroup; shared: 16 bytes of offset, up to 1008 of padding, 24 KiB of operands.
+    unsafe {
+        dev.launch(
+            &kernel,
+            LaunchConfig::linear(1, 128, 16 + 1024 + 192 * 128),
+            &args,
+        )
+    }?;
+    let got = download_f32(dev, &out)?;
+    for m in 0..64 {
+        for n in 0..128 {
+            let want: f32 = (0..64).map(|k| a[m * 64 + k] * b[n * 64 + k]).sum();
+            if got[m * 128 + n] != want {
+                return Err(wrong(
+                    dev,
+                    &kernel,
+                    format!("D[{m}][{n}] = {}, expected {want}", got[m * 128 + n]),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// f32 -> half -> f32 through the cast kernels, within each format's rounding.
 pub fn cast_roundtrip<D: Device>(dev: &D) -> Result<()> {
     let n = 1000;
