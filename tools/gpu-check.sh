@@ -15,8 +15,8 @@
 # - Fails fast: no NVIDIA driver library, no NVRTC, or a binary that cannot load (`ldd` on each
 #   one before anything runs) stops the script with a message that says which.
 # - The GPU tests are #[ignore]d (a machine without a GPU reports them ignored); they run here
-#   with --ignored. Kernels are compiled at start-up for the device's own architecture (sm_90)
-#   with the NVRTC found here, to a cubin.
+#   with --ignored. Kernels are compiled at start-up for the device's own architecture (sm_90a
+#   on compute capability 9.0) with the NVRTC found here, to a cubin.
 # - Never changes clocks, power limits, persistence or MIG, and never resets the GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The NVRTC compile check (spec section 7, layer 4), no GPU needed: every kernels/*.cu is
-# compiled by NVRTC for sm_80 and sm_90 and assembled by ptxas, and the per-kernel registers,
+# compiled by NVRTC for sm_80 and sm_90a and assembled by ptxas, and the per-kernel registers,
 # shared memory and spills go to docs/kernels.md. Fetches NVRTC and ptxas from PyPI first
 # (tools/fetch-cuda-tools.sh, into the git-ignored tools/.cuda-venv).
-# Extra arguments go to kernels-check (e.g. --arch sm_90, --nvrtc-option -lineinfo).
+# Extra arguments go to kernels-check (e.g. --arch sm_90a, --nvrtc-option -lineinfo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -29,7 +29,6 @@ pub struct ProbeInfo {
 }
 
 impl ProbeInfo {
-    /// The device's own architecture (`sm_90` for compute capability 9.0).
     /// The architecture the kernels are compiled for: the device's compute capability, with
     /// the `a` suffix on 9.0 (sm_90a: Hopper's warpgroup instructions, `wgmma`, which the
     /// Hopper GEMM uses; such code runs on 9.0 devices only, which this device is).
