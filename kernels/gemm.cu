@@ -336,18 +336,17 @@ gemm_pipe_small_bf16(const bf16* x, const bf16* w, const bf16* bias, const bf16*
 // refilled two k-steps after it was last read (all its multiplies are then complete).
 // Same contract as gemm_pipe: K % 8 == 0, 16-byte aligned X and W, split-K through `partial`.
 // Dynamic shared memory: STAGES * (BM + BN) * BK * 2 bytes + 1024 (alignment of the ring).
-template <typename T>
+template <typename T, uint32_t BN, uint32_t STAGES>
 __device__ void gemm_wgmma(const T* __restrict__ x, const T* __restrict__ w,
                            const T* __restrict__ bias, const T* __restrict__ res,
                            T* __restrict__ y, uint32_t M, uint32_t N, uint32_t K, int act,
                            float* __restrict__ partial, uint32_t per_split) {
 #if WGMMA_AVAILABLE
-    constexpr uint32_t BM = GEMM_WGMMA_BM, BN = GEMM_WGMMA_BN, BK = GEMM_WGMMA_BK;
-    constexpr uint32_t STAGES = GEMM_WGMMA_STAGES, THREADS = GEMM_WGMMA_THREADS;
+    constexpr uint32_t BM = GEMM_WGMMA_BM, BK = GEMM_WGMMA_BK, THREADS = GEMM_WGMMA_THREADS;
     constexpr uint32_t ROW = BK * 2;  // bytes per operand row in a stage: one swizzle row
     constexpr uint32_t A_BYTES = BM * ROW, STAGE_BYTES = (BM + BN) * ROW;
     static_assert(ROW == 128, "a k-step is one 128-byte swizzle row per operand row");
-    static_assert(BN == 128 && BM == 64 * (THREADS / 128), "one m64n128 tile per warpgroup");
+    static_assert(BM == 64 * (THREADS / 128), "one 64-row tile per warpgroup");
     static_assert(STAGES >= 3, "a stage is refilled two k-steps after it was read");
     DYN_SHARED(unsigned char, raw);
     // The swizzle acts on shared-window address bits 4-9: the ring starts on 1024 bytes.
@@ -399,9 +398,10 @@ __device__ void gemm_wgmma(const T* __restrict__ x, const T* __restrict__ w,
         }
     };
 
-    float acc[64];
+    constexpr int NACC = BN / 2;  // accumulators per thread
+    float acc[NACC];
     #pragma unroll
-    for (int i = 0; i < 64; i++) acc[i] = 0.0f;
+    for (int i = 0; i < NACC; i++) acc[i] = 0.0f;
 
     // Prologue: STAGES - 2 k-steps in flight (empty groups keep the wait count fixed at the end).
     #pragma unroll
@@ -423,29 +423,29 @@ __device__ void gemm_wgmma(const T* __restrict__ x, const T* __restrict__ w,
         uint32_t a_addr = ring_addr + (kt % STAGES) * STAGE_BYTES + wg * 64 * ROW;
         uint32_t b_addr = ring_addr + (kt % STAGES) * STAGE_BYTES + A_BYTES;
         #pragma unroll
-        for (int i = 0; i < 64; i++) wgmma_fence_operand(acc[i]);
+        for (int i = 0; i < NACC; i++) wgmma_fence_operand(acc[i]);
         wgmma_fence();
         #pragma unroll
         for (uint32_t ks = 0; ks < BK / 16; ks++)  // k16 slices: 32 bytes further into each row
-            wgmma_m64n128k16<T>(acc, wgmma_desc_sw128(a_addr + ks * 32, 8 * ROW),
+            wgmma_m64k16<T, BN>(acc, wgmma_desc_sw128(a_addr + ks * 32, 8 * ROW),
                                 wgmma_desc_sw128(b_addr + ks * 32, 8 * ROW), 1);
         wgmma_commit();
         #pragma unroll
-        for (int i = 0; i < 64; i++) wgmma_fence_operand(acc[i]);
+        for (int i = 0; i < NACC; i++) wgmma_fence_operand(acc[i]);
         wgmma_wait<1>();
     }
     wgmma_wait<0>();
     cp_async_wait<0>();  // only empty groups remain; leave nothing in flight at exit
     #pragma unroll
-    for (int i = 0; i < 64; i++) wgmma_fence_operand(acc[i]);
+    for (int i = 0; i < NACC; i++) wgmma_fence_operand(acc[i]);
 
     // acc[4j + 2i + c] is row 16 (warp % 4) + lane / 4 + 8 i, column 8 j + 2 (lane % 4) + c of
-    // this warpgroup's 64 x 128 tile.
+    // this warpgroup's 64 x BN tile.
     uint32_t r0 = m0 + wg * 64 + (warp % 4) * 16 + lane / 4, c0 = n0 + 2 * (lane % 4);
     if (partial) {
         float* p = partial + (uint64_t)blockIdx.z * M * N;
         #pragma unroll
-        for (int j = 0; j < 16; j++)
+        for (int j = 0; j < (int)BN / 8; j++)
             #pragma unroll
             for (int i = 0; i < 2; i++) {
                 uint32_t r = r0 + 8 * i, c = c0 + 8 * j;
@@ -456,7 +456,7 @@ __device__ void gemm_wgmma(const T* __restrict__ x, const T* __restrict__ w,
         return;
     }
     #pragma unroll
-    for (int j = 0; j < 16; j++)
+    for (int j = 0; j < (int)BN / 8; j++)
         #pragma unroll
         for (int i = 0; i < 2; i++)
             store_pair(y, M, N, r0 + 8 * i, c0 + 8 * j, acc[4 * j + 2 * i], acc[4 * j + 2 * i + 1],
@@ -466,15 +466,27 @@ __device__ void gemm_wgmma(const T* __restrict__ x, const T* __restrict__ w,
 #endif
 }
 
+// Two tile widths: 128 x 256 (m64n256k16, 4 stages of 48 KiB) for GEMMs with enough such tiles
+// to fill the GPU, 128 x 128 (m64n128k16, 5 stages of 32 KiB) for the rest.
 extern "C" __global__ void __launch_bounds__(GEMM_WGMMA_THREADS, 1)
-gemm_wgmma_f16(const f16* x, const f16* w, const f16* bias, const f16* res, f16* y,
-    uint32_t M, uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split) {
-    gemm_wgmma<f16>(x, w, bias, res, y, M, N, K, act, partial, per_split);
+gemm_wgmma_f16(const f16* x, const f16* w, const f16* bias, const f16* res, f16* y, uint32_t M,
+    uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split) {
+    gemm_wgmma<f16, GEMM_WGMMA_BN, GEMM_WGMMA_STAGES>(x, w, bias, res, y, M, N, K, act, partial, per_split);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_WGMMA_THREADS, 1)
-gemm_wgmma_bf16(const bf16* x, const bf16* w, const bf16* bias, const bf16* res, bf16* y,
-    uint32_t M, uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split) {
-    gemm_wgmma<bf16>(x, w, bias, res, y, M, N, K, act, partial, per_split);
+gemm_wgmma_bf16(const bf16* x, const bf16* w, const bf16* bias, const bf16* res, bf16* y, uint32_t M,
+    uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split) {
+    gemm_wgmma<bf16, GEMM_WGMMA_BN, GEMM_WGMMA_STAGES>(x, w, bias, res, y, M, N, K, act, partial, per_split);
+}
+extern "C" __global__ void __launch_bounds__(GEMM_WGMMA_THREADS, 1)
+gemm_wgmma_wide_f16(const f16* x, const f16* w, const f16* bias, const f16* res, f16* y, uint32_t M,
+    uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split) {
+    gemm_wgmma<f16, GEMM_WGMMA_WIDE_BN, GEMM_WGMMA_WIDE_STAGES>(x, w, bias, res, y, M, N, K, act, partial, per_split);
+}
+extern "C" __global__ void __launch_bounds__(GEMM_WGMMA_THREADS, 1)
+gemm_wgmma_wide_bf16(const bf16* x, const bf16* w, const bf16* bias, const bf16* res, bf16* y, uint32_t M,
+    uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split) {
+    gemm_wgmma<bf16, GEMM_WGMMA_WIDE_BN, GEMM_WGMMA_WIDE_STAGES>(x, w, bias, res, y, M, N, K, act, partial, per_split);
 }
 
 // The second half of a split-K GEMM: y = act(sum of the splits' partial sums + bias +

@@ -133,7 +133,7 @@ __device__ void wgmma_one(const T* a, const T* b, float* d) {
     for (int i = 0; i < 64; i++) wgmma_fence_operand(acc[i]);
     wgmma_fence();
     for (uint32_t ks = 0; ks < 4; ks++)
-        wgmma_m64n128k16<T>(acc, wgmma_desc_sw128(a_addr + ks * 32, 1024),
+        wgmma_m64k16<T, 128>(acc, wgmma_desc_sw128(a_addr + ks * 32, 1024),
                             wgmma_desc_sw128(b_addr + ks * 32, 1024), ks > 0);
     wgmma_commit();
     wgmma_wait<0>();

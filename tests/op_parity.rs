@@ -194,6 +194,38 @@ fn linear_all_dtypes_and_shapes() {
     parity_on("emu", emu(), |op| matches!(op, Op::Linear { .. }));
 }
 
+/// The large GEMM tiles (pipelined 128 x 128, wgmma 128 x 256) at the table's shapes: with
+/// "2 tiles fill the GPU", every linear case of two or more large tiles takes them, and the
+/// others split K among fewer blocks.
+#[test]
+fn linear_large_tiles_at_a_low_fill() {
+    large_tiles_on("emu", emu());
+}
+
+fn large_tiles_on<D: Device>(label: &str, dev: Arc<D>) {
+    let c = cpu();
+    let mut ran = 0;
+    for case in op_cases::cases()
+        .iter()
+        .filter(|k| matches!(k.op, Op::Linear { .. }) && k.dtype != DType::F32)
+    {
+        for gemm in [
+            GemmKernel::Pipelined,
+            GemmKernel::PipelinedSplitK,
+            GemmKernel::Wgmma,
+        ] {
+            let be = GpuBackend::shared(dev.clone(), case.dtype)
+                .with_poisoned_outputs()
+                .with_gemm(gemm)
+                .with_gemm_fill_tiles(2);
+            let what = format!("{label}/{}/{gemm:?}/fill 2", case.dtype);
+            check_case(&what, &be, &c, case);
+            ran += 1;
+        }
+    }
+    assert!(ran > 0, "no case selected");
+}
+
 #[test]
 fn layernorm_all_dtypes_and_shapes() {
     parity_on("emu", emu(), |op| matches!(op, Op::AddLayerNorm { .. }));
@@ -245,11 +277,14 @@ fn the_table_names_each_case_once() {
     assert_eq!(names.len(), before, "duplicate case names");
 }
 
-/// Every case of the table on a real GPU, in every storage dtype, against the CPU backend.
+/// Every case of the table on a real GPU, in every storage dtype, against the CPU backend; then
+/// the large GEMM tiles at the table's shapes.
 #[test]
 #[ignore = "needs a CUDA GPU: run by tools/gpu-check.sh"]
 fn every_op_on_a_real_gpu() {
     let dev = CudaDevice::new(CudaConfig::default())
         .unwrap_or_else(|e| panic!("needs a CUDA GPU (tools/gpu-check.sh runs this): {e}"));
-    parity_on("cuda", Arc::new(dev), |_| true);
+    let dev = Arc::new(dev);
+    parity_on("cuda", dev.clone(), |_| true);
+    large_tiles_on("cuda", dev);
 }

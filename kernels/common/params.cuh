@@ -57,6 +57,10 @@
 #define GEMM_WGMMA_BK 64
 #define GEMM_WGMMA_STAGES 5
 #define GEMM_WGMMA_THREADS 256
+// Its wide tile (128 x 256 through m64n256k16; 4 stages of 48 KiB), used when a GEMM has at
+// least GEMM_PIPE_BIG_MIN_TILES of them.
+#define GEMM_WGMMA_WIDE_BN 256
+#define GEMM_WGMMA_WIDE_STAGES 4
 
 // Query rows (one per warp) per block of the attention kernel.
 #define ATTN_WARPS 4

@@ -147,7 +147,7 @@ impl<D: Device> GpuBackend<D> {
         {
             return Ok(None);
         }
-        let min_tiles = params::GEMM_PIPE_BIG_MIN_TILES as usize;
+        let min_tiles = self.gemm_fill;
         if self.gemm == GemmKernel::Wgmma && self.dev.has_wgmma() {
             return Ok(Some(self.wgmma_cfg(g.mnk, min_tiles)?));
         }
@@ -198,24 +198,33 @@ impl<D: Device> GpuBackend<D> {
 }
 
 impl<D: Device> GpuBackend<D> {
-    /// The Hopper kernel's launch: 128 x 128 tiles, K split as for the small pipelined tiles
-    /// when the tiles do not fill the GPU.
+    /// The Hopper kernel's launch: 128 x 256 tiles when there are enough of them to fill the
+    /// GPU, else 128 x 128 tiles, K split as for the small pipelined tiles when those are too
+    /// few.
     fn wgmma_cfg(&self, [m, n, k]: [usize; 3], min_tiles: usize) -> Result<Pipelined> {
-        let (bm, bn) = (
-            params::GEMM_WGMMA_BM as usize,
-            params::GEMM_WGMMA_BN as usize,
-        );
+        let bm = params::GEMM_WGMMA_BM as usize;
+        let wide = m.div_ceil(bm) * n.div_ceil(params::GEMM_WGMMA_WIDE_BN as usize) >= min_tiles;
+        let (name, bn, stages) = if wide {
+            (
+                "gemm_wgmma_wide",
+                params::GEMM_WGMMA_WIDE_BN,
+                params::GEMM_WGMMA_WIDE_STAGES,
+            )
+        } else {
+            (
+                "gemm_wgmma",
+                params::GEMM_WGMMA_BN,
+                params::GEMM_WGMMA_STAGES,
+            )
+        };
+        // STAGES x (BM + BN) rows of BK halves, and 1 KiB to align the ring to the swizzle.
+        let shared = stages * (params::GEMM_WGMMA_BM + bn) * params::GEMM_WGMMA_BK * 2 + 1024;
+        let bn = bn as usize;
         let tiles = m.div_ceil(bm) * n.div_ceil(bn);
         let ktiles = k.div_ceil(params::GEMM_WGMMA_BK as usize);
         let (splits, per_split) = splits_for(tiles, ktiles, min_tiles);
-        // STAGES x (BM + BN) rows of BK halves, and 1 KiB to align the ring to the swizzle.
-        let shared = params::GEMM_WGMMA_STAGES
-            * (params::GEMM_WGMMA_BM + params::GEMM_WGMMA_BN)
-            * params::GEMM_WGMMA_BK
-            * 2
-            + 1024;
         Ok(Pipelined {
-            kernel: self.kernel("gemm_wgmma"),
+            kernel: self.kernel(name),
             cfg: LaunchConfig {
                 grid: [
                     self.grid("GEMM row tiles", m.div_ceil(bm))?,

@@ -64,6 +64,8 @@ pub struct GpuBackend<D: Device> {
     dtype: DType,
     poison: bool,
     gemm: GemmKernel,
+    /// GEMM tiles that fill the GPU (see [`GpuBackend::with_gemm_fill_tiles`]).
+    gemm_fill: usize,
     attention: AttentionKernel,
     rows: RowKernel,
     kv_split: KvSplit,
@@ -76,6 +78,7 @@ impl<D: Device> Clone for GpuBackend<D> {
             dtype: self.dtype,
             poison: self.poison,
             gemm: self.gemm,
+            gemm_fill: self.gemm_fill,
             attention: self.attention,
             rows: self.rows,
             kv_split: self.kv_split,
@@ -111,6 +114,7 @@ impl<D: Device> GpuBackend<D> {
             dtype,
             poison: false,
             gemm: GemmKernel::from_env(),
+            gemm_fill: params::GEMM_PIPE_BIG_MIN_TILES as usize,
             attention: AttentionKernel::from_env(),
             rows: RowKernel::from_env(),
             kv_split: KvSplit::default(),
@@ -126,6 +130,16 @@ impl<D: Device> GpuBackend<D> {
 
     pub fn gemm_kernel(&self) -> GemmKernel {
         self.gemm
+    }
+
+    /// How many output tiles fill the GPU: a GEMM with at least this many large tiles runs
+    /// them (128 x 128 pipelined, 128 x 256 wgmma), one with fewer runs smaller tiles and,
+    /// with split-K, splits K until about twice this many blocks run. Default 132 (the
+    /// multiprocessors of an H100/H200; 108 suits an A100). The parity tests set it low to
+    /// reach the large tiles at shapes the emulated device runs quickly.
+    pub fn with_gemm_fill_tiles(mut self, tiles: usize) -> GpuBackend<D> {
+        self.gemm_fill = tiles.max(1);
+        self
     }
 
     /// Which attention kernels run (default: the `APPARATE_GPU_ATTENTION` environment
