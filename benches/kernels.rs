@@ -6,13 +6,17 @@
 //!
 //!     cargo bench --bench kernels -- [--device auto|cuda|emu] [--dtype f32|f16|bf16]...
 //!                                     [--repeats N] [--model FILE] [--out DIR] [--table]
-//!                                     [--only gemm,attention,rows,conv,minilm,decode]
+//!                                     [--only gemm,attention,rows,conv,minilm,decode,wgmma]
 //!                                     [--batches 1,8,32] [--default-kernels]
 //!
 //! Timing: inputs and outputs are allocated before the clock starts (the `*_into` launchers
 //! write into a preallocated output), then `launches` back-to-back launches run between two
 //! device events; a row reports the median over `repeats` such batches of the time per launch.
 //! On a GPU the working sets are far above L2 (the copy yardstick moves 1 GiB).
+//!
+//! The `wgmma` group is the Hopper GEMM alone (its GEMM rows beside split-K and cuBLAS, and a
+//! MiniLM forward with it), on a device that has wgmma: a kernel that has not yet run on a GPU
+//! gets its own process in the GPU check, so a fault in it cannot take the other rows down.
 //!
 //! `--table` instead times every case of the op table (`tests/op_cases`, the cases the parity
 //! test checks) on `cpu` and on the GPU device, per dtype: the perf mode of that table. Those
@@ -95,11 +99,19 @@ fn parse() -> Res<Opts> {
             }
             "--only" => {
                 for g in val()?.split(',') {
-                    if !["gemm", "attention", "rows", "conv", "minilm", "decode"].contains(&g) {
-                        return Err(format!(
-                            "--only: unknown group `{g}` (gemm, attention, rows, conv, minilm, decode)"
-                        )
-                        .into());
+                    const GROUPS: [&str; 7] = [
+                        "gemm",
+                        "attention",
+                        "rows",
+                        "conv",
+                        "minilm",
+                        "decode",
+                        "wgmma",
+                    ];
+                    if !GROUPS.contains(&g) {
+                        return Err(
+                            format!("--only: unknown group `{g}` ({})", GROUPS.join(", ")).into(),
+                        );
                     }
                     o.only.push(g.to_string());
                 }
@@ -279,29 +291,30 @@ fn bench_device<D: Yardstick>(
         } else {
             &[(64, 96, 128)]
         };
-        for &(m, n, k) in shapes.iter().filter(|_| o.runs("gemm")) {
+        let wgmma = o.runs("wgmma") && dev.has_wgmma() && dt != DType::F32;
+        for &(m, n, k) in shapes.iter().filter(|_| o.runs("gemm") || wgmma) {
             let x: Vec<f32> = (0..m * k).map(|_| rng.uniform()).collect();
             let w: Vec<f32> = (0..n * k).map(|_| rng.uniform() * 0.1).collect();
             let xt = be.upload(&x, &[m, k])?;
             let wt = be.upload(&w, &[n, k])?;
             let yt = be.alloc(vec![m, n])?;
-            // The f16/bf16 kernels side by side (f32 has one); the Hopper one where the device
-            // has wgmma (elsewhere it would run split-K again).
-            let kernels: &[GemmKernel] = if dt == DType::F32 {
-                &[GemmKernel::Simple]
-            } else {
-                &[
-                    GemmKernel::Simple,
-                    GemmKernel::Pipelined,
-                    GemmKernel::PipelinedSplitK,
-                    GemmKernel::Wgmma,
-                ]
-            };
+            // The f16/bf16 kernels side by side (f32 has one); the Hopper one in the `wgmma`
+            // group (beside split-K again: the same run's reference).
+            let mut kernels: Vec<GemmKernel> = Vec::new();
+            if o.runs("gemm") {
+                kernels.push(GemmKernel::Simple);
+                if dt != DType::F32 {
+                    kernels.extend([GemmKernel::Pipelined, GemmKernel::PipelinedSplitK]);
+                }
+            }
+            if wgmma {
+                if !o.runs("gemm") {
+                    kernels.push(GemmKernel::PipelinedSplitK);
+                }
+                kernels.push(GemmKernel::Wgmma);
+            }
             let mut ours = Vec::new();
-            for &kernel in kernels
-                .iter()
-                .filter(|&&k| k != GemmKernel::Wgmma || dev.has_wgmma())
-            {
+            for &kernel in &kernels {
                 let be = be.clone().with_gemm(kernel);
                 let ms = time(&*dev, plan, || {
                     be.linear_into(&xt, &wt, None, Activation::None, &yt)?;
@@ -409,7 +422,7 @@ fn bench_device<D: Yardstick>(
         if o.runs("conv") {
             conv(name, &be, real, plan, &mut rng, rows)?;
         }
-        if o.runs("minilm") && o.model.exists() {
+        if (o.runs("minilm") || o.runs("wgmma")) && o.model.exists() {
             minilm(name, &be, real, plan, o, &mut rng, rows)?;
         }
         // Decoders run in f16 on a GPU (bf16 moves the same bytes).
@@ -805,7 +818,7 @@ fn minilm<D: Device>(
     // The simple kernels, then the fast ones one at a time (the last is the default; f32 has
     // one kernel of each).
     use {AttentionKernel as A, GemmKernel as G, RowKernel as R};
-    let kernels: &[(G, A, R, &str)] = if be.dtype() == DType::F32 || o.default_kernels {
+    let all: &[(G, A, R, &str)] = if be.dtype() == DType::F32 || o.default_kernels {
         &[(G::PipelinedSplitK, A::Flash, R::Warp, "")]
     } else {
         &[
@@ -824,19 +837,37 @@ fn minilm<D: Device>(
                 " (split-K GEMM, flash attention)",
             ),
             (
-                G::Wgmma,
-                A::Flash,
-                R::Warp,
-                " (wgmma GEMM where the device has it, flash attention, warp row kernels)",
-            ),
-            (
                 G::PipelinedSplitK,
                 A::Flash,
                 R::Warp,
                 " (split-K GEMM, flash attention, warp row kernels: the default)",
             ),
+            (
+                G::Wgmma,
+                A::Flash,
+                R::Warp,
+                " (wgmma GEMM, flash attention, warp row kernels)",
+            ),
         ]
     };
+    // The `minilm` group runs all but the Hopper GEMM; the `wgmma` group runs it and the
+    // default (the same run's reference), where the device has wgmma.
+    let wgmma = o.runs("wgmma") && be.device().has_wgmma();
+    let kernels: Vec<(G, A, R, &str)> = all
+        .iter()
+        .filter(|&&(g, a, r, _)| {
+            let default = g == G::PipelinedSplitK && a == A::Flash && r == R::Warp;
+            if g == G::Wgmma {
+                wgmma
+            } else {
+                o.runs("minilm") || (wgmma && default)
+            }
+        })
+        .copied()
+        .collect();
+    if kernels.is_empty() {
+        return Ok(());
+    }
     let models = kernels
         .iter()
         .map(|&(g, a, r, label)| {

@@ -27,9 +27,9 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/apparate-gpu.XXXXXX") || exit 2
 trap 'rm -rf "$WORK"' EXIT
 
 # name:seconds, in order. The sum is the budget.
-STEPS=(versions:10 unpack:15 probe:20 cuda-unit:35 selftest:20 op-parity:45 decoder-parity:30 cnn:30
-  minilm:30 serve-plain:25 serve-ramps:25 serve-eager:25 kernel-bench:75 decode-bench:25 torch-ref:35
-  profile:25)
+STEPS=(versions:10 unpack:15 probe:20 cuda-unit:35 selftest:20 op-parity:40 wgmma-parity:15
+  decoder-parity:30 cnn:25 minilm:30 serve-plain:20 serve-ramps:20 serve-eager:20 kernel-bench:75
+  wgmma-bench:20 decode-bench:25 torch-ref:30 profile:20)
 BUDGET_S=0
 for s in "${STEPS[@]}"; do BUDGET_S=$((BUDGET_S + ${s#*:})); done
 limit_of() { local s; for s in "${STEPS[@]}"; do [ "${s%%:*}" = "$1" ] && echo "${s#*:}"; done; }
@@ -92,7 +92,8 @@ finish() { # exit status
       grep -hE 'requests in|end to end|released at|agreement with|graphs:' "$LOGS/$s.log" 2>/dev/null |
         sed "s/^/$s: /" || true
     done
-    grep -h '^| cuda' "$LOGS/kernel-bench.log" "$LOGS/decode-bench.log" 2>/dev/null || true
+    grep -h '^| cuda' "$LOGS/kernel-bench.log" "$LOGS/wgmma-bench.log" "$LOGS/decode-bench.log" \
+      2>/dev/null || true
     grep -h '^decode graphs' "$LOGS/decode-bench.log" 2>/dev/null || true
     grep -h '^| torch' "$LOGS/torch-ref.log" 2>/dev/null || true
   } | tee "$OUT/summary.md"
@@ -212,8 +213,10 @@ grep -q '^cuda  available' "$LOGS/probe.log" || die "the CUDA backend is unavail
 # then the self-test kernels (barrier, warp shuffles and votes, tensor-core fragments).
 step cuda-unit "$BIN/lib_tests" --include-ignored --test-threads 1 backend::cuda:: --skip gpu_selftest
 step selftest "$BIN/lib_tests" --ignored --test-threads 1 gpu_selftest
-# Every op on `cuda` against the CPU backend, then MiniLM end to end.
-step op-parity "$BIN/op_parity" --ignored --test-threads 1
+# Every op on `cuda` against the CPU backend, then MiniLM end to end. The Hopper GEMM (new to
+# the hardware) in a process of its own, so a fault in it cannot hide the other results.
+step op-parity "$BIN/op_parity" --ignored --test-threads 1 --skip wgmma
+step wgmma-parity "$BIN/op_parity" --ignored --test-threads 1 wgmma
 step decoder-parity "$BIN/decoder_parity" --ignored --test-threads 1
 # ResNet-18/50 and VGG-11 (torchvision's logits, generated weights) in f32/f16/bf16.
 step cnn "$BIN/golden_cnn" --ignored --test-threads 1
@@ -233,6 +236,10 @@ step serve-eager env APPARATE_GPU_GRAPHS=off "$BIN/apparate" serve-replay "${SER
   --ramps "$WORK/minilm-l6-intent-f16.ramps" --json "$OUT/serve-eager.json"
 step kernel-bench "$BIN/kernels_bench" --device cuda --repeats 10 --only gemm,attention,rows,conv,minilm \
   --model "$WORK/weights/minilm-l6-intent-f16.apparate" --out "$OUT"
+# The Hopper GEMM alone, beside split-K and cuBLAS, and a MiniLM forward with it (f16; a
+# process of its own, as above).
+step wgmma-bench "$BIN/kernels_bench" --device cuda --only wgmma --dtype f16 --repeats 10 \
+  --model "$WORK/weights/minilm-l6-intent-f16.apparate" --out "$OUT/wgmma"
 # The decoder on cuda (random weights, TinyLlama's blocks): decode steps eager with each
 # attention kernel and graphed, at 1, 8 and 32 sequences.
 step decode-bench "$BIN/kernels_bench" --device cuda --only decode --dtype f16 --repeats 10 \
