@@ -325,9 +325,9 @@ gemm_pipe_small_bf16(const bf16* x, const bf16* w, const bf16* bias, const bf16*
 // ---- Hopper warpgroup tensor cores (f16, bf16; sm_90a) ------------------------------------
 //
 // Beside the pipelined kernel (GemmKernel::Wgmma picks it on a device with wgmma). A block of two
-// warpgroups computes a 128 x 128 tile of Y, each warpgroup 64 rows x 128 columns with
-// wgmma.m64n128k16 reading both operands straight from shared memory (no fragment loads through
-// registers: the accumulators are the only registers the multiply touches). K advances 64 at a
+// warpgroups computes a 128 x BN tile of Y (BN = 128 or 256), each warpgroup 64 rows x BN
+// columns with wgmma.m64nBNk16 reading both operands straight from shared memory (no fragment
+// loads through registers: the accumulators are the only registers the multiply touches). K advances 64 at a
 // time through a ring of GEMM_WGMMA_STAGES stages filled by cp.async: each operand row's 128
 // bytes are one row of the 128-byte swizzle (chunk c of row r stored at c ^ (r % 8), the layout
 // wgmma's descriptor names), which also keeps the copies and the multiplies free of bank

@@ -228,6 +228,24 @@ mod tests {
     }
 
     #[test]
+    fn hopper_compiles_for_sm_90a_and_others_for_their_own_arch() {
+        let info = |cc| ProbeInfo {
+            driver_version: 13000,
+            nvrtc_version: (13, 0),
+            device_count: 1,
+            ordinal: 0,
+            device_name: "test".into(),
+            compute_capability: cc,
+            total_memory: 0,
+        };
+        assert_eq!(info((9, 0)).arch().sm(), "sm_90a");
+        assert_eq!(info((9, 0)).arch().compute(), "compute_90a");
+        assert_eq!(info((8, 0)).arch().sm(), "sm_80");
+        assert_eq!(info((8, 9)).arch().sm(), "sm_89");
+        assert_eq!(info((12, 0)).arch().sm(), "sm_120");
+    }
+
+    #[test]
     fn probe_never_panics_and_says_why() {
         match probe() {
             Ok(info) => println!("cuda probe: {info}"),
