@@ -22,10 +22,11 @@ pub fn devices() -> Result<()> {
     match apparate::backend::cuda::probe() {
         Ok(p) => outln!(
             out,
-            "cuda  available: {} (sm_{}{}), driver {}.{}, NVRTC {}.{}",
+            "cuda  available: {} (sm_{}{}; kernels compiled for {}), driver {}.{}, NVRTC {}.{}",
             p.device_name,
             p.compute_capability.0,
             p.compute_capability.1,
+            p.arch().sm(),
             p.driver_version / 1000,
             (p.driver_version % 1000) / 10,
             p.nvrtc_version.0,
