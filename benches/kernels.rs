@@ -311,7 +311,7 @@ fn bench_device<D: Yardstick>(
                 if !o.runs("gemm") {
                     kernels.push(GemmKernel::PipelinedSplitK);
                 }
-                kernels.push(GemmKernel::Wgmma);
+                kernels.extend([GemmKernel::Wgmma, GemmKernel::WgmmaWs]);
             }
             let mut ours = Vec::new();
             for &kernel in &kernels {
@@ -848,6 +848,12 @@ fn minilm<D: Device>(
                 R::Warp,
                 " (wgmma GEMM, flash attention, warp row kernels)",
             ),
+            (
+                G::WgmmaWs,
+                A::Flash,
+                R::Warp,
+                " (warp-specialised wgmma GEMM, flash attention, warp row kernels)",
+            ),
         ]
     };
     // The `minilm` group runs all but the Hopper GEMM; the `wgmma` group runs it and the
@@ -857,7 +863,7 @@ fn minilm<D: Device>(
         .iter()
         .filter(|&&(g, a, r, _)| {
             let default = g == G::PipelinedSplitK && a == A::Flash && r == R::Warp;
-            if g == G::Wgmma {
+            if matches!(g, G::Wgmma | G::WgmmaWs) {
                 wgmma
             } else {
                 o.runs("minilm") || (wgmma && default)

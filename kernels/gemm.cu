@@ -11,6 +11,7 @@
 #include "common/mma.cuh"
 #include "common/pipe.cuh"
 #include "common/wgmma.cuh"
+#include "common/mbarrier.cuh"
 
 template <typename T>
 __device__ void store_out(T* y, uint32_t M, uint32_t N, uint32_t r, uint32_t c, float v,
@@ -487,6 +488,148 @@ extern "C" __global__ void __launch_bounds__(GEMM_WGMMA_THREADS, 1)
 gemm_wgmma_wide_bf16(const bf16* x, const bf16* w, const bf16* bias, const bf16* res, bf16* y, uint32_t M,
     uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split) {
     gemm_wgmma<bf16, GEMM_WGMMA_WIDE_BN, GEMM_WGMMA_WIDE_STAGES>(x, w, bias, res, y, M, N, K, act, partial, per_split);
+}
+
+// ---- Hopper, warp-specialised (f16, bf16; sm_90a) --------------------------------------------
+//
+// The wide tile of gemm_wgmma (128 x 256, 4 stages of 48 KiB) with its roles split: warpgroup 0
+// only copies (cp.async, addresses computed as it goes: it keeps 40 registers), warpgroups 1
+// and 2 only multiply (64 rows x 256 columns each, 232 registers). No block-wide barrier in
+// the loop: stage s is handed over by two mbarriers, full[s] (the producer's 128 threads arrive
+// once their copies into it have landed and been fenced for the async proxy) and empty[s] (the
+// consumers' 256 threads arrive once their multiplies reading it have completed). The producer
+// runs up to STAGES k-steps ahead and signals a stage LAG k-steps after issuing it, so several
+// stages' copies are in flight. Same contract and split-K as gemm_wgmma.
+// Dynamic shared memory: STAGES * (BM + BN) * BK * 2 + 1024 (alignment) + 2 * STAGES * 8.
+template <typename T, uint32_t BN, uint32_t STAGES>
+__device__ void gemm_wgmma_ws(const T* __restrict__ x, const T* __restrict__ w,
+                              const T* __restrict__ bias, const T* __restrict__ res,
+                              T* __restrict__ y, uint32_t M, uint32_t N, uint32_t K, int act,
+                              float* __restrict__ partial, uint32_t per_split) {
+#if WGMMA_AVAILABLE
+    constexpr uint32_t BM = GEMM_WGMMA_BM, BK = GEMM_WGMMA_BK, ROW = BK * 2;
+    constexpr uint32_t A_BYTES = BM * ROW, STAGE_BYTES = (BM + BN) * ROW, LAG = 2;
+    static_assert(ROW == 128 && BM == 128, "two consumer warpgroups of 64 swizzled rows");
+    static_assert(GEMM_WGMMA_WS_THREADS == 384, "one producer and two consumer warpgroups");
+    static_assert(LAG + 2 <= STAGES, "the producer signals a stage before it needs it again");
+    DYN_SHARED(unsigned char, raw);
+    unsigned char* ring = raw + (1024u - wgmma_smem_addr(raw) % 1024u) % 1024u;
+    uint32_t ring_addr = wgmma_smem_addr(ring);
+    uint64_t* full = reinterpret_cast<uint64_t*>(ring + STAGES * STAGE_BYTES);
+    uint64_t* empty = full + STAGES;
+    uint32_t tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wg = warp / 4;
+    uint32_t m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    uint32_t ktiles_all = (K + BK - 1) / BK, k_first = 0, ktiles = ktiles_all;
+    if (partial) {
+        k_first = blockIdx.z * per_split;
+        uint32_t end = k_first + per_split < ktiles_all ? k_first + per_split : ktiles_all;
+        ktiles = end - k_first;
+    }
+    if (tid == 0) {
+        for (uint32_t s = 0; s < STAGES; s++) {
+            mbar_init(&full[s], 128);
+            mbar_init(&empty[s], 256);
+        }
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        // Producer: thread p copies chunk p % 8 of rows p / 8 + 16 i (eight threads per row).
+        setmaxnreg_dec<GEMM_WGMMA_WS_PRODUCER_REGS>();
+        uint32_t ch = tid % 8, r_first = tid / 8;
+        uint32_t dst_first = r_first * ROW + ((ch ^ (r_first % 8)) * 16);
+        for (uint32_t kt = 0; kt < ktiles; kt++) {
+            uint32_t s = kt % STAGES;
+            mbar_wait(&empty[s], ((kt / STAGES) & 1) ^ 1);  // round 0: at once
+            unsigned char* st = ring + s * STAGE_BYTES + dst_first;
+            uint32_t k = (k_first + kt) * BK + ch * 8;
+            bool k_in = k < K;
+            for (uint32_t r = r_first; r < BM + BN; r += 16, st += 16 * ROW) {
+                bool a = r < BM;
+                uint32_t g = a ? m0 + r : n0 + (r - BM);
+                bool in = k_in && g < (a ? M : N);
+                const T* base = a ? x : w;
+                cp_async16(st, in ? base + (uint64_t)g * K + k : base, in);
+            }
+            cp_async_commit();
+            if (kt >= LAG) {  // k-step kt - LAG has landed: hand it over
+                cp_async_wait<LAG>();
+                fence_proxy_async_shared();
+                mbar_arrive(&full[(kt - LAG) % STAGES]);
+            }
+        }
+        cp_async_wait<0>();
+        fence_proxy_async_shared();
+        for (uint32_t kt = ktiles > LAG ? ktiles - LAG : 0; kt < ktiles; kt++)
+            mbar_arrive(&full[kt % STAGES]);
+        return;
+    }
+
+    // Consumers: warpgroup 1 rows 0-63 of the tile, warpgroup 2 rows 64-127.
+    setmaxnreg_inc<GEMM_WGMMA_WS_CONSUMER_REGS>();
+    uint32_t cw = wg - 1;
+    constexpr int NACC = BN / 2;
+    float acc[NACC];
+    #pragma unroll
+    for (int i = 0; i < NACC; i++) acc[i] = 0.0f;
+    for (uint32_t kt = 0; kt < ktiles; kt++) {
+        uint32_t s = kt % STAGES;
+        mbar_wait(&full[s], (kt / STAGES) & 1);
+        uint32_t a_addr = ring_addr + s * STAGE_BYTES + cw * 64 * ROW;
+        uint32_t b_addr = ring_addr + s * STAGE_BYTES + A_BYTES;
+        #pragma unroll
+        for (int i = 0; i < NACC; i++) wgmma_fence_operand(acc[i]);
+        wgmma_fence();
+        #pragma unroll
+        for (uint32_t ks = 0; ks < BK / 16; ks++)
+            wgmma_m64k16<T, BN>(acc, wgmma_desc_sw128(a_addr + ks * 32, 8 * ROW),
+                                wgmma_desc_sw128(b_addr + ks * 32, 8 * ROW), 1);
+        wgmma_commit();
+        #pragma unroll
+        for (int i = 0; i < NACC; i++) wgmma_fence_operand(acc[i]);
+        wgmma_wait<1>();  // k-step kt - 1's multiplies are complete: its stage is free
+        if (kt > 0) mbar_arrive(&empty[(kt - 1) % STAGES]);
+    }
+    wgmma_wait<0>();
+    #pragma unroll
+    for (int i = 0; i < NACC; i++) wgmma_fence_operand(acc[i]);
+
+    uint32_t r0 = m0 + cw * 64 + (warp % 4) * 16 + lane / 4, c0 = n0 + 2 * (lane % 4);
+    if (partial) {
+        float* p = partial + (uint64_t)blockIdx.z * M * N;
+        #pragma unroll
+        for (int j = 0; j < (int)BN / 8; j++)
+            #pragma unroll
+            for (int i = 0; i < 2; i++) {
+                uint32_t r = r0 + 8 * i, c = c0 + 8 * j;
+                if (r >= M) continue;
+                if (c < N) p[(uint64_t)r * N + c] = acc[4 * j + 2 * i];
+                if (c + 1 < N) p[(uint64_t)r * N + c + 1] = acc[4 * j + 2 * i + 1];
+            }
+        return;
+    }
+    #pragma unroll
+    for (int j = 0; j < (int)BN / 8; j++)
+        #pragma unroll
+        for (int i = 0; i < 2; i++)
+            store_pair(y, M, N, r0 + 8 * i, c0 + 8 * j, acc[4 * j + 2 * i], acc[4 * j + 2 * i + 1],
+                       bias, res, act);
+#else
+    __trap();  // not built for sm_90a: the launcher never picks this kernel here
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(GEMM_WGMMA_WS_THREADS, 1)
+gemm_wgmma_ws_f16(const f16* x, const f16* w, const f16* bias, const f16* res, f16* y, uint32_t M,
+    uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split) {
+    gemm_wgmma_ws<f16, GEMM_WGMMA_WIDE_BN, GEMM_WGMMA_WIDE_STAGES>(x, w, bias, res, y, M, N, K, act,
+                                                                  partial, per_split);
+}
+extern "C" __global__ void __launch_bounds__(GEMM_WGMMA_WS_THREADS, 1)
+gemm_wgmma_ws_bf16(const bf16* x, const bf16* w, const bf16* bias, const bf16* res, bf16* y,
+    uint32_t M, uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split) {
+    gemm_wgmma_ws<bf16, GEMM_WGMMA_WIDE_BN, GEMM_WGMMA_WIDE_STAGES>(x, w, bias, res, y, M, N, K,
+                                                                   act, partial, per_split);
 }
 
 // The second half of a split-K GEMM: y = act(sum of the splits' partial sums + bias +

@@ -210,7 +210,11 @@ fn linear_all_dtypes_and_shapes() {
 /// others split K among fewer blocks.
 #[test]
 fn linear_large_tiles_at_a_low_fill() {
-    large_tiles_on("emu", emu(), &[G::Pipelined, G::PipelinedSplitK, G::Wgmma]);
+    large_tiles_on(
+        "emu",
+        emu(),
+        &[G::Pipelined, G::PipelinedSplitK, G::Wgmma, G::WgmmaWs],
+    );
 }
 
 fn large_tiles_on<D: Device>(label: &str, dev: Arc<D>, gemms: &[GemmKernel]) {
@@ -292,7 +296,7 @@ fn every_op_on_a_real_gpu() {
     let dev = CudaDevice::new(CudaConfig::default())
         .unwrap_or_else(|e| panic!("needs a CUDA GPU (tools/gpu-check.sh runs this): {e}"));
     let dev = Arc::new(dev);
-    parity_with("cuda", dev.clone(), |_| true, |g| g != G::Wgmma);
+    parity_with("cuda", dev.clone(), |_| true, |g| !is_wgmma(g));
     large_tiles_on("cuda", dev, &[G::Pipelined, G::PipelinedSplitK]);
 }
 
@@ -310,6 +314,10 @@ fn wgmma_gemm_on_a_real_gpu() {
     }
     let dev = Arc::new(dev);
     let gemms = |op: &Op| matches!(op, Op::Linear { .. } | Op::Conv2d { .. });
-    parity_with("cuda", dev.clone(), gemms, |g| g == G::Wgmma);
-    large_tiles_on("cuda", dev, &[G::Wgmma]);
+    parity_with("cuda", dev.clone(), gemms, is_wgmma);
+    large_tiles_on("cuda", dev, &[G::Wgmma, G::WgmmaWs]);
+}
+
+fn is_wgmma(g: GemmKernel) -> bool {
+    matches!(g, G::Wgmma | G::WgmmaWs)
 }

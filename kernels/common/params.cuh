@@ -61,6 +61,12 @@
 // least GEMM_PIPE_BIG_MIN_TILES of them.
 #define GEMM_WGMMA_WIDE_BN 256
 #define GEMM_WGMMA_WIDE_STAGES 4
+// Its warp-specialised form (GemmKernel::WgmmaWs, the wide tile only): a producer warpgroup
+// copying stages and two consumer warpgroups multiplying, handing stages over with mbarriers;
+// registers per thread after setmaxnreg (producer, consumers: 128 x 40 + 256 x 232 <= 64 K).
+#define GEMM_WGMMA_WS_THREADS 384
+#define GEMM_WGMMA_WS_PRODUCER_REGS 40
+#define GEMM_WGMMA_WS_CONSUMER_REGS 232
 
 // Query rows (one per warp) per block of the attention kernel.
 #define ATTN_WARPS 4

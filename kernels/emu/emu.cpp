@@ -26,7 +26,9 @@ constexpr size_t kStack = 64 * 1024;
 constexpr size_t kPage = 4096;
 constexpr int kMaxThreads = 1024;
 
-enum State { Ready, WaitBlock, WaitWarp, Done };
+// Spin: waiting for a condition other threads of the block may make true (an mbarrier phase);
+// run again every round until it holds.
+enum State { Ready, WaitBlock, WaitWarp, Spin, Done };
 
 struct Fiber {
     void* sp = nullptr;
@@ -83,6 +85,9 @@ struct Worker {
     uint32_t scratch[kMaxThreads / 32][32 * 16];
     std::vector<unsigned char> dyn_shared;
     ApparateEmuBlock block{};
+    // Bumped by every event that can end a Spin (an mbarrier arrival): a round of spinning
+    // with no such event is a deadlock.
+    uint64_t progress = 0;
 
     bool init() {
         if (stacks) return true;
@@ -173,6 +178,7 @@ bool run_block(Worker* w, uint64_t* seed, const char* name, char* err, size_t er
     // block barriers); the round-robin order keeps warps within a warp operation of each other,
     // which hides a barrier missing between two shuffle-heavy phases over the same shared memory.
     bool warp_major = seed && (splitmix(*seed) & 1);
+    uint64_t progress_seen = w->progress;
     auto run = [&](int i) {
         w->current = i;
         apparate_emu_thread = &w->fibers[i].t;
@@ -189,7 +195,7 @@ bool run_block(Worker* w, uint64_t* seed, const char* name, char* err, size_t er
                 int lo = wp * 32, hi = lo + 32 < n ? lo + 32 : n;
                 for (;;) {
                     for (int i = lo; i < hi; i++)
-                        if (w->fibers[i].state == Ready) run(i);
+                        if (w->fibers[i].state == Ready || w->fibers[i].state == Spin) run(i);
                     // Release this warp's own operation when all its lanes wait at it (lanes
                     // that exited leave it to the checks below, which report it).
                     int waiting = 0;
@@ -201,16 +207,17 @@ bool run_block(Worker* w, uint64_t* seed, const char* name, char* err, size_t er
         } else {
             for (int k = 0; k < n; k++) {
                 int i = order[k];
-                if (w->fibers[i].state == Ready) run(i);
+                if (w->fibers[i].state == Ready || w->fibers[i].state == Spin) run(i);
             }
         }
         // Every fiber is now Done or waiting. Release whatever barrier is complete.
-        int done = 0, at_block = 0, at_warp = 0;
+        int done = 0, at_block = 0, at_warp = 0, spinning = 0;
         for (int i = 0; i < n; i++) {
             State s = w->fibers[i].state;
             done += s == Done;
             at_block += s == WaitBlock;
             at_warp += s == WaitWarp;
+            spinning += s == Spin;
         }
         if (done == n) return true;
         bool released = false;
@@ -236,6 +243,21 @@ bool run_block(Worker* w, uint64_t* seed, const char* name, char* err, size_t er
                 released = true;
             }
         }
+        if (spinning > 0 && !released) {
+            // Spinners run again next round; only a round in which nothing they may wait for
+            // happened (and no barrier released) is a deadlock.
+            if (w->progress != progress_seen) {
+                progress_seen = w->progress;
+                continue;
+            }
+            std::snprintf(err, errlen,
+                          "kernel `%s` deadlocked in block (%u,%u,%u): %d threads wait on an "
+                          "mbarrier no thread will complete, %d at __syncthreads, %d at a warp "
+                          "operation, %d exited",
+                          name, w->block.block_idx.x, w->block.block_idx.y, w->block.block_idx.z,
+                          spinning, at_block, at_warp, done);
+            return false;
+        }
         if (!released && at_warp == 0 && at_block > 0) {
             // Threads that exited count as arrived (as on the hardware).
             for (int i = 0; i < n; i++)
@@ -257,6 +279,8 @@ bool run_block(Worker* w, uint64_t* seed, const char* name, char* err, size_t er
 
 void apparate_emu_syncthreads() { yield_to_scheduler(WaitBlock); }
 void apparate_emu_warp_barrier() { yield_to_scheduler(WaitWarp); }
+void apparate_emu_spin() { yield_to_scheduler(Spin); }
+void apparate_emu_progress() { worker->progress++; }
 uint32_t* apparate_emu_warp_scratch() { return worker->scratch[apparate_emu_thread->warp]; }
 
 extern "C" int apparate_emu_has_kernel(const char* name) { return apparate_emu_find(name) != nullptr; }

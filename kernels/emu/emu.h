@@ -88,6 +88,11 @@ extern thread_local ApparateEmuBlock* apparate_emu_block;
 // Scheduler entry points (emu.cpp).
 void apparate_emu_syncthreads();
 void apparate_emu_warp_barrier();
+// A thread waiting for a condition other threads of its block will make true yields here (it is
+// run again every round); whatever may make such a condition true reports progress, so that a
+// round of spinning without any is reported as a deadlock instead of hanging.
+void apparate_emu_spin();
+void apparate_emu_progress();
 // 32 lanes x 16 words of scratch for the current warp (exchanges across lanes).
 uint32_t* apparate_emu_warp_scratch();
 

@@ -148,7 +148,7 @@ impl<D: Device> GpuBackend<D> {
             return Ok(None);
         }
         let min_tiles = self.gemm_fill;
-        if self.gemm == GemmKernel::Wgmma && self.dev.has_wgmma() {
+        if matches!(self.gemm, GemmKernel::Wgmma | GemmKernel::WgmmaWs) && self.dev.has_wgmma() {
             return Ok(Some(self.wgmma_cfg(g.mnk, min_tiles)?));
         }
         let big = m.div_ceil(params::GEMM_PIPE_BIG_BM as usize)
@@ -173,7 +173,10 @@ impl<D: Device> GpuBackend<D> {
         let shared = params::GEMM_PIPE_STAGES * (bm + bn) * (params::GEMM_PIPE_BK + 8) * 2;
         let tiles = m.div_ceil(bm as usize) * n.div_ceil(bn as usize);
         let ktiles = k.div_ceil(params::GEMM_PIPE_BK as usize);
-        let split = matches!(self.gemm, GemmKernel::PipelinedSplitK | GemmKernel::Wgmma);
+        let split = matches!(
+            self.gemm,
+            GemmKernel::PipelinedSplitK | GemmKernel::Wgmma | GemmKernel::WgmmaWs
+        );
         let (splits, per_split) = if split && !big {
             splits_for(tiles, ktiles, min_tiles)
         } else {
@@ -199,26 +202,39 @@ impl<D: Device> GpuBackend<D> {
 
 impl<D: Device> GpuBackend<D> {
     /// The Hopper kernel's launch: 128 x 256 tiles when there are enough of them to fill the
-    /// GPU, else 128 x 128 tiles, K split as for the small pipelined tiles when those are too
-    /// few.
+    /// GPU (warp-specialised with [`GemmKernel::WgmmaWs`]), else 128 x 128 tiles, K split as
+    /// for the small pipelined tiles when those are too few.
     fn wgmma_cfg(&self, [m, n, k]: [usize; 3], min_tiles: usize) -> Result<Pipelined> {
         let bm = params::GEMM_WGMMA_BM as usize;
         let wide = m.div_ceil(bm) * n.div_ceil(params::GEMM_WGMMA_WIDE_BN as usize) >= min_tiles;
-        let (name, bn, stages) = if wide {
+        let ws = wide && self.gemm == GemmKernel::WgmmaWs;
+        let (name, bn, stages, threads) = if ws {
+            (
+                "gemm_wgmma_ws",
+                params::GEMM_WGMMA_WIDE_BN,
+                params::GEMM_WGMMA_WIDE_STAGES,
+                params::GEMM_WGMMA_WS_THREADS,
+            )
+        } else if wide {
             (
                 "gemm_wgmma_wide",
                 params::GEMM_WGMMA_WIDE_BN,
                 params::GEMM_WGMMA_WIDE_STAGES,
+                params::GEMM_WGMMA_THREADS,
             )
         } else {
             (
                 "gemm_wgmma",
                 params::GEMM_WGMMA_BN,
                 params::GEMM_WGMMA_STAGES,
+                params::GEMM_WGMMA_THREADS,
             )
         };
-        // STAGES x (BM + BN) rows of BK halves, and 1 KiB to align the ring to the swizzle.
-        let shared = stages * (params::GEMM_WGMMA_BM + bn) * params::GEMM_WGMMA_BK * 2 + 1024;
+        // STAGES x (BM + BN) rows of BK halves, 1 KiB to align the ring to the swizzle, and
+        // (warp-specialised) two 8-byte mbarriers per stage.
+        let barriers = if ws { 2 * stages * 8 } else { 0 };
+        let shared =
+            stages * (params::GEMM_WGMMA_BM + bn) * params::GEMM_WGMMA_BK * 2 + 1024 + barriers;
         let bn = bn as usize;
         let tiles = m.div_ceil(bm) * n.div_ceil(bn);
         let ktiles = k.div_ceil(params::GEMM_WGMMA_BK as usize);
@@ -231,7 +247,7 @@ impl<D: Device> GpuBackend<D> {
                     self.grid("GEMM column tiles", n.div_ceil(bn))?,
                     splits as u32,
                 ],
-                block: [params::GEMM_WGMMA_THREADS, 1, 1],
+                block: [threads, 1, 1],
                 shared_bytes: shared,
             },
             splits,
@@ -286,10 +302,16 @@ pub enum GemmKernel {
     /// compute capability 9.0) this is `PipelinedSplitK`. Compiled and emulated, not run on a
     /// GPU yet: not the default until a GPU run has measured it.
     Wgmma,
+    /// [`GemmKernel::Wgmma`] with its 128 x 256 tile warp-specialised: a producer warpgroup
+    /// copies stages, two consumer warpgroups multiply, handing stages over with mbarriers
+    /// instead of block-wide barriers (`gemm_wgmma_ws_*`); the other shapes as `Wgmma`.
+    /// Compiled and emulated, not run on a GPU yet.
+    WgmmaWs,
 }
 
 impl GemmKernel {
-    /// `APPARATE_GPU_GEMM` = `simple` | `pipelined` | `splitk` | `wgmma`; unset means splitk. Another value is
+    /// `APPARATE_GPU_GEMM` = `simple` | `pipelined` | `splitk` | `wgmma` | `wgmma-ws`; unset
+    /// means splitk. Another value is
     /// reported once on stderr and the default kept (a backend is made without a `Result`).
     pub fn from_env() -> GemmKernel {
         static WARNED: std::sync::Once = std::sync::Once::new();
@@ -305,8 +327,9 @@ impl std::str::FromStr for GemmKernel {
             "pipelined" => Ok(GemmKernel::Pipelined),
             "splitk" => Ok(GemmKernel::PipelinedSplitK),
             "wgmma" => Ok(GemmKernel::Wgmma),
+            "wgmma-ws" => Ok(GemmKernel::WgmmaWs),
             other => Err(format!(
-                "unknown GEMM kernel `{other}` (simple, pipelined, splitk, wgmma)"
+                "unknown GEMM kernel `{other}` (simple, pipelined, splitk, wgmma, wgmma-ws)"
             )),
         }
     }

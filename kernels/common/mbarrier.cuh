@@ -1,0 +1,93 @@
+// Shared-memory barriers with phases (`mbarrier`, sm_80+; used here on sm_90a): what lets a
+// producer warpgroup hand stages to consumer warpgroups without stopping the whole block at
+// __syncthreads. A barrier expects `count` arrivals per phase; the last arrival completes the
+// phase and starts the next. A waiter names the parity of the phase it waits for: it returns
+// once that phase has completed, i.e. at once while the barrier's current phase has the other
+// parity (so a wait for parity 1 on a fresh barrier returns at once: the usual "stage is empty"
+// start of a ring).
+//
+// On the emulated device a barrier is the same 8 bytes of shared memory holding (arrivals still
+// expected, expected per phase, phase bit); a waiter spins by yielding to the scheduler, which
+// reports a deadlock when a round of spinning sees no arrival.
+#pragma once
+
+#include "apparate.cuh"
+#include "wgmma.cuh"
+
+#ifdef APPARATE_EMU
+inline void apparate_emu_mbar_check(const uint64_t* bar) {
+    if (reinterpret_cast<uintptr_t>(bar) % 8 != 0) {
+        std::fprintf(stderr, "mbarrier: %p is not 8-byte aligned\n", (const void*)bar);
+        std::abort();
+    }
+}
+#endif
+
+// Sets up a barrier for `count` arrivals per phase (one thread; then a __syncthreads before
+// anyone uses it).
+APPARATE_DEVICE void mbar_init(uint64_t* bar, uint32_t count) {
+#ifdef APPARATE_EMU
+    apparate_emu_mbar_check(bar);
+    *bar = (uint64_t)count | ((uint64_t)count << 32);  // phase 0
+#else
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(wgmma_smem_addr(bar)), "r"(count)
+                 : "memory");
+#endif
+}
+
+// One arrival (release: this thread's earlier writes are visible to whoever waits for the phase).
+APPARATE_DEVICE void mbar_arrive(uint64_t* bar) {
+#ifdef APPARATE_EMU
+    apparate_emu_mbar_check(bar);
+    uint64_t v = *bar;
+    uint32_t pending = (uint32_t)v, expected = (uint32_t)(v >> 32) & 0x7FFFFFFFu;
+    uint64_t phase = v >> 63;
+    if (pending == 0) {
+        std::fprintf(stderr, "mbarrier: an arrival on a barrier that expects none\n");
+        std::abort();
+    }
+    if (--pending == 0) {
+        pending = expected;
+        phase ^= 1;
+    }
+    *bar = (uint64_t)pending | ((uint64_t)expected << 32) | (phase << 63);
+    apparate_emu_progress();
+#else
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(wgmma_smem_addr(bar)) : "memory");
+#endif
+}
+
+// Waits until the phase of parity `parity` has completed (acquire: the arrivals' writes are
+// visible afterwards).
+APPARATE_DEVICE void mbar_wait(uint64_t* bar, uint32_t parity) {
+#ifdef APPARATE_EMU
+    apparate_emu_mbar_check(bar);
+    while ((uint32_t)(*bar >> 63) == (parity & 1)) apparate_emu_spin();
+#else
+    uint32_t addr = wgmma_smem_addr(bar), done = 0;
+    while (!done) {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+            "selp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(addr), "r"(parity & 1)
+            : "memory");
+    }
+#endif
+}
+
+// Gives this warpgroup's registers back to (dec) or takes them from (inc) the block's pool:
+// producers that only copy need few, consumers holding accumulators many. All 128 threads of
+// the warpgroup execute it; N is a multiple of 8 in 24..256. sm_90a; nothing on the emulator.
+template <int N>
+APPARATE_DEVICE void setmaxnreg_dec() {
+#if !defined(APPARATE_EMU) && WGMMA_AVAILABLE
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
+template <int N>
+APPARATE_DEVICE void setmaxnreg_inc() {
+#if !defined(APPARATE_EMU) && WGMMA_AVAILABLE
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+#endif
+}
