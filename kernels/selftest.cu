@@ -4,6 +4,7 @@
 #include "common/mma.cuh"
 #include "common/pipe.cuh"
 #include "common/wgmma.cuh"
+#include "common/mbarrier.cuh"
 
 // Reverses x within each block through shared memory: wrong without the barrier.
 extern "C" __global__ void selftest_block_reverse(const float* x, float* y, uint32_t n) {
@@ -155,7 +156,44 @@ extern "C" __global__ void selftest_wgmma_bf16(const bf16* a, const bf16* b, flo
     wgmma_one(a, b, d);
 }
 
+// Two warps hand a 32-float buffer back and forth over two mbarriers for 6 rounds (the
+// producer/consumer protocol of gemm_wgmma_ws, phases and parities included): warp 0 waits until
+// the buffer is empty (at once in round 0), fills it with 100 r + lane, arrives on `full`; warp
+// 1 waits for `full`, copies the buffer to out[32 r + lane], arrives on `empty`. A wrong parity
+// rule reads a stale round or deadlocks.
+extern "C" __global__ void selftest_mbarrier(float* out) {
+    __shared__ __align__(8) uint64_t bars[2];  // full, empty
+    __shared__ float buf[32];
+    uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    if (threadIdx.x == 0) {
+        mbar_init(&bars[0], 32);
+        mbar_init(&bars[1], 32);
+    }
+    __syncthreads();
+    for (uint32_t r = 0; r < 6; r++) {
+        if (warp == 0) {
+            mbar_wait(&bars[1], (r & 1) ^ 1);
+            buf[lane] = (float)(100 * r + lane);
+            mbar_arrive(&bars[0]);
+        } else {
+            mbar_wait(&bars[0], r & 1);
+            out[32 * r + lane] = buf[lane];
+            mbar_arrive(&bars[1]);
+        }
+    }
+}
+
 #ifdef APPARATE_EMU
+// One thread waits for a phase that needs two arrivals after giving one: the emulated device
+// must report the deadlock instead of spinning forever.
+extern "C" __global__ void selftest_mbarrier_deadlock(float* out) {
+    __shared__ __align__(8) uint64_t bar;
+    mbar_init(&bar, 2);
+    mbar_arrive(&bar);
+    mbar_wait(&bar, 0);
+    out[0] = 1.0f;
+}
+
 // Lanes 0-15 of the first warp wait in a shuffle while everyone else waits at __syncthreads:
 // a deadlock on any device; the emulated one must report it instead of hanging.
 extern "C" __global__ void selftest_deadlock(float* out) {

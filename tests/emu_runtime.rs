@@ -124,6 +124,29 @@ fn deadlock_is_reported_with_the_kernel_name() {
 }
 
 #[test]
+fn mbarrier_phases_hand_over_and_a_lost_arrival_is_a_deadlock() {
+    for seed in [0u64, 3, 11] {
+        let d = EmuDevice::new(EmuConfig {
+            threads: None,
+            shuffle_seed: seed,
+        })
+        .unwrap();
+        selftest::mbarrier(&d).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    }
+    let d = dev();
+    let out = d.alloc(4).unwrap();
+    let e = launch(
+        &d,
+        "selftest_mbarrier_deadlock",
+        LaunchConfig::linear(1, 1, 0),
+        &[KernelArg::Ptr(d.address(&out))],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("deadlocked") && e.contains("mbarrier"), "{e}");
+}
+
+#[test]
 fn events_time_launches() {
     let d = dev();
     let a = d.record_event().unwrap();

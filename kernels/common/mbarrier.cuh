@@ -10,6 +10,9 @@
 // expected, expected per phase, phase bit); a waiter spins by yielding to the scheduler, which
 // reports a deadlock when a round of spinning sees no arrival.
 #pragma once
+// Guarded too: NVRTC sees this header under two names (from kernels/ and from common/).
+#ifndef APPARATE_MBARRIER_CUH
+#define APPARATE_MBARRIER_CUH
 
 #include "apparate.cuh"
 #include "wgmma.cuh"
@@ -66,8 +69,13 @@ APPARATE_DEVICE void mbar_wait(uint64_t* bar, uint32_t parity) {
 #else
     uint32_t addr = wgmma_smem_addr(bar), done = 0;
     while (!done) {
+        // sm_90 has try_wait (the thread may sleep until the phase completes); sm_80 polls.
         asm volatile(
+#if WGMMA_AVAILABLE
             "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+#else
+            "{\n.reg .pred p;\nmbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+#endif
             "selp.u32 %0, 1, 0, p;\n}\n"
             : "=r"(done)
             : "r"(addr), "r"(parity & 1)
@@ -91,3 +99,5 @@ APPARATE_DEVICE void setmaxnreg_inc() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
 #endif
 }
+
+#endif  // APPARATE_MBARRIER_CUH

@@ -22,6 +22,9 @@
 // lane l): d[4j + 2i + c] = D[16 w + l / 4 + 8 i][8 j + 2 (l % 4) + c], j < N / 8: the
 // mma.m16n8 accumulator layout, warp w owning rows 16w..16w+15, repeated along N.
 #pragma once
+// Guarded too: NVRTC sees this header under two names (from kernels/ and from common/).
+#ifndef APPARATE_WGMMA_CUH
+#define APPARATE_WGMMA_CUH
 
 #include "apparate.cuh"
 
@@ -267,3 +270,5 @@ APPARATE_DEVICE void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
 }
+
+#endif  // APPARATE_WGMMA_CUH

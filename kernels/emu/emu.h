@@ -28,7 +28,7 @@ struct ApparateEmuCopy {
     unsigned int bytes, src_bytes;  // src_bytes < bytes: the rest is zero-filled
     unsigned int group;             // commit-group number; ~0u while not yet committed
 };
-#define APPARATE_EMU_MAX_COPIES 64
+#define APPARATE_EMU_MAX_COPIES 256
 
 // A warpgroup multiply (`wgmma.mma_async`) not yet performed: it reads shared memory and updates
 // this thread's accumulators only when a `wgmma.wait_group` lets it (kernels/common/wgmma.cuh).

@@ -58,6 +58,14 @@ fn gpu_selftest_wgmma_layouts() {
     }
 }
 
+/// mbarrier phases and parities (the warp-specialised Hopper GEMM's hand-over), as the emulated
+/// twin has them.
+#[test]
+#[ignore = "needs a CUDA GPU: run by tools/gpu-check.sh"]
+fn gpu_selftest_mbarrier_hand_over() {
+    selftest::mbarrier(&device()).unwrap();
+}
+
 /// `ldmatrix.x4` against the PTX ISA's layout, and `cp.async` groups: land by their wait,
 /// zero-fill (the pipelined GEMM's two instructions).
 #[test]

@@ -265,6 +265,39 @@ pub fn ldmatrix<D: Device>(dev: &D) -> Result<()> {
     Ok(())
 }
 
+/// `selftest_mbarrier`: two warps hand a buffer back and forth over two mbarriers for 6 rounds
+/// (the protocol of the warp-specialised Hopper GEMM); every round must arrive intact.
+pub fn mbarrier<D: Device>(dev: &D) -> Result<()> {
+    const K: &str = "selftest_mbarrier";
+    let out = dev.alloc(6 * 32 * 4)?;
+    dev.fill(&out, 0xff)?;
+    // SAFETY: (float* out): 192 floats, two warps.
+    unsafe {
+        dev.launch(
+            K,
+            LaunchConfig::linear(1, 64, 0),
+            &[KernelArg::Ptr(dev.address(&out))],
+        )
+    }?;
+    let got = download_f32(dev, &out)?;
+    for r in 0..6 {
+        for lane in 0..32 {
+            let want = (100 * r + lane) as f32;
+            if got[32 * r + lane] != want {
+                return Err(wrong(
+                    dev,
+                    K,
+                    format!(
+                        "round {r}, lane {lane}: {}, expected {want}",
+                        got[32 * r + lane]
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `selftest_cp_async`: copies land by the wait that names their group, and a zero-size source
 /// zero-fills. `held`: the device holds every copy until a wait lets it land (the emulated
 /// device without a shuffle seed), so a copy must not be seen before its wait.
