@@ -236,8 +236,8 @@ step serve-eager env APPARATE_GPU_GRAPHS=off "$BIN/apparate" serve-replay "${SER
   --ramps "$WORK/minilm-l6-intent-f16.ramps" --json "$OUT/serve-eager.json"
 step kernel-bench "$BIN/kernels_bench" --device cuda --repeats 10 --only gemm,attention,rows,conv,minilm \
   --model "$WORK/weights/minilm-l6-intent-f16.apparate" --out "$OUT"
-# The Hopper GEMM alone, beside split-K and cuBLAS, and a MiniLM forward with it (f16; a
-# process of its own, as above).
+# The Hopper GEMMs alone (plain and warp-specialised), beside split-K and cuBLAS, and a MiniLM
+# forward with each (f16; a process of its own, as above).
 step wgmma-bench "$BIN/kernels_bench" --device cuda --only wgmma --dtype f16 --repeats 10 \
   --model "$WORK/weights/minilm-l6-intent-f16.apparate" --out "$OUT/wgmma"
 # The decoder on cuda (random weights, TinyLlama's blocks): decode steps eager with each
