@@ -337,6 +337,57 @@ gemm_pipe_small_bf16(const bf16* x, const bf16* w, const bf16* bias, const bf16*
 // refilled two k-steps after it was last read (all its multiplies are then complete).
 // Same contract as gemm_pipe: K % 8 == 0, 16-byte aligned X and W, split-K through `partial`.
 // Dynamic shared memory: STAGES * (BM + BN) * BK * 2 bytes + 1024 (alignment of the ring).
+#if WGMMA_AVAILABLE
+// One k-step of 64 for a warpgroup: four wgmma.m64nBNk16 (k16 slices 32 bytes apart in each
+// swizzled row) over the stage's A rows at `a_addr` and B rows at `b_addr`, committed as one
+// group; the caller waits for it.
+template <typename T, uint32_t BN>
+__device__ __forceinline__ void wgmma_kstep(float (&acc)[BN / 2], uint32_t a_addr, uint32_t b_addr) {
+    constexpr uint32_t SBO = 8 * GEMM_WGMMA_BK * 2;  // 8 rows of 128 bytes
+    #pragma unroll
+    for (int i = 0; i < (int)BN / 2; i++) wgmma_fence_operand(acc[i]);
+    wgmma_fence();
+    #pragma unroll
+    for (uint32_t ks = 0; ks < GEMM_WGMMA_BK / 16; ks++)
+        wgmma_m64k16<T, BN>(acc, wgmma_desc_sw128(a_addr + ks * 32, SBO),
+                            wgmma_desc_sw128(b_addr + ks * 32, SBO), 1);
+    wgmma_commit();
+    #pragma unroll
+    for (int i = 0; i < (int)BN / 2; i++) wgmma_fence_operand(acc[i]);
+}
+
+// A warpgroup's 64 x BN accumulators out, once every multiply has completed: acc[4j + 2i + c]
+// is row r0 + 8 i, column c0 + 8 j + c (r0 = the warpgroup's first row + 16 (warp % 4) +
+// lane / 4, c0 = the tile's first column + 2 (lane % 4)). Split-K: raw f32 sums into
+// partial[blockIdx.z]; else the epilogue into y.
+template <typename T, uint32_t BN>
+__device__ __forceinline__ void wgmma_store(float (&acc)[BN / 2], uint32_t r0, uint32_t c0, T* y,
+                                            uint32_t M, uint32_t N, const T* bias, const T* res,
+                                            int act, float* partial) {
+    #pragma unroll
+    for (int i = 0; i < (int)BN / 2; i++) wgmma_fence_operand(acc[i]);
+    if (partial) {
+        float* p = partial + (uint64_t)blockIdx.z * M * N;
+        #pragma unroll
+        for (int j = 0; j < (int)BN / 8; j++)
+            #pragma unroll
+            for (int i = 0; i < 2; i++) {
+                uint32_t r = r0 + 8 * i, c = c0 + 8 * j;
+                if (r >= M) continue;
+                if (c < N) p[(uint64_t)r * N + c] = acc[4 * j + 2 * i];
+                if (c + 1 < N) p[(uint64_t)r * N + c + 1] = acc[4 * j + 2 * i + 1];
+            }
+        return;
+    }
+    #pragma unroll
+    for (int j = 0; j < (int)BN / 8; j++)
+        #pragma unroll
+        for (int i = 0; i < 2; i++)
+            store_pair(y, M, N, r0 + 8 * i, c0 + 8 * j, acc[4 * j + 2 * i], acc[4 * j + 2 * i + 1],
+                       bias, res, act);
+}
+#endif
+
 template <typename T, uint32_t BN, uint32_t STAGES>
 __device__ void gemm_wgmma(const T* __restrict__ x, const T* __restrict__ w,
                            const T* __restrict__ bias, const T* __restrict__ res,
@@ -421,47 +472,14 @@ __device__ void gemm_wgmma(const T* __restrict__ x, const T* __restrict__ w,
         if (next < ktiles) load(next % STAGES, k_first + next);
         cp_async_commit();
 
-        uint32_t a_addr = ring_addr + (kt % STAGES) * STAGE_BYTES + wg * 64 * ROW;
-        uint32_t b_addr = ring_addr + (kt % STAGES) * STAGE_BYTES + A_BYTES;
-        #pragma unroll
-        for (int i = 0; i < NACC; i++) wgmma_fence_operand(acc[i]);
-        wgmma_fence();
-        #pragma unroll
-        for (uint32_t ks = 0; ks < BK / 16; ks++)  // k16 slices: 32 bytes further into each row
-            wgmma_m64k16<T, BN>(acc, wgmma_desc_sw128(a_addr + ks * 32, 8 * ROW),
-                                wgmma_desc_sw128(b_addr + ks * 32, 8 * ROW), 1);
-        wgmma_commit();
-        #pragma unroll
-        for (int i = 0; i < NACC; i++) wgmma_fence_operand(acc[i]);
+        uint32_t stage = ring_addr + (kt % STAGES) * STAGE_BYTES;
+        wgmma_kstep<T, BN>(acc, stage + wg * 64 * ROW, stage + A_BYTES);
         wgmma_wait<1>();
     }
     wgmma_wait<0>();
     cp_async_wait<0>();  // only empty groups remain; leave nothing in flight at exit
-    #pragma unroll
-    for (int i = 0; i < NACC; i++) wgmma_fence_operand(acc[i]);
-
-    // acc[4j + 2i + c] is row 16 (warp % 4) + lane / 4 + 8 i, column 8 j + 2 (lane % 4) + c of
-    // this warpgroup's 64 x BN tile.
-    uint32_t r0 = m0 + wg * 64 + (warp % 4) * 16 + lane / 4, c0 = n0 + 2 * (lane % 4);
-    if (partial) {
-        float* p = partial + (uint64_t)blockIdx.z * M * N;
-        #pragma unroll
-        for (int j = 0; j < (int)BN / 8; j++)
-            #pragma unroll
-            for (int i = 0; i < 2; i++) {
-                uint32_t r = r0 + 8 * i, c = c0 + 8 * j;
-                if (r >= M) continue;
-                if (c < N) p[(uint64_t)r * N + c] = acc[4 * j + 2 * i];
-                if (c + 1 < N) p[(uint64_t)r * N + c + 1] = acc[4 * j + 2 * i + 1];
-            }
-        return;
-    }
-    #pragma unroll
-    for (int j = 0; j < (int)BN / 8; j++)
-        #pragma unroll
-        for (int i = 0; i < 2; i++)
-            store_pair(y, M, N, r0 + 8 * i, c0 + 8 * j, acc[4 * j + 2 * i], acc[4 * j + 2 * i + 1],
-                       bias, res, act);
+    wgmma_store<T, BN>(acc, m0 + wg * 64 + (warp % 4) * 16 + lane / 4, n0 + 2 * (lane % 4), y, M,
+                       N, bias, res, act, partial);
 #else
     __trap();  // not built for sm_90a: the launcher never picks this kernel here
 #endif
@@ -575,45 +593,14 @@ __device__ void gemm_wgmma_ws(const T* __restrict__ x, const T* __restrict__ w,
     for (uint32_t kt = 0; kt < ktiles; kt++) {
         uint32_t s = kt % STAGES;
         mbar_wait(&full[s], (kt / STAGES) & 1);
-        uint32_t a_addr = ring_addr + s * STAGE_BYTES + cw * 64 * ROW;
-        uint32_t b_addr = ring_addr + s * STAGE_BYTES + A_BYTES;
-        #pragma unroll
-        for (int i = 0; i < NACC; i++) wgmma_fence_operand(acc[i]);
-        wgmma_fence();
-        #pragma unroll
-        for (uint32_t ks = 0; ks < BK / 16; ks++)
-            wgmma_m64k16<T, BN>(acc, wgmma_desc_sw128(a_addr + ks * 32, 8 * ROW),
-                                wgmma_desc_sw128(b_addr + ks * 32, 8 * ROW), 1);
-        wgmma_commit();
-        #pragma unroll
-        for (int i = 0; i < NACC; i++) wgmma_fence_operand(acc[i]);
+        uint32_t stage = ring_addr + s * STAGE_BYTES;
+        wgmma_kstep<T, BN>(acc, stage + cw * 64 * ROW, stage + A_BYTES);
         wgmma_wait<1>();  // k-step kt - 1's multiplies are complete: its stage is free
         if (kt > 0) mbar_arrive(&empty[(kt - 1) % STAGES]);
     }
     wgmma_wait<0>();
-    #pragma unroll
-    for (int i = 0; i < NACC; i++) wgmma_fence_operand(acc[i]);
-
-    uint32_t r0 = m0 + cw * 64 + (warp % 4) * 16 + lane / 4, c0 = n0 + 2 * (lane % 4);
-    if (partial) {
-        float* p = partial + (uint64_t)blockIdx.z * M * N;
-        #pragma unroll
-        for (int j = 0; j < (int)BN / 8; j++)
-            #pragma unroll
-            for (int i = 0; i < 2; i++) {
-                uint32_t r = r0 + 8 * i, c = c0 + 8 * j;
-                if (r >= M) continue;
-                if (c < N) p[(uint64_t)r * N + c] = acc[4 * j + 2 * i];
-                if (c + 1 < N) p[(uint64_t)r * N + c + 1] = acc[4 * j + 2 * i + 1];
-            }
-        return;
-    }
-    #pragma unroll
-    for (int j = 0; j < (int)BN / 8; j++)
-        #pragma unroll
-        for (int i = 0; i < 2; i++)
-            store_pair(y, M, N, r0 + 8 * i, c0 + 8 * j, acc[4 * j + 2 * i], acc[4 * j + 2 * i + 1],
-                       bias, res, act);
+    wgmma_store<T, BN>(acc, m0 + cw * 64 + (warp % 4) * 16 + lane / 4, n0 + 2 * (lane % 4), y, M,
+                       N, bias, res, act, partial);
 #else
     __trap();  // not built for sm_90a: the launcher never picks this kernel here
 #endif
