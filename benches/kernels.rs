@@ -292,6 +292,12 @@ fn bench_device<D: Yardstick>(
             &[(64, 96, 128)]
         };
         let wgmma = o.runs("wgmma") && dev.has_wgmma() && dt != DType::F32;
+        if o.runs("wgmma") && !wgmma {
+            eprintln!(
+                "{name} {dt}: wgmma group skipped (needs f16/bf16 on a device with wgmma: \
+                 compute capability 9.0 or the emulated device)"
+            );
+        }
         for &(m, n, k) in shapes.iter().filter(|_| o.runs("gemm") || wgmma) {
             let x: Vec<f32> = (0..m * k).map(|_| rng.uniform()).collect();
             let w: Vec<f32> = (0..n * k).map(|_| rng.uniform() * 0.1).collect();
@@ -858,7 +864,7 @@ fn minilm<D: Device>(
     };
     // The `minilm` group runs all but the Hopper GEMM; the `wgmma` group runs it and the
     // default (the same run's reference), where the device has wgmma.
-    let wgmma = o.runs("wgmma") && be.device().has_wgmma();
+    let wgmma = o.runs("wgmma") && be.device().has_wgmma() && be.dtype() != DType::F32;
     let kernels: Vec<(G, A, R, &str)> = all
         .iter()
         .filter(|&&(g, a, r, _)| {

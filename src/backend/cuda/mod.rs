@@ -360,7 +360,7 @@ impl Device for CudaDevice {
 
     /// Compute capability 9.0, whose kernels are compiled for sm_90a ([`ProbeInfo::arch`]).
     fn has_wgmma(&self) -> bool {
-        self.info.compute_capability == (9, 0)
+        self.info.has_wgmma()
     }
 
     fn alloc_pinned(&self, bytes: usize) -> Result<CudaPinned> {

@@ -34,10 +34,16 @@ impl ProbeInfo {
     /// Hopper GEMM uses; such code runs on 9.0 devices only, which this device is).
     pub fn arch(&self) -> Arch {
         let mut arch = Arch::new(self.compute_capability.0, self.compute_capability.1);
-        if self.compute_capability == (9, 0) {
+        if self.has_wgmma() {
             arch.suffix = "a".to_string();
         }
         arch
+    }
+
+    /// Whether the device runs Hopper's `wgmma` (compute capability 9.0, the kernels then
+    /// compiled for sm_90a): the one place that decides both.
+    pub fn has_wgmma(&self) -> bool {
+        self.compute_capability == (9, 0)
     }
 }
 
@@ -240,6 +246,7 @@ mod tests {
         };
         assert_eq!(info((9, 0)).arch().sm(), "sm_90a");
         assert_eq!(info((9, 0)).arch().compute(), "compute_90a");
+        assert!(info((9, 0)).has_wgmma() && !info((8, 0)).has_wgmma());
         assert_eq!(info((8, 0)).arch().sm(), "sm_80");
         assert_eq!(info((8, 9)).arch().sm(), "sm_89");
         assert_eq!(info((12, 0)).arch().sm(), "sm_120");

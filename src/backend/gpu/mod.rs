@@ -136,7 +136,7 @@ impl<D: Device> GpuBackend<D> {
     /// them (128 x 128 pipelined, 128 x 256 wgmma), one with fewer runs smaller tiles and,
     /// with split-K, splits K until about twice this many blocks run. Default 132 (the
     /// multiprocessors of an H100/H200; 108 suits an A100). The parity tests set it low to
-    /// reach the large tiles at shapes the emulated device runs quickly.
+    /// reach the large tiles at shapes the emulated device runs quickly. 0 is taken as 1.
     pub fn with_gemm_fill_tiles(mut self, tiles: usize) -> GpuBackend<D> {
         self.gemm_fill = tiles.max(1);
         self
