@@ -317,7 +317,7 @@ fn bench_device<D: Yardstick>(
                 if !o.runs("gemm") {
                     kernels.push(GemmKernel::PipelinedSplitK);
                 }
-                kernels.extend([GemmKernel::Wgmma, GemmKernel::WgmmaWs]);
+                kernels.extend([GemmKernel::Wgmma, GemmKernel::WgmmaWs, GemmKernel::WgmmaTma]);
             }
             let mut ours = Vec::new();
             for &kernel in &kernels {
@@ -860,6 +860,12 @@ fn minilm<D: Device>(
                 R::Warp,
                 " (warp-specialised wgmma GEMM, flash attention, warp row kernels)",
             ),
+            (
+                G::WgmmaTma,
+                A::Flash,
+                R::Warp,
+                " (TMA wgmma GEMM, flash attention, warp row kernels)",
+            ),
         ]
     };
     // The `minilm` group runs all but the Hopper GEMM; the `wgmma` group runs it and the
@@ -869,7 +875,7 @@ fn minilm<D: Device>(
         .iter()
         .filter(|&&(g, a, r, _)| {
             let default = g == G::PipelinedSplitK && a == A::Flash && r == R::Warp;
-            if matches!(g, G::Wgmma | G::WgmmaWs) {
+            if matches!(g, G::Wgmma | G::WgmmaWs | G::WgmmaTma) {
                 wgmma
             } else {
                 o.runs("minilm") || (wgmma && default)

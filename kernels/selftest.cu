@@ -5,6 +5,7 @@
 #include "common/pipe.cuh"
 #include "common/wgmma.cuh"
 #include "common/mbarrier.cuh"
+#include "common/tma.cuh"
 
 // Reverses x within each block through shared memory: wrong without the barrier.
 extern "C" __global__ void selftest_block_reverse(const float* x, float* y, uint32_t n) {
@@ -181,6 +182,48 @@ extern "C" __global__ void selftest_mbarrier(float* out) {
             mbar_arrive(&bars[1]);
         }
     }
+}
+
+// One warpgroup, sm_90a or the emulated device: two tensor copies (TMA) of 64 x 128 boxes of
+// 16-bit elements through one mbarrier, at box origins (c0a, c1a) then (c0b, c1b) (column,
+// row; they may lie partly outside the matrix). Each round: thread 0 announces the box's 16 KiB
+// and asks for it; everyone waits for the round's phase, then reads the box back through the
+// 128-byte swizzle (element (r, c) at byte r * 128 + ((2c / 16) ^ (r % 8)) * 16 + 2c % 16 of a
+// 1024-byte-aligned box) into out[round][r][c]; a block barrier before the second copy
+// overwrites the box.
+// (A C++ function under the entry: the dynamic shared array is declared in C++ functions only.)
+__device__ void tma_boxes(const TmaMap* map, int32_t c0a, int32_t c1a, int32_t c0b, int32_t c1b,
+                          uint16_t* out) {
+#if WGMMA_AVAILABLE
+    DYN_SHARED(unsigned char, raw);
+    unsigned char* box = raw + (1024u - wgmma_smem_addr(raw) % 1024u) % 1024u;
+    uint64_t* bar = reinterpret_cast<uint64_t*>(box + 128 * 128);
+    uint32_t tid = threadIdx.x;
+    if (tid == 0) {
+        mbar_init(bar, 1);
+        mbar_init_fence();
+    }
+    __syncthreads();
+    for (uint32_t round = 0; round < 2; round++) {
+        if (tid == 0) {
+            mbar_arrive_expect_tx(bar, 128 * 128);
+            tma_load_2d(box, map, round ? c0b : c0a, round ? c1b : c1a, bar);
+        }
+        mbar_wait(bar, round);
+        uint32_t r = tid;  // one box row per thread
+        for (uint32_t c = 0; c < 64; c++) {
+            uint32_t byte = r * 128 + (((2 * c) / 16) ^ (r % 8)) * 16 + (2 * c) % 16;
+            out[(round * 128 + r) * 64 + c] = *reinterpret_cast<const uint16_t*>(box + byte);
+        }
+        __syncthreads();
+    }
+#else
+    __trap();  // not built for sm_90a
+#endif
+}
+extern "C" __global__ void selftest_tma(const __grid_constant__ TmaMap map, int32_t c0a,
+                                        int32_t c1a, int32_t c0b, int32_t c1b, uint16_t* out) {
+    tma_boxes(&map, c0a, c1a, c0b, c1b, out);
 }
 
 #ifdef APPARATE_EMU

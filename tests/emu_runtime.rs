@@ -1,6 +1,6 @@
 //! The emulated device itself: launches, barriers, warp exchange, deadlock reporting.
 
-use apparate::backend::device::{Device, KernelArg, LaunchConfig};
+use apparate::backend::device::{Device, KernelArg, LaunchConfig, TensorMapSpec};
 use apparate::backend::emu::{EmuConfig, EmuDevice};
 use apparate::backend::gpu::selftest;
 
@@ -80,6 +80,66 @@ fn wgmma_twin_decodes_swizzled_descriptors_and_scale_d() {
     let d = dev();
     for dt in [DType::F16, DType::BF16] {
         selftest::wgmma(&d, dt).unwrap();
+    }
+}
+
+#[test]
+fn tma_twin_copies_swizzled_boxes_with_zero_fill() {
+    // Under shuffled orders too (copies then land in any order while a thread waits).
+    for seed in [0u64, 5] {
+        let d = EmuDevice::new(EmuConfig {
+            threads: None,
+            shuffle_seed: seed,
+        })
+        .unwrap();
+        selftest::tma(&d).unwrap();
+    }
+}
+
+#[test]
+fn tensor_maps_refuse_what_the_driver_would_by_name() {
+    let d = dev();
+    let good = TensorMapSpec {
+        address: 4096,
+        rows: 100,
+        cols: 72,
+        row_stride_bytes: 144,
+        box_rows: 128,
+    };
+    assert!(d.tensor_map(&good).is_ok());
+    for (bad, why) in [
+        (
+            TensorMapSpec {
+                address: 4100,
+                ..good
+            },
+            "not 16-byte aligned",
+        ),
+        (
+            TensorMapSpec {
+                row_stride_bytes: 152,
+                ..good
+            },
+            "multiple of 16 bytes",
+        ),
+        (
+            TensorMapSpec {
+                row_stride_bytes: 128,
+                ..good
+            },
+            "shorter than a row",
+        ),
+        (TensorMapSpec { rows: 0, ..good }, "1 ..= 2^32"),
+        (
+            TensorMapSpec {
+                box_rows: 257,
+                ..good
+            },
+            "1 ..= 256 rows",
+        ),
+    ] {
+        let e = d.tensor_map(&bad).unwrap_err().to_string();
+        assert!(e.contains(why), "{bad:?}: {e}");
     }
 }
 

@@ -47,6 +47,7 @@ fn parity_with<D: Device>(
                 (G::Pipelined, A::Flash, R::Block),
                 (G::PipelinedSplitK, A::Flash, R::Block),
                 (G::Wgmma, A::Flash, R::Block),
+                (G::WgmmaTma, A::Flash, R::Block),
                 (G::Simple, A::Flash, R::Block),
             ],
             Op::Attention { .. } if half => &[
@@ -213,7 +214,13 @@ fn linear_large_tiles_at_a_low_fill() {
     large_tiles_on(
         "emu",
         emu(),
-        &[G::Pipelined, G::PipelinedSplitK, G::Wgmma, G::WgmmaWs],
+        &[
+            G::Pipelined,
+            G::PipelinedSplitK,
+            G::Wgmma,
+            G::WgmmaWs,
+            G::WgmmaTma,
+        ],
     );
 }
 
@@ -306,6 +313,18 @@ fn every_op_on_a_real_gpu() {
 #[test]
 #[ignore = "needs a CUDA GPU: run by tools/gpu-check.sh"]
 fn wgmma_gemm_on_a_real_gpu() {
+    hopper_gemms_on_a_real_gpu(&[G::Wgmma, G::WgmmaWs]);
+}
+
+/// The Hopper GEMM's TMA form on a real GPU, as the test above; its own test (and process in
+/// the GPU check), since it is the first kernel there to use tensor maps and tensor copies.
+#[test]
+#[ignore = "needs a CUDA GPU: run by tools/gpu-check.sh"]
+fn wgmma_tma_gemm_on_a_real_gpu() {
+    hopper_gemms_on_a_real_gpu(&[G::WgmmaTma]);
+}
+
+fn hopper_gemms_on_a_real_gpu(kernels: &[GemmKernel]) {
     let dev = CudaDevice::new(CudaConfig::default())
         .unwrap_or_else(|e| panic!("needs a CUDA GPU (tools/gpu-check.sh runs this): {e}"));
     if !dev.has_wgmma() {
@@ -314,10 +333,10 @@ fn wgmma_gemm_on_a_real_gpu() {
     }
     let dev = Arc::new(dev);
     let gemms = |op: &Op| matches!(op, Op::Linear { .. } | Op::Conv2d { .. });
-    parity_with("cuda", dev.clone(), gemms, is_wgmma);
-    large_tiles_on("cuda", dev, &[G::Wgmma, G::WgmmaWs]);
+    parity_with("cuda", dev.clone(), gemms, |g| kernels.contains(&g));
+    large_tiles_on("cuda", dev, kernels);
 }
 
 fn is_wgmma(g: GemmKernel) -> bool {
-    matches!(g, G::Wgmma | G::WgmmaWs)
+    matches!(g, G::Wgmma | G::WgmmaWs | G::WgmmaTma)
 }

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check: one script, run on the lent GPU machine (H200, driver 580 / CUDA 13.0, no Rust,
 # no network) from the repository root with .device/ (made by tools/gpu-prepare.sh) beside it:
-#   run(command="bash tools/gpu-check.sh", carry=[".device"], timeout_s=480)
+#   run(command="bash tools/gpu-check.sh", carry=[".device"], timeout_s=495)
 #
-# - Step time limits add up to BUDGET_S (470 s, under the timeout_s above, so the summary is
+# - Step time limits add up to BUDGET_S (485 s, under the timeout_s above, so the summary is
 #   always written); the budget is printed first and every step is killed at its limit. A
 #   whole run took 123 s on 2026-11-30 (before the serving steps).
 # - Binaries, the model and the NVRTC module cache go to a `mktemp -d` directory, removed at
@@ -28,7 +28,7 @@ trap 'rm -rf "$WORK"' EXIT
 
 # name:seconds, in order. The sum is the budget.
 STEPS=(versions:10 unpack:15 probe:20 cuda-unit:35 selftest:20 op-parity:40 wgmma-parity:15
-  decoder-parity:30 cnn:25 minilm:30 serve-plain:20 serve-ramps:20 serve-eager:20 kernel-bench:75
+  tma-parity:15 decoder-parity:30 cnn:25 minilm:30 serve-plain:20 serve-ramps:20 serve-eager:20 kernel-bench:75
   wgmma-bench:20 decode-bench:25 torch-ref:30 profile:20)
 BUDGET_S=0
 for s in "${STEPS[@]}"; do BUDGET_S=$((BUDGET_S + ${s#*:})); done
@@ -216,7 +216,10 @@ step selftest "$BIN/lib_tests" --ignored --test-threads 1 gpu_selftest
 # Every op on `cuda` against the CPU backend, then MiniLM end to end. The Hopper GEMM (new to
 # the hardware) in a process of its own, so a fault in it cannot hide the other results.
 step op-parity "$BIN/op_parity" --ignored --test-threads 1 --skip wgmma
-step wgmma-parity "$BIN/op_parity" --ignored --test-threads 1 wgmma
+step wgmma-parity "$BIN/op_parity" --ignored --test-threads 1 --exact wgmma_gemm_on_a_real_gpu
+# Its TMA form (tensor maps from the driver, tensor copies): the first of our kernels to use
+# them, so a process of its own too.
+step tma-parity "$BIN/op_parity" --ignored --test-threads 1 --exact wgmma_tma_gemm_on_a_real_gpu
 step decoder-parity "$BIN/decoder_parity" --ignored --test-threads 1
 # ResNet-18/50 and VGG-11 (torchvision's logits, generated weights) in f32/f16/bf16.
 step cnn "$BIN/golden_cnn" --ignored --test-threads 1
@@ -236,7 +239,7 @@ step serve-eager env APPARATE_GPU_GRAPHS=off "$BIN/apparate" serve-replay "${SER
   --ramps "$WORK/minilm-l6-intent-f16.ramps" --json "$OUT/serve-eager.json"
 step kernel-bench "$BIN/kernels_bench" --device cuda --repeats 10 --only gemm,attention,rows,conv,minilm \
   --model "$WORK/weights/minilm-l6-intent-f16.apparate" --out "$OUT"
-# The Hopper GEMMs alone (plain and warp-specialised), beside split-K and cuBLAS, and a MiniLM
+# The Hopper GEMMs alone (plain, warp-specialised, TMA), beside split-K and cuBLAS, and a MiniLM
 # forward with each (f16; a process of its own, as above).
 step wgmma-bench "$BIN/kernels_bench" --device cuda --only wgmma --dtype f16 --repeats 10 \
   --model "$WORK/weights/minilm-l6-intent-f16.apparate" --out "$OUT/wgmma"

@@ -7,8 +7,9 @@
 // start of a ring).
 //
 // On the emulated device a barrier is the same 8 bytes of shared memory holding (arrivals still
-// expected, expected per phase, phase bit); a waiter spins by yielding to the scheduler, which
-// reports a deadlock when a round of spinning sees no arrival.
+// expected, expected per phase, transaction bytes still expected, phase bit: emu/mbarrier.cpp);
+// a waiter lands queued tensor copies or spins by yielding to the scheduler, which reports a
+// deadlock when a round of spinning sees no arrival.
 #pragma once
 // Guarded too: NVRTC sees this header under two names (from kernels/ and from common/).
 #ifndef APPARATE_MBARRIER_CUH
@@ -17,55 +18,58 @@
 #include "apparate.cuh"
 #include "wgmma.cuh"
 
-#ifdef APPARATE_EMU
-inline void apparate_emu_mbar_check(const uint64_t* bar) {
-    if (reinterpret_cast<uintptr_t>(bar) % 8 != 0) {
-        std::fprintf(stderr, "mbarrier: %p is not 8-byte aligned\n", (const void*)bar);
-        std::abort();
-    }
-}
-#endif
-
 // Sets up a barrier for `count` arrivals per phase (one thread; then a __syncthreads before
 // anyone uses it).
 APPARATE_DEVICE void mbar_init(uint64_t* bar, uint32_t count) {
 #ifdef APPARATE_EMU
-    apparate_emu_mbar_check(bar);
-    *bar = (uint64_t)count | ((uint64_t)count << 32);  // phase 0
+    apparate_emu_mbar_init(bar, count);
 #else
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(wgmma_smem_addr(bar)), "r"(count)
                  : "memory");
 #endif
 }
 
+// After the initialising thread's last mbar_init, before the __syncthreads that publishes the
+// barriers: makes the initialised barriers visible to the async proxy, through which tensor
+// copies (TMA) complete their bytes on them (the CUDA programming guide's TMA example fences
+// the same way). sm_90; nothing elsewhere (only the generic proxy uses barriers there).
+APPARATE_DEVICE void mbar_init_fence() {
+#if !defined(APPARATE_EMU) && WGMMA_AVAILABLE
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
 // One arrival (release: this thread's earlier writes are visible to whoever waits for the phase).
 APPARATE_DEVICE void mbar_arrive(uint64_t* bar) {
 #ifdef APPARATE_EMU
-    apparate_emu_mbar_check(bar);
-    uint64_t v = *bar;
-    uint32_t pending = (uint32_t)v, expected = (uint32_t)(v >> 32) & 0x7FFFFFFFu;
-    uint64_t phase = v >> 63;
-    if (pending == 0) {
-        std::fprintf(stderr, "mbarrier: an arrival on a barrier that expects none\n");
-        std::abort();
-    }
-    if (--pending == 0) {
-        pending = expected;
-        phase ^= 1;
-    }
-    *bar = (uint64_t)pending | ((uint64_t)expected << 32) | (phase << 63);
-    apparate_emu_progress();
+    apparate_emu_mbar_arrive(bar, 0);
 #else
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(wgmma_smem_addr(bar)) : "memory");
 #endif
 }
 
-// Waits until the phase of parity `parity` has completed (acquire: the arrivals' writes are
-// visible afterwards).
+// One arrival that first announces `bytes` of asynchronous copies (TMA, kernels/common/tma.cuh)
+// completing on this barrier: the phase then completes once the arrivals are in and those
+// bytes have landed. sm_90.
+APPARATE_DEVICE void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+#ifdef APPARATE_EMU
+    apparate_emu_mbar_arrive(bar, bytes);
+#elif WGMMA_AVAILABLE
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(
+                     wgmma_smem_addr(bar)),
+                 "r"(bytes)
+                 : "memory");
+#else
+    __trap();  // sm_90 only: the launcher never picks a kernel built on it elsewhere
+#endif
+}
+
+// Waits until the phase of parity `parity` has completed (acquire: the arrivals' writes, and
+// the copies that completed the phase, are visible afterwards).
 APPARATE_DEVICE void mbar_wait(uint64_t* bar, uint32_t parity) {
 #ifdef APPARATE_EMU
-    apparate_emu_mbar_check(bar);
-    while ((uint32_t)(*bar >> 63) == (parity & 1)) apparate_emu_spin();
+    apparate_emu_mbar_wait(bar, parity);
 #else
     uint32_t addr = wgmma_smem_addr(bar), done = 0;
     while (!done) {

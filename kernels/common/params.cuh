@@ -67,6 +67,10 @@
 #define GEMM_WGMMA_WS_THREADS 384
 #define GEMM_WGMMA_WS_PRODUCER_REGS 40
 #define GEMM_WGMMA_WS_CONSUMER_REGS 232
+// Its TMA form (GemmKernel::WgmmaTma): the warp-specialised roles with one producer thread
+// issuing tensor copies, both tile widths, persistent blocks; stages of the 128 x 128 tile
+// (6 x 32 KiB; the wide tile keeps GEMM_WGMMA_WIDE_STAGES of 48 KiB).
+#define GEMM_WGMMA_TMA_STAGES 6
 
 // Query rows (one per warp) per block of the attention kernel.
 #define ATTN_WARPS 4

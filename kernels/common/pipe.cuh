@@ -61,7 +61,7 @@ APPARATE_DEVICE void cp_async_commit() {
         if (t->copies[i].group == ~0u) t->copies[i].group = t->groups_committed;
     t->groups_committed++;
 #else
-    asm volatile("cp.async.commit_group;\n" ::);
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 
@@ -85,7 +85,8 @@ APPARATE_DEVICE void cp_async_wait() {
     }
     t->n_copies = kept;
 #else
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+    // "memory": plain loads of the landed bytes must not move above the wait.
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
 

@@ -90,8 +90,7 @@ APPARATE_DEVICE void wgmma_fence_operand(float& r) {
 // Element (row, k) of a K-major 128-byte-swizzled operand, decoded from its descriptor.
 template <typename T>
 inline float apparate_emu_wgmma_elem(uint64_t desc, int row, int k) {
-    uint32_t start = (uint32_t)(desc & 0x3FFFu) << 4;
-    uint32_t sbo = (uint32_t)((desc >> 32) & 0x3FFFu) << 4;
+    uint32_t start = apparate_emu_desc_start(desc), sbo = apparate_emu_desc_sbo(desc);
     uint32_t base_offset = (uint32_t)((desc >> 49) & 7u), swizzle = (uint32_t)(desc >> 62);
     if (swizzle != 1 || base_offset != 0) {
         std::fprintf(stderr, "wgmma: the emulated device has the 128-byte swizzle with base offset 0 "

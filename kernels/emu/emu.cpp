@@ -165,6 +165,8 @@ bool run_block(Worker* w, uint64_t* seed, const char* name, char* err, size_t er
         t.wgmma_groups = 0;
         t.early_copies = seed ? splitmix(*seed) | 1 : 0;
     }
+    w->block.n_bulk = 0;
+    w->block.bulk_shuffle = seed ? splitmix(*seed) | 1 : 0;
     // Dynamic shared memory starts as NaN bytes in every block, so a read before a write shows.
     if (!w->dyn_shared.empty()) std::memset(w->dyn_shared.data(), 0xff, w->dyn_shared.size());
     std::vector<int> order(n);
@@ -219,7 +221,16 @@ bool run_block(Worker* w, uint64_t* seed, const char* name, char* err, size_t er
             at_warp += s == WaitWarp;
             spinning += s == Spin;
         }
-        if (done == n) return true;
+        if (done == n) {
+            if (w->block.n_bulk == 0) return true;
+            // On a GPU the copies would land in shared memory the next block may already own.
+            std::snprintf(err, errlen,
+                          "kernel `%s`: block (%u,%u,%u) exited with %u tensor copies (TMA) in "
+                          "flight that no thread waited for",
+                          name, w->block.block_idx.x, w->block.block_idx.y, w->block.block_idx.z,
+                          w->block.n_bulk);
+            return false;
+        }
         bool released = false;
         for (int wp = 0; wp < nwarps; wp++) {
             int lo = wp * 32, hi = lo + 32 < n ? lo + 32 : n;
@@ -281,6 +292,25 @@ void apparate_emu_syncthreads() { yield_to_scheduler(WaitBlock); }
 void apparate_emu_warp_barrier() { yield_to_scheduler(WaitWarp); }
 void apparate_emu_spin() { yield_to_scheduler(Spin); }
 void apparate_emu_progress() { worker->progress++; }
+
+int apparate_emu_wgmma_reader(uint32_t lo, uint32_t hi) {
+    Worker* w = worker;
+    // The bytes an operand's rows span: `rows` rows of 128 bytes in 8-row groups `sbo` apart
+    // from the 128-byte row of the descriptor's start (the swizzle stays within a row).
+    auto overlaps = [&](uint64_t desc, int rows) {
+        uint32_t start = apparate_emu_desc_start(desc) & ~127u;
+        uint32_t sbo = apparate_emu_desc_sbo(desc);
+        uint32_t end = start + (uint32_t)(rows / 8 - 1) * sbo + 8 * 128;
+        return start < hi && lo < end;
+    };
+    for (int i = 0; i < w->nthreads; i++) {
+        const ApparateEmuThread& t = w->fibers[i].t;
+        for (unsigned q = 0; q < t.n_wgmma; q++)
+            if (overlaps(t.wgmma[q].desc_a, 64) || overlaps(t.wgmma[q].desc_b, t.wgmma[q].n))
+                return i;
+    }
+    return -1;
+}
 uint32_t* apparate_emu_warp_scratch() { return worker->scratch[apparate_emu_thread->warp]; }
 
 extern "C" int apparate_emu_has_kernel(const char* name) { return apparate_emu_find(name) != nullptr; }

@@ -56,12 +56,30 @@ struct ApparateEmuThread {
     ApparateEmuWgmma wgmma[APPARATE_EMU_MAX_WGMMA];
     unsigned int n_wgmma, wgmma_groups;
 };
+// A tensor copy (`cp.async.bulk.tensor`, TMA) not yet landed: the block's copies land one at a
+// time while some thread waits on an mbarrier phase that is not complete, and then complete
+// their bytes on the barrier they name (kernels/common/tma.cuh). A copy belongs to the block,
+// not to the thread that issued it (which may exit before it lands).
+struct ApparateEmuBulk {
+    unsigned char* dst;       // shared memory, 128-byte aligned
+    uint64_t map[16];         // the tensor map, by value (the issuer's parameter copy may go)
+    int32_t c0, c1;           // box coordinates: column (innermost), row
+    uint64_t* bar;            // the mbarrier whose transaction count the bytes complete
+};
+#define APPARATE_EMU_MAX_BULK 64
+
 struct ApparateEmuBlock {
     uint3 block_idx;
     uint3 block_dim;
     uint3 grid_dim;
     unsigned char* dyn_shared;
     size_t dyn_shared_bytes;
+    // The block's tensor copies in flight, in issue order; a block must not exit with any.
+    ApparateEmuBulk bulk[APPARATE_EMU_MAX_BULK];
+    unsigned int n_bulk;
+    // Non-zero (shuffled schedules only): the generator that picks which copy lands next, lands
+    // copies early at arrivals and issues (emu/mbarrier.cpp, shuffle_point).
+    uint64_t bulk_shuffle;
 };
 
 extern thread_local ApparateEmuThread* apparate_emu_thread;
@@ -84,6 +102,8 @@ extern thread_local ApparateEmuBlock* apparate_emu_block;
 #define __align__(n) __attribute__((aligned(n)))
 // Register and occupancy hints for the GPU compiler; nothing to do on the host.
 #define __launch_bounds__(...)
+// A kernel parameter the kernel may take the address of (a tensor map): a plain parameter here.
+#define __grid_constant__
 
 // Scheduler entry points (emu.cpp).
 void apparate_emu_syncthreads();
@@ -93,6 +113,23 @@ void apparate_emu_warp_barrier();
 // round of spinning without any is reported as a deadlock instead of hanging.
 void apparate_emu_spin();
 void apparate_emu_progress();
+// Fields of a wgmma shared-memory matrix descriptor (kernels/common/wgmma.cuh): the start
+// address and the stride byte offset (8-row groups), in bytes.
+inline uint32_t apparate_emu_desc_start(uint64_t desc) { return (uint32_t)(desc & 0x3FFFu) << 4; }
+inline uint32_t apparate_emu_desc_sbo(uint64_t desc) {
+    return (uint32_t)((desc >> 32) & 0x3FFFu) << 4;
+}
+// A thread of the block whose queued (not yet waited for) wgmma reads shared-window bytes
+// [lo, hi), or -1: what lands there now may be what that multiply reads on a GPU.
+int apparate_emu_wgmma_reader(uint32_t lo, uint32_t hi);
+// mbarrier and tensor-copy (TMA) twins (mbarrier.cpp): init, arrival announcing `tx_bytes` of
+// copies (0: a plain arrival), the wait for a phase of a parity (landing queued copies while
+// it is incomplete), and a 2-D box copy that completes its bytes on `bar`.
+void apparate_emu_mbar_init(uint64_t* bar, uint32_t count);
+void apparate_emu_mbar_arrive(uint64_t* bar, uint32_t tx_bytes);
+void apparate_emu_mbar_wait(uint64_t* bar, uint32_t parity);
+void apparate_emu_tma_load_2d(void* dst, const uint64_t* map, int32_t c0, int32_t c1,
+                              uint64_t* bar);
 // 32 lanes x 16 words of scratch for the current warp (exchanges across lanes).
 uint32_t* apparate_emu_warp_scratch();
 

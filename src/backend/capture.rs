@@ -39,7 +39,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use super::device::{Device, GraphStep, KernelArg, LaunchConfig};
+use super::device::{Device, GraphStep, KernelArg, LaunchConfig, TensorMap, TensorMapSpec};
 use crate::error::{Error, Result};
 
 /// A buffer of a [`GraphDevice`]: shared, so that a record keeps it alive after the op that
@@ -849,6 +849,11 @@ impl<D: Device> Device for GraphDevice<D> {
 
     fn has_wgmma(&self) -> bool {
         self.inner.has_wgmma()
+    }
+
+    /// Made on the host, nothing queued: the same in every kind of run.
+    fn tensor_map(&self, spec: &TensorMapSpec) -> Result<TensorMap> {
+        self.inner.tensor_map(spec)
     }
 }
 

@@ -37,18 +37,79 @@ pub enum KernelArg {
     U32(u32),
     I32(i32),
     F32(f32),
+    /// A tensor map ([`Device::tensor_map`]) passed by value, for a kernel parameter
+    /// `const __grid_constant__ TmaMap` (kernels/common/tma.cuh).
+    TensorMap(TensorMap),
 }
 
+/// The storage a launch points at for one argument: 128 bytes, 64-byte aligned (a tensor map's
+/// size and alignment), the value in the low bytes (little-endian), which is how the kernel's
+/// parameter type reads it.
+#[repr(C, align(64))]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct ArgSlot(pub [u64; 16]);
+
 impl KernelArg {
-    /// The argument as the 8-byte slot a launch points at: the value in the low bytes
-    /// (little-endian), which is how the kernel's parameter type reads it.
-    pub fn slot(self) -> u64 {
+    /// The argument in the slot a launch points at.
+    pub fn slot(self) -> ArgSlot {
+        let mut s = [0u64; 16];
         match self {
-            KernelArg::Ptr(p) => p,
-            KernelArg::U32(v) => v as u64,
-            KernelArg::I32(v) => v as u32 as u64,
-            KernelArg::F32(v) => v.to_bits() as u64,
+            KernelArg::Ptr(p) => s[0] = p,
+            KernelArg::U32(v) => s[0] = v as u64,
+            KernelArg::I32(v) => s[0] = v as u32 as u64,
+            KernelArg::F32(v) => s[0] = v.to_bits() as u64,
+            KernelArg::TensorMap(m) => s = m.0,
         }
+        ArgSlot(s)
+    }
+}
+
+/// An opaque 128-byte description of a 2-D copy for the tensor memory accelerator (TMA, sm_90):
+/// on `cuda` what the driver's `cuTensorMapEncodeTiled` wrote, on `emu` the twin's own fields
+/// (kernels/common/tma.cuh). Made by [`Device::tensor_map`] from a [`TensorMapSpec`].
+#[repr(C, align(64))]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct TensorMap(pub [u64; 16]);
+
+/// What a [`TensorMap`] describes: boxes of a row-major matrix of 16-bit elements (f16/bf16)
+/// copied into shared memory in the 128-byte swizzle (a box row is 64 elements, 128 bytes:
+/// 16-byte chunk c of row r lands at chunk c ^ (r % 8), the layout `wgmma` reads), elements
+/// outside the matrix filled with zeros.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct TensorMapSpec {
+    /// Device address of element (0, 0): 16-byte aligned.
+    pub address: u64,
+    /// Rows of the matrix (1 ..= 2^32).
+    pub rows: u64,
+    /// Elements per row, contiguous (1 ..= 2^32).
+    pub cols: u64,
+    /// Bytes from one row to the next: a multiple of 16, below 2^40.
+    pub row_stride_bytes: u64,
+    /// Rows of a box (1 ..= 256).
+    pub box_rows: u32,
+}
+
+impl TensorMapSpec {
+    /// Elements of a box row: one 128-byte swizzle row of 16-bit elements.
+    pub const BOX_COLS: u32 = 64;
+
+    /// The limits the driver documents for `cuTensorMapEncodeTiled` with this layout, checked
+    /// on every device so the emulated one refuses what a GPU would.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let why = if !self.address.is_multiple_of(16) {
+            "the address is not 16-byte aligned"
+        } else if self.rows == 0 || self.rows > 1 << 32 || self.cols == 0 || self.cols > 1 << 32 {
+            "rows and columns must be 1 ..= 2^32"
+        } else if !self.row_stride_bytes.is_multiple_of(16) || self.row_stride_bytes >= 1 << 40 {
+            "the row stride must be a multiple of 16 bytes below 2^40"
+        } else if self.row_stride_bytes < self.cols * 2 {
+            "the row stride is shorter than a row"
+        } else if self.box_rows == 0 || self.box_rows > 256 {
+            "a box has 1 ..= 256 rows"
+        } else {
+            return Ok(());
+        };
+        Err(format!("tensor map {self:?}: {why}"))
     }
 }
 
@@ -170,6 +231,17 @@ pub trait Device: Send + Sync + 'static {
     /// (whose kernels are compiled for sm_90a) and the emulated device (which has twins).
     fn has_wgmma(&self) -> bool {
         false
+    }
+
+    /// A tensor map for the TMA copies of `spec`'s matrix (`cp.async.bulk.tensor`, sm_90), for
+    /// the kernels built on them (`gemm_wgmma_tma_*`). The devices with [`Device::has_wgmma`]
+    /// have TMA too; others refuse.
+    fn tensor_map(&self, spec: &TensorMapSpec) -> Result<TensorMap> {
+        Err(crate::error::Error::device(
+            self.name(),
+            format!("a tensor map for {spec:?}"),
+            "this device has no tensor memory accelerator (TMA, compute capability 9.0)",
+        ))
     }
 }
 

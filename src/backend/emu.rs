@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::device::{Device, GraphStep, KernelArg, LaunchConfig, check_launch};
+use super::device::{
+    ArgSlot, Device, GraphStep, KernelArg, LaunchConfig, TensorMap, TensorMapSpec, check_launch,
+};
 use crate::error::{Error, Result};
 
 #[cfg(apparate_emu)]
@@ -176,6 +178,9 @@ impl EmuDevice {
     }
 }
 
+/// The last word of an emulated tensor map (`kMapMark` in kernels/emu/mbarrier.cpp).
+const EMU_TENSOR_MAP_MARK: u64 = 0x5041_4d54_4150_5041;
+
 impl Device for EmuDevice {
     type Buf = EmuBuf;
 
@@ -186,6 +191,25 @@ impl Device for EmuDevice {
     /// The wgmma twins of kernels/common/wgmma.cuh.
     fn has_wgmma(&self) -> bool {
         true
+    }
+
+    /// The TMA twin's own fields (kernels/common/tma.cuh, `TmaMap`): address, columns, rows,
+    /// row stride, box columns and rows, element bytes, swizzle bytes, and a mark in the last
+    /// word that the twin checks.
+    fn tensor_map(&self, spec: &TensorMapSpec) -> Result<TensorMap> {
+        spec.check()
+            .map_err(|why| Error::device("emu", format!("a tensor map for {spec:?}"), why))?;
+        let mut v = [0u64; 16];
+        v[0] = spec.address;
+        v[1] = spec.cols;
+        v[2] = spec.rows;
+        v[3] = spec.row_stride_bytes;
+        v[4] = TensorMapSpec::BOX_COLS as u64;
+        v[5] = spec.box_rows as u64;
+        v[6] = 2;
+        v[7] = 128;
+        v[15] = EMU_TENSOR_MAP_MARK;
+        Ok(TensorMap(v))
     }
 
     fn describe(&self) -> String {
@@ -256,13 +280,13 @@ impl Device for EmuDevice {
             chunks.par_iter().try_for_each(|&(begin, end)| {
                 // Each chunk gets its own copy of the argument values: a kernel receives
                 // `void**` pointing at them, as with cuLaunchKernel.
-                let mut values: Vec<u64> = args.iter().map(|a| a.slot()).collect();
+                let mut values: Vec<ArgSlot> = args.iter().map(|a| a.slot()).collect();
                 let mut ptrs: Vec<*mut c_void> = values
                     .iter_mut()
-                    .map(|v| v as *mut u64 as *mut c_void)
+                    .map(|v| v as *mut ArgSlot as *mut c_void)
                     .collect();
                 let mut msg = vec![0 as c_char; 512];
-                // SAFETY: names and arrays outlive the call; every argument is an 8-byte slot
+                // SAFETY: names and arrays outlive the call; every argument is a 128-byte slot
                 // whose low bytes hold the value (little-endian), as the kernel's parameter
                 // types read them.
                 let rc = unsafe {

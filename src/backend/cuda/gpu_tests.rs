@@ -58,6 +58,20 @@ fn gpu_selftest_wgmma_layouts() {
     }
 }
 
+/// Tensor copies (TMA): the driver's tensor map, the copy's 128-byte swizzle and zero fill, and
+/// the transaction bytes that complete an mbarrier phase, as the emulated twin has them;
+/// skipped with a message on a GPU other than compute capability 9.0.
+#[test]
+#[ignore = "needs a CUDA GPU: run by tools/gpu-check.sh"]
+fn gpu_selftest_tma_boxes() {
+    let dev = device();
+    if !dev.has_wgmma() {
+        eprintln!("skipped: {} has no TMA (sm_90a only)", dev.describe());
+        return;
+    }
+    selftest::tma(&dev).unwrap();
+}
+
 /// mbarrier phases and parities (the warp-specialised Hopper GEMM's hand-over), as the emulated
 /// twin has them.
 #[test]

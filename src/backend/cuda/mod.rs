@@ -59,7 +59,9 @@ use cudarc::driver::result as dres;
 use cudarc::driver::sys as dsys;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, PushKernelArg};
 
-use super::device::{Device, GraphStep, KernelArg, LaunchConfig, check_launch};
+use super::device::{
+    ArgSlot, Device, GraphStep, KernelArg, LaunchConfig, TensorMap, TensorMapSpec, check_launch,
+};
 use crate::error::{Error, Result};
 
 pub use super::entry_points::entry_points;
@@ -333,8 +335,9 @@ impl CudaDevice {
                 k.max_dynamic_shared
                     .fetch_max(cfg.shared_bytes, Ordering::Relaxed);
             }
-            // The launch gets a pointer to each argument's 8-byte slot.
-            let values: Vec<u64> = args.iter().map(|a| a.slot()).collect();
+            // The launch gets a pointer to each argument's slot (the driver reads as many
+            // bytes as the parameter has).
+            let values: Vec<ArgSlot> = args.iter().map(|a| a.slot()).collect();
             let mut builder = self.stream().launch_builder(&k.func);
             for v in &values {
                 builder.arg(v);
@@ -354,6 +357,9 @@ impl CudaDevice {
     }
 }
 
+// SAFETY: plain bytes; the driver reads as many of them as the kernel's parameter has.
+unsafe impl cudarc::driver::DeviceRepr for ArgSlot {}
+
 impl Device for CudaDevice {
     type Buf = CudaBuf;
     type Pinned = CudaPinned;
@@ -361,6 +367,50 @@ impl Device for CudaDevice {
     /// Compute capability 9.0, whose kernels are compiled for sm_90a ([`ProbeInfo::arch`]).
     fn has_wgmma(&self) -> bool {
         self.info.has_wgmma()
+    }
+
+    /// `cuTensorMapEncodeTiled`: 16-bit elements (`UINT16`: the copies move bits, so one type
+    /// serves f16 and bf16), boxes of 64 x `box_rows` in the 128-byte swizzle, zeros outside
+    /// the matrix, L2 promotion to 256-byte lines.
+    /// Called per GEMM launch: nothing is formatted unless something fails.
+    fn tensor_map(&self, spec: &TensorMapSpec) -> Result<TensorMap> {
+        const WHAT: &str = "a tensor map";
+        let failed = |why: String| Error::device(BACKEND, format!("{WHAT} for {spec:?}"), why);
+        spec.check().map_err(failed)?;
+        if !self.has_wgmma() {
+            return Err(failed(format!(
+                "{} has no tensor memory accelerator (TMA)",
+                self.info.arch()
+            )));
+        }
+        guard(WHAT, || {
+            self.enter(WHAT)?;
+            let dims = [spec.cols, spec.rows];
+            let strides = [spec.row_stride_bytes];
+            let boxes = [TensorMapSpec::BOX_COLS, spec.box_rows];
+            let element_strides = [1u32, 1];
+            let mut map = dsys::CUtensorMap { opaque: [0; 16] };
+            // SAFETY: every array has the rank's entries (strides: rank - 1); the map is
+            // written by the call and the address is only recorded in it, not dereferenced.
+            let rc = unsafe {
+                dsys::cuTensorMapEncodeTiled(
+                    &mut map,
+                    dsys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
+                    2,
+                    spec.address as *mut std::ffi::c_void,
+                    dims.as_ptr(),
+                    strides.as_ptr(),
+                    boxes.as_ptr(),
+                    element_strides.as_ptr(),
+                    dsys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                    dsys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                    dsys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                    dsys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+                )
+            };
+            rc.result().map_err(|e| failed(describe(e)))?;
+            Ok(TensorMap(map.opaque))
+        })
     }
 
     fn alloc_pinned(&self, bytes: usize) -> Result<CudaPinned> {

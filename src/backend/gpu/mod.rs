@@ -134,7 +134,8 @@ impl<D: Device> GpuBackend<D> {
 
     /// How many output tiles fill the GPU: a GEMM with at least this many large tiles runs
     /// them (128 x 128 pipelined, 128 x 256 wgmma), one with fewer runs smaller tiles and,
-    /// with split-K, splits K until about twice this many blocks run. Default 132 (the
+    /// with split-K, splits K until about twice this many blocks run; the persistent TMA GEMM
+    /// runs at most this many blocks. Default 132 (the
     /// multiprocessors of an H100/H200; 108 suits an A100). The parity tests set it low to
     /// reach the large tiles at shapes the emulated device runs quickly. 0 is taken as 1.
     pub fn with_gemm_fill_tiles(mut self, tiles: usize) -> GpuBackend<D> {

@@ -5,7 +5,7 @@
 //! real GPU's check run the same code.
 
 use super::elementwise;
-use crate::backend::device::{Device, KernelArg, LaunchConfig};
+use crate::backend::device::{Device, KernelArg, LaunchConfig, TensorMapSpec};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
@@ -186,6 +186,77 @@ pub fn wgmma<D: Device>(dev: &D, dtype: DType) -> Result<()> {
                     &kernel,
                     format!("D[{m}][{n}] = {}, expected {want}", got[m * 128 + n]),
                 ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `selftest_tma`: two tensor copies (TMA) of 64 x 128 boxes of a 100 x 72 matrix of 16-bit
+/// values through one mbarrier (phases 0 and 1), read back through the 128-byte swizzle: the
+/// first box straddles the last columns and rows (zeros beyond them), the second starts 8 rows
+/// above the first row. Checks the tensor map the device makes ([`Device::tensor_map`]), the
+/// copy's swizzle and zero fill, and the transaction count that completes each phase. Needs a
+/// device with wgmma (and so TMA).
+pub fn tma<D: Device>(dev: &D) -> Result<()> {
+    const K: &str = "selftest_tma";
+    const ROWS: usize = 100;
+    const COLS: usize = 72;
+    let value = |r: usize, c: usize| ((r * 131 + c * 7) % 32749 + 1) as u16;
+    let m: Vec<u16> = (0..ROWS * COLS)
+        .map(|i| value(i / COLS, i % COLS))
+        .collect();
+    let mb = dev.upload(bytemuck::cast_slice(&m))?;
+    let map = dev.tensor_map(&TensorMapSpec {
+        address: dev.address(&mb),
+        rows: ROWS as u64,
+        cols: COLS as u64,
+        row_stride_bytes: 2 * COLS as u64,
+        box_rows: 128,
+    })?;
+    let out = dev.alloc(2 * 128 * 64 * 2)?;
+    dev.fill(&out, 0xff)?;
+    let origins = [(64i32, 40i32), (0, -8)];
+    let args = [
+        KernelArg::TensorMap(map),
+        KernelArg::I32(origins[0].0),
+        KernelArg::I32(origins[0].1),
+        KernelArg::I32(origins[1].0),
+        KernelArg::I32(origins[1].1),
+        KernelArg::Ptr(dev.address(&out)),
+    ];
+    // SAFETY: (TmaMap, 4 x int32, uint16_t* out): 2 x 128 x 64 values out, one warpgroup;
+    // shared: up to 1024 bytes of alignment, a 16 KiB box, one mbarrier.
+    unsafe { dev.launch(K, LaunchConfig::linear(1, 128, 1024 + 128 * 128 + 8), &args) }?;
+    dev.synchronize()?;
+    let mut bytes = vec![0u8; dev.len(&out)];
+    dev.download(&out, &mut bytes)?;
+    let got: Vec<u16> = bytes
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect();
+    for (round, &(c0, c1)) in origins.iter().enumerate() {
+        for r in 0..128 {
+            for c in 0..64 {
+                let (gr, gc) = (c1 as i64 + r as i64, c0 as i64 + c as i64);
+                let inside = (0..ROWS as i64).contains(&gr) && (0..COLS as i64).contains(&gc);
+                let want = if inside {
+                    value(gr as usize, gc as usize)
+                } else {
+                    0
+                };
+                let at = (round * 128 + r) * 64 + c;
+                if got[at] != want {
+                    return Err(wrong(
+                        dev,
+                        K,
+                        format!(
+                            "box {round} at (column {c0}, row {c1}), element ({r}, {c}): {}, \
+                             expected {want}",
+                            got[at]
+                        ),
+                    ));
+                }
             }
         }
     }
