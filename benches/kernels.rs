@@ -33,7 +33,9 @@ use apparate::backend::cuda::{CudaConfig, CudaDevice};
 use apparate::backend::decoder::{DecoderBackend, Heads, KvPlan};
 use apparate::backend::device::Device;
 use apparate::backend::emu::{EmuConfig, EmuDevice};
-use apparate::backend::gpu::{AttentionKernel, GemmKernel, GpuBackend, RowKernel, elementwise};
+use apparate::backend::gpu::{
+    AttentionKernel, ConvKernel, GemmKernel, GpuBackend, RowKernel, elementwise,
+};
 use apparate::backend::{Activation, Backend, BatchShape, CpuBackend, CpuConfig};
 use apparate::format::ModelFile;
 use apparate::gguf::GgmlType;
@@ -580,9 +582,11 @@ fn decode_attention<D: Device>(
 }
 
 /// Dense convolutions through im2col + GEMM, with each row kernel set (the block set runs the
-/// reference im2col, the warp set the fast one; the GEMM is the same): ResNet-50's stem
-/// (7 x 7, stride 2, 3 channels: element units), a conv2_x and a conv4_x 3 x 3 (16-byte units),
-/// at batch 32. Through the op, so each call allocates its output and im2col buffer.
+/// reference im2col, the warp set the fast one; the GEMM is the same), and in f16/bf16 as an
+/// implicit GEMM (`conv_pipe_*`, no im2col buffer; not for the stem's 3 channels, which keeps
+/// im2col): ResNet-50's stem (7 x 7, stride 2, 3 channels: element units), a conv2_x and a
+/// conv4_x 3 x 3 (16-byte units), at batch 32. Through the op, so each call allocates its
+/// output and im2col buffer (from the pool on CUDA).
 fn conv<D: Device>(
     name: &str,
     be: &GpuBackend<D>,
@@ -616,8 +620,15 @@ fn conv<D: Device>(
             padding_extra: [0; 2],
         };
         let mut ms = Vec::new();
-        for kernel in [RowKernel::Block, RowKernel::Warp] {
-            let be = be.clone().with_rows(kernel);
+        let mut kernels = vec![
+            ("im2col block", RowKernel::Block, ConvKernel::Im2col),
+            ("im2col warp", RowKernel::Warp, ConvKernel::Im2col),
+        ];
+        if be.dtype() != DType::F32 && cin % 8 == 0 {
+            kernels.push(("implicit GEMM", RowKernel::Warp, ConvKernel::Implicit));
+        }
+        for &(_, rows_kernel, conv_kernel) in &kernels {
+            let be = be.clone().with_rows(rows_kernel).with_conv(conv_kernel);
             ms.push(time(be.device(), plan, || {
                 be.conv2d(&xt, &wt, None, &p, None, Activation::Relu)?;
                 Ok(())
@@ -627,12 +638,12 @@ fn conv<D: Device>(
             .output_size(x[1], x[2], k, k)
             .ok_or("kernel does not fit")?;
         let flops = 2.0 * (x[0] * oh * ow * cout * k * k * cin) as f64;
-        for (kernel, t) in ["block", "warp"].into_iter().zip(&ms) {
+        for ((kernel, ..), t) in kernels.iter().zip(&ms) {
             push(
                 rows,
                 Row {
                     what: format!(
-                        "{name} {} conv {:?} -> {cout} k{k} s{stride} (im2col {kernel})",
+                        "{name} {} conv {:?} -> {cout} k{k} s{stride} ({kernel})",
                         be.dtype(),
                         x
                     ),

@@ -1,8 +1,11 @@
-// 2-D convolution over NHWC tensors. Dense convolutions run as im2col (this file) + the GEMM
-// of gemm.cu (tensor cores for f16/bf16), whose epilogue adds the bias and the residual and
+// 2-D convolution over NHWC tensors. Dense convolutions are GEMMs over the receptive fields:
+// in f16/bf16 with 8-channel multiples, `conv_pipe_*` (below) gathers them from the input as
+// the pipelined GEMM's copies go (an implicit GEMM: no im2col buffer); else im2col (this file)
+// + the GEMM of gemm.cu. Either way the GEMM's epilogue adds the bias and the residual and
 // applies the activation; 1x1 stride-1 convolutions skip im2col. Grouped and depthwise
 // convolutions have their own direct kernel: one thread per output element, f32 accumulation.
 #include "common/apparate.cuh"
+#include "common/gemm_pipe.cuh"
 
 // cols [n * oh * ow, kh * kw * cin]: the receptive field of every output pixel, zero where it
 // falls in the padding.
@@ -109,4 +112,73 @@ extern "C" __global__ void conv_grouped_f16(const f16* x, const f16* wt, const f
 }
 extern "C" __global__ void conv_grouped_bf16(const bf16* x, const bf16* wt, const bf16* bias, const bf16* res, bf16* out, CONV_ARGS) {
     conv_grouped(x, wt, bias, res, out, CONV_PASS);
+}
+
+// ---- implicit GEMM: the pipelined GEMM with A gathered from the input ----------------------
+//
+// A divisor fixed at launch, divided by with fast_div (constants from the launcher's FastDiv).
+struct Divisor {
+    uint32_t d, mul, l;
+    APPARATE_DEVICE uint32_t div(uint32_t n) const { return fast_div(n, mul, l); }
+};
+
+// A = the receptive fields of the output pixels: row m is pixel (b, y, xo) in [n, oh, ow]
+// order, column k is (i, j, c) in the weights' [kh, kw, cin] order, so the weights are the
+// GEMM's W [cout, K] as stored. cin % 8 == 0 keeps each 16-byte chunk of a row inside one tap
+// (one input pixel's channels): the chunk is then wholly in the image or wholly in the padding,
+// and 16-byte aligned in a 16-byte aligned input. A row's pixel is worked out once per block
+// (its image and top-left input corner), a column's tap once per k-step: per copy, two adds
+// and a bounds check where im2col writes and reads the whole K x M matrix.
+template <typename T>
+struct ConvRows {
+    const T* x;
+    uint32_t M, K, h, w;
+    Divisor cin, kw, ow, oh;
+    uint32_t sh, sw, ph, pw;
+    struct Row {
+        const T* image;
+        int iy0, ix0;
+        bool in;
+    };
+    struct Column {
+        uint32_t i, j, c;
+        bool in;
+    };
+    APPARATE_DEVICE Row row(uint32_t m) const {
+        if (m >= M) return Row{x, 0, 0, false};
+        uint32_t q = ow.div(m), xo = m - q * ow.d;  // q = b * oh + y
+        uint32_t b = oh.div(q), y = q - b * oh.d;
+        return Row{x + (uint64_t)b * h * w * cin.d, (int)(y * sh) - (int)ph,
+                   (int)(xo * sw) - (int)pw, true};
+    }
+    APPARATE_DEVICE Column column(uint32_t k) const {
+        uint32_t tap = cin.div(k), i = kw.div(tap);
+        return Column{i, tap - i * kw.d, k - tap * cin.d, k < K};
+    }
+    APPARATE_DEVICE const T* at(const Row& r, const Column& c, bool& in) const {
+        int iy = r.iy0 + (int)c.i, ix = r.ix0 + (int)c.j;
+        in = r.in && c.in && iy >= 0 && iy < (int)h && ix >= 0 && ix < (int)w;
+        return in ? r.image + ((uint64_t)iy * w + ix) * cin.d + c.c : x;
+    }
+};
+
+// y [M = n * oh * ow, N = cout] = act(A W^T + bias + residual), A as above, K = kh * kw * cin;
+// the pipelined GEMM's contract otherwise (split-K through `partial`, the big and small tiles).
+#define CONV_PIPE_ARGS(T) const T* x, const T* wt, const T* bias, const T* res, T* y, uint32_t M, \
+    uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split, uint32_t h, uint32_t w, \
+    FAST_DIV(cin), FAST_DIV(kw), FAST_DIV(ow), FAST_DIV(oh), uint32_t sh, uint32_t sw, \
+    uint32_t ph, uint32_t pw
+#define CONV_ROWS(T) ConvRows<T>{x, M, K, h, w, {cin, cin_mul, cin_l}, {kw, kw_mul, kw_l}, \
+    {ow, ow_mul, ow_l}, {oh, oh_mul, oh_l}, sh, sw, ph, pw}
+extern "C" __global__ void __launch_bounds__(GEMM_PIPE_BIG_THREADS) conv_pipe_big_f16(CONV_PIPE_ARGS(f16)) {
+    gemm_pipe_big(CONV_ROWS(f16), wt, bias, res, y, M, N, K, act, partial, per_split);
+}
+extern "C" __global__ void __launch_bounds__(GEMM_PIPE_BIG_THREADS) conv_pipe_big_bf16(CONV_PIPE_ARGS(bf16)) {
+    gemm_pipe_big(CONV_ROWS(bf16), wt, bias, res, y, M, N, K, act, partial, per_split);
+}
+extern "C" __global__ void __launch_bounds__(GEMM_PIPE_SMALL_THREADS) conv_pipe_small_f16(CONV_PIPE_ARGS(f16)) {
+    gemm_pipe_small(CONV_ROWS(f16), wt, bias, res, y, M, N, K, act, partial, per_split);
+}
+extern "C" __global__ void __launch_bounds__(GEMM_PIPE_SMALL_THREADS) conv_pipe_small_bf16(CONV_PIPE_ARGS(bf16)) {
+    gemm_pipe_small(CONV_ROWS(bf16), wt, bias, res, y, M, N, K, act, partial, per_split);
 }

@@ -54,6 +54,7 @@ fn block_barrier_is_real_in_every_schedule() {
         let d = EmuDevice::new(EmuConfig {
             threads: None,
             shuffle_seed: seed,
+            ..EmuConfig::default()
         })
         .unwrap();
         selftest::block_reverse(&d, 3, 256).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
@@ -90,6 +91,7 @@ fn tma_twin_copies_swizzled_boxes_with_zero_fill() {
         let d = EmuDevice::new(EmuConfig {
             threads: None,
             shuffle_seed: seed,
+            ..EmuConfig::default()
         })
         .unwrap();
         selftest::tma(&d).unwrap();
@@ -155,6 +157,7 @@ fn cp_async_copies_land_at_their_wait_and_zero_fill() {
         let d = EmuDevice::new(EmuConfig {
             threads: None,
             shuffle_seed: seed,
+            ..EmuConfig::default()
         })
         .unwrap();
         // No shuffle seed (0 here, and none from APPARATE_EMU_SEED) holds every copy until its
@@ -189,6 +192,7 @@ fn mbarrier_phases_hand_over_and_a_lost_arrival_is_a_deadlock() {
         let d = EmuDevice::new(EmuConfig {
             threads: None,
             shuffle_seed: seed,
+            ..EmuConfig::default()
         })
         .unwrap();
         selftest::mbarrier(&d).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
@@ -256,4 +260,28 @@ fn tensors_of_another_dtype_are_refused() {
     let x = half.upload(&[1.0; 8], &[2, 4]).unwrap();
     let e = full.softmax(&x).err().expect("accepted").to_string();
     assert!(e.contains("f16 tensor handed to the f32 backend"), "{e}");
+}
+
+/// The GEMMs size their big tiles and persistent grids to the device's multiprocessors, also
+/// through the graph-capturing wrapper; a device that does not say gets an H100/H200's 132.
+#[test]
+fn gemm_grids_follow_the_device_multiprocessors() {
+    use apparate::backend::capture::GraphDevice;
+    use apparate::backend::gpu::GpuBackend;
+    use apparate::tensor::DType;
+    use std::sync::Arc;
+
+    let plain = GpuBackend::new(dev(), DType::F16);
+    assert_eq!(plain.gemm_fill_tiles(), 132);
+    let a100 = EmuDevice::new(EmuConfig {
+        multiprocessors: Some(108),
+        ..EmuConfig::default()
+    })
+    .unwrap();
+    assert_eq!(a100.multiprocessors(), Some(108));
+    let graphs = GraphDevice::new(Arc::new(a100));
+    assert_eq!(graphs.multiprocessors(), Some(108));
+    let backend = GpuBackend::new(graphs, DType::F16);
+    assert_eq!(backend.gemm_fill_tiles(), 108);
+    assert_eq!(backend.with_gemm_fill_tiles(0).gemm_fill_tiles(), 1);
 }

@@ -15,7 +15,9 @@ use std::sync::Arc;
 use apparate::backend::cuda::{CudaConfig, CudaDevice};
 use apparate::backend::device::Device;
 use apparate::backend::emu::{EmuConfig, EmuDevice};
-use apparate::backend::gpu::{AttentionKernel, GemmKernel, GemmKernel as G, GpuBackend, RowKernel};
+use apparate::backend::gpu::{
+    AttentionKernel, ConvKernel, GemmKernel, GemmKernel as G, GpuBackend, RowKernel,
+};
 use apparate::backend::{Backend, CpuBackend, RampInput, RampWeights};
 use apparate::tensor::DType;
 use common::cpu;
@@ -40,19 +42,30 @@ fn parity_with<D: Device>(
         // Ops that run a GEMM, in half precision: both kernels (the simple one is the
         // pipelined one's reference and fallback).
         // The same for attention.
-        use {AttentionKernel as A, GemmKernel as G, RowKernel as R};
+        use {AttentionKernel as A, ConvKernel as C, GemmKernel as G, RowKernel as R};
         let half = case.dtype != DType::F32;
-        let variants: &[(G, A, R)] = match case.op {
-            Op::Linear { .. } | Op::Conv2d { .. } if half => &[
-                (G::Pipelined, A::Flash, R::Block),
-                (G::PipelinedSplitK, A::Flash, R::Block),
-                (G::Wgmma, A::Flash, R::Block),
-                (G::WgmmaTma, A::Flash, R::Block),
-                (G::Simple, A::Flash, R::Block),
+        let variants: &[(G, A, R, C)] = match case.op {
+            Op::Linear { .. } if half => &[
+                (G::Pipelined, A::Flash, R::Block, C::Implicit),
+                (G::PipelinedSplitK, A::Flash, R::Block, C::Implicit),
+                (G::Wgmma, A::Flash, R::Block, C::Implicit),
+                (G::WgmmaTma, A::Flash, R::Block, C::Implicit),
+                (G::Simple, A::Flash, R::Block, C::Implicit),
+            ],
+            // Convolutions: every GEMM after im2col (both im2col kernels), and the implicit
+            // GEMM over the pipelined one.
+            Op::Conv2d { .. } if half => &[
+                (G::Pipelined, A::Flash, R::Block, C::Im2col),
+                (G::PipelinedSplitK, A::Flash, R::Warp, C::Im2col),
+                (G::Wgmma, A::Flash, R::Block, C::Im2col),
+                (G::WgmmaTma, A::Flash, R::Block, C::Im2col),
+                (G::Simple, A::Flash, R::Warp, C::Im2col),
+                (G::Pipelined, A::Flash, R::Block, C::Implicit),
+                (G::PipelinedSplitK, A::Flash, R::Block, C::Implicit),
             ],
             Op::Attention { .. } if half => &[
-                (G::Pipelined, A::Flash, R::Block),
-                (G::Pipelined, A::Simple, R::Block),
+                (G::Pipelined, A::Flash, R::Block, C::Implicit),
+                (G::Pipelined, A::Simple, R::Block, C::Implicit),
             ],
             // The row and memory-bound kernels: both, in every dtype (the fast im2col of a
             // dense convolution in f32 too).
@@ -63,18 +76,22 @@ fn parity_with<D: Device>(
             | Op::Pool { .. }
             | Op::RampExit { .. }
             | Op::Conv2d { .. } => &[
-                (G::Pipelined, A::Flash, R::Block),
-                (G::Pipelined, A::Flash, R::Warp),
+                (G::Pipelined, A::Flash, R::Block, C::Implicit),
+                (G::Pipelined, A::Flash, R::Warp, C::Implicit),
             ],
-            _ => &[(G::Pipelined, A::Flash, R::Block)],
+            _ => &[(G::Pipelined, A::Flash, R::Block, C::Implicit)],
         };
-        for &(gemm, attention, rows) in variants.iter().filter(|v| gemms(v.0)) {
+        for &(gemm, attention, rows, conv) in variants.iter().filter(|v| gemms(v.0)) {
             let be = GpuBackend::shared(dev.clone(), case.dtype)
                 .with_poisoned_outputs()
                 .with_gemm(gemm)
                 .with_attention(attention)
-                .with_rows(rows);
-            let label = format!("{label}/{}/{gemm:?}/{attention:?}/{rows:?}", case.dtype);
+                .with_rows(rows)
+                .with_conv(conv);
+            let label = format!(
+                "{label}/{}/{gemm:?}/{attention:?}/{rows:?}/{conv:?}",
+                case.dtype
+            );
             check_case(&label, &be, &c, case);
         }
         ran += 1;
@@ -207,10 +224,11 @@ fn linear_all_dtypes_and_shapes() {
 }
 
 /// The large GEMM tiles (pipelined 128 x 128, wgmma 128 x 256) at the table's shapes: with
-/// "2 tiles fill the GPU", every linear case of two or more large tiles takes them, and the
-/// others split K among fewer blocks.
+/// "2 tiles fill the GPU", every linear and dense convolution case of two or more large tiles
+/// takes them (convolutions both implicit and after im2col), and the others split K among
+/// fewer blocks.
 #[test]
-fn linear_large_tiles_at_a_low_fill() {
+fn gemm_large_tiles_at_a_low_fill() {
     large_tiles_on(
         "emu",
         emu(),
@@ -229,16 +247,22 @@ fn large_tiles_on<D: Device>(label: &str, dev: Arc<D>, gemms: &[GemmKernel]) {
     let mut ran = 0;
     for case in op_cases::cases()
         .iter()
-        .filter(|k| matches!(k.op, Op::Linear { .. }) && k.dtype != DType::F32)
+        .filter(|k| matches!(k.op, Op::Linear { .. } | Op::Conv2d { .. }) && k.dtype != DType::F32)
     {
         for &gemm in gemms {
-            let be = GpuBackend::shared(dev.clone(), case.dtype)
-                .with_poisoned_outputs()
-                .with_gemm(gemm)
-                .with_gemm_fill_tiles(2);
-            let what = format!("{label}/{}/{gemm:?}/fill 2", case.dtype);
-            check_case(&what, &be, &c, case);
-            ran += 1;
+            for conv in [ConvKernel::Implicit, ConvKernel::Im2col] {
+                if conv == ConvKernel::Im2col && !matches!(case.op, Op::Conv2d { .. }) {
+                    continue;
+                }
+                let be = GpuBackend::shared(dev.clone(), case.dtype)
+                    .with_poisoned_outputs()
+                    .with_gemm(gemm)
+                    .with_conv(conv)
+                    .with_gemm_fill_tiles(2);
+                let what = format!("{label}/{}/{gemm:?}/{conv:?}/fill 2", case.dtype);
+                check_case(&what, &be, &c, case);
+                ran += 1;
+            }
         }
     }
     assert!(ran > 0, "no case selected");

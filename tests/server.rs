@@ -800,7 +800,7 @@ fn a_queue_that_falls_behind_its_time_bound_answers_429() {
         vec![("sentiment", SENTIMENT)],
         BatchingConfig {
             max_batch_size: 1,
-            max_queue_wait: Some(Duration::from_millis(100)),
+            max_queue_wait: Some(Duration::from_millis(250)),
             ..BatchingConfig::default()
         },
         ServerConfig::default(),
@@ -808,10 +808,11 @@ fn a_queue_that_falls_behind_its_time_bound_answers_429() {
     let a = srv.addr;
     let long = "a long review of a film that goes on and on ".repeat(20);
     let body = text_request(&[long.as_str(); 64]);
-    // 64 texts at one a batch: seconds of work, all queued within the bound (their
-    // tokenizing on submission takes a few tens of ms).
+    // 64 texts at one a batch: seconds of work on 2 cores, all queued within the bound (their
+    // tokenizing on submission takes a few tens of ms; over 100 ms once on a loaded 2-core
+    // machine while the other tests of this file ran, so the bound is 250 ms).
     let backlog = std::thread::spawn(move || post(a, "/v2/models/sentiment/infer", &body).0);
-    std::thread::sleep(Duration::from_millis(400));
+    std::thread::sleep(Duration::from_millis(600));
     let t = std::time::Instant::now();
     let (s, head, b) = post(a, "/v2/models/sentiment/infer", &text_request(&["hello"]));
     assert_eq!(s, 429, "{b}");
@@ -1424,7 +1425,10 @@ fn a_full_generation_queue_answers_429_at_once() {
         ServerConfig::default(),
     );
     let a = srv.addr;
-    let body = json!({"text_input": "Tell a long story", "max_tokens": 200, "ignore_eos": true})
+    // Long enough that the six arrive while the first runs; short enough that the queued one
+    // ends well within the client's 60 s read timeout on a loaded 2-core machine (200 tokens
+    // took 16 s there, and the queued request waits for them).
+    let body = json!({"text_input": "Tell a long story", "max_tokens": 64, "ignore_eos": true})
         .to_string();
     let answers: Vec<(u16, String, std::time::Duration)> = std::thread::scope(|sc| {
         let hs: Vec<_> = (0..6)

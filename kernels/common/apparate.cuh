@@ -3,6 +3,9 @@
 // (APPARATE_EMU: the kernel is compiled by the host C++ compiler and runs on the emulated
 // device, see kernels/emu/).
 #pragma once
+// Guarded too: NVRTC sees this header under two names (from kernels/ and from common/).
+#ifndef APPARATE_APPARATE_CUH
+#define APPARATE_APPARATE_CUH
 
 #include "params.cuh"
 
@@ -295,3 +298,5 @@ APPARATE_DEVICE float activate(float x, int act) {
     if (act == ACT_RELU6) return fminf(fmaxf(x, 0.0f), 6.0f);
     return x;
 }
+
+#endif  // APPARATE_APPARATE_CUH

@@ -10,6 +10,9 @@
 //   b[0]: B[2t, 2t+1][g]      b[1]: B[2t+8, 2t+9][g]     (rows of B = k)
 //   d[0..1]: D[g][2t, 2t+1]   d[2..3]: D[g+8][2t, 2t+1]
 #pragma once
+// Guarded too: NVRTC sees this header under two names (from kernels/ and from common/).
+#ifndef APPARATE_MMA_CUH
+#define APPARATE_MMA_CUH
 
 #include "apparate.cuh"
 
@@ -71,3 +74,4 @@ APPARATE_DEVICE void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint
 #endif
 }
 
+#endif  // APPARATE_MMA_CUH

@@ -33,8 +33,8 @@
 #define GEMM_SIMT_THREADS 256
 // The pipelined tensor-core GEMM (f16/bf16): k-step, shared-memory stages, and its two tile
 // shapes (big: 8 warps as 2 x 4; small: 4 warps as 2 x 2). A big tile is used when the GEMM
-// has at least GEMM_PIPE_BIG_MIN_TILES of them: one per multiprocessor of an H100/H200 (132),
-// below which the big tiles would leave multiprocessors idle.
+// has at least one per multiprocessor (the device's count; GEMM_PIPE_BIG_MIN_TILES, an
+// H100/H200's 132, where the device does not say), below which big tiles leave some idle.
 #define GEMM_PIPE_BK 32
 #define GEMM_PIPE_STAGES 4
 #define GEMM_PIPE_BIG_BM 128

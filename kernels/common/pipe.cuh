@@ -6,6 +6,9 @@
 //   (a read of shared memory before the wait sees the old contents, as it may on a GPU);
 // - `ldmatrix` exchanges row addresses across the warp exactly as the fragment layout says.
 #pragma once
+// Guarded too: NVRTC sees this header under two names (from kernels/ and from common/).
+#ifndef APPARATE_PIPE_CUH
+#define APPARATE_PIPE_CUH
 
 #include "apparate.cuh"
 
@@ -146,3 +149,5 @@ APPARATE_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
                  : "r"(smem_addr(row)));
 #endif
 }
+
+#endif  // APPARATE_PIPE_CUH

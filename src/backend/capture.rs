@@ -851,6 +851,10 @@ impl<D: Device> Device for GraphDevice<D> {
         self.inner.has_wgmma()
     }
 
+    fn multiprocessors(&self) -> Option<usize> {
+        self.inner.multiprocessors()
+    }
+
     /// Made on the host, nothing queued: the same in every kind of run.
     fn tensor_map(&self, spec: &TensorMapSpec) -> Result<TensorMap> {
         self.inner.tensor_map(spec)

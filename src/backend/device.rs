@@ -233,6 +233,13 @@ pub trait Device: Send + Sync + 'static {
         false
     }
 
+    /// How many streaming multiprocessors the GPU has, when the device knows: the GEMMs size
+    /// their tiles and persistent grids to it ([`crate::backend::gpu::GpuBackend::with_gemm_fill_tiles`]).
+    /// `None` (the emulated device) leaves the default of an H100/H200.
+    fn multiprocessors(&self) -> Option<usize> {
+        None
+    }
+
     /// A tensor map for the TMA copies of `spec`'s matrix (`cp.async.bulk.tensor`, sm_90), for
     /// the kernels built on them (`gemm_wgmma_tma_*`). The devices with [`Device::has_wgmma`]
     /// have TMA too; others refuse.

@@ -65,6 +65,10 @@ pub struct EmuConfig {
     /// warp by warp (each warp through its warp operations up to a block barrier before the
     /// next), to expose missing barriers. `APPARATE_EMU_SEED` sets it from the environment.
     pub shuffle_seed: u64,
+    /// The multiprocessors the device reports ([`Device::multiprocessors`]). Default `None`:
+    /// it does not say, and the GEMMs size their grids for an H100/H200. Tests set it to play
+    /// another GPU (an A100's 108, an H100 PCIe's 114).
+    pub multiprocessors: Option<usize>,
 }
 
 /// Device memory of the emulated device: a 256-byte aligned host allocation.
@@ -113,6 +117,7 @@ impl Drop for EmuBuf {
 pub struct EmuDevice {
     pool: Arc<rayon::ThreadPool>,
     seed: u64,
+    multiprocessors: Option<usize>,
     /// Every operation on device memory holds this, like one in-order stream: a launch and a
     /// fill or copy from another thread never touch the same bytes at once.
     stream: Arc<std::sync::Mutex<()>>,
@@ -164,6 +169,7 @@ impl EmuDevice {
         Ok(EmuDevice {
             pool: Arc::new(pool),
             seed,
+            multiprocessors: config.multiprocessors,
             stream: Arc::new(std::sync::Mutex::new(())),
         })
     }
@@ -191,6 +197,10 @@ impl Device for EmuDevice {
     /// The wgmma twins of kernels/common/wgmma.cuh.
     fn has_wgmma(&self) -> bool {
         true
+    }
+
+    fn multiprocessors(&self) -> Option<usize> {
+        self.multiprocessors
     }
 
     /// The TMA twin's own fields (kernels/common/tma.cuh, `TmaMap`): address, columns, rows,

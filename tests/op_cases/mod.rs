@@ -275,6 +275,12 @@ pub fn ops() -> Vec<(Op, Expect)> {
         // plain GEMM over the input (the fast path read past the input when it looked at the
         // kernel and padding only).
         ([1, 10, 10, 4], 8, 1, geo(1, 0, 1, 1), false, Relu6),
+        // Channels in multiples of 8 (the implicit GEMM's gather, conv_pipe): one chunk per
+        // pixel at stride 2 with a residual; a 5x5 window whose K = 600 ends inside a k-step
+        // and splits; enough rows for the big tile at a low fill; odd sizes throughout.
+        ([2, 9, 7, 8], 16, 3, geo(2, 1, 1, 0), true, Relu),
+        ([1, 6, 5, 24], 40, 5, geo(1, 2, 1, 0), false, Plain),
+        ([3, 11, 12, 16], 72, 3, geo(1, 1, 1, 0), true, Relu6),
     ];
     for (x, cout, k, geo, residual, act) in convs {
         v.push((
@@ -291,7 +297,7 @@ pub fn ops() -> Vec<(Op, Expect)> {
         ));
     }
     // TensorFlow "SAME" padding: the odd pixel after the last row and column.
-    for (groups, cin) in [(1, 3), (8, 8)] {
+    for (groups, cin) in [(1, 3), (8, 8), (1, 8)] {
         v.push((
             Op::Conv2d {
                 x: [1, 10, 10, cin],

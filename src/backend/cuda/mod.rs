@@ -369,6 +369,10 @@ impl Device for CudaDevice {
         self.info.has_wgmma()
     }
 
+    fn multiprocessors(&self) -> Option<usize> {
+        Some(self.info.multiprocessors)
+    }
+
     /// `cuTensorMapEncodeTiled`: 16-bit elements (`UINT16`: the copies move bits, so one type
     /// serves f16 and bf16), boxes of 64 x `box_rows` in the 128-byte swizzle, zeros outside
     /// the matrix, L2 promotion to 256-byte lines.

@@ -26,6 +26,9 @@ pub struct ProbeInfo {
     /// Compute capability (major, minor).
     pub compute_capability: (u32, u32),
     pub total_memory: usize,
+    /// Streaming multiprocessors (`CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT`): how many GEMM
+    /// tiles fill this GPU (132 on an H100 SXM/H200, 114 on an H100 PCIe, 108 on an A100).
+    pub multiprocessors: usize,
 }
 
 impl ProbeInfo {
@@ -51,11 +54,12 @@ impl fmt::Display for ProbeInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "device {} of {}: {} ({}, {:.1} GiB), driver CUDA {}, NVRTC {}.{}",
+            "device {} of {}: {} ({}, {} SMs, {:.1} GiB), driver CUDA {}, NVRTC {}.{}",
             self.ordinal,
             self.device_count,
             self.device_name,
             self.arch(),
+            self.multiprocessors,
             self.total_memory as f64 / (1u64 << 30) as f64,
             version_string(self.driver_version),
             self.nvrtc_version.0,
@@ -148,6 +152,8 @@ pub fn probe_device(ordinal: usize) -> Result<ProbeInfo> {
             attr(dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
         let cc_minor =
             attr(dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+        let multiprocessors =
+            attr(dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
         let mut total_memory = 0usize;
         // SAFETY: out-pointer to a local.
         check("cuDeviceTotalMem", unsafe {
@@ -175,6 +181,7 @@ pub fn probe_device(ordinal: usize) -> Result<ProbeInfo> {
             device_name,
             compute_capability: (cc_major as u32, cc_minor as u32),
             total_memory,
+            multiprocessors: multiprocessors.max(1) as usize,
         };
         // The tensor-core GEMM (mma.m16n8k16 with bf16) and the bf16 conversions need sm_80.
         if info.compute_capability.0 < 8 {
@@ -243,6 +250,7 @@ mod tests {
             device_name: "test".into(),
             compute_capability: cc,
             total_memory: 0,
+            multiprocessors: 132,
         };
         assert_eq!(info((9, 0)).arch().sm(), "sm_90a");
         assert_eq!(info((9, 0)).arch().compute(), "compute_90a");

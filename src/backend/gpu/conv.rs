@@ -1,13 +1,55 @@
 //! Launchers of `kernels/conv.cu`: a dense convolution is a GEMM (gemm.rs), directly for 1x1
-//! stride-1 unpadded kernels and after `im2col` otherwise (the fast one, 16-byte units and
-//! precomputed division, with [`RowKernel::Warp`]); a grouped one (depthwise included) runs
-//! `conv_grouped`, one thread per output element.
+//! stride-1 unpadded kernels; otherwise, in f16/bf16 with 8-channel multiples, the pipelined
+//! GEMM gathering its A operand from the input (`conv_pipe_*`, [`ConvKernel::Implicit`]), else
+//! after `im2col` (the fast one, 16-byte units and precomputed division, with
+//! [`RowKernel::Warp`]); a grouped one (depthwise included) runs `conv_grouped`, one thread per
+//! output element.
 
-use super::gemm::Gemm;
+use super::gemm::{Gemm, GemmKernel};
 use super::{GpuBackend, GpuTensor, RowKernel, elementwise};
 use crate::backend::device::{Device, KernelArg};
 use crate::backend::op_check::ConvCall;
 use crate::error::Result;
+use crate::tensor::DType;
+
+/// How a [`GpuBackend`] runs a dense f16/bf16 convolution that is not a plain GEMM over its
+/// input (a kernel larger than 1x1, a stride, or padding).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum ConvKernel {
+    /// `im2col` into a buffer of (output pixels) x (kh kw cin) values, then the GEMM: the
+    /// reference, and the path of every convolution the implicit GEMM does not take.
+    Im2col,
+    /// The pipelined GEMM with its A tiles gathered from the input as its `cp.async` copies go
+    /// (`conv_pipe_*`: an implicit GEMM, no buffer, which for a 3x3 convolution is 9 times
+    /// the input, written once and read once). Needs cin a multiple of 8, 16-byte aligned
+    /// input and weights, and the pipelined GEMM as the GEMM kernel: with
+    /// [`GemmKernel::Simple`], or a Hopper GEMM on a device with wgmma, im2col runs. The
+    /// default: its instructions are the pipelined GEMM's (measured on an H200, run 6) and
+    /// only the addresses differ, which the emulated device checks exactly; compiled and
+    /// emulated, not run on a GPU.
+    Implicit,
+}
+
+impl ConvKernel {
+    /// `APPARATE_GPU_CONV` = `im2col` | `implicit`; unset means implicit.
+    pub fn from_env() -> ConvKernel {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        super::kernel_from_env("APPARATE_GPU_CONV", ConvKernel::Implicit, &WARNED)
+    }
+}
+
+impl std::str::FromStr for ConvKernel {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<ConvKernel, String> {
+        match s {
+            "im2col" => Ok(ConvKernel::Im2col),
+            "implicit" => Ok(ConvKernel::Implicit),
+            other => Err(format!(
+                "unknown convolution kernel `{other}` (im2col, implicit)"
+            )),
+        }
+    }
+}
 
 impl<D: Device> GpuBackend<D> {
     pub(super) fn launch_conv2d(
@@ -49,6 +91,14 @@ impl<D: Device> GpuBackend<D> {
             };
             if d.is_pointwise(&p) {
                 self.launch_gemm(self.ptr(c.x)?, &gemm, &y)?;
+            } else if self.implicit_conv_applies(&c) {
+                let mut extra = vec![geometry[1], geometry[2]];
+                for (what, v) in [("cin", d.cin), ("kw", d.kw), ("ow", d.ow), ("oh", d.oh)] {
+                    extra.extend(self.fast_div_args(what, v)?);
+                }
+                extra.extend(&window[4..]);
+                let launch = self.pipe_cfg("conv_pipe", gemm.mnk)?;
+                self.launch_pipelined(self.ptr(c.x)?, &gemm, &y, launch, &extra)?;
             } else {
                 let cols = self.dev.alloc(m * k * self.dtype.size())?;
                 let cols_arg = KernelArg::Ptr(self.dev.address(&cols));
@@ -80,6 +130,34 @@ impl<D: Device> GpuBackend<D> {
             &args,
         )?;
         Ok(y)
+    }
+
+    /// Whether [`ConvKernel::Implicit`] runs this dense convolution (see there).
+    fn implicit_conv_applies(&self, c: &ConvCall<'_, GpuTensor<D::Buf>>) -> bool {
+        let pipelined = match self.gemm {
+            GemmKernel::Simple => false,
+            GemmKernel::Pipelined | GemmKernel::PipelinedSplitK => true,
+            GemmKernel::Wgmma | GemmKernel::WgmmaWs | GemmKernel::WgmmaTma => !self.dev.has_wgmma(),
+        };
+        self.conv == ConvKernel::Implicit
+            && pipelined
+            && self.dtype != DType::F32
+            && c.dims.cin.is_multiple_of(8)
+            && self.dev.address(&c.x.buf).is_multiple_of(16)
+            && self.dev.address(&c.w.buf).is_multiple_of(16)
+    }
+
+    /// The (d, mul, l) arguments of a `FAST_DIV` parameter: a divisor of at least 1 that fits
+    /// 32 bits.
+    fn fast_div_args(&self, what: &str, v: usize) -> Result<[KernelArg; 3]> {
+        let d = u32::try_from(v)
+            .map_err(|_| self.size_error(what, v, "does not fit the kernels' 32-bit sizes"))?;
+        let f = FastDiv::new(d).ok_or_else(|| self.size_error(what, v, "must be at least 1"))?;
+        Ok([
+            KernelArg::U32(f.d),
+            KernelArg::U32(f.mul),
+            KernelArg::U32(f.l),
+        ])
     }
 
     /// `im2col` by the fast kernel (`im2col_vec16` when a pixel's channels are whole 16-byte

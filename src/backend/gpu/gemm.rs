@@ -55,7 +55,7 @@ impl<D: Device> GpuBackend<D> {
             return self.launch_tma(x, g, y);
         }
         if let Some(p) = self.pipelined_cfg(x, g)? {
-            return self.launch_pipelined(x, g, y, p);
+            return self.launch_pipelined(x, g, y, p, &[]);
         }
         let threads = if self.dtype == DType::F32 {
             params::GEMM_SIMT_THREADS
@@ -95,19 +95,21 @@ impl<D: Device> GpuBackend<D> {
         ])
     }
 
-    /// The pipelined kernel, then (split-K) the reduction of its partial sums.
-    fn launch_pipelined(
+    /// The pipelined kernel, then (split-K) the reduction of its partial sums. `extra`: the
+    /// arguments a kernel of the family takes after the GEMM's (a convolution's geometry).
+    pub(super) fn launch_pipelined(
         &self,
         x: KernelArg,
         g: &Gemm<'_, D::Buf>,
         y: &GpuTensor<D::Buf>,
         p: Pipelined,
+        extra: &[KernelArg],
     ) -> Result<()> {
         let [m, n, _] = g.mnk;
         let args = self.gemm_args(x, g, y)?;
         if p.splits == 1 {
             let tail = [KernelArg::Ptr(0), KernelArg::U32(0)];
-            return self.launch(&p.kernel, p.cfg, &[&args[..], &tail[..]].concat());
+            return self.launch(&p.kernel, p.cfg, &[&args[..], &tail[..], extra].concat());
         }
         // f32 partial sums: splits x M x N (the pool keeps the memory between calls on CUDA).
         let partial = self.dev.alloc(p.splits * m * n * 4)?;
@@ -115,7 +117,7 @@ impl<D: Device> GpuBackend<D> {
             KernelArg::Ptr(self.dev.address(&partial)),
             self.u32("k-steps per split", p.per_split)?,
         ];
-        self.launch(&p.kernel, p.cfg, &[&args[..], &tail[..]].concat())?;
+        self.launch(&p.kernel, p.cfg, &[&args[..], &tail[..], extra].concat())?;
         self.reduce_splits(&partial, p.splits, &args)
     }
 
@@ -232,7 +234,7 @@ impl<D: Device> GpuBackend<D> {
     /// bytes of a row at a time). The big tile when there are enough of them to fill the GPU;
     /// with [`GemmKernel::PipelinedSplitK`], K split when the small tiles do not.
     fn pipelined_cfg(&self, x: KernelArg, g: &Gemm<'_, D::Buf>) -> Result<Option<Pipelined>> {
-        let [m, n, k] = g.mnk;
+        let k = g.mnk[2];
         let aligned = |a: u64| a.is_multiple_of(16);
         let KernelArg::Ptr(xa) = x else {
             return Ok(None);
@@ -245,10 +247,18 @@ impl<D: Device> GpuBackend<D> {
         {
             return Ok(None);
         }
-        let min_tiles = self.gemm_fill;
         if matches!(self.gemm, GemmKernel::Wgmma | GemmKernel::WgmmaWs) && self.dev.has_wgmma() {
-            return Ok(Some(self.wgmma_cfg(g.mnk, min_tiles)?));
+            return Ok(Some(self.wgmma_cfg(g.mnk, self.gemm_fill)?));
         }
+        self.pipe_cfg("gemm_pipe", g.mnk).map(Some)
+    }
+
+    /// The launch of the pipelined kernel family `family` (`gemm_pipe`, `conv_pipe`) for an
+    /// M x N x K product: its big tile when there are enough of them to fill the GPU, else its
+    /// small one, with K split (the kernels other than [`GemmKernel::Pipelined`]) when the
+    /// small tiles do not fill it either.
+    pub(super) fn pipe_cfg(&self, family: &str, [m, n, k]: [usize; 3]) -> Result<Pipelined> {
+        let min_tiles = self.gemm_fill;
         let big = m.div_ceil(params::GEMM_PIPE_BIG_BM as usize)
             * n.div_ceil(params::GEMM_PIPE_BIG_BN as usize)
             >= min_tiles;
@@ -292,12 +302,12 @@ impl<D: Device> GpuBackend<D> {
             block: [threads, 1, 1],
             shared_bytes: shared,
         };
-        Ok(Some(Pipelined {
-            kernel: self.kernel(&format!("gemm_pipe_{shape}")),
+        Ok(Pipelined {
+            kernel: self.kernel(&format!("{family}_{shape}")),
             cfg,
             splits,
             per_split,
-        }))
+        })
     }
 }
 
@@ -393,7 +403,7 @@ fn persistent_splits(tiles: usize, ktiles: usize, fill: usize) -> (usize, usize)
 }
 
 /// A pipelined GEMM launch: the kernel, its grid (z = splits of K), and k-steps per split.
-struct Pipelined {
+pub(super) struct Pipelined {
     kernel: String,
     cfg: LaunchConfig,
     splits: usize,

@@ -11,6 +11,7 @@
 mod attention;
 pub use attention::AttentionKernel;
 mod conv;
+pub use conv::ConvKernel;
 pub mod decoder;
 pub mod elementwise;
 mod embedding;
@@ -68,6 +69,7 @@ pub struct GpuBackend<D: Device> {
     gemm_fill: usize,
     attention: AttentionKernel,
     rows: RowKernel,
+    conv: ConvKernel,
     kv_split: KvSplit,
 }
 
@@ -81,6 +83,7 @@ impl<D: Device> Clone for GpuBackend<D> {
             gemm_fill: self.gemm_fill,
             attention: self.attention,
             rows: self.rows,
+            conv: self.conv,
             kv_split: self.kv_split,
         }
     }
@@ -109,14 +112,19 @@ impl<D: Device> GpuBackend<D> {
 
     /// A backend on a device that other backends (e.g. other dtypes) share.
     pub fn shared(dev: Arc<D>, dtype: DType) -> GpuBackend<D> {
+        let gemm_fill = dev
+            .multiprocessors()
+            .unwrap_or(params::GEMM_PIPE_BIG_MIN_TILES as usize)
+            .max(1);
         GpuBackend {
             dev,
             dtype,
             poison: false,
             gemm: GemmKernel::from_env(),
-            gemm_fill: params::GEMM_PIPE_BIG_MIN_TILES as usize,
+            gemm_fill,
             attention: AttentionKernel::from_env(),
             rows: RowKernel::from_env(),
+            conv: ConvKernel::from_env(),
             kv_split: KvSplit::default(),
         }
     }
@@ -135,12 +143,18 @@ impl<D: Device> GpuBackend<D> {
     /// How many output tiles fill the GPU: a GEMM with at least this many large tiles runs
     /// them (128 x 128 pipelined, 128 x 256 wgmma), one with fewer runs smaller tiles and,
     /// with split-K, splits K until about twice this many blocks run; the persistent TMA GEMM
-    /// runs at most this many blocks. Default 132 (the
-    /// multiprocessors of an H100/H200; 108 suits an A100). The parity tests set it low to
-    /// reach the large tiles at shapes the emulated device runs quickly. 0 is taken as 1.
+    /// runs at most this many blocks. Default: the device's multiprocessors
+    /// ([`Device::multiprocessors`]: 132 on an H100 SXM/H200, 114 on an H100 PCIe, 108 on an
+    /// A100), else 132. The parity tests set it low to reach the large tiles at shapes the
+    /// emulated device runs quickly. 0 is taken as 1.
     pub fn with_gemm_fill_tiles(mut self, tiles: usize) -> GpuBackend<D> {
         self.gemm_fill = tiles.max(1);
         self
+    }
+
+    /// How many output tiles fill the GPU ([`GpuBackend::with_gemm_fill_tiles`]).
+    pub fn gemm_fill_tiles(&self) -> usize {
+        self.gemm_fill
     }
 
     /// Which attention kernels run (default: the `APPARATE_GPU_ATTENTION` environment
@@ -160,6 +174,17 @@ impl<D: Device> GpuBackend<D> {
     pub fn with_rows(mut self, rows: RowKernel) -> GpuBackend<D> {
         self.rows = rows;
         self
+    }
+
+    /// How the dense f16/bf16 convolutions that are not plain GEMMs run (default: the
+    /// `APPARATE_GPU_CONV` environment variable, else [`ConvKernel::Implicit`]).
+    pub fn with_conv(mut self, conv: ConvKernel) -> GpuBackend<D> {
+        self.conv = conv;
+        self
+    }
+
+    pub fn conv_kernel(&self) -> ConvKernel {
+        self.conv
     }
 
     /// How the decoder's flash attention splits long rows into chunks (default
