@@ -34,7 +34,7 @@ use apparate::backend::decoder::{DecoderBackend, Heads, KvPlan};
 use apparate::backend::device::Device;
 use apparate::backend::emu::{EmuConfig, EmuDevice};
 use apparate::backend::gpu::{
-    AttentionKernel, ConvKernel, GemmKernel, GpuBackend, RowKernel, elementwise,
+    AttentionKernel, ConvKernel, FlashTile, GemmKernel, GpuBackend, RowKernel, elementwise,
 };
 use apparate::backend::{Activation, Backend, BatchShape, CpuBackend, CpuConfig};
 use apparate::format::ModelFile;
@@ -441,8 +441,9 @@ fn bench_device<D: Yardstick>(
     Ok(())
 }
 
-/// The attention op alone, both f16/bf16 kernels: MiniLM's heads (d = 32) at 128 tokens,
-/// BERT-base's (d = 64) at 512, and d = 128 at 2048; all keys valid. Rate: the 4 b h s^2 d
+/// The attention op alone, both f16/bf16 kernels (the flash one with each of its blocks):
+/// MiniLM's heads (d = 32) at 128 tokens, BERT-base's (d = 64) at 512, and d = 128 at 2048;
+/// all keys valid. Rate: the 4 b h s^2 d
 /// multiply-add FLOPs of QK^T and PV.
 fn attention<D: Device>(
     name: &str,
@@ -464,10 +465,17 @@ fn attention<D: Device>(
     };
     for &(batch, seq, heads, d) in shapes {
         // The simple kernel takes tens of milliseconds at 2048 tokens: only the flash one there.
-        let kernels: &[AttentionKernel] = match (be.dtype(), seq) {
-            (DType::F32, _) => &[AttentionKernel::Simple],
-            (_, 2048) => &[AttentionKernel::Flash],
-            _ => &[AttentionKernel::Simple, AttentionKernel::Flash],
+        // The flash one with each of its blocks (the wide one stops at head size 64).
+        use {AttentionKernel as A, FlashTile as F};
+        let kernels: &[(A, F)] = match (be.dtype(), seq, d) {
+            (DType::F32, _, _) => &[(A::Simple, F::Narrow)],
+            (_, 2048, 128) => &[(A::Flash, F::Narrow)],
+            (_, _, 128) => &[(A::Simple, F::Narrow), (A::Flash, F::Narrow)],
+            _ => &[
+                (A::Simple, F::Narrow),
+                (A::Flash, F::Narrow),
+                (A::Flash, F::Wide),
+            ],
         };
         let width = heads * d;
         let qkv: Vec<f32> = (0..batch * seq * 3 * width)
@@ -479,8 +487,12 @@ fn attention<D: Device>(
             lengths: vec![seq; batch],
         };
         let flops = 4.0 * (batch * heads * seq * seq * d) as f64;
-        for &kernel in kernels {
-            let be = be.clone().with_attention(kernel);
+        for &(kernel, tile) in kernels {
+            let be = be.clone().with_attention(kernel).with_flash_tile(tile);
+            let label = match kernel {
+                A::Simple => "simple".to_string(),
+                A::Flash => format!("flash {}", format!("{tile:?}").to_lowercase()),
+            };
             let ms = time(be.device(), plan, || {
                 be.attention(&qkv, &shape, heads)?;
                 Ok(())
@@ -489,9 +501,8 @@ fn attention<D: Device>(
                 rows,
                 Row {
                     what: format!(
-                        "{name} {} attention b{batch} s{seq} h{heads} d{d} {}",
+                        "{name} {} attention b{batch} s{seq} h{heads} d{d} {label}",
                         be.dtype(),
-                        format!("{kernel:?}").to_lowercase()
                     ),
                     ours_ms: ms,
                     metric: format!("{:.2} TFLOP/s", flops / ms / 1e9),

@@ -78,20 +78,34 @@ extern "C" __global__ void attention_bf16(const bf16* qkv, const int32_t* length
 // the length are written as zeros, as the simple kernel and the CPU backend do.
 // Needs head_dim D in {32, 64, 128} (so width is a multiple of 32) and a 16-byte aligned qkv
 // (the launcher checks). Dynamic shared memory: (BQ + 4 BKV) rows of D + 8 halves.
+//
+// The wide form (`attention_flash_wide_*`, RB = 2 row blocks per warp, 128 query rows per
+// block; head sizes 32 and 64) reads each K and V fragment once for two 16-row blocks of
+// queries: per multiply it reads half the shared memory of the narrow form, whose ldmatrix
+// traffic about matches the tensor cores' rate (a 512-byte ldmatrix.x4 feeds two m16n8k16,
+// about 4 clocks of a multiprocessor's 128 bytes per clock either way), so at long sequences
+// the wide form can be bound by the multiplies instead. It costs registers (about 245 at head
+// size 64 against 127: half the warps per multiprocessor) and has half as many blocks; which
+// wins is for a GPU run to say (`FlashTile`, ATTN_FLASH_WIDE_MIN_BLOCKS).
 
 template <typename T>
 APPARATE_DEVICE uint32_t pack_pair(float lo, float hi) {
     return (uint32_t)from_f32<T>(lo).bits | ((uint32_t)from_f32<T>(hi).bits << 16);
 }
 
-template <typename T, int D>
+template <typename T, int D, int RB>
 __device__ void attention_flash(const T* __restrict__ qkv, const int32_t* __restrict__ lengths,
                                 T* __restrict__ out, uint32_t seq, uint32_t width,
                                 uint32_t heads, float scale) {
-    constexpr int BQ = ATTN_FLASH_BQ, BKV = ATTN_FLASH_BKV, THREADS = (BQ / 16) * 32;
+    constexpr int BQ = ATTN_FLASH_BQ * RB, BKV = ATTN_FLASH_BKV, THREADS = ATTN_FLASH_THREADS;
     constexpr int LD = D + 8, CH = D / 8;  // padded shared row; 16-byte chunks per row
     constexpr int NT = BKV / 8, DT = D / 8;  // 8-wide tiles of scores and of the output
+    // Two row blocks hold twice the scores and outputs: at D = 128 that is 192 registers
+    // before anything else, and ptxas spills (even with key tiles of 32 and Q read again
+    // from shared memory per tile), so the wide form stops at D = 64.
+    static_assert(RB == 1 || D <= 64, "the wide form's registers");
     static_assert(D % 16 == 0 && BKV % 16 == 0, "whole 16-wide k-steps");
+    static_assert(THREADS == (ATTN_FLASH_BQ / 16) * 32, "a warp per 16 rows of the narrow block");
     DYN_SHARED(T, smem);
     T* qs = smem;               // [BQ][LD]
     T* ks = qs + BQ * LD;       // [2][BKV][LD]
@@ -128,10 +142,24 @@ __device__ void attention_flash(const T* __restrict__ qkv, const int32_t* __rest
 
     const float neg_inf = __int_as_float(0xff800000);
     const float sl = scale * 1.4426950408889634f;  // log2 e: exp(x) = exp2(x log2 e)
-    float o[DT][4], m[2] = {neg_inf, neg_inf}, l[2] = {0.0f, 0.0f};
-    for (int d = 0; d < DT; d++)
-        for (int e = 0; e < 4; e++) o[d][e] = 0.0f;
-    uint32_t qf[D / 16][4];
+    // Row block rb of this warp: query rows q0 + 16 (RB warp + rb) .. + 15. Each K and V
+    // fragment read from shared memory feeds RB row blocks' multiplies: two halve the
+    // shared-memory reads per multiply, which otherwise bound the kernel at long sequences.
+    float o[RB][DT][4], m[RB][2], l[RB][2];
+    #pragma unroll
+    for (int rb = 0; rb < RB; rb++) {
+        #pragma unroll
+        for (int d = 0; d < DT; d++)
+            #pragma unroll
+            for (int e = 0; e < 4; e++) o[rb][d][e] = 0.0f;
+        #pragma unroll
+        for (int r = 0; r < 2; r++) {
+            m[rb][r] = neg_inf;
+            l[rb][r] = 0.0f;
+        }
+    }
+    uint32_t qf[RB][D / 16][4];
+    auto q_rows = [&](int rb) { return qs + ((warp * RB + rb) * 16 + lane % 16) * LD + (lane / 16) * 8; };
 
     for (uint32_t kt = 0; kt < tiles; kt++) {
         uint32_t buf = kt % 2;
@@ -144,116 +172,174 @@ __device__ void attention_flash(const T* __restrict__ qkv, const int32_t* __rest
         cp_async_wait<1>();  // this tile (and, at kt = 0, Q) has landed for this thread
         __syncthreads();     // ... and for every thread
         if (kt == 0)
-            for (int kk = 0; kk < D / 16; kk++)
-                ldmatrix_x4(qf[kk], qs + (warp * 16 + lane % 16) * LD + kk * 16 + (lane / 16) * 8);
+            #pragma unroll
+            for (int rb = 0; rb < RB; rb++)
+                #pragma unroll
+                for (int kk = 0; kk < D / 16; kk++)
+                    ldmatrix_x4(qf[rb][kk], q_rows(rb) + kk * 16);
         const T* kb = ks + buf * BKV * LD;
         const T* vb = vs + buf * BKV * LD;
 
-        // Scores: 16 query rows x BKV keys.
-        float s[NT][4];
-        for (int j = 0; j < NT; j++)
-            for (int e = 0; e < 4; e++) s[j][e] = 0.0f;
-        for (int kk = 0; kk < D / 16; kk++)
+        // Scores: RB x 16 query rows x BKV keys.
+        float s[RB][NT][4];
+        #pragma unroll
+        for (int rb = 0; rb < RB; rb++)
+            #pragma unroll
+            for (int j = 0; j < NT; j++)
+                #pragma unroll
+                for (int e = 0; e < 4; e++) s[rb][j][e] = 0.0f;
+        #pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            #pragma unroll
             for (int j = 0; j < NT; j += 2) {
                 uint32_t r4[4];
                 uint32_t n = j * 8 + (lane / 16) * 8 + lane % 8;
                 ldmatrix_x4(r4, kb + n * LD + kk * 16 + ((lane / 8) % 2) * 8);
                 uint32_t b0[2] = {r4[0], r4[1]}, b1[2] = {r4[2], r4[3]};
-                mma_16816<T>(s[j], qf[kk], b0);
-                mma_16816<T>(s[j + 1], qf[kk], b1);
+                #pragma unroll
+                for (int rb = 0; rb < RB; rb++) {
+                    mma_16816<T>(s[rb][j], qf[rb][kk], b0);
+                    mma_16816<T>(s[rb][j + 1], qf[rb][kk], b1);
+                }
             }
-        // Element e of s[j]: query row g + 8 (e / 2), key kt BKV + 8 j + 2 t + e % 2. Every
-        // visited tile has a key below the length, so each row's max is finite.
-        float mx[2] = {m[0], m[1]};
-        for (int j = 0; j < NT; j++)
-            for (int e = 0; e < 4; e++) {
-                uint32_t key = kt * BKV + j * 8 + 2 * t + (e & 1);
-                float v = key < len ? s[j][e] * sl : neg_inf;
-                s[j][e] = v;
-                mx[e / 2] = fmaxf(mx[e / 2], v);
-            }
-        float alpha[2], rs[2] = {0.0f, 0.0f};
-        for (int r = 0; r < 2; r++) {
-            // A row's 64 scores are spread over the 4 lanes of a quad.
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-            alpha[r] = exp2f(m[r] - mx[r]);  // 0 at the first tile (m = -inf)
-            m[r] = mx[r];
         }
-        for (int j = 0; j < NT; j++)
-            for (int e = 0; e < 4; e++) {
-                float p = exp2f(s[j][e] - m[e / 2]);
-                s[j][e] = p;
-                rs[e / 2] += p;
+        // Element e of s[rb][j]: query row g + 8 (e / 2) of the row block, key
+        // kt BKV + 8 j + 2 t + e % 2. Every visited tile has a key below the length, so each
+        // row's max is finite.
+        #pragma unroll
+        for (int rb = 0; rb < RB; rb++) {
+            float mx[2] = {m[rb][0], m[rb][1]};
+            #pragma unroll
+            for (int j = 0; j < NT; j++)
+                #pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    uint32_t key = kt * BKV + j * 8 + 2 * t + (e & 1);
+                    float v = key < len ? s[rb][j][e] * sl : neg_inf;
+                    s[rb][j][e] = v;
+                    mx[e / 2] = fmaxf(mx[e / 2], v);
+                }
+            float alpha[2], rs[2] = {0.0f, 0.0f};
+            #pragma unroll
+            for (int r = 0; r < 2; r++) {
+                // A row's 64 scores are spread over the 4 lanes of a quad.
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+                alpha[r] = exp2f(m[rb][r] - mx[r]);  // 0 at the first tile (m = -inf)
+                m[rb][r] = mx[r];
             }
-        for (int r = 0; r < 2; r++) {
-            rs[r] += __shfl_xor_sync(0xffffffffu, rs[r], 1);
-            rs[r] += __shfl_xor_sync(0xffffffffu, rs[r], 2);
-            l[r] = l[r] * alpha[r] + rs[r];
-        }
-        for (int d = 0; d < DT; d++) {
-            o[d][0] *= alpha[0];
-            o[d][1] *= alpha[0];
-            o[d][2] *= alpha[1];
-            o[d][3] *= alpha[1];
+            #pragma unroll
+            for (int j = 0; j < NT; j++)
+                #pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    float p = exp2f(s[rb][j][e] - m[rb][e / 2]);
+                    s[rb][j][e] = p;
+                    rs[e / 2] += p;
+                }
+            #pragma unroll
+            for (int r = 0; r < 2; r++) {
+                rs[r] += __shfl_xor_sync(0xffffffffu, rs[r], 1);
+                rs[r] += __shfl_xor_sync(0xffffffffu, rs[r], 2);
+                l[rb][r] = l[rb][r] * alpha[r] + rs[r];
+            }
+            #pragma unroll
+            for (int d = 0; d < DT; d++) {
+                o[rb][d][0] *= alpha[0];
+                o[rb][d][1] *= alpha[0];
+                o[rb][d][2] *= alpha[1];
+                o[rb][d][3] *= alpha[1];
+            }
         }
         // O += P V, 16 keys per step: score tiles 2c and 2c + 1 are the A fragment.
+        #pragma unroll
         for (int c = 0; c < BKV / 16; c++) {
-            uint32_t pa[4] = {pack_pair<T>(s[2 * c][0], s[2 * c][1]),
-                              pack_pair<T>(s[2 * c][2], s[2 * c][3]),
-                              pack_pair<T>(s[2 * c + 1][0], s[2 * c + 1][1]),
-                              pack_pair<T>(s[2 * c + 1][2], s[2 * c + 1][3])};
+            uint32_t pa[RB][4];
+            #pragma unroll
+            for (int rb = 0; rb < RB; rb++) {
+                pa[rb][0] = pack_pair<T>(s[rb][2 * c][0], s[rb][2 * c][1]);
+                pa[rb][1] = pack_pair<T>(s[rb][2 * c][2], s[rb][2 * c][3]);
+                pa[rb][2] = pack_pair<T>(s[rb][2 * c + 1][0], s[rb][2 * c + 1][1]);
+                pa[rb][3] = pack_pair<T>(s[rb][2 * c + 1][2], s[rb][2 * c + 1][3]);
+            }
+            #pragma unroll
             for (int d = 0; d < DT; d += 2) {
                 // Matrices: (keys 0-7, dims 8d..), (keys 8-15, dims 8d..), then dims 8(d+1)..
                 uint32_t key = c * 16 + ((lane / 8) % 2) * 8 + lane % 8;
                 uint32_t r4[4];
                 ldmatrix_x4_trans(r4, vb + key * LD + d * 8 + (lane / 16) * 8);
                 uint32_t b0[2] = {r4[0], r4[1]}, b1[2] = {r4[2], r4[3]};
-                mma_16816<T>(o[d], pa, b0);
-                mma_16816<T>(o[d + 1], pa, b1);
+                #pragma unroll
+                for (int rb = 0; rb < RB; rb++) {
+                    mma_16816<T>(o[rb][d], pa[rb], b0);
+                    mma_16816<T>(o[rb][d + 1], pa[rb], b1);
+                }
             }
         }
         __syncthreads();  // every warp is done with this buffer before it is loaded again
     }
     cp_async_wait<0>();
 
-    for (int r = 0; r < 2; r++) {
-        uint32_t row = q0 + warp * 16 + g + 8 * r;
-        if (row >= seq) continue;
-        T* orow = out + (base + row) * width + (uint64_t)h * D;
-        float inv = 1.0f / l[r];
-        for (int d = 0; d < DT; d++)  // padding query rows: zeros, whatever was computed there
-            *reinterpret_cast<uint32_t*>(orow + d * 8 + 2 * t) =
-                row < len ? pack_pair<T>(o[d][2 * r] * inv, o[d][2 * r + 1] * inv) : 0u;
-    }
+    #pragma unroll
+    for (int rb = 0; rb < RB; rb++)
+        #pragma unroll
+        for (int r = 0; r < 2; r++) {
+            uint32_t row = q0 + (warp * RB + rb) * 16 + g + 8 * r;
+            if (row >= seq) continue;
+            T* orow = out + (base + row) * width + (uint64_t)h * D;
+            float inv = 1.0f / l[rb][r];
+            #pragma unroll
+            for (int d = 0; d < DT; d++)  // padding query rows: zeros, whatever was computed
+                *reinterpret_cast<uint32_t*>(orow + d * 8 + 2 * t) =
+                    row < len ? pack_pair<T>(o[rb][d][2 * r] * inv, o[rb][d][2 * r + 1] * inv)
+                              : 0u;
+        }
 }
 extern "C" __global__ void __launch_bounds__(ATTN_FLASH_THREADS)
 attention_flash_d32_f16(const f16* qkv, const int32_t* lengths, f16* out, uint32_t seq,
-                          uint32_t width, uint32_t heads, float scale) {
-    attention_flash<f16, 32>(qkv, lengths, out, seq, width, heads, scale);
+        uint32_t width, uint32_t heads, float scale) {
+    attention_flash<f16, 32, 1>(qkv, lengths, out, seq, width, heads, scale);
 }
 extern "C" __global__ void __launch_bounds__(ATTN_FLASH_THREADS)
 attention_flash_d64_f16(const f16* qkv, const int32_t* lengths, f16* out, uint32_t seq,
-                          uint32_t width, uint32_t heads, float scale) {
-    attention_flash<f16, 64>(qkv, lengths, out, seq, width, heads, scale);
+        uint32_t width, uint32_t heads, float scale) {
+    attention_flash<f16, 64, 1>(qkv, lengths, out, seq, width, heads, scale);
 }
 extern "C" __global__ void __launch_bounds__(ATTN_FLASH_THREADS)
 attention_flash_d128_f16(const f16* qkv, const int32_t* lengths, f16* out, uint32_t seq,
-                          uint32_t width, uint32_t heads, float scale) {
-    attention_flash<f16, 128>(qkv, lengths, out, seq, width, heads, scale);
+        uint32_t width, uint32_t heads, float scale) {
+    attention_flash<f16, 128, 1>(qkv, lengths, out, seq, width, heads, scale);
 }
 extern "C" __global__ void __launch_bounds__(ATTN_FLASH_THREADS)
 attention_flash_d32_bf16(const bf16* qkv, const int32_t* lengths, bf16* out, uint32_t seq,
-                          uint32_t width, uint32_t heads, float scale) {
-    attention_flash<bf16, 32>(qkv, lengths, out, seq, width, heads, scale);
+        uint32_t width, uint32_t heads, float scale) {
+    attention_flash<bf16, 32, 1>(qkv, lengths, out, seq, width, heads, scale);
 }
 extern "C" __global__ void __launch_bounds__(ATTN_FLASH_THREADS)
 attention_flash_d64_bf16(const bf16* qkv, const int32_t* lengths, bf16* out, uint32_t seq,
-                          uint32_t width, uint32_t heads, float scale) {
-    attention_flash<bf16, 64>(qkv, lengths, out, seq, width, heads, scale);
+        uint32_t width, uint32_t heads, float scale) {
+    attention_flash<bf16, 64, 1>(qkv, lengths, out, seq, width, heads, scale);
 }
 extern "C" __global__ void __launch_bounds__(ATTN_FLASH_THREADS)
 attention_flash_d128_bf16(const bf16* qkv, const int32_t* lengths, bf16* out, uint32_t seq,
-                          uint32_t width, uint32_t heads, float scale) {
-    attention_flash<bf16, 128>(qkv, lengths, out, seq, width, heads, scale);
+        uint32_t width, uint32_t heads, float scale) {
+    attention_flash<bf16, 128, 1>(qkv, lengths, out, seq, width, heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(ATTN_FLASH_THREADS)
+attention_flash_wide_d32_f16(const f16* qkv, const int32_t* lengths, f16* out, uint32_t seq,
+        uint32_t width, uint32_t heads, float scale) {
+    attention_flash<f16, 32, 2>(qkv, lengths, out, seq, width, heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(ATTN_FLASH_THREADS)
+attention_flash_wide_d64_f16(const f16* qkv, const int32_t* lengths, f16* out, uint32_t seq,
+        uint32_t width, uint32_t heads, float scale) {
+    attention_flash<f16, 64, 2>(qkv, lengths, out, seq, width, heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(ATTN_FLASH_THREADS)
+attention_flash_wide_d32_bf16(const bf16* qkv, const int32_t* lengths, bf16* out, uint32_t seq,
+        uint32_t width, uint32_t heads, float scale) {
+    attention_flash<bf16, 32, 2>(qkv, lengths, out, seq, width, heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(ATTN_FLASH_THREADS)
+attention_flash_wide_d64_bf16(const bf16* qkv, const int32_t* lengths, bf16* out, uint32_t seq,
+        uint32_t width, uint32_t heads, float scale) {
+    attention_flash<bf16, 64, 2>(qkv, lengths, out, seq, width, heads, scale);
 }

@@ -16,7 +16,7 @@ use apparate::backend::cuda::{CudaConfig, CudaDevice};
 use apparate::backend::device::Device;
 use apparate::backend::emu::{EmuConfig, EmuDevice};
 use apparate::backend::gpu::{
-    AttentionKernel, ConvKernel, GemmKernel, GemmKernel as G, GpuBackend, RowKernel,
+    AttentionKernel, ConvKernel, FlashTile, GemmKernel, GemmKernel as G, GpuBackend, RowKernel,
 };
 use apparate::backend::{Backend, CpuBackend, RampInput, RampWeights};
 use apparate::tensor::DType;
@@ -278,6 +278,40 @@ fn attention_all_dtypes_and_shapes() {
     parity_on("emu", emu(), |op| matches!(op, Op::Attention { .. }));
 }
 
+/// The encoders' flash attention with each of its blocks forced at every shape (the default
+/// is the narrow one; `auto` takes the wide one only where its blocks fill the GPU, which the
+/// cases here do not; at head size 128 `Wide` runs the narrow block).
+#[test]
+fn flash_attention_narrow_and_wide_blocks() {
+    flash_tiles_on("emu", emu());
+}
+
+fn flash_tiles_on<D: Device>(label: &str, dev: Arc<D>) {
+    let c = cpu();
+    let mut ran = 0;
+    for case in op_cases::cases()
+        .iter()
+        .filter(|k| matches!(k.op, Op::Attention { .. }) && k.dtype != DType::F32)
+    {
+        // `Auto` at a fill of 2 multiprocessors: the wide block wherever it makes 4 blocks.
+        for tile in [FlashTile::Narrow, FlashTile::Wide, FlashTile::Auto] {
+            let be = GpuBackend::shared(dev.clone(), case.dtype)
+                .with_poisoned_outputs()
+                .with_attention(AttentionKernel::Flash)
+                .with_flash_tile(tile)
+                .with_gemm_fill_tiles(2);
+            check_case(
+                &format!("{label}/{}/flash {tile:?}", case.dtype),
+                &be,
+                &c,
+                case,
+            );
+            ran += 1;
+        }
+    }
+    assert!(ran > 0, "no case selected");
+}
+
 #[test]
 fn embedding_all_dtypes_and_shapes() {
     parity_on("emu", emu(), |op| matches!(op, Op::Embed { .. }));
@@ -328,7 +362,8 @@ fn every_op_on_a_real_gpu() {
         .unwrap_or_else(|e| panic!("needs a CUDA GPU (tools/gpu-check.sh runs this): {e}"));
     let dev = Arc::new(dev);
     parity_with("cuda", dev.clone(), |_| true, |g| !is_wgmma(g));
-    large_tiles_on("cuda", dev, &[G::Pipelined, G::PipelinedSplitK]);
+    large_tiles_on("cuda", dev.clone(), &[G::Pipelined, G::PipelinedSplitK]);
+    flash_tiles_on("cuda", dev);
 }
 
 /// The Hopper GEMM on a real GPU (compute capability 9.0; skipped with a message elsewhere):

@@ -79,6 +79,10 @@
 #define ATTN_FLASH_BQ 64
 #define ATTN_FLASH_BKV 64
 #define ATTN_FLASH_THREADS 128
+// Its wide form (two 16-row blocks of queries per warp, 2 x ATTN_FLASH_BQ rows per block; head
+// sizes 32 and 64) runs where it makes at least this many blocks per multiprocessor of the device (the launcher
+// multiplies by the count): fewer, and the narrow form's twice as many blocks finish sooner.
+#define ATTN_FLASH_WIDE_MIN_BLOCKS 2
 
 // Threads per block of the fused ramp kernel (one block per input).
 #define RAMP_THREADS 256

@@ -199,6 +199,9 @@ pub fn ops() -> Vec<(Op, Expect)> {
         // of padding only, and one key in all.
         (130, 2, 64, vec![130, 65, 1]),
         (70, 1, 128, vec![70, 64]),
+        // The wide block (128 query rows, two 16-row blocks per warp): one whose later warps
+        // hold only padding rows, and a second block past one input's length.
+        (200, 2, 32, vec![200, 100, 129]),
     ] {
         v.push((
             Op::Attention {

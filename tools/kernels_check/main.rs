@@ -39,6 +39,10 @@ struct Cli {
     /// Also write the table as markdown to this file.
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// Check only this source (e.g. `attention.cu`), repeatable; a partial check writes no
+    /// markdown table.
+    #[arg(long = "source")]
+    sources: Vec<String>,
     /// Extra NVRTC option (after the library's defaults), repeatable.
     #[arg(long = "nvrtc-option", allow_hyphen_values = true)]
     nvrtc_options: Vec<String>,
@@ -336,9 +340,27 @@ fn main() -> ExitCode {
         archs.iter().map(Arch::sm).collect::<Vec<_>>().join(", ")
     );
 
+    if let Some(bad) = cli
+        .sources
+        .iter()
+        .find(|s| !SOURCES.iter().any(|(f, _)| f == s))
+    {
+        let known: Vec<&str> = SOURCES.iter().map(|(f, _)| *f).collect();
+        eprintln!(
+            "error: --source {bad}: no such kernel source (kernels/: {})",
+            known.join(", ")
+        );
+        return ExitCode::FAILURE;
+    }
+    if !cli.sources.is_empty() && cli.markdown.is_some() {
+        eprintln!("error: --markdown needs every source: leave out --source");
+        return ExitCode::FAILURE;
+    }
+    let picked = |f: &str| cli.sources.is_empty() || cli.sources.iter().any(|s| s == f);
     let jobs: Vec<(&Arch, &str, &str)> = archs
         .iter()
         .flat_map(|a| SOURCES.iter().map(move |&(f, t)| (a, f, t)))
+        .filter(|&(_, f, _)| picked(f))
         .collect();
     let results: Vec<Checked> = jobs
         .par_iter()

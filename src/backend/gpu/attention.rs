@@ -36,18 +36,24 @@ impl<D: Device> GpuBackend<D> {
             && matches!(d, 32 | 64 | 128)
             && self.dev.address(&c.qkv.buf).is_multiple_of(16)
         {
+            let pairs = c.shape.batch() * c.heads;
+            let (form, bq) = if d <= 64 && self.flash_wide(pairs, seq) {
+                ("attention_flash_wide", 2 * params::ATTN_FLASH_BQ)
+            } else {
+                ("attention_flash", params::ATTN_FLASH_BQ)
+            };
             // Q (BQ rows), then K and V double-buffered (2 x BKV rows each), of d + 8 halves.
-            let rows = params::ATTN_FLASH_BQ + 4 * params::ATTN_FLASH_BKV;
+            let rows = bq + 4 * params::ATTN_FLASH_BKV;
             let cfg = LaunchConfig {
                 grid: [
-                    self.grid("inputs x heads", c.shape.batch() * c.heads)?,
-                    self.grid("query blocks", seq.div_ceil(params::ATTN_FLASH_BQ as usize))?,
+                    self.grid("inputs x heads", pairs)?,
+                    self.grid("query blocks", seq.div_ceil(bq as usize))?,
                     1,
                 ],
                 block: [params::ATTN_FLASH_THREADS, 1, 1],
                 shared_bytes: rows * (d as u32 + 8) * 2,
             };
-            self.launch(&self.kernel(&format!("attention_flash_d{d}")), cfg, &args)?;
+            self.launch(&self.kernel(&format!("{form}_d{d}")), cfg, &args)?;
             return Ok(out);
         }
         // The simple kernel keeps a row of scores per warp in shared memory: seq is bounded.
@@ -65,6 +71,65 @@ impl<D: Device> GpuBackend<D> {
         };
         self.launch(&self.kernel("attention"), cfg, &args)?;
         Ok(out)
+    }
+}
+
+impl<D: Device> GpuBackend<D> {
+    /// Whether the flash attention of `pairs` (inputs x heads) over `seq` positions takes the
+    /// wide block (128 query rows): by [`FlashTile`], and for `Auto` where its blocks number
+    /// at least `ATTN_FLASH_WIDE_MIN_BLOCKS` per multiprocessor (the count the GEMMs fill,
+    /// [`GpuBackend::with_gemm_fill_tiles`]).
+    fn flash_wide(&self, pairs: usize, seq: usize) -> bool {
+        match self.flash_tile {
+            FlashTile::Narrow => false,
+            FlashTile::Wide => true,
+            FlashTile::Auto => {
+                let blocks = pairs * seq.div_ceil(2 * params::ATTN_FLASH_BQ as usize);
+                blocks
+                    >= (params::ATTN_FLASH_WIDE_MIN_BLOCKS as usize).saturating_mul(self.gemm_fill)
+            }
+        }
+    }
+}
+
+/// The block of the encoders' flash attention (kernels/attention.cu). The default is the
+/// narrow block, the one measured on a GPU; the wide one is compiled and emulated, not run on
+/// a GPU yet.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum FlashTile {
+    /// The wide block where its blocks fill the GPU (at least `ATTN_FLASH_WIDE_MIN_BLOCKS` per
+    /// multiprocessor: long sequences, or many inputs) and the head size allows, else the
+    /// narrow one.
+    Auto,
+    /// 64 query rows per block, 16 per warp (`attention_flash_*`).
+    #[default]
+    Narrow,
+    /// 128 query rows per block, two 16-row blocks per warp sharing each K and V fragment read
+    /// from shared memory (`attention_flash_wide_*`); head sizes 32 and 64 (at 128 its
+    /// registers would spill: the narrow block runs there).
+    Wide,
+}
+
+impl FlashTile {
+    /// `APPARATE_GPU_FLASH_TILE` = `auto` | `narrow` | `wide`; unset means narrow. Another
+    /// value is reported once on stderr and the default kept.
+    pub fn from_env() -> FlashTile {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        super::kernel_from_env("APPARATE_GPU_FLASH_TILE", FlashTile::Narrow, &WARNED)
+    }
+}
+
+impl std::str::FromStr for FlashTile {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<FlashTile, String> {
+        match s {
+            "auto" => Ok(FlashTile::Auto),
+            "narrow" => Ok(FlashTile::Narrow),
+            "wide" => Ok(FlashTile::Wide),
+            other => Err(format!(
+                "unknown flash attention block `{other}` (auto, narrow, wide)"
+            )),
+        }
     }
 }
 
@@ -104,5 +169,48 @@ impl std::str::FromStr for AttentionKernel {
                 "unknown attention kernel `{other}` (simple, flash)"
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FlashTile;
+    use crate::backend::emu::{EmuConfig, EmuDevice};
+    use crate::backend::gpu::GpuBackend;
+    use crate::tensor::DType;
+
+    #[test]
+    fn flash_tiles_by_name() {
+        assert_eq!("wide".parse(), Ok(FlashTile::Wide));
+        assert_eq!("narrow".parse(), Ok(FlashTile::Narrow));
+        assert_eq!("auto".parse(), Ok(FlashTile::Auto));
+        let e = "Wide".parse::<FlashTile>().unwrap_err();
+        assert!(
+            e.contains("`Wide`") && e.contains("auto, narrow, wide"),
+            "{e}"
+        );
+    }
+
+    /// The shapes docs/architecture.md names: on 132 multiprocessors the wide block (128
+    /// query rows) needs 264 blocks of (input, head, 128 queries).
+    #[test]
+    fn auto_takes_the_wide_block_where_its_blocks_fill_the_gpu() {
+        let dev = EmuDevice::new(EmuConfig {
+            multiprocessors: Some(132),
+            ..Default::default()
+        })
+        .unwrap();
+        let be = GpuBackend::new(dev, DType::F16).with_flash_tile(FlashTile::Auto);
+        // MiniLM's 12 heads at 128 tokens: from batch 22.
+        assert!(!be.flash_wide(21 * 12, 128));
+        assert!(be.flash_wide(22 * 12, 128));
+        // BERT-base's 12 heads at 512 tokens: from batch 6.
+        assert!(!be.flash_wide(5 * 12, 512));
+        assert!(be.flash_wide(6 * 12, 512));
+        assert!(be.clone().with_flash_tile(FlashTile::Wide).flash_wide(1, 1));
+        assert!(
+            !be.with_flash_tile(FlashTile::Narrow)
+                .flash_wide(1 << 20, 4096)
+        );
     }
 }

@@ -192,6 +192,7 @@ impl<D: Device> GpuBackend<D> {
             self.u32("h", d.h)?,
             self.u32("w", d.w)?,
         ];
+        // Each divisor is a factor of `units` (kw of taps), so it fits 32 bits and is >= 1.
         for (what, v) in [
             ("cin units", cu),
             ("taps", taps),
@@ -199,16 +200,7 @@ impl<D: Device> GpuBackend<D> {
             ("ow", d.ow),
             ("oh", d.oh),
         ] {
-            let Ok(v) = u32::try_from(v) else {
-                return Ok(false);
-            };
-            let f =
-                FastDiv::new(v).ok_or_else(|| self.size_error(what, 0, "must be at least 1"))?;
-            args.extend([
-                KernelArg::U32(f.d),
-                KernelArg::U32(f.mul),
-                KernelArg::U32(f.l),
-            ]);
+            args.extend(self.fast_div_args(what, v)?);
         }
         for (what, v) in [
             ("stride", p.stride[0]),

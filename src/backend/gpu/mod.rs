@@ -9,7 +9,7 @@
 //! lengths) are dropped right after their launch: devices free memory in stream order.
 
 mod attention;
-pub use attention::AttentionKernel;
+pub use attention::{AttentionKernel, FlashTile};
 mod conv;
 pub use conv::ConvKernel;
 pub mod decoder;
@@ -68,6 +68,7 @@ pub struct GpuBackend<D: Device> {
     /// GEMM tiles that fill the GPU (see [`GpuBackend::with_gemm_fill_tiles`]).
     gemm_fill: usize,
     attention: AttentionKernel,
+    flash_tile: FlashTile,
     rows: RowKernel,
     conv: ConvKernel,
     kv_split: KvSplit,
@@ -82,6 +83,7 @@ impl<D: Device> Clone for GpuBackend<D> {
             gemm: self.gemm,
             gemm_fill: self.gemm_fill,
             attention: self.attention,
+            flash_tile: self.flash_tile,
             rows: self.rows,
             conv: self.conv,
             kv_split: self.kv_split,
@@ -123,6 +125,7 @@ impl<D: Device> GpuBackend<D> {
             gemm: GemmKernel::from_env(),
             gemm_fill,
             attention: AttentionKernel::from_env(),
+            flash_tile: FlashTile::from_env(),
             rows: RowKernel::from_env(),
             conv: ConvKernel::from_env(),
             kv_split: KvSplit::default(),
@@ -167,6 +170,14 @@ impl<D: Device> GpuBackend<D> {
 
     pub fn attention_kernel(&self) -> AttentionKernel {
         self.attention
+    }
+
+    /// Which block of the encoders' flash attention runs (default: the
+    /// `APPARATE_GPU_FLASH_TILE` environment variable, else [`FlashTile::Narrow`]). The parity
+    /// tests and the kernel benchmark set it to run both at the same shapes.
+    pub fn with_flash_tile(mut self, tile: FlashTile) -> GpuBackend<D> {
+        self.flash_tile = tile;
+        self
     }
 
     /// Which residual add + LayerNorm kernel runs (default: the `APPARATE_GPU_ROWS`
