@@ -443,8 +443,7 @@ fn bench_device<D: Yardstick>(
 
 /// The attention op alone, both f16/bf16 kernels (the flash one with each of its blocks):
 /// MiniLM's heads (d = 32) at 128 tokens, BERT-base's (d = 64) at 512, and d = 128 at 2048;
-/// all keys valid. Rate: the 4 b h s^2 d
-/// multiply-add FLOPs of QK^T and PV.
+/// all keys valid. Rate: the 4 b h s^2 d multiply-add FLOPs of QK^T and PV.
 fn attention<D: Device>(
     name: &str,
     be: &GpuBackend<D>,

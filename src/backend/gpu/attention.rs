@@ -37,7 +37,7 @@ impl<D: Device> GpuBackend<D> {
             && self.dev.address(&c.qkv.buf).is_multiple_of(16)
         {
             let pairs = c.shape.batch() * c.heads;
-            let (form, bq) = if d <= 64 && self.flash_wide(pairs, seq) {
+            let (form, bq) = if self.flash_wide(pairs, seq, d) {
                 ("attention_flash_wide", 2 * params::ATTN_FLASH_BQ)
             } else {
                 ("attention_flash", params::ATTN_FLASH_BQ)
@@ -72,14 +72,16 @@ impl<D: Device> GpuBackend<D> {
         self.launch(&self.kernel("attention"), cfg, &args)?;
         Ok(out)
     }
-}
 
-impl<D: Device> GpuBackend<D> {
-    /// Whether the flash attention of `pairs` (inputs x heads) over `seq` positions takes the
-    /// wide block (128 query rows): by [`FlashTile`], and for `Auto` where its blocks number
-    /// at least `ATTN_FLASH_WIDE_MIN_BLOCKS` per multiprocessor (the count the GEMMs fill,
+    /// Whether the flash attention of `pairs` (inputs x heads) over `seq` positions with head
+    /// size `d` takes the wide block (128 query rows): never above d = 64 (its registers
+    /// would spill), else by [`FlashTile`], and for `Auto` where its blocks number at least
+    /// `ATTN_FLASH_WIDE_MIN_BLOCKS` per multiprocessor (the count the GEMMs fill,
     /// [`GpuBackend::with_gemm_fill_tiles`]).
-    fn flash_wide(&self, pairs: usize, seq: usize) -> bool {
+    fn flash_wide(&self, pairs: usize, seq: usize, d: usize) -> bool {
+        if d > 64 {
+            return false;
+        }
         match self.flash_tile {
             FlashTile::Narrow => false,
             FlashTile::Wide => true,
@@ -202,15 +204,19 @@ mod tests {
         .unwrap();
         let be = GpuBackend::new(dev, DType::F16).with_flash_tile(FlashTile::Auto);
         // MiniLM's 12 heads at 128 tokens: from batch 22.
-        assert!(!be.flash_wide(21 * 12, 128));
-        assert!(be.flash_wide(22 * 12, 128));
+        assert!(!be.flash_wide(21 * 12, 128, 32));
+        assert!(be.flash_wide(22 * 12, 128, 32));
         // BERT-base's 12 heads at 512 tokens: from batch 6.
-        assert!(!be.flash_wide(5 * 12, 512));
-        assert!(be.flash_wide(6 * 12, 512));
-        assert!(be.clone().with_flash_tile(FlashTile::Wide).flash_wide(1, 1));
+        assert!(!be.flash_wide(5 * 12, 512, 64));
+        assert!(be.flash_wide(6 * 12, 512, 64));
+        let wide = be.clone().with_flash_tile(FlashTile::Wide);
+        assert!(wide.flash_wide(1, 1, 64));
+        // Head size 128: the narrow block, whatever is asked for.
+        assert!(!wide.flash_wide(1, 1, 128));
+        assert!(!be.flash_wide(1 << 20, 4096, 128));
         assert!(
             !be.with_flash_tile(FlashTile::Narrow)
-                .flash_wide(1 << 20, 4096)
+                .flash_wide(1 << 20, 4096, 32)
         );
     }
 }
