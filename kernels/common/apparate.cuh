@@ -151,13 +151,43 @@ APPARATE_DEVICE void store_vec16(T* p, const float (&in)[E]) {
 
 // ---- reductions ----------------------------------------------------------------------------
 
-APPARATE_DEVICE float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+#ifdef APPARATE_EMU
+// The butterfly below for the whole warp in one exchange (five shuffles would be five warp
+// barriers on the emulated device): the same pairs combined in the same order, so the same bits.
+template <bool Max>
+inline float apparate_emu_warp_butterfly(float v) {
+    uint32_t* s = apparate_emu_warp_exchange();
+    int lane = (int)apparate_emu_thread->lane;
+    std::memcpy(&s[lane * 16], &v, 4);
+    apparate_emu_warp_collective(s, [](uint32_t* s) {
+        float x[32], y[32];
+        for (int l = 0; l < 32; l++) std::memcpy(&x[l], &s[l * 16], 4);
+        for (int o = 16; o > 0; o >>= 1) {
+            for (int l = 0; l < 32; l++) y[l] = Max ? fmaxf(x[l], x[l ^ o]) : x[l] + x[l ^ o];
+            std::memcpy(x, y, sizeof(x));
+        }
+        for (int l = 0; l < 32; l++) std::memcpy(&s[l * 16 + 8], &x[l], 4);
+    });
+    std::memcpy(&v, &s[lane * 16 + 8], 4);
     return v;
 }
+#endif
+
+APPARATE_DEVICE float warp_sum(float v) {
+#ifdef APPARATE_EMU
+    return apparate_emu_warp_butterfly<false>(v);
+#else
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+#endif
+}
 APPARATE_DEVICE float warp_max(float v) {
+#ifdef APPARATE_EMU
+    return apparate_emu_warp_butterfly<true>(v);
+#else
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
+#endif
 }
 
 // Sum over the block; every thread gets the result. `scratch` holds >= 32 floats of shared

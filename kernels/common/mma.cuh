@@ -44,31 +44,50 @@ APPARATE_DEVICE float mma_half_to_f32(uint32_t packed, int hi) {
     return to_f32(v);
 }
 
+#ifdef APPARATE_EMU
+// The warp's multiply on the emulated device, run once by one lane (apparate_emu_warp_collective):
+// lane l's fragments are words 0..3 (A) and 4..5 (B) of its slot; its four sums of products go to
+// words 8..11 (as f32 bits), in d's order. Each output is summed over k in order 0..15 and then
+// added to the accumulator, as when every lane computed its own.
+template <typename T>
+inline void apparate_emu_mma_16816_warp(uint32_t* s) {
+    float A[16][16], B[16][8];
+    for (int l = 0; l < 32; l++) {
+        int g = l / 4, t = l % 4;
+        const uint32_t* r = &s[l * 16];
+        for (int h = 0; h < 2; h++) {
+            A[g][2 * t + h] = mma_half_to_f32<T>(r[0], h);
+            A[g + 8][2 * t + h] = mma_half_to_f32<T>(r[1], h);
+            A[g][2 * t + 8 + h] = mma_half_to_f32<T>(r[2], h);
+            A[g + 8][2 * t + 8 + h] = mma_half_to_f32<T>(r[3], h);
+            B[2 * t + h][g] = mma_half_to_f32<T>(r[4], h);
+            B[2 * t + 8 + h][g] = mma_half_to_f32<T>(r[5], h);
+        }
+    }
+    for (int row = 0; row < 16; row++) {
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int k = 0; k < 16; k++)
+            for (int n = 0; n < 8; n++) acc[n] += A[row][k] * B[k][n];
+        // D[row][n] is lane (row % 8) * 4 + n / 2's d[2 * (row >= 8) + n % 2].
+        for (int n = 0; n < 8; n++)
+            std::memcpy(&s[((row % 8) * 4 + n / 2) * 16 + 8 + 2 * (row >= 8) + n % 2], &acc[n], 4);
+    }
+}
+#endif
+
 template <typename T>
 APPARATE_DEVICE void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 #ifdef APPARATE_EMU
-    uint32_t* s = apparate_emu_warp_scratch();  // 32 lanes x 16 words
+    uint32_t* s = apparate_emu_warp_exchange();
     int lane = (int)apparate_emu_thread->lane;
     for (int i = 0; i < 4; i++) s[lane * 16 + i] = a[i];
     for (int i = 0; i < 2; i++) s[lane * 16 + 4 + i] = b[i];
-    apparate_emu_warp_barrier();
-    int g = lane / 4, t = lane % 4;
-    for (int r = 0; r < 2; r++) {       // output rows g, g+8
-        for (int c = 0; c < 2; c++) {   // output cols 2t, 2t+1
-            int row = g + 8 * r, col = 2 * t + c;
-            float acc = 0.0f;
-            for (int k = 0; k < 16; k++) {
-                // A[row][k]: lane (row%8)*4 + (k%8)/2, register (row>=8) + 2*(k>=8), half k%2.
-                int al = (row % 8) * 4 + (k % 8) / 2, ar = (row >= 8) + 2 * (k >= 8);
-                // B[k][col]: lane col*4 + (k%8)/2, register (k>=8), half k%2.
-                int bl = col * 4 + (k % 8) / 2, br = (k >= 8);
-                acc += mma_half_to_f32<T>(s[al * 16 + ar], k % 2) *
-                       mma_half_to_f32<T>(s[bl * 16 + 4 + br], k % 2);
-            }
-            d[2 * r + c] += acc;
-        }
+    apparate_emu_warp_collective(s, apparate_emu_mma_16816_warp<T>);
+    for (int i = 0; i < 4; i++) {
+        float p;
+        std::memcpy(&p, &s[lane * 16 + 8 + i], 4);
+        d[i] += p;
     }
-    apparate_emu_warp_barrier();
 #else
     mma_16816_ptx<T>(d, a, b);
 #endif

@@ -101,22 +101,28 @@ inline void apparate_emu_ldmatrix(uint32_t (&r)[4], const void* row, bool trans)
         std::fprintf(stderr, "ldmatrix: row address %p not 16-byte aligned\n", row);
         std::abort();  // a GPU raises a misaligned-address fault
     }
-    uint32_t* s = apparate_emu_warp_scratch();
+    uint32_t* s = apparate_emu_warp_exchange();
     int lane = (int)apparate_emu_thread->lane;
-    std::memcpy(&s[lane * 2], &row, sizeof(row));
-    apparate_emu_warp_barrier();
-    // Element (row q, column c) of matrix i, from the row address lane 8i + q gave.
-    auto at = [&](int i, int q, int c) {
-        const unsigned char* src;
-        std::memcpy(&src, &s[(i * 8 + q) * 2], sizeof(src));
-        uint16_t h;
-        std::memcpy(&h, src + 2 * c, 2);
-        return (uint32_t)h;
-    };
-    int q = lane / 4, c = 2 * (lane % 4);
-    for (int i = 0; i < 4; i++)
-        r[i] = trans ? at(i, c, q) | at(i, c + 1, q) << 16 : at(i, q, c) | at(i, q, c + 1) << 16;
-    apparate_emu_warp_barrier();
+    std::memcpy(&s[lane * 16], &row, sizeof(row));
+    // One lane gathers for the warp while the others wait, so no lane's later shared-memory
+    // store can land in another lane's fragment (the instruction reads for the whole warp).
+    apparate_emu_warp_collective(s, [trans](uint32_t* s) {
+        // Element (row q, column c) of matrix i, from the row address lane 8i + q gave.
+        auto at = [&](int i, int q, int c) {
+            const unsigned char* src;
+            std::memcpy(&src, &s[(i * 8 + q) * 16], sizeof(src));
+            uint16_t h;
+            std::memcpy(&h, src + 2 * c, 2);
+            return (uint32_t)h;
+        };
+        for (int l = 0; l < 32; l++) {
+            int q = l / 4, c = 2 * (l % 4);
+            for (int i = 0; i < 4; i++)
+                s[l * 16 + 8 + i] = trans ? at(i, c, q) | at(i, c + 1, q) << 16
+                                          : at(i, q, c) | at(i, q, c + 1) << 16;
+        }
+    });
+    for (int i = 0; i < 4; i++) r[i] = s[lane * 16 + 8 + i];
 }
 #endif
 

@@ -87,9 +87,9 @@ APPARATE_DEVICE void wgmma_fence_operand(float& r) {
 }
 
 #ifdef APPARATE_EMU
-// Element (row, k) of a K-major 128-byte-swizzled operand, decoded from its descriptor.
+// Row `row` (k = 0..15) of a K-major 128-byte-swizzled operand, decoded from its descriptor.
 template <typename T>
-inline float apparate_emu_wgmma_elem(uint64_t desc, int row, int k) {
+inline void apparate_emu_wgmma_row(uint64_t desc, int row, float (&out)[16]) {
     uint32_t start = apparate_emu_desc_start(desc), sbo = apparate_emu_desc_sbo(desc);
     uint32_t base_offset = (uint32_t)((desc >> 49) & 7u), swizzle = (uint32_t)(desc >> 62);
     if (swizzle != 1 || base_offset != 0) {
@@ -97,42 +97,46 @@ inline float apparate_emu_wgmma_elem(uint64_t desc, int row, int k) {
                              "only (descriptor swizzle %u, base offset %u)\n", swizzle, base_offset);
         std::abort();
     }
-    uint32_t a = start + (uint32_t)(row / 8) * sbo + (uint32_t)(row % 8) * 128 + (uint32_t)k * 2;
-    a ^= ((a >> 7) & 7u) << 4;  // 16-byte chunk ^= row within the 1024-byte pattern
-    if (a + 2 > apparate_emu_block->dyn_shared_bytes) {
-        std::fprintf(stderr, "wgmma: operand address %u past %u bytes of dynamic shared memory\n", a,
-                     (unsigned)apparate_emu_block->dyn_shared_bytes);
-        std::abort();
+    uint32_t first = start + (uint32_t)(row / 8) * sbo + (uint32_t)(row % 8) * 128;
+    for (int k = 0; k < 16; k++) {
+        uint32_t a = first + (uint32_t)k * 2;
+        a ^= ((a >> 7) & 7u) << 4;  // 16-byte chunk ^= row within the 1024-byte pattern
+        if (a + 2 > apparate_emu_block->dyn_shared_bytes) {
+            std::fprintf(stderr, "wgmma: operand address %u past %u bytes of dynamic shared memory\n",
+                         a, (unsigned)apparate_emu_block->dyn_shared_bytes);
+            std::abort();
+        }
+        T v;
+        std::memcpy(&v.bits, apparate_emu_block->dyn_shared + a, 2);
+        out[k] = to_f32(v);
     }
-    T v;
-    std::memcpy(&v.bits, apparate_emu_block->dyn_shared + a, 2);
-    return to_f32(v);
 }
 
 // Performs one queued multiply: this thread's accumulators only (they depend on shared memory
-// and its own registers, so no exchange between lanes is needed).
-inline void apparate_emu_wgmma_run(const ApparateEmuWgmma& op) {
+// and its own registers, so no exchange between lanes is needed). Its two rows of A are decoded
+// once, each column of B once for both rows.
+template <typename T>
+inline void apparate_emu_wgmma_run_as(const ApparateEmuWgmma& op) {
     ApparateEmuThread* t = apparate_emu_thread;
     int w = (int)(t->warp % 4), l = (int)t->lane;
+    float a[2][16], b[16];
+    for (int i = 0; i < 2; i++) apparate_emu_wgmma_row<T>(op.desc_a, 16 * w + l / 4 + 8 * i, a[i]);
     for (int j = 0; j < op.n / 8; j++)
-        for (int i = 0; i < 2; i++)
-            for (int c = 0; c < 2; c++) {
-                int row = 16 * w + l / 4 + 8 * i, col = 8 * j + 2 * (l % 4) + c;
+        for (int c = 0; c < 2; c++) {
+            apparate_emu_wgmma_row<T>(op.desc_b, 8 * j + 2 * (l % 4) + c, b);
+            for (int i = 0; i < 2; i++) {
                 float acc = 0.0f;
-                for (int k = 0; k < 16; k++) {
-                    float a, b;
-                    if (op.bf16) {
-                        a = apparate_emu_wgmma_elem<bf16>(op.desc_a, row, k);
-                        b = apparate_emu_wgmma_elem<bf16>(op.desc_b, col, k);
-                    } else {
-                        a = apparate_emu_wgmma_elem<f16>(op.desc_a, row, k);
-                        b = apparate_emu_wgmma_elem<f16>(op.desc_b, col, k);
-                    }
-                    acc += a * b;
-                }
+                for (int k = 0; k < 16; k++) acc += a[i][k] * b[k];
                 float& d = op.d[4 * j + 2 * i + c];
                 d = op.scale_d ? d + acc : acc;
             }
+        }
+}
+inline void apparate_emu_wgmma_run(const ApparateEmuWgmma& op) {
+    if (op.bf16)
+        apparate_emu_wgmma_run_as<bf16>(op);
+    else
+        apparate_emu_wgmma_run_as<f16>(op);
 }
 
 // Lands this thread's queued multiplies of groups before `keep_from` (in issue order).

@@ -82,7 +82,7 @@ struct Worker {
     int nthreads = 0;
     void (*entry)(void**) = nullptr;
     void** args = nullptr;
-    uint32_t scratch[kMaxThreads / 32][32 * 16];
+    uint32_t exchange[kMaxThreads / 32][2][32 * 16];  // per warp, two buffers
     std::vector<unsigned char> dyn_shared;
     ApparateEmuBlock block{};
     // Bumped by every event that can end a Spin (an mbarrier arrival): a round of spinning
@@ -163,6 +163,7 @@ bool run_block(Worker* w, uint64_t* seed, const char* name, char* err, size_t er
         t.groups_committed = 0;
         t.n_wgmma = 0;
         t.wgmma_groups = 0;
+        t.exchange_parity = 0;
         t.early_copies = seed ? splitmix(*seed) | 1 : 0;
     }
     w->block.n_bulk = 0;
@@ -311,7 +312,12 @@ int apparate_emu_wgmma_reader(uint32_t lo, uint32_t hi) {
     }
     return -1;
 }
-uint32_t* apparate_emu_warp_scratch() { return worker->scratch[apparate_emu_thread->warp]; }
+uint32_t* apparate_emu_warp_exchange() {
+    ApparateEmuThread* t = apparate_emu_thread;
+    uint32_t* s = worker->exchange[t->warp][t->exchange_parity];
+    t->exchange_parity ^= 1;
+    return s;
+}
 
 extern "C" int apparate_emu_has_kernel(const char* name) { return apparate_emu_find(name) != nullptr; }
 

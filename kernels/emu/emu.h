@@ -55,6 +55,8 @@ struct ApparateEmuThread {
     // This thread's wgmma multiplies in flight, in issue order, and its commit-group count.
     ApparateEmuWgmma wgmma[APPARATE_EMU_MAX_WGMMA];
     unsigned int n_wgmma, wgmma_groups;
+    // Which of its warp's two exchange buffers this lane's next warp operation uses.
+    unsigned int exchange_parity;
 };
 // A tensor copy (`cp.async.bulk.tensor`, TMA) not yet landed: the block's copies land one at a
 // time while some thread waits on an mbarrier phase that is not complete, and then complete
@@ -130,8 +132,30 @@ void apparate_emu_mbar_arrive(uint64_t* bar, uint32_t tx_bytes);
 void apparate_emu_mbar_wait(uint64_t* bar, uint32_t parity);
 void apparate_emu_tma_load_2d(void* dst, const uint64_t* map, int32_t c0, int32_t c1,
                               uint64_t* bar);
-// 32 lanes x 16 words of scratch for the current warp (exchanges across lanes).
-uint32_t* apparate_emu_warp_scratch();
+// The exchange buffer of this lane's next warp operation: 32 lanes x 16 words, shared by the
+// warp. A warp operation writes its lane's words, meets the warp at one barrier, then reads: the
+// warp's operations alternate between two buffers, so the next operation writes the other one,
+// and the one after it cannot start before every lane has passed the next one's barrier, which
+// it reaches only after its reads here. (Every lane runs the same warp operations in the same
+// order, as `*_sync` with a full mask requires, so the lanes' parities agree.)
+uint32_t* apparate_emu_warp_exchange();
+
+// A collective warp operation (mma, ldmatrix, a whole-warp reduction): every lane has written its
+// inputs to words 0..7 of its 16-word slot in `s` (from apparate_emu_warp_exchange); after the
+// warp barrier, the first lane to resume runs `whole_warp(s)` once for the warp, while every
+// other lane still waits at the barrier: the hardware's view (one instruction for the warp,
+// before any lane's next step), at the cost of one barrier. `whole_warp` leaves each lane's
+// results in words 8..14 of its slot (word 15 of lane 0's slot is the flag).
+template <typename F>
+inline void apparate_emu_warp_collective(uint32_t* s, F whole_warp) {
+    volatile uint32_t* done = &s[15];
+    if (apparate_emu_thread->lane == 0) *done = 0;
+    apparate_emu_warp_barrier();
+    if (!*done) {
+        whole_warp(s);
+        *done = 1;
+    }
+}
 
 inline void __syncthreads() { apparate_emu_syncthreads(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { apparate_emu_warp_barrier(); }
@@ -143,14 +167,13 @@ inline void __threadfence_block() {}
 template <typename T>
 inline T apparate_emu_shfl(T v, int src_of_lane(int, int, int), int arg, int width) {
     static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
-    uint32_t* s = apparate_emu_warp_scratch();
+    uint32_t* s = apparate_emu_warp_exchange();
     int lane = (int)apparate_emu_thread->lane;
     std::memcpy(&s[lane * 2], &v, sizeof(T));
     apparate_emu_warp_barrier();
     int src = src_of_lane(lane, arg, width);
     T r;
     std::memcpy(&r, &s[src * 2], sizeof(T));
-    apparate_emu_warp_barrier();
     return r;
 }
 inline int apparate_emu_src_xor(int lane, int m, int width) {
@@ -185,13 +208,12 @@ inline T __shfl_sync(unsigned, T v, int s, int width = 32) {
 }
 
 inline unsigned __ballot_sync(unsigned, int pred) {
-    uint32_t* s = apparate_emu_warp_scratch();
+    uint32_t* s = apparate_emu_warp_exchange();
     int lane = (int)apparate_emu_thread->lane;
     s[lane * 2] = pred ? 1u : 0u;
     apparate_emu_warp_barrier();
     unsigned r = 0;
     for (int i = 0; i < 32; i++) r |= (s[i * 2] & 1u) << i;
-    apparate_emu_warp_barrier();
     return r;
 }
 inline int __any_sync(unsigned m, int pred) { return __ballot_sync(m, pred) != 0; }
