@@ -510,14 +510,19 @@ mod tests {
                 "ops waited for a worker that did not run"
             );
         });
+        assert!(
+            shared_by_two_threads(&team),
+            "the worker did not join again"
+        );
+    }
+
+    /// Whether an op of eight 3 ms tasks ran on more than one thread.
+    fn shared_by_two_threads(team: &Team) -> bool {
         let ids = team.map(8, |_| {
             std::thread::sleep(Duration::from_millis(3));
             std::thread::current().id()
         });
-        assert!(
-            ids.iter().any(|id| *id != ids[0]),
-            "the worker did not join again"
-        );
+        ids.iter().any(|id| *id != ids[0])
     }
 
     #[test]
@@ -544,14 +549,7 @@ mod tests {
         let v = team.map(8, |i| i + 1);
         assert_eq!(v.iter().sum::<usize>(), 36);
         // Still two threads after the panic, not the caller alone.
-        let ids = team.map(8, |_| {
-            std::thread::sleep(Duration::from_millis(3));
-            std::thread::current().id()
-        });
-        assert!(
-            ids.iter().any(|id| *id != ids[0]),
-            "only one thread ran the op"
-        );
+        assert!(shared_by_two_threads(&team), "only one thread ran the op");
     }
 
     #[test]
