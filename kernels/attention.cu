@@ -129,7 +129,8 @@ __device__ void attention_flash(const T* __restrict__ qkv, const int32_t* __rest
     // `rows` rows from row0 of one operand; rows at or past `limit` are zero-filled.
     auto load_rows = [&](T* dst, const T* src, uint32_t row0, uint32_t limit, uint32_t rows) {
         for (uint32_t c = tid; c < rows * CH; c += THREADS) {
-            uint32_t r = c / CH, ch = c % CH;
+            uint32_t r, ch;
+            copy_slot<CH>(c, r, ch);  // free of bank conflicts at every head size
             bool in = row0 + r < limit;
             cp_async16(dst + r * LD + ch * 8, in ? src + (base + row0 + r) * ld + ch * 8 : src, in);
         }

@@ -105,6 +105,27 @@ extern "C" __global__ void selftest_cp_async(const float* src, float* out) {
     for (int i = 0; i < 12; i++) out[256 + lane * 12 + i] = buf[lane * 12 + i];
 }
 
+// One warp, shared-memory accesses whose bank conflicts are known, for the emulated device's
+// bank accounting (kernels/emu/emu.h; its counts are the test, the values are not): an
+// ldmatrix.x4 whose eight rows per matrix are 128 bytes apart (one bank group: 8 wavefronts
+// per phase), one whose eight lanes per matrix name the same row (a broadcast: 1), and 16-byte
+// cp.async copies in row-major order into rows of 4 chunks padded to 5 (2 rows per phase:
+// 2 wavefronts). Dynamic shared memory: 1024 bytes. out[l] = a mix of lane l's registers.
+extern "C" __global__ void selftest_bank_conflicts(const float* src, uint32_t* out) {
+    DYN_SHARED(unsigned char, tile);
+    uint32_t lane = threadIdx.x;
+    for (uint32_t i = lane; i < 256; i += 32) reinterpret_cast<uint32_t*>(tile)[i] = i;
+    __syncthreads();
+    uint32_t r[4], b[4];
+    ldmatrix_x4(r, tile + (lane % 8) * 128 + (lane / 8) * 16);
+    ldmatrix_x4(b, tile + (lane / 8) * 16);
+    __syncthreads();
+    cp_async16(tile + (lane / 4) * 80 + (lane % 4) * 16, src + lane * 4, true);
+    cp_async_commit();
+    cp_async_wait<0>();
+    out[lane] = r[0] ^ r[1] ^ r[2] ^ r[3] ^ b[0] ^ b[1] ^ b[2] ^ b[3];
+}
+
 // One warpgroup (128 threads), sm_90a or the emulated device: D (64 x 128, f32) = A (64 x 64) *
 // B^T, B given as 128 x 64 (both K-major, row-major here), through four wgmma.m64n128k16 over
 // the 128-byte-swizzled layout of kernels/common/wgmma.cuh: A's and B's rows stored 128 bytes

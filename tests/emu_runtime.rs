@@ -1,7 +1,7 @@
 //! The emulated device itself: launches, barriers, warp exchange, deadlock reporting.
 
 use apparate::backend::device::{Device, KernelArg, LaunchConfig, TensorMapSpec};
-use apparate::backend::emu::{EmuConfig, EmuDevice};
+use apparate::backend::emu::{EmuConfig, EmuDevice, Wavefronts};
 use apparate::backend::gpu::selftest;
 
 /// Every launch in this file passes buffers it allocated with sizes that fit them, in the
@@ -148,6 +148,58 @@ fn tensor_maps_refuse_what_the_driver_would_by_name() {
 #[test]
 fn ldmatrix_twin_follows_the_ptx_layout() {
     selftest::ldmatrix(&dev()).unwrap();
+}
+
+/// The bank accounting counts what the hardware would: 8 wavefronts for a phase of eight rows
+/// on one bank group, 1 for eight lanes naming one row, 2 for copies of two rows whose chunks
+/// meet (`selftest_bank_conflicts`); the fast kernels' checks rely on it
+/// (tests/op_parity.rs, `no_bank_conflicts`).
+#[test]
+fn bank_accounting_counts_wavefronts_by_phase() {
+    let d = dev();
+    let src = d.upload(&[0u8; 32 * 16]).unwrap();
+    let out = d.alloc(32 * 4).unwrap();
+    let args = [
+        KernelArg::Ptr(d.address(&src)),
+        KernelArg::Ptr(d.address(&out)),
+    ];
+    launch(
+        &d,
+        "selftest_bank_conflicts",
+        LaunchConfig::linear(1, 32, 1024),
+        &args,
+    )
+    .unwrap();
+    let t = d.bank_traffic()["selftest_bank_conflicts"];
+    // Two ldmatrix.x4 of 4 phases each: 4 x 8 + 4 x 1 wavefronts.
+    assert_eq!(
+        t.ldmatrix,
+        Wavefronts {
+            ideal: 8,
+            actual: 36
+        }
+    );
+    // One cp.async of 4 phases, each 2 wavefronts.
+    assert_eq!(
+        t.cp_async,
+        Wavefronts {
+            ideal: 4,
+            actual: 8
+        }
+    );
+    assert_eq!(t.cp_async.excess(), 1.0);
+    // Counted per launch: a second launch doubles them.
+    launch(
+        &d,
+        "selftest_bank_conflicts",
+        LaunchConfig::linear(1, 32, 1024),
+        &args,
+    )
+    .unwrap();
+    assert_eq!(
+        d.bank_traffic()["selftest_bank_conflicts"].cp_async.actual,
+        16
+    );
 }
 
 #[test]

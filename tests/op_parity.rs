@@ -220,7 +220,48 @@ fn check_async_matches<B: Backend>(what: &str, be: &B, case: &OpCase, p: &op_cas
 
 #[test]
 fn linear_all_dtypes_and_shapes() {
-    parity_on("emu", emu(), |op| matches!(op, Op::Linear { .. }));
+    let dev = emu();
+    parity_on("emu", dev.clone(), |op| matches!(op, Op::Linear { .. }));
+    no_bank_conflicts(&dev, &["gemm_pipe_big", "gemm_pipe_small", "gemm_wgmma"]);
+}
+
+/// Every kernel that `dev` saw issue ldmatrix or cp.async did so without a shared-memory bank
+/// conflict (the emulated device's accounting: kernels/emu/emu.h), and a kernel whose name
+/// starts with each of `expect` was among them (so the check cannot pass on nothing).
+fn no_bank_conflicts(dev: &EmuDevice, expect: &[&str]) {
+    let traffic = dev.bank_traffic();
+    for (name, t) in &traffic {
+        let per_mma = t.wavefronts_per_mma().unwrap_or(0.0);
+        eprintln!("{name}: {t:?}, {per_mma:.3} wavefronts per mma");
+    }
+    for prefix in expect {
+        assert!(
+            traffic.keys().any(|k| k.starts_with(prefix)),
+            "no kernel `{prefix}*` issued ldmatrix or cp.async: {:?}",
+            traffic.keys().collect::<Vec<_>>()
+        );
+    }
+    let conflicted: Vec<String> = traffic
+        .iter()
+        .flat_map(|(name, t)| {
+            [("ldmatrix", t.ldmatrix), ("cp.async", t.cp_async)]
+                .into_iter()
+                .filter(|(_, w)| w.actual > w.ideal)
+                .map(move |(what, w)| {
+                    format!(
+                        "{name} {what}: {} wavefronts where {} would do (+{:.0}%)",
+                        w.actual,
+                        w.ideal,
+                        100.0 * w.excess()
+                    )
+                })
+        })
+        .collect();
+    assert!(
+        conflicted.is_empty(),
+        "bank conflicts:\n{}",
+        conflicted.join("\n")
+    );
 }
 
 /// The large GEMM tiles (pipelined 128 x 128, wgmma 128 x 256) at the table's shapes: with
@@ -229,9 +270,10 @@ fn linear_all_dtypes_and_shapes() {
 /// fewer blocks.
 #[test]
 fn gemm_large_tiles_at_a_low_fill() {
+    let dev = emu();
     large_tiles_on(
         "emu",
-        emu(),
+        dev.clone(),
         &[
             G::Pipelined,
             G::PipelinedSplitK,
@@ -240,6 +282,7 @@ fn gemm_large_tiles_at_a_low_fill() {
             G::WgmmaTma,
         ],
     );
+    no_bank_conflicts(&dev, &["gemm_pipe_big", "gemm_wgmma", "conv_pipe_big"]);
 }
 
 fn large_tiles_on<D: Device>(label: &str, dev: Arc<D>, gemms: &[GemmKernel]) {
@@ -283,7 +326,9 @@ fn attention_all_dtypes_and_shapes() {
 /// cases here do not; at head size 128 `Wide` runs the narrow block).
 #[test]
 fn flash_attention_narrow_and_wide_blocks() {
-    flash_tiles_on("emu", emu());
+    let dev = emu();
+    flash_tiles_on("emu", dev.clone());
+    no_bank_conflicts(&dev, &["attention_flash_d", "attention_flash_wide"]);
 }
 
 fn flash_tiles_on<D: Device>(label: &str, dev: Arc<D>) {

@@ -31,7 +31,8 @@ __device__ void store_out(T* y, uint32_t M, uint32_t N, uint32_t r, uint32_t c, 
 // in flight while the tensor cores work on this one. Fragments come from shared memory with
 // ldmatrix.x4 (one instruction per 16x16 A tile or per two 8-column B tiles). Shared rows are
 // padded to 40 halves (80 bytes): the 8 row addresses of one ldmatrix phase then fall on 8
-// different 16-byte bank groups, so neither the fragment loads nor the copies conflict.
+// different 16-byte bank groups, and so do the 8 copies of a phase, which go down 8 rows
+// (copy_slot); the emulated device counts both (tests/op_parity.rs, no_bank_conflicts).
 // Needs K % 8 == 0 and 16-byte aligned X and W (every 16-byte chunk of a row is then either
 // wholly inside K or wholly outside, and is zero-filled outside); the launcher checks.
 // The A operand comes from an `ASource` (below): the rows of X (`DenseRows`, the GEMM of
@@ -95,10 +96,12 @@ __device__ void gemm_pipe(const ASource& a, const T* __restrict__ w,
     // One k-tile of both operands into a stage: (BM + BN) rows x CHUNKS 16-byte copies. A
     // thread always copies the same chunk column of rows `crow` + multiples of PASS_ROWS, so
     // the A source works out its rows once, before the k loop.
+    // A thread's rows and chunk come from copy_slot (its copies land free of bank conflicts).
     constexpr int PASS_ROWS = THREADS / CHUNKS;
-    static_assert(THREADS % CHUNKS == 0 && BM % PASS_ROWS == 0 && BN % PASS_ROWS == 0,
+    static_assert(THREADS % 32 == 0 && BM % PASS_ROWS == 0 && BN % PASS_ROWS == 0,
                   "every thread copies whole passes of rows");
-    uint32_t crow = tid / CHUNKS, cchunk = tid % CHUNKS;
+    uint32_t crow, cchunk;
+    copy_slot<CHUNKS>(tid, crow, cchunk);
     typename ASource::Row arow[BM / PASS_ROWS];
     #pragma unroll
     for (int i = 0; i < BM / PASS_ROWS; i++) arow[i] = a.row(m0 + crow + i * PASS_ROWS);

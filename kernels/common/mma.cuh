@@ -51,6 +51,7 @@ APPARATE_DEVICE float mma_half_to_f32(uint32_t packed, int hi) {
 // added to the accumulator, as when every lane computed its own.
 template <typename T>
 inline void apparate_emu_mma_16816_warp(uint32_t* s) {
+    apparate_emu_count_mma();
     float A[16][16], B[16][8];
     for (int l = 0; l < 32; l++) {
         int g = l / 4, t = l % 4;

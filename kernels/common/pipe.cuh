@@ -31,6 +31,7 @@ APPARATE_DEVICE void cp_async16(void* dst, const void* src, bool pred) {
         std::fprintf(stderr, "cp.async: address not 16-byte aligned (dst %p, src %p)\n", dst, src);
         std::abort();  // a GPU raises a misaligned-address fault
     }
+    apparate_emu_note_cp_async(dst);
     if (t->early_copies) {
         t->early_copies ^= t->early_copies << 13;  // xorshift64
         t->early_copies ^= t->early_copies >> 7;
@@ -93,6 +94,28 @@ APPARATE_DEVICE void cp_async_wait() {
 #endif
 }
 
+// The row and 16-byte chunk that the idx-th 16-byte copy into a shared tile takes, for rows of
+// CHUNKS chunks stored with an odd pitch (padded by one chunk, so consecutive rows start on
+// different groups of four banks). A warp's 16-byte accesses are served eight lanes at a time,
+// and eight lanes whose chunks share a bank group take that many wavefronts. With CHUNKS >= 8
+// the order is row-major: eight lanes take eight neighbouring chunks of one row. With CHUNKS = 4
+// row-major would give eight lanes two rows (pitch 5 chunks: chunk 3 of the first row and chunk
+// 0 of the second share a bank group, every phase twice as long), so each warp's 32 copies take
+// 8 rows x 4 chunks with the eight lanes of a phase going down the rows. Either way a warp reads
+// the same bytes of global memory, so coalescing does not change. Needs idx's range to be whole
+// warps of copies (rows a multiple of 8 when CHUNKS = 4).
+template <int CHUNKS>
+APPARATE_DEVICE void copy_slot(uint32_t idx, uint32_t& row, uint32_t& chunk) {
+    static_assert(CHUNKS == 4 || CHUNKS % 8 == 0, "rows of 4 or of a multiple of 8 chunks");
+    if (CHUNKS == 4) {
+        row = (idx / 32) * 8 + idx % 8;
+        chunk = (idx % 32) / 8;
+    } else {
+        row = idx / CHUNKS;
+        chunk = idx % CHUNKS;
+    }
+}
+
 #ifdef APPARATE_EMU
 // Both ldmatrix twins: the warp exchanges its row addresses, then each lane gathers its four
 // registers; `trans` picks the transposed element of each matrix.
@@ -107,6 +130,13 @@ inline void apparate_emu_ldmatrix(uint32_t (&r)[4], const void* row, bool trans)
     // One lane gathers for the warp while the others wait, so no lane's later shared-memory
     // store can land in another lane's fragment (the instruction reads for the whole warp).
     apparate_emu_warp_collective(s, [trans](uint32_t* s) {
+        uint32_t addr[32];
+        for (int l = 0; l < 32; l++) {
+            const void* p;
+            std::memcpy(&p, &s[l * 16], sizeof(p));
+            addr[l] = apparate_emu_smem_offset(p);
+        }
+        apparate_emu_bank_phases(addr, 0xffffffffu, apparate_emu_ldmatrix_banks());
         // Element (row q, column c) of matrix i, from the row address lane 8i + q gave.
         auto at = [&](int i, int q, int c) {
             const unsigned char* src;

@@ -85,6 +85,16 @@ struct Worker {
     uint32_t exchange[kMaxThreads / 32][2][32 * 16];  // per warp, two buffers
     std::vector<unsigned char> dyn_shared;
     ApparateEmuBlock block{};
+    // Per warp, its k-th cp.async instruction: each lane's shared-window offset, and which
+    // lanes issued it (counted and cleared when the block ends).
+    struct CopyIssue {
+        uint32_t addr[32];
+        uint32_t lanes;
+    };
+    std::vector<CopyIssue> cp_log[kMaxThreads / 32];
+    // The launch's bank accounting so far (apparate_emu_run hands it back).
+    ApparateEmuBankCount ldmatrix_banks{}, cp_async_banks{};
+    uint64_t mma = 0;
     // Bumped by every event that can end a Spin (an mbarrier arrival): a round of spinning
     // with no such event is a deadlock.
     uint64_t progress = 0;
@@ -164,8 +174,10 @@ bool run_block(Worker* w, uint64_t* seed, const char* name, char* err, size_t er
         t.n_wgmma = 0;
         t.wgmma_groups = 0;
         t.exchange_parity = 0;
+        t.cp_async_issued = 0;
         t.early_copies = seed ? splitmix(*seed) | 1 : 0;
     }
+    for (auto& log : w->cp_log) log.clear();
     w->block.n_bulk = 0;
     w->block.bulk_shuffle = seed ? splitmix(*seed) | 1 : 0;
     // Dynamic shared memory starts as NaN bytes in every block, so a read before a write shows.
@@ -223,6 +235,9 @@ bool run_block(Worker* w, uint64_t* seed, const char* name, char* err, size_t er
             spinning += s == Spin;
         }
         if (done == n) {
+            for (int wp = 0; wp < nwarps; wp++)
+                for (const auto& c : w->cp_log[wp])
+                    apparate_emu_bank_phases(c.addr, c.lanes, w->cp_async_banks);
             if (w->block.n_bulk == 0) return true;
             // On a GPU the copies would land in shared memory the next block may already own.
             std::snprintf(err, errlen,
@@ -312,6 +327,49 @@ int apparate_emu_wgmma_reader(uint32_t lo, uint32_t hi) {
     }
     return -1;
 }
+uint32_t apparate_emu_smem_offset(const void* p) {
+    const unsigned char* base = apparate_emu_block->dyn_shared;
+    const unsigned char* q = static_cast<const unsigned char*>(p);
+    if (base && q >= base && q < base + apparate_emu_block->dyn_shared_bytes)
+        return (uint32_t)(q - base);
+    return (uint32_t)reinterpret_cast<uintptr_t>(p);
+}
+
+void apparate_emu_bank_phases(const uint32_t (&addr)[32], uint32_t mask, ApparateEmuBankCount& c) {
+    for (int phase = 0; phase < 4; phase++) {
+        uint32_t chunks[8];
+        int n = 0;
+        for (int l = phase * 8; l < phase * 8 + 8; l++) {
+            if (!(mask >> l & 1u)) continue;
+            uint32_t chunk = addr[l] >> 4;
+            bool seen = false;
+            for (int i = 0; i < n; i++) seen |= chunks[i] == chunk;  // same chunk: one read
+            if (!seen) chunks[n++] = chunk;
+        }
+        if (n == 0) continue;
+        int most = 0;
+        for (uint32_t group = 0; group < 8; group++) {
+            int k = 0;
+            for (int i = 0; i < n; i++) k += (chunks[i] & 7u) == group;
+            most = k > most ? k : most;
+        }
+        c.ideal += 1;
+        c.actual += (uint64_t)most;
+    }
+}
+
+ApparateEmuBankCount& apparate_emu_ldmatrix_banks() { return worker->ldmatrix_banks; }
+void apparate_emu_count_mma() { worker->mma++; }
+
+void apparate_emu_note_cp_async(const void* dst) {
+    ApparateEmuThread* t = apparate_emu_thread;
+    auto& log = worker->cp_log[t->warp];
+    unsigned k = t->cp_async_issued++;
+    if (log.size() <= k) log.resize(k + 1, Worker::CopyIssue{{}, 0u});
+    log[k].addr[t->lane] = apparate_emu_smem_offset(dst);
+    log[k].lanes |= 1u << t->lane;
+}
+
 uint32_t* apparate_emu_warp_exchange() {
     ApparateEmuThread* t = apparate_emu_thread;
     uint32_t* s = worker->exchange[t->warp][t->exchange_parity];
@@ -323,10 +381,12 @@ extern "C" int apparate_emu_has_kernel(const char* name) { return apparate_emu_f
 
 // Runs blocks [begin, end) (linear block index, x fastest) of a launch. Returns 0 on success,
 // non-zero with a message in `err` otherwise. `seed` = 0: fibers run in thread order; otherwise
-// their order is shuffled (seeded) between barriers.
+// their order is shuffled (seeded) between barriers. `banks` receives the blocks' shared-memory
+// bank accounting (emu.h): ldmatrix's ideal and actual wavefronts, then cp.async's, then the
+// number of warp-wide mma.m16n8k16.
 extern "C" int apparate_emu_run(const char* name, const uint32_t grid[3], const uint32_t block[3],
                                 uint32_t dyn_shared, void** args, uint64_t begin, uint64_t end,
-                                uint64_t seed, char* err, size_t errlen) {
+                                uint64_t seed, char* err, size_t errlen, uint64_t banks[5]) {
     void (*entry)(void**) = apparate_emu_find(name);
     if (!entry) {
         std::snprintf(err, errlen, "no kernel named `%s` in the emulated device", name);
@@ -349,6 +409,9 @@ extern "C" int apparate_emu_run(const char* name, const uint32_t grid[3], const 
     }
     w->entry = entry;
     w->args = args;
+    w->ldmatrix_banks = ApparateEmuBankCount{0, 0};
+    w->cp_async_banks = ApparateEmuBankCount{0, 0};
+    w->mma = 0;
     w->nthreads = (int)nthreads;
     w->dyn_shared.assign(dyn_shared, 0);
     for (uint32_t z = 0, i = 0; z < block[2]; z++)
@@ -377,5 +440,10 @@ extern "C" int apparate_emu_run(const char* name, const uint32_t grid[3], const 
     }
     apparate_emu_block = saved_block;
     apparate_emu_thread = nullptr;
+    banks[0] = w->ldmatrix_banks.ideal;
+    banks[1] = w->ldmatrix_banks.actual;
+    banks[2] = w->cp_async_banks.ideal;
+    banks[3] = w->cp_async_banks.actual;
+    banks[4] = w->mma;
     return rc;
 }

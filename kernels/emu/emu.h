@@ -57,6 +57,9 @@ struct ApparateEmuThread {
     unsigned int n_wgmma, wgmma_groups;
     // Which of its warp's two exchange buffers this lane's next warp operation uses.
     unsigned int exchange_parity;
+    // cp.async copies this thread has issued in its block: the k-th copy of every lane of a
+    // warp is one instruction of the warp (apparate_emu_note_cp_async).
+    unsigned int cp_async_issued;
 };
 // A tensor copy (`cp.async.bulk.tensor`, TMA) not yet landed: the block's copies land one at a
 // time while some thread waits on an mbarrier phase that is not complete, and then complete
@@ -132,6 +135,28 @@ void apparate_emu_mbar_arrive(uint64_t* bar, uint32_t tx_bytes);
 void apparate_emu_mbar_wait(uint64_t* bar, uint32_t parity);
 void apparate_emu_tma_load_2d(void* dst, const uint64_t* map, int32_t c0, int32_t c1,
                               uint64_t* bar);
+// Shared-memory bank accounting of the instructions the emulated device sees for the whole
+// warp: `ldmatrix` (one instruction, its 32 row addresses) and `cp.async` (the k-th copy of each
+// lane of a warp, matched up when the block ends). A 16-byte access of a warp is served in four
+// phases of eight lanes (for ldmatrix.x4: one 8x8 matrix's eight rows each); a phase takes as
+// many wavefronts as the most distinct 16-byte chunks that fall on one group of four banks
+// (address bits 4-6), and one when they all differ. `ideal` counts the phases, `actual` their
+// wavefronts: actual > ideal is a bank conflict the GPU would serialize.
+struct ApparateEmuBankCount {
+    uint64_t ideal, actual;
+};
+// Offset in the shared window: from the block's dynamic shared memory, which the GPU places on a
+// 128-byte boundary of the window (a pointer outside it keeps its own address bits).
+uint32_t apparate_emu_smem_offset(const void* p);
+// Adds the phases of one warp access of 16 bytes per lane (lanes in `mask`, offsets `addr`).
+void apparate_emu_bank_phases(const uint32_t (&addr)[32], uint32_t mask, ApparateEmuBankCount& c);
+// The running launch's counts for ldmatrix and for cp.async's shared-memory writes.
+ApparateEmuBankCount& apparate_emu_ldmatrix_banks();
+// Counts one warp's mma.m16n8k16 in the running launch (the work the wavefronts feed).
+void apparate_emu_count_mma();
+// Records this lane's next cp.async destination (counted when the block ends).
+void apparate_emu_note_cp_async(const void* dst);
+
 // The exchange buffer of this lane's next warp operation: 32 lanes x 16 words, shared by the
 // warp. A warp operation writes its lane's words, meets the warp at one barrier, then reads: the
 // warp's operations alternate between two buffers, so the next operation writes the other one,

@@ -29,6 +29,7 @@ unsafe extern "C" {
         seed: u64,
         err: *mut c_char,
         errlen: usize,
+        banks: *mut u64,
     ) -> i32;
 }
 
@@ -51,6 +52,7 @@ unsafe fn apparate_emu_run(
     _: u64,
     _: *mut c_char,
     _: usize,
+    _: *mut u64,
 ) -> i32 {
     1
 }
@@ -69,6 +71,56 @@ pub struct EmuConfig {
     /// it does not say, and the GEMMs size their grids for an H100/H200. Tests set it to play
     /// another GPU (an A100's 108, an H100 PCIe's 114).
     pub multiprocessors: Option<usize>,
+}
+
+/// Shared-memory wavefronts of one kind of access: `ideal` is the fewest the accesses could
+/// take (one per phase of eight lanes of a 16-byte access), `actual` what their addresses
+/// take when two chunks of a phase share a bank group. `actual > ideal` is a bank conflict.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Wavefronts {
+    pub ideal: u64,
+    pub actual: u64,
+}
+
+impl Wavefronts {
+    /// Wavefronts the conflicts add, as a share of the ideal (0 when there are none).
+    pub fn excess(&self) -> f64 {
+        if self.ideal == 0 {
+            return 0.0;
+        }
+        (self.actual - self.ideal) as f64 / self.ideal as f64
+    }
+}
+
+/// The shared-memory bank accounting of one kernel's launches on the emulated device, for the
+/// instructions it sees whole (kernels/emu/emu.h): `ldmatrix` fragment loads and the shared
+/// memory writes of `cp.async` copies. Addresses do not depend on the thread order, so the
+/// counts are the same in every run of the same launches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BankTraffic {
+    pub ldmatrix: Wavefronts,
+    pub cp_async: Wavefronts,
+    /// Warp-wide `mma.m16n8k16` issued: the work the wavefronts feed.
+    pub mma: u64,
+}
+
+impl BankTraffic {
+    fn add(&mut self, c: &[u64; 5]) {
+        self.ldmatrix.ideal += c[0];
+        self.ldmatrix.actual += c[1];
+        self.cp_async.ideal += c[2];
+        self.cp_async.actual += c[3];
+        self.mma += c[4];
+    }
+
+    /// Shared-memory wavefronts (both kinds, as counted) per `mma.m16n8k16`. An H100/H200
+    /// multiprocessor serves one wavefront per clock and its tensor cores one such multiply
+    /// per clock at the datasheet rate, so above 1 shared memory caps the multiplies at that
+    /// fraction of it. `None` where the kernel issued no multiply.
+    pub fn wavefronts_per_mma(&self) -> Option<f64> {
+        (self.mma > 0)
+            .then(|| (self.ldmatrix.actual + self.cp_async.actual) as f64 / self.mma as f64)
+    }
 }
 
 /// Device memory of the emulated device: a 256-byte aligned host allocation.
@@ -121,6 +173,8 @@ pub struct EmuDevice {
     /// Every operation on device memory holds this, like one in-order stream: a launch and a
     /// fill or copy from another thread never touch the same bytes at once.
     stream: Arc<std::sync::Mutex<()>>,
+    /// Shared-memory bank accounting per kernel name, summed over launches.
+    banks: Arc<std::sync::Mutex<std::collections::BTreeMap<String, BankTraffic>>>,
 }
 
 impl std::fmt::Debug for EmuDevice {
@@ -171,11 +225,19 @@ impl EmuDevice {
             seed,
             multiprocessors: config.multiprocessors,
             stream: Arc::new(std::sync::Mutex::new(())),
+            banks: Arc::default(),
         })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
         self.stream.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Each kernel's shared-memory bank accounting since this device was made (kernels that
+    /// issued no ldmatrix or cp.async are absent): what a GPU run cannot show without a
+    /// profiler, checked here on every launch the tests make.
+    pub fn bank_traffic(&self) -> std::collections::BTreeMap<String, BankTraffic> {
+        self.banks.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// True when the emulated device has a kernel of this name.
@@ -286,49 +348,69 @@ impl Device for EmuDevice {
             .map(|b| (b, (b + chunk).min(blocks)))
             .collect();
         let seed = self.seed;
-        let result: Result<()> = self.pool.install(|| {
-            chunks.par_iter().try_for_each(|&(begin, end)| {
-                // Each chunk gets its own copy of the argument values: a kernel receives
-                // `void**` pointing at them, as with cuLaunchKernel.
-                let mut values: Vec<ArgSlot> = args.iter().map(|a| a.slot()).collect();
-                let mut ptrs: Vec<*mut c_void> = values
-                    .iter_mut()
-                    .map(|v| v as *mut ArgSlot as *mut c_void)
-                    .collect();
-                let mut msg = vec![0 as c_char; 512];
-                // SAFETY: names and arrays outlive the call; every argument is a 128-byte slot
-                // whose low bytes hold the value (little-endian), as the kernel's parameter
-                // types read them.
-                let rc = unsafe {
-                    apparate_emu_run(
-                        cname.as_ptr(),
-                        cfg.grid.as_ptr(),
-                        cfg.block.as_ptr(),
-                        cfg.shared_bytes,
-                        ptrs.as_mut_ptr(),
-                        begin,
-                        end,
-                        seed,
-                        msg.as_mut_ptr(),
-                        msg.len(),
-                    )
-                };
-                if rc != 0 {
-                    let text: Vec<u8> = msg
-                        .iter()
-                        .take_while(|&&c| c != 0)
-                        .map(|&c| c as u8)
-                        .collect();
-                    return Err(Error::kernel(
-                        "emu",
-                        kernel,
-                        String::from_utf8_lossy(&text).into_owned(),
-                    ));
-                }
-                Ok(())
-            })
+        let result: Result<[u64; 5]> = self.pool.install(|| {
+            chunks
+                .par_iter()
+                .try_fold(
+                    || [0u64; 5],
+                    |mut sum, &(begin, end)| {
+                        // Each chunk gets its own copy of the argument values: a kernel receives
+                        // `void**` pointing at them, as with cuLaunchKernel.
+                        let mut values: Vec<ArgSlot> = args.iter().map(|a| a.slot()).collect();
+                        let mut ptrs: Vec<*mut c_void> = values
+                            .iter_mut()
+                            .map(|v| v as *mut ArgSlot as *mut c_void)
+                            .collect();
+                        let mut msg = vec![0 as c_char; 512];
+                        let mut banks = [0u64; 5];
+                        // SAFETY: names and arrays outlive the call; every argument is a 128-byte slot
+                        // whose low bytes hold the value (little-endian), as the kernel's parameter
+                        // types read them.
+                        let rc = unsafe {
+                            apparate_emu_run(
+                                cname.as_ptr(),
+                                cfg.grid.as_ptr(),
+                                cfg.block.as_ptr(),
+                                cfg.shared_bytes,
+                                ptrs.as_mut_ptr(),
+                                begin,
+                                end,
+                                seed,
+                                msg.as_mut_ptr(),
+                                msg.len(),
+                                banks.as_mut_ptr(),
+                            )
+                        };
+                        if rc != 0 {
+                            let text: Vec<u8> = msg
+                                .iter()
+                                .take_while(|&&c| c != 0)
+                                .map(|&c| c as u8)
+                                .collect();
+                            return Err(Error::kernel(
+                                "emu",
+                                kernel,
+                                String::from_utf8_lossy(&text).into_owned(),
+                            ));
+                        }
+                        sum.iter_mut().zip(banks).for_each(|(s, b)| *s += b);
+                        Ok(sum)
+                    },
+                )
+                .try_reduce(
+                    || [0u64; 5],
+                    |mut a, b| {
+                        a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                        Ok(a)
+                    },
+                )
         });
-        result
+        let banks = result?;
+        if banks.iter().any(|&c| c > 0) {
+            let mut all = self.banks.lock().unwrap_or_else(|p| p.into_inner());
+            all.entry(kernel.to_string()).or_default().add(&banks);
+        }
+        Ok(())
     }
 
     fn synchronize(&self) -> Result<()> {
