@@ -34,7 +34,8 @@ use apparate::backend::decoder::{DecoderBackend, Heads, KvPlan};
 use apparate::backend::device::Device;
 use apparate::backend::emu::{EmuConfig, EmuDevice};
 use apparate::backend::gpu::{
-    AttentionKernel, ConvKernel, FlashTile, GemmKernel, GpuBackend, RowKernel, elementwise,
+    AttentionKernel, ConvKernel, FlashTile, GemmKernel, GpuBackend, PipeTile, RowKernel,
+    elementwise,
 };
 use apparate::backend::{Activation, Backend, BatchShape, CpuBackend, CpuConfig};
 use apparate::format::ModelFile;
@@ -308,27 +309,41 @@ fn bench_device<D: Yardstick>(
             let yt = be.alloc(vec![m, n])?;
             // The f16/bf16 kernels side by side (f32 has one); the Hopper one in the `wgmma`
             // group (beside split-K again: the same run's reference).
-            let mut kernels: Vec<GemmKernel> = Vec::new();
+            // Split-K also with the big tile's other warp layout (64 x 64 warp tiles; it
+            // differs only where the big tile runs: 1024 x 3072 x 768 and 4096^3 here).
+            let (usual, w64) = (PipeTile::Warp64x32, PipeTile::Warp64x64);
+            let mut kernels: Vec<(GemmKernel, PipeTile)> = Vec::new();
             if o.runs("gemm") {
-                kernels.push(GemmKernel::Simple);
+                kernels.push((GemmKernel::Simple, usual));
                 if dt != DType::F32 {
-                    kernels.extend([GemmKernel::Pipelined, GemmKernel::PipelinedSplitK]);
+                    kernels.extend([
+                        (GemmKernel::Pipelined, usual),
+                        (GemmKernel::PipelinedSplitK, usual),
+                        (GemmKernel::PipelinedSplitK, w64),
+                    ]);
                 }
             }
             if wgmma {
                 if !o.runs("gemm") {
-                    kernels.push(GemmKernel::PipelinedSplitK);
+                    kernels.push((GemmKernel::PipelinedSplitK, usual));
                 }
-                kernels.extend([GemmKernel::Wgmma, GemmKernel::WgmmaWs, GemmKernel::WgmmaTma]);
+                kernels.extend(
+                    [GemmKernel::Wgmma, GemmKernel::WgmmaWs, GemmKernel::WgmmaTma]
+                        .map(|k| (k, usual)),
+                );
             }
             let mut ours = Vec::new();
-            for &kernel in &kernels {
-                let be = be.clone().with_gemm(kernel);
+            for &(kernel, tile) in &kernels {
+                let be = be.clone().with_gemm(kernel).with_pipe_tile(tile);
                 let ms = time(&*dev, plan, || {
                     be.linear_into(&xt, &wt, None, Activation::None, &yt)?;
                     Ok(())
                 })?;
-                ours.push((kernel, ms));
+                let mut label = format!("{kernel:?}").to_lowercase();
+                if tile == w64 {
+                    label.push_str(" warps 64x64");
+                }
+                ours.push((label, ms));
             }
             let flops = 2.0 * (m * n * k) as f64;
             let yb = dev.alloc(m * n * dt.size())?;
@@ -344,7 +359,6 @@ fn bench_device<D: Yardstick>(
                 })?),
             };
             for (kernel, ms) in ours {
-                let kernel = format!("{kernel:?}").to_lowercase();
                 push(
                     rows,
                     Row {
@@ -630,15 +644,31 @@ fn conv<D: Device>(
             padding_extra: [0; 2],
         };
         let mut ms = Vec::new();
+        let usual = PipeTile::Warp64x32;
         let mut kernels = vec![
-            ("im2col block", RowKernel::Block, ConvKernel::Im2col),
-            ("im2col warp", RowKernel::Warp, ConvKernel::Im2col),
+            ("im2col block", RowKernel::Block, ConvKernel::Im2col, usual),
+            ("im2col warp", RowKernel::Warp, ConvKernel::Im2col, usual),
         ];
         if be.dtype() != DType::F32 && cin % 8 == 0 {
-            kernels.push(("implicit GEMM", RowKernel::Warp, ConvKernel::Implicit));
+            kernels.push((
+                "implicit GEMM",
+                RowKernel::Warp,
+                ConvKernel::Implicit,
+                usual,
+            ));
+            kernels.push((
+                "implicit GEMM warps 64x64",
+                RowKernel::Warp,
+                ConvKernel::Implicit,
+                PipeTile::Warp64x64,
+            ));
         }
-        for &(_, rows_kernel, conv_kernel) in &kernels {
-            let be = be.clone().with_rows(rows_kernel).with_conv(conv_kernel);
+        for &(_, rows_kernel, conv_kernel, tile) in &kernels {
+            let be = be
+                .clone()
+                .with_rows(rows_kernel)
+                .with_conv(conv_kernel)
+                .with_pipe_tile(tile);
             ms.push(time(be.device(), plan, || {
                 be.conv2d(&xt, &wt, None, &p, None, Activation::Relu)?;
                 Ok(())

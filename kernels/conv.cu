@@ -163,7 +163,7 @@ struct ConvRows {
 };
 
 // y [M = n * oh * ow, N = cout] = act(A W^T + bias + residual), A as above, K = kh * kw * cin;
-// the pipelined GEMM's contract otherwise (split-K through `partial`, the big and small tiles).
+// the pipelined GEMM's contract otherwise (split-K through `partial`, its three tile shapes).
 #define CONV_PIPE_ARGS(T) const T* x, const T* wt, const T* bias, const T* res, T* y, uint32_t M, \
     uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split, uint32_t h, uint32_t w, \
     FAST_DIV(cin), FAST_DIV(kw), FAST_DIV(ow), FAST_DIV(oh), uint32_t sh, uint32_t sw, \
@@ -175,6 +175,12 @@ extern "C" __global__ void __launch_bounds__(GEMM_PIPE_BIG_THREADS) conv_pipe_bi
 }
 extern "C" __global__ void __launch_bounds__(GEMM_PIPE_BIG_THREADS) conv_pipe_big_bf16(CONV_PIPE_ARGS(bf16)) {
     gemm_pipe_big(CONV_ROWS(bf16), wt, bias, res, y, M, N, K, act, partial, per_split);
+}
+extern "C" __global__ void __launch_bounds__(GEMM_PIPE_BIG4_THREADS) conv_pipe_big4_f16(CONV_PIPE_ARGS(f16)) {
+    gemm_pipe_big4(CONV_ROWS(f16), wt, bias, res, y, M, N, K, act, partial, per_split);
+}
+extern "C" __global__ void __launch_bounds__(GEMM_PIPE_BIG4_THREADS) conv_pipe_big4_bf16(CONV_PIPE_ARGS(bf16)) {
+    gemm_pipe_big4(CONV_ROWS(bf16), wt, bias, res, y, M, N, K, act, partial, per_split);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_PIPE_SMALL_THREADS) conv_pipe_small_f16(CONV_PIPE_ARGS(f16)) {
     gemm_pipe_small(CONV_ROWS(f16), wt, bias, res, y, M, N, K, act, partial, per_split);

@@ -119,7 +119,7 @@ extern "C" __global__ void gemm_bf16(const bf16* x, const bf16* w, const bf16* b
     gemm_tc(x, w, bias, res, y, M, N, K, act);
 }
 
-// The pipelined kernel (common/gemm_pipe.cuh) in its two shapes.
+// The pipelined kernel (common/gemm_pipe.cuh) in its three shapes.
 extern "C" __global__ void __launch_bounds__(GEMM_PIPE_BIG_THREADS)
 gemm_pipe_big_f16(const f16* x, const f16* w, const f16* bias, const f16* res, f16* y,
     uint32_t M, uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split) {
@@ -129,6 +129,16 @@ extern "C" __global__ void __launch_bounds__(GEMM_PIPE_BIG_THREADS)
 gemm_pipe_big_bf16(const bf16* x, const bf16* w, const bf16* bias, const bf16* res, bf16* y,
     uint32_t M, uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split) {
     gemm_pipe_big(DenseRows<bf16>{x, M, K}, w, bias, res, y, M, N, K, act, partial, per_split);
+}
+extern "C" __global__ void __launch_bounds__(GEMM_PIPE_BIG4_THREADS)
+gemm_pipe_big4_f16(const f16* x, const f16* w, const f16* bias, const f16* res, f16* y,
+    uint32_t M, uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split) {
+    gemm_pipe_big4(DenseRows<f16>{x, M, K}, w, bias, res, y, M, N, K, act, partial, per_split);
+}
+extern "C" __global__ void __launch_bounds__(GEMM_PIPE_BIG4_THREADS)
+gemm_pipe_big4_bf16(const bf16* x, const bf16* w, const bf16* bias, const bf16* res, bf16* y,
+    uint32_t M, uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split) {
+    gemm_pipe_big4(DenseRows<bf16>{x, M, K}, w, bias, res, y, M, N, K, act, partial, per_split);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_PIPE_SMALL_THREADS)
 gemm_pipe_small_f16(const f16* x, const f16* w, const f16* bias, const f16* res, f16* y,

@@ -16,7 +16,8 @@ use apparate::backend::cuda::{CudaConfig, CudaDevice};
 use apparate::backend::device::Device;
 use apparate::backend::emu::{EmuConfig, EmuDevice};
 use apparate::backend::gpu::{
-    AttentionKernel, ConvKernel, FlashTile, GemmKernel, GemmKernel as G, GpuBackend, RowKernel,
+    AttentionKernel, ConvKernel, FlashTile, GemmKernel, GemmKernel as G, GpuBackend, PipeTile,
+    RowKernel,
 };
 use apparate::backend::{Backend, CpuBackend, RampInput, RampWeights};
 use apparate::tensor::DType;
@@ -264,7 +265,8 @@ fn no_bank_conflicts(dev: &EmuDevice, expect: &[&str]) {
     );
 }
 
-/// The large GEMM tiles (pipelined 128 x 128, wgmma 128 x 256) at the table's shapes: with
+/// The large GEMM tiles (pipelined 128 x 128 in both warp layouts, wgmma 128 x 256) at the
+/// table's shapes: with
 /// "2 tiles fill the GPU", every linear and dense convolution case of two or more large tiles
 /// takes them (convolutions both implicit and after im2col), and the others split K among
 /// fewer blocks.
@@ -282,7 +284,16 @@ fn gemm_large_tiles_at_a_low_fill() {
             G::WgmmaTma,
         ],
     );
-    no_bank_conflicts(&dev, &["gemm_pipe_big", "gemm_wgmma", "conv_pipe_big"]);
+    no_bank_conflicts(
+        &dev,
+        &[
+            "gemm_pipe_big_",
+            "gemm_pipe_big4_",
+            "gemm_wgmma",
+            "conv_pipe_big_",
+            "conv_pipe_big4_",
+        ],
+    );
 }
 
 fn large_tiles_on<D: Device>(label: &str, dev: Arc<D>, gemms: &[GemmKernel]) {
@@ -293,18 +304,27 @@ fn large_tiles_on<D: Device>(label: &str, dev: Arc<D>, gemms: &[GemmKernel]) {
         .filter(|k| matches!(k.op, Op::Linear { .. } | Op::Conv2d { .. }) && k.dtype != DType::F32)
     {
         for &gemm in gemms {
+            // The pipelined kernels' big tile in both warp layouts (the Hopper ones have one).
+            let tiles: &[PipeTile] = if is_wgmma(gemm) {
+                &[PipeTile::Warp64x32]
+            } else {
+                &[PipeTile::Warp64x32, PipeTile::Warp64x64]
+            };
             for conv in [ConvKernel::Implicit, ConvKernel::Im2col] {
                 if conv == ConvKernel::Im2col && !matches!(case.op, Op::Conv2d { .. }) {
                     continue;
                 }
-                let be = GpuBackend::shared(dev.clone(), case.dtype)
-                    .with_poisoned_outputs()
-                    .with_gemm(gemm)
-                    .with_conv(conv)
-                    .with_gemm_fill_tiles(2);
-                let what = format!("{label}/{}/{gemm:?}/{conv:?}/fill 2", case.dtype);
-                check_case(&what, &be, &c, case);
-                ran += 1;
+                for &tile in tiles {
+                    let be = GpuBackend::shared(dev.clone(), case.dtype)
+                        .with_poisoned_outputs()
+                        .with_gemm(gemm)
+                        .with_conv(conv)
+                        .with_pipe_tile(tile)
+                        .with_gemm_fill_tiles(2);
+                    let what = format!("{label}/{}/{gemm:?}/{conv:?}/{tile:?}/fill 2", case.dtype);
+                    check_case(&what, &be, &c, case);
+                    ran += 1;
+                }
             }
         }
     }

@@ -213,6 +213,17 @@ __device__ void gemm_pipe_big(const ASource& a, const T* w, const T* bias, const
     gemm_pipe<T, GEMM_PIPE_BIG_BM, GEMM_PIPE_BIG_BN, 2, 4, GEMM_PIPE_STAGES>(
         a, w, bias, res, y, M, N, K, act, partial, per_split);
 }
+// The big tile with 4 warps of 64 x 64 (2 x 2; GEMM_PIPE_BIG4_THREADS): per k-step each warp
+// reads 8 ldmatrix.x4 for 32 multiplies where a 64 x 32 warp reads 6 for 16, so shared memory
+// serves 1.5 wavefronts per mma instead of 2.0 (copies included; the emulator's count), at the
+// cost of 128 accumulators per thread and half the warps per block.
+template <typename T, typename ASource>
+__device__ void gemm_pipe_big4(const ASource& a, const T* w, const T* bias, const T* res, T* y,
+                               uint32_t M, uint32_t N, uint32_t K, int act, float* partial,
+                               uint32_t per_split) {
+    gemm_pipe<T, GEMM_PIPE_BIG_BM, GEMM_PIPE_BIG_BN, 2, 2, GEMM_PIPE_STAGES>(
+        a, w, bias, res, y, M, N, K, act, partial, per_split);
+}
 template <typename T, typename ASource>
 __device__ void gemm_pipe_small(const ASource& a, const T* w, const T* bias, const T* res, T* y,
                                 uint32_t M, uint32_t N, uint32_t K, int act, float* partial,

@@ -43,6 +43,9 @@
 #define GEMM_PIPE_SMALL_BM 64
 #define GEMM_PIPE_SMALL_BN 64
 #define GEMM_PIPE_SMALL_THREADS 128
+// The big tile's other warp layout (PipeTile::Warp64x64): 4 warps as 2 x 2 sub-tiles of 64 x 64,
+// which read each fragment from shared memory for twice as many multiplies.
+#define GEMM_PIPE_BIG4_THREADS 128
 #define GEMM_PIPE_BIG_MIN_TILES 132
 // Split-K (GemmKernel::PipelinedSplitK): when the small tiles number fewer than
 // GEMM_PIPE_BIG_MIN_TILES, K is split so that about twice that many blocks run, into at most

@@ -254,7 +254,8 @@ impl<D: Device> GpuBackend<D> {
     }
 
     /// The launch of the pipelined kernel family `family` (`gemm_pipe`, `conv_pipe`) for an
-    /// M x N x K product: its big tile when there are enough of them to fill the GPU, else its
+    /// M x N x K product: its big tile (in the warp layout of [`PipeTile`]) when there are
+    /// enough of them to fill the GPU, else its
     /// small one, with K split (the kernels other than [`GemmKernel::Pipelined`]) when the
     /// small tiles do not fill it either.
     pub(super) fn pipe_cfg(&self, family: &str, [m, n, k]: [usize; 3]) -> Result<Pipelined> {
@@ -263,11 +264,15 @@ impl<D: Device> GpuBackend<D> {
             * n.div_ceil(params::GEMM_PIPE_BIG_BN as usize)
             >= min_tiles;
         let (shape, bm, bn, threads) = if big {
+            let (shape, threads) = match self.pipe_tile {
+                PipeTile::Warp64x32 => ("big", params::GEMM_PIPE_BIG_THREADS),
+                PipeTile::Warp64x64 => ("big4", params::GEMM_PIPE_BIG4_THREADS),
+            };
             (
-                "big",
+                shape,
                 params::GEMM_PIPE_BIG_BM,
                 params::GEMM_PIPE_BIG_BN,
-                params::GEMM_PIPE_BIG_THREADS,
+                threads,
             )
         } else {
             (
@@ -491,6 +496,43 @@ impl std::str::FromStr for GemmKernel {
     }
 }
 
+/// The warp layout of the pipelined kernels' big tile (128 x 128: `gemm_pipe`, and the
+/// implicit-GEMM convolution `conv_pipe`); the small tile is not affected. The default is the
+/// layout measured on a GPU; the other is compiled and emulated, not run on a GPU yet.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum PipeTile {
+    /// 8 warps of 64 x 32 (`*_pipe_big_*`, 121-126 registers): 2.0 shared-memory wavefronts
+    /// per `mma` (the emulator's count), which caps it at about 495 TFLOP/s on an H200.
+    #[default]
+    Warp64x32,
+    /// 4 warps of 64 x 64 (`*_pipe_big4_*`, 201-220 registers, no spills): each fragment read
+    /// from shared memory feeds twice the multiplies, 1.5 wavefronts per `mma` (a cap of about
+    /// 660 TFLOP/s), at half the warps per block to hide latency with.
+    Warp64x64,
+}
+
+impl PipeTile {
+    /// `APPARATE_GPU_PIPE_TILE` = `64x32` | `64x64` (the warp tile); unset means 64x32.
+    /// Another value is reported once on stderr and the default kept.
+    pub fn from_env() -> PipeTile {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        super::kernel_from_env("APPARATE_GPU_PIPE_TILE", PipeTile::Warp64x32, &WARNED)
+    }
+}
+
+impl std::str::FromStr for PipeTile {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<PipeTile, String> {
+        match s {
+            "64x32" => Ok(PipeTile::Warp64x32),
+            "64x64" => Ok(PipeTile::Warp64x64),
+            other => Err(format!(
+                "unknown warp tile `{other}` of the pipelined GEMM (64x32, 64x64)"
+            )),
+        }
+    }
+}
+
 /// The operands of one GEMM besides its input: weight [n, k], optional bias [n] and residual
 /// [m, n], sizes, and the fused activation.
 pub(super) struct Gemm<'a, B> {
@@ -503,7 +545,47 @@ pub(super) struct Gemm<'a, B> {
 
 #[cfg(test)]
 mod tests {
-    use super::{persistent_splits, splits_for};
+    use super::{PipeTile, persistent_splits, splits_for};
+
+    #[test]
+    fn pipe_tiles_by_name() {
+        assert_eq!("64x32".parse(), Ok(PipeTile::Warp64x32));
+        assert_eq!("64x64".parse(), Ok(PipeTile::Warp64x64));
+        let e = "64X64".parse::<PipeTile>().unwrap_err();
+        assert!(e.contains("`64X64`") && e.contains("64x32, 64x64"), "{e}");
+    }
+
+    /// The big tile's launch follows the warp layout: 4 warps of 64 x 64 run the `big4`
+    /// kernel with 128 threads, the default its 8 warps; small tiles are the same in both.
+    #[test]
+    fn the_big_tile_launches_in_the_chosen_warp_layout() {
+        use crate::backend::emu::{EmuConfig, EmuDevice};
+        use crate::backend::gpu::GpuBackend;
+        use crate::tensor::DType;
+        let be = GpuBackend::new(EmuDevice::new(EmuConfig::default()).unwrap(), DType::F16);
+        let launch = |tile: PipeTile, mnk: [usize; 3]| {
+            let p = be
+                .clone()
+                .with_pipe_tile(tile)
+                .pipe_cfg("gemm_pipe", mnk)
+                .unwrap();
+            (p.kernel, p.cfg.block[0])
+        };
+        let big = [4096, 4096, 4096];
+        assert_eq!(
+            launch(PipeTile::Warp64x32, big),
+            ("gemm_pipe_big_f16".into(), 256)
+        );
+        assert_eq!(
+            launch(PipeTile::Warp64x64, big),
+            ("gemm_pipe_big4_f16".into(), 128)
+        );
+        let small = [128, 384, 1536];
+        assert_eq!(
+            launch(PipeTile::Warp64x64, small),
+            ("gemm_pipe_small_f16".into(), 128)
+        );
+    }
 
     #[test]
     fn persistent_splits_finish_in_the_fewest_rounds() {

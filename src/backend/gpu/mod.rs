@@ -16,7 +16,7 @@ pub mod decoder;
 pub mod elementwise;
 mod embedding;
 mod gemm;
-pub use gemm::GemmKernel;
+pub use gemm::{GemmKernel, PipeTile};
 mod kv_attention;
 pub use kv_attention::KvSplit;
 mod norm;
@@ -67,6 +67,7 @@ pub struct GpuBackend<D: Device> {
     gemm: GemmKernel,
     /// GEMM tiles that fill the GPU (see [`GpuBackend::with_gemm_fill_tiles`]).
     gemm_fill: usize,
+    pipe_tile: PipeTile,
     attention: AttentionKernel,
     flash_tile: FlashTile,
     rows: RowKernel,
@@ -82,6 +83,7 @@ impl<D: Device> Clone for GpuBackend<D> {
             poison: self.poison,
             gemm: self.gemm,
             gemm_fill: self.gemm_fill,
+            pipe_tile: self.pipe_tile,
             attention: self.attention,
             flash_tile: self.flash_tile,
             rows: self.rows,
@@ -124,6 +126,7 @@ impl<D: Device> GpuBackend<D> {
             poison: false,
             gemm: GemmKernel::from_env(),
             gemm_fill,
+            pipe_tile: PipeTile::from_env(),
             attention: AttentionKernel::from_env(),
             flash_tile: FlashTile::from_env(),
             rows: RowKernel::from_env(),
@@ -152,6 +155,14 @@ impl<D: Device> GpuBackend<D> {
     /// emulated device runs quickly. 0 is taken as 1.
     pub fn with_gemm_fill_tiles(mut self, tiles: usize) -> GpuBackend<D> {
         self.gemm_fill = tiles.max(1);
+        self
+    }
+
+    /// The warp layout of the pipelined GEMM's big tile (default: the `APPARATE_GPU_PIPE_TILE`
+    /// environment variable, else [`PipeTile::Warp64x32`]). The parity tests and the kernel
+    /// benchmark set it to run both at the same shapes.
+    pub fn with_pipe_tile(mut self, tile: PipeTile) -> GpuBackend<D> {
+        self.pipe_tile = tile;
         self
     }
 
