@@ -111,7 +111,8 @@ extern "C" __global__ void selftest_cp_async(const float* src, float* out) {
 // per phase), one whose eight lanes per matrix name the same row (a broadcast: 1), and 16-byte
 // cp.async copies in row-major order into rows of 4 chunks padded to 5 (2 rows per phase:
 // 2 wavefronts). Dynamic shared memory: 1024 bytes. out[l] = a mix of lane l's registers.
-extern "C" __global__ void selftest_bank_conflicts(const float* src, uint32_t* out) {
+// (A C++ function under the entry: the dynamic shared array is declared in C++ functions only.)
+__device__ void bank_conflicts(const float* src, uint32_t* out) {
     DYN_SHARED(unsigned char, tile);
     uint32_t lane = threadIdx.x;
     for (uint32_t i = lane; i < 256; i += 32) reinterpret_cast<uint32_t*>(tile)[i] = i;
@@ -124,6 +125,9 @@ extern "C" __global__ void selftest_bank_conflicts(const float* src, uint32_t* o
     cp_async_commit();
     cp_async_wait<0>();
     out[lane] = r[0] ^ r[1] ^ r[2] ^ r[3] ^ b[0] ^ b[1] ^ b[2] ^ b[3];
+}
+extern "C" __global__ void selftest_bank_conflicts(const float* src, uint32_t* out) {
+    bank_conflicts(src, out);
 }
 
 // One warpgroup (128 threads), sm_90a or the emulated device: D (64 x 128, f32) = A (64 x 64) *

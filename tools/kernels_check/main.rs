@@ -1,22 +1,23 @@
 //! `kernels-check`: the NVRTC compile check of every kernel source, no GPU needed.
 //!
 //! For each architecture (default sm_80 and sm_90a, what the CUDA backend compiles for on
-//! compute capability 9.0) every kernel source embedded in the library
-//! is compiled by NVRTC to PTX (and to a cubin, the path the CUDA backend takes at run time),
-//! the PTX is written to a folder and assembled by `ptxas -v`, and the registers, static shared
-//! memory, stack and spills of every kernel entry are read from ptxas' report and printed as a
-//! table (`--markdown FILE` also writes it as markdown). Exits non-zero if any source fails to
-//! compile or assemble.
+//! compute capability 9.0) every kernel source embedded in the library is compiled by NVRTC
+//! straight to a cubin, the path the CUDA backend takes at run time, with NVRTC's own ptxas
+//! asked for its `-v` report: the registers, static shared memory, stack and spills of every
+//! kernel entry are read from it and printed as a table (`--markdown FILE` also writes it as
+//! markdown). The PTX of the same compile and the cubin are written to a folder. One compile
+//! per (architecture, source): the PTX, the cubin and the report all come from it. Exits
+//! non-zero if any source fails to compile.
 //!
-//! NVRTC is loaded at run time (put `libnvrtc.so.13` on `LD_LIBRARY_PATH`); ptxas comes from
-//! `--ptxas`, `$PTXAS` or `PATH`. `tools/fetch-cuda-tools.sh` installs both from PyPI and
-//! `tools/nvrtc-check.sh` runs this tool with them.
+//! NVRTC is loaded at run time (put `libnvrtc.so.13` on `LD_LIBRARY_PATH`);
+//! `tools/fetch-cuda-tools.sh` installs it from PyPI and `tools/nvrtc-check.sh` runs this tool
+//! with it.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::path::PathBuf;
+use std::process::ExitCode;
 
-use apparate::backend::cuda::{self, Arch, DEFAULT_OPTIONS, Target};
+use apparate::backend::cuda::{self, Arch, DEFAULT_OPTIONS};
 use apparate::backend::kernel_sources::SOURCES;
 use clap::Parser;
 use rayon::prelude::*;
@@ -24,15 +25,12 @@ use rayon::prelude::*;
 #[derive(Parser)]
 #[command(
     name = "kernels-check",
-    about = "Compile every kernel with NVRTC, assemble with ptxas, report resources"
+    about = "Compile every kernel with NVRTC to a cubin, report its resources"
 )]
 struct Cli {
     /// Architectures to check (sm_XY), repeatable.
     #[arg(long = "arch", default_values = ["sm_80", "sm_90a"])]
     archs: Vec<String>,
-    /// The ptxas binary (default: $PTXAS, else `ptxas` on PATH).
-    #[arg(long)]
-    ptxas: Option<PathBuf>,
     /// Folder for the PTX and cubin files, one subfolder per architecture.
     #[arg(long, default_value = "target/kernels-check")]
     out: PathBuf,
@@ -128,7 +126,10 @@ fn parse_ptxas(report: &str) -> Vec<Usage> {
     entries
 }
 
-fn check_one(cli: &Cli, ptxas: &Path, arch: &Arch, file: &str, text: &str) -> Checked {
+/// The option that makes NVRTC's own ptxas write its `-v` report into the program log.
+const PTXAS_VERBOSE: &str = "-Xptxas=-v";
+
+fn check_one(cli: &Cli, arch: &Arch, file: &str, text: &str) -> Checked {
     let mut out = Checked {
         arch: arch.sm(),
         file: file.to_string(),
@@ -139,66 +140,30 @@ fn check_one(cli: &Cli, ptxas: &Path, arch: &Arch, file: &str, text: &str) -> Ch
     let stem = file.strip_suffix(".cu").unwrap_or(file);
     let dir = cli.out.join(arch.sm());
     let result = (|| -> Result<(), String> {
-        let ptx = cuda::compile_source(file, text, &arch.sm(), Target::Ptx, &cli.nvrtc_options)
+        // The run-time path: NVRTC straight to a cubin for the real architecture. One compile
+        // gives the PTX too, and its log the ptxas report.
+        let mut options = cli.nvrtc_options.clone();
+        options.push(PTXAS_VERBOSE.to_string());
+        let c = cuda::compile_source_ptx_and_cubin(file, text, &arch.sm(), &options)
             .map_err(|e| e.to_string())?;
-        if !ptx.log.is_empty() {
-            out.warnings.push(format!("NVRTC: {}", ptx.log));
-        }
-        // The run-time path: NVRTC straight to a cubin for the real architecture.
-        cuda::compile_source(file, text, &arch.sm(), Target::Cubin, &cli.nvrtc_options)
-            .map_err(|e| format!("to a cubin: {e}"))?;
-
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let ptx_path = dir.join(format!("{stem}.ptx"));
-        std::fs::write(&ptx_path, &ptx.code).map_err(|e| format!("{}: {e}", ptx_path.display()))?;
-        let cubin_path = dir.join(format!("{stem}.cubin"));
-        let run = Command::new(ptxas)
-            .arg(format!("-arch={}", arch.sm()))
-            .arg("-v")
-            .arg("-o")
-            .arg(&cubin_path)
-            .arg(&ptx_path)
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}", ptxas.display()))?;
-        let report = format!(
-            "{}{}",
-            String::from_utf8_lossy(&run.stdout),
-            String::from_utf8_lossy(&run.stderr)
-        );
-        if !run.status.success() {
-            return Err(format!(
-                "ptxas -arch={} failed ({}) on {}:\n{}",
-                arch.sm(),
-                run.status,
-                ptx_path.display(),
-                report.trim_end()
-            ));
+        for (ext, bytes) in [("ptx", &c.ptx), ("cubin", &c.cubin)] {
+            let path = dir.join(format!("{stem}.{ext}"));
+            std::fs::write(&path, bytes).map_err(|e| format!("{}: {e}", path.display()))?;
         }
-        out.warnings.extend(
-            report
-                .lines()
-                .filter(|l| l.contains("warning"))
-                .map(|l| format!("ptxas: {}", l.trim())),
-        );
-        out.usage = parse_ptxas(&report);
+        // Everything in the log but ptxas' resource report is a warning (NVRTC's or ptxas').
+        let (report, other): (Vec<&str>, Vec<&str>) = c
+            .log
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .partition(|l| l.starts_with("ptxas") && !l.to_lowercase().contains("warning"));
+        out.warnings
+            .extend(other.iter().map(|l| l.trim().to_string()));
+        out.usage = parse_ptxas(&report.join("\n"));
         Ok(())
     })();
     out.error = result.err();
     out
-}
-
-fn ptxas_version(ptxas: &Path) -> Result<String, String> {
-    let run = Command::new(ptxas)
-        .arg("--version")
-        .output()
-        .map_err(|e| format!("cannot run ptxas ({}): {e}", ptxas.display()))?;
-    let text = String::from_utf8_lossy(&run.stdout);
-    Ok(text
-        .lines()
-        .find(|l| l.contains("release"))
-        .unwrap_or("unknown version")
-        .trim()
-        .to_string())
 }
 
 const HEAD: [&str; 8] = [
@@ -261,20 +226,14 @@ fn text_table(rows: &[[String; 8]]) -> String {
     s
 }
 
-fn markdown(
-    archs: &[Arch],
-    rows: &[[String; 8]],
-    nvrtc: (i32, i32),
-    ptxas: &str,
-    options: &[String],
-) -> String {
+fn markdown(archs: &[Arch], rows: &[[String; 8]], nvrtc: (i32, i32), options: &[String]) -> String {
     let mut s = String::from("# Kernel resources\n\n");
     writeln!(
         s,
         "Generated by `tools/nvrtc-check.sh` (the `kernels-check` binary); do not edit by hand.\n\
-         Every `kernels/*.cu` is compiled by NVRTC {}.{} to PTX (`{}`) and assembled by ptxas \
-         ({ptxas}) with `-v`; NVRTC also compiles each source straight to a cubin, which is what \
-         the CUDA backend loads at run time.\n",
+         Every `kernels/*.cu` is compiled by NVRTC {}.{} for each architecture straight to a \
+         cubin (`{}`), as the CUDA backend does at run time; the table is the `-v` report of \
+         NVRTC's own ptxas (`{PTXAS_VERBOSE}`).\n",
         nvrtc.0,
         nvrtc.1,
         options.join(" ")
@@ -318,24 +277,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let ptxas = cli
-        .ptxas
-        .clone()
-        .or_else(|| std::env::var_os("PTXAS").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("ptxas"));
-    let ptxas_version = match ptxas_version(&ptxas) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("error: {e} (pass --ptxas PATH or set PTXAS; tools/fetch-cuda-tools.sh)");
-            return ExitCode::FAILURE;
-        }
-    };
     println!(
-        "NVRTC {}.{}, ptxas {} ({}), {} sources, archs {}",
+        "NVRTC {}.{}, {} sources, archs {}",
         nvrtc.0,
         nvrtc.1,
-        ptxas.display(),
-        ptxas_version,
         SOURCES.len(),
         archs.iter().map(Arch::sm).collect::<Vec<_>>().join(", ")
     );
@@ -364,7 +309,7 @@ fn main() -> ExitCode {
         .collect();
     let results: Vec<Checked> = jobs
         .par_iter()
-        .map(|&(arch, file, text)| check_one(&cli, &ptxas, arch, file, text))
+        .map(|&(arch, file, text)| check_one(&cli, arch, file, text))
         .collect();
 
     let mut failed = 0;
@@ -391,7 +336,7 @@ fn main() -> ExitCode {
             .map(|s| s.to_string())
             .chain(cli.nvrtc_options.iter().cloned())
             .collect();
-        let md = markdown(&archs, &rows, nvrtc, &ptxas_version, &options);
+        let md = markdown(&archs, &rows, nvrtc, &options);
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
             && let Err(e) = std::fs::create_dir_all(parent)
         {
@@ -406,7 +351,7 @@ fn main() -> ExitCode {
     }
 
     println!(
-        "\n{} of {} (arch, source) pairs compiled and assembled; PTX and cubins in {}",
+        "\n{} of {} (arch, source) pairs compiled to cubins; PTX and cubins in {}",
         results.len() - failed,
         results.len(),
         cli.out.display()
@@ -479,7 +424,11 @@ ptxas info    : Used 10 registers, used 0 barriers, 368 bytes cmem[0]
         assert_eq!(r.len(), 2);
         let t = text_table(&r);
         assert_eq!(t.lines().count(), 4);
-        let md = markdown(&[Arch::new(9, 0)], &r, (13, 5), "release 13.5", &[]);
+        let md = markdown(&[Arch::new(9, 0)], &r, (13, 5), &[]);
+        assert!(
+            md.contains("NVRTC 13.5") && md.contains(PTXAS_VERBOSE),
+            "{md}"
+        );
         assert!(md.contains("| norm.cu | `layernorm_f16` | 40 | 4096 | 8 | 4 | 12 |"));
     }
 }

@@ -68,8 +68,8 @@ pub use super::entry_points::entry_points;
 pub use cache::{cache_key, default_cache_dir};
 use errors::{Deferred, bind, check, describe, drv, guard, version_string};
 pub use nvrtc::{
-    Arch, Compiled, Target, compile_cubin, compile_ptx, compile_source, nvrtc_options,
-    nvrtc_supported_archs, nvrtc_version,
+    Arch, Compiled, PtxAndCubin, Target, compile_every_source, compile_source,
+    compile_source_ptx_and_cubin, nvrtc_options, nvrtc_supported_archs, nvrtc_version,
 };
 pub use pinned::CudaPinned;
 pub use probe::{ProbeInfo, probe, probe_device};

@@ -233,99 +233,142 @@ pub(super) fn compile_with(
     options: &[String],
 ) -> Result<Compiled> {
     guard(&format!("NVRTC compiling kernels/{file}"), || {
-        require_nvrtc()?;
-        let src = cstring(file, text)?;
-        let name = cstring("file name", file)?;
-        let headers = nvrtc_headers();
-        let header_texts = headers
-            .iter()
-            .map(|(n, t)| cstring(n, t))
-            .collect::<Result<Vec<_>>>()?;
-        let header_names = headers
-            .iter()
-            .map(|(n, _)| cstring("header name", n))
-            .collect::<Result<Vec<_>>>()?;
-        let header_text_ptrs: Vec<*const c_char> =
-            header_texts.iter().map(|s| s.as_ptr()).collect();
-        let header_name_ptrs: Vec<*const c_char> =
-            header_names.iter().map(|s| s.as_ptr()).collect();
-        let opts = options
-            .iter()
-            .map(|o| cstring("NVRTC option", o))
-            .collect::<Result<Vec<_>>>()?;
-        let opt_ptrs: Vec<*const c_char> = opts.iter().map(|s| s.as_ptr()).collect();
-
-        let mut raw: nsys::nvrtcProgram = std::ptr::null_mut();
-        // SAFETY: every pointer is a NUL-terminated string that outlives the program.
-        nvrtc_check("nvrtcCreateProgram", unsafe {
-            nsys::nvrtcCreateProgram(
-                &mut raw,
-                src.as_ptr(),
-                name.as_ptr(),
-                header_text_ptrs.len() as c_int,
-                header_text_ptrs.as_ptr(),
-                header_name_ptrs.as_ptr(),
-            )
-        })?;
-        let prog = Program(raw);
-        // SAFETY: valid program, options outlive the call.
-        let rc = unsafe {
-            nsys::nvrtcCompileProgram(prog.0, opt_ptrs.len() as c_int, opt_ptrs.as_ptr())
-        };
-        let log = program_log(&prog)?;
-        if rc != nsys::nvrtcResult::NVRTC_SUCCESS {
-            return Err(Error::kernel(
-                BACKEND,
-                format!("kernels/{file}"),
-                format!(
-                    "NVRTC could not compile it ({}): {}\n{log}",
-                    options.join(" "),
-                    nvrtc_error_text(rc)
-                ),
-            ));
-        }
+        let (prog, log) = compile_program(file, text, options)?;
         let code = match target {
-            Target::Ptx => {
-                let mut size = 0usize;
-                // SAFETY: out-pointer to a local; then a buffer of that size.
-                nvrtc_check("nvrtcGetPTXSize", unsafe {
-                    nsys::nvrtcGetPTXSize(prog.0, &mut size)
-                })?;
-                let mut buf = vec![0u8; size];
-                nvrtc_check("nvrtcGetPTX", unsafe {
-                    nsys::nvrtcGetPTX(prog.0, buf.as_mut_ptr() as *mut c_char)
-                })?;
-                while buf.last() == Some(&0) {
-                    buf.pop();
-                }
-                buf
-            }
-            Target::Cubin => {
-                let mut size = 0usize;
-                // SAFETY: as above.
-                nvrtc_check("nvrtcGetCUBINSize", unsafe {
-                    nsys::nvrtcGetCUBINSize(prog.0, &mut size)
-                })?;
-                if size == 0 {
-                    return Err(Error::kernel(
-                        BACKEND,
-                        format!("kernels/{file}"),
-                        format!(
-                            "NVRTC produced no cubin ({}); a cubin needs a real architecture \
-                             (sm_XY)",
-                            options.join(" ")
-                        ),
-                    ));
-                }
-                let mut buf = vec![0u8; size];
-                nvrtc_check("nvrtcGetCUBIN", unsafe {
-                    nsys::nvrtcGetCUBIN(prog.0, buf.as_mut_ptr() as *mut c_char)
-                })?;
-                buf
-            }
+            Target::Ptx => ptx_of(&prog)?,
+            Target::Cubin => cubin_of(&prog, file, options)?,
         };
         Ok(Compiled { code, log })
     })
+}
+
+/// One compile for a real architecture, both results: what the run-time path loads (the
+/// cubin) and the PTX it came from, with NVRTC's log (which holds ptxas' report when the
+/// options ask for one: `-Xptxas=-v`). Half the work of compiling to each in turn.
+#[derive(Clone, Debug)]
+pub struct PtxAndCubin {
+    pub ptx: Vec<u8>,
+    pub cubin: Vec<u8>,
+    pub log: String,
+}
+
+/// [`compile_source`] to a cubin for the real architecture `arch` (sm_XY), keeping the PTX.
+pub fn compile_source_ptx_and_cubin<O: AsRef<str>>(
+    file: &str,
+    text: &str,
+    arch: &str,
+    options: &[O],
+) -> Result<PtxAndCubin> {
+    if arch.trim().starts_with("compute_") {
+        return Err(Error::config(
+            "GPU architecture of a cubin",
+            format!("`{arch}`"),
+            "real architectures (sm_XY)",
+        ));
+    }
+    let options = nvrtc_options(&Arch::parse(arch)?, Target::Cubin, options);
+    guard(&format!("NVRTC compiling kernels/{file}"), || {
+        let (prog, log) = compile_program(file, text, &options)?;
+        Ok(PtxAndCubin {
+            ptx: ptx_of(&prog)?,
+            cubin: cubin_of(&prog, file, &options)?,
+            log,
+        })
+    })
+}
+
+/// Creates and compiles the program of one source; its log on success, an error naming the
+/// file, the options and the log otherwise.
+fn compile_program(file: &str, text: &str, options: &[String]) -> Result<(Program, String)> {
+    require_nvrtc()?;
+    let src = cstring(file, text)?;
+    let name = cstring("file name", file)?;
+    let headers = nvrtc_headers();
+    let header_texts = headers
+        .iter()
+        .map(|(n, t)| cstring(n, t))
+        .collect::<Result<Vec<_>>>()?;
+    let header_names = headers
+        .iter()
+        .map(|(n, _)| cstring("header name", n))
+        .collect::<Result<Vec<_>>>()?;
+    let header_text_ptrs: Vec<*const c_char> = header_texts.iter().map(|s| s.as_ptr()).collect();
+    let header_name_ptrs: Vec<*const c_char> = header_names.iter().map(|s| s.as_ptr()).collect();
+    let opts = options
+        .iter()
+        .map(|o| cstring("NVRTC option", o))
+        .collect::<Result<Vec<_>>>()?;
+    let opt_ptrs: Vec<*const c_char> = opts.iter().map(|s| s.as_ptr()).collect();
+
+    let mut raw: nsys::nvrtcProgram = std::ptr::null_mut();
+    // SAFETY: every pointer is a NUL-terminated string that outlives the program.
+    nvrtc_check("nvrtcCreateProgram", unsafe {
+        nsys::nvrtcCreateProgram(
+            &mut raw,
+            src.as_ptr(),
+            name.as_ptr(),
+            header_text_ptrs.len() as c_int,
+            header_text_ptrs.as_ptr(),
+            header_name_ptrs.as_ptr(),
+        )
+    })?;
+    let prog = Program(raw);
+    // SAFETY: valid program, options outlive the call.
+    let rc =
+        unsafe { nsys::nvrtcCompileProgram(prog.0, opt_ptrs.len() as c_int, opt_ptrs.as_ptr()) };
+    let log = program_log(&prog)?;
+    if rc != nsys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(Error::kernel(
+            BACKEND,
+            format!("kernels/{file}"),
+            format!(
+                "NVRTC could not compile it ({}): {}\n{log}",
+                options.join(" "),
+                nvrtc_error_text(rc)
+            ),
+        ));
+    }
+    Ok((prog, log))
+}
+
+fn ptx_of(prog: &Program) -> Result<Vec<u8>> {
+    let mut size = 0usize;
+    // SAFETY: out-pointer to a local; then a buffer of that size.
+    nvrtc_check("nvrtcGetPTXSize", unsafe {
+        nsys::nvrtcGetPTXSize(prog.0, &mut size)
+    })?;
+    let mut buf = vec![0u8; size];
+    nvrtc_check("nvrtcGetPTX", unsafe {
+        nsys::nvrtcGetPTX(prog.0, buf.as_mut_ptr() as *mut c_char)
+    })?;
+    while buf.last() == Some(&0) {
+        buf.pop();
+    }
+    Ok(buf)
+}
+
+fn cubin_of(prog: &Program, file: &str, options: &[String]) -> Result<Vec<u8>> {
+    let mut size = 0usize;
+    // SAFETY: as above.
+    nvrtc_check("nvrtcGetCUBINSize", unsafe {
+        nsys::nvrtcGetCUBINSize(prog.0, &mut size)
+    })?;
+    if size == 0 {
+        return Err(Error::kernel(
+            BACKEND,
+            format!("kernels/{file}"),
+            format!(
+                "NVRTC produced no cubin ({}); a cubin needs a real architecture \
+                 (sm_XY)",
+                options.join(" ")
+            ),
+        ));
+    }
+    let mut buf = vec![0u8; size];
+    nvrtc_check("nvrtcGetCUBIN", unsafe {
+        nsys::nvrtcGetCUBIN(prog.0, buf.as_mut_ptr() as *mut c_char)
+    })?;
+    Ok(buf)
 }
 
 /// The shared headers as NVRTC in-memory headers. NVRTC matches an `#include "..."` against
@@ -358,33 +401,19 @@ fn program_log(prog: &Program) -> Result<String> {
     Ok(String::from_utf8_lossy(&buf[..end]).trim_end().to_string())
 }
 
-/// Compiles every kernel source to PTX for `arch` (`sm_90` and `compute_90` both give
-/// `compute_90` PTX): (file name, PTX text) per source. Stops at the first failure.
-pub fn compile_ptx<O: AsRef<str>>(arch: &str, options: &[O]) -> Result<Vec<(String, String)>> {
+/// Compiles every kernel source for the real architecture `arch` (`sm_90`): (file name, its
+/// PTX, cubin and log) per source, one NVRTC compile each. Stops at the first failure.
+pub fn compile_every_source<O: AsRef<str>>(
+    arch: &str,
+    options: &[O],
+) -> Result<Vec<(String, PtxAndCubin)>> {
     SOURCES
         .iter()
         .map(|(file, text)| {
-            let c = compile_source(file, text, arch, Target::Ptx, options)?;
-            let ptx = String::from_utf8(c.code).map_err(|_| {
-                Error::kernel(
-                    BACKEND,
-                    format!("kernels/{file}"),
-                    "NVRTC returned non-UTF-8 PTX",
-                )
-            })?;
-            Ok((file.to_string(), ptx))
-        })
-        .collect()
-}
-
-/// Compiles every kernel source to a cubin for the real architecture `arch` (`sm_90`):
-/// (file name, cubin) per source. Stops at the first failure.
-pub fn compile_cubin<O: AsRef<str>>(arch: &str, options: &[O]) -> Result<Vec<(String, Vec<u8>)>> {
-    SOURCES
-        .iter()
-        .map(|(file, text)| {
-            let c = compile_source(file, text, arch, Target::Cubin, options)?;
-            Ok((file.to_string(), c.code))
+            Ok((
+                file.to_string(),
+                compile_source_ptx_and_cubin(file, text, arch, options)?,
+            ))
         })
         .collect()
 }
@@ -427,9 +456,11 @@ mod tests {
     #[ignore = "needs NVRTC (tools/fetch-cuda-tools.sh): run by .ci/run and tools/gpu-check.sh"]
     fn nvrtc_compiles_every_source() {
         println!("NVRTC {:?}", nvrtc_version().unwrap());
-        let ptx = compile_ptx::<&str>("sm_90", &[]).unwrap();
-        assert_eq!(ptx.len(), SOURCES.len());
-        for ((file, text), (_, code)) in SOURCES.iter().zip(&ptx) {
+        let all = compile_every_source::<&str>("sm_90", &[]).unwrap();
+        assert_eq!(all.len(), SOURCES.len());
+        for ((file, text), (name, c)) in SOURCES.iter().zip(&all) {
+            assert_eq!(file, name);
+            let code = std::str::from_utf8(&c.ptx).unwrap();
             assert!(code.contains(".target sm_90"), "{file}");
             // Every PTX entry is one the text declares (some exist only for the emulator).
             let declared = entry_points(text);
@@ -442,11 +473,14 @@ mod tests {
             for e in entries {
                 assert!(declared.iter().any(|d| d == e), "{file}: {e}");
             }
+            assert_eq!(&c.cubin[..4], b"\x7fELF", "{file}");
         }
-        let cubins = compile_cubin::<&str>("sm_90", &[]).unwrap();
-        for (file, c) in &cubins {
-            assert_eq!(&c[..4], b"\x7fELF", "{file}");
-        }
+        // ptxas' report reaches the log when asked for.
+        let (file, text) = SOURCES[0];
+        let c = compile_source_ptx_and_cubin(file, text, "sm_80", &["-Xptxas=-v"]).unwrap();
+        assert!(c.log.contains("Used "), "{}", c.log);
+        let e = compile_source_ptx_and_cubin::<&str>(file, text, "compute_80", &[]);
+        assert!(e.unwrap_err().to_string().contains("real architecture"));
     }
 
     #[test]
