@@ -171,20 +171,20 @@ struct ConvRows {
 #define CONV_ROWS(T) ConvRows<T>{x, M, K, h, w, {cin, cin_mul, cin_l}, {kw, kw_mul, kw_l}, \
     {ow, ow_mul, ow_l}, {oh, oh_mul, oh_l}, sh, sw, ph, pw}
 extern "C" __global__ void __launch_bounds__(GEMM_PIPE_BIG_THREADS) conv_pipe_big_f16(CONV_PIPE_ARGS(f16)) {
-    gemm_pipe_big(CONV_ROWS(f16), wt, bias, res, y, M, N, K, act, partial, per_split);
+    gemm_pipe_as<PipeBig>(CONV_ROWS(f16), wt, bias, res, y, M, N, K, act, partial, per_split);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_PIPE_BIG_THREADS) conv_pipe_big_bf16(CONV_PIPE_ARGS(bf16)) {
-    gemm_pipe_big(CONV_ROWS(bf16), wt, bias, res, y, M, N, K, act, partial, per_split);
+    gemm_pipe_as<PipeBig>(CONV_ROWS(bf16), wt, bias, res, y, M, N, K, act, partial, per_split);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_PIPE_BIG4_THREADS) conv_pipe_big4_f16(CONV_PIPE_ARGS(f16)) {
-    gemm_pipe_big4(CONV_ROWS(f16), wt, bias, res, y, M, N, K, act, partial, per_split);
+    gemm_pipe_as<PipeBig4>(CONV_ROWS(f16), wt, bias, res, y, M, N, K, act, partial, per_split);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_PIPE_BIG4_THREADS) conv_pipe_big4_bf16(CONV_PIPE_ARGS(bf16)) {
-    gemm_pipe_big4(CONV_ROWS(bf16), wt, bias, res, y, M, N, K, act, partial, per_split);
+    gemm_pipe_as<PipeBig4>(CONV_ROWS(bf16), wt, bias, res, y, M, N, K, act, partial, per_split);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_PIPE_SMALL_THREADS) conv_pipe_small_f16(CONV_PIPE_ARGS(f16)) {
-    gemm_pipe_small(CONV_ROWS(f16), wt, bias, res, y, M, N, K, act, partial, per_split);
+    gemm_pipe_as<PipeSmall>(CONV_ROWS(f16), wt, bias, res, y, M, N, K, act, partial, per_split);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_PIPE_SMALL_THREADS) conv_pipe_small_bf16(CONV_PIPE_ARGS(bf16)) {
-    gemm_pipe_small(CONV_ROWS(bf16), wt, bias, res, y, M, N, K, act, partial, per_split);
+    gemm_pipe_as<PipeSmall>(CONV_ROWS(bf16), wt, bias, res, y, M, N, K, act, partial, per_split);
 }

@@ -123,32 +123,32 @@ extern "C" __global__ void gemm_bf16(const bf16* x, const bf16* w, const bf16* b
 extern "C" __global__ void __launch_bounds__(GEMM_PIPE_BIG_THREADS)
 gemm_pipe_big_f16(const f16* x, const f16* w, const f16* bias, const f16* res, f16* y,
     uint32_t M, uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split) {
-    gemm_pipe_big(DenseRows<f16>{x, M, K}, w, bias, res, y, M, N, K, act, partial, per_split);
+    gemm_pipe_as<PipeBig>(DenseRows<f16>{x, M, K}, w, bias, res, y, M, N, K, act, partial, per_split);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_PIPE_BIG_THREADS)
 gemm_pipe_big_bf16(const bf16* x, const bf16* w, const bf16* bias, const bf16* res, bf16* y,
     uint32_t M, uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split) {
-    gemm_pipe_big(DenseRows<bf16>{x, M, K}, w, bias, res, y, M, N, K, act, partial, per_split);
+    gemm_pipe_as<PipeBig>(DenseRows<bf16>{x, M, K}, w, bias, res, y, M, N, K, act, partial, per_split);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_PIPE_BIG4_THREADS)
 gemm_pipe_big4_f16(const f16* x, const f16* w, const f16* bias, const f16* res, f16* y,
     uint32_t M, uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split) {
-    gemm_pipe_big4(DenseRows<f16>{x, M, K}, w, bias, res, y, M, N, K, act, partial, per_split);
+    gemm_pipe_as<PipeBig4>(DenseRows<f16>{x, M, K}, w, bias, res, y, M, N, K, act, partial, per_split);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_PIPE_BIG4_THREADS)
 gemm_pipe_big4_bf16(const bf16* x, const bf16* w, const bf16* bias, const bf16* res, bf16* y,
     uint32_t M, uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split) {
-    gemm_pipe_big4(DenseRows<bf16>{x, M, K}, w, bias, res, y, M, N, K, act, partial, per_split);
+    gemm_pipe_as<PipeBig4>(DenseRows<bf16>{x, M, K}, w, bias, res, y, M, N, K, act, partial, per_split);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_PIPE_SMALL_THREADS)
 gemm_pipe_small_f16(const f16* x, const f16* w, const f16* bias, const f16* res, f16* y,
     uint32_t M, uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split) {
-    gemm_pipe_small(DenseRows<f16>{x, M, K}, w, bias, res, y, M, N, K, act, partial, per_split);
+    gemm_pipe_as<PipeSmall>(DenseRows<f16>{x, M, K}, w, bias, res, y, M, N, K, act, partial, per_split);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_PIPE_SMALL_THREADS)
 gemm_pipe_small_bf16(const bf16* x, const bf16* w, const bf16* bias, const bf16* res, bf16* y,
     uint32_t M, uint32_t N, uint32_t K, int act, float* partial, uint32_t per_split) {
-    gemm_pipe_small(DenseRows<bf16>{x, M, K}, w, bias, res, y, M, N, K, act, partial, per_split);
+    gemm_pipe_as<PipeSmall>(DenseRows<bf16>{x, M, K}, w, bias, res, y, M, N, K, act, partial, per_split);
 }
 
 // ---- Hopper warpgroup tensor cores (f16, bf16; sm_90a) ------------------------------------

@@ -163,43 +163,20 @@ fn bank_accounting_counts_wavefronts_by_phase() {
         KernelArg::Ptr(d.address(&src)),
         KernelArg::Ptr(d.address(&out)),
     ];
-    launch(
-        &d,
-        "selftest_bank_conflicts",
-        LaunchConfig::linear(1, 32, 1024),
-        &args,
-    )
-    .unwrap();
+    let cfg = LaunchConfig::linear(1, 32, 1024);
+    launch(&d, "selftest_bank_conflicts", cfg, &args).unwrap();
     let t = d.bank_traffic()["selftest_bank_conflicts"];
     // Two ldmatrix.x4 of 4 phases each: 4 x 8 + 4 x 1 wavefronts.
-    assert_eq!(
-        t.ldmatrix,
-        Wavefronts {
-            ideal: 8,
-            actual: 36
-        }
-    );
+    let want = |ideal, actual| Wavefronts { ideal, actual };
+    assert_eq!(t.ldmatrix, want(8, 36));
     // One cp.async of 4 phases, each 2 wavefronts.
-    assert_eq!(
-        t.cp_async,
-        Wavefronts {
-            ideal: 4,
-            actual: 8
-        }
-    );
+    assert_eq!(t.cp_async, want(4, 8));
     assert_eq!(t.cp_async.excess(), 1.0);
+    assert_eq!(t.mma, 0);
     // Counted per launch: a second launch doubles them.
-    launch(
-        &d,
-        "selftest_bank_conflicts",
-        LaunchConfig::linear(1, 32, 1024),
-        &args,
-    )
-    .unwrap();
-    assert_eq!(
-        d.bank_traffic()["selftest_bank_conflicts"].cp_async.actual,
-        16
-    );
+    launch(&d, "selftest_bank_conflicts", cfg, &args).unwrap();
+    let t = d.bank_traffic()["selftest_bank_conflicts"];
+    assert_eq!((t.ldmatrix, t.cp_async), (want(16, 72), want(8, 16)));
 }
 
 #[test]

@@ -203,32 +203,33 @@ __device__ void gemm_pipe(const ASource& a, const T* __restrict__ w,
         }
 }
 
-// Its two shapes: 128 x 128 tiles of 8 warps (2 x 4, each 64 x 32) for GEMMs with enough tiles
-// to fill the GPU, 64 x 64 tiles of 4 warps (2 x 2, each 32 x 32) for the narrow or short ones
-// (MiniLM's N = 384 at a few hundred tokens). Launched with GEMM_PIPE_{BIG,SMALL}_THREADS.
-template <typename T, typename ASource>
-__device__ void gemm_pipe_big(const ASource& a, const T* w, const T* bias, const T* res, T* y,
-                              uint32_t M, uint32_t N, uint32_t K, int act, float* partial,
-                              uint32_t per_split) {
-    gemm_pipe<T, GEMM_PIPE_BIG_BM, GEMM_PIPE_BIG_BN, 2, 4, GEMM_PIPE_STAGES>(
-        a, w, bias, res, y, M, N, K, act, partial, per_split);
-}
-// The big tile with 4 warps of 64 x 64 (2 x 2; GEMM_PIPE_BIG4_THREADS): per k-step each warp
-// reads 8 ldmatrix.x4 for 32 multiplies where a 64 x 32 warp reads 6 for 16, so shared memory
-// serves 1.5 wavefronts per mma instead of 2.0 (copies included; the emulator's count), at the
-// cost of 128 accumulators per thread and half the warps per block.
-template <typename T, typename ASource>
-__device__ void gemm_pipe_big4(const ASource& a, const T* w, const T* bias, const T* res, T* y,
-                               uint32_t M, uint32_t N, uint32_t K, int act, float* partial,
-                               uint32_t per_split) {
-    gemm_pipe<T, GEMM_PIPE_BIG_BM, GEMM_PIPE_BIG_BN, 2, 2, GEMM_PIPE_STAGES>(
-        a, w, bias, res, y, M, N, K, act, partial, per_split);
-}
-template <typename T, typename ASource>
-__device__ void gemm_pipe_small(const ASource& a, const T* w, const T* bias, const T* res, T* y,
-                                uint32_t M, uint32_t N, uint32_t K, int act, float* partial,
-                                uint32_t per_split) {
-    gemm_pipe<T, GEMM_PIPE_SMALL_BM, GEMM_PIPE_SMALL_BN, 2, 2, GEMM_PIPE_STAGES>(
+// Its three shapes, each launched with its THREADS (the launcher reads the same constants):
+// - PipeBig: 128 x 128 tiles of 8 warps (2 x 4, each 64 x 32) for GEMMs with enough tiles to
+//   fill the GPU;
+// - PipeBig4: the same tile with 4 warps of 64 x 64 (PipeTile::Warp64x64): per k-step each
+//   warp reads 8 ldmatrix.x4 for 32 multiplies where a 64 x 32 warp reads 6 for 16, so shared
+//   memory serves 1.5 wavefronts per mma instead of 2.0 (copies included; the emulator's
+//   count), at the cost of 128 accumulators per thread and half the warps per block;
+// - PipeSmall: 64 x 64 tiles of 4 warps (2 x 2, each 32 x 32) for the narrow or short GEMMs
+//   (MiniLM's N = 384 at a few hundred tokens).
+struct PipeBig {
+    static constexpr int BM = GEMM_PIPE_BIG_BM, BN = GEMM_PIPE_BIG_BN, WM = 2, WN = 4,
+                         THREADS = GEMM_PIPE_BIG_THREADS;
+};
+struct PipeBig4 {
+    static constexpr int BM = GEMM_PIPE_BIG_BM, BN = GEMM_PIPE_BIG_BN, WM = 2, WN = 2,
+                         THREADS = GEMM_PIPE_BIG4_THREADS;
+};
+struct PipeSmall {
+    static constexpr int BM = GEMM_PIPE_SMALL_BM, BN = GEMM_PIPE_SMALL_BN, WM = 2, WN = 2,
+                         THREADS = GEMM_PIPE_SMALL_THREADS;
+};
+template <typename Shape, typename T, typename ASource>
+__device__ void gemm_pipe_as(const ASource& a, const T* w, const T* bias, const T* res, T* y,
+                             uint32_t M, uint32_t N, uint32_t K, int act, float* partial,
+                             uint32_t per_split) {
+    static_assert(Shape::WM * Shape::WN * 32 == Shape::THREADS, "one warp per warp tile");
+    gemm_pipe<T, Shape::BM, Shape::BN, Shape::WM, Shape::WN, GEMM_PIPE_STAGES>(
         a, w, bias, res, y, M, N, K, act, partial, per_split);
 }
 

@@ -112,28 +112,11 @@ pub enum FlashTile {
     Wide,
 }
 
-impl FlashTile {
-    /// `APPARATE_GPU_FLASH_TILE` = `auto` | `narrow` | `wide`; unset means narrow. Another
-    /// value is reported once on stderr and the default kept.
-    pub fn from_env() -> FlashTile {
-        static WARNED: std::sync::Once = std::sync::Once::new();
-        super::kernel_from_env("APPARATE_GPU_FLASH_TILE", FlashTile::Narrow, &WARNED)
-    }
-}
-
-impl std::str::FromStr for FlashTile {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<FlashTile, String> {
-        match s {
-            "auto" => Ok(FlashTile::Auto),
-            "narrow" => Ok(FlashTile::Narrow),
-            "wide" => Ok(FlashTile::Wide),
-            other => Err(format!(
-                "unknown flash attention block `{other}` (auto, narrow, wide)"
-            )),
-        }
-    }
-}
+kernel_switch!(FlashTile, "APPARATE_GPU_FLASH_TILE", "flash attention block", default Narrow, {
+    "auto" => Auto,
+    "narrow" => Narrow,
+    "wide" => Wide,
+});
 
 /// The attention kernels of a [`GpuBackend`]: the encoders' (f16/bf16; f32 always runs the
 /// simple kernel) and the decoder's over its paged key/value cache (every dtype).
@@ -152,27 +135,10 @@ pub enum AttentionKernel {
     Flash,
 }
 
-impl AttentionKernel {
-    /// `APPARATE_GPU_ATTENTION` = `simple` | `flash`; unset means flash. Another value is
-    /// reported once on stderr and the default kept (a backend is made without a `Result`).
-    pub fn from_env() -> AttentionKernel {
-        static WARNED: std::sync::Once = std::sync::Once::new();
-        super::kernel_from_env("APPARATE_GPU_ATTENTION", AttentionKernel::Flash, &WARNED)
-    }
-}
-
-impl std::str::FromStr for AttentionKernel {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<AttentionKernel, String> {
-        match s {
-            "simple" => Ok(AttentionKernel::Simple),
-            "flash" => Ok(AttentionKernel::Flash),
-            other => Err(format!(
-                "unknown attention kernel `{other}` (simple, flash)"
-            )),
-        }
-    }
-}
+kernel_switch!(AttentionKernel, "APPARATE_GPU_ATTENTION", "attention kernel", default Flash, {
+    "simple" => Simple,
+    "flash" => Flash,
+});
 
 #[cfg(test)]
 mod tests {

@@ -30,26 +30,10 @@ pub enum ConvKernel {
     Implicit,
 }
 
-impl ConvKernel {
-    /// `APPARATE_GPU_CONV` = `im2col` | `implicit`; unset means implicit.
-    pub fn from_env() -> ConvKernel {
-        static WARNED: std::sync::Once = std::sync::Once::new();
-        super::kernel_from_env("APPARATE_GPU_CONV", ConvKernel::Implicit, &WARNED)
-    }
-}
-
-impl std::str::FromStr for ConvKernel {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<ConvKernel, String> {
-        match s {
-            "im2col" => Ok(ConvKernel::Im2col),
-            "implicit" => Ok(ConvKernel::Implicit),
-            other => Err(format!(
-                "unknown convolution kernel `{other}` (im2col, implicit)"
-            )),
-        }
-    }
-}
+kernel_switch!(ConvKernel, "APPARATE_GPU_CONV", "convolution kernel", default Implicit, {
+    "im2col" => Im2col,
+    "implicit" => Implicit,
+});
 
 impl<D: Device> GpuBackend<D> {
     pub(super) fn launch_conv2d(

@@ -467,34 +467,14 @@ pub enum GemmKernel {
     WgmmaTma,
 }
 
-impl GemmKernel {
-    /// `APPARATE_GPU_GEMM` = `simple` | `pipelined` | `splitk` | `wgmma` | `wgmma-ws` |
-    /// `wgmma-tma`; unset
-    /// means splitk. Another value is
-    /// reported once on stderr and the default kept (a backend is made without a `Result`).
-    pub fn from_env() -> GemmKernel {
-        static WARNED: std::sync::Once = std::sync::Once::new();
-        super::kernel_from_env("APPARATE_GPU_GEMM", GemmKernel::PipelinedSplitK, &WARNED)
-    }
-}
-
-impl std::str::FromStr for GemmKernel {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<GemmKernel, String> {
-        match s {
-            "simple" => Ok(GemmKernel::Simple),
-            "pipelined" => Ok(GemmKernel::Pipelined),
-            "splitk" => Ok(GemmKernel::PipelinedSplitK),
-            "wgmma" => Ok(GemmKernel::Wgmma),
-            "wgmma-ws" => Ok(GemmKernel::WgmmaWs),
-            "wgmma-tma" => Ok(GemmKernel::WgmmaTma),
-            other => Err(format!(
-                "unknown GEMM kernel `{other}` (simple, pipelined, splitk, wgmma, wgmma-ws, \
-                 wgmma-tma)"
-            )),
-        }
-    }
-}
+kernel_switch!(GemmKernel, "APPARATE_GPU_GEMM", "GEMM kernel", default PipelinedSplitK, {
+    "simple" => Simple,
+    "pipelined" => Pipelined,
+    "splitk" => PipelinedSplitK,
+    "wgmma" => Wgmma,
+    "wgmma-ws" => WgmmaWs,
+    "wgmma-tma" => WgmmaTma,
+});
 
 /// The warp layout of the pipelined kernels' big tile (128 x 128: `gemm_pipe`, and the
 /// implicit-GEMM convolution `conv_pipe`); the small tile is not affected. The default is the
@@ -511,27 +491,10 @@ pub enum PipeTile {
     Warp64x64,
 }
 
-impl PipeTile {
-    /// `APPARATE_GPU_PIPE_TILE` = `64x32` | `64x64` (the warp tile); unset means 64x32.
-    /// Another value is reported once on stderr and the default kept.
-    pub fn from_env() -> PipeTile {
-        static WARNED: std::sync::Once = std::sync::Once::new();
-        super::kernel_from_env("APPARATE_GPU_PIPE_TILE", PipeTile::Warp64x32, &WARNED)
-    }
-}
-
-impl std::str::FromStr for PipeTile {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<PipeTile, String> {
-        match s {
-            "64x32" => Ok(PipeTile::Warp64x32),
-            "64x64" => Ok(PipeTile::Warp64x64),
-            other => Err(format!(
-                "unknown warp tile `{other}` of the pipelined GEMM (64x32, 64x64)"
-            )),
-        }
-    }
-}
+kernel_switch!(PipeTile, "APPARATE_GPU_PIPE_TILE", "warp tile", default Warp64x32, {
+    "64x32" => Warp64x32,
+    "64x64" => Warp64x64,
+});
 
 /// The operands of one GEMM besides its input: weight [n, k], optional bias [n] and residual
 /// [m, n], sizes, and the fused activation.

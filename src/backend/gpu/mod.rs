@@ -8,6 +8,38 @@
 //! in f32. Host values cross in f32 and are converted on the way. Temporary buffers (token ids,
 //! lengths) are dropped right after their launch: devices free memory in stream order.
 
+/// A kernel switch: `from_env` (the environment variable `$var`, else `$default`; another
+/// value is reported once on stderr and the default kept, since a backend is made without a
+/// `Result`) and `FromStr` over the switch's names, whose error names the bad value and lists
+/// the good ones.
+macro_rules! kernel_switch {
+    ($ty:ident, $var:literal, $what:literal, default $default:ident,
+     { $($name:literal => $variant:ident),+ $(,)? }) => {
+        impl $ty {
+            #[doc = concat!("`", $var, "` = ", $("`", $name, "` ",)+ "; unset means `",
+                stringify!($default), "`.")]
+            pub fn from_env() -> $ty {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                super::kernel_from_env($var, $ty::$default, &WARNED)
+            }
+        }
+
+        impl std::str::FromStr for $ty {
+            type Err = String;
+            fn from_str(s: &str) -> std::result::Result<$ty, String> {
+                match s {
+                    $($name => Ok($ty::$variant),)+
+                    other => Err(format!(
+                        concat!("unknown ", $what, " `{}` ({})"),
+                        other,
+                        [$($name),+].join(", ")
+                    )),
+                }
+            }
+        }
+    };
+}
+
 mod attention;
 pub use attention::{AttentionKernel, FlashTile};
 mod conv;

@@ -75,21 +75,7 @@ pub enum RowKernel {
     Warp,
 }
 
-impl RowKernel {
-    /// `APPARATE_GPU_ROWS` = `block` | `warp`; unset means warp.
-    pub fn from_env() -> RowKernel {
-        static WARNED: std::sync::Once = std::sync::Once::new();
-        super::kernel_from_env("APPARATE_GPU_ROWS", RowKernel::Warp, &WARNED)
-    }
-}
-
-impl std::str::FromStr for RowKernel {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<RowKernel, String> {
-        match s {
-            "block" => Ok(RowKernel::Block),
-            "warp" => Ok(RowKernel::Warp),
-            other => Err(format!("unknown row kernel `{other}` (block, warp)")),
-        }
-    }
-}
+kernel_switch!(RowKernel, "APPARATE_GPU_ROWS", "row kernel", default Warp, {
+    "block" => Block,
+    "warp" => Warp,
+});
