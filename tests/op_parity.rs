@@ -266,10 +266,9 @@ fn no_bank_conflicts(dev: &EmuDevice, expect: &[&str]) {
 }
 
 /// The large GEMM tiles (pipelined 128 x 128 in both warp layouts, wgmma 128 x 256) at the
-/// table's shapes: with
-/// "2 tiles fill the GPU", every linear and dense convolution case of two or more large tiles
-/// takes them (convolutions both implicit and after im2col), and the others split K among
-/// fewer blocks.
+/// table's shapes: with "2 tiles fill the GPU", every linear and dense convolution case of two
+/// or more large tiles takes them (convolutions both implicit and after im2col), and the
+/// others split K among fewer blocks.
 #[test]
 fn gemm_large_tiles_at_a_low_fill() {
     let dev = emu();

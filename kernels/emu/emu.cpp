@@ -93,8 +93,7 @@ struct Worker {
     };
     std::vector<CopyIssue> cp_log[kMaxThreads / 32];
     // The launch's bank accounting so far (apparate_emu_run hands it back).
-    ApparateEmuBankCount ldmatrix_banks{}, cp_async_banks{};
-    uint64_t mma = 0;
+    ApparateEmuCounts counts{};
     // Bumped by every event that can end a Spin (an mbarrier arrival): a round of spinning
     // with no such event is a deadlock.
     uint64_t progress = 0;
@@ -237,7 +236,7 @@ bool run_block(Worker* w, uint64_t* seed, const char* name, char* err, size_t er
         if (done == n) {
             for (int wp = 0; wp < nwarps; wp++)
                 for (const auto& c : w->cp_log[wp])
-                    apparate_emu_bank_phases(c.addr, c.lanes, w->cp_async_banks);
+                    apparate_emu_bank_phases(c.addr, c.lanes, w->counts.cp_async);
             if (w->block.n_bulk == 0) return true;
             // On a GPU the copies would land in shared memory the next block may already own.
             std::snprintf(err, errlen,
@@ -358,8 +357,8 @@ void apparate_emu_bank_phases(const uint32_t (&addr)[32], uint32_t mask, Apparat
     }
 }
 
-ApparateEmuBankCount& apparate_emu_ldmatrix_banks() { return worker->ldmatrix_banks; }
-void apparate_emu_count_mma() { worker->mma++; }
+ApparateEmuBankCount& apparate_emu_ldmatrix_banks() { return worker->counts.ldmatrix; }
+void apparate_emu_count_mma() { worker->counts.mma++; }
 
 void apparate_emu_note_cp_async(const void* dst) {
     ApparateEmuThread* t = apparate_emu_thread;
@@ -381,12 +380,11 @@ extern "C" int apparate_emu_has_kernel(const char* name) { return apparate_emu_f
 
 // Runs blocks [begin, end) (linear block index, x fastest) of a launch. Returns 0 on success,
 // non-zero with a message in `err` otherwise. `seed` = 0: fibers run in thread order; otherwise
-// their order is shuffled (seeded) between barriers. `banks` receives the blocks' shared-memory
-// bank accounting (emu.h): ldmatrix's ideal and actual wavefronts, then cp.async's, then the
-// number of warp-wide mma.m16n8k16.
+// their order is shuffled (seeded) between barriers. `counts` receives the blocks' shared-memory
+// bank accounting and multiplies (emu.h).
 extern "C" int apparate_emu_run(const char* name, const uint32_t grid[3], const uint32_t block[3],
                                 uint32_t dyn_shared, void** args, uint64_t begin, uint64_t end,
-                                uint64_t seed, char* err, size_t errlen, uint64_t banks[5]) {
+                                uint64_t seed, char* err, size_t errlen, ApparateEmuCounts* counts) {
     void (*entry)(void**) = apparate_emu_find(name);
     if (!entry) {
         std::snprintf(err, errlen, "no kernel named `%s` in the emulated device", name);
@@ -409,9 +407,7 @@ extern "C" int apparate_emu_run(const char* name, const uint32_t grid[3], const 
     }
     w->entry = entry;
     w->args = args;
-    w->ldmatrix_banks = ApparateEmuBankCount{0, 0};
-    w->cp_async_banks = ApparateEmuBankCount{0, 0};
-    w->mma = 0;
+    w->counts = ApparateEmuCounts{};
     w->nthreads = (int)nthreads;
     w->dyn_shared.assign(dyn_shared, 0);
     for (uint32_t z = 0, i = 0; z < block[2]; z++)
@@ -440,10 +436,6 @@ extern "C" int apparate_emu_run(const char* name, const uint32_t grid[3], const 
     }
     apparate_emu_block = saved_block;
     apparate_emu_thread = nullptr;
-    banks[0] = w->ldmatrix_banks.ideal;
-    banks[1] = w->ldmatrix_banks.actual;
-    banks[2] = w->cp_async_banks.ideal;
-    banks[3] = w->cp_async_banks.actual;
-    banks[4] = w->mma;
+    *counts = w->counts;
     return rc;
 }

@@ -145,6 +145,12 @@ void apparate_emu_tma_load_2d(void* dst, const uint64_t* map, int32_t c0, int32_
 struct ApparateEmuBankCount {
     uint64_t ideal, actual;
 };
+// What a launch hands back (the layout of BankTraffic in src/backend/emu.rs): ldmatrix's and
+// cp.async's wavefronts, and the warp-wide mma.m16n8k16 they fed.
+struct ApparateEmuCounts {
+    ApparateEmuBankCount ldmatrix, cp_async;
+    uint64_t mma;
+};
 // Offset in the shared window: from the block's dynamic shared memory, which the GPU places on a
 // 128-byte boundary of the window (a pointer outside it keeps its own address bits).
 uint32_t apparate_emu_smem_offset(const void* p);

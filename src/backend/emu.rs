@@ -29,7 +29,7 @@ unsafe extern "C" {
         seed: u64,
         err: *mut c_char,
         errlen: usize,
-        banks: *mut u64,
+        counts: *mut BankTraffic,
     ) -> i32;
 }
 
@@ -52,7 +52,7 @@ unsafe fn apparate_emu_run(
     _: u64,
     _: *mut c_char,
     _: usize,
-    _: *mut u64,
+    _: *mut BankTraffic,
 ) -> i32 {
     1
 }
@@ -77,6 +77,7 @@ pub struct EmuConfig {
 /// take (one per phase of eight lanes of a 16-byte access), `actual` what their addresses
 /// take when two chunks of a phase share a bank group. `actual > ideal` is a bank conflict.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
 pub struct Wavefronts {
     pub ideal: u64,
     pub actual: u64,
@@ -95,8 +96,10 @@ impl Wavefronts {
 /// The shared-memory bank accounting of one kernel's launches on the emulated device, for the
 /// instructions it sees whole (kernels/emu/emu.h): `ldmatrix` fragment loads and the shared
 /// memory writes of `cp.async` copies. Addresses do not depend on the thread order, so the
-/// counts are the same in every run of the same launches.
+/// counts are the same in every run of the same launches. Laid out as `ApparateEmuCounts`
+/// (kernels/emu/emu.h), which a launch fills.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
 pub struct BankTraffic {
     pub ldmatrix: Wavefronts,
     pub cp_async: Wavefronts,
@@ -105,12 +108,15 @@ pub struct BankTraffic {
 }
 
 impl BankTraffic {
-    fn add(&mut self, c: &[u64; 5]) {
-        self.ldmatrix.ideal += c[0];
-        self.ldmatrix.actual += c[1];
-        self.cp_async.ideal += c[2];
-        self.cp_async.actual += c[3];
-        self.mma += c[4];
+    fn add(&mut self, c: &BankTraffic) {
+        for (a, b) in [
+            (&mut self.ldmatrix, c.ldmatrix),
+            (&mut self.cp_async, c.cp_async),
+        ] {
+            a.ideal += b.ideal;
+            a.actual += b.actual;
+        }
+        self.mma += c.mma;
     }
 
     /// Shared-memory wavefronts (both kinds, as counted) per `mma.m16n8k16`. An H100/H200
@@ -244,6 +250,58 @@ impl EmuDevice {
     pub fn has_kernel(&self, name: &str) -> bool {
         CString::new(name).is_ok_and(|c| unsafe { apparate_emu_has_kernel(c.as_ptr()) } != 0)
     }
+
+    /// Runs blocks [begin, end) of a launch on this thread; their bank accounting.
+    fn run_blocks(
+        &self,
+        kernel: &str,
+        cname: &CString,
+        cfg: &LaunchConfig,
+        args: &[KernelArg],
+        begin: u64,
+        end: u64,
+    ) -> Result<BankTraffic> {
+        // Each chunk gets its own copy of the argument values: a kernel receives `void**`
+        // pointing at them, as with cuLaunchKernel.
+        let mut values: Vec<ArgSlot> = args.iter().map(|a| a.slot()).collect();
+        let mut ptrs: Vec<*mut c_void> = values
+            .iter_mut()
+            .map(|v| v as *mut ArgSlot as *mut c_void)
+            .collect();
+        let mut msg = vec![0 as c_char; 512];
+        let mut counts = BankTraffic::default();
+        // SAFETY: names and arrays outlive the call; every argument is a 128-byte slot whose
+        // low bytes hold the value (little-endian), as the kernel's parameter types read them;
+        // `counts` has the layout of ApparateEmuCounts.
+        let rc = unsafe {
+            apparate_emu_run(
+                cname.as_ptr(),
+                cfg.grid.as_ptr(),
+                cfg.block.as_ptr(),
+                cfg.shared_bytes,
+                ptrs.as_mut_ptr(),
+                begin,
+                end,
+                self.seed,
+                msg.as_mut_ptr(),
+                msg.len(),
+                &mut counts,
+            )
+        };
+        if rc != 0 {
+            let text: Vec<u8> = msg
+                .iter()
+                .take_while(|&&c| c != 0)
+                .map(|&c| c as u8)
+                .collect();
+            return Err(Error::kernel(
+                "emu",
+                kernel,
+                String::from_utf8_lossy(&text).into_owned(),
+            ));
+        }
+        Ok(counts)
+    }
 }
 
 /// The last word of an emulated tensor map (`kMapMark` in kernels/emu/mbarrier.cpp).
@@ -347,68 +405,24 @@ impl Device for EmuDevice {
             .step_by(chunk as usize)
             .map(|b| (b, (b + chunk).min(blocks)))
             .collect();
-        let seed = self.seed;
-        let result: Result<[u64; 5]> = self.pool.install(|| {
+        let result: Result<BankTraffic> = self.pool.install(|| {
             chunks
                 .par_iter()
-                .try_fold(
-                    || [0u64; 5],
-                    |mut sum, &(begin, end)| {
-                        // Each chunk gets its own copy of the argument values: a kernel receives
-                        // `void**` pointing at them, as with cuLaunchKernel.
-                        let mut values: Vec<ArgSlot> = args.iter().map(|a| a.slot()).collect();
-                        let mut ptrs: Vec<*mut c_void> = values
-                            .iter_mut()
-                            .map(|v| v as *mut ArgSlot as *mut c_void)
-                            .collect();
-                        let mut msg = vec![0 as c_char; 512];
-                        let mut banks = [0u64; 5];
-                        // SAFETY: names and arrays outlive the call; every argument is a 128-byte slot
-                        // whose low bytes hold the value (little-endian), as the kernel's parameter
-                        // types read them.
-                        let rc = unsafe {
-                            apparate_emu_run(
-                                cname.as_ptr(),
-                                cfg.grid.as_ptr(),
-                                cfg.block.as_ptr(),
-                                cfg.shared_bytes,
-                                ptrs.as_mut_ptr(),
-                                begin,
-                                end,
-                                seed,
-                                msg.as_mut_ptr(),
-                                msg.len(),
-                                banks.as_mut_ptr(),
-                            )
-                        };
-                        if rc != 0 {
-                            let text: Vec<u8> = msg
-                                .iter()
-                                .take_while(|&&c| c != 0)
-                                .map(|&c| c as u8)
-                                .collect();
-                            return Err(Error::kernel(
-                                "emu",
-                                kernel,
-                                String::from_utf8_lossy(&text).into_owned(),
-                            ));
-                        }
-                        sum.iter_mut().zip(banks).for_each(|(s, b)| *s += b);
-                        Ok(sum)
-                    },
-                )
-                .try_reduce(
-                    || [0u64; 5],
-                    |mut a, b| {
-                        a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-                        Ok(a)
-                    },
-                )
+                .map(|&(begin, end)| self.run_blocks(kernel, &cname, &cfg, args, begin, end))
+                .try_reduce(BankTraffic::default, |mut a, b| {
+                    a.add(&b);
+                    Ok(a)
+                })
         });
-        let banks = result?;
-        if banks.iter().any(|&c| c > 0) {
+        let counts = result?;
+        if counts != BankTraffic::default() {
             let mut all = self.banks.lock().unwrap_or_else(|p| p.into_inner());
-            all.entry(kernel.to_string()).or_default().add(&banks);
+            match all.get_mut(kernel) {
+                Some(t) => t.add(&counts),
+                None => {
+                    all.insert(kernel.to_string(), counts);
+                }
+            }
         }
         Ok(())
     }

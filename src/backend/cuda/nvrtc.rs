@@ -214,6 +214,12 @@ pub fn compile_source<O: AsRef<str>>(
     target: Target,
     options: &[O],
 ) -> Result<Compiled> {
+    let options = nvrtc_options(&arch_for(arch, target)?, target, options);
+    compile_with(file, text, target, &options)
+}
+
+/// `arch` parsed for `target`: a cubin needs a real architecture (sm_XY), not a virtual one.
+fn arch_for(arch: &str, target: Target) -> Result<Arch> {
     if target == Target::Cubin && arch.trim().starts_with("compute_") {
         return Err(Error::config(
             "GPU architecture of a cubin",
@@ -221,9 +227,7 @@ pub fn compile_source<O: AsRef<str>>(
             "real architectures (sm_XY)",
         ));
     }
-    let arch = Arch::parse(arch)?;
-    let options = nvrtc_options(&arch, target, options);
-    compile_with(file, text, target, &options)
+    Arch::parse(arch)
 }
 
 pub(super) fn compile_with(
@@ -259,14 +263,7 @@ pub fn compile_source_ptx_and_cubin<O: AsRef<str>>(
     arch: &str,
     options: &[O],
 ) -> Result<PtxAndCubin> {
-    if arch.trim().starts_with("compute_") {
-        return Err(Error::config(
-            "GPU architecture of a cubin",
-            format!("`{arch}`"),
-            "real architectures (sm_XY)",
-        ));
-    }
-    let options = nvrtc_options(&Arch::parse(arch)?, Target::Cubin, options);
+    let options = nvrtc_options(&arch_for(arch, Target::Cubin)?, Target::Cubin, options);
     guard(&format!("NVRTC compiling kernels/{file}"), || {
         let (prog, log) = compile_program(file, text, &options)?;
         Ok(PtxAndCubin {
