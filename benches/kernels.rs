@@ -7,11 +7,15 @@
 //!     cargo bench --bench kernels -- [--device auto|cuda|emu] [--dtype f32|f16|bf16]...
 //!                                     [--repeats N] [--model FILE] [--out DIR] [--table]
 //!                                     [--only gemm,attention,rows,conv,minilm,decode,wgmma]
-//!                                     [--batches 1,8,32] [--default-kernels]
+//!                                     [--batches 1,8,32|none] [--default-kernels]
+//!                                     [--gemm-shapes MxNxK,...] [--launches N]
 //!
 //! Timing: inputs and outputs are allocated before the clock starts (the `*_into` launchers
 //! write into a preallocated output), then `launches` back-to-back launches run between two
 //! device events; a row reports the median over `repeats` such batches of the time per launch.
+//! `--launches 1 --repeats 1` runs each kernel twice (a warm-up and one timed launch): what a
+//! profiler run wants (tools/gpu-check.sh, step `profile`), with `--gemm-shapes` naming the
+//! GEMM shapes instead of the usual list.
 //! On a GPU the working sets are far above L2 (the copy yardstick moves 1 GiB).
 //!
 //! The `wgmma` group is the Hopper GEMM alone (its GEMM rows beside split-K and cuBLAS, and a
@@ -62,6 +66,10 @@ struct Opts {
     batches: Vec<usize>,
     /// MiniLM with the default kernels only (a profiler run), not each variant.
     default_kernels: bool,
+    /// GEMM shapes (M, N, K) instead of the usual list, when not empty.
+    gemm_shapes: Vec<(usize, usize, usize)>,
+    /// Launches per timed batch instead of the default (20 on a GPU).
+    launches: Option<usize>,
 }
 
 impl Opts {
@@ -82,6 +90,8 @@ fn parse() -> Res<Opts> {
         only: vec![],
         batches: vec![1, 8, 32],
         default_kernels: false,
+        gemm_shapes: vec![],
+        launches: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -94,9 +104,12 @@ fn parse() -> Res<Opts> {
             "--out" => o.out = val()?.into(),
             "--table" => o.table = true,
             "--default-kernels" => o.default_kernels = true,
+            // `none`: no MiniLM forwards (the `wgmma` group's GEMM rows alone).
             "--batches" => {
-                o.batches = val()?
+                let v = val()?;
+                o.batches = if v == "none" { "" } else { v.as_str() }
                     .split(',')
+                    .filter(|b| !b.is_empty())
                     .map(|b| b.parse().map_err(|e| format!("--batches `{b}`: {e}")))
                     .collect::<Result<_, _>>()?
             }
@@ -118,6 +131,31 @@ fn parse() -> Res<Opts> {
                     }
                     o.only.push(g.to_string());
                 }
+            }
+            "--gemm-shapes" => {
+                for shape in val()?.split(',') {
+                    let dims: Vec<usize> = shape
+                        .split('x')
+                        .map(|d| d.parse::<usize>())
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| format!("--gemm-shapes `{shape}`: {e}"))?;
+                    match dims[..] {
+                        [m, n, k] if m > 0 && n > 0 && k > 0 => o.gemm_shapes.push((m, n, k)),
+                        _ => {
+                            return Err(format!(
+                                "--gemm-shapes `{shape}`: not MxNxK with three positive sizes"
+                            )
+                            .into());
+                        }
+                    }
+                }
+            }
+            "--launches" => {
+                let n: usize = val()?.parse()?;
+                if n == 0 {
+                    return Err("--launches must be at least 1".into());
+                }
+                o.launches = Some(n);
             }
             "--bench" => {}
             other => return Err(format!("unknown argument `{other}`").into()),
@@ -252,12 +290,12 @@ fn bench_device<D: Yardstick>(
 ) -> Res<()> {
     let plan = if real {
         Plan {
-            launches: 20,
+            launches: o.launches.unwrap_or(20),
             repeats: o.repeats,
         }
     } else {
         Plan {
-            launches: 2,
+            launches: o.launches.unwrap_or(2),
             repeats: 1,
         }
     };
@@ -282,7 +320,9 @@ fn bench_device<D: Yardstick>(
         let be = GpuBackend::shared(dev.clone(), dt);
         // GEMMs: MiniLM's at batch 8 x 128 tokens (and its FFN down at batch 1), BERT-base's,
         // and the 4096^3 target shape.
-        let shapes: &[(usize, usize, usize)] = if real {
+        let shapes: &[(usize, usize, usize)] = if !o.gemm_shapes.is_empty() {
+            &o.gemm_shapes
+        } else if real {
             &[
                 (128, 384, 1536),
                 (1024, 1152, 384),
@@ -444,7 +484,7 @@ fn bench_device<D: Yardstick>(
         if o.runs("conv") {
             conv(name, &be, real, plan, &mut rng, rows)?;
         }
-        if (o.runs("minilm") || o.runs("wgmma")) && o.model.exists() {
+        if (o.runs("minilm") || o.runs("wgmma")) && !o.batches.is_empty() && o.model.exists() {
             minilm(name, &be, real, plan, o, &mut rng, rows)?;
         }
         // Decoders run in f16 on a GPU (bf16 moves the same bytes).

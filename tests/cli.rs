@@ -394,3 +394,28 @@ fn converting_gguf_refuses_the_other_families_flags() {
         &["--pooling", "GGUF"],
     );
 }
+
+/// `devices --compile` makes the CUDA device: where there is none (CI, this crate's usual
+/// machines) it fails with the probe's reason and exit 1, after the lines it could print; where
+/// there is one it reports every kernel source it built.
+#[test]
+fn devices_compile_reports_the_build_or_why_there_is_no_gpu() {
+    let out = Command::new(env!("CARGO_BIN_EXE_apparate"))
+        .args(["devices", "--compile"])
+        .output()
+        .expect("the apparate binary runs");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(stdout.contains("cpu   available"), "{stdout}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    if out.status.code() == Some(0) {
+        assert!(stdout.contains("cuda  kernels: "), "{stdout}");
+        assert!(stdout.contains("gemm.cu"), "{stdout}");
+    } else {
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stdout.contains("cuda  unavailable: "), "{stdout}");
+        assert!(stderr.contains("error: backend `cuda`"), "{stderr}");
+    }
+}

@@ -3,13 +3,18 @@
 # no network) from the repository root with .device/ (made by tools/gpu-prepare.sh) beside it:
 #   run(command="bash tools/gpu-check.sh", carry=[".device"], timeout_s=495)
 #
-# - Step time limits add up to BUDGET_S (485 s, under the timeout_s above, so the summary is
+# - Step time limits add up to BUDGET_S (482 s, under the timeout_s above, so the summary is
 #   always written); the budget is printed first and every step is killed at its limit. A
 #   whole run took 123 s on 2026-11-30 (before the serving steps).
+# - Step `compile` builds every kernel source for the GPU once (`apparate devices --compile`,
+#   NVRTC in parallel, into the module cache of this run) and reports the time per source;
+#   every later process reads the cache. If it fails, nothing after it could run: the script
+#   stops there.
 # - Binaries, the model and the NVRTC module cache go to a `mktemp -d` directory, removed at
 #   exit. Eight files go to $OUT (default ./gpu-out; the device tool brings back 8 at most):
 #   steps.log (every step's whole log, in order), summary.md, kernels.json, torch-ref.json,
-#   profile.csv, serve-plain.json, serve-ramps.json, serve-eager.json.
+#   profile.csv, serve-plain.json, serve-ramps.json, serve-eager.json. (The Hopper and decoder
+#   benchmarks' JSON stays behind: their rows are in steps.log and summary.md.)
 # - GPU_CHECK_ONLY=probe,op-parity,... runs only the named steps (a rerun after a fix); the
 #   others are listed as skipped.
 # - Fails fast: no NVIDIA driver library, no NVRTC, or a binary that cannot load (`ldd` on each
@@ -27,9 +32,12 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/apparate-gpu.XXXXXX") || exit 2
 trap 'rm -rf "$WORK"' EXIT
 
 # name:seconds, in order. The sum is the budget.
-STEPS=(versions:10 unpack:15 probe:20 cuda-unit:35 selftest:20 op-parity:40 wgmma-parity:15
-  tma-parity:15 decoder-parity:30 cnn:25 minilm:30 serve-plain:20 serve-ramps:20 serve-eager:20 kernel-bench:75
-  wgmma-bench:20 decode-bench:25 torch-ref:30 profile:20)
+# Limits are several times what each step took on 2026-11-30 (summary tables in docs/bench/),
+# except `compile`, sized from here: NVRTC took up to 31 s per source for sm_90a on a 2-core
+# build machine (the sources compile in parallel), and every later step reads its cache.
+STEPS=(versions:8 unpack:10 probe:10 compile:70 cuda-unit:20 selftest:15 op-parity:35
+  wgmma-parity:12 tma-parity:12 decoder-parity:20 cnn:20 minilm:20 serve-plain:15 serve-ramps:15
+  serve-eager:15 kernel-bench:75 wgmma-bench:20 decode-bench:20 torch-ref:30 profile:40)
 BUDGET_S=0
 for s in "${STEPS[@]}"; do BUDGET_S=$((BUDGET_S + ${s#*:})); done
 limit_of() { local s; for s in "${STEPS[@]}"; do [ "${s%%:*}" = "$1" ] && echo "${s#*:}"; done; }
@@ -208,10 +216,18 @@ export APPARATE_CACHE_DIR="$WORK/cache" APPARATE_WEIGHTS="$WORK/weights" \
 CURRENT=probe
 step probe "$BIN/apparate" devices
 grep -q '^cuda  available' "$LOGS/probe.log" || die "the CUDA backend is unavailable: $(grep '^cuda' "$LOGS/probe.log")"
+# Every kernel source compiled once for this GPU with this machine's NVRTC (in parallel), into
+# the run's module cache; the log lists NVRTC's time per source, slowest first.
+CURRENT=compile
+step compile "$BIN/apparate" devices --compile ||
+  die "the kernels did not compile for this GPU (step compile): see steps.log"
 
 # The cuda module's own tests (NVRTC, cache, device round trip, the async release ordering),
 # then the self-test kernels (barrier, warp shuffles and votes, tensor-core fragments).
-step cuda-unit "$BIN/lib_tests" --include-ignored --test-threads 1 backend::cuda:: --skip gpu_selftest
+# Not `nvrtc_compiles_every_source`: it compiles every source again, for plain sm_90 (CI runs it
+# with its own NVRTC); the compile step above covered this machine's NVRTC for sm_90a.
+step cuda-unit "$BIN/lib_tests" --include-ignored --test-threads 1 backend::cuda:: --skip gpu_selftest \
+  --skip nvrtc_compiles_every_source
 step selftest "$BIN/lib_tests" --ignored --test-threads 1 gpu_selftest
 # Every op on `cuda` against the CPU backend, then MiniLM end to end. The Hopper GEMM (new to
 # the hardware) in a process of its own, so a fault in it cannot hide the other results.
@@ -242,22 +258,37 @@ step kernel-bench "$BIN/kernels_bench" --device cuda --repeats 10 --only gemm,at
 # The Hopper GEMMs alone (plain, warp-specialised, TMA), beside split-K and cuBLAS, and a MiniLM
 # forward with each (f16; a process of its own, as above).
 step wgmma-bench "$BIN/kernels_bench" --device cuda --only wgmma --dtype f16 --repeats 10 \
-  --model "$WORK/weights/minilm-l6-intent-f16.apparate" --out "$OUT/wgmma"
+  --model "$WORK/weights/minilm-l6-intent-f16.apparate" --out "$WORK/wgmma"
 # The decoder on cuda (random weights, TinyLlama's blocks): decode steps eager with each
 # attention kernel and graphed, at 1, 8 and 32 sequences.
 step decode-bench "$BIN/kernels_bench" --device cuda --only decode --dtype f16 --repeats 10 \
   --out "$WORK/decode"
 # The peer: PyTorch eager on a MiniLM-shaped BERT (f16/bf16, eager and sdpa attention).
 step torch-ref env PYTHONUNBUFFERED=1 python3 tools/gpu_torch_ref.py --out "$OUT/torch-ref.json"
-# Where a MiniLM forward's time goes: every kernel of a few f16 batch-8 forwards under Nsight
-# Compute (duration only; clocks left alone), as CSV. Kernels run serialised under the profiler,
-# so the durations add up to less than the forward's own time: the rest is host work and gaps.
+# Why the GEMMs run at the speed they do: Nsight Compute's sections (speed of light, occupancy,
+# warp stall reasons, pipe use, shared-memory bank conflicts) for our GEMM kernels and cuBLAS's
+# at 4096^3 and at MiniLM's FFN down at batch 8 (1024 x 384 x 1536: split-K and its reduction),
+# f16, each launched twice (warm-up and one timed), as CSV; clocks left alone. The Hopper kernels
+# only where both their parity steps passed: a fault under the profiler would lose the rest.
+# (The MiniLM forward's kernel durations were profiled in runs 2 and 4: docs/bench/.)
+passed() { printf '%s\n' "${SUMMARY[@]}" | grep -qE "^\| $1 +\| ok "; }
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
 if [ -n "$NCU" ]; then
-  step profile "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv \
-    --log-file "$OUT/profile.csv" --launch-skip 60 --launch-count 240 \
-    "$BIN/kernels_bench" --device cuda --only minilm --dtype f16 --batches 8 --repeats 1 --default-kernels \
-    --model "$WORK/weights/minilm-l6-intent-f16.apparate" --out "$WORK"
+  # The sections this ncu has, of those wanted; its `detailed` set if it names none of them.
+  have=$(timeout 10 "$NCU" --list-sections 2>/dev/null || true)
+  SECTIONS=()
+  for s in SpeedOfLight Occupancy LaunchStats WarpStateStats SchedulerStats \
+    ComputeWorkloadAnalysis MemoryWorkloadAnalysis_Tables; do
+    grep -qw -- "$s" <<<"$have" && SECTIONS+=(--section "$s")
+  done
+  [ ${#SECTIONS[@]} -gt 0 ] || SECTIONS=(--set detailed)
+  groups=gemm
+  passed wgmma-parity && passed tma-parity && groups=gemm,wgmma
+  step profile "$NCU" --clock-control none "${SECTIONS[@]}" --csv --page details \
+    --kernel-name "regex:^(gemm_(pipe|wgmma|splitk)|nvjet|sm90|xmma|cutlass)" --launch-count 48 \
+    --log-file "$OUT/profile.csv" \
+    "$BIN/kernels_bench" --device cuda --only "$groups" --dtype f16 --launches 1 --repeats 1 \
+    --gemm-shapes 4096x4096x4096,1024x384x1536 --batches none --out "$WORK/profile"
 else
   record profile skipped 0 "no ncu on this machine"
 fi

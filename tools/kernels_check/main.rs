@@ -66,6 +66,8 @@ struct Checked {
     warnings: Vec<String>,
     /// Why it failed, if it did.
     error: Option<String>,
+    /// Wall-clock seconds of its NVRTC compile (the pairs compile in parallel).
+    seconds: f64,
 }
 
 /// The number in front of `word` in a ptxas phrase list such as
@@ -136,7 +138,9 @@ fn check_one(cli: &Cli, arch: &Arch, file: &str, text: &str) -> Checked {
         usage: Vec::new(),
         warnings: Vec::new(),
         error: None,
+        seconds: 0.0,
     };
+    let t0 = std::time::Instant::now();
     let stem = file.strip_suffix(".cu").unwrap_or(file);
     let dir = cli.out.join(arch.sm());
     let result = (|| -> Result<(), String> {
@@ -146,6 +150,7 @@ fn check_one(cli: &Cli, arch: &Arch, file: &str, text: &str) -> Checked {
         options.push(PTXAS_VERBOSE.to_string());
         let c = cuda::compile_source_ptx_and_cubin(file, text, &arch.sm(), &options)
             .map_err(|e| e.to_string())?;
+        out.seconds = t0.elapsed().as_secs_f64();
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         for (ext, bytes) in [("ptx", &c.ptx), ("cubin", &c.cubin)] {
             let path = dir.join(format!("{stem}.{ext}"));
@@ -329,6 +334,16 @@ fn main() -> ExitCode {
     }
     let rows = rows(&results);
     print!("\n{}", text_table(&rows));
+    // The slowest compiles: a device compiles every source in parallel when it is made, so a
+    // cold start waits about as long as the slowest one (machine-dependent: not in the docs).
+    let mut slow: Vec<&Checked> = results.iter().filter(|c| c.error.is_none()).collect();
+    slow.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+    let slow: Vec<String> = slow
+        .iter()
+        .take(6)
+        .map(|c| format!("{} {} {:.1} s", c.arch, c.file, c.seconds))
+        .collect();
+    println!("\nslowest NVRTC compiles here: {}", slow.join(", "));
 
     if let Some(path) = &cli.markdown {
         let options: Vec<String> = DEFAULT_OPTIONS
@@ -419,6 +434,7 @@ ptxas info    : Used 10 registers, used 0 barriers, 368 bytes cmem[0]
             usage: parse_ptxas(REPORT),
             warnings: vec![],
             error: None,
+            seconds: 1.0,
         }];
         let r = rows(&results);
         assert_eq!(r.len(), 2);

@@ -15,8 +15,8 @@ use super::nvrtc::{Target, nvrtc_options};
 use super::pinned::{PinnedBlock, RING_BLOCK_BYTES, RING_BLOCKS, Ring};
 use super::probe::{ProbeInfo, probe_device};
 use super::{
-    BACKEND, CudaConfig, CudaDevice, Deferred, Kernel, Owner, default_cache_dir, describe, drv,
-    entry_points, guard, version_string,
+    BACKEND, CudaConfig, CudaDevice, Deferred, Kernel, Owner, SourceBuild, default_cache_dir,
+    describe, drv, entry_points, guard, version_string,
 };
 use crate::error::{Error, Result};
 
@@ -84,16 +84,18 @@ impl CudaDevice {
                 refresh,
             )
         };
-        let modules: Vec<(&str, &str, Vec<u8>, bool)> = SOURCES
+        let modules: Vec<(&str, &str, Vec<u8>, bool, f64)> = SOURCES
             .par_iter()
             .map(|&(file, text)| {
-                compile(file, text, false).map(|(code, hit)| (file, text, code, hit))
+                let t0 = std::time::Instant::now();
+                compile(file, text, false)
+                    .map(|(code, hit)| (file, text, code, hit, t0.elapsed().as_secs_f64()))
             })
             .collect::<Result<_>>()?;
 
         let mut kernels = HashMap::new();
-        let mut cached = 0;
-        for (file, text, code, hit) in modules {
+        let mut builds = Vec::with_capacity(modules.len());
+        for (file, text, code, hit, seconds) in modules {
             let loading = |e: String| {
                 Error::kernel(
                     BACKEND,
@@ -103,12 +105,22 @@ impl CudaDevice {
             };
             let module = match load_module(&ctx, config.target, code) {
                 Ok(m) => {
-                    cached += hit as usize;
+                    builds.push(SourceBuild {
+                        file,
+                        seconds,
+                        cached: hit,
+                    });
                     m
                 }
                 // A damaged cache entry: compile afresh (which replaces it) and load that.
                 Err(_) if hit => {
+                    let t0 = std::time::Instant::now();
                     let (code, _) = compile(file, text, true)?;
+                    builds.push(SourceBuild {
+                        file,
+                        seconds: seconds + t0.elapsed().as_secs_f64(),
+                        cached: false,
+                    });
                     load_module(&ctx, config.target, code).map_err(loading)?
                 }
                 Err(e) => return Err(loading(e)),
@@ -148,7 +160,7 @@ impl CudaDevice {
             target: config.target,
             kernels,
             max_shared_optin,
-            cached,
+            builds,
             ring: Arc::new(ring),
             blas: std::sync::OnceLock::new(),
             raise_lock: Mutex::new(()),

@@ -200,6 +200,17 @@ struct Kernel {
     max_dynamic_shared: AtomicU32,
 }
 
+/// How one kernel source was built when a [`CudaDevice`] was made.
+#[derive(Clone, Debug)]
+pub struct SourceBuild {
+    /// The source, as in `kernels/` (`gemm.cu`).
+    pub file: &'static str,
+    /// Wall-clock seconds spent on it: NVRTC's compile, or reading the cached module.
+    pub seconds: f64,
+    /// Read from the on-disk cache rather than compiled.
+    pub cached: bool,
+}
+
 /// A real GPU. Kernels run in order on one stream of the device's primary context.
 pub struct CudaDevice {
     owner: Arc<Owner>,
@@ -208,8 +219,8 @@ pub struct CudaDevice {
     kernels: HashMap<String, Kernel>,
     /// `CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`.
     max_shared_optin: u32,
-    /// Sources that came from the on-disk cache.
-    cached: usize,
+    /// How each kernel source was built at creation (compiled, or read from the cache).
+    builds: Vec<SourceBuild>,
     /// Page-locked blocks for [`Device::download_async`].
     ring: Arc<pinned::Ring<pinned::PinnedBlock>>,
     /// cuBLAS, created on first use (benchmarks only: the engine uses its own GEMM).
@@ -243,7 +254,14 @@ impl CudaDevice {
 
     /// How many kernel sources came from the on-disk cache.
     pub fn cached_sources(&self) -> usize {
-        self.cached
+        self.builds.iter().filter(|b| b.cached).count()
+    }
+
+    /// How each kernel source was built when the device was made, in source order: NVRTC's
+    /// time for it, or that it came from the on-disk cache. The sources compile in parallel,
+    /// so a cold start takes about the slowest one's time (`apparate devices --compile`).
+    pub fn source_builds(&self) -> &[SourceBuild] {
+        &self.builds
     }
 
     /// True when the device has a kernel of this name.

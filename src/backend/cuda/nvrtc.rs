@@ -399,13 +399,15 @@ fn program_log(prog: &Program) -> Result<String> {
 }
 
 /// Compiles every kernel source for the real architecture `arch` (`sm_90`): (file name, its
-/// PTX, cubin and log) per source, one NVRTC compile each. Stops at the first failure.
-pub fn compile_every_source<O: AsRef<str>>(
+/// PTX, cubin and log) per source, in source order, one NVRTC compile each, in parallel (NVRTC
+/// is thread-safe). Fails with the first source, in source order, that fails.
+pub fn compile_every_source<O: AsRef<str> + Sync>(
     arch: &str,
     options: &[O],
 ) -> Result<Vec<(String, PtxAndCubin)>> {
+    use rayon::prelude::*;
     SOURCES
-        .iter()
+        .par_iter()
         .map(|(file, text)| {
             Ok((
                 file.to_string(),

@@ -49,6 +49,7 @@ pub mod elementwise;
 mod embedding;
 mod gemm;
 pub use gemm::{GemmKernel, PipeTile};
+mod gemm_wgmma;
 mod kv_attention;
 pub use kv_attention::KvSplit;
 mod norm;

@@ -52,8 +52,9 @@ enum Command {
     /// Show a model file's metadata, stages, ramp points and tensors (or a GGUF file's
     /// metadata and tensor table).
     Inspect(inspect::InspectArgs),
-    /// Show which backends can run here (cpu, the emulated GPU, a real GPU) and why not.
-    Devices,
+    /// Show which backends can run here (cpu, the emulated GPU, a real GPU) and why not; with
+    /// --compile, also build every CUDA kernel for the GPU now, into the on-disk cache.
+    Devices(devices::DevicesArgs),
     /// Generate text with a decoder model (a `llama` GGUF file), streamed to standard output;
     /// the chat template is applied unless --raw; prefill and decode speed go to standard error.
     Generate(generate::GenerateArgs),
@@ -188,7 +189,7 @@ fn real_main(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Convert(a) => convert_cmd::run(a),
         Command::Inspect(a) => inspect::run(a),
-        Command::Devices => devices::devices(),
+        Command::Devices(a) => devices::devices(&a),
         Command::Generate(a) => generate::run(a),
         Command::Embed(a) => text::embed(a),
         Command::Classify(a) => text::classify(a),
