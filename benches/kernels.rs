@@ -58,9 +58,9 @@ struct Opts {
     model: PathBuf,
     out: PathBuf,
     table: bool,
-    /// Which groups run (`gemm`, `attention`, `rows`, `conv`, `minilm`, `decode`); all when
-    /// empty. The copy yardstick always
-    /// runs. A profiler run (`ncu`) names one group to keep its kernel count small.
+    /// Which groups run (`gemm`, `attention`, `rows`, `conv`, `minilm`, `decode`, `wgmma`); all
+    /// when empty. The copy yardstick runs with `rows`, `attention` or `decode` (the groups
+    /// read against it). A profiler run (`ncu`) names few groups to keep its kernel count small.
     only: Vec<String>,
     /// MiniLM batch sizes (128 tokens each) on a GPU.
     batches: Vec<usize>,
@@ -302,20 +302,26 @@ fn bench_device<D: Yardstick>(
     // 1 GiB moved each way on a GPU: far above any L2, so this is DRAM bandwidth.
     let copy_bytes = if real { 1 << 30 } else { 1 << 20 };
     let mut rng = SplitMix::new(7);
-    let copies = copy_bandwidth(&*dev, plan, copy_bytes, &mut rng)?;
-    for (kernel, bw) in ["copy_u32", "copy_vec16"].into_iter().zip(copies) {
-        push(
-            rows,
-            Row {
-                what: format!("{name} copy {} MiB ({kernel})", copy_bytes >> 20),
-                ours_ms: 2.0 * copy_bytes as f64 / bw / 1e6,
-                metric: format!("{bw:.0} GB/s"),
-                reference: "-".into(),
-            },
-        );
-    }
-    // The memory-bound kernels are read against the faster of the two copies.
-    let copy_bw = copies[0].max(copies[1]);
+    // The memory-bound kernels are read against the faster of the two copies; only the groups
+    // that have such kernels pay for them (a profiler run of the GEMMs does not: 2 GiB of
+    // buffers it would save and restore around every replay).
+    let copy_bw = if o.runs("rows") || o.runs("attention") || o.runs("decode") {
+        let copies = copy_bandwidth(&*dev, plan, copy_bytes, &mut rng)?;
+        for (kernel, bw) in ["copy_u32", "copy_vec16"].into_iter().zip(copies) {
+            push(
+                rows,
+                Row {
+                    what: format!("{name} copy {} MiB ({kernel})", copy_bytes >> 20),
+                    ours_ms: 2.0 * copy_bytes as f64 / bw / 1e6,
+                    metric: format!("{bw:.0} GB/s"),
+                    reference: "-".into(),
+                },
+            );
+        }
+        copies[0].max(copies[1])
+    } else {
+        f64::NAN
+    };
     for &dt in &o.dtypes {
         let be = GpuBackend::shared(dev.clone(), dt);
         // GEMMs: MiniLM's at batch 8 x 128 tokens (and its FFN down at batch 1), BERT-base's,
@@ -517,10 +523,12 @@ fn attention<D: Device>(
         &[(2, 33, 2, 32)]
     };
     for &(batch, seq, heads, d) in shapes {
-        // The simple kernel takes tens of milliseconds at 2048 tokens: only the flash one there.
+        // The simple kernel takes tens of milliseconds at 2048 tokens (83 ms in f32 in run 6:
+        // 17 s of a row): only the flash one there, so nothing in f32 (which has no flash).
         // The flash one with each of its blocks (the wide one stops at head size 64).
         use {AttentionKernel as A, FlashTile as F};
         let kernels: &[(A, F)] = match (be.dtype(), seq, d) {
+            (DType::F32, 2048, _) => &[],
             (DType::F32, _, _) => &[(A::Simple, F::Narrow)],
             (_, 2048, 128) => &[(A::Flash, F::Narrow)],
             (_, _, 128) => &[(A::Simple, F::Narrow), (A::Flash, F::Narrow)],
@@ -530,6 +538,9 @@ fn attention<D: Device>(
                 (A::Flash, F::Wide),
             ],
         };
+        if kernels.is_empty() {
+            continue;
+        }
         let width = heads * d;
         let qkv: Vec<f32> = (0..batch * seq * 3 * width)
             .map(|_| rng.uniform() * 2.0 - 1.0)

@@ -70,6 +70,7 @@ impl CudaDevice {
         } else {
             None
         };
+        let sources = sources_to_build(&config.skip_sources)?;
         // Compile (or read) every source, in parallel: NVRTC is thread-safe.
         use rayon::prelude::*;
         let compile = |file: &str, text: &str, refresh: bool| {
@@ -84,7 +85,7 @@ impl CudaDevice {
                 refresh,
             )
         };
-        let modules: Vec<(&str, &str, Vec<u8>, bool, f64)> = SOURCES
+        let modules: Vec<(&str, &str, Vec<u8>, bool, f64)> = sources
             .par_iter()
             .map(|&(file, text)| {
                 let t0 = std::time::Instant::now();
@@ -168,6 +169,28 @@ impl CudaDevice {
     }
 }
 
+/// The kernel sources a device builds: all but those named in `skip` (file names in `kernels/`,
+/// [`CudaConfig::skip_sources`]); a name that is no source is an error that lists them.
+fn sources_to_build(skip: &[String]) -> Result<Vec<(&'static str, &'static str)>> {
+    if let Some(bad) = skip.iter().find(|s| !SOURCES.iter().any(|(f, _)| f == s)) {
+        let known: Vec<&str> = SOURCES.iter().map(|(f, _)| *f).collect();
+        return Err(Error::device(
+            BACKEND,
+            "creating the device",
+            format!(
+                "`{bad}` in the sources to skip (APPARATE_CUDA_SKIP_SOURCES) is not a kernel \
+                 source; they are: {}",
+                known.join(", ")
+            ),
+        ));
+    }
+    Ok(SOURCES
+        .iter()
+        .copied()
+        .filter(|(f, _)| !skip.iter().any(|s| s == f))
+        .collect())
+}
+
 /// Raises the release threshold of the pool that stream-ordered allocations come from (the
 /// device's current pool, its default one unless someone changed it) to "never": by default
 /// the pool hands freed memory back to the driver at every synchronisation, so each batch
@@ -202,4 +225,26 @@ fn load_module(
         }
     };
     ctx.load_module(image).map_err(describe)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skipped_sources_are_left_out_and_unknown_ones_refused() {
+        assert_eq!(sources_to_build(&[]).unwrap().len(), SOURCES.len());
+        let skip = ["gemm_wgmma.cu".to_string(), "gemm_wgmma_tma.cu".to_string()];
+        let built = sources_to_build(&skip).unwrap();
+        assert_eq!(built.len(), SOURCES.len() - 2);
+        assert!(built.iter().all(|(f, _)| !skip.iter().any(|s| s == f)));
+        assert!(built.iter().any(|(f, _)| *f == "gemm.cu"));
+        let e = sources_to_build(&["gemm.cuh".to_string()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`gemm.cuh`") && e.contains("gemm_wgmma.cu"),
+            "{e}"
+        );
+    }
 }

@@ -95,6 +95,12 @@ pub struct CudaConfig {
     pub cache_dir: Option<std::path::PathBuf>,
     /// Whether to use the on-disk cache at all.
     pub use_cache: bool,
+    /// Kernel sources (file names in `kernels/`, such as `gemm_wgmma.cu`) not to compile or
+    /// load: their kernels are then absent, and launching one is an error that names it. For a
+    /// machine whose NVRTC rejects a source the others do not need (the GPU check retries
+    /// without the Hopper GEMMs). Default: `APPARATE_CUDA_SKIP_SOURCES`, comma-separated, else
+    /// none; a name that is not a source is refused when the device is made.
+    pub skip_sources: Vec<String>,
 }
 
 impl Default for CudaConfig {
@@ -105,6 +111,14 @@ impl Default for CudaConfig {
             extra_options: Vec::new(),
             cache_dir: None,
             use_cache: true,
+            skip_sources: std::env::var("APPARATE_CUDA_SKIP_SOURCES")
+                .map(|v| {
+                    v.split(',')
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 }
@@ -257,7 +271,8 @@ impl CudaDevice {
         self.builds.iter().filter(|b| b.cached).count()
     }
 
-    /// How each kernel source was built when the device was made, in source order: NVRTC's
+    /// How each kernel source was built when the device was made, in source order (less those
+    /// [`CudaConfig::skip_sources`] left out): NVRTC's
     /// time for it, or that it came from the on-disk cache. The sources compile in parallel,
     /// so a cold start takes about the slowest one's time (`apparate devices --compile`).
     pub fn source_builds(&self) -> &[SourceBuild] {

@@ -50,8 +50,17 @@ pub fn devices(args: &DevicesArgs) -> Result<()> {
         // What is above is printed first: a compile takes a while.
         emit(&std::mem::take(&mut out))?;
         let t0 = std::time::Instant::now();
-        let dev = CudaDevice::new(CudaConfig::default())?;
+        let config = CudaConfig::default();
+        let skipped = config.skip_sources.clone();
+        let dev = CudaDevice::new(config)?;
         compile_report(&mut out, &dev, t0.elapsed().as_secs_f64());
+        if !skipped.is_empty() {
+            outln!(
+                out,
+                "      left out (APPARATE_CUDA_SKIP_SOURCES): {}",
+                skipped.join(", ")
+            );
+        }
     }
     emit(&out)
 }
