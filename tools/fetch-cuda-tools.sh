@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
 # Fetches the CUDA pieces that work without a GPU from PyPI into a git-ignored virtual
 # environment (tools/.cuda-venv): NVRTC (libnvrtc.so.13) and ptxas, both CUDA 13.5.
-# Safe to rerun: installed packages are kept.
+# Safe to rerun: installed packages are kept. CUDA_VERSION=13.0.88 fetches that release instead,
+# into a virtual environment of its own (tools/.cuda-venv-13.0.88): the NVRTC of the lent GPU
+# machine when last seen, which tools/gpu-prepare.sh compiles every source with first.
 #
 # Progress goes to stderr; stdout is exactly two shell assignments, for
 #   eval "$(bash tools/fetch-cuda-tools.sh)"
 # NVRTC_LIB_DIR (the directory to put on LD_LIBRARY_PATH so cudarc finds libnvrtc.so.13) and
 # PTXAS (the ptxas binary).
-# Environment: CUDA_TOOLS_VENV (default tools/.cuda-venv), PYTHON (default python3).
+# Environment: CUDA_VERSION (default 13.5.37), CUDA_TOOLS_VENV (default tools/.cuda-venv, or
+# tools/.cuda-venv-$CUDA_VERSION for another version), PYTHON (default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-VENV=${CUDA_TOOLS_VENV:-tools/.cuda-venv}
+DEFAULT_CUDA_VERSION=13.5.37
+CUDA_VERSION=${CUDA_VERSION:-$DEFAULT_CUDA_VERSION}
+if [ "$CUDA_VERSION" = "$DEFAULT_CUDA_VERSION" ]; then
+  VENV=${CUDA_TOOLS_VENV:-tools/.cuda-venv}
+else
+  VENV=${CUDA_TOOLS_VENV:-tools/.cuda-venv-$CUDA_VERSION}
+fi
 PYTHON=${PYTHON:-python3}
-CUDA_VERSION=13.5.37
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "==> creating virtual environment $VENV" >&2

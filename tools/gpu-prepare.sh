@@ -7,7 +7,8 @@
 # with gzip the folder plus the 8 MB working tree came to 66 MiB, over the limit. The script
 # itself travels with the working tree. Then, with the device tool:
 #   run(command="bash tools/gpu-check.sh", carry=[".device"], timeout_s=550)
-# Needs weights/fetch.sh to have run. Output: .device/ (git-ignored). The binaries need a glibc
+# First compiles every kernel source with the GPU machine's NVRTC release (GPU_NVRTC_VERSION,
+# default 13.0.88; empty skips it). Needs weights/fetch.sh to have run. Output: .device/ (git-ignored). The binaries need a glibc
 # no newer than the GPU machine's: build on glibc 2.36 or older.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -57,6 +58,23 @@ copy() { # source, name
   fi
   cp "$1" "$DEST/bin/$2"
 }
+# Every kernel source through the GPU machine's own NVRTC (13.0.88 when last seen: it
+# compiles them at the start of the check), for sm_90a: a source it rejects would cost the run
+# its Hopper steps (the check's compile fallback) or all of it. GPU_NVRTC_VERSION= (empty)
+# skips this; about 2 minutes on 2 cores.
+nvrtc_version=${GPU_NVRTC_VERSION-13.0.88}
+if [ -n "$nvrtc_version" ]; then
+  echo "==> every kernel source through NVRTC $nvrtc_version for sm_90a (the GPU machine's)"
+  eval "$(CUDA_VERSION=$nvrtc_version bash tools/fetch-cuda-tools.sh)"
+  cargo build --release --quiet --bin kernels-check
+  if ! LD_LIBRARY_PATH="$NVRTC_LIB_DIR" target/release/kernels-check --arch sm_90a \
+    --out target/kernels-check-device >target/kernels-check-device.log 2>&1; then
+    grep -E 'FAILED|error' target/kernels-check-device.log >&2
+    echo "error: NVRTC $nvrtc_version rejects a kernel source (target/kernels-check-device.log)" >&2
+    exit 1
+  fi
+  grep -E '^warning|^slowest|pairs compiled' target/kernels-check-device.log
+fi
 for t in op_parity decoder_parity golden_minilm golden_cnn; do
   copy "$(pick "$t" test)" "$t"
 done
