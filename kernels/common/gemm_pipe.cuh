@@ -65,6 +65,31 @@ APPARATE_DEVICE void store_pair(T* y, uint32_t M, uint32_t N, uint32_t r, uint32
     }
 }
 
+// Two neighbouring raw sums (columns c and c + 1, c even) of row r into split-K partial sums
+// p [M][N]: one 8-byte store where N is even (the pair is then 8-byte aligned, as is every
+// split's M x N block), so a quad's four lanes fill a whole 32-byte sector with one store
+// instead of two half-filled ones; else one 4-byte store per column inside N.
+struct alignas(8) PartialPair {
+    float v0, v1;
+};
+APPARATE_DEVICE void store_partial_pair(float* p, uint32_t M, uint32_t N, uint32_t r, uint32_t c,
+                                        float v0, float v1) {
+    if (r >= M) return;
+    uint64_t at = (uint64_t)r * N + c;
+    if (c + 1 < N && N % 2 == 0) {
+#ifdef APPARATE_EMU
+        if (reinterpret_cast<uintptr_t>(p + at) % 8 != 0) {
+            std::fprintf(stderr, "split-K partial pair not 8-byte aligned (%p)\n", (void*)(p + at));
+            std::abort();  // a GPU raises a misaligned-address fault
+        }
+#endif
+        *reinterpret_cast<PartialPair*>(p + at) = PartialPair{v0, v1};
+    } else {
+        if (c < N) p[at] = v0;
+        if (c + 1 < N) p[at + 1] = v1;
+    }
+}
+
 // Split-K (`partial` not null): block z of the grid's z dimension takes k-tiles
 // [z per_split, (z + 1) per_split) and writes its raw f32 sums to partial[z][M][N]; then
 // `gemm_splitk_reduce_*` adds the splits and applies the epilogue. For GEMMs whose output tiles
@@ -185,12 +210,10 @@ __device__ void gemm_pipe(const ASource& a, const T* __restrict__ w,
             #pragma unroll
             for (int j = 0; j < NI; j++)
                 #pragma unroll
-                for (int h = 0; h < 2; h++) {  // rows g and g + 8
-                    uint32_t r = m0 + wm * TM + i * 16 + g + 8 * h, c = n0 + wn * TN + j * 8 + 2 * t;
-                    if (r >= M) continue;
-                    if (c < N) p[(uint64_t)r * N + c] = acc[i][j][2 * h];
-                    if (c + 1 < N) p[(uint64_t)r * N + c + 1] = acc[i][j][2 * h + 1];
-                }
+                for (int h = 0; h < 2; h++)  // rows g and g + 8
+                    store_partial_pair(p, M, N, m0 + wm * TM + i * 16 + g + 8 * h,
+                                       n0 + wn * TN + j * 8 + 2 * t, acc[i][j][2 * h],
+                                       acc[i][j][2 * h + 1]);
         return;
     }
     #pragma unroll

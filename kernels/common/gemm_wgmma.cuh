@@ -57,12 +57,9 @@ __device__ __forceinline__ void wgmma_store(float (&acc)[BN / 2], uint32_t r0, u
         #pragma unroll
         for (int j = 0; j < (int)BN / 8; j++)
             #pragma unroll
-            for (int i = 0; i < 2; i++) {
-                uint32_t r = r0 + 8 * i, c = c0 + 8 * j;
-                if (r >= M) continue;
-                if (c < N) p[(uint64_t)r * N + c] = acc[4 * j + 2 * i];
-                if (c + 1 < N) p[(uint64_t)r * N + c + 1] = acc[4 * j + 2 * i + 1];
-            }
+            for (int i = 0; i < 2; i++)
+                store_partial_pair(p, M, N, r0 + 8 * i, c0 + 8 * j, acc[4 * j + 2 * i],
+                                   acc[4 * j + 2 * i + 1]);
         return;
     }
     #pragma unroll
