@@ -23,12 +23,8 @@ __device__ void gemm_wgmma(const T* __restrict__ x, const T* __restrict__ w,
     uint32_t ring_addr = wgmma_smem_addr(ring);
     uint32_t tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wg = warp / 4;
     uint32_t m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;  // rows on x: up to 2^31 tiles
-    uint32_t ktiles_all = (K + BK - 1) / BK, k_first = 0, ktiles = ktiles_all;
-    if (partial) {
-        k_first = blockIdx.z * per_split;
-        uint32_t end = k_first + per_split < ktiles_all ? k_first + per_split : ktiles_all;
-        ktiles = end - k_first;  // the launcher leaves no split empty
-    }
+    uint32_t k_first, ktiles;
+    split_k_steps(partial != nullptr, blockIdx.z, per_split, (K + BK - 1) / BK, k_first, ktiles);
 
     // One k-step of both operands into a stage: (BM + BN) rows x 8 copies of 16 bytes, eight
     // consecutive threads per row (a row's 128 bytes of global memory in one go). A thread
@@ -154,12 +150,8 @@ __device__ void gemm_wgmma_ws(const T* __restrict__ x, const T* __restrict__ w,
     uint64_t* empty = full + STAGES;
     uint32_t tid = threadIdx.x, lane = tid % 32, warp = tid / 32, wg = warp / 4;
     uint32_t m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
-    uint32_t ktiles_all = (K + BK - 1) / BK, k_first = 0, ktiles = ktiles_all;
-    if (partial) {
-        k_first = blockIdx.z * per_split;
-        uint32_t end = k_first + per_split < ktiles_all ? k_first + per_split : ktiles_all;
-        ktiles = end - k_first;
-    }
+    uint32_t k_first, ktiles;
+    split_k_steps(partial != nullptr, blockIdx.z, per_split, (K + BK - 1) / BK, k_first, ktiles);
     if (tid == 0) {
         for (uint32_t s = 0; s < STAGES; s++) {
             mbar_init(&full[s], 128);

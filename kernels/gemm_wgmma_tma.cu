@@ -54,10 +54,7 @@ __device__ void gemm_wgmma_tma(const TmaMap* map_x, const TmaMap* map_w,
         uint32_t t = u % tiles;
         m0 = (t % mtiles) * BM;
         n0 = (t / mtiles) * BN;
-        k_first = splits > 1 ? z * per_split : 0;
-        uint32_t end = splits > 1 && k_first + per_split < ktiles_all ? k_first + per_split
-                                                                      : ktiles_all;
-        ktiles = end - k_first;  // the launcher leaves no split empty
+        split_k_steps(splits > 1, z, per_split, ktiles_all, k_first, ktiles);
     };
 
     if (wg == 0) {

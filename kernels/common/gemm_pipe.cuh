@@ -90,6 +90,16 @@ APPARATE_DEVICE void store_partial_pair(float* p, uint32_t M, uint32_t N, uint32
     }
 }
 
+// The k-steps of split z of a split-K GEMM of `ktiles_all` k-steps, `per_split` to a split
+// (the last one shorter): [first, first + count); all of them when not split. The launchers
+// leave no split empty. Shared by every GEMM kernel that splits K.
+APPARATE_DEVICE void split_k_steps(bool split, uint32_t z, uint32_t per_split,
+                                   uint32_t ktiles_all, uint32_t& first, uint32_t& count) {
+    first = split ? z * per_split : 0;
+    uint32_t end = split && first + per_split < ktiles_all ? first + per_split : ktiles_all;
+    count = end - first;
+}
+
 // Split-K (`partial` not null): block z of the grid's z dimension takes k-tiles
 // [z per_split, (z + 1) per_split) and writes its raw f32 sums to partial[z][M][N]; then
 // `gemm_splitk_reduce_*` adds the splits and applies the epilogue. For GEMMs whose output tiles
@@ -111,12 +121,8 @@ __device__ void gemm_pipe(const ASource& a, const T* __restrict__ w,
     uint32_t wm = warp / WN, wn = warp % WN, g = lane / 4, t = lane % 4;
     uint32_t m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;  // rows on x: up to 2^31 tiles
     // This block's k-tiles: [k_first, k_first + ktiles).
-    uint32_t ktiles_all = (K + BK - 1) / BK, k_first = 0, ktiles = ktiles_all;
-    if (partial) {
-        k_first = blockIdx.z * per_split;
-        uint32_t end = k_first + per_split < ktiles_all ? k_first + per_split : ktiles_all;
-        ktiles = end - k_first;  // the launcher leaves no split empty
-    }
+    uint32_t k_first, ktiles;
+    split_k_steps(partial != nullptr, blockIdx.z, per_split, (K + BK - 1) / BK, k_first, ktiles);
 
     // One k-tile of both operands into a stage: (BM + BN) rows x CHUNKS 16-byte copies. A
     // thread always copies the same chunk column of rows `crow` + multiples of PASS_ROWS, so
