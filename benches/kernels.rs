@@ -1,12 +1,12 @@
 //! Kernel benchmarks of the GPU path: our GEMM against cuBLAS (same shapes and layouts),
 //! add+LayerNorm, softmax, RMSNorm and the decoder's paged attention against a plain copy
-//! (achieved bandwidth), encoder attention, convolutions, and the MiniLM forward at batch
-//! 1/8/32. On a real GPU these are the numbers; on the emulated device (no GPU here) they
+//! (achieved bandwidth), encoder attention, convolutions, the MiniLM forward at batch 1/8/32,
+//! and (group `encoder`) a BERT-base-sized encoder with random weights at the same batches. On a real GPU these are the numbers; on the emulated device (no GPU here) they
 //! only smoke-test the code paths with tiny shapes, and say so.
 //!
 //!     cargo bench --bench kernels -- [--device auto|cuda|emu] [--dtype f32|f16|bf16]...
 //!                                     [--repeats N] [--model FILE] [--out DIR] [--table]
-//!                                     [--only gemm,attention,rows,conv,minilm,decode,wgmma]
+//!                                     [--only gemm,attention,rows,conv,minilm,encoder,decode,wgmma]
 //!                                     [--batches 1,8,32|none] [--default-kernels]
 //!                                     [--gemm-shapes MxNxK,...] [--launches N]
 //!
@@ -58,11 +58,11 @@ struct Opts {
     model: PathBuf,
     out: PathBuf,
     table: bool,
-    /// Which groups run (`gemm`, `attention`, `rows`, `conv`, `minilm`, `decode`, `wgmma`); all
-    /// when empty. The copy yardstick runs with `rows`, `attention` or `decode` (the groups
+    /// Which groups run (`gemm`, `attention`, `rows`, `conv`, `minilm`, `encoder`, `decode`,
+    /// `wgmma`); all when empty. The copy yardstick runs with `rows`, `attention` or `decode` (the groups
     /// read against it). A profiler run (`ncu`) names few groups to keep its kernel count small.
     only: Vec<String>,
-    /// MiniLM batch sizes (128 tokens each) on a GPU.
+    /// MiniLM and BERT-base batch sizes (128 tokens each) on a GPU.
     batches: Vec<usize>,
     /// MiniLM with the default kernels only (a profiler run), not each variant.
     default_kernels: bool,
@@ -115,12 +115,13 @@ fn parse() -> Res<Opts> {
             }
             "--only" => {
                 for g in val()?.split(',') {
-                    const GROUPS: [&str; 7] = [
+                    const GROUPS: [&str; 8] = [
                         "gemm",
                         "attention",
                         "rows",
                         "conv",
                         "minilm",
+                        "encoder",
                         "decode",
                         "wgmma",
                     ];
@@ -492,6 +493,9 @@ fn bench_device<D: Yardstick>(
         }
         if (o.runs("minilm") || o.runs("wgmma")) && !o.batches.is_empty() && o.model.exists() {
             minilm(name, &be, real, plan, o, &mut rng, rows)?;
+        }
+        if o.runs("encoder") && !o.batches.is_empty() {
+            bert_base(name, &be, real, plan, o, &mut rng, rows)?;
         }
         // Decoders run in f16 on a GPU (bf16 moves the same bytes).
         if o.runs("decode") && (!real || dt == DType::F16) {
@@ -988,11 +992,118 @@ fn minilm<D: Device>(
     if kernels.is_empty() {
         return Ok(());
     }
+    let model = Encoder {
+        label: "MiniLM",
+        key: "minilm",
+        file: &file,
+    };
+    encoder_forwards(name, be, real, plan, o, &model, &kernels, rng, rows)
+}
+
+/// A BERT-base-sized encoder (12 layers, width 768, 12 heads, FFN 3072, BERT's vocabulary)
+/// with random weights, written to a temporary file in the run's storage dtype and removed
+/// after: the second end-to-end shape, without a 440 MB download (the time of a forward
+/// does not depend on the weights' values). The simple kernels and the default ones (f32: the
+/// default only), eager and graphed, as for MiniLM. Off a GPU, a 2-layer, 64-wide model of the
+/// same vocabulary, to exercise the code only.
+fn bert_base<D: Device>(
+    name: &str,
+    be: &GpuBackend<D>,
+    real: bool,
+    plan: Plan,
+    o: &Opts,
+    rng: &mut SplitMix,
+    rows: &mut Vec<Row>,
+) -> Res<()> {
+    use apparate::backend::Pooling;
+    use apparate::models::bert::synthetic::write_random_bert;
+    use apparate::models::bert::{BertConfig, HiddenAct};
+    let (width, layers, heads) = if real { (768, 12, 12) } else { (64, 2, 4) };
+    let config = BertConfig {
+        vocab_size: 30522,
+        hidden_size: width,
+        num_layers: layers,
+        num_heads: heads,
+        intermediate_size: 4 * width,
+        max_position_embeddings: 512,
+        type_vocab_size: 2,
+        layer_norm_eps: 1e-12,
+        hidden_act: HiddenAct::GeluErf,
+        pooling: Pooling::Cls,
+        normalize: false,
+        has_pooler: true,
+    };
+    let path = std::env::temp_dir().join(format!(
+        "apparate-bench-bert-base-{}-{}.apparate",
+        std::process::id(),
+        be.dtype()
+    ));
+    let stored = if be.dtype() == DType::F32 {
+        DType::F32
+    } else {
+        DType::F16
+    };
+    write_random_bert(&path, &config, Some(2), stored, 18)?;
+    let file = ModelFile::open(&path);
+    // The file is mapped (or was not opened): removing its name now leaves nothing behind even
+    // if a forward below fails.
+    let _ = std::fs::remove_file(&path);
+    let file = file?;
+    use {AttentionKernel as A, GemmKernel as G, RowKernel as R};
+    let kernels: &[(G, A, R, &str)] = if be.dtype() == DType::F32 || o.default_kernels {
+        &[(G::PipelinedSplitK, A::Flash, R::Warp, "")]
+    } else {
+        &[
+            (G::Simple, A::Simple, R::Block, " (simple kernels)"),
+            (
+                G::PipelinedSplitK,
+                A::Flash,
+                R::Warp,
+                " (split-K GEMM, flash attention, warp row kernels: the default)",
+            ),
+        ]
+    };
+    let label = if real {
+        "BERT-base (random weights)".to_string()
+    } else {
+        format!("BERT {layers} x {width} (random weights; BERT-base's shape on a GPU only)")
+    };
+    let model = Encoder {
+        label: &label,
+        key: "bert-base",
+        file: &file,
+    };
+    encoder_forwards(name, be, real, plan, o, &model, kernels, rng, rows)
+}
+
+/// An encoder model file to time, with the name its rows and graphs go under.
+struct Encoder<'a> {
+    label: &'a str,
+    key: &'static str,
+    file: &'a ModelFile,
+}
+
+/// An encoder's forward at each batch (128 tokens; off a GPU one batch of 16) with each kernel
+/// set in `kernels` (the last is the default), then the default kernels as one CUDA graph, and
+/// queued back to back with and without a graph (the host's time per forward beside them).
+#[allow(clippy::too_many_arguments)]
+fn encoder_forwards<D: Device>(
+    name: &str,
+    be: &GpuBackend<D>,
+    real: bool,
+    plan: Plan,
+    o: &Opts,
+    model: &Encoder<'_>,
+    kernels: &[(GemmKernel, AttentionKernel, RowKernel, &str)],
+    rng: &mut SplitMix,
+    rows: &mut Vec<Row>,
+) -> Res<()> {
+    let file = model.file;
     let models = kernels
         .iter()
         .map(|&(g, a, r, label)| {
             let be = be.clone().with_gemm(g).with_attention(a).with_rows(r);
-            Ok((label, Bert::load(be, &file)?))
+            Ok((label, Bert::load(be, file)?))
         })
         .collect::<Res<Vec<_>>>()?;
     // Recorded by its first run (the warm-up call of `time`), no eager warm-up runs.
@@ -1001,7 +1112,7 @@ fn minilm<D: Device>(
         ..GraphConfig::default()
     };
     let graphs = Arc::new(GraphDevice::with_config(be.shared_device(), config));
-    let graphed = Bert::load(GpuBackend::shared(graphs.clone(), be.dtype()), &file)?;
+    let graphed = Bert::load(GpuBackend::shared(graphs.clone(), be.dtype()), file)?;
     let shapes: Vec<(usize, usize)> = if real {
         o.batches.iter().map(|&b| (b, 128)).collect()
     } else {
@@ -1023,8 +1134,9 @@ fn minilm<D: Device>(
         let input = EncoderInput::from_ids_and_masks(&ids, &masks, 0)?;
         let what = |label: &str| {
             format!(
-                "{name} {} MiniLM forward batch {batch} seq {seq}{label}",
-                be.dtype()
+                "{name} {} {} forward batch {batch} seq {seq}{label}",
+                be.dtype(),
+                model.label
             )
         };
         // Each kernel set, as the engine runs a batch: the forward and the download of its
@@ -1048,7 +1160,7 @@ fn minilm<D: Device>(
         // replayed by the timed ones; then both without the download, back to back, with the
         // host's time to queue each forward: near the device time, the eager forward is bound
         // by launch overhead.
-        let key = format!("minilm {batch}x{seq}");
+        let key = format!("{} {batch}x{seq}", model.key);
         let before = graphs.stats();
         let t = time(be.device(), plan, || {
             let (pooled, probs) = graphs.graphed(&key, &mut || graphed.forward_tensors(&input))?;
@@ -1059,7 +1171,7 @@ fn minilm<D: Device>(
             graphs.graphed(&key, &mut || graphed.forward_tensors(&input).map(|_| ()))?;
             Ok(())
         })?;
-        let eager = models.last().map(|(_, m)| m).ok_or("no MiniLM model")?;
+        let eager = models.last().map(|(_, m)| m).ok_or("no encoder model")?;
         let (eager_queued, eager_host) = time_host(be.device(), plan, || {
             eager.forward_tensors(&input)?;
             Ok(())

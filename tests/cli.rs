@@ -395,6 +395,59 @@ fn converting_gguf_refuses_the_other_families_flags() {
     );
 }
 
+/// `devices --compile --arch` fills the module cache for a GPU that is not here, with NVRTC
+/// only: where NVRTC is on the library path it reports the sources it built and the folder
+/// (one small source here, the rest left out, to keep it quick), else it fails with exit 1
+/// and says NVRTC is missing. A bad architecture is refused by name either way, and `--arch`
+/// without `--compile` is a usage error.
+#[test]
+fn devices_compile_for_an_absent_gpu_fills_the_cache_or_says_nvrtc_is_missing() {
+    let dir = std::env::temp_dir().join(format!("apparate-cli-prebuild-{}", std::process::id()));
+    let kernels = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    let skip: Vec<String> = std::fs::read_dir(&kernels)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|f| f.ends_with(".cu") && f != "elementwise.cu")
+        .collect();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_apparate"))
+            .args(args)
+            .env("APPARATE_CACHE_DIR", &dir)
+            .env("APPARATE_CUDA_SKIP_SOURCES", skip.join(","))
+            .output()
+            .expect("the apparate binary runs");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = run(&["devices", "--compile", "--arch", "9.0"]);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    if code == Some(0) {
+        assert!(
+            stdout.contains("cuda  kernels: 1 sources for sm_90a")
+                && stdout.contains("elementwise.cu"),
+            "{stdout}"
+        );
+        assert!(stdout.contains("kernels compiled for sm_90a"), "{stdout}");
+        assert_eq!(std::fs::read_dir(dir.join("nvrtc")).unwrap().count(), 1);
+    } else {
+        assert_eq!(code, Some(1), "{stderr}");
+        assert!(stderr.contains("no NVRTC library"), "{stderr}");
+    }
+    let (code, _, stderr) = run(&["devices", "--compile", "--arch", "sm_9x"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("GPU architecture") && stderr.contains("sm_9x"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run(&["devices", "--arch", "9.0"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--compile"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `devices --compile` makes the CUDA device: where there is none (CI, this crate's usual
 /// machines) it fails with the probe's reason and exit 1, after the lines it could print; where
 /// there is one it reports every kernel source it built.

@@ -3,7 +3,7 @@
 # no network) from the repository root with .device/ (made by tools/gpu-prepare.sh) beside it:
 #   run(command="bash tools/gpu-check.sh", carry=[".device"], timeout_s=595)
 #
-# - Step time limits add up to BUDGET_S (582 s, under the timeout_s above, so the summary is
+# - Step time limits add up to BUDGET_S (577 s, under the timeout_s above, so the summary is
 #   always written); the budget is printed first and every step is killed at its limit. A
 #   whole run took 123 s on 2026-11-30 (before the serving steps). Each step's log is added to
 #   $OUT/steps.log and $OUT/summary.md rewritten as soon as the step ends, so a run cut short
@@ -12,15 +12,18 @@
 #   the sources it built from, and the script stops at once if the tree here differs.
 # - Step `compile` builds every kernel source for the GPU once (`apparate devices --compile`,
 #   NVRTC in parallel, into the module cache of this run) and reports the time per source;
-#   every later process reads the cache. If it fails (this machine's NVRTC rejects a source, or
+#   every later process reads the cache. The cache starts as the one tools/gpu-prepare.sh
+#   filled with this machine's NVRTC release for sm_90a (.device/module-cache.tar.xz), so the
+#   step normally only reads it ("18 from the cache"); with another NVRTC release here the
+#   keys differ and NVRTC compiles every source, as without it. If it fails (this machine's NVRTC rejects a source, or
 #   it runs past its limit) it is tried once more without the Hopper GEMMs' sources (the newest,
 #   needed by no default path; APPARATE_CUDA_SKIP_SOURCES), whose steps are then skipped; if
 #   that fails too, nothing after it could run and the script stops.
 # - Binaries, the model and the NVRTC module cache go to a `mktemp -d` directory, removed at
 #   exit. Eight files go to $OUT (default ./gpu-out; the device tool brings back 8 at most):
 #   steps.log (every step's whole log, in order), summary.md, kernels.json, torch-ref.json,
-#   profile.csv, serve-plain.json, serve-ramps.json, serve-eager.json. (The Hopper and decoder
-#   benchmarks' JSON stays behind: their rows are in steps.log and summary.md.)
+#   profile.csv, serve-plain.json, serve-ramps.json, serve-eager.json. (The Hopper, decoder and
+#   BERT-base benchmarks' JSON stays behind: their rows are in steps.log and summary.md.)
 # - GPU_CHECK_ONLY=op-parity,kernel-bench,... runs only the named steps (a rerun after a fix)
 #   besides probe and compile, which always run; the others are listed as skipped.
 # - Fails fast: no NVIDIA driver library, no NVRTC, or a binary that cannot load (`ldd` on each
@@ -39,16 +42,17 @@ trap 'rm -rf "$WORK"' EXIT
 
 # name:seconds, in order. The sum is the budget.
 # Limits are several times what each step took on 2026-11-30 (summary tables in docs/bench/),
-# except `compile`, sized from here: NVRTC took up to 31 s per source for sm_90a on a 2-core
-# build machine, 61 s on a slower day (the sources compile in parallel, so the slowest one is
-# the step), and every later step reads its cache;
-# `compile-again` runs only if `compile` failed. Most valuable first: correctness, serving,
+# except `compile`, sized from here: it normally reads the carried module cache (a second),
+# and only if this machine's NVRTC is another release does it compile, in parallel, so the
+# slowest source is the step (16-31 s for sm_90a on a 2-core build machine, 61 s on a slow
+# day); every later step reads its cache. `compile-again` runs only if `compile` failed, and
+# without the two slowest sources. torch-ref took 21-30 s for MiniLM alone; BERT-base is new. Most valuable first: correctness, serving,
 # then the speed of what no run has timed yet (Hopper GEMMs, decode), the kernel benchmark
 # (much of it re-measures run 6), the profile, and last the peer's numbers (taken twice).
-STEPS=(versions:8 unpack:10 probe:10 compile:100 compile-again:60 cuda-unit:20 selftest:15
+STEPS=(versions:8 unpack:10 probe:10 compile:80 compile-again:40 cuda-unit:20 selftest:15
   op-parity:35 wgmma-parity:12 tma-parity:12 decoder-parity:20 cnn:20 minilm:20 serve-plain:20
-  serve-ramps:20 serve-eager:20 wgmma-bench:20 decode-bench:25 kernel-bench:70 profile:35
-  torch-ref:30)
+  serve-ramps:20 serve-eager:20 wgmma-bench:20 decode-bench:25 encoder-bench:25 kernel-bench:70
+  profile:35 torch-ref:40)
 BUDGET_S=0
 for s in "${STEPS[@]}"; do BUDGET_S=$((BUDGET_S + ${s#*:})); done
 limit_of() { local s; for s in "${STEPS[@]}"; do [ "${s%%:*}" = "$1" ] && echo "${s#*:}"; done; }
@@ -119,7 +123,7 @@ summary() {
     grep -hE 'requests in|end to end|released at|agreement with|graphs:' "$LOGS/$s.log" 2>/dev/null |
       sed "s/^/$s: /" || true
   done
-  for s in wgmma-bench decode-bench kernel-bench; do bench_rows "$LOGS/$s.log"; done
+  for s in wgmma-bench decode-bench encoder-bench kernel-bench; do bench_rows "$LOGS/$s.log"; done
   grep -h '^decode graphs' "$LOGS/decode-bench.log" 2>/dev/null || true
   grep -h '^| torch' "$LOGS/torch-ref.log" 2>/dev/null || true
 }
@@ -228,13 +232,26 @@ unxz_to "$DEV/minilm-l6-intent-f16.apparate.xz" "$WORK/weights/minilm-l6-intent-
 for f in stream.txt minilm-l6-intent-f16.ramps; do
   unxz_to "$DEV/$f.xz" "$WORK/$f" || die "cannot unpack $DEV/$f.xz"
 done
+# The module cache tools/gpu-prepare.sh filled with this machine's NVRTC release (13.0.88 when
+# last seen) for sm_90a: step `compile` reads it, or compiles what it lacks (another NVRTC
+# major.minor release here: every source).
+prebuilt="no module cache carried"
+if [ -f "$DEV/module-cache.tar.xz" ]; then
+  if command -v xz >/dev/null; then
+    xz -dc "$DEV/module-cache.tar.xz" | tar -x -C "$WORK/cache"
+  else
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2])' \
+      "$DEV/module-cache.tar.xz" "$WORK/cache"
+  fi || die "cannot unpack $DEV/module-cache.tar.xz"
+  prebuilt="$(ls "$WORK/cache/nvrtc" | wc -l) modules in the carried cache"
+fi
 for b in "$WORK"/bin/*; do
   if ! missing=$(ldd "$b" 2>&1) || echo "$missing" | grep -qE 'not found|not a dynamic'; then
     echo "$missing" >>"$OUT/steps.log"
     die "$(basename "$b") cannot load here: $(echo "$missing" | grep -E 'not found|version|not a dynamic' | head -3 | tr '\n' ' ')"
   fi
 done
-record unpack ok $(($(date +%s) - t0)) "$(ls "$WORK/bin" | paste -sd' ' -)"
+record unpack ok $(($(date +%s) - t0)) "$(ls "$WORK/bin" | paste -sd' ' -); $prebuilt"
 BIN=$WORK/bin
 export APPARATE_CACHE_DIR="$WORK/cache" APPARATE_WEIGHTS="$WORK/weights" \
   APPARATE_GPU_MODEL=minilm-l6-intent-f16.apparate RUST_BACKTRACE=1
@@ -245,7 +262,8 @@ CURRENT=probe
 step probe "$BIN/apparate" devices
 grep -q '^cuda  available' "$LOGS/probe.log" || die "the CUDA backend is unavailable: $(grep '^cuda' "$LOGS/probe.log")"
 # Every kernel source compiled once for this GPU with this machine's NVRTC (in parallel), into
-# the run's module cache; the log lists NVRTC's time per source, slowest first.
+# the run's module cache, or read from what was carried; the log lists the time per source,
+# slowest first, and which came from the cache.
 CURRENT=compile
 if ! step compile "$BIN/apparate" devices --compile; then
   # Once more without the Hopper GEMMs (the newest sources, on no default path), so that the
@@ -300,6 +318,11 @@ step wgmma-bench "$BIN/kernels_bench" --device cuda --only wgmma --dtype f16 --r
 # attention kernel and graphed, at 1, 8 and 32 sequences.
 step decode-bench "$BIN/kernels_bench" --device cuda --only decode --dtype f16 --repeats 10 \
   --out "$WORK/decode"
+# End to end at BERT-base's size (12 layers, width 768; random weights written by the
+# benchmark, f16): the simple and the default kernels, eager and as one CUDA graph, at batch
+# 1/8/32 x 128, for the peer's BERT-base rows in torch-ref.
+step encoder-bench "$BIN/kernels_bench" --device cuda --only encoder --dtype f16 --repeats 10 \
+  --out "$WORK/encoder"
 # Every kernel group beside its reference (cuBLAS, the copies), and the MiniLM forward with each
 # kernel set; rows printed as measured, JSON to $OUT/kernels.json.
 step kernel-bench "$BIN/kernels_bench" --device cuda --repeats 10 --only gemm,attention,rows,conv,minilm \

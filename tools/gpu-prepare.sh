@@ -7,9 +7,10 @@
 # with gzip the folder plus the 8 MB working tree came to 66 MiB, over the limit. The script
 # itself travels with the working tree. Then, with the device tool:
 #   run(command="bash tools/gpu-check.sh", carry=[".device"], timeout_s=595)
-# First compiles every kernel source with the GPU machine's NVRTC release (GPU_NVRTC_VERSION,
-# default 13.0.88; empty skips it). Needs weights/fetch.sh to have run. Output: .device/ (git-ignored). The binaries need a glibc
-# no newer than the GPU machine's: build on glibc 2.36 or older.
+# Also every kernel source compiled with the GPU machine's NVRTC release (GPU_NVRTC_VERSION,
+# default 13.0.88; empty skips it) into a module cache that travels. Needs weights/fetch.sh to
+# have run. Output: .device/ (git-ignored). The binaries need a glibc no newer than the GPU
+# machine's: build on glibc 2.36 or older.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=.device
@@ -58,22 +59,28 @@ copy() { # source, name
   fi
   cp "$1" "$DEST/bin/$2"
 }
-# Every kernel source through the GPU machine's own NVRTC (13.0.88 when last seen: it
-# compiles them at the start of the check), for sm_90a: a source it rejects would cost the run
-# its Hopper steps (the check's compile fallback) or all of it. GPU_NVRTC_VERSION= (empty)
-# skips this; about 2 minutes on 2 cores.
+# Every kernel source compiled here by the GPU machine's own NVRTC release (13.0.88 when last
+# seen) for sm_90a, the architecture an H200 compiles for, into a module cache that travels
+# (xz: 8 MB of cubins come to about 0.4 MB): the check's `compile` step then reads it instead of
+# waiting for NVRTC there (30-60 s for the slowest source on 2 cores). If that machine's NVRTC
+# is another major.minor release the keys differ and it compiles as before. It also shows here
+# that this NVRTC accepts every source: one it rejects would cost the run its Hopper steps (the
+# check's compile fallback) or all of it. GPU_NVRTC_VERSION= (empty) skips this (no cache
+# travels); about 1-2 minutes on 2 cores.
 nvrtc_version=${GPU_NVRTC_VERSION-13.0.88}
 if [ -n "$nvrtc_version" ]; then
-  echo "==> every kernel source through NVRTC $nvrtc_version for sm_90a (the GPU machine's)"
+  echo "==> every kernel source through NVRTC $nvrtc_version for sm_90a (the GPU machine's), into a module cache"
   eval "$(CUDA_VERSION=$nvrtc_version bash tools/fetch-cuda-tools.sh)"
-  cargo build --release --quiet --bin kernels-check
-  if ! LD_LIBRARY_PATH="$NVRTC_LIB_DIR" target/release/kernels-check --arch sm_90a \
-    --out target/kernels-check-device >target/kernels-check-device.log 2>&1; then
-    grep -E 'FAILED|error' target/kernels-check-device.log >&2
-    echo "error: NVRTC $nvrtc_version rejects a kernel source (target/kernels-check-device.log)" >&2
+  cache=target/device-module-cache
+  rm -rf "$cache"
+  if ! LD_LIBRARY_PATH="$NVRTC_LIB_DIR" APPARATE_CACHE_DIR="$cache" APPARATE_CUDA_SKIP_SOURCES= \
+    target/release/apparate devices --compile --arch 9.0 >target/device-module-cache.log 2>&1; then
+    cat target/device-module-cache.log >&2
+    echo "error: NVRTC $nvrtc_version rejects a kernel source (target/device-module-cache.log)" >&2
     exit 1
   fi
-  grep -E '^warning|^slowest|pairs compiled' target/kernels-check-device.log
+  grep -E '^cuda  kernels' target/device-module-cache.log
+  tar -C "$cache" -cf - nvrtc | xz -9 -T2 >"$DEST/module-cache.tar.xz"
 fi
 for t in op_parity decoder_parity golden_minilm golden_cnn; do
   copy "$(pick "$t" test)" "$t"

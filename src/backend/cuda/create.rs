@@ -3,6 +3,7 @@
 //! the device's architecture and loaded.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
 
@@ -11,7 +12,7 @@ use cudarc::driver::sys as dsys;
 
 use super::super::kernel_sources::SOURCES;
 use super::cache::cached_compile;
-use super::nvrtc::{Target, nvrtc_options};
+use super::nvrtc::{Arch, Target, nvrtc_options, nvrtc_supported_archs, nvrtc_version};
 use super::pinned::{PinnedBlock, RING_BLOCK_BYTES, RING_BLOCKS, Ring};
 use super::probe::{ProbeInfo, probe_device};
 use super::{
@@ -64,39 +65,20 @@ impl CudaDevice {
             PinnedBlock::new(&ctx, &deferred, size)
         })?;
 
-        let options = nvrtc_options(&arch, config.target, &config.extra_options);
-        let cache_dir = if config.use_cache {
-            config.cache_dir.clone().or_else(default_cache_dir)
-        } else {
-            None
-        };
+        let builder = Builder::new(&config, arch.clone(), info.nvrtc_version);
         let sources = sources_to_build(&config.skip_sources)?;
-        // Compile (or read) every source, in parallel: NVRTC is thread-safe.
-        use rayon::prelude::*;
-        let compile = |file: &str, text: &str, refresh: bool| {
-            cached_compile(
-                file,
-                text,
-                &arch,
-                config.target,
-                &options,
-                info.nvrtc_version,
-                cache_dir.as_deref(),
-                refresh,
-            )
-        };
-        let modules: Vec<(&str, &str, Vec<u8>, bool, f64)> = sources
-            .par_iter()
-            .map(|&(file, text)| {
-                let t0 = std::time::Instant::now();
-                compile(file, text, false)
-                    .map(|(code, hit)| (file, text, code, hit, t0.elapsed().as_secs_f64()))
-            })
-            .collect::<Result<_>>()?;
+        let modules = builder.build_all(&sources)?;
 
         let mut kernels = HashMap::new();
         let mut builds = Vec::with_capacity(modules.len());
-        for (file, text, code, hit, seconds) in modules {
+        for Built {
+            file,
+            text,
+            code,
+            cached: hit,
+            seconds,
+        } in modules
+        {
             let loading = |e: String| {
                 Error::kernel(
                     BACKEND,
@@ -116,7 +98,7 @@ impl CudaDevice {
                 // A damaged cache entry: compile afresh (which replaces it) and load that.
                 Err(_) if hit => {
                     let t0 = std::time::Instant::now();
-                    let (code, _) = compile(file, text, true)?;
+                    let (code, _) = builder.build(file, text, true)?;
                     builds.push(SourceBuild {
                         file,
                         seconds: seconds + t0.elapsed().as_secs_f64(),
@@ -167,6 +149,123 @@ impl CudaDevice {
             raise_lock: Mutex::new(()),
         })
     }
+}
+
+/// One kernel source's module as a build got it.
+struct Built {
+    file: &'static str,
+    text: &'static str,
+    code: Vec<u8>,
+    /// Read from the on-disk cache rather than compiled.
+    cached: bool,
+    seconds: f64,
+}
+
+/// Compiles kernel sources for one architecture with the NVRTC loaded here, through the module
+/// cache: what a device does when it is made, and what [`prebuild`] does without one.
+struct Builder {
+    arch: Arch,
+    target: Target,
+    options: Vec<String>,
+    nvrtc: (i32, i32),
+    cache_dir: Option<PathBuf>,
+}
+
+impl Builder {
+    fn new(config: &CudaConfig, arch: Arch, nvrtc: (i32, i32)) -> Builder {
+        Builder {
+            options: nvrtc_options(&arch, config.target, &config.extra_options),
+            target: config.target,
+            arch,
+            nvrtc,
+            cache_dir: if config.use_cache {
+                config.cache_dir.clone().or_else(default_cache_dir)
+            } else {
+                None
+            },
+        }
+    }
+
+    /// One source: from the cache (unless `refresh`) or compiled, and whether it was cached.
+    fn build(&self, file: &str, text: &str, refresh: bool) -> Result<(Vec<u8>, bool)> {
+        cached_compile(
+            file,
+            text,
+            &self.arch,
+            self.target,
+            &self.options,
+            self.nvrtc,
+            self.cache_dir.as_deref(),
+            refresh,
+        )
+    }
+
+    /// Every source in `sources`, in parallel (NVRTC is thread-safe), in their order.
+    fn build_all(&self, sources: &[(&'static str, &'static str)]) -> Result<Vec<Built>> {
+        use rayon::prelude::*;
+        sources
+            .par_iter()
+            .map(|&(file, text)| {
+                let t0 = std::time::Instant::now();
+                self.build(file, text, false).map(|(code, cached)| Built {
+                    file,
+                    text,
+                    code,
+                    cached,
+                    seconds: t0.elapsed().as_secs_f64(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// Fills the module cache for a GPU that is not here: compiles every kernel source (but those
+/// in [`CudaConfig::skip_sources`]) for `arch` with the NVRTC loaded on this machine into the
+/// cache directory ([`CudaConfig::cache_dir`], else [`default_cache_dir`]), and returns it with
+/// each source's build. A device made later with that directory finds its modules there, so it
+/// starts without NVRTC's wait, when it compiles for the same architecture (what
+/// `apparate devices` prints: sm_90a on compute capability 9.0) with the same NVRTC major.minor
+/// release and options. For container images and build machines without a GPU.
+pub fn prebuild(config: &CudaConfig, arch: &Arch) -> Result<(PathBuf, Vec<SourceBuild>)> {
+    let what = "filling the module cache";
+    let dir = if config.use_cache {
+        config.cache_dir.clone().or_else(default_cache_dir)
+    } else {
+        None
+    };
+    let Some(dir) = dir else {
+        return Err(Error::device(
+            BACKEND,
+            what,
+            "no cache directory: set APPARATE_CACHE_DIR (or XDG_CACHE_HOME or HOME)",
+        ));
+    };
+    let nvrtc = nvrtc_version()?;
+    if !nvrtc_supported_archs()?.contains(&arch.number()) {
+        return Err(Error::device(
+            BACKEND,
+            what,
+            format!("NVRTC {}.{} cannot compile for {arch}", nvrtc.0, nvrtc.1),
+        ));
+    }
+    let config = CudaConfig {
+        cache_dir: Some(dir.clone()),
+        use_cache: true,
+        ..config.clone()
+    };
+    let builder = Builder::new(&config, arch.clone(), nvrtc);
+    let built = builder.build_all(&sources_to_build(&config.skip_sources)?)?;
+    Ok((
+        dir,
+        built
+            .into_iter()
+            .map(|b| SourceBuild {
+                file: b.file,
+                seconds: b.seconds,
+                cached: b.cached,
+            })
+            .collect(),
+    ))
 }
 
 /// The kernel sources a device builds: all but those named in `skip` (file names in `kernels/`,
@@ -246,5 +345,59 @@ mod tests {
             e.contains("`gemm.cuh`") && e.contains("gemm_wgmma.cu"),
             "{e}"
         );
+    }
+
+    /// Without a cache directory there is nothing to fill: an error that says what to set
+    /// (checked before NVRTC is needed, so it holds on any machine).
+    #[test]
+    fn prebuild_without_a_cache_directory_says_what_to_set() {
+        let config = CudaConfig {
+            use_cache: false,
+            ..CudaConfig::default()
+        };
+        let e = prebuild(&config, &Arch::new(8, 0)).unwrap_err().to_string();
+        assert!(e.contains("APPARATE_CACHE_DIR"), "{e}");
+    }
+
+    /// What `prebuild` writes is what a device of that architecture reads: the same builder
+    /// (options, NVRTC version, key) finds every module in the cache, and a second prebuild
+    /// compiles nothing. Two small sources, so the test takes a second.
+    #[test]
+    #[ignore = "needs NVRTC (tools/fetch-cuda-tools.sh): run by .ci/run"]
+    fn prebuild_fills_the_cache_a_device_reads() {
+        let dir = std::env::temp_dir().join(format!("apparate-prebuild-{}", std::process::id()));
+        let keep = ["elementwise.cu", "swiglu.cu"];
+        let config = CudaConfig {
+            cache_dir: Some(dir.clone()),
+            skip_sources: SOURCES
+                .iter()
+                .map(|(f, _)| f.to_string())
+                .filter(|f| !keep.contains(&f.as_str()))
+                .collect(),
+            ..CudaConfig::default()
+        };
+        let arch = super::super::probe::device_arch((9, 0));
+        assert_eq!(arch.sm(), "sm_90a");
+        let (at, builds) = prebuild(&config, &arch).unwrap();
+        assert_eq!(at, dir);
+        let files: Vec<&str> = builds.iter().map(|b| b.file).collect();
+        assert_eq!(files, keep);
+        assert!(builds.iter().all(|b| !b.cached));
+        let written = std::fs::read_dir(dir.join("nvrtc")).unwrap().count();
+        assert_eq!(written, keep.len());
+
+        // A device made for sm_90a with this NVRTC builds through the same `Builder`.
+        let device = Builder::new(&config, arch.clone(), nvrtc_version().unwrap());
+        for (file, text) in sources_to_build(&config.skip_sources).unwrap() {
+            let (code, cached) = device.build(file, text, false).unwrap();
+            assert!(cached, "{file}");
+            assert_eq!(&code[..4], b"\x7fELF", "{file}");
+        }
+        let (_, again) = prebuild(&config, &arch).unwrap();
+        assert!(again.iter().all(|b| b.cached));
+        // Another architecture is another key: compiled, not read.
+        let (_, other) = prebuild(&config, &Arch::new(8, 0)).unwrap();
+        assert!(other.iter().all(|b| !b.cached));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -66,13 +66,14 @@ use crate::error::{Error, Result};
 
 pub use super::entry_points::entry_points;
 pub use cache::{cache_key, default_cache_dir};
+pub use create::prebuild;
 use errors::{Deferred, bind, check, describe, drv, guard, version_string};
 pub use nvrtc::{
     Arch, Compiled, PtxAndCubin, Target, compile_every_source, compile_source,
     compile_source_ptx_and_cubin, nvrtc_options, nvrtc_supported_archs, nvrtc_version,
 };
 pub use pinned::CudaPinned;
-pub use probe::{ProbeInfo, probe, probe_device};
+pub use probe::{ProbeInfo, device_arch, probe, probe_device};
 
 const BACKEND: &str = "cuda";
 

@@ -31,22 +31,35 @@ pub struct ProbeInfo {
     pub multiprocessors: usize,
 }
 
+/// The architecture the kernels are compiled for on a device of compute capability `cc`: that
+/// capability, with the `a` suffix on 9.0 (see [`ProbeInfo::arch`]). What a module cache filled
+/// without the GPU ([`super::prebuild`]) must be built for to be used by it.
+pub fn device_arch(cc: (u32, u32)) -> Arch {
+    let mut arch = Arch::new(cc.0, cc.1);
+    if wgmma_capable(cc) {
+        arch.suffix = "a".to_string();
+    }
+    arch
+}
+
+/// Whether a device of compute capability `cc` runs Hopper's `wgmma`: 9.0 only (sm_90a code
+/// does not run on later architectures).
+fn wgmma_capable(cc: (u32, u32)) -> bool {
+    cc == (9, 0)
+}
+
 impl ProbeInfo {
     /// The architecture the kernels are compiled for: the device's compute capability, with
     /// the `a` suffix on 9.0 (sm_90a: Hopper's warpgroup instructions, `wgmma`, which the
     /// Hopper GEMM uses; such code runs on 9.0 devices only, which this device is).
     pub fn arch(&self) -> Arch {
-        let mut arch = Arch::new(self.compute_capability.0, self.compute_capability.1);
-        if self.has_wgmma() {
-            arch.suffix = "a".to_string();
-        }
-        arch
+        device_arch(self.compute_capability)
     }
 
     /// Whether the device runs Hopper's `wgmma` (compute capability 9.0, the kernels then
     /// compiled for sm_90a): the one place that decides both.
     pub fn has_wgmma(&self) -> bool {
-        self.compute_capability == (9, 0)
+        wgmma_capable(self.compute_capability)
     }
 }
 

@@ -1,7 +1,10 @@
 //! `apparate devices`: which backends can run here, and why not.
 
 use apparate::Result;
-use apparate::backend::cuda::{CudaConfig, CudaDevice, default_cache_dir};
+use apparate::backend::cuda::{
+    Arch, CudaConfig, CudaDevice, SourceBuild, default_cache_dir, device_arch, nvrtc_version,
+    prebuild,
+};
 use apparate::backend::emu::{EmuConfig, EmuDevice};
 use apparate::backend::{CpuBackend, CpuConfig};
 use clap::Args;
@@ -16,6 +19,12 @@ pub struct DevicesArgs {
     /// upgrading, so that the first `serve` or `classify` on the GPU does not wait for NVRTC.
     #[arg(long)]
     pub compile: bool,
+    /// With --compile: build for this GPU architecture instead of the GPU here, which need not
+    /// exist (NVRTC only, no driver): a compute capability (`9.0`: compiled as a device of it
+    /// would, sm_90a) or an architecture (`sm_90a`, `sm_80`). Fills the cache for a machine
+    /// with that GPU and this NVRTC major.minor release, e.g. when building a container image.
+    #[arg(long, requires = "compile", value_name = "ARCH")]
+    pub arch: Option<String>,
 }
 
 pub fn devices(args: &DevicesArgs) -> Result<()> {
@@ -52,8 +61,31 @@ pub fn devices(args: &DevicesArgs) -> Result<()> {
         let t0 = std::time::Instant::now();
         let config = CudaConfig::default();
         let skipped = config.skip_sources.clone();
-        let dev = CudaDevice::new(config)?;
-        compile_report(&mut out, &dev, t0.elapsed().as_secs_f64());
+        match &args.arch {
+            None => {
+                let dev = CudaDevice::new(config)?;
+                compile_report(
+                    &mut out,
+                    &dev.info().arch(),
+                    dev.source_builds(),
+                    t0.elapsed().as_secs_f64(),
+                );
+            }
+            Some(a) => {
+                let arch = target_arch(a)?;
+                let (dir, builds) = prebuild(&config, &arch)?;
+                compile_report(&mut out, &arch, &builds, t0.elapsed().as_secs_f64());
+                let (maj, min) = nvrtc_version()?;
+                outln!(
+                    out,
+                    "      for a GPU whose `apparate devices` line says \"kernels compiled for {}\" \
+                     and NVRTC {maj}.{min}, with APPARATE_CACHE_DIR={} (or this folder copied \
+                     to its cache directory)",
+                    arch.sm(),
+                    dir.display()
+                );
+            }
+        }
         if !skipped.is_empty() {
             outln!(
                 out,
@@ -65,9 +97,19 @@ pub fn devices(args: &DevicesArgs) -> Result<()> {
     emit(&out)
 }
 
-/// The kernel build of `dev`: sources, cache hits, wall time, then each source slowest first.
-fn compile_report(out: &mut String, dev: &CudaDevice, wall_s: f64) {
-    let builds = dev.source_builds();
+/// `--arch`: a compute capability (`9.0`) becomes the architecture a device of it compiles
+/// for (sm_90a), an architecture name is taken as it is.
+fn target_arch(s: &str) -> Result<Arch> {
+    let arch = Arch::parse(s)?;
+    Ok(if s.contains('.') {
+        device_arch((arch.major, arch.minor))
+    } else {
+        arch
+    })
+}
+
+/// A kernel build for `arch`: sources, cache hits, wall time, then each source slowest first.
+fn compile_report(out: &mut String, arch: &Arch, builds: &[SourceBuild], wall_s: f64) {
     let cache = match default_cache_dir() {
         Some(d) => format!("cache {}", d.display()),
         None => "no cache directory (APPARATE_CACHE_DIR, XDG_CACHE_HOME and HOME unset): \
@@ -78,9 +120,9 @@ fn compile_report(out: &mut String, dev: &CudaDevice, wall_s: f64) {
         out,
         "cuda  kernels: {} sources for {} in {wall_s:.1} s, {} compiled, {} from the cache; {cache}",
         builds.len(),
-        dev.info().arch().sm(),
+        arch.sm(),
         builds.iter().filter(|b| !b.cached).count(),
-        dev.cached_sources(),
+        builds.iter().filter(|b| b.cached).count(),
     );
     let mut by_time: Vec<_> = builds.iter().collect();
     by_time.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
