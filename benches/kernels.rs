@@ -323,19 +323,34 @@ fn bench_device<D: Yardstick>(
     } else {
         f64::NAN
     };
+    // The memory-bound kernels' inputs, made once for every dtype: 256k rows of 1024, so that
+    // each kernel moves 1-4 GiB (512 MiB a tensor in f16, 1 GiB in f32), far above the 50 MB
+    // L2, as the copy does. Random values: Hopper compresses uniform data, which would flatter
+    // the kernels.
+    let row_inputs = if o.runs("rows") {
+        let (r, c) = if real { (262144, 1024) } else { (64, 384) };
+        let mut rand = || -> Vec<f32> { (0..r * c).map(|_| rng.uniform()).collect() };
+        Some((r, c, rand(), rand()))
+    } else {
+        None
+    };
     for &dt in &o.dtypes {
         let be = GpuBackend::shared(dev.clone(), dt);
-        // GEMMs: MiniLM's at batch 8 x 128 tokens (and its FFN down at batch 1), BERT-base's,
-        // and the 4096^3 target shape.
+        // GEMMs: MiniLM's four at batch 8 x 128 tokens (QKV, attention output, FFN up and
+        // down; FFN down also at batch 1), BERT-base's four at batch 8, and the 4096^3 target.
         let shapes: &[(usize, usize, usize)] = if !o.gemm_shapes.is_empty() {
             &o.gemm_shapes
         } else if real {
             &[
                 (128, 384, 1536),
                 (1024, 1152, 384),
+                (1024, 384, 384),
                 (1024, 1536, 384),
                 (1024, 384, 1536),
+                (1024, 2304, 768),
+                (1024, 768, 768),
                 (1024, 3072, 768),
+                (1024, 768, 3072),
                 (4096, 4096, 4096),
             ]
         } else {
@@ -357,7 +372,8 @@ fn bench_device<D: Yardstick>(
             // The f16/bf16 kernels side by side (f32 has one); the Hopper one in the `wgmma`
             // group (beside split-K again: the same run's reference).
             // Split-K also with the big tile's other warp layout (64 x 64 warp tiles; it
-            // differs only where the big tile runs: 1024 x 3072 x 768 and 4096^3 here).
+            // differs only where the big tile runs, with 128 x 128 tiles enough to fill the GPU:
+            // 1024 x 2304 x 768, 1024 x 3072 x 768 and 4096^3 here on an H200).
             let (usual, w64) = (PipeTile::Warp64x32, PipeTile::Warp64x64);
             let mut kernels: Vec<(GemmKernel, PipeTile)> = Vec::new();
             if o.runs("gemm") {
@@ -430,21 +446,42 @@ fn bench_device<D: Yardstick>(
                 decode_attention(name, &be, real, plan, copy_bw, &mut rng, rows)?;
             }
         }
-        // Memory-bound kernels against the copy: 64k rows of 1024 (128-256 MiB per tensor).
-        if o.runs("rows") {
-            // Random values: Hopper compresses uniform data, which would flatter the kernels.
-            let (r, c) = if real { (65536, 1024) } else { (64, 384) };
-            let rand =
-                |rng: &mut SplitMix| -> Vec<f32> { (0..r * c).map(|_| rng.uniform()).collect() };
-            let a = be.upload(&rand(&mut rng), &[r, c])?;
-            let b = be.upload(&rand(&mut rng), &[r, c])?;
+        // Memory-bound kernels against the copy.
+        if let Some((r, c, host_a, host_b)) = &row_inputs {
+            let (r, c) = (*r, *c);
+            let a = be.upload(host_a, &[r, c])?;
+            let b = be.upload(host_b, &[r, c])?;
             let g = be.upload(&vec![1.0; c], &[c])?;
             let z = be.upload(&vec![0.0; c], &[c])?;
             let y = be.alloc(vec![r, c])?;
             let tensor_bytes = (r * c * dt.size()) as f64;
             let h = be.alloc(vec![r, c])?;
+            // The rows as a batch of 128-token inputs (16 off a GPU) for the embedding and the
+            // pooling: BERT's vocabulary (1000 words off a GPU), random word ids, type 0.
+            let seq = if real { 128 } else { 16 };
+            let shape = BatchShape {
+                seq,
+                lengths: vec![seq; r / seq],
+            };
+            let vocab = if real { 30522 } else { 1000 };
+            let ids: Vec<u32> = (0..r).map(|_| rng.below(vocab) as u32).collect();
+            let types = vec![0u32; r];
+            let table = |rows: usize, rng: &mut SplitMix| -> Res<_> {
+                let v: Vec<f32> = (0..rows * c).map(|_| rng.uniform()).collect();
+                Ok(be.upload(&v, &[rows, c])?)
+            };
+            let (word, position, token_type) = (
+                table(vocab, &mut rng)?,
+                table(seq, &mut rng)?,
+                table(2, &mut rng)?,
+            );
             // (op, tensors of r x c moved: read and written, time per launch), each row kernel
-            // (the block kernel is the warp kernel's reference).
+            // (the block kernel is the warp kernel's reference). A launch moves 1-4 GiB here
+            // (0.3-1.3 ms), so 5 per timed batch keep the event overhead negligible.
+            let plan = Plan {
+                launches: plan.launches.min(5),
+                ..plan
+            };
             let mut memory_bound = Vec::new();
             for kernel in [RowKernel::Block, RowKernel::Warp] {
                 let be = be.clone().with_rows(kernel);
@@ -468,6 +505,36 @@ fn bench_device<D: Yardstick>(
                         4.0,
                         time(&*dev, plan, || {
                             Ok(be.rms_norm_into(&a, Some(&b), &g, 1e-6, Some(&h), &y)?)
+                        })?,
+                    ),
+                    // Word rows gathered and the normalised rows written (the position and type
+                    // rows come from L2); the time includes the upload of the ids (1 MiB) and
+                    // the output's allocation from the pool, as the model's call pays them.
+                    (
+                        format!("embed_layernorm ({k}, with the ids' upload)"),
+                        2.0,
+                        time(&*dev, plan, || {
+                            be.embed(
+                                &ids,
+                                &types,
+                                &shape,
+                                &word,
+                                &position,
+                                &token_type,
+                                &g,
+                                &z,
+                                1e-12,
+                            )?;
+                            Ok(())
+                        })?,
+                    ),
+                    // Token states read; one vector per input written (1/128 of them).
+                    (
+                        format!("mean pool ({k})"),
+                        1.0,
+                        time(&*dev, plan, || {
+                            be.pool(&a, &shape, apparate::backend::Pooling::Mean)?;
+                            Ok(())
                         })?,
                     ),
                 ]);

@@ -135,8 +135,79 @@ fn run_all<D: Device>(label: &str, dev: Arc<D>) {
                 };
                 attention(&name(&what), dt, &g, &cpu, heads);
             }
+            // Long contexts: a decode row over 301 and 151 cached positions, so the default
+            // split runs several chunks per row (64 keys at least) and the combine adds them;
+            // head dimension 128 (Llama-class models') and one key/value head per query head.
+            for (hd, qh, kvh) in [(128, 8, 2), (64, 4, 4)] {
+                let what = format!(
+                    "kv_attention {kernel:?} chunk>={} long context d={hd} heads {qh}/{kvh}",
+                    split.min_chunk
+                );
+                let heads = Heads {
+                    heads: qh,
+                    kv_heads: kvh,
+                    head_dim: hd,
+                };
+                long_context(&name(&what), dt, &g, &cpu, heads);
+            }
         }
     }
+}
+
+/// One decode row each for two sequences whose caches already hold 300 and 150 positions
+/// (random keys and values uploaded to both sides, as earlier steps would have written them),
+/// in blocks of 16 spread over the cache out of order.
+fn long_context<G: DecoderBackend>(
+    what: &str,
+    dt: DType,
+    g: &G,
+    c: &apparate::backend::CpuBackend,
+    heads: Heads,
+) {
+    let (bs, blocks) = (16, 32);
+    // A takes 20 blocks in a scattered order (7 is prime to 32), B the 12 others, reversed.
+    let a_table: Vec<u32> = (0..20).map(|i| (i * 7 % 32) as u32).collect();
+    let b_table: Vec<u32> = (0..32u32).rev().filter(|b| !a_table.contains(b)).collect();
+    assert_eq!(b_table.len(), 12);
+    let kvw = heads.kv_width();
+    let slots = bs * blocks;
+    let (mut kg, mut kc) = (
+        g.alloc_kv_layer(slots, kvw).unwrap(),
+        c.alloc_kv_layer(slots, kvw).unwrap(),
+    );
+    let (k, v) = (values(slots * kvw, 70, 2.0), values(slots * kvw, 71, 1.0));
+    kg.k = up(g, dt, &k, &[slots, kvw]);
+    kg.v = up(g, dt, &v, &[slots, kvw]);
+    kc.k = up(c, dt, &k, &[slots, kvw]);
+    kc.v = up(c, dt, &v, &[slots, kvw]);
+    let mut plan = KvPlan::new(bs, blocks);
+    plan.push(&a_table, 300, 1).unwrap();
+    plan.push(&b_table, 150, 1).unwrap();
+    let w = heads.qkv_width();
+    let qkv = round(dt, &values(plan.rows() * w, 72, 2.0));
+    let og = g
+        .download(
+            &g.kv_attention(
+                &up(g, dt, &qkv, &[plan.rows(), w]),
+                &mut kg,
+                &g.upload_plan(&plan).unwrap(),
+                heads,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    let oc = c
+        .download(
+            &c.kv_attention(
+                &up(c, dt, &qkv, &[plan.rows(), w]),
+                &mut kc,
+                &c.upload_plan(&plan).unwrap(),
+                heads,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    same(&format!("{what} attention"), dt, &og, &oc);
 }
 
 fn quantized<G: DecoderBackend>(what: &str, dt: DType, g: &G, c: &apparate::backend::CpuBackend) {

@@ -202,6 +202,9 @@ pub fn ops() -> Vec<(Op, Expect)> {
         // The wide block (128 query rows, two 16-row blocks per warp): one whose later warps
         // hold only padding rows, and a second block past one input's length.
         (200, 2, 32, vec![200, 100, 129]),
+        // BERT-base's longest input (512 tokens, head size 64: eight key tiles, four wide
+        // blocks of queries), beside a shorter one.
+        (512, 1, 64, vec![512, 300]),
     ] {
         v.push((
             Op::Attention {
@@ -284,6 +287,9 @@ pub fn ops() -> Vec<(Op, Expect)> {
         ([2, 9, 7, 8], 16, 3, geo(2, 1, 1, 0), true, Relu),
         ([1, 6, 5, 24], 40, 5, geo(1, 2, 1, 0), false, Plain),
         ([3, 11, 12, 16], 72, 3, geo(1, 1, 1, 0), true, Relu6),
+        // A ResNet stage's entry at batch 2 (28 x 28 x 64 -> 14 x 14 x 128, stride 2): 392
+        // rows, N = 128, K = 576 in 18 k-steps.
+        ([2, 28, 28, 64], 128, 3, geo(2, 1, 1, 0), true, Relu),
     ];
     for (x, cout, k, geo, residual, act) in convs {
         v.push((
@@ -362,6 +368,8 @@ pub fn ops() -> Vec<(Op, Expect)> {
         (7, 16, 5, vec![7, 1, 4], Pooling::Mean, false),
         (49, 64, 10, vec![49, 49], Pooling::Mean, true),
         (33, 384, 157, vec![33, 2, 17, 9], Pooling::Cls, true),
+        // A ramp at BERT-base's width: a 768 x 768 dense layer before a 10-class head.
+        (65, 768, 10, vec![65, 40, 7], Pooling::Mean, true),
         (1, 1, 1, vec![1], Pooling::Mean, false),
     ] {
         v.push((

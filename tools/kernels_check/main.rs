@@ -246,8 +246,11 @@ fn markdown(archs: &[Arch], rows: &[[String; 8]], nvrtc: (i32, i32), options: &[
     .unwrap();
     s.push_str(
         "Registers are per thread. Shared memory is the static `__shared__` memory of the \
-         kernel; dynamic shared memory is chosen per launch and not included. Stack and spills \
-         are bytes per thread; a kernel that spills is worth a look.\n",
+         kernel; dynamic shared memory is chosen per launch and not included (the tensor-core \
+         kernels take all of theirs that way: see the last section). Stack and spills are \
+         bytes per thread; a kernel that spills is worth a look. The Hopper kernels \
+         (`gemm_wgmma*`) are built as a single trap for other architectures (their launcher \
+         picks them only on sm_90a), hence their few registers there.\n",
     );
     for arch in archs {
         let sm = arch.sm();
@@ -262,6 +265,47 @@ fn markdown(archs: &[Arch], rows: &[[String; 8]], nvrtc: (i32, i32), options: &[
             )
             .unwrap();
         }
+    }
+    s.push_str(&dynamic_shared_markdown());
+    s
+}
+
+/// The dynamic shared memory the launchers give the kernels that take a fixed amount per block
+/// (`backend::gpu::shared_memory`), and how many such blocks fit a multiprocessor by shared
+/// memory alone on an A100 (164 KiB per SM, 163 KiB per block at most) and on an H100/H200
+/// (228 KiB, 227 KiB), counting the 1 KiB the hardware reserves per block.
+fn dynamic_shared_markdown() -> String {
+    let mut s = String::from(
+        "\n## Dynamic shared memory at launch\n\n\
+         Set by each family's launcher from one formula (`src/backend/gpu/shared_memory.rs`), \
+         per block; blocks per multiprocessor by shared memory alone (registers and threads may \
+         allow fewer), counting the 1 KiB reserved per block: sm_80 has 164 KiB per \
+         multiprocessor (163 KiB per block at most), sm_90 228 KiB (227 KiB).\n\n\
+         | kernels | threads | dynamic shared (B) | blocks per SM, sm_80 | blocks per SM, sm_90 |\n\
+         |---|---:|---:|---:|---:|\n",
+    );
+    for l in apparate::backend::gpu::shared_memory::fixed_dynamic_shared() {
+        let fits = |per_sm: u32, per_block: u32| {
+            if l.bytes > per_block {
+                "too big".to_string()
+            } else {
+                (per_sm / (l.bytes + 1024)).to_string()
+            }
+        };
+        let sm80 = if l.hopper_only {
+            "-".to_string()
+        } else {
+            fits(164 * 1024, 163 * 1024)
+        };
+        writeln!(
+            s,
+            "| `{}` | {} | {} | {sm80} | {} |",
+            l.kernels,
+            l.threads,
+            l.bytes,
+            fits(228 * 1024, 227 * 1024)
+        )
+        .unwrap();
     }
     s
 }

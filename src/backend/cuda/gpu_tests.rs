@@ -258,3 +258,46 @@ fn gpu_graph_replays_match_the_plain_device() {
     crate::backend::capture::tests::check_bert(dev.clone());
     crate::backend::capture::tests::check_cnn(dev);
 }
+
+/// The memory pool keeps freed memory (`keep_freed_memory`): its release threshold reads back
+/// as "never", and 256 MiB allocated and freed stay reserved by the pool after a
+/// synchronisation, where the driver's default threshold (0) would hand them back to it.
+#[test]
+#[ignore = "needs a CUDA GPU: run by tools/gpu-check.sh"]
+fn gpu_memory_pool_keeps_freed_memory() {
+    let dev = device();
+    if !dev.owner.async_alloc {
+        eprintln!(
+            "skipped: {} has no stream-ordered allocation",
+            dev.describe()
+        );
+        return;
+    }
+    // SAFETY: the context's own device.
+    let pool =
+        unsafe { cudarc::driver::result::device::get_mem_pool(dev.owner.ctx.cu_device()) }.unwrap();
+    let read = |attr: dsys::CUmemPool_attribute| {
+        let mut v: u64 = 0;
+        // SAFETY: both attributes read here are cuuint64_t.
+        unsafe {
+            cudarc::driver::result::mem_pool::get_attribute(pool, attr, (&mut v as *mut u64).cast())
+        }
+        .unwrap();
+        v
+    };
+    use dsys::CUmemPool_attribute::{
+        CU_MEMPOOL_ATTR_RELEASE_THRESHOLD as THRESHOLD,
+        CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT as RESERVED,
+    };
+    assert_eq!(read(THRESHOLD), u64::MAX);
+    let bytes = 256 << 20;
+    let b = dev.alloc(bytes).unwrap();
+    dev.fill(&b, 1).unwrap();
+    drop(b);
+    dev.synchronize().unwrap();
+    let reserved = read(RESERVED);
+    assert!(
+        reserved >= bytes as u64,
+        "the pool reserves {reserved} bytes after a free of {bytes} and a synchronisation"
+    );
+}

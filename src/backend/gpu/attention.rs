@@ -42,8 +42,6 @@ impl<D: Device> GpuBackend<D> {
             } else {
                 ("attention_flash", params::ATTN_FLASH_BQ)
             };
-            // Q (BQ rows), then K and V double-buffered (2 x BKV rows each), of d + 8 halves.
-            let rows = bq + 4 * params::ATTN_FLASH_BKV;
             let cfg = LaunchConfig {
                 grid: [
                     self.grid("inputs x heads", pairs)?,
@@ -51,7 +49,7 @@ impl<D: Device> GpuBackend<D> {
                     1,
                 ],
                 block: [params::ATTN_FLASH_THREADS, 1, 1],
-                shared_bytes: rows * (d as u32 + 8) * 2,
+                shared_bytes: super::shared_memory::flash(bq, d as u32),
             };
             self.launch(&self.kernel(&format!("{form}_d{d}")), cfg, &args)?;
             return Ok(out);

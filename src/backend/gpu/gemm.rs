@@ -202,8 +202,7 @@ impl<D: Device> GpuBackend<D> {
                 params::GEMM_PIPE_SMALL_THREADS,
             )
         };
-        // STAGES x (BM + BN) rows of BK + 8 halves (the padding of kernels/gemm.cu).
-        let shared = params::GEMM_PIPE_STAGES * (bm + bn) * (params::GEMM_PIPE_BK + 8) * 2;
+        let shared = super::shared_memory::pipe(bm, bn);
         let tiles = m.div_ceil(bm as usize) * n.div_ceil(bn as usize);
         let ktiles = k.div_ceil(params::GEMM_PIPE_BK as usize);
         let split = matches!(

@@ -71,7 +71,7 @@ impl<D: Device> GpuBackend<D> {
         // The kernel counts units in 32 bits.
         self.u32("GEMM work units", tiles * splits)?;
         let blocks = (tiles * splits).min(self.gemm_fill).max(1) as u32;
-        let shared = wgmma_shared_bytes(bn, stages, true);
+        let shared = super::shared_memory::wgmma(bn, stages, true);
         let cfg = LaunchConfig::linear(blocks, params::GEMM_WGMMA_WS_THREADS, shared);
         let args = self.gemm_args(x, g, y)?;
         let partial = if splits > 1 {
@@ -131,7 +131,7 @@ impl<D: Device> GpuBackend<D> {
                 params::GEMM_WGMMA_THREADS,
             )
         };
-        let shared = wgmma_shared_bytes(bn, stages, ws);
+        let shared = super::shared_memory::wgmma(bn, stages, ws);
         let bn = bn as usize;
         let tiles = m.div_ceil(bm) * n.div_ceil(bn);
         let ktiles = k.div_ceil(params::GEMM_WGMMA_BK as usize);
@@ -157,13 +157,6 @@ impl<D: Device> GpuBackend<D> {
 fn wgmma_wide(m: usize, n: usize, fill: usize) -> bool {
     m.div_ceil(params::GEMM_WGMMA_BM as usize) * n.div_ceil(params::GEMM_WGMMA_WIDE_BN as usize)
         >= fill
-}
-
-/// Dynamic shared memory of a Hopper GEMM: `stages` x (BM + `bn`) rows of BK halves, 1 KiB to
-/// align the ring to the swizzle, and (warp-specialised kernels) two 8-byte mbarriers per stage.
-fn wgmma_shared_bytes(bn: u32, stages: u32, barriers: bool) -> u32 {
-    let ring = stages * (params::GEMM_WGMMA_BM + bn) * params::GEMM_WGMMA_BK * 2;
-    ring + 1024 + if barriers { 2 * stages * 8 } else { 0 }
 }
 
 /// How many ways to split K for a persistent grid of `fill` blocks walking `tiles` output

@@ -62,6 +62,7 @@ mod rmsnorm;
 mod rope;
 mod sampling;
 pub mod selftest;
+pub mod shared_memory;
 mod softmax;
 mod swiglu;
 
