@@ -227,8 +227,11 @@ for f in "$DEV"/bin/*.xz; do
   unxz_to "$f" "$b" && chmod +x "$b" || die "cannot unpack $f"
 done
 mkdir -p "$WORK/weights"
-unxz_to "$DEV/minilm-l6-intent-f16.apparate.xz" "$WORK/weights/minilm-l6-intent-f16.apparate" ||
-  die "cannot unpack $DEV/minilm-l6-intent-f16.apparate.xz"
+# The model travels as two byte planes (tools/byteplanes.py: xz packs f16 weights tighter so).
+unxz_to "$DEV/minilm-l6-intent-f16.apparate.planes.xz" "$WORK/model.planes" &&
+  python3 tools/byteplanes.py join "$WORK/model.planes" "$WORK/weights/minilm-l6-intent-f16.apparate" &&
+  rm "$WORK/model.planes" ||
+  die "cannot unpack $DEV/minilm-l6-intent-f16.apparate.planes.xz"
 # The serving check's stream and ramps.
 for f in stream.txt minilm-l6-intent-f16.ramps; do
   unxz_to "$DEV/$f.xz" "$WORK/$f" || die "cannot unpack $DEV/$f.xz"
