@@ -983,6 +983,21 @@ fn decode_steps<D: Device, B: apparate::backend::decoder::DecoderBackend>(
     })
 }
 
+/// The simple kernels (each fast kernel's reference) and the default set, as the encoder
+/// forwards label them.
+const SIMPLE_SET: (GemmKernel, AttentionKernel, RowKernel, &str) = (
+    GemmKernel::Simple,
+    AttentionKernel::Simple,
+    RowKernel::Block,
+    " (simple kernels)",
+);
+const DEFAULT_SET: (GemmKernel, AttentionKernel, RowKernel, &str) = (
+    GemmKernel::PipelinedSplitK,
+    AttentionKernel::Flash,
+    RowKernel::Warp,
+    " (split-K GEMM, flash attention, warp row kernels: the default)",
+);
+
 /// The MiniLM forward (whole model: its ops allocate their outputs as in serving).
 fn minilm<D: Device>(
     name: &str,
@@ -1001,7 +1016,7 @@ fn minilm<D: Device>(
         &[(G::PipelinedSplitK, A::Flash, R::Warp, "")]
     } else {
         &[
-            (G::Simple, A::Simple, R::Block, " (simple kernels)"),
+            SIMPLE_SET,
             (G::Pipelined, A::Simple, R::Block, " (pipelined GEMM)"),
             (
                 G::Pipelined,
@@ -1015,12 +1030,7 @@ fn minilm<D: Device>(
                 R::Block,
                 " (split-K GEMM, flash attention)",
             ),
-            (
-                G::PipelinedSplitK,
-                A::Flash,
-                R::Warp,
-                " (split-K GEMM, flash attention, warp row kernels: the default)",
-            ),
+            DEFAULT_SET,
             (
                 G::Wgmma,
                 A::Flash,
@@ -1120,15 +1130,7 @@ fn bert_base<D: Device>(
     let kernels: &[(G, A, R, &str)] = if be.dtype() == DType::F32 || o.default_kernels {
         &[(G::PipelinedSplitK, A::Flash, R::Warp, "")]
     } else {
-        &[
-            (G::Simple, A::Simple, R::Block, " (simple kernels)"),
-            (
-                G::PipelinedSplitK,
-                A::Flash,
-                R::Warp,
-                " (split-K GEMM, flash attention, warp row kernels: the default)",
-            ),
-        ]
+        &[SIMPLE_SET, DEFAULT_SET]
     };
     let label = if real {
         "BERT-base (random weights)".to_string()

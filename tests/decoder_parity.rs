@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use apparate::backend::Backend;
 use apparate::backend::cuda::{CudaConfig, CudaDevice};
-use apparate::backend::decoder::{DecoderBackend, Heads, KvPlan};
+use apparate::backend::decoder::{DecoderBackend, Heads, KvLayer, KvPlan};
 use apparate::backend::device::Device;
 use apparate::backend::emu::{EmuConfig, EmuDevice};
 use apparate::backend::gpu::{AttentionKernel, GpuBackend, KvSplit, RowKernel};
@@ -183,31 +183,25 @@ fn long_context<G: DecoderBackend>(
     let mut plan = KvPlan::new(bs, blocks);
     plan.push(&a_table, 300, 1).unwrap();
     plan.push(&b_table, 150, 1).unwrap();
-    let w = heads.qkv_width();
-    let qkv = round(dt, &values(plan.rows() * w, 72, 2.0));
-    let og = g
-        .download(
-            &g.kv_attention(
-                &up(g, dt, &qkv, &[plan.rows(), w]),
-                &mut kg,
-                &g.upload_plan(&plan).unwrap(),
-                heads,
-            )
-            .unwrap(),
-        )
-        .unwrap();
-    let oc = c
-        .download(
-            &c.kv_attention(
-                &up(c, dt, &qkv, &[plan.rows(), w]),
-                &mut kc,
-                &c.upload_plan(&plan).unwrap(),
-                heads,
-            )
-            .unwrap(),
-        )
-        .unwrap();
+    let qkv = round(dt, &values(plan.rows() * heads.qkv_width(), 72, 2.0));
+    let og = attend(g, dt, &qkv, &mut kg, &plan, heads);
+    let oc = attend(c, dt, &qkv, &mut kc, &plan, heads);
     same(&format!("{what} attention"), dt, &og, &oc);
+}
+
+/// One `kv_attention` step of `plan` on `be` over `qkv` (rows of the plan), downloaded.
+fn attend<B: DecoderBackend>(
+    be: &B,
+    dt: DType,
+    qkv: &[f32],
+    cache: &mut KvLayer<B::Tensor>,
+    plan: &KvPlan,
+    heads: Heads,
+) -> Vec<f32> {
+    let x = up(be, dt, qkv, &[plan.rows(), heads.qkv_width()]);
+    let p = be.upload_plan(plan).unwrap();
+    be.download(&be.kv_attention(&x, cache, &p, heads).unwrap())
+        .unwrap()
 }
 
 fn quantized<G: DecoderBackend>(what: &str, dt: DType, g: &G, c: &apparate::backend::CpuBackend) {
