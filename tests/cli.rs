@@ -396,10 +396,10 @@ fn converting_gguf_refuses_the_other_families_flags() {
 }
 
 /// `devices --compile --arch` fills the module cache for a GPU that is not here, with NVRTC
-/// only: where NVRTC is on the library path it reports the sources it built and the folder
-/// (one small source here, the rest left out, to keep it quick), else it fails with exit 1
-/// and says NVRTC is missing. A bad architecture is refused by name either way, and `--arch`
-/// without `--compile` is a usage error.
+/// only: where NVRTC is on the library path it reports the sources it built for each of two
+/// architectures (one small source here, the rest left out, to keep it quick), else it fails
+/// with exit 1 and says NVRTC is missing. A bad architecture is refused by name either way,
+/// before anything compiles, and `--arch` without `--compile` is a usage error.
 #[test]
 fn devices_compile_for_an_absent_gpu_fills_the_cache_or_says_nvrtc_is_missing() {
     let dir = std::env::temp_dir().join(format!("apparate-cli-prebuild-{}", std::process::id()));
@@ -422,26 +422,30 @@ fn devices_compile_for_an_absent_gpu_fills_the_cache_or_says_nvrtc_is_missing() 
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
-    let (code, stdout, stderr) = run(&["devices", "--compile", "--arch", "9.0"]);
+    let (code, stdout, stderr) = run(&["devices", "--compile", "--arch", "8.0", "--arch", "9.0"]);
     assert!(!stderr.contains("panicked"), "{stderr}");
     if code == Some(0) {
-        assert!(
-            stdout.contains("cuda  kernels: 1 sources for sm_90a")
-                && stdout.contains("elementwise.cu"),
-            "{stdout}"
-        );
-        assert!(stdout.contains("kernels compiled for sm_90a"), "{stdout}");
-        assert_eq!(std::fs::read_dir(dir.join("nvrtc")).unwrap().count(), 1);
+        for sm in ["sm_80", "sm_90a"] {
+            assert!(
+                stdout.contains(&format!("cuda  kernels: 1 sources for {sm}"))
+                    && stdout.contains(&format!("kernels compiled for {sm}")),
+                "{stdout}"
+            );
+        }
+        assert!(stdout.contains("elementwise.cu"), "{stdout}");
+        assert_eq!(std::fs::read_dir(dir.join("nvrtc")).unwrap().count(), 2);
     } else {
         assert_eq!(code, Some(1), "{stderr}");
         assert!(stderr.contains("no NVRTC library"), "{stderr}");
     }
-    let (code, _, stderr) = run(&["devices", "--compile", "--arch", "sm_9x"]);
+    // Every name is checked before anything compiles.
+    let (code, stdout, stderr) = run(&["devices", "--compile", "--arch", "9.0", "--arch", "sm_9x"]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("GPU architecture") && stderr.contains("sm_9x"),
         "{stderr}"
     );
+    assert!(!stdout.contains("cuda  kernels"), "{stdout}");
     let (code, _, stderr) = run(&["devices", "--arch", "9.0"]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("--compile"), "{stderr}");

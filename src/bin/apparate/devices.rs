@@ -21,10 +21,11 @@ pub struct DevicesArgs {
     pub compile: bool,
     /// With --compile: build for this GPU architecture instead of the GPU here, which need not
     /// exist (NVRTC only, no driver): a compute capability (`9.0`: compiled as a device of it
-    /// would, sm_90a) or an architecture (`sm_90a`, `sm_80`). Fills the cache for a machine
-    /// with that GPU and this NVRTC major.minor release, e.g. when building a container image.
+    /// would, sm_90a) or an architecture (`sm_90a`, `sm_80`); repeatable (`--arch 8.0 --arch
+    /// 9.0` for an image that runs on both). Fills the cache for a machine with that GPU and
+    /// this NVRTC major.minor release, e.g. when building a container image.
     #[arg(long, requires = "compile", value_name = "ARCH")]
-    pub arch: Option<String>,
+    pub arch: Vec<String>,
 }
 
 pub fn devices(args: &DevicesArgs) -> Result<()> {
@@ -61,21 +62,26 @@ pub fn devices(args: &DevicesArgs) -> Result<()> {
         let t0 = std::time::Instant::now();
         let config = CudaConfig::default();
         let skipped = config.skip_sources.clone();
-        match &args.arch {
-            None => {
-                let dev = CudaDevice::new(config)?;
-                compile_report(
-                    &mut out,
-                    &dev.info().arch(),
-                    dev.source_builds(),
-                    t0.elapsed().as_secs_f64(),
-                );
-            }
-            Some(a) => {
-                let arch = target_arch(a)?;
+        if args.arch.is_empty() {
+            let dev = CudaDevice::new(config)?;
+            compile_report(
+                &mut out,
+                &dev.info().arch(),
+                dev.source_builds(),
+                t0.elapsed().as_secs_f64(),
+            );
+        } else {
+            // Every name is checked before the first (long) compile.
+            let archs = args
+                .arch
+                .iter()
+                .map(|a| target_arch(a))
+                .collect::<Result<Vec<_>>>()?;
+            let (maj, min) = nvrtc_version()?;
+            for arch in archs {
+                let t0 = std::time::Instant::now();
                 let (dir, builds) = prebuild(&config, &arch)?;
                 compile_report(&mut out, &arch, &builds, t0.elapsed().as_secs_f64());
-                let (maj, min) = nvrtc_version()?;
                 outln!(
                     out,
                     "      for a GPU whose `apparate devices` line says \"kernels compiled for {}\" \
@@ -84,6 +90,8 @@ pub fn devices(args: &DevicesArgs) -> Result<()> {
                     arch.sm(),
                     dir.display()
                 );
+                // Each architecture's report as it finishes.
+                emit(&std::mem::take(&mut out))?;
             }
         }
         if !skipped.is_empty() {
