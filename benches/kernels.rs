@@ -508,10 +508,11 @@ fn bench_device<D: Yardstick>(
                         })?,
                     ),
                     // Word rows gathered and the normalised rows written (the position and type
-                    // rows come from L2); the time includes the upload of the ids (1 MiB) and
+                    // rows come from L2); the time includes the upload of the word and type ids
+                    // (1 MiB each) and
                     // the output's allocation from the pool, as the model's call pays them.
                     (
-                        format!("embed_layernorm ({k}, with the ids' upload)"),
+                        format!("embed_layernorm ({k}, with the ids' uploads)"),
                         2.0,
                         time(&*dev, plan, || {
                             be.embed(
@@ -1142,8 +1143,8 @@ fn bert_base<D: Device>(
         key: "bert-base",
         file: &file,
     };
-    // A forward is 1-30 ms here (the simple kernels at batch 32 the longest): 5 per timed batch,
-    // so the step stays well inside its limit.
+    // A forward takes about 1-80 ms here (estimated from MiniLM's in run 6; the simple kernels
+    // at batch 32 the longest): 5 per timed batch keep the step inside its limit.
     let plan = Plan {
         launches: plan.launches.min(5),
         ..plan

@@ -137,7 +137,8 @@ fn run_all<D: Device>(label: &str, dev: Arc<D>) {
             }
             // Long contexts: a decode row over 301 and 151 cached positions, so the default
             // split runs several chunks per row (64 keys at least) and the combine adds them;
-            // head dimension 128 (Llama-class models') and one key/value head per query head.
+            // head dimension 128 (Llama-class models') with 4 query heads per key/value head,
+            // and 64 with one each.
             for (hd, qh, kvh) in [(128, 8, 2), (64, 4, 4)] {
                 let what = format!(
                     "kv_attention {kernel:?} chunk>={} long context d={hd} heads {qh}/{kvh}",

@@ -15,10 +15,11 @@
 #   every later process reads the cache. The cache starts as the one tools/gpu-prepare.sh
 #   filled with this machine's NVRTC release for sm_90a (.device/module-cache.tar.xz), so the
 #   step normally only reads it ("18 from the cache"); with another NVRTC release here the
-#   keys differ and NVRTC compiles every source, as without it. If it fails (this machine's NVRTC rejects a source, or
-#   it runs past its limit) it is tried once more without the Hopper GEMMs' sources (the newest,
-#   needed by no default path; APPARATE_CUDA_SKIP_SOURCES), whose steps are then skipped; if
-#   that fails too, nothing after it could run and the script stops.
+#   keys differ and NVRTC compiles every source, as without it. If it fails (this machine's
+#   NVRTC rejects a source, or it runs past its limit) it is tried once more without the Hopper
+#   GEMMs' sources (the newest, needed by no default path; APPARATE_CUDA_SKIP_SOURCES), whose
+#   steps are then skipped; if that fails too, nothing after it could run and the script
+#   stops.
 # - Binaries, the model and the NVRTC module cache go to a `mktemp -d` directory, removed at
 #   exit. Eight files go to $OUT (default ./gpu-out; the device tool brings back 8 at most):
 #   steps.log (every step's whole log, in order), summary.md, kernels.json, torch-ref.json,
@@ -47,12 +48,13 @@ trap 'rm -rf "$WORK"' EXIT
 # slowest source is the step (16-31 s for sm_90a on a 2-core build machine, 61 s on a slow
 # day); every later step reads its cache. `compile-again` runs only if `compile` failed, and
 # without the two slowest sources. torch-ref took 21-30 s for MiniLM alone; BERT-base is new;
-# kernel-bench gained BERT-base's GEMM shapes and larger, 5-launch row rows (session 20). Most valuable first: correctness, serving,
-# then the speed of what no run has timed yet (Hopper GEMMs, decode), the kernel benchmark
+# kernel-bench gained BERT-base's GEMM shapes and larger, 5-launch row rows (session 20).
+# Most valuable first: correctness, serving, then the speed of what no run has timed yet
+# (Hopper GEMMs, decode), the kernel benchmark
 # (much of it re-measures run 6), the profile, and last the peer's numbers (taken twice).
-STEPS=(versions:8 unpack:10 probe:10 compile:80 compile-again:40 cuda-unit:20 selftest:15
+STEPS=(versions:8 unpack:10 probe:10 compile:70 compile-again:40 cuda-unit:20 selftest:15
   op-parity:35 wgmma-parity:12 tma-parity:12 decoder-parity:20 cnn:20 minilm:20 serve-plain:20
-  serve-ramps:20 serve-eager:20 wgmma-bench:20 decode-bench:25 encoder-bench:25 kernel-bench:75
+  serve-ramps:20 serve-eager:20 wgmma-bench:20 decode-bench:25 encoder-bench:25 kernel-bench:85
   profile:35 torch-ref:40)
 BUDGET_S=0
 for s in "${STEPS[@]}"; do BUDGET_S=$((BUDGET_S + ${s#*:})); done
@@ -244,7 +246,7 @@ if [ -f "$DEV/module-cache.tar.xz" ]; then
   if command -v xz >/dev/null; then
     xz -dc "$DEV/module-cache.tar.xz" | tar -x -C "$WORK/cache"
   else
-    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2])' \
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2], filter="data")' \
       "$DEV/module-cache.tar.xz" "$WORK/cache"
   fi || die "cannot unpack $DEV/module-cache.tar.xz"
   prebuilt="$(ls "$WORK/cache/nvrtc" | wc -l) modules in the carried cache"

@@ -202,8 +202,8 @@ pub fn ops() -> Vec<(Op, Expect)> {
         // The wide block (128 query rows, two 16-row blocks per warp): one whose later warps
         // hold only padding rows, and a second block past one input's length.
         (200, 2, 32, vec![200, 100, 129]),
-        // BERT-base's longest input (512 tokens, head size 64: eight key tiles, four wide
-        // blocks of queries), beside a shorter one.
+        // BERT-base's longest input (512 tokens, head size 64: eight key tiles; four wide
+        // blocks of queries where the wide block is forced), beside a shorter one.
         (512, 1, 64, vec![512, 300]),
     ] {
         v.push((

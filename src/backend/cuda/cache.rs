@@ -66,6 +66,26 @@ fn cache_path(dir: &Path, file: &str, arch: &Arch, target: Target, key: &str) ->
     ))
 }
 
+/// Where the module of one source (as [`cached_compile`] would build it) lives in the cache
+/// directory `dir`.
+pub(super) fn module_path(
+    dir: &Path,
+    file: &str,
+    text: &str,
+    arch: &Arch,
+    target: Target,
+    options: &[String],
+    nvrtc: (i32, i32),
+) -> PathBuf {
+    cache_path(
+        dir,
+        file,
+        arch,
+        target,
+        &cache_key(nvrtc, file, text, target, options),
+    )
+}
+
 /// Writes `bytes` to `path` through a temporary file and a rename, so a concurrent reader
 /// never sees half a module. Failure is reported to the caller, who ignores it.
 fn cache_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -95,15 +115,7 @@ pub(super) fn cached_compile(
     cache_dir: Option<&Path>,
     refresh: bool,
 ) -> Result<(Vec<u8>, bool)> {
-    let path = cache_dir.map(|d| {
-        cache_path(
-            d,
-            file,
-            arch,
-            target,
-            &cache_key(nvrtc, file, text, target, options),
-        )
-    });
+    let path = cache_dir.map(|d| module_path(d, file, text, arch, target, options, nvrtc));
     if !refresh && let Some(code) = path.as_deref().and_then(|p| std::fs::read(p).ok()) {
         return Ok((code, true));
     }

@@ -11,7 +11,7 @@ use cudarc::driver::CudaContext;
 use cudarc::driver::sys as dsys;
 
 use super::super::kernel_sources::SOURCES;
-use super::cache::cached_compile;
+use super::cache::{cached_compile, module_path};
 use super::nvrtc::{Arch, Target, nvrtc_options, nvrtc_supported_archs, nvrtc_version};
 use super::pinned::{PinnedBlock, RING_BLOCK_BYTES, RING_BLOCKS, Ring};
 use super::probe::{ProbeInfo, probe_device};
@@ -200,6 +200,21 @@ impl Builder {
         )
     }
 
+    /// Where the module of `file` lives in the cache, when there is a cache directory.
+    fn module_path(&self, file: &str, text: &str) -> Option<PathBuf> {
+        self.cache_dir.as_deref().map(|d| {
+            module_path(
+                d,
+                file,
+                text,
+                &self.arch,
+                self.target,
+                &self.options,
+                self.nvrtc,
+            )
+        })
+    }
+
     /// Every source in `sources`, in parallel (NVRTC is thread-safe), in their order.
     fn build_all(&self, sources: &[(&'static str, &'static str)]) -> Result<Vec<Built>> {
         use rayon::prelude::*;
@@ -225,7 +240,9 @@ impl Builder {
 /// each source's build. A device made later with that directory finds its modules there, so it
 /// starts without NVRTC's wait, when it compiles for the same architecture (what
 /// `apparate devices` prints: sm_90a on compute capability 9.0) with the same NVRTC major.minor
-/// release and options. For container images and build machines without a GPU.
+/// release and options. For container images and build machines without a GPU. A cache
+/// directory that cannot be written, or a module that is not there after its compile, is an
+/// error.
 pub fn prebuild(config: &CudaConfig, arch: &Arch) -> Result<(PathBuf, Vec<SourceBuild>)> {
     let what = "filling the module cache";
     let dir = if config.use_cache {
@@ -240,6 +257,21 @@ pub fn prebuild(config: &CudaConfig, arch: &Arch) -> Result<(PathBuf, Vec<Source
             "no cache directory: set APPARATE_CACHE_DIR (or XDG_CACHE_HOME or HOME)",
         ));
     };
+    // A device ignores a cache it cannot write to; filling one is all this is for, so a
+    // folder that takes no file is an error, found before the compiles.
+    let unwritable = |e: std::io::Error| {
+        Error::device(
+            BACKEND,
+            what,
+            format!("cannot write to the cache directory {}: {e}", dir.display()),
+        )
+    };
+    let probe = dir
+        .join("nvrtc")
+        .join(format!(".write-test-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("nvrtc")).map_err(unwritable)?;
+    std::fs::write(&probe, b"").map_err(unwritable)?;
+    let _ = std::fs::remove_file(&probe);
     let nvrtc = nvrtc_version()?;
     if !nvrtc_supported_archs()?.contains(&arch.number()) {
         return Err(Error::device(
@@ -254,7 +286,21 @@ pub fn prebuild(config: &CudaConfig, arch: &Arch) -> Result<(PathBuf, Vec<Source
         ..config.clone()
     };
     let builder = Builder::new(&config, arch.clone(), nvrtc);
-    let built = builder.build_all(&sources_to_build(&config.skip_sources)?)?;
+    let sources = sources_to_build(&config.skip_sources)?;
+    let built = builder.build_all(&sources)?;
+    // A module that compiled but was not written (a full disk) would leave the cache short.
+    for (file, text) in &sources {
+        if !builder.module_path(file, text).is_some_and(|p| p.is_file()) {
+            return Err(Error::device(
+                BACKEND,
+                what,
+                format!(
+                    "kernels/{file} compiled but its module is not in {} (disk full?)",
+                    dir.display()
+                ),
+            ));
+        }
+    }
     Ok((
         dir,
         built
@@ -357,6 +403,22 @@ mod tests {
         };
         let e = prebuild(&config, &Arch::new(8, 0)).unwrap_err().to_string();
         assert!(e.contains("APPARATE_CACHE_DIR"), "{e}");
+    }
+
+    /// A cache directory that cannot hold files (here: a path below a regular file) is an
+    /// error that names it, before NVRTC is needed.
+    #[test]
+    fn prebuild_into_an_unwritable_directory_says_so() {
+        let file = std::env::temp_dir().join(format!("apparate-not-a-dir-{}", std::process::id()));
+        std::fs::write(&file, b"x").unwrap();
+        let config = CudaConfig {
+            cache_dir: Some(file.join("cache")),
+            ..CudaConfig::default()
+        };
+        let e = prebuild(&config, &Arch::new(8, 0)).unwrap_err().to_string();
+        std::fs::remove_file(&file).unwrap();
+        assert!(e.contains("cannot write to the cache directory"), "{e}");
+        assert!(e.contains("apparate-not-a-dir"), "{e}");
     }
 
     /// What `prebuild` writes is what a device of that architecture reads: the same builder

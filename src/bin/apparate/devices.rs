@@ -90,6 +90,20 @@ pub fn devices(args: &DevicesArgs) -> Result<()> {
                     arch.sm(),
                     dir.display()
                 );
+                let read = device_arch((arch.major, arch.minor));
+                if read != arch {
+                    outln!(
+                        out,
+                        "      note: a GPU of compute capability {}.{} compiles for {} and will not \
+                         read these {} modules (`--arch {}.{}` builds what it reads)",
+                        arch.major,
+                        arch.minor,
+                        read.sm(),
+                        arch.sm(),
+                        arch.major,
+                        arch.minor
+                    );
+                }
                 // Each architecture's report as it finishes.
                 emit(&std::mem::take(&mut out))?;
             }
