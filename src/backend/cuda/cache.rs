@@ -101,26 +101,23 @@ fn cache_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     })
 }
 
-/// The compiled module of one source: read from the cache directory when it is there (and
-/// `refresh` is false), else compiled by NVRTC and written to the cache, where failing to
-/// write is not an error. Returns the code and whether it came from the cache.
-#[allow(clippy::too_many_arguments)]
+/// The compiled module of one source: read from `path` (its place in the cache, from
+/// [`module_path`]) when it is there and `refresh` is false, else compiled by NVRTC and written
+/// there, where failing to write is not an error. No path: compiled every time. Returns the
+/// code and whether it came from the cache.
 pub(super) fn cached_compile(
     file: &str,
     text: &str,
-    arch: &Arch,
     target: Target,
     options: &[String],
-    nvrtc: (i32, i32),
-    cache_dir: Option<&Path>,
+    path: Option<&Path>,
     refresh: bool,
 ) -> Result<(Vec<u8>, bool)> {
-    let path = cache_dir.map(|d| module_path(d, file, text, arch, target, options, nvrtc));
-    if !refresh && let Some(code) = path.as_deref().and_then(|p| std::fs::read(p).ok()) {
+    if !refresh && let Some(code) = path.and_then(|p| std::fs::read(p).ok()) {
         return Ok((code, true));
     }
     let c = compile_with(file, text, target, options)?;
-    if let Some(p) = &path {
+    if let Some(p) = path {
         let _ = cache_write(p, &c.code);
     }
     Ok((c.code, false))
@@ -184,14 +181,14 @@ mod tests {
         let options = nvrtc_options::<&str>(&arch, Target::Cubin, &[]);
         let nvrtc = nvrtc_version().unwrap();
         let compile = |dir: Option<&Path>, refresh| {
+            let path =
+                dir.map(|d| module_path(d, file, text, &arch, Target::Cubin, &options, nvrtc));
             cached_compile(
                 file,
                 text,
-                &arch,
                 Target::Cubin,
                 &options,
-                nvrtc,
-                dir,
+                path.as_deref(),
                 refresh,
             )
             .unwrap()

@@ -188,14 +188,13 @@ impl Builder {
 
     /// One source: from the cache (unless `refresh`) or compiled, and whether it was cached.
     fn build(&self, file: &str, text: &str, refresh: bool) -> Result<(Vec<u8>, bool)> {
+        let path = self.module_path(file, text);
         cached_compile(
             file,
             text,
-            &self.arch,
             self.target,
             &self.options,
-            self.nvrtc,
-            self.cache_dir.as_deref(),
+            path.as_deref(),
             refresh,
         )
     }
@@ -254,7 +253,8 @@ pub fn prebuild(config: &CudaConfig, arch: &Arch) -> Result<(PathBuf, Vec<Source
         return Err(Error::device(
             BACKEND,
             what,
-            "no cache directory: set APPARATE_CACHE_DIR (or XDG_CACHE_HOME or HOME)",
+            "no cache directory (the config turns the cache off, or APPARATE_CACHE_DIR, \
+             XDG_CACHE_HOME and HOME are all unset): set APPARATE_CACHE_DIR",
         ));
     };
     // A device ignores a cache it cannot write to; filling one is all this is for, so a
